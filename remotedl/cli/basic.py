@@ -1,0 +1,194 @@
+"""status, config, trust, sandbox."""
+
+from __future__ import annotations
+
+import argparse
+
+from remotedl.cli.app import App
+from remotedl.env import Environment
+from remotedl.errors import ExitCode, UsageError
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return str(n)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {s}s"
+
+
+def cmd_status(args: argparse.Namespace, env: Environment) -> int:
+    from rich.table import Table
+
+    from remotedl.ssh import open_box
+    from remotedl.status import box_status
+
+    app = App(args, env)
+    spec = app.spec()
+    with open_box(spec) as box:
+        st = box_status(box, app.settings.remote_dir)
+    if app.json:
+        app.print_json(st.to_dict())
+        return ExitCode.OK
+    c = app.console
+    load = " ".join(f"{x:.2f}" for x in st.load)
+    c.print(f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): reachable")
+    c.print(f"  host    {st.hostname}, {st.os}, {st.kernel}", markup=False)
+    c.print(f"  uptime  {_duration(st.uptime_seconds)}, load {load}, {st.cpus or '?'} CPUs", markup=False)
+    if st.disk:
+        c.print(f"  disk    {_size(st.disk.free_bytes)} free of {_size(st.disk.total_bytes)} "
+                f"at {st.disk.path} (for {st.remote_dir})", markup=False)  # fmt: skip
+    tools = ", ".join(f"{t} {'ok' if w else 'MISSING'}" for t, w in st.tools.items() if t != "nvidia-smi")
+    c.print(f"  tools   {tools}", markup=False)
+    if st.nvidia_error:
+        c.print(f"  GPUs    none: {st.nvidia_error}", markup=False)
+        return ExitCode.OK
+    c.print(f"  driver  {st.driver_version or '?'}", markup=False)
+    table = Table(box=None, pad_edge=False)
+    for col in ("GPU", "name", "memory used / total", "util", "processes"):
+        table.add_column(col)
+    for g in st.gpus:
+        procs = ", ".join(
+            f"{p.pid} {p.user or '?'} {p.name.rsplit('/', 1)[-1]} {_size((p.used_memory_mib or 0) << 20)}"
+            for p in g.processes
+        )
+        mem = f"{_size((g.memory_used_mib or 0) << 20)} / {_size((g.memory_total_mib or 0) << 20)}"
+        util = "[N/A]" if g.utilization_pct is None else f"{g.utilization_pct}%"
+        table.add_row(str(g.index), g.name, mem, util, procs or "-")
+    c.print(table)
+    return ExitCode.OK
+
+
+def cmd_config(args: argparse.Namespace, env: Environment) -> int:
+    app = App(args, env)
+    s = app.settings
+    rows: list[tuple[str, str, str]] = [
+        ("project", str(s.project.root), "found from the working directory"),
+        ("project config", str(s.project.config_file or "-"), ""),
+    ]
+    for key, setting in s.values.items():
+        rows.append((key, repr(setting.value) if not isinstance(setting.value, str) else setting.value,
+                     setting.source))  # fmt: skip
+    if not s.values["remote_dir"].value:
+        rows.append(("remote_dir (effective)", s.remote_dir, "default: ~/remotedl/<project name>"))
+    for name, table in s.tables.items():
+        rows.append((f"[{name}]", ", ".join(sorted(table.value)), table.source))
+    host: dict[str, object] = {}
+    if s.get("host") or app.flag("host"):
+        spec = app.spec()
+        src = spec.sources
+        host = {
+            "alias": (spec.alias, s.source("host")),
+            "hostname": (spec.hostname, src.get("hostname", "")),
+            "user": (spec.user, src.get("user", "")),
+            "port": (spec.port, src.get("port", "")),
+            "identity_files": (list(spec.identity_files), src.get("identityfile", "")),
+            "known_hosts_files": (list(spec.known_hosts_files), src.get("userknownhostsfile", "")),
+            "strict_host_key_checking": (spec.strict_host_key_checking, src.get("stricthostkeychecking", "")),
+            "connect_timeout": (spec.connect_timeout, src.get("connecttimeout", "")),
+            "proxy_jump": (spec.proxy_jump, src.get("proxyjump", "ssh config" if spec.proxy_jump else "default")),
+            "server_alive_interval": (spec.server_alive_interval, ""),
+            "ssh_config": (str(spec.ssh_config) if spec.ssh_config else None, src.get("ssh_config", "")),
+        }
+    if app.json:
+        app.print_json({
+            "settings": {k: {"value": v.value, "source": v.source} for k, v in s.values.items()},
+            "remote_dir": s.remote_dir,
+            "project": str(s.project.root),
+            "project_config": str(s.project.config_file) if s.project.config_file else None,
+            "tables": {k: {"keys": sorted(v.value), "source": v.source} for k, v in s.tables.items()},
+            "host": {k: {"value": v[0], "source": v[1]} for k, v in host.items()},  # type: ignore[index]
+        })  # fmt: skip
+        return ExitCode.OK
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("setting")
+    table.add_column("value")
+    table.add_column("from")
+    for k, v, src_ in rows:
+        table.add_row(k, v, src_)
+    for k, (v, src_) in host.items():  # type: ignore[misc]
+        table.add_row("host." + k, str(v), src_)
+    app.console.print(table)
+    return ExitCode.OK
+
+
+def cmd_trust(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.ssh import fetch_host_key, fingerprint, load_known_hosts, trust_host
+
+    app = App(args, env)
+    spec = app.spec(args.alias)
+    if not args.yes:
+        key = fetch_host_key(spec)
+        known = load_known_hosts(spec).lookup(spec.known_hosts_name)
+        if known and known.get(key.get_name()) and known[key.get_name()].asbytes() == key.asbytes():
+            app.out(f"{spec.alias}: host key {key.get_name()} {fingerprint(key)} is already trusted")
+            return ExitCode.OK
+        if not env.stdin_isatty:
+            raise UsageError(
+                f"{spec.display} offers host key {key.get_name()} {fingerprint(key)}",
+                hint="compare it with the box's (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` "
+                "there), then run again with --yes",
+            )
+        env.stderr.write(f"{spec.display} offers host key {key.get_name()} {fingerprint(key)}\n")
+        env.stderr.write("Trust it and record it in known_hosts? [y/N] ")
+        env.stderr.flush()
+        if input().strip().lower() not in ("y", "yes"):
+            env.stderr.write("not recorded\n")
+            return ExitCode.ERROR
+    result = trust_host(spec, replace=args.replace)
+    if app.json:
+        app.print_json(result.__dict__)
+    else:
+        verb = {"added": "recorded", "replaced": "replaced", "already-known": "already trusted"}
+        app.out(f"{spec.alias}: host key {result.key_type} {result.fingerprint} "
+                f"{verb[result.status]} ({result.known_hosts_file})")  # fmt: skip
+    return ExitCode.OK
+
+
+def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl import sandbox
+
+    app = App(args, env)
+    if args.action == "up":
+        info = sandbox.up(env, name=args.name, gpus=args.gpus)
+        if app.json:
+            app.print_json(info.to_dict())
+        else:
+            app.out(f"sandbox '{info.name}' is up: sshd on 127.0.0.1:{info.port} as {info.user}, "
+                    f"{info.gpus} stand-in GPUs")  # fmt: skip
+            app.out(f"  use it:      remotedl --host {info.name} status")
+            app.out(f"  plain ssh:   ssh -F {info.ssh_config} {info.name}")
+            app.out(f"  stop it:     remotedl sandbox down{'' if info.name == 'sandbox' else ' --name ' + info.name}")
+        return ExitCode.OK
+    if args.action == "down":
+        removed = sandbox.down(env, name=args.name)
+        if app.json:
+            app.print_json({"name": args.name, "removed": removed})
+        else:
+            app.out(f"sandbox '{args.name}' " + ("stopped and removed" if removed else "was not running"))
+        return ExitCode.OK
+    info = sandbox.status(env, args.name)
+    if app.json:
+        app.print_json(info.to_dict() if info else None)
+    else:
+        app.out(f"sandbox '{args.name}': " + (f"up on 127.0.0.1:{info.port}" if info else "not running"))
+    return ExitCode.OK if info else ExitCode.ERROR

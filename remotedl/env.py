@@ -1,0 +1,47 @@
+"""An injectable environment: streams, variables, directories.
+
+Passed down from the CLI so that tests run everything in-process with their own
+directories and variables (HTTPie's ``Environment``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+
+def passwd_home() -> Path:
+    """The home directory OpenSSH uses: the passwd entry's, not $HOME."""
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+
+@dataclass
+class Environment:
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    cwd: Path = field(default_factory=Path.cwd)
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+    stdin_isatty: bool = field(default_factory=lambda: sys.stdin.isatty())
+
+    @property
+    def home(self) -> Path:
+        return Path(self.environ.get("HOME") or passwd_home())
+
+    @property
+    def config_dir(self) -> Path:
+        base = self.environ.get("XDG_CONFIG_HOME") or str(self.home / ".config")
+        return Path(base) / "remotedl"
+
+    @property
+    def state_dir(self) -> Path:
+        base = self.environ.get("XDG_STATE_HOME") or str(self.home / ".local" / "state")
+        return Path(base) / "remotedl"
+
+    @property
+    def stdout_isatty(self) -> bool:
+        return bool(getattr(self.stdout, "isatty", lambda: False)())

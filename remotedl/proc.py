@@ -1,0 +1,88 @@
+"""The one place that runs local programs (ssh, rsync, git, ssh-keygen, sshd, tmux).
+
+Every call is logged with its exact argv (``shlex.join``) at debug level, so
+``--debug`` shows what remotedl ran, copy-pasteable into a shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from remotedl.errors import RemotedlError
+
+log = logging.getLogger("remotedl.proc")
+
+
+def which(program: str) -> str:
+    """Absolute path of ``program`` on PATH, or a clear error naming the package."""
+    found = shutil.which(program)
+    if found is None:
+        package = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client"}
+        pkg = package.get(program, program)
+        raise RemotedlError(
+            f"{program} is not installed on this machine",
+            hint=f"install it, e.g. `sudo apt-get install {pkg}`",
+        )
+    return found
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    capture: bool = True,
+    input: str | bytes | None = None,  # noqa: A002 - mirrors subprocess.run
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    timeout: float | None = None,
+    text: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv to completion. With ``check``, a non-zero exit raises ``RemotedlError``."""
+    argv = [str(a) for a in argv]
+    log.debug("run: %s", shlex.join(argv))
+    proc = subprocess.run(
+        argv,
+        check=False,
+        capture_output=capture,
+        input=input,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        timeout=timeout,
+        text=text,
+    )
+    if check and proc.returncode != 0:
+        err = (proc.stderr or "").strip().splitlines()
+        last = err[-1] if err else f"exit status {proc.returncode}"
+        raise RemotedlError(f"{Path(argv[0]).name} failed: {last}")
+    return proc
+
+
+def popen(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = subprocess.PIPE,
+    stderr: int | None = subprocess.PIPE,
+    text: bool = True,
+    start_new_session: bool = False,
+) -> subprocess.Popen[str]:
+    """Start argv and return the process; the caller owns its lifetime."""
+    argv = [str(a) for a in argv]
+    log.debug("popen: %s", shlex.join(argv))
+    return subprocess.Popen(
+        argv,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        text=text,
+        start_new_session=start_new_session,
+    )

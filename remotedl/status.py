@@ -1,0 +1,132 @@
+"""``remotedl status``: what the box is and has, gathered in one SSH exec."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from remotedl import gpus as gpumod
+from remotedl.ssh import Box, remote_path
+
+TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
+
+# One POSIX sh script; sections start with "@@name" so one exec answers everything.
+_SCRIPT = r"""
+echo @@hostname; hostname 2>/dev/null || uname -n
+echo @@os; ( . /etc/os-release 2>/dev/null && echo "$PRETTY_NAME" ) || uname -s; uname -rm
+echo @@uptime; cat /proc/uptime 2>/dev/null; cat /proc/loadavg 2>/dev/null; nproc 2>/dev/null
+echo @@tools; for t in TOOLS; do printf '%s %s\n' "$t" "$(command -v "$t" 2>/dev/null)"; done
+echo @@disk; d=DIR; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d" | tail -n 1
+echo @@gpus; QUERY_GPUS 2>&1; echo "@@gpus_rc $?"
+echo @@apps; QUERY_APPS 2>/dev/null | while IFS= read -r line; do
+  pid=$(printf '%s' "$line" | cut -d, -f2 | tr -d ' ')
+  printf '%s\t%s\n' "$line" "$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')"; done
+echo @@driver; QUERY_DRIVER 2>/dev/null | head -n 1
+echo @@end
+"""
+
+
+@dataclass
+class Disk:
+    path: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass
+class BoxStatus:
+    host: str
+    reachable: bool
+    hostname: str = ""
+    os: str = ""
+    kernel: str = ""
+    uptime_seconds: float | None = None
+    load: list[float] = field(default_factory=list)
+    cpus: int | None = None
+    tools: dict[str, str | None] = field(default_factory=dict)
+    disk: Disk | None = None
+    remote_dir: str = ""
+    nvidia: bool = False
+    nvidia_error: str | None = None
+    driver_version: str | None = None
+    gpus: list[gpumod.Gpu] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def status_script(remote_dir: str) -> str:
+    return (
+        _SCRIPT.replace("TOOLS", " ".join(TOOLS))
+        .replace("DIR", remote_path(remote_dir))
+        .replace("QUERY_GPUS", shlex.join(gpumod.QUERY_GPUS))
+        .replace("QUERY_APPS", shlex.join(gpumod.QUERY_APPS))
+        .replace("QUERY_DRIVER", shlex.join(gpumod.QUERY_DRIVER))
+    )
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("@@") and " " not in line:
+            current = line[2:]
+            out[current] = []
+        elif line.startswith("@@gpus_rc "):
+            out["gpus_rc"] = [line.split()[1]]
+        elif current:
+            out[current].append(line)
+    return out
+
+
+def parse_status(host: str, remote_dir: str, text: str) -> BoxStatus:
+    s = _sections(text)
+    st = BoxStatus(host=host, reachable=True, remote_dir=remote_dir)
+    st.hostname = (s.get("hostname") or [""])[0]
+    os_lines = s.get("os", [])
+    st.os = os_lines[0] if os_lines else ""
+    st.kernel = os_lines[1] if len(os_lines) > 1 else ""
+    up = s.get("uptime", [])
+    if len(up) >= 1 and up[0].split():
+        st.uptime_seconds = float(up[0].split()[0])
+    if len(up) >= 2:
+        st.load = [float(x) for x in up[1].split()[:3]]
+    if len(up) >= 3 and up[2].strip().isdigit():
+        st.cpus = int(up[2])
+    for line in s.get("tools", []):
+        name, _, where = line.partition(" ")
+        st.tools[name] = where.strip() or None
+    disk = s.get("disk", [])
+    if disk:
+        parts = disk[0].split()
+        if len(parts) >= 6:
+            st.disk = Disk(parts[5], int(parts[1]) * 1024, int(parts[3]) * 1024)
+    st.nvidia = bool(st.tools.get("nvidia-smi"))
+    gpu_out = "\n".join(s.get("gpus", []))
+    rc = (s.get("gpus_rc") or ["127"])[0]
+    if not st.nvidia:
+        st.nvidia_error = "no NVIDIA driver: nvidia-smi is not on the box's PATH"
+    elif rc != "0":
+        st.nvidia_error = "nvidia-smi failed: " + (gpu_out.strip().splitlines() or ["?"])[0]
+    else:
+        try:
+            st.gpus = gpumod.parse_gpus(gpu_out)
+            procs = []
+            for line in s.get("apps", []):
+                csv, _, user = line.partition("\t")
+                for p in gpumod.parse_apps(csv):
+                    p.user = user or None
+                    procs.append(p)
+            gpumod.attach_processes(st.gpus, procs)
+        except gpumod.NvidiaSmiError as e:
+            st.nvidia_error = str(e)
+        drv = s.get("driver", [])
+        st.driver_version = drv[0].strip() if drv and drv[0].strip() else None
+    return st
+
+
+def box_status(box: Box, remote_dir: str) -> BoxStatus:
+    """Reach the box and report on it. Connection errors propagate as ``ConnectError``."""
+    result = box.run(status_script(remote_dir), check=False)
+    return parse_status(box.spec.alias, remote_dir, result.stdout)

@@ -1,0 +1,36 @@
+"""Waiting without bare sleeps: poll a condition until it holds or time runs out."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def retry_until(
+    fn: Callable[[], T | None], *, seconds: float = 8.0, interval: float = 0.05
+) -> T | None:
+    """Call ``fn`` until it returns something truthy or ``seconds`` pass; return its last value."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = fn()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def port_answers(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,158 @@
+"""Fixtures: a real OpenSSH box on loopback (the sandbox code itself), the CLI run in-process."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from remotedl import sandbox
+from remotedl.cli import main
+from remotedl.env import Environment
+from remotedl.sandbox import SandboxInfo
+from remotedl.waiting import retry_until
+
+__all__ = ["retry_until"]
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class Box:
+    """A sandbox box plus the environment that knows it."""
+
+    info: SandboxInfo
+    env_vars: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def home(self) -> Path:
+        return Path(self.info.home)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.info.directory)
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a shell script as the box's user would (box HOME, PATH, TMUX_TMPDIR)."""
+        env = {**os.environ, "HOME": self.info.home, "TMUX_TMPDIR": tmux_dir(self)}
+        env["PATH"] = f"{self.dir}/bin:{env['PATH']}"
+        return subprocess.run(
+            ["sh", "-c", script], env=env, check=check, capture_output=True, text=True,
+            cwd=self.info.home,
+        )
+
+
+def tmux_dir(box: Box) -> str:
+    return str(sandbox._tmux_dir(box.dir))
+
+
+def make_env(base: Path, cwd: Path | None = None, **extra: str) -> Environment:
+    environ = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(base / "home"),
+        "XDG_CONFIG_HOME": str(base / "config"),
+        "XDG_STATE_HOME": str(base / "state"),
+        "LANG": "C.UTF-8",
+        **extra,
+    }
+    (base / "home").mkdir(parents=True, exist_ok=True)
+    return Environment(
+        environ=environ,
+        cwd=cwd or base,
+        stdout=io.StringIO(),
+        stderr=io.StringIO(),
+        stdin_isatty=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def box_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("boxes")
+
+
+def _start(base: Path, name: str, gpus: int) -> Box:
+    env = make_env(base)
+    info = sandbox.up(env, name=name, gpus=gpus)
+    return Box(info, dict(env.environ))
+
+
+@pytest.fixture(scope="session")
+def box(box_base: Path) -> Iterator[Box]:
+    """One sandbox box for the session: real sshd, tmux, rsync, git, stand-in nvidia-smi."""
+    b = _start(box_base, "testbox", gpus=2)
+    yield b
+    try:
+        sandbox.down(make_env(box_base), name="testbox")
+    except Exception as e:  # a finalizer never raises
+        print(f"sandbox down failed: {e}")
+
+
+@pytest.fixture
+def fresh_box(tmp_path: Path) -> Iterator[Box]:
+    """A box of the test's own, for tests that change its sshd, keys or GPUs."""
+    base = tmp_path / "fresh"
+    b = _start(base, "fresh", gpus=2)
+    yield b
+    try:
+        sandbox.down(make_env(base), name="fresh")
+    except Exception as e:
+        print(f"sandbox down failed: {e}")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """An empty local project directory (a git repository with one commit)."""
+    p = tmp_path / "proj"
+    p.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main", str(p)], check=True)
+    subprocess.run(["git", "-C", str(p), "config", "user.email", "t@example.invalid"], check=True)
+    subprocess.run(["git", "-C", str(p), "config", "user.name", "Test"], check=True)
+    (p / "README").write_text("hello\n")
+    subprocess.run(["git", "-C", str(p), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(p), "commit", "-q", "-m", "init"], check=True)
+    return p
+
+
+@pytest.fixture
+def cli(box: Box, tmp_path: Path) -> Callable[..., CliResult]:
+    """Run the CLI in-process against the session box, from ``cwd`` (default: tmp_path)."""
+
+    def run(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> CliResult:
+        e = make_env(tmp_path / "laptop", cwd=cwd or tmp_path, **(env or {}))
+        # The laptop knows the session box through its registered ssh config.
+        e.environ["REMOTEDL_SSH_CONFIG"] = box.info.ssh_config  # type: ignore[index]
+        e.environ.setdefault("REMOTEDL_HOST", box.name)  # type: ignore[attr-defined]
+        code = main(list(argv), e)
+        return CliResult(code, e.stdout.getvalue(), e.stderr.getvalue())  # type: ignore[attr-defined]
+
+    return run
+
+
+def cli_for(b: Box, base: Path) -> Callable[..., CliResult]:
+    def run(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> CliResult:
+        e = make_env(base, cwd=cwd or base, **(env or {}))
+        e.environ["REMOTEDL_SSH_CONFIG"] = b.info.ssh_config  # type: ignore[index]
+        e.environ.setdefault("REMOTEDL_HOST", b.name)  # type: ignore[attr-defined]
+        code = main(list(argv), e)
+        return CliResult(code, e.stdout.getvalue(), e.stderr.getvalue())  # type: ignore[attr-defined]
+
+    return run
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None

@@ -1,0 +1,306 @@
+"""Reaching the box: status, host keys, and every connection error, against a real sshd."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from remotedl import proc, sandbox
+from remotedl.ssh import Box as SshBox
+from remotedl.ssh import openssh_argv, resolve_host
+from tests.conftest import Box, cli_for, make_env
+
+
+def write_config(path: Path, box: Box, **over: str) -> Path:
+    """An ssh config for ``box`` under alias 'gpubox', with some keys replaced."""
+    keys = {
+        "HostName": "127.0.0.1",
+        "Port": str(box.info.port),
+        "User": box.info.user,
+        "IdentityFile": str(box.dir / "id_ed25519"),
+        "IdentitiesOnly": "yes",
+        "UserKnownHostsFile": str(box.dir / "known_hosts"),
+        "StrictHostKeyChecking": "yes",
+    }
+    keys.update(over)
+    body = "".join(f"    {k} {v}\n" for k, v in keys.items())
+    path.write_text(f"Host gpubox\n{body}")
+    return path
+
+
+def run_with(tmp_path: Path, box: Box, config: Path, *argv: str):
+    from remotedl.cli import main
+
+    e = make_env(tmp_path / "laptop", cwd=tmp_path)
+    code = main(["--host", "gpubox", "--ssh-config", str(config), *argv], e)
+    return code, e.stdout.getvalue(), e.stderr.getvalue()
+
+
+def test_status_reports_box(cli, box):
+    r = cli("status", "--json")
+    assert r.code == 0, r.err
+    st = json.loads(r.out)
+    assert st["reachable"] is True
+    assert st["hostname"] == socket.gethostname()
+    assert st["tools"]["tmux"] and st["tools"]["rsync"] and st["tools"]["git"]
+    assert st["nvidia"] is True
+    assert [g["index"] for g in st["gpus"]] == [0, 1]
+    assert st["gpus"][0]["name"] == "NVIDIA GeForce RTX 3090"
+    assert st["gpus"][1]["memory_total_mib"] == 24564
+    assert st["disk"]["free_bytes"] > 0
+    assert st["driver_version"] == "550.54.14"
+
+
+def test_status_text_and_gpu_processes_with_user(fresh_box, tmp_path):
+    # A real process on the box, listed by nvidia-smi as a compute process on GPU 1.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        state = json.loads((fresh_box.dir / "gpus.json").read_text())
+        state["processes"] = [
+            {"gpu": 1, "pid": sleeper.pid, "name": "/usr/bin/python3", "used_memory": 2048}
+        ]
+        (fresh_box.dir / "gpus.json").write_text(json.dumps(state))
+        run = cli_for(fresh_box, tmp_path / "laptop")
+        r = run("status", "--json")
+        assert r.code == 0, r.err
+        gpus = json.loads(r.out)["gpus"]
+        assert gpus[0]["processes"] == []
+        (p,) = gpus[1]["processes"]
+        assert p["pid"] == sleeper.pid
+        assert p["user"] == fresh_box.info.user
+        assert p["used_memory_mib"] == 2048
+        assert gpus[1]["memory_used_mib"] == 2049
+        r = run("status")
+        assert r.code == 0
+        assert "NVIDIA GeForce RTX 4090" in r.out
+        assert f"{sleeper.pid} {fresh_box.info.user} python3" in r.out
+    finally:
+        sleeper.kill()
+
+
+def test_status_without_nvidia_driver(tmp_path):
+    base = tmp_path / "nogpu"
+    b = sandbox.up(make_env(base), name="nogpu", gpus=0)
+    try:
+        run = cli_for(Box(b, {}), tmp_path / "laptop")
+        r = run("status", "--json")
+        assert r.code == 0, r.err
+        st = json.loads(r.out)
+        assert st["nvidia"] is False
+        assert "no NVIDIA driver" in st["nvidia_error"]
+        assert st["tools"]["git"]
+        r = run("status")
+        assert r.code == 0
+        assert "GPUs    none: no NVIDIA driver" in r.out
+    finally:
+        sandbox.down(make_env(base), name="nogpu")
+
+
+def test_unknown_host_key_is_refused_then_trusted(tmp_path, box):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    cfg = write_config(tmp_path / "cfg", box, UserKnownHostsFile=str(empty))
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 4
+    host_fp = subprocess.run(
+        ["ssh-keygen", "-lf", str(box.dir / "host_key.pub")], capture_output=True, text=True
+    ).stdout.split()[1]
+    assert "not known" in err
+    assert host_fp in err
+    assert "remotedl trust gpubox" in err
+    assert empty.read_text() == ""  # nothing was added behind the user's back
+
+    # Without a terminal, trust shows the fingerprint and asks for --yes.
+    code, _, err = run_with(tmp_path, box, cfg, "trust")
+    assert code == 2
+    assert host_fp in err
+    assert empty.read_text() == ""
+    code, out, err = run_with(tmp_path, box, cfg, "trust", "--yes")
+    assert code == 0, err
+    assert host_fp in out
+    assert f"[127.0.0.1]:{box.info.port} ssh-ed25519" in empty.read_text()
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 0, err
+    # OpenSSH accepts the recorded line too (same file, same format).
+    spec = resolve_host(make_env(tmp_path), "gpubox", ssh_config=str(cfg))
+    out = proc.run(openssh_argv(spec, "echo", "ok", multiplex=False))
+    assert out.stdout.strip() == "ok"
+
+
+def test_changed_host_key_is_refused(tmp_path, box):
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, b64 = other.with_suffix(".pub").read_text().split()[:2]
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{box.info.port} {kind} {b64}\n")
+    before = kh.read_text()
+    cfg = write_config(tmp_path / "cfg", box, UserKnownHostsFile=str(kh))
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 4
+    assert "CHANGED" in err
+    assert "--replace" in err
+    assert "Traceback" not in err
+    code, _, err = run_with(tmp_path, box, cfg, "trust", "--yes")
+    assert code == 4
+    assert "differs" in err
+    assert kh.read_text() == before
+    code, out, err = run_with(tmp_path, box, cfg, "trust", "--yes", "--replace")
+    assert code == 0, err
+    assert "replaced" in out
+    assert b64 not in kh.read_text()
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 0, err
+
+
+def test_accept_new_records_unknown_but_never_changed(tmp_path, box):
+    kh = tmp_path / "known_hosts"
+    cfg = write_config(tmp_path / "cfg", box, UserKnownHostsFile=str(kh),
+                       StrictHostKeyChecking="accept-new")  # fmt: skip
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 0, err
+    assert "ssh-ed25519" in kh.read_text()
+
+
+def test_wrong_key_is_auth_failure_naming_key(tmp_path, box):
+    wrong = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
+    cfg = write_config(tmp_path / "cfg", box, IdentityFile=str(wrong))
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 4
+    assert "authentication failed" in err
+    assert str(wrong) in err
+    assert "Traceback" not in err
+
+
+def test_closed_port_is_refused(tmp_path, box):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_config(tmp_path / "cfg", box, Port=str(port))
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 4
+    assert f"connection refused by 127.0.0.1:{port}" in err
+    assert "sshd" in err
+
+
+def test_silent_server_times_out(tmp_path, box):
+    # A port that accepts TCP but never speaks SSH: the banner never comes.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    port = srv.getsockname()[1]
+    held: list[socket.socket] = []
+    t = threading.Thread(target=lambda: held.append(srv.accept()[0]), daemon=True)
+    t.start()
+    try:
+        cfg = write_config(tmp_path / "cfg", box, Port=str(port))
+        code, _, err = run_with(tmp_path, box, cfg, "--connect-timeout", "1", "status")
+        assert code == 4
+        assert "timed out" in err or "banner" in err
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root for a private network namespace (no DNS server reachable)")
+def test_unresolvable_host_name(tmp_path, box):
+    # In a network namespace of its own, no resolver is reachable: resolution fails locally,
+    # without any query leaving this machine.
+    cfg = write_config(tmp_path / "cfg", box, HostName="gpubox.example.invalid")
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "s"), "HOME": str(tmp_path)}
+    out = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "remotedl", "--host", "gpubox",
+         "--ssh-config", str(cfg), "status"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 4, out.stderr
+    assert "cannot resolve host name 'gpubox.example.invalid'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_alias_without_config_entry(tmp_path, box):
+    cfg = write_config(tmp_path / "cfg", box)
+    from remotedl.cli import main
+
+    e = make_env(tmp_path / "laptop", cwd=tmp_path)
+    code = main(["--host", "127.0.0.2", "--ssh-config", str(cfg), "--port", "1", "status"], e)
+    assert code == 4
+    assert "connection refused by 127.0.0.2:1" in e.stderr.getvalue()
+
+
+def test_proxyjump_reaches_box_through_jump_host(tmp_path, box):
+    kh, key = box.dir / "known_hosts", box.dir / "id_ed25519"
+    cfg = tmp_path / "cfg"
+    cfg.write_text(
+        f"Host jump\n    HostName 127.0.0.1\n    Port {box.info.port}\n    User {box.info.user}\n"
+        f"    IdentityFile {key}\n    UserKnownHostsFile {kh}\n"
+        f"Host gpubox\n    HostName 127.0.0.1\n    Port {box.info.port}\n    User {box.info.user}\n"
+        f"    IdentityFile {key}\n    UserKnownHostsFile {kh}\n    ProxyJump jump\n"
+    )
+    spec = resolve_host(make_env(tmp_path), "gpubox", ssh_config=str(cfg))
+    assert spec.proxy_jump == "jump"
+    assert spec.jump_specs[0].port == box.info.port
+    with SshBox(spec) as b:
+        # Through the jump host, the box sees the connection coming from the box itself.
+        r = b.run("echo $SSH_CONNECTION")
+    assert r.stdout.split()[0] == "127.0.0.1"
+    out = proc.run(openssh_argv(spec, "echo", "via-openssh", multiplex=False))
+    assert out.stdout.strip() == "via-openssh"
+
+
+def test_paramiko_and_openssh_reach_same_box_with_same_key(tmp_path, box):
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    with SshBox(spec) as b:
+        via_paramiko = b.run("echo $HOME; echo $SSH_CONNECTION").stdout.split()
+    via_openssh = proc.run(openssh_argv(spec, "echo $HOME; echo $SSH_CONNECTION")).stdout.split()
+    assert via_paramiko[0] == via_openssh[0] == box.info.home
+    assert via_paramiko[-1] == via_openssh[-1] == str(box.info.port)
+    log = (box.dir / "sshd.log").read_text()
+    assert "Accepted publickey" in log or "Accepted key" in log or log == ""
+
+
+def test_hostile_remote_arguments_are_quoted(tmp_path, box):
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    marker = tmp_path / "pwned"
+    hostile = f"a b; touch {marker}; $(touch {marker}) `touch {marker}` 'q\" é"
+    import shlex
+
+    out = proc.run(openssh_argv(spec, "printf %s", shlex.quote(hostile)))
+    assert out.stdout == hostile
+    assert not marker.exists()
+
+
+def test_sandbox_up_down(tmp_path):
+    from remotedl.cli import main
+
+    e = make_env(tmp_path)
+    assert main(["sandbox", "up", "--name", "sb1", "--gpus", "3", "--json"], e) == 0
+    info = json.loads(e.stdout.getvalue())
+    assert info["gpus"] == 3
+    d = Path(info["directory"])
+    assert (d / "ssh_config").is_file()
+    # Registered: the alias works with no --ssh-config at all.
+    e2 = make_env(tmp_path)
+    assert main(["--host", "sb1", "status", "--json"], e2) == 0, e2.stderr.getvalue()
+    assert len(json.loads(e2.stdout.getvalue())["gpus"]) == 3
+    # up again finds it running
+    e3 = make_env(tmp_path)
+    assert main(["sandbox", "up", "--name", "sb1", "--json"], e3) == 0
+    assert json.loads(e3.stdout.getvalue())["port"] == info["port"]
+    e4 = make_env(tmp_path)
+    assert main(["sandbox", "down", "--name", "sb1"], e4) == 0
+    assert not d.exists()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", info["port"])) != 0
+    e5 = make_env(tmp_path)
+    assert main(["sandbox", "status", "--name", "sb1"], e5) == 1
