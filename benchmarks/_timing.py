@@ -30,14 +30,23 @@ def side_by_side(
     return a, b
 
 
-def report(name: str, ours: list[float], plain: list[float], *, unit: str = "s",
-           higher_is_better: bool = False, limit: float | None = None) -> float:
+def report(
+    name: str,
+    ours: list[float],
+    plain: list[float],
+    *,
+    unit: str = "s",
+    higher_is_better: bool = False,
+    limit: float | None = None,
+) -> float:
     mo, mp = statistics.median(ours), statistics.median(plain)
     ratio = mo / mp if mp else float("inf")
     verdict = ""
     if limit is not None:
         ok = ratio >= limit if higher_is_better else ratio <= limit
         verdict = f"  [{'OK' if ok else 'OVER'} {'>=' if higher_is_better else '<='} {limit}]"
-    print(f"{name}: remotedl median {mo:.4f} {unit}, plain median {mp:.4f} {unit}, "
-          f"ratio {ratio:.3f}{verdict}  (n={len(ours)})")
+    print(
+        f"{name}: remotedl median {mo:.4f} {unit}, plain median {mp:.4f} {unit}, "
+        f"ratio {ratio:.3f}{verdict}  (n={len(ours)})"
+    )
     return ratio

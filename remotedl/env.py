@@ -22,11 +22,11 @@ def passwd_home() -> Path:
 
 @dataclass
 class Environment:
-    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    environ: Mapping[str, str] = field(default_factory=os.environ.copy)
     cwd: Path = field(default_factory=Path.cwd)
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
-    stdin_isatty: bool = field(default_factory=lambda: sys.stdin.isatty())
+    stdin_isatty: bool = field(default_factory=sys.stdin.isatty)
 
     @property
     def home(self) -> Path:

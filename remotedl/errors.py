@@ -50,9 +50,7 @@ class ConnectError(RemotedlError):
 class HostKeyError(ConnectError):
     """The box's host key is unknown or differs from the recorded one."""
 
-    def __init__(
-        self, message: str, hint: str | None = None, *, fingerprint: str | None = None
-    ) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, fingerprint: str | None = None) -> None:
         super().__init__(message, hint)
         self.fingerprint = fingerprint
 

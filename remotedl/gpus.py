@@ -121,11 +121,7 @@ def pick_free_gpus(
     memory first; None if there are not that many."""
     held_set = set(held)
     own = set(own_pids)
-    free = [
-        g
-        for g in gpus
-        if g.index not in held_set and not [p for p in g.processes if p.pid not in own]
-    ]
+    free = [g for g in gpus if g.index not in held_set and not [p for p in g.processes if p.pid not in own]]
     free.sort(key=lambda g: (g.memory_used_mib or 0, g.index))
     if len(free) < count:
         return None

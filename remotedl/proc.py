@@ -7,6 +7,7 @@ Every call is logged with its exact argv (``shlex.join``) at debug level, so
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -32,21 +33,21 @@ def which(program: str) -> str:
 
 
 def run(
-    argv: Sequence[str],
+    argv: Sequence[str | os.PathLike[str]],
     *,
     check: bool = True,
     capture: bool = True,
-    input: str | bytes | None = None,  # noqa: A002 - mirrors subprocess.run
+    input: str | bytes | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | str | None = None,
     timeout: float | None = None,
     text: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv to completion. With ``check``, a non-zero exit raises ``RemotedlError``."""
-    argv = [str(a) for a in argv]
-    log.debug("run: %s", shlex.join(argv))
+    args = [str(a) for a in argv]
+    log.debug("run: %s", shlex.join(args))
     proc = subprocess.run(
-        argv,
+        args,
         check=False,
         capture_output=capture,
         input=input,
@@ -58,12 +59,12 @@ def run(
     if check and proc.returncode != 0:
         err = (proc.stderr or "").strip().splitlines()
         last = err[-1] if err else f"exit status {proc.returncode}"
-        raise RemotedlError(f"{Path(argv[0]).name} failed: {last}")
+        raise RemotedlError(f"{Path(args[0]).name} failed: {last}")
     return proc
 
 
 def popen(
-    argv: Sequence[str],
+    argv: Sequence[str | os.PathLike[str]],
     *,
     env: Mapping[str, str] | None = None,
     cwd: Path | str | None = None,
@@ -74,10 +75,10 @@ def popen(
     start_new_session: bool = False,
 ) -> subprocess.Popen[str]:
     """Start argv and return the process; the caller owns its lifetime."""
-    argv = [str(a) for a in argv]
-    log.debug("popen: %s", shlex.join(argv))
+    args = [str(a) for a in argv]
+    log.debug("popen: %s", shlex.join(args))
     return subprocess.Popen(
-        argv,
+        args,
         env=dict(env) if env is not None else None,
         cwd=cwd,
         stdin=stdin,

@@ -63,9 +63,10 @@ def fake_gpus(count: int) -> dict[str, object]:
             {
                 "index": i,
                 "name": name,
-                "uuid": "GPU-" + hashlib.md5(f"gpu{i}".encode(), usedforsecurity=False)
-                .hexdigest()[:8]
-                + "-0d75-a3be-480e-a1137c9caee" + str(i),
+                "uuid": "GPU-"
+                + hashlib.md5(f"gpu{i}".encode(), usedforsecurity=False).hexdigest()[:8]
+                + "-0d75-a3be-480e-a1137c9caee"
+                + str(i),
                 "bus_id": f"00000000:{(i + 1) * 16:02X}:00.0",
                 "memory_used": 1,
                 "memory_total": total,

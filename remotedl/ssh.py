@@ -196,11 +196,8 @@ def resolve_host(
 
     strict = str(found.get("stricthostkeychecking", "yes")).lower()
     sources["stricthostkeychecking"] = src_file if "stricthostkeychecking" in found else "default"
-    if strict in ("no", "off", "accept-new"):
-        # 'no' would accept a changed key; remotedl never does: treat it as accept-new.
-        strict = "accept-new"
-    else:
-        strict = "yes"
+    # 'no' would accept a changed key; remotedl never does: treat it as accept-new.
+    strict = "accept-new" if strict in ("no", "off", "accept-new") else "yes"
 
     timeout = connect_timeout
     sources["connecttimeout"] = "remotedl setting connect_timeout"
@@ -347,9 +344,7 @@ def trust_host(spec: HostSpec, *, replace: bool = False) -> TrustResult:
     if known is not None:
         held = known.get(key.get_name())
         if held is not None and held.asbytes() == key.asbytes():
-            return TrustResult(
-                spec.alias, spec.known_hosts_name, key.get_name(), fp, path, "already-known"
-            )
+            return TrustResult(spec.alias, spec.known_hosts_name, key.get_name(), fp, path, "already-known")
         if not replace:
             raise HostKeyError(
                 f"host key of {spec.display} differs from the one recorded in {path} "
@@ -383,7 +378,7 @@ def _open_socket(spec: HostSpec) -> socket.socket:
             f"connection refused by {spec.hostname}:{spec.port} (host {spec.alias})",
             hint="is sshd running on the box, and is the Port right in your ssh config?",
         ) from e
-    except (TimeoutError, socket.timeout) as e:
+    except TimeoutError as e:
         raise ConnectError(
             f"timed out after {spec.connect_timeout:g} s connecting to "
             f"{spec.hostname}:{spec.port} (host {spec.alias})",
@@ -440,8 +435,7 @@ def connect(spec: HostSpec) -> Connection:
         tried = ", ".join(keys) if keys else "no key file found"
         agent = "" if spec.identities_only else " and the ssh agent's keys"
         raise ConnectError(
-            f"authentication failed for {spec.user}@{spec.hostname}:{spec.port} "
-            f"(keys tried: {tried}{agent})",
+            f"authentication failed for {spec.user}@{spec.hostname}:{spec.port} (keys tried: {tried}{agent})",
             hint=f"check User and IdentityFile for {spec.alias}, or install the public key on "
             "the box with `ssh-copy-id`",
         ) from e
@@ -450,7 +444,7 @@ def connect(spec: HostSpec) -> Connection:
             f"connection refused by {spec.hostname}:{spec.port} (host {spec.alias})",
             hint="is sshd running on the box, and is the Port right in your ssh config?",
         ) from e
-    except (TimeoutError, socket.timeout) as e:
+    except TimeoutError as e:
         raise ConnectError(
             f"timed out talking to {spec.display}", hint="is the box overloaded or the link down?"
         ) from e

@@ -10,9 +10,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def retry_until(
-    fn: Callable[[], T | None], *, seconds: float = 8.0, interval: float = 0.05
-) -> T | None:
+def retry_until(fn: Callable[[], T | None], *, seconds: float = 8.0, interval: float = 0.05) -> T | None:
     """Call ``fn`` until it returns something truthy or ``seconds`` pass; return its last value."""
     deadline = time.monotonic() + seconds
     while True:

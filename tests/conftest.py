@@ -52,7 +52,11 @@ class Box:
         env = {**os.environ, "HOME": self.info.home, "TMUX_TMPDIR": tmux_dir(self)}
         env["PATH"] = f"{self.dir}/bin:{env['PATH']}"
         return subprocess.run(
-            ["sh", "-c", script], env=env, check=check, capture_output=True, text=True,
+            ["sh", "-c", script],
+            env=env,
+            check=check,
+            capture_output=True,
+            text=True,
             cwd=self.info.home,
         )
 

@@ -64,9 +64,7 @@ def test_status_text_and_gpu_processes_with_user(fresh_box, tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         state = json.loads((fresh_box.dir / "gpus.json").read_text())
-        state["processes"] = [
-            {"gpu": 1, "pid": sleeper.pid, "name": "/usr/bin/python3", "used_memory": 2048}
-        ]
+        state["processes"] = [{"gpu": 1, "pid": sleeper.pid, "name": "/usr/bin/python3", "used_memory": 2048}]
         (fresh_box.dir / "gpus.json").write_text(json.dumps(state))
         run = cli_for(fresh_box, tmp_path / "laptop")
         r = run("status", "--json")
@@ -211,8 +209,10 @@ def test_silent_server_times_out(tmp_path, box):
             c.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="needs root for a private network namespace (no DNS server reachable)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root for a private network namespace (no DNS server reachable)",
+)
 def test_unresolvable_host_name(tmp_path, box):
     # In a network namespace of its own, no resolver is reachable: resolution fails locally,
     # without any query leaving this machine.

@@ -32,13 +32,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitCode.USAGE)
 
 
-def _global_options() -> argparse.ArgumentParser:
+def _global_options() -> _Parser:
     # Accepted before and after the command name (`remotedl --json status`, `remotedl status --json`).
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     d = argparse.SUPPRESS
     g = p.add_argument_group("global options")
     g.add_argument("-H", "--host", default=d, help="ssh config alias of the box (or REMOTEDL_HOST)")
-    g.add_argument("--ssh-config", default=d, metavar="FILE", help="ssh config file to use for every connection")
+    g.add_argument(
+        "--ssh-config", default=d, metavar="FILE", help="ssh config file to use for every connection"
+    )
     g.add_argument("--user", default=d, help="login user (overrides the ssh config)")
     g.add_argument("--port", type=int, default=d, help="ssh port (overrides the ssh config)")
     g.add_argument("-i", "--identity", default=d, metavar="KEY", help="private key (tried first)")

@@ -45,7 +45,7 @@ class App:
         if not alias:
             raise ConfigError(
                 "no host given",
-                hint="pass --host ALIAS, set REMOTEDL_HOST, or put host = \"ALIAS\" in remotedl.toml "
+                hint='pass --host ALIAS, set REMOTEDL_HOST, or put host = "ALIAS" in remotedl.toml '
                 "(try `remotedl sandbox up` for a local box called 'sandbox')",
             )
         return str(alias)

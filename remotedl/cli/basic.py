@@ -103,7 +103,10 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
             "known_hosts_files": (list(spec.known_hosts_files), src.get("userknownhostsfile", "")),
             "strict_host_key_checking": (spec.strict_host_key_checking, src.get("stricthostkeychecking", "")),
             "connect_timeout": (spec.connect_timeout, src.get("connecttimeout", "")),
-            "proxy_jump": (spec.proxy_jump, src.get("proxyjump", "ssh config" if spec.proxy_jump else "default")),
+            "proxy_jump": (
+                spec.proxy_jump,
+                src.get("proxyjump", "ssh config" if spec.proxy_jump else "default"),
+            ),
             "server_alive_interval": (spec.server_alive_interval, ""),
             "ssh_config": (str(spec.ssh_config) if spec.ssh_config else None, src.get("ssh_config", "")),
         }
@@ -119,15 +122,15 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
         return ExitCode.OK
     from rich.table import Table
 
-    table = Table(box=None, pad_edge=False)
-    table.add_column("setting")
-    table.add_column("value")
-    table.add_column("from")
+    grid = Table(box=None, pad_edge=False)
+    grid.add_column("setting")
+    grid.add_column("value")
+    grid.add_column("from")
     for k, v, src_ in rows:
-        table.add_row(k, v, src_)
+        grid.add_row(k, v, src_)
     for k, (v, src_) in host.items():  # type: ignore[misc]
-        table.add_row("host." + k, str(v), src_)
-    app.console.print(table)
+        grid.add_row("host." + k, str(v), src_)
+    app.console.print(grid)
     return ExitCode.OK
 
 
@@ -177,7 +180,8 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
                     f"{info.gpus} stand-in GPUs")  # fmt: skip
             app.out(f"  use it:      remotedl --host {info.name} status")
             app.out(f"  plain ssh:   ssh -F {info.ssh_config} {info.name}")
-            app.out(f"  stop it:     remotedl sandbox down{'' if info.name == 'sandbox' else ' --name ' + info.name}")
+            named = "" if info.name == "sandbox" else f" --name {info.name}"
+            app.out(f"  stop it:     remotedl sandbox down{named}")
         return ExitCode.OK
     if args.action == "down":
         removed = sandbox.down(env, name=args.name)
@@ -186,9 +190,9 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
         else:
             app.out(f"sandbox '{args.name}' " + ("stopped and removed" if removed else "was not running"))
         return ExitCode.OK
-    info = sandbox.status(env, args.name)
+    found = sandbox.status(env, args.name)
     if app.json:
-        app.print_json(info.to_dict() if info else None)
+        app.print_json(found.to_dict() if found else None)
     else:
-        app.out(f"sandbox '{args.name}': " + (f"up on 127.0.0.1:{info.port}" if info else "not running"))
-    return ExitCode.OK if info else ExitCode.ERROR
+        app.out(f"sandbox '{args.name}': " + (f"up on 127.0.0.1:{found.port}" if found else "not running"))
+    return ExitCode.OK if found else ExitCode.ERROR
