@@ -613,3 +613,51 @@ def remote_path(path: str) -> str:
     if path.startswith("~/"):
         return '"$HOME"/' + shlex.quote(path[2:])
     return shlex.quote(path)
+
+
+def openssh_failure(spec: HostSpec, stderr: str) -> ConnectError:
+    """Map OpenSSH's own failure (exit 255) to the same errors ``connect`` raises."""
+    text = stderr.strip()
+    last = text.splitlines()[-1] if text else "ssh exited with status 255"
+    low = text.lower()
+    if "remote host identification has changed" in low:
+        return HostKeyError(
+            f"host key of {spec.display} has CHANGED",
+            hint=f"if the box was reinstalled, run `remotedl trust {spec.alias} --replace`",
+        )
+    if "host key verification failed" in low or "no matching host key" in low:
+        return HostKeyError(
+            f"host key of {spec.display} is not known",
+            hint=f"check the fingerprint, then run `remotedl trust {spec.alias}`",
+        )
+    if "permission denied" in low:
+        return ConnectError(
+            f"authentication failed for {spec.user}@{spec.hostname}:{spec.port}",
+            hint=f"check User and IdentityFile for {spec.alias}, or `ssh-copy-id` the key",
+        )
+    if "could not resolve hostname" in low:
+        return ConnectError(f"cannot resolve host name '{spec.hostname}' (host {spec.alias})")
+    if "connection refused" in low:
+        return ConnectError(
+            f"connection refused by {spec.hostname}:{spec.port} (host {spec.alias})",
+            hint="is sshd running on the box, and is the Port right in your ssh config?",
+        )
+    if "timed out" in low:
+        return ConnectError(f"timed out connecting to {spec.display}")
+    return ConnectError(f"ssh to {spec.display} failed: {last}")
+
+
+def run_openssh(
+    spec: HostSpec, script: str, *, check: bool = True, stdin: str | None = None, timeout: float | None = None
+) -> RemoteResult:
+    """Run a sh script on the box through OpenSSH (sharing the multiplexed connection)."""
+    from remotedl import proc
+
+    result = proc.run(openssh_argv(spec, script), check=False, input=stdin, timeout=timeout)
+    if result.returncode == 255 and not result.stdout:
+        raise openssh_failure(spec, result.stderr)
+    out = RemoteResult(script, result.stdout, result.stderr, result.returncode)
+    if check and out.exit_code != 0:
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.exit_code}"])[-1]
+        raise RemoteError(f"command on {spec.alias} failed: {last}")
+    return out

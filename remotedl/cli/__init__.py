@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("basic", "show the resolved settings and where each came from"),
     "trust": ("basic", "show a box's host key fingerprint and record it in known_hosts"),
     "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
+    "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
+    "pull": ("sync", "bring paths from the box home with rsync; never overwrites newer files"),
 }
 
 
