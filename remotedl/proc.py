@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from remotedl.errors import RemotedlError
 
@@ -73,7 +74,7 @@ def popen(
     stderr: int | None = subprocess.PIPE,
     text: bool = True,
     start_new_session: bool = False,
-) -> subprocess.Popen[str]:
+) -> subprocess.Popen[Any]:
     """Start argv and return the process; the caller owns its lifetime."""
     args = [str(a) for a in argv]
     log.debug("popen: %s", shlex.join(args))

@@ -132,10 +132,34 @@ def up(env: Environment, *, name: str = "sandbox", gpus: int = 2) -> SandboxInfo
     bin_dir.mkdir()
     tmux_dir.mkdir(mode=0o700, exist_ok=True)
 
-    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"remotedl-{name}-host",
-              "-f", directory / "host_key"])  # fmt: skip
-    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"remotedl-{name}-client",
-              "-f", directory / "id_ed25519"])  # fmt: skip
+    proc.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            f"remotedl-{name}-host",
+            "-f",
+            directory / "host_key",
+        ]
+    )
+    proc.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            f"remotedl-{name}-client",
+            "-f",
+            directory / "id_ed25519",
+        ]
+    )
     shutil.copy(directory / "id_ed25519.pub", directory / "authorized_keys")
     if gpus > 0:
         shutil.copy(STAND_IN_BIN / "nvidia-smi", bin_dir / "nvidia-smi")
@@ -172,8 +196,7 @@ Subsystem sftp internal-sftp
     )
     if os.getuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-    result = proc.run([sshd, "-f", directory / "sshd_config", "-E", directory / "sshd.log"],
-                      check=False)  # fmt: skip
+    result = proc.run([sshd, "-f", directory / "sshd_config", "-E", directory / "sshd.log"], check=False)
     if result.returncode != 0:
         raise RemotedlError(f"sshd did not start: {(result.stderr or '').strip()}")
     if not retry_until(lambda: port_answers("127.0.0.1", port), seconds=10):
@@ -195,8 +218,9 @@ Host {name}
     ServerAliveInterval 15
 """
     )
-    info = SandboxInfo(name, "127.0.0.1", port, user, pid, str(directory),
-                       str(directory / "ssh_config"), str(home), gpus)  # fmt: skip
+    info = SandboxInfo(
+        name, "127.0.0.1", port, user, pid, str(directory), str(directory / "ssh_config"), str(home), gpus
+    )
     (directory / "sandbox.json").write_text(json.dumps(info.to_dict(), indent=2))
     return info
 
@@ -215,12 +239,23 @@ def down(env: Environment, *, name: str = "sandbox") -> bool:
     if info is None and not directory.exists():
         return False
     if (directory / "ssh_config").exists():
-        proc.run(["ssh", "-F", directory / "ssh_config", "-o", f"ControlPath=/tmp/remotedl-{os.getuid()}/%C",
-                  "-O", "exit", name], check=False, timeout=10)  # fmt: skip
+        proc.run(
+            [
+                "ssh",
+                "-F",
+                directory / "ssh_config",
+                "-o",
+                f"ControlPath=/tmp/remotedl-{os.getuid()}/%C",
+                "-O",
+                "exit",
+                name,
+            ],
+            check=False,
+            timeout=10,
+        )
     tmux_dir = _tmux_dir(directory)
     if shutil.which("tmux"):
-        proc.run(["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": str(tmux_dir)},
-                 check=False)  # fmt: skip
+        proc.run(["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": str(tmux_dir)}, check=False)
     if info is not None and _alive(info.pid):
         os.kill(info.pid, signal.SIGTERM)
         retry_until(lambda: not _alive(info.pid), seconds=5)

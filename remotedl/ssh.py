@@ -559,19 +559,24 @@ def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = Tru
     if spec.sources.get("identityfile", "").startswith("flag"):
         opts += ["-i", spec.identity_files[0]]
     opts += [
-        "-o", f"StrictHostKeyChecking={spec.strict_host_key_checking}",
-        "-o", f"ConnectTimeout={int(spec.connect_timeout)}",
-    ]  # fmt: skip
+        "-o",
+        f"StrictHostKeyChecking={spec.strict_host_key_checking}",
+        "-o",
+        f"ConnectTimeout={int(spec.connect_timeout)}",
+    ]
     if batch:
         opts += ["-o", "BatchMode=yes"]
     if multiplex and spec.control_path is None:
         # Reuse one SSH connection across the ssh, rsync and git calls of a command (and the
         # next command within a minute): one handshake instead of one per call.
         opts += [
-            "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={control_dir()}/%C",
-            "-o", "ControlPersist=60",
-        ]  # fmt: skip
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={control_dir()}/%C",
+            "-o",
+            "ControlPersist=60",
+        ]
     elif not multiplex:
         opts += ["-o", "ControlPath=none", "-o", "ControlMaster=no"]
     return opts

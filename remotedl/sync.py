@@ -208,7 +208,8 @@ def push_code(spec: HostSpec, root: Path, abs_dir: str, commit: str, *, force: b
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         raise RemoteError(
             f"the work tree on {spec.alias} ({abs_dir}) has edits that were not pushed from here: {shown}",
-            hint="bring them home with `remotedl pull PATH...`, or overwrite them with `remotedl push --force`",
+            hint="bring them home with `remotedl pull PATH...`, "
+            "or overwrite them with `remotedl push --force`",
         )
     return "changed" in marks
 
@@ -264,7 +265,8 @@ def _rsync_new() -> bool:
 
 def run_rsync(spec: HostSpec, argv: list[str], label: str, progress: ProgressFn | None) -> Transfer:
     p = proc.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
-    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout is not None
+    assert p.stderr is not None
     tail = b""
     collected = bytearray()
     while True:
@@ -341,8 +343,9 @@ def push(
         changed = push_code(spec, root, abs_dir, commit, force=force)
     result = PushResult(abs_dir, commit, head, snapshot, changed)
     for rel in rels:
-        argv = rsync_argv(spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete,
-                          excludes=excludes)  # fmt: skip
+        argv = rsync_argv(
+            spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
+        )
         result.transfers.append(run_rsync(spec, argv, rel, progress))
     result.seconds = time.perf_counter() - t0
     return result
@@ -369,7 +372,8 @@ def pull(
         check = run_openssh(spec, f"test -e {shlex.quote(abs_dir + '/' + rel)}", check=False)
         if check.exit_code != 0:
             raise RemoteError(f"{rel} does not exist on {spec.alias} in {abs_dir}")
-        argv = rsync_argv(spec, [f"{spec.alias}:{abs_dir}/./{rel}"], f"{project_root}/",
-                          excludes=excludes, update=True)  # fmt: skip
+        argv = rsync_argv(
+            spec, [f"{spec.alias}:{abs_dir}/./{rel}"], f"{project_root}/", excludes=excludes, update=True
+        )
         result.transfers.append(run_rsync(spec, argv, rel, progress))
     return result

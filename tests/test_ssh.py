@@ -160,8 +160,7 @@ def test_changed_host_key_is_refused(tmp_path, box):
 
 def test_accept_new_records_unknown_but_never_changed(tmp_path, box):
     kh = tmp_path / "known_hosts"
-    cfg = write_config(tmp_path / "cfg", box, UserKnownHostsFile=str(kh),
-                       StrictHostKeyChecking="accept-new")  # fmt: skip
+    cfg = write_config(tmp_path / "cfg", box, UserKnownHostsFile=str(kh), StrictHostKeyChecking="accept-new")
     code, _, err = run_with(tmp_path, box, cfg, "status")
     assert code == 0, err
     assert "ssh-ed25519" in kh.read_text()
@@ -219,10 +218,23 @@ def test_unresolvable_host_name(tmp_path, box):
     cfg = write_config(tmp_path / "cfg", box, HostName="gpubox.example.invalid")
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "s"), "HOME": str(tmp_path)}
     out = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "remotedl", "--host", "gpubox",
-         "--ssh-config", str(cfg), "status"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        [
+            "unshare",
+            "-n",
+            sys.executable,
+            "-m",
+            "remotedl",
+            "--host",
+            "gpubox",
+            "--ssh-config",
+            str(cfg),
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 4, out.stderr
     assert "cannot resolve host name 'gpubox.example.invalid'" in out.stderr
     assert "Traceback" not in out.stderr

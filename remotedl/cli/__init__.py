@@ -24,6 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
     "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
     "pull": ("sync", "bring paths from the box home with rsync; never overwrites newer files"),
+    "run": ("jobs", "push, then run a command in tmux on the box on chosen GPUs; follow its log"),
+    "jobs": ("jobs", "list jobs on the box (the box's records: any laptop sees the same)"),
+    "logs": ("jobs", "print or follow (-f) a job's log; resumes after a dropped connection"),
+    "kill": ("jobs", "stop a job: SIGINT, then SIGTERM, then SIGKILL"),
+    "attach": ("jobs", "attach to a job's tmux session (interactive)"),
 }
 
 
@@ -63,26 +68,80 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"remotedl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         getattr(parsers, name.replace("-", "_"))(cmd, common)
     return parser
 
 
+def _subcommand_index(parser: argparse.ArgumentParser, argv: list[str]) -> int | None:
+    takes_value = {
+        o
+        for a in parser._actions
+        if a.nargs is None and not isinstance(a, argparse._StoreTrueAction | argparse._VersionAction)
+        for o in a.option_strings
+    }
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            return None
+        if not tok.startswith("-"):
+            return i
+        i += 2 if tok in takes_value else 1
+    return None
+
+
+def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`remotedl run train.py --gpu 0 --lr 0.1`: remotedl's own options are taken wherever they
+    stand before a `--`; every other word belongs to the command, in order. After `--`,
+    everything is the command's (`remotedl run train.py -- --name x`)."""
+    at = _subcommand_index(parser, argv)
+    if at is None or argv[at] != "run":
+        return argv
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = subparsers[0].choices["run"]
+    flags: dict[str, bool] = {}  # option -> takes a value
+    for action in sub._actions:
+        for opt in action.option_strings:
+            flags[opt] = action.nargs != 0 and not isinstance(
+                action, argparse._StoreTrueAction | argparse._HelpAction
+            )
+    ours: list[str] = []
+    command: list[str] = []
+    rest = argv[at + 1 :]
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok == "--":
+            command += rest[i + 1 :]
+            break
+        name = tok.split("=", 1)[0]
+        if tok.startswith("-") and name in flags:
+            ours.append(tok)
+            if flags[name] and "=" not in tok and i + 1 < len(rest):
+                ours.append(rest[i + 1])
+                i += 1
+        else:
+            command.append(tok)
+        i += 1
+    return [*argv[: at + 1], *ours, "--", *command] if command else [*argv[: at + 1], *ours]
+
+
 def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
     env = env or Environment()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
+    args = parser.parse_args(split_run_argv(parser, list(sys.argv[1:] if argv is None else argv)))
+    if not args.subcommand:
         parser.print_help(env.stdout)
         return ExitCode.USAGE
     debug = bool(getattr(args, "debug", False))
     _setup_logging(env, debug)
-    module_name, _ = COMMANDS[args.command]
+    module_name, _ = COMMANDS[args.subcommand]
     try:
         module = importlib.import_module(f"remotedl.cli.{module_name}")
-        handler = getattr(module, "cmd_" + args.command.replace("-", "_"))
+        handler = getattr(module, "cmd_" + args.subcommand.replace("-", "_"))
         return int(handler(args, env))
     except JobFailed as e:
         return e.code

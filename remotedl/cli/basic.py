@@ -53,8 +53,11 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     c.print(f"  host    {st.hostname}, {st.os}, {st.kernel}", markup=False)
     c.print(f"  uptime  {_duration(st.uptime_seconds)}, load {load}, {st.cpus or '?'} CPUs", markup=False)
     if st.disk:
-        c.print(f"  disk    {_size(st.disk.free_bytes)} free of {_size(st.disk.total_bytes)} "
-                f"at {st.disk.path} (for {st.remote_dir})", markup=False)  # fmt: skip
+        c.print(
+            f"  disk    {_size(st.disk.free_bytes)} free of {_size(st.disk.total_bytes)} "
+            f"at {st.disk.path} (for {st.remote_dir})",
+            markup=False,
+        )
     tools = ", ".join(f"{t} {'ok' if w else 'MISSING'}" for t, w in st.tools.items() if t != "nvidia-smi")
     c.print(f"  tools   {tools}", markup=False)
     if st.nvidia_error:
@@ -84,8 +87,13 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
         ("project config", str(s.project.config_file or "-"), ""),
     ]
     for key, setting in s.values.items():
-        rows.append((key, repr(setting.value) if not isinstance(setting.value, str) else setting.value,
-                     setting.source))  # fmt: skip
+        rows.append(
+            (
+                key,
+                repr(setting.value) if not isinstance(setting.value, str) else setting.value,
+                setting.source,
+            )
+        )
     if not s.values["remote_dir"].value:
         rows.append(("remote_dir (effective)", s.remote_dir, "default: ~/remotedl/<project name>"))
     for name, table in s.tables.items():
@@ -111,14 +119,16 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
             "ssh_config": (str(spec.ssh_config) if spec.ssh_config else None, src.get("ssh_config", "")),
         }
     if app.json:
-        app.print_json({
-            "settings": {k: {"value": v.value, "source": v.source} for k, v in s.values.items()},
-            "remote_dir": s.remote_dir,
-            "project": str(s.project.root),
-            "project_config": str(s.project.config_file) if s.project.config_file else None,
-            "tables": {k: {"keys": sorted(v.value), "source": v.source} for k, v in s.tables.items()},
-            "host": {k: {"value": v[0], "source": v[1]} for k, v in host.items()},  # type: ignore[index]
-        })  # fmt: skip
+        app.print_json(
+            {
+                "settings": {k: {"value": v.value, "source": v.source} for k, v in s.values.items()},
+                "remote_dir": s.remote_dir,
+                "project": str(s.project.root),
+                "project_config": str(s.project.config_file) if s.project.config_file else None,
+                "tables": {k: {"keys": sorted(v.value), "source": v.source} for k, v in s.tables.items()},
+                "host": {k: {"value": v[0], "source": v[1]} for k, v in host.items()},  # type: ignore[index]
+            }
+        )
         return ExitCode.OK
     from rich.table import Table
 
@@ -162,8 +172,10 @@ def cmd_trust(args: argparse.Namespace, env: Environment) -> int:
         app.print_json(result.__dict__)
     else:
         verb = {"added": "recorded", "replaced": "replaced", "already-known": "already trusted"}
-        app.out(f"{spec.alias}: host key {result.key_type} {result.fingerprint} "
-                f"{verb[result.status]} ({result.known_hosts_file})")  # fmt: skip
+        app.out(
+            f"{spec.alias}: host key {result.key_type} {result.fingerprint} "
+            f"{verb[result.status]} ({result.known_hosts_file})"
+        )
     return ExitCode.OK
 
 
@@ -176,8 +188,10 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
         if app.json:
             app.print_json(info.to_dict())
         else:
-            app.out(f"sandbox '{info.name}' is up: sshd on 127.0.0.1:{info.port} as {info.user}, "
-                    f"{info.gpus} stand-in GPUs")  # fmt: skip
+            app.out(
+                f"sandbox '{info.name}' is up: sshd on 127.0.0.1:{info.port} as {info.user}, "
+                f"{info.gpus} stand-in GPUs"
+            )
             app.out(f"  use it:      remotedl --host {info.name} status")
             app.out(f"  plain ssh:   ssh -F {info.ssh_config} {info.name}")
             named = "" if info.name == "sandbox" else f" --name {info.name}"

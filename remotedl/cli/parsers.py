@@ -26,8 +26,13 @@ def sandbox(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None
 
 
 def push(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", action="append", default=[], metavar="PATH",
-                   help="a data path to rsync (repeatable; adds to `data` in remotedl.toml)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a data path to rsync (repeatable; adds to `data` in remotedl.toml)",
+    )
     p.add_argument("--no-data", action="store_true", help="skip the configured data paths")
     p.add_argument("--no-code", action="store_true", help="send data only")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="rsync exclude")
@@ -40,3 +45,50 @@ def pull(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="paths relative to the remote directory")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="rsync exclude")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
+def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--gpu",
+        metavar="LIST",
+        help="GPU indices as nvidia-smi numbers them (0 or 0,2), "
+        "or auto (default on a GPU box: the least used free GPU)",
+    )
+    g.add_argument("--gpus", type=int, metavar="N", help="pick N free GPUs")
+    g.add_argument("--cpu", action="store_true", help="run with no GPU visible")
+    p.add_argument("--queue", action="store_true", help="wait on the box until the GPUs are free")
+    p.add_argument(
+        "--force", action="store_true", help="use the GPUs even if another job or process has them"
+    )
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="job environment")
+    p.add_argument("--name", help="job name (default: the script's name)")
+    p.add_argument("-d", "--detach", action="store_true", help="return once the job runs; print its id")
+    p.add_argument("--no-push", action="store_true", help="run what is on the box already")
+    p.add_argument("--data", action="append", default=[], metavar="PATH", help="also push this data path")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND [ARGS...]",
+        help="a script in the project (run.sh, train.py) or any command line",
+    )
+
+
+def jobs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("-a", "--all", action="store_true", help="every job, not only active and recent ones")
+
+
+def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job id or name (default: the latest job)")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+    p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
+
+
+def kill(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job id or name (default: the latest job)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="S", help="seconds between signals")
+
+
+def attach(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job id or name (default: the latest job)")

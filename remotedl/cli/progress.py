@@ -19,9 +19,10 @@ def progress_bar(env: Environment, enabled: bool = True) -> Iterator[ProgressFn 
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, TaskID, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bars
 
-    bars = Progress(
+    bars = Bars(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
@@ -31,7 +32,7 @@ def progress_bar(env: Environment, enabled: bool = True) -> Iterator[ProgressFn 
         console=Console(file=env.stderr),
         transient=True,
     )
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def update(ev: Progress) -> None:
         if ev.label not in tasks:

@@ -55,8 +55,14 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
     s = app.settings
     spec = app.spec()
     with progress_bar(env, not app.json) as progress:
-        result = sync.pull(spec, s.project.root, remote_dir(app), args.paths,
-                           excludes=[*s.get("exclude"), *args.exclude], progress=progress)  # fmt: skip
+        result = sync.pull(
+            spec,
+            s.project.root,
+            remote_dir(app),
+            args.paths,
+            excludes=[*s.get("exclude"), *args.exclude],
+            progress=progress,
+        )
     if app.json:
         app.print_json(result.to_dict())
         return ExitCode.OK

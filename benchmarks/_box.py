@@ -1,0 +1,29 @@
+"""A sandbox box for benchmarks, in a state directory of its own."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from remotedl import sandbox
+from remotedl.env import Environment
+
+
+class BenchBox:
+    def __init__(self, gpus: int = 2) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="remotedl-bench-"))
+        env = {
+            **os.environ,
+            "XDG_STATE_HOME": str(self.base / "state"),
+            "XDG_CONFIG_HOME": str(self.base / "config"),
+        }
+        self.environ = env
+        self.env = Environment(environ=env, cwd=self.base)
+        self.info = sandbox.up(self.env, name="bench", gpus=gpus)
+        self.ssh_config = self.info.ssh_config
+        self.alias = self.info.name
+        self.home = Path(self.info.home)
+
+    def close(self) -> None:
+        sandbox.down(self.env, name="bench")

@@ -1,0 +1,376 @@
+"""run / jobs / logs / kill / attach against the real sshd box with the stand-in nvidia-smi."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from remotedl import jobs
+from remotedl.ssh import resolve_host
+from tests.conftest import cli_for, make_env, retry_until, tmux_dir
+
+
+@pytest.fixture
+def proj(project: Path, tmp_path: Path) -> Path:
+    (project / "remotedl.toml").write_text(f'remote_dir = "~/job-tests/{tmp_path.name}"\n')
+    return project
+
+
+def script(proj: Path, name: str, body: str, executable: bool = True) -> Path:
+    path = proj / name
+    path.write_text("#!/bin/sh\n" + body)
+    if executable:
+        path.chmod(0o755)
+    return path
+
+
+def job_list(run, proj) -> list[dict]:
+    r = run("jobs", "--all", "--json", cwd=proj)
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def spec_for(box, tmp_path):
+    return resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+
+
+def test_run_follows_log_and_passes_exit_code(cli, box, proj):
+    script(
+        proj,
+        "run.sh",
+        'echo "gpus=[$CUDA_VISIBLE_DEVICES] order=$CUDA_DEVICE_ORDER"\n'
+        'echo "args=$#:$1|$2"\necho err >&2\nexit 7\n',
+    )
+    r = cli("run", "run.sh", "--gpu", "1", "first arg", "--", "--not-ours", cwd=proj)
+    assert r.code == 7, r.err
+    assert "gpus=[1] order=PCI_BUS_ID" in r.out
+    assert "args=2:first arg|--not-ours" in r.out
+    assert "err" in r.out  # stderr goes to the same log
+    (rec,) = [j for j in job_list(cli, proj) if j["name"] == "run.sh"]
+    assert rec["status"] == "exited"
+    assert rec["exit_code"] == 7
+    assert rec["gpus"] == [1]
+    assert rec["git_commit"] and rec["snapshot"] is True  # run.sh is uncommitted: a snapshot
+    assert rec["started"] and rec["ended"] >= rec["started"]
+    assert Path(rec["log"]).parent == box.home / ".remotedl" / "logs"
+    for key in ("id", "status", "gpus", "exit_code", "command"):
+        assert key in rec
+
+
+def test_detach_then_jobs_logs_and_kill(cli, box, proj):
+    script(proj, "loop.sh", 'i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done\n')
+    r = cli("run", "--detach", "--cpu", "loop.sh", cwd=proj)
+    assert r.code == 0, r.err
+    job_id = r.out.strip()
+    assert job_id.isdigit()
+    jl = {str(j["id"]): j for j in job_list(cli, proj)}
+    assert jl[job_id]["status"] == "running"
+    assert retry_until(lambda: "tick 3" in cli("logs", job_id, cwd=proj).out)
+    r = cli("logs", job_id, "-n", "2", cwd=proj)
+    assert len(r.out.strip().splitlines()) == 2
+    r = cli("kill", job_id, "--json", cwd=proj)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["status"] == "killed"
+    r = cli("logs", "-f", job_id, cwd=proj)  # an ended job: prints all and returns
+    assert "tick 1" in r.out
+
+
+def test_gpu_out_of_range_creates_no_job(cli, proj):
+    before = len(job_list(cli, proj))
+    script(proj, "x.sh", "echo hi\n")
+    r = cli("run", "--gpu", "5", "x.sh", cwd=proj)
+    assert r.code == 2
+    assert "GPU 5 does not exist" in r.err
+    assert "0 (NVIDIA GeForce RTX 3090), 1 (NVIDIA GeForce RTX 4090)" in r.err
+    assert len(job_list(cli, proj)) == before
+    r = cli("run", "--gpu", "zero", "x.sh", cwd=proj)
+    assert r.code == 2
+    assert "not a GPU list" in r.err
+
+
+def test_missing_script_is_an_error_before_anything(cli, proj):
+    before = len(job_list(cli, proj))
+    r = cli("run", "nope.sh", cwd=proj)
+    assert r.code == 2
+    assert "no such script" in r.err
+    assert len(job_list(cli, proj)) == before
+
+
+def test_gpu_choice_busy_force_and_foreign_processes(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "hold.sh", "sleep 30\n")
+    state_file = fresh_box.dir / "gpus.json"
+    state = json.loads(state_file.read_text())
+    state["gpus"][0]["memory_used"] = 5000  # GPU 1 is the less used: auto picks it first
+    state_file.write_text(json.dumps(state))
+    r = run("run", "--detach", "--json", "hold.sh", cwd=project)
+    assert r.code == 0, r.err
+    first = json.loads(r.out)
+    assert first["gpus"] == [1]
+    r = run("run", "--detach", "--gpu", "1", "hold.sh", cwd=project)
+    assert r.code == 1
+    assert f"GPU 1 is used by job {first['id']} (hold.sh)" in r.err
+    r = run("run", "--detach", "--json", "--gpu", "1", "--force", "hold.sh", cwd=project)
+    assert r.code == 0, r.err
+    # A foreign compute process on GPU 0 (someone else's training): not free either.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        state["processes"] = [{"gpu": 0, "pid": sleeper.pid, "name": "/usr/bin/python3", "used_memory": 900}]
+        state_file.write_text(json.dumps(state))
+        r = run("run", "--detach", "hold.sh", cwd=project)
+        assert r.code == 1
+        assert f"process {sleeper.pid} (python3, user {fresh_box.info.user}, 900 MiB)" in r.err
+        r = run("run", "--detach", "--gpu", "0", "hold.sh", cwd=project)
+        assert r.code == 1
+        assert f"GPU 0 is used by process {sleeper.pid}" in r.err
+    finally:
+        sleeper.kill()
+
+
+def test_queue_waits_for_the_gpu(fresh_box, project, tmp_path, monkeypatch):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "hold.sh", "sleep 30\n")
+    script(project, "after.sh", 'echo "got [$CUDA_VISIBLE_DEVICES]"\n')
+    holder = json.loads(run("run", "--detach", "--json", "--gpu", "0", "hold.sh", cwd=project).out)
+    r = run("run", "--detach", "--json", "--gpu", "0", "--queue", "after.sh", cwd=project)
+    assert r.code == 0, r.err
+    queued = json.loads(r.out)
+    assert queued["status"] == "queued"
+    assert queued["gpus"] == []
+    assert run("kill", str(holder["id"]), cwd=project).code == 0
+
+    def done():
+        jl = {j["id"]: j for j in job_list(run, project)}
+        return jl[queued["id"]]["status"] == "exited" and jl[queued["id"]]
+
+    rec = retry_until(done, seconds=20)
+    assert rec, job_list(run, project)
+    assert rec["gpus"] == [0]
+    assert "got [0]" in run("logs", str(queued["id"]), cwd=project).out
+
+
+def test_concurrent_runs_never_share_a_gpu(fresh_box, project, tmp_path):
+    script(project, "hold.sh", "sleep 30\n")
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    assert run("push", cwd=project).code == 0
+    env = {
+        **os.environ,
+        **make_env(tmp_path / "laptop").environ,
+        "REMOTEDL_SSH_CONFIG": fresh_box.info.ssh_config,
+        "REMOTEDL_HOST": fresh_box.name,
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "remotedl",
+                "run",
+                "--no-push",
+                "--detach",
+                "--json",
+                "--gpus",
+                "1",
+                "hold.sh",
+            ],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(5)
+    ]
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    started = [json.loads(out) for code, out, _ in results if code == 0]
+    refused = [err for code, _, err in results if code != 0]
+    assert len(started) == 2, results
+    assert sorted(g for s in started for g in s["gpus"]) == [0, 1]
+    assert len(refused) == 3
+    assert all("no 1 free GPU" in e for e in refused)
+
+
+def test_cpu_box(tmp_path, project):
+    from remotedl import sandbox
+
+    base = tmp_path / "cpu"
+    info = sandbox.up(make_env(base), name="cpubox", gpus=0)
+    try:
+        from tests.conftest import Box
+
+        run = cli_for(Box(info, {}), tmp_path / "laptop")
+        script(project, "show.sh", 'echo "cvd=${CUDA_VISIBLE_DEVICES-unset}"\n')
+        r = run("run", "--gpu", "0", "show.sh", cwd=project)
+        assert r.code == 2
+        assert "no NVIDIA GPU" in r.err
+        r = run("run", "show.sh", cwd=project)
+        assert r.code == 0, r.err
+        assert "cvd=unset" in r.out
+    finally:
+        sandbox.down(make_env(base), name="cpubox")
+
+
+def _kill_sessions(box) -> int:
+    """Drop every SSH connection to the box (sshd's per-connection children)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(box.info.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def test_logs_follow_survives_dropped_connection(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "count.sh", 'i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo "line $i"; sleep 0.05; done\n')
+    r = run("run", "--detach", "--cpu", "count.sh", cwd=project)
+    assert r.code == 0, r.err
+    job_id = r.out.strip()
+    spec = spec_for(fresh_box, tmp_path)
+    got = bytearray()
+    reconnects = []
+    result = {}
+
+    def follow():
+        result["rec"] = jobs.stream_logs(
+            spec, job_id, got.extend, follow=True, on_reconnect=reconnects.append
+        )
+
+    t = threading.Thread(target=follow)
+    t.start()
+    assert retry_until(lambda: b"line 5\n" in got, seconds=10)
+    assert _kill_sessions(fresh_box) >= 1
+    t.join(30)
+    assert not t.is_alive()
+    assert reconnects, "the connection was dropped, so the follower must have reconnected"
+    assert got.decode() == "".join(f"line {i}\n" for i in range(1, 41))
+    assert result["rec"].status == "exited"
+
+
+def test_kill_escalates_when_sigint_is_ignored(cli, proj):
+    script(proj, "stubborn.sh", "trap 'echo got INT' INT\nwhile true; do sleep 0.1; done\n")
+    r = cli("run", "--detach", "--cpu", "stubborn.sh", cwd=proj)
+    job_id = r.out.strip()
+    r = cli("kill", job_id, "--grace", "0.5", "--json", cwd=proj)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["status"] == "killed"
+    assert "got INT" in cli("logs", job_id, cwd=proj).out
+
+
+def test_vanished_session_is_lost(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "long.sh", "sleep 60\n")
+    job_id = run("run", "--detach", "--cpu", "long.sh", cwd=project).out.strip()
+    # The box "reboots": its tmux server and everything in it are gone.
+    subprocess.run(
+        ["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": tmux_dir(fresh_box)}, check=True
+    )
+    subprocess.run(["pkill", "-f", "sleep 60"], check=False)
+    rec = retry_until(
+        lambda: {str(j["id"]): j for j in job_list(run, project)}[job_id]["status"] == "lost", seconds=10
+    )
+    assert rec
+
+
+HOSTILE_ARGS = ["a b", "it's", 'say "hi"', "$(touch PWNED)", "; touch PWNED", "`touch PWNED`", "ü データ"]
+
+
+def test_hostile_script_names_and_arguments(cli, box, proj):
+    name = "my script;$(touch PWNED).sh"
+    script(proj, name, 'for a in "$@"; do printf "<%s>\\n" "$a"; done\n')
+    r = cli("run", "--cpu", name, *HOSTILE_ARGS, cwd=proj)
+    assert r.code == 0, r.err
+    assert r.out.splitlines() == [f"<{a}>" for a in HOSTILE_ARGS]
+    for where in (proj, box.home, Path(str(box.home) + "/job-tests")):
+        assert not (where / "PWNED").exists()
+    r = cli("run", "--cpu", "--", "printf", "[%s]", *HOSTILE_ARGS, cwd=proj)
+    assert r.out == "".join(f"[{a}]" for a in HOSTILE_ARGS)
+
+
+def test_env_and_agent_uploaded_once(cli, box, proj):
+    r = cli(
+        "run",
+        "--cpu",
+        "-e",
+        "SECRET_TOKEN=s3cr3t value",
+        "--",
+        "sh",
+        "-c",
+        'echo "[$SECRET_TOKEN]"',
+        cwd=proj,
+    )
+    assert r.code == 0, r.err
+    assert "[s3cr3t value]" in r.out
+    rec = job_list(cli, proj)[-1]
+    assert rec["env_keys"] == ["SECRET_TOKEN"]
+    assert "s3cr3t" not in json.dumps(rec)  # values are not kept in the record
+    agents = list((box.home / ".remotedl" / "agent").glob("*.pyz"))
+    assert len(agents) == 1
+
+
+def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
+    script(proj, "slow.sh", "echo started; sleep 20; echo finished\n")
+    env = {
+        **os.environ,
+        **make_env(tmp_path / "laptop").environ,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "REMOTEDL_HOST": box.name,
+        "PYTHONUNBUFFERED": "1",
+    }
+    p = subprocess.Popen(
+        [sys.executable, "-m", "remotedl", "run", "--cpu", "slow.sh"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = p.stdout.readline()
+    assert first.strip() == "started"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 130
+    assert "detached" in err
+    assert "remotedl attach" in err
+    run = cli_for(box, tmp_path / "laptop2")
+    jl = job_list(run, proj)
+    assert jl[-1]["name"] == "slow.sh"
+    assert jl[-1]["status"] == "running"
+    assert run("kill", str(jl[-1]["id"]), cwd=proj).code == 0
+
+
+@pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux on the laptop side")
+def test_attach_shows_the_job_in_a_terminal(box, proj, tmp_path):
+    script(proj, "chatty.sh", 'i=0; while true; do i=$((i+1)); echo "chat $i"; sleep 0.2; done\n')
+    run = cli_for(box, tmp_path / "laptop")
+    job_id = run("run", "--detach", "--cpu", "chatty.sh", cwd=proj).out.strip()
+    sock = str(tmp_path / "local-tmux")
+    env = {
+        **os.environ,
+        **make_env(tmp_path / "laptop").environ,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "REMOTEDL_HOST": box.name,
+    }
+    env.pop("TMUX", None)
+    cmd = f"cd {proj} && {sys.executable} -m remotedl attach {job_id}"
+    subprocess.run(
+        ["tmux", "-S", sock, "new-session", "-d", "-x", "120", "-y", "30", cmd], env=env, check=True
+    )
+    try:
+
+        def screen() -> str:
+            return subprocess.run(
+                ["tmux", "-S", sock, "capture-pane", "-p"], capture_output=True, text=True
+            ).stdout
+
+        assert retry_until(lambda: "chat " in screen(), seconds=15), screen()
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], check=False)
+        run("kill", job_id, cwd=proj)
