@@ -47,7 +47,7 @@ remotedl = [sys.executable, "-m", "remotedl"]
 try:
     # first transfers, not timed
     sh(*remotedl, "push", "--data", "data")
-    sh("rsync", "-a", "-e", ssh, "data", f"{box.alias}:bare-copy/")
+    sh("rsync", "-a", "-e", ssh, "data", f"{box.alias}:{box.home}/bare-copy/")
     counter = [0]
 
     def touch_one() -> None:
@@ -60,7 +60,9 @@ try:
 
     def plain() -> float:
         touch_one()
-        return time_argv(["rsync", "-a", "-e", ssh, "data", f"{box.alias}:bare-copy/"], cwd=proj, env=env)
+        return time_argv(
+            ["rsync", "-a", "-e", ssh, "data", f"{box.alias}:{box.home}/bare-copy/"], cwd=proj, env=env
+        )
 
     a, b = side_by_side(ours, plain, rounds)
     report("push, 1 of 3,000 files changed vs rsync -a", a, b, limit=1.5)
@@ -93,7 +95,9 @@ try:
 
     def plain_big() -> float:
         clear_plain()
-        return time_argv(["rsync", "-a", "-e", ssh, "big", f"{box.alias}:bare-big/"], cwd=proj, env=env)
+        return time_argv(
+            ["rsync", "-a", "-e", ssh, "big", f"{box.alias}:{box.home}/bare-big/"], cwd=proj, env=env
+        )
 
     a, b = side_by_side(ours_big, plain_big, rounds_big)
     report(f"push of a {gb:g} GB file vs rsync -a", a, b, limit=1.1)

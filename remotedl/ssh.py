@@ -14,7 +14,6 @@ default ``AutoAddPolicy`` is replaced on every client this module creates.
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import logging
 import os
@@ -77,29 +76,6 @@ def _expand(path: str) -> str:
     return os.path.expanduser(path)
 
 
-def _config_text(path: Path, depth: int = 0) -> str:
-    """The config file with its ``Include`` lines expanded (paramiko does not know them)."""
-    if depth > 16:
-        raise ConfigError(f"{path}: Include nested too deeply")
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read ssh config {path}: {e.strerror}") from e
-    out: list[str] = []
-    for line in lines:
-        words = line.strip().split()
-        if words and words[0].lower() == "include":
-            for pattern in words[1:]:
-                pattern = _expand(pattern)
-                if not os.path.isabs(pattern):
-                    pattern = str(passwd_home() / ".ssh" / pattern)
-                for inc in sorted(glob.glob(pattern)):
-                    out.append(_config_text(Path(inc), depth + 1))
-        else:
-            out.append(line)
-    return "\n".join(out)
-
-
 def registered_box_config(env: Environment, alias: str) -> Path | None:
     path = env.state_dir / BOXES_DIR / alias / "ssh_config"
     return path if path.is_file() else None
@@ -119,21 +95,37 @@ def ssh_config_path(env: Environment, alias: str, explicit: str | None) -> tuple
     return (default if default.is_file() else None), "~/.ssh/config"
 
 
-def _lookup(config_path: Path | None, alias: str) -> dict[str, Any]:
-    import paramiko
+def _ssh_g(config_path: Path | None, alias: str, *, no_config: bool = False) -> dict[str, Any]:
+    """What OpenSSH itself resolves for ``alias`` (``ssh -G``): Include, Match, tokens and all."""
+    from remotedl import proc
 
-    cfg = paramiko.SSHConfig()
-    texts = []
-    if config_path is not None:
-        texts.append(_config_text(config_path))
-        system = Path("/etc/ssh/ssh_config")
-        if config_path == passwd_home() / ".ssh" / "config" and system.is_file():
-            texts.append(_config_text(system))  # OpenSSH reads it after the user's, without -F
-    try:
-        cfg = paramiko.SSHConfig.from_text("\n".join(texts))
-    except Exception as e:
-        raise ConfigError(f"cannot parse ssh config {config_path}: {e}") from e
-    return dict(cfg.lookup(alias))
+    argv = ["ssh", "-G"]
+    if no_config:
+        argv += ["-F", "/dev/null"]
+    elif config_path is not None:
+        argv += ["-F", str(config_path)]
+    result = proc.run([*argv, "--", alias], check=False, timeout=30)
+    if result.returncode != 0:
+        lines = [x for x in result.stderr.splitlines() if "Pseudo-terminal" not in x]
+        raise ConfigError(
+            f"ssh config for '{alias}' is not valid: {lines[0] if lines else 'ssh -G failed'}",
+            hint=f"fix {config_path or '~/.ssh/config'}; `ssh -G {alias}` shows what OpenSSH reads",
+        )
+    found: dict[str, Any] = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "identityfile":
+            found.setdefault(key, []).append(value)
+        else:
+            found.setdefault(key, value)
+    return found
+
+
+def _lookup(config_path: Path | None, alias: str) -> tuple[dict[str, Any], set[str]]:
+    """The resolved options, and the names of those the config set (differ from defaults)."""
+    found = _ssh_g(config_path, alias)
+    defaults = _ssh_g(None, alias, no_config=True)
+    return found, {k for k, v in found.items() if defaults.get(k) != v}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -157,31 +149,30 @@ def resolve_host(
 ) -> HostSpec:
     """Resolve ``alias`` through the ssh config. Explicit arguments win over the file."""
     config_path, config_why = ssh_config_path(env, alias, ssh_config)
-    found = _lookup(config_path, alias)
-    src_file = f"ssh config {config_path}" if config_path else "default"
+    found, configured = _lookup(config_path, alias)
+    src_file = f"ssh config {config_path}" if config_path else "ssh config"
     sources: dict[str, str] = {"ssh_config": config_why}
+    for key in (
+        "hostname",
+        "user",
+        "port",
+        "identityfile",
+        "userknownhostsfile",
+        "stricthostkeychecking",
+        "proxyjump",
+        "serveraliveinterval",
+    ):
+        sources[key] = src_file if key in configured else "default"
 
-    def pick(key: str, explicit: Any, default: Any, flag: str) -> Any:
-        if explicit is not None:
-            sources[key] = f"flag {flag}"
-            return explicit
-        if key in found:
-            sources[key] = src_file
-            return found[key]
-        sources[key] = "default"
-        return default
-
-    import getpass
-
-    hostname = str(pick("hostname", None, alias, ""))
-    the_user = str(pick("user", user, getpass.getuser(), "--user"))
-    try:
-        the_port = int(pick("port", port, 22, "--port"))
-    except ValueError as e:
-        raise ConfigError(f"{src_file}: Port for {alias} is not a number") from e
+    hostname = str(found.get("hostname") or alias)
+    the_user = str(found.get("user"))
+    if user is not None:
+        the_user, sources["user"] = user, "flag --user"
+    the_port = int(found.get("port") or 22)
+    if port is not None:
+        the_port, sources["port"] = int(port), "flag --port"
 
     identities = [_expand(p) for p in _as_list(found.get("identityfile"))]
-    sources["identityfile"] = src_file if identities else "default"
     if identity:
         identities.insert(0, _expand(identity))
         sources["identityfile"] = "flag --identity"
@@ -190,21 +181,21 @@ def resolve_host(
         identities = [str(home / n) for n in DEFAULT_IDENTITIES]
 
     known = [_expand(p) for p in _as_list(found.get("userknownhostsfile"))]
-    sources["userknownhostsfile"] = src_file if known else "default"
     if not known:
         known = [str(passwd_home() / ".ssh" / "known_hosts")]
 
-    strict = str(found.get("stricthostkeychecking", "yes")).lower()
-    sources["stricthostkeychecking"] = src_file if "stricthostkeychecking" in found else "default"
     # 'no' would accept a changed key; remotedl never does: treat it as accept-new.
-    strict = "accept-new" if strict in ("no", "off", "accept-new") else "yes"
+    # OpenSSH's default 'ask' cannot ask in a tool: it is 'yes' here.
+    strict = str(found.get("stricthostkeychecking", "ask")).lower()
+    strict = "accept-new" if strict in ("no", "off", "false", "accept-new") else "yes"
 
     timeout = connect_timeout
     sources["connecttimeout"] = "remotedl setting connect_timeout"
-    if "connecttimeout" in found:
+    if found.get("connecttimeout", "none") != "none":
         timeout = float(found["connecttimeout"])
         sources["connecttimeout"] = src_file
-    alive = found.get("serveraliveinterval")
+    alive_text = found.get("serveraliveinterval", "0")
+    alive = alive_text if alive_text not in ("0", "none") else None
     proxy = found.get("proxyjump")
     if proxy and str(proxy).lower() == "none":
         proxy = None
@@ -239,7 +230,7 @@ def resolve_host(
         server_alive_interval=int(alive) if alive else None,
         proxy_jump=str(proxy) if proxy else None,
         ssh_config=config_path,
-        identities_only=str(found.get("identitiesonly", "no")).lower() == "yes",
+        identities_only=str(found.get("identitiesonly", "no")).lower() in ("yes", "true"),
         control_path=None if not control or str(control).lower() == "none" else str(control),
         sources=sources,
         jump_specs=tuple(jumps),

@@ -134,6 +134,7 @@ cd DIR
 [ -d .git ] || git init -q .
 echo "@@dir $(pwd -P)"
 echo "@@head $(git rev-parse -q --verify HEAD 2>/dev/null || echo none)"
+[ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo "@@clean" || true
 """
 
 _CHECKOUT = r"""
@@ -171,7 +172,8 @@ def _parse_marks(text: str) -> dict[str, str]:
 
 
 def prepare_remote_dir(spec: HostSpec, remote_dir: str) -> tuple[str, str | None]:
-    """Create the work tree on the box if needed; (absolute path, its HEAD or None)."""
+    """Create the work tree on the box if needed; (absolute path, its HEAD if the tracked
+    files are clean, else None)."""
     out = run_openssh(spec, _PREPARE.replace("DIR", remote_path(remote_dir)))
     marks = _parse_marks(out.stdout)
     if "nogit" in marks:
@@ -180,7 +182,7 @@ def prepare_remote_dir(spec: HostSpec, remote_dir: str) -> tuple[str, str | None
             hint="install it there (`sudo apt-get install git`), or run `remotedl setup base`",
         )
     head = marks.get("head")
-    return marks["dir"], (None if head in (None, "none") else head)
+    return marks["dir"], (None if head in (None, "none") or "clean" not in marks else head)
 
 
 def push_code(spec: HostSpec, root: Path, abs_dir: str, commit: str, *, force: bool) -> bool:
@@ -337,9 +339,9 @@ def push(
     snapshot = False
     if code:
         commit, head, snapshot = snapshot_commit(root)
-    abs_dir, _ = prepare_remote_dir(spec, remote_dir)
+    abs_dir, box_head = prepare_remote_dir(spec, remote_dir)
     changed = False
-    if code and commit:
+    if code and commit and box_head != commit:  # already checked out and clean: nothing to send
         changed = push_code(spec, root, abs_dir, commit, force=force)
     result = PushResult(abs_dir, commit, head, snapshot, changed)
     for rel in rels:

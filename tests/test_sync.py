@@ -154,6 +154,7 @@ def test_data_rsync_never_deletes_unless_asked(cli, box, project, rdir):
 
 
 def test_progress_is_reported_for_large_data(box, project, rdir, tmp_path):
+    (project / ".gitignore").write_text("big/\n")  # data is not code: git must not carry it too
     (project / "big").mkdir()
     (project / "big" / "blob").write_bytes(b"\0" * (8 << 20))
     spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
