@@ -158,11 +158,12 @@ def stream_logs(
     reconnect_for: float = 300.0,
     on_reconnect: Callable[[int], None] | None = None,
     state: LogState | None = None,
+    out_fd: int | None = None,
 ) -> JobRecord:
     """Copy the job's log to ``write``. Following, a dropped connection is re-made and the log
-    resumes at the byte offset reached: no byte lost, none repeated."""
+    resumes at the byte offset reached: no byte lost, none repeated. Not following, with
+    ``out_fd``, ssh writes the log straight to that file descriptor (no copy through Python)."""
     st = state or LogState()
-    ship.ensure_agent(spec, python)
     down_since: float | None = None
     while True:
         request: dict[str, Any] = {
@@ -174,16 +175,17 @@ def stream_logs(
         if st.job_id is None and lines is not None:
             request["lines"] = lines
         argv = openssh_argv(spec, ship.agent_command(spec, python, request))
-        p = proc.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
-        assert p.stdout is not None
+        direct = out_fd is not None and not follow
+        p = proc.popen(argv, stdout=out_fd if direct else subprocess.PIPE, stderr=subprocess.PIPE, text=False)
         marks: dict[str, Any] = {}
         err_lines: list[str] = []
         reader = threading.Thread(target=_read_marks, args=(p, marks, err_lines), daemon=True)
         reader.start()
-        fd = p.stdout.fileno()
         got_start = False
         try:
-            while True:
+            while not direct:
+                assert p.stdout is not None
+                fd = p.stdout.fileno()
                 chunk = os.read(fd, 1 << 20)
                 if not chunk:
                     break
@@ -209,7 +211,7 @@ def stream_logs(
                 raise UsageError(answer["error"], answer.get("hint"))
             raise RemotedlError(answer["error"], answer.get("hint"))
         if code == ship.MISSING:
-            ship.upload_agent(spec, ship.build_agent())
+            ship.upload_agent(spec, ship.build_agent(), python)
             continue
         if code == 255 and follow:
             now = time.monotonic()

@@ -316,3 +316,12 @@ def test_sandbox_up_down(tmp_path):
         assert s.connect_ex(("127.0.0.1", info["port"])) != 0
     e5 = make_env(tmp_path)
     assert main(["sandbox", "status", "--name", "sb1"], e5) == 1
+
+
+def test_malformed_ssh_config_names_the_line(tmp_path, box):
+    cfg = tmp_path / "cfg"
+    cfg.write_text("Host gpubox\n    HostName 127.0.0.1\n    Bogus yes\n")
+    code, _, err = run_with(tmp_path, box, cfg, "status")
+    assert code == 3
+    assert "line 3: Bad configuration option: bogus" in err
+    assert "Traceback" not in err

@@ -308,7 +308,9 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
         with os.fdopen(fd, "w") as f:
             json.dump(req.get("env") or {}, f)
         Path(rec["log"]).touch(mode=0o600)
-        runner = shlex.join([sys.executable, sys.argv[0], json.dumps({"op": "runner", "id": job_id})])
+        runner = shlex.join(
+            [sys.executable, "-E", "-s", "-S", sys.argv[0], json.dumps({"op": "runner", "id": job_id})]
+        )
         import libtmux
 
         try:
@@ -325,14 +327,9 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
             rec["ended"] = time.time()
             save(rec)
             raise AgentError(f"tmux could not start the job: {e}") from e
-    # Answer once the runner has the command going (or the job is queued).
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        rec = load(job_id)
-        if rec["status"] != "running" or rec.get("pid"):
-            break
-        time.sleep(0.005)
-    return {"job": rec}
+    # The GPUs are claimed and the tmux session runs the job: answer now (the runner records
+    # its pid a moment later; waiting for it would cost a Python start-up per run).
+    return {"job": load(job_id)}
 
 
 def _job_env(rec: dict[str, Any]) -> dict[str, str]:
@@ -502,6 +499,10 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
         sys.stderr.write("@@remotedl-start " + json.dumps({"job": rec["id"], "offset": offset}) + "\n")
         sys.stderr.flush()
         idle = 0.0
+        if not req.get("follow"):
+            _send_rest(f, offset)
+            sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
+            return None
         while True:
             chunk = f.read(1 << 20)
             if chunk:
@@ -525,6 +526,23 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
     sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
     sys.stderr.flush()
     return None
+
+
+def _send_rest(f: Any, offset: int) -> None:
+    """Copy the file from ``offset`` to stdout in the kernel (sendfile), else by chunks."""
+    out_fd = sys.stdout.fileno()
+    sys.stdout.flush()
+    try:
+        while True:
+            sent = os.sendfile(out_fd, f.fileno(), offset, 1 << 24)
+            if sent == 0:
+                return
+            offset += sent
+    except OSError:
+        f.seek(offset)
+        while chunk := f.read(1 << 20):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
 
 
 def _tail_offset(f: Any, lines: int) -> int:  # f: a binary file

@@ -19,89 +19,111 @@ MISSING = 97  # the exit status that means "this agent version is not on the box
 
 
 @dataclass(frozen=True)
-class AgentZip:
-    data: bytes
+class Agent:
+    files: tuple[tuple[str, Path], ...]  # (name inside the agent, source file)
     digest: str
 
     @property
     def name(self) -> str:
-        return f"{self.digest}.pyz"
+        return self.digest
+
+    def zip_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for arc, path in self.files:
+                info = zipfile.ZipInfo(arc, (2020, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                z.writestr(info, path.read_bytes())
+        return buf.getvalue()
 
 
-_CACHE: AgentZip | None = None
+_CACHE: Agent | None = None
 
 
-def _add_tree(z: zipfile.ZipFile, root: Path, arc_prefix: str) -> None:
-    for path in sorted(root.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        info = zipfile.ZipInfo(f"{arc_prefix}/{path.relative_to(root).as_posix()}", (2020, 1, 1, 0, 0, 0))
-        info.compress_type = zipfile.ZIP_DEFLATED
-        z.writestr(info, path.read_bytes())
-
-
-def build_agent() -> AgentZip:
-    """The agent as a zipapp: same bytes for the same code, so its hash names its version."""
+def build_agent() -> Agent:
+    """The agent's files and a digest of their contents, which names its version on the box.
+    Hashing, not zipping: the zip is only built when the box lacks this version."""
     global _CACHE
     if _CACHE is not None:
         return _CACHE
-    import libtmux
+    import importlib.util
 
     pkg = Path(__file__).resolve().parent.parent
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-
-        def add(arc: str, data: bytes) -> None:
-            info = zipfile.ZipInfo(arc, (2020, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, data)
-
-        add("__main__.py", (pkg / "agent" / "__main__.py").read_bytes())
-        add("remotedl/__init__.py", b"")
-        add("remotedl/gpus.py", (pkg / "gpus.py").read_bytes())
-        add("remotedl/agent/__init__.py", (pkg / "agent" / "__init__.py").read_bytes())
-        add("remotedl/agent/box.py", (pkg / "agent" / "box.py").read_bytes())
-        _add_tree(z, Path(libtmux.__file__).resolve().parent, "libtmux")
-    data = buf.getvalue()
-    _CACHE = AgentZip(data, hashlib.sha256(data).hexdigest()[:16])
+    files: list[tuple[str, Path]] = [
+        ("__main__.py", pkg / "agent" / "__main__.py"),
+        ("remotedl/__init__.py", pkg / "agent" / "__init__.py"),
+        ("remotedl/gpus.py", pkg / "gpus.py"),
+        ("remotedl/agent/__init__.py", pkg / "agent" / "__init__.py"),
+        ("remotedl/agent/box.py", pkg / "agent" / "box.py"),
+    ]
+    spec = importlib.util.find_spec("libtmux")  # found, not imported
+    if spec is None or spec.origin is None:
+        raise RemotedlError("libtmux is not installed here; reinstall remotedl")
+    tmux_root = Path(spec.origin).parent
+    for path in sorted(tmux_root.rglob("*.py")):
+        if "__pycache__" not in path.parts:
+            files.append((f"libtmux/{path.relative_to(tmux_root).as_posix()}", path))
+    digest = hashlib.sha256()
+    for arc, path in files:
+        digest.update(arc.encode() + b"\0" + path.read_bytes() + b"\0")
+    _CACHE = Agent(tuple(files), digest.hexdigest()[:16])
     return _CACHE
 
 
-def _agent_script(agent: AgentZip, python: str, request: dict[str, Any]) -> str:
-    path = f"{AGENT_DIR}/{agent.name}"
+def _agent_script(agent: Agent, python: str, request: dict[str, Any]) -> str:
+    # -E -s -S: no PYTHONPATH, user site or site-packages: the agent brings what it needs and
+    # starts fast.
+    py = shlex.quote(python)
     return (
-        f'f="{path}"; [ -f "$f" ] || exit {MISSING}; '
-        f"command -v {shlex.quote(python)} >/dev/null 2>&1 || exit 127; "
-        f'exec {shlex.quote(python)} "$f" {shlex.quote(json.dumps(request))}'
+        f'd="{AGENT_DIR}/{agent.name}"; [ -f "$d/__main__.py" ] || exit {MISSING}; '
+        f"command -v {py} >/dev/null 2>&1 || exit 127; "
+        f'exec {py} -E -s -S "$d" {shlex.quote(json.dumps(request))}'
     )
 
 
-def upload_agent(spec: HostSpec, agent: AgentZip) -> None:
+def upload_agent(spec: HostSpec, agent: Agent, python: str = "python3") -> None:
+    """Unpack this agent version into ~/.remotedl/agent/<digest>/ and byte-compile it once."""
     from remotedl import proc
     from remotedl.ssh import openssh_argv
 
-    script = (
-        f'mkdir -p "{AGENT_DIR}" && chmod 700 "$HOME/.remotedl" && '
-        f'cat > "{AGENT_DIR}/.upload.$$" && mv "{AGENT_DIR}/.upload.$$" "{AGENT_DIR}/{agent.name}"'
+    py = shlex.quote(python)
+    unpack = (
+        "import io, sys, zipfile, compileall; "
+        "zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read())).extractall(sys.argv[1]); "
+        "compileall.compile_dir(sys.argv[1], quiet=1)"
     )
-    result = proc.run(openssh_argv(spec, script), input=agent.data, text=False, check=False)
+    script = (
+        f'umask 077; mkdir -p "{AGENT_DIR}" && t="{AGENT_DIR}/.new.$$" && '
+        f"command -v {py} >/dev/null 2>&1 || exit 127; "
+        f'{py} -c {shlex.quote(unpack)} "$t" && d="{AGENT_DIR}/{agent.name}" && '
+        # Atomic: a complete directory appears, or another upload of the same version won.
+        f'{{ mv -T "$t" "$d" 2>/dev/null || {{ rm -rf "$t"; [ -f "$d/__main__.py" ]; }}; }}'
+    )
+    result = proc.run(openssh_argv(spec, script), input=agent.zip_bytes(), text=False, check=False)
     if result.returncode == 255:
         err: bytes | str = result.stderr or b""
         raise openssh_failure(spec, err.decode(errors="replace") if isinstance(err, bytes) else err)
+    if result.returncode == 127:
+        raise RemoteError(
+            f"{python} is not installed on {spec.alias}: the box side of remotedl needs it",
+            hint='install python3 there, or set `python = "/path/to/python3"` in remotedl.toml',
+        )
     if result.returncode != 0:
-        raise RemoteError(f"could not install the remotedl agent on {spec.alias}")
+        err_text = result.stderr.decode(errors="replace") if isinstance(result.stderr, bytes) else ""
+        last = (err_text.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise RemoteError(f"could not install the remotedl agent on {spec.alias}: {last}")
 
 
 def agent_command(spec: HostSpec, python: str, request: dict[str, Any]) -> str:
-    """The remote script for a request (the agent must be on the box: see ``ensure_agent``)."""
+    """The remote script for a request (exit 97 if this agent version is not on the box)."""
     return _agent_script(build_agent(), python, request)
 
 
 def ensure_agent(spec: HostSpec, python: str = "python3") -> None:
     agent = build_agent()
-    check = run_openssh(spec, f'[ -f "{AGENT_DIR}/{agent.name}" ] || exit {MISSING}', check=False)
+    check = run_openssh(spec, f'[ -f "{AGENT_DIR}/{agent.name}/__main__.py" ] || exit {MISSING}', check=False)
     if check.exit_code == MISSING:
-        upload_agent(spec, agent)
+        upload_agent(spec, agent, python)
 
 
 def _raise_for(answer: dict[str, Any], spec: HostSpec) -> None:
@@ -119,7 +141,7 @@ def call(spec: HostSpec, request: dict[str, Any], *, python: str = "python3") ->
     for attempt in range(2):
         result = run_openssh(spec, _agent_script(agent, python, request), check=False)
         if result.exit_code == MISSING and attempt == 0:
-            upload_agent(spec, agent)
+            upload_agent(spec, agent, python)
             continue
         if result.exit_code == 127 and not result.stdout:
             raise RemoteError(

@@ -193,8 +193,17 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
         if args.lines is None:
             return _follow(app, spec, rec.id, python)
     write, flush = _writer(env)
+    out_fd = None
     try:
-        rec = jobs.stream_logs(spec, args.job, write, follow=args.follow, lines=args.lines, python=python)
+        if hasattr(env.stdout, "fileno"):
+            env.stdout.flush()
+            out_fd = env.stdout.fileno()
+    except (OSError, ValueError):  # io.StringIO in tests: no descriptor
+        out_fd = None
+    try:
+        jobs.stream_logs(
+            spec, args.job, write, follow=args.follow, lines=args.lines, python=python, out_fd=out_fd
+        )
     finally:
         flush()
     return ExitCode.OK
