@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -39,9 +38,12 @@ def real_box(tmp_path_factory):
 
 
 def torch_probe() -> list[str]:
-    return [sys.executable, "-c",
-            "import torch; n = torch.cuda.device_count(); "
-            "print('count', n, torch.cuda.get_device_name(0) if n else '-')"]  # fmt: skip
+    return [
+        sys.executable,
+        "-c",
+        "import torch; n = torch.cuda.device_count(); "
+        "print('count', n, torch.cuda.get_device_name(0) if n else '-')",
+    ]
 
 
 def test_status_parses_real_nvidia_smi(real_box, tmp_path):
@@ -70,8 +72,16 @@ def test_job_sees_exactly_its_gpu(real_box, project, tmp_path):
     r = run("run", "--cpu", "--", *torch_probe(), cwd=project)
     assert r.code == 0, r.err
     assert "count 0 -" in r.out
-    r = run("run", "--gpu", "0", "--", "sh", "-c", 'echo "cvd=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"',
-            cwd=project)  # fmt: skip
+    r = run(
+        "run",
+        "--gpu",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        'echo "cvd=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"',
+        cwd=project,
+    )
     assert "cvd=0 order=PCI_BUS_ID" in r.out
     count = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout.count(
         "GPU "
@@ -82,9 +92,16 @@ def test_job_sees_exactly_its_gpu(real_box, project, tmp_path):
 
 
 def test_foreign_gpu_process_is_seen_and_respected(real_box, project, tmp_path):
-    hold = subprocess.Popen([sys.executable, "-c",
-                             "import torch, time; x = torch.ones(1 << 28, device='cuda'); print('ready', flush=True); "
-                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    hold = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import torch, time; x = torch.ones(1 << 28, device='cuda'); print('ready', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert hold.stdout is not None
         assert hold.stdout.readline().strip() == "ready"
