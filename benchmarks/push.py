@@ -81,7 +81,7 @@ try:
     with (big / "blob.bin").open("wb") as f:
         for _ in range(size >> 24):
             f.write(os.urandom(1 << 24))
-    rounds_big = max(3, rounds // 2)
+    rounds_big = max(5, rounds)
 
     def clear_ours() -> None:
         subprocess.run(["rm", "-rf", str(box.home / "remotedl" / "proj" / "big")], check=True)

@@ -110,8 +110,26 @@ def status(env: Environment, name: str = "sandbox") -> SandboxInfo | None:
     return info
 
 
-def up(env: Environment, *, name: str = "sandbox", gpus: int = 2) -> SandboxInfo:
-    """Start (or find running) the sandbox box called ``name``."""
+def _path_without_nvidia(path: str, shadow_root: Path) -> str:
+    """PATH with nvidia-smi hidden: a directory holding it is replaced by a shadow directory
+    linking everything else, so a GPU host can play a box without an NVIDIA driver."""
+    out = []
+    for i, d in enumerate(path.split(":")):
+        if d and os.path.exists(os.path.join(d, "nvidia-smi")):
+            shadow = shadow_root / f"path{i}"
+            shadow.mkdir(parents=True, exist_ok=True)
+            for entry in os.listdir(d):
+                if entry != "nvidia-smi" and not (shadow / entry).exists():
+                    (shadow / entry).symlink_to(os.path.join(d, entry))
+            out.append(str(shadow))
+        else:
+            out.append(d)
+    return ":".join(out)
+
+
+def up(env: Environment, *, name: str = "sandbox", gpus: int = 2, host_gpus: bool = False) -> SandboxInfo:
+    """Start (or find running) the sandbox box called ``name``: ``gpus`` stand-in GPUs, or
+    none (no driver at all), or with ``host_gpus`` this machine's real nvidia-smi."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise UsageError(f"sandbox name '{name}' may only hold letters, digits, - and _")
     running = status(env, name)
@@ -161,14 +179,17 @@ def up(env: Environment, *, name: str = "sandbox", gpus: int = 2) -> SandboxInfo
         ]
     )
     shutil.copy(directory / "id_ed25519.pub", directory / "authorized_keys")
-    if gpus > 0:
+    if gpus > 0 and not host_gpus:
         shutil.copy(STAND_IN_BIN / "nvidia-smi", bin_dir / "nvidia-smi")
         (bin_dir / "nvidia-smi").chmod(0o755)
         (directory / "gpus.json").write_text(json.dumps(fake_gpus(gpus), indent=2))
 
     user = getpass.getuser()
     port = free_port()
-    path = f"{bin_dir}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}"
+    inherited = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    if not host_gpus:
+        inherited = _path_without_nvidia(inherited, directory / "shadow")
+    path = f"{bin_dir}:{inherited}"
     (directory / "sshd_config").write_text(
         f"""# remotedl sandbox '{name}': a throwaway box on loopback
 Port {port}

@@ -32,7 +32,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def real_box(tmp_path_factory):
     base = tmp_path_factory.mktemp("gpu")
-    info = sandbox.up(make_env(base), name="gpubox", gpus=0)
+    info = sandbox.up(make_env(base), name="gpubox", gpus=0, host_gpus=True)
     yield Box(info, {})
     sandbox.down(make_env(base), name="gpubox")
 

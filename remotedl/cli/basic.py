@@ -184,14 +184,15 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
 
     app = App(args, env)
     if args.action == "up":
-        info = sandbox.up(env, name=args.name, gpus=args.gpus)
+        host = args.gpus == "host"
+        if not host and not str(args.gpus).isdigit():
+            raise UsageError(f"--gpus {args.gpus}: give a number of stand-in GPUs, or host")
+        info = sandbox.up(env, name=args.name, gpus=0 if host else int(args.gpus), host_gpus=host)
         if app.json:
             app.print_json(info.to_dict())
         else:
-            app.out(
-                f"sandbox '{info.name}' is up: sshd on 127.0.0.1:{info.port} as {info.user}, "
-                f"{info.gpus} stand-in GPUs"
-            )
+            gpu_text = "this machine's GPUs" if host else f"{info.gpus} stand-in GPUs"
+            app.out(f"sandbox '{info.name}' is up: sshd on 127.0.0.1:{info.port} as {info.user}, {gpu_text}")
             app.out(f"  use it:      remotedl --host {info.name} status")
             app.out(f"  plain ssh:   ssh -F {info.ssh_config} {info.name}")
             named = "" if info.name == "sandbox" else f" --name {info.name}"

@@ -22,7 +22,12 @@ def trust(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def sandbox(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--name", default="sandbox", help="host alias to register (default: sandbox)")
-    p.add_argument("--gpus", type=int, default=2, help="stand-in GPUs on the box (0: none)")
+    p.add_argument(
+        "--gpus",
+        default="2",
+        metavar="N|host",
+        help="stand-in GPUs on the box (0: a box without NVIDIA driver; host: this machine's real GPUs)",
+    )
 
 
 def push(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
