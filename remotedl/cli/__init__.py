@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("jobs", "print or follow (-f) a job's log; resumes after a dropped connection"),
     "kill": ("jobs", "stop a job: SIGINT, then SIGTERM, then SIGKILL"),
     "attach": ("jobs", "attach to a job's tmux session (interactive)"),
+    "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),
+    "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
 }
 
 

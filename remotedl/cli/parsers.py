@@ -97,3 +97,26 @@ def kill(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 def attach(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job id or name (default: the latest job)")
+
+
+def _tunnel_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--background", action="store_true", help="keep it running after this command returns")
+    p.add_argument("--open", action="store_true", help="open the Jupyter URL in a browser")
+    p.add_argument("--colab", action="store_true", help="start Jupyter ready for Colab's local runtime")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument("--supervise", action="store_true", help=argparse.SUPPRESS)  # the background child
+
+
+def tunnel(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("ports", nargs="*", metavar="PORT[:REMOTE_PORT]", help="e.g. 8888, or 8889:8888")
+    p.add_argument(
+        "--jupyter", action="store_true", help="find or start Jupyter on the box and forward to it"
+    )
+    p.add_argument("--list", action="store_true", help="list background tunnels")
+    p.add_argument("--stop", metavar="PORT|all", help="stop the background tunnel holding PORT")
+    _tunnel_common(p)
+
+
+def jupyter(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("ports", nargs="?", metavar="PORT[:REMOTE_PORT]", help="local port (default 8888)")
+    _tunnel_common(p)

@@ -1,0 +1,156 @@
+"""Find or start Jupyter on the box, for ``remotedl tunnel --jupyter`` / ``remotedl jupyter``.
+
+A server already running for the project (``jupyter server list --json`` in the project's
+environment) is reused; otherwise JupyterLab (or a plain jupyter_server when JupyterLab is
+not installed) starts in a tmux session on the box, bound to 127.0.0.1, with a random token
+passed through the environment (never on a command line that ``ps`` shows).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from remotedl.errors import RemoteError
+from remotedl.ssh import HostSpec, remote_path, run_openssh
+
+COLAB_ORIGIN = "https://colab.research.google.com"
+SESSION = "remotedl-jupyter"
+_LAST_SESSION = [False]  # whether the last look saw our tmux session alive
+
+_FIND = r"""
+cd DIR 2>/dev/null || cd "$HOME"
+J=""
+for c in ./.venv/bin/jupyter ./venv/bin/jupyter "$(command -v jupyter 2>/dev/null)"; do
+  if [ -n "$c" ] && [ -x "$c" ]; then J=$c; break; fi
+done
+if [ -z "$J" ]; then echo "@@none"; exit 0; fi
+echo "@@jupyter $J"
+echo "@@pwd $(pwd -P)"
+"$J" lab --version >/dev/null 2>&1 && echo "@@lab"
+tmux has-session -t =SESSION 2>/dev/null && echo "@@session"
+"$J" server list --json 2>/dev/null
+"""
+
+_START = r"""
+cd @DIR@ 2>/dev/null || cd "$HOME"
+mkdir -p "$HOME/.remotedl"
+tmux kill-session -t =@SESSION@ 2>/dev/null
+# Jupyter refuses root without --allow-root; a root box (cloud VMs, containers) is common.
+[ "$(id -u)" = 0 ] && ROOT=--allow-root || ROOT=
+JUPYTER_TOKEN=@TOKEN@ tmux new-session -d -s @SESSION@ -e JUPYTER_TOKEN=@TOKEN@ \
+  "exec @JUPYTER@ @APP@ --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=@PORT@ \
+   --ServerApp.port_retries=@RETRIES@ --ServerApp.root_dir=. $ROOT @EXTRA@ \
+   > \"\$HOME/.remotedl/jupyter.log\" 2>&1"
+"""
+
+
+@dataclass
+class JupyterServer:
+    port: int
+    token: str
+    root_dir: str
+    base_url: str
+    lab: bool
+    started: bool  # True when remotedl started it now
+
+    def url(self, local_port: int) -> str:
+        path = "lab" if self.lab else ""
+        return f"http://127.0.0.1:{local_port}{self.base_url}{path}?token={self.token}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _find(spec: HostSpec, remote_dir: str) -> tuple[str | None, str, bool, list[dict[str, Any]]]:
+    out = run_openssh(
+        spec, _FIND.replace("DIR", remote_path(remote_dir)).replace("SESSION", SESSION), check=False
+    ).stdout
+    _LAST_SESSION[0] = "@@session" in out.splitlines()
+    jupyter: str | None = None
+    pwd = ""
+    lab = False
+    servers = []
+    for line in out.splitlines():
+        if line.startswith("@@jupyter "):
+            jupyter = line.split(" ", 1)[1]
+        elif line.startswith("@@pwd "):
+            pwd = line.split(" ", 1)[1]
+        elif line == "@@lab":
+            lab = True
+        elif line.startswith("{"):
+            try:
+                servers.append(json.loads(line))
+            except ValueError:
+                continue
+    return jupyter, pwd, lab, servers
+
+
+def find_or_start(
+    spec: HostSpec,
+    remote_dir: str,
+    *,
+    remote_port: int | None = None,
+    colab: bool = False,
+    timeout: float = 60.0,
+) -> JupyterServer:
+    jupyter, pwd, lab, servers = _find(spec, remote_dir)
+    if jupyter is None:
+        raise RemoteError(
+            f"Jupyter is not installed on {spec.alias} (no jupyter in the project's .venv or on PATH)",
+            hint="install it there, e.g. `python3 -m pip install jupyterlab` in the project's "
+            "environment, or run `remotedl setup jupyter`",
+        )
+    if not colab:
+        ours = [s for s in servers if s.get("root_dir", s.get("notebook_dir")) == pwd] or servers
+        if remote_port is not None:
+            ours = [s for s in ours if int(s.get("port", 0)) == remote_port]
+        for s in ours:
+            return JupyterServer(
+                int(s["port"]),
+                str(s.get("token", "")),
+                str(s.get("root_dir", pwd)),
+                str(s.get("base_url", "/")),
+                lab,
+                started=False,
+            )
+    token = secrets.token_hex(24)
+    port = remote_port or 8888
+    extra = ""
+    if colab:
+        # Colab's "connect to a local runtime": its origin allowed, and exactly this port.
+        extra = f"--ServerApp.allow_origin={COLAB_ORIGIN} --ServerApp.allow_credentials=True"
+    script = (
+        _START.replace("@DIR@", remote_path(remote_dir))
+        .replace("@SESSION@", SESSION)
+        .replace("@TOKEN@", token)
+        .replace("@JUPYTER@", shlex.quote(jupyter))
+        .replace("@APP@", "lab" if lab else "server")
+        .replace("@PORT@", str(port))
+        .replace("@RETRIES@", "0" if colab or remote_port else "50")
+        .replace("@EXTRA@", extra)
+    )
+    run_openssh(spec, script)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, _, _, servers = _find(spec, remote_dir)
+        for s in servers:
+            if s.get("token") == token:
+                return JupyterServer(
+                    int(s["port"]),
+                    token,
+                    str(s.get("root_dir", pwd)),
+                    str(s.get("base_url", "/")),
+                    lab,
+                    started=True,
+                )
+        time.sleep(0.5)
+    log = run_openssh(spec, 'tail -n 5 "$HOME/.remotedl/jupyter.log" 2>/dev/null', check=False).stdout.strip()
+    raise RemoteError(
+        f"Jupyter did not start on {spec.alias}: " + (log.splitlines()[-1] if log else "no log"),
+        hint="see ~/.remotedl/jupyter.log on the box",
+    )

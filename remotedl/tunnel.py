@@ -1,0 +1,302 @@
+"""Port forwards through OpenSSH (``ssh -L``), supervised so they heal themselves.
+
+Why OpenSSH and not paramiko: on loopback, paramiko's forward_local moved 18 MB/s where
+``ssh -L`` moved about 420 MB/s. remotedl runs ``ssh -N -L`` on a connection of its own and
+watches it like autossh: keepalives notice a dead link, and a dropped connection is re-made
+with a short capped backoff, so the port works again within seconds of the box being back.
+Forwards bind 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from remotedl import proc
+from remotedl.errors import ConnectError, HostKeyError, RemotedlError, UsageError
+from remotedl.ssh import HostSpec, openssh_argv, openssh_failure
+
+BACKOFF_CAP = 3.0  # seconds: with ~1 s to connect, a box that is back is reached within 10 s
+
+
+@dataclass(frozen=True)
+class Forward:
+    local: int
+    remote: int
+
+    @classmethod
+    def parse(cls, text: str) -> Forward:
+        local, _, remote = text.partition(":")
+        try:
+            lp, rp = int(local), int(remote or local)
+        except ValueError:
+            raise UsageError(f"'{text}' is not PORT or LOCAL:REMOTE (e.g. 8888 or 8889:8888)") from None
+        for p in (lp, rp):
+            if not 0 < p < 65536:
+                raise UsageError(f"port {p} is out of range (1-65535)")
+        return cls(lp, rp)
+
+    def __str__(self) -> str:
+        return f"127.0.0.1:{self.local} -> box 127.0.0.1:{self.remote}"
+
+
+@dataclass
+class TunnelEvent:
+    kind: str  # "connected", "disconnected", "reconnecting", "refused", "error"
+    message: str
+    at: float = field(default_factory=time.time)
+
+
+# ------------------------------------------------------------------ local ports
+
+
+def _listeners_from_proc(port: int) -> list[tuple[int, str]]:
+    """(pid, command) of processes listening on TCP ``port`` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)
+            for line in f:
+                parts = line.split()
+                if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(parts[9])
+    found: list[tuple[int, str]] = []
+    if not inodes:
+        return found
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    found.append((int(pid), cmd[:80]))
+                    break
+    return found
+
+
+def port_holder(port: int) -> str | None:
+    """Who holds a local port, in words, if it can be told."""
+    if os.path.isdir("/proc/net"):
+        holders = _listeners_from_proc(port)
+        if holders:
+            return ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders)
+    if shutil_which("lsof"):
+        out = proc.run(["lsof", "-nP", f"-iTCP:{port}", "-sTCP:LISTEN"], check=False).stdout.splitlines()
+        if len(out) > 1:
+            cols = out[1].split()
+            return f"pid {cols[1]} ({cols[0]})"
+    return None
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As ssh binds: SO_REUSEADDR, so a closed connection in TIME_WAIT does not count as in use.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen(1)
+            return True
+        except OSError:
+            return False
+
+
+def suggest_port(port: int, avoid: Sequence[int] = ()) -> int | None:
+    for candidate in range(port + 1, min(port + 200, 65535)):
+        if candidate not in avoid and port_free(candidate):
+            return candidate
+    return None
+
+
+def check_local_ports(forwards: Sequence[Forward]) -> None:
+    """Fail fast, naming the holder and a free port, when a local port is taken."""
+    seen: set[int] = set()
+    for f in forwards:
+        if f.local in seen:
+            raise UsageError(f"local port {f.local} is given twice")
+        seen.add(f.local)
+        if not port_free(f.local):
+            holder = port_holder(f.local)
+            free = suggest_port(f.local, [x.local for x in forwards])
+            raise RemotedlError(
+                f"local port {f.local} is already in use" + (f" by {holder}" if holder else ""),
+                hint=(
+                    f"use another local port, e.g. `remotedl tunnel {free}:{f.remote}`"
+                    if free
+                    else "use another local port"
+                ),
+            )
+
+
+# ------------------------------------------------------------------ the tunnel
+
+_LISTENING = re.compile(r"Local forwarding listening on 127\.0\.0\.1 port (\d+)")
+_REQUESTED = re.compile(r"Connection to port (\d+) forwarding to \S+ port (\d+) requested")
+_OPEN_FAILED = re.compile(r"channel \d+: open failed: connect failed: (.*)")
+
+
+class Tunnel:
+    """``ssh -N -L`` for the forwards, restarted whenever the connection drops."""
+
+    def __init__(
+        self,
+        spec: HostSpec,
+        forwards: Sequence[Forward],
+        *,
+        on_event: Callable[[TunnelEvent], None] | None = None,
+        keepalive: int = 5,
+    ) -> None:
+        self.spec = spec
+        self.forwards = list(forwards)
+        self.on_event = on_event or (lambda e: None)
+        self.keepalive = keepalive
+        self.connected = threading.Event()
+        self.stopped = threading.Event()
+        self.process: subprocess.Popen[str] | None = None
+        self.connections = 0
+        self.reconnects = 0
+        self.fatal: RemotedlError | None = None
+
+    def argv(self) -> list[str]:
+        extra = [
+            "-N",
+            "-o", "ExitOnForwardFailure=yes",
+            "-o", f"ServerAliveInterval={self.keepalive}",
+            "-o", "ServerAliveCountMax=2",
+            "-o", "LogLevel=DEBUG1",  # how we learn that forwards listen, and which ones fail
+        ]  # fmt: skip
+        for f in self.forwards:
+            extra += ["-L", f"127.0.0.1:{f.local}:127.0.0.1:{f.remote}"]
+        return openssh_argv(self.spec, multiplex=False, extra=extra)
+
+    def bytes_moved(self) -> int | None:
+        """I/O of the ssh process (read + written, both sides), halved: a fair estimate of
+        the bytes that crossed the tunnel. None where /proc is not there."""
+        p = self.process
+        if p is None:
+            return None
+        try:
+            with open(f"/proc/{p.pid}/io") as f:
+                io = dict(line.split(": ") for line in f.read().splitlines())
+            return (int(io["rchar"]) + int(io["wchar"])) // 2
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def _read_stderr(self, p: subprocess.Popen[str], tail: list[str]) -> None:
+        assert p.stderr is not None
+        wanted = {f.local for f in self.forwards}
+        listening: set[int] = set()
+        last_remote: int | None = None
+        for line in p.stderr:
+            line = line.rstrip()
+            if not line.startswith("debug"):
+                tail.append(line)
+            m = _LISTENING.search(line)
+            if m:
+                listening.add(int(m.group(1)))
+                if listening >= wanted and not self.connected.is_set():
+                    self.connected.set()
+                    self.on_event(TunnelEvent("connected", f"connected to {self.spec.alias}"))
+                continue
+            m = _REQUESTED.search(line)
+            if m:
+                self.connections += 1
+                last_remote = int(m.group(2))
+                continue
+            m = _OPEN_FAILED.search(line)
+            if m:
+                port = f" {last_remote}" if last_remote else ""
+                self.on_event(TunnelEvent(
+                    "refused",
+                    f"nothing is listening on the box's port{port} ({m.group(1)}); the tunnel stays up",
+                ))  # fmt: skip
+
+    def _fatal_from(self, tail: list[str]) -> RemotedlError | None:
+        text = "\n".join(tail)
+        low = text.lower()
+        if "address already in use" in low or "cannot listen to port" in low:
+            return RemotedlError("a local port of the tunnel is already in use",
+                                 hint="pick another local port")  # fmt: skip
+        err = openssh_failure(self.spec, text)
+        if isinstance(err, HostKeyError) or "authentication failed" in err.message:
+            return err
+        if "cannot resolve" in err.message and not self.connections and not self.reconnects:
+            return err
+        return None
+
+    def run(self) -> None:
+        """Keep the tunnel up until ``stop()``. Raises only for errors retrying cannot fix."""
+        backoff = 0.5
+        first = True
+        while not self.stopped.is_set():
+            tail: list[str] = []
+            started = time.monotonic()
+            self.connected.clear()
+            p = proc.popen(
+                self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            )
+            self.process = p
+            reader = threading.Thread(target=self._read_stderr, args=(p, tail), daemon=True)
+            reader.start()
+            p.wait()
+            reader.join(2)
+            if self.stopped.is_set():
+                break
+            fatal = self._fatal_from(tail)
+            if fatal is not None and (first or isinstance(fatal, HostKeyError)):
+                self.fatal = fatal
+                self.on_event(TunnelEvent("error", fatal.message))
+                raise fatal
+            first = False
+            if time.monotonic() - started > 30:
+                backoff = 0.5  # it was up for a while: retry quickly
+            why = tail[-1] if tail else f"ssh exited with status {p.returncode}"
+            self.on_event(TunnelEvent("disconnected", f"connection lost ({why})"))
+            self.on_event(TunnelEvent("reconnecting", f"reconnecting in {backoff:g} s"))
+            self.reconnects += 1
+            if self.stopped.wait(backoff):
+                break
+            backoff = min(backoff * 2, BACKOFF_CAP)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        p = self.process
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def wait_connected(self, seconds: float) -> bool:
+        return self.connected.wait(seconds)
+
+
+def start_in_thread(tunnel: Tunnel) -> threading.Thread:
+    def target() -> None:
+        with contextlib.suppress(RemotedlError):
+            tunnel.run()
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t
+
+
+def raise_if_failed(tunnel: Tunnel) -> None:
+    if tunnel.fatal is not None:
+        raise tunnel.fatal
+    if not tunnel.connected.is_set():
+        raise ConnectError(f"the tunnel to {tunnel.spec.alias} did not come up")

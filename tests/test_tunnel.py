@@ -1,0 +1,258 @@
+"""Tunnels through the real sshd box: forwarding, self-healing, port errors, Jupyter.
+
+The box shares this machine's loopback, so the two ends of a forward use different ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from remotedl import sandbox
+from remotedl import tunnel as tun
+from remotedl.ssh import resolve_host
+from remotedl.waiting import free_port
+from tests.conftest import Box, cli_for, make_env, retry_until
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def echo_server():
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def echo_through(port: int, payload: bytes = b"ping") -> bytes | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+            return got
+    except OSError:
+        return None
+
+
+def spec_for(box, tmp_path):
+    return resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+
+
+def test_forward_binds_loopback_and_moves_bytes(box, tmp_path, echo_server):
+    local = free_port()
+    events = []
+    t = tun.Tunnel(spec_for(box, tmp_path), [tun.Forward(local, echo_server)], on_event=events.append)
+    th = tun.start_in_thread(t)
+    try:
+        assert t.wait_connected(15), events
+        payload = os.urandom(1 << 20)
+        assert echo_through(local, payload) == payload
+        listeners = tun._listeners_from_proc(local)
+        assert listeners and all("ssh" in cmd for _, cmd in listeners)
+        # bound to 127.0.0.1 only: the machine's other addresses do not answer
+        with open("/proc/net/tcp") as f:
+            rows = [r.split() for r in f.read().splitlines()[1:]]
+        ours = [r for r in rows if r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == local]
+        assert ours and all(r[1].startswith("0100007F:") for r in ours)
+    finally:
+        t.stop()
+        th.join(10)
+
+
+def test_tunnel_comes_back_after_connection_dies(fresh_box, tmp_path, echo_server):
+    local = free_port()
+    events = []
+    t = tun.Tunnel(spec_for(fresh_box, tmp_path), [tun.Forward(local, echo_server)], on_event=events.append)
+    th = tun.start_in_thread(t)
+    try:
+        assert t.wait_connected(15)
+        assert echo_through(local) == b"ping"
+        # The link dies (the box's sshd drops every connection, as on a network change).
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(fresh_box.info.pid)], capture_output=True, text=True
+        )
+        for pid in map(int, out.stdout.split()):
+            os.kill(pid, signal.SIGKILL)
+        assert retry_until(lambda: t.reconnects >= 1, seconds=10), events
+        t0 = time.monotonic()
+        assert retry_until(lambda: echo_through(local) == b"ping", seconds=10), events
+        assert time.monotonic() - t0 < 10
+        assert any(e.kind == "reconnecting" for e in events)
+    finally:
+        t.stop()
+        th.join(10)
+
+
+def test_port_in_use_is_refused_fast_naming_holder(cli, tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        r = cli("tunnel", f"{port}:{port + 1}")
+        elapsed = time.monotonic() - t0
+        assert r.code == 1
+        assert f"local port {port} is already in use by pid {os.getpid()}" in r.err
+        assert "remotedl tunnel " in r.err  # a free port to use instead
+        assert "Traceback" not in r.err
+        assert elapsed < 5  # generous for a loaded CI machine; typically ~50 ms
+    finally:
+        holder.close()
+
+
+def test_nothing_listening_on_box_side_keeps_tunnel_up(box, tmp_path):
+    local, remote = free_port(), free_port()
+    events = []
+    t = tun.Tunnel(spec_for(box, tmp_path), [tun.Forward(local, remote)], on_event=events.append)
+    th = tun.start_in_thread(t)
+    try:
+        assert t.wait_connected(15)
+        assert echo_through(local) in (b"", None)
+        assert retry_until(lambda: any(e.kind == "refused" for e in events), seconds=5)
+        msg = next(e.message for e in events if e.kind == "refused")
+        assert f"port {remote}" in msg
+        assert "stays up" in msg
+        # Start the service on the box: the same tunnel now reaches it.
+        srv = socketserver.ThreadingTCPServer(("127.0.0.1", remote), Echo)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            assert retry_until(lambda: echo_through(local) == b"ping", seconds=5)
+        finally:
+            srv.shutdown()
+            srv.server_close()
+        assert t.reconnects == 0
+    finally:
+        t.stop()
+        th.join(10)
+
+
+def test_background_list_and_stop(box, tmp_path, echo_server):
+    run = cli_for(box, tmp_path / "laptop")
+    local = free_port()
+    r = run("tunnel", f"{local}:{echo_server}", "--background")
+    assert r.code == 0, r.err
+    assert echo_through(local) == b"ping"
+    r = run("tunnel", "--list", "--json")
+    (rec,) = json.loads(r.out)
+    assert rec["forwards"] == [f"{local}:{echo_server}"]
+    assert rec["status"] == "connected"
+    r = run("tunnel", "--stop", str(local))
+    assert r.code == 0, r.err
+    assert retry_until(lambda: echo_through(local) is None, seconds=5)
+    assert json.loads(run("tunnel", "--list", "--json").out) == []
+    r = run("tunnel", "--stop", str(local))
+    assert r.code == 2
+
+
+def test_jupyter_through_tunnel(box, project, tmp_path):
+    run = cli_for(box, tmp_path / "laptop")
+    (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')
+    assert run("push", cwd=project).code == 0
+    local = free_port()
+    r = run("jupyter", str(local), "--background", cwd=project)
+    assert r.code == 0, r.err
+    url = r.out.strip().splitlines()[-1]
+    assert url.startswith(f"http://127.0.0.1:{local}/")
+    assert "token=" in url
+    token = url.split("token=")[1]
+    status = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{local}/api/status?token={token}", timeout=10).read()
+    )
+    assert "started" in status
+    # Without the token the server answers 403: the token is real.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{local}/api/contents", timeout=10)
+    assert e.value.code == 403
+    # The server is bound to the box's loopback and its root is the synced work tree.
+    servers = subprocess.run(
+        ["jupyter", "server", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": box.info.home},
+    ).stdout
+    mine = [json.loads(x) for x in servers.splitlines() if token in x]
+    assert mine
+    assert mine[0]["root_dir"].endswith(f"jupyter-tests/{tmp_path.name}")
+    assert mine[0]["hostname"] in ("127.0.0.1", "localhost")
+    # A second tunnel finds the running server instead of starting another.
+    local2 = free_port()
+    r2 = run("jupyter", str(local2), "--background", cwd=project)
+    assert r2.code == 0, r2.err
+    assert "found running" in r2.err
+    assert r2.out.strip().endswith(token)
+    assert run("tunnel", "--stop", "all").code == 0
+    subprocess.run(
+        ["tmux", "kill-session", "-t", "=remotedl-jupyter"],
+        check=False,
+        env={**os.environ, "TMUX_TMPDIR": str(sandbox._tmux_dir(box.dir))},
+    )
+
+
+def test_no_jupyter_on_box_says_how_to_install(tmp_path, project, monkeypatch):
+    # A box whose PATH has no jupyter (only the system's directories).
+    monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    base = tmp_path / "nojup"
+    info = sandbox.up(make_env(base), name="nojup", gpus=0)
+    monkeypatch.undo()
+    try:
+        run = cli_for(Box(info, {}), tmp_path / "laptop")
+        r = run("jupyter", str(free_port()), cwd=project)
+        assert r.code == 1
+        assert "Jupyter is not installed on nojup" in r.err
+        assert "pip install jupyterlab" in r.err
+    finally:
+        sandbox.down(make_env(base), name="nojup")
+
+
+def test_tunnel_cli_foreground_prints_and_closes(box, tmp_path, echo_server):
+    env = {
+        **os.environ,
+        **make_env(tmp_path / "laptop").environ,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "REMOTEDL_HOST": box.name,
+    }
+    local = free_port()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "remotedl", "tunnel", f"{local}:{echo_server}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert retry_until(lambda: echo_through(local) == b"ping", seconds=15)
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=15)
+    assert p.returncode == 0
+    assert f"forwarding 127.0.0.1:{local} -> box 127.0.0.1:{echo_server}" in err
+    assert retry_until(lambda: echo_through(local) is None, seconds=5)
+
+
+def test_bad_port_spec(cli):
+    r = cli("tunnel", "http")
+    assert r.code == 2
+    assert "is not PORT or LOCAL:REMOTE" in r.err
+    assert cli("tunnel", "70000").code == 2
