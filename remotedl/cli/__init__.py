@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attach": ("jobs", "attach to a job's tmux session (interactive)"),
     "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),
     "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
+    "dns": ("dns", "keep the box's DNS name on its public IP: update, check, watch"),
 }
 
 

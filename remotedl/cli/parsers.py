@@ -120,3 +120,15 @@ def tunnel(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def jupyter(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("ports", nargs="?", metavar="PORT[:REMOTE_PORT]", help="local port (default 8888)")
     _tunnel_common(p)
+
+
+def dns(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "action",
+        choices=["update", "check", "watch"],
+        help="update: change the record if it differs; check: compare only; watch: update in a loop",
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would change; send nothing")
+    p.add_argument("--force", action="store_true", help="send even if DNS is right, or after a fatal answer")
+    p.add_argument("--interval", default="5m", help="watch: time between updates (30s, 5m, 1h)")
+    p.add_argument("--runs", type=int, help=argparse.SUPPRESS)  # watch: stop after N rounds (tests)
