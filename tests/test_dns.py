@@ -114,7 +114,7 @@ def test_no_majority_updates_nothing_and_names_each_answer(bind, echo, name, tmp
 
 def test_majority_wins_and_bad_answers_are_rejected(bind, echo, name, tmp_path):
     echo.answers.update(a=IP2, b=IP2, c="10.1.2.3")
-    code, out, err = dns_cli(tmp_path, rfc2136(bind, echo, name), "update", "--json")
+    code, _out, err = dns_cli(tmp_path, rfc2136(bind, echo, name), "update", "--json")
     assert code == 0, err
     assert bind.lookup(name) == [IP2]
     echo.answers.update(a="10.1.2.3", b="127.0.0.1", c="<html>")
@@ -293,7 +293,7 @@ def pw(tmp_path, dyn) -> Path:
 
 def test_dyndns2_good_then_nothing_sent(dyn, bind, echo, name, tmp_path):
     table = dyn_table(dyn, bind, echo, name, pw(tmp_path, dyn))
-    code, out, err = dns_cli(tmp_path, table, "update")
+    code, _out, err = dns_cli(tmp_path, table, "update")
     assert code == 0, err
     assert bind.lookup(name) == [IP1]
     sent = [r for r in dyn.http.requests if r.path == "/nic/update"]

@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),
     "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
     "dns": ("dns", "keep the box's DNS name on its public IP: update, check, watch"),
+    "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check)"),
+    "doctor": ("setup", "check the whole chain, laptop to GPUs, and say how to fix what fails"),
 }
 
 

@@ -132,3 +132,15 @@ def dns(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="send even if DNS is right, or after a fatal answer")
     p.add_argument("--interval", default="5m", help="watch: time between updates (30s, 5m, 1h)")
     p.add_argument("--runs", type=int, help=argparse.SUPPRESS)  # watch: stop after N rounds (tests)
+
+
+def setup(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("playbooks", nargs="*", metavar="PLAYBOOK", help="names or .yaml paths (default: base)")
+    p.add_argument("--check", action="store_true", help="dry run: report what would change, change nothing")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a playbook variable")
+    p.add_argument("--list", action="store_true", help="list the available playbooks")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
+def doctor(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")

@@ -1,0 +1,115 @@
+"""setup, doctor."""
+
+from __future__ import annotations
+
+import argparse
+
+from remotedl.cli.app import App
+from remotedl.cli.sync import remote_dir
+from remotedl.env import Environment
+from remotedl.errors import ExitCode, UsageError
+
+MARK = {
+    "ok": "ok",
+    "changed": "changed",
+    "would-change": "would change",
+    "failed": "FAILED",
+    "skipped": "skipped",
+}
+
+
+def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
+    from rich.markup import escape
+
+    from remotedl import playbooks as pb
+    from remotedl.ssh import open_box
+
+    app = App(args, env)
+    root = app.settings.project.root
+    if args.list:
+        seen = {}
+        for d in (root / "playbooks", pb.shipped_dir()):
+            for f in sorted(d.glob("*.y*ml")) if d.is_dir() else []:
+                if f.stem not in seen:
+                    seen[f.stem] = pb.load(f)
+        if app.json:
+            app.print_json(
+                [{"name": n, "path": str(b.path), "description": b.description} for n, b in seen.items()]
+            )
+        for n, b in seen.items():
+            if not app.json:
+                app.out(f"{n:<15} {b.description.strip()}  ({b.path})")
+        return ExitCode.OK
+    books = [pb.load(pb.find(name, root)) for name in (args.playbooks or ["base"])]
+    variables = {str(k): str(v) for k, v in app.settings.table("playbook_vars").items()}
+    for pair in args.var:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--var {pair!r}: use NAME=VALUE")
+        variables[key] = value
+    pb.check_vars(variables)
+    spec = app.spec()
+    results = []
+    with open_box(spec) as box:
+        facts = box.run('echo "$HOME"; id -un').stdout.split("\n")
+        home, user = facts[0], facts[1]
+        rdir = remote_dir(app)
+        rdir = home + rdir[1:] if rdir.startswith("~") else rdir
+        builtins = {"home": home, "user": user, "remote_dir": rdir, "project": app.settings.project.name}
+        for book in books:
+            if not app.json:
+                app.console.print(
+                    f"[bold]playbook {book.name}[/bold]" + (" (check: nothing changes)" if args.check else "")
+                )
+
+            def show(r: pb.StepResult) -> None:
+                if app.json:
+                    return
+                style = {"failed": "red", "changed": "yellow", "would-change": "yellow"}.get(r.status, "")
+                mark = f"[{style}]{MARK[r.status]:<12}[/{style}]" if style else f"{MARK[r.status]:<12}"
+                app.console.print(f"  {mark} {escape(r.name)}", highlight=False)
+                if r.output:
+                    for line in r.output.splitlines()[-20:]:
+                        app.console.print(f"               {line}", markup=False, highlight=False)
+
+            result = pb.run_playbook(
+                box,
+                book,
+                {**builtins, **variables},
+                check_only=args.check,
+                prove=pb.login_prover(box),
+                on_step=show,
+            )
+            results.append(result)
+            if not app.json:
+                app.out(
+                    f"  {result.count('ok')} ok, {result.count('changed')} changed, "
+                    f"{result.count('would-change')} would change, {result.count('failed')} failed, "
+                    f"{result.count('skipped')} skipped"
+                )
+            if result.failed:
+                break
+    if app.json:
+        app.print_json([r.to_dict() for r in results])
+    return ExitCode.ERROR if any(r.failed for r in results) else ExitCode.OK
+
+
+def cmd_doctor(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl import doctor
+
+    app = App(args, env)
+    report = doctor.run_checks(
+        app.env, app.settings, app.host_alias(), spec_factory=app.spec, remote_dir=remote_dir(app)
+    )
+    if app.json:
+        app.print_json(report.to_dict())
+    else:
+        for c in report.checks:
+            style = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "dim"}[c.status]
+            app.console.print(
+                f"[{style}]{c.status.upper():<5}[/{style}] {c.where:<6} {c.name}: {c.detail}", highlight=False
+            )
+            if c.fix and c.status in ("warn", "fail"):
+                app.console.print(f"              fix: {c.fix}", markup=False, highlight=False)
+        app.out(f"{report.count('ok')} ok, {report.count('warn')} warnings, {report.count('fail')} failed")
+    return ExitCode.ERROR if report.count("fail") else ExitCode.OK

@@ -1,0 +1,252 @@
+"""``remotedl doctor``: check the whole chain, from the laptop's ssh config to the GPUs a
+framework sees on the box, and say how to fix each failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from remotedl.config import Settings
+from remotedl.env import Environment
+from remotedl.errors import RemotedlError
+from remotedl.ssh import HostSpec
+
+
+@dataclass
+class Check:
+    where: str  # "laptop" or "box"
+    name: str
+    status: str  # ok, warn, fail, skip
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class DoctorReport:
+    host: str
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, where: str, name: str, status: str, detail: str, fix: str = "") -> Check:
+        c = Check(where, name, status, detail, fix)
+        self.checks.append(c)
+        return c
+
+    def count(self, status: str) -> int:
+        return sum(1 for c in self.checks if c.status == status)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.count("fail") == 0}
+
+
+_PROBE = """
+import json, importlib.util
+out = {}
+if importlib.util.find_spec("torch"):
+    try:
+        import torch
+        out["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
+                        "available": torch.cuda.is_available(), "count": torch.cuda.device_count()}
+    except Exception as e:
+        out["torch"] = {"error": str(e)[:200]}
+if importlib.util.find_spec("tensorflow"):
+    try:
+        import tensorflow as tf
+        out["tensorflow"] = {"version": tf.__version__, "count": len(tf.config.list_physical_devices("GPU"))}
+    except Exception as e:
+        out["tensorflow"] = {"error": str(e)[:200]}
+print("@@frameworks " + json.dumps(out))
+"""
+
+_FRAMEWORKS = r"""
+cd DIR 2>/dev/null || cd "$HOME"
+echo "@@cuda $(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | head -n 1 | cut -d' ' -f3)"
+PY=python3
+for c in ./.venv/bin/python ./venv/bin/python; do [ -x "$c" ] && PY=$c && break; done
+echo "@@python $PY"
+"$PY" -c PROBE
+"""
+
+
+def _laptop(report: DoctorReport, env: Environment, spec: HostSpec, settings: Settings) -> None:
+    src = spec.sources
+    if src.get("ssh_config", "").startswith("registered box"):
+        report.add("laptop", "ssh config", "ok", f"{spec.alias} is a registered box ({spec.ssh_config})")
+    elif all(src.get(k) == "default" for k in ("hostname", "user", "port")):
+        report.add(
+            "laptop",
+            "ssh config",
+            "warn",
+            f"no Host entry for '{spec.alias}' in {spec.ssh_config or '~/.ssh/config'}",
+            "add one (see sshconfig.example): HostName, User, IdentityFile, ServerAliveInterval",
+        )
+    else:
+        via = f" via {spec.proxy_jump}" if spec.proxy_jump else ""
+        report.add(
+            "laptop", "ssh config", "ok", f"{spec.alias} -> {spec.user}@{spec.hostname}:{spec.port}{via}"
+        )
+    keys = [k for k in spec.identity_files if os.path.isfile(k)]
+    loose = [k for k in keys if os.stat(k).st_mode & (stat.S_IRWXG | stat.S_IRWXO)]
+    if loose:
+        report.add(
+            "laptop",
+            "key",
+            "fail",
+            f"{', '.join(loose)} can be read by others: ssh will refuse it",
+            f"chmod 600 {' '.join(loose)}",
+        )
+    elif keys:
+        report.add("laptop", "key", "ok", ", ".join(keys))
+    agent_keys = 0
+    if env.environ.get("SSH_AUTH_SOCK"):
+        r = subprocess.run(
+            ["ssh-add", "-l"], capture_output=True, text=True, env=dict(env.environ), check=False
+        )
+        agent_keys = len(r.stdout.splitlines()) if r.returncode == 0 else 0
+        if agent_keys:
+            report.add("laptop", "ssh agent", "ok", f"{agent_keys} keys loaded")
+        else:
+            report.add("laptop", "ssh agent", "warn", "running, with no keys", "ssh-add ~/.ssh/YOUR_KEY")
+    else:
+        report.add(
+            "laptop", "ssh agent", "skip", "no agent (SSH_AUTH_SOCK unset); key files are used directly"
+        )
+    if not keys and not agent_keys:
+        report.add(
+            "laptop",
+            "key",
+            "fail",
+            "no private key file found and no agent keys",
+            "ssh-keygen -t ed25519, then ssh-copy-id the public key to the box",
+        )
+    try:
+        infos = socket.getaddrinfo(spec.hostname, spec.port, proto=socket.IPPROTO_TCP)
+        addrs = sorted({str(a[4][0]) for a in infos})
+        report.add("laptop", "host name", "ok", f"{spec.hostname} resolves to {', '.join(addrs)}")
+    except socket.gaierror:
+        report.add(
+            "laptop",
+            "host name",
+            "fail",
+            f"{spec.hostname} does not resolve",
+            "check HostName in the ssh config, or the dynamic DNS (`remotedl dns check`)",
+        )
+    _dns(report, env, settings)
+
+
+def _dns(report: DoctorReport, env: Environment, settings: Settings) -> None:
+    if not settings.table("dns"):
+        report.add("laptop", "dynamic DNS", "skip", "no [dns] configuration")
+        return
+    from remotedl.ddns import settings as dset
+    from remotedl.ddns import update as dupd
+
+    try:
+        rep = dupd.check(dset.parse(settings.table("dns")), env.environ)
+    except RemotedlError as e:
+        report.add("laptop", "dynamic DNS", "warn", e.message, e.hint or "")
+        return
+    bad = [f for f in rep.families if f.action != "unchanged"]
+    if bad:
+        detail = "; ".join(
+            f"{f.record} serves {', '.join(f.served) or 'nothing'}, public IP is {f.detected}" for f in bad
+        )
+        report.add("laptop", "dynamic DNS", "fail", detail, "remotedl dns update (on the box)")
+    else:
+        report.add("laptop", "dynamic DNS", "ok", f"{rep.name} serves the public address")
+
+
+def run_checks(
+    env: Environment, settings: Settings, alias: str, *, spec_factory: Callable[[], HostSpec], remote_dir: str
+) -> DoctorReport:
+    import shlex
+
+    from remotedl.ssh import open_box, remote_path
+    from remotedl.status import box_status
+
+    report = DoctorReport(alias)
+    try:
+        spec = spec_factory()
+    except RemotedlError as e:
+        report.add("laptop", "ssh config", "fail", e.message, e.hint or "")
+        return report
+    _laptop(report, env, spec, settings)
+    try:
+        with open_box(spec) as box:
+            _ = box.conn  # connect now, to report reachability on its own
+            report.add(
+                "box", "reachable", "ok", f"logged in as {spec.user}; the host key matches known_hosts"
+            )
+            st = box_status(box, remote_dir)
+            script = _FRAMEWORKS.replace("DIR", remote_path(remote_dir)).replace("PROBE", shlex.quote(_PROBE))
+            fw_out = box.run(script, check=False).stdout
+    except RemotedlError as e:
+        name = "host key" if "host key" in e.message else "reachable"
+        report.add("box", name, "fail", e.message, e.hint or "")
+        return report
+    missing = [t for t in ("git", "rsync", "tmux", "python3") if not st.tools.get(t)]
+    if missing:
+        report.add("box", "tools", "fail", f"missing: {', '.join(missing)}", "remotedl setup base")
+    else:
+        report.add("box", "tools", "ok", "git, rsync, tmux, python3")
+    if st.disk:
+        gib = st.disk.free_bytes / 2**30
+        low = gib < 5
+        report.add(
+            "box",
+            "disk",
+            "warn" if low else "ok",
+            f"{gib:.1f} GiB free at {st.disk.path}",
+            "free some space: checkpoints and datasets fill disks" if low else "",
+        )
+    if st.nvidia_error:
+        report.add(
+            "box",
+            "NVIDIA driver",
+            "warn",
+            st.nvidia_error,
+            "install the NVIDIA driver (and reboot) if this box has a GPU; jobs run on the CPU meanwhile",
+        )
+        return report
+    report.add("box", "NVIDIA driver", "ok", f"driver {st.driver_version}")
+    if st.gpus:
+        report.add("box", "GPUs", "ok", ", ".join(f"{g.index}: {g.name}" for g in st.gpus))
+    else:
+        report.add("box", "GPUs", "fail", "nvidia-smi lists none", "check `nvidia-smi` and dmesg on the box")
+    marks: dict[str, str] = {}
+    for line in fw_out.splitlines():
+        if line.startswith("@@"):
+            key, _, value = line[2:].partition(" ")
+            marks[key] = value.strip()
+    cuda = marks.get("cuda", "")
+    report.add(
+        "box", "CUDA", "ok" if cuda else "warn", f"the driver supports CUDA {cuda}" if cuda else "unknown"
+    )
+    try:
+        fws = json.loads(marks.get("frameworks") or "{}")
+    except ValueError:
+        fws = {}
+    py = marks.get("python", "python3")
+    if not fws:
+        report.add("box", "frameworks", "skip", f"neither torch nor tensorflow in {py}")
+    for name, info in fws.items():
+        if "error" in info:
+            report.add("box", name, "fail", f"import failed: {info['error']}", f"reinstall {name} for {py}")
+            continue
+        seen = int(info.get("count") or 0)
+        if seen == 0:
+            report.add(
+                "box",
+                name,
+                "fail",
+                f"{name} {info.get('version')} sees no GPU ({py})",
+                f"a CPU-only build? install {name}'s CUDA build (the driver supports CUDA {cuda or '?'})",
+            )
+        else:
+            report.add("box", name, "ok", f"{name} {info.get('version')} sees {seen} GPU(s) ({py})")
+    return report
