@@ -125,3 +125,24 @@ def test_foreign_gpu_process_is_seen_and_respected(real_box, project, tmp_path):
     finally:
         hold.kill()
         time.sleep(0.5)
+
+
+def test_doctor_sees_the_gpu_through_torch(real_box, project, tmp_path):
+    run = cli_for(real_box, tmp_path / "laptop")
+    assert run("push", cwd=project).code == 0
+    r = run("doctor", "--json", cwd=project)
+    rep = json.loads(r.out)
+    by = {(c["where"], c["name"]): c for c in rep["checks"]}
+    print("DOCTOR", json.dumps(rep["checks"], indent=1))
+    assert by[("box", "NVIDIA driver")]["status"] == "ok"
+    assert by[("box", "CUDA")]["status"] == "ok"
+    assert by[("box", "torch")]["status"] == "ok", by
+    assert "sees 1 GPU" in by[("box", "torch")]["detail"]
+    r = run("setup", "gpu-check", "--json", cwd=project)
+    steps = {s["name"]: s for s in json.loads(r.out)[0]["steps"]}
+    print("GPU-CHECK", json.dumps(steps, indent=1))
+    assert steps["NVIDIA driver"]["status"] == "ok"
+    assert (
+        "NVIDIA H" in steps["GPUs visible to nvidia-smi"]["output"]
+        or "GPU 0:" in steps["GPUs visible to nvidia-smi"]["output"]
+    )
