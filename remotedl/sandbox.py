@@ -23,6 +23,7 @@ from remotedl.env import Environment
 from remotedl.errors import RemotedlError, UsageError
 from remotedl.ssh import BOXES_DIR
 from remotedl.waiting import free_port, port_answers, retry_until
+from remotedl.waiting import pid_alive as _alive
 
 STAND_IN_BIN = Path(__file__).parent / "sandbox_bin"
 
@@ -93,16 +94,6 @@ def _read_info(directory: Path) -> SandboxInfo | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def status(env: Environment, name: str = "sandbox") -> SandboxInfo | None:
     info = _read_info(sandbox_dir(env, name))
     if info is None or not _alive(info.pid):
@@ -150,34 +141,21 @@ def up(env: Environment, *, name: str = "sandbox", gpus: int = 2, host_gpus: boo
     bin_dir.mkdir()
     tmux_dir.mkdir(mode=0o700, exist_ok=True)
 
-    proc.run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            f"remotedl-{name}-host",
-            "-f",
-            directory / "host_key",
-        ]
-    )
-    proc.run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            f"remotedl-{name}-client",
-            "-f",
-            directory / "id_ed25519",
-        ]
-    )
+    for role, key in (("host", "host_key"), ("client", "id_ed25519")):
+        proc.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"remotedl-{name}-{role}",
+                "-f",
+                directory / key,
+            ]
+        )
     shutil.copy(directory / "id_ed25519.pub", directory / "authorized_keys")
     if gpus > 0 and not host_gpus:
         shutil.copy(STAND_IN_BIN / "nvidia-smi", bin_dir / "nvidia-smi")

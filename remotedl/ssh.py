@@ -356,6 +356,13 @@ def trust_host(spec: HostSpec, *, replace: bool = False) -> TrustResult:
 # ---------------------------------------------------------------- paramiko / fabric
 
 
+def _refused(spec: HostSpec) -> ConnectError:
+    return ConnectError(
+        f"connection refused by {spec.hostname}:{spec.port} (host {spec.alias})",
+        hint="is sshd running on the box, and is the Port right in your ssh config?",
+    )
+
+
 def _open_socket(spec: HostSpec) -> socket.socket:
     try:
         return socket.create_connection((spec.hostname, spec.port), timeout=spec.connect_timeout)
@@ -365,10 +372,7 @@ def _open_socket(spec: HostSpec) -> socket.socket:
             hint="check the HostName in your ssh config, or the DNS name (`remotedl dns check`)",
         ) from e
     except ConnectionRefusedError as e:
-        raise ConnectError(
-            f"connection refused by {spec.hostname}:{spec.port} (host {spec.alias})",
-            hint="is sshd running on the box, and is the Port right in your ssh config?",
-        ) from e
+        raise _refused(spec) from e
     except TimeoutError as e:
         raise ConnectError(
             f"timed out after {spec.connect_timeout:g} s connecting to "
@@ -431,10 +435,7 @@ def connect(spec: HostSpec) -> Connection:
             "the box with `ssh-copy-id`",
         ) from e
     except paramiko.ssh_exception.NoValidConnectionsError as e:
-        raise ConnectError(
-            f"connection refused by {spec.hostname}:{spec.port} (host {spec.alias})",
-            hint="is sshd running on the box, and is the Port right in your ssh config?",
-        ) from e
+        raise _refused(spec) from e
     except TimeoutError as e:
         raise ConnectError(
             f"timed out talking to {spec.display}", hint="is the box overloaded or the link down?"
@@ -634,10 +635,7 @@ def openssh_failure(spec: HostSpec, stderr: str) -> ConnectError:
     if "could not resolve hostname" in low:
         return ConnectError(f"cannot resolve host name '{spec.hostname}' (host {spec.alias})")
     if "connection refused" in low:
-        return ConnectError(
-            f"connection refused by {spec.hostname}:{spec.port} (host {spec.alias})",
-            hint="is sshd running on the box, and is the Port right in your ssh config?",
-        )
+        return _refused(spec)
     if "timed out" in low:
         return ConnectError(f"timed out connecting to {spec.display}")
     return ConnectError(f"ssh to {spec.display} failed: {last}")

@@ -143,7 +143,10 @@ def check_local_ports(forwards: Sequence[Forward]) -> None:
 
 # ------------------------------------------------------------------ the tunnel
 
+# ssh prints "listening on" *before* bind() and listen(); the port takes connections once the
+# listener channel is made ("channel N: new ... [port listener]").
 _LISTENING = re.compile(r"Local forwarding listening on 127\.0\.0\.1 port (\d+)")
+_LISTENER_READY = re.compile(r"channel \d+: new .*\[port listener\]")
 _REQUESTED = re.compile(r"Connection to port (\d+) forwarding to \S+ port (\d+) requested")
 _OPEN_FAILED = re.compile(r"channel \d+: open failed: connect failed: (.*)")
 
@@ -199,6 +202,7 @@ class Tunnel:
         assert p.stderr is not None
         wanted = {f.local for f in self.forwards}
         listening: set[int] = set()
+        announced: int | None = None
         last_remote: int | None = None
         for line in p.stderr:
             line = line.rstrip()
@@ -206,7 +210,11 @@ class Tunnel:
                 tail.append(line)
             m = _LISTENING.search(line)
             if m:
-                listening.add(int(m.group(1)))
+                announced = int(m.group(1))
+                continue
+            if announced is not None and _LISTENER_READY.search(line):
+                listening.add(announced)
+                announced = None
                 if listening >= wanted and not self.connected.is_set():
                     self.connected.set()
                     self.on_event(TunnelEvent("connected", f"connected to {self.spec.alias}"))

@@ -42,14 +42,25 @@ def echo_server():
     srv.server_close()
 
 
-def echo_through(port: int, payload: bytes = b"ping") -> bytes | None:
+def echo_through(port: int, payload: bytes = b"ping", timeout: float = 10) -> bytes | None:
+    """Send payload through the port and read the echo, sending and reading at once (a large
+    payload sent whole before reading would stall on full buffers)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+
+            def send() -> None:
+                try:
+                    s.sendall(payload)
+                    s.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
             got = b""
             while chunk := s.recv(65536):
                 got += chunk
+            sender.join(timeout)
             return got
     except OSError:
         return None
@@ -96,7 +107,7 @@ def test_tunnel_comes_back_after_connection_dies(fresh_box, tmp_path, echo_serve
             os.kill(pid, signal.SIGKILL)
         assert retry_until(lambda: t.reconnects >= 1, seconds=10), events
         t0 = time.monotonic()
-        assert retry_until(lambda: echo_through(local) == b"ping", seconds=10), events
+        assert retry_until(lambda: echo_through(local, timeout=3) == b"ping", seconds=10), events
         assert time.monotonic() - t0 < 10
         assert any(e.kind == "reconnecting" for e in events)
     finally:
@@ -123,14 +134,17 @@ def test_port_in_use_is_refused_fast_naming_holder(cli, tmp_path):
 
 
 def test_nothing_listening_on_box_side_keeps_tunnel_up(box, tmp_path):
-    local, remote = free_port(), free_port()
+    local = free_port()
+    # The box shares this loopback: the two ends must differ, or the tunnel forwards to itself.
+    remote = retry_until(lambda: p if (p := free_port()) != local else None, seconds=5)
+    assert remote
     events = []
     t = tun.Tunnel(spec_for(box, tmp_path), [tun.Forward(local, remote)], on_event=events.append)
     th = tun.start_in_thread(t)
     try:
         assert t.wait_connected(15)
-        assert echo_through(local) in (b"", None)
-        assert retry_until(lambda: any(e.kind == "refused" for e in events), seconds=5)
+        assert echo_through(local, timeout=2) in (b"", None)
+        assert retry_until(lambda: any(e.kind == "refused" for e in events), seconds=15), events
         msg = next(e.message for e in events if e.kind == "refused")
         assert f"port {remote}" in msg
         assert "stays up" in msg
@@ -138,7 +152,7 @@ def test_nothing_listening_on_box_side_keeps_tunnel_up(box, tmp_path):
         srv = socketserver.ThreadingTCPServer(("127.0.0.1", remote), Echo)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         try:
-            assert retry_until(lambda: echo_through(local) == b"ping", seconds=5)
+            assert retry_until(lambda: echo_through(local) == b"ping", seconds=15)
         finally:
             srv.shutdown()
             srv.server_close()
@@ -160,7 +174,7 @@ def test_background_list_and_stop(box, tmp_path, echo_server):
     assert rec["status"] == "connected"
     r = run("tunnel", "--stop", str(local))
     assert r.code == 0, r.err
-    assert retry_until(lambda: echo_through(local) is None, seconds=5)
+    assert retry_until(lambda: echo_through(local, timeout=1) is None, seconds=5)
     assert json.loads(run("tunnel", "--list", "--json").out) == []
     r = run("tunnel", "--stop", str(local))
     assert r.code == 2
@@ -248,7 +262,7 @@ def test_tunnel_cli_foreground_prints_and_closes(box, tmp_path, echo_server):
         _, err = p.communicate(timeout=15)
     assert p.returncode == 0
     assert f"forwarding 127.0.0.1:{local} -> box 127.0.0.1:{echo_server}" in err
-    assert retry_until(lambda: echo_through(local) is None, seconds=5)
+    assert retry_until(lambda: echo_through(local, timeout=1) is None, seconds=5)
 
 
 def test_bad_port_spec(cli):

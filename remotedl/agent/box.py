@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from remotedl import gpus as gpumod
+from remotedl.waiting import pid_alive as _alive
 
 ACTIVE = ("queued", "running")
 ENDED = ("exited", "killed", "lost", "failed")
@@ -95,18 +96,6 @@ def all_records() -> list[dict[str, Any]]:
 
 def session_name(job_id: int) -> str:
     return f"remotedl-{job_id}"
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def _tmux_sessions() -> set[str]:

@@ -53,6 +53,7 @@ def build_agent() -> Agent:
         ("__main__.py", pkg / "agent" / "__main__.py"),
         ("remotedl/__init__.py", pkg / "agent" / "__init__.py"),
         ("remotedl/gpus.py", pkg / "gpus.py"),
+        ("remotedl/waiting.py", pkg / "waiting.py"),
         ("remotedl/agent/__init__.py", pkg / "agent" / "__init__.py"),
         ("remotedl/agent/box.py", pkg / "agent" / "box.py"),
     ]

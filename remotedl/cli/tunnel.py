@@ -18,22 +18,13 @@ from remotedl.cli.basic import _size
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, RemotedlError, UsageError
+from remotedl.waiting import pid_alive as _alive
 
 
 def _tunnels_dir(env: Environment) -> Path:
     d = env.state_dir / "tunnels"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def _records(env: Environment) -> list[dict[str, Any]]:
