@@ -367,6 +367,12 @@ def _open_socket(spec: HostSpec) -> socket.socket:
     try:
         return socket.create_connection((spec.hostname, spec.port), timeout=spec.connect_timeout)
     except socket.gaierror as e:
+        if spec.sources.get("hostname") == "default":
+            raise ConnectError(
+                f"unknown host '{spec.alias}': no Host entry for it in "
+                f"{spec.ssh_config or '~/.ssh/config'}, and it does not resolve as a host name",
+                hint="add a Host entry (see sshconfig.example), or check the spelling",
+            ) from e
         raise ConnectError(
             f"cannot resolve host name '{spec.hostname}' (host {spec.alias})",
             hint="check the HostName in your ssh config, or the DNS name (`remotedl dns check`)",

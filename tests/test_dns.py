@@ -124,6 +124,13 @@ def test_majority_wins_and_bad_answers_are_rejected(bind, echo, name, tmp_path):
     assert "not an IP address" in err
 
 
+def test_command_sources(bind, echo, name, tmp_path):
+    table = rfc2136(bind, echo, name, ip_sources=[f"cmd:echo {IP3}", f"cmd:printf {IP3}", f"{echo.url}/a"])
+    code, _, err = dns_cli(tmp_path, table, "update")
+    assert code == 0, err
+    assert bind.lookup(name) == [IP3]  # two of three sources agree
+
+
 def test_record_changed_behind_our_back_is_fixed(bind, echo, name, tmp_path):
     assert dns_cli(tmp_path, rfc2136(bind, echo, name), "update")[0] == 0
     bind.set(name, "A", IP3)  # someone else changed it

@@ -325,3 +325,32 @@ def test_malformed_ssh_config_names_the_line(tmp_path, box):
     assert code == 3
     assert "line 3: Bad configuration option: bogus" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root for a private network namespace (no DNS server reachable)",
+)
+def test_unknown_alias_says_so(tmp_path, box):
+    cfg = write_config(tmp_path / "cfg", box)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "s"), "HOME": str(tmp_path)}
+    out = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            sys.executable,
+            "-m",
+            "remotedl",
+            "--host",
+            "gpubxo",
+            "--ssh-config",
+            str(cfg),
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 4, out.stderr
+    assert "unknown host 'gpubxo': no Host entry for it" in out.stderr

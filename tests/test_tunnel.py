@@ -224,6 +224,33 @@ def test_jupyter_through_tunnel(box, project, tmp_path):
     )
 
 
+def test_colab_runtime_allows_colab_origin(box, project, tmp_path):
+    run = cli_for(box, tmp_path / "laptop")
+    (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')
+    assert run("push", cwd=project).code == 0
+    local, remote = free_port(), free_port()
+    r = run("jupyter", f"{local}:{remote}", "--colab", "--background", cwd=project)
+    try:
+        assert r.code == 0, r.err
+        token = r.out.strip().split("token=")[1]
+        # Colab's page calls the runtime from its own origin: the CORS preflight must allow it.
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{local}/api/status?token={token}",
+            method="OPTIONS",
+            headers={"Origin": "https://colab.research.google.com", "Access-Control-Request-Method": "GET"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.headers["Access-Control-Allow-Origin"] == "https://colab.research.google.com"
+        assert f"remote {remote}" in r.err or str(remote) in r.err  # exactly the port asked for
+    finally:
+        run("tunnel", "--stop", "all")
+        subprocess.run(
+            ["tmux", "kill-session", "-t", "=remotedl-jupyter"],
+            check=False,
+            env={**os.environ, "TMUX_TMPDIR": str(sandbox._tmux_dir(box.dir))},
+        )
+
+
 def test_no_jupyter_on_box_says_how_to_install(tmp_path, project, monkeypatch):
     # A box whose PATH has no jupyter (only the system's directories).
     monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
