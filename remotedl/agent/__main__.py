@@ -2,19 +2,19 @@ import json
 import sys
 
 if sys.version_info < (3, 10):  # libtmux, shipped with the agent, needs 3.10
+    major, minor = sys.version_info[:2]
     print(
         json.dumps(
             {
                 "ok": False,
                 "kind": "usage",
-                "error": "the box's python is %d.%d; remotedl's box side needs Python 3.10 or newer"
-                % sys.version_info[:2],
-                "hint": 'install a newer python3 there and set python = "/path/to/python3.x" in remotedl.toml',
+                "error": f"the box's python is {major}.{minor}; remotedl's box side needs 3.10 or newer",
+                "hint": "install a newer python3 there and set python = PATH in remotedl.toml",
             }
         )
     )
     sys.exit(3)
 
-from remotedl.agent.box import main  # noqa: E402 - after the version gate
+from remotedl.agent.box import main
 
 sys.exit(main(sys.argv[1:]))
