@@ -67,7 +67,9 @@ class App:
     def console(self) -> Console:
         from rich.console import Console
 
-        return Console(file=self.env.stdout, highlight=False, soft_wrap=True)
+        # Piped output is read by programs and pagers: no wrapping at rich's default 80 columns.
+        width = None if self.env.stdout_isatty else 200
+        return Console(file=self.env.stdout, highlight=False, soft_wrap=True, width=width)
 
     @cached_property
     def err_console(self) -> Console:
