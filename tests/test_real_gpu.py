@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -124,7 +123,7 @@ def test_foreign_gpu_process_is_seen_and_respected(real_box, project, tmp_path):
         assert f"GPU 0 is used by process {hold.pid}" in r.err
     finally:
         hold.kill()
-        time.sleep(0.5)
+        hold.wait(10)
 
 
 def test_doctor_sees_the_gpu_through_torch(real_box, project, tmp_path):
