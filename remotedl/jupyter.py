@@ -20,7 +20,6 @@ from remotedl.ssh import HostSpec, remote_path, run_openssh
 
 COLAB_ORIGIN = "https://colab.research.google.com"
 SESSION = "remotedl-jupyter"
-_LAST_SESSION = [False]  # whether the last look saw our tmux session alive
 
 _FIND = r"""
 cd DIR 2>/dev/null || cd "$HOME"
@@ -66,28 +65,37 @@ class JupyterServer:
         return asdict(self)
 
 
-def _find(spec: HostSpec, remote_dir: str) -> tuple[str | None, str, bool, list[dict[str, Any]]]:
-    out = run_openssh(
-        spec, _FIND.replace("DIR", remote_path(remote_dir)).replace("SESSION", SESSION), check=False
-    ).stdout
-    _LAST_SESSION[0] = "@@session" in out.splitlines()
-    jupyter: str | None = None
-    pwd = ""
-    lab = False
-    servers = []
+@dataclass
+class _Look:
+    """One look at the box: the jupyter command, the work tree, whether JupyterLab is there,
+    the servers running, and whether our tmux session is alive."""
+
+    jupyter: str | None
+    pwd: str
+    lab: bool
+    servers: list[dict[str, Any]]
+    session: bool
+
+
+def _find(spec: HostSpec, remote_dir: str) -> _Look:
+    script = _FIND.replace("DIR", remote_path(remote_dir)).replace("SESSION", SESSION)
+    out = run_openssh(spec, script, check=False).stdout
+    look = _Look(None, "", False, [], False)
     for line in out.splitlines():
         if line.startswith("@@jupyter "):
-            jupyter = line.split(" ", 1)[1]
+            look.jupyter = line.split(" ", 1)[1]
         elif line.startswith("@@pwd "):
-            pwd = line.split(" ", 1)[1]
+            look.pwd = line.split(" ", 1)[1]
         elif line == "@@lab":
-            lab = True
+            look.lab = True
+        elif line == "@@session":
+            look.session = True
         elif line.startswith("{"):
             try:
-                servers.append(json.loads(line))
+                look.servers.append(json.loads(line))
             except ValueError:
                 continue
-    return jupyter, pwd, lab, servers
+    return look
 
 
 def find_or_start(
@@ -98,7 +106,8 @@ def find_or_start(
     colab: bool = False,
     timeout: float = 60.0,
 ) -> JupyterServer:
-    jupyter, pwd, lab, servers = _find(spec, remote_dir)
+    look = _find(spec, remote_dir)
+    jupyter, pwd, lab, servers = look.jupyter, look.pwd, look.lab, look.servers
     if jupyter is None:
         raise RemoteError(
             f"Jupyter is not installed on {spec.alias} (no jupyter in the project's .venv or on PATH)",
@@ -137,8 +146,8 @@ def find_or_start(
     run_openssh(spec, script)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _, _, _, servers = _find(spec, remote_dir)
-        for s in servers:
+        look = _find(spec, remote_dir)
+        for s in look.servers:
             if s.get("token") == token:
                 return JupyterServer(
                     int(s["port"]),

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remotedl.errors import ConfigError, RemotedlError, UsageError
+from remotedl.errors import ConfigError, UsageError
 from remotedl.ssh import Box
 
 STEP_KEYS = {"name", "when", "check", "run", "sudo", "report", "prove_login", "commit", "rollback"}
@@ -350,7 +350,3 @@ def check_vars(values: Mapping[str, str]) -> None:
     for k in values:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise UsageError(f"variable name '{k}' is not valid")
-
-
-class PlaybookFailed(RemotedlError):
-    pass

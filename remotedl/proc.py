@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,19 +17,6 @@ from typing import Any
 from remotedl.errors import RemotedlError
 
 log = logging.getLogger("remotedl.proc")
-
-
-def which(program: str) -> str:
-    """Absolute path of ``program`` on PATH, or a clear error naming the package."""
-    found = shutil.which(program)
-    if found is None:
-        package = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client"}
-        pkg = package.get(program, program)
-        raise RemotedlError(
-            f"{program} is not installed on this machine",
-            hint=f"install it, e.g. `sudo apt-get install {pkg}`",
-        )
-    return found
 
 
 def run(

@@ -238,20 +238,9 @@ def down(env: Environment, *, name: str = "sandbox") -> bool:
     if info is None and not directory.exists():
         return False
     if (directory / "ssh_config").exists():
-        proc.run(
-            [
-                "ssh",
-                "-F",
-                directory / "ssh_config",
-                "-o",
-                f"ControlPath=/tmp/remotedl-{os.getuid()}/%C",
-                "-O",
-                "exit",
-                name,
-            ],
-            check=False,
-            timeout=10,
-        )
+        from remotedl.ssh import close_master, resolve_host
+
+        close_master(resolve_host(env, name, ssh_config=str(directory / "ssh_config")))
     tmux_dir = _tmux_dir(directory)
     if shutil.which("tmux"):
         proc.run(["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": str(tmux_dir)}, check=False)

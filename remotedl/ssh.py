@@ -8,7 +8,7 @@ reach the same machine with the same key and the same host key check.
 
 Host keys are always checked: unknown keys are refused (unless the config says
 ``StrictHostKeyChecking accept-new``) and changed keys are refused always. fabric's
-default ``AutoAddPolicy`` is replaced on every client this module creates.
+default of adding unknown keys silently is replaced on every client this module creates.
 """
 
 from __future__ import annotations
@@ -415,7 +415,7 @@ def connect(spec: HostSpec) -> Connection:
         },
     )
     client: paramiko.SSHClient = conn.client
-    client.set_missing_host_key_policy(_policy(spec))  # never fabric's AutoAddPolicy
+    client.set_missing_host_key_policy(_policy(spec))  # refuse (or accept-new), never auto-add
     for path in spec.known_hosts_files:
         if os.path.isfile(path):
             client.load_system_host_keys(path)
@@ -511,9 +511,6 @@ class Box:
             last = (out.stderr.strip().splitlines() or [f"exit status {out.exit_code}"])[-1]
             raise RemoteError(f"command on {self.spec.alias} failed: {last}")
         return out
-
-    def put(self, local: str | Path, remote: str) -> None:
-        self.conn.put(str(local), remote)
 
     def close(self) -> None:
         if self._conn is not None:

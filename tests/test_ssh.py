@@ -213,31 +213,30 @@ def test_silent_server_times_out(tmp_path, box):
     reason="needs root for a private network namespace (no DNS server reachable)",
 )
 def test_unresolvable_host_name(tmp_path, box):
-    # In a network namespace of its own, no resolver is reachable: resolution fails locally,
-    # without any query leaving this machine.
     cfg = write_config(tmp_path / "cfg", box, HostName="gpubox.example.invalid")
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "s"), "HOME": str(tmp_path)}
-    out = subprocess.run(
-        [
-            "unshare",
-            "-n",
-            sys.executable,
-            "-m",
-            "remotedl",
-            "--host",
-            "gpubox",
-            "--ssh-config",
-            str(cfg),
-            "status",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    out = run_without_network(tmp_path, cfg, "gpubox")
     assert out.returncode == 4, out.stderr
     assert "cannot resolve host name 'gpubox.example.invalid'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def run_without_network(tmp_path, cfg, host):
+    """`remotedl status` in a network namespace of its own: no resolver is reachable, so name
+    resolution fails locally and no query leaves this machine."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "s"), "HOME": str(tmp_path)}
+    argv = [
+        "unshare",
+        "-n",
+        sys.executable,
+        "-m",
+        "remotedl",
+        "--host",
+        host,
+        "--ssh-config",
+        str(cfg),
+        "status",
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_unknown_alias_without_config_entry(tmp_path, box):
@@ -333,24 +332,6 @@ def test_malformed_ssh_config_names_the_line(tmp_path, box):
 )
 def test_unknown_alias_says_so(tmp_path, box):
     cfg = write_config(tmp_path / "cfg", box)
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "s"), "HOME": str(tmp_path)}
-    out = subprocess.run(
-        [
-            "unshare",
-            "-n",
-            sys.executable,
-            "-m",
-            "remotedl",
-            "--host",
-            "gpubxo",
-            "--ssh-config",
-            str(cfg),
-            "status",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    out = run_without_network(tmp_path, cfg, "gpubxo")
     assert out.returncode == 4, out.stderr
     assert "unknown host 'gpubxo': no Host entry for it" in out.stderr

@@ -120,13 +120,6 @@ def agent_command(spec: HostSpec, python: str, request: dict[str, Any]) -> str:
     return _agent_script(build_agent(), python, request)
 
 
-def ensure_agent(spec: HostSpec, python: str = "python3") -> None:
-    agent = build_agent()
-    check = run_openssh(spec, f'[ -f "{AGENT_DIR}/{agent.name}/__main__.py" ] || exit {MISSING}', check=False)
-    if check.exit_code == MISSING:
-        upload_agent(spec, agent, python)
-
-
 def _raise_for(answer: dict[str, Any], spec: HostSpec) -> None:
     kind = answer.get("kind")
     message = str(answer.get("error") or "the agent failed")

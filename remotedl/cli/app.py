@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 class App:
     args: argparse.Namespace
     env: Environment
-    _flags: dict[str, Any] = field(default_factory=dict)
 
     def flag(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)
