@@ -16,6 +16,7 @@ from remotedl.config import Settings
 from remotedl.env import Environment
 from remotedl.errors import RemotedlError
 from remotedl.ssh import HostSpec
+from remotedl.ssh.channel import EXPAND_HOME, parse_marks
 
 
 @dataclass
@@ -63,13 +64,14 @@ if importlib.util.find_spec("tensorflow"):
 print("@@frameworks " + json.dumps(out))
 """
 
-_FRAMEWORKS = r"""
-cd DIR 2>/dev/null || cd "$HOME"
+# "$1": remote_dir, "$2": the python probe.
+_FRAMEWORKS = EXPAND_HOME + r"""
+cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 echo "@@cuda $(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | head -n 1 | cut -d' ' -f3)"
 PY=python3
 for c in ./.venv/bin/python ./venv/bin/python; do [ -x "$c" ] && PY=$c && break; done
 echo "@@python $PY"
-"$PY" -c PROBE
+"$PY" -c "$2"
 """
 
 
@@ -164,9 +166,8 @@ def _dns(report: DoctorReport, env: Environment, settings: Settings) -> None:
 def run_checks(
     env: Environment, settings: Settings, alias: str, *, spec_factory: Callable[[], HostSpec], remote_dir: str
 ) -> DoctorReport:
-    import shlex
-
-    from remotedl.ssh import open_box, remote_path
+    from remotedl.shells import noise_advice
+    from remotedl.ssh import open_box
     from remotedl.status import box_status
 
     report = DoctorReport(alias)
@@ -178,13 +179,26 @@ def run_checks(
     _laptop(report, env, spec, settings)
     try:
         with open_box(spec) as box:
-            _ = box.conn  # connect now, to report reachability on its own
+            box.run("true")  # connect now, to report reachability on its own
             report.add(
                 "box", "reachable", "ok", f"logged in as {spec.user}; the host key matches known_hosts"
             )
+            if box.noise:
+                where, fix = noise_advice(box.login_shell)
+                first = box.noise.splitlines()[0][:60]
+                report.add(
+                    "box",
+                    "shell start-up",
+                    "fail",
+                    f"the {box.login_shell or 'login'} shell's start-up files print ({first!r}) for "
+                    "non-interactive logins: git and rsync (push, pull) cannot work",
+                    f"make {where} quiet unless interactive: {fix}",
+                )
+            else:
+                quiet = f"{box.login_shell or 'login'} shell prints nothing"
+                report.add("box", "shell start-up", "ok", quiet)
             st = box_status(box, remote_dir)
-            script = _FRAMEWORKS.replace("DIR", remote_path(remote_dir)).replace("PROBE", shlex.quote(_PROBE))
-            fw_out = box.run(script, check=False).stdout
+            fw_out = box.run(_FRAMEWORKS, remote_dir, _PROBE, check=False).stdout
     except RemotedlError as e:
         name = "host key" if "host key" in e.message else "reachable"
         report.add("box", name, "fail", e.message, e.hint or "")
@@ -218,11 +232,7 @@ def run_checks(
         report.add("box", "GPUs", "ok", ", ".join(f"{g.index}: {g.name}" for g in st.gpus))
     else:
         report.add("box", "GPUs", "fail", "nvidia-smi lists none", "check `nvidia-smi` and dmesg on the box")
-    marks: dict[str, str] = {}
-    for line in fw_out.splitlines():
-        if line.startswith("@@"):
-            key, _, value = line[2:].partition(" ")
-            marks[key] = value.strip()
+    marks = {k: v.strip() for k, v in parse_marks(fw_out).items()}
     cuda = marks.get("cuda", "")
     report.add(
         "box", "CUDA", "ok" if cuda else "warn", f"the driver supports CUDA {cuda}" if cuda else "unknown"

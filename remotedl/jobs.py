@@ -10,54 +10,29 @@ import contextlib
 import json
 import os
 import shlex
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remotedl import proc
-from remotedl.agent import ship
-from remotedl.errors import RemotedlError, RemoteError, UsageError
-from remotedl.ssh import HostSpec, openssh_argv, openssh_failure
+from remotedl.agent.client import AgentClient, error_from
+from remotedl.errors import RemoteError, UsageError
+from remotedl.schema import AGENT_MISSING, JobRecord, SchemaError
+from remotedl.ssh.channel import NoFrame
+from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
+from remotedl.ssh.resolve import HostSpec
+
+__all__ = ["JobRecord", "build_command", "kill", "list_jobs", "start", "stream_logs"]
 
 SCRIPT_SUFFIXES = (".sh", ".bash", ".py")
 
 
-@dataclass
-class JobRecord:
-    id: int
-    name: str
-    command: str
-    cwd: str
-    status: str
-    gpus: list[int] = field(default_factory=list)
-    exit_code: int | None = None
-    created: float | None = None
-    started: float | None = None
-    ended: float | None = None
-    log: str = ""
-    session: str = ""
-    git_commit: str | None = None
-    snapshot: bool = False
-    env_keys: list[str] = field(default_factory=list)
-    error: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JobRecord:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def duration(self) -> float | None:
-        if not self.started:
-            return None
-        return (self.ended or time.time()) - self.started
+def _record(data: Any, spec: HostSpec) -> JobRecord:
+    try:
+        return JobRecord.from_dict(data)
+    except SchemaError as e:
+        raise RemoteError(f"the remotedl agent on {spec.alias} sent a bad job record ({e})") from None
 
 
 def build_command(
@@ -94,7 +69,7 @@ def build_command(
 
 
 def start(
-    spec: HostSpec,
+    client: AgentClient,
     *,
     command: str,
     cwd: str,
@@ -107,7 +82,6 @@ def start(
     force: bool = False,
     git_commit: str | None = None,
     snapshot: bool = False,
-    python: str = "python3",
 ) -> JobRecord:
     request = {
         "op": "start",
@@ -123,21 +97,24 @@ def start(
         "git_commit": git_commit,
         "snapshot": snapshot,
     }
-    return JobRecord.from_dict(ship.call(spec, request, python=python)["job"])
+    return _record(client.call(request).get("job"), client.spec)
 
 
-def list_jobs(spec: HostSpec, *, all_jobs: bool = False, python: str = "python3") -> list[JobRecord]:
-    answer = ship.call(spec, {"op": "list", "all": all_jobs}, python=python)
-    return [JobRecord.from_dict(r) for r in answer["jobs"]]
+def list_jobs(client: AgentClient, *, all_jobs: bool = False) -> list[JobRecord]:
+    answer = client.call({"op": "list", "all": all_jobs})
+    jobs = answer.get("jobs")
+    if not isinstance(jobs, list):
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
+    return [_record(r, client.spec) for r in jobs]
 
 
-def get_job(spec: HostSpec, job: str | None, *, python: str = "python3") -> JobRecord:
-    return JobRecord.from_dict(ship.call(spec, {"op": "get", "job": job}, python=python)["job"])
+def get_job(client: AgentClient, job: str | None) -> JobRecord:
+    return _record(client.call({"op": "get", "job": job}).get("job"), client.spec)
 
 
-def kill(spec: HostSpec, job: str | None, *, grace: float = 10.0, python: str = "python3") -> JobRecord:
-    answer = ship.call(spec, {"op": "kill", "job": job, "grace": grace}, python=python)
-    return JobRecord.from_dict(answer["job"])
+def kill(client: AgentClient, job: str | None, *, grace: float = 10.0) -> JobRecord:
+    answer = client.call({"op": "kill", "job": job, "grace": grace})
+    return _record(answer.get("job"), client.spec)
 
 
 @dataclass
@@ -148,21 +125,19 @@ class LogState:
 
 
 def stream_logs(
-    spec: HostSpec,
+    client: AgentClient,
     job: str | None,
     write: Callable[[bytes], None],
     *,
     follow: bool = False,
     lines: int | None = None,
-    python: str = "python3",
     reconnect_for: float = 300.0,
     on_reconnect: Callable[[int], None] | None = None,
     state: LogState | None = None,
-    out_fd: int | None = None,
 ) -> JobRecord:
     """Copy the job's log to ``write``. Following, a dropped connection is re-made and the log
-    resumes at the byte offset reached: no byte lost, none repeated. Not following, with
-    ``out_fd``, ssh writes the log straight to that file descriptor (no copy through Python)."""
+    resumes at the byte offset reached: no byte lost, none repeated."""
+    spec = client.spec
     st = state or LogState()
     down_since: float | None = None
     while True:
@@ -174,88 +149,86 @@ def stream_logs(
         }
         if st.job_id is None and lines is not None:
             request["lines"] = lines
-        argv = openssh_argv(spec, ship.agent_command(spec, python, request))
-        direct = out_fd is not None and not follow
-        p = proc.popen(argv, stdout=out_fd if direct else subprocess.PIPE, stderr=subprocess.PIPE, text=False)
-        marks: dict[str, Any] = {}
-        err_lines: list[str] = []
-        reader = threading.Thread(target=_read_marks, args=(p, marks, err_lines), daemon=True)
-        reader.start()
+        p = client.stream(request)
         got_start = False
+        framed = True
         try:
-            while not direct:
-                assert p.stdout is not None
-                fd = p.stdout.fileno()
-                chunk = os.read(fd, 1 << 20)
+            while True:
+                try:
+                    chunk = p.read()
+                except NoFrame:
+                    framed = False
+                    break
                 if not chunk:
                     break
                 if not got_start:
                     # stdout bytes only come after the start mark was written; wait for it
-                    _wait_for(marks, "start", 5)
+                    _wait_for(p.stderr_lines, "start", 5)
                     got_start = True
-                    _take_start(st, marks)
+                    _take_start(st, _marks(p.stderr_lines))
                 write(chunk)
                 st.offset += len(chunk)
         except BaseException:
             p.kill()
             raise
         code = p.wait()
-        reader.join(5)
+        marks = _marks(p.stderr_lines)
         if not got_start and "start" in marks:
             _take_start(st, marks)
         if "end" in marks:
-            return JobRecord.from_dict(marks["end"]["job"])
+            return _record(marks["end"].get("job"), spec)
         if "error" in marks:
-            answer = marks["error"]
-            if answer.get("kind") == "usage":
-                raise UsageError(answer["error"], answer.get("hint"))
-            raise RemotedlError(answer["error"], answer.get("hint"))
-        if code == ship.MISSING:
-            ship.upload_agent(spec, ship.build_agent(), python)
+            raise error_from(marks["error"])
+        if code == AGENT_MISSING:
+            client.upload()
             continue
-        if code == 255 and follow:
+        err_text = p.stderr_text()
+        if (code == 255 or not framed) and follow:
             now = time.monotonic()
             down_since = down_since or now
             if now - down_since > reconnect_for:
-                raise openssh_failure(spec, "\n".join(err_lines))
+                raise openssh_failure(spec, err_text)
             st.reconnects += 1
             if on_reconnect is not None:
                 on_reconnect(st.reconnects)
             time.sleep(min(0.2 * 2 ** min(st.reconnects, 5), 5.0))
             continue
-        if code == 255:
-            raise openssh_failure(spec, "\n".join(err_lines))
-        raise RemoteError(f"reading the log failed: {(err_lines or ['exit ' + str(code)])[-1]}")
+        if code == 255 or not framed:
+            raise openssh_failure(spec, err_text)
+        lines_out = [x for x in p.stderr_lines if not x.startswith("@@remotedl-")]
+        raise RemoteError(f"reading the log failed: {(lines_out or ['exit ' + str(code)])[-1]}")
+
+
+def _marks(lines: list[str]) -> dict[str, Any]:
+    marks: dict[str, Any] = {}
+    for line in list(lines):
+        for key in ("start", "end", "error"):
+            tag = f"@@remotedl-{key} "
+            if line.startswith(tag):
+                with contextlib.suppress(ValueError):
+                    value = json.loads(line[len(tag) :])
+                    if isinstance(value, dict):
+                        marks[key] = value
+    return marks
 
 
 def _take_start(st: LogState, marks: dict[str, Any]) -> None:
     start = marks.get("start")
     if start is not None and st.job_id is None:
-        st.job_id = int(start["job"])
-        st.offset = int(start["offset"])
+        with contextlib.suppress(TypeError, ValueError):
+            st.job_id = int(start["job"])
+            st.offset = int(start["offset"])
 
 
-def _wait_for(marks: dict[str, Any], key: str, seconds: float) -> None:
+def _wait_for(lines: list[str], key: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while key not in marks and time.monotonic() < deadline:
+    while key not in _marks(lines) and time.monotonic() < deadline:
         time.sleep(0.001)
 
 
-def _read_marks(p: subprocess.Popen[bytes], marks: dict[str, Any], err_lines: list[str]) -> None:
-    assert p.stderr is not None
-    for raw in p.stderr:
-        line = raw.decode(errors="replace").rstrip("\n")
-        for key in ("start", "end", "error"):
-            tag = f"@@remotedl-{key} "
-            if line.startswith(tag):
-                with contextlib.suppress(ValueError):
-                    marks[key] = json.loads(line[len(tag) :])
-                break
-        else:
-            err_lines.append(line)
-
-
 def attach_argv(spec: HostSpec, record: JobRecord) -> list[str]:
-    return openssh_argv(
-        spec, "exec tmux attach-session -t " + shlex.quote("=" + record.session), tty=True, batch=False
+    if not record.session.replace("-", "").isalnum():
+        raise RemoteError(f"job {record.id} has an odd tmux session name: {record.session!r}")
+    return ssh_argv(
+        spec, login_shell_safe(f"exec tmux attach-session -t ={record.session}"), tty=True, batch=False
     )

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import json
 import secrets
-import shlex
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from remotedl.errors import RemoteError
-from remotedl.ssh import HostSpec, remote_path, run_openssh
+from remotedl.ssh import Box, HostSpec
+from remotedl.ssh.channel import EXPAND_HOME
 
 COLAB_ORIGIN = "https://colab.research.google.com"
 SESSION = "remotedl-jupyter"
 
-_FIND = r"""
-cd DIR 2>/dev/null || cd "$HOME"
+# "$1": remote_dir.
+_FIND = EXPAND_HOME + r"""
+cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 J=""
 for c in ./.venv/bin/jupyter ./venv/bin/jupyter "$(command -v jupyter 2>/dev/null)"; do
   if [ -n "$c" ] && [ -x "$c" ]; then J=$c; break; fi
@@ -31,20 +32,32 @@ if [ -z "$J" ]; then echo "@@none"; exit 0; fi
 echo "@@jupyter $J"
 echo "@@pwd $(pwd -P)"
 "$J" lab --version >/dev/null 2>&1 && echo "@@lab"
-tmux has-session -t =SESSION 2>/dev/null && echo "@@session"
+tmux has-session -t "=$SESSION" 2>/dev/null && echo "@@session"
 "$J" server list --json 2>/dev/null
 """
 
-_START = r"""
-cd @DIR@ 2>/dev/null || cd "$HOME"
+# "$1" remote_dir, "$2" jupyter, "$3" lab|server, "$4" port, "$5" port retries, "$6" colab
+# origin or "", "$7" the token. The token reaches Jupyter through a 0600 file read inside the
+# session, so it is in no process's arguments: not ssh's, not sh's, not tmux's.
+_START = EXPAND_HOME + r"""
+cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
+umask 077
 mkdir -p "$HOME/.remotedl"
-tmux kill-session -t =@SESSION@ 2>/dev/null
+tok="$HOME/.remotedl/jupyter.token.$$"
+printf %s "$7" > "$tok"
+tmux kill-session -t "=$SESSION" 2>/dev/null
 # Jupyter refuses root without --allow-root; a root box (cloud VMs, containers) is common.
-[ "$(id -u)" = 0 ] && ROOT=--allow-root || ROOT=
-JUPYTER_TOKEN=@TOKEN@ tmux new-session -d -s @SESSION@ -e JUPYTER_TOKEN=@TOKEN@ \
-  "exec @JUPYTER@ @APP@ --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=@PORT@ \
-   --ServerApp.port_retries=@RETRIES@ --ServerApp.root_dir=. $ROOT @EXTRA@ \
-   > \"\$HOME/.remotedl/jupyter.log\" 2>&1"
+[ "$(id -u)" = 0 ] && root=--allow-root || root=--ServerApp.allow_root=False
+extra=--ServerApp.allow_credentials=False
+[ -n "$6" ] && extra=--ServerApp.allow_origin=$6
+# Several words after the session options: tmux runs them directly, no login shell between.
+tmux new-session -d -s "$SESSION" -c "$(pwd)" /bin/sh -c '
+  JUPYTER_TOKEN=$(cat "$1") && rm -f "$1" && export JUPYTER_TOKEN || exit 1
+  shift
+  exec "$@" > "$HOME/.remotedl/jupyter.log" 2>&1' sh "$tok" "$2" "$3" --no-browser \
+  --ServerApp.ip=127.0.0.1 "--ServerApp.port=$4" "--ServerApp.port_retries=$5" \
+  --ServerApp.root_dir=. "$root" "$extra" ${6:+--ServerApp.allow_credentials=True} \
+  || { rm -f "$tok"; exit 1; }
 """
 
 
@@ -77,9 +90,12 @@ class _Look:
     session: bool
 
 
-def _find(spec: HostSpec, remote_dir: str) -> _Look:
-    script = _FIND.replace("DIR", remote_path(remote_dir)).replace("SESSION", SESSION)
-    out = run_openssh(spec, script, check=False).stdout
+def _session(script: str) -> str:
+    return f"SESSION={SESSION}\n{script}"
+
+
+def _find(box: Box, remote_dir: str) -> _Look:
+    out = box.run(_session(_FIND), remote_dir, check=False).stdout
     look = _Look(None, "", False, [], False)
     for line in out.splitlines():
         if line.startswith("@@jupyter "):
@@ -106,7 +122,8 @@ def find_or_start(
     colab: bool = False,
     timeout: float = 60.0,
 ) -> JupyterServer:
-    look = _find(spec, remote_dir)
+    box = Box(spec)
+    look = _find(box, remote_dir)
     jupyter, pwd, lab, servers = look.jupyter, look.pwd, look.lab, look.servers
     if jupyter is None:
         raise RemoteError(
@@ -129,24 +146,14 @@ def find_or_start(
             )
     token = secrets.token_hex(24)
     port = remote_port or 8888
-    extra = ""
-    if colab:
-        # Colab's "connect to a local runtime": its origin allowed, and exactly this port.
-        extra = f"--ServerApp.allow_origin={COLAB_ORIGIN} --ServerApp.allow_credentials=True"
-    script = (
-        _START.replace("@DIR@", remote_path(remote_dir))
-        .replace("@SESSION@", SESSION)
-        .replace("@TOKEN@", token)
-        .replace("@JUPYTER@", shlex.quote(jupyter))
-        .replace("@APP@", "lab" if lab else "server")
-        .replace("@PORT@", str(port))
-        .replace("@RETRIES@", "0" if colab or remote_port else "50")
-        .replace("@EXTRA@", extra)
-    )
-    run_openssh(spec, script)
+    retries = "0" if colab or remote_port else "50"
+    # Colab's "connect to a local runtime": its origin allowed, and exactly this port.
+    origin = COLAB_ORIGIN if colab else ""
+    app = "lab" if lab else "server"
+    box.run(_session(_START), remote_dir, jupyter, app, str(port), retries, origin, token)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        look = _find(spec, remote_dir)
+        look = _find(box, remote_dir)
         for s in look.servers:
             if s.get("token") == token:
                 return JupyterServer(
@@ -158,7 +165,7 @@ def find_or_start(
                     started=True,
                 )
         time.sleep(0.5)
-    log = run_openssh(spec, 'tail -n 5 "$HOME/.remotedl/jupyter.log" 2>/dev/null', check=False).stdout.strip()
+    log = box.run('tail -n 5 "$HOME/.remotedl/jupyter.log" 2>/dev/null', check=False).stdout.strip()
     raise RemoteError(
         f"Jupyter did not start on {spec.alias}: " + (log.splitlines()[-1] if log else "no log"),
         hint="see ~/.remotedl/jupyter.log on the box",

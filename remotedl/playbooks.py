@@ -298,26 +298,74 @@ def run_playbook(
     return result
 
 
+class _ProcSocket:
+    """A socket-like end of ``ssh -W host:port`` (through the master connection), for
+    paramiko: reads time out the way paramiko's transport expects of a socket."""
+
+    def __init__(self, argv: list[str]) -> None:
+        import subprocess
+
+        from remotedl import proc
+
+        self.process = proc.popen(argv, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, text=False)
+        self.timeout: float | None = None
+        self._closed = False  # paramiko reads this name, as on its own ProxyCommand
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, data: bytes) -> int:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        import os
+        import select
+
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError()
+        return os.read(fd, size)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = timeout
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.process.kill()
+            self.process.wait()
+
+
 def login_prover(box: Box) -> Prove:
-    """Prove that a fresh login works on ``port`` of the box: a second SSH connection, tunnelled
-    through the open one to 127.0.0.1:port, with the same user, key and host key check."""
+    """Prove that a fresh login works on ``port`` of the box: a second SSH login (paramiko, in
+    this process), carried by ``ssh -W`` over the open connection to 127.0.0.1:port, with the
+    same user and key, and the box's recorded host key required."""
 
     def prove(port: int) -> str | None:
+        import base64
+
         import paramiko
 
-        from remotedl.ssh import _policy, load_known_hosts
+        from remotedl.ssh.hostkeys import known_keys
+        from remotedl.ssh.openssh import openssh_options
 
         spec = box.spec
-        try:
-            transport = box.conn.client.get_transport()
-            chan = transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0))
-        except Exception as e:
-            return f"cannot reach port {port} on the box: {e}"
+        sock = _ProcSocket(["ssh", *openssh_options(spec), "-W", f"127.0.0.1:{port}", "--", spec.alias])
         client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(_policy(spec))
-        for name, by_type in load_known_hosts(spec).items():
-            for ktype, key in by_type.items():
-                client.get_host_keys().add(name, ktype, key)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        lookup = spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}"
+        for k in known_keys(spec):
+            try:
+                key = paramiko.PKey.from_type_string(k.key_type, base64.b64decode(k.blob))
+            except Exception:  # noqa: S112 - a key type paramiko lacks: try the others
+                continue
+            client.get_host_keys().add(lookup, k.key_type, key)
         key_files = [p for p in spec.identity_files if Path(p).is_file()]
         try:
             client.connect(
@@ -327,7 +375,7 @@ def login_prover(box: Box) -> Prove:
                 key_filename=key_files,  # type: ignore[arg-type]  # paramiko takes a list too
                 look_for_keys=False,
                 allow_agent=not spec.identities_only,
-                sock=chan,
+                sock=sock,  # type: ignore[arg-type]  # socket-like, as paramiko's ProxyCommand
                 timeout=spec.connect_timeout,
                 banner_timeout=spec.connect_timeout,
                 auth_timeout=spec.connect_timeout,
@@ -336,12 +384,15 @@ def login_prover(box: Box) -> Prove:
             if stdout.read().strip() != b"remotedl-login-ok":
                 return "the login did not run a command"
             return None
+        except paramiko.BadHostKeyException:
+            return "the server on that port offered another host key"
         except paramiko.AuthenticationException:
             return "the key was refused"
         except Exception as e:
             return f"{type(e).__name__}: {e}"
         finally:
             client.close()
+            sock.close()
 
     return prove
 

@@ -6,11 +6,12 @@ Every call is logged with its exact argv (``shlex.join``) at debug level, so
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,104 @@ def popen(
         text=text,
         start_new_session=start_new_session,
     )
+
+
+class Completed:
+    """What ``communicate`` returns: bytes, bounded."""
+
+    def __init__(self, returncode: int, stdout: bytes, stderr: bytes, truncated: bool) -> None:
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.truncated = truncated  # stdout passed ``max_stdout``: the process was killed
+
+
+def communicate(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    timeout: float | None = None,
+    max_stdout: int | None = None,
+    max_stderr: int = 1 << 20,
+    on_stdout: Callable[[bytes], None] | None = None,
+) -> Completed:
+    """Run argv, feeding ``input`` and reading both pipes at once (never one to the end first:
+    that deadlocks when the other fills). stdout is kept up to ``max_stdout`` bytes (beyond it
+    the process is killed: a hostile peer cannot make us hold gigabytes), or handed chunk by
+    chunk to ``on_stdout``; stderr keeps its last ``max_stderr`` bytes."""
+    import threading
+    import time
+
+    args = [str(a) for a in argv]
+    log.debug("run: %s", shlex.join(args))
+    p = subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    )
+    assert p.stdout is not None
+    assert p.stderr is not None
+    err = bytearray()
+
+    def feed() -> None:
+        assert p.stdin is not None
+        try:
+            p.stdin.write(input or b"")
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                p.stdin.close()
+
+    def drain() -> None:
+        assert p.stderr is not None
+        for chunk in iter(lambda: os.read(p.stderr.fileno(), 65536), b""):  # type: ignore[union-attr]
+            err.extend(chunk)
+            if len(err) > max_stderr:
+                del err[: len(err) - max_stderr]
+
+    threads = [threading.Thread(target=drain, daemon=True)]
+    if input is not None:
+        threads.append(threading.Thread(target=feed, daemon=True))
+    for t in threads:
+        t.start()
+    killer: threading.Timer | None = None
+    if timeout is not None:
+        killer = threading.Timer(timeout, p.kill)
+        killer.start()
+    out = bytearray()
+    truncated = False
+    started = time.monotonic()
+    try:
+        fd = p.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            if on_stdout is not None:
+                on_stdout(chunk)
+                continue
+            out.extend(chunk)
+            if max_stdout is not None and len(out) > max_stdout:
+                truncated = True
+                p.kill()
+                break
+    except BaseException:
+        p.kill()
+        raise
+    finally:
+        code = p.wait()
+        if killer is not None:
+            killer.cancel()
+        for t in threads:
+            t.join(5)
+        p.stdout.close()
+        p.stderr.close()
+    if timeout is not None and code < 0 and time.monotonic() - started >= timeout:
+        raise subprocess.TimeoutExpired(args, timeout)
+    return Completed(code, bytes(out), bytes(err), truncated)

@@ -7,17 +7,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remotedl import gpus as gpumod
-from remotedl.ssh import Box, remote_path
+from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
 
 TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
 
 # One POSIX sh script; sections start with "@@name" so one exec answers everything.
-_SCRIPT = r"""
+# "$1": remote_dir. The nvidia-smi queries are remotedl's own constants, not values.
+_SCRIPT = EXPAND_HOME + r"""
 echo @@hostname; hostname 2>/dev/null || uname -n
 echo @@os; ( . /etc/os-release 2>/dev/null && echo "$PRETTY_NAME" ) || uname -s; uname -rm
 echo @@uptime; cat /proc/uptime 2>/dev/null; cat /proc/loadavg 2>/dev/null; nproc 2>/dev/null
 echo @@tools; for t in TOOLS; do printf '%s %s\n' "$t" "$(command -v "$t" 2>/dev/null)"; done
-echo @@disk; d=DIR; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d" | tail -n 1
+echo @@disk; d=$(expand_home "$1"); while [ ! -e "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d" | tail -n 1
 echo @@gpus; QUERY_GPUS 2>&1; echo "@@gpus_rc $?"
 echo @@apps; QUERY_APPS 2>/dev/null | while IFS= read -r line; do
   pid=$(printf '%s' "$line" | cut -d, -f2 | tr -d ' ')
@@ -56,10 +57,9 @@ class BoxStatus:
         return asdict(self)
 
 
-def status_script(remote_dir: str) -> str:
+def status_script() -> str:
     return (
         _SCRIPT.replace("TOOLS", " ".join(TOOLS))
-        .replace("DIR", remote_path(remote_dir))
         .replace("QUERY_GPUS", shlex.join(gpumod.QUERY_GPUS))
         .replace("QUERY_APPS", shlex.join(gpumod.QUERY_APPS))
         .replace("QUERY_DRIVER", shlex.join(gpumod.QUERY_DRIVER))
@@ -67,17 +67,7 @@ def status_script(remote_dir: str) -> str:
 
 
 def _sections(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    current = ""
-    for line in text.splitlines():
-        if line.startswith("@@") and " " not in line:
-            current = line[2:]
-            out[current] = []
-        elif line.startswith("@@gpus_rc "):
-            out["gpus_rc"] = [line.split()[1]]
-        elif current:
-            out[current].append(line)
-    return out
+    return mark_sections(text)
 
 
 def parse_status(host: str, remote_dir: str, text: str) -> BoxStatus:
@@ -128,5 +118,5 @@ def parse_status(host: str, remote_dir: str, text: str) -> BoxStatus:
 
 def box_status(box: Box, remote_dir: str) -> BoxStatus:
     """Reach the box and report on it. Connection errors propagate as ``ConnectError``."""
-    result = box.run(status_script(remote_dir), check=False)
+    result = box.run(status_script(), remote_dir, check=False)
     return parse_status(box.spec.alias, remote_dir, result.stdout)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +24,9 @@ from typing import Any
 
 from remotedl import proc
 from remotedl.errors import RemotedlError, RemoteError, UsageError
-from remotedl.ssh import HostSpec, openssh_failure, remote_path, run_openssh, ssh_command_string
+from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
+from remotedl.ssh.openssh import openssh_failure, ssh_command_string
+from remotedl.ssh.resolve import HostSpec
 
 SNAPSHOT_PREFIX = "remotedl snapshot of uncommitted work on top of "
 PUSHED_REF = "refs/remotedl/pushed"
@@ -126,31 +126,34 @@ def snapshot_commit(root: Path) -> tuple[str, str | None, bool]:
 
 # ------------------------------------------------------------------ box side
 
-_PREPARE = r"""
+# "$1": remote_dir as configured ("~/..." allowed).
+_PREPARE = EXPAND_HOME + r"""
 set -e
 command -v git >/dev/null 2>&1 || { echo "@@nogit"; exit 0; }
-mkdir -p DIR
-cd DIR
+d=$(expand_home "$1")
+mkdir -p -- "$d"
+cd -- "$d"
 [ -d .git ] || git init -q .
 echo "@@dir $(pwd -P)"
 echo "@@head $(git rev-parse -q --verify HEAD 2>/dev/null || echo none)"
 [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo "@@clean" || true
 """
 
+# "$1": the work tree, "$2": the commit to check out, "$3": 1 to overwrite box edits.
 _CHECKOUT = r"""
 set -e
-cd DIR
-new=COMMIT
+cd -- "$1"
+new=$2
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
 if [ "$head" = "$new" ] && [ -z "$(git status --porcelain --untracked-files=no)" ]; then
   echo "@@unchanged"; exit 0
 fi
-if [ "$FORCE" != 1 ]; then
+if [ "$3" != 1 ]; then
   # Edits made on the box: tracked files changed since the last push...
   changed=$(git status --porcelain --untracked-files=no | cut -c4-)
   # ...and untracked files the new commit would overwrite.
   clobber=$(git ls-files --others --exclude-standard -z | xargs -0 -r sh -c '
-    for f; do git cat-file -e "COMMIT:$f" 2>/dev/null && printf "%s\n" "$f"; done; :' sh)
+    c=$1; shift; for f; do git cat-file -e "$c:$f" 2>/dev/null && printf "%s\n" "$f"; done; :' sh "$new")
   if [ -n "$changed$clobber" ]; then
     echo "@@dirty"; printf '%s\n' "$changed" "$clobber" | sed '/^$/d'; exit 0
   fi
@@ -162,31 +165,38 @@ echo "@@changed"
 """
 
 
-def _parse_marks(text: str) -> dict[str, str]:
-    marks: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("@@"):
-            key, _, value = line[2:].partition(" ")
-            marks[key] = value
-    return marks
+def startup_noise_error(box: Box, tool: str) -> RemoteError:
+    """git and rsync speak a protocol over the session: start-up output breaks it."""
+    from remotedl.shells import noise_advice
+
+    where, fix = noise_advice(box.login_shell)
+    first = box.noise.splitlines()[0][:60] if box.noise else ""
+    return RemoteError(
+        f"{tool} cannot work with {box.spec.alias}: its shell start-up files print "
+        f"({first!r}) for non-interactive logins, which breaks {tool}'s protocol",
+        hint=f"make {where} quiet unless the shell is interactive: {fix}",
+    )
 
 
-def prepare_remote_dir(spec: HostSpec, remote_dir: str) -> tuple[str, str | None]:
+def prepare_remote_dir(box: Box, remote_dir: str) -> tuple[str, str | None]:
     """Create the work tree on the box if needed; (absolute path, its HEAD if the tracked
     files are clean, else None)."""
-    out = run_openssh(spec, _PREPARE.replace("DIR", remote_path(remote_dir)))
-    marks = _parse_marks(out.stdout)
+    out = box.run(_PREPARE, remote_dir)
+    marks = parse_marks(out.stdout)
     if "nogit" in marks:
         raise RemoteError(
-            f"git is not installed on {spec.alias}",
+            f"git is not installed on {box.spec.alias}",
             hint="install it there (`sudo apt-get install git`), or run `remotedl setup base`",
         )
     head = marks.get("head")
     return marks["dir"], (None if head in (None, "none") or "clean" not in marks else head)
 
 
-def push_code(spec: HostSpec, root: Path, abs_dir: str, commit: str, *, force: bool) -> bool:
+def push_code(box: Box, root: Path, abs_dir: str, commit: str, *, force: bool) -> bool:
     """Send ``commit`` to the box and check it out there; True if the box's tree changed."""
+    spec = box.spec
+    if box.noise:
+        raise startup_noise_error(box, "git")
     env = {**os.environ, "GIT_SSH_COMMAND": ssh_command_string(spec), "GIT_SSH_VARIANT": "ssh"}
     url = f"ssh://{spec.alias}{abs_dir}" if abs_dir.startswith("/") else f"{spec.alias}:{abs_dir}"
     result = proc.run(
@@ -198,13 +208,8 @@ def push_code(spec: HostSpec, root: Path, abs_dir: str, commit: str, *, force: b
         if "Could not read from remote repository" in result.stderr:
             raise openssh_failure(spec, result.stderr)
         raise RemotedlError(f"git push to {spec.alias} failed: {result.stderr.strip()}")
-    script = (
-        _CHECKOUT.replace("DIR", shlex.quote(abs_dir))
-        .replace("COMMIT", commit)
-        .replace("$FORCE", "1" if force else "0")
-    )
-    marks_out = run_openssh(spec, script)
-    marks = _parse_marks(marks_out.stdout)
+    marks_out = box.run(_CHECKOUT, abs_dir, commit, "1" if force else "0")
+    marks = parse_marks(marks_out.stdout)
     if "dirty" in marks:
         files = marks_out.stdout.split("@@dirty", 1)[1].strip().splitlines()
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
@@ -265,17 +270,16 @@ def _rsync_new() -> bool:
     return _RSYNC_NEW
 
 
-def run_rsync(spec: HostSpec, argv: list[str], label: str, progress: ProgressFn | None) -> Transfer:
-    p = proc.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
-    assert p.stdout is not None
-    assert p.stderr is not None
+def run_rsync(box: Box, argv: list[str], label: str, progress: ProgressFn | None) -> Transfer:
+    spec = box.spec
+    if box.noise:
+        raise startup_noise_error(box, "rsync")
     tail = b""
     collected = bytearray()
-    while True:
-        chunk = p.stdout.read1(65536) if hasattr(p.stdout, "read1") else p.stdout.read(65536)
-        if not chunk:
-            break
-        collected += chunk
+
+    def on_stdout(chunk: bytes) -> None:
+        nonlocal tail
+        collected.extend(chunk)
         tail += chunk
         parts = re.split(rb"[\r\n]", tail)
         tail = parts.pop()
@@ -283,8 +287,10 @@ def run_rsync(spec: HostSpec, argv: list[str], label: str, progress: ProgressFn 
             m = _PROGRESS.match(raw.decode(errors="replace"))
             if m and progress is not None:
                 progress(Progress(label, int(m.group(1).replace(",", "")), int(m.group(2)), m.group(3)))
-    err = p.stderr.read().decode(errors="replace")
-    code = p.wait()
+
+    done = proc.communicate(argv, on_stdout=on_stdout)
+    err = done.stderr.decode(errors="replace")
+    code = done.returncode
     text = collected.decode(errors="replace")
     if code == 255 or (code == 12 and "connection unexpectedly closed" in err and "ssh" in err.lower()):
         raise openssh_failure(spec, err)
@@ -339,16 +345,17 @@ def push(
     snapshot = False
     if code:
         commit, head, snapshot = snapshot_commit(root)
-    abs_dir, box_head = prepare_remote_dir(spec, remote_dir)
+    box = Box(spec)
+    abs_dir, box_head = prepare_remote_dir(box, remote_dir)
     changed = False
     if code and commit and box_head != commit:  # already checked out and clean: nothing to send
-        changed = push_code(spec, root, abs_dir, commit, force=force)
+        changed = push_code(box, root, abs_dir, commit, force=force)
     result = PushResult(abs_dir, commit, head, snapshot, changed)
     for rel in rels:
         argv = rsync_argv(
             spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
         )
-        result.transfers.append(run_rsync(spec, argv, rel, progress))
+        result.transfers.append(run_rsync(box, argv, rel, progress))
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -365,17 +372,18 @@ def pull(
     """Bring box paths (relative to remote_dir) home. Never deletes; never overwrites newer files."""
     if not paths:
         raise UsageError("name at least one path to pull, relative to the remote directory")
-    abs_dir, _ = prepare_remote_dir(spec, remote_dir)
+    box = Box(spec)
+    abs_dir, _ = prepare_remote_dir(box, remote_dir)
     result = PullResult(str(project_root))
     for path in paths:
         rel = os.path.normpath(path)
         if rel.startswith("..") or os.path.isabs(rel):
             raise UsageError(f"{path}: give paths relative to the remote directory {remote_dir}")
-        check = run_openssh(spec, f"test -e {shlex.quote(abs_dir + '/' + rel)}", check=False)
+        check = box.run('test -e "$1"', abs_dir + "/" + rel, check=False)
         if check.exit_code != 0:
             raise RemoteError(f"{rel} does not exist on {spec.alias} in {abs_dir}")
         argv = rsync_argv(
             spec, [f"{spec.alias}:{abs_dir}/./{rel}"], f"{project_root}/", excludes=excludes, update=True
         )
-        result.transfers.append(run_rsync(spec, argv, rel, progress))
+        result.transfers.append(run_rsync(box, argv, rel, progress))
     return result

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from remotedl import proc
 from remotedl.errors import ConnectError, HostKeyError, RemotedlError, UsageError
-from remotedl.ssh import HostSpec, openssh_argv, openssh_failure
+from remotedl.ssh import HostSpec, openssh_failure, ssh_argv
 
 BACKOFF_CAP = 3.0  # seconds: with ~1 s to connect, a box that is back is reached within 10 s
 
@@ -183,7 +183,7 @@ class Tunnel:
         ]  # fmt: skip
         for f in self.forwards:
             extra += ["-L", f"127.0.0.1:{f.local}:127.0.0.1:{f.remote}"]
-        return openssh_argv(self.spec, multiplex=False, extra=extra)
+        return ssh_argv(self.spec, multiplex=False, extra=extra)
 
     def bytes_moved(self) -> int | None:
         """I/O of the ssh process (read + written, both sides), halved: a fair estimate of

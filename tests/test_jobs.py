@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from remotedl import jobs
+from remotedl.agent.client import AgentClient
 from remotedl.ssh import resolve_host
 from tests.conftest import cli_for, make_env, retry_until, tmux_dir
 
@@ -55,7 +56,7 @@ def test_run_follows_log_and_passes_exit_code(cli, box, proj):
     assert "args=2:first arg|--not-ours" in r.out
     assert "err" in r.out  # stderr goes to the same log
     (rec,) = [j for j in job_list(cli, proj) if j["name"] == "run.sh"]
-    assert rec["status"] == "exited"
+    assert rec["status"] == "failed"
     assert rec["exit_code"] == 7
     assert rec["gpus"] == [1]
     assert rec["git_commit"] and rec["snapshot"] is True  # run.sh is uncommitted: a snapshot
@@ -149,7 +150,7 @@ def test_queue_waits_for_the_gpu(fresh_box, project, tmp_path, monkeypatch):
 
     def done():
         jl = {j["id"]: j for j in job_list(run, project)}
-        return jl[queued["id"]]["status"] == "exited" and jl[queued["id"]]
+        return jl[queued["id"]]["status"] == "succeeded" and jl[queued["id"]]
 
     rec = retry_until(done, seconds=20)
     assert rec, job_list(run, project)
@@ -240,7 +241,7 @@ def test_logs_follow_survives_dropped_connection(fresh_box, project, tmp_path):
 
     def follow():
         result["rec"] = jobs.stream_logs(
-            spec, job_id, got.extend, follow=True, on_reconnect=reconnects.append
+            AgentClient(spec), job_id, got.extend, follow=True, on_reconnect=reconnects.append
         )
 
     t = threading.Thread(target=follow)
@@ -251,7 +252,7 @@ def test_logs_follow_survives_dropped_connection(fresh_box, project, tmp_path):
     assert not t.is_alive()
     assert reconnects, "the connection was dropped, so the follower must have reconnected"
     assert got.decode() == "".join(f"line {i}\n" for i in range(1, 41))
-    assert result["rec"].status == "exited"
+    assert result["rec"].status == "succeeded"
 
 
 def test_kill_escalates_when_sigint_is_ignored(cli, proj):

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -180,10 +181,23 @@ def test_background_list_and_stop(box, tmp_path, echo_server):
     assert r.code == 2
 
 
+JUPYTER = Path(sys.executable).parent / "jupyter"
+
+
+def jupyter_in_box_venv(box, remote_dir: str) -> None:
+    """Jupyter in the box project's .venv, as `remotedl setup jupyter` leaves it (the test
+    environment's own Jupyter, linked in: the box has no PyPI in tests). The box's PATH is
+    the test process's, which need not hold any jupyter."""
+    bindir = box.home / remote_dir.removeprefix("~/") / ".venv" / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    (bindir / "jupyter").symlink_to(JUPYTER)
+
+
 def test_jupyter_through_tunnel(box, project, tmp_path):
     run = cli_for(box, tmp_path / "laptop")
     (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')
     assert run("push", cwd=project).code == 0
+    jupyter_in_box_venv(box, f"~/jupyter-tests/{tmp_path.name}")
     local = free_port()
     r = run("jupyter", str(local), "--background", cwd=project)
     assert r.code == 0, r.err
@@ -201,7 +215,7 @@ def test_jupyter_through_tunnel(box, project, tmp_path):
     assert e.value.code == 403
     # The server is bound to the box's loopback and its root is the synced work tree.
     servers = subprocess.run(
-        ["jupyter", "server", "list", "--json"],
+        [str(JUPYTER), "server", "list", "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, "HOME": box.info.home},
@@ -228,6 +242,7 @@ def test_colab_runtime_allows_colab_origin(box, project, tmp_path):
     run = cli_for(box, tmp_path / "laptop")
     (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')
     assert run("push", cwd=project).code == 0
+    jupyter_in_box_venv(box, f"~/jupyter-tests/{tmp_path.name}")
     local, remote = free_port(), free_port()
     r = run("jupyter", f"{local}:{remote}", "--colab", "--background", cwd=project)
     try:

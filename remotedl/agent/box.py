@@ -1,4 +1,4 @@
-"""Box side of jobs. One request (JSON in argv) per exec; one JSON answer on stdout.
+"""Box side of jobs. One request (JSON on stdin) per exec; one JSON answer on stdout.
 
 State lives under ``~/.remotedl`` so any laptop sees the same jobs:
 ``jobs/<id>.json`` (the record), ``logs/<id>.log``, ``lock`` (flock: choosing and claiming
@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from remotedl import gpus as gpumod
+from remotedl.schema import ACTIVE, MAX_REQUEST
 from remotedl.waiting import pid_alive as _alive
 
-ACTIVE = ("queued", "running")
-ENDED = ("exited", "killed", "lost", "failed")
 QUEUE_POLL = 2.0
 
 
@@ -400,9 +399,10 @@ def op_runner(req: dict[str, Any]) -> dict[str, Any]:
     log.close()
     rec = load(job_id)
     killed = (jobs_dir() / f"{job_id}.kill").exists()
+    exit_code = code if code >= 0 else 128 - code
     rec.update(
-        status="killed" if killed else "exited",
-        exit_code=code if code >= 0 else 128 - code,
+        status="killed" if killed else ("succeeded" if exit_code == 0 else "failed"),
+        exit_code=exit_code,
         ended=time.time(),
     )
     save(rec)
@@ -573,12 +573,24 @@ OPS = {
 }
 
 
+def read_request(argv: list[str]) -> dict[str, Any]:
+    """The request: JSON on stdin from the laptop, or in argv for the agent's own runner."""
+    raw = argv[0].encode() if argv else sys.stdin.buffer.read(MAX_REQUEST + 1)
+    if len(raw) > MAX_REQUEST:
+        raise ValueError("request too large")
+    req = json.loads(raw)
+    if not isinstance(req, dict) or req.get("op") not in OPS:
+        raise ValueError("not a request")
+    return req
+
+
 def main(argv: list[str]) -> int:
     try:
-        req = json.loads(argv[0])
+        req = read_request(argv)
         op = OPS[req["op"]]
-    except (IndexError, ValueError, KeyError):
-        print(json.dumps({"ok": False, "kind": "protocol", "error": f"bad request {argv!r}"}))
+    except (ValueError, KeyError, UnicodeDecodeError):
+        # Never echo the request: it may hold secrets.
+        print(json.dumps({"ok": False, "kind": "protocol", "error": "the agent got a malformed request"}))
         return 2
     try:
         result = op(req)

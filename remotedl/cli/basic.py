@@ -145,23 +145,22 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
 
 
 def cmd_trust(args: argparse.Namespace, env: Environment) -> int:
-    from remotedl.ssh import fetch_host_key, fingerprint, load_known_hosts, trust_host
+    from remotedl.ssh.hostkeys import fetch_host_key, trust_host, trust_state
 
     app = App(args, env)
     spec = app.spec(args.alias)
     if not args.yes:
-        key = fetch_host_key(spec)
-        known = load_known_hosts(spec).lookup(spec.known_hosts_name)
-        if known and known.get(key.get_name()) and known[key.get_name()].asbytes() == key.asbytes():
-            app.out(f"{spec.alias}: host key {key.get_name()} {fingerprint(key)} is already trusted")
+        name, key = fetch_host_key(spec)
+        if trust_state(spec, name, key) == "already-known":
+            app.out(f"{spec.alias}: host key {key.key_type} {key.fingerprint} is already trusted")
             return ExitCode.OK
         if not env.stdin_isatty:
             raise UsageError(
-                f"{spec.display} offers host key {key.get_name()} {fingerprint(key)}",
+                f"{spec.display} offers host key {key.key_type} {key.fingerprint}",
                 hint="compare it with the box's (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` "
                 "there), then run again with --yes",
             )
-        env.stderr.write(f"{spec.display} offers host key {key.get_name()} {fingerprint(key)}\n")
+        env.stderr.write(f"{spec.display} offers host key {key.key_type} {key.fingerprint}\n")
         env.stderr.write("Trust it and record it in known_hosts? [y/N] ")
         env.stderr.flush()
         if input().strip().lower() not in ("y", "yes"):

@@ -8,6 +8,7 @@ import datetime
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration
@@ -15,6 +16,9 @@ from remotedl.cli.progress import progress_bar
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, JobFailed, UsageError
+
+if TYPE_CHECKING:
+    from remotedl.agent.client import AgentClient
 
 
 def _writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], None]]:
@@ -49,20 +53,23 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _follow(app: App, spec: object, job_id: int, python: str) -> int:
-    from remotedl import jobs
-    from remotedl.ssh import HostSpec
+def _client(app: App) -> AgentClient:
+    from remotedl.agent.client import AgentClient
 
-    assert isinstance(spec, HostSpec)
+    return AgentClient(app.spec(), python=str(app.settings.get("python")))
+
+
+def _follow(app: App, client: AgentClient, job_id: int) -> int:
+    from remotedl import jobs
+
+    spec = client.spec
     write, flush = _writer(app.env)
 
     def reconnecting(n: int) -> None:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
 
     try:
-        rec = jobs.stream_logs(
-            spec, str(job_id), write, follow=True, python=python, on_reconnect=reconnecting
-        )
+        rec = jobs.stream_logs(client, str(job_id), write, follow=True, on_reconnect=reconnecting)
     except KeyboardInterrupt:
         flush()
         app.env.stderr.write(
@@ -103,8 +110,8 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
             raise UsageError(str(e)) from e
         gpus = "auto" if parsed is None else parsed
     job_env = {**s.get("env"), **_env_pairs(args.env)}
-    spec = app.spec()
-    python = str(s.get("python"))
+    client = _client(app)
+    spec = client.spec
     commit, snapshot, cwd = None, False, remote_dir(app)
     if not args.no_push:
         data = [*s.get("data"), *[d for d in args.data if d not in s.get("data")]]
@@ -113,7 +120,7 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
         commit, snapshot, cwd = pushed.commit, pushed.snapshot, pushed.remote_dir
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
     rec = jobs.start(
-        spec,
+        client,
         command=command,
         cwd=cwd,
         script=script,
@@ -125,7 +132,6 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
         force=args.force,
         git_commit=commit,
         snapshot=snapshot,
-        python=python,
     )
     if app.json and args.detach:
         app.print_json(rec.to_dict())
@@ -142,7 +148,7 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
         f"remotedl: job {rec.id} ({rec.name}) {rec.status} on {spec.alias}, GPUs {gpu_text}; "
         "Ctrl-C detaches\n"
     )
-    return _follow(app, spec, rec.id, python)
+    return _follow(app, client, rec.id)
 
 
 def _when(ts: float | None) -> str:
@@ -157,7 +163,7 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app = App(args, env)
-    records = jobs.list_jobs(app.spec(), all_jobs=args.all, python=str(app.settings.get("python")))
+    records = jobs.list_jobs(_client(app), all_jobs=args.all)
     if app.json:
         app.print_json([r.to_dict() for r in records])
         return ExitCode.OK
@@ -186,24 +192,14 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app = App(args, env)
-    spec = app.spec()
-    python = str(app.settings.get("python"))
+    client = _client(app)
     if args.follow:
-        rec = jobs.get_job(spec, args.job, python=python)
+        rec = jobs.get_job(client, args.job)
         if args.lines is None:
-            return _follow(app, spec, rec.id, python)
+            return _follow(app, client, rec.id)
     write, flush = _writer(env)
-    out_fd = None
     try:
-        if hasattr(env.stdout, "fileno"):
-            env.stdout.flush()
-            out_fd = env.stdout.fileno()
-    except (OSError, ValueError):  # io.StringIO in tests: no descriptor
-        out_fd = None
-    try:
-        jobs.stream_logs(
-            spec, args.job, write, follow=args.follow, lines=args.lines, python=python, out_fd=out_fd
-        )
+        jobs.stream_logs(client, args.job, write, follow=args.follow, lines=args.lines)
     finally:
         flush()
     return ExitCode.OK
@@ -213,7 +209,7 @@ def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app = App(args, env)
-    rec = jobs.kill(app.spec(), args.job, grace=args.grace, python=str(app.settings.get("python")))
+    rec = jobs.kill(_client(app), args.job, grace=args.grace)
     if app.json:
         app.print_json(rec.to_dict())
     else:
@@ -225,8 +221,9 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app = App(args, env)
-    spec = app.spec()
-    rec = jobs.get_job(spec, args.job, python=str(app.settings.get("python")))
+    client = _client(app)
+    spec = client.spec
+    rec = jobs.get_job(client, args.job)
     if rec.status not in ("running", "queued"):
         raise UsageError(
             f"job {rec.id} is {rec.status}: nothing to attach to",

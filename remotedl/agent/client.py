@@ -1,0 +1,188 @@
+"""Laptop side of the box agent: build it, install it when its version is missing, call it.
+
+The agent is remotedl's own code (plus libtmux) that runs on the box under the box's python3,
+unpacked once per version under ``~/.remotedl/agent/<digest>/``. A request is one JSON object
+sent on stdin through the framed channel (never in argv: it can hold ``--env`` values); the
+answer is one JSON object on stdout, type-checked here before anything uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from remotedl.errors import RemotedlError, RemoteError, UsageError
+from remotedl.schema import (
+    AGENT_CANNOT_INSTALL,
+    AGENT_MISSING,
+    AGENT_NO_PYTHON,
+    SchemaError,
+    decode_answer,
+)
+from remotedl.ssh.channel import Box, FramedProcess
+from remotedl.ssh.resolve import HostSpec
+
+log = logging.getLogger("remotedl.agent")
+
+
+@dataclass(frozen=True)
+class Agent:
+    files: tuple[tuple[str, Path], ...]  # (name inside the agent, source file)
+    digest: str
+
+    def zip_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for arc, path in self.files:
+                info = zipfile.ZipInfo(arc, (2020, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                z.writestr(info, path.read_bytes())
+        return buf.getvalue()
+
+
+_CACHE: Agent | None = None
+
+# The modules of remotedl that run on the box (standard library only, but for libtmux).
+AGENT_MODULES = ("gpus.py", "waiting.py", "schema.py", "agent/__init__.py", "agent/box.py")
+
+
+def build_agent() -> Agent:
+    """The agent's files and a digest of their contents, which names its version on the box.
+    Hashing, not zipping: the zip is only built when the box lacks this version."""
+    global _CACHE
+    if _CACHE is not None:
+        return _CACHE
+    import importlib.util
+
+    pkg = Path(__file__).resolve().parent.parent
+    files: list[tuple[str, Path]] = [
+        ("__main__.py", pkg / "agent" / "__main__.py"),
+        ("remotedl/__init__.py", pkg / "agent" / "__init__.py"),
+        *[(f"remotedl/{m}", pkg / m) for m in AGENT_MODULES],
+    ]
+    spec = importlib.util.find_spec("libtmux")  # found, not imported
+    if spec is None or spec.origin is None:
+        raise RemotedlError("libtmux is not installed here; reinstall remotedl")
+    tmux_root = Path(spec.origin).parent
+    for path in sorted(tmux_root.rglob("*.py")):
+        if "__pycache__" not in path.parts:
+            files.append((f"libtmux/{path.relative_to(tmux_root).as_posix()}", path))
+    digest = hashlib.sha256()
+    for arc, path in files:
+        digest.update(arc.encode() + b"\0" + path.read_bytes() + b"\0")
+    _CACHE = Agent(tuple(files), digest.hexdigest()[:16])
+    return _CACHE
+
+
+# "$1" is the box's python. -E -s -S: no PYTHONPATH, user site or site-packages: the agent
+# brings what it needs and starts fast.
+_CALL = """\
+d="$HOME/.remotedl/agent/{digest}"
+[ -f "$d/__main__.py" ] || exit {missing}
+command -v "$1" >/dev/null 2>&1 || exit {nopython}
+exec "$1" -E -s -S "$d"
+"""
+
+_UNPACK = (
+    "import io, sys, zipfile, compileall; "
+    "zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read())).extractall(sys.argv[1]); "
+    "compileall.compile_dir(sys.argv[1], quiet=1)"
+)
+
+# Atomic: a complete directory appears under its digest, or another upload of it won.
+_INSTALL = """\
+umask 077
+command -v "$1" >/dev/null 2>&1 || exit {nopython}
+a="$HOME/.remotedl/agent"
+mkdir -p "$a" || exit {cannot}
+t="$a/.new.$$"
+"$1" -c '{unpack}' "$t" || {{ rm -rf "$t"; exit {cannot}; }}
+d="$a/{digest}"
+mv -T "$t" "$d" 2>/dev/null || {{ rm -rf "$t"; [ -f "$d/__main__.py" ]; }}
+"""
+
+
+class AgentClient:
+    """Calls the agent on one box: one exec per request over the shared connection, plus an
+    upload the first time a box sees this agent version."""
+
+    def __init__(self, spec: HostSpec, python: str = "python3", box: Box | None = None) -> None:
+        self.spec = spec
+        self.python = python
+        self.box = box or Box(spec)
+        self.agent = build_agent()
+
+    def _no_python(self) -> RemoteError:
+        return RemoteError(
+            f"{self.python} is not installed on {self.spec.alias}: the box side of remotedl needs it",
+            hint='install python3 (3.10 or newer) there, or set `python = "/path/to/python3"` '
+            "in remotedl.toml",
+        )
+
+    def upload(self) -> None:
+        """Unpack this agent version into ~/.remotedl/agent/<digest>/, byte-compiled."""
+        script = _INSTALL.format(
+            nopython=AGENT_NO_PYTHON, cannot=AGENT_CANNOT_INSTALL, unpack=_UNPACK, digest=self.agent.digest
+        )
+        r = self.box.run(script, self.python, stdin=self.agent.zip_bytes(), check=False)
+        if r.exit_code == AGENT_NO_PYTHON:
+            raise self._no_python()
+        if r.exit_code != 0:
+            last = (r.stderr.strip().splitlines() or [f"exit status {r.exit_code}"])[-1]
+            raise RemoteError(
+                f"could not install the remotedl agent under ~/.remotedl on {self.spec.alias}: {last}",
+                hint=f"make ~/.remotedl on the box writable by {self.spec.user}; check its free disk space",
+            )
+
+    def _script(self) -> str:
+        return _CALL.format(digest=self.agent.digest, missing=AGENT_MISSING, nopython=AGENT_NO_PYTHON)
+
+    @staticmethod
+    def _body(request: dict[str, Any]) -> bytes:
+        # Only the operation is logged: a request can hold secrets (--env values).
+        log.debug("agent request: op=%s keys=%s", request.get("op"), sorted(request))
+        return json.dumps(request).encode()
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request, one answer (an error answer raises)."""
+        body = self._body(request)
+        for attempt in range(2):
+            r = self.box.run(self._script(), self.python, stdin=body, check=False)
+            if r.exit_code == AGENT_MISSING and attempt == 0:
+                self.upload()
+                continue
+            if r.exit_code == AGENT_NO_PYTHON and not r.stdout:
+                raise self._no_python()
+            try:
+                answer = decode_answer(r.stdout_bytes)
+            except SchemaError as e:
+                err = [x for x in r.stderr.strip().splitlines() if x.strip()]
+                detail = f"; it said: {err[-1][:200]}" if err else ""
+                raise RemoteError(
+                    f"the remotedl agent on {self.spec.alias} gave a bad answer ({e}){detail}",
+                    hint=f"is {self.python} on the box a working Python 3.10+? `remotedl doctor` checks",
+                ) from None
+            if not answer["ok"]:
+                raise error_from(answer)
+            return answer
+        raise RemoteError(f"could not install the remotedl agent on {self.spec.alias}")
+
+    def stream(self, request: dict[str, Any]) -> FramedProcess:
+        """Start a streaming request (logs); the caller reads and waits. An exit status of
+        ``AGENT_MISSING`` means: ``upload()`` and start again."""
+        return self.box.start(self._script(), self.python, stdin=self._body(request))
+
+
+def error_from(answer: dict[str, Any]) -> RemotedlError:
+    message = str(answer.get("error") or "the agent failed")[:2000]
+    hint = answer.get("hint")
+    hint = str(hint)[:2000] if hint else None
+    if answer.get("kind") == "usage":
+        return UsageError(message, hint)
+    return RemotedlError(message, hint)

@@ -1,0 +1,180 @@
+"""What crosses the wire between the laptop and the box's agent: one definition, both sides.
+
+Standard library only (it ships inside the agent, whose python may be as old as 3.10).
+A job record is written by the agent under ``~/.remotedl/jobs/<id>.json`` and read back by
+any laptop; ``JobRecord.from_dict`` checks every field's type, so a broken or hostile box
+gives one clear error instead of a crash deep inside the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+Status = Literal["queued", "starting", "running", "succeeded", "failed", "killed", "lost"]
+STATUSES: tuple[str, ...] = get_args(Status)
+ACTIVE: tuple[Status, ...] = ("queued", "starting", "running")
+ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost")
+
+Op = Literal["start", "runner", "list", "get", "kill", "logs", "gpus"]
+OPS: tuple[str, ...] = get_args(Op)
+
+# Exit statuses of the agent's wrapper script (the agent itself exits 0, 2 or 3).
+AGENT_MISSING = 97  # this agent version is not on the box yet: upload it
+AGENT_NO_PYTHON = 127
+AGENT_CANNOT_INSTALL = 96
+
+MAX_REQUEST = 16 << 20
+
+
+class SchemaError(ValueError):
+    """Data from the other side does not have the promised shape."""
+
+
+@dataclass
+class JobRecord:
+    id: int
+    name: str
+    command: str
+    cwd: str
+    status: Status
+    gpus: list[int] = field(default_factory=list)
+    exit_code: int | None = None
+    created: float | None = None
+    started: float | None = None
+    ended: float | None = None
+    log: str = ""
+    session: str = ""
+    git_commit: str | None = None
+    snapshot: bool = False
+    env_keys: list[str] = field(default_factory=list)
+    error: str | None = None
+    want: dict[str, Any] = field(default_factory=dict)
+    runner_pid: int | None = None
+    pid: int | None = None
+    pgid: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JobRecord:
+        """A record from JSON data, every known field type-checked; unknown fields ignored
+        (a newer agent may add some)."""
+        if not isinstance(data, dict):
+            raise SchemaError(f"a job record must be an object, not {type(data).__name__}")
+        hints = _hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise SchemaError(f"job record without '{f.name}'")
+                continue
+            values[f.name] = check_type(data[f.name], hints[f.name], f"job record field '{f.name}'")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def duration(self) -> float | None:
+        import time
+
+        if not self.started:
+            return None
+        return (self.ended or time.time()) - self.started
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """``value`` if it matches the type ``hint`` (the few shapes the schema uses), else raise."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return check_type(value, a, where)
+            except SchemaError:
+                continue
+        raise SchemaError(f"{where}: unexpected {type(value).__name__}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise SchemaError(f"{where}: {str(value)[:40]!r} is not one of {', '.join(map(str, args))}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise SchemaError(f"{where}: expected nothing")
+    if origin is list:
+        if not isinstance(value, list):
+            raise SchemaError(f"{where}: expected a list")
+        return [check_type(v, args[0], where) for v in value] if args else value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise SchemaError(f"{where}: expected an object")
+        return value
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SchemaError(f"{where}: expected a number")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SchemaError(f"{where}: expected an integer")
+    if isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise SchemaError(f"{where}: expected {getattr(hint, '__name__', hint)}")
+
+
+def decode_answer(body: bytes) -> dict[str, Any]:
+    """The agent's one JSON answer. Depth and size are bounded before parsing."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if not text:
+        raise SchemaError("an empty answer")
+    if nesting(text) > 64:  # json recursion on hostile nesting: refuse before parsing
+        raise SchemaError("an answer nested too deeply")
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        raise SchemaError(f"not JSON: {text[:60]!r}") from None
+    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        raise SchemaError("not an agent answer (an object with 'ok')")
+    return answer
+
+
+def nesting(text: str) -> int:
+    """The deepest nesting of arrays/objects in JSON text (brackets inside strings skipped)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest

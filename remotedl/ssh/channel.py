@@ -1,0 +1,314 @@
+"""The one way remotedl runs code on a box: a script on stdin, values as positional parameters,
+output framed so that the login shell's start-up noise never reaches the caller.
+
+The command line ssh hands to the box's login shell is a constant (``BOOTSTRAP``) that bash,
+zsh, fish, dash and tcsh all parse the same way. It starts ``/bin/sh``, which reads the script
+and then each value from stdin, length-prefixed, so no value is ever spliced into code or seen
+by a shell parser, a process list or an argv limit. The script's first act is to print a
+marker with a fresh nonce on stdout and stderr; whatever came before it is start-up noise
+(``echo Welcome`` in ``~/.bashrc``) and is dropped, remembered only to explain why git or
+rsync cannot work on such a box. Whatever comes after it is the script's own output, byte for
+byte. Anything the script needs beyond its values (a zip, a request) follows on stdin.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from remotedl import proc
+from remotedl.errors import ConnectError, RemoteError
+from remotedl.ssh.openssh import looks_like_ssh_failure, openssh_failure, ssh_argv
+from remotedl.ssh.resolve import HostSpec
+
+log = logging.getLogger("remotedl.ssh")
+
+# Parsed identically by every login shell: single quotes hold no ', \, ! or newline.
+BOOTSTRAP = "exec /bin/sh -c 'read -r n; eval \"$(dd bs=1 count=$n 2>/dev/null)\"'"
+
+# Reads the values into "$@" (dd reads exactly the bytes announced; `read` stops at the
+# newline), then frames the output. ${SHELL##*/} tells the caller which start-up files ran.
+_PROLOGUE = """\
+read -r _rdl_c; set --
+while [ "$#" -lt "$_rdl_c" ]; do
+  read -r _rdl_l; _rdl_v=$(dd bs=1 count="$_rdl_l" 2>/dev/null; echo .); set -- "$@" "${{_rdl_v%.}}"
+done
+unset _rdl_c _rdl_l _rdl_v
+printf '\\n@@rdl:%s %s\\n' {nonce} "${{SHELL##*/}}"; printf '\\n@@rdl:%s\\n' {nonce} >&2
+"""
+
+MAX_ANSWER = 64 << 20  # what a box may send back to a buffered call
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    command: str
+    stdout: str
+    stderr: str
+    exit_code: int
+    noise: str = ""  # what the login shell's start-up files printed before the script ran
+    stdout_bytes: bytes = b""
+
+
+def encode_request(script: str, args: Sequence[str], stdin: bytes = b"") -> tuple[str, bytes]:
+    """(nonce, bytes for ssh's stdin): the framed script, its values, then ``stdin``."""
+    nonce = secrets.token_hex(8)
+    body = (_PROLOGUE.format(nonce=nonce) + script).encode()
+    parts = [f"{len(body)}\n".encode(), body, f"{len(args)}\n".encode()]
+    for a in args:
+        if "\0" in a:
+            raise ValueError("a value sent to the box cannot hold a NUL byte")
+        raw = a.encode("utf-8", "surrogateescape")
+        parts += [f"{len(raw)}\n".encode(), raw]
+    return nonce, b"".join(parts) + stdin
+
+
+class NoFrame(Exception):
+    """The script never started: ssh failed, or the login shell could not start /bin/sh."""
+
+
+def split_frame(data: bytes, nonce: str, *, with_shell: bool = False) -> tuple[bytes, bytes, str] | None:
+    """(noise before the marker, output after it, login shell name) or None if no marker."""
+    tag = f"@@rdl:{nonce}".encode()
+    at = data.find(tag)
+    if at < 0:
+        return None
+    end = data.find(b"\n", at)
+    if end < 0:
+        return None
+    shell = data[at + len(tag) : end].decode(errors="replace").strip() if with_shell else ""
+    noise = data[:at]
+    if noise.endswith(b"\n"):
+        noise = noise[:-1]  # the newline our marker starts with
+    return noise, data[end + 1 :], shell
+
+
+class Box:
+    """A box reached through OpenSSH. Every call shares the host's master connection."""
+
+    def __init__(self, spec: HostSpec) -> None:
+        self.spec = spec
+        self.noise = ""  # the last start-up noise seen (stdout and stderr)
+        self.login_shell = ""
+
+    def argv(self) -> list[str]:
+        return ssh_argv(self.spec, BOOTSTRAP)
+
+    def run(
+        self,
+        script: str,
+        *args: str,
+        stdin: bytes | str | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+        max_output: int = MAX_ANSWER,
+    ) -> RemoteResult:
+        """Run a POSIX sh script on the box with ``args`` as "$1"..., and wait for it."""
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        nonce, payload = encode_request(script, args, data)
+        first = script.strip().splitlines()[0] if script.strip() else ""
+        log.debug("remote %s: %s ... (%d lines, %d values)", self.spec.alias, first[:80],
+                  script.count("\n") + 1, len(args))  # fmt: skip
+        try:
+            done = proc.communicate(self.argv(), input=payload, timeout=timeout, max_stdout=max_output)
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"a command on {self.spec.alias} took longer than {timeout:g} s") from None
+        out = split_frame(done.stdout, nonce, with_shell=True)
+        err = split_frame(done.stderr, nonce)
+        stderr_text = (err[1] if err else done.stderr).decode(errors="replace")
+        if out is None:
+            raise self._no_frame(done.returncode, done.stderr.decode(errors="replace"))
+        noise, body, shell = out
+        self.login_shell = shell
+        self.noise = (noise + (err[0] if err else b"")).decode(errors="replace").strip()
+        if done.truncated:
+            raise RemoteError(
+                f"{self.spec.alias} sent more than {max_output >> 20} MiB in answer to one request: refused",
+                hint="the box's remotedl agent or python3 may be broken or replaced",
+            )
+        if done.returncode == 255 and looks_like_ssh_failure(stderr_text) and not body:
+            raise with_fingerprint(self.spec, openssh_failure(self.spec, stderr_text))
+        result = RemoteResult(
+            script, body.decode(errors="replace"), stderr_text, done.returncode, self.noise, body
+        )
+        if check and result.exit_code != 0:
+            last = (result.stderr.strip().splitlines() or [f"exit status {result.exit_code}"])[-1]
+            raise RemoteError(f"command on {self.spec.alias} failed: {last}")
+        return result
+
+    def _no_frame(self, code: int, stderr: str) -> Exception:
+        if code == 255 or looks_like_ssh_failure(stderr):
+            return with_fingerprint(self.spec, openssh_failure(self.spec, stderr))
+        last = (stderr.strip().splitlines() or [f"exit status {code}"])[-1]
+        return ConnectError(
+            f"{self.spec.alias}: the login shell did not start /bin/sh: {last}",
+            hint="log in with `ssh` and check the account's shell and start-up files",
+        )
+
+    def start(self, script: str, *args: str, stdin: bytes = b"") -> FramedProcess:
+        """Start a script whose output is read as it comes (logs, streams)."""
+        nonce, payload = encode_request(script, args, stdin)
+        log.debug("remote %s (streaming): %s", self.spec.alias, script.strip().splitlines()[0][:80])
+        p = proc.popen(self.argv(), stdin=subprocess.PIPE, text=False)
+        return FramedProcess(self, p, nonce, payload)
+
+    def close(self) -> None:
+        """Nothing to close: the master connection persists for the next call."""
+
+    def __enter__(self) -> Box:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FramedProcess:
+    """A running framed script: ``read`` gives its stdout after the marker; stderr lines after
+    the marker are collected by a thread (``stderr_lines``), ``on_line`` sees each one."""
+
+    def __init__(self, box: Box, p: subprocess.Popen[bytes], nonce: str, payload: bytes) -> None:
+        self.box = box
+        self.process = p
+        self.nonce = nonce
+        self.stderr_lines: list[str] = []
+        self.raw_stderr: list[str] = []
+        self._buf = b""
+        self._framed = False
+        self._err_framed = threading.Event()
+        self._writer = threading.Thread(target=self._feed, args=(payload,), daemon=True)
+        self._writer.start()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _feed(self, payload: bytes) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(payload)
+        except OSError:
+            pass
+        finally:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        tag = f"@@rdl:{self.nonce}"
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.raw_stderr.append(line)
+            if not self._err_framed.is_set():
+                if line == tag:
+                    self._err_framed.set()
+                continue
+            self.stderr_lines.append(line)
+
+    def read(self, n: int = 1 << 20) -> bytes:
+        """The next chunk of the script's stdout; b"" at its end. Raises ``NoFrame`` when the
+        output ended before the script started."""
+        import os
+
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        if not self._framed:
+            while True:
+                chunk = os.read(fd, n)
+                if not chunk:
+                    raise NoFrame(self._buf.decode(errors="replace"))
+                self._buf += chunk
+                got = split_frame(self._buf, self.nonce, with_shell=True)
+                if got is not None:
+                    noise, rest, shell = got
+                    self.box.noise = noise.decode(errors="replace").strip()
+                    self.box.login_shell = shell
+                    self._framed = True
+                    self._buf = b""
+                    if rest:
+                        return rest
+                    break
+                if len(self._buf) > MAX_ANSWER:
+                    raise NoFrame("no frame marker in the first 64 MiB")
+        return os.read(fd, n)
+
+    def wait(self) -> int:
+        code = self.process.wait()
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def stderr_text(self) -> str:
+        return "\n".join(self.raw_stderr)
+
+
+def with_fingerprint(spec: HostSpec, err: ConnectError) -> ConnectError:
+    """An unknown or changed host key error, with the fingerprint the box offers now, so the
+    user can compare it with the box's before trusting it."""
+    from remotedl.errors import HostKeyError
+    from remotedl.ssh.hostkeys import fetch_host_key
+
+    if not isinstance(err, HostKeyError) or err.fingerprint or "jump host" in err.message:
+        return err
+    try:
+        _, key = fetch_host_key(spec)
+    except Exception:  # the error at hand says enough; the fingerprint is a bonus
+        return err
+    message = f"{err.message} ({key.key_type} {key.fingerprint})"
+    return HostKeyError(message, err.hint, fingerprint=key.fingerprint)
+
+
+@contextmanager
+def open_box(spec: HostSpec) -> Iterator[Box]:
+    box = Box(spec)
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+# ------------------------------------------------------------------ answers
+
+
+_MARK = re.compile(r"^@@([a-z_][a-z0-9_-]*)(?: (.*))?$")
+
+
+def parse_marks(text: str) -> dict[str, str]:
+    """The ``@@key value`` lines of a script's answer (the first of each key wins); the one
+    parser for every script that answers that way."""
+    marks: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _MARK.match(line)
+        if m and m.group(1) not in marks:
+            marks[m.group(1)] = m.group(2) or ""
+    return marks
+
+
+def mark_sections(text: str) -> dict[str, list[str]]:
+    """``@@name`` section headers and the lines under each (``status`` answers this way)."""
+    out: dict[str, list[str]] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        m = _MARK.match(line)
+        if m and m.group(2) is None:
+            current = m.group(1)
+            out[current] = []
+        elif m:
+            out.setdefault(m.group(1), []).append(m.group(2) or "")
+        elif current is not None:
+            out[current].append(line)
+    return out
+
+
+# A shell function scripts use on path values: a leading ~ means the box user's home.
+EXPAND_HOME = (
+    'expand_home() { case $1 in "~") printf %s "$HOME";; '
+    '"~/"*) printf %s "$HOME/${1#"~/"}";; *) printf %s "$1";; esac; }\n'
+)
