@@ -5,16 +5,28 @@ host key and client key, a free port, an ssh config file under the state directo
 paramiko and OpenSSH read. The box's $HOME, PATH and tmux socket directory are its own
 (sshd's SetEnv), so jobs and synced code on it never touch the user's real home.
 The test suite's fixtures use this same code.
+
+Boxes as users have them: ``login_shell`` logs in as a system user of the sandbox's own
+(``rdl-fish`` ...) whose passwd shell is bash, zsh, fish, dash or tcsh; ``noisy`` gives the box
+home start-up files that print to stdout and stderr; ``no_sudo`` logs in as such a plain user
+(bash) that sudo refuses. These need root (they create the user); the parts of the box that
+user reads and writes (home, bin, gpus.json, authorized_keys, tmux dir) then live in a
+directory of their own under /tmp, since the state directory (under root's home) is closed to it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +48,26 @@ DEFAULT_GPU_MODELS = [
 ]
 
 
+LOGIN_SHELLS = ("bash", "zsh", "fish", "dash", "tcsh")
+
+# Every line a noisy box's start-up files print holds this, and names the file it comes from.
+NOISE_MARKER = "Welcome to the remotedl sandbox"
+
+# What each login shell reads, in the box home, for a non-interactive `ssh box command`:
+# bash (Debian's, built with SSH_SOURCE_BASHRC) ~/.bashrc when started by sshd; zsh ~/.zshenv;
+# fish $XDG_CONFIG_HOME/fish/config.fish (~/.config, sshd sets no XDG_CONFIG_HOME); tcsh
+# ~/.tcshrc (else ~/.cshrc); dash none (it reads $ENV only when interactive).
+STARTUP_FILES: dict[str, str | None] = {
+    "bash": ".bashrc",
+    "zsh": ".zshenv",
+    "fish": ".config/fish/config.fish",
+    "tcsh": ".tcshrc",
+    "dash": None,
+}
+
+_USER_COMMENT = "remotedl sandbox user"
+
+
 @dataclass
 class SandboxInfo:
     name: str
@@ -47,6 +79,10 @@ class SandboxInfo:
     ssh_config: str
     home: str
     gpus: int
+    login_shell: str | None = None  # the box user's passwd shell, when it is a user of its own
+    noisy: bool = False  # start-up files in the box home print to stdout and stderr
+    sudo: bool = True  # False: a plain user whom `sudo -n` refuses ("a password is required")
+    tmux_dir: str = ""  # TMUX_TMPDIR on the box
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -87,6 +123,16 @@ def _tmux_dir(directory: Path) -> Path:
     return Path(f"/tmp/remotedl-box-{os.getuid()}-{digest}")
 
 
+def _user_dir(directory: Path) -> Path:
+    # A box of a user of its own: what that user reads and writes, where it can reach it.
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:10]
+    return Path(f"/tmp/remotedl-user-{digest}")
+
+
+def _tmux_socket(tmux_dir: Path, uid: int) -> Path:
+    return tmux_dir / f"tmux-{uid}" / "default"
+
+
 def _read_info(directory: Path) -> SandboxInfo | None:
     try:
         return SandboxInfo(**json.loads((directory / "sandbox.json").read_text()))
@@ -118,27 +164,157 @@ def _path_without_nvidia(path: str, shadow_root: Path) -> str:
     return ":".join(out)
 
 
-def up(env: Environment, *, name: str = "sandbox", gpus: int = 2, host_gpus: bool = False) -> SandboxInfo:
+def _users_lock_path() -> Path:
+    base = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
+    return base / "remotedl-sandbox-users.lock"
+
+
+@contextlib.contextmanager
+def _users_lock() -> Iterator[None]:
+    """One sandbox at a time checks and creates its user, so parallel test runs do not race."""
+    fd = os.open(_users_lock_path(), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _system_tool(name: str) -> str:
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.path.exists(p)), None
+    )
+    if found is None:
+        raise RemotedlError(f"{name} is not installed on this machine", hint="install the passwd package")
+    return found
+
+
+def ensure_user(shell: str) -> pwd.struct_passwd:
+    """The system user ``rdl-SHELL`` (created once, idempotently): passwd shell ``shell``, a
+    home of its own, not in sudoers, a password field that sshd (without PAM) accepts as not
+    locked and that no password matches."""
+    shell_path = shutil.which(shell)
+    if shell_path is None:
+        raise UsageError(
+            f"{shell} is not installed on this machine", hint=f"install it: `sudo apt-get install {shell}`"
+        )
+    user = f"rdl-{shell}"
+    with _users_lock():
+        try:
+            found = pwd.getpwnam(user)
+        except KeyError:
+            proc.run(
+                [
+                    _system_tool("useradd"),
+                    "--create-home",
+                    "--user-group",
+                    "--shell",
+                    shell_path,
+                    "--comment",
+                    _USER_COMMENT,
+                    "--password",
+                    "*",  # "!" would mean locked: sshd without PAM refuses locked accounts
+                    user,
+                ]
+            )
+            return pwd.getpwnam(user)
+        if _USER_COMMENT not in found.pw_gecos:
+            raise UsageError(
+                f"a user {user} exists on this machine and is not a remotedl sandbox user",
+                hint="remove or rename that user, or leave out --shell/--no-sudo",
+            )
+        # Ours: make sure it is still as a sandbox needs it (cheap, and idempotent).
+        proc.run([_system_tool("usermod"), "--shell", shell_path, "--password", "*", user])
+        return pwd.getpwnam(user)
+
+
+def _noise(file: str) -> str:
+    """Start-up file lines that print to stdout and stderr, as users' files do (a greeting, and a
+    terminal title escape with no newline), in syntax every one of the shells reads."""
+    line = f"{NOISE_MARKER} (~/{file})"
+    # csh has no >&2: /dev/stderr does for it what >&2 does for the others.
+    to_stderr = "> /dev/stderr" if file in (".tcshrc", ".cshrc", ".login") else ">&2"
+    return f"echo '{line}'\necho '{line} on stderr' {to_stderr}\nprintf '\\033]0;sandbox\\007'\n"
+
+
+def _write_noise(home: Path) -> None:
+    # Every shell's files, whatever the login shell: users keep a .bashrc under zsh too, and a
+    # `bash -c` or login shell started on the box must not leak noise either.
+    for file in (*[f for f in STARTUP_FILES.values() if f], ".profile", ".zprofile", ".login"):
+        path = home / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# a noisy start-up file: remotedl must cope\n{_noise(file)}")
+
+
+def _chown_tree(path: Path, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+    for root, dirs, files in os.walk(path):
+        for n in (*dirs, *files):
+            os.chown(os.path.join(root, n), uid, gid, follow_symlinks=False)
+
+
+def up(
+    env: Environment,
+    *,
+    name: str = "sandbox",
+    gpus: int = 2,
+    host_gpus: bool = False,
+    login_shell: str | None = None,
+    noisy: bool = False,
+    no_sudo: bool = False,
+) -> SandboxInfo:
     """Start (or find running) the sandbox box called ``name``: ``gpus`` stand-in GPUs, or
-    none (no driver at all), or with ``host_gpus`` this machine's real nvidia-smi."""
+    none (no driver at all), or with ``host_gpus`` this machine's real nvidia-smi.
+
+    ``login_shell`` (bash, zsh, fish, dash, tcsh): log in as the system user ``rdl-SHELL``
+    whose passwd shell that is; None: as the current user. ``noisy``: the box home's start-up
+    files (.bashrc, .zshenv, config.fish, .tcshrc, ...) print to stdout and stderr.
+    ``no_sudo``: a box user that may not sudo (``rdl-bash`` unless ``login_shell`` says
+    otherwise); a ``login_shell`` user never may. A user of its own needs root."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise UsageError(f"sandbox name '{name}' may only hold letters, digits, - and _")
+    if login_shell is not None and login_shell not in LOGIN_SHELLS:
+        raise UsageError(f"login shell '{login_shell}' is not one of {', '.join(LOGIN_SHELLS)}")
+    own_user = login_shell is not None or no_sudo
     running = status(env, name)
     if running is not None:
+        wanted = (login_shell or ("bash" if no_sudo else None), noisy, not own_user)
+        if (running.login_shell, running.noisy, running.sudo) != wanted:
+            raise UsageError(
+                f"sandbox '{name}' is already up, with other login shell, noise or sudo settings",
+                hint=f"stop it first: `remotedl sandbox down --name {name}`",
+            )
         return running
+    if own_user and os.getuid() != 0:
+        raise UsageError(
+            "a sandbox with --shell or --no-sudo needs root: it logs in as a system user of its "
+            f"own (rdl-{login_shell or 'bash'}), which only root can create",
+            hint="run it as root (CI does), or leave out --shell and --no-sudo",
+        )
     sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
     if sshd is None:
         raise RemotedlError(
             "sshd is not installed on this machine",
             hint="install it: `sudo apt-get install openssh-server` (it need not run as a service)",
         )
+    account = ensure_user(login_shell or "bash") if own_user else None
     directory = sandbox_dir(env, name)
+    user_dir = _user_dir(directory)
     if directory.exists():
         shutil.rmtree(directory)  # a stale sandbox whose sshd is gone: ours to remove
+    if user_dir.is_dir() and not user_dir.is_symlink():
+        shutil.rmtree(user_dir)
     directory.mkdir(parents=True, mode=0o700)
-    home, bin_dir, tmux_dir = directory / "home", directory / "bin", _tmux_dir(directory)
+    if account is not None:
+        # Root's, readable by all (it holds no secret); home and tmux dir the box user's own.
+        user_dir.mkdir(mode=0o755)
+        user_dir.chmod(0o755)  # whatever the umask
+        box_root, tmux_dir = user_dir, user_dir / "tmux"
+    else:
+        box_root, tmux_dir = directory, _tmux_dir(directory)
+    home, bin_dir = box_root / "home", box_root / "bin"
     home.mkdir(mode=0o700)
-    bin_dir.mkdir()
+    bin_dir.mkdir(mode=0o755)
     tmux_dir.mkdir(mode=0o700, exist_ok=True)
 
     for role, key in (("host", "host_key"), ("client", "id_ed25519")):
@@ -156,17 +332,26 @@ def up(env: Environment, *, name: str = "sandbox", gpus: int = 2, host_gpus: boo
                 directory / key,
             ]
         )
-    shutil.copy(directory / "id_ed25519.pub", directory / "authorized_keys")
+    # sshd reads authorized_keys as the user logging in: it must be where that user can read it.
+    authorized_keys = box_root / "authorized_keys"
+    shutil.copy(directory / "id_ed25519.pub", authorized_keys)
+    authorized_keys.chmod(0o644)
     if gpus > 0 and not host_gpus:
         shutil.copy(STAND_IN_BIN / "nvidia-smi", bin_dir / "nvidia-smi")
         (bin_dir / "nvidia-smi").chmod(0o755)
-        (directory / "gpus.json").write_text(json.dumps(fake_gpus(gpus), indent=2))
+        (box_root / "gpus.json").write_text(json.dumps(fake_gpus(gpus), indent=2))
+        (box_root / "gpus.json").chmod(0o644)
+    if noisy:
+        _write_noise(home)
+    if account is not None:
+        _chown_tree(home, account.pw_uid, account.pw_gid)
+        os.chown(tmux_dir, account.pw_uid, account.pw_gid)
 
-    user = getpass.getuser()
+    user = account.pw_name if account is not None else getpass.getuser()
     port = free_port()
     inherited = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     if not host_gpus:
-        inherited = _path_without_nvidia(inherited, directory / "shadow")
+        inherited = _path_without_nvidia(inherited, box_root / "shadow")
     path = f"{bin_dir}:{inherited}"
     (directory / "sshd_config").write_text(
         f"""# remotedl sandbox '{name}': a throwaway box on loopback
@@ -174,7 +359,7 @@ Port {port}
 ListenAddress 127.0.0.1
 HostKey {directory}/host_key
 PidFile {directory}/sshd.pid
-AuthorizedKeysFile {directory}/authorized_keys
+AuthorizedKeysFile {authorized_keys}
 AllowUsers {user}
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -218,7 +403,19 @@ Host {name}
 """
     )
     info = SandboxInfo(
-        name, "127.0.0.1", port, user, pid, str(directory), str(directory / "ssh_config"), str(home), gpus
+        name,
+        "127.0.0.1",
+        port,
+        user,
+        pid,
+        str(directory),
+        str(directory / "ssh_config"),
+        str(home),
+        gpus,
+        login_shell=(login_shell or "bash") if account is not None else None,
+        noisy=noisy,
+        sudo=account is None,
+        tmux_dir=str(tmux_dir),
     )
     (directory / "sandbox.json").write_text(json.dumps(info.to_dict(), indent=2))
     return info
@@ -241,12 +438,20 @@ def down(env: Environment, *, name: str = "sandbox") -> bool:
         from remotedl.ssh import close_master, resolve_host
 
         close_master(resolve_host(env, name, ssh_config=str(directory / "ssh_config")))
-    tmux_dir = _tmux_dir(directory)
+    tmux_dir, user_dir = _tmux_dir(directory), _user_dir(directory)
     if shutil.which("tmux"):
+        # This box's tmux server only (its own socket), never anything else of that user's.
         proc.run(["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": str(tmux_dir)}, check=False)
+        if info is not None and info.login_shell is not None:
+            with contextlib.suppress(KeyError):
+                socket = _tmux_socket(user_dir / "tmux", pwd.getpwnam(info.user).pw_uid)
+                if socket.exists():  # root may talk to any user's tmux server
+                    proc.run(["tmux", "-S", socket, "kill-server"], check=False)
     if info is not None and _alive(info.pid):
         os.kill(info.pid, signal.SIGTERM)
         retry_until(lambda: not _alive(info.pid), seconds=5)
     shutil.rmtree(directory, ignore_errors=True)
     shutil.rmtree(tmux_dir, ignore_errors=True)
+    if user_dir.is_dir() and not user_dir.is_symlink():
+        shutil.rmtree(user_dir, ignore_errors=True)
     return True

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,9 +50,15 @@ class Box:
         return Path(self.info.directory)
 
     def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a shell script as the box's user would (box HOME, PATH, TMUX_TMPDIR)."""
+        """Run a shell script as the box's user would (box user, HOME, PATH, TMUX_TMPDIR), with
+        sh, not the login shell: a helper for setting up and inspecting, not under test."""
         env = {**os.environ, "HOME": self.info.home, "TMUX_TMPDIR": tmux_dir(self)}
-        env["PATH"] = f"{self.dir}/bin:{env['PATH']}"
+        env["PATH"] = f"{Path(self.info.home).parent}/bin:{env['PATH']}"
+        as_user: dict[str, Any] = {}
+        if self.info.user != pwd.getpwuid(os.getuid()).pw_name:
+            account = pwd.getpwnam(self.info.user)
+            as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+            env.update(USER=account.pw_name, LOGNAME=account.pw_name)
         return subprocess.run(
             ["sh", "-c", script],
             env=env,
@@ -58,11 +66,12 @@ class Box:
             capture_output=True,
             text=True,
             cwd=self.info.home,
+            **as_user,
         )
 
 
 def tmux_dir(box: Box) -> str:
-    return str(sandbox._tmux_dir(box.dir))
+    return box.info.tmux_dir or str(sandbox._tmux_dir(box.dir))
 
 
 def make_env(base: Path, cwd: Path | None = None, **extra: str) -> Environment:
@@ -89,9 +98,9 @@ def box_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("boxes")
 
 
-def _start(base: Path, name: str, gpus: int) -> Box:
+def _start(base: Path, name: str, gpus: int, **options: Any) -> Box:
     env = make_env(base)
-    info = sandbox.up(env, name=name, gpus=gpus)
+    info = sandbox.up(env, name=name, gpus=gpus, **options)
     return Box(info, dict(env.environ))
 
 
@@ -114,6 +123,65 @@ def fresh_box(tmp_path: Path) -> Iterator[Box]:
     yield b
     try:
         sandbox.down(make_env(base), name="fresh")
+    except Exception as e:
+        print(f"sandbox down failed: {e}")
+
+
+# Boxes as users have them: (login shell, noisy start-up files). Every shell noisy where it has
+# a start-up file that a non-interactive `ssh box cmd` reads (dash has none); quiet for the
+# shells whose quoting differs from sh's (fish, tcsh) and for dash, so a failure says whether
+# the quoting or the noise broke it. bash quiet is the session `box` (as root), zsh quiet
+# quotes as sh does.
+SHELL_BOXES = [
+    ("bash", True),
+    ("zsh", True),
+    ("fish", True),
+    ("tcsh", True),
+    ("fish", False),
+    ("tcsh", False),
+    ("dash", True),
+]
+
+
+def _needs_root_for_users() -> None:
+    if os.getuid() != 0:
+        pytest.skip(
+            "needs root: a box with another login shell or without sudo logs in as a system user "
+            "of its own (rdl-SHELL), which only root can create"
+        )
+
+
+@pytest.fixture(
+    scope="session",
+    params=SHELL_BOXES,
+    ids=[f"{shell}-{'noisy' if noisy else 'quiet'}" for shell, noisy in SHELL_BOXES],
+)
+def shell_box(request: pytest.FixtureRequest, box_base: Path) -> Iterator[Box]:
+    """A box whose user logs in with another login shell (rdl-SHELL, no sudo), with or without
+    start-up files that print to stdout and stderr."""
+    shell, noisy = request.param
+    _needs_root_for_users()
+    if not have(shell):
+        pytest.skip(f"{shell} is not installed here (`apt-get install {shell}`; .ci/run installs it)")
+    name = f"sh-{shell}-{'noisy' if noisy else 'quiet'}"
+    b = _start(box_base, name, gpus=2, login_shell=shell, noisy=noisy)
+    yield b
+    try:
+        sandbox.down(make_env(box_base), name=name)
+    except Exception as e:  # a finalizer never raises
+        print(f"sandbox down failed: {e}")
+
+
+@pytest.fixture(scope="session")
+def plain_box(box_base: Path) -> Iterator[Box]:
+    """A box whose user may not sudo (rdl-bash): sudo is there, the user is not in sudoers."""
+    _needs_root_for_users()
+    if not have("sudo"):
+        pytest.skip("sudo is not installed here: a user without sudo rights means nothing without it")
+    b = _start(box_base, "plain", gpus=2, no_sudo=True)
+    yield b
+    try:
+        sandbox.down(make_env(box_base), name="plain")
     except Exception as e:
         print(f"sandbox down failed: {e}")
 

@@ -186,12 +186,28 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
         host = args.gpus == "host"
         if not host and not str(args.gpus).isdigit():
             raise UsageError(f"--gpus {args.gpus}: give a number of stand-in GPUs, or host")
-        info = sandbox.up(env, name=args.name, gpus=0 if host else int(args.gpus), host_gpus=host)
+        info = sandbox.up(
+            env,
+            name=args.name,
+            gpus=0 if host else int(args.gpus),
+            host_gpus=host,
+            login_shell=args.shell,
+            noisy=args.noisy,
+            no_sudo=args.no_sudo,
+        )
         if app.json:
             app.print_json(info.to_dict())
         else:
             gpu_text = "this machine's GPUs" if host else f"{info.gpus} stand-in GPUs"
-            app.out(f"sandbox '{info.name}' is up: sshd on 127.0.0.1:{info.port} as {info.user}, {gpu_text}")
+            extra = "".join(
+                (
+                    f", login shell {info.login_shell}" if info.login_shell else "",
+                    ", noisy start-up files" if info.noisy else "",
+                    "" if info.sudo else ", no sudo",
+                )
+            )
+            where = f"sshd on 127.0.0.1:{info.port} as {info.user}"
+            app.out(f"sandbox '{info.name}' is up: {where}, {gpu_text}{extra}")
             app.out(f"  use it:      remotedl --host {info.name} status")
             app.out(f"  plain ssh:   ssh -F {info.ssh_config} {info.name}")
             named = "" if info.name == "sandbox" else f" --name {info.name}"

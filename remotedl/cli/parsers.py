@@ -28,6 +28,17 @@ def sandbox(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None
         metavar="N|host",
         help="stand-in GPUs on the box (0: a box without NVIDIA driver; host: this machine's real GPUs)",
     )
+    p.add_argument(
+        "--shell",
+        choices=["bash", "zsh", "fish", "dash", "tcsh"],
+        help="log in as a plain user rdl-SHELL with this login shell (needs root; default: you)",
+    )
+    p.add_argument(
+        "--noisy", action="store_true", help="start-up files on the box print (.bashrc, config.fish, ...)"
+    )
+    p.add_argument(
+        "--no-sudo", action="store_true", help="log in as a plain user that may not sudo (needs root)"
+    )
 
 
 def push(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
