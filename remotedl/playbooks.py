@@ -214,12 +214,9 @@ def render(text: str, variables: Mapping[str, str], where: str) -> str:
 Prove = Callable[[int], str | None]  # port -> None if a login worked, else why not
 
 
-def _wrap(script: str, sudo: bool) -> str:
-    if not sudo:
-        return script
-    # root needs no sudo; anyone else must have it without a password prompt (-n)
-    quoted = shlex.quote(script)
-    return f'if [ "$(id -u)" = 0 ]; then sh -c {quoted}; else sudo -n sh -c {quoted}; fi'
+# "$1": the step's script. root needs no sudo; anyone else must have it without a password (-n).
+_AS_ROOT = 'if [ "$(id -u)" = 0 ]; then exec sh -c "$1"; else exec sudo -n sh -c "$1"; fi'
+_CAN_ROOT = '[ "$(id -u)" = 0 ] && echo root || { sudo -n true 2>/dev/null && echo sudo || echo none; }'
 
 
 def run_playbook(
@@ -235,15 +232,38 @@ def run_playbook(
 
     values = {**book.vars, **variables}
     result = PlaybookResult(book.name)
+    can_root: list[str] = []  # "root", "sudo" or "none", asked once, when first needed
 
-    def sh(script: str | None, step: Step, key: str) -> tuple[int, str]:
+    def root_way() -> str:
+        if not can_root:
+            can_root.append(box.run(_CAN_ROOT, check=False).stdout.strip() or "none")
+        return can_root[0]
+
+    def sh(script: str | None, step: Step, key: str, *, as_root: bool = False) -> tuple[int, str]:
         assert script is not None
         text = render(script, values, f"{book.path}:{step.line} ({key})")
-        r = box.run(_wrap(text, step.sudo), check=False)
+        r = box.run(_AS_ROOT, text, check=False) if as_root else box.run(text, check=False)
         out = (r.stdout + r.stderr).strip()
-        if step.sudo and r.exit_code != 0 and "a password is required" in r.stderr:
+        if as_root and r.exit_code != 0 and "a password is required" in r.stderr:
             out += "\n(sudo needs a password on the box: allow these commands with NOPASSWD, or run as root)"
         return r.exit_code, out
+
+    def check(step: Step) -> tuple[int, str]:
+        # Looking needs no root: a check runs as the user. Only where it fails, a step that
+        # changes things as root checks again as root (some facts only root can read).
+        code, out = sh(step.check, step, "check")
+        if code != 0 and step.sudo and root_way() == "sudo":
+            code, out = sh(step.check, step, "check", as_root=True)
+        return code, out
+
+    def needs_root(step: Step) -> str | None:
+        if not step.sudo or root_way() != "none":
+            return None
+        text = render(step.run or "", values, f"{book.path}:{step.line} (run)")
+        return (
+            f"this step needs root, and {box.spec.user} may not use sudo without a password on "
+            f"{box.spec.alias}; run it there as root:\n{text.strip()}"
+        )
 
     for step in book.steps:
         t0 = time.perf_counter()
@@ -259,7 +279,7 @@ def run_playbook(
             done("skipped")
             continue
         if step.check is not None:
-            code, out = sh(step.check, step, "check")
+            code, out = check(step)
             if code == 0:
                 done("ok", out if step.report else "")
                 continue
@@ -269,7 +289,11 @@ def run_playbook(
         if check_only:
             done("would-change")
             continue
-        code, out = sh(step.run, step, "run")
+        why_not = needs_root(step)
+        if why_not is not None:
+            done("failed", why_not)
+            break
+        code, out = sh(step.run, step, "run", as_root=step.sudo)
         if code != 0:
             done("failed", out)
             break
@@ -277,20 +301,20 @@ def run_playbook(
             port = int(render(step.prove_login, values, f"{book.path}:{step.line}").strip("'"))
             why = prove(port) if prove is not None else "no way to test a login"
             if why is not None:
-                rb_code, rb_out = sh(step.rollback, step, "rollback")
+                rb_code, rb_out = sh(step.rollback, step, "rollback", as_root=step.sudo)
                 done(
                     "failed",
                     f"a second login with the new settings failed ({why}); rolled back"
                     + ("" if rb_code == 0 else f"; ROLLBACK FAILED: {rb_out}"),
                 )
                 break
-            code, out2 = sh(step.commit, step, "commit")
+            code, out2 = sh(step.commit, step, "commit", as_root=step.sudo)
             if code != 0:
                 done("failed", out2)
                 break
             out = "\n".join(x for x in (out, out2) if x)
         if step.check is not None:
-            code, again = sh(step.check, step, "check")
+            code, again = check(step)
             if code != 0:
                 done("failed", f"ran, but the check still fails: {again or out}")
                 break
