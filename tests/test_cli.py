@@ -267,3 +267,12 @@ def test_missing_ssh_config_file(tmp_path):
     code, _, err = run_main(tmp_path, "config", "--host", "x", "--ssh-config", str(tmp_path / "nope"))
     assert code == 3
     assert "does not exist" in err
+
+
+def test_config_text_keeps_bracketed_words(tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "remotedl.toml").write_text('[dns]\nname = "a.example.test"\n')
+    code, out, err = run_main(tmp_path, "config", cwd=proj)
+    assert code == 0, err
+    assert "[dns]" in out  # not taken for rich markup and dropped

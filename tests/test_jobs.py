@@ -235,7 +235,8 @@ def test_concurrent_runs_never_share_a_gpu(fresh_box, project, tmp_path):
     ]
     results = [(p.wait(60), *p.communicate()) for p in procs]
     started = [json.loads(out) for code, out, _ in results if code == 0]
-    refused = [err for code, _, err in results if code != 0]
+    # --json: a refusal is a JSON object on stdout too
+    refused = [json.loads(out)["error"] for code, out, _ in results if code != 0]
     assert len(started) == 2, results
     assert sorted(g for s in started for g in s["gpus"]) == [0, 1]
     assert len(refused) == 3

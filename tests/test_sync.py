@@ -253,6 +253,7 @@ def test_one_ssh_handshake_per_push(fresh_box, project, tmp_path):
     r = run("push", "--data", "data", cwd=project)
     assert r.code == 0, r.err
     assert log.read_text().count("Accepted publickey") - before == 1
+    assert "data  data: 1 file, 1 B sent" in r.out
 
 
 def hide_from_box_path(box, program: str) -> None:

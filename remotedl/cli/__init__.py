@@ -235,14 +235,12 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     try:
         words, taken = split_run_argv(parser, words)
         as_json = _wants_json(words)
-        for option in taken:  # at most one: a second is refused above
-            env.stderr.write(
-                f"remotedl: took {option} for remotedl; to pass it to the script, put it after --\n"
-            )
         args = parser.parse_args(words)
     except ArgvError as e:
         usage = "" if isinstance(e, UnknownChoice) else e.usage
         return _fail(env, as_json, e.message, e.hint, e.exit_code, usage=usage)
+    for option in taken:  # at most one: a second is refused by split_run_argv
+        env.stderr.write(f"remotedl: took {option} for remotedl; to pass it to the script, put it after --\n")
     if not args.subcommand:
         if as_json:
             return _fail(env, True, "no command given", "`remotedl --help` lists them", ExitCode.USAGE)
@@ -262,7 +260,10 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
         logging.getLogger("remotedl").debug("error", exc_info=True)
         return _fail(env, as_json, e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
-        return _fail(env, as_json, "interrupted", None, ExitCode.INTERRUPTED)
+        if as_json:
+            return _fail(env, True, "interrupted", None, ExitCode.INTERRUPTED)
+        env.stderr.write("remotedl: interrupted\n")
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:
         return ExitCode.OK
     except Exception as e:
