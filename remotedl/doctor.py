@@ -17,6 +17,7 @@ from remotedl.env import Environment
 from remotedl.errors import RemotedlError
 from remotedl.ssh import HostSpec
 from remotedl.ssh.channel import EXPAND_HOME, parse_marks
+from remotedl.words import plural
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _laptop(report: DoctorReport, env: Environment, spec: HostSpec, settings: Se
         )
         agent_keys = len(r.stdout.splitlines()) if r.returncode == 0 else 0
         if agent_keys:
-            report.add("laptop", "ssh agent", "ok", f"{agent_keys} keys loaded")
+            report.add("laptop", "ssh agent", "ok", f"{plural(agent_keys, 'key')} loaded")
         else:
             report.add("laptop", "ssh agent", "warn", "running, with no keys", "ssh-add ~/.ssh/YOUR_KEY")
     else:
@@ -258,5 +259,5 @@ def run_checks(
                 f"a CPU-only build? install {name}'s CUDA build (the driver supports CUDA {cuda or '?'})",
             )
         else:
-            report.add("box", name, "ok", f"{name} {info.get('version')} sees {seen} GPU(s) ({py})")
+            report.add("box", name, "ok", f"{name} {info.get('version')} sees {plural(seen, 'GPU')} ({py})")
     return report

@@ -40,20 +40,25 @@ def build_command(
 ) -> tuple[str, str | None]:
     """(shell command line, script path relative to the work tree or None).
 
-    One word with spaces or shell syntax is a command line as typed; otherwise the words are
-    quoted one by one, so arguments arrive exactly as given. A script in the project is run
-    as ./script when executable, else through python3 or bash by its suffix. A script that is
-    not here is an error when ``must_exist`` (we are about to push), else the box must have it."""
+    A first word that names a file in the project is that script, whatever its name holds
+    (spaces, quotes). Else one word with spaces or shell syntax is a command line as typed;
+    otherwise the words are quoted one by one, so arguments arrive exactly as given. A script in
+    the project is run as ./script when executable, else through python3 or bash by its suffix.
+    A script that is not here is an error when ``must_exist`` (we are about to push), else the
+    box must have it."""
     if not argv:
         raise UsageError("give a command to run, e.g. `remotedl run train.py --lr 0.1`")
-    if len(argv) == 1 and any(c in argv[0] for c in " \t;|&$<>()`'\"*?"):
-        return argv[0], None
     first, rest = argv[0], list(argv[1:])
-    if not (first.endswith(SCRIPT_SUFFIXES) or first.startswith("./")) or os.path.isabs(first):
+    local = project_root / first if project_root is not None and not os.path.isabs(first) else None
+    in_project = local is not None and local.is_file()
+    if not in_project and len(argv) == 1 and any(c in first for c in " \t;|&$<>()`'\"*?"):
+        return first, None
+    if not in_project and (
+        not (first.endswith(SCRIPT_SUFFIXES) or first.startswith("./")) or os.path.isabs(first)
+    ):
         return shlex.join([first, *rest]), None
     script = os.path.normpath(first)
-    local = project_root / first if project_root is not None else None
-    if local is not None and local.is_file():
+    if local is not None and in_project:
         if os.access(local, os.X_OK):
             first = first if "/" in first else "./" + first
         else:

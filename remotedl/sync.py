@@ -270,6 +270,28 @@ def _rsync_new() -> bool:
     return _RSYNC_NEW
 
 
+def rsync_failure(alias: str, label: str, code: int, err: str) -> RemotedlError:
+    """The error for an rsync that exited ``code`` (not an ssh failure), from its stderr."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    detail = lines[0] if lines else f"exit status {code}"
+    if code == 127 or "remote command not found" in err:
+        # The box's shell could not find rsync ("bash: line 1: rsync: command not found";
+        # rsync itself says "remote command not found (code 127)").
+        return RemoteError(
+            f"rsync is not installed on {alias}",
+            hint="install it there (`sudo apt-get install rsync`), or run `remotedl setup base`",
+        )
+    if "protocol version mismatch" in err or "is your shell clean" in err:
+        return RemoteError(
+            f"rsync of {label} failed: the box's shell prints text that breaks rsync's protocol",
+            hint="make the start-up files of the box's shell (~/.bashrc, ...) print nothing "
+            "when not interactive (test: `ssh BOX true` must print nothing)",
+        )
+    if code == 23 and "No such file or directory" in err:
+        return RemotedlError(f"{label}: no such file: {detail}")
+    return RemotedlError(f"rsync of {label} failed ({code}): {detail}")
+
+
 def run_rsync(box: Box, argv: list[str], label: str, progress: ProgressFn | None) -> Transfer:
     spec = box.spec
     if box.noise:
@@ -295,11 +317,7 @@ def run_rsync(box: Box, argv: list[str], label: str, progress: ProgressFn | None
     if code == 255 or (code == 12 and "connection unexpectedly closed" in err and "ssh" in err.lower()):
         raise openssh_failure(spec, err)
     if code != 0:
-        lines = [line for line in err.strip().splitlines() if line.strip()]
-        detail = lines[0] if lines else f"exit status {code}"
-        if code == 23 and "No such file or directory" in err:
-            raise RemotedlError(f"{label}: no such file: {detail}")
-        raise RemotedlError(f"rsync of {label} failed ({code}): {detail}")
+        raise rsync_failure(spec.alias, label, code, err)
     files = _STATS_FILES.search(text)
     size = _STATS_BYTES.search(text)
     return Transfer(

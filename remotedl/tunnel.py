@@ -121,8 +121,16 @@ def suggest_port(port: int, avoid: Sequence[int] = ()) -> int | None:
     return None
 
 
-def check_local_ports(forwards: Sequence[Forward]) -> None:
-    """Fail fast, naming the holder and a free port, when a local port is taken."""
+def _tunnel_usage(f: Forward, free: int) -> str:
+    return f"remotedl tunnel {free}:{f.remote}"
+
+
+def check_local_ports(
+    forwards: Sequence[Forward], suggest: Callable[[Forward, int], str] | None = None
+) -> None:
+    """Fail fast, naming the holder and a free port, when a local port is taken. ``suggest``
+    words the command to use instead, given the forward and the free port (default: the
+    same forward from the free port, `remotedl tunnel FREE:REMOTE`)."""
     seen: set[int] = set()
     for f in forwards:
         if f.local in seen:
@@ -134,7 +142,7 @@ def check_local_ports(forwards: Sequence[Forward]) -> None:
             raise RemotedlError(
                 f"local port {f.local} is already in use" + (f" by {holder}" if holder else ""),
                 hint=(
-                    f"use another local port, e.g. `remotedl tunnel {free}:{f.remote}`"
+                    f"use another local port, e.g. `{(suggest or _tunnel_usage)(f, free)}`"
                     if free
                     else "use another local port"
                 ),

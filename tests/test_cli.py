@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from remotedl import __version__
+from remotedl.errors import UsageError
 from tests.conftest import make_env
 
 
@@ -48,10 +51,144 @@ def test_no_command_is_usage_error(tmp_path):
     assert "COMMAND" in out
 
 
-def test_unknown_command_is_usage_error(tmp_path, capsys):
-    code, _, _ = run_main(tmp_path, "frobnicate")
+def test_unknown_command_is_one_line_with_a_suggestion(tmp_path):
+    code, out, err = run_main(tmp_path, "stauts")
     assert code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert out == ""
+    assert err == "remotedl: error: unknown command 'stauts'; did you mean status?\n"
+    code, _, err = run_main(tmp_path, "frobnicate")
+    assert code == 2
+    assert err.splitlines() == [
+        "remotedl: error: unknown command 'frobnicate'",
+        "  hint: `remotedl --help` lists the commands",
+    ]
+    code, _, err = run_main(tmp_path, "sandbox", "upp")
+    assert code == 2
+    assert err == "remotedl: error: action: unknown choice 'upp'; did you mean up?\n"
+
+
+def test_other_usage_errors_show_usage_and_exit_2(tmp_path):
+    code, out, err = run_main(tmp_path, "logs", "-n", "many")
+    assert code == 2
+    assert out == ""
+    assert err.startswith("usage: remotedl logs")
+    assert "remotedl: error: argument -n/--lines: invalid int value: 'many'" in err
+    assert err.endswith("  hint: see `remotedl logs --help`\n")
+    code, _, err = run_main(tmp_path, "status", "--bogus")
+    assert code == 2
+    assert "remotedl: error: unrecognized arguments: --bogus" in err
+
+
+def test_json_errors_are_one_object_on_stdout(tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "remotedl.toml").write_text("connect_timeout = 5\n")
+    code, out, err = run_main(tmp_path, "status", "--json", cwd=proj)  # no host: a config error
+    assert code == 3
+    assert err == ""
+    data = json.loads(out)
+    assert data == {"error": "no host given", "hint": data["hint"], "exit_code": 3}
+    assert "--host" in data["hint"]
+    for argv in (["--json", "stauts"], ["status", "--json", "--bogus"], ["--json", "tunnel", "http"]):
+        code, out, err = run_main(tmp_path, *argv, cwd=proj)
+        assert code == 2, argv
+        assert err == "", argv
+        data = json.loads(out)
+        assert data["exit_code"] == 2
+        assert set(data) == {"error", "hint", "exit_code"}
+    assert "did you mean status?" in json.loads(run_main(tmp_path, "--json", "stauts")[1])["error"]
+    code, out, _ = run_main(tmp_path, "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == "no command given"
+    # --json after `--` (or after run's command word) is not remotedl's: plain text
+    code, out, err = run_main(tmp_path, "run", "--no-push", "x.sh", "--json", cwd=proj)
+    assert code == 3
+    assert out == ""
+    assert "remotedl: error: no host given" in err
+
+
+def run_split(*argv: str) -> tuple[list[str], list[str]]:
+    from remotedl.cli import build_parser, split_run_argv
+
+    return split_run_argv(build_parser(), list(argv))
+
+
+def test_after_the_command_word_only_gpu_options_are_remotedls():
+    # the reported case: --port is the script's, not remotedl's ssh port
+    assert run_split("run", "train.py", "--gpu", "0", "--port", "29500") == (
+        ["run", "--gpu", "0", "--", "train.py", "--port", "29500"],
+        ["--gpu 0"],
+    )
+    words = ["--name", "x", "-e", "A=1", "--data", "d", "-d", "--debug", "--json", "--host", "h"]
+    assert run_split("run", "train.py", *words) == (["run", "--", "train.py", *words], [])
+    assert run_split("run", "run.sh", "--gpus=2", "a") == (
+        ["run", "--gpus=2", "--", "run.sh", "a"],
+        ["--gpus=2"],
+    )
+    assert run_split("run", "run.sh", "x", "--cpu") == (["run", "--cpu", "--", "run.sh", "x"], ["--cpu"])
+    # after `--` everything is the command's
+    assert run_split("run", "train.py", "--", "--gpu", "0") == (["run", "--", "train.py", "--gpu", "0"], [])
+    assert run_split("run", "--", "--gpu", "0") == (["run", "--", "--gpu", "0"], [])
+
+
+def test_options_before_the_command_word_are_remotedls():
+    assert run_split("run", "--detach", "--name", "x", "train.py", "--lr", "0.1") == (
+        ["run", "--detach", "--name", "x", "--", "train.py", "--lr", "0.1"],
+        [],
+    )
+    # values, --opt=value, attached and combined short options, unique prefixes
+    ours = ["-e", "K=V", "--name=n", "-eA=1", "-de", "B=2", "--det"]
+    assert run_split("--host", "h", "run", *ours, "t.py")[0] == ["--host", "h", "run", *ours, "--", "t.py"]
+    # other commands are left alone
+    assert run_split("status", "--port", "22") == (["status", "--port", "22"], [])
+
+
+def test_gpu_choice_given_twice_is_a_usage_error(tmp_path):
+    from remotedl.cli import ArgvError
+
+    with pytest.raises(ArgvError, match=r"given twice: --gpu 0, --gpu 1"):
+        run_split("run", "--gpu", "0", "t.py", "--gpu", "1")
+    code, _, err = run_main(tmp_path, "run", "t.py", "--cpu", "--gpus", "2")
+    assert code == 2
+    assert "the GPU choice is given twice" in err
+
+
+def test_a_taken_gpu_option_is_said_in_one_line(tmp_path):
+    # no host: the run stops at the config error, after parsing
+    code, _, err = run_main(tmp_path, "run", "--no-push", "train.py", "--gpu", "0", "--lr", "1")
+    assert code == 3
+    took = [line for line in err.splitlines() if "took" in line]
+    assert took == ["remotedl: took --gpu 0 for remotedl; to pass it to the script, put it after --"]
+    _, _, err = run_main(tmp_path, "run", "--no-push", "train.py", "--", "--gpu", "0")
+    assert "took" not in err
+
+
+def test_build_command_takes_an_existing_file_as_the_script(tmp_path):
+    from remotedl.jobs import build_command
+
+    odd = tmp_path / "it's x.sh"
+    odd.write_text("echo hi\n")
+    assert build_command(["./it's x.sh"], tmp_path) == ("bash './it'\"'\"'s x.sh'", "it's x.sh")
+    assert build_command(["it's x.sh", "a b"], tmp_path) == ("bash 'it'\"'\"'s x.sh' 'a b'", "it's x.sh")
+    odd.chmod(0o755)
+    assert build_command(["it's x.sh"], tmp_path) == ("'./it'\"'\"'s x.sh'", "it's x.sh")
+    plain = tmp_path / "train"  # no suffix: still the project's script, not a command on the box
+    plain.write_text("#!/bin/sh\n")
+    plain.chmod(0o755)
+    assert build_command(["train", "--lr", "1"], tmp_path) == ("./train --lr 1", "train")
+    # a word that names no file: a shell line as typed, or a command on the box
+    assert build_command(["echo $HOME; ls"], tmp_path) == ("echo $HOME; ls", None)
+    assert build_command(["ls", "-l"], tmp_path) == ("ls -l", None)
+    with pytest.raises(UsageError, match="no such script"):
+        build_command(["nope.sh"], tmp_path)
+
+
+def test_plural():
+    from remotedl.words import plural
+
+    assert [plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
+    assert plural(1, "process", "processes") == "1 process"
+    assert plural(3, "process", "processes") == "3 processes"
 
 
 def test_no_host_is_config_error(tmp_path):
@@ -130,3 +267,12 @@ def test_missing_ssh_config_file(tmp_path):
     code, _, err = run_main(tmp_path, "config", "--host", "x", "--ssh-config", str(tmp_path / "nope"))
     assert code == 3
     assert "does not exist" in err
+
+
+def test_config_text_keeps_bracketed_words(tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "remotedl.toml").write_text('[dns]\nname = "a.example.test"\n')
+    code, out, err = run_main(tmp_path, "config", cwd=proj)
+    assert code == 0, err
+    assert "[dns]" in out  # not taken for rich markup and dropped

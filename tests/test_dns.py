@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -403,3 +404,54 @@ def test_missing_dns_table_and_bad_provider(tmp_path):
     code, _, err = dns_cli(tmp_path, {"name": NAME, "provider": "route53"}, "check")
     assert code == 3
     assert "not one of" in err
+
+
+# ------------------------------------------------------------------ network trouble
+
+
+def test_unreachable_sources_and_provider_say_why_in_one_line(echo, tmp_path):
+    from remotedl.waiting import free_port
+
+    closed = free_port()  # nothing listens there
+    table = {
+        "name": NAME,
+        "provider": "cloudflare",
+        "zone": "example.test",
+        "api_url": f"http://127.0.0.1:{closed}/client/v4",
+        "ip_sources": [f"http://127.0.0.1:{closed}/ip"],
+    }
+    env = {"REMOTEDL_CLOUDFLARE_TOKEN": "tok-" + os.urandom(6).hex()}
+    code, _, err = dns_cli(tmp_path, table, "check", env=env)
+    assert code == 1
+    assert err.splitlines()[0] == (
+        f"remotedl: error: no IPv4 source answered: http://127.0.0.1:{closed}/ip: error: connection refused"
+    )
+    assert len(err.splitlines()) == 2  # the error and its hint
+    for dump in ("urllib3", "HTTPConnectionPool", "Max retries", "NewConnectionError", "object at"):
+        assert dump not in err
+    table["ip_sources"] = [f"{echo.url}/a"]  # the address is found; the provider is not reached
+    code, out, err = dns_cli(tmp_path, table, "check", "--json", env=env)
+    assert code == 1
+    assert err == ""
+    assert json.loads(out)["error"] == "Cloudflare API unreachable: connection refused"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root for a private network namespace (no DNS server reachable)",
+)
+def test_unresolvable_source_name_without_network(tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    table = {"name": NAME, "provider": "duckdns", "ip_sources": ["https://ipecho.example.invalid/"]}
+    (proj / "remotedl.toml").write_text(toml(table))
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "s")}
+    env["REMOTEDL_DUCKDNS_TOKEN"] = "tok"
+    argv = ["unshare", "-n", sys.executable, "-m", "remotedl", "dns", "check"]
+    out = subprocess.run(argv, cwd=proj, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.splitlines()[0] == (
+        "remotedl: error: no IPv4 source answered: https://ipecho.example.invalid/: "
+        "error: cannot resolve host name 'ipecho.example.invalid'"
+    )
+    assert "urllib3" not in out.stderr

@@ -105,6 +105,50 @@ def test_missing_script_is_an_error_before_anything(cli, proj):
     assert len(job_list(cli, proj)) == before
 
 
+def test_options_after_the_command_word_are_the_scripts(cli, proj):
+    script(
+        proj,
+        "args.sh",
+        'echo "gpus=[$CUDA_VISIBLE_DEVICES]"; for a in "$@"; do printf "<%s>" "$a"; done; echo\n',
+    )
+    words = ["--port", "29500", "--name", "x", "-e", "A=1", "--data", "d", "-d", "--debug"]
+    r = cli("run", "args.sh", "--gpu", "1", *words, cwd=proj)
+    assert r.code == 0, r.err
+    assert "gpus=[1]" in r.out
+    assert "".join(f"<{w}>" for w in words) in r.out
+    took = [line for line in r.err.splitlines() if "took" in line]
+    assert took == ["remotedl: took --gpu 1 for remotedl; to pass it to the script, put it after --"]
+    # remotedl's options before the command word; after `--` even --gpu is the script's
+    r = cli("run", "--cpu", "--name", "mine", "args.sh", "--", "--gpu", "0", cwd=proj)
+    assert r.code == 0, r.err
+    assert "gpus=[]" in r.out
+    assert "<--gpu><0>" in r.out
+    assert "took" not in r.err
+    assert [j for j in job_list(cli, proj) if j["name"] == "mine"]
+
+
+def test_a_file_named_like_a_shell_line_is_the_script(cli, box, proj):
+    script(proj, "it's x.sh", "echo ran the script\n")
+    for word in ("./it's x.sh", "it's x.sh"):
+        r = cli("run", "--cpu", word, cwd=proj)
+        assert r.code == 0, r.err
+        assert r.out == "ran the script\n"
+
+
+def test_more_gpus_than_the_box_has_is_a_usage_error(cli, proj):
+    before = len(job_list(cli, proj))
+    script(proj, "x.sh", "echo hi\n")
+    for extra in ([], ["--queue"]):  # --queue must not wait for what can never be
+        r = cli("run", "--gpus", "3", *extra, "x.sh", cwd=proj)
+        assert r.code == 2, r.err
+        assert "--gpus 3 asks for more GPUs than this box has: it has 2 GPUs" in r.err
+        assert "ask for at most 2" in r.err
+        r = cli("run", "--gpu", "5", *extra, "x.sh", cwd=proj)
+        assert r.code == 2, r.err
+        assert "GPU 5 does not exist on this box; it has 2 GPUs" in r.err
+    assert len(job_list(cli, proj)) == before
+
+
 def test_gpu_choice_busy_force_and_foreign_processes(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
     script(project, "hold.sh", "sleep 30\n")
@@ -192,7 +236,8 @@ def test_concurrent_runs_never_share_a_gpu(fresh_box, project, tmp_path):
     ]
     results = [(p.wait(60), *p.communicate()) for p in procs]
     started = [json.loads(out) for code, out, _ in results if code == 0]
-    refused = [err for code, _, err in results if code != 0]
+    # --json: a refusal is a JSON object on stdout too
+    refused = [json.loads(out)["error"] for code, out, _ in results if code != 0]
     assert len(started) == 2, results
     assert sorted(g for s in started for g in s["gpus"]) == [0, 1]
     assert len(refused) == 3

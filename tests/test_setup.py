@@ -234,6 +234,22 @@ def test_doctor_finds_loose_key_and_unreachable_box(box, project, tmp_path):
     assert "connection refused" in by[("box", "reachable")]["detail"]
 
 
+def test_doctor_text_shows_bracketed_words(box, project, tmp_path):
+    from remotedl.cli import main
+    from tests.conftest import make_env
+
+    with socket_closed_port() as port:  # an unreachable box: the laptop checks still run
+        cfg = tmp_path / "cfg"
+        cfg.write_text(f"Host gpubox\n  HostName 127.0.0.1\n  Port {port}\n")
+        e = make_env(tmp_path / "laptop", cwd=project)
+        code = main(["--host", "gpubox", "--ssh-config", str(cfg), "doctor"], e)
+    out = e.stdout.getvalue()
+    assert code == 1
+    assert "dynamic DNS: no [dns] configuration" in out
+    assert "no  configuration" not in out
+    assert out.splitlines()[-1].endswith(" failed")
+
+
 class socket_closed_port:
     def __enter__(self) -> int:
         import socket

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 
 from remotedl import sync
 from remotedl.ssh import resolve_host
-from tests.conftest import cli_for, make_env
+from tests.conftest import cli_for, make_env, retry_until
 
 
 def git(repo: Path, *args: str) -> str:
@@ -250,3 +253,73 @@ def test_one_ssh_handshake_per_push(fresh_box, project, tmp_path):
     r = run("push", "--data", "data", cwd=project)
     assert r.code == 0, r.err
     assert log.read_text().count("Accepted publickey") - before == 1
+    assert "data  data: 1 file, 1 B sent" in r.out
+
+
+def hide_from_box_path(box, program: str) -> None:
+    """Give the box's sshd a PATH on which ``program`` is missing (as the sandbox hides
+    nvidia-smi: each directory holding it is replaced by a shadow linking everything else),
+    and wait until new logins see it."""
+    cfg = box.dir / "sshd_config"
+    text = cfg.read_text()
+    path = re.search(r" PATH=(\S+)", text).group(1)  # type: ignore[union-attr]
+    dirs = []
+    for i, d in enumerate(path.split(":")):
+        if d and os.path.exists(os.path.join(d, program)):
+            shadow = box.dir / f"no-{program}" / f"path{i}"
+            shadow.mkdir(parents=True)
+            for entry in os.listdir(d):
+                if entry != program:
+                    (shadow / entry).symlink_to(os.path.join(d, entry))
+            d = str(shadow)
+        dirs.append(d)
+    cfg.write_text(text.replace(f" PATH={path} ", f" PATH={':'.join(dirs)} "))
+    os.kill(box.info.pid, signal.SIGHUP)  # sshd re-reads its configuration
+    ssh = ["ssh", "-F", box.info.ssh_config, "-o", "BatchMode=yes", box.name, f"command -v {program}"]
+    assert retry_until(lambda: subprocess.run(ssh, capture_output=True).returncode == 1, seconds=10)
+
+
+def test_rsync_missing_on_the_box_says_how_to_install_it(fresh_box, project, tmp_path):
+    hide_from_box_path(fresh_box, "rsync")
+    (project / "data").mkdir()
+    (project / "data" / "x").write_text("x")
+    r = cli_for(fresh_box, tmp_path / "laptop")("push", "--data", "data", cwd=project)
+    assert r.code == 1, r.err
+    assert f"remotedl: error: rsync is not installed on {fresh_box.name}" in r.err
+    assert "hint: install it there (`sudo apt-get install rsync`), or run `remotedl setup base`" in r.err
+
+
+# stderr of rsync (3.5.0) when the box has no rsync, by the box user's login shell: bash's and
+# dash's lines as captured here (ssh passes the shell's exit status 127 on); zsh's and fish's
+# wording differs, the status is the same
+RSYNC_NOT_FOUND = {
+    "bash": "bash: line 1: rsync: command not found\n",
+    "dash": "sh: 1: rsync: not found\n",
+    "zsh": "zsh:1: command not found: rsync\n",
+    "fish": "fish: Unknown command: rsync\n",
+}
+RSYNC_TAIL = (
+    "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n"
+    "rsync error: remote command not found (code 127) at io.c(285) [sender=3.5.0]\n"
+)
+# ... and when the box's shell prints a greeting for non-interactive logins
+RSYNC_NOISY_SHELL = (
+    "protocol version mismatch -- is your shell clean?\n"
+    "(see the rsync manpage for an explanation)\n"
+    "rsync error: protocol incompatibility (code 2) at compat.c(625) [sender=3.5.0]\n"
+)
+
+
+@pytest.mark.parametrize("shell", sorted(RSYNC_NOT_FOUND))
+def test_rsync_failure_mapping(shell):
+    err = sync.rsync_failure("gpubox", "data", 127, RSYNC_NOT_FOUND[shell] + RSYNC_TAIL)
+    assert err.message == "rsync is not installed on gpubox"
+    assert err.hint is not None
+    assert "sudo apt-get install rsync" in err.hint
+    assert "remotedl setup base" in err.hint
+    err = sync.rsync_failure("gpubox", "data", 2, RSYNC_NOISY_SHELL)
+    assert "breaks rsync's protocol" in err.message
+    assert err.hint is not None
+    assert "print nothing" in err.hint
+    missing = 'rsync: [sender] change_dir "/x" failed: No such file or directory (2)\n'
+    assert sync.rsync_failure("gpubox", "data", 23, missing).message.startswith("data: no such file:")

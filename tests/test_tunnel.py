@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -127,9 +128,37 @@ def test_port_in_use_is_refused_fast_naming_holder(cli, tmp_path):
         elapsed = time.monotonic() - t0
         assert r.code == 1
         assert f"local port {port} is already in use by pid {os.getpid()}" in r.err
-        assert "remotedl tunnel " in r.err  # a free port to use instead
+        # a free local port to the same box port
+        assert re.search(rf"e\.g\. `remotedl tunnel \d+:{port + 1}`", r.err), r.err
         assert "Traceback" not in r.err
         assert elapsed < 5  # generous for a loaded CI machine; typically ~50 ms
+    finally:
+        holder.close()
+
+
+def test_port_in_use_hints_keep_the_box_port_and_the_command(cli, tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        r = cli("tunnel", f"{port}:7777")
+        assert r.code == 1
+        m = re.search(r"e\.g\. `remotedl tunnel (\d+):7777`", r.err)
+        assert m, r.err
+        assert int(m.group(1)) != port
+        r = cli("tunnel", "--jupyter", str(port), "9000:9001")
+        assert re.search(r"e\.g\. `remotedl tunnel \d+ 9000:9001 --jupyter`", r.err), r.err
+        r = cli("jupyter", str(port))
+        assert r.code == 1
+        assert re.search(r"e\.g\. `remotedl jupyter \d+`", r.err), r.err
+        proj = tmp_path / "jproj"
+        proj.mkdir()
+        (proj / "remotedl.toml").write_text(f"jupyter_port = {port}\n")
+        r = cli("jupyter", cwd=proj)  # the configured default port is busy
+        assert re.search(r"e\.g\. `remotedl jupyter \d+`", r.err), r.err
+        r = cli("jupyter", f"{port}:8890")
+        assert re.search(r"e\.g\. `remotedl jupyter \d+:8890`", r.err), r.err
     finally:
         holder.close()
 

@@ -186,6 +186,10 @@ def _holders(gpus: list[gpumod.Gpu], records: list[dict[str, Any]]) -> dict[int,
     return held
 
 
+def _gpus_text(n: int, word: str = "GPU") -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def choose_gpus(req: dict[str, Any], records: list[dict[str, Any]]) -> list[int] | None:
     """GPUs for the job, or None when it must wait (``queue``). Raises when it cannot run."""
     wanted = req.get("gpus")  # list of indices, "auto", or "none"
@@ -203,13 +207,16 @@ def choose_gpus(req: dict[str, Any], records: list[dict[str, Any]]) -> list[int]
         )
     indices = [g.index for g in gpus]
     held = _holders(gpus, records)
+    # What can never be: a usage error now, never a wait (``queue`` would wait forever).
+    names = ", ".join(f"{g.index} ({g.name})" for g in gpus) or "none"
     if isinstance(wanted, list):
         missing = [i for i in wanted if i not in indices]
         if missing:
-            names = ", ".join(f"{g.index} ({g.name})" for g in gpus)
             raise AgentError(
-                f"GPU {', '.join(map(str, missing))} does not exist on this box; it has {len(gpus)}: {names}",
+                f"GPU {', '.join(map(str, missing))} does not exist on this box; "
+                f"it has {_gpus_text(len(gpus))}: {names}",
                 "usage",
+                hint="pick from those with --gpu",
             )
         busy = {i: held[i] for i in wanted if i in held}
         if busy and not req.get("force"):
@@ -222,15 +229,21 @@ def choose_gpus(req: dict[str, Any], records: list[dict[str, Any]]) -> list[int]
                 hint="pick another with --gpu, wait with --queue, or share it anyway with --force",
             )
         return list(wanted)
-    if not gpus:
+    if not gpus and not req.get("count"):
         return []
+    if count > len(gpus):
+        raise AgentError(
+            f"--gpus {count} asks for more GPUs than this box has: it has {_gpus_text(len(gpus))}: {names}",
+            "usage",
+            hint=f"ask for at most {len(gpus)}" if gpus else "run with --cpu",
+        )
     picked = gpumod.pick_free_gpus(gpus, held, count)
     if picked is None:
         if req.get("queue"):
             return None
         who = "; ".join(f"GPU {i}: {w}" for i, w in sorted(held.items()))
         raise AgentError(
-            f"no {count} free GPU{'s' if count > 1 else ''} on this box ({who})",
+            f"no {_gpus_text(count, 'free GPU')} on this box ({who})",
             "busy",
             hint="wait for them with --queue, or choose one with --gpu N --force",
         )

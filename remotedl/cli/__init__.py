@@ -7,14 +7,17 @@ Kept free of heavy imports (paramiko, fabric, requests, dnspython, rich) so that
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from remotedl import __version__
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, JobFailed, RemotedlError
+from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 
 # command -> (module under remotedl.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,11 +40,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ArgvError(UsageError):
+    """A command line argparse cannot take; ``usage`` is the usage line of the parser that said so."""
+
+    def __init__(self, message: str, hint: str | None = None, usage: str = "") -> None:
+        super().__init__(message, hint)
+        self.usage = usage
+
+
+class UnknownChoice(ArgvError):
+    """An unknown command or choice: one line, no usage block."""
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"remotedl: error: {message}\n")
-        raise SystemExit(ExitCode.USAGE)
+    def error(self, message: str) -> NoReturn:
+        # Raised, not printed: main() renders it once, as text or (--json) as JSON.
+        raise ArgvError(message, hint=f"see `{self.prog} --help`", usage=self.format_usage())
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse's "invalid choice: 'stauts' (choose from 'status', 'config', ...)" becomes one
+        # line that names the closest choice.
+        choices = action.choices
+        if choices is None or value in choices:
+            return
+        names = [str(c) for c in choices]
+        close = difflib.get_close_matches(str(value), names, n=1)
+        if isinstance(action, argparse._SubParsersAction):
+            if close:
+                raise UnknownChoice(f"unknown command '{value}'; did you mean {close[0]}?")
+            raise UnknownChoice(f"unknown command '{value}'", hint="`remotedl --help` lists the commands")
+        what = "/".join(action.option_strings) or str(action.metavar or action.dest)
+        if close:
+            raise UnknownChoice(f"{what}: unknown choice '{value}'; did you mean {close[0]}?")
+        raise UnknownChoice(f"{what}: unknown choice '{value}' (choose from {', '.join(names)})")
 
 
 def _global_options() -> _Parser:
@@ -98,13 +129,37 @@ def _subcommand_index(parser: argparse.ArgumentParser, argv: list[str]) -> int |
     return None
 
 
-def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """`remotedl run train.py --gpu 0 --lr 0.1`: remotedl's own options are taken wherever they
-    stand before a `--`; every other word belongs to the command, in order. After `--`,
-    everything is the command's (`remotedl run train.py -- --name x`)."""
+# After the command word only these stay remotedl's (`remotedl run run.sh --gpu 0`); every other
+# word there is the command's. Option -> takes a value.
+GPU_OPTIONS: dict[str, bool] = {"--gpu": True, "--gpus": True, "--cpu": False}
+
+
+def _option_words(tok: str, rest: list[str], i: int, flags: dict[str, bool]) -> int:
+    """How many words the option ``tok`` at ``rest[i]`` spans (1, or 2 with a separate value),
+    as argparse reads it: exact names, unique ``--prefix``es, ``--opt=value``, ``-eKEY=V``, ``-de V``."""
+    if tok.startswith("--"):
+        key, eq, _ = tok.partition("=")
+        names = [key] if key in flags else [f for f in flags if f.startswith(key) and f.startswith("--")]
+        takes = len(names) == 1 and flags[names[0]] and not eq
+    else:
+        takes = False
+        for j, c in enumerate(tok[1:], start=1):  # -d, -de, -eKEY=V
+            if flags.get("-" + c):
+                takes = j == len(tok) - 1  # a value attached after the letter, or the next word
+                break
+    return 2 if takes and i + 1 < len(rest) else 1
+
+
+def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv for argparse, GPU options taken after the command word)``.
+
+    `remotedl run --detach --name x train.py --lr 0.1 --port 29500`: remotedl's options go before
+    the command word; after it, everything is the command's, in order, except remotedl's GPU choice
+    (`--gpu`, `--gpus`, `--cpu`), so that `remotedl run run.sh --gpu 0` keeps working. After `--`
+    everything is the command's (`remotedl run train.py -- --gpu 0`)."""
     at = _subcommand_index(parser, argv)
     if at is None or argv[at] != "run":
-        return argv
+        return argv, []
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     sub = subparsers[0].choices["run"]
     flags: dict[str, bool] = {}  # option -> takes a value
@@ -113,32 +168,82 @@ def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
             flags[opt] = action.nargs != 0 and not isinstance(
                 action, argparse._StoreTrueAction | argparse._HelpAction
             )
-    ours: list[str] = []
-    command: list[str] = []
+    head = argv[: at + 1]
     rest = argv[at + 1 :]
+    ours: list[str] = []
+    chosen_before: list[str] = []  # GPU options before the command word
     i = 0
+    while i < len(rest) and rest[i] != "--" and rest[i].startswith("-") and rest[i] != "-":
+        n = _option_words(rest[i], rest, i, flags)
+        if rest[i].partition("=")[0] in GPU_OPTIONS:
+            chosen_before.append(" ".join(rest[i : i + n]))
+        ours += rest[i : i + n]
+        i += n
+    if i < len(rest) and rest[i] == "--":
+        return [*head, *ours, *rest[i:]], []
+    command: list[str] = []
+    taken: list[str] = []
     while i < len(rest):
         tok = rest[i]
         if tok == "--":
             command += rest[i + 1 :]
             break
-        name = tok.split("=", 1)[0]
-        if tok.startswith("-") and name in flags:
-            ours.append(tok)
-            if flags[name] and "=" not in tok and i + 1 < len(rest):
-                ours.append(rest[i + 1])
-                i += 1
-        else:
-            command.append(tok)
+        key, eq, _ = tok.partition("=")
+        if key in GPU_OPTIONS:
+            n = 2 if GPU_OPTIONS[key] and not eq and i + 1 < len(rest) else 1
+            ours += rest[i : i + n]
+            taken.append(" ".join(rest[i : i + n]))
+            i += n
+            continue
+        command.append(tok)
         i += 1
-    return [*argv[: at + 1], *ours, "--", *command] if command else [*argv[: at + 1], *ours]
+    if taken and len(taken) + len(chosen_before) > 1:
+        raise ArgvError(
+            f"the GPU choice is given twice: {', '.join([*chosen_before, *taken])}",
+            hint="give remotedl one of --gpu/--gpus/--cpu; to pass one to the script, put it after --",
+        )
+    return ([*head, *ours, "--", *command] if command else [*head, *ours]), taken
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """--json among remotedl's own words (before a `--`: the command's words are not ours)."""
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in words
+
+
+def _fail(
+    env: Environment, as_json: bool, message: str, hint: str | None, code: int, *, usage: str = ""
+) -> int:
+    """The one rendering of a failure: two lines on stderr, or with --json one JSON object on
+    stdout (the stream a script already parses), with the same exit code either way."""
+    if as_json:
+        env.stdout.write(json.dumps({"error": message, "hint": hint, "exit_code": int(code)}) + "\n")
+        env.stdout.flush()
+        return int(code)
+    env.stderr.write(usage)
+    env.stderr.write(f"remotedl: error: {message}\n")
+    if hint:
+        env.stderr.write(f"  hint: {hint}\n")
+    return int(code)
 
 
 def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
     env = env or Environment()
+    words = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(split_run_argv(parser, list(sys.argv[1:] if argv is None else argv)))
+    as_json = _wants_json(words)
+    try:
+        words, taken = split_run_argv(parser, words)
+        as_json = _wants_json(words)
+        args = parser.parse_args(words)
+    except ArgvError as e:
+        usage = "" if isinstance(e, UnknownChoice) else e.usage
+        return _fail(env, as_json, e.message, e.hint, e.exit_code, usage=usage)
+    for option in taken:  # at most one: a second is refused by split_run_argv
+        env.stderr.write(f"remotedl: took {option} for remotedl; to pass it to the script, put it after --\n")
     if not args.subcommand:
+        if as_json:
+            return _fail(env, True, "no command given", "`remotedl --help` lists them", ExitCode.USAGE)
         parser.print_help(env.stdout)
         return ExitCode.USAGE
     debug = bool(getattr(args, "debug", False))
@@ -149,14 +254,14 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
         handler = getattr(module, "cmd_" + args.subcommand.replace("-", "_"))
         return int(handler(args, env))
     except JobFailed as e:
-        return e.code
+        # The job's own output said why; its exit code is passed through.
+        return _fail(env, True, e.message, None, e.code) if as_json else e.code
     except RemotedlError as e:
         logging.getLogger("remotedl").debug("error", exc_info=True)
-        env.stderr.write(f"remotedl: error: {e.message}\n")
-        if e.hint:
-            env.stderr.write(f"  hint: {e.hint}\n")
-        return int(e.exit_code)
+        return _fail(env, as_json, e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
+        if as_json:
+            return _fail(env, True, "interrupted", None, ExitCode.INTERRUPTED)
         env.stderr.write("remotedl: interrupted\n")
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
@@ -164,11 +269,13 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     except Exception as e:
         if debug:
             raise
-        env.stderr.write(
-            f"remotedl: internal error: {type(e).__name__}: {e}\n"
-            "  hint: run again with --debug for the traceback, and report it\n"
+        return _fail(
+            env,
+            as_json,
+            f"internal error: {type(e).__name__}: {e}",
+            "run again with --debug for the traceback, and report it",
+            ExitCode.ERROR,
         )
-        return ExitCode.ERROR
 
 
 def _setup_logging(env: Environment, debug: bool) -> None:

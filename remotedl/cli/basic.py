@@ -7,6 +7,7 @@ import argparse
 from remotedl.cli.app import App
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
+from remotedl.words import plural
 
 
 def _size(n: int | None) -> str:
@@ -36,6 +37,7 @@ def _duration(seconds: float | None) -> str:
 
 def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     from rich.table import Table
+    from rich.text import Text
 
     from remotedl.ssh import open_box
     from remotedl.status import box_status
@@ -51,7 +53,8 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     load = " ".join(f"{x:.2f}" for x in st.load)
     c.print(f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): reachable")
     c.print(f"  host    {st.hostname}, {st.os}, {st.kernel}", markup=False)
-    c.print(f"  uptime  {_duration(st.uptime_seconds)}, load {load}, {st.cpus or '?'} CPUs", markup=False)
+    cpus = plural(st.cpus, "CPU") if st.cpus else "? CPUs"
+    c.print(f"  uptime  {_duration(st.uptime_seconds)}, load {load}, {cpus}", markup=False)
     if st.disk:
         c.print(
             f"  disk    {_size(st.disk.free_bytes)} free of {_size(st.disk.total_bytes)} "
@@ -74,7 +77,7 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         )
         mem = f"{_size((g.memory_used_mib or 0) << 20)} / {_size((g.memory_total_mib or 0) << 20)}"
         util = "[N/A]" if g.utilization_pct is None else f"{g.utilization_pct}%"
-        table.add_row(str(g.index), g.name, mem, util, procs or "-")
+        table.add_row(*map(Text, (str(g.index), g.name, mem, util, procs or "-")))  # box text: no markup
     c.print(table)
     return ExitCode.OK
 
@@ -131,15 +134,16 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
         )
         return ExitCode.OK
     from rich.table import Table
+    from rich.text import Text
 
     grid = Table(box=None, pad_edge=False)
     grid.add_column("setting")
     grid.add_column("value")
     grid.add_column("from")
     for k, v, src_ in rows:
-        grid.add_row(k, v, src_)
+        grid.add_row(Text(k), Text(str(v)), Text(src_))  # values like "[tool.remotedl]": no markup
     for k, (v, src_) in host.items():  # type: ignore[misc]
-        grid.add_row("host." + k, str(v), src_)
+        grid.add_row(Text("host." + k), Text(str(v)), Text(src_))
     app.console.print(grid)
     return ExitCode.OK
 
@@ -198,7 +202,7 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
         if app.json:
             app.print_json(info.to_dict())
         else:
-            gpu_text = "this machine's GPUs" if host else f"{info.gpus} stand-in GPUs"
+            gpu_text = "this machine's GPUs" if host else plural(info.gpus, "stand-in GPU")
             extra = "".join(
                 (
                     f", login shell {info.login_shell}" if info.login_shell else "",

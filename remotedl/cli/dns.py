@@ -35,18 +35,10 @@ def cmd_dns(args: argparse.Namespace, env: Environment) -> int:
     )
     if args.action == "check":
         report = dupd.check(s, env.environ)
-        if app.json:
-            app.print_json(report.to_dict())
-        for f in report.families:
-            if not app.json:
-                served = ", ".join(f.served) or "nothing"
-                state = "matches" if f.action == "unchanged" else "DIFFERS"
-                app.out(
-                    f"{report.name} {f.record}: public address {f.detected}, DNS serves {served}: {state}"
-                )
+        error = None
         if not report.in_sync:
             bad = [f for f in report.families if f.action != "unchanged"]
-            raise RemotedlError(
+            error = RemotedlError(
                 "; ".join(
                     f"{f.record} record is {', '.join(f.served) or 'missing'} but the public "
                     f"address is {f.detected}"
@@ -54,6 +46,19 @@ def cmd_dns(args: argparse.Namespace, env: Environment) -> int:
                 ),
                 hint="run `remotedl dns update`",
             )
+        if app.json:
+            # One object on stdout: the report, and when they differ the error fields as well.
+            failed: dict[str, object] = {}
+            if error:
+                failed = {"error": error.message, "hint": error.hint, "exit_code": int(error.exit_code)}
+            app.print_json({**report.to_dict(), **failed})
+            return int(error.exit_code) if error else ExitCode.OK
+        for f in report.families:
+            served = ", ".join(f.served) or "nothing"
+            state = "matches" if f.action == "unchanged" else "DIFFERS"
+            app.out(f"{report.name} {f.record}: public address {f.detected}, DNS serves {served}: {state}")
+        if error:
+            raise error
         return ExitCode.OK
     if args.action == "update":
         report = dupd.update(s, env.environ, env.state_dir, dry_run=args.dry_run, force=args.force)

@@ -100,6 +100,8 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     command_argv = args.command[1:] if args.command[0] == "--" else args.command
     root = s.project.root
     command, script = jobs.build_command(command_argv, root, must_exist=not args.no_push)
+    if args.gpus is not None and args.gpus < 0:
+        raise UsageError(f"--gpus {args.gpus}: give a number of GPUs (0 runs on the CPU)")
     gpus: str | list[int] | None = None
     if args.cpu or args.gpus == 0:
         gpus = "none"
@@ -136,17 +138,19 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     if app.json and args.detach:
         app.print_json(rec.to_dict())
         return ExitCode.OK
-    gpu_text = ",".join(map(str, rec.gpus)) if rec.gpus else "none"
+    gpus_word = "GPU" if len(rec.gpus) == 1 else "GPUs"
+    gpu_text = f"{gpus_word} {','.join(map(str, rec.gpus))}" if rec.gpus else "no GPU"
+    if rec.status == "queued":
+        gpu_text = "waiting for GPUs"
     if args.detach:
         app.out(str(rec.id))
         env.stderr.write(
-            f"job {rec.id} ({rec.name}) {rec.status} on {spec.alias}, GPUs {gpu_text}; "
+            f"job {rec.id} ({rec.name}) {rec.status} on {spec.alias}, {gpu_text}; "
             f"`remotedl logs -f {rec.id}` to follow\n"
         )
         return ExitCode.OK
     env.stderr.write(
-        f"remotedl: job {rec.id} ({rec.name}) {rec.status} on {spec.alias}, GPUs {gpu_text}; "
-        "Ctrl-C detaches\n"
+        f"remotedl: job {rec.id} ({rec.name}) {rec.status} on {spec.alias}, {gpu_text}; Ctrl-C detaches\n"
     )
     return _follow(app, client, rec.id)
 
@@ -159,6 +163,7 @@ def _when(ts: float | None) -> str:
 
 def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     from rich.table import Table
+    from rich.text import Text
 
     from remotedl import jobs
 
@@ -170,19 +175,25 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     if not records:
         app.out("no jobs on the box yet; start one with `remotedl run COMMAND`")
         return ExitCode.OK
+    # Names and commands come from the box as typed: plain text, never rich markup.
     table = Table(box=None, pad_edge=False)
     for col in ("id", "name", "status", "GPUs", "exit", "started", "duration", "command"):
         table.add_column(col, no_wrap=col != "command")
     for r in records:
         table.add_row(
-            str(r.id),
-            r.name,
-            r.status,
-            ",".join(map(str, r.gpus)) or "-",
-            "-" if r.exit_code is None else str(r.exit_code),
-            _when(r.started),
-            _duration(r.duration) if r.started else "-",
-            r.command,
+            *map(
+                Text,
+                (
+                    str(r.id),
+                    r.name,
+                    r.status,
+                    ",".join(map(str, r.gpus)) or "-",
+                    "-" if r.exit_code is None else str(r.exit_code),
+                    _when(r.started),
+                    _duration(r.duration) if r.started else "-",
+                    r.command,
+                ),
+            )
         )
     app.console.print(table)
     return ExitCode.OK

@@ -8,6 +8,7 @@ from remotedl.cli.app import App
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
+from remotedl.words import plural
 
 MARK = {
     "ok": "ok",
@@ -59,7 +60,8 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
         for book in books:
             if not app.json:
                 app.console.print(
-                    f"[bold]playbook {book.name}[/bold]" + (" (check: nothing changes)" if args.check else "")
+                    f"[bold]playbook {escape(book.name)}[/bold]"
+                    + (" (check: nothing changes)" if args.check else "")
                 )
 
             def show(r: pb.StepResult) -> None:
@@ -95,6 +97,8 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, env: Environment) -> int:
+    from rich.markup import escape
+
     from remotedl import doctor
 
     app = App(args, env)
@@ -106,10 +110,13 @@ def cmd_doctor(args: argparse.Namespace, env: Environment) -> int:
     else:
         for c in report.checks:
             style = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "dim"}[c.status]
+            # Details hold text like "no [dns] configuration" and remote output: never markup.
             app.console.print(
-                f"[{style}]{c.status.upper():<5}[/{style}] {c.where:<6} {c.name}: {c.detail}", highlight=False
+                f"[{style}]{c.status.upper():<5}[/{style}] {c.where:<6} {escape(c.name)}: {escape(c.detail)}",
+                highlight=False,
             )
             if c.fix and c.status in ("warn", "fail"):
                 app.console.print(f"              fix: {c.fix}", markup=False, highlight=False)
-        app.out(f"{report.count('ok')} ok, {report.count('warn')} warnings, {report.count('fail')} failed")
+        warnings = plural(report.count("warn"), "warning")
+        app.out(f"{report.count('ok')} ok, {warnings}, {report.count('fail')} failed")
     return ExitCode.ERROR if report.count("fail") else ExitCode.OK

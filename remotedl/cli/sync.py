@@ -9,6 +9,7 @@ from remotedl.cli.basic import _size
 from remotedl.cli.progress import progress_bar
 from remotedl.env import Environment
 from remotedl.errors import ExitCode
+from remotedl.words import plural
 
 
 def remote_dir(app: App) -> str:
@@ -44,7 +45,7 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
         state = "checked out" if result.code_changed else "already there"
         app.out(f"code  {what} -> {spec.alias}:{result.remote_dir} ({state})")
     for t in result.transfers:
-        app.out(f"data  {t.path}: {t.files_transferred} files, {_size(t.bytes_transferred)} sent")
+        app.out(f"data  {t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} sent")
     return ExitCode.OK
 
 
@@ -67,5 +68,5 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
         app.print_json(result.to_dict())
         return ExitCode.OK
     for t in result.transfers:
-        app.out(f"{t.path}: {t.files_transferred} files, {_size(t.bytes_transferred)} received")
+        app.out(f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received")
     return ExitCode.OK

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, RemotedlError, UsageError
 from remotedl.waiting import pid_alive as _alive
+from remotedl.words import plural
 
 
 def _tunnels_dir(env: Environment) -> Path:
@@ -44,6 +46,7 @@ def _records(env: Environment) -> list[dict[str, Any]]:
 
 def cmd_jupyter(args: argparse.Namespace, env: Environment) -> int:
     args.jupyter = True
+    args.as_jupyter = True
     args.list = False
     args.stop = None
     args.ports = [args.ports] if args.ports else []
@@ -74,8 +77,8 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
         raise UsageError("name a port to forward, e.g. `remotedl tunnel 8888` or `remotedl tunnel 8889:8888`")
     spec = app.spec()
     if not args.supervise:
-        local_ports = [f.local for f in forwards] or [int(app.settings.get("jupyter_port"))]
-        tun.check_local_ports([tun.Forward(p, p) for p in local_ports])
+        port = int(app.settings.get("jupyter_port"))
+        tun.check_local_ports(forwards or [tun.Forward(port, port)], _instead(args, forwards))
     server = None
     if args.jupyter:
         from remotedl import jupyter
@@ -87,6 +90,28 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
     if args.background and not args.supervise:
         return _start_background(app, args, forwards, server)
     return _foreground(app, spec, forwards, server, supervise=args.supervise)
+
+
+def _instead(args: argparse.Namespace, forwards: list[Any]) -> Callable[[Any, int], str]:
+    """The same command with a busy local port replaced by a free one."""
+    jupyter_word = bool(getattr(args, "as_jupyter", False))
+
+    def suggest(busy: Any, free: int) -> str:
+        ports = []
+        for i, (f, text) in enumerate(zip(forwards, args.ports, strict=True)):
+            if f.local != busy.local:
+                ports.append(text)
+            elif args.jupyter and i == 0 and ":" not in text:
+                ports.append(str(free))  # the box side is Jupyter's own port, found later
+            else:
+                ports.append(f"{free}:{f.remote}")
+        if not forwards:  # Jupyter on the default port
+            ports = [str(free)]
+        if jupyter_word:
+            return f"remotedl jupyter {' '.join(ports)}"
+        return f"remotedl tunnel {' '.join(ports)}" + (" --jupyter" if args.jupyter else "")
+
+    return suggest
 
 
 def _announce(app: App, forwards: list[Any], server: Any) -> str | None:
@@ -190,7 +215,7 @@ def _status_line(app: App, t: Any, thread: Any) -> None:
             note = events[-1].message if events and events[-1].kind == "refused" else ""
             live.update(
                 f"[bold]{state}[/bold] to {t.spec.alias} · up {int(time.time() - started)} s · "
-                f"{t.connections} connections · ~{_size(moved) if moved is not None else '?'} moved"
+                f"{plural(t.connections, 'connection')} · ~{_size(moved) if moved is not None else '?'} moved"
                 f"{' · ' + note if note else ''} · Ctrl-C to close"
             )
             thread.join(0.5)

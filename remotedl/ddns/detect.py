@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shlex
+import socket
+import ssl
 import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from remotedl import __version__
 from remotedl.errors import RemotedlError
@@ -21,6 +25,49 @@ class Detection:
     family: int  # 4 or 6
     address: str | None
     answers: dict[str, str] = field(default_factory=dict)  # source -> address or "error: ..."
+
+
+def http_failure(e: BaseException, url: str) -> str:
+    """Why a request to ``url`` failed, in a few words: "connection refused", "cannot resolve
+    host name 'x'", "timed out", never urllib3's nested repr (nor the URL: it may hold a token)."""
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or any(x is c for c in chain):
+            continue
+        chain.append(x)
+        todo += [getattr(x, "reason", None), x.__cause__, x.__context__]
+        todo += [a for a in x.args if isinstance(a, BaseException)]
+    names = {type(x).__name__ for x in chain}
+    host = urlsplit(url).hostname or url
+    if any(isinstance(x, socket.gaierror) for x in chain) or "NameResolutionError" in names:
+        return f"cannot resolve host name '{host}'"
+    if names & {"Timeout", "ConnectTimeout", "ReadTimeout", "TimeoutError", "TimeoutExpired"}:
+        return "timed out"
+    response = getattr(e, "response", None)
+    if response is not None and getattr(response, "status_code", None):
+        return f"HTTP {response.status_code}"
+    if "SSLError" in names:
+        ssl_errors = [x for x in chain if isinstance(x, ssl.SSLError)]
+        reason = getattr(ssl_errors[-1], "reason", None) if ssl_errors else None
+        return f"TLS failed{': ' + str(reason).replace('_', ' ').lower() if reason else ''}"
+    for x in reversed(chain):  # the innermost OS error says it best
+        errno_ = getattr(x, "errno", None)
+        if isinstance(x, OSError) and isinstance(errno_, int) and errno_ > 0:
+            return os.strerror(errno_).lower()
+    last = chain[-1]
+    return (str(last).splitlines() or [type(last).__name__])[0][:100]
+
+
+def _failure(e: Exception, source: str) -> str:
+    if isinstance(e, ValueError) and not isinstance(e, OSError):
+        return str(e)[:120]  # our own words: "not an IP address: ...", "exit 3"
+    if isinstance(e, subprocess.TimeoutExpired):
+        return "timed out"
+    if source.startswith(("iface:", "cmd:")):
+        return f"{type(e).__name__}: {e}"[:120]
+    return http_failure(e, source)
 
 
 def _from_source(source: str, family: int, timeout: float) -> str:
@@ -84,7 +131,7 @@ def detect(
         try:
             return source, _validate(_from_source(source, family, timeout), family, allow_private), ""
         except Exception as e:
-            return source, None, f"{type(e).__name__}: {e}"[:120]
+            return source, None, _failure(e, source)
 
     with ThreadPoolExecutor(max_workers=len(sources)) as pool:
         results = list(pool.map(ask, sources))

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from remotedl.ddns.detect import USER_AGENT
+from remotedl.ddns.detect import USER_AGENT, http_failure
 from remotedl.ddns.settings import DnsSettings, read_secret
 from remotedl.errors import ConfigError, RemotedlError
 
@@ -244,7 +244,7 @@ class Cloudflare(Provider):
         try:
             r = requests.request(method, self.base + path, headers=headers, timeout=self.s.timeout, **kw)
         except requests.RequestException as e:
-            raise ProviderError(f"Cloudflare API unreachable: {type(e).__name__}") from None
+            raise ProviderError(f"Cloudflare API unreachable: {http_failure(e, self.base)}") from None
         try:
             data = r.json()
         except ValueError:
@@ -335,7 +335,9 @@ class Dyndns2(Provider):
                 timeout=self.s.timeout,
             )
         except requests.RequestException as e:
-            raise ProviderError(f"dyndns2 server unreachable: {type(e).__name__}", retry_after=300) from None
+            raise ProviderError(
+                f"dyndns2 server unreachable: {http_failure(e, self.url)}", retry_after=300
+            ) from None
         text = r.text.strip()
         code = text.split()[0] if text else f"HTTP {r.status_code}"
         if code in ("good", "nochg"):
@@ -380,7 +382,8 @@ class DuckDns(Provider):
                 self.url, params=params, headers={"User-Agent": USER_AGENT}, timeout=self.s.timeout
             )
         except requests.RequestException as e:
-            raise ProviderError(f"DuckDNS unreachable: {type(e).__name__}", retry_after=300) from None
+            why = http_failure(e, self.url)
+            raise ProviderError(f"DuckDNS unreachable: {why}", retry_after=300) from None
         lines = r.text.strip().splitlines()
         if not lines or lines[0] != "OK":
             raise ProviderError(
