@@ -193,6 +193,7 @@ def test_srun_pty_gives_an_interactive_shell_in_the_allocation(slurm, slurm_box,
             r = subprocess.run(["tmux", "-S", sock, "capture-pane", "-p"], capture_output=True, text=True)
             return r.stdout
 
+        assert retry_until(lambda: screen().strip(), seconds=30), "no prompt from the shell in the job"
         subprocess.run(
             ["tmux", "-S", sock, "send-keys", 'echo "in-$SLURM_JOB_ID-step-$SLURM_STEP_ID-$(tty)"', "Enter"],
             check=True,
