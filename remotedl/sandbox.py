@@ -23,10 +23,11 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -253,6 +254,24 @@ def _chown_tree(path: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, n), uid, gid, follow_symlinks=False)
 
 
+# The variables the box sets itself; extra_env may not replace them.
+_BOX_ENV = ("HOME", "PATH", "TMUX_TMPDIR", "LANG")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _set_env_words(extra_env: Mapping[str, str]) -> str:
+    """``extra_env`` as words of sshd's SetEnv line, each one double-quoted."""
+    words = []
+    for key, value in extra_env.items():
+        if not _ENV_NAME.fullmatch(key) or key in _BOX_ENV:
+            raise UsageError(f"sandbox environment variable '{key}' is not allowed")
+        # Kept out rather than escaped: OpenSSH versions differ in escapes inside sshd_config quotes.
+        if any(c in value for c in '"\\') or not value.isprintable():
+            raise UsageError(f"sandbox environment variable '{key}': no quotes or control characters")
+        words.append(f'"{key}={value}"')
+    return "".join(f" {w}" for w in words)
+
+
 def up(
     env: Environment,
     *,
@@ -262,6 +281,7 @@ def up(
     login_shell: str | None = None,
     noisy: bool = False,
     no_sudo: bool = False,
+    extra_env: Mapping[str, str] | None = None,
 ) -> SandboxInfo:
     """Start (or find running) the sandbox box called ``name``: ``gpus`` stand-in GPUs, or
     none (no driver at all), or with ``host_gpus`` this machine's real nvidia-smi.
@@ -270,11 +290,14 @@ def up(
     whose passwd shell that is; None: as the current user. ``noisy``: the box home's start-up
     files (.bashrc, .zshenv, config.fish, .tcshrc, ...) print to stdout and stderr.
     ``no_sudo``: a box user that may not sudo (``rdl-bash`` unless ``login_shell`` says
-    otherwise); a ``login_shell`` user never may. A user of its own needs root."""
+    otherwise); a ``login_shell`` user never may. A user of its own needs root.
+    ``extra_env`` is set in every session on the box (e.g. ``SLURM_CONF`` for a test cluster);
+    a box already running keeps the environment it was started with."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise UsageError(f"sandbox name '{name}' may only hold letters, digits, - and _")
     if login_shell is not None and login_shell not in LOGIN_SHELLS:
         raise UsageError(f"login shell '{login_shell}' is not one of {', '.join(LOGIN_SHELLS)}")
+    set_env_extra = _set_env_words(extra_env or {})
     own_user = login_shell is not None or no_sudo
     running = status(env, name)
     if running is not None:
@@ -374,7 +397,7 @@ PrintMotd no
 MaxSessions 50
 MaxStartups 50:30:100
 ClientAliveInterval 15
-SetEnv HOME={home} PATH={path} TMUX_TMPDIR={tmux_dir} LANG=C.UTF-8
+SetEnv HOME={home} PATH={path} TMUX_TMPDIR={tmux_dir} LANG=C.UTF-8{set_env_extra}
 Subsystem sftp internal-sftp
 """
     )

@@ -7,7 +7,7 @@ import os
 import pwd
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from remotedl.cli import main
 from remotedl.env import Environment
 from remotedl.sandbox import SandboxInfo
 from remotedl.waiting import retry_until
+from tests import slurmcluster
+from tests.slurmcluster import SlurmCluster
 
 __all__ = ["retry_until"]
 
@@ -184,6 +186,51 @@ def plain_box(box_base: Path) -> Iterator[Box]:
         sandbox.down(make_env(box_base), name="plain")
     except Exception as e:
         print(f"sandbox down failed: {e}")
+
+
+@dataclass
+class SlurmBox(Box):
+    """A sandbox box that is the login node of a real single-node Slurm cluster: every ssh
+    session on it has SLURM_CONF, so sbatch, squeue, srun... there reach ``cluster``."""
+
+    cluster: SlurmCluster
+
+    def ssh_argv(self, *remote: str, options: Sequence[str] = ()) -> list[str]:
+        """OpenSSH to the box through its real sshd (remote words go to the box's login shell)."""
+        return ["ssh", "-F", self.info.ssh_config, "-o", "BatchMode=yes", *options, self.name, *remote]
+
+    def ssh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a shell script on the login node over ssh; the script travels on stdin."""
+        argv = self.ssh_argv("sh", "-s")
+        r = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"exit {r.returncode} from:\n{script}\nout: {r.stdout}\nerr: {r.stderr}")
+        return r
+
+
+@pytest.fixture(scope="session")
+def slurm_box(box_base: Path) -> Iterator[SlurmBox]:
+    """The login node of a real Slurm cluster (slurmctld, slurmd, munge; 2 fake GPUs as gres),
+    started once per session on free ports in a directory of its own; skipped where Slurm
+    cannot run (not root, packages missing)."""
+    try:
+        cluster = slurmcluster.start_cluster(gpus=2)
+    except slurmcluster.SlurmUnavailable as e:
+        pytest.skip(f"no Slurm cluster: {e}")
+    base = box_base / "slurm"
+    try:
+        env = make_env(base)
+        info = sandbox.up(env, name="slurmbox", gpus=0, extra_env=cluster.env)
+    except BaseException:
+        slurmcluster.stop_cluster(cluster)
+        raise
+    yield SlurmBox(info, dict(env.environ), cluster)
+    try:
+        sandbox.down(make_env(base), name="slurmbox")
+    except Exception as e:  # a finalizer never raises
+        print(f"sandbox down failed: {e}")
+    for problem in slurmcluster.stop_cluster(cluster):
+        print(f"slurm cluster stop: {problem}")
 
 
 @pytest.fixture

@@ -102,6 +102,28 @@ def test_status_without_nvidia_driver(tmp_path):
         sandbox.down(make_env(base), name="nogpu")
 
 
+def test_sandbox_extra_env_reaches_every_session(tmp_path):
+    from remotedl.errors import UsageError
+
+    base = tmp_path / "envbox"
+    value = "/tmp/a dir/slurm.conf $HOME 'q' é"
+    b = sandbox.up(make_env(base), name="envbox", gpus=0, extra_env={"SLURM_CONF": value, "RDL_X": "1"})
+    try:
+        r = subprocess.run(
+            ["ssh", "-F", b.ssh_config, "-o", "BatchMode=yes", "envbox", "printenv SLURM_CONF RDL_X HOME"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert r.stdout.splitlines() == [value, "1", b.home]
+    finally:
+        sandbox.down(make_env(base), name="envbox")
+    for bad in ({"PATH": "/x"}, {"1X": "y"}, {"X": 'a"b'}, {"X": "a\nb"}, {"X": "a\\b"}):
+        with pytest.raises(UsageError):
+            sandbox.up(make_env(tmp_path / "bad"), name="bad", gpus=0, extra_env=bad)
+    assert not sandbox.sandbox_dir(make_env(tmp_path / "bad"), "bad").exists()
+
+
 def test_unknown_host_key_is_refused_then_trusted(tmp_path, box):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
