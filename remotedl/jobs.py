@@ -394,7 +394,11 @@ def keep_commit(root: Path, alias: str, rec: JobRecord) -> str | None:
 
 
 def diff(root: Path, alias: str, rec: JobRecord, *, stat: bool = False, color: bool = False) -> str:
-    """The job's code against the local work tree (`git diff COMMIT`), as text."""
+    """The job's code against the local work tree, as text: a diff from the job's commit to
+    a snapshot of the work tree as it is now (tracked changes and untracked files that
+    .gitignore does not exclude, as push sends them)."""
+    from remotedl.sync import git_root, snapshot_commit
+
     if not rec.git_commit:
         raise UsageError(f"job {rec.id} has no commit recorded (its tree on the box is not a git repository)")
     commit = rec.git_commit
@@ -404,9 +408,10 @@ def diff(root: Path, alias: str, rec: JobRecord, *, stat: bool = False, color: b
             hint="it was pushed from another clone; fetch it from there",
         )
     keep_commit(root, alias, rec)
+    now, _, _ = snapshot_commit(git_root(root))
     argv = ["git", "-C", str(root), "diff", f"--color={'always' if color else 'never'}"]
     argv += ["--stat"] if stat else []
-    r = proc.run([*argv, commit, "--"], check=False)
+    r = proc.run([*argv, commit, now, "--"], check=False)
     if r.returncode != 0:
         raise RemotedlError(f"git diff failed: {r.stderr.strip()}")
     return r.stdout
