@@ -14,7 +14,8 @@ from tests.conftest import cli_for, retry_until
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+    r = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
+    return r.stdout.strip()
 
 
 def commit_all(repo: Path, message: str) -> str:
@@ -254,7 +255,8 @@ def test_show_diff_and_the_local_ref(box, origin, tmp_path):
     assert "uncommitted edit" in git(origin, "show", f"{rec['git_commit']}:version.txt")
     r = run("jobs", "show", str(rec["id"]), cwd=origin)
     assert r.code == 0, r.err
-    for words in ("failed (exit 3)", "snapshot of uncommitted work", "hello.sh, version.txt", "SECRET", "GPUs"):
+    shown = ("failed (exit 3)", "snapshot of uncommitted work", "hello.sh, version.txt", "SECRET", "GPUs")
+    for words in shown:
         assert words in r.out, r.out
     (origin / "version.txt").write_text("changed after the job\n")
     r = run("diff", str(rec["id"]), cwd=origin)

@@ -261,13 +261,29 @@ def _boot_id() -> str | None:
 
 
 def group_alive(pgid: int) -> bool:
+    """A process of the group still runs (zombies do not count: where nothing reaps orphans,
+    as under some container inits, a dead job's processes linger as zombies)."""
     try:
         os.killpg(pgid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no /proc to look closer
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def runner_alive(r: dict[str, Any]) -> bool:
