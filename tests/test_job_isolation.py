@@ -180,10 +180,10 @@ def test_data_shared_outputs_and_pull(box, project, tmp_path):
     assert "the work tree (shared by job" in r.out
     r = run("pull", "--tree", "out", cwd=project)
     assert r.code == 1
-    assert "out is not in the work tree" in r.err
+    assert "out does not exist in the work tree" in r.err
     r = run("pull", "nothing-here.txt", cwd=project)
     assert r.code == 1
-    assert "nothing-here.txt is not in any job of this project nor in the work tree" in r.err
+    assert "nothing-here.txt does not exist in any job of this project nor in the work tree" in r.err
 
 
 def test_jobs_rm_and_prune(box, origin, tmp_path):

@@ -1469,11 +1469,12 @@ def op_locate(req: dict[str, Any]) -> dict[str, Any]:
             break
         if found is None and ref not in (None, "") and not req.get("tree"):
             r = pool[0]
-            raise AgentError(f"{rel} is not in job {r['id']} ({r.get('name')})'s directory", "notfound")
+            where = f"job {r['id']} ({r.get('name')})'s directory"
+            raise AgentError(f"{rel} does not exist in {where}", "notfound")
         if found is None:
             if not pdir or not os.path.lexists(os.path.join(pdir, rel)):
                 where = "the work tree" if req.get("tree") else "any job of this project nor in the work tree"
-                raise AgentError(f"{rel} is not in {where} ({pdir})", "notfound")
+                raise AgentError(f"{rel} does not exist in {where} ({pdir})", "notfound")
             found = {"dir": pdir, "job": None, "name": None, "links": []}
         sources.append({"path": rel, **found})
     return {"sources": sources}
