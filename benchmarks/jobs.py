@@ -140,7 +140,7 @@ try:
         rd(
             "run", "--no-push", "--detach", "--json", "--cpu", "--", "sh", "-c",
             "yes 'a log line of some forty characters......' | head -c 100000000",
-        )  # fmt: skip
+        )
     )
     log = job["log"]
     while json.loads(rd("show", "--json", str(job["id"])))["status"] == "running":
@@ -171,7 +171,7 @@ try:
         rd(
             "run", "--no-push", "--detach", "--json", "--cpu", "--", "python3", "-c",
             "import time\nfor i in range(25):\n    time.sleep(0.2)\n    print(repr(time.time()), flush=True)",
-        )  # fmt: skip
+        )
     )
     p = subprocess.Popen(
         [*remotedl, "logs", "-f", str(job["id"])], cwd=proj, env=env, stdout=subprocess.PIPE, text=True
