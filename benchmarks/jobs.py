@@ -91,8 +91,23 @@ try:
         ],
         rounds,
     )
-    files = sum(1 for _ in Path(json.loads(rd("show", "--json"))["workdir"]).rglob("*.py"))
-    print(f"# run --detach --no-push: each job checked out {files} files in its own directory")
+    shown = json.loads(rd("show", "--json"))
+    files = sum(1 for _ in Path(shown["workdir"]).rglob("*.py"))
+    tree = Path(shown["remote_dir"])
+    counter = [0]
+
+    def plain_add() -> float:
+        counter[0] += 1
+        d = work / f"plain-{counter[0]}"
+        t = time_argv(["git", "-C", str(tree), "worktree", "add", "--detach", str(d), shown["git_commit"]])
+        git(tree, "worktree", "remove", "--force", str(d))
+        return t
+
+    (checkout,) = interleave([plain_add], rounds)
+    print(
+        f"# run --detach --no-push: each job checked out {files} files in its own directory; "
+        f"a plain `git worktree add` of that commit alone takes {statistics.median(checkout):.4f} s (median)"
+    )
     report("run --detach --no-push vs cold ssh tmux new -d", ours, cold, limit=2)
     report("run --detach --no-push vs warm (multiplexed) ssh tmux new -d", ours, warm, limit=2)
 
