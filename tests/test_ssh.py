@@ -271,25 +271,6 @@ def test_unknown_alias_without_config_entry(tmp_path, box):
     assert "connection refused by 127.0.0.2:1" in e.stderr.getvalue()
 
 
-def test_proxyjump_reaches_box_through_jump_host(tmp_path, box):
-    kh, key = box.dir / "known_hosts", box.dir / "id_ed25519"
-    cfg = tmp_path / "cfg"
-    cfg.write_text(
-        f"Host jump\n    HostName 127.0.0.1\n    Port {box.info.port}\n    User {box.info.user}\n"
-        f"    IdentityFile {key}\n    UserKnownHostsFile {kh}\n"
-        f"Host gpubox\n    HostName 127.0.0.1\n    Port {box.info.port}\n    User {box.info.user}\n"
-        f"    IdentityFile {key}\n    UserKnownHostsFile {kh}\n    ProxyJump jump\n"
-    )
-    spec = resolve_host(make_env(tmp_path), "gpubox", ssh_config=str(cfg))
-    assert spec.proxy_jump == "jump"
-    with SshBox(spec) as b:
-        # Through the jump host, the box sees the connection coming from the box itself.
-        r = b.run("echo $SSH_CONNECTION")
-    assert r.stdout.split()[0] == "127.0.0.1"
-    out = proc.run(ssh_argv(spec, "echo via-openssh", multiplex=False))
-    assert out.stdout.strip() == "via-openssh"
-
-
 def test_box_channel_and_plain_ssh_reach_same_box_with_same_key(tmp_path, box):
     spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
     with SshBox(spec) as b:

@@ -148,6 +148,28 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     return ExitCode.OK
 
 
+def cmd_allow(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.config import _read_toml, allow, local_exec
+
+    app = App(args, env)
+    path = app.settings.project.config_file
+    if path is None:
+        raise UsageError("this project has no remotedl.toml (or [tool.remotedl]) to allow")
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        data = data.get("tool", {}).get("remotedl", {})
+    risky = local_exec(data)
+    allow(env, path, revoke=args.revoke)
+    if app.json:
+        app.print_json({"file": str(path), "allowed": not args.revoke, "local_exec": risky})
+    elif args.revoke:
+        app.out(f"{path}: approval removed")
+    else:
+        what = f" (it sets {', '.join(risky)})" if risky else ""
+        app.out(f"{path}: allowed as it is now{what}; any change to it needs `remotedl allow` again")
+    return ExitCode.OK
+
+
 def cmd_trust(args: argparse.Namespace, env: Environment) -> int:
     from remotedl.ssh.hostkeys import fetch_host_key, trust_host, trust_state
 

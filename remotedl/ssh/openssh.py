@@ -9,6 +9,7 @@ run pays one handshake. ProxyJump chains, ProxyCommand and HostKeyAlias behave e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -23,25 +24,30 @@ CONTROL_PERSIST = 60
 
 
 def control_dir() -> Path:
-    """The directory of the master connections' sockets: ours alone, or refused.
-
-    A directory another user made first (or a symlink) would let them sit on our connections,
-    so owner, type and mode are checked, not just created."""
+    """The directory of the master connections' sockets: ours alone, or refused."""
     path = Path(f"/tmp/remotedl-{os.getuid()}")
-    try:
+    with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        what = "not a directory" if not stat.S_ISDIR(st.st_mode) else (
-            f"owned by uid {st.st_uid}" if st.st_uid != os.getuid() else f"mode {stat.S_IMODE(st.st_mode):o}"
-        )
-        raise ConfigError(
-            f"{path} (remotedl's connection sockets) is {what}: refusing to use it",
-            hint=f"another user may have made it; remove it (`rm -r {path}`) if it is yours to remove",
-        )
+    check_private_dir(path, "remotedl's connection sockets")
     return path
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """A directory another user made first (or a symlink to one) would let them sit on our
+    connections: refuse anything but a real directory of ours, closed to everyone else."""
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        why = "not a directory"
+    elif st.st_uid != os.getuid():
+        why = f"owned by uid {st.st_uid}, not by you"
+    elif st.st_mode & 0o077:
+        why = f"open to others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise ConfigError(
+        f"{path} ({what}) is {why}: refusing to use it",
+        hint=f"another user may have made it; remove it (`rm -r {path}`) if it is yours to remove",
+    )
 
 
 def _flavour(spec: HostSpec) -> str:
