@@ -51,11 +51,9 @@ def _restart_in_ns(info: SandboxInfo, ns: str, listen: str | None = None) -> Non
     if listen:
         cfg.write_text(cfg.read_text().replace("ListenAddress 127.0.0.1", f"ListenAddress {listen}"))
     (d / "sshd.pid").unlink(missing_ok=True)
-    subprocess.run(
-        ["ip", "netns", "exec", ns, shutil.which("sshd") or "/usr/sbin/sshd", "-f", cfg, "-E", d / "sshd.log"],
-        check=True,
-    )
-    assert retry_until(lambda: (d / "sshd.pid").exists(), seconds=5)
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    subprocess.run(["ip", "netns", "exec", ns, sshd, "-f", cfg, "-E", d / "sshd.log"], check=True)
+    assert retry_until((d / "sshd.pid").exists, seconds=5)
     info.pid = int((d / "sshd.pid").read_text())
     (d / "sandbox.json").write_text(json.dumps(info.to_dict()))
 
@@ -111,7 +109,9 @@ def _host(alias: str, info: SandboxInfo, *, hostname: str = "127.0.0.1", known: 
     return "\n".join(lines) + "\n"
 
 
-def _config(lab: Lab, tmp_path: Path, *, box_known: Path | None = None, jump_known: Path | None = None) -> Path:
+def _config(
+    lab: Lab, tmp_path: Path, *, box_known: Path | None = None, jump_known: Path | None = None
+) -> Path:
     kh = Path(lab.jump.directory) / "known_hosts"
     # The jump's key is recorded under the address the laptop uses for it.
     jump_kh = jump_known or tmp_path / "jump_known_hosts"

@@ -137,7 +137,7 @@ case "$MODE" in
   junk) echo 'this is not json';;
   types) echo '{"ok": true, "jobs": [{"id": "1", "name": 3, "command": [], "cwd": 0, "status": "x"}]}';;
   deep) python3 -c 'print("[" * 100000 + "]" * 100000)';;
-  huge) python3 -c 'import sys; sys.stdout.write("{\\"ok\\": true, \\"pad\\": \\"" + "x" * 300000000 + "\\"}")';;
+  huge) python3 -c 'import sys; sys.stdout.write("{\\"ok\\": true, \\"p\\": \\"" + "x" * 300000000)';;
   escape) echo '{"ok": false, "error": "boom \\u001b]0;pwned\\u0007 \\u001b[31mred"}';;
 esac
 """
@@ -183,7 +183,7 @@ def test_malformed_known_hosts_line_is_skipped_with_a_warning(tmp_path, box):
     from tests.test_ssh import run_with, write_config
 
     cfg = write_config(tmp_path / "cfg", box, UserKnownHostsFile=str(kh))
-    code, out, err = run_with(tmp_path, box, cfg, "trust", "--yes")
+    code, _out, err = run_with(tmp_path, box, cfg, "trust", "--yes")
     assert code == 0, err
     assert "skipping malformed line 1" in err
     assert "Traceback" not in err
