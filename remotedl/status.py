@@ -8,6 +8,7 @@ from typing import Any
 
 from remotedl import gpus as gpumod
 from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
+from remotedl.ssh.resolve import HostSpec
 
 TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
 
@@ -52,6 +53,7 @@ class BoxStatus:
     nvidia_error: str | None = None
     driver_version: str | None = None
     gpus: list[gpumod.Gpu] = field(default_factory=list)
+    held_by: dict[int, str] = field(default_factory=dict)  # GPU index -> remotedl job holding it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,3 +122,23 @@ def box_status(box: Box, remote_dir: str) -> BoxStatus:
     """Reach the box and report on it. Connection errors propagate as ``ConnectError``."""
     result = box.run(status_script(), remote_dir, check=False)
     return parse_status(box.spec.alias, remote_dir, result.stdout)
+
+
+def job_holders(spec: HostSpec, python: str, box: Box) -> dict[int, str]:
+    """GPU index -> the remotedl job that holds it, from the box's agent (its records are
+    the truth); empty where the agent cannot answer (no python there, say)."""
+    from remotedl.agent.client import AgentClient
+    from remotedl.errors import RemotedlError
+
+    try:
+        answer = AgentClient(spec, python, box=box).call({"op": "gpus"})
+    except RemotedlError:
+        return {}
+    held: dict[int, str] = {}
+    for g in answer.get("gpus") or []:
+        if not isinstance(g, dict) or not isinstance(g.get("index"), int):
+            continue
+        who = g.get("held_by")
+        if isinstance(who, str) and who.startswith("job "):
+            held[g["index"]] = who
+    return held

@@ -122,8 +122,7 @@ def _config(
     cfg.write_text(
         _host("outer", lab.outer)
         + _host("jump", lab.jump, hostname=lab.jump_addr, known=str(jump_kh))
-        + _host("deadjump", lab.outer, hostname="127.0.0.1")
-        .replace(f"Port {lab.outer.port}", "Port 1")
+        + _host("deadjump", lab.outer, hostname="127.0.0.1").replace(f"Port {lab.outer.port}", "Port 1")
         + _host("gpubox", lab.box, known=str(box_known) if box_known else None, jump="jump")
         + _host("gpubox2", lab.box, jump="outer,jump")
         + _host("gpubox-dead", lab.box, jump="deadjump,jump")

@@ -341,3 +341,22 @@ def test_unknown_alias_says_so(tmp_path, box):
     out = run_without_network(tmp_path, cfg, "gpubxo")
     assert out.returncode == 4, out.stderr
     assert "unknown host 'gpubxo': no Host entry for it" in out.stderr
+
+
+def test_status_shows_gpus_held_by_remotedl_jobs(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    (project / "hold.sh").write_text("#!/bin/sh\nsleep 30\n")
+    (project / "hold.sh").chmod(0o755)
+    r = run("run", "--detach", "--gpu", "1", "hold.sh", cwd=project)
+    assert r.code == 0, r.err
+    job_id = r.out.strip()
+    try:
+        st = json.loads(run("status", "--json").out)
+        assert st["held_by"] == {"1": f"job {job_id} (hold.sh)"}
+        r = run("status")
+        line = next(x for x in r.out.splitlines() if x.lstrip().startswith("1 "))
+        assert f"job {job_id} (hold.sh)" in line
+        line0 = next(x for x in r.out.splitlines() if x.lstrip().startswith("0 "))
+        assert "free" in line0
+    finally:
+        run("kill", job_id)

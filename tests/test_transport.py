@@ -47,8 +47,11 @@ def test_communicate_drains_both_pipes_and_bounds_stdout(tmp_path):
     assert done.returncode == 0
     assert done.stdout.decode().split() == [str(i) for i in range(3000)]
     assert len(done.stderr) == 3000 * 101
-    big = proc.communicate([sys.executable, "-c", "import sys; sys.stdout.write('x' * 50_000_000)"],
-                           max_stdout=1 << 20, timeout=60)
+    big = proc.communicate(
+        [sys.executable, "-c", "import sys; sys.stdout.write('x' * 50_000_000)"],
+        max_stdout=1 << 20,
+        timeout=60,
+    )
     assert big.truncated and len(big.stdout) <= (1 << 20) + (1 << 20)
 
 
@@ -156,7 +159,7 @@ def test_hostile_agent_answers_give_one_clear_error(mode, box, tmp_path, project
     assert r.code == 1, (r.out, r.err)
     assert "Traceback" not in r.err and "internal error" not in r.err
     assert "\x1b" not in r.err and "\x07" not in r.err  # never raw escapes to the terminal
-    line = (json.loads(r.out)["error"] if r.out.strip() else r.err)
+    line = json.loads(r.out)["error"] if r.out.strip() else r.err
     assert line.strip()
     if mode == "huge":
         assert "MiB" in line

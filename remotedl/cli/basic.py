@@ -40,19 +40,22 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     from rich.text import Text
 
     from remotedl.ssh import open_box
-    from remotedl.status import box_status
+    from remotedl.status import box_status, job_holders
+    from remotedl.words import printable
 
     app = App(args, env)
     spec = app.spec()
     with open_box(spec) as box:
         st = box_status(box, app.settings.remote_dir)
+        if st.gpus:
+            st.held_by = job_holders(spec, str(app.settings.get("python")), box)
     if app.json:
         app.print_json(st.to_dict())
         return ExitCode.OK
     c = app.console
     load = " ".join(f"{x:.2f}" for x in st.load)
     c.print(f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): reachable")
-    c.print(f"  host    {st.hostname}, {st.os}, {st.kernel}", markup=False)
+    c.print(printable(f"  host    {st.hostname}, {st.os}, {st.kernel}", newlines=False), markup=False)
     cpus = plural(st.cpus, "CPU") if st.cpus else "? CPUs"
     c.print(f"  uptime  {_duration(st.uptime_seconds)}, load {load}, {cpus}", markup=False)
     if st.disk:
@@ -68,7 +71,7 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         return ExitCode.OK
     c.print(f"  driver  {st.driver_version or '?'}", markup=False)
     table = Table(box=None, pad_edge=False)
-    for col in ("GPU", "name", "memory used / total", "util", "processes"):
+    for col in ("GPU", "name", "memory used / total", "util", "held by", "processes"):
         table.add_column(col)
     for g in st.gpus:
         procs = ", ".join(
@@ -77,7 +80,9 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         )
         mem = f"{_size((g.memory_used_mib or 0) << 20)} / {_size((g.memory_total_mib or 0) << 20)}"
         util = "[N/A]" if g.utilization_pct is None else f"{g.utilization_pct}%"
-        table.add_row(*map(Text, (str(g.index), g.name, mem, util, procs or "-")))  # box text: no markup
+        holder = st.held_by.get(g.index) or ("process" if g.processes else "free")
+        cells = (str(g.index), g.name, mem, util, holder, procs or "-")
+        table.add_row(*(Text(printable(x, newlines=False)) for x in cells))  # box text: no markup
     c.print(table)
     return ExitCode.OK
 

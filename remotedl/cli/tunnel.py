@@ -63,7 +63,12 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
 
         local = forwards[0].local if forwards else int(app.settings.get("jupyter_port"))
         wanted_remote = forwards[0].remote if forwards and ":" in args.ports[0] else None
-        server = jupyter.find_or_start(spec, remote_dir(app), remote_port=wanted_remote, colab=args.colab)
+        from remotedl.cli.statusline import status_line
+
+        with status_line(env, not app.json) as say:
+            server = jupyter.find_or_start(
+                spec, remote_dir(app), remote_port=wanted_remote, colab=args.colab, on_progress=say
+            )
         forwards = [tun.Forward(local, server.port), *forwards[1:]]
     if args.background and not args.supervise:
         return _start_background(app, args, forwards, server)
