@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remotedl import gpus as gpumod
+from remotedl.schema import JobRecord, SchemaError, job_holders
 from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
-from remotedl.ssh.resolve import HostSpec
 
 TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
 
@@ -25,6 +25,10 @@ echo @@apps; QUERY_APPS 2>/dev/null | while IFS= read -r line; do
   pid=$(printf '%s' "$line" | cut -d, -f2 | tr -d ' ')
   printf '%s\t%s\n' "$line" "$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')"; done
 echo @@driver; QUERY_DRIVER 2>/dev/null | head -n 1
+# The records of remotedl jobs that hold GPUs now (the agent writes them, one JSON each).
+echo @@jobs; cd "$HOME/.remotedl/jobs" 2>/dev/null &&
+  grep -l -E '"status": "(running|starting)"' -- *.json 2>/dev/null | while IFS= read -r f; do
+    tr -d '\n' < "$f"; echo; done
 echo @@end
 """
 
@@ -115,6 +119,7 @@ def parse_status(host: str, remote_dir: str, text: str) -> BoxStatus:
             st.nvidia_error = str(e)
         drv = s.get("driver", [])
         st.driver_version = drv[0].strip() if drv and drv[0].strip() else None
+        st.held_by = job_holders(_records(s.get("jobs", [])))
     return st
 
 
@@ -124,21 +129,14 @@ def box_status(box: Box, remote_dir: str) -> BoxStatus:
     return parse_status(box.spec.alias, remote_dir, result.stdout)
 
 
-def job_holders(spec: HostSpec, python: str, box: Box) -> dict[int, str]:
-    """GPU index -> the remotedl job that holds it, from the box's agent (its records are
-    the truth); empty where the agent cannot answer (no python there, say)."""
-    from remotedl.agent.client import AgentClient
-    from remotedl.errors import RemotedlError
+def _records(lines: list[str]) -> list[JobRecord]:
+    """The job records the status script sent; one that does not parse is not a holder."""
+    import json
 
-    try:
-        answer = AgentClient(spec, python, box=box).call({"op": "gpus"})
-    except RemotedlError:
-        return {}
-    held: dict[int, str] = {}
-    for g in answer.get("gpus") or []:
-        if not isinstance(g, dict) or not isinstance(g.get("index"), int):
+    out = []
+    for line in lines:
+        try:
+            out.append(JobRecord.from_dict(json.loads(line)))
+        except (ValueError, SchemaError):
             continue
-        who = g.get("held_by")
-        if isinstance(who, str) and who.startswith("job "):
-            held[g["index"]] = who
-    return held
+    return out

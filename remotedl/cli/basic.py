@@ -40,15 +40,13 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     from rich.text import Text
 
     from remotedl.ssh import open_box
-    from remotedl.status import box_status, job_holders
+    from remotedl.status import box_status
     from remotedl.words import printable
 
     app = App(args, env)
     spec = app.spec()
     with open_box(spec) as box:
         st = box_status(box, app.settings.remote_dir)
-        if st.gpus:
-            st.held_by = job_holders(spec, str(app.settings.get("python")), box)
     if app.json:
         app.print_json(st.to_dict())
         return ExitCode.OK
