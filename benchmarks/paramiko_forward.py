@@ -83,11 +83,13 @@ remote = srv.server_address[1]
 p_plain = None
 try:
     plain_port, pm_port = free_port(), free_port()
-    p_plain = subprocess.Popen(["ssh", "-F", box.ssh_config, "-N", "-L", f"{plain_port}:127.0.0.1:{remote}", box.alias])
+    forward = f"{plain_port}:127.0.0.1:{remote}"
+    p_plain = subprocess.Popen(["ssh", "-F", box.ssh_config, "-N", "-L", forward, box.alias])
     client = paramiko.SSHClient()
     client.load_host_keys(str(Path(box.info.directory) / "known_hosts"))
-    client.connect("127.0.0.1", port=box.info.port, username=box.info.user,
-                   key_filename=str(Path(box.info.directory) / "id_ed25519"), look_for_keys=False)  # fmt: skip
+    key = str(Path(box.info.directory) / "id_ed25519")
+    client.connect("127.0.0.1", port=box.info.port, username=box.info.user, key_filename=key,
+                   look_for_keys=False)  # fmt: skip
     transport = client.get_transport()
     assert transport is not None
     paramiko_forward(transport, pm_port, remote)
