@@ -360,3 +360,13 @@ def test_status_shows_gpus_held_by_remotedl_jobs(fresh_box, project, tmp_path):
         assert "free" in line0
     finally:
         run("kill", job_id)
+
+
+def test_a_scripts_own_exit_255_is_not_a_connection_failure(tmp_path, box):
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    r = SshBox(spec).run(
+        "echo out; echo 'ssh: connect to host x port 22: Connection refused' >&2; exit 255", check=False
+    )
+    assert r.exit_code == 255
+    assert r.stdout == "out\n"
+    assert "Connection refused" in r.stderr

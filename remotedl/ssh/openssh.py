@@ -189,6 +189,25 @@ SSH_OWN_FAILURES = (
 )
 
 
+# What ssh prints when a connection drops under a command that was running.
+SSH_DROPPED = (
+    "closed by remote host",
+    "client_loop",
+    "broken pipe",
+    "connection reset",
+    "mux_client",
+    "control socket",
+    "timeout, server",
+)
+
+
+def connection_dropped(stderr: str) -> bool:
+    """Whether ssh's last words say the connection itself was lost (the script had started:
+    anything else it printed, even "Connection refused", is the script's own)."""
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    return bool(lines) and any(s in lines[-1].lower() for s in SSH_DROPPED)
+
+
 def looks_like_ssh_failure(stderr: str) -> bool:
     low = stderr.lower()
     return any(s in low for s in SSH_OWN_FAILURES)
