@@ -138,6 +138,10 @@ def test_shipped_playbooks_on_the_test_box(cli, project):
     assert "available: " in r.err and "base" in r.err
 
 
+def steps_by_name(result: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in result["steps"]}
+
+
 def hardening_vars(box, **extra) -> list[str]:
     pairs = {
         "sshd_config": str(box.dir / "sshd_config"),
@@ -190,8 +194,9 @@ def test_ssh_hardening_rolls_back_when_login_would_fail(fresh_box, project, tmp_
     )
     assert r.code == 1
     (res,) = json.loads(r.out)
-    assert res["steps"][0]["status"] == "failed"
-    assert "rolled back" in res["steps"][0]["output"]
+    step = steps_by_name(res)["sshd accepts keys only"]
+    assert step["status"] == "failed"
+    assert "rolled back" in step["output"]
     assert cfg.read_bytes() == before
     assert not (fresh_box.dir / "sshd_config.remotedl-new").exists()
     assert run("status", "--json").code == 0  # still reachable
