@@ -160,7 +160,11 @@ def load(path: Path) -> Playbook:
         names.add(step.name)
         for key in ("when", "check", "run", "prove_login", "commit", "rollback"):
             if key in fields:
-                setattr(step, key, _scalar(path, fields[key][1], key))
+                vnode = fields[key][1]
+                setattr(step, key, _scalar(path, vnode, key))
+                if key != "prove_login":  # shell: every {{ name }} must stand where it expands
+                    block = 1 if getattr(vnode, "style", None) in ("|", ">") else 0
+                    template(getattr(step, key), str(path), vnode.start_mark.line + 1 + block)
         for key in ("sudo", "report"):
             if key in fields:
                 setattr(step, key, _bool(path, fields[key][1], key))
@@ -251,9 +255,13 @@ def _misplaced(name: str, where: str, why: str) -> ConfigError:
     )
 
 
-def template(text: str, where: str) -> Script:
+def template(text: str, where: str, first_line: int | None = None) -> Script:
     """``text`` with each ``{{ name }}`` replaced by a reference quoted for its place (a small
-    POSIX sh lexer: quotes, ``$( )``, backquotes, comments, here-documents)."""
+    POSIX sh lexer: quotes, ``$( )``, backquotes, comments, here-documents). An error names
+    ``where``, or with ``first_line`` (the file's line of the text's first) ``where:LINE``."""
+
+    def at(pos: int) -> str:
+        return where if first_line is None else f"{where}:{first_line + text.count(chr(10), 0, pos)}"
     out: list[str] = []
     names: list[str] = []
     # Frames: ("sh", depth) plain shell (the script, or inside $( ) when depth counts its
@@ -267,7 +275,7 @@ def template(text: str, where: str) -> Script:
 
     def ref(name: str, kind: str) -> str:
         if kind == "ar":
-            raise _misplaced(name, where, "in $(( )), where the shell would evaluate its value as code")
+            raise _misplaced(name, at(i), "in $(( )), where the shell would evaluate its value as code")
         if name not in names:
             names.append(name)
         return f"${{{_PREFIX}{name}}}" if kind in ("dq", "hd") else f'"${{{_PREFIX}{name}}}"'
@@ -288,7 +296,7 @@ def template(text: str, where: str) -> Script:
                 m = _VAR.search(line)
                 if m:
                     why = f"in a here-document with a quoted delimiter ({frame[1]}): never expanded"
-                    raise _misplaced(m.group(1), where, why)
+                    raise _misplaced(m.group(1), at(i), why)
                 out.append(line + ("\n" if end >= 0 else ""))
                 i += len(line) + 1
                 continue
@@ -312,7 +320,8 @@ def template(text: str, where: str) -> Script:
                 literal = text[i : end + 1]
                 m = _VAR.search(literal)
                 if m:
-                    raise _misplaced(m.group(1), where, "inside single quotes, where it is never expanded")
+                    why = "inside single quotes, where it is never expanded"
+                    raise _misplaced(m.group(1), at(i + m.start()), why)
                 out.append(literal)
                 i = end + 1
                 word_start = False
