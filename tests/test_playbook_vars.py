@@ -87,7 +87,7 @@ def test_eval_is_the_explicit_way_to_run_a_variable(tmp_path):
 
 def test_several_variables_and_ten_or_more(tmp_path):
     names = [f"v{i}" for i in range(12)]
-    text = "printf '%s|' " + " ".join("{{ %s }}" % n for n in reversed(names)) + " {{ v0 }}"
+    text = "printf '%s|' " + " ".join("{{ " + n + " }}" for n in reversed(names)) + " {{ v0 }}"
     script = pb.template(text, "test")
     assert script.names == tuple(reversed(names))  # each once, in the order of first use
     values = {n: f"value {n} $(touch PWNED)" for n in names}
