@@ -689,8 +689,8 @@ def login_prover(box: Box) -> Prove:
             banner = (transport.get_banner() if transport is not None else None) or b""
             if f"remotedl-proof {nonce}".encode() not in banner:
                 return (
-                    f"the server on 127.0.0.1:{port} is not the test server this step started "
-                    "(its banner lacks this run's nonce)"
+                    f"the server on 127.0.0.1:{port} is not the test server this step started: "
+                    "its banner lacks this run's nonce"
                 )
             _, stdout, _ = client.exec_command("echo remotedl-login-ok", timeout=spec.connect_timeout)
             if stdout.read().strip() != b"remotedl-login-ok":

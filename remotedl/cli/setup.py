@@ -52,7 +52,7 @@ class StepStatus:
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        self._line.add_task(" ".join(x for x in (event.step, where) if x), total=None)
+        self._line.add_task(f"{event.step} ({where})" if where else event.step, total=None)
         self._line.start()
 
     def end(self) -> None:
