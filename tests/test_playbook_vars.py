@@ -168,3 +168,19 @@ def test_a_misplaced_reference_fails_at_load_with_its_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         pb.load(path)
     assert f"{path}:5: {{{{ x }}}} stands inside single quotes" in str(e.value)
+
+
+@pytest.mark.skipif(shutil.which("sudo") is None, reason="sudo is not installed here")
+def test_root_reader_through_sudo(tmp_path):
+    """The way a box user with sudo runs a step as root: `sudo -n sh -c _READ`, the script and
+    its values on stdin (Debian's sudoers has `use_pty`: stdin must still arrive)."""
+    if subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this user may not sudo without a password here")
+    script = pb.template("printf '%s|' {{ v }} \"$(id -u)\"", "test")
+    value = "x $(touch PWNED) 'y"
+    payload = pb.pack(script.code(), script.values({"v": value}, "test"))
+    r = subprocess.run(
+        ["sudo", "-n", "sh", "-c", pb._READ], input=payload, capture_output=True, cwd=tmp_path, timeout=30
+    )
+    assert r.stdout.decode() == f"{value}|0|", r.stderr
+    assert not (tmp_path / "PWNED").exists()
