@@ -9,8 +9,9 @@ A step::
       sudo: true                       # optional: check/run/commit/rollback through `sudo -n`
       report: true                     # optional: show the check's output (facts, versions)
       prove_login: "{{ test_port }}"   # optional: after run, log in again on this box port
-      commit: ...                      #   ... with the same key and host key; then commit,
-      rollback: ...                    #   ... or, if that login fails, rollback and fail
+      commit: ...                      #   ... with the same key and host key, to a server whose
+      rollback: ...                    #   ... Banner shows "remotedl-proof {{ login_nonce }}";
+                                       #   then commit, or (also if run failed) rollback and fail
 
 A step with ``run`` is ``changed`` when its check failed and run made the check pass (re-checked),
 ``ok`` when the check passed, ``skipped`` when ``when`` failed, ``failed`` otherwise; a failed
