@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from remotedl import playbooks as pb
 
 MARK = {
     "ok": "ok",
@@ -17,6 +23,48 @@ MARK = {
     "failed": "FAILED",
     "skipped": "skipped",
 }
+
+
+class StepStatus:
+    """While a step runs, one status line on a terminal's stderr: the step and the time it has
+    taken so far. Nothing with --json or when stderr is not a terminal. The line is gone before
+    the step's result is printed (``end``)."""
+
+    def __init__(self, env: Environment, *, enabled: bool) -> None:
+        self.env = env
+        self.enabled = enabled and bool(getattr(env.stderr, "isatty", lambda: False)())
+        self._line: Progress | None = None
+
+    def begin(self, event: pb.StepEvent) -> None:
+        self.end()
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        where = f"{event.index}/{event.total}" if event.total > 1 else ""
+        self._line = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}", markup=False),
+            TimeElapsedColumn(),
+            console=Console(file=self.env.stderr, highlight=False),
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._line.add_task(f"{event.step} ({where})" if where else event.step, total=None)
+        self._line.start()
+
+    def end(self) -> None:
+        if self._line is not None:
+            self._line.stop()
+            self._line = None
+
+    def __enter__(self) -> StepStatus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
 
 
 def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
@@ -51,12 +99,8 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
     pb.check_vars(variables)
     spec = app.spec()
     results = []
-    with open_box(spec) as box:
-        facts = box.run('echo "$HOME"; id -un').stdout.split("\n")
-        home, user = facts[0], facts[1]
-        rdir = remote_dir(app)
-        rdir = home + rdir[1:] if rdir.startswith("~") else rdir
-        builtins = {"home": home, "user": user, "remote_dir": rdir, "project": app.settings.project.name}
+    with open_box(spec) as box, StepStatus(env, enabled=not app.json) as status:
+        facts = pb.box_facts(box, remote_dir(app), app.settings.project.name)
         for book in books:
             if not app.json:
                 app.console.print(
@@ -65,6 +109,7 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
                 )
 
             def show(r: pb.StepResult) -> None:
+                status.end()
                 if app.json:
                     return
                 style = {"failed": "red", "changed": "yellow", "would-change": "yellow"}.get(r.status, "")
@@ -77,10 +122,11 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
             result = pb.run_playbook(
                 box,
                 book,
-                {**builtins, **variables},
+                {**facts.variables(), **variables},
                 check_only=args.check,
                 prove=pb.login_prover(box),
                 on_step=show,
+                on_begin=status.begin,
             )
             results.append(result)
             if not app.json:
