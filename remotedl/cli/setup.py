@@ -6,13 +6,13 @@ import argparse
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
+from remotedl.cli.statusline import StatusLine
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
 
     from remotedl import playbooks as pb
 
@@ -26,39 +26,17 @@ MARK = {
 
 
 class StepStatus:
-    """While a step runs, one status line on a terminal's stderr: the step and the time it has
-    taken so far. Nothing with --json or when stderr is not a terminal. The line is gone before
-    the step's result is printed (``end``)."""
+    """While a step runs, one status line: the step and the time it has taken so far."""
 
     def __init__(self, env: Environment, *, enabled: bool) -> None:
-        self.env = env
-        self.enabled = enabled and bool(getattr(env.stderr, "isatty", lambda: False)())
-        self._line: Progress | None = None
+        self.line = StatusLine(env, enabled=enabled)
 
     def begin(self, event: pb.StepEvent) -> None:
-        self.end()
-        if not self.enabled:
-            return
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
         where = f"{event.index}/{event.total}" if event.total > 1 else ""
-        self._line = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}", markup=False),
-            TimeElapsedColumn(),
-            console=Console(file=self.env.stderr, highlight=False),
-            transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
-        self._line.add_task(f"{event.step} ({where})" if where else event.step, total=None)
-        self._line.start()
+        self.line.begin(f"{event.step} ({where})" if where else event.step)
 
     def end(self) -> None:
-        if self._line is not None:
-            self._line.stop()
-            self._line = None
+        self.line.end()
 
     def __enter__(self) -> StepStatus:
         return self
