@@ -25,5 +25,19 @@ class BenchBox:
         self.alias = self.info.name
         self.home = Path(self.info.home)
 
+    def plain_ssh(self, *, warm: bool) -> list[str]:
+        """``ssh`` to the box as a user would type it: cold (a fresh handshake every time) or
+        warm (a multiplexed master kept up, the same ControlPersist remotedl uses). Ratios are
+        reported against both: remotedl reuses its master, so only the warm one is fair."""
+        if not warm:
+            return ["ssh", "-F", self.ssh_config, "-o", "ControlPath=none", self.alias]
+        control = self.base / "plain-%C"
+        argv = ["ssh", "-F", self.ssh_config, "-o", "ControlMaster=auto",
+                "-o", f"ControlPath={control}", "-o", "ControlPersist=60", self.alias]  # fmt: skip
+        import subprocess
+
+        subprocess.run([*argv, "true"], check=True, capture_output=True)  # the master is up
+        return argv
+
     def close(self) -> None:
         sandbox.down(self.env, name="bench")

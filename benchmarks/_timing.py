@@ -38,6 +38,7 @@ def report(
     unit: str = "s",
     higher_is_better: bool = False,
     limit: float | None = None,
+    names: tuple[str, str] = ("remotedl", "plain"),
 ) -> float:
     mo, mp = statistics.median(ours), statistics.median(plain)
     ratio = mo / mp if mp else float("inf")
@@ -46,7 +47,7 @@ def report(
         ok = ratio >= limit if higher_is_better else ratio <= limit
         verdict = f"  [{'OK' if ok else 'OVER'} {'>=' if higher_is_better else '<='} {limit}]"
     print(
-        f"{name}: remotedl median {mo:.4f} {unit}, plain median {mp:.4f} {unit}, "
+        f"{name}: {names[0]} median {mo:.4f} {unit}, {names[1]} median {mp:.4f} {unit}, "
         f"ratio {ratio:.3f}{verdict}  (n={len(ours)})"
     )
     return ratio

@@ -43,6 +43,10 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "setup_cmd": (str, None, None),
 }
 TABLES = {"dns", "playbook_vars"}
+# Settings whose value is a path, resolved against the directory of the file that names it.
+PATHS = {"ssh_config"}
+DNS_PATHS = ("tsig_key_file", "token_file", "password_file")
+ALLOWED_FILE = "allowed.json"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class Settings:
     project: Project
     values: dict[str, Setting] = field(default_factory=dict)
     tables: dict[str, Setting] = field(default_factory=dict)
+    # What the project file sets that can run commands on this machine, when the user has not
+    # allowed this version of the file (see ``local_exec`` and ``remotedl allow``).
+    needs_allow: list[str] = field(default_factory=list)
 
     def get(self, key: str) -> Any:
         return self.values[key].value
@@ -156,17 +163,86 @@ def _type_name(kind: type) -> str:
     }[kind]
 
 
-def _apply_file(settings: Settings, data: Mapping[str, Any], origin: str) -> None:
+def _resolve_path(value: str, base: Path) -> str:
+    if value.startswith("~") or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def _apply_file(settings: Settings, data: Mapping[str, Any], origin: str, base: Path) -> None:
     for key, value in data.items():
         if key in TABLES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: [{key}] must be a table")
+            if key == "dns":
+                value = {
+                    k: _resolve_path(v, base) if k in DNS_PATHS and isinstance(v, str) and v else v
+                    for k, v in value.items()
+                }
             settings.tables[key] = Setting(value, origin)
         elif key in SCALARS:
-            settings.values[key] = Setting(_coerce(key, value, origin), origin)
+            coerced = _coerce(key, value, origin)
+            if key in PATHS and coerced:
+                coerced = _resolve_path(coerced, base)
+            settings.values[key] = Setting(coerced, origin)
         else:
             known = ", ".join(sorted([*SCALARS, *TABLES]))
             raise ConfigError(f"{origin}: unknown setting '{key}'", hint=f"known settings: {known}")
+
+
+def local_exec(data: Mapping[str, Any]) -> list[str]:
+    """The settings in ``data`` that can make remotedl run commands on this machine: an ssh
+    config (ProxyCommand, Match exec, LocalCommand, KnownHostsCommand) and ``cmd:`` sources of
+    the public IP. A cloned repository must not get to run code by being cd'ed into."""
+    found = []
+    if data.get("ssh_config"):
+        found.append("ssh_config")
+    dns = data.get("dns")
+    if isinstance(dns, dict):
+        sources = [*(dns.get("ip_sources") or []), *(dns.get("ip_sources_v6") or [])]
+        if any(isinstance(x, str) and x.startswith("cmd:") for x in sources):
+            found.append("dns.ip_sources (cmd:)")
+    return found
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _allowed(env: Environment) -> dict[str, str]:
+    import json
+
+    try:
+        data = json.loads((env.state_dir / ALLOWED_FILE).read_text())
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_allowed(env: Environment, path: Path) -> bool:
+    return _allowed(env).get(str(path.resolve())) == _digest(path)
+
+
+def allow(env: Environment, path: Path, *, revoke: bool = False) -> bool:
+    """Record (or forget) that the user trusts this exact content of a project file, as
+    direnv's ``allow`` does. Any change to the file needs a new ``allow``."""
+    import json
+    import os
+
+    allowed = _allowed(env)
+    key = str(path.resolve())
+    if revoke:
+        found = allowed.pop(key, None) is not None
+    else:
+        allowed[key] = _digest(path)
+        found = True
+    env.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = env.state_dir / (ALLOWED_FILE + f".{os.getpid()}")
+    tmp.write_text(json.dumps(allowed, indent=1))
+    tmp.replace(env.state_dir / ALLOWED_FILE)
+    return found
 
 
 def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> Settings:
@@ -178,7 +254,7 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
 
     user_file = env.config_dir / "config.toml"
     if user_file.is_file():
-        _apply_file(settings, _read_toml(user_file), f"user config {user_file}")
+        _apply_file(settings, _read_toml(user_file), f"user config {user_file}", user_file.parent)
 
     if project.config_file is not None:
         data = _read_toml(project.config_file)
@@ -186,16 +262,39 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
             data = data.get("tool", {}).get("remotedl", {})
             if not isinstance(data, dict):
                 raise ConfigError(f"{project.config_file}: [tool.remotedl] must be a table")
-        _apply_file(settings, data, f"project config {project.config_file}")
+        risky = local_exec(data)
+        if risky and not is_allowed(env, project.config_file):
+            # Not applied: a cloned repository runs nothing here until the user allowed it.
+            settings.needs_allow = risky
+            data = {k: v for k, v in data.items() if k != "ssh_config"}
+            if "dns" in data and "dns.ip_sources (cmd:)" in risky:
+                data = {k: v for k, v in data.items() if k != "dns"}
+        _apply_file(settings, data, f"project config {project.config_file}", project.config_file.parent)
 
     for key, (_, _, var) in SCALARS.items():
         if var and env.environ.get(var):
-            settings.values[key] = Setting(
-                _coerce(key, env.environ[var], f"environment {var}"), f"environment {var}"
-            )
+            value = _coerce(key, env.environ[var], f"environment {var}")
+            if key in PATHS and value:
+                value = _resolve_path(value, env.cwd)
+            settings.values[key] = Setting(value, f"environment {var}")
 
     for key, value in (flags or {}).items():
         if value is not None and key in SCALARS:
             flag = "--" + key.replace("_", "-")
-            settings.values[key] = Setting(_coerce(key, value, f"flag {flag}"), f"flag {flag}")
+            value = _coerce(key, value, f"flag {flag}")
+            if key in PATHS and value:
+                value = _resolve_path(value, env.cwd)
+            settings.values[key] = Setting(value, f"flag {flag}")
     return settings
+
+
+def require_allowed(settings: Settings) -> None:
+    """Refuse to go on while the project file holds settings that would run local commands
+    and the user has not allowed this version of it."""
+    if settings.needs_allow and settings.project.config_file is not None:
+        what = ", ".join(settings.needs_allow)
+        raise ConfigError(
+            f"{settings.project.config_file} sets {what}, which can run commands on this machine; "
+            "remotedl does not use it until you allow this version of the file",
+            hint="read the file (and the ssh config it names), then run `remotedl allow`",
+        )

@@ -20,13 +20,28 @@ def passwd_home() -> Path:
     return Path(pwd.getpwuid(os.getuid()).pw_dir)
 
 
+def _stream(stream: TextIO | None) -> TextIO:
+    """A standard stream, or a sink where it was closed (`remotedl ... >&-`)."""
+    if stream is not None:
+        return stream
+    return open(os.devnull, "w")  # lives as long as the process
+
+
+def _isatty(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):  # closed or detached
+        return False
+
+
 @dataclass
 class Environment:
     environ: Mapping[str, str] = field(default_factory=os.environ.copy)
     cwd: Path = field(default_factory=Path.cwd)
-    stdout: TextIO = field(default_factory=lambda: sys.stdout)
-    stderr: TextIO = field(default_factory=lambda: sys.stderr)
-    stdin_isatty: bool = field(default_factory=sys.stdin.isatty)
+    stdout: TextIO = field(default_factory=lambda: _stream(sys.stdout))
+    stderr: TextIO = field(default_factory=lambda: _stream(sys.stderr))
+    # A closed stdin (`remotedl ... <&-`) is not a terminal: nothing may prompt.
+    stdin_isatty: bool = field(default_factory=lambda: _isatty(sys.stdin))
 
     @property
     def home(self) -> Path:

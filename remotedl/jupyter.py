@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -121,7 +122,10 @@ def find_or_start(
     remote_port: int | None = None,
     colab: bool = False,
     timeout: float = 60.0,
+    on_progress: Callable[[str], None] | None = None,
 ) -> JupyterServer:
+    say = on_progress or (lambda text: None)
+    say(f"looking for Jupyter on {spec.alias}")
     box = Box(spec)
     look = _find(box, remote_dir)
     jupyter, pwd, lab, servers = look.jupyter, look.pwd, look.lab, look.servers
@@ -153,6 +157,7 @@ def find_or_start(
     box.run(_session(_START), remote_dir, jupyter, app, str(port), retries, origin, token)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        say(f"starting Jupyter{'Lab' if lab else ' server'} on {spec.alias}, port {port}")
         look = _find(box, remote_dir)
         for s in look.servers:
             if s.get("token") == token:

@@ -114,6 +114,16 @@ class JobRecord:
         return self.status
 
 
+def job_holders(records: list[JobRecord]) -> dict[int, str]:
+    """GPU index -> the job holding it, in words: running (or starting) jobs' GPUs."""
+    held: dict[int, str] = {}
+    for r in records:
+        if r.status in ("running", "starting"):
+            for g in r.gpus:
+                held[g] = f"job {r.id} ({r.name})"
+    return held
+
+
 _HINTS: dict[type, dict[str, Any]] = {}
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remotedl import gpus as gpumod
+from remotedl.schema import JobRecord, SchemaError, job_holders
 from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
 
 TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
@@ -24,6 +25,10 @@ echo @@apps; QUERY_APPS 2>/dev/null | while IFS= read -r line; do
   pid=$(printf '%s' "$line" | cut -d, -f2 | tr -d ' ')
   printf '%s\t%s\n' "$line" "$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')"; done
 echo @@driver; QUERY_DRIVER 2>/dev/null | head -n 1
+# The records of remotedl jobs that hold GPUs now (the agent writes them, one JSON each).
+echo @@jobs; cd "$HOME/.remotedl/jobs" 2>/dev/null &&
+  grep -l -E '"status": "(running|starting)"' -- *.json 2>/dev/null | while IFS= read -r f; do
+    tr -d '\n' < "$f"; echo; done
 echo @@end
 """
 
@@ -52,6 +57,7 @@ class BoxStatus:
     nvidia_error: str | None = None
     driver_version: str | None = None
     gpus: list[gpumod.Gpu] = field(default_factory=list)
+    held_by: dict[int, str] = field(default_factory=dict)  # GPU index -> remotedl job holding it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +119,7 @@ def parse_status(host: str, remote_dir: str, text: str) -> BoxStatus:
             st.nvidia_error = str(e)
         drv = s.get("driver", [])
         st.driver_version = drv[0].strip() if drv and drv[0].strip() else None
+        st.held_by = job_holders(_records(s.get("jobs", [])))
     return st
 
 
@@ -120,3 +127,16 @@ def box_status(box: Box, remote_dir: str) -> BoxStatus:
     """Reach the box and report on it. Connection errors propagate as ``ConnectError``."""
     result = box.run(status_script(), remote_dir, check=False)
     return parse_status(box.spec.alias, remote_dir, result.stdout)
+
+
+def _records(lines: list[str]) -> list[JobRecord]:
+    """The job records the status script sent; one that does not parse is not a holder."""
+    import json
+
+    out = []
+    for line in lines:
+        try:
+            out.append(JobRecord.from_dict(json.loads(line)))
+        except (ValueError, SchemaError):
+            continue
+    return out

@@ -280,9 +280,9 @@ class Tunnel:
             if time.monotonic() - started > 30:
                 backoff = 0.5  # it was up for a while: retry quickly
             why = tail[-1] if tail else f"ssh exited with status {p.returncode}"
+            self.reconnects += 1
             self.on_event(TunnelEvent("disconnected", f"connection lost ({why})"))
             self.on_event(TunnelEvent("reconnecting", f"reconnecting in {backoff:g} s"))
-            self.reconnects += 1
             if self.stopped.wait(backoff):
                 break
             backoff = min(backoff * 2, BACKOFF_CAP)

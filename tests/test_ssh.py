@@ -271,25 +271,6 @@ def test_unknown_alias_without_config_entry(tmp_path, box):
     assert "connection refused by 127.0.0.2:1" in e.stderr.getvalue()
 
 
-def test_proxyjump_reaches_box_through_jump_host(tmp_path, box):
-    kh, key = box.dir / "known_hosts", box.dir / "id_ed25519"
-    cfg = tmp_path / "cfg"
-    cfg.write_text(
-        f"Host jump\n    HostName 127.0.0.1\n    Port {box.info.port}\n    User {box.info.user}\n"
-        f"    IdentityFile {key}\n    UserKnownHostsFile {kh}\n"
-        f"Host gpubox\n    HostName 127.0.0.1\n    Port {box.info.port}\n    User {box.info.user}\n"
-        f"    IdentityFile {key}\n    UserKnownHostsFile {kh}\n    ProxyJump jump\n"
-    )
-    spec = resolve_host(make_env(tmp_path), "gpubox", ssh_config=str(cfg))
-    assert spec.proxy_jump == "jump"
-    with SshBox(spec) as b:
-        # Through the jump host, the box sees the connection coming from the box itself.
-        r = b.run("echo $SSH_CONNECTION")
-    assert r.stdout.split()[0] == "127.0.0.1"
-    out = proc.run(ssh_argv(spec, "echo via-openssh", multiplex=False))
-    assert out.stdout.strip() == "via-openssh"
-
-
 def test_box_channel_and_plain_ssh_reach_same_box_with_same_key(tmp_path, box):
     spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
     with SshBox(spec) as b:
@@ -360,3 +341,32 @@ def test_unknown_alias_says_so(tmp_path, box):
     out = run_without_network(tmp_path, cfg, "gpubxo")
     assert out.returncode == 4, out.stderr
     assert "unknown host 'gpubxo': no Host entry for it" in out.stderr
+
+
+def test_status_shows_gpus_held_by_remotedl_jobs(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    (project / "hold.sh").write_text("#!/bin/sh\nsleep 30\n")
+    (project / "hold.sh").chmod(0o755)
+    r = run("run", "--detach", "--gpu", "1", "hold.sh", cwd=project)
+    assert r.code == 0, r.err
+    job_id = r.out.strip()
+    try:
+        st = json.loads(run("status", "--json").out)
+        assert st["held_by"] == {"1": f"job {job_id} (hold.sh)"}
+        r = run("status")
+        line = next(x for x in r.out.splitlines() if x.lstrip().startswith("1 "))
+        assert f"job {job_id} (hold.sh)" in line
+        line0 = next(x for x in r.out.splitlines() if x.lstrip().startswith("0 "))
+        assert "free" in line0
+    finally:
+        run("kill", job_id)
+
+
+def test_a_scripts_own_exit_255_is_not_a_connection_failure(tmp_path, box):
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    r = SshBox(spec).run(
+        "echo out; echo 'ssh: connect to host x port 22: Connection refused' >&2; exit 255", check=False
+    )
+    assert r.exit_code == 255
+    assert r.stdout == "out\n"
+    assert "Connection refused" in r.stderr

@@ -23,6 +23,7 @@ from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
     "config": ("basic", "show the resolved settings and where each came from"),
+    "allow": ("basic", "let this project's remotedl.toml name an ssh config or cmd: IP sources"),
     "trust": ("basic", "show a box's host key fingerprint and record it in known_hosts"),
     "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
     "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
@@ -222,10 +223,12 @@ def _fail(
         env.stdout.write(json.dumps({"error": message, "hint": hint, "exit_code": int(code)}) + "\n")
         env.stdout.flush()
         return int(code)
+    from remotedl.words import printable
+
     env.stderr.write(usage)
-    env.stderr.write(f"remotedl: error: {message}\n")
+    env.stderr.write(f"remotedl: error: {printable(message)}\n")
     if hint:
-        env.stderr.write(f"  hint: {hint}\n")
+        env.stderr.write(f"  hint: {printable(hint)}\n")
     return int(code)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from remotedl.config import Settings, load_settings
+from remotedl.config import Settings, load_settings, require_allowed
 from remotedl.env import Environment
 from remotedl.errors import ConfigError
 
@@ -33,7 +33,10 @@ class App:
             "ssh_config": self.flag("ssh_config"),
             "connect_timeout": self.flag("connect_timeout"),
         }
-        return load_settings(self.env, flags)
+        settings = load_settings(self.env, flags)
+        if self.flag("subcommand") != "allow":
+            require_allowed(settings)
+        return settings
 
     @property
     def json(self) -> bool:

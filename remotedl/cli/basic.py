@@ -41,6 +41,7 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
 
     from remotedl.ssh import open_box
     from remotedl.status import box_status
+    from remotedl.words import printable
 
     app = App(args, env)
     spec = app.spec()
@@ -52,7 +53,7 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     c = app.console
     load = " ".join(f"{x:.2f}" for x in st.load)
     c.print(f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): reachable")
-    c.print(f"  host    {st.hostname}, {st.os}, {st.kernel}", markup=False)
+    c.print(printable(f"  host    {st.hostname}, {st.os}, {st.kernel}", newlines=False), markup=False)
     cpus = plural(st.cpus, "CPU") if st.cpus else "? CPUs"
     c.print(f"  uptime  {_duration(st.uptime_seconds)}, load {load}, {cpus}", markup=False)
     if st.disk:
@@ -68,7 +69,7 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         return ExitCode.OK
     c.print(f"  driver  {st.driver_version or '?'}", markup=False)
     table = Table(box=None, pad_edge=False)
-    for col in ("GPU", "name", "memory used / total", "util", "processes"):
+    for col in ("GPU", "name", "memory used / total", "util", "held by", "processes"):
         table.add_column(col)
     for g in st.gpus:
         procs = ", ".join(
@@ -77,7 +78,9 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         )
         mem = f"{_size((g.memory_used_mib or 0) << 20)} / {_size((g.memory_total_mib or 0) << 20)}"
         util = "[N/A]" if g.utilization_pct is None else f"{g.utilization_pct}%"
-        table.add_row(*map(Text, (str(g.index), g.name, mem, util, procs or "-")))  # box text: no markup
+        holder = st.held_by.get(g.index) or ("process" if g.processes else "free")
+        cells = (str(g.index), g.name, mem, util, holder, procs or "-")
+        table.add_row(*(Text(printable(x, newlines=False)) for x in cells))  # box text: no markup
     c.print(table)
     return ExitCode.OK
 
@@ -145,6 +148,28 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     for k, (v, src_) in host.items():  # type: ignore[misc]
         grid.add_row(Text("host." + k), Text(str(v)), Text(src_))
     app.console.print(grid)
+    return ExitCode.OK
+
+
+def cmd_allow(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.config import _read_toml, allow, local_exec
+
+    app = App(args, env)
+    path = app.settings.project.config_file
+    if path is None:
+        raise UsageError("this project has no remotedl.toml (or [tool.remotedl]) to allow")
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        data = data.get("tool", {}).get("remotedl", {})
+    risky = local_exec(data)
+    allow(env, path, revoke=args.revoke)
+    if app.json:
+        app.print_json({"file": str(path), "allowed": not args.revoke, "local_exec": risky})
+    elif args.revoke:
+        app.out(f"{path}: approval removed")
+    else:
+        what = f" (it sets {', '.join(risky)})" if risky else ""
+        app.out(f"{path}: allowed as it is now{what}; any change to it needs `remotedl allow` again")
     return ExitCode.OK
 
 

@@ -13,6 +13,10 @@ def config(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     pass
 
 
+def allow(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("--revoke", action="store_true", help="forget the approval")
+
+
 def trust(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("alias", nargs="?", help="host alias (default: the configured host)")
     p.add_argument("-y", "--yes", action="store_true", help="record without asking")

@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from remotedl.cli.app import App
 from remotedl.cli.basic import _size
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, RemotedlError, UsageError
-from remotedl.waiting import pid_alive as _alive
+from remotedl.errors import ExitCode, UsageError
+from remotedl.tunnels import TunnelRecord, TunnelRegistry
 from remotedl.words import plural
-
-
-def _tunnels_dir(env: Environment) -> Path:
-    d = env.state_dir / "tunnels"
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return d
-
-
-def _records(env: Environment) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted(_tunnels_dir(env).glob("*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if _alive(int(rec["pid"])):
-            rec["file"] = str(path)
-            out.append(rec)
-        else:
-            path.unlink(missing_ok=True)  # a tunnel that died: forget it
-    return out
 
 
 def cmd_jupyter(args: argparse.Namespace, env: Environment) -> int:
@@ -57,21 +32,24 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import tunnel as tun
 
     app = App(args, env)
+    registry = TunnelRegistry(env.state_dir)
     if args.list:
-        recs = _records(env)
+        recs = registry.live()
         if app.json:
-            app.print_json(recs)
+            app.print_json([r.to_dict() for r in recs])
         elif not recs:
             app.out("no background tunnels")
         for r in recs:
             if not app.json:
                 app.out(
-                    f"{' '.join(r['forwards'])}  host {r['host']}  pid {r['pid']}  {r.get('status', '?')}"
-                    + (f"  {r['url']}" if r.get("url") else "")
+                    f"{' '.join(r.forwards)}  host {r.host}  pid {r.pid}  {r.status}"
+                    + (f"  {r.url}" if r.url else "")
                 )
         return ExitCode.OK
     if args.stop:
-        return _stop(app, args.stop)
+        for r in registry.stop(args.stop):
+            app.out(f"stopped tunnel {' '.join(r.forwards)} to {r.host}")
+        return ExitCode.OK
     forwards = [tun.Forward.parse(p) for p in args.ports]
     if not forwards and not args.jupyter:
         raise UsageError("name a port to forward, e.g. `remotedl tunnel 8888` or `remotedl tunnel 8889:8888`")
@@ -85,7 +63,12 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
 
         local = forwards[0].local if forwards else int(app.settings.get("jupyter_port"))
         wanted_remote = forwards[0].remote if forwards and ":" in args.ports[0] else None
-        server = jupyter.find_or_start(spec, remote_dir(app), remote_port=wanted_remote, colab=args.colab)
+        from remotedl.cli.statusline import status_line
+
+        with status_line(env, not app.json) as say:
+            server = jupyter.find_or_start(
+                spec, remote_dir(app), remote_port=wanted_remote, colab=args.colab, on_progress=say
+            )
         forwards = [tun.Forward(local, server.port), *forwards[1:]]
     if args.background and not args.supervise:
         return _start_background(app, args, forwards, server)
@@ -128,29 +111,21 @@ def _announce(app: App, forwards: list[Any], server: Any) -> str | None:
 def _foreground(app: App, spec: Any, forwards: list[Any], server: Any, *, supervise: bool) -> int:
     from remotedl import tunnel as tun
 
-    record_path = _tunnels_dir(app.env) / f"{'-'.join(str(f.local) for f in forwards)}.json"
-    record: dict[str, Any] = {
-        "pid": os.getpid(),
-        "host": spec.alias,
-        "forwards": [f"{f.local}:{f.remote}" for f in forwards],
-        "status": "starting",
-        "url": server.url(forwards[0].local) if server is not None else None,
-        "started": time.time(),
-    }
-
-    def save() -> None:
-        if supervise:
-            tmp = record_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record))
-            tmp.replace(record_path)
-
-    save()
+    registry = TunnelRegistry(app.env.state_dir)
+    record_path = registry.path([f"{f.local}:{f.remote}" for f in forwards])
+    if supervise:
+        # The starter wrote the record (with the URL); this process adds what only it knows.
+        registry.update(record_path, pid=os.getpid(), status="starting")
     live = not supervise and getattr(app.env.stderr, "isatty", lambda: False)()
 
     def on_event(ev: tun.TunnelEvent) -> None:
-        record["status"] = ev.kind if ev.kind != "refused" else record["status"]
-        record["last_event"] = ev.message
-        save()
+        if supervise:
+            fields: dict[str, Any] = {"last_event": ev.message}
+            if ev.kind != "refused":
+                fields["status"] = ev.kind
+            if ev.kind == "reconnecting":
+                fields["reconnects"] = t.reconnects
+            registry.update(record_path, **fields)
         if not live:
             app.env.stderr.write(f"remotedl: {ev.message}\n")
             app.env.stderr.flush()
@@ -228,62 +203,20 @@ def _start_background(app: App, args: argparse.Namespace, forwards: list[Any], s
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
     argv += ["tunnel", "--supervise", *[f"{f.local}:{f.remote}" for f in forwards]]
-    log = _tunnels_dir(app.env) / f"{'-'.join(str(f.local) for f in forwards)}.log"
-    env = {**app.env.environ}
-    with open(log, "ab") as out:
-        p = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            cwd=str(app.env.cwd),
-            env=env,
-            start_new_session=True,
-        )
-    record_path = _tunnels_dir(app.env) / f"{'-'.join(str(f.local) for f in forwards)}.json"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            text = log.read_text(errors="replace").strip().splitlines()
-            errs = [line for line in text if "error" in line] or text[-1:]
-            raise RemotedlError(f"the background tunnel did not start: {errs[-1] if errs else 'no output'}")
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(record_path.read_text()).get("status") == "connected":
-                break
-        time.sleep(0.05)
-    else:
-        p.terminate()
-        raise RemotedlError("the background tunnel did not connect within 30 s", hint=f"see {log}")
+    # The URL (with its token) goes into the 0600 record, never into the supervisor's argv.
+    record = TunnelRecord(
+        host=app.spec().alias,
+        forwards=[f"{f.local}:{f.remote}" for f in forwards],
+        url=server.url(forwards[0].local) if server is not None else None,
+    )
+    rec = TunnelRegistry(app.env.state_dir).spawn(record, argv, cwd=app.env.cwd, environ=app.env.environ)
     url = _announce(app, forwards, server)
-    if server is not None and url:
-        rec = json.loads(record_path.read_text())
-        rec["url"] = url
-        record_path.write_text(json.dumps(rec))
-        if args.open:
-            import webbrowser
+    if url and args.open:
+        import webbrowser
 
-            webbrowser.open(url)
+        webbrowser.open(url)
     app.env.stderr.write(
-        f"remotedl: running in the background (pid {p.pid}); "
+        f"remotedl: running in the background (pid {rec.pid}); "
         f"`remotedl tunnel --stop {forwards[0].local}` ends it\n"
     )
-    return ExitCode.OK
-
-
-def _stop(app: App, which: str) -> int:
-    recs = _records(app.env)
-    targets = (
-        recs if which == "all" else [r for r in recs if any(f.split(":")[0] == which for f in r["forwards"])]
-    )
-    if not targets:
-        raise UsageError(
-            f"no background tunnel holds port {which}", hint="`remotedl tunnel --list` shows them"
-        )
-    for r in targets:
-        os.kill(int(r["pid"]), signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while _alive(int(r["pid"])) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        Path(r["file"]).unlink(missing_ok=True)
-        app.out(f"stopped tunnel {' '.join(r['forwards'])} to {r['host']}")
     return ExitCode.OK

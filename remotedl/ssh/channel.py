@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from remotedl import proc
 from remotedl.errors import ConnectError, RemoteError
-from remotedl.ssh.openssh import looks_like_ssh_failure, openssh_failure, ssh_argv
+from remotedl.ssh.openssh import connection_dropped, looks_like_ssh_failure, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
 
 log = logging.getLogger("remotedl.ssh")
@@ -132,8 +132,12 @@ class Box:
                 f"{self.spec.alias} sent more than {max_output >> 20} MiB in answer to one request: refused",
                 hint="the box's remotedl agent or python3 may be broken or replaced",
             )
-        if done.returncode == 255 and looks_like_ssh_failure(stderr_text) and not body:
-            raise with_fingerprint(self.spec, openssh_failure(self.spec, stderr_text))
+        if done.returncode == 255 and connection_dropped(stderr_text):
+            raise ConnectError(
+                f"the connection to {self.spec.display} was lost while a command ran: "
+                f"{stderr_text.strip().splitlines()[-1]}",
+                hint="run it again; if it keeps happening, check the link and ServerAliveInterval",
+            )
         result = RemoteResult(
             script, body.decode(errors="replace"), stderr_text, done.returncode, self.noise, body
         )

@@ -9,6 +9,7 @@ run pays one handshake. ProxyJump chains, ProxyCommand and HostKeyAlias behave e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -23,25 +24,30 @@ CONTROL_PERSIST = 60
 
 
 def control_dir() -> Path:
-    """The directory of the master connections' sockets: ours alone, or refused.
-
-    A directory another user made first (or a symlink) would let them sit on our connections,
-    so owner, type and mode are checked, not just created."""
+    """The directory of the master connections' sockets: ours alone, or refused."""
     path = Path(f"/tmp/remotedl-{os.getuid()}")
-    try:
+    with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        what = "not a directory" if not stat.S_ISDIR(st.st_mode) else (
-            f"owned by uid {st.st_uid}" if st.st_uid != os.getuid() else f"mode {stat.S_IMODE(st.st_mode):o}"
-        )
-        raise ConfigError(
-            f"{path} (remotedl's connection sockets) is {what}: refusing to use it",
-            hint=f"another user may have made it; remove it (`rm -r {path}`) if it is yours to remove",
-        )
+    check_private_dir(path, "remotedl's connection sockets")
     return path
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """A directory another user made first (or a symlink to one) would let them sit on our
+    connections: refuse anything but a real directory of ours, closed to everyone else."""
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        why = "not a directory"
+    elif st.st_uid != os.getuid():
+        why = f"owned by uid {st.st_uid}, not by you"
+    elif st.st_mode & 0o077:
+        why = f"open to others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise ConfigError(
+        f"{path} ({what}) is {why}: refusing to use it",
+        hint=f"another user may have made it; remove it (`rm -r {path}`) if it is yours to remove",
+    )
 
 
 def _flavour(spec: HostSpec) -> str:
@@ -64,8 +70,8 @@ def _flavour(spec: HostSpec) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
-def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = True) -> list[str]:
-    """OpenSSH options (without the host) that reach ``spec`` as resolved."""
+def config_options(spec: HostSpec) -> list[str]:
+    """The config file and what flags changed over it (--user, --port, --identity)."""
     opts: list[str] = []
     if spec.ssh_config is not None:
         opts += ["-F", str(spec.ssh_config)]
@@ -75,6 +81,12 @@ def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = Tru
         opts += ["-p", str(spec.port)]
     if spec.sources.get("identityfile", "").startswith("flag"):
         opts += ["-i", spec.identity_files[0]]
+    return opts
+
+
+def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = True) -> list[str]:
+    """OpenSSH options (without the host) that reach ``spec`` as resolved."""
+    opts = config_options(spec)
     opts += [
         "-o",
         f"StrictHostKeyChecking={spec.strict_host_key_checking}",
@@ -181,6 +193,25 @@ SSH_OWN_FAILURES = (
     "proxycommand",
     "connection to ",
 )
+
+
+# What ssh prints when a connection drops under a command that was running.
+SSH_DROPPED = (
+    "closed by remote host",
+    "client_loop",
+    "broken pipe",
+    "connection reset",
+    "mux_client",
+    "control socket",
+    "timeout, server",
+)
+
+
+def connection_dropped(stderr: str) -> bool:
+    """Whether ssh's last words say the connection itself was lost (the script had started:
+    anything else it printed, even "Connection refused", is the script's own)."""
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    return bool(lines) and any(s in lines[-1].lower() for s in SSH_DROPPED)
 
 
 def looks_like_ssh_failure(stderr: str) -> bool:
