@@ -436,10 +436,13 @@ def stream_logs(
     state: LogState | None = None,
     project: str | None = None,
     warn: Warn | None = None,
+    out_fd: int | None = None,
 ) -> JobRecord:
-    """Copy the job's log to ``write``. Following, a dropped connection is re-made and the log
-    resumes at the byte offset reached: no byte lost, none repeated. Each outage may last
-    ``reconnect_for`` seconds: the window starts again after every successful reconnect."""
+    """Copy the job's log to ``write``. Not following, with ``out_fd`` (where ``write`` goes,
+    flushed), the bytes after the first chunk move to it in the kernel. Following, a dropped
+    connection is re-made and the log resumes at the byte offset reached: no byte lost, none
+    repeated. Each outage may last ``reconnect_for`` seconds: the window starts again after
+    every successful reconnect."""
     spec = client.spec
     st = state or LogState()
     down_since: float | None = None
@@ -473,6 +476,10 @@ def stream_logs(
                     _take_start(st, _marks(p.stderr_lines), warn)
                 write(chunk)
                 st.offset += len(chunk)
+                if out_fd is not None and not follow:
+                    while moved := p.copy_to(out_fd):
+                        st.offset += moved
+                    break
         except BaseException:
             p.kill()
             raise

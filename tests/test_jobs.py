@@ -661,3 +661,30 @@ def test_attach_shows_the_job_in_a_terminal(box, proj, tmp_path):
     finally:
         subprocess.run(["tmux", "-S", sock, "kill-server"], check=False)
         run("kill", job_id, cwd=proj)
+
+
+def test_logs_to_a_file_and_a_pipe_are_byte_exact(cli, box, proj, tmp_path):
+    """`remotedl logs > file` and `| consumer` move the log in the kernel after the first chunk:
+    every byte, in order, once."""
+    payload = bytes(range(256)) * 40000 + b"end\n"  # 10 MB, every byte value
+    (proj / "emit.py").write_text(
+        "import sys\nsys.stdout.buffer.write(bytes(range(256)) * 40000 + b'end\\n')\n"
+    )
+    r = cli("run", "--cpu", "emit.py", cwd=proj)
+    assert r.code == 0, r.err
+    job_id = str(job_list(cli, proj)[-1]["id"])
+    env = {
+        **os.environ,
+        "REMOTEDL_HOST": box.name,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "XDG_STATE_HOME": str(tmp_path / "st"),
+        "XDG_CONFIG_HOME": str(tmp_path / "cf"),
+    }
+    out = tmp_path / "log.bin"
+    with out.open("wb") as f:
+        subprocess.run([sys.executable, "-m", "remotedl", "logs", job_id], stdout=f, env=env, cwd=proj,
+                       check=True, timeout=120)  # fmt: skip
+    assert out.read_bytes() == payload
+    piped = subprocess.run([sys.executable, "-m", "remotedl", "logs", job_id], capture_output=True, env=env,
+                           cwd=proj, check=True, timeout=120)  # fmt: skip
+    assert piped.stdout == payload

@@ -460,9 +460,22 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
             return _follow(app, client, rec.id)
         args.job, project = str(rec.id), None
     write, flush = _writer(env)
+    out_fd = None
+    if getattr(env.stdout, "buffer", None) is not None:  # a real stream: bytes may go to its fd
+        try:
+            out_fd = env.stdout.fileno()
+        except (OSError, ValueError):
+            out_fd = None
     try:
         jobs.stream_logs(
-            client, args.job, write, follow=args.follow, lines=args.lines, project=project, warn=warner(env)
+            client,
+            args.job,
+            write,
+            follow=args.follow,
+            lines=args.lines,
+            project=project,
+            warn=warner(env),
+            out_fd=out_fd,
         )
     finally:
         flush()
