@@ -49,7 +49,7 @@ class Agent:
 _CACHE: Agent | None = None
 
 # The modules of remotedl that run on the box (standard library only, but for libtmux).
-AGENT_MODULES = ("gpus.py", "waiting.py", "schema.py", "agent/__init__.py", "agent/box.py")
+AGENT_MODULES = ("gpus.py", "waiting.py", "schema.py", "notify.py", "agent/__init__.py", "agent/box.py")
 
 
 def build_agent() -> Agent:
