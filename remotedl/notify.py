@@ -20,7 +20,7 @@ Services (Apprise's URL forms, so a list moves to Apprise unchanged):
 Any other scheme goes to the ``apprise`` command when the box has one on PATH (100+ more
 services), with the URL in its environment, never in its arguments.
 
-Why not ship Apprise itself: see NOTES-events.md (its dependency closure, built from the
+Why not ship Apprise itself: see benchmarks/NOTES-notify.md (its dependency closure, built from the
 laptop's environment, does not run on every box python; size and start-up figures there).
 
 Secrets (passwords, tokens, webhook paths, topics, header values) are never printed:
@@ -33,20 +33,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import smtplib
-import socket
-import ssl
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+# smtplib, ssl, urllib.request and email are imported where a send needs them: parsing and
+# masking (the laptop, the agent's requests) stay cheap to import.
 
 SEND_TIMEOUT = 15.0  # seconds per endpoint; sends run in parallel
 MAX_BODY = 1800  # characters of text: Discord takes 2000, ntfy 4096 bytes
@@ -421,6 +415,9 @@ def check_urls(urls: list[str]) -> list[Target]:
 
 
 def _post_json(target: Target, payload: dict[str, Any], timeout: float, url: str | None = None) -> None:
+    import urllib.error
+    import urllib.request
+
     body = json.dumps(payload).encode()
     req = urllib.request.Request(url or target.endpoint, data=body, method="POST")  # noqa: S310 - http(s) built above
     req.add_header("Content-Type", "application/json")
@@ -450,6 +447,9 @@ def _post_json(target: Target, payload: dict[str, Any], timeout: float, url: str
 
 
 def _reason(e: Any) -> str:
+    import socket
+    import ssl
+
     if isinstance(e, socket.timeout | TimeoutError):
         return "timed out"
     if isinstance(e, ssl.SSLCertVerificationError):
@@ -513,6 +513,11 @@ def _send_json(t: Target, ev: Event, timeout: float) -> None:
 
 
 def _send_mail(t: Target, ev: Event, timeout: float) -> None:
+    import smtplib
+    import ssl
+    from email.message import EmailMessage
+    from email.utils import formatdate, make_msgid
+
     msg = EmailMessage()
     msg["Subject"] = ev.title
     msg["From"] = f"{t.options['name']} <{t.options['from']}>"
@@ -552,6 +557,9 @@ def _send_mail(t: Target, ev: Event, timeout: float) -> None:
 
 
 def _send_apprise(t: Target, ev: Event, timeout: float) -> None:
+    import shutil
+    import subprocess
+
     exe = shutil.which("apprise")
     if not exe:
         raise SendError(

@@ -130,7 +130,7 @@ class _Server(ThreadingHTTPServer):
         except ValueError:
             h._answer(400, b"invalid_payload")
             return
-        if not msg.get("text") and not msg.get("blocks"):
+        if not (msg.get("text") or msg.get("blocks") or msg.get("attachments")):
             h._answer(400, b"no_text")
             return
         h._answer(200, b"ok")
