@@ -280,3 +280,33 @@ def test_sender_runs_from_the_agent_bundle_with_the_standard_library_only(servic
     assert [o["ok"] for o in json.loads(lines[0])] == [True] * 5, lines[0]
     assert lines[1] == "[]"
     assert Path(target, "remotedl", "notify.py").is_file()
+
+
+def test_config_shows_notify_urls_masked(tmp_path):
+    from tests.test_cli import run_main
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (tmp_path / "config" / "remotedl").mkdir(parents=True)
+    (tmp_path / "config" / "remotedl" / "config.toml").write_text(
+        'notify = ["slack://T1/B2/slacksecrettoken123", "mailto://me:mailpass321@example.com"]\n'
+    )
+    code, out, err = run_main(tmp_path, "config", "--json", cwd=proj)
+    assert code == 0, err
+    value = json.loads(out)["settings"]["notify"]
+    assert value == {
+        "value": ["slack://T1/B2/****", "mailto://me:****@example.com"],
+        "source": value["source"],
+    }
+    assert "user config" in value["source"]
+    code, out, err = run_main(tmp_path, "config", cwd=proj)
+    assert code == 0, err
+    assert "slack://T1/B2/****" in out
+    for text in (out, err):
+        assert "slacksecrettoken123" not in text and "mailpass321" not in text
+    # A mistyped value is refused without being shown.
+    (proj / "remotedl.toml").write_text('notify = "ntfy://u:pw-secret-99@host/topic"\n')
+    code, out, err = run_main(tmp_path, "config", cwd=proj)
+    assert code == 3
+    assert "'notify' must be a list of strings" in err
+    assert "pw-secret-99" not in err + out

@@ -142,6 +142,22 @@ def jupyter(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None
     _tunnel_common(p)
 
 
+def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "logdir",
+        nargs="?",
+        metavar="LOGDIR",
+        help="event files' directory on the box, relative to the work tree (default: runs, "
+        "or tensorboard_logdir in remotedl.toml)",
+    )
+    p.add_argument(
+        "--local-port", type=int, metavar="N", help="local port (default 6006, or tensorboard_port)"
+    )
+    p.add_argument("--background", action="store_true", help="keep it running after this command returns")
+    p.add_argument("--open", action="store_true", help="open TensorBoard in a browser")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
 def dns(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "action",

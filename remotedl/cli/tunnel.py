@@ -28,6 +28,28 @@ def cmd_jupyter(args: argparse.Namespace, env: Environment) -> int:
     return cmd_tunnel(args, env)
 
 
+def cmd_tensorboard(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl import tensorboard
+    from remotedl import tunnel as tun
+    from remotedl.cli.statusline import status_line
+
+    app = App(args, env)
+    spec = app.spec()
+    local = args.local_port or int(app.settings.get("tensorboard_port"))
+    logdir = args.logdir or app.settings.get("tensorboard_logdir") or "runs"
+
+    def instead(busy: Any, free: int) -> str:
+        return f"remotedl tensorboard {args.logdir + ' ' if args.logdir else ''}--local-port {free}"
+
+    tun.check_local_ports([tun.Forward(local, local)], instead)
+    with status_line(env, not app.json) as say:
+        server = tensorboard.find_or_start(spec, remote_dir(app), logdir, on_progress=say)
+    forwards = [tun.Forward(local, server.port)]
+    if args.background:
+        return _start_background(app, args, forwards, server)
+    return _foreground(app, spec, forwards, server, supervise=False)
+
+
 def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import tunnel as tun
 
@@ -103,7 +125,9 @@ def _announce(app: App, forwards: list[Any], server: Any) -> str | None:
         app.env.stderr.write(f"remotedl: forwarding {f}\n")
     if url:
         state = "started" if server.started else "found running"
-        app.env.stderr.write(f"remotedl: Jupyter {state} on the box (port {server.port})\n")
+        label = getattr(server, "label", "Jupyter")
+        serves = f", serving {server.serves}" if getattr(server, "serves", None) else ""
+        app.env.stderr.write(f"remotedl: {label} {state} on the box (port {server.port}{serves})\n")
         app.out(url)
     return url
 
