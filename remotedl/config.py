@@ -35,6 +35,12 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "python": (str, "python3", "REMOTEDL_PYTHON"),
     "env": (dict, {}, None),
     "jupyter_port": (int, 8888, None),
+    # jobs: each runs in its own checkout (isolate), in the project's environment on the box
+    "isolate": (bool, True, "REMOTEDL_ISOLATE"),
+    "shared": (list, [], None),
+    "conda": (str, None, None),
+    "env_setup": (str, None, None),
+    "setup_cmd": (str, None, None),
     # job events: notifications sent from the box, stall detection, outputs home, TensorBoard
     "notify": (list, [], None),
     "stall_after": (str, "15m", "REMOTEDL_STALL_AFTER"),
@@ -125,6 +131,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
     kind = SCALARS[key][0]
+    if kind is bool and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
     if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
         try:
             return float(value)
@@ -148,6 +156,9 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     )
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 # Settings whose values hold secrets (notification URLs carry tokens and passwords).
 SECRET_VALUES = {"notify"}
 
@@ -163,6 +174,7 @@ def shown_value(key: str, value: Any) -> Any:
 
 def _type_name(kind: type) -> str:
     return {
+        bool: "true or false",
         str: "a string",
         float: "a number",
         int: "an integer",
