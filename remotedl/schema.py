@@ -19,7 +19,19 @@ ACTIVE: tuple[Status, ...] = ("queued", "starting", "running")
 ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost")
 
 Op = Literal[
-    "start", "runner", "list", "get", "kill", "logs", "gpus", "locate", "rm", "prune", "envsync", "intree"
+    "start",
+    "runner",
+    "list",
+    "get",
+    "kill",
+    "logs",
+    "gpus",
+    "locate",
+    "rm",
+    "prune",
+    "envsync",
+    "intree",
+    "notify",
 ]
 OPS: tuple[str, ...] = get_args(Op)
 
@@ -68,6 +80,13 @@ class JobRecord:
     environment: dict[str, Any] = field(default_factory=dict)  # python, torch, venv/conda/env_setup
     starter_pid: int | None = None  # the agent process starting the job (status "starting")
     boot_id: str | None = None  # the box's boot when the job started: a reboot means lost
+    # Job events (agent/events.py).
+    notify: list[str] = field(default_factory=list)  # notification URLs, masked
+    notifications: list[dict[str, Any]] = field(default_factory=list)  # event, url, ok, error, at
+    stall_after: float | None = None  # seconds; None: no stall detection
+    stalled: dict[str, Any] | None = None  # {since, reason} while it is stalled (still running)
+    stalls: int = 0  # how many times it stalled
+    events_sent: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: Any) -> JobRecord:
@@ -110,6 +129,8 @@ class JobRecord:
         """The status in words: ``failed (exit 3)``; the others as they are."""
         if self.status == "failed" and self.exit_code is not None:
             return f"failed (exit {self.exit_code})"
+        if self.status == "running" and self.stalled:
+            return "stalled"
         return self.status
 
 

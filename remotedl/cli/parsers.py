@@ -106,6 +106,22 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="PATH", help="also push this data path")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
     p.add_argument(
+        "--notify",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also notify URL (ntfy://, slack://, discord://, json://, mailto://...) from the box when "
+        "the job ends, starts after waiting in the queue, or stalls (adds to `notify` in the config)",
+    )
+    p.add_argument("--no-notify", action="store_true", help="send no notifications for this job")
+    p.add_argument(
+        "--pull",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="when the followed job ends, pull PATH from its directory (repeatable; adds to pull_on_end)",
+    )
+    p.add_argument(
         "command",
         nargs=argparse.REMAINDER,
         metavar="COMMAND [ARGS...]",
