@@ -86,7 +86,8 @@ class JobRecord:
     stall_after: float | None = None  # seconds; None: no stall detection
     stalled: dict[str, Any] | None = None  # {since, reason} while it is stalled (still running)
     stalls: int = 0  # how many times it stalled
-    events_sent: list[str] = field(default_factory=list)
+    events_sent: list[str] = field(default_factory=list)  # events whose notification went out
+    event_claims: dict[str, Any] = field(default_factory=dict)  # event -> pid sending it now
 
     @classmethod
     def from_dict(cls, data: Any) -> JobRecord:

@@ -1378,11 +1378,14 @@ def op_kill(req: dict[str, Any]) -> dict[str, Any]:
             save(rec)
             remove_env_file(job_id)
     if not_started:
-        ended_elsewhere(job_id, "killed")
         kill_session(rec["session"])
         if runner_alive(rec):
             with contextlib.suppress(OSError):
                 os.kill(int(rec["runner_pid"]), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and runner_alive(rec):
+                time.sleep(0.02)
+        ended_elsewhere(job_id, "killed")  # after the runner: it may have died mid-send
         return {"job": load(job_id)}
     if rec["status"] not in ACTIVE:
         return {"job": rec}

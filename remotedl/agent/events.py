@@ -33,6 +33,7 @@ from typing import Any
 from remotedl import gpus as gpumod
 from remotedl import notify
 from remotedl.agent.box import AgentError, box_lock, load, notify_path, save, state_dir
+from remotedl.waiting import pid_alive
 
 # What a send needs of the starting session's environment (proxies, the CA store).
 PROXY_VARS = (
@@ -99,10 +100,16 @@ def send(
             rec = load(job_id)
         except AgentError:
             return
-        sent = list(rec.get("events_sent") or [])
-        if key in sent:
+        if key in (rec.get("events_sent") or []):
             return
-        rec["events_sent"] = [*sent, key]
+        # Claimed by a live process: it sends. A claimant that died mid-send (a queued job's
+        # runner is stopped with SIGTERM) leaves it to whoever comes next.
+        claims = dict(rec.get("event_claims") or {})
+        claimant = claims.get(key)
+        if claimant and claimant != os.getpid() and pid_alive(int(claimant)):
+            return
+        claims[key] = os.getpid()
+        rec["event_claims"] = claims
         save(rec)
     for k, v in (settings.get("env") or {}).items():
         if k in PROXY_VARS and isinstance(v, str):
@@ -116,6 +123,8 @@ def send(
         done = list(rec.get("notifications") or [])
         done += [{"event": event, **o.to_dict()} for o in outcomes]
         rec["notifications"] = done[-MAX_OUTCOMES:]
+        rec["events_sent"] = [*(rec.get("events_sent") or []), key]
+        rec["event_claims"] = {k: v for k, v in (rec.get("event_claims") or {}).items() if k != key}
         save(rec)
 
 

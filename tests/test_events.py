@@ -1,0 +1,268 @@
+"""Job events against the real sshd box: notifications sent from the box to local stand-ins
+(tests/notifyfakes.py), stall detection with the stand-in nvidia-smi, outputs home at the end,
+a desktop notification on the laptop, TensorBoard over several jobs' directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remotedl import sandbox
+from remotedl.notify import mask_url
+from tests import notifyfakes
+from tests.conftest import Box, _start, cli_for, make_env, retry_until
+
+SECRET_ENV = "s3cr3t-env-value-42"
+URL_SECRETS = (
+    "rdl-topic-secret",
+    "slacksecrettoken123",
+    "discordsecrettoken456",
+    "hookpass789",
+    "abc123secret",
+    "mailpass321",
+)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[notifyfakes.Services]:
+    s = notifyfakes.start_services(tmp_path_factory.mktemp("notify-ca"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def ebox(tmp_path_factory: pytest.TempPathFactory, services: notifyfakes.Services) -> Iterator[Box]:
+    """A box whose sessions reach Slack and Discord as a box behind a proxy does: through the
+    stand-ins' HTTPS proxy, trusting the test CA (https_proxy, SSL_CERT_FILE)."""
+    base = tmp_path_factory.mktemp("events-box")
+    b = _start(base, "events", gpus=2, extra_env=services.env)
+    yield b
+    try:
+        sandbox.down(make_env(base), name="events")
+    except Exception as e:  # a finalizer never raises
+        print(f"sandbox down failed: {e}")
+
+
+@pytest.fixture
+def proj(ebox: Box, project: Path, tmp_path: Path):
+    """(run, project): the CLI against the events box, and a local project."""
+    run = cli_for(ebox, tmp_path / "laptop")
+    return run, project
+
+
+def configure(project: Path, tmp_path: Path, urls: list[str], extra: str = "") -> None:
+    (project / "remotedl.toml").write_text(
+        f'remote_dir = "~/event-tests/{tmp_path.name}"\nnotify = {json.dumps(urls)}\n{extra}'
+    )
+
+
+def script(project: Path, name: str, body: str) -> None:
+    path = project / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def hooks_for(services: notifyfakes.Services, job_id: int) -> list[dict]:
+    return [
+        h.json() for h in services.recorder.of("json") if h.json().get("remotedl", {}).get("job") == job_id
+    ]
+
+
+def wait_hook(services, job_id: int, event: str, seconds: float = 40) -> dict:
+    found = retry_until(
+        lambda: [p for p in hooks_for(services, job_id) if p["remotedl"]["event"] == event], seconds=seconds
+    )
+    assert found, f"no {event} notification for job {job_id}: {hooks_for(services, job_id)}"
+    return found[0]
+
+
+def show(run, project: Path, job_id: int) -> dict:
+    r = run("show", str(job_id), "--json", cwd=project)
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def when(value, condition):
+    return value if condition(value) else None
+
+
+def job_id_of(r) -> int:
+    assert r.code == 0, r.err
+    return int(r.out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ notifications
+
+
+def test_the_box_sends_the_end_to_every_service_with_nothing_secret(proj, services, ebox, tmp_path):
+    run, project = proj
+    urls = services.urls()
+    configure(project, tmp_path, list(urls.values()))
+    script(project, "train.sh", 'for i in 1 2 3; do echo "epoch $i loss 0.$i"; done\necho "key=$API_KEY"\n')
+    # Detached: the laptop is not there when the job ends; the box tells.
+    r = run("run", "--detach", "-e", f"API_KEY={SECRET_ENV}", "train.sh", "--gpu", "1", cwd=project)
+    job = job_id_of(r)
+    payload = wait_hook(services, job, "succeeded")
+    title = f"remotedl: job {job} (train.sh) succeeded on events"
+    assert payload["title"] == title
+    assert payload["type"] == "success"
+    fields = payload["remotedl"]
+    assert (fields["host"], fields["gpus"], fields["exit_code"], fields["status"]) == (
+        "events",
+        [1],
+        0,
+        "succeeded",
+    )
+    assert fields["duration"] is not None
+    assert "epoch 3 loss 0.3" in payload["message"]
+    assert "GPU 1" in payload["message"]
+    assert "exit status: 0" in payload["message"]
+    # The job printed its --env value: the notification shows **** instead.
+    assert "key=****" in payload["message"]
+    # Every other service got it too (Slack and Discord through the box's proxy).
+    assert retry_until(
+        lambda: all(_got(services, s, title) for s in ("ntfy", "slack", "discord", "email")), seconds=30
+    )
+    everything = json.dumps([h.body.decode("utf-8", "replace") for h in services.recorder.hits])
+    everything += json.dumps(services.mails)
+    assert SECRET_ENV not in everything
+    for secret in ("slacksecrettoken123", "discordsecrettoken456", "hookpass789", "mailpass321"):
+        assert secret not in json.dumps(payload)
+    # show lists what was sent, URLs masked, and nothing secret anywhere in the record.
+    rec = retry_until(
+        lambda: when(show(run, project, job), lambda x: len(x["notifications"]) == 5), seconds=30
+    )
+    assert rec, show(run, project, job)
+    assert all(n["ok"] and n["event"] == "succeeded" for n in rec["notifications"])
+    assert "slack://T0TEST/B0TEST/****" in rec["notify"]
+    dumped = json.dumps(rec)
+    for secret in (*URL_SECRETS, SECRET_ENV):
+        assert secret not in dumped
+    text = run("show", str(job), cwd=project)
+    assert "notified    succeeded -> slack://T0TEST/B0TEST/**** at" in text.out
+    for secret in URL_SECRETS:
+        assert secret not in text.out + text.err
+    # The URLs left the box with the job: no file of the box's state holds them any more.
+    state = ebox.home / ".remotedl"
+    leftovers = [p for p in state.rglob("*") if p.is_file() and b"slacksecrettoken123" in p.read_bytes()]
+    assert leftovers == []
+
+
+def _got(services, service: str, title: str) -> bool:
+    if service == "email":
+        return any(f"Subject: {title}" in m["data"] for m in services.mails)
+    return any(title in h.body.decode("utf-8", "replace") for h in services.recorder.of(service))
+
+
+def test_failure_kill_and_start_after_the_queue(proj, services, tmp_path):
+    run, project = proj
+    configure(project, tmp_path, [services.urls()["json"]])
+    script(project, "fail.sh", 'echo "about to fail"\nexit 3\n')
+    script(project, "spin.sh", "echo spinning\nwhile :; do sleep 0.2; done\n")
+    r = run("run", "fail.sh", "--gpu", "0", cwd=project)
+    assert r.code == 3, r.err
+    failed = max(j["id"] for j in json.loads(run("jobs", "--all", "--json", cwd=project).out))
+    payload = wait_hook(services, failed, "failed")
+    assert payload["title"].endswith("failed (exit 3) on events")
+    assert payload["type"] == "failure"
+    assert payload["remotedl"]["exit_code"] == 3
+    assert "about to fail" in payload["message"]
+    # A holds GPU 0; B waits for it in the queue, and says so when it starts.
+    first = job_id_of(run("run", "--detach", "--name", "holder", "spin.sh", "--gpu", "0", cwd=project))
+    second = job_id_of(
+        run("run", "--detach", "--queue", "--name", "waiter", "spin.sh", "--gpu", "0", cwd=project)
+    )
+    assert show(run, project, second)["status"] == "queued"
+    assert run("kill", str(first), "--grace", "2", cwd=project).code == 0
+    killed = wait_hook(services, first, "killed")
+    assert killed["title"] == f"remotedl: job {first} (holder) was killed on events"
+    started = wait_hook(services, second, "started")
+    assert "started after waiting in the queue" in started["title"]
+    assert "in the queue" in started["message"]
+    assert started["remotedl"]["gpus"] == [0]
+    # Killed while still queued: no runner tells, the agent does.
+    third = job_id_of(
+        run("run", "--detach", "--queue", "--name", "never", "spin.sh", "--gpu", "0", cwd=project)
+    )
+    assert show(run, project, third)["status"] == "queued"
+    assert run("kill", str(third), cwd=project).code == 0
+    assert run("kill", str(second), "--grace", "2", cwd=project).code == 0
+    assert wait_hook(services, third, "killed")["remotedl"]["status"] == "killed"
+    assert wait_hook(services, second, "killed")
+    # One notification per event, however many parts of the box saw the end.
+    time.sleep(0.5)  # a duplicate would arrive right behind the first
+    for job in (first, second, third):
+        events = [p["remotedl"]["event"] for p in hooks_for(services, job)]
+        assert events.count("killed") == 1, events
+
+
+def test_unreachable_endpoint_is_recorded_and_the_job_unaffected(proj, services, tmp_path):
+    run, project = proj
+    from remotedl.waiting import free_port
+
+    dead = f"json://u:deadpass000@127.0.0.1:{free_port()}/deadsecretpath"
+    configure(project, tmp_path, [dead, services.urls()["json"]])
+    services.webhook.status = 500
+    try:
+        script(project, "ok.sh", "echo fine\n")
+        r = run("run", "ok.sh", "--cpu", cwd=project)
+        assert r.code == 0, r.err
+        assert "fine" in r.out
+        job = max(j["id"] for j in json.loads(run("jobs", "--all", "--json", cwd=project).out))
+        rec = retry_until(
+            lambda: when(show(run, project, job), lambda x: len(x["notifications"]) == 2), seconds=40
+        )
+        assert rec, show(run, project, job)
+    finally:
+        services.webhook.status = None
+    assert rec["status"] == "succeeded" and rec["exit_code"] == 0
+    by_url = {n["url"]: n for n in rec["notifications"]}
+    refused = by_url[mask_url(dead)]
+    assert mask_url(dead).startswith("json://u:****@127.0.0.1:")
+    assert not refused["ok"] and "refused" in refused["error"].lower()
+    answered = next(n for n in rec["notifications"] if n is not refused)
+    assert not answered["ok"] and "HTTP 500" in answered["error"]
+    text = run("show", str(job), cwd=project).out
+    assert "NOT SENT: Connection refused" in text
+    assert "deadpass000" not in text + json.dumps(rec) and "deadsecretpath" not in text + json.dumps(rec)
+
+
+def test_a_bad_url_fails_the_run_before_anything_starts(proj, services, tmp_path):
+    run, project = proj
+    configure(project, tmp_path, ["slack://only-one-token-here"])
+    script(project, "ok.sh", "echo fine\n")
+    r = run("run", "ok.sh", "--cpu", cwd=project)
+    assert r.code == 3
+    assert "needs the webhook's three tokens" in r.err
+    assert "only-one-token-here" not in r.err
+    r = run("run", "--notify", "discord://12345", "--no-push", "ok.sh", "--cpu", cwd=project)
+    assert r.code in (2, 3)
+    configure(project, tmp_path, [])
+    r = run("run", "--notify", "discord://12345", "ok.sh", "--cpu", cwd=project)
+    assert r.code == 2
+    assert "--notify" in r.err and "12345" not in r.err
+    # --no-notify: the config's URLs are not used (nor checked) for this run.
+    configure(project, tmp_path, ["slack://only-one-token-here"])
+    assert run("run", "--no-notify", "ok.sh", "--cpu", cwd=project).code == 0
+
+
+def test_lost_job_is_told_by_the_agent(proj, services, tmp_path):
+    run, project = proj
+    configure(project, tmp_path, [services.urls()["json"]])
+    script(project, "spin.sh", "echo spinning\nwhile :; do sleep 0.2; done\n")
+    job = job_id_of(run("run", "--detach", "spin.sh", "--cpu", cwd=project))
+    rec = retry_until(lambda: when(show(run, project, job), lambda x: x.get("pgid")), seconds=20)
+    assert rec
+    # The box loses the job (as on an OOM kill of everything, or a crash of its tmux server).
+    os.kill(rec["runner_pid"], signal.SIGKILL)
+    os.killpg(rec["pgid"], signal.SIGKILL)
+    assert retry_until(lambda: show(run, project, job)["status"] == "lost", seconds=20)
+    payload = wait_hook(services, job, "lost")
+    assert payload["title"] == f"remotedl: job {job} (spin.sh) was lost on events"
+    assert payload["remotedl"]["log_tail"] == ""  # no runner: no log lines (it cannot hide --env values)
