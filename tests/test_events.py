@@ -266,3 +266,187 @@ def test_lost_job_is_told_by_the_agent(proj, services, tmp_path):
     payload = wait_hook(services, job, "lost")
     assert payload["title"] == f"remotedl: job {job} (spin.sh) was lost on events"
     assert payload["remotedl"]["log_tail"] == ""  # no runner: no log lines (it cannot hide --env values)
+
+
+def set_utilization(box: Box, index: int, pct: int) -> None:
+    path = box.dir / "gpus.json"
+    state = json.loads(path.read_text())
+    for g in state["gpus"]:
+        if g["index"] == index:
+            g["utilization"] = pct
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
+
+
+def test_stall_when_the_gpu_idles_cleared_by_activity(proj, services, ebox, tmp_path):
+    run, project = proj
+    configure(project, tmp_path, [services.urls()["json"]], 'stall_after = "2s"\n')
+    script(project, "busy_log.sh", "while :; do echo step; sleep 0.2; done\n")  # talks, never computes
+    set_utilization(ebox, 0, 0)
+    job = job_id_of(run("run", "--detach", "busy_log.sh", "--gpu", "0", cwd=project))
+    try:
+        rec = retry_until(lambda: when(show(run, project, job), lambda x: x["stalled"]), seconds=30)
+        assert rec, show(run, project, job)
+        assert rec["status"] == "running" and rec["state"] == "stalled"
+        assert rec["stalled"]["reason"] == "no activity on GPU 0 for 2 s"
+        payload = wait_hook(services, job, "stalled")
+        assert payload["title"] == f"remotedl: job {job} (busy_log.sh) stalled on events"
+        assert "stalled: no activity on GPU 0 for 2 s" in payload["message"]
+        listed = next(j for j in json.loads(run("jobs", "--json", cwd=project).out) if j["id"] == job)
+        assert listed["status"] == "running" and listed["stalled"]["reason"]
+        table = run("jobs", cwd=project).out
+        assert any(line.split()[:3] == [str(job), "busy_log.sh", "stalled"] for line in table.splitlines())
+        text = run("show", str(job), cwd=project).out
+        assert "stalled since" in text and "(still running)" in text
+        # The GPU works again: the mark goes, the job never stopped.
+        set_utilization(ebox, 0, 63)
+        assert retry_until(lambda: show(run, project, job)["stalled"] is None, seconds=30)
+        rec = show(run, project, job)
+        assert rec["state"] == "running" and rec["stalls"] == 1
+        stalls = [p for p in hooks_for(services, job) if p["remotedl"]["event"] == "stalled"]
+        assert len(stalls) == 1
+    finally:
+        set_utilization(ebox, 0, 0)
+        run("kill", str(job), "--grace", "1", cwd=project)
+
+
+def test_stall_when_the_log_goes_quiet_on_a_cpu_job(proj, services, ebox, tmp_path):
+    run, project = proj
+    configure(project, tmp_path, [services.urls()["json"]], 'stall_after = "2s"\n')
+    # Says one thing, then nothing, until the test drops a file in its directory.
+    script(project, "quiet.sh", "echo started\nwhile :; do [ -f talk ] && echo tick; sleep 0.2; done\n")
+    job = job_id_of(run("run", "--detach", "quiet.sh", "--cpu", cwd=project))
+    try:
+        rec = retry_until(lambda: when(show(run, project, job), lambda x: x["stalled"]), seconds=30)
+        assert rec, show(run, project, job)
+        assert rec["stalled"]["reason"] == "no new log output for 2 s"
+        assert rec["gpus"] == []
+        assert wait_hook(services, job, "stalled")
+        (Path(rec["workdir"]) / "talk").write_text("")
+        assert retry_until(lambda: show(run, project, job)["stalled"] is None, seconds=30)
+        assert show(run, project, job)["status"] == "running"
+    finally:
+        run("kill", str(job), "--grace", "1", cwd=project)
+    # stall_after = "off": no watch at all.
+    configure(project, tmp_path, [], 'stall_after = "off"\n')
+    job = job_id_of(run("run", "--detach", "quiet.sh", "--cpu", cwd=project))
+    try:
+        assert show(run, project, job)["stall_after"] is None
+        assert "stall watch off" in " ".join(run("show", str(job), cwd=project).out.split())
+    finally:
+        run("kill", str(job), "--grace", "1", cwd=project)
+
+
+def test_pull_brings_the_checkpoint_home_and_keeps_newer_local_files(proj, tmp_path):
+    run, project = proj
+    configure(project, tmp_path, [], 'pull_on_end = ["metrics.json"]\n')
+    (project / ".gitignore").write_text("checkpoints/\nmetrics.json\n")
+    script(
+        project,
+        "train.sh",
+        "mkdir -p checkpoints\necho weights-v1 > checkpoints/model.pt\necho box > checkpoints/notes.txt\n"
+        "echo '{\"acc\": 0.9}' > metrics.json\necho trained\n",
+    )
+    import subprocess
+
+    subprocess.run(["git", "-C", str(project), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(project), "commit", "-qm", "train"], check=True)
+    # A note edited here after the job wrote its own: newer, so it stays.
+    (project / "checkpoints").mkdir()
+    local_note = project / "checkpoints" / "notes.txt"
+    local_note.write_text("mine\n")
+    later = time.time() + 3600
+    os.utime(local_note, (later, later))
+    r = run("run", "--pull", "checkpoints", "train.sh", "--cpu", cwd=project)
+    assert r.code == 0, r.err
+    assert (project / "checkpoints" / "model.pt").read_text() == "weights-v1\n"
+    assert local_note.read_text() == "mine\n"
+    assert json.loads((project / "metrics.json").read_text()) == {"acc": 0.9}
+    assert "pulled checkpoints" in r.err and "from job" in r.err
+    # A path the job never wrote: the job succeeded, the pull did not; the command says so.
+    r = run("run", "--pull", "nope", "train.sh", "--cpu", cwd=project)
+    assert r.code == 1
+    assert "could not pull" in r.err
+    # --detach cannot pull at the end (nothing follows it).
+    r = run("run", "--detach", "--pull", "checkpoints", "train.sh", "--cpu", cwd=project)
+    assert r.code == 2
+
+
+def test_desktop_notification_at_the_end_of_a_followed_job(proj, tmp_path):
+    run, project = proj
+    configure(project, tmp_path, [], "notify_desktop = true\n")
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    seen = tmp_path / "desktop.txt"
+    (fake / "notify-send").write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> {seen}\n')
+    (fake / "notify-send").chmod(0o755)
+    script(project, "ok.sh", "echo fine\nexit 4\n")
+    r = run("run", "ok.sh", "--cpu", cwd=project, env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.code == 4
+    words = seen.read_text().splitlines()
+    assert words[:2] == ["--app-name=remotedl", "--"]
+    assert words[2].startswith("remotedl: job ") and words[2].endswith("(ok.sh) failed (exit 4) on events")
+    assert "exit status: 4" in "\n".join(words[3:])
+    # Without the setting, nothing is shown.
+    configure(project, tmp_path, [])
+    seen.unlink()
+    r = run("run", "ok.sh", "--cpu", cwd=project, env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.code == 4
+    assert not seen.exists()
+
+
+def test_desktop_argv_without_notify_send_uses_osascript(tmp_path):
+    from remotedl.desktop import desktop_argv
+
+    (tmp_path / "osascript").write_text("#!/bin/sh\n")
+    (tmp_path / "osascript").chmod(0o755)
+    argv = desktop_argv("t 'x\"", "body $(y)", {"PATH": str(tmp_path)})
+    assert argv is not None
+    assert argv[0] == str(tmp_path / "osascript")
+    assert argv[-2:] == ["t 'x\"", "body $(y)"]  # data, never code
+    assert desktop_argv("t", "b", {"PATH": str(tmp_path / "none")}) is None
+
+
+def test_tensorboard_over_the_jobs_directories(proj, ebox, tmp_path):
+    from tests.test_tensorboard import get_json, stop_tensorboards, tensorboard_in_box_venv, write_scalars
+
+    run, project = proj
+    configure(project, tmp_path, [])
+    for name, values in (("a", [1.0, 0.5]), ("b", [2.0, 1.5, 1.0])):
+        write_scalars(project / "tb_src" / name, "loss", values)
+    script(project, "train.sh", 'mkdir -p runs && cp -r "tb_src/$1" runs/\n')
+    import subprocess
+
+    subprocess.run(["git", "-C", str(project), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(project), "commit", "-qm", "events"], check=True)
+    assert run("run", "--name", "lr-a", "train.sh", "a", "--cpu", cwd=project).code == 0
+    assert run("run", "--name", "lr-b", "train.sh", "b", "--cpu", cwd=project).code == 0
+    script(project, "nothing.sh", "echo no event files\n")
+    assert run("run", "nothing.sh", "--cpu", cwd=project).code == 0  # has no runs/: left out
+    ids = sorted(j["id"] for j in json.loads(run("jobs", "--all", "--json", cwd=project).out))
+    a, b = ids[-3], ids[-2]
+    tensorboard_in_box_venv(ebox, f"~/event-tests/{tmp_path.name}")
+    from remotedl.waiting import free_port
+
+    local = free_port()
+    try:
+        r = run("tensorboard", "--jobs", "--local-port", str(local), "--background", cwd=project)
+        assert r.code == 0, r.err
+        assert f"run {a}-lr-a:" in r.err and f"run {b}-lr-b:" in r.err
+        assert f"{a}-lr-a:" in r.err.split("serving", 1)[1]  # one TensorBoard, --logdir_spec
+        runs = get_json(f"http://127.0.0.1:{local}/data/runs")
+        assert sorted(runs) == [f"{a}-lr-a/a", f"{b}-lr-b/b"]
+        points = get_json(f"http://127.0.0.1:{local}/data/plugin/scalars/scalars?run={b}-lr-b/b&tag=loss")
+        assert [p[2] for p in points] == [2.0, 1.5, 1.0]
+        # Naming jobs picks them; the same set again finds the running server.
+        local2 = free_port()
+        r = run("tensorboard", "--jobs", str(a), "--local-port", str(local2), "--background", cwd=project)
+        assert r.code == 0, r.err
+        assert get_json(f"http://127.0.0.1:{local2}/data/runs") == [f"{a}-lr-a/a"]
+        local3 = free_port()
+        r = run("tensorboard", "--jobs", "--local-port", str(local3), "--background", cwd=project)
+        assert "TensorBoard found running" in r.err
+    finally:
+        run("tunnel", "--stop", "all")
+        stop_tensorboards(ebox)

@@ -207,6 +207,12 @@ def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> 
     p.add_argument(
         "--local-port", type=int, metavar="N", help="local port (default 6006, or tensorboard_port)"
     )
+    p.add_argument(
+        "--jobs",
+        nargs="*",
+        metavar="JOB",
+        help="serve LOGDIR of each job's own directory, one run per job (default: this project's jobs)",
+    )
     p.add_argument("--background", action="store_true", help="keep it running after this command returns")
     p.add_argument("--open", action="store_true", help="open TensorBoard in a browser")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
