@@ -17,6 +17,7 @@ from remotedl import sandbox
 from remotedl.notify import mask_url
 from tests import notifyfakes
 from tests.conftest import Box, _start, cli_for, make_env, retry_until
+from tests.test_secrets import watch_argv
 
 SECRET_ENV = "s3cr3t-env-value-42"
 URL_SECRETS = (
@@ -105,10 +106,14 @@ def test_the_box_sends_the_end_to_every_service_with_nothing_secret(proj, servic
     urls = services.urls()
     configure(project, tmp_path, list(urls.values()))
     script(project, "train.sh", 'for i in 1 2 3; do echo "epoch $i loss 0.$i"; done\necho "key=$API_KEY"\n')
-    # Detached: the laptop is not there when the job ends; the box tells.
-    r = run("run", "--detach", "-e", f"API_KEY={SECRET_ENV}", "train.sh", "--gpu", "1", cwd=project)
-    job = job_id_of(r)
-    payload = wait_hook(services, job, "succeeded")
+    # Detached: the laptop is not there when the job ends; the box tells. No process on either
+    # side ever has a URL's secret (or the --env value) in its arguments.
+    with watch_argv(*URL_SECRETS, SECRET_ENV) as seen:
+        r = run("run", "--detach", "-e", f"API_KEY={SECRET_ENV}", "train.sh", "--gpu", "1", cwd=project)
+        job = job_id_of(r)
+        payload = wait_hook(services, job, "succeeded")
+        assert retry_until(lambda: len(show(run, project, job)["notifications"]) == 5, seconds=30)
+    assert seen == []
     title = f"remotedl: job {job} (train.sh) succeeded on events"
     assert payload["title"] == title
     assert payload["type"] == "success"
@@ -450,3 +455,26 @@ def test_tensorboard_over_the_jobs_directories(proj, ebox, tmp_path):
     finally:
         run("tunnel", "--stop", "all")
         stop_tensorboards(ebox)
+
+
+def test_one_nvidia_smi_query_per_interval_for_all_jobs(tmp_path, monkeypatch):
+    """Every job's stall watch reads the box's one shared sample while it is fresh."""
+    from remotedl.agent import events
+
+    calls = tmp_path / "calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nvidia-smi").write_text(
+        f"#!/bin/sh\necho call >> {calls}\n"
+        "echo '0, NVIDIA H100 80GB HBM3, GPU-a, 00000000:18:00.0, 10, 81559, 37'\n"
+        "echo '1, NVIDIA H100 80GB HBM3, GPU-b, 00000000:2A:00.0, 10, 81559, [N/A]'\n"
+    )
+    (bindir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("REMOTEDL_BOX_STATE", str(tmp_path / "state"))
+    (tmp_path / "state").mkdir()
+    assert events.gpu_utilization(60) == {0: 37, 1: None}
+    assert events.gpu_utilization(60) == {0: 37, 1: None}  # another job, same interval
+    assert calls.read_text().count("call") == 1
+    assert events.gpu_utilization(0) == {0: 37, 1: None}  # too old for this one: queried again
+    assert calls.read_text().count("call") == 2
