@@ -373,9 +373,10 @@ def test_pull_brings_the_checkpoint_home_and_keeps_newer_local_files(proj, tmp_p
     r = run("run", "--pull", "nope", "train.sh", "--cpu", cwd=project)
     assert r.code == 1
     assert "could not pull" in r.err
-    # --detach cannot pull at the end (nothing follows it).
+    # --detach cannot pull at the end (nothing follows it); pull_on_end just does not apply.
     r = run("run", "--detach", "--pull", "checkpoints", "train.sh", "--cpu", cwd=project)
     assert r.code == 2
+    assert run("run", "--detach", "train.sh", "--cpu", cwd=project).code == 0
 
 
 def test_desktop_notification_at_the_end_of_a_followed_job(proj, tmp_path):

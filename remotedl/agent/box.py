@@ -1244,7 +1244,7 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
     watch = None
     if events is not None:
         if waited:  # it waited in the queue: say it started, without holding up its output
-            threading.Thread(target=events.send, args=(job_id, "started"), daemon=True).start()
+            events.in_background(events.send, job_id, "started")
         if rec.get("stall_after"):
             watch = events.StallWatch(rec)
             watch.start()

@@ -128,8 +128,20 @@ def send(
         save(rec)
 
 
+# Sends running beside the job (its start after the queue): finished before the runner exits.
+_PENDING: list[threading.Thread] = []
+
+
+def in_background(fn: Any, *args: Any) -> None:
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    _PENDING.append(t)
+    t.start()
+
+
 def ended(job_id: int) -> None:
     """The job ended (its runner says so): send, then drop the URLs."""
+    for t in _PENDING:
+        t.join(notify.SEND_TIMEOUT + 30)
     try:
         rec = load(job_id)
     except AgentError:

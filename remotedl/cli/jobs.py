@@ -202,7 +202,7 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     notify_urls = _notify_urls(app)
     stall_after = jobs.parse_duration(s.get("stall_after"))
     pulls = [*s.get("pull_on_end"), *[p for p in args.pull if p not in s.get("pull_on_end")]]
-    if pulls and args.detach:
+    if args.pull and args.detach:
         raise UsageError(
             "--pull brings outputs home when the followed job ends; a detached job is not followed",
             hint="drop --detach, or later: remotedl pull --job ID PATH",
