@@ -479,3 +479,18 @@ def test_one_nvidia_smi_query_per_interval_for_all_jobs(tmp_path, monkeypatch):
     assert calls.read_text().count("call") == 1
     assert events.gpu_utilization(0) == {0: 37, 1: None}  # too old for this one: queried again
     assert calls.read_text().count("call") == 2
+
+
+def test_stall_after_words():
+    from remotedl.errors import ConfigError
+    from remotedl.jobs import parse_duration
+
+    assert parse_duration("15m") == 900
+    assert parse_duration("90s") == 90
+    assert parse_duration("1.5h") == 5400
+    assert parse_duration("2") == 2
+    assert parse_duration(30) == 30
+    for off in ("off", "0", "false", None):
+        assert parse_duration(off) is None
+    with pytest.raises(ConfigError):
+        parse_duration("soon")
