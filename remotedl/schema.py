@@ -79,6 +79,7 @@ class JobRecord:
     links: list[str] = field(default_factory=list)  # data/shared paths linked into workdir
     environment: dict[str, Any] = field(default_factory=dict)  # python, torch, venv/conda/env_setup
     starter_pid: int | None = None  # the agent process starting the job (status "starting")
+    ready: bool = True  # its checkout is made (False while the starter makes it: the runner waits)
     boot_id: str | None = None  # the box's boot when the job started: a reboot means lost
     # Job events (agent/events.py).
     notify: list[str] = field(default_factory=list)  # notification URLs, masked

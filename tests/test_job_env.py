@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -93,7 +94,8 @@ def test_requirements_sync_once_per_change_and_failures_fail_the_run(box, projec
     (project / "requirements.txt").write_text(requirements(wheels, "nosuchpkg==9"))
     r = run("run", "--cpu", "show.py", cwd=project)
     assert r.code == 1
-    assert "No matching distribution found for nosuchpkg" in r.err  # the installer's own words
+    # the installer's own words (pip's, or uv's where the box has uv)
+    assert "No matching distribution found for nosuchpkg" in r.err or "nosuchpkg was not found" in r.err
     assert "could not be synced" in r.err
     assert job_count(run, project) == before  # the run failed, no job that crashes later
 
@@ -201,3 +203,45 @@ def test_conda_environment_and_environment_yml(conda_box, project, tmp_path):
     r = run("run", "--cpu", "--", "echo", "never", cwd=project)
     assert r.code == 125
     assert "could not activate the conda environment 'nope'" in r.out
+
+
+def test_uv_is_preferred_where_the_box_has_it(fresh_box, project, tmp_path):
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed here (`pip install uv` puts it on PATH); pip is tested above")
+    os.symlink(uv, fresh_box.home.parent / "bin" / "uv")  # on the box's PATH
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "rdlpkg", "1.0")
+    (project / "remotedl.toml").write_text('remote_dir = "~/uvproj"\n')
+    (project / "requirements.txt").write_text(requirements(wheels, "rdlpkg==1.0"))
+    (project / "show.py").write_text(SHOW)
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    r = run("push", "--env", "--json", cwd=project)
+    assert r.code == 0, r.err
+    env = json.loads(r.out)["environment"]
+    assert env["synced"] is True
+    assert "remotedl: uv venv .venv" in env["output"]
+    assert "remotedl: uv pip install -r requirements.txt" in env["output"]
+    r = run("run", "--cpu", "show.py", cwd=project)
+    assert r.code == 0, r.err
+    assert r.out == "1.0 True\n"
+    assert "environment" not in r.err
+
+
+def test_setup_cmd_replaces_the_built_in_steps(box, project, tmp_path):
+    marker = tmp_path / "setup-ran"
+    (project / "remotedl.toml").write_text(
+        f'remote_dir = "~/envs/{tmp_path.name}"\nsetup_cmd = "echo ran >> {marker}"\n'
+    )
+    (project / "requirements.txt").write_text("nosuchpkg==9\n")  # never installed: setup_cmd decides
+    run = cli_for(box, tmp_path / "laptop")
+    r = run("run", "--cpu", "--", "true", cwd=project)
+    assert r.code == 0, r.err
+    assert "environment synced (setup_cmd" in r.err
+    assert marker.read_text() == "ran\n"
+    r = run("run", "--cpu", "--", "true", cwd=project)
+    assert r.code == 0, r.err
+    assert marker.read_text() == "ran\n"  # unchanged requirements: not again
+    (project / "requirements.txt").write_text("nosuchpkg==10\n")
+    assert run("run", "--cpu", "--", "true", cwd=project).code == 0
+    assert marker.read_text() == "ran\nran\n"

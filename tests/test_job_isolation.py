@@ -323,3 +323,19 @@ def test_isolate_false_runs_in_the_tree_and_push_names_the_job(box, origin, tmp_
     go.touch()
     wait_ended(run, origin, job["id"])
     assert log_of(run, origin, job["id"]).splitlines()[1].startswith("end pushed under it")
+
+
+def test_a_failed_checkout_fails_the_run_and_leaves_nothing_running(box, origin, tmp_path):
+    run = cli_for(box, tmp_path / "laptop")
+    assert run("push", cwd=origin).code == 0
+    tree = box.home / "iso" / tmp_path.name
+    (tree / ".remotedl").mkdir(exist_ok=True)
+    (tree / ".remotedl" / "jobs").write_text("in the way\n")  # a file where job directories go
+    r = run("run", "--no-push", "--cpu", "-e", f"GO={tmp_path / 'go'}", "job.sh", cwd=origin)
+    assert r.code == 1
+    assert "could not start the job" in r.err
+    rec = jobs_of(run, origin)[max(jobs_of(run, origin))]
+    assert rec["status"] == "failed" and "could not start the job" in rec["error"]
+    assert rec["pid"] is None  # the runner never started the command
+    sessions = box.sh("tmux list-sessions -F '#{session_name}'", check=False).stdout.split()
+    assert rec["session"] not in sessions

@@ -1100,6 +1100,7 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
             "host": socket.gethostname(),
             "boot_id": _boot_id(),
             "starter_pid": os.getpid(),
+            "ready": not isolate,
             "runner_pid": None,
             "pid": None,
             # job events (agent/events.py): notifications sent from here, stall detection
@@ -1119,19 +1120,19 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
             json.dump(req.get("env") or {}, f)
         Path(rec["log"]).touch(mode=0o600)
     try:
+        runner = [sys.executable, "-E", "-s", "-S", sys.argv[0], json.dumps({"op": "runner", "id": job_id})]
+        # Several words: tmux (>= 3.0) runs them directly, not through the user's login shell.
+        # The runner starts while the checkout is made, and waits for it ("ready").
+        _new_session(rec["session"], rdir, runner)
         if isolate:
             ensure_excludes(rdir)
             workdir, linked = make_job_dir(rdir, job_id, str(commit), data, shared)
-            rec = update(job_id, workdir=workdir, cwd=workdir, links=linked)
-        runner = [sys.executable, "-E", "-s", "-S", sys.argv[0], json.dumps({"op": "runner", "id": job_id})]
-        # Several words: tmux (>= 3.0) runs them directly, not through the user's login shell.
-        _new_session(rec["session"], rec["cwd"], runner)
+            rec = update(job_id, workdir=workdir, cwd=workdir, links=linked, ready=True)
         rec = _wait_started(job_id)
     except (AgentError, OSError) as e:
-        _fail_start(job_id, str(e))
-        if isinstance(e, AgentError):
-            raise
-        raise AgentError(f"could not start the job: {e}") from e
+        error = e if isinstance(e, AgentError) else AgentError(f"could not start the job: {e}")
+        _fail_start(job_id, str(error))
+        raise error from None
     return {"job": rec}
 
 
@@ -1155,6 +1156,26 @@ def _job_env(rec: dict[str, Any]) -> dict[str, str]:
     elif rec.get("want", {}).get("gpus") == "none":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU job on a GPU box sees no GPU
     return env
+
+
+def _wait_ready(rec: dict[str, Any]) -> dict[str, Any]:
+    """Until the starter has made the job's checkout (or gave up, or died doing it)."""
+    job_id = int(rec["id"])
+    deadline = time.monotonic() + 3600  # a checkout of a huge tree takes a while
+    while rec["status"] in ("starting", "queued") and not rec.get("ready", True):
+        if not _alive(rec.get("starter_pid")) or time.monotonic() > deadline:
+            rec = load(job_id)
+            if rec.get("ready", True) or rec["status"] not in ("starting", "queued"):
+                return rec
+            with box_lock():
+                rec = load(job_id)
+                if rec["status"] in ("starting", "queued") and not rec.get("ready", True):
+                    rec.update(status="failed", ended=time.time(), error="the start was interrupted")
+                    save(rec)
+            return rec
+        time.sleep(0.002)
+        rec = load(job_id)
+    return rec
 
 
 def _wait_in_queue(rec: dict[str, Any]) -> dict[str, Any]:
@@ -1308,6 +1329,7 @@ def op_runner(req: dict[str, Any]) -> dict[str, Any]:
     signal.signal(signal.SIGHUP, _ignore)
     try:
         rec = update(job_id, runner_pid=os.getpid())
+        rec = _wait_ready(rec)
         waited = rec["status"] == "queued"
         rec = _wait_in_queue(rec)
         if rec["status"] == "starting":
