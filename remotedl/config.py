@@ -43,6 +43,7 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "setup_cmd": (str, None, None),
     # job events: notifications sent from the box, stall detection, outputs home, TensorBoard
     "notify": (list, [], None),
+    "notify_desktop": (bool, False, "REMOTEDL_NOTIFY_DESKTOP"),
     "stall_after": (str, "15m", "REMOTEDL_STALL_AFTER"),
     "pull_on_end": (list, [], None),
     "tensorboard_logdir": (str, None, None),

@@ -134,17 +134,21 @@ def _find(box: Box, remote_dir: str, dirs: Sequence[str]) -> _Look:
 
 
 def _served(info: dict[str, Any]) -> str:
-    """What a running TensorBoard serves, made absolute against the directory it started in."""
+    """What a running TensorBoard serves: its --logdir made absolute against the directory it
+    started in, or its --logdir_spec as given."""
     logdir = str(info.get("logdir") or "")
-    wd = ""
+    wd, arguments = "", []
     try:
         key = json.loads(base64.b64decode(str(info.get("cache_key", ""))))
         wd = str(key.get("working_directory") or "")
+        arguments = [str(a) for a in key.get("arguments") or []]
     except (ValueError, TypeError, AttributeError):
         pass
-    if logdir and not logdir.startswith("/") and "," not in logdir and wd:
-        return posixpath.normpath(posixpath.join(wd, logdir))
-    return posixpath.normpath(logdir) if logdir.startswith("/") and "," not in logdir else logdir
+    if any(a == "--logdir_spec" or a.startswith("--logdir_spec=") for a in arguments):
+        return logdir
+    if logdir.startswith("/"):
+        return posixpath.normpath(logdir)
+    return posixpath.normpath(posixpath.join(wd, logdir)) if logdir and wd else logdir
 
 
 def logdir_spec(runs: Sequence[tuple[str, str]]) -> str:
@@ -182,7 +186,14 @@ def find_or_start(
             "or add tensorboard to its requirements",
         )
     if runs:
-        resolved = list(zip([n for n, _ in runs], look.logdirs, strict=True))
+        resolved = [(n, d) for (n, _), d in zip(runs, look.logdirs, strict=True) if d in look.exists]
+        if not resolved:
+            raise RemoteError(
+                f"none of the jobs has the directory on {spec.alias}: "
+                + ", ".join(d for _, d in runs[:3])
+                + (" ..." if len(runs) > 3 else ""),
+                hint="is LOGDIR where the jobs write their event files (e.g. runs)?",
+            )
         serves = logdir_spec(resolved)
         args = ["--logdir_spec", serves]
     else:

@@ -129,5 +129,8 @@ def test_served_directory_of_a_running_tensorboard():
     key = base64.b64encode(json.dumps({"working_directory": "/home/u/p", "arguments": []}).encode()).decode()
     assert tb._served({"logdir": "runs", "cache_key": key}) == "/home/u/p/runs"
     assert tb._served({"logdir": "/abs/./runs/", "cache_key": key}) == "/abs/runs"
-    assert tb._served({"logdir": "a:/x,b:/y", "cache_key": key}) == "a:/x,b:/y"
+    spec = base64.b64encode(
+        json.dumps({"working_directory": "/w", "arguments": ["--logdir_spec", "a:/x"]}).encode()
+    ).decode()
+    assert tb._served({"logdir": "a:/x", "cache_key": spec}) == "a:/x"
     assert tb.logdir_spec([("3-train", "/x/3"), ("4", "/x/4")]) == "3-train:/x/3,4:/x/4"
