@@ -1219,11 +1219,7 @@ def _take_environment(job_id: int, raw: bytes) -> None:
 def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
     job_id = int(rec["id"])
     env = _job_env(rec)
-    events: Any = None
-    if notify_path(job_id).exists() or rec.get("stall_after"):
-        from remotedl.agent import events
-
-        events.HIDE = tuple(env[k] for k in rec.get("env_keys") or [] if k in env)
+    watched = notify_path(job_id).exists() or bool(rec.get("stall_after"))
     spec = rec.get("environment") or {}
     nonce = secrets.token_hex(8)
     argv = [
@@ -1263,7 +1259,10 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
         rec.update(status="running", pid=child.pid, pgid=child.pid, started=time.time())
         save(rec)
     watch = None
-    if events is not None:
+    if watched:  # imported once the job runs: its start never waits for this
+        from remotedl.agent import events
+
+        events.HIDE = tuple(env[k] for k in rec.get("env_keys") or [] if k in env)
         if waited:  # it waited in the queue: say it started, without holding up its output
             events.in_background(events.send, job_id, "started")
         if rec.get("stall_after"):
