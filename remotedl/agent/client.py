@@ -49,7 +49,15 @@ class Agent:
 _CACHE: Agent | None = None
 
 # The modules of remotedl that run on the box (standard library only, but for libtmux).
-AGENT_MODULES = ("gpus.py", "waiting.py", "schema.py", "agent/__init__.py", "agent/box.py")
+AGENT_MODULES = (
+    "gpus.py",
+    "waiting.py",
+    "schema.py",
+    "notify.py",
+    "agent/__init__.py",
+    "agent/box.py",
+    "agent/events.py",
+)
 
 
 def build_agent() -> Agent:
