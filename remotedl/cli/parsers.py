@@ -55,6 +55,10 @@ def push(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--delete", action="store_true", help="delete box files missing here (data paths only)")
     p.add_argument("--force", action="store_true", help="overwrite edits made on the box")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "--watch", action="store_true", help="keep pushing code and data on every change until Ctrl-C"
+    )
+    p.add_argument("--pushes", type=int, help=argparse.SUPPRESS)  # watch: stop after N pushes (tests)
 
 
 def pull(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
