@@ -95,17 +95,44 @@ def _clean_env() -> dict[str, str]:
 def project_identity(root: Path) -> str:
     """A stable id of the local project, recorded in the box's repository so that a push from
     another project into the same directory is refused: the first (root) commit of HEAD, or,
-    in a repository without commits, a random id kept in the repository's own config (so it
-    survives the first commit)."""
-    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, check=False)
+    in a repository without commits, a random id. It is kept in the repository's own config
+    (``git config remotedl.project``: the history is walked once, and the id survives the first
+    commit); HEAD, the index, refs and the work tree are not touched."""
+    env = _clean_env()
+    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False)
     if kept:
         return kept
-    roots = git(root, "rev-list", "--max-parents=0", "HEAD", check=False).split()
-    if roots:
-        return sorted(roots)[0]
-    made = uuid.uuid4().hex
-    git(root, "config", "--local", IDENTITY_KEY, made)
+    roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
+    made = sorted(roots)[0] if roots else uuid.uuid4().hex
+    git(root, "config", "--local", IDENTITY_KEY, made, env=env)
     return made
+
+
+@dataclass(frozen=True)
+class Repo:
+    """What one ``git rev-parse`` says about the repository holding a path."""
+
+    root: Path
+    index: Path
+    head: str | None
+    head_tree: str | None
+
+
+def repo_facts(path: Path) -> Repo:
+    result = proc.run(
+        ["git", "-C", str(path), "rev-parse", "--show-toplevel", "--git-path", "index",
+         "--revs-only", "HEAD", "HEAD^{tree}"],
+        env=_clean_env(),
+        check=False,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) < 2:
+        git_root(path)  # raises the error that says what to do
+        raise RemotedlError(f"git rev-parse failed in {path}: {result.stderr.strip()}")
+    index = Path(lines[1])
+    head = lines[2] if len(lines) >= 4 else None
+    return Repo(Path(lines[0]), index if index.is_absolute() else path / index, head,
+                lines[3] if head else None)  # fmt: skip
 
 
 # ------------------------------------------------------------------ the snapshot
@@ -162,29 +189,25 @@ def select_untracked(
     return keep, left
 
 
-def _index_path(root: Path) -> Path:
-    path = Path(git(root, "rev-parse", "--git-path", "index", env=_clean_env()))
-    return path if path.is_absolute() else root / path
-
-
 def take_snapshot(
-    root: Path,
+    path: Path,
     *,
     data: Sequence[str] = (),
     max_file: int = DEFAULT_MAX_FILE,
     stage: Callable[[str], None] | None = None,
+    repo: Repo | None = None,
 ) -> Snapshot:
     """The commit that holds the work tree's code (see the module's doc); the repository is
     left exactly as it was."""
     env0 = _clean_env()
     say = stage or (lambda _text: None)
-    head = git(root, "rev-parse", "--verify", "-q", "HEAD", env=env0, check=False) or None
+    repo = repo or repo_facts(path)
+    root, head = repo.root, repo.head
     with tempfile.TemporaryDirectory(prefix="remotedl-index-") as tmp:
         index = Path(tmp) / "index"
         env = {**env0, "GIT_INDEX_FILE": str(index)}
-        own = _index_path(root)
-        if own.is_file():
-            shutil.copy2(own, index)  # with its mtime: git's racy-clean check stays right
+        if repo.index.is_file():
+            shutil.copy2(repo.index, index)  # with its mtime: git's racy-clean check stays right
         elif head:
             git(root, "read-tree", head, env=env)
         say("snapshot: checking tracked files")
@@ -209,7 +232,7 @@ def take_snapshot(
                 input="".join(p + "\0" for p in keep),
             )
         tree = git(root, "write-tree", env=env)
-    if head and tree == git(root, "rev-parse", f"{head}^{{tree}}", env=env0):
+    if head and tree == repo.head_tree:
         return Snapshot(head, head, False, left, len(keep))
     if not head and tree == git(root, "hash-object", "-t", "tree", "--stdin", env=env0, input=""):
         return Snapshot(None, None, False, left, 0)

@@ -61,6 +61,7 @@ from remotedl.snapshot import (
     Snapshot,
     git_root,
     project_identity,
+    repo_facts,
     take_snapshot,
 )
 from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
@@ -312,58 +313,80 @@ def _in_git(path: Path) -> bool:
 
 # ------------------------------------------------------------------ code: push and check out
 
-# "$1": the work tree, "$2": the commit to check out, "$3": 1 to overwrite box edits.
+# "$1": the work tree, "$2": the commit to check out, "$3": 1 to overwrite box edits, "$4": the
+# project's identity (the tree must be this project's), "$5": empty, or a commit the box has, and
+# then a pack of "$2"'s objects over it follows on stdin ("$6" objects): one round trip sends and
+# checks out (without it, `git push` has sent them).
 # A box file is in the way only if its content differs from what the push would write there:
 #   conflicts = (DN & DH) | (DN & added) | (DH & deleted)
-# DH: tracked files whose box content differs from HEAD; DN: files of the new commit whose box
-# content differs from it; added/deleted: what the new commit adds to / removes from HEAD.
-# Both diffs reuse the box index's stat cache, so only changed files are hashed, and the number
-# of untracked files on the box costs nothing. Paths are compared as git quotes them.
+# DH: tracked files whose box content differs from HEAD (`git status`); DN: files of the new
+# commit whose box content differs from it; added/deleted: what the new commit adds to or
+# removes from HEAD. When the box is clean and no added path exists there (the usual push),
+# there can be none, and DN is not computed. Both diffs reuse the box index's stat cache, so
+# only changed files are hashed, and untracked files elsewhere on the box cost nothing. Paths
+# are compared as git quotes them.
 _CHECKOUT = r"""
 set -e
 trap '' HUP PIPE  # a dropped connection must not stop a checkout half-way
-cd -- "$1"
+{ cd -- "$1" && [ -d .git ]; } 2>/dev/null || { echo "@@gone"; exit 0; }
 new=$2
+have=$(git config --get remotedl.project 2>/dev/null || true)
+if [ -n "$4" ] && [ "$have" != "$4" ]; then echo "@@other $have"; exit 0; fi
 if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; fi
+if [ -n "$5" ]; then
+  # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
+  git cat-file -e "$5^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
+  if [ "$6" -lt 100 ]; then git unpack-objects -q; else git index-pack -q --stdin --fix-thin >/dev/null; fi
+  git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
+  git update-ref refs/remotedl/pushed "$new"
+  nohup git gc --auto -q </dev/null >/dev/null 2>&1 9<&- &
+fi
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/remotedl-checkout.XXXXXX")
 trap 'rm -rf -- "$tmp"' EXIT
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
 pending=$(git rev-parse -q --verify refs/remotedl/checkout 2>/dev/null || true)
-git update-index -q --refresh >/dev/null 2>&1 || true
-if [ "$head" = "$new" ] && [ -z "$pending" ] && git diff-index --quiet HEAD -- 2>/dev/null; then
+git status --porcelain --untracked-files=no --no-renames >"$tmp/st"
+if [ "$head" = "$new" ] && [ -z "$pending" ] && [ ! -s "$tmp/st" ]; then
   echo "@@unchanged"; exit 0
 fi
-tab=$(printf '\t')
 if [ "$3" != 1 ]; then
+  { grep -v -e '^.D ' -e '^D  ' "$tmp/st" || true; } | cut -c4- >"$tmp/dh_m"
   if [ "$head" != none ]; then
-    git diff-index --name-status --no-renames HEAD -- >"$tmp/dh"
-    git diff --name-status --no-renames "$head" "$new" -- >"$tmp/sw"
+    git diff --name-only -z --no-renames --diff-filter=A "$head" "$new" -- >"$tmp/add0"
   else
-    : >"$tmp/dh"
-    git ls-tree -r --name-only "$new" | sed "s/^/A$tab/" >"$tmp/sw"
+    git ls-tree -r -z --name-only "$new" >"$tmp/add0"
   fi
-  if [ -f .git/index ]; then cp -p .git/index "$tmp/index"; fi
-  GIT_INDEX_FILE=$tmp/index git read-tree -m "$new" 2>/dev/null \
-    || GIT_INDEX_FILE=$tmp/index git read-tree "$new"
-  GIT_INDEX_FILE=$tmp/index git update-index -q --refresh >/dev/null 2>&1 || true
-  GIT_INDEX_FILE=$tmp/index git diff-files --name-status >"$tmp/dn"
-  { grep -v '^D' "$tmp/dh" || true; } | cut -f2- >"$tmp/dh_m"
-  { grep -v '^D' "$tmp/dn" || true; } | cut -f2- >"$tmp/dn_m"
-  { grep '^A' "$tmp/sw" || true; } | cut -f2- >"$tmp/add"
-  { grep '^D' "$tmp/sw" || true; } | cut -f2- >"$tmp/del"
-  {
-    grep -Fxf "$tmp/dh_m" "$tmp/dn_m" || true
-    grep -Fxf "$tmp/add" "$tmp/dn_m" || true
-    grep -Fxf "$tmp/del" "$tmp/dh_m" || true
-  } | sort -u >"$tmp/c"
-  if [ -n "$pending" ] && [ -s "$tmp/c" ]; then
-    # A checkout of ours was cut: the files it was writing are ours, whatever they hold now.
-    if [ "$head" != none ]; then git diff --name-only --no-renames "$head" "$pending" --
-    else git ls-tree -r --name-only "$pending"; fi >"$tmp/ours"
-    { grep -vFxf "$tmp/ours" "$tmp/c" || true; } >"$tmp/c2"
-    mv -- "$tmp/c2" "$tmp/c"
+  in_way=$(xargs -0 sh -c 'for p; do if [ -e "$p" ] || [ -L "$p" ]; then echo y; exit; fi; done' sh \
+    <"$tmp/add0")
+  if [ -s "$tmp/dh_m" ] || [ -n "$in_way" ]; then
+    tab=$(printf '\t')
+    if [ "$head" != none ]; then
+      git diff --name-status --no-renames "$head" "$new" -- >"$tmp/sw"
+    else
+      git ls-tree -r --name-only "$new" | sed "s/^/A$tab/" >"$tmp/sw"
+    fi
+    if [ -f .git/index ]; then cp -p .git/index "$tmp/index"; fi
+    GIT_INDEX_FILE=$tmp/index git read-tree -m "$new" 2>/dev/null \
+      || GIT_INDEX_FILE=$tmp/index git read-tree "$new"
+    GIT_INDEX_FILE=$tmp/index git update-index -q --refresh >/dev/null 2>&1 || true
+    GIT_INDEX_FILE=$tmp/index git diff-files --name-status >"$tmp/dn"
+    { grep -v '^D' "$tmp/dn" || true; } | cut -f2- >"$tmp/dn_m"
+    { grep '^A' "$tmp/sw" || true; } | cut -f2- >"$tmp/add"
+    { grep '^D' "$tmp/sw" || true; } | cut -f2- >"$tmp/del"
+    {
+      grep -Fxf "$tmp/dh_m" "$tmp/dn_m" || true
+      grep -Fxf "$tmp/add" "$tmp/dn_m" || true
+      grep -Fxf "$tmp/del" "$tmp/dh_m" || true
+    } | sort -u >"$tmp/c"
+    if [ -n "$pending" ] && [ -s "$tmp/c" ]; then
+      # A checkout of ours was cut: the files it was writing are ours, whatever they hold now.
+      if [ "$head" != none ]; then git diff --name-only --no-renames "$head" "$pending" --
+      else git ls-tree -r --name-only "$pending"; fi >"$tmp/ours"
+      { grep -vFxf "$tmp/ours" "$tmp/c" || true; } >"$tmp/c2"
+      mv -- "$tmp/c2" "$tmp/c"
+    fi
+    if [ -s "$tmp/c" ]; then echo "@@dirty"; cat -- "$tmp/c"; exit 0; fi
   fi
-  if [ -s "$tmp/c" ]; then echo "@@dirty"; cat -- "$tmp/c"; exit 0; fi
 fi
 git update-ref refs/remotedl/checkout "$new"
 if git checkout -q -f --detach "$new" 2>"$tmp/err"; then
@@ -450,20 +473,31 @@ def _git_push(box: Box, root: Path, abs_dir: str, commit: str) -> None:
     raise RemotedlError(f"git push to {spec.alias} failed: {result.stderr.strip()}")
 
 
-def push_code(
-    box: Box, root: Path, abs_dir: str, commit: str, *, force: bool, progress: ProgressFn | None = None
-) -> bool:
-    """Send ``commit`` to the box and check it out there; True if the box's tree changed."""
+def _checkout(
+    box: Box,
+    abs_dir: str,
+    commit: str,
+    *,
+    force: bool,
+    ident: str,
+    pack: tuple[str, int, bytes] | None = None,
+) -> dict[str, str] | None:
+    """Run _CHECKOUT; its marks, or None when the box wants a `git push` first (the tree went
+    away, or lacks the pack's base)."""
     spec = box.spec
-    if box.noise:
-        raise startup_noise_error(box, "git")
-    _stage(progress, f"code: sending {commit[:10]}")
-    _git_push(box, root, abs_dir, commit)
-    _stage(progress, "code: checking the box's files and checking out")
-    marks_out = box.run(_CHECKOUT, abs_dir, commit, "1" if force else "0")
-    marks = parse_marks(marks_out.stdout)
+    base, count, data = pack if pack is not None else ("", 0, b"")
+    out = box.run(_CHECKOUT, abs_dir, commit, "1" if force else "0", ident, base, str(count), stdin=data)
+    marks = parse_marks(out.stdout)
+    if "gone" in marks or "needpush" in marks:
+        return None
+    if "other" in marks:
+        raise RemoteError(
+            f"{spec.alias}:{abs_dir} belongs to another project (id {marks['other'][:12] or 'none'}): "
+            "refusing to replace its files",
+            hint="choose another directory with --remote-dir DIR or `remote_dir` in remotedl.toml",
+        )
     if "dirty" in marks:
-        listed = marks_out.stdout.split("@@dirty", 1)[1].strip().splitlines()
+        listed = out.stdout.split("@@dirty", 1)[1].strip().splitlines()
         files = [unquote_git_path(f) for f in listed]
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         raise RemoteError(
@@ -472,7 +506,7 @@ def push_code(
             "or overwrite them with `remotedl push --force`",
         )
     if "failed" in marks:
-        why = marks_out.stdout.split("@@failed", 1)[1].strip().splitlines()
+        why = out.stdout.split("@@failed", 1)[1].strip().splitlines()
         reason = next((w for w in why if w.strip()), "git checkout failed")
         state = (
             "the box's tree is back at the previous commit"
@@ -483,7 +517,75 @@ def push_code(
             f"checkout on {spec.alias} ({abs_dir}) failed: {reason.removeprefix('error: ')}; {state}",
             hint="free space on the box (`remotedl status` shows its disks) and push again",
         )
+    return marks
+
+
+def push_code(
+    box: Box, root: Path, abs_dir: str, commit: str, *, force: bool, ident: str = "",
+    progress: ProgressFn | None = None,
+) -> bool:  # fmt: skip
+    """Send ``commit`` to the box with `git push` and check it out there; True if the box's
+    tree changed."""
+    if box.noise:
+        raise startup_noise_error(box, "git")
+    _stage(progress, f"code: sending {commit[:10]}")
+    _git_push(box, root, abs_dir, commit)
+    _stage(progress, "code: checking the box's files and checking out")
+    marks = _checkout(box, abs_dir, commit, force=force, ident=ident)
+    if marks is None:
+        raise RemoteError(f"{abs_dir} went away on {box.spec.alias} during the push", hint="push again")
     return "changed" in marks
+
+
+def _pack(root: Path, commit: str, base: str) -> tuple[str, int, bytes] | None:
+    """A thin pack of ``commit``'s objects that ``base`` lacks, or None (base not here)."""
+    if proc.run(["git", "-C", str(root), "cat-file", "-e", f"{base}^{{commit}}"], check=False).returncode:
+        return None
+    done = proc.communicate(
+        ["git", "-C", str(root), "pack-objects", "--stdout", "--revs", "--thin", "--delta-base-offset", "-q"],
+        input=f"{commit}\n^{base}\n".encode(),
+    )
+    if done.returncode != 0 or len(done.stdout) < 12:
+        return None
+    return base, int.from_bytes(done.stdout[8:12], "big"), done.stdout
+
+
+@dataclass
+class _Known:
+    """What this machine learnt of a box work tree at the last push: its path, and the commit
+    it holds (a base for the next pack). Only a shortcut: the box checks both every time."""
+
+    path: str
+    commit: str | None
+
+
+def _known_file(spec: HostSpec, tidy: str, ident: str) -> Path:
+    key = f"{spec.user}@{spec.hostname}:{spec.port}:{tidy}:{ident}"
+    return control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _load_known(path: Path) -> _Known | None:
+    import json
+
+    try:
+        raw = json.loads(path.read_text())
+        p, c = raw["path"], raw.get("commit")
+        if isinstance(p, str) and p.startswith("/") and (c is None or isinstance(c, str)):
+            return _Known(p, c)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _save_known(path: Path, known: _Known | None) -> None:
+    import json
+
+    if known is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(known)))
+    tmp.replace(path)
 
 
 # ------------------------------------------------------------------ one push at a time
@@ -533,34 +635,63 @@ def push(
     progress: ProgressFn | None = None,
 ) -> PushResult:
     t0 = time.perf_counter()
-    root = git_root(project_root) if code else project_root
+    repo = repo_facts(project_root) if code else None
+    root = repo.root if repo is not None else project_root
     rels = [_relative_in(root, d) for d in data]
     for rel in rels:
         if not (root / rel).exists():
             raise UsageError(f"data path {rel} does not exist in {root}")
     tidy = normalize_remote_dir(remote_dir)
+    ident = project_identity(root) if repo is not None or _in_git(root) else ""
     with push_lock(spec, tidy):
         snap = Snapshot(None, None, False)
-        if code:
+        if code and repo is not None:
             _stage(progress, "snapshot: reading the work tree")
             snap = take_snapshot(
-                root, data=rels, max_file=max_snapshot_file, stage=lambda text: _stage(progress, text)
+                root,
+                data=rels,
+                max_file=max_snapshot_file,
+                stage=lambda text: _stage(progress, text),
+                repo=repo,
             )
         box = Box(spec)
-        _stage(progress, f"box: preparing {tidy}")
-        rd = claim_remote_dir(box, tidy, root, commit=snap.commit)
+        memo = _known_file(spec, tidy, ident)
+        known = _load_known(memo)
         changed = False
-        if code and snap.commit and not (rd.clean and rd.head == snap.commit):
-            changed = push_code(box, root, rd.path, snap.commit, force=force, progress=progress)
+        marks: dict[str, str] | None = None
+        if known is not None and (snap.commit is None or not code):
+            abs_dir = known.path
+        elif known is not None and snap.commit:
+            # The usual push: one round trip sends the new objects as a pack and checks out.
+            abs_dir = known.path
+            pack = None if known.commit in (None, snap.commit) else _pack(root, snap.commit, known.commit)
+            if pack is not None or known.commit == snap.commit:
+                _stage(progress, f"code: sending {snap.commit[:10]} and checking out")
+                marks = _checkout(box, abs_dir, snap.commit, force=force, ident=ident, pack=pack)
+            if marks is None:
+                known = None
+        if known is None:
+            _stage(progress, f"box: preparing {tidy}")
+            rd = claim_remote_dir(box, tidy, root, commit=snap.commit)
+            abs_dir = rd.path
+            _save_known(memo, _Known(abs_dir, rd.head))
+            if code and snap.commit and not (rd.clean and rd.head == snap.commit):
+                changed = push_code(
+                    box, root, abs_dir, snap.commit, force=force, ident=ident, progress=progress
+                )
+        else:
+            changed = marks is not None and "changed" in marks
+        if snap.commit:
+            _save_known(memo, _Known(abs_dir, snap.commit))
         result = PushResult(
-            rd.path, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out
+            abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out
         )
         if rels and box.noise:
             raise startup_noise_error(box, "rsync")
         for rel in rels:
             _stage(progress, f"data: {rel}")
             argv = rsync_argv(
-                spec, [f"{root}/./{rel}"], f"{spec.alias}:{rd.path}/", delete=delete, excludes=excludes
+                spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
             )
             result.transfers.append(run_rsync(spec, argv, rel, progress))
     result.seconds = time.perf_counter() - t0
