@@ -55,12 +55,14 @@ ProgressFn = Callable[[Progress | Stage], None]
 class Transfer:
     path: str
     files_transferred: int
-    bytes_transferred: int
+    bytes_transferred: int  # the size of the files sent
+    literal_bytes: int = 0  # what actually crossed (rsync's delta sends only what differs)
 
 
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)")
 _STATS_FILES = re.compile(r"Number of regular files transferred: ([\d,]+)")
 _STATS_BYTES = re.compile(r"Total transferred file size: ([\d,]+)")
+_STATS_LITERAL = re.compile(r"Literal data: ([\d,]+)")
 
 
 def parse_progress(line: str) -> tuple[int, int, str] | None:
@@ -254,6 +256,8 @@ def run_rsync(
     if code != 0:
         raise rsync_failure(spec.alias, label, code, err)
     files, size = parse_stats(text)
+    literal_match = _STATS_LITERAL.search(text)
+    literal_bytes = int(literal_match.group(1).replace(",", "")) if literal_match else 0
     if progress is not None:
         progress(Progress(label, size, 100, str(last[2]), size, done=True))
-    return Transfer(label, files, size)
+    return Transfer(label, files, size, literal_bytes)
