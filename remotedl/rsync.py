@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from remotedl import proc
-from remotedl.errors import RemotedlError, RemoteError
+from remotedl.errors import ConnectError, RemotedlError, RemoteError
 from remotedl.ssh.openssh import openssh_failure, ssh_command_string
 from remotedl.ssh.resolve import HostSpec
 
@@ -62,6 +62,7 @@ class Transfer:
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)")
 _STATS_FILES = re.compile(r"Number of regular files transferred: ([\d,]+)")
 _STATS_BYTES = re.compile(r"Total transferred file size: ([\d,]+)")
+_CUT = re.compile(r"Broken pipe|connection unexpectedly closed|Connection reset|timeout in data send")
 _STATS_LITERAL = re.compile(r"Literal data: ([\d,]+)")
 
 
@@ -253,6 +254,12 @@ def run_rsync(
     text = collected.decode(errors="replace")
     if code == 255 or (code == 12 and "connection unexpectedly closed" in err and "ssh" in err.lower()):
         raise openssh_failure(spec, err)
+    if code in (10, 12, 20, 35) and _CUT.search(err):
+        # The connection went away mid-transfer (rsync saw the pipe to ssh break).
+        raise ConnectError(
+            f"the connection to {spec.alias} was lost during the rsync of {label}",
+            hint="run it again: what was sent is kept aside on the receiving side and the transfer resumes",
+        )
     if code != 0:
         raise rsync_failure(spec.alias, label, code, err)
     files, size = parse_stats(text)

@@ -104,8 +104,12 @@ def project_identity(root: Path) -> str:
         return kept
     roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
     made = sorted(roots)[0] if roots else uuid.uuid4().hex
-    git(root, "config", "--local", IDENTITY_KEY, made, env=env)
-    return made
+    # Concurrent pushes may race here (git's config lock): a root commit is the same for all; a
+    # random id is whichever got written first.
+    git(root, "config", "--local", IDENTITY_KEY, made, env=env, check=False)
+    if roots:
+        return made
+    return git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False) or made
 
 
 @dataclass(frozen=True)
