@@ -14,6 +14,7 @@ the job sees the saved code.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -103,7 +104,7 @@ def watch(
     max_pushes: int | None = None,
 ) -> WatchSummary:
     """Push now, then on every change until ``stop`` is set (or Ctrl-C: KeyboardInterrupt
-    reaches the caller), or after ``max_pushes`` pushes."""
+    reaches the caller, in whose thread the pushes run), or after ``max_pushes`` pushes."""
     import watchfiles
 
     root = sync.git_root(project_root)
@@ -132,13 +133,64 @@ def watch(
         if on_event is not None:
             on_event(event)
 
-    one([], True, rels)
-
     def done() -> bool:
         return max_pushes is not None and len(summary.events) >= max_pushes
 
-    if done() or (stop is not None and stop.is_set()):
-        return summary
+    # The watcher runs from before the first push, in a thread of its own: a save made while a
+    # push runs waits in the queue for the next one, and none is missed.
+    ended = threading.Event()
+    batches: queue.Queue[set[str] | BaseException] = queue.Queue()
+    ready = threading.Event()
+
+    def watcher() -> None:
+        try:
+            for changes in watchfiles.watch(
+                root,
+                watch_filter=_watch_filter(root),
+                step=step_ms,
+                debounce=debounce_ms,
+                stop_event=ended,
+                rust_timeout=500,
+                yield_on_timeout=True,  # an empty batch now and then: the watcher is in place
+                raise_interrupt=False,
+            ):
+                ready.set()
+                if changes:
+                    batches.put({p for _, p in changes})
+        except BaseException as e:  # handed to the caller's thread
+            batches.put(e)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=watcher, name="remotedl-watch", daemon=True)
+    thread.start()
+    try:
+        ready.wait(30)
+        one([], True, rels)
+        while not done() and not (stop is not None and stop.is_set()):
+            try:
+                got = batches.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(got, BaseException):
+                raise RemotedlError(f"watching {root} failed: {got}") from got
+            paths = set(got)
+            while True:  # saves made during the last push: one push for all of them
+                try:
+                    more = batches.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(more, BaseException):
+                    batches.put(more)
+                    break
+                paths |= more
+            code, data_paths, shown = relevant(root, paths, rels)
+            if code or data_paths:
+                one(shown, code, data_paths)
+    finally:
+        ended.set()
+        thread.join(5)
+    return summary
     for changes in watchfiles.watch(
         root,
         watch_filter=_watch_filter(root),

@@ -70,7 +70,8 @@ def test_watch_pushes_saves_and_goes_on_after_a_refused_push(box, project, rdir,
     assert retry_until(lambda: watching.kinds() == ["pushed"], seconds=30), watching.events
     assert watching.events[0].changed == []  # the first push, before any change
     (project / "train.py").write_text("v1\n")
-    assert retry_until(lambda: reads(box_file(box, rdir, "train.py"), "v1\n"), seconds=30)
+    assert retry_until(lambda: len(watching.events) == 2, seconds=30), watching.events
+    assert reads(box_file(box, rdir, "train.py"), "v1\n")
     assert watching.events[-1].changed == ["train.py"]
     # A box edit in the way: the push is refused, shown, and watching goes on.
     box_file(box, rdir, "train.py").write_text("edited on the box\n")
@@ -110,7 +111,8 @@ def test_watch_pushes_only_changed_data(box, project, rdir, tmp_path):
         first = w.events[0].result
         assert first is not None and [t.path for t in first.transfers] == ["data", "other"]
         (project / "data" / "b.bin").write_bytes(b"b" * 10)
-        assert retry_until(lambda: reads(box_file(box, rdir, "data/b.bin"), "b" * 10), seconds=30)
+        assert retry_until(lambda: len(w.events) == 2, seconds=30), w.events
+        assert reads(box_file(box, rdir, "data/b.bin"), "b" * 10)
         last = w.events[-1].result
         assert last is not None and [t.path for t in last.transfers] == ["data"]
         assert last.code_changed is False
@@ -151,3 +153,16 @@ def test_run_during_a_watch_pushes_first(cli, box, project, rdir, tmp_path):
         w.close()
     assert not w.error, w.error
     assert "refused" not in w.kinds() and "failed" not in w.kinds(), w.events
+
+
+def test_a_save_during_the_first_push_is_not_missed(box, project, rdir, tmp_path):
+    (project / "big.py").write_text("# a first push that takes a moment\n" * 200_000)
+    w = Watching(box, project, rdir, tmp_path)
+    try:
+        assert retry_until(lambda: box_file(box, rdir).exists(), seconds=30)
+        (project / "early.py").write_text("saved while the first push ran\n")
+        assert retry_until(lambda: reads(box_file(box, rdir, "early.py"), "saved while the first push ran\n"),
+                           seconds=30), w.events  # fmt: skip
+    finally:
+        w.close()
+    assert not w.error, w.error
