@@ -159,7 +159,7 @@ def test_a_save_during_the_first_push_is_not_missed(box, project, rdir, tmp_path
     (project / "big.py").write_text("# a first push that takes a moment\n" * 200_000)
     w = Watching(box, project, rdir, tmp_path)
     try:
-        assert retry_until(lambda: box_file(box, rdir).exists(), seconds=30)
+        assert retry_until(lambda: box_file(box, rdir, "").exists(), seconds=30)
         (project / "early.py").write_text("saved while the first push ran\n")
         assert retry_until(lambda: reads(box_file(box, rdir, "early.py"), "saved while the first push ran\n"),
                            seconds=30), w.events  # fmt: skip
