@@ -508,10 +508,10 @@ def test_progress_frames_and_bar_fields():
     assert mid == (40000000, 39, "214.13MB/s")
     assert parse_progress("Number of files: 56 (reg: 55, dir: 1)") is None
     # Before the total is known: bytes sent, no total (not "100% 32,768/100 bytes").
-    assert bar_fields(Progress("d", 32768, 0, "0.00kB/s")) == (32768.0, None, "32.8 kB sent")
+    assert bar_fields(Progress("d", 32768, 0, "0.00kB/s")) == (32768.0, None, "32.0 KiB sent")
     # With it: of the bytes this transfer sends (not of the whole data set).
     done, total, text = bar_fields(Progress("d", 38_100_000, 38, "1MB/s", 60_000_000))
-    assert (done, total, text) == (38_100_000.0, 60_000_000.0, "38.1 MB of 60.0 MB")
+    assert (done, total, text) == (38_100_000.0, 60_000_000.0, "36.3 MiB of 57.2 MiB")
     assert bar_fields(Progress("d", 70_000_000, 70, "1MB/s", 60_000_000))[0] == 60_000_000.0
     assert bar_fields(Progress("d", 0, 100, "", 0, done=True))[0:2] == (1.0, 1.0)
 

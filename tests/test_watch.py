@@ -156,7 +156,8 @@ def test_run_during_a_watch_pushes_first(cli, box, project, rdir, tmp_path):
 
 
 def test_a_save_during_the_first_push_is_not_missed(box, project, rdir, tmp_path):
-    (project / "big.py").write_text("# a first push that takes a moment\n" * 120_000)  # 4.3 MB: under max_snapshot_file
+    # 4.3 MB of code (under max_snapshot_file): a first push that takes a moment
+    (project / "big.py").write_text("# a first push that takes a moment\n" * 120_000)
     w = Watching(box, project, rdir, tmp_path)
     try:
         assert retry_until(lambda: box_file(box, rdir, "").exists(), seconds=30)

@@ -19,12 +19,9 @@ if TYPE_CHECKING:
 
 
 def size_text(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"  # pragma: no cover - the loop always returns
+    from remotedl.cli.basic import _size
+
+    return _size(n)  # the units of every other size remotedl prints
 
 
 def bar_fields(ev: Progress) -> tuple[float, float | None, str]:
