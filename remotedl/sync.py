@@ -160,13 +160,14 @@ def normalize_remote_dir(remote_dir: str) -> str:
 
 # "$1": remote_dir (normalised; "~/..." allowed), "$2": the project's identity ("" if it has
 # none), "$3": create (push) | check (run --no-push: must be ours) | pull (must exist, not
-# another project's), "$4": a commit: report whether the box is clean at it.
+# another project's), "$4": a commit: report whether the box is clean at it; "$5"...: the lines
+# of the box repository's .git/info/exclude that are remotedl's (the first is their header).
 _PREPARE = (
     EXPAND_HOME
     + r"""
 set -e
 command -v git >/dev/null 2>&1 || { echo "@@nogit"; exit 0; }
-id=$2 mode=$3
+id=$2 mode=$3 commit=$4
 d=$(expand_home "$1")
 case $d in /*) ;; *) d="$HOME/$d";; esac
 # The physical path, through the deepest directory that exists (symlinks resolved).
@@ -233,7 +234,7 @@ fi
 cd -- "$real"
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
 echo "@@head $head"
-if [ "$head" = "$4" ] && ! git rev-parse -q --verify refs/remotedl/checkout >/dev/null 2>&1 \
+if [ "$head" = "$commit" ] && ! git rev-parse -q --verify refs/remotedl/checkout >/dev/null 2>&1 \
    && [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
   echo "@@clean"
 fi
@@ -248,7 +249,7 @@ class RemoteDir:
     clean: bool  # at ``head``, no tracked file changed on the box, no checkout pending
 
 
-def _remote_dir_error(box: Box, remote_dir: str, marks: dict[str, str], project_root: Path) -> None:
+def _remote_dir_error(box: Box, remote_dir: str, marks: dict[str, str], ident: str) -> None:
     alias = box.spec.alias
     where = f"{alias}:{marks.get('dir', remote_dir)}"
     flag = "choose another directory with --remote-dir DIR or `remote_dir` in remotedl.toml"
@@ -261,8 +262,8 @@ def _remote_dir_error(box: Box, remote_dir: str, marks: dict[str, str], project_
         raise ConfigError(f"remote_dir {remote_dir!r} is unsafe on {alias}: {marks['unsafe']}", hint=flag)
     if "other" in marks:
         raise RemoteError(
-            f"{where} belongs to another project (id {marks['other'][:12]}; this one is "
-            f"{project_root.name}): refusing to replace its files",
+            f"{where} belongs to another project (its id {marks['other'][:12]}, this project's "
+            f"{ident[:12]}): refusing to replace its files",
             hint=flag,
         )
     if "foreign" in marks:
@@ -280,16 +281,22 @@ def _remote_dir_error(box: Box, remote_dir: str, marks: dict[str, str], project_
 
 
 def claim_remote_dir(
-    box: Box, remote_dir: str, project_root: Path | None, *, mode: str = "create", commit: str | None = None
+    box: Box,
+    remote_dir: str,
+    project_root: Path | None,
+    *,
+    mode: str = "create",
+    commit: str | None = None,
+    ident: str | None = None,
 ) -> RemoteDir:
-    """Check (and with mode "create", make) the box's work tree for this project; see _PREPARE."""
+    """Check (and with mode "create", make) the box's work tree for this project; see _PREPARE.
+    ``ident``: the project's identity, if the caller has it already."""
     tidy = normalize_remote_dir(remote_dir)
-    ident = ""
-    if project_root is not None and _in_git(project_root):
-        ident = project_identity(project_root)
+    if ident is None:
+        ident = project_identity(project_root) if project_root is not None and _in_git(project_root) else ""
     out = box.run(_PREPARE, tidy, ident, mode, commit or "-", _EXCLUDE_HEADER, *BOX_EXCLUDES)
     marks = parse_marks(out.stdout)
-    _remote_dir_error(box, remote_dir, marks, project_root or Path("."))
+    _remote_dir_error(box, remote_dir, marks, ident)
     head = marks.get("head")
     return RemoteDir(marks["dir"], None if head in (None, "none") else head, "clean" in marks)
 
@@ -331,7 +338,9 @@ trap '' HUP PIPE  # a dropped connection must not stop a checkout half-way
 { cd -- "$1" && [ -d .git ]; } 2>/dev/null || { echo "@@gone"; exit 0; }
 new=$2
 have=$(git config --get remotedl.project 2>/dev/null || true)
-if [ -n "$4" ] && [ "$have" != "$4" ]; then echo "@@other $have"; exit 0; fi
+if [ -n "$4" ] && [ "$have" != "$4" ]; then
+  if [ -n "$have" ]; then echo "@@other $have"; else echo "@@gone"; fi; exit 0  # unclaimed: prepare
+fi
 if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; fi
 if [ -n "$5" ]; then
   # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
@@ -340,6 +349,8 @@ if [ -n "$5" ]; then
   git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
   git update-ref refs/remotedl/pushed "$new"
   nohup git gc --auto -q </dev/null >/dev/null 2>&1 9<&- &
+else
+  git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
 fi
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/remotedl-checkout.XXXXXX")
 trap 'rm -rf -- "$tmp"' EXIT
@@ -492,8 +503,8 @@ def _checkout(
         return None
     if "other" in marks:
         raise RemoteError(
-            f"{spec.alias}:{abs_dir} belongs to another project (id {marks['other'][:12] or 'none'}): "
-            "refusing to replace its files",
+            f"{spec.alias}:{abs_dir} belongs to another project (its id {marks['other'][:12]}, this "
+            f"project's {ident[:12]}): refusing to replace its files",
             hint="choose another directory with --remote-dir DIR or `remote_dir` in remotedl.toml",
         )
     if "dirty" in marks:
@@ -672,7 +683,7 @@ def push(
                 known = None
         if known is None:
             _stage(progress, f"box: preparing {tidy}")
-            rd = claim_remote_dir(box, tidy, root, commit=snap.commit)
+            rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident)
             abs_dir = rd.path
             _save_known(memo, _Known(abs_dir, rd.head))
             if code and snap.commit and not (rd.clean and rd.head == snap.commit):

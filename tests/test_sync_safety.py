@@ -420,3 +420,38 @@ def test_one_handshake_per_push_still(fresh_box, project, tmp_path):
         (project / "README").write_text(f"{before}\n")
         assert run("push", cwd=project).code == 0
         assert log.read_text().count("Accepted publickey") - before <= 1
+
+
+def test_what_this_machine_remembers_of_a_box_tree_is_only_a_shortcut(cli, box, project, rdir, tmp_path):
+    (project / "a.py").write_text("a\n")
+    assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
+    where = box_path(box, rdir)
+    subprocess.run(["rm", "-rf", str(where)], check=True)  # the box tree went away
+    (project / "a.py").write_text("a2\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert (where / "a.py").read_text() == "a2\n"
+    # Gone again, and another project took the place: ours is refused, theirs left alone.
+    subprocess.run(["rm", "-rf", str(where)], check=True)
+    other = tmp_path / "other"
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    (other / "b.py").write_text("b\n")
+    git(other, "add", ".")
+    git(other, "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-qm", "other")
+    assert cli("push", "--remote-dir", rdir, cwd=other).code == 0
+    (project / "a.py").write_text("a3\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 1
+    assert "belongs to another project" in r.err
+    assert sorted(p.name for p in where.iterdir()) == [".git", "b.py"]
+    # The box's objects were pruned under us: the next push sends them again.
+    subprocess.run(["rm", "-rf", str(where)], check=True)
+    assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
+    git(where, "checkout", "-q", "--detach", git(where, "rev-parse", "HEAD^"))
+    git(where, "update-ref", "-d", "refs/remotedl/pushed")
+    git(where, "reflog", "expire", "--expire=now", "--all")
+    git(where, "gc", "-q", "--prune=now")
+    (project / "a.py").write_text("a4\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert (where / "a.py").read_text() == "a4\n"
