@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
 from remotedl.cli.basic import _size
-from remotedl.cli.progress import progress_bar
+from remotedl.cli.progress import LiveProgress, progress_bar
 from remotedl.env import Environment
 from remotedl.errors import ExitCode
 from remotedl.words import plural
@@ -114,15 +114,29 @@ def _listed(items: Sequence[str], n: int) -> str:
 
 
 def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[str], limit: int) -> int:
+    """push --watch: a line per push (stdout; on a terminal above a status line that says what
+    is happening now and what the last push sent), refusals and failures on stderr."""
     import json
 
     from remotedl import watch
+    from remotedl.rsync import Stage
 
     env = app.env
     spec = app.spec()
     where = f"{spec.alias}:{remote_dir(app)}"
     isatty = bool(getattr(env.stderr, "isatty", lambda: False)()) and not app.json
     last_left: list[str] = []
+    live: list[LiveProgress | None] = [None]
+
+    def say(line: str, *, err: bool = False) -> None:
+        if live[0] is not None:
+            live[0].log(line)  # above the status line, which is redrawn below it
+        elif err:
+            env.stderr.write(line + "\n")
+            env.stderr.flush()
+        else:
+            app.out(line)
+            env.stdout.flush()
 
     def on_event(ev: WatchEvent) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(ev.at))
@@ -139,26 +153,29 @@ def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[s
                 if t.files_transferred:
                     sent.append(f"{t.path}: {_files(t)}")
             what = "; ".join(sent) or "nothing new"
-            app.out(f"{stamp} pushed ({_changed_text(ev.changed)}) in {ev.seconds:.2f} s: {what}")
+            say(f"{stamp} pushed ({_changed_text(ev.changed)}) in {ev.seconds:.2f} s: {what}")
             left = left_out_lines(r.left_out, limit)
             if left != last_left:  # listed once, and again only when it changes
                 for line in left:
-                    app.out(f"         {line}")
+                    say(f"         {line}")
                 last_left[:] = left
+            status = f"watching -> {where}; last push {stamp}: {what}; Ctrl-C ends"
         else:
             assert ev.error is not None
             word = "refused" if ev.kind == "refused" else "failed"
-            env.stderr.write(f"{stamp} push {word} ({_changed_text(ev.changed)}): {ev.error.message}\n")
+            say(f"{stamp} push {word} ({_changed_text(ev.changed)}): {ev.error.message}", err=True)
             if ev.error.hint:
-                env.stderr.write(f"         hint: {ev.error.hint}\n")
-            env.stderr.write("         still watching\n")
-            env.stderr.flush()
-        env.stdout.flush()
+                say(f"         hint: {ev.error.hint}", err=True)
+            say("         still watching", err=True)
+            status = f"watching -> {where}; last push {stamp} {word}; Ctrl-C ends"
+        if live[0] is not None:
+            live[0](Stage(status))
 
     if isatty:
         env.stderr.write(f"watching {app.settings.project.root} -> {where}; Ctrl-C ends\n")
     try:
         with progress_bar(env, isatty) as progress:
+            live[0] = progress
             summary = watch.watch(
                 spec,
                 app.settings.project.root,
