@@ -685,7 +685,6 @@ def push(
             _stage(progress, f"box: preparing {tidy}")
             rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident)
             abs_dir = rd.path
-            _save_known(memo, _Known(abs_dir, rd.head))
             if code and snap.commit and not (rd.clean and rd.head == snap.commit):
                 changed = push_code(
                     box, root, abs_dir, snap.commit, force=force, ident=ident, progress=progress
