@@ -189,7 +189,8 @@ def select_untracked(
         if stat.S_ISREG(st.st_mode) and st.st_size > max_file:
             left.append(LeftOut(rel, "large", st.st_size))
             continue
-        keep.append(rel)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):  # git holds nothing else (fifos...)
+            keep.append(rel)
     return keep, left
 
 

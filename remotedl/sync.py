@@ -88,6 +88,7 @@ __all__ = [
 ]
 
 PUSHED_REF = "refs/remotedl/pushed"
+PACK_IN_MEMORY = 128 << 20  # a larger change goes by `git push`, streamed, not held here
 CHECKOUT_REF = "refs/remotedl/checkout"  # set while a checkout runs: a cut one is recognised
 # What remotedl makes inside the box's work tree: never a box edit, never pulled with `pull .`.
 BOX_EXCLUDES = ("/.remotedl/", "/.venv/", "/venv/", "/.conda/", f"{PARTIAL_DIR}/", ".~tmp~/")
@@ -555,8 +556,9 @@ def _pack(root: Path, commit: str, base: str) -> tuple[str, int, bytes] | None:
     done = proc.communicate(
         ["git", "-C", str(root), "pack-objects", "--stdout", "--revs", "--thin", "--delta-base-offset", "-q"],
         input=f"{commit}\n^{base}\n".encode(),
+        max_stdout=PACK_IN_MEMORY,  # past it, `git push` streams the objects instead
     )
-    if done.returncode != 0 or len(done.stdout) < 12:
+    if done.returncode != 0 or done.truncated or len(done.stdout) < 12:
         return None
     return base, int.from_bytes(done.stdout[8:12], "big"), done.stdout
 
