@@ -479,7 +479,7 @@ def test_status_line_stages_and_a_true_bar(box, project, rdir, tmp_path):
     (project / "big" / "old").write_bytes(os.urandom(4 << 20))
     spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
     sync.push(spec, project, rdir, data=["big"])
-    (project / "big" / "blob").write_bytes(os.urandom(4 << 20))
+    (project / "big" / "blob").write_bytes(os.urandom((4 << 20) + 1))  # quick check: the size differs
     (project / "code.py").write_text("x = 1\n")
     events: list = []
     result = sync.push(spec, project, rdir, data=["big"], progress=events.append)
@@ -491,8 +491,8 @@ def test_status_line_stages_and_a_true_bar(box, project, rdir, tmp_path):
     bars = [e for e in events if isinstance(e, sync.Progress)]
     # One file of two changed: the bar ends at the bytes sent (rsync's own percent would end
     # near 50), and never shows more done than its total.
-    assert bars[-1].done and bars[-1].total == bars[-1].bytes_done == 4 << 20
-    assert result.transfers[0].bytes_transferred == 4 << 20
+    assert bars[-1].done and bars[-1].total == bars[-1].bytes_done == (4 << 20) + 1
+    assert result.transfers[0].bytes_transferred == (4 << 20) + 1
     for e in bars:
         assert e.total is None or e.bytes_done <= e.total or e.done
 
