@@ -203,11 +203,9 @@ elif [ "$mode" = check ]; then
   if [ -e "$real" ]; then echo "@@notours"; else echo "@@missing"; fi; exit 0
 elif [ "$mode" = pull ]; then
   [ -d "$real" ] || { echo "@@missing"; exit 0; }
-elif [ -e "$real" ] && { [ ! -d "$real" ] || [ -n "$(ls -A -- "$real")" ]; }; then
-  echo "@@notempty"; exit 0
 else
   # A new work tree: made aside and renamed into place, under a lock on the parent directory,
-  # so that concurrent first pushes agree on one repository.
+  # so that concurrent first pushes agree on one repository (all checks again under it).
   parent=${real%/*}; [ -n "$parent" ] || parent=/
   mkdir -p -- "$parent"
   if command -v flock >/dev/null 2>&1; then exec 9<"$parent"; flock -w 120 9 || true; fi
