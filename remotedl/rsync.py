@@ -254,7 +254,8 @@ def run_rsync(
     text = collected.decode(errors="replace")
     if code == 255 or (code == 12 and "connection unexpectedly closed" in err and "ssh" in err.lower()):
         raise openssh_failure(spec, err)
-    if code in (10, 12, 20, 35) and _CUT.search(err):
+    known = "not found" in err or "protocol version mismatch" in err  # a missing rsync, a noisy shell
+    if code in (10, 12, 20, 35) and _CUT.search(err) and not known:
         # The connection went away mid-transfer (rsync saw the pipe to ssh break).
         raise ConnectError(
             f"the connection to {spec.alias} was lost during the rsync of {label}",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from remotedl import sync
+from remotedl.errors import RemotedlError
 from remotedl.ssh import resolve_host
 from tests.conftest import cli_for, make_env, retry_until
 
@@ -545,3 +546,25 @@ def test_normalize_remote_dir():
         with pytest.raises(ConfigError) as e:
             sync.normalize_remote_dir(bad)
         assert "--remote-dir" in (e.value.hint or "") and "remote_dir" in (e.value.hint or "")
+
+
+def test_a_cut_rsync_is_a_connection_error_a_missing_one_is_not(box, tmp_path, monkeypatch):
+    from remotedl import rsync
+    from remotedl.errors import ConnectError, RemoteError
+
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    fake = tmp_path / "rsync-says"  # an rsync that fails as the real one does
+    fake.write_text("#!/bin/sh\nprintf '%s' \"$RSYNC_ERR\" >&2\nexit \"$RSYNC_CODE\"\n")
+    fake.chmod(0o755)
+    cases = [
+        # the connection cut mid-file (the box's sshd killed), rsync 3.5.0's words
+        (10, "rsync: [sender] write error: Broken pipe (32)\n", ConnectError),
+        # rsync missing on the box: sometimes 12, not 127, with "connection unexpectedly closed"
+        (12, "bash: line 1: rsync: command not found\n" + RSYNC_TAIL, RemoteError),
+    ]
+    for code, err, kind in cases:
+        monkeypatch.setenv("RSYNC_ERR", err)
+        monkeypatch.setenv("RSYNC_CODE", str(code))
+        with pytest.raises(RemotedlError) as e:
+            rsync.run_rsync(spec, [str(fake)], "data", None)
+        assert type(e.value) is kind, e.value
