@@ -747,7 +747,8 @@ def _check_local_target(root: Path, rel: str) -> None:
 
 
 def _modified_tracked(root: Path, rels: Sequence[str]) -> list[str]:
-    """Tracked files under ``rels`` whose content here differs from HEAD (uncommitted edits)."""
+    """Tracked files under ``rels`` (relative to ``root``, which may be below the repository's
+    top) whose content here differs from HEAD: uncommitted edits, deletions included."""
     if not _in_git(root):
         return []
     specs = [f":(literal){r}" if r != "." else "." for r in rels]
@@ -756,17 +757,18 @@ def _modified_tracked(root: Path, rels: Sequence[str]) -> list[str]:
             "git",
             "-C",
             str(root),
-            "status",
-            "--porcelain=v1",
+            "diff",
+            "HEAD",
+            "--relative",
+            "--name-only",
             "-z",
-            "--untracked-files=no",
             "--no-renames",
             "--",
             *specs,
         ],
         check=False,
     ).stdout
-    return sorted({e[3:] for e in out.split("\0") if len(e) > 3 and e[:2] != "  "})
+    return sorted({p for p in out.split("\0") if p})
 
 
 def pull(
@@ -787,7 +789,10 @@ def pull(
         raise UsageError("name at least one path to pull, relative to the remote directory")
     where = source_dir or remote_dir
     rels = [_pull_path(p, where) for p in paths]
-    root = project_root
+    # remote_dir mirrors the repository's top (that is what push sends), wherever the project's
+    # remotedl.toml is.
+    top = proc.run(["git", "-C", str(project_root), "rev-parse", "--show-toplevel"], check=False)
+    root = Path(top.stdout.strip()) if top.returncode == 0 else project_root
     for rel in rels:
         _check_local_target(root, rel)
     box = Box(spec)
@@ -806,7 +811,7 @@ def pull(
             raise RemoteError(f"{rel} does not exist on {spec.alias} in {abs_dir}")
     if box.noise:
         raise startup_noise_error(box, "rsync")
-    result = PullResult(str(project_root))
+    result = PullResult(str(root))
     modified = _modified_tracked(root, rels)
     for rel in rels:
         mine = [m for m in modified if rel in (".", m) or m.startswith(rel + "/")]
@@ -817,14 +822,14 @@ def pull(
         argv = rsync_argv(
             spec,
             [f"{spec.alias}:{abs_dir}/./{rel}"],
-            f"{project_root}/",
+            f"{root}/",
             excludes=[".git", *excludes],
             update=True,
             exclude_from_stdin=True,
         )
         result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin))
         if mine:
-            result.kept += _would_replace(spec, abs_dir, project_root, mine)
+            result.kept += _would_replace(spec, abs_dir, root, mine)
     return result
 
 

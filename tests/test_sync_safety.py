@@ -455,3 +455,25 @@ def test_what_this_machine_remembers_of_a_box_tree_is_only_a_shortcut(cli, box, 
     r = cli("push", "--remote-dir", rdir, cwd=project)
     assert r.code == 0, r.err
     assert (where / "a.py").read_text() == "a4\n"
+
+
+def test_pull_lands_where_push_took_it_from(cli, box, project, rdir):
+    sub = project / "sub"
+    sub.mkdir()
+    (sub / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\n')  # the project file below the top
+    (sub / "tracked.txt").write_text("v1\n")
+    git(project, "add", ".")
+    git(project, "commit", "-qm", "sub")
+    assert cli("push", cwd=sub).code == 0
+    assert box_path(box, rdir, "sub/tracked.txt").read_text() == "v1\n"  # push sends the top
+    box_path(box, rdir, "sub/out.txt").write_text("made on the box\n")
+    box_path(box, rdir, "sub/tracked.txt").write_text("box version\n")
+    (sub / "tracked.txt").write_text("edited here\n")
+    past = os.stat(sub / "tracked.txt").st_mtime - 3600
+    os.utime(sub / "tracked.txt", (past, past))
+    r = cli("pull", "sub", cwd=sub)
+    assert r.code == 0, r.err
+    assert (sub / "out.txt").read_text() == "made on the box\n"
+    assert not (sub / "sub").exists()
+    assert (sub / "tracked.txt").read_text() == "edited here\n"
+    assert "kept sub/tracked.txt here" in r.err
