@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from remotedl import gpus as gpumod
 from remotedl.schema import JobRecord, SchemaError, job_holders
@@ -99,28 +99,52 @@ def parse_status(host: str, remote_dir: str, text: str) -> BoxStatus:
         if len(parts) >= 6:
             st.disk = Disk(parts[5], int(parts[1]) * 1024, int(parts[3]) * 1024)
     st.nvidia = bool(st.tools.get("nvidia-smi"))
-    gpu_out = "\n".join(s.get("gpus", []))
-    rc = (s.get("gpus_rc") or ["127"])[0]
-    if not st.nvidia:
-        st.nvidia_error = "no NVIDIA driver: nvidia-smi is not on the box's PATH"
-    elif rc != "0":
-        st.nvidia_error = "nvidia-smi failed: " + (gpu_out.strip().splitlines() or ["?"])[0]
-    else:
-        try:
-            st.gpus = gpumod.parse_gpus(gpu_out)
-            procs = []
-            for line in s.get("apps", []):
-                csv, _, user = line.partition("\t")
-                for p in gpumod.parse_apps(csv):
-                    p.user = user or None
-                    procs.append(p)
-            gpumod.attach_processes(st.gpus, procs)
-        except gpumod.NvidiaSmiError as e:
-            st.nvidia_error = str(e)
+    st.gpus, st.nvidia_error = gpu_facts(s, st.nvidia)
+    if st.nvidia and (s.get("gpus_rc") or ["127"])[0] == "0":
         drv = s.get("driver", [])
         st.driver_version = drv[0].strip() if drv and drv[0].strip() else None
-        st.held_by = job_holders(_records(s.get("jobs", [])))
+        st.held_by = job_holders(records(s.get("jobs", [])))
     return st
+
+
+def gpu_facts(s: dict[str, list[str]], nvidia: bool) -> tuple[list[gpumod.Gpu], str | None]:
+    """(GPUs with their compute processes, why there are none) from the ``gpus``, ``gpus_rc``
+    and ``apps`` sections the status script (and ``top``'s sampler) print."""
+    gpu_out = "\n".join(s.get("gpus", []))
+    rc = (s.get("gpus_rc") or ["127"])[0]
+    if not nvidia:
+        return [], "no NVIDIA driver: nvidia-smi is not on the box's PATH"
+    if rc != "0":
+        return [], "nvidia-smi failed: " + (gpu_out.strip().splitlines() or ["?"])[0]
+    found: list[gpumod.Gpu] = []
+    try:
+        found = gpumod.parse_gpus(gpu_out)
+        procs = []
+        for line in s.get("apps", []):
+            csv, _, user = line.partition("\t")
+            for p in gpumod.parse_apps(csv):
+                p.user = user or None
+                procs.append(p)
+        gpumod.attach_processes(found, procs)
+    except gpumod.NvidiaSmiError as e:
+        return found, str(e)
+    return found, None
+
+
+HolderKind = Literal["job", "process", "free"]
+
+
+def holder(held_by: dict[int, str], gpu: gpumod.Gpu) -> tuple[HolderKind, str]:
+    """Who holds a GPU, in words: a remotedl job ("job 3 (train.py)"), else a foreign compute
+    process with its user ("process 4242 (python3, user bob)"), else free."""
+    job = held_by.get(gpu.index)
+    if job:
+        return "job", job
+    if gpu.processes:
+        p = gpu.processes[0]
+        more = f" and {len(gpu.processes) - 1} more" if len(gpu.processes) > 1 else ""
+        return "process", f"process {p.pid} ({p.name.rsplit('/', 1)[-1]}, user {p.user or '?'}){more}"
+    return "free", "free"
 
 
 def box_status(box: Box, remote_dir: str) -> BoxStatus:
@@ -129,7 +153,7 @@ def box_status(box: Box, remote_dir: str) -> BoxStatus:
     return parse_status(box.spec.alias, remote_dir, result.stdout)
 
 
-def _records(lines: list[str]) -> list[JobRecord]:
+def records(lines: list[str]) -> list[JobRecord]:
     """The job records the status script sent; one that does not parse is not a holder."""
     import json
 

@@ -20,6 +20,10 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import sync
 
     app = App(args, env)
+    if app.is_fleet:
+        from remotedl.cli import fleet
+
+        return fleet.push(app, args)
     s = app.settings
     data = [] if args.no_data else list(s.get("data"))
     data += [d for d in args.data if d not in data]
