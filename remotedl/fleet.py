@@ -20,14 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from remotedl import gpus as gpumod
 from remotedl.config import Settings
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, RemotedlError
+from remotedl.errors import ExitCode, GpusBusy, RemotedlError, UsageError
+from remotedl.words import plural
 
 if TYPE_CHECKING:
     from remotedl.agent.client import AgentClient
     from remotedl.ssh import Box, HostSpec
     from remotedl.status import BoxStatus
+    from remotedl.top import BoxSample
 
 log = logging.getLogger("remotedl.fleet")
 
@@ -221,3 +224,93 @@ def fleet_status(fleet: Fleet) -> FleetResult[BoxStatus]:
     from remotedl.status import box_status
 
     return fleet.map(lambda m: box_status(m.box(), m.remote_dir))
+
+
+# ------------------------------------------------------------------ placement
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A box a job may go to, in the order to try: ``gpus`` are free there now (the agent picks
+    and claims them again under the box's lock), or ``queue`` (nothing free anywhere: wait in
+    the box's queue)."""
+
+    host: str
+    gpus: list[int]
+    queue: bool
+    why: str
+
+
+def fleet_samples(fleet: Fleet) -> FleetResult[BoxSample]:
+    """One sample of every box at once: GPUs, their holders, active jobs, load."""
+    from remotedl.top import sample_once
+
+    return fleet.map(lambda m: sample_once(m.name, m.box()))
+
+
+def place(
+    samples: Sequence[BoxSample], *, count: int | None = None, queue: bool = False, cpu: bool = False
+) -> list[Candidate]:
+    """The boxes to try for a job, best first, by the rules a box uses for its own GPUs: a GPU
+    is free when no remotedl job holds it and no foreign compute process runs on it, and the
+    least used memory wins. Boxes with ``count`` free GPUs come first (least memory used on
+    those GPUs, then the order given); with ``queue``, then every box that has ``count`` GPUs
+    at all, shortest queue first. A CPU job (``cpu``, or no box with a GPU and no ``count``)
+    goes to the least loaded box. Raises when no box could ever run it, or (without
+    ``queue``) none can now."""
+    if not samples:
+        raise UsageError("no box of the fleet answered: nowhere to run the job")
+    order = {s.host: i for i, s in enumerate(samples)}
+    if cpu or (count is None and not any(s.gpus for s in samples)):
+        by_load = sorted(samples, key=lambda s: (_load(s), order[s.host]))
+        return [Candidate(s.host, [], False, f"no GPU asked; load {_load(s):.2f}") for s in by_load]
+    want = count or 1
+    biggest = max(samples, key=lambda s: len(s.gpus))
+    if want > len(biggest.gpus):
+        raise UsageError(
+            f"{plural(want, 'GPU')} asked for, more than any box of the fleet has "
+            f"(the most: {len(biggest.gpus)} on {biggest.host})",
+            hint=f"ask for at most {len(biggest.gpus)}" if biggest.gpus else "run with --cpu",
+        )
+    free: list[tuple[tuple[int, int, int], Candidate]] = []
+    for s in samples:
+        picked = gpumod.pick_free_gpus(s.gpus, s.held_by, want)
+        if picked is None:
+            continue
+        used = sum(g.memory_used_mib or 0 for g in s.gpus if g.index in picked)
+        nfree = sum(1 for g in s.gpus if g.index not in s.held_by and not g.processes)
+        gpu_words = plural(len(picked), "GPU")
+        why = f"{gpu_words} free ({','.join(map(str, picked))}), {used} MiB used on them"
+        free.append(((used, -nfree, order[s.host]), Candidate(s.host, picked, False, why)))
+    out = [c for _, c in sorted(free, key=lambda x: x[0])]
+    if queue:
+        able = [s for s in samples if len(s.gpus) >= want]
+        for s in sorted(able, key=lambda s: (_queued(s), _running(s), order[s.host])):
+            why = f"nothing free; its queue is the shortest ({_queued(s)} waiting)"
+            out.append(Candidate(s.host, [], True, why))
+    if not out:
+        busy = "; ".join(_busy_words(s) for s in samples)
+        raise GpusBusy(
+            f"no box of the fleet has {plural(want, 'free GPU')}: {busy}",
+            hint="wait on the box with the shortest queue with --queue",
+        )
+    return out
+
+
+def _load(s: BoxSample) -> float:
+    return s.load[0] if s.load else 0.0
+
+
+def _queued(s: BoxSample) -> int:
+    return sum(1 for j in s.jobs if j.status == "queued")
+
+
+def _running(s: BoxSample) -> int:
+    return sum(1 for j in s.jobs if j.status in ("running", "starting"))
+
+
+def _busy_words(s: BoxSample) -> str:
+    from remotedl.status import holder
+
+    held = [f"GPU {g.index} {holder(s.held_by, g)[1]}" for g in s.gpus if holder(s.held_by, g)[0] != "free"]
+    return f"{s.host}: " + (", ".join(held) if held else "no GPU" if not s.gpus else "too few free")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from remotedl import gpus as gpumod
-from remotedl.errors import RemotedlError
+from remotedl.errors import RemotedlError, RemoteError
 from remotedl.schema import JobRecord, job_holders
 from remotedl.ssh.channel import Box, NoFrame, mark_sections
 from remotedl.status import gpu_facts, records
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remotedl.top")
 
-# "$1": seconds between samples. Sections as in `status`; the job records of active jobs (the
-# agent writes them, one JSON each). A write to a laptop that left ends the script (SIGPIPE).
+# "$1": seconds between samples; "$2": "once" for one sample (run placement). Sections as in
+# `status`; the job records of active jobs (the agent writes them, one JSON each). A write to a
+# laptop that left ends the script (SIGPIPE).
 _SCRIPT = r"""
 n=0
 nv=no; command -v nvidia-smi >/dev/null 2>&1 && nv=yes
@@ -56,6 +57,7 @@ while :; do
     cd /
   fi
   echo "@@sample-end $n" || exit 0
+  [ "$2" = once ] && exit 0
   sleep "$1" 2>/dev/null || sleep 1
 done
 """
@@ -295,6 +297,18 @@ class Watch:
             ended = f"the stream ended: {last[0]}"
         log.debug("top stream of %s ended: %s", host, ended)
         return ended
+
+
+def sample_once(host: str, box: Box) -> BoxSample:
+    """One sample of a box (one exec): its GPUs, their holders, its active jobs and load."""
+    result = box.run(sampler_script(), "0", "once", check=False)
+    samples = SampleReader().feed(result.stdout_bytes)
+    if not samples:
+        last = (result.stderr.strip().splitlines() or [f"exit status {result.exit_code}"])[-1]
+        raise RemoteError(f"could not read the GPUs and jobs of {host}: {last}")
+    sample = parse_sample(host, samples[-1])
+    sample.samples = 1
+    return sample
 
 
 def targets_for(fleet: Fleet) -> list[Target]:

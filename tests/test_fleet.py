@@ -366,3 +366,54 @@ def test_run_on_hosts_keeps_each_hosts_result():
 
     with pytest.raises(KeyError):  # not a host's failure: a bug, raised
         run_on_hosts(["a", "b"], bug)
+
+
+def sample(host: str, used: list[int], held: dict[int, str] | None = None, foreign: int | None = None,
+           queued: int = 0, load: float = 0.0):  # fmt: skip
+    """A box as `top` samples it: GPUs with ``used`` MiB each, jobs holding some, a foreign
+    process on one, ``queued`` jobs waiting."""
+    from remotedl.gpus import Gpu, GpuProcess
+    from remotedl.schema import JobRecord
+    from remotedl.top import BoxSample
+
+    gpus = [Gpu(i, "GPU", f"u{i}", f"b{i}", mib, 24000, 0) for i, mib in enumerate(used)]
+    if foreign is not None:
+        gpus[foreign].processes.append(GpuProcess(f"u{foreign}", 4242, "python3", 500, "bob"))
+    jobs = [JobRecord(id=100 + i, name="q", command="x", cwd="/", status="queued") for i in range(queued)]
+    return BoxSample(host, "live", gpus=gpus, held_by=held or {}, jobs=jobs, load=[load])
+
+
+def test_placement_picks_free_gpus_by_the_boxes_own_rules():
+    from remotedl.errors import GpusBusy, UsageError
+    from remotedl.fleet import place
+
+    boxes = [
+        sample("a", [10], held={0: "job 1 (x)"}),  # its one GPU held by a job
+        sample("b", [5000, 300]),  # two free, one little used
+        sample("c", [100, 100], foreign=1),  # GPU 1 runs someone else's process
+    ]
+    first, *rest = place(boxes, count=1)
+    assert (first.host, first.gpus, first.queue) == ("c", [0], False)  # least memory used (100 MiB)
+    assert [(c.host, c.gpus) for c in rest] == [("b", [1])]
+    assert [(c.host, c.gpus) for c in place(boxes, count=2)] == [("b", [0, 1])]
+    with pytest.raises(UsageError, match="more than any box of the fleet has"):
+        place(boxes, count=3)
+    full = [
+        sample("a", [10], held={0: "job 1 (x)"}, queued=2),
+        sample("b", [10, 10], held={1: "job 2 (y)"}, foreign=0, queued=1),
+    ]
+    with pytest.raises(GpusBusy, match="no box of the fleet has 2 free GPUs"):
+        place(full, count=2)
+    # --queue: nothing free anywhere, so the shortest queue among boxes that have the GPUs at all
+    queued = place(full, count=1, queue=True)
+    assert [(c.host, c.queue) for c in queued] == [("b", True), ("a", True)]
+    assert place(full, count=2, queue=True)[0].host == "b"  # a has one GPU: never enough
+    # --queue with a free box: the free box first, the queues after it
+    mixed = place([*full, sample("d", [10])], count=1, queue=True)
+    # (d's queue too: should another laptop take its GPU first, the job waits there)
+    assert [(c.host, c.queue) for c in mixed] == [("d", False), ("d", True), ("b", True), ("a", True)]
+    # a CPU job goes to the least loaded box
+    assert [c.host for c in place([sample("a", [1], load=3.0), sample("b", [1], load=0.5)], cpu=True)] == [
+        "b",
+        "a",
+    ]
