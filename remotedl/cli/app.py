@@ -56,6 +56,29 @@ class App:
         names = self.hosts
         return self.base_settings.for_host(names[0]) if len(names) == 1 else self.base_settings
 
+    def for_host(self, name: str) -> App:
+        """This command narrowed to one host: its settings ([hosts.NAME]) and its spec, so
+        every one-host code path works on a host of a fleet unchanged."""
+        one = App(self.args, self.env)
+        one.__dict__["base_settings"] = self.base_settings  # cached_property: already resolved
+        one.__dict__["hosts"] = [name]
+        return one
+
+    def route_job(self, job: str | None) -> tuple[App, str | None]:
+        """A job reference as typed: ``HOST:ID`` (or ``HOST:NAME``) names its host, one of the
+        hosts given (any alias when none is given); a plain id or name needs a single host."""
+        if job and ":" in job:
+            host, _, ref = job.rpartition(":")
+            if host in self.hosts or (not self.hosts and host):
+                return self.for_host(host), ref or None
+        if self.is_fleet:
+            example = f"{self.hosts[0]}:{job or 'ID'}"
+            raise UsageError(
+                f"which host's job? {len(self.hosts)} hosts are given ({', '.join(self.hosts)})",
+                hint=f"name it as HOST:ID, e.g. {example} (`remotedl jobs` lists them so)",
+            )
+        return self, job
+
     def host_settings(self, name: str) -> Settings:
         return self.base_settings.for_host(name)
 
