@@ -41,6 +41,12 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "python": (str, "python3", "REMOTEDL_PYTHON"),
     "env": (dict, {}, None),
     "jupyter_port": (int, 8888, None),
+    # jobs: each runs in its own checkout (isolate), in the project's environment on the box
+    "isolate": (bool, True, "REMOTEDL_ISOLATE"),
+    "shared": (list, [], None),
+    "conda": (str, None, None),
+    "env_setup": (str, None, None),
+    "setup_cmd": (str, None, None),
     # Several hosts at once (a fleet); `host = "a,b"` and `--host a,b,@lab` say the same.
     "hosts": (list, [], None),
     # Slurm hosts: a host whose scheduler is "slurm" is the login node of a Slurm cluster;
@@ -261,6 +267,8 @@ def _coerce_type(key: str, value: Any, origin: str) -> Any:
         return str(value)
     if key == "host" and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value)  # host = ["a", "b"]: beside [hosts.NAME] tables, where hosts = [...] cannot be
+    if kind is bool and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
     if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
         try:
             return float(value)
@@ -283,8 +291,12 @@ def _coerce_type(key: str, value: Any, origin: str) -> Any:
     )
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _type_name(kind: type) -> str:
     return {
+        bool: "true or false",
         str: "a string",
         float: "a number",
         int: "an integer",
