@@ -313,4 +313,5 @@ def _busy_words(s: BoxSample) -> str:
     from remotedl.status import holder
 
     held = [f"GPU {g.index} {holder(s.held_by, g)[1]}" for g in s.gpus if holder(s.held_by, g)[0] != "free"]
-    return f"{s.host}: " + (", ".join(held) if held else "no GPU" if not s.gpus else "too few free")
+    free = len(s.gpus) - len(held)
+    return f"{s.host}: {free} of {len(s.gpus)} free" + (f" ({', '.join(held)})" if held else "")

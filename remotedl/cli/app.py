@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class App:
     args: argparse.Namespace
     env: Environment
+    # Narrowed to one host of several (``for_host``): jobs are named HOST:ID in what it prints.
+    narrowed: bool = False
 
     def flag(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)
@@ -59,7 +61,7 @@ class App:
     def for_host(self, name: str) -> App:
         """This command narrowed to one host: its settings ([hosts.NAME]) and its spec, so
         every one-host code path works on a host of a fleet unchanged."""
-        one = App(self.args, self.env)
+        one = App(self.args, self.env, narrowed=True)
         one.__dict__["base_settings"] = self.base_settings  # cached_property: already resolved
         one.__dict__["hosts"] = [name]
         return one
@@ -78,6 +80,11 @@ class App:
                 hint=f"name it as HOST:ID, e.g. {example} (`remotedl jobs` lists them so)",
             )
         return self, job
+
+    def job_ref(self, job_id: int) -> str:
+        """How the user names a job of this command's host: ``HOST:ID`` when it was picked
+        from several (or named so), else the id."""
+        return f"{self.hosts[0]}:{job_id}" if self.narrowed and self.hosts else str(job_id)
 
     def host_settings(self, name: str) -> Settings:
         return self.base_settings.for_host(name)

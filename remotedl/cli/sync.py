@@ -74,9 +74,13 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
     """Each path from this project's latest job that has it (``--job``: that job's directory;
     ``--tree``: the shared work tree); data and shared paths live in the work tree."""
     from remotedl import jobs, sync
-    from remotedl.cli.jobs import _client, safe
+    from remotedl.cli.jobs import _client, route, safe
 
     app = App(args, env)
+    if args.job:
+        app, args.job = app.route_job(args.job)  # --job HOST:ID names the host
+    elif app.is_fleet:
+        app, _ = route(app, None)  # the host of this project's latest job; there, as on one host
     s = app.settings
     client = _client(app)
     spec = client.spec
