@@ -417,3 +417,177 @@ def test_placement_picks_free_gpus_by_the_boxes_own_rules():
         "b",
         "a",
     ]
+
+
+# ------------------------------------------------------------------ run placement, jobs on a fleet
+
+
+def started(r: CliResult) -> dict:
+    assert r.code == 0, r.out + r.err
+    return json.loads(r.out)
+
+
+def test_run_places_the_job_on_the_free_box(fleet, proj):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        fleet.gpu_state(
+            "f1", processes=[{"gpu": 0, "pid": sleeper.pid, "name": "python3", "used_memory": 500}]
+        )
+        fleet.gpu_state("f2", gpus=[dict(g, memory_used=10) for g in sandbox.fake_gpus(2)["gpus"]])  # type: ignore[union-attr]
+        fleet.gpu_state("f3", gpus=[dict(g, memory_used=5000) for g in sandbox.fake_gpus(3)["gpus"]])  # type: ignore[union-attr]
+        # one GPU: the free one with the least memory used, f2's (f1's runs someone else's process)
+        r = fleet.run(
+            "run", "--detach", "--json", "--gpu", "auto", "--host", fleet.names, "hold.sh", cwd=proj
+        )
+        first = started(r)
+        assert (first["alias"], first["gpus"], first["status"]) == ("f2", [0], "running")
+        assert "placing the job on f2: 1 GPU free (0)" in r.err
+        # the code went there: the job runs its own checkout of it
+        assert (fleet.boxes["f2"].home / "fleet-tests").is_dir()
+        assert not (fleet.boxes["f1"].home / "fleet-tests").exists()
+        # two GPUs: only f3 has two free now
+        second = started(
+            fleet.run("run", "--detach", "--json", "--gpus", "2", "--host", fleet.names, "hold.sh", cwd=proj)
+        )
+        assert (second["alias"], second["gpus"]) == ("f3", [0, 1])
+        # three: no box has three free; the error names what holds each box
+        r = fleet.run("run", "--detach", "--gpus", "3", "--host", fleet.names, "hold.sh", cwd=proj)
+        assert r.code == 1
+        assert "no box of the fleet has 3 free GPUs" in r.err
+        assert f"f1: 0 of 1 free (GPU 0 process {sleeper.pid}" in r.err
+        # four: more than any box has, a usage error
+        r = fleet.run("run", "--detach", "--gpus", "4", "--host", fleet.names, "hold.sh", cwd=proj)
+        assert r.code == 2
+        assert "more than any box of the fleet has (the most: 3 on f3)" in r.err
+        # GPUs by index belong to one box
+        r = fleet.run("run", "--detach", "--gpu", "0", "--host", fleet.names, "hold.sh", cwd=proj)
+        assert r.code == 2
+        assert "names GPUs of one box" in r.err
+    finally:
+        sleeper.kill()
+        fleet.kill_all_jobs(proj)
+        fleet.gpu_state("f1")
+
+
+def test_a_busy_fleet_queues_on_the_shortest_queue(fleet, proj):
+    for name in GPUS:
+        fleet.gpu_state(name)
+    try:
+        # every GPU held: f1 by one job, f2 by one 2-GPU job, f3 by one 3-GPU job
+        for name, count in GPUS.items():
+            job = started(
+                fleet.run(
+                    "run", "--detach", "--json", "--gpus", str(count), "--host", name, "hold.sh", cwd=proj
+                )
+            )
+            assert job["status"] == "running"
+        # queues: f1 two waiting, f3 one waiting, f2 none
+        for name in ("f1", "f1", "f3"):
+            r = fleet.run(
+                "run", "--detach", "--json", "--queue", "--gpus", "1", "--host", name, "hold.sh", cwd=proj
+            )
+            assert started(r)["status"] == "queued"
+        r = fleet.run("run", "--detach", "--gpus", "1", "--host", fleet.names, "hold.sh", cwd=proj)
+        assert r.code == 1
+        assert "no box of the fleet has 1 free GPU" in r.err
+        assert "--queue" in r.err
+        r = fleet.run(
+            "run", "--detach", "--json", "--queue", "--gpus", "1", "--host", fleet.names, "hold.sh", cwd=proj
+        )
+        job = started(r)
+        assert (job["alias"], job["status"]) == ("f2", "queued")
+        assert "placing the job on f2: nothing free; its queue is the shortest (0 waiting)" in r.err
+        # two GPUs: f1 has one GPU only; f2 (now one waiting) and f3 (one waiting): f2 runs fewer
+        r = fleet.run(
+            "run", "--detach", "--json", "--queue", "--gpus", "2", "--host", fleet.names, "hold.sh", cwd=proj
+        )
+        job = started(r)
+        assert (job["alias"], job["status"]) == ("f2", "queued")
+    finally:
+        fleet.kill_all_jobs(proj)
+
+
+def test_jobs_of_a_fleet_and_host_id_routing(fleet, proj):
+    for name in GPUS:
+        fleet.gpu_state(name)
+    (proj / "hello.sh").write_text(
+        '#!/bin/sh\necho "hello from $(hostname) GPU $CUDA_VISIBLE_DEVICES"\nsleep 60\n'
+    )
+    (proj / "hello.sh").chmod(0o755)
+    try:
+        a = started(
+            fleet.run("run", "--detach", "--json", "--gpus", "3", "--host", fleet.names, "hello.sh", cwd=proj)
+        )
+        b = started(
+            fleet.run("run", "--detach", "--json", "--gpus", "2", "--host", fleet.names, "hello.sh", cwd=proj)
+        )
+        assert (a["alias"], b["alias"]) == ("f3", "f2")
+        ref_a, ref_b = f"f3:{a['id']}", f"f2:{b['id']}"
+        r = fleet.run("jobs", "--host", fleet.names, cwd=proj)
+        assert r.code == 0, r.err
+        assert has_row(r.out, "f3", ref_a, "hello.sh", "running", "0,1,2")
+        assert has_row(r.out, "f2", ref_b, "hello.sh", "running", "0,1")
+        listed = json.loads(fleet.run("jobs", "--json", "--host", fleet.names, cwd=proj).out)
+        assert {j["ref"] for j in listed["jobs"]} >= {ref_a, ref_b}
+        # HOST:ID names the host, with the fleet given or without any host at all
+        for hosts in (["--host", fleet.names], []):
+            got = retry_until(
+                lambda h=hosts: "hello from" in (x := fleet.run("logs", ref_b, *h, cwd=proj)).out and x,
+                seconds=20,
+            )
+            assert got, fleet.run("logs", ref_b, *hosts, cwd=proj)
+            assert "GPU 0,1" in got.out
+        shown = json.loads(fleet.run("show", "--json", ref_a, cwd=proj).out)
+        assert (shown["alias"], shown["id"], shown["gpus"]) == ("f3", a["id"], [0, 1, 2])
+        # a plain id on a fleet is ambiguous
+        r = fleet.run("logs", str(a["id"]), "--host", fleet.names, cwd=proj)
+        assert r.code == 2
+        assert "name it as HOST:ID" in r.err
+        # kill by HOST:ID; kill without an id: this project's latest running job on any host
+        r = fleet.run("kill", "--grace", "1", ref_a, "--host", fleet.names, cwd=proj)
+        assert r.code == 0, r.err
+        assert f"job {ref_a} (hello.sh): killed" in r.out
+        r = fleet.run("kill", "--grace", "1", "--host", fleet.names, cwd=proj)
+        assert r.code == 0, r.err
+        assert f"job {ref_b} (hello.sh): killed" in r.out
+        r = fleet.run("kill", "--host", fleet.names, cwd=proj)
+        assert r.code == 1
+        assert "no running job of this project on f1, f2, f3" in r.err
+    finally:
+        fleet.kill_all_jobs(proj)
+
+
+def test_concurrent_placements_never_share_a_gpu(fleet, proj, tmp_path):
+    """Two laptops (state and config of their own, the boxes known to the second through
+    [hosts.NAME] ssh_config) place 8 one-GPU jobs at once on a fleet with 6 free GPUs: 6 run,
+    each on a GPU of its own, and 2 are refused."""
+    for name in GPUS:
+        fleet.gpu_state(name)
+    assert fleet.run("push", "--host", fleet.names, cwd=proj).code == 0
+    laptop_b = tmp_path / "laptop-b"
+    config = laptop_b / "config" / "remotedl" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        "".join(f'[hosts.{n}]\nssh_config = "{b.info.ssh_config}"\n' for n, b in fleet.boxes.items())
+    )
+    envs = [fleet.environ(), {**os.environ, **make_env(laptop_b).environ}]
+    argv = [sys.executable, "-m", "remotedl", "run", "--no-push", "--detach", "--json", "--gpus", "1",
+            "--host", fleet.names, "hold.sh"]  # fmt: skip
+    try:
+        procs = [
+            subprocess.Popen(
+                argv, cwd=proj, env=envs[i % 2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for i in range(8)
+        ]
+        results = [(p.wait(120), *p.communicate()) for p in procs]
+        ok = [json.loads(out) for code, out, _ in results if code == 0]
+        refused = [json.loads(out) for code, out, _ in results if code != 0]
+        assert len(ok) == 6, results
+        claimed = [(j["alias"], g) for j in ok for g in j["gpus"]]
+        assert sorted(claimed) == [("f1", 0), ("f2", 0), ("f2", 1), ("f3", 0), ("f3", 1), ("f3", 2)], results
+        assert len(refused) == 2
+        assert all(r["exit_code"] == 1 for r in refused), refused
+        assert all("free GPU" in r["error"] or "taken" in r["error"] for r in refused), refused
+    finally:
+        fleet.kill_all_jobs(proj)
