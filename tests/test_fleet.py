@@ -497,7 +497,7 @@ def test_a_busy_fleet_queues_on_the_shortest_queue(fleet, proj):
         job = started(r)
         assert (job["alias"], job["status"]) == ("f2", "queued")
         assert "placing the job on f2: nothing free; its queue is the shortest (0 waiting)" in r.err
-        # two GPUs: f1 has one GPU only; f2 (now one waiting) and f3 (one waiting): f2 runs fewer
+        # two GPUs: f1 has one GPU only; f2 and f3 have one waiting and one running each: the order given
         r = fleet.run(
             "run", "--detach", "--json", "--queue", "--gpus", "2", "--host", fleet.names, "hold.sh", cwd=proj
         )
