@@ -6,6 +6,8 @@
   once vs to one. The sandbox boxes run on this machine's cores, so 8 boxes' own work (about
   70 ms of CPU each, mostly the stand-in nvidia-smi's two Python starts) competes with the
   laptop side; on a machine with few cores that floor, not remotedl, sets the ratio.
+- `remotedl run --detach --gpu auto` over 4 boxes (one sample of every box at once, placement,
+  push to the chosen box, start) vs on one box (push, start), in a small git project, ratio <= 1.5
 - `remotedl top` in a real terminal (a pty): CPU time on the laptop per refresh (remotedl and its
   ssh clients; the ControlMaster processes, daemons of ssh, are not counted), over 8 boxes and
   over one, from two runs of different length: (cpu_long - cpu_short) / (refreshes_long -
@@ -128,6 +130,29 @@ try:
     report("  floor: plain ssh status script to 8 boxes at once vs to 1", c, d, names=("8 boxes", "1 box"))
     report("  remotedl status vs plain ssh, 8 boxes", a, c, names=("remotedl", "plain"))
     report("  remotedl status vs plain ssh, 1 box", b, d, names=("remotedl", "plain"))
+
+    proj = base / "proj"
+    proj.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main", str(proj)], check=True)
+    (proj / "train.py").write_text("print('trained')\n")
+    git_id = ["-c", "user.email=b@example.invalid", "-c", "user.name=bench"]
+    subprocess.run(["git", "-C", str(proj), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(proj), *git_id, "commit", "-q", "-m", "init"], check=True)
+    four = ",".join(names[:4])
+    run_argv = [*remotedl, "run", "--detach", "--gpu", "auto", "--host"]
+
+    def quiet(argv: list[str]) -> None:
+        subprocess.run(argv, cwd=proj, env=environ, check=True, capture_output=True)
+
+    quiet([*remotedl, "push", "--host", four])
+    for name in names[:4]:  # the agent is on every box before timing
+        quiet([*run_argv, name, "train.py"])
+    a, b = side_by_side(
+        lambda: time_argv([*run_argv, four, "train.py"], cwd=proj, env=environ),
+        lambda: time_argv([*run_argv, names[0], "train.py"], cwd=proj, env=environ),
+        rounds,
+    )
+    report("run --detach --gpu auto over 4 boxes vs on 1", a, b, limit=1.5, names=("4 boxes", "1 box"))
 
     interval = 0.5
     for label, hosts in (("8 boxes", everyone), ("1 box", names[0])):

@@ -201,9 +201,14 @@ class Fleet:
     settings: Settings
     hosts: list[str]
     reach: Reach = field(default_factory=Reach)
+    # Hosts resolved already (``ssh -G`` runs once per host per command); may be shared.
+    resolved: dict[str, Member] = field(default_factory=dict)
 
     def member(self, name: str) -> Member:
-        return resolve_member(self.env, self.settings, name, self.reach)
+        found = self.resolved.get(name)
+        if found is None:
+            found = self.resolved[name] = resolve_member(self.env, self.settings, name, self.reach)
+        return found
 
     def map(
         self,

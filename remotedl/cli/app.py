@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ from remotedl.errors import ConfigError, UsageError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from remotedl.fleet import Fleet, Reach
+    from remotedl.fleet import Fleet, Member, Reach
     from remotedl.ssh import HostSpec
 
 
@@ -25,6 +25,8 @@ class App:
     env: Environment
     # Narrowed to one host of several (``for_host``): jobs are named HOST:ID in what it prints.
     narrowed: bool = False
+    # Hosts resolved already, shared with the narrowed views: ``ssh -G`` once per host.
+    resolved: dict[str, Member] = field(default_factory=dict)
 
     def flag(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)
@@ -61,7 +63,7 @@ class App:
     def for_host(self, name: str) -> App:
         """This command narrowed to one host: its settings ([hosts.NAME]) and its spec, so
         every one-host code path works on a host of a fleet unchanged."""
-        one = App(self.args, self.env, narrowed=True)
+        one = App(self.args, self.env, narrowed=True, resolved=self.resolved)
         one.__dict__["base_settings"] = self.base_settings  # cached_property: already resolved
         one.__dict__["hosts"] = [name]
         return one
@@ -114,9 +116,9 @@ class App:
     def spec_for(self, name: str) -> HostSpec:
         """Resolve one host through the ssh config, with its own settings (ssh_config,
         connect_timeout) and the --user/--port/--identity flags."""
-        from remotedl.fleet import resolve_member
+        from remotedl.fleet import Fleet
 
-        return resolve_member(self.env, self.base_settings, name, self.reach()).spec
+        return Fleet(self.env, self.base_settings, [name], self.reach(), self.resolved).member(name).spec
 
     def reach(self) -> Reach:
         from remotedl.fleet import Reach
@@ -129,7 +131,7 @@ class App:
 
         if not self.hosts:
             raise _no_host()
-        return Fleet(self.env, self.base_settings, list(self.hosts), self.reach())
+        return Fleet(self.env, self.base_settings, list(self.hosts), self.reach(), self.resolved)
 
     @cached_property
     def console(self) -> Console:
