@@ -189,6 +189,7 @@ def test_config_shows_each_host(tmp_path):
 
 
 def test_single_host_commands_refuse_a_fleet(tmp_path):
-    code, _, err = run_main(tmp_path, "logs", "--host", "a,b")
-    assert code == 2
-    assert "works on one host; 2 are given (a, b)" in err
+    for argv in (["trust"], ["tunnel", "8888"], ["doctor"]):
+        code, _, err = run_main(tmp_path, *argv, "--host", "a,b")
+        assert code == 2, (argv, err)
+        assert f"`remotedl {argv[0]}` works on one host; 2 are given (a, b)" in err
