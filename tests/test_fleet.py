@@ -427,7 +427,7 @@ def started(r: CliResult) -> dict:
     return json.loads(r.out)
 
 
-def test_run_places_the_job_on_the_free_box(fleet, proj):
+def test_run_places_the_job_on_the_free_box(fleet, proj, tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         fleet.gpu_state(
@@ -443,8 +443,9 @@ def test_run_places_the_job_on_the_free_box(fleet, proj):
         assert (first["alias"], first["gpus"], first["status"]) == ("f2", [0], "running")
         assert "placing the job on f2: 1 GPU free (0)" in r.err
         # the code went there: the job runs its own checkout of it
-        assert (fleet.boxes["f2"].home / "fleet-tests").is_dir()
-        assert not (fleet.boxes["f1"].home / "fleet-tests").exists()
+        where = f"fleet-tests/{tmp_path.name}"  # this project's remote_dir
+        assert (fleet.boxes["f2"].home / where / "hold.sh").is_file()
+        assert not (fleet.boxes["f1"].home / where).exists()
         # two GPUs: only f3 has two free now
         second = started(
             fleet.run("run", "--detach", "--json", "--gpus", "2", "--host", fleet.names, "hold.sh", cwd=proj)
