@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -206,7 +207,8 @@ def test_top_once_with_a_box_down(fleet, down_box, proj):
     r = fleet.run("top", "--once", "--host", f"f1,{down_box.name}", cwd=proj)
     assert r.code == ExitCode.CONNECTION
     assert "1/2 boxes live" in r.out
-    assert f"{down_box.name}: reconnecting (attempt 1): connection refused" in r.out
+    # (one attempt or more, as long as the other box takes to answer)
+    assert re.search(rf"{down_box.name}: reconnecting \(attempt \d+\): connection refused", r.out), r.out
     assert has_row(r.out, "f1", "0")
 
 
