@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from remotedl import proc
 from remotedl.config import _coerce
 from remotedl.errors import ConfigError
 
@@ -17,3 +18,20 @@ def test_config_values_of_the_wrong_kind_are_config_errors(key, bad):
     # ("internal error"); `jupyter_port = true` was taken as a port.
     with pytest.raises(ConfigError, match=f"'{key}' must be"):
         _coerce(key, bad, "project config remotedl.toml")
+
+
+def test_outside_git_run_names_commands_that_work(cli, tmp_path):
+    # `remotedl run train.py` outside a repository said "or use --no-code", which `run` does
+    # not take (argparse's usage error followed); `git init` alone is enough.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "train.py").write_text("print('hi from a plain directory')\n")
+    r = cli("run", "train.py", cwd=plain)
+    assert r.code == 2, r.out + r.err
+    assert "not in a git repository" in r.err
+    assert "`remotedl push --no-code`" in r.err
+    assert "use --no-code" not in r.err
+    proc.run(["git", "init", "-q", str(plain)], check=True)
+    r = cli("run", "--cpu", "--remote-dir", f"~/newcomer/{tmp_path.name}", "train.py", cwd=plain)
+    assert r.code == 0, r.out + r.err
+    assert "hi from a plain directory" in r.out
