@@ -7,6 +7,8 @@ import pytest
 from remotedl import proc
 from remotedl.config import _coerce
 from remotedl.errors import ConfigError
+from remotedl.waiting import retry_until
+from tests.conftest import CliResult
 
 
 @pytest.mark.parametrize(
@@ -35,3 +37,27 @@ def test_outside_git_run_names_commands_that_work(cli, tmp_path):
     r = cli("run", "--cpu", "--remote-dir", f"~/newcomer/{tmp_path.name}", "train.py", cwd=plain)
     assert r.code == 0, r.out + r.err
     assert "hi from a plain directory" in r.out
+
+
+def test_host_id_as_printed_works_where_the_project_names_another_host(cli, box, project, tmp_path):
+    # `remotedl --host a,b run ...` prints "`remotedl logs -f b:3` to follow"; typed as shown in
+    # a project whose config names host a, it asked a for a job called 'b:3'. A job's name may
+    # hold a colon: HOST:NAME takes the host before the first one, and a plain name still works.
+    where = {"REMOTEDL_HOST": "gpubox-not-this-one"}  # the project's host; never contacted here
+    rdir = f"~/newcomer/{tmp_path.name}"
+    r = cli(
+        "run", "--host", box.name, "--detach", "--cpu", "--name", "lr:0.1", "--remote-dir", rdir,
+        "--", "sh", "-c", "echo routed to the right box",
+        cwd=project, env=where,
+    )  # fmt: skip
+    assert r.code == 0, r.out + r.err
+    job_id = r.out.strip()
+    on_box = ["--host", box.name]
+    refs = ([f"{box.name}:{job_id}"], [*on_box, f"{box.name}:lr:0.1"], [*on_box, "lr:0.1"])
+
+    def logs(argv: list[str]) -> CliResult:
+        return cli("logs", *argv, cwd=project, env=where)
+
+    for argv in refs:
+        got = retry_until(lambda a=argv: "routed to the right box" in (x := logs(a)).out and x, seconds=20)
+        assert got, logs(argv)
