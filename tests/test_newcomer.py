@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from remotedl import proc
 from remotedl.config import _coerce
 from remotedl.errors import ConfigError
 from remotedl.waiting import retry_until
-from tests.conftest import CliResult
+from tests.conftest import CliResult, cli_for
 
 
 @pytest.mark.parametrize(
@@ -61,3 +64,31 @@ def test_host_id_as_printed_works_where_the_project_names_another_host(cli, box,
     for argv in refs:
         got = retry_until(lambda a=argv: "routed to the right box" in (x := logs(a)).out and x, seconds=20)
         assert got, logs(argv)
+
+
+def test_a_long_root_step_without_sudo_shows_all_it_says_to_run(plain_box, project, tmp_path):
+    # `remotedl setup ssh-hardening` as a user who may not sudo printed only the last 20 lines
+    # of the commands to run as root: not why, and not the variables they use.
+    import subprocess
+
+    root_only = Path(plain_box.home).parent / f"root-only-{tmp_path.name}"
+    root_only.mkdir(mode=0o755)  # root's: the box user may look, not write
+    filler = "".join(f"      : step {i} of a long script\n" for i in range(30))
+    (project / "playbooks").mkdir()
+    (project / "playbooks" / "longroot.yaml").write_text(
+        "steps:\n  - name: the marker root writes\n    sudo: true\n    check: test -e {{ dir }}/marker\n"
+        f"    run: |\n      printf '%s\\n' {{{{ note }}}} > {{{{ dir }}}}/marker\n{filler}"
+    )
+    run = cli_for(plain_box, tmp_path / "laptop")
+    try:
+        r = run("setup", "longroot", "--var", f"dir={root_only}", "--var", "note=it's here", cwd=project)
+        assert r.code == 1, r.out + r.err
+        assert f"{plain_box.info.user} may not use sudo without a password" in r.out
+        shown = r.out.partition("run it there as root:\n")[2].rpartition("\n  0 ok,")[0]
+        assert "__v_dir=" in shown and "__v_note=" in shown and ": step 29 of" in shown, r.out
+        # As shown (here we are root), the commands do it.
+        pasted = "\n".join(line.removeprefix(" " * 15) for line in shown.splitlines())
+        subprocess.run(["sh", "-c", pasted], check=True)
+        assert (root_only / "marker").read_text() == "it's here\n"
+    finally:
+        shutil.rmtree(root_only)
