@@ -92,3 +92,23 @@ def test_a_long_root_step_without_sudo_shows_all_it_says_to_run(plain_box, proje
         assert (root_only / "marker").read_text() == "it's here\n"
     finally:
         shutil.rmtree(root_only)
+
+
+def test_rich_reads_the_given_environment_not_the_process(monkeypatch):
+    # The README's test command failed test_status_line_only_on_a_terminal where the runner's
+    # TERM was dumb (an editor's shell, some CI): rich read os.environ, not the Environment.
+    import io
+
+    from remotedl.cli.statusline import status_line
+    from remotedl.env import Environment
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("TERM", "dumb")
+    term = {"TERM": "xterm-256color"}
+    loud = Environment(environ=term, stdout=io.StringIO(), stderr=Tty(), stdin_isatty=False)
+    with status_line(loud) as say:
+        say("starting Jupyter")
+    assert "starting Jupyter" in loud.stderr.getvalue()

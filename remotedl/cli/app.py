@@ -145,13 +145,18 @@ class App:
 
         # Piped output is read by programs and pagers: no wrapping at rich's default 80 columns.
         width = None if self.env.stdout_isatty else 200
-        return Console(file=self.env.stdout, highlight=False, soft_wrap=True, width=width)
+        # Every console reads TERM, COLUMNS, NO_COLOR... from the Environment it was given (rich's
+        # _environ), not from this process: in-process runs get what they passed (TERM=dumb here
+        # turned the status line of a test's own "terminal" off).
+        return Console(
+            file=self.env.stdout, highlight=False, soft_wrap=True, width=width, _environ=self.env.environ
+        )
 
     @cached_property
     def err_console(self) -> Console:
         from rich.console import Console
 
-        return Console(file=self.env.stderr, highlight=False, soft_wrap=True)
+        return Console(file=self.env.stderr, highlight=False, soft_wrap=True, _environ=self.env.environ)
 
     def print_json(self, data: Any) -> None:
         self.env.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
