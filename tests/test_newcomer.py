@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,24 @@ def test_rich_reads_the_given_environment_not_the_process(monkeypatch):
     with status_line(loud) as say:
         say("starting Jupyter")
     assert "starting Jupyter" in loud.stderr.getvalue()
+
+
+def test_an_unknown_option_is_told_by_its_command(tmp_path):
+    # `remotedl run --detatch train.py` showed remotedl's top-level usage and `remotedl --help`,
+    # which list none of run's options.
+    from remotedl.cli import main
+    from tests.conftest import make_env
+
+    env = make_env(tmp_path)
+    assert main(["run", "--detatch", "train.py"], env) == 2
+    err = env.stderr.getvalue()  # type: ignore[attr-defined]
+    assert "usage: remotedl run " in err
+    assert "unrecognized arguments: --detatch; did you mean --detach?" in err
+    assert "see `remotedl run --help`" in err
+    env = make_env(tmp_path)
+    assert main(["--json", "jobs", "--bogus"], env) == 2
+    assert json.loads(env.stdout.getvalue()) == {  # type: ignore[attr-defined]
+        "error": "unrecognized arguments: --bogus",
+        "hint": "see `remotedl jobs --help`",
+        "exit_code": 2,
+    }
