@@ -449,11 +449,20 @@ def parse_sbatch(stdout: str) -> tuple[str, str | None]:
     return job, cluster or None
 
 
+def sbatch_reason(lines: Sequence[str]) -> str:
+    """sbatch's reason for a refusal: its first ``error:`` line (the most specific: "invalid
+    partition specified: gpu" comes before "Batch job submission failed: Invalid partition
+    name specified"), else its first line, without the prefixes."""
+    lines = [x.strip() for x in lines if x.strip()]
+    first = next((x for x in lines if "error:" in x), lines[0] if lines else "")
+    for prefix in (r"^sbatch: (error: )?", r"^Batch job submission failed:\s*", r"^allocation failure:\s*"):
+        first = re.sub(prefix, "", first)
+    return first or "no reason given"
+
+
 def _submit_error(stderr: list[str]) -> RemoteError:
     text = " ".join(x.strip() for x in stderr if x.strip())
-    last = next((x for x in reversed(stderr) if "error" in x.lower()), stderr[-1] if stderr else "")
-    reason = re.sub(r"^sbatch: error:\s*", "", last.strip()) or "no reason given"
-    reason = re.sub(r"^Batch job submission failed:\s*", "", reason)
+    reason = sbatch_reason(stderr)
     low = text.lower()
     if "node configuration is not available" in low or "requested node config" in low:
         hint = "no node of the partition has that many GPUs (or that constraint): see `remotedl status`"
@@ -1267,7 +1276,7 @@ def checks_from(s: Mapping[str, list[str]], settings: SlurmSettings) -> list[Slu
 
     test = [x for x in s.get("testonly", []) if x.strip()]
     test_rc = (s.get("testonly_rc") or ["1"])[0].strip()
-    last = re.sub(r"^sbatch: (error: )?", "", test[-1].strip()) if test else ""
+    last = re.sub(r"^sbatch: ", "", test[-1].strip()) if test else ""
     if test_rc == "0":
         out.append(SlurmCheck("test submission", "ok", f"a 1-GPU job would be accepted: {last}"))
     else:
@@ -1275,7 +1284,7 @@ def checks_from(s: Mapping[str, list[str]], settings: SlurmSettings) -> list[Slu
             SlurmCheck(
                 "test submission",
                 "fail",
-                f"sbatch --test-only refused a 1-GPU job with this host's settings: {last or 'no reason'}",
+                f"sbatch --test-only refused a 1-GPU job with this host's settings: {sbatch_reason(test)}",
                 "check partition, account, qos, time and sbatch_args in [hosts.NAME]",
             )
         )

@@ -492,7 +492,10 @@ def test_doctor_lines():
                 assoc=["lab||normal,long|normal||gres/gpu=4|1-00:00:00|10|20", "other||||||||"],
                 assoc_rc=["0"],
                 qos=["normal|12:00:00|gres/gpu=2|4||", "long|7-00:00:00||||"],
-                testonly=["sbatch: error: invalid partition specified: nope"],
+                testonly=[
+                    "sbatch: error: invalid partition specified: nope",
+                    "allocation failure: Invalid partition name specified",
+                ],
                 testonly_rc=["1"],
                 modules=["ok cuda/12.4", "missing gcc/99"],
                 version=["slurm 21.08.8"],

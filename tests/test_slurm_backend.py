@@ -1,0 +1,239 @@
+"""remotedl.slurm against the real single-node cluster (tests/slurmcluster.py), through the
+login node's real sshd and the one channel (``Box.run``): submit, states from squeue/scontrol
+and from the job's own record, scancel, the cluster's status and doctor."""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remotedl import slurm
+from remotedl.errors import RemoteError
+from remotedl.slurm import BatchJob, JobRef, SlurmJob, SlurmSettings
+from remotedl.ssh import resolve_host
+from remotedl.ssh.channel import Box
+from remotedl.waiting import retry_until
+from tests.conftest import SlurmBox, make_env
+
+
+class Jobs:
+    """Submits jobs for one test into a work dir of its own; cancels what is left at the end."""
+
+    def __init__(self, login: SlurmBox, box: Box, base: Path) -> None:
+        self.login = login
+        self.box = box
+        self.base = base
+        self.refs: list[JobRef] = []
+        self.count = 0
+
+    def submit(self, command: str, settings: SlurmSettings | None = None, **kw: object) -> JobRef:
+        self.count += 1
+        n = str(self.count)
+        work = self.base / "work"
+        work.mkdir(exist_ok=True)
+        job = BatchJob(
+            job_id=n,
+            command=command,
+            workdir=str(work),
+            control_dir=str(self.base / "ctl" / n),
+            log=str(self.base / "logs" / f"{n}.log"),
+            **kw,  # type: ignore[arg-type]
+        )
+        got = slurm.submit(self.box, job, settings or SlurmSettings())
+        ref = JobRef(got.slurm_id, got.control_dir, job.log)
+        self.refs.append(ref)
+        return ref
+
+    def state(self, ref: JobRef) -> SlurmJob:
+        return slurm.query(self.box, [ref])[ref.slurm_id]
+
+    def wait(self, ref: JobRef, *states: str, seconds: float = 60) -> SlurmJob:
+        got = slurm.wait_for(self.box, ref, lambda j: j.state in states, seconds=seconds, interval=0.2)
+        assert got is not None, f"job {ref.slurm_id} never reached {states}: {self.state(ref)}"
+        return got
+
+    def log(self, ref: JobRef) -> str:
+        path = Path(ref.log)
+        return path.read_text() if path.exists() else ""
+
+    def hold(self, name: str) -> str:
+        """A command that waits for ``release(name)`` (no fixed sleeps)."""
+        return f"while [ ! -e {self.base}/{name} ]; do sleep 0.1; done"
+
+    def release(self, name: str) -> None:
+        (self.base / name).touch()
+
+
+@pytest.fixture
+def jobs(slurm_box: SlurmBox, tmp_path: Path) -> Iterator[Jobs]:
+    spec = resolve_host(make_env(tmp_path / "laptop"), slurm_box.name, ssh_config=slurm_box.info.ssh_config)
+    base = slurm_box.home / f"sl-{uuid.uuid4().hex[:8]}"
+    base.mkdir()
+    j = Jobs(slurm_box, Box(spec), base)
+    yield j
+    if j.refs:
+        slurm_box.ssh("scancel " + " ".join(r.slurm_id for r in j.refs), check=False)
+        for ref in j.refs:  # the next test starts with both GPUs free
+            retry_until(lambda ref=ref: j.state(ref).ended, seconds=30, interval=0.2)
+
+
+def test_submit_runs_in_the_job_dir_with_the_jobs_environment(jobs):
+    secret = f"tok-{uuid.uuid4().hex} 'q' $(nope)"
+    ref = jobs.submit(
+        'echo "id=$REMOTEDL_JOB_ID order=$CUDA_DEVICE_ORDER cvd=$CUDA_VISIBLE_DEVICES pwd=$PWD"\n'
+        'printf "%s\\n" "$TOKEN" > token.out\n'
+        f"{jobs.hold('go')}",
+        env={"TOKEN": secret},
+        name="first try",
+        gpus=1,
+    )
+    running = jobs.wait(ref, "RUNNING")
+    assert running.describe() == "RUNNING on localhost"
+    assert running.gpus == 1 and len(running.gpu_indices) == 1
+    ctl = Path(ref.control_dir)
+    # The --env values: a 0600 file while the job runs, in no process's argv.
+    assert stat.S_IMODE((ctl / "env").stat().st_mode) == 0o600
+    assert stat.S_IMODE(ctl.stat().st_mode) == 0o700
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        assert secret.encode() not in argv, f"the secret is in the argv of process {pid}"
+    jobs.release("go")
+    done = jobs.wait(ref, "COMPLETED")
+    assert (done.exit_code, done.status) == (0, "succeeded")
+    idx = running.gpu_indices[0]
+    assert jobs.log(ref) == f"id=1 order=PCI_BUS_ID cvd={idx} pwd={jobs.base / 'work'}\n"
+    assert (jobs.base / "work" / "token.out").read_text() == secret + "\n"
+    assert not (ctl / "env").exists()  # removed at the job's end
+    assert (ctl / "exit").read_text().split()[:2] == ["0", "0"]
+    names = jobs.login.ssh(f"squeue --noheader --states=all --jobs={ref.slurm_id} -o %j").stdout
+    assert names.strip() == "rdl-1-first_try"
+
+
+def test_two_jobs_get_disjoint_gpus_and_a_third_waits_for_resources(jobs):
+    a = jobs.submit(f"echo $CUDA_VISIBLE_DEVICES; {jobs.hold('a')}", gpus=1)
+    b = jobs.submit(f"echo $CUDA_VISIBLE_DEVICES; {jobs.hold('b')}", gpus=1)
+    got = [jobs.wait(r, "RUNNING").gpu_indices for r in (a, b)]
+    assert sorted(got) == [[0], [1]]
+    c = jobs.submit("echo $CUDA_VISIBLE_DEVICES", gpus=1)
+    pending = jobs.wait(c, "PENDING")
+    assert retry_until(lambda: jobs.state(c).reason == "Resources", seconds=30, interval=0.2)
+    assert pending.status == "queued"
+    assert jobs.state(c).describe() == "PENDING (Resources)"
+    jobs.release("a")
+    assert jobs.wait(c, "COMPLETED").exit_code == 0
+    assert jobs.log(c) == jobs.log(a)  # it got the GPU the first job gave back
+    jobs.release("b")
+    jobs.wait(b, "COMPLETED")
+
+
+def test_failing_job_reports_its_exit_code_also_after_slurm_forgot_it(jobs):
+    ref = jobs.submit("echo about to fail; exit 3", gpus=0)
+    done = jobs.wait(ref, "FAILED")
+    assert (done.exit_code, done.describe(), done.source) == (3, "FAILED (exit 3)", "scontrol")
+    assert jobs.log(ref) == "about to fail\n"
+    # Once a job has left squeue/scontrol (MinJobAge) on a cluster without accounting, its own
+    # record says how it ended: an id Slurm does not know, with this job's control dir.
+    gone = JobRef("99999999", ref.control_dir, ref.log)
+    state = slurm.query(jobs.box, [gone])["99999999"]
+    assert (state.source, state.state, state.exit_code, state.nodes) == ("job", "FAILED", 3, "localhost")
+
+
+def test_cancel_gives_cancelled_and_removes_the_env_file(jobs):
+    ref = jobs.submit(jobs.hold("never"), env={"K": "v"}, gpus=1)
+    jobs.wait(ref, "RUNNING")
+    assert (Path(ref.control_dir) / "env").exists()
+    state = slurm.cancel(jobs.box, ref)
+    assert (state.state, state.status, state.describe()) == ("CANCELLED", "killed", "CANCELLED")
+    assert not (Path(ref.control_dir) / "env").exists()
+    # The batch script saw the SIGTERM and recorded it.
+    assert retry_until((Path(ref.control_dir) / "exit").exists, seconds=30)
+    own = slurm.query(jobs.box, [JobRef("99999998", ref.control_dir, ref.log)])["99999998"]
+    assert own.state == "CANCELLED"
+
+
+def test_cancel_a_pending_job(jobs):
+    holders = [jobs.submit(jobs.hold("x"), gpus=1) for _ in range(2)]
+    for h in holders:
+        jobs.wait(h, "RUNNING")
+    waiting = jobs.submit("true", gpus=1, env={"K": "v"})
+    jobs.wait(waiting, "PENDING")
+    state = slurm.cancel(jobs.box, waiting)
+    assert state.state == "CANCELLED"
+    assert not (Path(waiting.control_dir) / "env").exists()  # never ran: removed by the cancel
+    jobs.release("x")
+
+
+def test_sbatch_refusal_is_one_clear_error(jobs):
+    with pytest.raises(
+        RemoteError, match="sbatch refused the job: Requested node configuration is not available"
+    ):
+        jobs.submit("true", gpus=3)
+    with pytest.raises(RemoteError, match=r"sbatch refused the job: invalid partition specified: nope$"):
+        jobs.submit("true", SlurmSettings(partition="nope"), gpus=1)
+    # Nothing secret left behind by a refused submission.
+    assert not list(jobs.base.glob("ctl/*/env"))
+
+
+def test_hostile_command_paths_and_options_arrive_as_data(jobs):
+    odd = jobs.base / "we%ird dir 'q'"
+    odd.mkdir()
+    work = odd / "work"
+    work.mkdir()
+    job = BatchJob(
+        job_id="9",
+        command='printf \'%s\\n\' "a  b" \'$HOME\' "$(printf x)"; echo "cwd=$PWD"',
+        workdir=str(work),
+        control_dir=str(odd / "ctl"),
+        log=str(odd / "l%j.log"),
+        name="x; rm -rf ~",
+        gpus=0,
+    )
+    got = slurm.submit(jobs.box, job, SlurmSettings(time="5", sbatch_args=("--comment=a b;c",)))
+    ref = JobRef(got.slurm_id, got.control_dir, job.log)
+    jobs.refs.append(ref)
+    assert jobs.wait(ref, "COMPLETED").exit_code == 0
+    assert Path(job.log).read_text() == f"a  b\n$HOME\nx\ncwd={work}\n"  # the % was not a pattern
+
+
+def test_cluster_status(jobs, slurm_box):
+    ref = jobs.submit(jobs.hold("s"), gpus=1, name="st")
+    jobs.wait(ref, "RUNNING")
+    status = slurm.cluster_status(jobs.box)
+    assert status.user == slurm_box.info.user
+    assert status.version.split()[-1][:2].isdigit()
+    assert [(p.name, p.default, p.gpus, p.gpus_used) for p in status.partitions] == [("debug", True, 2, 1)]
+    assert [(n.name, n.partitions, n.gpus, n.gpus_used) for n in status.nodes] == [
+        ("localhost", ["debug"], 2, 1)
+    ]
+    mine = {j.job_id: j for j in status.jobs}
+    assert mine[ref.slurm_id].name == "rdl-1-st" and mine[ref.slurm_id].gpus == 1
+    assert mine[ref.slurm_id].describe() == "RUNNING on localhost"
+    assert status.to_dict()["gpus_used"] == 1
+    jobs.release("s")
+
+
+def test_doctor_on_the_cluster(jobs):
+    checks = {c.name: c for c in slurm.doctor_checks(jobs.box, SlurmSettings(partition="debug"))}
+    assert checks["slurm commands"].status == "ok"
+    assert checks["slurm controller"].status == "ok" and "UP" in checks["slurm controller"].detail
+    assert checks["GPU partitions"].detail == "debug (2 GPUs)"
+    assert checks["partition"].status == "ok"
+    assert checks["test submission"].status == "ok", checks["test submission"].detail
+    assert checks["accounting"].status == "skip"
+    assert checks["account limits"].status == "skip"
+    bad = SlurmSettings(partition="nope", modules=("cuda/12.4",))
+    checks = {c.name: c for c in slurm.doctor_checks(jobs.box, bad)}
+    assert checks["partition"].status == "fail"
+    assert checks["test submission"].status == "fail"
+    assert checks["test submission"].detail.endswith("settings: invalid partition specified: nope")
+    assert checks["modules"].status == "fail"  # the test cluster has no module system
+    too_many = {c.name: c for c in slurm.doctor_checks(jobs.box, SlurmSettings(time="1", account="x"))}
+    assert too_many["test submission"].status in ("ok", "fail")  # no accounting: the account is not checked
