@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import re
 import time as _time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from remotedl.errors import ConfigError, RemoteError, UsageError
 from remotedl.schema import Status
 from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
+from remotedl.ssh.openssh import login_shell_safe, ssh_argv
+from remotedl.ssh.resolve import HostSpec
 from remotedl.waiting import retry_until
 
 GpuOption = Literal["gres", "gpus"]
@@ -981,6 +983,205 @@ def wait_for(
         return now if now is not None and until(now) else None
 
     return retry_until(check, seconds=seconds, interval=interval)
+
+
+# ------------------------------------------------------------------ following a job's log
+
+# Active states: the job may still write to its log (COMPLETING: slurmstepd may add a line).
+_ACTIVE_STATES = " ".join(sorted(_QUEUED | _RUNNING))
+
+# "$1" Slurm id, "$2" log, "$3" control dir, "$4" byte offset (empty: from "$6" lines before the
+# end, or 0), "$5" 1 to follow until the job ends, "$6" lines. Answers in frames on stdout:
+# "S OFFSET" first; "D N" then N bytes of the log; "Q LINE" when scontrol's state or reason
+# changed; "E" then the job's state lines (as the state script prints them) at its end.
+_FOLLOW = (
+    _STATE_FN
+    + r"""
+_id=$1 _log=$(expand_home "$2") _ctl=$(expand_home "$3") _off=$4 _follow=$5 _lines=$6
+_size() { if [ -f "$_log" ]; then wc -c < "$_log" | tr -d ' '; else echo 0; fi; }
+if [ -z "$_off" ]; then
+  _off=0
+  if [ -n "$_lines" ] && [ -f "$_log" ]; then
+    _s=$(_size); _t=$(tail -n "$_lines" "$_log" | wc -c | tr -d ' '); _off=$((_s - _t))
+  fi
+fi
+printf 'S %s\n' "$_off"
+_copy() {
+  _s=$(_size)
+  if [ "$_s" -gt "$_off" ]; then
+    printf 'D %s\n' $((_s - _off))
+    tail -c +$((_off + 1)) "$_log" | head -c $((_s - _off))
+    _off=$_s
+  fi
+}
+_seen= _st= _next=0 _n=0
+while :; do
+  if [ "$_n" -ge "$_next" ] || [ -f "$_ctl/exit" ]; then
+    _sc=$(scontrol --oneliner show job "$_id" 2>&1)
+    case $_sc in
+      JobId=*)
+        _st=$(printf '%s\n' "$_sc" | sed -n 's/.* JobState=\([A-Z_]*\).*/\1/p' | head -n 1)
+        _rs=$(printf '%s\n' "$_sc" | sed -n 's/.* Reason=\([^ ]*\).*/\1/p' | head -n 1)
+        if [ "$_st $_rs" != "$_seen" ]; then
+          _seen="$_st $_rs"; printf 'Q %s\n' "$(printf '%s\n' "$_sc" | head -n 1)"
+        fi;;
+      *"Invalid job id"*) _st=GONE;;
+      *) _st=;;  # the controller did not answer: keep following
+    esac
+    _next=$((_n + 10))
+  fi
+  _copy
+  case " ACTIVE_STATES  " in
+    *" $_st "*) ;;
+    *) [ -z "$_st" ] || break;;
+  esac
+  [ "$_follow" = 1 ] || break
+  sleep 0.2
+  _n=$((_n + 1))
+done
+_copy
+echo E
+rdl_state "$_id" "$3" "$2"
+""".replace("ACTIVE_STATES", _ACTIVE_STATES)
+)
+
+
+@dataclass
+class Following:
+    """Where a log follower stands: its byte offset and how often it reconnected."""
+
+    offset: int | None = None  # None: not started (``lines`` decides the first offset)
+    reconnects: int = 0
+    state: SlurmJob | None = None  # the last state seen
+
+
+class _Frames:
+    """Parses the follower's frames as bytes arrive."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.data_left = 0
+        self.ended = False  # after "E": the state lines
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[str, bytes]]:
+        self.buf += chunk
+        while self.buf:
+            if self.data_left:
+                piece = self.buf[: self.data_left]
+                self.buf = self.buf[len(piece) :]
+                self.data_left -= len(piece)
+                yield "D", piece
+                continue
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                if len(self.buf) > 1 << 20:
+                    raise RemoteError("the log follower sent a line it should not have")
+                return
+            line, self.buf = self.buf[:nl].decode(errors="replace"), self.buf[nl + 1 :]
+            kind, _, rest = line.partition(" ")
+            if self.ended:
+                yield "L", line.encode()
+            elif kind == "D" and rest.isdigit():
+                self.data_left = int(rest)
+            elif kind in ("S", "Q", "E"):
+                self.ended = kind == "E"
+                yield kind, rest.encode()
+            else:
+                raise RemoteError(f"the log follower sent {line[:60]!r}")
+
+
+def follow_log(
+    box: Box,
+    job: JobRef,
+    write: Callable[[bytes], None],
+    *,
+    follow: bool = True,
+    lines: int | None = None,
+    state: Following | None = None,
+    on_state: Callable[[SlurmJob], None] | None = None,
+    on_reconnect: Callable[[int], None] | None = None,
+    reconnect_for: float = 300.0,
+) -> SlurmJob:
+    """Copy the job's log from the login node to ``write``; following, until the job ends.
+    While it waits in the queue ``on_state`` hears each state (PENDING with its reason), and
+    each change after. A dropped connection is re-made and the log resumes at the byte offset
+    reached: no byte lost, none repeated. Returns the job's state at its end."""
+    from remotedl.ssh.channel import NoFrame
+    from remotedl.ssh.openssh import openssh_failure
+
+    st = state or Following()
+    down_since: float | None = None
+    while True:
+        p = box.start(
+            _FOLLOW,
+            job.slurm_id,
+            job.log,
+            job.control_dir,
+            "" if st.offset is None else str(st.offset),
+            "1" if follow else "0",
+            str(lines) if lines is not None and st.offset is None else "",
+        )
+        frames = _Frames()
+        ended: list[str] | None = None
+        framed = True
+        try:
+            while True:
+                try:
+                    chunk = p.read()
+                except NoFrame:
+                    framed = False
+                    break
+                if not chunk:
+                    break
+                for kind, data in frames.feed(chunk):
+                    if kind == "L" and ended is not None:
+                        ended.append(data.decode(errors="replace"))
+                    elif kind == "D":
+                        write(data)
+                        st.offset = (st.offset or 0) + len(data)
+                    elif kind == "S" and st.offset is None:
+                        st.offset = int(data)
+                    elif kind == "Q":
+                        seen = job_from_scontrol(parse_scontrol(data.decode(errors="replace")))
+                        st.state = seen
+                        if on_state is not None:
+                            on_state(seen)
+                    elif kind == "E":
+                        ended = []
+        except BaseException:
+            p.kill()
+            raise
+        code = p.wait()
+        if ended is not None:
+            tail = frames.buf.decode(errors="replace").splitlines()
+            final = parse_states("\n".join([*ended, *tail])).get(job.slurm_id)
+            st.state = final or st.state or SlurmJob(job.slurm_id, "UNKNOWN", source="none")
+            return st.state
+        err = p.stderr_text()
+        if (code == 255 or not framed) and follow:
+            now = _time.monotonic()
+            down_since = down_since or now
+            if now - down_since > reconnect_for:
+                raise openssh_failure(box.spec, err)
+            st.reconnects += 1
+            if on_reconnect is not None:
+                on_reconnect(st.reconnects)
+            _time.sleep(min(0.2 * 2 ** min(st.reconnects, 5), 5.0))
+            continue
+        if code == 255 or not framed:
+            raise openssh_failure(box.spec, err)
+        last = (p.stderr_lines or [f"exit {code}"])[-1]
+        raise RemoteError(f"reading the log of Slurm job {job.slurm_id} failed: {last}")
+
+
+def attach_argv(spec: HostSpec, slurm_id: str) -> list[str]:
+    """ssh with a terminal to the login node, then ``srun --overlap --pty`` into the job's
+    allocation: an interactive shell on its node, with its GPUs (``exit`` ends the shell, not
+    the job)."""
+    if not re.fullmatch(r"\d+", slurm_id):
+        raise RemoteError(f"{slurm_id!r} is not a Slurm job id")
+    script = f'exec srun --jobid={slurm_id} --overlap --pty "${{SHELL:-/bin/sh}}"'
+    return ssh_argv(spec, login_shell_safe(script), tty=True, batch=False)
 
 
 # ------------------------------------------------------------------ the cluster

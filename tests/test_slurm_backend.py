@@ -237,3 +237,111 @@ def test_doctor_on_the_cluster(jobs):
     assert checks["modules"].status == "fail"  # the test cluster has no module system
     too_many = {c.name: c for c in slurm.doctor_checks(jobs.box, SlurmSettings(time="1", account="x"))}
     assert too_many["test submission"].status in ("ok", "fail")  # no accounting: the account is not checked
+
+
+def test_follow_waits_while_pending_then_streams_to_the_end(jobs):
+    holders = [jobs.submit(jobs.hold("free"), gpus=1) for _ in range(2)]
+    for h in holders:
+        jobs.wait(h, "RUNNING")
+    ref = jobs.submit('for i in 1 2 3; do echo "line $i"; done; exit 4', gpus=1)
+    seen: list[str] = []
+    got = bytearray()
+
+    def on_state(s: SlurmJob) -> None:
+        seen.append(s.describe())
+        if s.describe() == "PENDING (Resources)":
+            jobs.release("free")  # GPUs come free once the follower has said why it waits
+
+    end = slurm.follow_log(jobs.box, ref, got.extend, on_state=on_state)
+    assert got.decode() == "line 1\nline 2\nline 3\n"
+    assert (end.state, end.exit_code) == ("FAILED", 4)
+    assert "PENDING (Resources)" in seen
+    assert seen[-1].startswith(("RUNNING", "COMPLETING", "FAILED")), seen
+    # Without following: the whole log, or its last lines, and the state.
+    whole = bytearray()
+    assert slurm.follow_log(jobs.box, ref, whole.extend, follow=False).exit_code == 4
+    assert whole == got
+    last = bytearray()
+    slurm.follow_log(jobs.box, ref, last.extend, follow=False, lines=1)
+    assert last.decode() == "line 3\n"
+
+
+def _drop_connections(login: SlurmBox) -> int:
+    """Kill sshd's per-connection children: every ssh connection to the login node drops."""
+    import signal
+    import subprocess
+
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(login.info.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def test_follow_resumes_at_its_byte_offset_after_a_dropped_connection(jobs):
+    import threading
+
+    ref = jobs.submit(
+        f'i=0; while [ $i -lt 20 ]; do i=$((i+1)); echo "line $i"; done; {jobs.hold("more")}\n'
+        'i=20; while [ $i -lt 40 ]; do i=$((i+1)); echo "line $i"; done',
+        gpus=0,
+    )
+    got = bytearray()
+    reconnects: list[int] = []
+    result: dict[str, SlurmJob] = {}
+
+    def follow() -> None:
+        result["end"] = slurm.follow_log(jobs.box, ref, got.extend, on_reconnect=reconnects.append)
+
+    t = threading.Thread(target=follow)
+    t.start()
+    assert retry_until(lambda: b"line 20\n" in got, seconds=60)
+    assert _drop_connections(jobs.login) >= 1
+    jobs.release("more")
+    t.join(90)
+    assert not t.is_alive()
+    assert reconnects, "the connection was dropped, so the follower must have reconnected"
+    assert got.decode() == "".join(f"line {i}\n" for i in range(1, 41))
+    assert result["end"].state == "COMPLETED"
+
+
+def test_attach_gives_a_shell_in_the_jobs_allocation(jobs, tmp_path):
+    import shlex
+    import subprocess
+
+    ref = jobs.submit(jobs.hold("done"), gpus=1)
+    running = jobs.wait(ref, "RUNNING")
+    sock = str(tmp_path / "tmux")
+    cmd = shlex.join(slurm.attach_argv(jobs.box.spec, ref.slurm_id))
+    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-x", "150", "-y", "30", cmd], check=True)
+
+    def screen() -> str:
+        r = subprocess.run(["tmux", "-S", sock, "capture-pane", "-p"], capture_output=True, text=True)
+        return r.stdout
+
+    try:
+        assert retry_until(lambda: screen().strip(), seconds=30), "no prompt from the shell in the job"
+        subprocess.run(
+            [
+                "tmux",
+                "-S",
+                sock,
+                "send-keys",
+                'echo "in-$SLURM_JOB_ID-gpu-$CUDA_VISIBLE_DEVICES-$(tty)"',
+                "Enter",
+            ],
+            check=True,
+        )
+        want = f"in-{ref.slurm_id}-gpu-{running.gpu_indices[0]}-/dev/pts/"
+        assert retry_until(lambda: want in screen(), seconds=30), screen()
+        subprocess.run(["tmux", "-S", sock, "send-keys", "exit", "Enter"], check=True)
+        assert retry_until(
+            lambda: subprocess.run(["tmux", "-S", sock, "has-session"], capture_output=True).returncode != 0,
+            seconds=30,
+        )
+        assert jobs.state(ref).state == "RUNNING"  # the shell ended, the job did not
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], check=False, capture_output=True)
+    jobs.release("done")
+    with pytest.raises(RemoteError, match="not a Slurm job id"):
+        slurm.attach_argv(jobs.box.spec, "1; reboot")
