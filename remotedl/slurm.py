@@ -410,7 +410,7 @@ umask 077
 command -v sbatch >/dev/null 2>&1 || { echo "@@error sbatch is not on the login node's PATH"; exit 0; }
 [ -d "$_wd" ] || { echo "@@error the job's directory $_wd does not exist on the login node"; exit 0; }
 mkdir -p "$_ctl" "$(dirname "$_log")" || { echo "@@error cannot make $_ctl"; exit 0; }
-rm -f "$_ctl/env" "$_ctl/exit" "$_ctl/started"
+rm -f "$_ctl/env" "$_ctl/exit" "$_ctl/started" "$_ctl/slurm_id" "$_ctl/jupyter" "$_log"
 if [ "$_bash" = 1 ] && [ -x /bin/bash ]; then echo '#!/bin/bash'; else echo '#!/bin/sh'; fi > "$_ctl/batch.sh"
 cat >> "$_ctl/batch.sh" <<'RDL_BATCH_SCRIPT_END'
 """
@@ -426,6 +426,7 @@ _rc=$?
 sed 's/^/@@stderr /' "$_ctl/sbatch.err"
 if [ "$_rc" -ne 0 ]; then rm -f "$_ctl/env"; echo "@@rc $_rc"; exit 0; fi
 printf '@@job %s\n' "$_out"
+printf '%s\n' "$_out" > "$_ctl/slurm_id"
 printf '@@control %s\n' "$_ctl"
 """
 )
@@ -1182,6 +1183,179 @@ def attach_argv(spec: HostSpec, slurm_id: str) -> list[str]:
         raise RemoteError(f"{slurm_id!r} is not a Slurm job id")
     script = f'exec srun --jobid={slurm_id} --overlap --pty "${{SHELL:-/bin/sh}}"'
     return ssh_argv(spec, login_shell_safe(script), tty=True, batch=False)
+
+
+# ------------------------------------------------------------------ Jupyter as a batch job
+
+# The job's command (a constant; the token arrives as JUPYTER_TOKEN from the job's env file).
+# It binds the address the node's name resolves to (what the login node reaches), picks a free
+# port there, and writes "ADDRESS PORT APP NODE" to the control directory ($_rdl_ctl, set by
+# the batch script) before Jupyter starts.
+JUPYTER_COMMAND = r"""
+_node=${SLURMD_NODENAME:-$(hostname)}
+_addr=$(getent ahostsv4 "$_node" 2>/dev/null | awk 'NR == 1 { print $1 }')
+[ -n "$_addr" ] || _addr=0.0.0.0
+_j=$(command -v jupyter) || {
+  echo "remotedl: jupyter is not installed in the project's environment on $_node" >&2; exit 127; }
+_py=$(command -v python3 || command -v python)
+_port=$("$_py" -c 'import socket, sys
+s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$_addr") || exit 1
+_app=server; "$_j" lab --version >/dev/null 2>&1 && _app=lab
+_root=--ServerApp.allow_root=False; [ "$(id -u)" = 0 ] && _root=--allow-root
+printf '%s %s %s %s\n' "$_addr" "$_port" "$_app" "$_node" > "$_rdl_ctl/jupyter"
+exec "$_j" "$_app" --no-browser --ServerApp.ip="$_addr" --ServerApp.port="$_port" \
+  --ServerApp.port_retries=0 --ServerApp.root_dir=. "$_root"
+"""
+
+# "$1" control dir, "$2" log: what a look at a Jupyter job needs besides its Slurm state.
+_JUPYTER_LOOK = (
+    EXPAND_HOME
+    + r"""
+_ctl=$(expand_home "$1") _log=$(expand_home "$2")
+[ -f "$_ctl/slurm_id" ] && printf '@@slurm_id %s\n' "$(cat "$_ctl/slurm_id")"
+[ -f "$_ctl/jupyter" ] && printf '@@jupyter %s\n' "$(cat "$_ctl/jupyter")"
+[ -f "$_ctl/jupyter" ] && [ -f "$_log" ] && grep -q 'is running at' "$_log" && echo '@@ready'
+[ -f "$_ctl/env" ] && { echo '@@env'; od -An -v -tx1 "$_ctl/env"; }
+[ -f "$_log" ] && { echo '@@log'; tail -n 5 "$_log"; }
+echo '@@end'
+"""
+)
+
+
+@dataclass
+class SlurmJupyter:
+    """A Jupyter server running as a Slurm job."""
+
+    slurm_id: str
+    node: str  # the node's name, from Slurm (the tunnel's target, resolved by the login node)
+    address: str  # the address Jupyter listens on, on the node
+    port: int
+    token: str
+    lab: bool
+    control_dir: str
+    log: str
+    started: bool  # True when this call submitted it
+
+    def url(self, local_port: int) -> str:
+        return f"http://127.0.0.1:{local_port}/{'lab' if self.lab else ''}?token={self.token}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("token")  # a secret: only in the URL the user asked for
+        return out
+
+
+def _token_from_env(hex_lines: Sequence[str]) -> str | None:
+    """JUPYTER_TOKEN from the job's env file, as ``od -An -tx1`` printed it."""
+    try:
+        values = decode_values(bytes.fromhex("".join("".join(hex_lines).split())))
+    except ValueError:
+        return None
+    return dict(zip(values[::2], values[1::2], strict=False)).get("JUPYTER_TOKEN")
+
+
+def look_jupyter(box: Box, control_dir: str, log: str) -> tuple[dict[str, list[str]], SlurmJob | None]:
+    """What the control directory of a Jupyter job says, and its Slurm state (two execs only
+    when a job id is there)."""
+    marks = mark_sections(box.run(_JUPYTER_LOOK, control_dir, log).stdout)
+    slurm_id = (marks.get("slurm_id") or [""])[0].strip()
+    if not slurm_id:
+        return marks, None
+    return marks, query(box, [JobRef(slurm_id, control_dir, log)]).get(slurm_id)
+
+
+def _running_jupyter(
+    marks: Mapping[str, list[str]], state: SlurmJob | None, control_dir: str, log: str, started: bool
+) -> SlurmJupyter | None:
+    if state is None or state.state != "RUNNING" or "ready" not in marks or not marks.get("jupyter"):
+        return None
+    parts = marks["jupyter"][0].split()
+    token = _token_from_env(marks.get("env", []))
+    if len(parts) < 4 or not parts[1].isdigit() or token is None:
+        return None
+    return SlurmJupyter(
+        slurm_id=state.job_id,
+        node=state.nodes or parts[3],
+        address=parts[0],
+        port=int(parts[1]),
+        token=token,
+        lab=parts[2] == "lab",
+        control_dir=control_dir,
+        log=log,
+        started=started,
+    )
+
+
+def find_or_start_jupyter(
+    box: Box,
+    *,
+    workdir: str,
+    control_dir: str,
+    log: str,
+    settings: SlurmSettings,
+    remote_dir: str = "",
+    gpus: int = 1,
+    conda: str | None = None,
+    env_setup: str | None = None,
+    timeout: float = 600.0,
+    on_progress: Callable[[str], None] | None = None,
+) -> SlurmJupyter:
+    """Reuse the project's Jupyter job when it runs; else submit one (``gpus`` GPUs, the host's
+    settings), wait while it is PENDING (saying why) until Jupyter answers on its node."""
+    import secrets
+
+    say = on_progress or (lambda text: None)
+    marks, state = look_jupyter(box, control_dir, log)
+    found = _running_jupyter(marks, state, control_dir, log, started=False)
+    if found is not None:
+        return found
+    if state is not None and not state.ended:
+        cancel(box, JobRef(state.job_id, control_dir, log))  # a leftover that never came up
+    token = secrets.token_hex(24)
+    job = BatchJob(
+        job_id="jupyter",
+        name="jupyter",
+        command=JUPYTER_COMMAND,
+        workdir=workdir,
+        control_dir=control_dir,
+        log=log,
+        remote_dir=remote_dir,
+        gpus=gpus,
+        env={"JUPYTER_TOKEN": token},
+        conda=conda,
+        env_setup=env_setup,
+    )
+    sub = submit(box, job, settings)
+    ref = JobRef(sub.slurm_id, sub.control_dir, log)
+    said = ""
+
+    def up() -> SlurmJupyter | None:
+        nonlocal said
+        look, now = look_jupyter(box, control_dir, log)
+        if now is not None and now.ended:
+            tail = " ".join(look.get("log", [])[-2:]).strip()
+            raise RemoteError(
+                f"the Jupyter job {sub.slurm_id} ended: {now.describe()}" + (f": {tail}" if tail else ""),
+                hint=f"its output is in {log} on the login node",
+            )
+        words = now.describe() if now is not None else "submitted"
+        if words != said:
+            said = words
+            say(f"Jupyter job {sub.slurm_id}: {words}")
+        return _running_jupyter(look, now, control_dir, log, started=True)
+
+    try:
+        server = retry_until(up, seconds=timeout, interval=1.0)
+    except BaseException:
+        cancel(box, ref)
+        raise
+    if server is None:
+        cancel(box, ref)
+        raise RemoteError(
+            f"Jupyter did not come up within {timeout:g} s (job {sub.slurm_id}: {said}); cancelled it",
+            hint="see `remotedl status` for the queue, or ask for fewer GPUs",
+        )
+    return server
 
 
 # ------------------------------------------------------------------ the cluster

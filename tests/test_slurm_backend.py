@@ -345,3 +345,60 @@ def test_attach_gives_a_shell_in_the_jobs_allocation(jobs, tmp_path):
     jobs.release("done")
     with pytest.raises(RemoteError, match="not a Slurm job id"):
         slurm.attach_argv(jobs.box.spec, "1; reboot")
+
+
+def test_jupyter_as_a_batch_job_reached_through_the_login_node(jobs, slurm_box):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from remotedl.waiting import free_port
+
+    work = jobs.base / "nb"
+    bindir = work / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    for tool in ("python", "jupyter"):  # the test's own Jupyter as the project's environment
+        (bindir / tool).symlink_to(Path(sys.executable).parent / tool)
+    said: list[str] = []
+    kw = {
+        "workdir": str(work),
+        "control_dir": str(jobs.base / "jctl"),
+        "log": str(jobs.base / "jctl" / "jupyter.log"),
+        "settings": SlurmSettings(),
+        "timeout": 120.0,
+    }
+    server = slurm.find_or_start_jupyter(jobs.box, on_progress=said.append, **kw)  # type: ignore[arg-type]
+    jobs.refs.append(JobRef(server.slurm_id, server.control_dir, server.log))
+    assert server.started and server.node == "localhost" and server.address == "127.0.0.1"
+    assert any("RUNNING" in s for s in said), said
+    assert "token" not in json.dumps(server.to_dict())
+    # The token reached Jupyter through the env file: in no process's argv.
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            assert server.token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+    local = free_port()
+    forward = ["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{local}:{server.node}:{server.port}"]
+    tunnel = subprocess.Popen(slurm_box.ssh_argv(options=forward), stdin=subprocess.DEVNULL)
+    try:
+
+        def status() -> dict[str, object] | None:
+            url = f"http://127.0.0.1:{local}/api/status?token={server.token}"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    return dict(json.loads(r.read()))
+            except OSError:
+                return None
+
+        answer = retry_until(status, seconds=30, interval=0.2)
+        assert answer is not None and "started" in answer
+    finally:
+        tunnel.terminate()
+        tunnel.wait(timeout=10)
+    # A second call finds the running job instead of submitting another.
+    again = slurm.find_or_start_jupyter(jobs.box, **kw)  # type: ignore[arg-type]
+    assert (again.slurm_id, again.token, again.started) == (server.slurm_id, server.token, False)
+    end = slurm.cancel(jobs.box, JobRef(server.slurm_id, server.control_dir, server.log))
+    assert end.state == "CANCELLED"
