@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from remotedl import slurm
+from remotedl import slurmhost
 from remotedl.errors import RemoteError
 from remotedl.slurm import BatchJob, JobRef, SlurmJob, SlurmSettings
 from remotedl.ssh import resolve_host
@@ -44,16 +44,16 @@ class Jobs:
             log=str(self.base / "logs" / f"{n}.log"),
             **kw,  # type: ignore[arg-type]
         )
-        got = slurm.submit(self.box, job, settings or SlurmSettings())
+        got = slurmhost.submit(self.box, job, settings or SlurmSettings())
         ref = JobRef(got.slurm_id, got.control_dir, job.log)
         self.refs.append(ref)
         return ref
 
     def state(self, ref: JobRef) -> SlurmJob:
-        return slurm.query(self.box, [ref])[ref.slurm_id]
+        return slurmhost.query(self.box, [ref])[ref.slurm_id]
 
     def wait(self, ref: JobRef, *states: str, seconds: float = 60) -> SlurmJob:
-        got = slurm.wait_for(self.box, ref, lambda j: j.state in states, seconds=seconds, interval=0.2)
+        got = slurmhost.wait_for(self.box, ref, lambda j: j.state in states, seconds=seconds, interval=0.2)
         assert got is not None, f"job {ref.slurm_id} never reached {states}: {self.state(ref)}"
         return got
 
@@ -142,7 +142,7 @@ def test_failing_job_reports_its_exit_code_also_after_slurm_forgot_it(jobs):
     # Once a job has left squeue/scontrol (MinJobAge) on a cluster without accounting, its own
     # record says how it ended: an id Slurm does not know, with this job's control dir.
     gone = JobRef("99999999", ref.control_dir, ref.log)
-    state = slurm.query(jobs.box, [gone])["99999999"]
+    state = slurmhost.query(jobs.box, [gone])["99999999"]
     assert (state.source, state.state, state.exit_code, state.nodes) == ("job", "FAILED", 3, "localhost")
 
 
@@ -150,12 +150,12 @@ def test_cancel_gives_cancelled_and_removes_the_env_file(jobs):
     ref = jobs.submit(jobs.hold("never"), env={"K": "v"}, gpus=1)
     jobs.wait(ref, "RUNNING")
     assert (Path(ref.control_dir) / "env").exists()
-    state = slurm.cancel(jobs.box, ref)
+    state = slurmhost.cancel(jobs.box, ref)
     assert (state.state, state.status, state.describe()) == ("CANCELLED", "killed", "CANCELLED")
     assert not (Path(ref.control_dir) / "env").exists()
     # The batch script saw the SIGTERM and recorded it.
     assert retry_until((Path(ref.control_dir) / "exit").exists, seconds=30)
-    own = slurm.query(jobs.box, [JobRef("99999998", ref.control_dir, ref.log)])["99999998"]
+    own = slurmhost.query(jobs.box, [JobRef("99999998", ref.control_dir, ref.log)])["99999998"]
     assert own.state == "CANCELLED"
 
 
@@ -165,7 +165,7 @@ def test_cancel_a_pending_job(jobs):
         jobs.wait(h, "RUNNING")
     waiting = jobs.submit("true", gpus=1, env={"K": "v"})
     jobs.wait(waiting, "PENDING")
-    state = slurm.cancel(jobs.box, waiting)
+    state = slurmhost.cancel(jobs.box, waiting)
     assert state.state == "CANCELLED"
     assert not (Path(waiting.control_dir) / "env").exists()  # never ran: removed by the cancel
     jobs.release("x")
@@ -196,7 +196,7 @@ def test_hostile_command_paths_and_options_arrive_as_data(jobs):
         name="x; rm -rf ~",
         gpus=0,
     )
-    got = slurm.submit(jobs.box, job, SlurmSettings(time="5", sbatch_args=("--comment=a b;c",)))
+    got = slurmhost.submit(jobs.box, job, SlurmSettings(time="5", sbatch_args=("--comment=a b;c",)))
     ref = JobRef(got.slurm_id, got.control_dir, job.log)
     jobs.refs.append(ref)
     assert jobs.wait(ref, "COMPLETED").exit_code == 0
@@ -206,7 +206,7 @@ def test_hostile_command_paths_and_options_arrive_as_data(jobs):
 def test_cluster_status(jobs, slurm_box):
     ref = jobs.submit(jobs.hold("s"), gpus=1, name="st")
     jobs.wait(ref, "RUNNING")
-    status = slurm.cluster_status(jobs.box)
+    status = slurmhost.cluster_status(jobs.box)
     assert status.user == slurm_box.info.user
     assert status.version.split()[-1][:2].isdigit()
     assert [(p.name, p.default, p.gpus, p.gpus_used) for p in status.partitions] == [("debug", True, 2, 1)]
@@ -221,7 +221,7 @@ def test_cluster_status(jobs, slurm_box):
 
 
 def test_doctor_on_the_cluster(jobs):
-    checks = {c.name: c for c in slurm.doctor_checks(jobs.box, SlurmSettings(partition="debug"))}
+    checks = {c.name: c for c in slurmhost.doctor_checks(jobs.box, SlurmSettings(partition="debug"))}
     assert checks["slurm commands"].status == "ok"
     assert checks["slurm controller"].status == "ok" and "UP" in checks["slurm controller"].detail
     assert checks["GPU partitions"].detail == "debug (2 GPUs)"
@@ -230,12 +230,12 @@ def test_doctor_on_the_cluster(jobs):
     assert checks["accounting"].status == "skip"
     assert checks["account limits"].status == "skip"
     bad = SlurmSettings(partition="nope", modules=("cuda/12.4",))
-    checks = {c.name: c for c in slurm.doctor_checks(jobs.box, bad)}
+    checks = {c.name: c for c in slurmhost.doctor_checks(jobs.box, bad)}
     assert checks["partition"].status == "fail"
     assert checks["test submission"].status == "fail"
     assert checks["test submission"].detail.endswith("settings: invalid partition specified: nope")
     assert checks["modules"].status == "fail"  # the test cluster has no module system
-    too_many = {c.name: c for c in slurm.doctor_checks(jobs.box, SlurmSettings(time="1", account="x"))}
+    too_many = {c.name: c for c in slurmhost.doctor_checks(jobs.box, SlurmSettings(time="1", account="x"))}
     assert too_many["test submission"].status in ("ok", "fail")  # no accounting: the account is not checked
 
 
@@ -252,17 +252,17 @@ def test_follow_waits_while_pending_then_streams_to_the_end(jobs):
         if s.describe() == "PENDING (Resources)":
             jobs.release("free")  # GPUs come free once the follower has said why it waits
 
-    end = slurm.follow_log(jobs.box, ref, got.extend, on_state=on_state)
+    end = slurmhost.follow_log(jobs.box, ref, got.extend, on_state=on_state)
     assert got.decode() == "line 1\nline 2\nline 3\n"
     assert (end.state, end.exit_code) == ("FAILED", 4)
     assert "PENDING (Resources)" in seen
     assert seen[-1].startswith(("RUNNING", "COMPLETING", "FAILED")), seen
     # Without following: the whole log, or its last lines, and the state.
     whole = bytearray()
-    assert slurm.follow_log(jobs.box, ref, whole.extend, follow=False).exit_code == 4
+    assert slurmhost.follow_log(jobs.box, ref, whole.extend, follow=False).exit_code == 4
     assert whole == got
     last = bytearray()
-    slurm.follow_log(jobs.box, ref, last.extend, follow=False, lines=1)
+    slurmhost.follow_log(jobs.box, ref, last.extend, follow=False, lines=1)
     assert last.decode() == "line 3\n"
 
 
@@ -291,7 +291,7 @@ def test_follow_resumes_at_its_byte_offset_after_a_dropped_connection(jobs):
     result: dict[str, SlurmJob] = {}
 
     def follow() -> None:
-        result["end"] = slurm.follow_log(jobs.box, ref, got.extend, on_reconnect=reconnects.append)
+        result["end"] = slurmhost.follow_log(jobs.box, ref, got.extend, on_reconnect=reconnects.append)
 
     t = threading.Thread(target=follow)
     t.start()
@@ -312,7 +312,7 @@ def test_attach_gives_a_shell_in_the_jobs_allocation(jobs, tmp_path):
     ref = jobs.submit(jobs.hold("done"), gpus=1)
     running = jobs.wait(ref, "RUNNING")
     sock = str(tmp_path / "tmux")
-    cmd = shlex.join(slurm.attach_argv(jobs.box.spec, ref.slurm_id))
+    cmd = shlex.join(slurmhost.attach_argv(jobs.box.spec, ref.slurm_id))
     subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-x", "150", "-y", "30", cmd], check=True)
 
     def screen() -> str:
@@ -344,7 +344,7 @@ def test_attach_gives_a_shell_in_the_jobs_allocation(jobs, tmp_path):
         subprocess.run(["tmux", "-S", sock, "kill-server"], check=False, capture_output=True)
     jobs.release("done")
     with pytest.raises(RemoteError, match="not a Slurm job id"):
-        slurm.attach_argv(jobs.box.spec, "1; reboot")
+        slurmhost.attach_argv(jobs.box.spec, "1; reboot")
 
 
 def test_jupyter_as_a_batch_job_reached_through_the_login_node(jobs, slurm_box):
@@ -368,7 +368,7 @@ def test_jupyter_as_a_batch_job_reached_through_the_login_node(jobs, slurm_box):
         "settings": SlurmSettings(),
         "timeout": 120.0,
     }
-    server = slurm.find_or_start_jupyter(jobs.box, on_progress=said.append, **kw)  # type: ignore[arg-type]
+    server = slurmhost.find_or_start_jupyter(jobs.box, on_progress=said.append, **kw)  # type: ignore[arg-type]
     jobs.refs.append(JobRef(server.slurm_id, server.control_dir, server.log))
     assert server.started and server.node == "localhost" and server.address == "127.0.0.1"
     assert any("RUNNING" in s for s in said), said
@@ -398,7 +398,7 @@ def test_jupyter_as_a_batch_job_reached_through_the_login_node(jobs, slurm_box):
         tunnel.terminate()
         tunnel.wait(timeout=10)
     # A second call finds the running job instead of submitting another.
-    again = slurm.find_or_start_jupyter(jobs.box, **kw)  # type: ignore[arg-type]
+    again = slurmhost.find_or_start_jupyter(jobs.box, **kw)  # type: ignore[arg-type]
     assert (again.slurm_id, again.token, again.started) == (server.slurm_id, server.token, False)
-    end = slurm.cancel(jobs.box, JobRef(server.slurm_id, server.control_dir, server.log))
+    end = slurmhost.cancel(jobs.box, JobRef(server.slurm_id, server.control_dir, server.log))
     assert end.state == "CANCELLED"

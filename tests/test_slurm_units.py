@@ -5,13 +5,12 @@ the outputs recorded from the real cluster (tests/slurm/NOTES.md). No Slurm need
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from remotedl import slurm
+from remotedl import slurm, slurmhost
 from remotedl.errors import ConfigError, UsageError
 from remotedl.slurm import BatchJob, SlurmSettings
 
@@ -257,12 +256,12 @@ def test_bad_params_file_is_refused(tmp_path):
     assert r.returncode == 125 and "cannot read" in r.stderr
 
 
-def test_the_submit_script_carries_the_batch_script_verbatim():
-    assert slurm.BATCH_SCRIPT in slurm._SUBMIT
+def test_the_scripts_parse_and_carry_the_batch_script_verbatim():
+    assert slurm.BATCH_SCRIPT in slurmhost._SUBMIT
     assert "RDL_BATCH_SCRIPT_END" not in slurm.BATCH_SCRIPT
-    if shutil.which("bash"):
-        for script in (slurm._SUBMIT, slurm._QUERY, slurm._CANCEL, slurm._STATUS, slurm._DOCTOR):
-            assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+    scripts = (slurmhost._SUBMIT, slurmhost._QUERY, slurmhost._CANCEL, slurmhost._FOLLOW, slurmhost._STATUS)
+    for script in (*scripts, slurmhost._DOCTOR, slurmhost._JUPYTER_LOOK, slurm.BATCH_SCRIPT):
+        assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
 
 
 # ------------------------------------------------------------------ parsers (outputs from NOTES.md)
@@ -450,7 +449,7 @@ def test_sbatch_answers_and_refusals():
     assert slurm.parse_sbatch("12;remotedl\n") == ("12", "remotedl")
     with pytest.raises(Exception, match="expected a job id"):
         slurm.parse_sbatch("Submitted batch job 12")
-    err = slurm._submit_error(
+    err = slurm.submit_error(
         ["sbatch: error: Batch job submission failed: Requested node configuration is not available"]
     )
     assert err.message == "sbatch refused the job: Requested node configuration is not available"
@@ -459,7 +458,7 @@ def test_sbatch_answers_and_refusals():
 
 def _doctor_sections(**over: list[str]) -> dict[str, list[str]]:
     s: dict[str, list[str]] = {
-        "commands": [f"{c} /usr/bin/{c}" for c in slurm.SLURM_COMMANDS],
+        "commands": [f"{c} /usr/bin/{c}" for c in slurmhost.SLURM_COMMANDS],
         "version": ["slurm-wlm 22.05.8"],
         "ping": ["Slurmctld(primary) at vm is UP"],
         "ping_rc": ["0"],
@@ -476,7 +475,7 @@ def _doctor_sections(**over: list[str]) -> dict[str, list[str]]:
 
 
 def test_doctor_lines():
-    checks = {c.name: c for c in slurm.checks_from(_doctor_sections(), SlurmSettings(partition="debug"))}
+    checks = {c.name: c for c in slurmhost.checks_from(_doctor_sections(), SlurmSettings(partition="debug"))}
     assert checks["slurm commands"].status == "ok"
     assert checks["GPU partitions"].detail == "debug (2 GPUs)"
     assert checks["partition"].status == "ok"
@@ -487,7 +486,7 @@ def test_doctor_lines():
 
     checks = {
         c.name: c
-        for c in slurm.checks_from(
+        for c in slurmhost.checks_from(
             _doctor_sections(
                 assoc=["lab||normal,long|normal||gres/gpu=4|1-00:00:00|10|20", "other||||||||"],
                 assoc_rc=["0"],
@@ -512,7 +511,7 @@ def test_doctor_lines():
     assert checks["modules"].status == "fail" and checks["modules"].detail == "not available: gcc/99"
     assert checks["slurm version"].status == "warn"
 
-    missing = slurm.checks_from(
+    missing = slurmhost.checks_from(
         _doctor_sections(commands=["sbatch ", "squeue /usr/bin/squeue"]), SlurmSettings()
     )
     assert [c.status for c in missing] == ["fail"] and "sbatch" in missing[0].detail
