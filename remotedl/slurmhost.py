@@ -115,9 +115,12 @@ _STATE_FN = (
 rdl_state() {
   _id=$1 _ctl=$(expand_home "$2") _log=$(expand_home "$3")
   printf '@@job %s\n' "$_id"
-  _sc=$(scontrol --oneliner --details show job "$_id" 2>/dev/null)
-  if [ -n "$_sc" ]; then
+  _sc=$(scontrol --oneliner --details show job "$_id" 2>&1)
+  _rc=$?
+  if [ "$_rc" -eq 0 ] && [ -n "$_sc" ]; then
     printf '%s\n' "$_sc" | sed 's/^/@@scontrol /'
+  elif [ "$_rc" -ne 0 ] && ! printf '%s' "$_sc" | grep -q 'Invalid job id'; then
+    printf '@@unreachable %s\n' "$(printf '%s\n' "$_sc" | tail -n 1)"
   else
     sacct --noheader --parsable2 --allocations --jobs="$_id" --format=SACCT_FIELDS 2>/dev/null |
       sed 's/^/@@sacct /'

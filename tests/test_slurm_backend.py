@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from remotedl import slurmhost
+from remotedl import slurm, slurmhost
 from remotedl.errors import RemoteError
 from remotedl.slurm import BatchJob, JobRef, SlurmJob, SlurmSettings
 from remotedl.ssh import resolve_host
@@ -402,3 +402,47 @@ def test_jupyter_as_a_batch_job_reached_through_the_login_node(jobs, slurm_box):
     assert (again.slurm_id, again.token, again.started) == (server.slurm_id, server.token, False)
     end = slurmhost.cancel(jobs.box, JobRef(server.slurm_id, server.control_dir, server.log))
     assert end.state == "CANCELLED"
+
+
+def test_the_login_node_side_submits_reads_states_and_cancels(slurm_box, tmp_path, monkeypatch):
+    """What the agent runs on the login node (submit_here, state_here, cancel_here), run here:
+    this machine is the test cluster's login node."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_box.cluster.conf))
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def job(n: str, command: str, env: dict[str, str], gpus: int) -> BatchJob:
+        ctl, log = str(tmp_path / "ctl" / n), str(tmp_path / "logs" / f"{n}.log")
+        return BatchJob(n, command, str(work), ctl, log, env=env, gpus=gpus)
+
+    hold = f"while [ ! -e {tmp_path}/go ]; do sleep 0.1; done"
+    secret = f"s-{uuid.uuid4().hex}"
+    first = job("1", f'echo "$TOKEN $REMOTEDL_JOB_ID"; {hold}; exit 3', env={"TOKEN": secret}, gpus=1)
+    got = slurm.submit_here(first, SlurmSettings())
+    ref = JobRef(got.slurm_id, got.control_dir, first.log)
+    try:
+        assert stat.S_IMODE(os.stat(Path(ref.control_dir) / "env").st_mode) == 0o600
+        running = retry_until(lambda: (s := slurm.state_here(ref)).state == "RUNNING" and s, seconds=60)
+        assert running and running.gpu_indices in ([0], [1])
+        (tmp_path / "go").touch()
+        done = retry_until(lambda: (s := slurm.state_here(ref)).ended and s, seconds=60)
+        assert done and (done.state, done.exit_code) == ("FAILED", 3)
+        assert Path(first.log).read_text() == f"{secret} 1\n"
+        assert not (Path(ref.control_dir) / "env").exists()
+        # After Slurm forgot it (no accounting here): the job's own record.
+        gone = slurm.state_here(JobRef("99999997", ref.control_dir, ref.log))
+        assert (gone.source, gone.state, gone.exit_code) == ("job", "FAILED", 3)
+
+        second = job("2", "sleep 300", env={"K": "v"}, gpus=0)
+        got2 = slurm.submit_here(second, SlurmSettings())
+        ref2 = JobRef(got2.slurm_id, got2.control_dir, second.log)
+        assert retry_until(lambda: slurm.state_here(ref2).state == "RUNNING", seconds=60)
+        end = slurm.cancel_here(ref2)
+        assert (end.state, end.status) == ("CANCELLED", "killed")
+        assert not (Path(ref2.control_dir) / "env").exists()
+
+        with pytest.raises(RemoteError, match="sbatch refused the job: Requested node configuration"):
+            slurm.submit_here(job("3", "true", env={"K": "v"}, gpus=5), SlurmSettings())
+        assert not (tmp_path / "ctl" / "3" / "env").exists()
+    finally:
+        (tmp_path / "go").touch()

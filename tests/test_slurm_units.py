@@ -383,6 +383,8 @@ def test_state_prefers_scontrol_then_sacct_then_the_jobs_own_record():
         "@@job 7\n@@started 1700000000 node3 7\n@@timelimit\n@@exit 143 1 1700000099\n@@done\n"
         "@@job 8\n@@started 1700000000 node3 8\n@@done\n"
         "@@job 9\n@@done\n"
+        "@@job 10\n@@unreachable slurm_load_jobs error: Unable to contact slurm controller\n"
+        "@@exit 0 0 1700000001\n@@done\n"
     )
     states = slurm.parse_states(text)
     assert states["4"].source == "scontrol" and states["4"].exit_code == 3
@@ -397,6 +399,10 @@ def test_state_prefers_scontrol_then_sacct_then_the_jobs_own_record():
     assert states["8"].state == "UNKNOWN" and "without recording its end" in states["8"].reason
     assert states["8"].status == "lost"
     assert states["9"].state == "UNKNOWN" and "before it started" in states["9"].reason
+    # No answer from the controller: nothing is known (the job's own files are not guessed from)
+    ten = states["10"]
+    assert (ten.state, ten.known, ten.ended) == ("UNREACHABLE", False, False)
+    assert "Unable to contact" in ten.reason
 
 
 @pytest.mark.parametrize(
