@@ -775,7 +775,9 @@ def job_from_own(job_id: str, own: OwnRecord) -> SlurmJob:
     if own.exit_code is not None:
         if own.time_limit:
             state = "TIMEOUT"
-        elif own.terminated:
+        elif own.terminated or own.exit_code == 128 + 15:
+            # SIGTERM is how Slurm cancels: slurmstepd signals every process of the job, and the
+            # command may die of it before the batch shell's own signal arrives
             state = "CANCELLED"
         else:
             state = "COMPLETED" if own.exit_code == 0 else "FAILED"

@@ -380,6 +380,7 @@ def test_state_prefers_scontrol_then_sacct_then_the_jobs_own_record():
         "@@job 5\n@@sacct 5|CANCELLED by 0|0:0|localhost|||00:00:01|debug|x\n"
         "@@started 1700000000 localhost 5\n@@exit 143 1 1700000009\n@@done\n"
         "@@job 6\n@@started 1700000000 node3 6\n@@exit 2 0 1700000009\n@@done\n"
+        "@@job 11\n@@started 1700000000 node3 11\n@@exit 143 0 1700000009\n@@done\n"
         "@@job 7\n@@started 1700000000 node3 7\n@@timelimit\n@@exit 143 1 1700000099\n@@done\n"
         "@@job 8\n@@started 1700000000 node3 8\n@@done\n"
         "@@job 9\n@@done\n"
@@ -396,6 +397,7 @@ def test_state_prefers_scontrol_then_sacct_then_the_jobs_own_record():
         "node3",
     )
     assert states["7"].state == "TIMEOUT"
+    assert states["11"].state == "CANCELLED"  # its command died of SIGTERM first
     assert states["8"].state == "UNKNOWN" and "without recording its end" in states["8"].reason
     assert states["8"].status == "lost"
     assert states["9"].state == "UNKNOWN" and "before it started" in states["9"].reason
