@@ -6,41 +6,27 @@ Usage: python benchmarks/paramiko_forward.py [ROUNDS] [SIZE_MB]
 
 from __future__ import annotations
 
-import os
 import select
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import paramiko
 from _box import BenchBox
+from _streams import drain as drain_port
+from _streams import start_source
 from _timing import report
 
 from remotedl.waiting import free_port, retry_until
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 size_mb = int(sys.argv[2]) if len(sys.argv) > 2 else 128
-CHUNK = os.urandom(1 << 20)
-
-
-class Source(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        for _ in range(size_mb):
-            self.request.sendall(CHUNK)
 
 
 def drain(port: int) -> float:
-    t0 = time.perf_counter()
-    got = 0
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        while chunk := s.recv(1 << 20):
-            got += len(chunk)
-    assert got == size_mb << 20, got
-    return got / (time.perf_counter() - t0) / 1e6
+    return drain_port(port, size_mb)
 
 
 def paramiko_forward(transport: paramiko.Transport, local: int, remote: int) -> None:
@@ -76,9 +62,7 @@ def paramiko_forward(transport: paramiko.Transport, local: int, remote: int) -> 
 
 
 box = BenchBox()
-srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Source)
-srv.daemon_threads = True
-threading.Thread(target=srv.serve_forever, daemon=True).start()
+srv = start_source(size_mb)
 remote = srv.server_address[1]
 p_plain = None
 try:

@@ -193,3 +193,34 @@ def test_trust_names_an_untrusted_jump_host(lab, tmp_path):
     assert code == 4
     assert "jump host" in err
     assert empty.read_text() == ""
+
+
+def test_proxycommand_and_hostkeyalias_work_as_in_ssh(lab, tmp_path):
+    """A box reached by a ProxyCommand (ssh -W through the jump) and known under a
+    HostKeyAlias: trust records the key under the alias, and status then works."""
+    cfg = _config(lab, tmp_path)
+    known = tmp_path / "alias_known_hosts"
+    known.write_text("")
+    d = Path(lab.box.directory)
+    cfg.write_text(
+        cfg.read_text()
+        + "Host viaproxy\n"
+        + "    HostName 127.0.0.1\n"
+        + f"    Port {lab.box.port}\n"
+        + f"    User {lab.box.user}\n"
+        + f"    IdentityFile {d / 'id_ed25519'}\n"
+        + "    IdentitiesOnly yes\n"
+        + f"    UserKnownHostsFile {known}\n"
+        + "    StrictHostKeyChecking yes\n"
+        + "    HostKeyAlias inner-box\n"
+        + f"    ProxyCommand ssh -F {cfg} -W %h:%p jump\n"
+    )
+    code, _, err = _run(tmp_path, cfg, "--host", "viaproxy", "status")
+    assert code == 4
+    assert "not known" in err
+    code, out, err = _run(tmp_path, cfg, "--host", "viaproxy", "trust", "--yes")
+    assert code == 0, err
+    assert known.read_text().startswith("inner-box ssh-ed25519 ")
+    code, out, err = _run(tmp_path, cfg, "--host", "viaproxy", "status", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["gpus"]) == 1

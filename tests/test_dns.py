@@ -128,6 +128,13 @@ def test_majority_wins_and_bad_answers_are_rejected(bind, echo, name, tmp_path):
 def test_command_sources(bind, echo, name, tmp_path):
     table = rfc2136(bind, echo, name, ip_sources=[f"cmd:echo {IP3}", f"cmd:printf {IP3}", f"{echo.url}/a"])
     code, _, err = dns_cli(tmp_path, table, "update")
+    assert code == 3  # a project file's cmd: sources run nothing until the user allowed the file
+    assert "remotedl allow" in err
+    assert bind.lookup(name) != [IP3]
+    from remotedl.cli import main
+
+    assert main(["allow"], make_env(tmp_path / "laptop", cwd=tmp_path / "proj")) == 0
+    code, _, err = dns_cli(tmp_path, table, "update")
     assert code == 0, err
     assert bind.lookup(name) == [IP3]  # two of three sources agree
 

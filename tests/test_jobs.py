@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -265,11 +266,23 @@ def test_cpu_box(tmp_path, project):
 
 
 def _kill_sessions(box) -> int:
-    """Drop every SSH connection to the box (sshd's per-connection children)."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(box.info.pid)], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
+    """Drop every SSH connection to the box: all of its sshd's per-connection processes (the
+    privileged monitor and, for a non-root user, the unprivileged child that carries the
+    channels), never the listener itself nor anything the sessions started."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,comm="], capture_output=True, text=True)
+    children: dict[int, list[tuple[int, str]]] = {}
+    for line in out.stdout.splitlines():
+        pid, ppid, comm = line.split(None, 2)
+        children.setdefault(int(ppid), []).append((int(pid), comm.strip()))
+    pids, todo = [], [box.info.pid]
+    while todo:
+        for pid, comm in children.get(todo.pop(), []):
+            if comm == "sshd":
+                pids.append(pid)
+                todo.append(pid)
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return len(pids)
 
 

@@ -529,3 +529,42 @@ def test_setup_checks_without_sudo(plain_box, project, tmp_path):
     # git, rsync, tmux and python3 are here: the check passes as the plain user, no sudo needed.
     assert [s["status"] for s in res["steps"]] == ["ok"], res
     assert "password" not in r.out
+
+
+def test_follow_resumes_exactly_across_a_cut(shell_box, work, tmp_path):
+    """Start-up noise is not log: after a dropped connection the follower resumes at the byte
+    it reached, so every log byte arrives exactly once (noise would shift the offset)."""
+    import threading
+
+    from remotedl import jobs
+    from remotedl.agent.client import AgentClient
+    from remotedl.ssh import resolve_host
+    from tests.test_jobs import _kill_sessions
+
+    base = tmp_path / "laptop"
+    put_file(
+        shell_box,
+        "work/count.sh",
+        b'i=0; while [ $i -lt 60 ]; do i=$((i+1)); echo "line $i"; sleep 0.05; done\n',
+    )
+    r = rdl(shell_box, base, "run", "--detach", "--no-push", "--cpu", "--", "sh", "count.sh", cwd=work)
+    assert r.code == 0, r.err
+    job_id = r.out.strip()
+    spec = resolve_host(make_env(base), shell_box.name, ssh_config=shell_box.info.ssh_config)
+    got = bytearray()
+    reconnects: list[int] = []
+    result = {}
+
+    def follow() -> None:
+        result["rec"] = jobs.stream_logs(
+            AgentClient(spec), job_id, got.extend, follow=True, on_reconnect=reconnects.append
+        )
+
+    t = threading.Thread(target=follow)
+    t.start()
+    assert retry_until(lambda: b"line 5\n" in got, seconds=15)
+    assert _kill_sessions(shell_box) >= 1
+    t.join(60)
+    assert not t.is_alive()
+    assert got.decode() == "".join(f"line {i}\n" for i in range(1, 61))
+    assert reconnects, (result, len(got))

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
+from remotedl.cli.statusline import StatusLine
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural
+
+if TYPE_CHECKING:
+
+    from remotedl import playbooks as pb
 
 MARK = {
     "ok": "ok",
@@ -17,6 +23,26 @@ MARK = {
     "failed": "FAILED",
     "skipped": "skipped",
 }
+
+
+class StepStatus:
+    """While a step runs, one status line: the step and the time it has taken so far."""
+
+    def __init__(self, env: Environment, *, enabled: bool) -> None:
+        self.line = StatusLine(env, enabled=enabled)
+
+    def begin(self, event: pb.StepEvent) -> None:
+        where = f"{event.index}/{event.total}" if event.total > 1 else ""
+        self.line.begin(f"{event.step} ({where})" if where else event.step)
+
+    def end(self) -> None:
+        self.line.end()
+
+    def __enter__(self) -> StepStatus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
 
 
 def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
@@ -51,12 +77,8 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
     pb.check_vars(variables)
     spec = app.spec()
     results = []
-    with open_box(spec) as box:
-        facts = box.run('echo "$HOME"; id -un').stdout.split("\n")
-        home, user = facts[0], facts[1]
-        rdir = remote_dir(app)
-        rdir = home + rdir[1:] if rdir.startswith("~") else rdir
-        builtins = {"home": home, "user": user, "remote_dir": rdir, "project": app.settings.project.name}
+    with open_box(spec) as box, StepStatus(env, enabled=not app.json) as status:
+        facts = pb.box_facts(box, remote_dir(app), app.settings.project.name)
         for book in books:
             if not app.json:
                 app.console.print(
@@ -65,6 +87,7 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
                 )
 
             def show(r: pb.StepResult) -> None:
+                status.end()
                 if app.json:
                     return
                 style = {"failed": "red", "changed": "yellow", "would-change": "yellow"}.get(r.status, "")
@@ -77,10 +100,11 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
             result = pb.run_playbook(
                 box,
                 book,
-                {**builtins, **variables},
+                {**facts.variables(), **variables},
                 check_only=args.check,
                 prove=pb.login_prover(box),
                 on_step=show,
+                on_begin=status.begin,
             )
             results.append(result)
             if not app.json:

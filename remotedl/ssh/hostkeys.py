@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from remotedl.errors import ConnectError, HostKeyError
-from remotedl.ssh.openssh import openssh_failure
+from remotedl.ssh.openssh import config_options, openssh_failure
 from remotedl.ssh.resolve import HostSpec
 
 log = logging.getLogger("remotedl.ssh")
@@ -103,13 +103,7 @@ def fetch_host_key(spec: HostSpec) -> tuple[str, HostKey]:
     held = known_keys(spec)
     with tempfile.TemporaryDirectory(prefix="remotedl-trust-") as tmp:
         kh = Path(tmp) / "known_hosts"
-        argv = ["ssh"]
-        if spec.ssh_config is not None:
-            argv += ["-F", str(spec.ssh_config)]
-        if spec.sources.get("user", "").startswith("flag"):
-            argv += ["-l", spec.user]
-        if spec.sources.get("port", "").startswith("flag"):
-            argv += ["-p", str(spec.port)]
+        argv = ["ssh", *config_options(spec)]
         # Options on the command line win over the config; ProxyJump hops do not inherit them,
         # so each hop is checked against the user's own known_hosts.
         argv += [

@@ -70,8 +70,8 @@ def _flavour(spec: HostSpec) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
-def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = True) -> list[str]:
-    """OpenSSH options (without the host) that reach ``spec`` as resolved."""
+def config_options(spec: HostSpec) -> list[str]:
+    """The config file and what flags changed over it (--user, --port, --identity)."""
     opts: list[str] = []
     if spec.ssh_config is not None:
         opts += ["-F", str(spec.ssh_config)]
@@ -81,6 +81,12 @@ def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = Tru
         opts += ["-p", str(spec.port)]
     if spec.sources.get("identityfile", "").startswith("flag"):
         opts += ["-i", spec.identity_files[0]]
+    return opts
+
+
+def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = True) -> list[str]:
+    """OpenSSH options (without the host) that reach ``spec`` as resolved."""
+    opts = config_options(spec)
     opts += [
         "-o",
         f"StrictHostKeyChecking={spec.strict_host_key_checking}",
