@@ -18,6 +18,10 @@ class BenchBox:
             "XDG_STATE_HOME": str(self.base / "state"),
             "XDG_CONFIG_HOME": str(self.base / "config"),
         }
+        # The box's python as on a real box (/usr/bin/python3), not this machine's pyenv shim
+        # on PATH, which costs ~90 ms per start and would be counted against the agent.
+        if os.path.exists("/usr/bin/python3"):
+            env["REMOTEDL_PYTHON"] = "/usr/bin/python3"
         self.environ = env
         self.env = Environment(environ=env, cwd=self.base)
         self.info = sandbox.up(self.env, name="bench", gpus=gpus)

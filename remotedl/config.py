@@ -35,6 +35,12 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "python": (str, "python3", "REMOTEDL_PYTHON"),
     "env": (dict, {}, None),
     "jupyter_port": (int, 8888, None),
+    # jobs: each runs in its own checkout (isolate), in the project's environment on the box
+    "isolate": (bool, True, "REMOTEDL_ISOLATE"),
+    "shared": (list, [], None),
+    "conda": (str, None, None),
+    "env_setup": (str, None, None),
+    "setup_cmd": (str, None, None),
 }
 TABLES = {"dns", "playbook_vars"}
 # Settings whose value is a path, resolved against the directory of the file that names it.
@@ -119,6 +125,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
     kind = SCALARS[key][0]
+    if kind is bool and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
     if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
         try:
             return float(value)
@@ -141,8 +149,12 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     )
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _type_name(kind: type) -> str:
     return {
+        bool: "true or false",
         str: "a string",
         float: "a number",
         int: "an integer",

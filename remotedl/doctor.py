@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from remotedl.agent.box import ACTIVATE
 from remotedl.config import Settings
 from remotedl.env import Environment
 from remotedl.errors import RemotedlError
@@ -65,14 +66,30 @@ if importlib.util.find_spec("tensorflow"):
 print("@@frameworks " + json.dumps(out))
 """
 
-# "$1": remote_dir, "$2": the python probe.
+# The environment jobs use (remotedl.agent.box.ACTIVATE: the project's .venv, a conda
+# environment, env_setup), then the probe with its python. "$1": remote_dir, "$2": conda,
+# "$3": env_setup, "$4": the python probe.
+_IN_JOB_ENV = (
+    "_rdl_jd= _rdl_rd=$1 _rdl_conda=$2 _rdl_setup=$3 _rdl_probe=$4\n"
+    + ACTIVATE
+    + r"""
+_rdl_activate >/dev/null 2>&1 || echo "@@activation failed"
+PY=$(command -v python 2>/dev/null || command -v python3 2>/dev/null)
+echo "@@python ${PY:-none}"
+[ -n "$VIRTUAL_ENV" ] && echo "@@venv $VIRTUAL_ENV"
+[ -n "$CONDA_DEFAULT_ENV" ] && echo "@@conda $CONDA_DEFAULT_ENV"
+[ -n "$PY" ] && "$PY" -c "$_rdl_probe"
+"""
+)
+
+# "$1": remote_dir, "$2": the python probe, "$3": conda, "$4": env_setup, "$5": _IN_JOB_ENV.
+# env_setup lines run in bash where there is one, as jobs run them.
 _FRAMEWORKS = EXPAND_HOME + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 echo "@@cuda $(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | head -n 1 | cut -d' ' -f3)"
-PY=python3
-for c in ./.venv/bin/python ./venv/bin/python; do [ -x "$c" ] && PY=$c && break; done
-echo "@@python $PY"
-"$PY" -c "$2"
+sh_=sh
+[ -n "$4" ] && command -v bash >/dev/null 2>&1 && sh_=bash
+"$sh_" -c "$5" remotedl-doctor "$(pwd)" "$3" "$4" "$2"
 """
 
 
@@ -164,6 +181,34 @@ def _dns(report: DoctorReport, env: Environment, settings: Settings) -> None:
         report.add("laptop", "dynamic DNS", "ok", f"{rep.name} serves the public address")
 
 
+def _environment(report: DoctorReport, marks: dict[str, str], settings: Settings) -> None:
+    """The environment jobs will run in: the same resolution as the jobs' own."""
+    py = marks.get("python", "none").strip()
+    if "activation failed" in marks:
+        what = f"conda environment {settings.get('conda')}" if settings.get("conda") else "env_setup"
+        report.add(
+            "box",
+            "environment",
+            "fail",
+            f"the {what} cannot be activated on the box",
+            "check `conda`/`env_setup` in remotedl.toml (a job would exit 125)",
+        )
+    elif py == "none":
+        report.add("box", "environment", "fail", "jobs find no python", "install python3, or make a .venv")
+    elif marks.get("conda"):
+        report.add("box", "environment", "ok", f"jobs use conda environment {marks['conda'].strip()} ({py})")
+    elif marks.get("venv"):
+        report.add("box", "environment", "ok", f"jobs use the venv {marks['venv'].strip()} ({py})")
+    else:
+        report.add(
+            "box",
+            "environment",
+            "warn" if not settings.get("env_setup") else "ok",
+            f"jobs use {py}" + (" (after env_setup)" if settings.get("env_setup") else ", no project venv"),
+            "" if settings.get("env_setup") else "add requirements.txt and run: the first run makes .venv",
+        )
+
+
 def run_checks(
     env: Environment, settings: Settings, alias: str, *, spec_factory: Callable[[], HostSpec], remote_dir: str
 ) -> DoctorReport:
@@ -199,7 +244,9 @@ def run_checks(
                 quiet = f"{box.login_shell or 'login'} shell prints nothing"
                 report.add("box", "shell start-up", "ok", quiet)
             st = box_status(box, remote_dir)
-            fw_out = box.run(_FRAMEWORKS, remote_dir, _PROBE, check=False).stdout
+            conda = str(settings.get("conda") or "")
+            setup = str(settings.get("env_setup") or "")
+            fw_out = box.run(_FRAMEWORKS, remote_dir, _PROBE, conda, setup, _IN_JOB_ENV, check=False).stdout
     except RemotedlError as e:
         name = "host key" if "host key" in e.message else "reachable"
         report.add("box", name, "fail", e.message, e.hint or "")
@@ -209,6 +256,7 @@ def run_checks(
         report.add("box", "tools", "fail", f"missing: {', '.join(missing)}", "remotedl setup base")
     else:
         report.add("box", "tools", "ok", "git, rsync, tmux, python3")
+    _environment(report, parse_marks(fw_out), settings)
     if st.disk:
         gib = st.disk.free_bytes / 2**30
         low = gib < 5

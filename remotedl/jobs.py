@@ -1,7 +1,9 @@
-"""Client side of jobs: run, list, logs (with reconnect), kill, attach.
+"""Client side of jobs: run, list, logs (with reconnect), kill, attach, show, pull sources,
+rm/prune, and the provenance kept in the local repository.
 
 The box is the source of truth: every answer comes from the agent's records under
-``~/.remotedl`` on the box, one exec per operation.
+``~/.remotedl`` on the box, one exec per operation. Without an id, a command means this
+project's latest job (records carry the project's ``remote_dir``), never another project's.
 """
 
 from __future__ import annotations
@@ -9,21 +11,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remotedl import proc
 from remotedl.agent.client import AgentClient, error_from
-from remotedl.errors import RemoteError, UsageError
-from remotedl.schema import AGENT_MISSING, JobRecord, SchemaError
+from remotedl.errors import RemotedlError, RemoteError, UsageError
+from remotedl.schema import AGENT_MISSING, JobRecord, SchemaError, check_type
 from remotedl.ssh.channel import NoFrame
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
 
-__all__ = ["JobRecord", "build_command", "kill", "list_jobs", "start", "stream_logs"]
+__all__ = [
+    "EnvOutOfDate",
+    "EnvSpec",
+    "JobRecord",
+    "build_command",
+    "get_job",
+    "kill",
+    "list_jobs",
+    "locate",
+    "prune",
+    "remove",
+    "running_in_tree",
+    "start",
+    "stream_logs",
+]
 
 SCRIPT_SUFFIXES = (".sh", ".bash", ".py")
 
@@ -73,11 +91,53 @@ def build_command(
     return shlex.join([first, *rest]), script
 
 
+Warn = Callable[[str], None]
+
+
+def _warnings(answer: Mapping[str, Any], warn: Warn | None) -> None:
+    """Pass the agent's warnings (damaged records it skipped, ...) on; box text, bounded."""
+    found = answer.get("warnings")
+    if warn is None or not isinstance(found, list):
+        return
+    for w in found[:20]:
+        if isinstance(w, str):
+            warn(w[:500])
+
+
+@dataclass
+class EnvSpec:
+    """How the box makes and enters the project's environment (remotedl.toml)."""
+
+    conda: str | None = None  # a conda environment by name
+    env_setup: str | None = None  # a shell line run before the job, in its shell
+    setup_cmd: str | None = None  # replaces the built-in environment sync
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EnvSpec:
+        return cls(
+            conda=settings.get("conda") or None,
+            env_setup=settings.get("env_setup") or None,
+            setup_cmd=settings.get("setup_cmd") or None,
+        )
+
+    def to_request(self) -> dict[str, str]:
+        return {k: v for k, v in asdict(self).items() if v}
+
+
+class EnvOutOfDate(RemotedlError):
+    """The project's requirements changed since the box's environment was last synced: sync
+    (``envsync.sync``), then start again."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        super().__init__(f"the environment on the box is out of date ({plan.get('kind')})")
+        self.plan = plan
+
+
 def start(
     client: AgentClient,
     *,
     command: str,
-    cwd: str,
+    remote_dir: str,
     script: str | None = None,
     gpus: str | list[int] | None = None,
     count: int | None = None,
@@ -87,11 +147,23 @@ def start(
     force: bool = False,
     git_commit: str | None = None,
     snapshot: bool = False,
+    git_head: str | None = None,
+    snapshot_files: Sequence[str] = (),
+    isolate: bool = True,
+    data: Sequence[str] = (),
+    shared: Sequence[str] = (),
+    environment: EnvSpec | None = None,
+    env_check: bool = True,
+    warn: Warn | None = None,
 ) -> JobRecord:
+    """Start a job; it runs in its own checkout of ``git_commit`` (``None``: the box tree's
+    HEAD) under ``remote_dir`` unless ``isolate`` is off. Answers once the job's runner
+    recorded itself on the box. Raises ``EnvOutOfDate`` (nothing started) when ``env_check``
+    finds the project's requirements changed since the environment was synced."""
     request = {
         "op": "start",
         "command": command,
-        "cwd": cwd,
+        "remote_dir": remote_dir,
         "script": script,
         "gpus": gpus if gpus is not None else "auto",
         "count": count,
@@ -100,26 +172,248 @@ def start(
         "queue": queue,
         "force": force,
         "git_commit": git_commit,
+        "git_head": git_head,
         "snapshot": snapshot,
+        "snapshot_files": list(snapshot_files),
+        "isolate": isolate,
+        "data": list(data),
+        "shared": list(shared),
+        "environment": (environment or EnvSpec()).to_request(),
+        "env_check": env_check,
     }
-    return _record(client.call(request).get("job"), client.spec)
+    answer = client.call(request)
+    _warnings(answer, warn)
+    plan = answer.get("envsync")
+    if isinstance(plan, dict):
+        raise EnvOutOfDate(plan)
+    return _record(answer.get("job"), client.spec)
 
 
-def list_jobs(client: AgentClient, *, all_jobs: bool = False) -> list[JobRecord]:
+def list_jobs(client: AgentClient, *, all_jobs: bool = False, warn: Warn | None = None) -> list[JobRecord]:
     answer = client.call({"op": "list", "all": all_jobs})
+    _warnings(answer, warn)
     jobs = answer.get("jobs")
     if not isinstance(jobs, list):
         raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
     return [_record(r, client.spec) for r in jobs]
 
 
-def get_job(client: AgentClient, job: str | None) -> JobRecord:
-    return _record(client.call({"op": "get", "job": job}).get("job"), client.spec)
-
-
-def kill(client: AgentClient, job: str | None, *, grace: float = 10.0) -> JobRecord:
-    answer = client.call({"op": "kill", "job": job, "grace": grace})
+def get_job(
+    client: AgentClient, job: str | None, *, project: str | None = None, warn: Warn | None = None
+) -> JobRecord:
+    """A job by id or name; ``None``: the latest job of ``project`` (its remote_dir)."""
+    answer = client.call({"op": "get", "job": job, "project": project})
+    _warnings(answer, warn)
     return _record(answer.get("job"), client.spec)
+
+
+def kill(
+    client: AgentClient,
+    job: str | None,
+    *,
+    grace: float = 10.0,
+    project: str | None = None,
+    warn: Warn | None = None,
+) -> JobRecord:
+    """Stop a job (``None``: the latest running job of ``project``). A job that is not
+    running is an error (exit 1), saying so."""
+    answer = client.call({"op": "kill", "job": job, "grace": grace, "project": project})
+    _warnings(answer, warn)
+    return _record(answer.get("job"), client.spec)
+
+
+def _in_tree(client: AgentClient, remote_dir: str) -> tuple[list[JobRecord], str | None]:
+    answer = client.call({"op": "intree", "remote_dir": remote_dir})
+    jobs = answer.get("jobs")
+    head = answer.get("head")
+    if not isinstance(jobs, list):
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
+    return [_record(r, client.spec) for r in jobs], head if isinstance(head, str) else None
+
+
+def running_in_tree(client: AgentClient, remote_dir: str) -> list[JobRecord]:
+    """Active jobs that run in the work tree ``remote_dir`` itself (``isolate = false``): a push
+    there changes their files."""
+    return _in_tree(client, remote_dir)[0]
+
+
+def push_conflicts(client: AgentClient, project_root: Path, remote_dir: str) -> list[JobRecord]:
+    """The jobs running in the work tree ``remote_dir`` whose files a push of the local work
+    (HEAD plus uncommitted changes) would change; [] when none, or when the code is the same."""
+    running, head = _in_tree(client, remote_dir)
+    if not running:
+        return []
+    from remotedl.sync import git_root, snapshot_commit
+
+    with contextlib.suppress(RemotedlError):
+        commit, _, _ = snapshot_commit(git_root(project_root))
+        if commit == head:
+            return []
+    return running
+
+
+@dataclass
+class PullSource:
+    """Where one path to pull lives on the box."""
+
+    path: str  # relative, as asked
+    dir: str  # the absolute box directory it is relative to
+    job: int | None  # the job whose directory has it (None: the work tree)
+    name: str | None = None
+    shared: bool = False  # a data/shared path of that job: it lives in the work tree
+    links: list[str] = field(default_factory=list)  # the job's data/shared links (not pulled)
+
+
+def locate(
+    client: AgentClient,
+    remote_dir: str,
+    paths: Sequence[str],
+    *,
+    job: str | None = None,
+    tree: bool = False,
+) -> list[PullSource]:
+    """For each path: this project's latest job that has it (or ``job``'s directory, or the
+    work tree with ``tree``)."""
+    answer = client.call(
+        {"op": "locate", "remote_dir": remote_dir, "paths": list(paths), "job": job, "tree": tree}
+    )
+    raw = answer.get("sources")
+    if not isinstance(raw, list) or len(raw) != len(paths):
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent a bad answer (sources)")
+    out = []
+    for s in raw:
+        try:
+            out.append(
+                PullSource(
+                    path=check_type(s.get("path"), str, "path"),
+                    dir=check_type(s.get("dir"), str, "dir"),
+                    job=check_type(s.get("job"), int | None, "job"),
+                    name=check_type(s.get("name"), str | None, "name"),
+                    shared=bool(s.get("shared")),
+                    links=check_type(s.get("links") or [], list[str], "links"),
+                )
+            )
+        except (SchemaError, AttributeError) as e:
+            raise RemoteError(f"the remotedl agent on {client.spec.alias} sent a bad answer ({e})") from None
+    return out
+
+
+@dataclass
+class RemovedJob:
+    id: int
+    name: str | None
+    status: str
+    bytes: int
+    dir: str | None
+
+
+@dataclass
+class Removal:
+    removed: list[RemovedJob] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    bytes: int = 0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _removal(client: AgentClient, answer: Mapping[str, Any], dry_run: bool) -> Removal:
+    try:
+        removed = [
+            RemovedJob(
+                id=check_type(r.get("id"), int, "id"),
+                name=check_type(r.get("name"), str | None, "name"),
+                status=str(r.get("status")),
+                bytes=check_type(r.get("bytes"), int, "bytes"),
+                dir=check_type(r.get("dir"), str | None, "dir"),
+            )
+            for r in check_type(answer.get("removed"), list, "removed")
+        ]
+        refused = [str(x) for x in check_type(answer.get("refused"), list, "refused")]
+    except (SchemaError, AttributeError) as e:
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent a bad answer ({e})") from None
+    return Removal(removed, refused, sum(r.bytes for r in removed), dry_run)
+
+
+def remove(client: AgentClient, ids: Sequence[int], *, dry_run: bool = False) -> Removal:
+    """Remove ended jobs: record, log and job directory (its git worktree)."""
+    return _removal(client, client.call({"op": "rm", "ids": list(ids), "dry_run": dry_run}), dry_run)
+
+
+def prune(client: AgentClient, remote_dir: str, *, older_than: float = 0.0, dry_run: bool = False) -> Removal:
+    """Remove this project's jobs that ended more than ``older_than`` seconds ago."""
+    request = {"op": "prune", "remote_dir": remote_dir, "older_than": older_than, "dry_run": dry_run}
+    return _removal(client, client.call(request), dry_run)
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_age(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d``, ``2w`` (a bare number is days) -> seconds."""
+    m = _AGE.match(text)
+    if not m:
+        raise UsageError(f"--older-than {text!r}: give an age like 7d, 12h, 30m")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 86400}[m.group(2)]
+    return float(m.group(1)) * unit
+
+
+# ------------------------------------------------------------------ provenance on the laptop
+
+
+def snapshot_files(root: Path, head: str | None, commit: str | None, limit: int = 1000) -> list[str]:
+    """The files a snapshot commit changed against the HEAD it was made on."""
+    if not commit or not head or commit == head:
+        return []
+    r = proc.run(["git", "-C", str(root), "diff", "--name-only", "--no-renames", head, commit], check=False)
+    return r.stdout.splitlines()[:limit] if r.returncode == 0 else []
+
+
+def _have_commit(root: Path, commit: str) -> bool:
+    r = proc.run(["git", "-C", str(root), "cat-file", "-e", commit + "^{commit}"], check=False)
+    return r.returncode == 0
+
+
+def job_ref(alias: str, job_id: int) -> str:
+    """The local ref that keeps a job's commit reachable: refs/remotedl/jobs/<host>/<id>."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", alias).strip("_") or "box"
+    return f"refs/remotedl/jobs/{host}/{job_id}"
+
+
+def keep_commit(root: Path, alias: str, rec: JobRecord) -> str | None:
+    """Point the job's ref at its commit, so `git show` works after `git gc`; the ref, or
+    None when this repository does not have the commit (made on another laptop)."""
+    if not rec.git_commit or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", rec.git_commit):
+        return None
+    ref = job_ref(alias, rec.id)
+    # update-ref refuses an object the repository does not have: one git call, not two
+    r = proc.run(["git", "-C", str(root), "update-ref", ref, rec.git_commit], check=False)
+    return ref if r.returncode == 0 else None
+
+
+def diff(root: Path, alias: str, rec: JobRecord, *, stat: bool = False, color: bool = False) -> str:
+    """The job's code against the local work tree, as text: a diff from the job's commit to
+    a snapshot of the work tree as it is now (tracked changes and untracked files that
+    .gitignore does not exclude, as push sends them)."""
+    from remotedl.sync import git_root, snapshot_commit
+
+    if not rec.git_commit:
+        raise UsageError(f"job {rec.id} has no commit recorded (its tree on the box is not a git repository)")
+    commit = rec.git_commit
+    if not _have_commit(root, commit):
+        raise RemotedlError(
+            f"job {rec.id}'s commit {commit[:10]} is not in this repository",
+            hint="it was pushed from another clone; fetch it from there",
+        )
+    keep_commit(root, alias, rec)
+    now, _, _ = snapshot_commit(git_root(root))
+    argv = ["git", "-C", str(root), "diff", f"--color={'always' if color else 'never'}"]
+    argv += ["--stat"] if stat else []
+    r = proc.run([*argv, commit, now, "--"], check=False)
+    if r.returncode != 0:
+        raise RemotedlError(f"git diff failed: {r.stderr.strip()}")
+    return r.stdout
 
 
 @dataclass
@@ -127,6 +421,7 @@ class LogState:
     job_id: int | None = None
     offset: int = 0
     reconnects: int = 0
+    warned: bool = False
 
 
 def stream_logs(
@@ -139,9 +434,15 @@ def stream_logs(
     reconnect_for: float = 300.0,
     on_reconnect: Callable[[int], None] | None = None,
     state: LogState | None = None,
+    project: str | None = None,
+    warn: Warn | None = None,
+    out_fd: int | None = None,
 ) -> JobRecord:
-    """Copy the job's log to ``write``. Following, a dropped connection is re-made and the log
-    resumes at the byte offset reached: no byte lost, none repeated."""
+    """Copy the job's log to ``write``. Not following, with ``out_fd`` (where ``write`` goes,
+    flushed), the bytes after the first chunk move to it in the kernel. Following, a dropped
+    connection is re-made and the log resumes at the byte offset reached: no byte lost, none
+    repeated. Each outage may last ``reconnect_for`` seconds: the window starts again after
+    every successful reconnect."""
     spec = client.spec
     st = state or LogState()
     down_since: float | None = None
@@ -151,6 +452,7 @@ def stream_logs(
             "job": st.job_id if st.job_id is not None else job,
             "follow": follow,
             "offset": st.offset,
+            "project": project,
         }
         if st.job_id is None and lines is not None:
             request["lines"] = lines
@@ -170,19 +472,26 @@ def stream_logs(
                     # stdout bytes only come after the start mark was written; wait for it
                     _wait_for(p.stderr_lines, "start", 5)
                     got_start = True
-                    _take_start(st, _marks(p.stderr_lines))
+                    down_since = None  # connected again: a later cut gets a window of its own
+                    _take_start(st, _marks(p.stderr_lines), warn)
                 write(chunk)
                 st.offset += len(chunk)
+                if out_fd is not None and not follow:
+                    while moved := p.copy_to(out_fd):
+                        st.offset += moved
+                    break
         except BaseException:
             p.kill()
             raise
         code = p.wait()
         marks = _marks(p.stderr_lines)
         if not got_start and "start" in marks:
-            _take_start(st, marks)
+            down_since = None
+            _take_start(st, marks, warn)
         if "end" in marks:
             return _record(marks["end"].get("job"), spec)
         if "error" in marks:
+            _warnings(marks["error"], warn)
             raise error_from(marks["error"])
         if code == AGENT_MISSING:
             client.upload()
@@ -217,8 +526,11 @@ def _marks(lines: list[str]) -> dict[str, Any]:
     return marks
 
 
-def _take_start(st: LogState, marks: dict[str, Any]) -> None:
+def _take_start(st: LogState, marks: dict[str, Any], warn: Warn | None = None) -> None:
     start = marks.get("start")
+    if start is not None and not st.warned:
+        st.warned = True
+        _warnings(start, warn)
     if start is not None and st.job_id is None:
         with contextlib.suppress(TypeError, ValueError):
             st.job_id = int(start["job"])

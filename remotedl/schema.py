@@ -18,7 +18,9 @@ STATUSES: tuple[str, ...] = get_args(Status)
 ACTIVE: tuple[Status, ...] = ("queued", "starting", "running")
 ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost")
 
-Op = Literal["start", "runner", "list", "get", "kill", "logs", "gpus"]
+Op = Literal[
+    "start", "runner", "list", "get", "kill", "logs", "gpus", "locate", "rm", "prune", "envsync", "intree"
+]
 OPS: tuple[str, ...] = get_args(Op)
 
 # Exit statuses of the agent's wrapper script (the agent itself exits 0, 2 or 3).
@@ -55,6 +57,18 @@ class JobRecord:
     runner_pid: int | None = None
     pid: int | None = None
     pgid: int | None = None
+    # Added with per-job checkouts (all optional: records of older agents lack them).
+    remote_dir: str | None = None  # the project's work tree on the box (absolute): its identity
+    workdir: str | None = None  # the job's own checkout (<remote_dir>/.remotedl/jobs/<id>), or None
+    isolated: bool = False  # ran in its own checkout (False: in remote_dir itself)
+    host: str | None = None  # the box's hostname
+    git_head: str | None = None  # the commit a snapshot was made on top of
+    snapshot_files: list[str] = field(default_factory=list)  # files the snapshot changed vs git_head
+    links: list[str] = field(default_factory=list)  # data/shared paths linked into workdir
+    environment: dict[str, Any] = field(default_factory=dict)  # python, torch, venv/conda/env_setup
+    starter_pid: int | None = None  # the agent process starting the job (status "starting")
+    ready: bool = True  # its checkout is made (False while the starter makes it: the runner waits)
+    boot_id: str | None = None  # the box's boot when the job started: a reboot means lost
 
     @classmethod
     def from_dict(cls, data: Any) -> JobRecord:
@@ -86,6 +100,18 @@ class JobRecord:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+    @property
+    def project_dir(self) -> str:
+        """The project's work tree on the box (older records only knew ``cwd``)."""
+        return self.remote_dir or self.cwd
+
+    @property
+    def state(self) -> str:
+        """The status in words: ``failed (exit 3)``; the others as they are."""
+        if self.status == "failed" and self.exit_code is not None:
+            return f"failed (exit {self.exit_code})"
+        return self.status
 
 
 def job_holders(records: list[JobRecord]) -> dict[int, str]:

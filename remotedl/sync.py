@@ -386,12 +386,14 @@ def pull(
     *,
     excludes: Sequence[str] = (),
     progress: ProgressFn | None = None,
+    source_dir: str | None = None,
 ) -> PullResult:
-    """Bring box paths (relative to remote_dir) home. Never deletes; never overwrites newer files."""
+    """Bring box paths (relative to remote_dir, or to ``source_dir``, an absolute box
+    directory such as a job's own checkout) home. Never deletes; never overwrites newer files."""
     if not paths:
         raise UsageError("name at least one path to pull, relative to the remote directory")
     box = Box(spec)
-    abs_dir, _ = prepare_remote_dir(box, remote_dir)
+    abs_dir = source_dir or prepare_remote_dir(box, remote_dir)[0]
     result = PullResult(str(project_root))
     for path in paths:
         rel = os.path.normpath(path)

@@ -323,19 +323,247 @@ def test_kill_escalates_when_sigint_is_ignored(cli, proj):
     assert "got INT" in cli("logs", job_id, cwd=proj).out
 
 
-def test_vanished_session_is_lost(fresh_box, project, tmp_path):
+def box_tmux(box, *args: str) -> subprocess.CompletedProcess[str]:
+    """tmux on the box's own server (its TMUX_TMPDIR), as the box user."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
+    env["TMUX_TMPDIR"] = tmux_dir(box)
+    return subprocess.run(["tmux", *args], env=env, capture_output=True, text=True, check=False)
+
+
+def record(run, proj, job_id) -> dict:
+    return {str(j["id"]): j for j in job_list(run, proj)}[str(job_id)]
+
+
+def test_job_outliving_its_tmux_session_is_not_lost(fresh_box, project, tmp_path):
+    from remotedl.agent.box import group_alive
+
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "quiet.sh", "sleep 300\n")  # writes nothing
+    job = json.loads(run("run", "--detach", "--json", "--gpu", "0", "quiet.sh", cwd=project).out)
+    rec = retry_until(lambda: record(run, project, job["id"]).get("pgid") and record(run, project, job["id"]))
+    assert rec, job
+    # Its tmux session vanishes (the tmux server is killed)...
+    assert box_tmux(fresh_box, "kill-server").returncode == 0
+    assert rec["status"] == "running"
+    # ...and so does its runner: only the job's own process group is left.
+    os.kill(rec["runner_pid"], signal.SIGKILL)
+    assert retry_until(lambda: not Path(f"/proc/{rec['runner_pid']}/cmdline").read_bytes(), seconds=5)
+    assert group_alive(rec["pgid"])
+    assert record(run, project, job["id"])["status"] == "running"  # not lost: it runs
+    r = run("run", "--detach", "--gpu", "0", "quiet.sh", cwd=project)  # and it keeps its GPU
+    assert r.code == 1
+    assert f"GPU 0 is used by job {job['id']} (quiet.sh)" in r.err
+    r = run("kill", str(job["id"]), "--grace", "1", "--json", cwd=project)  # kill reaches the group
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["status"] == "killed"
+    assert retry_until(lambda: not group_alive(rec["pgid"]), seconds=5)
+
+
+def test_vanished_job_is_lost(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
     script(project, "long.sh", "sleep 60\n")
     job_id = run("run", "--detach", "--cpu", "long.sh", cwd=project).out.strip()
-    # The box "reboots": its tmux server and everything in it are gone.
-    subprocess.run(
-        ["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": tmux_dir(fresh_box)}, check=True
-    )
-    subprocess.run(["pkill", "-f", "sleep 60"], check=False)
-    rec = retry_until(
-        lambda: {str(j["id"]): j for j in job_list(run, project)}[job_id]["status"] == "lost", seconds=10
-    )
+    rec = retry_until(lambda: record(run, project, job_id).get("pgid") and record(run, project, job_id))
     assert rec
+    # The box "reboots": its tmux server, the runner and the job's processes are all gone.
+    box_tmux(fresh_box, "kill-server")
+    os.kill(rec["runner_pid"], signal.SIGKILL)
+    os.killpg(rec["pgid"], signal.SIGKILL)  # only the job's own group: nothing machine-wide by name
+    lost = retry_until(lambda: record(run, project, job_id)["status"] == "lost", seconds=10)
+    assert lost, record(run, project, job_id)
+    assert "vanished" in record(run, project, job_id)["error"]
+
+
+def test_tmux_targets_are_exact(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "hold.sh", "sleep 60\n")
+    holder = json.loads(run("run", "--detach", "--json", "--gpu", "0", "hold.sh", cwd=project).out)
+    queued = json.loads(run("run", "--detach", "--json", "--gpu", "0", "--queue", "hold.sh", cwd=project).out)
+    assert queued["status"] == "queued"
+    decoy = f"remotedl-{queued['id']}9"  # `-t remotedl-N` without `=` matches remotedl-N9 too
+    assert box_tmux(fresh_box, "new-session", "-d", "-s", decoy, "sleep", "300").returncode == 0
+    try:
+        # The queued job's own session is gone (its runner lives on, waiting).
+        assert box_tmux(fresh_box, "kill-session", "-t", f"={queued['session']}").returncode == 0
+        r = run("kill", str(queued["id"]), "--json", cwd=project)
+        assert r.code == 0, r.err
+        assert json.loads(r.out)["status"] == "killed"
+        assert box_tmux(fresh_box, "has-session", "-t", f"={decoy}").returncode == 0
+    finally:
+        box_tmux(fresh_box, "kill-session", "-t", f"={decoy}")
+        run("kill", str(holder["id"]), cwd=project)
+
+
+def test_too_old_tmux_is_refused(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    fake = fresh_box.home.parent / "bin" / "tmux"
+    real = shutil.which("tmux")
+    fake.write_text(f'#!/bin/sh\n[ "$1" = -V ] && {{ echo "tmux 2.9a"; exit 0; }}\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    script(project, "x.sh", "echo hi\n")
+    r = run("run", "--cpu", "x.sh", cwd=project)
+    assert r.code == 2
+    assert "tmux 2.9a on the box is too old: remotedl needs tmux 3.0 or newer" in r.err
+    assert job_list(run, project) == []
+
+
+def test_listing_jobs_while_they_start_never_loses_one(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    assert run("push", cwd=project).code == 0
+    env = {
+        **os.environ,
+        **make_env(tmp_path / "laptop").environ,
+        "REMOTEDL_SSH_CONFIG": fresh_box.info.ssh_config,
+        "REMOTEDL_HOST": fresh_box.name,
+    }
+    seen_lost: list[dict] = []
+    done = threading.Event()
+
+    def lister() -> None:
+        lister_run = cli_for(fresh_box, tmp_path / "lister")
+        while not done.is_set():
+            r = lister_run("jobs", "--all", "--json", cwd=project)
+            if r.code == 0:
+                seen_lost.extend(j for j in json.loads(r.out) if j["status"] == "lost")
+
+    t = threading.Thread(target=lister)
+    t.start()
+    try:
+        argv = [sys.executable, "-m", "remotedl", "run", "--no-push", "--detach", "--json", "--cpu", "true"]
+        procs = [
+            subprocess.Popen(
+                argv, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(12)
+        ]
+        results = [(p.wait(120), *p.communicate()) for p in procs]
+    finally:
+        done.set()
+        t.join(60)
+    assert all(code == 0 for code, _, _ in results), results
+    ids = [json.loads(out)["id"] for _, out, _ in results]
+
+    def all_succeeded() -> bool:
+        jl = {j["id"]: j for j in job_list(run, project)}
+        return all(jl[i]["status"] == "succeeded" for i in ids)
+
+    assert retry_until(all_succeeded, seconds=20), job_list(run, project)
+    assert seen_lost == []
+
+
+def test_damaged_records_are_skipped_and_ids_never_reused(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "ok.sh", "echo fine\n")
+    r = run("run", "--cpu", "--detach", "--json", "ok.sh", cwd=project)
+    assert r.code == 0, r.err
+    first = json.loads(r.out)["id"]
+    records = fresh_box.home / ".remotedl" / "jobs"
+    bad = {first + 1: "{}", first + 2: "null", first + 3: '{"id": 7, "na'}
+    for job_id, text in bad.items():
+        (records / f"{job_id}.json").write_text(text)
+    r = run("jobs", "--all", "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert [j["id"] for j in json.loads(r.out)] == [first]
+    for job_id in bad:
+        assert f"skipped the damaged job record {records}/{job_id}.json" in r.err
+    r = run("logs", str(first), cwd=project)
+    assert r.code == 0, r.err
+    assert r.out == "fine\n"
+    r = run("kill", cwd=project)
+    assert r.code == 1
+    assert "is running" in r.err and "internal error" not in r.err
+    r = run("show", str(first + 1), cwd=project)
+    assert r.code == 1
+    assert f"the record of job {first + 1} is damaged" in r.err
+    r = run("run", "--cpu", "--detach", "--json", "ok.sh", cwd=project)
+    assert r.code == 0, r.err
+    second = json.loads(r.out)["id"]
+    assert second > first + 3  # past the damaged records too
+    # The id counter is lost, and so is the latest record: its log still names the id.
+    retry_until(lambda: record(run, project, second)["status"] == "succeeded")
+    (fresh_box.home / ".remotedl" / "next_id").unlink()
+    (records / f"{second}.json").unlink()
+    r = run("run", "--cpu", "--json", "--detach", "ok.sh", cwd=project)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["id"] > second
+    r = run("jobs", "rm", str(first + 1), str(first + 2), str(first + 3), "--yes", cwd=project)
+    assert r.code == 0, r.err
+    assert not any((records / f"{j}.json").exists() for j in bad)
+
+
+def test_queue_is_first_in_first_out(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "hold.sh", "sleep 60\n")
+    order = tmp_path / "order.txt"
+    holder = json.loads(run("run", "--detach", "--json", "--gpu", "0", "hold.sh", cwd=project).out)
+    queued = []
+    for i in range(1, 7):
+        r = run(
+            "run", "--detach", "--json", "--gpu", "0", "--queue", "--name", f"f{i}",
+            "--", "sh", "-c", f"echo f{i} >> {order}", cwd=project,
+        )  # fmt: skip
+        assert r.code == 0, r.err
+        assert json.loads(r.out)["status"] == "queued"
+        queued.append(json.loads(r.out)["id"])
+    assert run("kill", str(holder["id"]), cwd=project).code == 0
+    done = retry_until(
+        lambda: all(record(run, project, i)["status"] == "succeeded" for i in queued), seconds=60
+    )
+    assert done, job_list(run, project)
+    assert order.read_text().split() == [f"f{i}" for i in range(1, 7)]
+
+
+def test_env_file_is_removed_on_every_end(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "hold.sh", "sleep 60\n")
+    records = fresh_box.home / ".remotedl" / "jobs"
+    r = run("run", "--detach", "--json", "--gpu", "0", "-e", "S=1", "hold.sh", cwd=project)
+    holder = json.loads(r.out)
+    assert retry_until(lambda: not (records / f"{holder['id']}.env").exists())  # read, then removed
+    r = run("run", "--detach", "--json", "--gpu", "0", "--queue", "-e", "SECRET=hush", "hold.sh", cwd=project)
+    queued = json.loads(r.out)
+    assert queued["status"] == "queued"
+    assert (records / f"{queued['id']}.env").exists()  # kept for when it starts
+    r = run("kill", str(queued["id"]), cwd=project)
+    assert r.code == 0, r.err
+    assert not (records / f"{queued['id']}.env").exists()
+    assert run("kill", str(holder["id"]), cwd=project).code == 0
+    assert not list(records.glob("*.env"))
+
+
+def test_logs_follow_outage_window_restarts_after_each_reconnect(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    loop = 'i=0; while [ $i -lt 100 ]; do i=$((i+1)); echo "line $i"; sleep 0.05; done\n'
+    script(project, "count.sh", loop)
+    job_id = run("run", "--detach", "--cpu", "count.sh", cwd=project).out.strip()
+    spec = spec_for(fresh_box, tmp_path)
+    got = bytearray()
+    reconnects: list[int] = []
+    result: dict = {}
+
+    def follow() -> None:
+        try:
+            result["rec"] = jobs.stream_logs(
+                AgentClient(spec), job_id, got.extend, follow=True, on_reconnect=reconnects.append,
+                reconnect_for=1.0,
+            )  # fmt: skip
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=follow)
+    t.start()
+    assert retry_until(lambda: b"line 5\n" in got, seconds=15)
+    assert _kill_sessions(fresh_box) >= 1
+    # The job writes a line each 0.05 s: line 60 comes at least 2.75 s after line 5, well past
+    # the 1 s window of the first cut. A second cut then gets a window of its own.
+    assert retry_until(lambda: b"line 60\n" in got, seconds=30)
+    assert _kill_sessions(fresh_box) >= 1
+    t.join(60)
+    assert not t.is_alive()
+    assert "error" not in result, result
+    assert len(reconnects) >= 2
+    assert got.decode() == "".join(f"line {i}\n" for i in range(1, 101))
+    assert result["rec"].status == "succeeded"
 
 
 HOSTILE_ARGS = ["a b", "it's", 'say "hi"', "$(touch PWNED)", "; touch PWNED", "`touch PWNED`", "ü データ"]
@@ -433,3 +661,30 @@ def test_attach_shows_the_job_in_a_terminal(box, proj, tmp_path):
     finally:
         subprocess.run(["tmux", "-S", sock, "kill-server"], check=False)
         run("kill", job_id, cwd=proj)
+
+
+def test_logs_to_a_file_and_a_pipe_are_byte_exact(cli, box, proj, tmp_path):
+    """`remotedl logs > file` and `| consumer` move the log in the kernel after the first chunk:
+    every byte, in order, once."""
+    payload = bytes(range(256)) * 40000 + b"end\n"  # 10 MB, every byte value
+    (proj / "emit.py").write_text(
+        "import sys\nsys.stdout.buffer.write(bytes(range(256)) * 40000 + b'end\\n')\n"
+    )
+    r = cli("run", "--cpu", "emit.py", cwd=proj)
+    assert r.code == 0, r.err
+    job_id = str(job_list(cli, proj)[-1]["id"])
+    env = {
+        **os.environ,
+        "REMOTEDL_HOST": box.name,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "XDG_STATE_HOME": str(tmp_path / "st"),
+        "XDG_CONFIG_HOME": str(tmp_path / "cf"),
+    }
+    out = tmp_path / "log.bin"
+    with out.open("wb") as f:
+        subprocess.run([sys.executable, "-m", "remotedl", "logs", job_id], stdout=f, env=env, cwd=proj,
+                       check=True, timeout=120)  # fmt: skip
+    assert out.read_bytes() == payload
+    piped = subprocess.run([sys.executable, "-m", "remotedl", "logs", job_id], capture_output=True, env=env,
+                           cwd=proj, check=True, timeout=120)  # fmt: skip
+    assert piped.stdout == payload

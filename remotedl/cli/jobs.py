@@ -1,24 +1,46 @@
-"""run, jobs, logs, kill, attach."""
+"""run, jobs (rm, prune, show), logs, kill, attach, show, diff."""
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import datetime
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
-from remotedl.cli.basic import _duration
+from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, JobFailed, UsageError
+from remotedl.words import plural
 
 if TYPE_CHECKING:
     from remotedl.agent.client import AgentClient
+    from remotedl.envsync import EnvSyncResult
+    from remotedl.jobs import EnvSpec, JobRecord
+
+# The table's colour per status (the words themselves are the same in --json).
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "killed": "yellow",
+    "lost": "magenta",
+    "queued": "cyan",
+    "starting": "cyan",
+    "running": "bold blue",
+}
+
+
+def safe(text: str) -> str:
+    """Box text for the terminal: control characters (escape sequences) shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
 
 
 def _writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], None]]:
@@ -41,6 +63,13 @@ def _writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], Non
         env.stdout.write(decoder.decode(b"", final=True))
 
     return write_text, flush_text
+
+
+def warner(env: Environment) -> Callable[[str], None]:
+    def warn(text: str) -> None:
+        env.stderr.write(f"remotedl: warning: {safe(text)}\n")
+
+    return warn
 
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
@@ -69,7 +98,9 @@ def _follow(app: App, client: AgentClient, job_id: int) -> int:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
 
     try:
-        rec = jobs.stream_logs(client, str(job_id), write, follow=True, on_reconnect=reconnecting)
+        rec = jobs.stream_logs(
+            client, str(job_id), write, follow=True, on_reconnect=reconnecting, warn=warner(app.env)
+        )
     except KeyboardInterrupt:
         flush()
         app.env.stderr.write(
@@ -83,10 +114,59 @@ def _follow(app: App, client: AgentClient, job_id: int) -> int:
         app.env.stderr.write(f"remotedl: job {rec.id} was killed\n")
     code = rec.exit_code if rec.exit_code is not None else 1
     if rec.status == "lost":
-        app.env.stderr.write(f"remotedl: job {rec.id} was lost (its tmux session vanished)\n")
+        why = safe(rec.error or "its processes vanished")
+        app.env.stderr.write(f"remotedl: job {rec.id} was lost ({why})\n")
     if code != 0:
         raise JobFailed(f"job {rec.id} exited with {code}", code)
     return ExitCode.OK
+
+
+@contextlib.contextmanager
+def _status_line(app: App, text: str) -> Iterator[Callable[[str], None]]:
+    """A one-line spinner on a terminal that shows the latest installer line; nothing otherwise."""
+    if app.json or not getattr(app.env.stderr, "isatty", lambda: False)():
+        yield lambda line: None
+        return
+    from rich.markup import escape
+
+    with app.err_console.status(escape(text)) as status:
+        yield lambda line: status.update(escape(f"{text}: {safe(line)[:100]}"))
+
+
+def sync_environment(
+    app: App, client: AgentClient, rdir: str, spec: EnvSpec, *, force: bool = False
+) -> EnvSyncResult:
+    """Sync the project's environment on the box, showing progress; on failure the
+    installer's last lines go to stderr before the error."""
+    from remotedl import envsync
+
+    env = app.env
+    try:
+        with _status_line(app, f"syncing the environment on {client.spec.alias}") as progress:
+            result = envsync.sync(client, rdir, spec, force=force, progress=progress)
+    except envsync.EnvSyncFailed as e:
+        for line in e.output:
+            env.stderr.write(f"  | {safe(line)}\n")
+        raise
+    if result.synced:
+        env.stderr.write(
+            f"remotedl: environment synced ({result.kind} -> {safe(result.target or '?')}) "
+            f"in {result.seconds:.1f} s\n"
+        )
+    return result
+
+
+def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
+    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push is about
+    to change, before it goes ahead."""
+    from remotedl import jobs
+
+    root = app.settings.project.root
+    for rec in jobs.push_conflicts(client, root, rdir):
+        app.env.stderr.write(
+            f"remotedl: warning: this push changes the files of running job {rec.id} "
+            f"({safe(rec.name)}) in {safe(rec.cwd)} (isolate = false); going ahead\n"
+        )
 
 
 def cmd_run(args: argparse.Namespace, env: Environment) -> int:
@@ -114,27 +194,54 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     job_env = {**s.get("env"), **_env_pairs(args.env)}
     client = _client(app)
     spec = client.spec
-    commit, snapshot, cwd = None, False, remote_dir(app)
+    warn = warner(env)
+    isolate = bool(s.get("isolate"))
+    data = [*s.get("data"), *[d for d in args.data if d not in s.get("data")]]
+    env_spec = jobs.EnvSpec.from_settings(s)
+    commit: str | None = None
+    head: str | None = None
+    snapshot = False
+    rdir = remote_dir(app)
     if not args.no_push:
-        data = [*s.get("data"), *[d for d in args.data if d not in s.get("data")]]
+        if not isolate:
+            warn_push_changes_running(app, client, rdir)
         with progress_bar(env, not app.json) as progress:
-            pushed = sync.push(spec, root, cwd, data=data, excludes=s.get("exclude"), progress=progress)
-        commit, snapshot, cwd = pushed.commit, pushed.snapshot, pushed.remote_dir
+            pushed = sync.push(spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress)
+        commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
-    rec = jobs.start(
-        client,
-        command=command,
-        cwd=cwd,
-        script=script,
-        gpus=gpus,
-        count=args.gpus if args.gpus else None,
-        env=job_env,
-        name=name,
-        queue=args.queue,
-        force=args.force,
-        git_commit=commit,
-        snapshot=snapshot,
-    )
+    for attempt in range(3):
+        try:
+            rec = jobs.start(
+                client,
+                command=command,
+                remote_dir=rdir,
+                script=script,
+                gpus=gpus,
+                count=args.gpus if args.gpus else None,
+                env=job_env,
+                name=name,
+                queue=args.queue,
+                force=args.force,
+                git_commit=commit,
+                snapshot=snapshot,
+                git_head=head if snapshot else None,
+                snapshot_files=jobs.snapshot_files(root, head, commit) if snapshot else [],
+                isolate=isolate,
+                data=data,
+                shared=s.get("shared"),
+                environment=env_spec,
+                env_check=attempt < 2,
+                warn=warn,
+            )
+            break
+        except jobs.EnvOutOfDate as e:
+            files = ", ".join(str(f) for f in e.plan.get("files") or []) or str(e.plan.get("kind"))
+            env.stderr.write(
+                f"remotedl: {safe(files)} changed since the last environment sync on {spec.alias}: "
+                f"syncing {safe(str(e.plan.get('target') or ''))}\n"
+            )
+            sync_environment(app, client, rdir, env_spec)
+    jobs.keep_commit(root, spec.alias, rec)
     if app.json and args.detach:
         app.print_json(rec.to_dict())
         return ExitCode.OK
@@ -142,15 +249,17 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     gpu_text = f"{gpus_word} {','.join(map(str, rec.gpus))}" if rec.gpus else "no GPU"
     if rec.status == "queued":
         gpu_text = "waiting for GPUs"
+    where = f"in {rec.workdir}" if rec.workdir else f"in the work tree {rec.cwd}"
     if args.detach:
         app.out(str(rec.id))
         env.stderr.write(
-            f"job {rec.id} ({rec.name}) {rec.status} on {spec.alias}, {gpu_text}; "
+            f"job {rec.id} ({safe(rec.name)}) {rec.state} on {spec.alias}, {gpu_text}, {safe(where)}; "
             f"`remotedl logs -f {rec.id}` to follow\n"
         )
         return ExitCode.OK
     env.stderr.write(
-        f"remotedl: job {rec.id} ({rec.name}) {rec.status} on {spec.alias}, {gpu_text}; Ctrl-C detaches\n"
+        f"remotedl: job {rec.id} ({safe(rec.name)}) {rec.state} on {spec.alias}, {gpu_text}; "
+        "Ctrl-C detaches\n"
     )
     return _follow(app, client, rec.id)
 
@@ -167,8 +276,14 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
 
     from remotedl import jobs
 
+    if args.action == "show":
+        return _show(App(args, env), args.ids[0] if args.ids else None)
+    if args.action in ("rm", "prune"):
+        return _remove(args, env)
+    if args.ids:
+        raise UsageError(f"unexpected {' '.join(args.ids)}", hint="`remotedl jobs rm ID...` removes jobs")
     app = App(args, env)
-    records = jobs.list_jobs(_client(app), all_jobs=args.all)
+    records = jobs.list_jobs(_client(app), all_jobs=args.all, warn=warner(env))
     if app.json:
         app.print_json([r.to_dict() for r in records])
         return ExitCode.OK
@@ -181,21 +296,155 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
         table.add_column(col, no_wrap=col != "command")
     for r in records:
         table.add_row(
-            *map(
-                Text,
-                (
-                    str(r.id),
-                    r.name,
-                    r.status,
-                    ",".join(map(str, r.gpus)) or "-",
-                    "-" if r.exit_code is None else str(r.exit_code),
-                    _when(r.started),
-                    _duration(r.duration) if r.started else "-",
-                    r.command,
-                ),
-            )
+            Text(str(r.id)),
+            Text(safe(r.name)),
+            Text(r.state, style=STATUS_STYLE.get(r.status, "")),
+            Text(",".join(map(str, r.gpus)) or "-"),
+            Text("-" if r.exit_code is None else str(r.exit_code)),
+            Text(_when(r.started)),
+            Text(_duration(r.duration) if r.started else "-"),
+            Text(safe(r.command)),
         )
     app.console.print(table)
+    return ExitCode.OK
+
+
+def _job_ids(words: list[str]) -> list[int]:
+    ids = []
+    for w in words:
+        if not w.isdigit():
+            raise UsageError(f"jobs rm {w}: give job ids (numbers)", hint="`remotedl jobs --all` lists them")
+        ids.append(int(w))
+    return ids
+
+
+def _remove(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl import jobs
+
+    app = App(args, env)
+    if args.action == "rm":
+        if not args.ids:
+            raise UsageError("name the jobs to remove: `remotedl jobs rm ID...`")
+        ids = _job_ids(args.ids)
+    elif args.ids:
+        raise UsageError("jobs prune takes no ids", hint="use --older-than AGE, or `jobs rm ID...`")
+    older = jobs.parse_age(args.older_than) if args.older_than else 0.0
+    client = _client(app)
+    rdir = remote_dir(app)
+
+    def go(dry_run: bool) -> jobs.Removal:
+        if args.action == "rm":
+            return jobs.remove(client, ids, dry_run=dry_run)
+        return jobs.prune(client, rdir, older_than=older, dry_run=dry_run)
+
+    plan = go(True)
+    for why in plan.refused:
+        env.stderr.write(f"remotedl: {safe(why)}\n")
+    if not plan.removed:
+        if app.json:
+            app.print_json(plan.to_dict())
+        else:
+            app.out("nothing to remove")
+        return ExitCode.ERROR if plan.refused else ExitCode.OK
+    ids_text = ", ".join(str(r.id) for r in plan.removed)
+    what = f"{plural(len(plan.removed), 'job')} ({ids_text}), {_size(plan.bytes)}"
+    if not args.yes:
+        if not env.stdin_isatty:
+            raise UsageError(f"this would remove {what}", hint="run again with --yes to remove them")
+        env.stderr.write(f"remove {what} on {client.spec.alias}? [y/N] ")
+        env.stderr.flush()
+        if input().strip().lower() not in ("y", "yes"):
+            env.stderr.write("nothing removed\n")
+            return ExitCode.ERROR
+    done = go(False)
+    if app.json:
+        app.print_json(done.to_dict())
+    else:
+        for r in done.removed:
+            app.out(f"removed job {r.id} ({safe(r.name or '?')}, {r.status}): {_size(r.bytes)}")
+        app.out(f"freed {_size(done.bytes)} on {client.spec.alias}")
+    return ExitCode.ERROR if done.refused else ExitCode.OK
+
+
+def _environment_text(rec: JobRecord) -> str:
+    e = rec.environment
+    if not e:
+        return "-" if rec.ended else "(being probed)"
+    parts = [str(e.get("python") or "no python found")]
+    if e.get("python_version"):
+        parts[0] += f" {e['python_version']}"
+    if e.get("conda_default_env") or e.get("conda"):
+        parts.append(f"conda {e.get('conda_default_env') or e.get('conda')}")
+    elif e.get("virtual_env"):
+        parts.append(f"venv {e['virtual_env']}")
+    if e.get("env_setup"):
+        parts.append(f"env_setup {e['env_setup']!r}")
+    parts.append(f"torch {e['torch']}" if e.get("torch") else "no torch")
+    return ", ".join(parts)
+
+
+def _show(app: App, job: str | None) -> int:
+    from remotedl import jobs
+
+    client = _client(app)
+    spec = client.spec
+    rec = jobs.get_job(client, job, project=None if job else remote_dir(app), warn=warner(app.env))
+    ref = None
+    root = app.settings.project.root
+    if rec.git_commit:
+        ref = jobs.keep_commit(root, spec.alias, rec)
+    if app.json:
+        app.print_json({**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state})
+        return ExitCode.OK
+    rows: list[tuple[str, str]] = [
+        ("status", rec.state + (f" ({rec.error})" if rec.error and rec.status != "failed" else "")),
+        ("host", f"{spec.alias} ({rec.host})" if rec.host else spec.alias),
+        ("GPUs", ",".join(map(str, rec.gpus)) or "none (CPU)"),
+        ("command", rec.command),
+    ]
+    if rec.git_commit:
+        commit = rec.git_commit[:12]
+        if rec.snapshot:
+            on = f" on top of {rec.git_head[:12]}" if rec.git_head else ""
+            files = ", ".join(rec.snapshot_files[:20])
+            more = f" and {len(rec.snapshot_files) - 20} more" if len(rec.snapshot_files) > 20 else ""
+            commit += f" (snapshot of uncommitted work{on}; changed: {files or '?'}{more})"
+        rows.append(("commit", commit))
+        rows.append(("ref", ref or "(not in this repository)"))
+    else:
+        rows.append(("commit", "none (not a git work tree)"))
+    rows += [
+        ("env keys", ", ".join(rec.env_keys) or "-"),
+        ("environment", _environment_text(rec)),
+        ("created", _when(rec.created)),
+        ("started", _when(rec.started)),
+        ("ended", _when(rec.ended)),
+        ("duration", _duration(rec.duration) if rec.started else "-"),
+        ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
+        ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
+        ("log", rec.log),
+    ]
+    app.out(f"job {rec.id} ({safe(rec.name)})")
+    for key, value in rows:
+        app.out(f"  {key:<12}{safe(value)}")
+    return ExitCode.OK
+
+
+def cmd_show(args: argparse.Namespace, env: Environment) -> int:
+    return _show(App(args, env), args.job)
+
+
+def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl import jobs
+
+    app = App(args, env)
+    client = _client(app)
+    rec = jobs.get_job(client, args.job, project=None if args.job else remote_dir(app), warn=warner(env))
+    root = app.settings.project.root
+    text = jobs.diff(root, client.spec.alias, rec, stat=args.stat, color=env.stdout_isatty)
+    env.stdout.write(text)
+    if not text:
+        env.stderr.write(f"remotedl: no difference: the work tree has job {rec.id}'s code\n")
     return ExitCode.OK
 
 
@@ -204,13 +453,30 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
 
     app = App(args, env)
     client = _client(app)
+    project = None if args.job else remote_dir(app)
     if args.follow:
-        rec = jobs.get_job(client, args.job)
+        rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
         if args.lines is None:
             return _follow(app, client, rec.id)
+        args.job, project = str(rec.id), None
     write, flush = _writer(env)
+    out_fd = None
+    if getattr(env.stdout, "buffer", None) is not None:  # a real stream: bytes may go to its fd
+        try:
+            out_fd = env.stdout.fileno()
+        except (OSError, ValueError):
+            out_fd = None
     try:
-        jobs.stream_logs(client, args.job, write, follow=args.follow, lines=args.lines)
+        jobs.stream_logs(
+            client,
+            args.job,
+            write,
+            follow=args.follow,
+            lines=args.lines,
+            project=project,
+            warn=warner(env),
+            out_fd=out_fd,
+        )
     finally:
         flush()
     return ExitCode.OK
@@ -220,11 +486,12 @@ def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app = App(args, env)
-    rec = jobs.kill(_client(app), args.job, grace=args.grace)
+    project = None if args.job else remote_dir(app)
+    rec = jobs.kill(_client(app), args.job, grace=args.grace, project=project, warn=warner(env))
     if app.json:
         app.print_json(rec.to_dict())
     else:
-        app.out(f"job {rec.id} ({rec.name}): {rec.status}")
+        app.out(f"job {rec.id} ({safe(rec.name)}): {rec.state}")
     return ExitCode.OK
 
 
@@ -234,13 +501,15 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
     app = App(args, env)
     client = _client(app)
     spec = client.spec
-    rec = jobs.get_job(client, args.job)
-    if rec.status not in ("running", "queued"):
+    project = None if args.job else remote_dir(app)
+    rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
+    if rec.status not in ("running", "queued", "starting"):
         raise UsageError(
-            f"job {rec.id} is {rec.status}: nothing to attach to",
+            f"job {rec.id} is {rec.state}: nothing to attach to",
             hint=f"read its log with `remotedl logs {rec.id}`",
         )
     if not env.stdin_isatty:
         raise UsageError("attach needs a terminal", hint=f"use `remotedl logs -f {rec.id}` in scripts")
     env.stderr.write(f"attaching to job {rec.id}; detach with Ctrl-b d (the job keeps running)\n")
     return subprocess.call(jobs.attach_argv(spec, rec), stdin=sys.stdin, stdout=sys.stdout)
+

@@ -58,11 +58,24 @@ def push(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="rsync exclude")
     p.add_argument("--delete", action="store_true", help="delete box files missing here (data paths only)")
     p.add_argument("--force", action="store_true", help="overwrite edits made on the box")
+    p.add_argument(
+        "--env",
+        action="store_true",
+        help="then sync the project's environment on the box if its requirements changed",
+    )
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
 def pull(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="paths relative to the remote directory")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="paths relative to the project: taken from this project's latest job that has them",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--job", metavar="JOB", help="take the paths from this job's directory")
+    src.add_argument("--tree", action="store_true", help="take the paths from the work tree (remote_dir)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="rsync exclude")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
@@ -101,22 +114,47 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 
 def jobs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "`remotedl jobs` lists; `jobs show [JOB]` tells what a job ran; `jobs rm ID...` and "
+        "`jobs prune [--older-than 7d]` remove ended jobs (record, log, job directory)."
+    )
+    p.add_argument("action", nargs="?", choices=["show", "rm", "prune"], help="show, rm or prune")
+    p.add_argument("ids", nargs="*", metavar="JOB", help="job ids (rm) or one job (show)")
     p.add_argument("-a", "--all", action="store_true", help="every job, not only active and recent ones")
+    p.add_argument(
+        "--older-than", metavar="AGE", help="prune: only jobs that ended longer ago (7d, 12h, 30m)"
+    )
+    p.add_argument("-y", "--yes", action="store_true", help="rm/prune: remove without asking")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
+def show(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
+def diff(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
+    p.add_argument("--stat", action="store_true", help="only which files differ, and how much")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
 def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    p.add_argument("job", nargs="?", help="job id or name (default: the latest job)")
+    p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
 def kill(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    p.add_argument("job", nargs="?", help="job id or name (default: the latest job)")
+    p.add_argument("job", nargs="?", help="job id or name (default: this project's latest running job)")
     p.add_argument("--grace", type=float, default=10.0, metavar="S", help="seconds between signals")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
 def attach(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    p.add_argument("job", nargs="?", help="job id or name (default: the latest job)")
+    p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
 def _tunnel_common(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,13 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
     data = [] if args.no_data else list(s.get("data"))
     data += [d for d in args.data if d not in data]
     spec = app.spec()
+    client = None
+    if not args.no_code and not s.get("isolate"):
+        from remotedl.cli.jobs import _client, warn_push_changes_running
+
+        # Jobs run in the work tree itself (isolate = false): say which ones this push changes.
+        client = _client(app)
+        warn_push_changes_running(app, client, remote_dir(app))
     with progress_bar(env, not app.json) as progress:
         result = sync.push(
             spec,
@@ -36,8 +43,15 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
             code=not args.no_code,
             progress=progress,
         )
+    synced = None
+    if getattr(args, "env", False):
+        from remotedl import jobs
+        from remotedl.cli.jobs import _client, sync_environment
+
+        client = client or _client(app)
+        synced = sync_environment(app, client, result.remote_dir, jobs.EnvSpec.from_settings(s))
     if app.json:
-        app.print_json(result.to_dict())
+        app.print_json({**result.to_dict(), **({"environment": synced.to_dict()} if synced else {})})
         return ExitCode.OK
     if result.commit:
         what = f"snapshot {result.commit[:10]} of uncommitted work on {(result.head or '-')[:10]}"
@@ -46,27 +60,63 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
         app.out(f"code  {what} -> {spec.alias}:{result.remote_dir} ({state})")
     for t in result.transfers:
         app.out(f"data  {t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} sent")
+    if synced is not None:
+        state = "synced" if synced.synced else ("up to date" if synced.needed else "nothing to sync")
+        app.out(f"env   {synced.kind or 'no requirements'} -> {synced.target or '-'} ({state})")
     return ExitCode.OK
 
 
 def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
-    from remotedl import sync
+    """Each path from this project's latest job that has it (``--job``: that job's directory;
+    ``--tree``: the shared work tree); data and shared paths live in the work tree."""
+    from remotedl import jobs, sync
+    from remotedl.cli.jobs import _client, safe
 
     app = App(args, env)
     s = app.settings
-    spec = app.spec()
+    client = _client(app)
+    spec = client.spec
+    rdir = remote_dir(app)
+    sources = jobs.locate(client, rdir, args.paths, job=args.job, tree=args.tree)
+    results = []
     with progress_bar(env, not app.json) as progress:
-        result = sync.pull(
-            spec,
-            s.project.root,
-            remote_dir(app),
-            args.paths,
-            excludes=[*s.get("exclude"), *args.exclude],
-            progress=progress,
-        )
+        for src in sources:
+            excludes = [*s.get("exclude"), *args.exclude]
+            if src.job is not None and not src.shared:
+                # A job's checkout: its git link and its links to the shared data stay on the box.
+                excludes += [".git", *(f"/{link}" for link in src.links)]
+            result = sync.pull(
+                spec,
+                s.project.root,
+                rdir,
+                [src.path],
+                excludes=excludes,
+                progress=progress,
+                source_dir=src.dir,
+            )
+            results.append((src, result))
     if app.json:
-        app.print_json(result.to_dict())
+        app.print_json(
+            {
+                "local_dir": str(s.project.root),
+                "transfers": [
+                    {**t.__dict__, "job": src.job, "source_dir": src.dir}
+                    for src, r in results
+                    for t in r.transfers
+                ],
+            }
+        )
         return ExitCode.OK
-    for t in result.transfers:
-        app.out(f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received")
+    for src, r in results:
+        if src.job is None:
+            origin = "the work tree"
+        elif src.shared:
+            origin = f"the work tree (shared by job {src.job}, {safe(src.name or '?')})"
+        else:
+            origin = f"job {src.job} ({safe(src.name or '?')})"
+        for t in r.transfers:
+            app.out(
+                f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received "
+                f"from {origin}"
+            )
     return ExitCode.OK

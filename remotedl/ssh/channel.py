@@ -184,6 +184,7 @@ class FramedProcess:
         self.raw_stderr: list[str] = []
         self._buf = b""
         self._framed = False
+        self._no_splice = False
         self._err_framed = threading.Event()
         self._writer = threading.Thread(target=self._feed, args=(payload,), daemon=True)
         self._writer.start()
@@ -240,6 +241,27 @@ class FramedProcess:
                 if len(self._buf) > MAX_ANSWER:
                     raise NoFrame("no frame marker in the first 64 MiB")
         return os.read(fd, n)
+
+    def copy_to(self, fd: int, n: int = 1 << 20) -> int:
+        """Move up to ``n`` bytes of the script's output (after the frame) straight to ``fd``
+        in the kernel (splice: no copy through Python); 0 at its end. Falls back to a copy
+        where the file descriptor cannot take a splice (a terminal)."""
+        import os
+
+        assert self._framed, "read() the first chunk before copy_to()"
+        assert self.process.stdout is not None
+        src = self.process.stdout.fileno()
+        splice = getattr(os, "splice", None)
+        if splice is not None and not self._no_splice:
+            try:
+                return int(splice(src, fd, n))
+            except OSError:
+                self._no_splice = True
+        chunk = os.read(src, n)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        return len(chunk)
 
     def wait(self) -> int:
         code = self.process.wait()
