@@ -1044,6 +1044,7 @@ def submit_here(job: BatchJob, settings: SlurmSettings) -> Submitted:
         _write_private(os.path.join(ctl, "params"), batch_params(job, settings.modules))
         if env_data:
             _write_private(os.path.join(ctl, "env"), env_data)
+        _write_private(log, b"")  # there while the job waits; slurmstepd appends to it
         argv = [
             "sbatch",
             "--parsable",
