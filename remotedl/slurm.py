@@ -348,7 +348,8 @@ if [ "$#" -lt 9 ] || [ "$1" != 1 ]; then
 fi
 _rdl_id=$2 _rdl_cmd=$3 _rdl_jd=$4 _rdl_rd=$5 _rdl_conda=$6 _rdl_setup=$7 _rdl_mods=$8 _rdl_gpus=$9
 rm -f "$_rdl_ctl/exit"
-printf '%s %s %s\n' "$(date +%s)" "${SLURMD_NODENAME:-?}" "${SLURM_JOB_ID:-?}" > "$_rdl_ctl/started.tmp" &&
+printf '%s %s %s %s\n' "$(date +%s)" "${SLURMD_NODENAME:-?}" "${SLURM_JOB_ID:-?}" \
+  "${SLURM_JOB_GPUS:-${SLURM_STEP_GPUS:--}}" > "$_rdl_ctl/started.tmp" &&
   mv -f "$_rdl_ctl/started.tmp" "$_rdl_ctl/started"
 if [ -f "$_rdl_ctl/env" ]; then
   {
@@ -754,6 +755,7 @@ class OwnRecord:
     terminated: bool = False  # it got SIGTERM (scancel, time limit, preemption)
     ended: float | None = None
     time_limit: bool = False  # the log ends with slurmstepd's DUE TO TIME LIMIT line
+    gpus: tuple[int, ...] = ()  # SLURM_JOB_GPUS: the node's GPU indices it got
 
 
 def parse_own(started: str | None, exit_line: str | None, time_limit: bool = False) -> OwnRecord:
@@ -766,6 +768,7 @@ def parse_own(started: str | None, exit_line: str | None, time_limit: bool = Fal
         terminated=len(e) > 1 and e[1] == "1",
         ended=float(e[2]) if len(e) > 2 and e[2].isdigit() else None,
         time_limit=time_limit,
+        gpus=tuple(int(g) for g in s[3].split(",") if g.isdigit()) if len(s) > 3 else (),
     )
 
 
@@ -795,6 +798,7 @@ def job_from_own(job_id: str, own: OwnRecord) -> SlurmJob:
         reason=reason,
         nodes=own.node,
         exit_code=own.exit_code,
+        gpu_indices=list(own.gpus),
         start=_iso(own.started),
         end=_iso(own.ended),
         source="job",
@@ -842,12 +846,16 @@ def state_of(job_id: str, lines: Sequence[str]) -> SlurmJob:
     for line in scontrol:
         fields = parse_scontrol(line)
         if fields.get("JobId") == job_id:
-            return job_from_scontrol(fields)
+            found = job_from_scontrol(fields)
+            if not found.gpu_indices and own.gpus:  # scontrol's details stop at the job's end
+                found.gpu_indices = list(own.gpus)
+            return found
     from_sacct = parse_sacct(sacct, job_id) if sacct else None
     if from_sacct is not None:
         if from_sacct.state in _KILLED | {"TIMEOUT"} and own.exit_code is not None:
             # jobcomp/filetxt says 0:0 for these; the job's own record knows better
             from_sacct.exit_code = own.exit_code
+        from_sacct.gpu_indices = list(own.gpus)
         return from_sacct
     return job_from_own(job_id, own)
 

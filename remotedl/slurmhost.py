@@ -1,389 +1,43 @@
-"""A Slurm login node driven from the laptop through ``Box.run(script, *values)``: submit,
-states, scancel, a job's log followed with byte-offset resume, ``srun`` into a job, Jupyter as a
-batch job, the cluster's status and the checks ``doctor`` runs. The scripts are constants; every
-value (paths, the command, option words) arrives as "$1"..., never spliced into code. What Slurm
-takes and prints is in ``remotedl.slurm``.
+"""A Slurm login node seen from the laptop: the cluster's status, the checks ``doctor`` runs,
+``srun`` into a job's allocation, and Jupyter as a batch job tunnelled to through the login node.
+Remote calls go through ``Box.run(script, *values)``: the scripts are constants and every value
+arrives as "$1"..., never spliced into code. Jobs themselves (submit, states, scancel, logs) are
+the agent's, on the login node (``remotedl.agent.box`` with ``remotedl.slurm``).
 """
 
 from __future__ import annotations
 
 import re
-import time as _time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from remotedl.errors import RemoteError
+from remotedl.schema import JobRecord
 from remotedl.slurm import (
-    _QUEUED,
-    _RUNNING,
-    BATCH_SCRIPT,
     JUPYTER_COMMAND,
     MODULE_INIT,
-    SACCT_FIELDS,
     SINFO_FORMAT,
     SQUEUE_FORMAT,
     BatchJob,
     ClusterStatus,
-    JobRef,
-    SlurmJob,
     SlurmSettings,
-    Submitted,
-    batch_params,
     decode_values,
-    env_file,
-    job_from_scontrol,
     parse_partitions,
-    parse_sbatch,
-    parse_scontrol,
     parse_sinfo_nodes,
     parse_squeue,
-    parse_states,
     sbatch_options,
     sbatch_reason,
-    submit_error,
 )
 from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
 from remotedl.ssh.openssh import login_shell_safe, ssh_argv
 from remotedl.ssh.resolve import HostSpec
 from remotedl.waiting import retry_until
 
-# "$1" control dir, "$2" job dir, "$3" log, "$4" params, "$5" env data, "$6" 1 to run the batch
-# script with bash (env_setup, modules); then sbatch's option words.
-_SUBMIT = (
-    EXPAND_HOME
-    + r"""
-_ctl=$(expand_home "$1") _wd=$(expand_home "$2") _log=$(expand_home "$3") _params=$4 _envdata=$5 _bash=$6
-shift 6
-umask 077
-command -v sbatch >/dev/null 2>&1 || { echo "@@error sbatch is not on the login node's PATH"; exit 0; }
-[ -d "$_wd" ] || { echo "@@error the job's directory $_wd does not exist on the login node"; exit 0; }
-mkdir -p "$_ctl" "$(dirname "$_log")" || { echo "@@error cannot make $_ctl"; exit 0; }
-rm -f "$_ctl/env" "$_ctl/exit" "$_ctl/started" "$_ctl/slurm_id" "$_ctl/jupyter" "$_log"
-if [ "$_bash" = 1 ] && [ -x /bin/bash ]; then echo '#!/bin/bash'; else echo '#!/bin/sh'; fi > "$_ctl/batch.sh"
-cat >> "$_ctl/batch.sh" <<'RDL_BATCH_SCRIPT_END'
-"""
-    + BATCH_SCRIPT
-    + r"""RDL_BATCH_SCRIPT_END
-chmod 700 "$_ctl/batch.sh"
-printf '%s' "$_params" > "$_ctl/params"
-[ -z "$_envdata" ] || printf '%s' "$_envdata" > "$_ctl/env"
-_pattern=$(printf '%s' "$_log" | sed 's/%/%%/g')  # sbatch reads % in --output as a pattern
-_out=$(sbatch --parsable --chdir="$_wd" --output="$_pattern" --open-mode=append \
-  "$@" "$_ctl/batch.sh" "$_ctl" 2>"$_ctl/sbatch.err")
-_rc=$?
-sed 's/^/@@stderr /' "$_ctl/sbatch.err"
-if [ "$_rc" -ne 0 ]; then rm -f "$_ctl/env"; echo "@@rc $_rc"; exit 0; fi
-printf '@@job %s\n' "$_out"
-printf '%s\n' "$_out" > "$_ctl/slurm_id"
-printf '@@control %s\n' "$_ctl"
-"""
-)
-
-
-def submit(box: Box, job: BatchJob, settings: SlurmSettings) -> Submitted:
-    """Write the job's control files and submit it with sbatch; one exec."""
-    opts = sbatch_options(job, settings)
-    params = batch_params(job, settings.modules)
-    use_bash = "1" if (job.env_setup or settings.modules) else "0"
-    r = box.run(
-        _SUBMIT,
-        job.control_dir,
-        job.workdir,
-        job.log,
-        params.decode("utf-8", "surrogateescape"),
-        env_file(job.env).decode("utf-8", "surrogateescape"),
-        use_bash,
-        *opts,
-    )
-    sections = mark_sections(r.stdout)
-    stderr = sections.get("stderr", [])
-    if "error" in sections:
-        raise RemoteError(sections["error"][0], hint="check remote_dir and push first")
-    if "rc" in sections or "job" not in sections:
-        raise submit_error(stderr or r.stderr.splitlines())
-    slurm_id, cluster = parse_sbatch(sections["job"][0])
-    control = (sections.get("control") or [job.control_dir])[0]
-    return Submitted(slurm_id, cluster, control, opts, [x for x in stderr if x.strip()])
-
-
-# "$@": triples (Slurm id, control dir, log). Per job: what scontrol knows, else sacct, and what
-# the job wrote itself.
-_STATE_FN = (
-    EXPAND_HOME
-    + r"""
-rdl_state() {
-  _id=$1 _ctl=$(expand_home "$2") _log=$(expand_home "$3")
-  printf '@@job %s\n' "$_id"
-  _sc=$(scontrol --oneliner --details show job "$_id" 2>&1)
-  _rc=$?
-  if [ "$_rc" -eq 0 ] && [ -n "$_sc" ]; then
-    printf '%s\n' "$_sc" | sed 's/^/@@scontrol /'
-  elif [ "$_rc" -ne 0 ] && ! printf '%s' "$_sc" | grep -q 'Invalid job id'; then
-    printf '@@unreachable %s\n' "$(printf '%s\n' "$_sc" | tail -n 1)"
-  else
-    sacct --noheader --parsable2 --allocations --jobs="$_id" --format=SACCT_FIELDS 2>/dev/null |
-      sed 's/^/@@sacct /'
-    if [ -n "$_log" ] && [ -f "$_log" ] && tail -c 4096 "$_log" | grep -q 'DUE TO TIME LIMIT'; then
-      echo '@@timelimit'
-    fi
-  fi
-  [ -f "$_ctl/started" ] && printf '@@started %s\n' "$(cat "$_ctl/started")"
-  [ -f "$_ctl/exit" ] && printf '@@exit %s\n' "$(cat "$_ctl/exit")"
-  echo '@@done'
-}
-""".replace("SACCT_FIELDS", ",".join(SACCT_FIELDS))
-)
-
-_QUERY = (
-    _STATE_FN
-    + r"""
-command -v scontrol >/dev/null 2>&1 || { echo "@@error scontrol is not on the login node's PATH"; exit 0; }
-while [ "$#" -ge 3 ]; do rdl_state "$1" "$2" "$3"; shift 3; done
-"""
-)
-
-# "$1" Slurm id, "$2" control dir, "$3" log.
-_CANCEL = (
-    _STATE_FN
-    + r"""
-command -v scancel >/dev/null 2>&1 || { echo "@@error scancel is not on the login node's PATH"; exit 0; }
-scancel "$1" 2>&1 | sed 's/^/@@stderr /'
-rm -f "$(expand_home "$2")/env"
-rdl_state "$1" "$2" "$3"
-"""
-)
-
-
-def query(box: Box, jobs: Sequence[JobRef]) -> dict[str, SlurmJob]:
-    """The state of each job (by Slurm id), one exec for all."""
-    if not jobs:
-        return {}
-    values = [v for j in jobs for v in (j.slurm_id, j.control_dir, j.log)]
-    r = box.run(_QUERY, *values)
-    marks = mark_sections(r.stdout)
-    if "error" in marks and "job" not in marks:
-        raise RemoteError(marks["error"][0], hint="is this host a Slurm login node? check `remotedl doctor`")
-    return parse_states(r.stdout)
-
-
-def cancel(box: Box, job: JobRef, *, wait: float = 30.0) -> SlurmJob:
-    """scancel the job (and remove its env file), then wait until Slurm says it ended (a
-    cancelled running job passes through COMPLETING for up to KillWait seconds)."""
-    r = box.run(_CANCEL, job.slurm_id, job.control_dir, job.log)
-    marks = mark_sections(r.stdout)
-    if "error" in marks and "job" not in marks:
-        raise RemoteError(marks["error"][0])
-    state = parse_states(r.stdout).get(job.slurm_id) or SlurmJob(job.slurm_id, "UNKNOWN", source="none")
-    if state.ended:
-        return state
-
-    def ended() -> SlurmJob | None:
-        now = query(box, [job]).get(job.slurm_id)
-        return now if now is not None and now.ended else None
-
-    return retry_until(ended, seconds=wait, interval=0.2) or query(box, [job]).get(job.slurm_id, state)
-
-
-def wait_for(
-    box: Box, job: JobRef, until: Callable[[SlurmJob], bool], *, seconds: float, interval: float = 0.5
-) -> SlurmJob | None:
-    """Poll the job's state until ``until`` holds (None when ``seconds`` passed first)."""
-
-    def check() -> SlurmJob | None:
-        now = query(box, [job]).get(job.slurm_id)
-        return now if now is not None and until(now) else None
-
-    return retry_until(check, seconds=seconds, interval=interval)
-
-
-# ------------------------------------------------------------------ following a job's log
-
-# Active states: the job may still write to its log (COMPLETING: slurmstepd may add a line).
-_ACTIVE_STATES = " ".join(sorted(_QUEUED | _RUNNING))
-
-# "$1" Slurm id, "$2" log, "$3" control dir, "$4" byte offset (empty: from "$6" lines before the
-# end, or 0), "$5" 1 to follow until the job ends, "$6" lines. Answers in frames on stdout:
-# "S OFFSET" first; "D N" then N bytes of the log; "Q LINE" when scontrol's state or reason
-# changed; "E" then the job's state lines (as the state script prints them) at its end.
-_FOLLOW = (
-    _STATE_FN
-    + r"""
-_id=$1 _log=$(expand_home "$2") _ctl=$(expand_home "$3") _off=$4 _follow=$5 _lines=$6
-_size() { if [ -f "$_log" ]; then wc -c < "$_log" | tr -d ' '; else echo 0; fi; }
-if [ -z "$_off" ]; then
-  _off=0
-  if [ -n "$_lines" ] && [ -f "$_log" ]; then
-    _s=$(_size); _t=$(tail -n "$_lines" "$_log" | wc -c | tr -d ' '); _off=$((_s - _t))
-  fi
-fi
-printf 'S %s\n' "$_off"
-_copy() {
-  _s=$(_size)
-  if [ "$_s" -gt "$_off" ]; then
-    printf 'D %s\n' $((_s - _off))
-    tail -c +$((_off + 1)) "$_log" | head -c $((_s - _off))
-    _off=$_s
-  fi
-}
-_seen= _st= _next=0 _n=0
-while :; do
-  if [ "$_n" -ge "$_next" ] || [ -f "$_ctl/exit" ]; then
-    _sc=$(scontrol --oneliner show job "$_id" 2>&1)
-    case $_sc in
-      JobId=*)
-        _st=$(printf '%s\n' "$_sc" | sed -n 's/.* JobState=\([A-Z_]*\).*/\1/p' | head -n 1)
-        _rs=$(printf '%s\n' "$_sc" | sed -n 's/.* Reason=\([^ ]*\).*/\1/p' | head -n 1)
-        if [ "$_st $_rs" != "$_seen" ]; then
-          _seen="$_st $_rs"; printf 'Q %s\n' "$(printf '%s\n' "$_sc" | head -n 1)"
-        fi;;
-      *"Invalid job id"*) _st=GONE;;
-      *) _st=;;  # the controller did not answer: keep following
-    esac
-    _next=$((_n + 10))
-  fi
-  _copy
-  case " ACTIVE_STATES  " in
-    *" $_st "*) ;;
-    *) [ -z "$_st" ] || break;;
-  esac
-  [ "$_follow" = 1 ] || break
-  sleep 0.2
-  _n=$((_n + 1))
-done
-_copy
-echo E
-rdl_state "$_id" "$3" "$2"
-""".replace("ACTIVE_STATES", _ACTIVE_STATES)
-)
-
-
-@dataclass
-class Following:
-    """Where a log follower stands: its byte offset and how often it reconnected."""
-
-    offset: int | None = None  # None: not started (``lines`` decides the first offset)
-    reconnects: int = 0
-    state: SlurmJob | None = None  # the last state seen
-
-
-class _Frames:
-    """Parses the follower's frames as bytes arrive."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.data_left = 0
-        self.ended = False  # after "E": the state lines
-
-    def feed(self, chunk: bytes) -> Iterator[tuple[str, bytes]]:
-        self.buf += chunk
-        while self.buf:
-            if self.data_left:
-                piece = self.buf[: self.data_left]
-                self.buf = self.buf[len(piece) :]
-                self.data_left -= len(piece)
-                yield "D", piece
-                continue
-            nl = self.buf.find(b"\n")
-            if nl < 0:
-                if len(self.buf) > 1 << 20:
-                    raise RemoteError("the log follower sent a line it should not have")
-                return
-            line, self.buf = self.buf[:nl].decode(errors="replace"), self.buf[nl + 1 :]
-            kind, _, rest = line.partition(" ")
-            if self.ended:
-                yield "L", line.encode()
-            elif kind == "D" and rest.isdigit():
-                self.data_left = int(rest)
-            elif kind in ("S", "Q", "E"):
-                self.ended = kind == "E"
-                yield kind, rest.encode()
-            else:
-                raise RemoteError(f"the log follower sent {line[:60]!r}")
-
-
-def follow_log(
-    box: Box,
-    job: JobRef,
-    write: Callable[[bytes], None],
-    *,
-    follow: bool = True,
-    lines: int | None = None,
-    state: Following | None = None,
-    on_state: Callable[[SlurmJob], None] | None = None,
-    on_reconnect: Callable[[int], None] | None = None,
-    reconnect_for: float = 300.0,
-) -> SlurmJob:
-    """Copy the job's log from the login node to ``write``; following, until the job ends.
-    While it waits in the queue ``on_state`` hears each state (PENDING with its reason), and
-    each change after. A dropped connection is re-made and the log resumes at the byte offset
-    reached: no byte lost, none repeated. Returns the job's state at its end."""
-    from remotedl.ssh.channel import NoFrame
-    from remotedl.ssh.openssh import openssh_failure
-
-    st = state or Following()
-    down_since: float | None = None
-    while True:
-        p = box.start(
-            _FOLLOW,
-            job.slurm_id,
-            job.log,
-            job.control_dir,
-            "" if st.offset is None else str(st.offset),
-            "1" if follow else "0",
-            str(lines) if lines is not None and st.offset is None else "",
-        )
-        frames = _Frames()
-        ended: list[str] | None = None
-        framed = True
-        try:
-            while True:
-                try:
-                    chunk = p.read()
-                except NoFrame:
-                    framed = False
-                    break
-                if not chunk:
-                    break
-                for kind, data in frames.feed(chunk):
-                    if kind == "L" and ended is not None:
-                        ended.append(data.decode(errors="replace"))
-                    elif kind == "D":
-                        write(data)
-                        st.offset = (st.offset or 0) + len(data)
-                    elif kind == "S" and st.offset is None:
-                        st.offset = int(data)
-                    elif kind == "Q":
-                        seen = job_from_scontrol(parse_scontrol(data.decode(errors="replace")))
-                        st.state = seen
-                        if on_state is not None:
-                            on_state(seen)
-                    elif kind == "E":
-                        ended = []
-        except BaseException:
-            p.kill()
-            raise
-        code = p.wait()
-        if ended is not None:
-            tail = frames.buf.decode(errors="replace").splitlines()
-            final = parse_states("\n".join([*ended, *tail])).get(job.slurm_id)
-            st.state = final or st.state or SlurmJob(job.slurm_id, "UNKNOWN", source="none")
-            return st.state
-        err = p.stderr_text()
-        if (code == 255 or not framed) and follow:
-            now = _time.monotonic()
-            down_since = down_since or now
-            if now - down_since > reconnect_for:
-                raise openssh_failure(box.spec, err)
-            st.reconnects += 1
-            if on_reconnect is not None:
-                on_reconnect(st.reconnects)
-            _time.sleep(min(0.2 * 2 ** min(st.reconnects, 5), 5.0))
-            continue
-        if code == 255 or not framed:
-            raise openssh_failure(box.spec, err)
-        last = (p.stderr_lines or [f"exit {code}"])[-1]
-        raise RemoteError(f"reading the log of Slurm job {job.slurm_id} failed: {last}")
+if TYPE_CHECKING:
+    from remotedl.agent.client import AgentClient
+    from remotedl.jobs import EnvSpec
 
 
 def attach_argv(spec: HostSpec, slurm_id: str) -> list[str]:
@@ -396,12 +50,11 @@ def attach_argv(spec: HostSpec, slurm_id: str) -> list[str]:
     return ssh_argv(spec, login_shell_safe(script), tty=True, batch=False)
 
 
-# "$1" control dir, "$2" log: what a look at a Jupyter job needs besides its Slurm state.
+# "$1" control dir, "$2" log: where Jupyter listens, whether it answers yet, its token.
 _JUPYTER_LOOK = (
     EXPAND_HOME
     + r"""
 _ctl=$(expand_home "$1") _log=$(expand_home "$2")
-[ -f "$_ctl/slurm_id" ] && printf '@@slurm_id %s\n' "$(cat "$_ctl/slurm_id")"
 [ -f "$_ctl/jupyter" ] && printf '@@jupyter %s\n' "$(cat "$_ctl/jupyter")"
 [ -f "$_ctl/jupyter" ] && [ -f "$_log" ] && grep -q 'is running at' "$_log" && echo '@@ready'
 [ -f "$_ctl/env" ] && { echo '@@env'; od -An -v -tx1 "$_ctl/env"; }
@@ -410,19 +63,20 @@ echo '@@end'
 """
 )
 
+JUPYTER_NAME = "jupyter"
+
 
 @dataclass
 class SlurmJupyter:
-    """A Jupyter server running as a Slurm job."""
+    """A Jupyter server running as a Slurm job (a remotedl job named ``jupyter``)."""
 
+    job_id: int
     slurm_id: str
     node: str  # the node's name, from Slurm (the tunnel's target, resolved by the login node)
     address: str  # the address Jupyter listens on, on the node
     port: int
     token: str
     lab: bool
-    control_dir: str
-    log: str
     started: bool  # True when this call submitted it
 
     def url(self, local_port: int) -> str:
@@ -443,108 +97,121 @@ def _token_from_env(hex_lines: Sequence[str]) -> str | None:
     return dict(zip(values[::2], values[1::2], strict=False)).get("JUPYTER_TOKEN")
 
 
-def look_jupyter(box: Box, control_dir: str, log: str) -> tuple[dict[str, list[str]], SlurmJob | None]:
-    """What the control directory of a Jupyter job says, and its Slurm state (two execs only
-    when a job id is there)."""
-    marks = mark_sections(box.run(_JUPYTER_LOOK, control_dir, log).stdout)
-    slurm_id = (marks.get("slurm_id") or [""])[0].strip()
-    if not slurm_id:
-        return marks, None
-    return marks, query(box, [JobRef(slurm_id, control_dir, log)]).get(slurm_id)
+def _look(box: Box, rec: JobRecord) -> dict[str, list[str]]:
+    return mark_sections(box.run(_JUPYTER_LOOK, rec.control_dir or "", rec.log).stdout)
 
 
-def _running_jupyter(
-    marks: Mapping[str, list[str]], state: SlurmJob | None, control_dir: str, log: str, started: bool
-) -> SlurmJupyter | None:
-    if state is None or state.state != "RUNNING" or "ready" not in marks or not marks.get("jupyter"):
+def _serving(look: Mapping[str, list[str]], rec: JobRecord, started: bool) -> SlurmJupyter | None:
+    if rec.status != "running" or "ready" not in look or not look.get("jupyter") or not rec.slurm_id:
         return None
-    parts = marks["jupyter"][0].split()
-    token = _token_from_env(marks.get("env", []))
+    parts = look["jupyter"][0].split()
+    token = _token_from_env(look.get("env", []))
     if len(parts) < 4 or not parts[1].isdigit() or token is None:
         return None
     return SlurmJupyter(
-        slurm_id=state.job_id,
-        node=state.nodes or parts[3],
+        job_id=rec.id,
+        slurm_id=rec.slurm_id,
+        node=rec.node or parts[3],
         address=parts[0],
         port=int(parts[1]),
         token=token,
         lab=parts[2] == "lab",
-        control_dir=control_dir,
-        log=log,
         started=started,
     )
 
 
 def find_or_start_jupyter(
-    box: Box,
+    client: AgentClient,
     *,
-    workdir: str,
-    control_dir: str,
-    log: str,
-    settings: SlurmSettings,
-    remote_dir: str = "",
+    remote_dir: str,
+    settings: Mapping[str, Any],
     gpus: int = 1,
-    conda: str | None = None,
-    env_setup: str | None = None,
+    environment: EnvSpec | None = None,
     timeout: float = 600.0,
     on_progress: Callable[[str], None] | None = None,
 ) -> SlurmJupyter:
-    """Reuse the project's Jupyter job when it runs; else submit one (``gpus`` GPUs, the host's
-    settings), wait while it is PENDING (saying why) until Jupyter answers on its node."""
-    import secrets
+    """This project's Jupyter job when it serves; else a new one (a remotedl job named
+    ``jupyter`` in ``remote_dir``, ``gpus`` GPUs, the host's Slurm ``settings``; the token
+    reaches it through the job's 0600 env file). Waits while Slurm queues it, saying why, until
+    Jupyter answers on its node; a job that never comes up is cancelled."""
+    from remotedl import jobs
 
     say = on_progress or (lambda text: None)
-    marks, state = look_jupyter(box, control_dir, log)
-    found = _running_jupyter(marks, state, control_dir, log, started=False)
-    if found is not None:
-        return found
-    if state is not None and not state.ended:
-        cancel(box, JobRef(state.job_id, control_dir, log))  # a leftover that never came up
+    box = client.box
+    for rec in reversed(jobs.list_jobs(client)):
+        mine = (
+            rec.name == JUPYTER_NAME and rec.scheduler == "slurm" and _same_dir(rec.project_dir, remote_dir)
+        )
+        if mine and rec.status == "running":
+            found = _serving(_look(box, rec), rec, started=False)
+            if found is not None:
+                return found
     token = secrets.token_hex(24)
-    job = BatchJob(
-        job_id="jupyter",
-        name="jupyter",
+    rec = jobs.start(
+        client,
         command=JUPYTER_COMMAND,
-        workdir=workdir,
-        control_dir=control_dir,
-        log=log,
         remote_dir=remote_dir,
-        gpus=gpus,
+        name=JUPYTER_NAME,
+        count=gpus or None,
+        gpus="none" if gpus == 0 else None,
         env={"JUPYTER_TOKEN": token},
-        conda=conda,
-        env_setup=env_setup,
+        isolate=False,
+        environment=environment,
+        env_check=False,
+        slurm=settings,
     )
-    sub = submit(box, job, settings)
-    ref = JobRef(sub.slurm_id, sub.control_dir, log)
     said = ""
 
     def up() -> SlurmJupyter | None:
         nonlocal said
-        look, now = look_jupyter(box, control_dir, log)
-        if now is not None and now.ended:
-            tail = " ".join(look.get("log", [])[-2:]).strip()
+        now = jobs.get_job(client, str(rec.id))
+        if now.state != said:
+            said = now.state
+            say(f"Jupyter job {now.id} (Slurm job {now.slurm_id}): {said}")
+        if now.ended:
+            tail = " ".join(_look(box, now).get("log", [])[-2:]).strip()
             raise RemoteError(
-                f"the Jupyter job {sub.slurm_id} ended: {now.describe()}" + (f": {tail}" if tail else ""),
-                hint=f"its output is in {log} on the login node",
+                f"the Jupyter job {now.id} ended: {now.state}" + (f": {tail}" if tail else ""),
+                hint=f"its output: `remotedl logs {now.id}`",
             )
-        words = now.describe() if now is not None else "submitted"
-        if words != said:
-            said = words
-            say(f"Jupyter job {sub.slurm_id}: {words}")
-        return _running_jupyter(look, now, control_dir, log, started=True)
+        return _serving(_look(box, now), now, started=True) if now.status == "running" else None
 
     try:
         server = retry_until(up, seconds=timeout, interval=1.0)
     except BaseException:
-        cancel(box, ref)
+        _cancel_quietly(client, rec.id)
         raise
     if server is None:
-        cancel(box, ref)
+        _cancel_quietly(client, rec.id)
         raise RemoteError(
-            f"Jupyter did not come up within {timeout:g} s (job {sub.slurm_id}: {said}); cancelled it",
-            hint="see `remotedl status` for the queue, or ask for fewer GPUs",
+            f"Jupyter did not come up within {timeout:g} s (job {rec.id}: {said}); cancelled it",
+            hint="`remotedl status` shows the queue; ask for fewer GPUs with --gpus",
         )
     return server
+
+
+def _same_dir(absolute: str, given: str) -> bool:
+    """Whether the agent's absolute project dir is the ``remote_dir`` setting (``~/...``)."""
+    if given.startswith("~/"):
+        return absolute.endswith(given[1:].rstrip("/"))
+    return absolute.rstrip("/") == given.rstrip("/")
+
+
+def _cancel_quietly(client: AgentClient, job_id: int) -> None:
+    from remotedl import jobs
+    from remotedl.errors import RemotedlError
+
+    try:
+        jobs.kill(client, str(job_id))
+    except RemotedlError:
+        pass  # it ended by itself meanwhile
+
+
+def stop_jupyter(client: AgentClient, server: SlurmJupyter) -> JobRecord:
+    """Cancel the Jupyter job (Ctrl-C of the command that started it)."""
+    from remotedl import jobs
+
+    return jobs.kill(client, str(server.job_id))
 
 
 _STATUS = r"""

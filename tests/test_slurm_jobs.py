@@ -54,8 +54,8 @@ class Cluster:
         self.started.append(rec)
         return rec
 
-    def get(self, rec: JobRecord) -> JobRecord:
-        return jobs.get_job(self.client, str(rec.id))
+    def get(self, rec: JobRecord | int) -> JobRecord:
+        return jobs.get_job(self.client, str(rec if isinstance(rec, int) else rec.id))
 
     def wait(self, rec: JobRecord, *states: str, seconds: float = 60) -> JobRecord:
         got = retry_until(
@@ -209,3 +209,86 @@ def test_logs_resume_at_their_offset_after_a_dropped_connection(cluster):
     assert reconnects
     assert got.decode() == "".join(f"line {i}\n" for i in range(1, 41))
     assert result["end"].state == "COMPLETED"
+
+
+def test_attach_gives_a_shell_in_the_jobs_allocation(cluster, tmp_path):
+    import shlex
+
+    rec = cluster.start(cluster.hold("done"))
+    with pytest.raises(RemotedlError, match=r"no allocation to attach to yet|nothing to attach to"):
+        # a record as it was before Slurm started it
+        jobs.attach_argv(cluster.spec, rec)
+    running = cluster.wait(rec, "RUNNING")
+    sock = str(tmp_path / "tmux")
+    cmd = shlex.join(jobs.attach_argv(cluster.spec, running))
+    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-x", "150", "-y", "30", cmd], check=True)
+
+    def screen() -> str:
+        r = subprocess.run(["tmux", "-S", sock, "capture-pane", "-p"], capture_output=True, text=True)
+        return r.stdout
+
+    try:
+        assert retry_until(lambda: screen().strip(), seconds=30), "no prompt from the shell in the job"
+        probe = 'echo "in-$SLURM_JOB_ID-gpu-$CUDA_VISIBLE_DEVICES-$(tty)"'
+        subprocess.run(["tmux", "-S", sock, "send-keys", probe, "Enter"], check=True)
+        want = f"in-{running.slurm_id}-gpu-{running.gpus[0]}-/dev/pts/"
+        assert retry_until(lambda: want in screen(), seconds=30), screen()
+        subprocess.run(["tmux", "-S", sock, "send-keys", "exit", "Enter"], check=True)
+        assert retry_until(
+            lambda: subprocess.run(["tmux", "-S", sock, "has-session"], capture_output=True).returncode != 0,
+            seconds=30,
+        )
+        assert cluster.get(rec).status == "running"  # the shell ended, the job did not
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], check=False, capture_output=True)
+
+
+def test_jupyter_as_a_batch_job_reached_through_the_login_node(cluster, slurm_box):
+    import json
+    import sys
+    import urllib.request
+
+    from remotedl import slurmhost
+    from remotedl.waiting import free_port
+
+    pushed = cluster.push()
+    bindir = slurm_box.home / cluster.rdir.removeprefix("~/") / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    for tool in ("python", "jupyter"):  # the test's own Jupyter as the project's environment
+        (bindir / tool).symlink_to(Path(sys.executable).parent / tool)
+    said: list[str] = []
+    server = slurmhost.find_or_start_jupyter(
+        cluster.client, remote_dir=cluster.rdir, settings={}, timeout=120, on_progress=said.append
+    )
+    rec = cluster.get(server.job_id)
+    cluster.started.append(rec)
+    assert server.started and server.node == "localhost" and server.address == "127.0.0.1"
+    assert rec.name == "jupyter" and rec.project_dir == pushed.remote_dir and rec.status == "running"
+    assert any("RUNNING" in s for s in said), said
+    assert "token" not in json.dumps(server.to_dict())
+    for pid in filter(str.isdigit, os.listdir("/proc")):  # the token is in no argv
+        try:
+            assert server.token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+    local = free_port()
+    forward = ["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{local}:{server.node}:{server.port}"]
+    tunnel = subprocess.Popen(slurm_box.ssh_argv(options=forward), stdin=subprocess.DEVNULL)
+    try:
+
+        def status() -> dict[str, object] | None:
+            url = f"http://127.0.0.1:{local}/api/status?token={server.token}"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    return dict(json.loads(r.read()))
+            except OSError:
+                return None
+
+        answer = retry_until(status, seconds=30, interval=0.2)
+        assert answer is not None and "started" in answer
+    finally:
+        tunnel.terminate()
+        tunnel.wait(timeout=10)
+    again = slurmhost.find_or_start_jupyter(cluster.client, remote_dir=cluster.rdir, settings={})
+    assert (again.job_id, again.token, again.started) == (server.job_id, server.token, False)
+    assert slurmhost.stop_jupyter(cluster.client, server).state == "CANCELLED"

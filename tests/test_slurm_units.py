@@ -172,7 +172,7 @@ def test_batch_script_runs_the_command_with_the_jobs_environment(tmp_path, shell
     code, term, ended = (ctl / "exit").read_text().split()
     assert (code, term) == ("3", "0") and ended.isdigit()
     started = (ctl / "started").read_text().split()
-    assert started[1:] == ["node7", "41"]
+    assert started[1:] == ["node7", "41", "-"]
 
 
 @pytest.mark.parametrize("shell", _shells())
@@ -256,12 +256,10 @@ def test_bad_params_file_is_refused(tmp_path):
     assert r.returncode == 125 and "cannot read" in r.stderr
 
 
-def test_the_scripts_parse_and_carry_the_batch_script_verbatim():
-    assert slurm.BATCH_SCRIPT in slurmhost._SUBMIT
-    assert "RDL_BATCH_SCRIPT_END" not in slurm.BATCH_SCRIPT
-    scripts = (slurmhost._SUBMIT, slurmhost._QUERY, slurmhost._CANCEL, slurmhost._FOLLOW, slurmhost._STATUS)
-    for script in (*scripts, slurmhost._DOCTOR, slurmhost._JUPYTER_LOOK, slurm.BATCH_SCRIPT):
+def test_the_scripts_parse():
+    for script in (slurmhost._STATUS, slurmhost._DOCTOR, slurmhost._JUPYTER_LOOK, slurm.BATCH_SCRIPT):
         assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+    assert subprocess.run(["sh", "-n"], input=slurm.JUPYTER_COMMAND, text=True).returncode == 0
 
 
 # ------------------------------------------------------------------ parsers (outputs from NOTES.md)
@@ -379,7 +377,7 @@ def test_state_prefers_scontrol_then_sacct_then_the_jobs_own_record():
         "@@started 1700000000 localhost 4\n@@exit 3 0 1700000001\n@@done\n"
         "@@job 5\n@@sacct 5|CANCELLED by 0|0:0|localhost|||00:00:01|debug|x\n"
         "@@started 1700000000 localhost 5\n@@exit 143 1 1700000009\n@@done\n"
-        "@@job 6\n@@started 1700000000 node3 6\n@@exit 2 0 1700000009\n@@done\n"
+        "@@job 6\n@@started 1700000000 node3 6 1,3\n@@exit 2 0 1700000009\n@@done\n"
         "@@job 11\n@@started 1700000000 node3 11\n@@exit 143 0 1700000009\n@@done\n"
         "@@job 7\n@@started 1700000000 node3 7\n@@timelimit\n@@exit 143 1 1700000099\n@@done\n"
         "@@job 8\n@@started 1700000000 node3 8\n@@done\n"
@@ -391,10 +389,12 @@ def test_state_prefers_scontrol_then_sacct_then_the_jobs_own_record():
     assert states["4"].source == "scontrol" and states["4"].exit_code == 3
     # jobcomp says 0:0 for a cancelled job; the job's own record has the status it ended with
     assert (states["5"].source, states["5"].state, states["5"].exit_code) == ("sacct", "CANCELLED", 143)
-    assert (states["6"].source, states["6"].describe(), states["6"].nodes) == (
+    six = states["6"]
+    assert (six.source, six.describe(), six.nodes, six.gpu_indices) == (
         "job",
         "FAILED (exit 2)",
         "node3",
+        [1, 3],
     )
     assert states["7"].state == "TIMEOUT"
     assert states["11"].state == "CANCELLED"  # its command died of SIGTERM first
