@@ -47,7 +47,7 @@ class Forward:
             if not _TARGET.match(target):
                 raise UsageError(f"'{target}' in '{text}' is not a host name")
         local, remote = parts[0], parts[1] if len(parts) > 1 else ""
-        usage = f"'{text}' is not PORT, LOCAL:REMOTE or LOCAL:HOST:REMOTE (e.g. 8888 or 8889:8888)"
+        usage = f"'{text}' is not PORT or LOCAL:REMOTE (e.g. 8888 or 8889:8888; or LOCAL:HOST:REMOTE)"
         if len(parts) > 2:
             raise UsageError(usage)
         try:
