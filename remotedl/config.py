@@ -41,6 +41,13 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "conda": (str, None, None),
     "env_setup": (str, None, None),
     "setup_cmd": (str, None, None),
+    # job events: notifications sent from the box, stall detection, outputs home, TensorBoard
+    "notify": (list, [], None),
+    "notify_desktop": (bool, False, "REMOTEDL_NOTIFY_DESKTOP"),
+    "stall_after": (str, "15m", "REMOTEDL_STALL_AFTER"),
+    "pull_on_end": (list, [], None),
+    "tensorboard_logdir": (str, None, None),
+    "tensorboard_port": (int, 6006, None),
 }
 TABLES = {"dns", "playbook_vars"}
 # Settings whose value is a path, resolved against the directory of the file that names it.
@@ -143,13 +150,27 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         return {str(k): str(v) for k, v in value.items()}
     elif isinstance(value, kind):
         return value
+    shown = "a value that may hold secrets" if key in SECRET_VALUES else repr(value)
     raise ConfigError(
-        f"{origin}: '{key}' must be {_type_name(kind)}, not {value!r}",
+        f"{origin}: '{key}' must be {_type_name(kind)}, not {shown}",
         hint="fix the value; `remotedl config` shows what each setting resolves to",
     )
 
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+# Settings whose values hold secrets (notification URLs carry tokens and passwords).
+SECRET_VALUES = {"notify"}
+
+
+def shown_value(key: str, value: Any) -> Any:
+    """A setting's value as ``config`` shows it: notification URLs masked."""
+    if key == "notify" and isinstance(value, list):
+        from remotedl.notify import mask_url
+
+        return [mask_url(str(u)) for u in value]
+    return value
 
 
 def _type_name(kind: type) -> str:

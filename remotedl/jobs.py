@@ -21,7 +21,7 @@ from typing import Any
 
 from remotedl import proc
 from remotedl.agent.client import AgentClient, error_from
-from remotedl.errors import RemotedlError, RemoteError, UsageError
+from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
 from remotedl.schema import AGENT_MISSING, JobRecord, SchemaError, check_type
 from remotedl.ssh.channel import NoFrame
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
@@ -154,6 +154,9 @@ def start(
     shared: Sequence[str] = (),
     environment: EnvSpec | None = None,
     env_check: bool = True,
+    notify: Sequence[str] = (),
+    host_alias: str | None = None,
+    stall_after: float | None = None,
     warn: Warn | None = None,
     slurm: Mapping[str, Any] | None = None,
 ) -> JobRecord:
@@ -185,6 +188,10 @@ def start(
         "shared": list(shared),
         "environment": (environment or EnvSpec()).to_request(),
         "env_check": env_check,
+        # Sent from the box at the job's events; URLs travel on stdin like --env values.
+        "notify": list(notify),
+        "host_alias": host_alias,
+        "stall_after": stall_after,
     }
     if slurm is not None:
         request["scheduler"] = "slurm"
@@ -356,6 +363,26 @@ def prune(client: AgentClient, remote_dir: str, *, older_than: float = 0.0, dry_
 
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
+
+
+def parse_duration(text: str | float | int | None, what: str = "stall_after") -> float | None:
+    """``30s``, ``15m``, ``1h``, ``2d`` or a number of seconds -> seconds; ``0``/``off``/``false``: None."""
+    if text is None:
+        return None
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text) if text > 0 else None
+    value = str(text).strip().lower()
+    if value in ("", "0", "off", "false", "no", "never"):
+        return None
+    m = _DURATION.match(value)
+    if not m:
+        raise ConfigError(f"{what} = {text!r}: give a duration like 15m, 90s, 1h (or off)")
+    unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+    seconds = float(m.group(1)) * unit
+    return seconds if seconds > 0 else None
 
 
 def parse_age(text: str) -> float:

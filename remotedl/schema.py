@@ -19,7 +19,19 @@ ACTIVE: tuple[Status, ...] = ("queued", "starting", "running")
 ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost")
 
 Op = Literal[
-    "start", "runner", "list", "get", "kill", "logs", "gpus", "locate", "rm", "prune", "envsync", "intree"
+    "start",
+    "runner",
+    "list",
+    "get",
+    "kill",
+    "logs",
+    "gpus",
+    "locate",
+    "rm",
+    "prune",
+    "envsync",
+    "intree",
+    "notify",
 ]
 OPS: tuple[str, ...] = get_args(Op)
 
@@ -69,6 +81,14 @@ class JobRecord:
     starter_pid: int | None = None  # the agent process starting the job (status "starting")
     ready: bool = True  # its checkout is made (False while the starter makes it: the runner waits)
     boot_id: str | None = None  # the box's boot when the job started: a reboot means lost
+    # Job events (agent/events.py).
+    notify: list[str] = field(default_factory=list)  # notification URLs, masked
+    notifications: list[dict[str, Any]] = field(default_factory=list)  # event, url, ok, error, at
+    stall_after: float | None = None  # seconds; None: no stall detection
+    stalled: dict[str, Any] | None = None  # {since, reason} while it is stalled (still running)
+    stalls: int = 0  # how many times it stalled
+    events_sent: list[str] = field(default_factory=list)  # events whose notification went out
+    event_claims: dict[str, Any] = field(default_factory=dict)  # event -> pid sending it now
     # A Slurm login node's jobs (scheduler "slurm"): a batch job; its state is Slurm's.
     scheduler: str = "box"  # box (tmux on the box) or slurm (sbatch on a login node)
     slurm_id: str | None = None
@@ -121,6 +141,8 @@ class JobRecord:
             return slurm_words(self.slurm_state, self.slurm_reason, self.node, self.exit_code)
         if self.status == "failed" and self.exit_code is not None:
             return f"failed (exit {self.exit_code})"
+        if self.status == "running" and self.stalled:
+            return "stalled"
         return self.status
 
 

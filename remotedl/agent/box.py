@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,34 +90,36 @@ def _ensure_dirs() -> None:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-_LOCK_DEPTH = 0
+# Per thread: the runner's stall watch takes the lock from a thread of its own, and must wait
+# for the main thread's hold like any other process would (flock on its own descriptor does).
+_LOCK_STATE = threading.local()
 
 
 @contextlib.contextmanager
 def box_lock() -> Iterator[None]:
-    """The box-wide lock (reentrant within one process: flock on a second descriptor of the
+    """The box-wide lock (reentrant within one thread: flock on a second descriptor of the
     same file would wait for ourselves)."""
-    global _LOCK_DEPTH
-    if _LOCK_DEPTH:
-        _LOCK_DEPTH += 1
+    depth = getattr(_LOCK_STATE, "depth", 0)
+    if depth:
+        _LOCK_STATE.depth = depth + 1
         try:
             yield
         finally:
-            _LOCK_DEPTH -= 1
+            _LOCK_STATE.depth -= 1
         return
     _ensure_dirs()
     with open(state_dir() / "lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        _LOCK_DEPTH = 1
+        _LOCK_STATE.depth = 1
         try:
             yield
         finally:
-            _LOCK_DEPTH = 0
+            _LOCK_STATE.depth = 0
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
@@ -127,6 +130,11 @@ def record_path(job_id: int) -> Path:
 
 def env_path(job_id: int) -> Path:
     return jobs_dir() / f"{job_id}.env"
+
+
+def notify_path(job_id: int) -> Path:
+    """The job's notification URLs (secrets, 0600), while it can still send (agent/events.py)."""
+    return jobs_dir() / f"{job_id}.notify"
 
 
 def kill_marker(job_id: int) -> Path:
@@ -404,6 +412,14 @@ def remove_env_file(job_id: int) -> None:
         env_path(job_id).unlink()
 
 
+def ended_elsewhere(job_id: int, status: str) -> None:
+    """A job ended with no runner left to send its notification: a detached agent sends it."""
+    if notify_path(job_id).exists():
+        from remotedl.agent import events
+
+        events.spawn(job_id, status)
+
+
 def refresh(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mark active jobs that nothing keeps alive any more as lost (or killed, when asked to),
     under the lock, after reading each record afresh. Slurm jobs take Slurm's state."""
@@ -426,6 +442,7 @@ def refresh(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     fresh["error"] = "its runner and processes vanished (box rebooted, or killed)"
                 save(fresh)
                 remove_env_file(int(fresh["id"]))
+                ended_elsewhere(int(fresh["id"]), fresh["status"])
             r.clear()
             r.update(fresh)
     return records
@@ -1064,6 +1081,15 @@ def _script_ok(rdir: str, commit: str | None, script: str, links: list[str]) -> 
     return first in links and os.path.exists(os.path.join(rdir, script))
 
 
+def _stall_after(value: Any) -> float | None:
+    """Seconds without log output or GPU activity that make a running job stalled (None: off)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 else None
+
+
 def _fail_start(job_id: int, error: str) -> None:
     rec: dict[str, Any] | None = None
     with box_lock():
@@ -1073,6 +1099,8 @@ def _fail_start(job_id: int, error: str) -> None:
                 rec.update(status="failed", ended=time.time(), error=error)
                 save(rec)
         remove_env_file(job_id)
+        with contextlib.suppress(OSError):
+            notify_path(job_id).unlink()  # the laptop is told at once; nothing to send
     kill_session(session_name(job_id))
     if rec is not None and runner_alive(rec):
         with contextlib.suppress(OSError):
@@ -1179,7 +1207,17 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
             "ready": not isolate,
             "runner_pid": None,
             "pid": None,
+            # job events (agent/events.py): notifications sent from here, stall detection
+            "notify": [],
+            "notifications": [],
+            "stall_after": _stall_after(req.get("stall_after")),
+            "stalled": None,
         }
+        urls = [str(u) for u in req.get("notify") or []]
+        if urls:
+            from remotedl.agent import events
+
+            rec["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
         save(rec)
         fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -1368,9 +1406,10 @@ def _take_environment(job_id: int, raw: bytes) -> None:
                 save(rec)
 
 
-def _run_job(rec: dict[str, Any]) -> None:
+def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
     job_id = int(rec["id"])
     env = _job_env(rec)
+    watched = notify_path(job_id).exists() or bool(rec.get("stall_after"))
     spec = rec.get("environment") or {}
     nonce = secrets.token_hex(8)
     argv = [
@@ -1409,6 +1448,16 @@ def _run_job(rec: dict[str, Any]) -> None:
             return
         rec.update(status="running", pid=child.pid, pgid=child.pid, started=time.time())
         save(rec)
+    watch = None
+    if watched:  # imported once the job runs: its start never waits for this
+        from remotedl.agent import events
+
+        events.HIDE = tuple(env[k] for k in rec.get("env_keys") or [] if k in env)
+        if waited:  # it waited in the queue: say it started, without holding up its output
+            events.in_background(events.send, job_id, "started")
+        if rec.get("stall_after"):
+            watch = events.StallWatch(rec)
+            watch.start()
     assert child.stdout is not None
     out = sys.stdout.buffer
     fd = child.stdout.fileno()
@@ -1433,6 +1482,8 @@ def _run_job(rec: dict[str, Any]) -> None:
             probing = False
             pending = b""
         log.write(chunk)
+        if watch is not None:
+            watch.output()
         with contextlib.suppress(OSError):  # the pane may be gone: the log is what counts
             out.write(chunk)
             out.flush()
@@ -1440,6 +1491,8 @@ def _run_job(rec: dict[str, Any]) -> None:
         log.write(pending)
     code = child.wait()
     log.close()
+    if watch is not None:
+        watch.stop()
     exit_code = code if code >= 0 else 128 - code
     with box_lock():
         rec = load(job_id)
@@ -1448,6 +1501,7 @@ def _run_job(rec: dict[str, Any]) -> None:
             status="killed" if killed else ("succeeded" if exit_code == 0 else "failed"),
             exit_code=exit_code,
             ended=time.time(),
+            stalled=None,
         )
         save(rec)
 
@@ -1465,11 +1519,16 @@ def op_runner(req: dict[str, Any]) -> dict[str, Any]:
     try:
         rec = update(job_id, runner_pid=os.getpid())
         rec = _wait_ready(rec)
+        waited = rec["status"] == "queued"
         rec = _wait_in_queue(rec)
         if rec["status"] == "starting":
-            _run_job(rec)
+            _run_job(rec, waited=waited)
     finally:
         remove_env_file(job_id)
+        if notify_path(job_id).exists():  # the end, from the box: the laptop may be asleep
+            from remotedl.agent import events
+
+            events.ended(job_id)
     return {}
 
 
@@ -1551,6 +1610,10 @@ def op_kill(req: dict[str, Any]) -> dict[str, Any]:
         if runner_alive(rec):
             with contextlib.suppress(OSError):
                 os.kill(int(rec["runner_pid"]), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and runner_alive(rec):
+                time.sleep(0.02)
+        ended_elsewhere(job_id, "killed")  # after the runner: it may have died mid-send
         return {"job": load(job_id)}
     if rec["status"] not in ACTIVE:
         return {"job": rec}
@@ -1749,7 +1812,13 @@ def _remove(job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str |
             rec = refresh([rec])[0]
             if rec["status"] in ACTIVE:
                 return None, f"job {job_id} ({rec.get('name')}) is {rec['status']}: kill it first"
-        files = [record_path(job_id), env_path(job_id), kill_marker(job_id), logs_dir() / f"{job_id}.log"]
+        files = [
+            record_path(job_id),
+            env_path(job_id),
+            notify_path(job_id),
+            kill_marker(job_id),
+            logs_dir() / f"{job_id}.log",
+        ]
         if rec is not None and rec.get("log"):
             log = Path(str(rec["log"]))
             if log.parent == logs_dir():
@@ -1821,6 +1890,12 @@ def op_gpus(req: dict[str, Any]) -> dict[str, Any]:
     return {"gpus": [{"index": g.index, "name": g.name, "held_by": held.get(g.index)} for g in found]}
 
 
+def _events_op(req: dict[str, Any]) -> dict[str, Any]:
+    from remotedl.agent import events
+
+    return events.op_notify(req)
+
+
 OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
     "start": op_start,
     "runner": op_runner,
@@ -1834,6 +1909,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
     "prune": op_prune,
     "envsync": op_envsync,
     "intree": op_intree,
+    "notify": _events_op,
 }
 STREAMING = ("logs", "envsync")
 

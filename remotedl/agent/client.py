@@ -56,8 +56,10 @@ AGENT_MODULES = (
     "schema.py",
     "errors.py",
     "slurm.py",
+    "notify.py",
     "agent/__init__.py",
     "agent/box.py",
+    "agent/events.py",
 )
 
 

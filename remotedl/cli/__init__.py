@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("jobs", "a job's code against the local work tree (git diff)"),
     "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),
     "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
+    "tensorboard": ("tunnel", "find or start TensorBoard over a directory on the box and tunnel to it"),
     "dns": ("dns", "keep the box's DNS name on its public IP: update, check, watch"),
     "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check)"),
     "doctor": ("setup", "check the whole chain, laptop to GPUs, and say how to fix what fails"),

@@ -86,6 +86,8 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
 
 
 def cmd_config(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.config import shown_value
+
     app = App(args, env)
     s = app.settings
     rows: list[tuple[str, str, str]] = [
@@ -93,13 +95,8 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
         ("project config", str(s.project.config_file or "-"), ""),
     ]
     for key, setting in s.values.items():
-        rows.append(
-            (
-                key,
-                repr(setting.value) if not isinstance(setting.value, str) else setting.value,
-                setting.source,
-            )
-        )
+        value = shown_value(key, setting.value)
+        rows.append((key, repr(value) if not isinstance(value, str) else value, setting.source))
     if not s.values["remote_dir"].value:
         rows.append(("remote_dir (effective)", s.remote_dir, "default: ~/remotedl/<project name>"))
     for name, table in s.tables.items():
@@ -127,7 +124,9 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     if app.json:
         app.print_json(
             {
-                "settings": {k: {"value": v.value, "source": v.source} for k, v in s.values.items()},
+                "settings": {
+                    k: {"value": shown_value(k, v.value), "source": v.source} for k, v in s.values.items()
+                },
                 "remote_dir": s.remote_dir,
                 "project": str(s.project.root),
                 "project_config": str(s.project.config_file) if s.project.config_file else None,

@@ -33,6 +33,7 @@ STATUS_STYLE = {
     "queued": "cyan",
     "starting": "cyan",
     "running": "bold blue",
+    "stalled": "bold yellow",
 }
 
 
@@ -88,7 +89,11 @@ def _client(app: App) -> AgentClient:
     return AgentClient(app.spec(), python=str(app.settings.get("python")))
 
 
-def _follow(app: App, client: AgentClient, job_id: int) -> int:
+def _follow(
+    app: App, client: AgentClient, job_id: int, on_end: Callable[[JobRecord], None] | None = None
+) -> int:
+    """Follow the job's log to its end; ``on_end`` (pull outputs, desktop notification) runs
+    before the job's exit status is passed on."""
     from remotedl import jobs
 
     spec = client.spec
@@ -110,6 +115,8 @@ def _follow(app: App, client: AgentClient, job_id: int) -> int:
         )
         return ExitCode.INTERRUPTED
     flush()
+    if on_end is not None:
+        on_end(rec)
     if rec.status == "killed":
         app.env.stderr.write(f"remotedl: job {rec.id} was killed\n")
     code = rec.exit_code if rec.exit_code is not None else 1
@@ -192,6 +199,14 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
             raise UsageError(str(e)) from e
         gpus = "auto" if parsed is None else parsed
     job_env = {**s.get("env"), **_env_pairs(args.env)}
+    notify_urls = _notify_urls(app)
+    stall_after = jobs.parse_duration(s.get("stall_after"))
+    pulls = [*s.get("pull_on_end"), *[p for p in args.pull if p not in s.get("pull_on_end")]]
+    if args.pull and args.detach:
+        raise UsageError(
+            "--pull brings outputs home when the followed job ends; a detached job is not followed",
+            hint="drop --detach, or later: remotedl pull --job ID PATH",
+        )
     client = _client(app)
     spec = client.spec
     warn = warner(env)
@@ -231,6 +246,9 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
                 shared=s.get("shared"),
                 environment=env_spec,
                 env_check=attempt < 2,
+                notify=notify_urls,
+                host_alias=spec.alias,
+                stall_after=stall_after,
                 warn=warn,
             )
             break
@@ -261,7 +279,64 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
         f"remotedl: job {rec.id} ({safe(rec.name)}) {rec.state} on {spec.alias}, {gpu_text}; "
         "Ctrl-C detaches\n"
     )
-    return _follow(app, client, rec.id)
+    return _follow(app, client, rec.id, on_end=lambda ended: _at_end(app, client, rdir, ended, pulls))
+
+
+def _notify_urls(app: App) -> list[str]:
+    """The job's notification URLs (config ``notify`` + ``--notify``), each checked here, so a
+    typo fails the run now rather than a notification hours later."""
+    from remotedl import notify
+    from remotedl.errors import ConfigError
+
+    if app.flag("no_notify"):
+        return []
+    s = app.settings
+    configured = [str(u) for u in s.get("notify")]
+    for url in configured:
+        try:
+            notify.parse(url)
+        except notify.NotifyURLError as e:
+            raise ConfigError(
+                f"{s.source('notify')}: notify: {e}", hint="fix the URL in the config"
+            ) from None
+    given = [str(u) for u in app.flag("notify") or []]
+    for url in given:
+        try:
+            notify.parse(url)
+        except notify.NotifyURLError as e:
+            raise UsageError(f"--notify: {e}") from None
+    return [*configured, *[u for u in given if u not in configured]]
+
+
+def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: list[str]) -> None:
+    """When the followed job ended: its outputs home (--pull / pull_on_end), then a desktop
+    notification (notify_desktop = true). A failed pull is an error once the job succeeded."""
+    from remotedl.cli.sync import pull_sources, pulled_lines
+    from remotedl.errors import RemotedlError
+
+    env = app.env
+    failure: RemotedlError | None = None
+    if pulls:
+        try:
+            results = pull_sources(app, client, rdir, pulls, job=str(rec.id))
+        except RemotedlError as e:
+            failure = e
+            env.stderr.write(f"remotedl: could not pull {', '.join(pulls)} from job {rec.id}: {e}\n")
+        else:
+            for line in pulled_lines(results):
+                env.stderr.write(f"remotedl: pulled {line}\n")
+    if app.settings.get("notify_desktop"):
+        from remotedl import notify
+        from remotedl.desktop import notify_desktop
+
+        ev = notify.job_event(rec.to_dict(), rec.status, client.spec.alias)
+        shown = notify_desktop(ev.title, ev.text, env.environ)
+        if not shown.shown and shown.tool:
+            env.stderr.write(
+                f"remotedl: no desktop notification ({shown.tool}: {safe(shown.error or '?')})\n"
+            )
+    if failure is not None and rec.status == "succeeded":
+        raise failure
 
 
 def _when(ts: float | None) -> str:
@@ -298,7 +373,7 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
         table.add_row(
             Text(str(r.id)),
             Text(safe(r.name)),
-            Text(r.state, style=STATUS_STYLE.get(r.status, "")),
+            Text(r.state, style=STATUS_STYLE.get(r.state, STATUS_STYLE.get(r.status, ""))),
             Text(",".join(map(str, r.gpus)) or "-"),
             Text("-" if r.exit_code is None else str(r.exit_code)),
             Text(_when(r.started)),
@@ -396,8 +471,11 @@ def _show(app: App, job: str | None) -> int:
     if app.json:
         app.print_json({**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state})
         return ExitCode.OK
+    status = rec.state + (f" ({rec.error})" if rec.error and rec.status != "failed" else "")
+    if rec.stalled and rec.status == "running":
+        status += f" since {_when(rec.stalled.get('since'))}: {rec.stalled.get('reason')} (still running)"
     rows: list[tuple[str, str]] = [
-        ("status", rec.state + (f" ({rec.error})" if rec.error and rec.status != "failed" else "")),
+        ("status", status),
         ("host", f"{spec.alias} ({rec.host})" if rec.host else spec.alias),
         ("GPUs", ",".join(map(str, rec.gpus)) or "none (CPU)"),
         ("command", rec.command),
@@ -423,7 +501,12 @@ def _show(app: App, job: str | None) -> int:
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),
+        ("stall watch", f"after {_duration(rec.stall_after)}" if rec.stall_after else "off"),
+        ("notify", ", ".join(rec.notify) or "-"),  # masked on the box already
     ]
+    for n in rec.notifications:
+        state = "sent" if n.get("ok") else f"NOT SENT: {n.get('error')}"
+        rows.append(("notified", f"{n.get('event')} -> {n.get('url')} at {_when(n.get('at'))}: {state}"))
     app.out(f"job {rec.id} ({safe(rec.name)})")
     for key, value in rows:
         app.out(f"  {key:<12}{safe(value)}")

@@ -106,6 +106,22 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="PATH", help="also push this data path")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
     p.add_argument(
+        "--notify",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also notify URL (ntfy://, slack://, discord://, json://, mailto://...) from the box when "
+        "the job ends, starts after waiting in the queue, or stalls (adds to `notify` in the config)",
+    )
+    p.add_argument("--no-notify", action="store_true", help="send no notifications for this job")
+    p.add_argument(
+        "--pull",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="when the followed job ends, pull PATH from its directory (repeatable; adds to pull_on_end)",
+    )
+    p.add_argument(
         "command",
         nargs=argparse.REMAINDER,
         metavar="COMMAND [ARGS...]",
@@ -178,6 +194,28 @@ def tunnel(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def jupyter(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("ports", nargs="?", metavar="PORT[:REMOTE_PORT]", help="local port (default 8888)")
     _tunnel_common(p)
+
+
+def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "logdir",
+        nargs="?",
+        metavar="LOGDIR",
+        help="event files' directory on the box, relative to the work tree (default: runs, "
+        "or tensorboard_logdir in remotedl.toml)",
+    )
+    p.add_argument(
+        "--local-port", type=int, metavar="N", help="local port (default 6006, or tensorboard_port)"
+    )
+    p.add_argument(
+        "--jobs",
+        nargs="*",
+        metavar="JOB",
+        help="serve LOGDIR of each job's own directory, one run per job (default: this project's jobs)",
+    )
+    p.add_argument("--background", action="store_true", help="keep it running after this command returns")
+    p.add_argument("--open", action="store_true", help="open TensorBoard in a browser")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
 def dns(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

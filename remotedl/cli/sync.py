@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
 from remotedl.cli.basic import _size
@@ -10,6 +11,11 @@ from remotedl.cli.progress import progress_bar
 from remotedl.env import Environment
 from remotedl.errors import ExitCode
 from remotedl.words import plural
+
+if TYPE_CHECKING:
+    from remotedl.agent.client import AgentClient
+    from remotedl.jobs import PullSource
+    from remotedl.sync import PullResult
 
 
 def remote_dir(app: App) -> str:
@@ -66,35 +72,74 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
     return ExitCode.OK
 
 
-def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
-    """Each path from this project's latest job that has it (``--job``: that job's directory;
-    ``--tree``: the shared work tree); data and shared paths live in the work tree."""
+def pull_sources(
+    app: App,
+    client: AgentClient,
+    rdir: str,
+    paths: list[str],
+    *,
+    job: str | None = None,
+    tree: bool = False,
+    excludes: list[str] | None = None,
+) -> list[tuple[PullSource, PullResult]]:
+    """Pull each path from where it lives on the box (this project's latest job that has it,
+    ``job``'s directory, or the work tree with ``tree``), as ``pull`` does: newer local files
+    are kept, nothing is deleted."""
     from remotedl import jobs, sync
-    from remotedl.cli.jobs import _client, safe
 
-    app = App(args, env)
     s = app.settings
-    client = _client(app)
     spec = client.spec
-    rdir = remote_dir(app)
-    sources = jobs.locate(client, rdir, args.paths, job=args.job, tree=args.tree)
+    sources = jobs.locate(client, rdir, paths, job=job, tree=tree)
     results = []
-    with progress_bar(env, not app.json) as progress:
+    with progress_bar(app.env, not app.json) as progress:
         for src in sources:
-            excludes = [*s.get("exclude"), *args.exclude]
+            skip = [*s.get("exclude"), *(excludes or [])]
             if src.job is not None and not src.shared:
                 # A job's checkout: its git link and its links to the shared data stay on the box.
-                excludes += [".git", *(f"/{link}" for link in src.links)]
+                skip += [".git", *(f"/{link}" for link in src.links)]
             result = sync.pull(
                 spec,
                 s.project.root,
                 rdir,
                 [src.path],
-                excludes=excludes,
+                excludes=skip,
                 progress=progress,
                 source_dir=src.dir,
             )
             results.append((src, result))
+    return results
+
+
+def pulled_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
+    from remotedl.cli.jobs import safe
+
+    lines = []
+    for src, r in results:
+        if src.job is None:
+            origin = "the work tree"
+        elif src.shared:
+            origin = f"the work tree (shared by job {src.job}, {safe(src.name or '?')})"
+        else:
+            origin = f"job {src.job} ({safe(src.name or '?')})"
+        for t in r.transfers:
+            lines.append(
+                f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received "
+                f"from {origin}"
+            )
+    return lines
+
+
+def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
+    """Each path from this project's latest job that has it (``--job``: that job's directory;
+    ``--tree``: the shared work tree); data and shared paths live in the work tree."""
+    from remotedl.cli.jobs import _client
+
+    app = App(args, env)
+    s = app.settings
+    client = _client(app)
+    results = pull_sources(
+        app, client, remote_dir(app), args.paths, job=args.job, tree=args.tree, excludes=args.exclude
+    )
     if app.json:
         app.print_json(
             {
@@ -107,16 +152,6 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
             }
         )
         return ExitCode.OK
-    for src, r in results:
-        if src.job is None:
-            origin = "the work tree"
-        elif src.shared:
-            origin = f"the work tree (shared by job {src.job}, {safe(src.name or '?')})"
-        else:
-            origin = f"job {src.job} ({safe(src.name or '?')})"
-        for t in r.transfers:
-            app.out(
-                f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received "
-                f"from {origin}"
-            )
+    for line in pulled_lines(results):
+        app.out(line)
     return ExitCode.OK

@@ -28,6 +28,57 @@ def cmd_jupyter(args: argparse.Namespace, env: Environment) -> int:
     return cmd_tunnel(args, env)
 
 
+def cmd_tensorboard(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl import tensorboard
+    from remotedl import tunnel as tun
+    from remotedl.cli.statusline import status_line
+
+    app = App(args, env)
+    spec = app.spec()
+    local = args.local_port or int(app.settings.get("tensorboard_port"))
+    logdir = args.logdir or app.settings.get("tensorboard_logdir") or "runs"
+
+    def instead(busy: Any, free: int) -> str:
+        return f"remotedl tensorboard {args.logdir + ' ' if args.logdir else ''}--local-port {free}"
+
+    tun.check_local_ports([tun.Forward(local, local)], instead)
+    runs = _job_runs(app, logdir) if args.jobs is not None else []
+    with status_line(env, not app.json) as say:
+        server = tensorboard.find_or_start(spec, remote_dir(app), logdir, runs=runs, on_progress=say)
+    for name, directory in server.runs:
+        env.stderr.write(f"remotedl: run {name}: {directory}\n")
+    forwards = [tun.Forward(local, server.port)]
+    if args.background:
+        return _start_background(app, args, forwards, server)
+    return _foreground(app, spec, forwards, server, supervise=False)
+
+
+def _job_runs(app: App, logdir: str) -> list[tuple[str, str]]:
+    """(run name, LOGDIR in the job's own directory) per job: those named by --jobs, else this
+    project's jobs."""
+    import posixpath
+
+    from remotedl import jobs
+    from remotedl.cli.jobs import _client, warner
+
+    client = _client(app)
+    warn = warner(app.env)
+    wanted = list(app.args.jobs or [])
+    if wanted:
+        records = [jobs.get_job(client, ref, warn=warn) for ref in wanted]
+    else:
+        latest = jobs.get_job(client, None, project=remote_dir(app), warn=warn)
+        records = [
+            r for r in jobs.list_jobs(client, all_jobs=True, warn=warn) if r.project_dir == latest.project_dir
+        ]
+    runs = []
+    for r in records:
+        base = r.workdir or r.cwd
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{r.id}-{r.name}")
+        runs.append((name, logdir if posixpath.isabs(logdir) else posixpath.join(base, logdir)))
+    return runs
+
+
 def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import tunnel as tun
 
@@ -103,7 +154,9 @@ def _announce(app: App, forwards: list[Any], server: Any) -> str | None:
         app.env.stderr.write(f"remotedl: forwarding {f}\n")
     if url:
         state = "started" if server.started else "found running"
-        app.env.stderr.write(f"remotedl: Jupyter {state} on the box (port {server.port})\n")
+        label = getattr(server, "label", "Jupyter")
+        serves = f", serving {server.serves}" if getattr(server, "serves", None) else ""
+        app.env.stderr.write(f"remotedl: {label} {state} on the box (port {server.port}{serves})\n")
         app.out(url)
     return url
 

@@ -1,0 +1,301 @@
+"""Box side of job events: notifications sent from the box, and stall detection.
+
+The laptop may be asleep when a job ends, so the box sends: the job's runner when the job
+ends or starts after waiting in the queue, its stall watch when the job stalls, and a
+detached ``notify`` request of the agent when a job ends with no runner left to tell (lost,
+or killed before it ran). Each event is sent once (the record's ``events_sent`` is claimed
+under the box lock), its outcomes are recorded in the job (``notifications``: masked URL, ok,
+error), and nothing here ever fails a job.
+
+The URLs (secrets) live in ``jobs/<id>.notify`` (0600) only as long as the job can still send;
+the record holds them masked. Proxy settings of the session that started the job are kept with
+them, so a runner whose tmux server has an older environment still reaches the services.
+
+Stall: while a job runs, no output to its log for ``stall_after`` seconds, or (GPU jobs) no
+utilization on any of its GPUs that long, marks it ``stalled`` in its record (it keeps
+running) and sends one notification; output or GPU activity clears the mark. Utilization comes
+from one ``nvidia-smi`` query per interval for the whole box (``gpu-sample.json``, refreshed by
+whichever job's watch finds it old).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from remotedl import gpus as gpumod
+from remotedl import notify
+from remotedl.agent.box import AgentError, box_lock, load, notify_path, save, state_dir
+from remotedl.waiting import pid_alive
+
+# What a send needs of the starting session's environment (proxies, the CA store).
+PROXY_VARS = (
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+MAX_OUTCOMES = 60
+STALL_MIN_INTERVAL = 0.5  # seconds between looks, at least...
+STALL_MAX_INTERVAL = 60.0  # ...and at most
+SAMPLE_FILE = "gpu-sample.json"
+
+# The job's --env values, known to its runner only: hidden in the log lines a notification
+# carries (a notification sent by another process carries no log lines).
+HIDE: tuple[str, ...] = ()
+
+
+def save_settings(job_id: int, urls: list[str], host: str | None) -> list[str]:
+    """Keep the URLs for the job's runner (0600); the masked URLs for its record."""
+    data = {
+        "urls": urls,
+        "host": host,
+        "env": {k: os.environ[k] for k in PROXY_VARS if k in os.environ},
+    }
+    fd = os.open(notify_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return [notify.mask_url(u) for u in urls]
+
+
+def _settings(job_id: int) -> dict[str, Any] | None:
+    try:
+        data = json.loads(notify_path(job_id).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("urls"), list) or not data["urls"]:
+        return None
+    return data
+
+
+def remove_settings(job_id: int) -> None:
+    with contextlib.suppress(OSError):
+        notify_path(job_id).unlink()
+
+
+def send(
+    job_id: int, event: str, *, key: str | None = None, note: str | None = None, tail: bool = True
+) -> None:
+    """Send the job's notification for ``event`` unless it was sent already (``key``: what
+    makes it the same event; default the event's name). Outcomes go to the record."""
+    settings = _settings(job_id)
+    if settings is None:
+        return
+    key = key or event
+    with box_lock():
+        try:
+            rec = load(job_id)
+        except AgentError:
+            return
+        if key in (rec.get("events_sent") or []):
+            return
+        # Claimed by a live process: it sends. A claimant that died mid-send (a queued job's
+        # runner is stopped with SIGTERM) leaves it to whoever comes next.
+        claims = dict(rec.get("event_claims") or {})
+        claimant = claims.get(key)
+        if claimant and claimant != os.getpid() and pid_alive(int(claimant)):
+            return
+        claims[key] = os.getpid()
+        rec["event_claims"] = claims
+        save(rec)
+    for k, v in (settings.get("env") or {}).items():
+        if k in PROXY_VARS and isinstance(v, str):
+            os.environ[k] = v
+    text = notify.log_tail(str(rec.get("log") or ""), hide=HIDE) if tail else ""
+    host = str(settings.get("host") or rec.get("host") or "the box")
+    ev = notify.job_event(rec, event, host, tail=text, note=note)
+    outcomes = notify.send_all([str(u) for u in settings["urls"]], ev)
+    with box_lock(), contextlib.suppress(AgentError):
+        rec = load(job_id)
+        done = list(rec.get("notifications") or [])
+        done += [{"event": event, **o.to_dict()} for o in outcomes]
+        rec["notifications"] = done[-MAX_OUTCOMES:]
+        rec["events_sent"] = [*(rec.get("events_sent") or []), key]
+        rec["event_claims"] = {k: v for k, v in (rec.get("event_claims") or {}).items() if k != key}
+        save(rec)
+
+
+# Sends running beside the job (its start after the queue): finished before the runner exits.
+_PENDING: list[threading.Thread] = []
+
+
+def in_background(fn: Any, *args: Any) -> None:
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    _PENDING.append(t)
+    t.start()
+
+
+def ended(job_id: int) -> None:
+    """The job ended (its runner says so): send, then drop the URLs."""
+    for t in _PENDING:
+        t.join(notify.SEND_TIMEOUT + 30)
+    try:
+        rec = load(job_id)
+    except AgentError:
+        return
+    if rec["status"] in ("succeeded", "failed", "killed", "lost"):
+        send(job_id, str(rec["status"]), key="ended", tail=rec["status"] != "lost")
+        remove_settings(job_id)
+
+
+def spawn(job_id: int, event: str) -> None:
+    """Send from a detached process of the agent: the caller (an agent request the laptop waits
+    for) answers now; the send may take seconds."""
+    if not notify_path(job_id).exists():
+        return
+    argv = [
+        sys.executable,
+        "-E",
+        "-s",
+        "-S",
+        sys.argv[0],
+        json.dumps({"op": "notify", "id": job_id, "event": event}),
+    ]
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def op_notify(req: dict[str, Any]) -> dict[str, Any]:
+    job_id = int(req["id"])
+    event = str(req.get("event") or "")
+    if event in ("succeeded", "failed", "killed", "lost"):
+        ended(job_id)
+    elif event == "started":
+        send(job_id, "started")
+    return {}
+
+
+# ------------------------------------------------------------------ GPU utilization, shared
+
+
+def gpu_utilization(max_age: float) -> dict[int, int | None] | None:
+    """Utilization per GPU index from a sample at most ``max_age`` seconds old; one nvidia-smi
+    query refreshes it for every job on the box. None: no NVIDIA driver, or it failed."""
+    path = state_dir() / SAMPLE_FILE
+    fresh = _read_sample(path, max_age)
+    if fresh is not None:
+        return fresh
+    with open(state_dir() / (SAMPLE_FILE + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fresh = _read_sample(path, max_age)  # another job's watch took it meanwhile
+            if fresh is not None:
+                return fresh
+            try:
+                out = subprocess.run(
+                    gpumod.QUERY_GPUS, capture_output=True, text=True, check=False, timeout=30
+                )
+                found = gpumod.parse_gpus(out.stdout) if out.returncode == 0 else None
+            except (OSError, subprocess.TimeoutExpired, gpumod.NvidiaSmiError):
+                found = None
+            util = {g.index: g.utilization_pct for g in found} if found is not None else None
+            tmp = path.with_name(f"{SAMPLE_FILE}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"at": time.time(), "util": util}))
+            os.replace(tmp, path)
+            return util
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_sample(path: Any, max_age: float) -> dict[int, int | None] | None:
+    try:
+        data = json.loads(path.read_text())
+        if time.time() - float(data["at"]) > max_age:
+            return None
+        util = data["util"]
+        return {int(k): v for k, v in util.items()} if isinstance(util, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------ stall watch
+
+
+class StallWatch(threading.Thread):
+    """Watches one running job from its runner: log output (``output()`` on every chunk) and
+    its GPUs' utilization."""
+
+    def __init__(self, rec: dict[str, Any]) -> None:
+        super().__init__(daemon=True, name=f"stall-watch-{rec['id']}")
+        self.job_id = int(rec["id"])
+        self.gpus = [int(g) for g in rec.get("gpus") or []]
+        self.after = float(rec["stall_after"])
+        self.interval = min(max(self.after / 4, STALL_MIN_INTERVAL), STALL_MAX_INTERVAL)
+        now = time.time()
+        self.last_output = now
+        self.last_gpu = now
+        self.stalled_since: float | None = None
+        self.done = threading.Event()
+
+    def output(self) -> None:
+        self.last_output = time.time()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            with contextlib.suppress(Exception):  # the watch never breaks the job
+                self.look()
+
+    def reasons(self, now: float) -> list[str]:
+        out = []
+        span = notify.duration_words(self.after)
+        if now - self.last_output >= self.after:
+            out.append(f"no new log output for {span}")
+        if self.gpus and now - self.last_gpu >= self.after:
+            which = ("GPU " if len(self.gpus) == 1 else "GPUs ") + ",".join(map(str, self.gpus))
+            out.append(f"no activity on {which} for {span}")
+        return out
+
+    def look(self) -> None:
+        now = time.time()
+        if self.gpus:
+            util = gpu_utilization(self.interval)
+            if util is None or any((util.get(g) or 0) > 0 for g in self.gpus):
+                # No reading is no evidence of a stall; any activity on any of its GPUs counts.
+                self.last_gpu = now
+        reasons = self.reasons(now)
+        if reasons and self.stalled_since is None:
+            self.stalled_since = now
+            reason = "; ".join(reasons)
+            if self._mark({"since": now, "reason": reason}):
+                send(self.job_id, "stalled", key=f"stalled@{now:.3f}", note="stalled: " + reason)
+        elif not reasons and self.stalled_since is not None:
+            self.stalled_since = None
+            self._mark(None)
+
+    def _mark(self, stalled: dict[str, Any] | None) -> bool:
+        with box_lock():
+            try:
+                rec = load(self.job_id)
+            except AgentError:
+                return False
+            if rec["status"] != "running":
+                return False
+            rec["stalled"] = stalled
+            if stalled is not None:
+                rec["stalls"] = int(rec.get("stalls") or 0) + 1
+            save(rec)
+            return True

@@ -1,0 +1,239 @@
+"""Find or start TensorBoard on the box, for ``remotedl tensorboard``.
+
+A TensorBoard already serving the directory (TensorBoard's own record of running servers,
+``$TMPDIR/.tensorboard-info/pid-*.info``, the one its notebook magic reads) is reused;
+otherwise the project's TensorBoard (its ``.venv``, else PATH) starts in a tmux session on the
+box, bound to 127.0.0.1, on the first free port from 6006. tmux gets the command as separate
+words: no login shell parses the directory names. Several directories at once (one per job)
+are one TensorBoard with ``--logdir_spec name:dir,...``, each run named by its job.
+
+TensorBoard has no token: it is reached only through the tunnel, but other users of the box
+can reach its 127.0.0.1 port as they could any local port there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import posixpath
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from remotedl.errors import RemoteError, UsageError
+from remotedl.ssh import Box, HostSpec
+from remotedl.ssh.channel import EXPAND_HOME
+
+SESSION_PREFIX = "remotedl-tb-"
+
+# "$1": remote_dir, then the directories to resolve. Each is printed as an absolute path
+# (physical when it exists), then every live TensorBoard's info record.
+_FIND = (
+    EXPAND_HOME
+    + r"""
+cd -- "$(expand_home "$1")" 2>/dev/null || { echo "@@nodir"; exit 0; }
+shift
+T=""
+for c in ./.venv/bin/tensorboard ./venv/bin/tensorboard "$(command -v tensorboard 2>/dev/null)"; do
+  if [ -n "$c" ] && [ -x "$c" ]; then T=$c; break; fi
+done
+[ -n "$T" ] && echo "@@tensorboard $T"
+echo "@@pwd $(pwd -P)"
+for d in "$@"; do
+  case $d in
+    /*) p=$d ;;
+    "~"|"~/"*) p=$(expand_home "$d") ;;
+    *) p=$(pwd -P)/$d ;;
+  esac
+  if [ -d "$p" ]; then p=$(cd -- "$p" && pwd -P); echo "@@exists $p"; fi
+  echo "@@logdir $p"
+done
+for f in "${TMPDIR:-/tmp}"/.tensorboard-info/pid-*.info; do
+  [ -f "$f" ] || continue
+  pid=${f##*/pid-}; pid=${pid%.info}
+  [ -d "/proc/$pid" ] || kill -0 "$pid" 2>/dev/null || continue
+  printf '@@info '; tr -d '\n' < "$f"; echo
+done
+"""
+)
+
+# "$1" remote_dir, "$2" tensorboard, "$3" session, "$4" port or "", then TensorBoard's own
+# arguments (--logdir DIR or --logdir_spec SPEC). The words reach tmux, then sh -c with a
+# constant script, then TensorBoard, each as its own argument.
+_START = (
+    EXPAND_HOME
+    + r"""
+cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
+umask 077
+mkdir -p "$HOME/.remotedl"
+tb=$2 s=$3 port=$4
+shift 4
+log="$HOME/.remotedl/$s.log"
+tmux kill-session -t "=$s" 2>/dev/null
+tmux new-session -d -s "$s" -c "$(pwd)" /bin/sh -c 'log=$1; shift; exec "$@" > "$log" 2>&1' sh \
+  "$log" env "TMPDIR=${TMPDIR:-/tmp}" "$tb" --host 127.0.0.1 ${port:+--port} ${port:+"$port"} "$@"
+"""
+)
+
+_LOG = 'tail -n 5 "$HOME/.remotedl/$1.log" 2>/dev/null'
+
+
+@dataclass
+class TensorBoardServer:
+    port: int
+    serves: str  # the directory, or the --logdir_spec, it serves
+    pid: int
+    started: bool  # True when remotedl started it now
+    path_prefix: str = ""
+    runs: tuple[tuple[str, str], ...] = ()  # (name, directory) when it serves several
+
+    label: ClassVar[str] = "TensorBoard"
+
+    def url(self, local_port: int) -> str:
+        return f"http://127.0.0.1:{local_port}{self.path_prefix.rstrip('/')}/"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Look:
+    tensorboard: str | None
+    pwd: str
+    logdirs: list[str]
+    exists: set[str]
+    infos: list[dict[str, Any]]
+    nodir: bool = False
+
+
+def _find(box: Box, remote_dir: str, dirs: Sequence[str]) -> _Look:
+    out = box.run(_FIND, remote_dir, *dirs, check=False).stdout
+    look = _Look(None, "", [], set(), [])
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "@@nodir":
+            look.nodir = True
+        elif key == "@@tensorboard":
+            look.tensorboard = value
+        elif key == "@@pwd":
+            look.pwd = value
+        elif key == "@@logdir":
+            look.logdirs.append(value)
+        elif key == "@@exists":
+            look.exists.add(value)
+        elif key == "@@info":
+            try:
+                info = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(info, dict) and isinstance(info.get("port"), int):
+                look.infos.append(info)
+    return look
+
+
+def _served(info: dict[str, Any]) -> str:
+    """What a running TensorBoard serves: its --logdir made absolute against the directory it
+    started in, or its --logdir_spec as given."""
+    logdir = str(info.get("logdir") or "")
+    wd, arguments = "", []
+    try:
+        key = json.loads(base64.b64decode(str(info.get("cache_key", ""))))
+        wd = str(key.get("working_directory") or "")
+        arguments = [str(a) for a in key.get("arguments") or []]
+    except (ValueError, TypeError, AttributeError):
+        pass
+    if any(a == "--logdir_spec" or a.startswith("--logdir_spec=") for a in arguments):
+        return logdir
+    if logdir.startswith("/"):
+        return posixpath.normpath(logdir)
+    return posixpath.normpath(posixpath.join(wd, logdir)) if logdir and wd else logdir
+
+
+def logdir_spec(runs: Sequence[tuple[str, str]]) -> str:
+    """TensorBoard's ``--logdir_spec``: name:dir,... (names and dirs may hold neither , nor :)."""
+    for name, d in runs:
+        if any(c in name for c in ",:") or "," in d:
+            raise UsageError(
+                f"TensorBoard cannot take the run '{name}' at {d}: a name holds , or :, or a path holds ,"
+            )
+    return ",".join(f"{name}:{d}" for name, d in runs)
+
+
+def find_or_start(
+    spec: HostSpec,
+    remote_dir: str,
+    logdir: str | None = None,
+    *,
+    runs: Sequence[tuple[str, str]] = (),
+    remote_port: int | None = None,
+    timeout: float = 90.0,
+    on_progress: Callable[[str], None] | None = None,
+) -> TensorBoardServer:
+    """A TensorBoard serving ``logdir`` (relative to the work tree ``remote_dir``), or, with
+    ``runs`` [(name, directory)], one serving each directory as a run of that name."""
+    say = on_progress or (lambda text: None)
+    say(f"looking for TensorBoard on {spec.alias}")
+    box = Box(spec)
+    dirs = [d for _, d in runs] if runs else [logdir or "runs"]
+    look = _find(box, remote_dir, dirs)
+    if look.tensorboard is None:
+        raise RemoteError(
+            f"TensorBoard is not installed on {spec.alias} "
+            "(no tensorboard in the project's .venv or on PATH)",
+            hint="install it in the project's environment there, e.g. `pip install tensorboard`, "
+            "or add tensorboard to its requirements",
+        )
+    if runs:
+        resolved = [(n, d) for (n, _), d in zip(runs, look.logdirs, strict=True) if d in look.exists]
+        if not resolved:
+            raise RemoteError(
+                f"none of the jobs has the directory on {spec.alias}: "
+                + ", ".join(d for _, d in runs[:3])
+                + (" ..." if len(runs) > 3 else ""),
+                hint="is LOGDIR where the jobs write their event files (e.g. runs)?",
+            )
+        serves = logdir_spec(resolved)
+        args = ["--logdir_spec", serves]
+    else:
+        serves = look.logdirs[0]
+        resolved = []
+        args = ["--logdir", serves]
+    for info in look.infos:
+        if _served(info) == serves and (remote_port is None or info["port"] == remote_port):
+            return TensorBoardServer(
+                int(info["port"]),
+                serves,
+                int(info.get("pid") or 0),
+                started=False,
+                path_prefix=str(info.get("path_prefix") or ""),
+                runs=tuple(resolved),
+            )
+    session = SESSION_PREFIX + hashlib.sha256(serves.encode()).hexdigest()[:10]
+    port = str(remote_port) if remote_port else ""
+    t0 = time.time()
+    box.run(_START, remote_dir, look.tensorboard, session, port, *args)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        say(f"starting TensorBoard on {spec.alias}")
+        look = _find(box, remote_dir, dirs)
+        for info in look.infos:
+            if _served(info) == serves and float(info.get("start_time") or 0) >= int(t0) - 5:
+                return TensorBoardServer(
+                    int(info["port"]),
+                    serves,
+                    int(info.get("pid") or 0),
+                    started=True,
+                    path_prefix=str(info.get("path_prefix") or ""),
+                    runs=tuple(resolved),
+                )
+        alive = box.run('tmux has-session -t "=$1" 2>/dev/null && echo yes', session, check=False)
+        if "yes" not in alive.stdout:
+            break
+        time.sleep(0.5)
+    log = box.run(_LOG, session, check=False).stdout.strip()
+    raise RemoteError(
+        f"TensorBoard did not start on {spec.alias}: " + (log.splitlines()[-1] if log else "no log"),
+        hint=f"see ~/.remotedl/{session}.log on the box",
+    )
