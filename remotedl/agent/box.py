@@ -399,6 +399,8 @@ def refresh_slurm(records: list[dict[str, Any]]) -> None:
                     if st.ended and kill_marker(int(fresh["id"])).exists():
                         fresh["status"] = "killed"  # remotedl kill asked for its end
                     save(fresh)
+                    if fresh["status"] not in ACTIVE:
+                        ended_elsewhere(int(fresh["id"]), fresh["status"])
             r.clear()
             r.update(fresh)
         if st.ended:
@@ -1289,7 +1291,16 @@ def _start_slurm(
             "scheduler": "slurm",
             "control_dir": str(ctl),
             "slurm_id": None,
+            # job events: the end's notification goes out when the agent sees the end (no runner
+            # here: no stall detection)
+            "notify": [],
+            "notifications": [],
         }
+        urls = [str(u) for u in req.get("notify") or []]
+        if urls:
+            from remotedl.agent import events
+
+            rec["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
         save(rec)
     try:
         workdir = rdir
@@ -1319,6 +1330,8 @@ def _start_slurm(
             failed.update(status="failed", ended=time.time(), error=message)
             save(failed)
             remove_job_dir(failed)
+            with contextlib.suppress(OSError):
+                notify_path(job_id).unlink()  # the laptop is told at once; nothing to send
         raise AgentError(message, "error", hint=hint) from None
     for w in submitted.warnings:
         warn(w)
