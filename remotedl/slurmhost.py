@@ -114,6 +114,10 @@ class SlurmJupyter:
     def url(self, local_port: int) -> str:
         return f"http://127.0.0.1:{local_port}/{'lab' if self.lab else ''}?token={self.token}"
 
+    @property
+    def where(self) -> str:
+        return f"node {self.node} as Slurm job {self.slurm_id} (remotedl job {self.job_id})"
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("token")  # a secret: only in the URL the user asked for
