@@ -32,6 +32,8 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "connect_timeout": (float, 10.0, "REMOTEDL_CONNECT_TIMEOUT"),
     "data": (list, [], None),
     "exclude": (list, [], None),
+    # bytes: untracked files larger than this stay out of push's code snapshot (listed, not sent)
+    "max_snapshot_file": (int, 5 << 20, "REMOTEDL_MAX_SNAPSHOT_FILE"),
     "python": (str, "python3", "REMOTEDL_PYTHON"),
     "env": (dict, {}, None),
     "jupyter_port": (int, 8888, None),

@@ -258,11 +258,10 @@ def push_conflicts(client: AgentClient, project_root: Path, remote_dir: str) -> 
     running, head = _in_tree(client, remote_dir)
     if not running:
         return []
-    from remotedl.sync import git_root, snapshot_commit
+    from remotedl.snapshot import take_snapshot
 
     with contextlib.suppress(RemotedlError):
-        commit, _, _ = snapshot_commit(git_root(project_root))
-        if commit == head:
+        if take_snapshot(project_root).commit == head:
             return []
     return running
 
@@ -431,7 +430,7 @@ def diff(root: Path, alias: str, rec: JobRecord, *, stat: bool = False, color: b
     """The job's code against the local work tree, as text: a diff from the job's commit to
     a snapshot of the work tree as it is now (tracked changes and untracked files that
     .gitignore does not exclude, as push sends them)."""
-    from remotedl.sync import git_root, snapshot_commit
+    from remotedl.snapshot import take_snapshot
 
     if not rec.git_commit:
         raise UsageError(f"job {rec.id} has no commit recorded (its tree on the box is not a git repository)")
@@ -442,7 +441,7 @@ def diff(root: Path, alias: str, rec: JobRecord, *, stat: bool = False, color: b
             hint="it was pushed from another clone; fetch it from there",
         )
     keep_commit(root, alias, rec)
-    now, _, _ = snapshot_commit(git_root(root))
+    now = take_snapshot(root).commit or commit
     argv = ["git", "-C", str(root), "diff", f"--color={'always' if color else 'never'}"]
     argv += ["--stat"] if stat else []
     r = proc.run([*argv, commit, now, "--"], check=False)

@@ -1,55 +1,98 @@
 """Code via git, data via rsync: ``push`` and ``pull``.
 
-Code: the local HEAD, plus a snapshot commit of uncommitted work (tracked changes and
-untracked files .gitignore does not exclude) made in a temporary index so the local
-repository is left exactly as it was, is pushed over SSH into a git work tree at
-``remote_dir`` on the box and checked out there. No third-party git host in between.
+Code: the local HEAD, plus a snapshot commit of uncommitted work (see ``remotedl.snapshot``: code
+only, made in a temporary index so the local repository is left exactly as it was), is pushed over
+SSH into a git work tree at ``remote_dir`` on the box and checked out there. No third-party git
+host in between.
 
 Data: the configured paths are rsynced to the same relative place under remote_dir,
-incrementally and resumably; nothing is deleted unless asked.
+incrementally and resumably; nothing is deleted unless asked (see ``remotedl.rsync``).
 
-Every ssh, git and rsync call of one push shares one multiplexed OpenSSH connection.
+The box's work tree:
+
+- belongs to one project: its repository records the project's identity (``remotedl.project``)
+  and a push from another project, into a directory that is not empty and not ours, or into
+  ``~``, ``/`` or a top-level directory, is refused;
+- is created atomically (``git init`` aside, then renamed into place, under a lock), so
+  concurrent first pushes agree;
+- is never overwritten where the box holds content the push would not write: one round trip
+  compares the box's files with the new commit (only what differs counts), whatever the number
+  of untracked files there; files remotedl itself makes on the box (job directories, environments,
+  partial transfers) are in the box repository's ``.git/info/exclude``;
+- is never left half-updated: a checkout that fails (a full disk) is rolled back to the previous
+  commit, and one that was cut is recognised by the next push as its own.
+
+Every ssh, git and rsync call of one push shares one multiplexed OpenSSH connection, and pushes
+from this machine into one box directory take turns (a ``run`` during ``push --watch`` waits for
+the watch's push, then pushes: the job sees the saved code).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
-import re
-import tempfile
+import posixpath
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from remotedl import proc
-from remotedl.errors import RemotedlError, RemoteError, UsageError
+from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
+from remotedl.rsync import (
+    PARTIAL_DIR,
+    Progress,
+    ProgressFn,
+    Stage,
+    Transfer,
+    literal,
+    protect_args_flag,
+    rsync_argv,
+    rsync_failure,
+    run_rsync,
+)
+from remotedl.snapshot import (
+    DEFAULT_MAX_FILE,
+    SNAPSHOT_PREFIX,
+    LeftOut,
+    Snapshot,
+    git_root,
+    project_identity,
+    repo_facts,
+    take_snapshot,
+)
 from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
-from remotedl.ssh.openssh import openssh_failure, ssh_command_string
+from remotedl.ssh.openssh import control_dir, openssh_failure, ssh_command_string
 from remotedl.ssh.resolve import HostSpec
 
-SNAPSHOT_PREFIX = "remotedl snapshot of uncommitted work on top of "
+__all__ = [
+    "DEFAULT_MAX_FILE",
+    "SNAPSHOT_PREFIX",
+    "LeftOut",
+    "Progress",
+    "ProgressFn",
+    "PullResult",
+    "PushResult",
+    "Snapshot",
+    "Stage",
+    "Transfer",
+    "git_root",
+    "pull",
+    "push",
+    "rsync_argv",
+    "rsync_failure",
+    "verify_remote_dir",
+]
+
 PUSHED_REF = "refs/remotedl/pushed"
-
-
-@dataclass
-class Progress:
-    """One progress report from a long transfer."""
-
-    label: str
-    bytes_done: int
-    percent: int
-    rate: str
-
-
-ProgressFn = Callable[[Progress], None]
-
-
-@dataclass
-class Transfer:
-    path: str
-    files_transferred: int
-    bytes_transferred: int
+PACK_IN_MEMORY = 128 << 20  # a larger change goes by `git push`, streamed, not held here
+CHECKOUT_REF = "refs/remotedl/checkout"  # set while a checkout runs: a cut one is recognised
+# What remotedl makes inside the box's work tree: never a box edit, never pulled with `pull .`.
+BOX_EXCLUDES = ("/.remotedl/", "/.venv/", "/venv/", "/.conda/", f"{PARTIAL_DIR}/", ".~tmp~/")
+_EXCLUDE_HEADER = "# remotedl: files remotedl makes on the box (jobs, environments, partial transfers)"
 
 
 @dataclass
@@ -61,6 +104,7 @@ class PushResult:
     code_changed: bool
     transfers: list[Transfer] = field(default_factory=list)
     seconds: float = 0.0
+    left_out: list[LeftOut] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,98 +114,314 @@ class PushResult:
 class PullResult:
     local_dir: str
     transfers: list[Transfer] = field(default_factory=list)
+    # Tracked files with uncommitted edits here that the box's copy would have replaced.
+    kept: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# ------------------------------------------------------------------ local git
+def _stage(progress: ProgressFn | None, text: str) -> None:
+    if progress is not None:
+        progress(Stage(text))
 
 
-def _git(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
-    result = proc.run(["git", "-C", str(root), *args], env=env, check=False)
-    if check and result.returncode != 0:
-        raise RemotedlError(f"git {args[0]} failed: {result.stderr.strip()}")
-    return result.stdout.strip()
+# ------------------------------------------------------------------ remote_dir: safe and ours
 
 
-def git_root(path: Path) -> Path:
-    result = proc.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], check=False)
-    if result.returncode != 0:
-        raise UsageError(
-            f"{path} is not in a git repository: push sends code with git",
-            hint="run `git init && git add -A && git commit -m init` first, or use --no-code "
-            "to push only data",
+def normalize_remote_dir(remote_dir: str) -> str:
+    """``remote_dir`` tidied ("~/a//b/" -> "~/a/b"), or a ConfigError when it names the box's
+    home, ``/``, a top-level directory, or climbs with "..": remotedl would put the project's
+    files among the box's own."""
+    flag = "set another with --remote-dir DIR or `remote_dir` in remotedl.toml (default ~/remotedl/PROJECT)"
+    value = remote_dir.strip()
+    if not value or "\n" in value or "\0" in value:
+        raise ConfigError(f"remote_dir {remote_dir!r} is not a directory name", hint=flag)
+    if value == "~" or value.startswith("~/"):
+        rest = posixpath.normpath(value[2:]) if len(value) > 1 else "."
+        tidy = "~" if rest == "." else "~/" + rest
+    elif value.startswith("~"):
+        raise ConfigError(f"remote_dir {remote_dir!r}: ~user paths are not supported", hint=flag)
+    else:
+        rest = posixpath.normpath(value)
+        tidy = rest
+    if ".." in rest.split("/"):
+        raise ConfigError(f"remote_dir {remote_dir!r} climbs out with '..'", hint=flag)
+    if tidy in ("~", "."):
+        raise ConfigError(
+            f"remote_dir {remote_dir!r} is the box's home directory: the project's files would "
+            "land among the box user's own",
+            hint=flag,
         )
-    return Path(result.stdout.strip())
+    if tidy.startswith("/") and tidy.count("/") == 1:
+        what = "the root directory" if tidy == "/" else "a top-level directory"
+        raise ConfigError(f"remote_dir {remote_dir!r} is {what} of the box: refusing it", hint=flag)
+    return tidy
 
 
-def snapshot_commit(root: Path) -> tuple[str, str | None, bool]:
-    """(commit to push, HEAD or None, whether it is a snapshot). Leaves the repo untouched."""
-    head = _git(root, "rev-parse", "--verify", "-q", "HEAD", check=False) or None
-    with tempfile.TemporaryDirectory(prefix="remotedl-index-") as tmp:
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        if head:
-            _git(root, "read-tree", head, env=env)
-        # -A: modified, deleted and untracked-but-not-ignored files; .gitignore is honoured.
-        _git(root, "add", "-A", "--", ".", env=env)
-        tree = _git(root, "write-tree", env=env)
-    if head and tree == _git(root, "rev-parse", f"{head}^{{tree}}"):
-        return head, head, False
-    ident = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "remotedl",
-        "GIT_AUTHOR_EMAIL": "remotedl@localhost",
-        "GIT_COMMITTER_NAME": "remotedl",
-        "GIT_COMMITTER_EMAIL": "remotedl@localhost",
-        # A fixed date makes the snapshot of an unchanged tree the same commit: no-op pushes stay no-ops.
-        "GIT_AUTHOR_DATE": "1700000000 +0000",
-        "GIT_COMMITTER_DATE": "1700000000 +0000",
-    }
-    parents = ["-p", head] if head else []
-    message = SNAPSHOT_PREFIX + (head or "an empty repository")
-    commit = _git(root, "commit-tree", tree, *parents, "-m", message, env=ident)
-    return commit, head, True
-
-
-# ------------------------------------------------------------------ box side
-
-# "$1": remote_dir as configured ("~/..." allowed).
-_PREPARE = EXPAND_HOME + r"""
+# "$1": remote_dir (normalised; "~/..." allowed), "$2": the project's identity ("" if it has
+# none), "$3": create (push) | check (run --no-push: must be ours) | pull (must exist, not
+# another project's), "$4": a commit: report whether the box is clean at it; "$5"...: the lines
+# of the box repository's .git/info/exclude that are remotedl's (the first is their header).
+_PREPARE = (
+    EXPAND_HOME
+    + r"""
 set -e
 command -v git >/dev/null 2>&1 || { echo "@@nogit"; exit 0; }
+id=$2 mode=$3 commit=$4
 d=$(expand_home "$1")
-mkdir -p -- "$d"
-cd -- "$d"
-[ -d .git ] || git init -q .
-echo "@@dir $(pwd -P)"
-echo "@@head $(git rev-parse -q --verify HEAD 2>/dev/null || echo none)"
-[ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo "@@clean" || true
-"""
+case $d in /*) ;; *) d="$HOME/$d";; esac
+# The physical path, through the deepest directory that exists (symlinks resolved).
+p=$d rest=
+while [ ! -d "$p" ]; do rest="/${p##*/}$rest"; p=$(dirname -- "$p"); done
+base=$(cd -- "$p" && pwd -P); [ "$base" = / ] && base=
+real=$base$rest
+home=$(cd -- "$HOME" && pwd -P)
+case $real in
+  /*/*) ;;
+  *) echo "@@unsafe $real is a top-level directory"; exit 0;;
+esac
+[ "$real" = "$home" ] && { echo "@@unsafe $real is the home directory"; exit 0; }
+case $home/ in "$real"/*) echo "@@unsafe $real holds the home directory"; exit 0;; esac
+echo "@@dir $real"
 
-# "$1": the work tree, "$2": the commit to check out, "$3": 1 to overwrite box edits.
+owner() {  # the identity check of an existing repository: empty output means go on
+  have=$(git -C "$real" config --get remotedl.project 2>/dev/null || true)
+  if [ -n "$have" ]; then
+    if [ -n "$id" ] && [ "$have" != "$id" ]; then echo "@@other $have"; fi
+  elif git -C "$real" config --get remotedl.created >/dev/null 2>&1 \
+       || git -C "$real" rev-parse -q --verify refs/remotedl/pushed >/dev/null 2>&1; then
+    if [ "$mode" = create ] && [ -n "$id" ]; then git -C "$real" config remotedl.project "$id"; fi
+  elif [ "$mode" != pull ]; then
+    echo "@@foreign"
+  fi
+}
+
+if [ -d "$real/.git" ]; then
+  verdict=$(owner); [ -n "$verdict" ] && { echo "$verdict"; exit 0; }
+elif [ "$mode" = check ]; then
+  if [ -e "$real" ]; then echo "@@notours"; else echo "@@missing"; fi; exit 0
+elif [ "$mode" = pull ]; then
+  [ -d "$real" ] || { echo "@@missing"; exit 0; }
+else
+  # A new work tree: made aside and renamed into place, under a lock on the parent directory,
+  # so that concurrent first pushes agree on one repository (all checks again under it).
+  parent=${real%/*}; [ -n "$parent" ] || parent=/
+  mkdir -p -- "$parent"
+  if command -v flock >/dev/null 2>&1; then exec 9<"$parent"; flock -w 120 9 || true; fi
+  if [ -d "$real/.git" ]; then
+    verdict=$(owner); [ -n "$verdict" ] && { echo "$verdict"; exit 0; }
+  elif [ -e "$real" ] && { [ ! -d "$real" ] || [ -n "$(ls -A -- "$real")" ]; }; then
+    echo "@@notempty"; exit 0
+  else
+    tmp=$(mktemp -d "$parent/.remotedl-new.XXXXXX")
+    git init -q "$tmp"
+    git -C "$tmp" config remotedl.created 1
+    if [ -n "$id" ]; then git -C "$tmp" config remotedl.project "$id"; fi
+    mkdir -p -- "$real"
+    mv -- "$tmp/.git" "$real/.git"
+    rmdir -- "$tmp"
+  fi
+  exec 9<&-
+fi
+[ "$mode" = create ] || exit 0
+ex=$real/.git/info/exclude
+if ! grep -qxF "$5" "$ex" 2>/dev/null; then
+  mkdir -p -- "$real/.git/info"
+  shift 4; printf '%s\n' "$@" >>"$ex"
+fi
+cd -- "$real"
+head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
+echo "@@head $head"
+if [ "$head" = "$commit" ] && ! git rev-parse -q --verify refs/remotedl/checkout >/dev/null 2>&1 \
+   && [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  echo "@@clean"
+fi
+"""
+)
+
+
+@dataclass
+class RemoteDir:
+    path: str  # absolute, physical
+    head: str | None  # the checked-out commit (None: nothing yet)
+    clean: bool  # at ``head``, no tracked file changed on the box, no checkout pending
+
+
+def _remote_dir_error(box: Box, remote_dir: str, marks: dict[str, str], ident: str) -> None:
+    alias = box.spec.alias
+    where = f"{alias}:{marks.get('dir', remote_dir)}"
+    flag = "choose another directory with --remote-dir DIR or `remote_dir` in remotedl.toml"
+    if "nogit" in marks:
+        raise RemoteError(
+            f"git is not installed on {alias}",
+            hint="install it there (`sudo apt-get install git`), or run `remotedl setup base`",
+        )
+    if "unsafe" in marks:
+        raise ConfigError(f"remote_dir {remote_dir!r} is unsafe on {alias}: {marks['unsafe']}", hint=flag)
+    if "other" in marks:
+        raise RemoteError(
+            f"{where} belongs to another project (its id {marks['other'][:12]}, this project's "
+            f"{ident[:12]}): refusing to replace its files",
+            hint=flag,
+        )
+    if "foreign" in marks:
+        raise RemoteError(
+            f"{where} is a git repository remotedl did not make: refusing to replace its files", hint=flag
+        )
+    if "notempty" in marks:
+        raise RemoteError(
+            f"{where} exists, is not empty and is not remotedl's: refusing to push there", hint=flag
+        )
+    if "notours" in marks:
+        raise RemoteError(f"{where} was not made by remotedl: nothing of this project is there", hint=flag)
+    if "missing" in marks:
+        raise RemoteError(f"{where} does not exist", hint="push first (`remotedl push`)")
+
+
+def claim_remote_dir(
+    box: Box,
+    remote_dir: str,
+    project_root: Path | None,
+    *,
+    mode: str = "create",
+    commit: str | None = None,
+    ident: str | None = None,
+) -> RemoteDir:
+    """Check (and with mode "create", make) the box's work tree for this project; see _PREPARE.
+    ``ident``: the project's identity, if the caller has it already."""
+    tidy = normalize_remote_dir(remote_dir)
+    if ident is None:
+        ident = project_identity(project_root) if project_root is not None and _in_git(project_root) else ""
+    out = box.run(_PREPARE, tidy, ident, mode, commit or "-", _EXCLUDE_HEADER, *BOX_EXCLUDES)
+    marks = parse_marks(out.stdout)
+    _remote_dir_error(box, remote_dir, marks, ident)
+    head = marks.get("head")
+    return RemoteDir(marks["dir"], None if head in (None, "none") else head, "clean" in marks)
+
+
+def prepare_remote_dir(box: Box, remote_dir: str) -> tuple[str, str | None]:
+    """(absolute path, its HEAD if clean) of a work tree not tied to a project (kept for
+    callers of the earlier interface)."""
+    rd = claim_remote_dir(box, remote_dir, None)
+    return rd.path, rd.head if rd.clean else None
+
+
+def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> str:
+    """For ``run --no-push``: the absolute path of ``remote_dir`` on the box. Refused when it is
+    missing, unsafe, or another remotedl project's tree (two projects of one name must never
+    run each other's code). A directory remotedl did not make is the user's own choice of
+    code on the box ("run what is there"), and runs."""
+    box = Box(spec)
+    ident = project_identity(project_root) if _in_git(project_root) else ""
+    out = box.run(
+        _PREPARE, normalize_remote_dir(remote_dir), ident, "check", "-", _EXCLUDE_HEADER, *BOX_EXCLUDES
+    )
+    marks = {k: v for k, v in parse_marks(out.stdout).items() if k not in ("foreign", "notours")}
+    _remote_dir_error(box, remote_dir, marks, ident)
+    return marks["dir"]
+
+
+def _in_git(path: Path) -> bool:
+    return proc.run(["git", "-C", str(path), "rev-parse", "--git-dir"], check=False).returncode == 0
+
+
+# ------------------------------------------------------------------ code: push and check out
+
+# "$1": the work tree, "$2": the commit to check out, "$3": 1 to overwrite box edits, "$4": the
+# project's identity (the tree must be this project's), "$5": empty, or a commit the box has, and
+# then a pack of "$2"'s objects over it follows on stdin ("$6" objects): one round trip sends and
+# checks out (without it, `git push` has sent them).
+# A box file is in the way only if its content differs from what the push would write there:
+#   conflicts = (DN & DH) | (DN & added) | (DH & deleted)
+# DH: tracked files whose box content differs from HEAD (`git status`); DN: files of the new
+# commit whose box content differs from it; added/deleted: what the new commit adds to or
+# removes from HEAD. When the box is clean and no added path exists there (the usual push),
+# there can be none, and DN is not computed. Both diffs reuse the box index's stat cache, so
+# only changed files are hashed, and untracked files elsewhere on the box cost nothing. Paths
+# are compared as git quotes them.
 _CHECKOUT = r"""
 set -e
-cd -- "$1"
+trap '' HUP PIPE  # a dropped connection must not stop a checkout half-way
+{ cd -- "$1" && [ -d .git ]; } 2>/dev/null || { echo "@@gone"; exit 0; }
 new=$2
+have=$(git config --get remotedl.project 2>/dev/null || true)
+if [ -n "$4" ] && [ "$have" != "$4" ]; then
+  if [ -n "$have" ]; then echo "@@other $have"; else echo "@@gone"; fi; exit 0  # unclaimed: prepare
+fi
+if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; fi
+if [ -n "$5" ]; then
+  # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
+  git cat-file -e "$5^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
+  if [ "$6" -lt 100 ]; then git unpack-objects -q; else git index-pack -q --stdin --fix-thin >/dev/null; fi
+  git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
+  git update-ref refs/remotedl/pushed "$new"
+  nohup git gc --auto -q </dev/null >/dev/null 2>&1 9<&- &
+else
+  git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
+fi
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/remotedl-checkout.XXXXXX")
+trap 'rm -rf -- "$tmp"' EXIT
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
-if [ "$head" = "$new" ] && [ -z "$(git status --porcelain --untracked-files=no)" ]; then
+pending=$(git rev-parse -q --verify refs/remotedl/checkout 2>/dev/null || true)
+git status --porcelain --untracked-files=no --no-renames >"$tmp/st"
+if [ "$head" = "$new" ] && [ -z "$pending" ] && [ ! -s "$tmp/st" ]; then
   echo "@@unchanged"; exit 0
 fi
 if [ "$3" != 1 ]; then
-  # Edits made on the box: tracked files changed since the last push...
-  changed=$(git status --porcelain --untracked-files=no | cut -c4-)
-  # ...and untracked files the new commit would overwrite.
-  clobber=$(git ls-files --others --exclude-standard -z | xargs -0 -r sh -c '
-    c=$1; shift; for f; do git cat-file -e "$c:$f" 2>/dev/null && printf "%s\n" "$f"; done; :' sh "$new")
-  if [ -n "$changed$clobber" ]; then
-    echo "@@dirty"; printf '%s\n' "$changed" "$clobber" | sed '/^$/d'; exit 0
+  { grep -v -e '^.D ' -e '^D  ' "$tmp/st" || true; } | cut -c4- >"$tmp/dh_m"
+  if [ "$head" != none ]; then
+    git diff --name-only -z --no-renames --diff-filter=A "$head" "$new" -- >"$tmp/add0"
+  else
+    git ls-tree -r -z --name-only "$new" >"$tmp/add0"
   fi
-  git checkout -q --detach "$new"
-else
-  git checkout -q -f --detach "$new"
+  in_way=$(xargs -0 sh -c 'for p; do if [ -e "$p" ] || [ -L "$p" ]; then echo y; exit; fi; done' sh \
+    <"$tmp/add0")
+  if [ -s "$tmp/dh_m" ] || [ -n "$in_way" ]; then
+    tab=$(printf '\t')
+    if [ "$head" != none ]; then
+      git diff --name-status --no-renames "$head" "$new" -- >"$tmp/sw"
+    else
+      git ls-tree -r --name-only "$new" | sed "s/^/A$tab/" >"$tmp/sw"
+    fi
+    if [ -f .git/index ]; then cp -p .git/index "$tmp/index"; fi
+    GIT_INDEX_FILE=$tmp/index git read-tree -m "$new" 2>/dev/null \
+      || GIT_INDEX_FILE=$tmp/index git read-tree "$new"
+    GIT_INDEX_FILE=$tmp/index git update-index -q --refresh >/dev/null 2>&1 || true
+    GIT_INDEX_FILE=$tmp/index git diff-files --name-status >"$tmp/dn"
+    { grep -v '^D' "$tmp/dn" || true; } | cut -f2- >"$tmp/dn_m"
+    { grep '^A' "$tmp/sw" || true; } | cut -f2- >"$tmp/add"
+    { grep '^D' "$tmp/sw" || true; } | cut -f2- >"$tmp/del"
+    {
+      grep -Fxf "$tmp/dh_m" "$tmp/dn_m" || true
+      grep -Fxf "$tmp/add" "$tmp/dn_m" || true
+      grep -Fxf "$tmp/del" "$tmp/dh_m" || true
+    } | sort -u >"$tmp/c"
+    if [ -n "$pending" ] && [ -s "$tmp/c" ]; then
+      # A checkout of ours was cut: the files it was writing are ours, whatever they hold now.
+      if [ "$head" != none ]; then git diff --name-only --no-renames "$head" "$pending" --
+      else git ls-tree -r --name-only "$pending"; fi >"$tmp/ours"
+      { grep -vFxf "$tmp/ours" "$tmp/c" || true; } >"$tmp/c2"
+      mv -- "$tmp/c2" "$tmp/c"
+    fi
+    if [ -s "$tmp/c" ]; then echo "@@dirty"; cat -- "$tmp/c"; exit 0; fi
+  fi
 fi
-echo "@@changed"
+git update-ref refs/remotedl/checkout "$new"
+if git checkout -q -f --detach "$new" 2>"$tmp/err"; then
+  git update-ref -d refs/remotedl/checkout
+  echo "@@changed"; exit 0
+fi
+# Failed half-way (a full disk...): what it added goes, the rest goes back to the old commit.
+if [ "$head" != none ]; then
+  git diff --name-only -z --no-renames --diff-filter=A "$head" "$new" -- | xargs -0 rm -f --
+  git checkout -q -f --detach "$head" 2>/dev/null && git update-ref -d refs/remotedl/checkout \
+    && echo "@@rolledback" || true
+else
+  git ls-tree -r -z --name-only "$new" | xargs -0 rm -f --
+  git update-ref -d refs/remotedl/checkout && echo "@@rolledback" || true
+fi
+echo "@@failed"; head -n 3 -- "$tmp/err"
 """
 
 
@@ -178,153 +438,193 @@ def startup_noise_error(box: Box, tool: str) -> RemoteError:
     )
 
 
-def prepare_remote_dir(box: Box, remote_dir: str) -> tuple[str, str | None]:
-    """Create the work tree on the box if needed; (absolute path, its HEAD if the tracked
-    files are clean, else None)."""
-    out = box.run(_PREPARE, remote_dir)
-    marks = parse_marks(out.stdout)
-    if "nogit" in marks:
-        raise RemoteError(
-            f"git is not installed on {box.spec.alias}",
-            hint="install it there (`sudo apt-get install git`), or run `remotedl setup base`",
-        )
-    head = marks.get("head")
-    return marks["dir"], (None if head in (None, "none") or "clean" not in marks else head)
+def unquote_git_path(name: str) -> str:
+    """A path as git prints it (C-quoted when it holds odd bytes) back to the path."""
+    if not (len(name) >= 2 and name[0] == '"' and name[-1] == '"'):
+        return name
+    raw = bytearray()
+    body = name[1:-1].encode("utf-8", "surrogateescape")
+    i = 0
+    simple = {
+        ord("n"): 10,
+        ord("t"): 9,
+        ord("r"): 13,
+        ord("a"): 7,
+        ord("b"): 8,
+        ord("f"): 12,
+        ord("v"): 11,
+        ord("\\"): 92,
+        ord('"'): 34,
+    }
+    while i < len(body):
+        c = body[i]
+        if c == 92 and i + 1 < len(body):
+            n = body[i + 1]
+            if n in simple:
+                raw.append(simple[n])
+                i += 2
+                continue
+            if 48 <= n <= 55 and i + 3 < len(body):
+                raw.append(int(body[i + 1 : i + 4], 8))
+                i += 4
+                continue
+        raw.append(c)
+        i += 1
+    return raw.decode("utf-8", "replace")
 
 
-def push_code(box: Box, root: Path, abs_dir: str, commit: str, *, force: bool) -> bool:
-    """Send ``commit`` to the box and check it out there; True if the box's tree changed."""
+def _git_push(box: Box, root: Path, abs_dir: str, commit: str) -> None:
     spec = box.spec
-    if box.noise:
-        raise startup_noise_error(box, "git")
     env = {**os.environ, "GIT_SSH_COMMAND": ssh_command_string(spec), "GIT_SSH_VARIANT": "ssh"}
-    url = f"ssh://{spec.alias}{abs_dir}" if abs_dir.startswith("/") else f"{spec.alias}:{abs_dir}"
-    result = proc.run(
-        ["git", "-C", str(root), "push", "-q", "--no-verify", url, f"+{commit}:{PUSHED_REF}"],
-        env=env,
-        check=False,
-    )
-    if result.returncode != 0:
+    url = f"ssh://{spec.alias}{abs_dir}"
+    argv = ["git", "-C", str(root), "push", "-q", "--no-verify", url, f"+{commit}:{PUSHED_REF}"]
+    for attempt in range(3):
+        result = proc.run(argv, env=env, check=False)
+        if result.returncode == 0:
+            return
         if "Could not read from remote repository" in result.stderr:
             raise openssh_failure(spec, result.stderr)
-        raise RemotedlError(f"git push to {spec.alias} failed: {result.stderr.strip()}")
-    marks_out = box.run(_CHECKOUT, abs_dir, commit, "1" if force else "0")
-    marks = parse_marks(marks_out.stdout)
+        # Another laptop's push moved the same ref at this moment: take turns.
+        if "lock" in result.stderr and attempt < 2:
+            time.sleep(0.2 * (attempt + 1))
+            continue
+        break
+    raise RemotedlError(f"git push to {spec.alias} failed: {result.stderr.strip()}")
+
+
+def _checkout(
+    box: Box,
+    abs_dir: str,
+    commit: str,
+    *,
+    force: bool,
+    ident: str,
+    pack: tuple[str, int, bytes] | None = None,
+) -> dict[str, str] | None:
+    """Run _CHECKOUT; its marks, or None when the box wants a `git push` first (the tree went
+    away, or lacks the pack's base)."""
+    spec = box.spec
+    base, count, data = pack if pack is not None else ("", 0, b"")
+    out = box.run(_CHECKOUT, abs_dir, commit, "1" if force else "0", ident, base, str(count), stdin=data)
+    marks = parse_marks(out.stdout)
+    if "gone" in marks or "needpush" in marks:
+        return None
+    if "other" in marks:
+        raise RemoteError(
+            f"{spec.alias}:{abs_dir} belongs to another project (its id {marks['other'][:12]}, this "
+            f"project's {ident[:12]}): refusing to replace its files",
+            hint="choose another directory with --remote-dir DIR or `remote_dir` in remotedl.toml",
+        )
     if "dirty" in marks:
-        files = marks_out.stdout.split("@@dirty", 1)[1].strip().splitlines()
+        listed = out.stdout.split("@@dirty", 1)[1].strip().splitlines()
+        files = [unquote_git_path(f) for f in listed]
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         raise RemoteError(
             f"the work tree on {spec.alias} ({abs_dir}) has edits that were not pushed from here: {shown}",
             hint="bring them home with `remotedl pull PATH...`, "
             "or overwrite them with `remotedl push --force`",
         )
+    if "failed" in marks:
+        why = out.stdout.split("@@failed", 1)[1].strip().splitlines()
+        reason = next((w for w in why if w.strip()), "git checkout failed")
+        state = (
+            "the box's tree is back at the previous commit"
+            if "rolledback" in marks
+            else "the next push will finish it"
+        )
+        raise RemoteError(
+            f"checkout on {spec.alias} ({abs_dir}) failed: {reason.removeprefix('error: ')}; {state}",
+            hint="free space on the box (`remotedl status` shows its disks) and push again",
+        )
+    return marks
+
+
+def push_code(
+    box: Box, root: Path, abs_dir: str, commit: str, *, force: bool, ident: str = "",
+    progress: ProgressFn | None = None,
+) -> bool:  # fmt: skip
+    """Send ``commit`` to the box with `git push` and check it out there; True if the box's
+    tree changed."""
+    if box.noise:
+        raise startup_noise_error(box, "git")
+    _stage(progress, f"code: sending {commit[:10]}")
+    _git_push(box, root, abs_dir, commit)
+    _stage(progress, "code: checking the box's files and checking out")
+    marks = _checkout(box, abs_dir, commit, force=force, ident=ident)
+    if marks is None:
+        raise RemoteError(f"{abs_dir} went away on {box.spec.alias} during the push", hint="push again")
     return "changed" in marks
 
 
-# ------------------------------------------------------------------ rsync
-
-_PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)")
-_STATS_FILES = re.compile(r"Number of regular files transferred: ([\d,]+)")
-_STATS_BYTES = re.compile(r"Total transferred file size: ([\d,]+)")
-
-
-def rsync_argv(
-    spec: HostSpec,
-    sources: Sequence[str],
-    dest: str,
-    *,
-    delete: bool = False,
-    excludes: Sequence[str] = (),
-    update: bool = False,
-) -> list[str]:
-    argv = [
-        "rsync",
-        "-a",
-        "--relative",  # keep each path's place relative to the project root (the "./" anchor)
-        "--partial",  # an interrupted large file resumes instead of starting over
-        "--secluded-args" if _rsync_new() else "--protect-args",  # names never reach a shell
-        "--info=progress2",
-        "--no-inc-recursive",  # a total known up front, so the percentage means something
-        "--stats",
-        "-e",
-        ssh_command_string(spec),
-    ]
-    if delete:
-        argv.append("--delete")
-    if update:
-        argv.append("--update")  # never overwrite a newer file on the receiving side
-    for pattern in excludes:
-        argv += ["--exclude", pattern]
-    return [*argv, "--", *sources, dest]
-
-
-_RSYNC_NEW: bool | None = None
-
-
-def _rsync_new() -> bool:
-    global _RSYNC_NEW
-    if _RSYNC_NEW is None:
-        out = proc.run(["rsync", "--version"], check=False).stdout
-        m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
-        _RSYNC_NEW = bool(m) and tuple(int(x) for x in m.groups()) >= (3, 2, 4)  # type: ignore[union-attr]
-    return _RSYNC_NEW
-
-
-def rsync_failure(alias: str, label: str, code: int, err: str) -> RemotedlError:
-    """The error for an rsync that exited ``code`` (not an ssh failure), from its stderr."""
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    detail = lines[0] if lines else f"exit status {code}"
-    if code == 127 or "remote command not found" in err:
-        # The box's shell could not find rsync ("bash: line 1: rsync: command not found";
-        # rsync itself says "remote command not found (code 127)").
-        return RemoteError(
-            f"rsync is not installed on {alias}",
-            hint="install it there (`sudo apt-get install rsync`), or run `remotedl setup base`",
-        )
-    if "protocol version mismatch" in err or "is your shell clean" in err:
-        return RemoteError(
-            f"rsync of {label} failed: the box's shell prints text that breaks rsync's protocol",
-            hint="make the start-up files of the box's shell (~/.bashrc, ...) print nothing "
-            "when not interactive (test: `ssh BOX true` must print nothing)",
-        )
-    if code == 23 and "No such file or directory" in err:
-        return RemotedlError(f"{label}: no such file: {detail}")
-    return RemotedlError(f"rsync of {label} failed ({code}): {detail}")
-
-
-def run_rsync(box: Box, argv: list[str], label: str, progress: ProgressFn | None) -> Transfer:
-    spec = box.spec
-    if box.noise:
-        raise startup_noise_error(box, "rsync")
-    tail = b""
-    collected = bytearray()
-
-    def on_stdout(chunk: bytes) -> None:
-        nonlocal tail
-        collected.extend(chunk)
-        tail += chunk
-        parts = re.split(rb"[\r\n]", tail)
-        tail = parts.pop()
-        for raw in parts:
-            m = _PROGRESS.match(raw.decode(errors="replace"))
-            if m and progress is not None:
-                progress(Progress(label, int(m.group(1).replace(",", "")), int(m.group(2)), m.group(3)))
-
-    done = proc.communicate(argv, on_stdout=on_stdout)
-    err = done.stderr.decode(errors="replace")
-    code = done.returncode
-    text = collected.decode(errors="replace")
-    if code == 255 or (code == 12 and "connection unexpectedly closed" in err and "ssh" in err.lower()):
-        raise openssh_failure(spec, err)
-    if code != 0:
-        raise rsync_failure(spec.alias, label, code, err)
-    files = _STATS_FILES.search(text)
-    size = _STATS_BYTES.search(text)
-    return Transfer(
-        label,
-        int(files.group(1).replace(",", "")) if files else 0,
-        int(size.group(1).replace(",", "")) if size else 0,
+def _pack(root: Path, commit: str, base: str) -> tuple[str, int, bytes] | None:
+    """A thin pack of ``commit``'s objects that ``base`` lacks, or None (base not here)."""
+    if proc.run(["git", "-C", str(root), "cat-file", "-e", f"{base}^{{commit}}"], check=False).returncode:
+        return None
+    done = proc.communicate(
+        ["git", "-C", str(root), "pack-objects", "--stdout", "--revs", "--thin", "--delta-base-offset", "-q"],
+        input=f"{commit}\n^{base}\n".encode(),
+        max_stdout=PACK_IN_MEMORY,  # past it, `git push` streams the objects instead
     )
+    if done.returncode != 0 or done.truncated or len(done.stdout) < 12:
+        return None
+    return base, int.from_bytes(done.stdout[8:12], "big"), done.stdout
+
+
+@dataclass
+class _Known:
+    """What this machine learnt of a box work tree at the last push: its path, and the commit
+    it holds (a base for the next pack). Only a shortcut: the box checks both every time."""
+
+    path: str
+    commit: str | None
+
+
+def _known_file(spec: HostSpec, tidy: str, ident: str) -> Path:
+    key = f"{spec.user}@{spec.hostname}:{spec.port}:{tidy}:{ident}"
+    return control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _load_known(path: Path) -> _Known | None:
+    import json
+
+    try:
+        raw = json.loads(path.read_text())
+        p, c = raw["path"], raw.get("commit")
+        if isinstance(p, str) and p.startswith("/") and (c is None or isinstance(c, str)):
+            return _Known(p, c)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _save_known(path: Path, known: _Known | None) -> None:
+    import json
+
+    if known is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(known)))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------ one push at a time
+
+
+@contextlib.contextmanager
+def push_lock(spec: HostSpec, abs_or_configured_dir: str) -> Iterator[None]:
+    """Pushes from this machine into one box directory take turns (``push --watch`` and ``run``)."""
+    key = f"{spec.user}@{spec.hostname}:{spec.port}:{abs_or_configured_dir}"
+    path = control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ rsync
 
 
 def _relative_in(root: Path, path: str) -> str:
@@ -338,7 +638,7 @@ def _relative_in(root: Path, path: str) -> str:
     return str(rel)
 
 
-# ------------------------------------------------------------------ push / pull
+# ------------------------------------------------------------------ push
 
 
 def push(
@@ -351,31 +651,133 @@ def push(
     delete: bool = False,
     force: bool = False,
     code: bool = True,
+    max_snapshot_file: int = DEFAULT_MAX_FILE,
     progress: ProgressFn | None = None,
 ) -> PushResult:
     t0 = time.perf_counter()
-    root = git_root(project_root) if code else project_root
+    repo = repo_facts(project_root) if code else None
+    root = repo.root if repo is not None else project_root
     rels = [_relative_in(root, d) for d in data]
     for rel in rels:
         if not (root / rel).exists():
             raise UsageError(f"data path {rel} does not exist in {root}")
-    commit = head = None
-    snapshot = False
-    if code:
-        commit, head, snapshot = snapshot_commit(root)
-    box = Box(spec)
-    abs_dir, box_head = prepare_remote_dir(box, remote_dir)
-    changed = False
-    if code and commit and box_head != commit:  # already checked out and clean: nothing to send
-        changed = push_code(box, root, abs_dir, commit, force=force)
-    result = PushResult(abs_dir, commit, head, snapshot, changed)
-    for rel in rels:
-        argv = rsync_argv(
-            spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
+    tidy = normalize_remote_dir(remote_dir)
+    ident = project_identity(root) if repo is not None or _in_git(root) else ""
+    with push_lock(spec, tidy):
+        snap = Snapshot(None, None, False)
+        if code and repo is not None:
+            _stage(progress, "snapshot: reading the work tree")
+            snap = take_snapshot(
+                root,
+                data=rels,
+                max_file=max_snapshot_file,
+                stage=lambda text: _stage(progress, text),
+                repo=repo,
+            )
+        box = Box(spec)
+        memo = _known_file(spec, tidy, ident)
+        known = _load_known(memo)
+        changed = False
+        marks: dict[str, str] | None = None
+        if known is not None and (snap.commit is None or not code):
+            abs_dir = known.path
+        elif known is not None and snap.commit:
+            # The usual push: one round trip sends the new objects as a pack and checks out.
+            abs_dir = known.path
+            pack = None if known.commit in (None, snap.commit) else _pack(root, snap.commit, known.commit)
+            if pack is not None or known.commit == snap.commit:
+                _stage(progress, f"code: sending {snap.commit[:10]} and checking out")
+                marks = _checkout(box, abs_dir, snap.commit, force=force, ident=ident, pack=pack)
+            if marks is None:
+                known = None
+        if known is None:
+            _stage(progress, f"box: preparing {tidy}")
+            rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident)
+            abs_dir = rd.path
+            if code and snap.commit and not (rd.clean and rd.head == snap.commit):
+                changed = push_code(
+                    box, root, abs_dir, snap.commit, force=force, ident=ident, progress=progress
+                )
+        else:
+            changed = marks is not None and "changed" in marks
+        if snap.commit:
+            _save_known(memo, _Known(abs_dir, snap.commit))
+        result = PushResult(
+            abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out
         )
-        result.transfers.append(run_rsync(box, argv, rel, progress))
+        if rels and box.noise:
+            raise startup_noise_error(box, "rsync")
+        for rel in rels:
+            _stage(progress, f"data: {rel}")
+            argv = rsync_argv(
+                spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
+            )
+            result.transfers.append(run_rsync(spec, argv, rel, progress))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# ------------------------------------------------------------------ pull
+
+# "$1": the directory to pull from (absolute), then the paths (relative to it): each one
+# missing is named.
+_PULL_CHECK = r"""
+cd -- "$1" 2>/dev/null || { echo "@@nodir"; exit 0; }
+shift
+i=0
+for p; do
+  [ -e "$p" ] || [ -L "$p" ] || echo "@@absent$i"
+  i=$((i + 1))
+done
+"""
+
+
+def _pull_path(path: str, remote_dir: str) -> str:
+    rel = posixpath.normpath(path.replace(os.sep, "/")) if path else ""
+    if not rel or rel.startswith("/") or rel == ".." or rel.startswith("../"):
+        raise UsageError(f"{path}: give paths relative to the remote directory {remote_dir}")
+    if ".git" in rel.split("/"):
+        raise UsageError(
+            f"{path}: pull never writes into .git (a box could plant hooks or config that run here)",
+            hint="pull the work tree's outputs; bring commits home with git itself",
+        )
+    return rel
+
+
+def _check_local_target(root: Path, rel: str) -> None:
+    """Refuse a destination that resolves into a .git directory (a symlink here pointing there)."""
+    target = (root / rel) if rel != "." else root
+    probe = target
+    while not probe.exists() and not probe.is_symlink() and probe != root:
+        probe = probe.parent
+    real = probe.resolve()
+    if ".git" in real.parts:
+        raise UsageError(f"{rel}: it leads into {real} here, and pull never writes into .git")
+
+
+def _modified_tracked(root: Path, rels: Sequence[str]) -> list[str]:
+    """Tracked files under ``rels`` (relative to ``root``, which may be below the repository's
+    top) whose content here differs from HEAD: uncommitted edits, deletions included."""
+    if not _in_git(root):
+        return []
+    specs = [f":(literal){r}" if r != "." else "." for r in rels]
+    out = proc.run(
+        [
+            "git",
+            "-C",
+            str(root),
+            "diff",
+            "HEAD",
+            "--relative",
+            "--name-only",
+            "-z",
+            "--no-renames",
+            "--",
+            *specs,
+        ],
+        check=False,
+    ).stdout
+    return sorted({p for p in out.split("\0") if p})
 
 
 def pull(
@@ -388,22 +790,79 @@ def pull(
     progress: ProgressFn | None = None,
     source_dir: str | None = None,
 ) -> PullResult:
-    """Bring box paths (relative to remote_dir, or to ``source_dir``, an absolute box
-    directory such as a job's own checkout) home. Never deletes; never overwrites newer files."""
+    """Bring box paths (relative to remote_dir, or to the absolute box directory ``source_dir``)
+    home. Never deletes; never overwrites newer files; never writes into ``.git``; leaves
+    tracked files with uncommitted edits here alone (and names them). ``.`` means the work
+    tree's outputs: the repository and what remotedl keeps there stay on the box."""
     if not paths:
         raise UsageError("name at least one path to pull, relative to the remote directory")
+    where = source_dir or remote_dir
+    rels = [_pull_path(p, where) for p in paths]
+    # remote_dir mirrors the repository's top (that is what push sends), wherever the project's
+    # remotedl.toml is.
+    top = proc.run(["git", "-C", str(project_root), "rev-parse", "--show-toplevel"], check=False)
+    root = Path(top.stdout.strip()) if top.returncode == 0 else project_root
+    for rel in rels:
+        _check_local_target(root, rel)
     box = Box(spec)
-    abs_dir = source_dir or prepare_remote_dir(box, remote_dir)[0]
-    result = PullResult(str(project_root))
-    for path in paths:
-        rel = os.path.normpath(path)
-        if rel.startswith("..") or os.path.isabs(rel):
-            raise UsageError(f"{path}: give paths relative to the remote directory {remote_dir}")
-        check = box.run('test -e "$1"', abs_dir + "/" + rel, check=False)
-        if check.exit_code != 0:
+    if source_dir is not None:
+        if not source_dir.startswith("/"):
+            raise UsageError(f"source_dir {source_dir!r} must be an absolute path on the box")
+        abs_dir = posixpath.normpath(source_dir)
+    else:
+        abs_dir = claim_remote_dir(box, remote_dir, root, mode="pull").path
+    out = box.run(_PULL_CHECK, abs_dir, *rels)
+    marks = parse_marks(out.stdout)
+    if "nodir" in marks:
+        raise RemoteError(f"{abs_dir} does not exist on {spec.alias}")
+    for i, rel in enumerate(rels):
+        if f"absent{i}" in marks:
             raise RemoteError(f"{rel} does not exist on {spec.alias} in {abs_dir}")
+    if box.noise:
+        raise startup_noise_error(box, "rsync")
+    result = PullResult(str(root))
+    modified = _modified_tracked(root, rels)
+    for rel in rels:
+        mine = [m for m in modified if rel in (".", m) or m.startswith(rel + "/")]
+        protect = [f"/{literal(m)}" for m in mine]
+        if rel == ".":
+            protect += list(BOX_EXCLUDES)
+        stdin = "".join(p + "\0" for p in protect).encode("utf-8", "surrogateescape")
         argv = rsync_argv(
-            spec, [f"{spec.alias}:{abs_dir}/./{rel}"], f"{project_root}/", excludes=excludes, update=True
+            spec,
+            [f"{spec.alias}:{abs_dir}/./{rel}"],
+            f"{root}/",
+            excludes=[".git", *excludes],
+            update=True,
+            exclude_from_stdin=True,
         )
-        result.transfers.append(run_rsync(box, argv, rel, progress))
+        result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin))
+        if mine:
+            result.kept += _would_replace(spec, abs_dir, root, mine)
     return result
+
+
+def _would_replace(spec: HostSpec, abs_dir: str, root: Path, files: Sequence[str]) -> list[str]:
+    """Which of ``files`` (relative) the box has in another version that pull would have
+    brought (newer there): a dry run over just those."""
+    argv = [
+        "rsync",
+        "-a",
+        "-n",
+        "--update",
+        "--out-format=%n",
+        "--from0",
+        "--files-from=-",
+        protect_args_flag(),
+        "-e",
+        ssh_command_string(spec),
+        "--",
+        f"{spec.alias}:{abs_dir}/",
+        f"{root}/",
+    ]
+    stdin = "".join(f + "\0" for f in files).encode("utf-8", "surrogateescape")
+    done = proc.communicate(argv, input=stdin, max_stdout=1 << 20)
+    if done.returncode not in (0, 23):
+        return list(files)  # cannot tell: say all of them were kept
+    named = set(done.stdout.decode(errors="replace").splitlines())
+    return [f for f in files if f in named]

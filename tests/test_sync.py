@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from remotedl import sync
+from remotedl.errors import RemotedlError
 from remotedl.ssh import resolve_host
 from tests.conftest import cli_for, make_env, retry_until
 
@@ -323,3 +324,247 @@ def test_rsync_failure_mapping(shell):
     assert "print nothing" in err.hint
     missing = 'rsync: [sender] change_dir "/x" failed: No such file or directory (2)\n'
     assert sync.rsync_failure("gpubox", "data", 23, missing).message.startswith("data: no such file:")
+
+
+# ------------------------------------------------------------------ the snapshot is code (issue 11)
+
+
+def object_count(repo: Path) -> int:
+    """Objects in a repository's store, loose and packed (what a snapshot adds to it)."""
+    out = git(repo, "count-objects", "-v")
+    fields = dict(line.split(": ") for line in out.splitlines())
+    return int(fields["count"]) + int(fields["in-pack"])
+
+
+def test_large_untracked_file_is_left_out_and_listed(cli, box, project, rdir):
+    (project / "train.py").write_text("print('train')\n")
+    (project / "ckpt.pt").write_bytes(os.urandom(3 << 20))
+    (project / "remotedl.toml").write_text("max_snapshot_file = 1048576\n")
+    before = object_count(project)
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    listed = [line for line in r.out.splitlines() if line.startswith("left out")]
+    assert len(listed) == 1, r.out
+    assert "ckpt.pt (3.0 MiB)" in listed[0]
+    assert "max_snapshot_file" in listed[0] and ".gitignore" in listed[0] and "`data`" in listed[0]
+    assert box_path(box, rdir, "train.py").read_text() == "print('train')\n"
+    assert not box_path(box, rdir, "ckpt.pt").exists()
+    # Never hashed: neither .git grew by it (train.py and remotedl.toml, a tree and a commit did).
+    assert object_count(project) - before < 10
+    box_objects = box_path(box, rdir, ".git/objects")
+    assert sum(f.stat().st_size for f in box_objects.rglob("*") if f.is_file()) < 1 << 20
+    # --json carries the list; a tracked file of the same size is sent (the user committed it).
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=project)
+    assert json.loads(r.out)["left_out"] == [{"path": "ckpt.pt", "reason": "large", "size": 3 << 20}]
+    git(project, "add", "ckpt.pt")
+    git(project, "commit", "-qm", "a checkpoint, committed")
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["left_out"] == []
+    assert box_path(box, rdir, "ckpt.pt").read_bytes() == (project / "ckpt.pt").read_bytes()
+
+
+def test_data_paths_are_not_in_the_snapshot(cli, box, project, rdir):
+    data = project / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("a,b\n1,2\n")  # not ignored: once went through git AND rsync
+    (project / "model.py").write_text("import torch\n")
+    (project / "remotedl.toml").write_text('data = ["data"]\n')
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=project)
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    tree = box_git(box, rdir, "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+    assert "model.py" in tree
+    assert not any(p.startswith("data") for p in tree), tree
+    assert out["transfers"][0]["files_transferred"] == 1
+    assert box_path(box, rdir, "data/train.csv").read_text() == "a,b\n1,2\n"
+    # The next push is a no-op for git: rsync's copy is not a box edit.
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["code_changed"] is False
+
+
+def make_venv(where: Path, files: int, content: str) -> None:
+    (where / "bin").mkdir(parents=True)
+    (where / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    lib = where / "lib" / "python3" / "site-packages"
+    lib.mkdir(parents=True)
+    for i in range(files):
+        (lib / f"mod{i}.py").write_text(f"{content} {i}\n")
+
+
+def test_local_and_box_venvs_never_conflict(cli, box, project, rdir):
+    make_venv(project / ".venv", 30, "laptop")
+    make_venv(project / "envs" / "cpu", 3, "laptop")  # named anything: pyvenv.cfg tells
+    (project / "envs" / "conda").mkdir(parents=True)
+    (project / "envs" / "conda" / "conda-meta").mkdir()
+    (project / "envs" / "conda" / "python.txt").write_text("conda\n")
+    assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
+    make_venv(box_path(box, rdir, ".venv"), 40, "box")  # `remotedl setup jupyter` makes one
+    (project / "README").write_text("changed\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert "left out  .venv/, envs/conda/, envs/cpu/: environment" in r.out
+    assert box_path(box, rdir, "README").read_text() == "changed\n"
+    assert box_path(box, rdir, ".venv/lib/python3/site-packages/mod0.py").read_text() == "box 0\n"
+    assert not box_path(box, rdir, "envs").exists()
+    # remotedl's own files on the box are outside the box repository's view.
+    exclude = box_path(box, rdir, ".git/info/exclude").read_text().splitlines()
+    for entry in ("/.remotedl/", "/.venv/", "/venv/", ".remotedl-partial/"):
+        assert entry in exclude
+    assert ".venv" not in box_git(box, rdir, "status", "--porcelain")
+
+
+def test_pull_then_push_is_not_refused(cli, box, project, rdir):
+    assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
+    ckpt = box_path(box, rdir, "checkpoints")
+    ckpt.mkdir()
+    (ckpt / "ep1.pt").write_bytes(b"weights " * 100)
+    r = cli("pull", "--remote-dir", rdir, "checkpoints", cwd=project)
+    assert r.code == 0, r.err
+    assert (project / "checkpoints" / "ep1.pt").read_bytes() == b"weights " * 100
+    # The pulled file is untracked and small: it is in the snapshot, and the box's identical
+    # copy is not an edit in the way.
+    (project / "train.py").write_text("print(2)\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert box_path(box, rdir, "train.py").read_text() == "print(2)\n"
+    # A different box copy still is.
+    (ckpt / "ep1.pt").write_bytes(b"retrained")
+    (project / "train.py").write_text("print(3)\n")
+    (project / "checkpoints" / "ep1.pt").write_bytes(b"weights, changed here")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 1
+    assert "edits that were not pushed from here: checkpoints/ep1.pt" in r.err
+    assert (ckpt / "ep1.pt").read_bytes() == b"retrained"
+
+
+def test_box_edit_equal_to_the_push_is_not_a_conflict(cli, box, project, rdir):
+    (project / "a.py").write_text("a = 1\n")
+    (project / "b.py").write_text("b = 1\n")
+    assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
+    box_path(box, rdir, "a.py").write_text("a = 2\n")  # made on the box, then brought home
+    (project / "a.py").write_text("a = 2\n")
+    box_path(box, rdir, "b.py").write_text("b = box\n")  # a real box edit, listed
+    box_path(box, rdir, "c.py").write_text("c = box\n")  # an untracked one the push would write
+    (project / "c.py").write_text("c = here\n")
+    (project / "d.py").write_text("d = 1\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 1
+    assert "edits that were not pushed from here: b.py, c.py" in r.err
+    box_path(box, rdir, "b.py").write_text("b = 1\n")  # as pushed: not an edit any more
+    box_path(box, rdir, "c.py").write_text("c = here\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert box_path(box, rdir, "d.py").read_text() == "d = 1\n"
+    assert box_git(box, rdir, "status", "--porcelain") == ""
+
+
+def test_many_untracked_box_files_do_not_block(cli, box, project, rdir):
+    assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
+    outputs = box_path(box, rdir, "outputs")
+    outputs.mkdir()
+    for i in range(2000):
+        (outputs / f"{i}.txt").write_text(str(i))
+    (project / "README").write_text("changed\n")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert box_path(box, rdir, "README").read_text() == "changed\n"
+    assert len(list(outputs.iterdir())) == 2000
+
+
+def test_status_line_stages_and_a_true_bar(box, project, rdir, tmp_path):
+    (project / ".gitignore").write_text("big/\n")
+    (project / "big").mkdir()
+    (project / "big" / "blob").write_bytes(os.urandom(4 << 20))
+    (project / "big" / "old").write_bytes(os.urandom(4 << 20))
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    sync.push(spec, project, rdir, data=["big"])
+    (project / "big" / "blob").write_bytes(os.urandom((4 << 20) + 1))  # quick check: the size differs
+    (project / "code.py").write_text("x = 1\n")
+    events: list = []
+    result = sync.push(spec, project, rdir, data=["big"], progress=events.append)
+    stages = [e.text for e in events if isinstance(e, sync.Stage)]
+    assert stages[0] == "snapshot: reading the work tree"
+    assert "snapshot: listing untracked files" in stages
+    assert any(s.startswith("code: sending") for s in stages)
+    assert "data: big" in stages
+    bars = [e for e in events if isinstance(e, sync.Progress)]
+    # One file of two changed: the bar ends at the bytes sent (rsync's own percent would end
+    # near 50), and never shows more done than its total.
+    assert bars[-1].done and bars[-1].total == bars[-1].bytes_done == (4 << 20) + 1
+    assert result.transfers[0].bytes_transferred == (4 << 20) + 1
+    for e in bars:
+        assert e.total is None or e.bytes_done <= e.total or e.done
+
+
+def test_progress_frames_and_bar_fields():
+    from remotedl.cli.progress import bar_fields
+    from remotedl.rsync import Progress, parse_progress
+
+    # rsync 3.5.0 --info=progress2 frames, as printed for a 60 MB transfer of a 100 MB data set
+    first = parse_progress("         32,768   0%    0.00kB/s    0:00:00  ")
+    mid = parse_progress("     40,000,000  39%  214.13MB/s    0:00:00 (xfr#2, to-chk=53/56)")
+    assert first == (32768, 0, "0.00kB/s")
+    assert mid == (40000000, 39, "214.13MB/s")
+    assert parse_progress("Number of files: 56 (reg: 55, dir: 1)") is None
+    # Before the total is known: bytes sent, no total (not "100% 32,768/100 bytes").
+    assert bar_fields(Progress("d", 32768, 0, "0.00kB/s")) == (32768.0, None, "32.0 KiB sent")
+    # With it: of the bytes this transfer sends (not of the whole data set).
+    done, total, text = bar_fields(Progress("d", 38_100_000, 38, "1MB/s", 60_000_000))
+    assert (done, total, text) == (38_100_000.0, 60_000_000.0, "36.3 MiB of 57.2 MiB")
+    assert bar_fields(Progress("d", 70_000_000, 70, "1MB/s", 60_000_000))[0] == 60_000_000.0
+    assert bar_fields(Progress("d", 0, 100, "", 0, done=True))[0:2] == (1.0, 1.0)
+
+
+def test_dry_run_total_is_the_bytes_a_transfer_sends(box, project, rdir, tmp_path, monkeypatch):
+    import remotedl.rsync as rs
+
+    (project / "d").mkdir()
+    (project / "d" / "same").write_bytes(b"s" * 300_000)
+    (project / "d" / "new").write_bytes(b"n" * 100_000)
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    dest = box_path(box, rdir)
+    (dest / "d").mkdir(parents=True)
+    (dest / "d" / "same").write_bytes(b"s" * 300_000)
+    os.utime(dest / "d" / "same", ns=(os.stat(project / "d" / "same").st_mtime_ns,) * 2)
+    monkeypatch.setattr(rs, "TOTAL_AFTER", 0)  # the dry run at once, as for a long transfer
+    total = rs._Total(sync.rsync_argv(spec, [f"{project}/./d"], f"{box.name}:{dest}/"), None)
+    total.start()
+    total._thread.join(30)
+    assert total.value == 100_000  # the new file; the one already there is not counted
+    assert not (dest / "d" / "new").exists()  # a dry run sends nothing
+
+
+def test_normalize_remote_dir():
+    from remotedl.errors import ConfigError
+
+    assert sync.normalize_remote_dir("~/a//b/") == "~/a/b"
+    assert sync.normalize_remote_dir("/data/x/") == "/data/x"
+    assert sync.normalize_remote_dir("proj") == "proj"
+    for bad in ("~", "~/", "~/.", "/", "/usr", "/tmp", "/home/", "/etc", ".", "~/../x", "a/../..", "~bob/x"):
+        with pytest.raises(ConfigError) as e:
+            sync.normalize_remote_dir(bad)
+        assert "--remote-dir" in (e.value.hint or "") and "remote_dir" in (e.value.hint or "")
+
+
+def test_a_cut_rsync_is_a_connection_error_a_missing_one_is_not(box, tmp_path, monkeypatch):
+    from remotedl import rsync
+    from remotedl.errors import ConnectError, RemoteError
+
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    fake = tmp_path / "rsync-says"  # an rsync that fails as the real one does
+    fake.write_text("#!/bin/sh\nprintf '%s' \"$RSYNC_ERR\" >&2\nexit \"$RSYNC_CODE\"\n")
+    fake.chmod(0o755)
+    cases = [
+        # the connection cut mid-file (the box's sshd killed), rsync 3.5.0's words
+        (10, "rsync: [sender] write error: Broken pipe (32)\n", ConnectError),
+        # rsync missing on the box: sometimes 12, not 127, with "connection unexpectedly closed"
+        (12, "bash: line 1: rsync: command not found\n" + RSYNC_TAIL, RemoteError),
+    ]
+    for code, err, kind in cases:
+        monkeypatch.setenv("RSYNC_ERR", err)
+        monkeypatch.setenv("RSYNC_CODE", str(code))
+        with pytest.raises(RemotedlError) as e:
+            rsync.run_rsync(spec, [str(fake)], "data", None)
+        assert type(e.value) is kind, e.value

@@ -223,6 +223,8 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
         with progress_bar(env, not app.json) as progress:
             pushed = sync.push(spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress)
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
+    else:
+        rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
     for attempt in range(3):
         try:

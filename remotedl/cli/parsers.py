@@ -64,6 +64,10 @@ def push(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
         help="then sync the project's environment on the box if its requirements changed",
     )
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "--watch", action="store_true", help="keep pushing code and data on every change until Ctrl-C"
+    )
+    p.add_argument("--pushes", type=int, help=argparse.SUPPRESS)  # watch: stop after N pushes (tests)
 
 
 def pull(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

@@ -1,0 +1,257 @@
+"""The code snapshot: what ``push`` sends through git, made without touching the local repository.
+
+The snapshot is code: the tracked files (whatever their size: the user committed them) plus the
+untracked files ``.gitignore`` does not exclude, minus
+
+- the configured ``data`` paths (rsync sends those: nothing travels twice),
+- virtual environments and conda environments (a directory holding ``pyvenv.cfg`` or
+  ``conda-meta/``): the box makes its own,
+- nested git repositories (their own history is not ours to copy),
+- untracked files larger than ``max_snapshot_file`` (checkpoints, datasets, archives),
+- partial transfers that rsync keeps aside (``.remotedl-partial/``).
+
+What was left out is returned so the CLI can list it once, with the fix.
+
+It is built in a temporary index that starts as a copy of the repository's own index, so git
+reuses its stat cache: only files changed since the user's last ``git status`` are hashed, and a
+push costs what ``git status`` costs. The copy keeps the index file's mtime, so git's racy-clean
+check (entries as new as the index itself are re-read) stays right. HEAD, the index, refs and
+the work tree are never written; new blobs go into the object store, as ``git add`` would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from remotedl import proc
+from remotedl.errors import RemotedlError, UsageError
+
+SNAPSHOT_PREFIX = "remotedl snapshot of uncommitted work on top of "
+DEFAULT_MAX_FILE = 5 << 20
+# Directories remotedl (rsync) keeps partial transfers in, never part of the code.
+PARTIAL_DIR = ".remotedl-partial"
+AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
+# The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
+IDENTITY_KEY = "remotedl.project"
+
+Reason = Literal["large", "environment", "repository"]
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """An untracked path the snapshot does not carry, and why."""
+
+    path: str  # relative to the project root; a directory ends with "/"
+    reason: Reason
+    size: int = 0  # bytes, for "large"
+
+
+@dataclass
+class Snapshot:
+    commit: str | None  # None: an empty repository with nothing to send
+    head: str | None
+    is_snapshot: bool  # True when commit is a snapshot on top of head, not head itself
+    left_out: list[LeftOut] = field(default_factory=list)
+    untracked: int = 0  # untracked files carried
+
+
+# ------------------------------------------------------------------ git helpers
+
+
+def git(
+    root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True, input: str | None = None
+) -> str:
+    result = proc.run(["git", "-C", str(root), *args], env=env, check=False, input=input)
+    if check and result.returncode != 0:
+        raise RemotedlError(f"git {args[0]} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def git_root(path: Path) -> Path:
+    result = proc.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], check=False)
+    if result.returncode != 0:
+        raise UsageError(
+            f"{path} is not in a git repository: push sends code with git",
+            hint="run `git init && git add -A && git commit -m init` first, or use --no-code "
+            "to push only data",
+        )
+    return Path(result.stdout.strip())
+
+
+def _clean_env() -> dict[str, str]:
+    """The user's environment without GIT_* variables that would redirect our git calls."""
+    drop = ("GIT_INDEX_FILE", "GIT_DIR", "GIT_WORK_TREE", "GIT_OBJECT_DIRECTORY")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def project_identity(root: Path) -> str:
+    """A stable id of the local project, recorded in the box's repository so that a push from
+    another project into the same directory is refused: the first (root) commit of HEAD, or,
+    in a repository without commits, a random id. It is kept in the repository's own config
+    (``git config remotedl.project``: the history is walked once, and the id survives the first
+    commit); HEAD, the index, refs and the work tree are not touched."""
+    env = _clean_env()
+    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False)
+    if kept:
+        return kept
+    roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
+    made = sorted(roots)[0] if roots else uuid.uuid4().hex
+    # Concurrent pushes may race here (git's config lock): a root commit is the same for all; a
+    # random id is whichever got written first.
+    git(root, "config", "--local", IDENTITY_KEY, made, env=env, check=False)
+    if roots:
+        return made
+    return git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False) or made
+
+
+@dataclass(frozen=True)
+class Repo:
+    """What one ``git rev-parse`` says about the repository holding a path."""
+
+    root: Path
+    index: Path
+    head: str | None
+    head_tree: str | None
+
+
+def repo_facts(path: Path) -> Repo:
+    result = proc.run(
+        ["git", "-C", str(path), "rev-parse", "--show-toplevel", "--git-path", "index",
+         "--revs-only", "HEAD", "HEAD^{tree}"],
+        env=_clean_env(),
+        check=False,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) < 2:
+        git_root(path)  # raises the error that says what to do
+        raise RemotedlError(f"git rev-parse failed in {path}: {result.stderr.strip()}")
+    index = Path(lines[1])
+    head = lines[2] if len(lines) >= 4 else None
+    return Repo(Path(lines[0]), index if index.is_absolute() else path / index, head,
+                lines[3] if head else None)  # fmt: skip
+
+
+# ------------------------------------------------------------------ the snapshot
+
+
+def _is_env(path: Path) -> bool:
+    return (path / "pyvenv.cfg").is_file() or (path / "conda-meta").is_dir()
+
+
+def _inside(rel: str, prefixes: Sequence[str]) -> bool:
+    return any(rel == p or rel.startswith(p + "/") for p in prefixes)
+
+
+def select_untracked(
+    root: Path, paths: Sequence[str], *, data: Sequence[str] = (), max_file: int = DEFAULT_MAX_FILE
+) -> tuple[list[str], list[LeftOut]]:
+    """Split untracked, not-ignored paths (as ``git ls-files --others`` names them, nested
+    repositories with a trailing "/") into (those the snapshot carries, those it leaves out)."""
+    keep: list[str] = []
+    left: list[LeftOut] = []
+    envs: dict[str, bool] = {}  # directory (relative) -> is an environment
+    seen_env: set[str] = set()
+    data = [d.rstrip("/") for d in data]
+    for rel in paths:
+        if rel.endswith("/"):  # a repository of its own inside the project
+            left.append(LeftOut(rel, "repository"))
+            continue
+        if data and _inside(rel, data):
+            continue  # rsync sends it
+        parts = rel.split("/")
+        if AUX_NAMES.intersection(parts[:-1]):
+            continue
+        env_dir = None
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in envs:
+                envs[d] = _is_env(root / d)
+            if envs[d]:
+                env_dir = d
+                break
+        if env_dir is not None:
+            if env_dir not in seen_env:
+                seen_env.add(env_dir)
+                left.append(LeftOut(env_dir + "/", "environment"))
+            continue
+        try:
+            st = os.lstat(root / rel)
+        except FileNotFoundError:
+            continue  # gone since git listed it
+        if stat.S_ISREG(st.st_mode) and st.st_size > max_file:
+            left.append(LeftOut(rel, "large", st.st_size))
+            continue
+        if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):  # git holds nothing else (fifos...)
+            keep.append(rel)
+    return keep, left
+
+
+def take_snapshot(
+    path: Path,
+    *,
+    data: Sequence[str] = (),
+    max_file: int = DEFAULT_MAX_FILE,
+    stage: Callable[[str], None] | None = None,
+    repo: Repo | None = None,
+) -> Snapshot:
+    """The commit that holds the work tree's code (see the module's doc); the repository is
+    left exactly as it was."""
+    env0 = _clean_env()
+    say = stage or (lambda _text: None)
+    repo = repo or repo_facts(path)
+    root, head = repo.root, repo.head
+    with tempfile.TemporaryDirectory(prefix="remotedl-index-") as tmp:
+        index = Path(tmp) / "index"
+        env = {**env0, "GIT_INDEX_FILE": str(index)}
+        if repo.index.is_file():
+            shutil.copy2(repo.index, index)  # with its mtime: git's racy-clean check stays right
+        elif head:
+            git(root, "read-tree", head, env=env)
+        say("snapshot: checking tracked files")
+        # Tracked files: modified, deleted, and (re)staged; only files whose stat differs from
+        # the copied cache are hashed.
+        result = proc.run(["git", "-C", str(root), "add", "-u"], env=env, check=False)
+        if result.returncode != 0:
+            # An index git cannot use from another place (a split index...): start from HEAD.
+            index.unlink(missing_ok=True)
+            if head:
+                git(root, "read-tree", head, env=env)
+            git(root, "add", "-u", env=env)
+        say("snapshot: listing untracked files")
+        listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", env=env)
+        untracked = [p for p in listed.split("\0") if p]
+        keep, left = select_untracked(root, untracked, data=data, max_file=max_file)
+        if keep:
+            say(f"snapshot: adding {len(keep)} untracked file{'s' if len(keep) != 1 else ''}")
+            proc.run(
+                ["git", "-C", str(root), "update-index", "--add", "-z", "--stdin"],
+                env=env,
+                input="".join(p + "\0" for p in keep),
+            )
+        tree = git(root, "write-tree", env=env)
+    if head and tree == repo.head_tree:
+        return Snapshot(head, head, False, left, len(keep))
+    if not head and tree == git(root, "hash-object", "-t", "tree", "--stdin", env=env0, input=""):
+        return Snapshot(None, None, False, left, 0)
+    ident = {
+        **env0,
+        "GIT_AUTHOR_NAME": "remotedl",
+        "GIT_AUTHOR_EMAIL": "remotedl@localhost",
+        "GIT_COMMITTER_NAME": "remotedl",
+        "GIT_COMMITTER_EMAIL": "remotedl@localhost",
+        # A fixed date makes the snapshot of an unchanged tree the same commit: no-op pushes stay no-ops.
+        "GIT_AUTHOR_DATE": "1700000000 +0000",
+        "GIT_COMMITTER_DATE": "1700000000 +0000",
+    }
+    parents = ["-p", head] if head else []
+    message = SNAPSHOT_PREFIX + (head or "an empty repository")
+    commit = git(root, "commit-tree", tree, *parents, "-m", message, env=ident)
+    return Snapshot(commit, head, True, left, len(keep))
