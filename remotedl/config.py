@@ -4,6 +4,12 @@ Precedence, lowest to highest: defaults < user config
 (``$XDG_CONFIG_HOME/remotedl/config.toml``) < project ``remotedl.toml`` or
 ``[tool.remotedl]`` in pyproject.toml < ``REMOTEDL_*`` environment < command-line flags.
 Host, user, port and key come from ``~/.ssh/config`` (see ``remotedl.ssh``).
+
+Several hosts (a fleet): ``--host a,b``, ``host = "a,b"``, ``hosts = ["a", "b"]``, and named
+fleets in the user config (``[fleets] lab = ["gpu1", "gpu2"]``, used as ``@lab``). Settings of
+one host go in ``[hosts.NAME]`` tables; for that host they sit between the project file and the
+environment: defaults < user < project < ``[hosts.NAME]`` < ``REMOTEDL_*`` < flags
+(``Settings.for_host``).
 """
 
 from __future__ import annotations
@@ -50,8 +56,28 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "pull_on_end": (list, [], None),
     "tensorboard_logdir": (str, None, None),
     "tensorboard_port": (int, 6006, None),
+    # Several hosts at once (a fleet); `host = "a,b"` and `--host a,b,@lab` say the same.
+    "hosts": (list, [], None),
+    # Slurm hosts: a host whose scheduler is "slurm" is the login node of a Slurm cluster;
+    # the rest are sbatch's defaults for jobs there (usually in [hosts.NAME] tables).
+    "scheduler": (str, "box", None),
+    "partition": (str, None, None),
+    "account": (str, None, None),
+    "qos": (str, None, None),
+    "time": (str, None, None),
+    "constraint": (str, None, None),
+    "sbatch_args": (list, [], None),
+    "modules": (list, [], None),
 }
-TABLES = {"dns", "playbook_vars"}
+# Settings whose value must be one of a few words.
+CHOICES: dict[str, tuple[str, ...]] = {"scheduler": ("box", "slurm")}
+# String settings that also take a whole number (Slurm's --time in minutes).
+STR_OR_INT = {"time"}
+# What a [hosts.NAME] table may not set: which hosts there are.
+NOT_PER_HOST = {"host", "hosts"}
+TABLES = {"dns", "playbook_vars", "fleets"}
+# Where each source stands in the precedence chain (a Setting's source starts with one).
+_RANKS = (("default", 0), ("user config", 1), ("project config", 2), ("environment", 4), ("flag", 5))
 # Settings whose value is a path, resolved against the directory of the file that names it.
 PATHS = {"ssh_config"}
 DNS_PATHS = ("tsig_key_file", "token_file", "password_file")
@@ -84,6 +110,14 @@ class Settings:
     # What the project file sets that can run commands on this machine, when the user has not
     # allowed this version of the file (see ``local_exec`` and ``remotedl allow``).
     needs_allow: list[str] = field(default_factory=list)
+    # Per-host settings from [hosts.NAME] tables (user config, then project file, key by key).
+    host_tables: dict[str, dict[str, Setting]] = field(default_factory=dict)
+    # Named fleets: [fleets] NAME = ["host", ...], used as `--host @NAME`.
+    fleets: dict[str, Setting] = field(default_factory=dict)
+    # Keys set by the environment or a flag: they beat [hosts.NAME] too.
+    overridden: set[str] = field(default_factory=set)
+    # Set on the view ``for_host`` gives: the host these settings are for.
+    host_name: str | None = None
 
     def get(self, key: str) -> Any:
         return self.values[key].value
@@ -99,6 +133,92 @@ class Settings:
     def remote_dir(self) -> str:
         value = self.get("remote_dir")
         return str(value) if value else f"~/remotedl/{self.project.name}"
+
+    def host_names(self) -> list[str]:
+        """The hosts to work on, fleets expanded, in order, each once; [] when none is given.
+
+        ``host`` (a name, ``"a,b"``, ``"@lab"``) and ``hosts`` (a list) say the same; the one
+        from the higher place in the precedence chain wins (``--host`` beats ``hosts`` in
+        remotedl.toml); both in one file is an error."""
+        return self._host_list()[0]
+
+    def hosts_source(self) -> str:
+        """Where the host list came from (the ``host`` or the ``hosts`` setting's source)."""
+        return self._host_list()[1]
+
+    def _host_list(self) -> tuple[list[str], str]:
+        host, hosts = self.values["host"], self.values["hosts"]
+        if self.host_name is not None:
+            return [self.host_name], host.source
+        words: list[str] = []
+        source = "default"
+        if host.value and hosts.value and host.source == hosts.source:
+            raise ConfigError(
+                f"{host.source}: both 'host' and 'hosts' are set",
+                hint='keep one: host = "a" or host = "a,b", or hosts = ["a", "b"]',
+            )
+        if host.value and (not hosts.value or _rank(host.source) > _rank(hosts.source)):
+            words, source = str(host.value).split(","), host.source
+        elif hosts.value:
+            words, source = list(hosts.value), hosts.source
+        out: list[str] = []
+        for word in words:
+            for name in self._expand(word.strip(), source, ()):
+                if name not in out:
+                    out.append(name)
+        return out, source
+
+    def _expand(self, word: str, source: str, seen: tuple[str, ...]) -> list[str]:
+        if not word:
+            return []
+        if not word.startswith("@"):
+            if word.startswith("-") or any(c.isspace() for c in word):
+                raise ConfigError(
+                    f"{source}: '{word}' is not a host alias", hint="give ssh config Host names"
+                )
+            return [word]
+        name = word[1:]
+        fleet = self.fleets.get(name)
+        if fleet is None:
+            known = ", ".join(f"@{n}" for n in sorted(self.fleets)) or "none defined"
+            raise ConfigError(
+                f"{source}: no fleet called '{name}' (known: {known})",
+                hint=f"define it in the user config ({_USER_CONFIG_HINT}): "
+                f'[fleets] {name} = ["gpu1", "gpu2"]',
+            )
+        if name in seen:
+            raise ConfigError(f"{fleet.source}: fleet '{name}' includes itself")
+        out: list[str] = []
+        for member in fleet.value:
+            out += self._expand(str(member).strip(), fleet.source, (*seen, name))
+        return out
+
+    def for_host(self, name: str) -> Settings:
+        """The effective settings for one host: defaults < user < project < [hosts.NAME] <
+        environment < flags, each with its source. ``env`` in [hosts.NAME] adds to (and
+        overrides keys of) the general ``env``."""
+        values = dict(self.values)
+        for key, setting in self.host_tables.get(name, {}).items():
+            if key in self.overridden:
+                continue
+            if key == "env":
+                general = values["env"]
+                merged = {**general.value, **setting.value}
+                source = setting.source if not general.value else f"{general.source} + {setting.source}"
+                setting = Setting(merged, source)
+            values[key] = setting
+        source = self._host_list()[1] if self.host_name is None else self.values["host"].source
+        values["host"] = Setting(name, source)
+        return Settings(
+            self.project,
+            values,
+            dict(self.tables),
+            list(self.needs_allow),
+            self.host_tables,
+            self.fleets,
+            set(self.overridden),
+            host_name=name,
+        )
 
 
 def find_project(start: Path) -> Project:
@@ -132,8 +252,30 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
 
 
+_USER_CONFIG_HINT = "$XDG_CONFIG_HOME/remotedl/config.toml"
+
+
+def _rank(source: str) -> int:
+    return next((rank for prefix, rank in _RANKS if source.startswith(prefix)), 0)
+
+
 def _coerce(key: str, value: Any, origin: str) -> Any:
+    value = _coerce_type(key, value, origin)
+    choices = CHOICES.get(key)
+    if choices is not None and value is not None and value not in choices:
+        raise ConfigError(
+            f"{origin}: '{key}' must be one of {', '.join(choices)}, not {value!r}",
+            hint="fix the value; `remotedl config` shows what each setting resolves to",
+        )
+    return value
+
+
+def _coerce_type(key: str, value: Any, origin: str) -> Any:
     kind = SCALARS[key][0]
+    if key in STR_OR_INT and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if key == "host" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # host = ["a", "b"]: beside [hosts.NAME] tables, where hosts = [...] cannot be
     if kind is bool and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
         return _BOOL_WORDS[value.strip().lower()]
     if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
@@ -194,7 +336,11 @@ def _resolve_path(value: str, base: Path) -> str:
 
 def _apply_file(settings: Settings, data: Mapping[str, Any], origin: str, base: Path) -> None:
     for key, value in data.items():
-        if key in TABLES:
+        if key == "hosts" and isinstance(value, dict):
+            _apply_host_tables(settings, value, origin, base)
+        elif key == "fleets":
+            _apply_fleets(settings, value, origin)
+        elif key in TABLES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: [{key}] must be a table")
             if key == "dns":
@@ -213,6 +359,44 @@ def _apply_file(settings: Settings, data: Mapping[str, Any], origin: str, base: 
             raise ConfigError(f"{origin}: unknown setting '{key}'", hint=f"known settings: {known}")
 
 
+def _apply_host_tables(settings: Settings, tables: Mapping[str, Any], origin: str, base: Path) -> None:
+    """[hosts.NAME] tables: any setting but which hosts there are, checked as at the top level."""
+    allowed = sorted(k for k in SCALARS if k not in NOT_PER_HOST)
+    for name, table in tables.items():
+        where = f"{origin} [hosts.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{origin}: hosts.{name} must be a table of settings, not {table!r}",
+                hint='e.g. [hosts.gpu1] remote_dir = "/scratch/me/proj"; list the hosts with '
+                'host = ["gpu1", "gpu2"] in a file that has [hosts.NAME] tables',
+            )
+        if not name or name.startswith(("-", "@")) or any(c.isspace() for c in name):
+            raise ConfigError(f"{origin}: [hosts.{name}]: '{name}' is not a host alias")
+        mine = settings.host_tables.setdefault(name, {})
+        for key, value in table.items():
+            if key not in SCALARS or key in NOT_PER_HOST:
+                raise ConfigError(
+                    f"{where}: unknown setting '{key}'", hint=f"a host table may set: {', '.join(allowed)}"
+                )
+            coerced = _coerce(key, value, where)
+            if key in PATHS and coerced:
+                coerced = _resolve_path(coerced, base)
+            mine[key] = Setting(coerced, where)
+
+
+def _apply_fleets(settings: Settings, fleets: Any, origin: str) -> None:
+    if not isinstance(fleets, dict):
+        raise ConfigError(f"{origin}: [fleets] must be a table", hint='e.g. [fleets] lab = ["gpu1", "gpu2"]')
+    for name, members in fleets.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(
+                f"{origin}: fleet '{name}' must be a list of host names, not {members!r}",
+                hint=f'e.g. {name} = ["gpu1", "gpu2"]',
+            )
+        settings.fleets[name] = Setting(list(members), f"{origin} [fleets]")
+    settings.tables["fleets"] = Setting({n: f.value for n, f in settings.fleets.items()}, origin)
+
+
 def local_exec(data: Mapping[str, Any]) -> list[str]:
     """The settings in ``data`` that can make remotedl run commands on this machine: an ssh
     config (ProxyCommand, Match exec, LocalCommand, KnownHostsCommand) and ``cmd:`` sources of
@@ -225,7 +409,30 @@ def local_exec(data: Mapping[str, Any]) -> list[str]:
         sources = [*(dns.get("ip_sources") or []), *(dns.get("ip_sources_v6") or [])]
         if any(isinstance(x, str) and x.startswith("cmd:") for x in sources):
             found.append("dns.ip_sources (cmd:)")
+    hosts = data.get("hosts")
+    if isinstance(hosts, dict):
+        found += [
+            f"hosts.{name}.ssh_config"
+            for name, table in hosts.items()
+            if isinstance(table, dict) and table.get("ssh_config")
+        ]
     return found
+
+
+def without_local_exec(data: Mapping[str, Any], risky: list[str]) -> dict[str, Any]:
+    """``data`` without what ``local_exec`` found (for a project file not allowed yet)."""
+    out = dict(data)
+    if "ssh_config" in risky:
+        out.pop("ssh_config", None)
+    if "dns.ip_sources (cmd:)" in risky:
+        out.pop("dns", None)
+    hosts = out.get("hosts")
+    if isinstance(hosts, dict):
+        out["hosts"] = {
+            name: {k: v for k, v in table.items() if k != "ssh_config"} if isinstance(table, dict) else table
+            for name, table in hosts.items()
+        }
+    return out
 
 
 def _digest(path: Path) -> str:
@@ -289,9 +496,7 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
         if risky and not is_allowed(env, project.config_file):
             # Not applied: a cloned repository runs nothing here until the user allowed it.
             settings.needs_allow = risky
-            data = {k: v for k, v in data.items() if k != "ssh_config"}
-            if "dns" in data and "dns.ip_sources (cmd:)" in risky:
-                data = {k: v for k, v in data.items() if k != "dns"}
+            data = without_local_exec(data, risky)
         _apply_file(settings, data, f"project config {project.config_file}", project.config_file.parent)
 
     for key, (_, _, var) in SCALARS.items():
@@ -300,6 +505,7 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
             if key in PATHS and value:
                 value = _resolve_path(value, env.cwd)
             settings.values[key] = Setting(value, f"environment {var}")
+            settings.overridden.add(key)
 
     for key, value in (flags or {}).items():
         if value is not None and key in SCALARS:
@@ -308,6 +514,7 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
             if key in PATHS and value:
                 value = _resolve_path(value, env.cwd)
             settings.values[key] = Setting(value, f"flag {flag}")
+            settings.overridden.add(key)
     return settings
 
 

@@ -59,6 +59,11 @@ class RemoteError(RemotedlError):
     """Something on the box failed: a command, a missing tool, a missing file."""
 
 
+class GpusBusy(RemotedlError):
+    """The GPUs a job asks for are held (by a job, a foreign process, or another laptop's claim
+    that won the box's lock first); on a fleet, the next box is tried."""
+
+
 class JobFailed(RemotedlError):
     """A job the command waited for ended non-zero; its exit code is passed through."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from remotedl import gpus as gpumod
 from remotedl.schema import JobRecord, SchemaError, job_holders
@@ -13,7 +13,9 @@ from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
 TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
 
 # One POSIX sh script; sections start with "@@name" so one exec answers everything.
-# "$1": remote_dir. The nvidia-smi queries are remotedl's own constants, not values.
+# "$1": remote_dir. The nvidia-smi queries are remotedl's own constants, not values; the GPU
+# query also asks for the driver version (its last field): each nvidia-smi call costs tens of
+# milliseconds on a real box (more without persistence mode), so two calls, not three.
 _SCRIPT = EXPAND_HOME + r"""
 echo @@hostname; hostname 2>/dev/null || uname -n
 echo @@os; ( . /etc/os-release 2>/dev/null && echo "$PRETTY_NAME" ) || uname -s; uname -rm
@@ -24,7 +26,6 @@ echo @@gpus; QUERY_GPUS 2>&1; echo "@@gpus_rc $?"
 echo @@apps; QUERY_APPS 2>/dev/null | while IFS= read -r line; do
   pid=$(printf '%s' "$line" | cut -d, -f2 | tr -d ' ')
   printf '%s\t%s\n' "$line" "$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')"; done
-echo @@driver; QUERY_DRIVER 2>/dev/null | head -n 1
 # The records of remotedl jobs that hold GPUs now (the agent writes them, one JSON each).
 echo @@jobs; cd "$HOME/.remotedl/jobs" 2>/dev/null &&
   grep -l -E '"status": "(running|starting)"' -- *.json 2>/dev/null | while IFS= read -r f; do
@@ -66,10 +67,33 @@ class BoxStatus:
 def status_script() -> str:
     return (
         _SCRIPT.replace("TOOLS", " ".join(TOOLS))
-        .replace("QUERY_GPUS", shlex.join(gpumod.QUERY_GPUS))
+        .replace("QUERY_GPUS", shlex.join(QUERY_GPUS_AND_DRIVER))
         .replace("QUERY_APPS", shlex.join(gpumod.QUERY_APPS))
-        .replace("QUERY_DRIVER", shlex.join(gpumod.QUERY_DRIVER))
     )
+
+
+QUERY_GPUS_AND_DRIVER = [
+    gpumod.QUERY_GPUS[0],
+    gpumod.QUERY_GPUS[1] + ",driver_version",
+    *gpumod.QUERY_GPUS[2:],
+]
+
+
+def split_driver(s: dict[str, list[str]]) -> str | None:
+    """Take the driver version (the last field) off the lines of the ``gpus`` section that
+    ``QUERY_GPUS_AND_DRIVER`` printed, leaving what ``QUERY_GPUS`` prints."""
+    if (s.get("gpus_rc") or ["127"])[0] != "0":
+        return None  # an error message, not rows
+    driver = None
+    rows = []
+    for line in s.get("gpus", []):
+        row, sep, version = line.rpartition(", ")
+        if sep:
+            driver = driver or version.strip() or None
+            line = row
+        rows.append(line)
+    s["gpus"] = rows
+    return driver
 
 
 def _sections(text: str) -> dict[str, list[str]]:
@@ -99,28 +123,52 @@ def parse_status(host: str, remote_dir: str, text: str) -> BoxStatus:
         if len(parts) >= 6:
             st.disk = Disk(parts[5], int(parts[1]) * 1024, int(parts[3]) * 1024)
     st.nvidia = bool(st.tools.get("nvidia-smi"))
+    driver = split_driver(s)
+    st.gpus, st.nvidia_error = gpu_facts(s, st.nvidia)
+    if st.nvidia and (s.get("gpus_rc") or ["127"])[0] == "0":
+        st.driver_version = driver
+        st.held_by = job_holders(records(s.get("jobs", [])))
+    return st
+
+
+def gpu_facts(s: dict[str, list[str]], nvidia: bool) -> tuple[list[gpumod.Gpu], str | None]:
+    """(GPUs with their compute processes, why there are none) from the ``gpus``, ``gpus_rc``
+    and ``apps`` sections the status script (and ``top``'s sampler) print."""
     gpu_out = "\n".join(s.get("gpus", []))
     rc = (s.get("gpus_rc") or ["127"])[0]
-    if not st.nvidia:
-        st.nvidia_error = "no NVIDIA driver: nvidia-smi is not on the box's PATH"
-    elif rc != "0":
-        st.nvidia_error = "nvidia-smi failed: " + (gpu_out.strip().splitlines() or ["?"])[0]
-    else:
-        try:
-            st.gpus = gpumod.parse_gpus(gpu_out)
-            procs = []
-            for line in s.get("apps", []):
-                csv, _, user = line.partition("\t")
-                for p in gpumod.parse_apps(csv):
-                    p.user = user or None
-                    procs.append(p)
-            gpumod.attach_processes(st.gpus, procs)
-        except gpumod.NvidiaSmiError as e:
-            st.nvidia_error = str(e)
-        drv = s.get("driver", [])
-        st.driver_version = drv[0].strip() if drv and drv[0].strip() else None
-        st.held_by = job_holders(_records(s.get("jobs", [])))
-    return st
+    if not nvidia:
+        return [], "no NVIDIA driver: nvidia-smi is not on the box's PATH"
+    if rc != "0":
+        return [], "nvidia-smi failed: " + (gpu_out.strip().splitlines() or ["?"])[0]
+    found: list[gpumod.Gpu] = []
+    try:
+        found = gpumod.parse_gpus(gpu_out)
+        procs = []
+        for line in s.get("apps", []):
+            csv, _, user = line.partition("\t")
+            for p in gpumod.parse_apps(csv):
+                p.user = user or None
+                procs.append(p)
+        gpumod.attach_processes(found, procs)
+    except gpumod.NvidiaSmiError as e:
+        return found, str(e)
+    return found, None
+
+
+HolderKind = Literal["job", "process", "free"]
+
+
+def holder(held_by: dict[int, str], gpu: gpumod.Gpu) -> tuple[HolderKind, str]:
+    """Who holds a GPU, in words: a remotedl job ("job 3 (train.py)"), else a foreign compute
+    process with its user ("process 4242 (python3, user bob)"), else free."""
+    job = held_by.get(gpu.index)
+    if job:
+        return "job", job
+    if gpu.processes:
+        p = gpu.processes[0]
+        more = f" and {len(gpu.processes) - 1} more" if len(gpu.processes) > 1 else ""
+        return "process", f"process {p.pid} ({p.name.rsplit('/', 1)[-1]}, user {p.user or '?'}){more}"
+    return "free", "free"
 
 
 def box_status(box: Box, remote_dir: str) -> BoxStatus:
@@ -129,7 +177,7 @@ def box_status(box: Box, remote_dir: str) -> BoxStatus:
     return parse_status(box.spec.alias, remote_dir, result.stdout)
 
 
-def _records(lines: list[str]) -> list[JobRecord]:
+def records(lines: list[str]) -> list[JobRecord]:
     """The job records the status script sent; one that does not parse is not a holder."""
     import json
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remotedl.errors import RemotedlError, RemoteError, UsageError
+from remotedl.errors import GpusBusy, RemotedlError, RemoteError, UsageError
 from remotedl.schema import (
     AGENT_CANNOT_INSTALL,
     AGENT_MISSING,
@@ -199,4 +199,6 @@ def error_from(answer: dict[str, Any]) -> RemotedlError:
     hint = str(hint)[:2000] if hint else None
     if answer.get("kind") == "usage":
         return UsageError(message, hint)
+    if answer.get("kind") == "busy":
+        return GpusBusy(message, hint)
     return RemotedlError(message, hint)

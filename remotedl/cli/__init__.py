@@ -22,6 +22,7 @@ from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 # command -> (module under remotedl.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
+    "top": ("fleet", "live view of the GPUs and running jobs of every box (q quits)"),
     "config": ("basic", "show the resolved settings and where each came from"),
     "allow": ("basic", "let this project's remotedl.toml name an ssh config or cmd: IP sources"),
     "trust": ("basic", "show a box's host key fingerprint and record it in known_hosts"),
@@ -84,7 +85,13 @@ def _global_options() -> _Parser:
     p = _Parser(add_help=False)
     d = argparse.SUPPRESS
     g = p.add_argument_group("global options")
-    g.add_argument("-H", "--host", default=d, help="ssh config alias of the box (or REMOTEDL_HOST)")
+    g.add_argument(
+        "-H",
+        "--host",
+        default=d,
+        metavar="HOST[,HOST...]",
+        help="ssh config alias of the box; several as a,b,c or @FLEET (or REMOTEDL_HOST)",
+    )
     g.add_argument(
         "--ssh-config", default=d, metavar="FILE", help="ssh config file to use for every connection"
     )

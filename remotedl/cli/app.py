@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from remotedl.config import Settings, load_settings, require_allowed
 from remotedl.env import Environment
-from remotedl.errors import ConfigError
+from remotedl.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from remotedl.fleet import Fleet, Member, Reach
     from remotedl.ssh import HostSpec
 
 
@@ -22,12 +23,17 @@ if TYPE_CHECKING:
 class App:
     args: argparse.Namespace
     env: Environment
+    # Narrowed to one host of several (``for_host``): jobs are named HOST:ID in what it prints.
+    narrowed: bool = False
+    # Hosts resolved already, shared with the narrowed views: ``ssh -G`` once per host.
+    resolved: dict[str, Member] = field(default_factory=dict)
 
     def flag(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)
 
     @cached_property
-    def settings(self) -> Settings:
+    def base_settings(self) -> Settings:
+        """Every setting as resolved, before any one host's [hosts.NAME] table."""
         flags = {
             "host": self.flag("host"),
             "ssh_config": self.flag("ssh_config"),
@@ -38,32 +44,94 @@ class App:
             require_allowed(settings)
         return settings
 
+    @cached_property
+    def hosts(self) -> list[str]:
+        """The hosts this command works on (fleets expanded); [] when none is given."""
+        return self.base_settings.host_names()
+
+    @property
+    def is_fleet(self) -> bool:
+        return len(self.hosts) > 1
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The settings of the one host given (with its [hosts.NAME] table), or with several
+        hosts (or none) the general ones; ``host_settings(name)`` gives each host's."""
+        names = self.hosts
+        return self.base_settings.for_host(names[0]) if len(names) == 1 else self.base_settings
+
+    def for_host(self, name: str) -> App:
+        """This command narrowed to one host: its settings ([hosts.NAME]) and its spec, so
+        every one-host code path works on a host of a fleet unchanged."""
+        one = App(self.args, self.env, narrowed=True, resolved=self.resolved)
+        one.__dict__["base_settings"] = self.base_settings  # cached_property: already resolved
+        one.__dict__["hosts"] = [name]
+        return one
+
+    def route_job(self, job: str | None) -> tuple[App, str | None]:
+        """A job reference as typed: ``HOST:ID`` (or ``HOST:NAME``) names its host, one of the
+        hosts given (any alias when none is given); a plain id or name needs a single host."""
+        if job and ":" in job:
+            host, _, ref = job.rpartition(":")
+            if host in self.hosts or (not self.hosts and host):
+                return self.for_host(host), ref or None
+        if self.is_fleet:
+            example = f"{self.hosts[0]}:{job or 'ID'}"
+            raise UsageError(
+                f"which host's job? {len(self.hosts)} hosts are given ({', '.join(self.hosts)})",
+                hint=f"name it as HOST:ID, e.g. {example} (`remotedl jobs` lists them so)",
+            )
+        return self, job
+
+    def job_ref(self, job_id: int) -> str:
+        """How the user names a job of this command's host: ``HOST:ID`` when it was picked
+        from several (or named so), else the id."""
+        return f"{self.hosts[0]}:{job_id}" if self.narrowed and self.hosts else str(job_id)
+
+    def host_settings(self, name: str) -> Settings:
+        return self.base_settings.for_host(name)
+
     @property
     def json(self) -> bool:
         return bool(self.flag("json", False))
 
     def host_alias(self, explicit: str | None = None) -> str:
-        alias = explicit or self.settings.get("host")
-        if not alias:
-            raise ConfigError(
-                "no host given",
-                hint='pass --host ALIAS, set REMOTEDL_HOST, or put host = "ALIAS" in remotedl.toml '
-                "(try `remotedl sandbox up` for a local box called 'sandbox')",
+        if explicit:
+            return explicit
+        names = self.hosts
+        if not names:
+            raise _no_host()
+        if len(names) > 1:
+            raise UsageError(
+                f"`remotedl {self.flag('subcommand')}` works on one host; {len(names)} are given "
+                f"({', '.join(names)})",
+                hint="pick one with --host NAME",
             )
-        return str(alias)
+        return names[0]
 
     def spec(self, explicit: str | None = None) -> HostSpec:
-        from remotedl.ssh import resolve_host
+        """The one host's spec (``explicit``, or the one host given)."""
+        return self.spec_for(self.host_alias(explicit))
 
-        return resolve_host(
-            self.env,
-            self.host_alias(explicit),
-            ssh_config=self.settings.get("ssh_config"),
-            user=self.flag("user"),
-            port=self.flag("port"),
-            identity=self.flag("identity"),
-            connect_timeout=float(self.settings.get("connect_timeout")),
-        )
+    def spec_for(self, name: str) -> HostSpec:
+        """Resolve one host through the ssh config, with its own settings (ssh_config,
+        connect_timeout) and the --user/--port/--identity flags."""
+        from remotedl.fleet import Fleet
+
+        return Fleet(self.env, self.base_settings, [name], self.reach(), self.resolved).member(name).spec
+
+    def reach(self) -> Reach:
+        from remotedl.fleet import Reach
+
+        return Reach(self.flag("user"), self.flag("port"), self.flag("identity"))
+
+    def fleet(self) -> Fleet:
+        """The hosts given, as a fleet (one host is a fleet of one)."""
+        from remotedl.fleet import Fleet
+
+        if not self.hosts:
+            raise _no_host()
+        return Fleet(self.env, self.base_settings, list(self.hosts), self.reach(), self.resolved)
 
     @cached_property
     def console(self) -> Console:
@@ -84,3 +152,11 @@ class App:
 
     def out(self, text: str = "") -> None:
         self.console.print(text, markup=False)
+
+
+def _no_host() -> ConfigError:
+    return ConfigError(
+        "no host given",
+        hint='pass --host ALIAS (several: --host a,b or @FLEET), set REMOTEDL_HOST, or put '
+        'host = "ALIAS" in remotedl.toml (try `remotedl sandbox up` for a local box called \'sandbox\')',
+    )

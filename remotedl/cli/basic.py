@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural
+
+if TYPE_CHECKING:
+    from remotedl.ssh import HostSpec
 
 
 def _size(n: int | None) -> str:
@@ -44,6 +48,10 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     from remotedl.words import printable
 
     app = App(args, env)
+    if app.is_fleet:
+        from remotedl.cli import fleet
+
+        return fleet.status(app)
     spec = app.spec()
     with open_box(spec) as box:
         st = box_status(box, app.settings.remote_dir)
@@ -85,55 +93,86 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     return ExitCode.OK
 
 
+def _spec_rows(spec: HostSpec, host_source: str) -> dict[str, tuple[object, str]]:
+    src = spec.sources
+    return {
+        "alias": (spec.alias, host_source),
+        "hostname": (spec.hostname, src.get("hostname", "")),
+        "user": (spec.user, src.get("user", "")),
+        "port": (spec.port, src.get("port", "")),
+        "identity_files": (list(spec.identity_files), src.get("identityfile", "")),
+        "known_hosts_files": (list(spec.known_hosts_files), src.get("userknownhostsfile", "")),
+        "strict_host_key_checking": (spec.strict_host_key_checking, src.get("stricthostkeychecking", "")),
+        "connect_timeout": (spec.connect_timeout, src.get("connecttimeout", "")),
+        "proxy_jump": (
+            spec.proxy_jump,
+            src.get("proxyjump", "ssh config" if spec.proxy_jump else "default"),
+        ),
+        "server_alive_interval": (spec.server_alive_interval, ""),
+        "ssh_config": (str(spec.ssh_config) if spec.ssh_config else None, src.get("ssh_config", "")),
+    }
+
+
+def _shown(value: object) -> str:
+    return repr(value) if not isinstance(value, str) else value
+
+
 def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     from remotedl.config import shown_value
+    from remotedl.fleet import Member
 
     app = App(args, env)
     s = app.settings
+    names = app.hosts
     rows: list[tuple[str, str, str]] = [
         ("project", str(s.project.root), "found from the working directory"),
         ("project config", str(s.project.config_file or "-"), ""),
     ]
     for key, setting in s.values.items():
-        value = shown_value(key, setting.value)
-        rows.append((key, repr(value) if not isinstance(value, str) else value, setting.source))
+        rows.append((key, _shown(shown_value(key, setting.value)), setting.source))
     if not s.values["remote_dir"].value:
         rows.append(("remote_dir (effective)", s.remote_dir, "default: ~/remotedl/<project name>"))
     for name, table in s.tables.items():
         rows.append((f"[{name}]", ", ".join(sorted(table.value)), table.source))
-    host: dict[str, object] = {}
-    if s.get("host") or app.flag("host"):
-        spec = app.spec()
-        src = spec.sources
-        host = {
-            "alias": (spec.alias, s.source("host")),
-            "hostname": (spec.hostname, src.get("hostname", "")),
-            "user": (spec.user, src.get("user", "")),
-            "port": (spec.port, src.get("port", "")),
-            "identity_files": (list(spec.identity_files), src.get("identityfile", "")),
-            "known_hosts_files": (list(spec.known_hosts_files), src.get("userknownhostsfile", "")),
-            "strict_host_key_checking": (spec.strict_host_key_checking, src.get("stricthostkeychecking", "")),
-            "connect_timeout": (spec.connect_timeout, src.get("connecttimeout", "")),
-            "proxy_jump": (
-                spec.proxy_jump,
-                src.get("proxyjump", "ssh config" if spec.proxy_jump else "default"),
-            ),
-            "server_alive_interval": (spec.server_alive_interval, ""),
-            "ssh_config": (str(spec.ssh_config) if spec.ssh_config else None, src.get("ssh_config", "")),
-        }
+    for name in sorted(s.host_tables):
+        where = sorted({x.source for x in s.host_tables[name].values()})
+        rows.append((f"[hosts.{name}]", ", ".join(sorted(s.host_tables[name])), "; ".join(where)))
+    host: dict[str, tuple[object, str]] = {}
+    members: list[tuple[str, Member | None, str | None]] = []  # (name, member, error)
+    if len(names) == 1:
+        host = _spec_rows(app.spec(), s.source("host"))
+    elif names:
+        resolved = app.fleet().map(lambda m: m)
+        members = [(r.host, r.value, r.error.message if r.error else None) for r in resolved.results]
     if app.json:
-        app.print_json(
-            {
-                "settings": {
-                    k: {"value": shown_value(k, v.value), "source": v.source} for k, v in s.values.items()
-                },
-                "remote_dir": s.remote_dir,
-                "project": str(s.project.root),
-                "project_config": str(s.project.config_file) if s.project.config_file else None,
-                "tables": {k: {"keys": sorted(v.value), "source": v.source} for k, v in s.tables.items()},
-                "host": {k: {"value": v[0], "source": v[1]} for k, v in host.items()},  # type: ignore[index]
+        data: dict[str, Any] = {
+            "settings": {
+                k: {"value": shown_value(k, v.value), "source": v.source} for k, v in s.values.items()
+            },
+            "remote_dir": s.remote_dir,
+            "project": str(s.project.root),
+            "project_config": str(s.project.config_file) if s.project.config_file else None,
+            "tables": {k: {"keys": sorted(v.value), "source": v.source} for k, v in s.tables.items()},
+            "host": {k: {"value": v[0], "source": v[1]} for k, v in host.items()},
+            "host_names": names,
+        }
+        if members:
+            data["hosts"] = {
+                name: {
+                    "settings": {
+                        k: {"value": shown_value(k, v.value), "source": v.source}
+                        for k, v in app.host_settings(name).values.items()
+                    },
+                    "remote_dir": app.host_settings(name).remote_dir,
+                    "host": {
+                        k: {"value": v[0], "source": v[1]}
+                        for k, v in (_spec_rows(m.spec, s.hosts_source()) if m else {}).items()
+                    },
+                    "error": error,
+                }
+                for name, m, error in members
             }
-        )
+        app.print_json(data)
         return ExitCode.OK
     from rich.table import Table
     from rich.text import Text
@@ -144,9 +183,30 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     grid.add_column("from")
     for k, v, src_ in rows:
         grid.add_row(Text(k), Text(str(v)), Text(src_))  # values like "[tool.remotedl]": no markup
-    for k, (v, src_) in host.items():  # type: ignore[misc]
-        grid.add_row(Text("host." + k), Text(str(v)), Text(src_))
+    for k, (hv, hsrc) in host.items():
+        grid.add_row(Text("host." + k), Text(str(hv)), Text(hsrc))
+    if names and len(names) > 1:
+        grid.add_row(Text("hosts (effective)"), Text(", ".join(names)), Text(""))
     app.console.print(grid)
+    for name, m, error in members:
+        # Each host: what differs from the settings above, then how it is reached.
+        mine = app.host_settings(name)
+        own = Table(box=None, pad_edge=False, title=f"host {name}", title_justify="left")
+        own.add_column("setting")
+        own.add_column("value")
+        own.add_column("from")
+        for key, setting in mine.values.items():
+            if key != "host" and setting != s.values[key]:
+                own.add_row(Text(key), Text(_shown(shown_value(key, setting.value))), Text(setting.source))
+        if not mine.values["remote_dir"].value:
+            own.add_row(Text("remote_dir (effective)"), Text(mine.remote_dir), Text("default"))
+        if m is not None:
+            for k, (hv, hsrc) in _spec_rows(m.spec, s.hosts_source()).items():
+                own.add_row(Text("host." + k), Text(str(hv)), Text(hsrc))
+        else:
+            own.add_row(Text("error"), Text(str(error)), Text(""))
+        app.console.print()
+        app.console.print(own)
     return ExitCode.OK
 
 

@@ -16,7 +16,7 @@ from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, JobFailed, UsageError
+from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
@@ -89,14 +89,52 @@ def _client(app: App) -> AgentClient:
     return AgentClient(app.spec(), python=str(app.settings.get("python")))
 
 
+def route(app: App, job: str | None, *, active: bool = False) -> tuple[App, str | None]:
+    """Which host a job reference means: ``HOST:ID`` names its host; on a fleet, no id means
+    this project's latest job on any of its hosts (``active``: the latest running or queued
+    one, as for kill and attach); on one host, the reference as typed."""
+    if not (app.is_fleet and not job):
+        return app.route_job(job)
+    from remotedl import jobs
+    from remotedl.fleet import Member
+
+    def latest(m: Member) -> JobRecord | None:
+        client = m.client()
+        rec = jobs.get_job(client, None, project=str(app.flag("remote_dir") or m.remote_dir))
+        if rec.active or not active:
+            return rec
+        # the latest is over: this project's latest running or queued job, if any
+        mine = [r for r in jobs.list_jobs(client) if r.active and r.remote_dir == rec.remote_dir]
+        return max(mine, key=lambda r: r.id) if mine else None
+
+    found = app.fleet().map(latest)
+    recs = [(host, rec) for host, rec in found.values() if rec is not None]
+    if not recs:
+        for r in found.failed:  # out of reach (a host without this project's jobs is no news)
+            if r.error is not None and r.error.exit_code != ExitCode.ERROR:
+                app.env.stderr.write(f"remotedl: {r.host}: {safe(str(r.error))}\n")
+        what = "running job" if active else "job"
+        raise RemotedlError(
+            f"no {what} of this project on {', '.join(app.hosts)}",
+            hint="`remotedl jobs` lists the jobs of every host as HOST:ID",
+        )
+    host, rec = max(recs, key=lambda hr: (hr[1].created or 0.0, hr[1].id))
+    return app.for_host(host), str(rec.id)
+
+
 def _follow(
-    app: App, client: AgentClient, job_id: int, on_end: Callable[[JobRecord], None] | None = None
+    app: App,
+    client: AgentClient,
+    job_id: int,
+    ref: str | None = None,
+    on_end: Callable[[JobRecord], None] | None = None,
 ) -> int:
-    """Follow the job's log to its end; ``on_end`` (pull outputs, desktop notification) runs
-    before the job's exit status is passed on."""
+    """Follow a job's log to its end; ``ref`` is how the user names it (``HOST:ID`` on a fleet);
+    ``on_end`` (pull outputs, desktop notification) runs before the job's exit status is passed on."""
     from remotedl import jobs
 
     spec = client.spec
+    shown = ref or str(job_id)
     write, flush = _writer(app.env)
 
     def reconnecting(n: int) -> None:
@@ -110,8 +148,8 @@ def _follow(
         flush()
         app.env.stderr.write(
             f"\nremotedl: detached; job {job_id} keeps running on {spec.alias}.\n"
-            f"  follow again: remotedl logs -f {job_id}    attach: remotedl attach {job_id}    "
-            f"stop: remotedl kill {job_id}\n"
+            f"  follow again: remotedl logs -f {shown}    attach: remotedl attach {shown}    "
+            f"stop: remotedl kill {shown}\n"
         )
         return ExitCode.INTERRUPTED
     flush()
@@ -177,10 +215,22 @@ def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace, env: Environment) -> int:
+    app = App(args, env)
+    if app.is_fleet:
+        from remotedl.cli.fleet import run_placed
+
+        return run_placed(app, args)
+    return run_on(app, args)
+
+
+def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> int:
+    """``run`` on the one host of ``app`` (on a fleet: the host placement chose, narrowed with
+    ``App.for_host``, with ``queue`` as placement says; its jobs are named ``HOST:ID``). A claim
+    another laptop won first raises ``GpusBusy`` before anything is printed."""
     from remotedl import gpus as gpumod
     from remotedl import jobs, sync
 
-    app = App(args, env)
+    env = app.env
     s = app.settings
     if not args.command:
         raise UsageError("give a command to run, e.g. `remotedl run train.py --lr 0.1`")
@@ -237,7 +287,7 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
                 count=args.gpus if args.gpus else None,
                 env=job_env,
                 name=name,
-                queue=args.queue,
+                queue=args.queue if queue is None else queue,
                 force=args.force,
                 git_commit=commit,
                 snapshot=snapshot,
@@ -262,8 +312,9 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
             )
             sync_environment(app, client, rdir, env_spec)
     jobs.keep_commit(root, spec.alias, rec)
+    ref = app.job_ref(rec.id)
     if app.json and args.detach:
-        app.print_json(rec.to_dict())
+        app.print_json({**rec.to_dict(), "alias": spec.alias} if app.narrowed else rec.to_dict())
         return ExitCode.OK
     gpus_word = "GPU" if len(rec.gpus) == 1 else "GPUs"
     gpu_text = f"{gpus_word} {','.join(map(str, rec.gpus))}" if rec.gpus else "no GPU"
@@ -271,17 +322,17 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
         gpu_text = "waiting for GPUs"
     where = f"in {rec.workdir}" if rec.workdir else f"in the work tree {rec.cwd}"
     if args.detach:
-        app.out(str(rec.id))
+        app.out(ref)
         env.stderr.write(
             f"job {rec.id} ({safe(rec.name)}) {rec.state} on {spec.alias}, {gpu_text}, {safe(where)}; "
-            f"`remotedl logs -f {rec.id}` to follow\n"
+            f"`remotedl logs -f {ref}` to follow\n"
         )
         return ExitCode.OK
     env.stderr.write(
         f"remotedl: job {rec.id} ({safe(rec.name)}) {rec.state} on {spec.alias}, {gpu_text}; "
         "Ctrl-C detaches\n"
     )
-    return _follow(app, client, rec.id, on_end=lambda ended: _at_end(app, client, rdir, ended, pulls))
+    return _follow(app, client, rec.id, ref, on_end=lambda ended: _at_end(app, client, rdir, ended, pulls))
 
 
 def _notify_urls(app: App) -> list[str]:
@@ -354,12 +405,16 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     if args.action == "show":
-        return _show(App(args, env), args.ids[0] if args.ids else None)
+        return _show(*route(App(args, env), args.ids[0] if args.ids else None))
     if args.action in ("rm", "prune"):
         return _remove(args, env)
     if args.ids:
         raise UsageError(f"unexpected {' '.join(args.ids)}", hint="`remotedl jobs rm ID...` removes jobs")
     app = App(args, env)
+    if app.is_fleet:
+        from remotedl.cli.fleet import jobs_table
+
+        return jobs_table(app, args)
     records = jobs.list_jobs(_client(app), all_jobs=args.all, warn=warner(env))
     if app.json:
         app.print_json([r.to_dict() for r in records])
@@ -402,7 +457,12 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
     if args.action == "rm":
         if not args.ids:
             raise UsageError("name the jobs to remove: `remotedl jobs rm ID...`")
-        ids = _job_ids(args.ids)
+        routed = [app.route_job(w) for w in args.ids]  # HOST:ID, all of one host
+        hosts = {a.hosts[0] if a.hosts else "" for a, _ in routed}
+        if len(hosts) > 1:
+            raise UsageError("jobs rm works on one host at a time", hint="give the ids of one host")
+        app = routed[0][0]
+        ids = _job_ids([ref or "" for _, ref in routed])
     elif args.ids:
         raise UsageError("jobs prune takes no ids", hint="use --older-than AGE, or `jobs rm ID...`")
     older = jobs.parse_age(args.older_than) if args.older_than else 0.0
@@ -516,13 +576,13 @@ def _show(app: App, job: str | None) -> int:
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
-    return _show(App(args, env), args.job)
+    return _show(*route(App(args, env), args.job))
 
 
 def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
-    app = App(args, env)
+    app, args.job = route(App(args, env), args.job)
     client = _client(app)
     rec = jobs.get_job(client, args.job, project=None if args.job else remote_dir(app), warn=warner(env))
     root = app.settings.project.root
@@ -536,13 +596,13 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
 def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
-    app = App(args, env)
+    app, args.job = route(App(args, env), args.job)
     client = _client(app)
     project = None if args.job else remote_dir(app)
     if args.follow:
         rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
         if args.lines is None:
-            return _follow(app, client, rec.id)
+            return _follow(app, client, rec.id, app.job_ref(rec.id))
         args.job, project = str(rec.id), None
     write, flush = _writer(env)
     out_fd = None
@@ -570,20 +630,20 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
 def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
-    app = App(args, env)
+    app, args.job = route(App(args, env), args.job, active=True)
     project = None if args.job else remote_dir(app)
     rec = jobs.kill(_client(app), args.job, grace=args.grace, project=project, warn=warner(env))
     if app.json:
         app.print_json(rec.to_dict())
     else:
-        app.out(f"job {rec.id} ({safe(rec.name)}): {rec.state}")
+        app.out(f"job {app.job_ref(rec.id)} ({safe(rec.name)}): {rec.state}")
     return ExitCode.OK
 
 
 def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
-    app = App(args, env)
+    app, args.job = route(App(args, env), args.job, active=True)
     client = _client(app)
     spec = client.spec
     project = None if args.job else remote_dir(app)

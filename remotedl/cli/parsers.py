@@ -9,6 +9,11 @@ def status(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     pass
 
 
+def top(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes (2)")
+    p.add_argument("--once", action="store_true", help="print one view and exit (with --json: one snapshot)")
+
+
 def config(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     pass
 

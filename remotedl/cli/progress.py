@@ -8,14 +8,14 @@ run beside a long transfer has told that total), the rate and the time left.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from remotedl.env import Environment
 
 if TYPE_CHECKING:
-    from remotedl.rsync import Progress, Stage
+    from remotedl.rsync import Progress, ProgressFn, Stage
 
 
 def size_text(n: int) -> str:
@@ -110,3 +110,61 @@ def progress_bar(env: Environment, enabled: bool = True) -> Iterator[LiveProgres
     live = LiveProgress(env)
     with live.bars:
         yield live
+
+
+class HostBars:
+    """A progress line per host (``fleet_progress``): "gpu1: code", then "gpu1: data/ 40%",
+    then "gpu1: done" or "failed". Every method may be called from any host's thread."""
+
+    def __init__(self, bars: Any = None, hosts: Sequence[str] = ()) -> None:
+        self._bars = bars
+        self._tasks: dict[str, Any] = {}
+        if bars is not None:
+            for host in hosts:
+                self._tasks[host] = bars.add_task(f"{host}: code", total=None, rate="")
+
+    def progress(self, host: str) -> ProgressFn | None:
+        if self._bars is None:
+            return None
+        bars, task = self._bars, self._tasks[host]
+
+        def update(ev: Progress | Stage) -> None:
+            from remotedl.rsync import Stage
+
+            if isinstance(ev, Stage):
+                bars.update(task, description=f"{host}: {ev.text}")
+                return
+            done, total, _ = bar_fields(ev)
+            bars.update(task, description=f"{host}: {ev.label}", completed=done, total=total, rate=ev.rate)
+
+        return update
+
+    def done(self, host: str, ok: bool) -> None:
+        if self._bars is not None and host in self._tasks:
+            word = "done" if ok else "failed"
+            self._bars.update(self._tasks[host], description=f"{host}: {word}", total=1, completed=1, rate="")
+
+
+@contextmanager
+def fleet_progress(env: Environment, hosts: Sequence[str], enabled: bool = True) -> Iterator[HostBars]:
+    """Progress lines for several hosts at once (only on a terminal)."""
+    isatty = getattr(env.stderr, "isatty", lambda: False)()
+    if not (enabled and isatty):
+        yield HostBars()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bars
+
+    bars = Bars(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=Console(file=env.stderr),
+        transient=True,
+    )
+    with bars:
+        yield HostBars(bars, hosts)
+

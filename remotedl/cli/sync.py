@@ -79,6 +79,10 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import sync
 
     app = App(args, env)
+    if app.is_fleet:
+        from remotedl.cli import fleet
+
+        return fleet.push(app, args)
     s = app.settings
     data, excludes, limit = _settings(app, args)
     spec = app.spec()
@@ -289,9 +293,13 @@ def pulled_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
 def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
     """Each path from this project's latest job that has it (``--job``: that job's directory;
     ``--tree``: the shared work tree); data and shared paths live in the work tree."""
-    from remotedl.cli.jobs import _client
+    from remotedl.cli.jobs import _client, route
 
     app = App(args, env)
+    if args.job:
+        app, args.job = app.route_job(args.job)  # --job HOST:ID names the host
+    elif app.is_fleet:
+        app, _ = route(app, None)  # the host of this project's latest job; there, as on one host
     s = app.settings
     client = _client(app)
     results = pull_sources(
