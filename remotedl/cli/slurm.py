@@ -41,6 +41,19 @@ def settings_for(app: App, args: argparse.Namespace | None = None) -> SlurmSetti
     )
 
 
+def refuse_in_fleet(app: App) -> None:
+    """Placement across a fleet is for boxes: Slurm places a cluster's jobs itself."""
+    from remotedl.slurmhost import host_slurm_settings
+
+    clusters = [h for h in app.hosts if host_slurm_settings(app.host_settings(h)) is not None]
+    if clusters:
+        raise UsageError(
+            f"{', '.join(clusters)}: a Slurm host is not placed among a fleet's boxes (Slurm places"
+            " its own jobs)",
+            hint=f"run on it alone: --host {clusters[0]}",
+        )
+
+
 def gpu_count(args: argparse.Namespace) -> int:
     """How many GPUs a run asks Slurm for: --gpus N, none with --cpu, else one. Slurm chooses
     which: --gpu with indices is refused."""
