@@ -224,9 +224,10 @@ def run_checks(
         return report
     _laptop(report, env, spec, settings)
     from remotedl import slurmhost
+    from remotedl.slurm import host_settings
 
     try:
-        slurm = slurmhost.host_slurm_settings(settings)
+        slurm = host_settings(settings)
     except RemotedlError as e:
         report.add("laptop", "slurm settings", "fail", e.message, e.hint or "")
         return report

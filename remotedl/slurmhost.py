@@ -50,38 +50,6 @@ def attach_argv(spec: HostSpec, slurm_id: str) -> list[str]:
     return ssh_argv(spec, login_shell_safe(script), tty=True, batch=False)
 
 
-SETTING_KEYS = ("partition", "account", "qos", "time", "constraint", "sbatch_args", "modules")
-
-
-def host_slurm_settings(settings: Any) -> SlurmSettings | None:
-    """The host's Slurm settings when it is a Slurm login node (``scheduler = "slurm"``), else
-    None; checked here, so a bad value is a config error before anything reaches the host."""
-
-    def get(key: str) -> Any:
-        try:
-            return settings.get(key)
-        except KeyError:  # a setting this version does not know
-            return None
-
-    if get("scheduler") != "slurm":
-        return None
-    return SlurmSettings.from_settings({k: get(k) for k in SETTING_KEYS})
-
-
-def settings_request(s: SlurmSettings) -> dict[str, Any]:
-    """What the agent's start request carries (it checks them again on the login node)."""
-    return {
-        "partition": s.partition,
-        "account": s.account,
-        "qos": s.qos,
-        "time": s.time,
-        "constraint": s.constraint,
-        "sbatch_args": list(s.sbatch_args),
-        "modules": list(s.modules),
-        "gpu_option": s.gpu_option,
-    }
-
-
 # "$1" control dir, "$2" log: where Jupyter listens, whether it answers yet, its token.
 _JUPYTER_LOOK = (
     EXPAND_HOME

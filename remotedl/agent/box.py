@@ -38,13 +38,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from remotedl import gpus as gpumod
-from remotedl import slurm as slurmmod
 from remotedl.errors import RemotedlError
 from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, JobRecord, SchemaError, slurm_words
 from remotedl.waiting import pid_alive as _alive
+
+if TYPE_CHECKING:  # a Slurm login node's code is imported where it is used: box jobs skip it
+    from remotedl import slurm as slurmmod
 
 QUEUE_POLL = 1.0
 START_TIMEOUT = 30.0  # the runner records itself within this, or the start failed
@@ -340,6 +342,8 @@ def is_slurm(r: dict[str, Any]) -> bool:
 
 
 def slurm_ref(r: dict[str, Any]) -> slurmmod.JobRef:
+    from remotedl import slurm as slurmmod
+
     return slurmmod.JobRef(str(r["slurm_id"]), str(r.get("control_dir") or ""), str(r.get("log") or ""))
 
 
@@ -377,9 +381,12 @@ def slurm_changes(r: dict[str, Any], st: slurmmod.SlurmJob) -> dict[str, Any]:
 def refresh_slurm(records: list[dict[str, Any]]) -> None:
     """Ask Slurm about the active Slurm jobs among ``records`` (one scontrol each) and record
     what changed. A controller that does not answer changes nothing."""
-    for r in records:
-        if not (is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")):
-            continue
+    todo = [r for r in records if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
+    if not todo:
+        return
+    from remotedl import slurm as slurmmod
+
+    for r in todo:
         try:
             st = slurmmod.state_here(slurm_ref(r))
         except RemotedlError as e:
@@ -1254,6 +1261,8 @@ def _start_slurm(
 ) -> dict[str, Any]:
     """Record the job, make its checkout, and submit it with sbatch: Slurm picks the node and
     the GPUs, and queues it until they are free. Answers once sbatch has."""
+    from remotedl import slurm as slurmmod
+
     try:
         settings = slurmmod.SlurmSettings.from_settings(req.get("slurm") or {})
     except RemotedlError as e:
@@ -1584,6 +1593,8 @@ def _ended_words(rec: dict[str, Any]) -> str:
 
 def _kill_slurm(rec: dict[str, Any], grace: float) -> dict[str, Any]:
     """scancel, then wait until Slurm says the job ended (KillWait may be 30 s or more)."""
+    from remotedl import slurm as slurmmod
+
     job_id = int(rec["id"])
     if not rec.get("slurm_id"):
         raise AgentError(

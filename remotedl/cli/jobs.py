@@ -240,7 +240,6 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     from remotedl import gpus as gpumod
     from remotedl import jobs, sync
     from remotedl.cli import slurm as slurmcli
-    from remotedl.slurmhost import settings_request
 
     env = app.env
     s = app.settings
@@ -317,7 +316,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 host_alias=spec.alias,
                 stall_after=stall_after,
                 warn=warn,
-                slurm=settings_request(slurm) if slurm is not None else None,
+                slurm=slurmcli.request(slurm) if slurm is not None else None,
             )
             break
         except jobs.EnvOutOfDate as e:

@@ -20,9 +20,7 @@ SLURM_FLAGS = ("time", "partition", "sbatch_arg")
 def settings_for(app: App, args: argparse.Namespace | None = None) -> SlurmSettings | None:
     """The host's Slurm settings with the command's --time/--partition/--sbatch-arg, or None
     for a host that is not a Slurm login node (where those flags are refused)."""
-    from remotedl.slurmhost import host_slurm_settings
-
-    s = host_slurm_settings(app.settings)
+    s = host_settings(app.settings)
     given = [f for f in SLURM_FLAGS if args is not None and getattr(args, f, None)]
     if s is None:
         if given:
@@ -41,11 +39,27 @@ def settings_for(app: App, args: argparse.Namespace | None = None) -> SlurmSetti
     )
 
 
+def host_settings(settings: Any) -> SlurmSettings | None:
+    """The host's Slurm settings, or None; remotedl.slurm is imported only for a Slurm host."""
+    try:
+        if settings.get("scheduler") != "slurm":
+            return None
+    except KeyError:
+        return None
+    from remotedl.slurm import host_settings as of_host
+
+    return of_host(settings)
+
+
+def request(s: SlurmSettings) -> dict[str, Any]:
+    from remotedl.slurm import settings_request
+
+    return settings_request(s)
+
+
 def refuse_in_fleet(app: App) -> None:
     """Placement across a fleet is for boxes: Slurm places a cluster's jobs itself."""
-    from remotedl.slurmhost import host_slurm_settings
-
-    clusters = [h for h in app.hosts if host_slurm_settings(app.host_settings(h)) is not None]
+    clusters = [h for h in app.hosts if host_settings(app.host_settings(h)) is not None]
     if clusters:
         raise UsageError(
             f"{', '.join(clusters)}: a Slurm host is not placed among a fleet's boxes (Slurm places"
@@ -157,7 +171,8 @@ def jupyter(app: App, args: argparse.Namespace, slurm: SlurmSettings) -> int:
     from remotedl.cli.statusline import status_line
     from remotedl.cli.sync import remote_dir
     from remotedl.cli.tunnel import _foreground
-    from remotedl.slurmhost import find_or_start_jupyter, settings_request, stop_jupyter
+    from remotedl.slurm import settings_request
+    from remotedl.slurmhost import find_or_start_jupyter, stop_jupyter
 
     if args.background or args.colab:
         which = "--background" if args.background else "--colab"
