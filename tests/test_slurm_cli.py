@@ -108,6 +108,10 @@ def test_run_submits_and_follows_to_the_end_with_the_exit_status(proj):
     assert rec["scheduler"] == "slurm" and str(rec["workdir"]).endswith(f"/.remotedl/jobs/{job}")
     table = proj("jobs").out
     assert re.search(rf"^{job}\s+train\.sh\s+FAILED \(exit 3\)\s+[01]\s+3\s", table, re.M), table
+    shown = proj("show", str(job)).out
+    assert re.search(
+        rf"status\s+FAILED \(exit 3\)\n.*\n\s+Slurm job\s+{rec['slurm_id']} on localhost, ", shown
+    ), shown
 
 
 def test_gpu_index_refused_and_slurm_flags_only_for_slurm_hosts(proj, slurm_box):

@@ -567,6 +567,9 @@ def _show(app: App, job: str | None) -> int:
         ("GPUs", ",".join(map(str, rec.gpus)) or "none (CPU)"),
         ("command", rec.command),
     ]
+    if rec.scheduler == "slurm":
+        on = f" on {rec.node}" if rec.node else ""
+        rows.insert(2, ("Slurm job", f"{rec.slurm_id or '(being submitted)'}{on}, {rec.control_dir or '?'}"))
     if rec.git_commit:
         commit = rec.git_commit[:12]
         if rec.snapshot:
