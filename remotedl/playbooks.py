@@ -646,8 +646,8 @@ class _ProcSocket:
 
 
 def login_prover(box: Box) -> Prove:
-    """Prove that a fresh login works on ``port`` of the box: a second SSH login (paramiko, in
-    this process), carried by ``ssh -W`` over the open connection to 127.0.0.1:port, with the
+    """Prove that a fresh login works on ``port`` of the box: a second SSH login (fabric over
+    paramiko, in this process), carried by ``ssh -W`` over the open connection to 127.0.0.1:port, with the
     same user and key, and the box's recorded host key required. The server there must show
     ``remotedl-proof NONCE`` in its Banner: only the test server the step started knows it,
     so a login that reached another server (the old sshd, on a port the test server could
@@ -657,13 +657,32 @@ def login_prover(box: Box) -> Prove:
         import base64
 
         import paramiko
+        from fabric import Config, Connection
 
         from remotedl.ssh.hostkeys import known_keys
         from remotedl.ssh.openssh import openssh_options
 
         spec = box.spec
         sock = _ProcSocket(["ssh", *openssh_options(spec), "-W", f"127.0.0.1:{port}", "--", spec.alias])
-        client = paramiko.SSHClient()
+        key_files = [p for p in spec.identity_files if Path(p).is_file()]
+        # fabric's Connection over our socket: no ssh config of its own (ours is resolved),
+        # and its silent AutoAddPolicy replaced: only the box's recorded key is accepted.
+        conn = Connection(
+            host=spec.hostname,
+            user=spec.user,
+            port=spec.port,
+            config=Config(ssh_config=paramiko.SSHConfig()),
+            connect_timeout=spec.connect_timeout,
+            connect_kwargs={
+                "key_filename": key_files,
+                "look_for_keys": False,
+                "allow_agent": not spec.identities_only,
+                "sock": sock,
+                "banner_timeout": spec.connect_timeout,
+                "auth_timeout": spec.connect_timeout,
+            },
+        )
+        client: paramiko.SSHClient = conn.client
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         lookup = spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}"
         for k in known_keys(spec):
@@ -672,20 +691,8 @@ def login_prover(box: Box) -> Prove:
             except Exception:  # noqa: S112 - a key type paramiko lacks: try the others
                 continue
             client.get_host_keys().add(lookup, k.key_type, key)
-        key_files = [p for p in spec.identity_files if Path(p).is_file()]
         try:
-            client.connect(
-                spec.hostname,
-                port=spec.port,
-                username=spec.user,
-                key_filename=key_files,  # type: ignore[arg-type]  # paramiko takes a list too
-                look_for_keys=False,
-                allow_agent=not spec.identities_only,
-                sock=sock,  # type: ignore[arg-type]  # socket-like, as paramiko's ProxyCommand
-                timeout=spec.connect_timeout,
-                banner_timeout=spec.connect_timeout,
-                auth_timeout=spec.connect_timeout,
-            )
+            conn.open()
             transport = client.get_transport()
             banner = (transport.get_banner() if transport is not None else None) or b""
             if f"remotedl-proof {nonce}".encode() not in banner:
@@ -693,8 +700,10 @@ def login_prover(box: Box) -> Prove:
                     f"the server on 127.0.0.1:{port} is not the test server this step started: "
                     "its banner lacks this run's nonce"
                 )
-            _, stdout, _ = client.exec_command("echo remotedl-login-ok", timeout=spec.connect_timeout)
-            if stdout.read().strip() != b"remotedl-login-ok":
+            r = conn.run(
+                "echo remotedl-login-ok", hide=True, warn=True, in_stream=False, timeout=spec.connect_timeout
+            )
+            if r.stdout.strip() != "remotedl-login-ok":
                 return "the login did not run a command"
             return None
         except paramiko.BadHostKeyException:
@@ -704,7 +713,7 @@ def login_prover(box: Box) -> Prove:
         except Exception as e:
             return f"{type(e).__name__}: {e}"
         finally:
-            client.close()
+            conn.close()
             sock.close()
 
     return prove

@@ -20,6 +20,7 @@ from remotedl.cli import main
 from remotedl.errors import ConnectError, ExitCode, RemotedlError
 from remotedl.fleet import run_on_hosts
 from tests.conftest import Box, CliResult, make_env, retry_until
+from tests.terminal import terminal
 
 GPUS = {"f1": 1, "f2": 2, "f3": 3}
 
@@ -219,43 +220,33 @@ def test_top_in_a_terminal_shows_every_box_and_leaves_cleanly(fleet, proj, tmp_p
     fleet.gpu_state("f2", gpus=[dict(g, utilization=73) for g in sandbox.fake_gpus(2)["gpus"]])  # type: ignore[union-attr]
     r = fleet.run("run", "--detach", "--gpu", "0", "--host", "f1", "hold.sh", cwd=proj)
     assert r.code == 0, r.err
-    sock = str(tmp_path / "laptop-tmux")
     env = fleet.environ()
-    env.pop("TMUX", None)
     # After top: the shell's terminal settings and a marker, so the test sees top left and
     # gave the terminal back as it found it (echo and canonical mode on).
     cmd = (
-        f"cd {proj} && stty -a > {tmp_path}/before; {sys.executable} -m remotedl top --interval 0.5 "
-        f'--host {fleet.names}; echo "top exited $?"; stty -a > {tmp_path}/after; sleep 60'
+        f"cd {proj} && stty -g > {tmp_path}/before; {sys.executable} -m remotedl top --interval 0.5 "
+        f'--host {fleet.names}; echo "top exited $?"; stty -g > {tmp_path}/after; sleep 60'
     )
-    subprocess.run(
-        ["tmux", "-S", sock, "new-session", "-d", "-x", "150", "-y", "40", cmd], env=env, check=True
-    )
-
-    def screen() -> str:
-        return subprocess.run(
-            ["tmux", "-S", sock, "capture-pane", "-p"], capture_output=True, text=True
-        ).stdout
-
     try:
-        assert retry_until(lambda: "3/3 boxes live" in screen(), seconds=30), screen()
-        shown = screen()
-        for name, count in GPUS.items():
-            for index in range(count):
-                assert has_row(shown, name, str(index)), shown
-        assert "73%" in shown
-        assert "hold.sh" in shown  # the running job
-        assert "q or Ctrl-C quits" in shown
-        # it refreshes: new samples from the same streams (the job's age counts up)
-        assert retry_until(lambda: screen() != shown, seconds=20)
-        subprocess.run(["tmux", "-S", sock, "send-keys", "q"], check=True)
-        assert retry_until(lambda: "top exited 0" in screen(), seconds=20), screen()
-        after = screen()
-        assert "remotedl top" not in after  # the alternate screen is gone
-        assert retry_until((tmp_path / "after").exists, seconds=10)
-        assert (tmp_path / "after").read_text() == (tmp_path / "before").read_text()
+        with terminal(cmd, tmp_path / "laptop-tmux", env=env, width=150, height=40) as term:
+            screen = term.screen
+            assert retry_until(lambda: "3/3 boxes live" in screen(), seconds=30), screen()
+            shown = screen()
+            for name, count in GPUS.items():
+                for index in range(count):
+                    assert has_row(shown, name, str(index)), shown
+            assert "73%" in shown
+            assert "hold.sh" in shown  # the running job
+            assert "q or Ctrl-C quits" in shown
+            # it refreshes: new samples from the same streams (the job's age counts up)
+            assert retry_until(lambda: screen() != shown, seconds=20)
+            term.type("q")
+            assert retry_until(lambda: "top exited 0" in screen(), seconds=20), screen()
+            after = screen()
+            assert "remotedl top" not in after  # the alternate screen is gone
+            assert retry_until((tmp_path / "after").exists, seconds=10)
+            assert (tmp_path / "after").read_text() == (tmp_path / "before").read_text()
     finally:
-        subprocess.run(["tmux", "-S", sock, "kill-server"], check=False)
         fleet.kill_all_jobs(proj)
 
 

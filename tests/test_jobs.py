@@ -18,6 +18,7 @@ from remotedl import jobs
 from remotedl.agent.client import AgentClient
 from remotedl.ssh import resolve_host
 from tests.conftest import cli_for, make_env, retry_until, tmux_dir
+from tests.terminal import terminal
 
 
 @pytest.fixture
@@ -638,28 +639,17 @@ def test_attach_shows_the_job_in_a_terminal(box, proj, tmp_path):
     script(proj, "chatty.sh", 'i=0; while true; do i=$((i+1)); echo "chat $i"; sleep 0.2; done\n')
     run = cli_for(box, tmp_path / "laptop")
     job_id = run("run", "--detach", "--cpu", "chatty.sh", cwd=proj).out.strip()
-    sock = str(tmp_path / "local-tmux")
     env = {
         **os.environ,
         **make_env(tmp_path / "laptop").environ,
         "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
         "REMOTEDL_HOST": box.name,
     }
-    env.pop("TMUX", None)
     cmd = f"cd {proj} && {sys.executable} -m remotedl attach {job_id}"
-    subprocess.run(
-        ["tmux", "-S", sock, "new-session", "-d", "-x", "120", "-y", "30", cmd], env=env, check=True
-    )
     try:
-
-        def screen() -> str:
-            return subprocess.run(
-                ["tmux", "-S", sock, "capture-pane", "-p"], capture_output=True, text=True
-            ).stdout
-
-        assert retry_until(lambda: "chat " in screen(), seconds=15), screen()
+        with terminal(cmd, tmp_path / "local-tmux", env=env) as term:
+            assert retry_until(lambda: "chat " in term.screen(), seconds=15), term.screen()
     finally:
-        subprocess.run(["tmux", "-S", sock, "kill-server"], check=False)
         run("kill", job_id, cwd=proj)
 
 

@@ -1,7 +1,7 @@
 import json
 import sys
 
-if sys.version_info < (3, 10):  # libtmux, shipped with the agent, needs 3.10
+if sys.version_info < (3, 10):  # the agent's code uses 3.10's typing (X | Y at run time)
     major, minor = sys.version_info[:2]
     print(
         json.dumps(

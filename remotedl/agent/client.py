@@ -1,6 +1,6 @@
 """Laptop side of the box agent: build it, install it when its version is missing, call it.
 
-The agent is remotedl's own code (plus libtmux) that runs on the box under the box's python3,
+The agent is remotedl's own code (standard library only) that runs on the box under the box's python3,
 unpacked once per version under ``~/.remotedl/agent/<digest>/``. A request is one JSON object
 sent on stdin through the framed channel (never in argv: it can hold ``--env`` values); the
 answer is one JSON object on stdout, type-checked here before anything uses it.
@@ -49,7 +49,7 @@ class Agent:
 
 _CACHE: Agent | None = None
 
-# The modules of remotedl that run on the box (standard library only, but for libtmux).
+# The modules of remotedl that run on the box (standard library only).
 AGENT_MODULES = (
     "gpus.py",
     "waiting.py",
@@ -69,21 +69,12 @@ def build_agent() -> Agent:
     global _CACHE
     if _CACHE is not None:
         return _CACHE
-    import importlib.util
-
     pkg = Path(__file__).resolve().parent.parent
     files: list[tuple[str, Path]] = [
         ("__main__.py", pkg / "agent" / "__main__.py"),
         ("remotedl/__init__.py", pkg / "agent" / "__init__.py"),
         *[(f"remotedl/{m}", pkg / m) for m in AGENT_MODULES],
     ]
-    spec = importlib.util.find_spec("libtmux")  # found, not imported
-    if spec is None or spec.origin is None:
-        raise RemotedlError("libtmux is not installed here; reinstall remotedl")
-    tmux_root = Path(spec.origin).parent
-    for path in sorted(tmux_root.rglob("*.py")):
-        if "__pycache__" not in path.parts:
-            files.append((f"libtmux/{path.relative_to(tmux_root).as_posix()}", path))
     digest = hashlib.sha256()
     for arc, path in files:
         digest.update(arc.encode() + b"\0" + path.read_bytes() + b"\0")

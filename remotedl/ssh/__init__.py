@@ -4,8 +4,9 @@
 OpenSSH carries everything: commands, git, rsync, tunnels, ``attach``, ``trust``. It reaches
 the box exactly as the user's ``ssh`` does (all ProxyJump hops, ProxyCommand, HostKeyAlias,
 Match, Include), shares one master connection per host across calls, and moves bulk data many
-times faster than paramiko. paramiko remains for what needs an SSH client inside the process:
-the second login of ``ssh-hardening``'s proof (see ``remotedl.playbooks``).
+times faster than paramiko. fabric (on paramiko) remains for what needs an SSH client inside
+the process: the second login of ``ssh-hardening``'s proof, which must read the candidate
+server's banner and check its host key itself (see ``remotedl.playbooks``).
 """
 
 from __future__ import annotations
