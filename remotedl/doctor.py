@@ -223,6 +223,15 @@ def run_checks(
         report.add("laptop", "ssh config", "fail", e.message, e.hint or "")
         return report
     _laptop(report, env, spec, settings)
+    from remotedl import slurmhost
+    from remotedl.slurm import host_settings
+
+    try:
+        slurm = host_settings(settings)
+    except RemotedlError as e:
+        report.add("laptop", "slurm settings", "fail", e.message, e.hint or "")
+        return report
+    slurm_checks: list[slurmhost.SlurmCheck] = []
     try:
         with open_box(spec) as box:
             box.run("true")  # connect now, to report reachability on its own
@@ -247,15 +256,18 @@ def run_checks(
             conda = str(settings.get("conda") or "")
             setup = str(settings.get("env_setup") or "")
             fw_out = box.run(_FRAMEWORKS, remote_dir, _PROBE, conda, setup, _IN_JOB_ENV, check=False).stdout
+            if slurm is not None:
+                slurm_checks = slurmhost.doctor_checks(box, slurm)
     except RemotedlError as e:
         name = "host key" if "host key" in e.message else "reachable"
         report.add("box", name, "fail", e.message, e.hint or "")
         return report
-    missing = [t for t in ("git", "rsync", "tmux", "python3") if not st.tools.get(t)]
+    tools = ("git", "rsync", "python3") if slurm is not None else ("git", "rsync", "tmux", "python3")
+    missing = [t for t in tools if not st.tools.get(t)]
     if missing:
         report.add("box", "tools", "fail", f"missing: {', '.join(missing)}", "remotedl setup base")
     else:
-        report.add("box", "tools", "ok", "git, rsync, tmux, python3")
+        report.add("box", "tools", "ok", ", ".join(tools))
     _environment(report, parse_marks(fw_out), settings)
     if st.disk:
         gib = st.disk.free_bytes / 2**30
@@ -267,6 +279,16 @@ def run_checks(
             f"{gib:.1f} GiB free at {st.disk.path}",
             "free some space: checkpoints and datasets fill disks" if low else "",
         )
+    if slurm is not None:
+        for c in slurm_checks:
+            report.add("slurm", c.name, c.status, c.detail, c.fix)
+        report.add(
+            "box",
+            "GPUs",
+            "skip",
+            "a Slurm login node: the GPUs are on the compute nodes (`remotedl status` lists them)",
+        )
+        return report
     if st.nvidia_error:
         report.add(
             "box",

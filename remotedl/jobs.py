@@ -158,11 +158,16 @@ def start(
     host_alias: str | None = None,
     stall_after: float | None = None,
     warn: Warn | None = None,
+    slurm: Mapping[str, Any] | None = None,
 ) -> JobRecord:
     """Start a job; it runs in its own checkout of ``git_commit`` (``None``: the box tree's
     HEAD) under ``remote_dir`` unless ``isolate`` is off. Answers once the job's runner
     recorded itself on the box. Raises ``EnvOutOfDate`` (nothing started) when ``env_check``
-    finds the project's requirements changed since the environment was synced."""
+    finds the project's requirements changed since the environment was synced.
+
+    ``slurm`` (the host's Slurm settings: partition, account, qos, time, constraint,
+    sbatch_args, modules) makes the box a Slurm login node: the job is submitted with sbatch
+    (``count`` GPUs, Slurm picks them) and the record carries its Slurm id."""
     request = {
         "op": "start",
         "command": command,
@@ -188,6 +193,9 @@ def start(
         "host_alias": host_alias,
         "stall_after": stall_after,
     }
+    if slurm is not None:
+        request["scheduler"] = "slurm"
+        request["slurm"] = dict(slurm)
     answer = client.call(request)
     _warnings(answer, warn)
     plan = answer.get("envsync")
@@ -463,13 +471,26 @@ def stream_logs(
     project: str | None = None,
     warn: Warn | None = None,
     out_fd: int | None = None,
+    on_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> JobRecord:
     """Copy the job's log to ``write``. Not following, with ``out_fd`` (where ``write`` goes,
     flushed), the bytes after the first chunk move to it in the kernel. Following, a dropped
     connection is re-made and the log resumes at the byte offset reached: no byte lost, none
     repeated. Each outage may last ``reconnect_for`` seconds: the window starts again after
-    every successful reconnect."""
+    every successful reconnect. ``on_state`` hears a Slurm job's state as it changes (e.g.
+    ``{"state": "PENDING (Resources)", ...}`` while it waits), as the agent says it."""
     spec = client.spec
+    on_line = None
+    if on_state is not None:
+        listener = on_state
+
+        def on_line(line: str) -> None:
+            if line.startswith("@@remotedl-state "):
+                with contextlib.suppress(ValueError):
+                    note = json.loads(line[len("@@remotedl-state ") :])
+                    if isinstance(note, dict):
+                        listener(note)
+
     st = state or LogState()
     down_since: float | None = None
     while True:
@@ -482,7 +503,7 @@ def stream_logs(
         }
         if st.job_id is None and lines is not None:
             request["lines"] = lines
-        p = client.stream(request)
+        p = client.stream(request, on_line=on_line)
         got_start = False
         framed = True
         try:
@@ -570,6 +591,19 @@ def _wait_for(lines: list[str], key: str, seconds: float) -> None:
 
 
 def attach_argv(spec: HostSpec, record: JobRecord) -> list[str]:
+    """ssh with a terminal into the job: its tmux session, or on a Slurm login node an
+    interactive shell in its allocation (``srun --overlap --pty``)."""
+    if record.scheduler == "slurm":
+        from remotedl.slurmhost import attach_argv as slurm_attach
+
+        if not record.slurm_id or record.status != "running":
+            raise UsageError(
+                f"job {record.id} is {record.state}: there is no allocation to attach to yet"
+                if record.status == "queued"
+                else f"job {record.id} is {record.state}: nothing to attach to",
+                hint=f"`remotedl logs -f {record.id}` follows it",
+            )
+        return slurm_attach(spec, record.slurm_id)
     if not record.session.replace("-", "").isalnum():
         raise RemoteError(f"job {record.id} has an odd tmux session name: {record.session!r}")
     return ssh_argv(

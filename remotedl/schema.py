@@ -89,6 +89,13 @@ class JobRecord:
     stalls: int = 0  # how many times it stalled
     events_sent: list[str] = field(default_factory=list)  # events whose notification went out
     event_claims: dict[str, Any] = field(default_factory=dict)  # event -> pid sending it now
+    # A Slurm login node's jobs (scheduler "slurm"): a batch job; its state is Slurm's.
+    scheduler: str = "box"  # box (tmux on the box) or slurm (sbatch on a login node)
+    slurm_id: str | None = None
+    slurm_state: str | None = None  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT...
+    slurm_reason: str | None = None  # why it waits: Resources, Priority...
+    node: str | None = None  # the node(s) it runs on, as Slurm names them
+    control_dir: str | None = None  # the batch script and its records, on the shared filesystem
 
     @classmethod
     def from_dict(cls, data: Any) -> JobRecord:
@@ -128,12 +135,28 @@ class JobRecord:
 
     @property
     def state(self) -> str:
-        """The status in words: ``failed (exit 3)``; the others as they are."""
+        """The status in words: ``failed (exit 3)``; the others as they are. A Slurm job's in
+        Slurm's words: ``PENDING (Resources)``, ``RUNNING on node1``, ``FAILED (exit 3)``."""
+        if self.scheduler == "slurm" and self.slurm_state:
+            return slurm_words(self.slurm_state, self.slurm_reason, self.node, self.exit_code)
         if self.status == "failed" and self.exit_code is not None:
             return f"failed (exit {self.exit_code})"
         if self.status == "running" and self.stalled:
             return "stalled"
         return self.status
+
+
+def slurm_words(state: str, reason: str | None, node: str | None, exit_code: int | None) -> str:
+    """A Slurm job's state as ``jobs`` shows it."""
+    if state in ("PENDING", "CONFIGURING", "REQUEUED") and reason and reason != "None":
+        return f"{state} ({reason})"
+    if state in ("RUNNING", "COMPLETING") and node:
+        return f"{state} on {node}"
+    if state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") and exit_code:
+        return f"{state} (exit {exit_code})"
+    if state == "UNKNOWN" and reason:
+        return f"UNKNOWN ({reason})"
+    return state
 
 
 def job_holders(records: list[JobRecord]) -> dict[int, str]:

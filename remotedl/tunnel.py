@@ -26,25 +26,49 @@ from remotedl.ssh import HostSpec, openssh_failure, ssh_argv
 BACKOFF_CAP = 3.0  # seconds: with ~1 s to connect, a box that is back is reached within 10 s
 
 
+# A host name with a letter in it (a node name like gpu-a12), or an IPv4 address.
+_TARGET = re.compile(r"^(?:(?=[^:]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9._-]*|\d{1,3}(?:\.\d{1,3}){3})$")
+
+
 @dataclass(frozen=True)
 class Forward:
     local: int
     remote: int
+    # Where the box connects to: itself, or a machine it reaches (a Slurm job's compute node,
+    # as Slurm names it: the login node resolves the name).
+    target: str = "127.0.0.1"
 
     @classmethod
     def parse(cls, text: str) -> Forward:
-        local, _, remote = text.partition(":")
+        parts = text.split(":")
+        target = "127.0.0.1"
+        if len(parts) == 3:
+            target = parts.pop(1)
+            if not _TARGET.match(target):
+                raise UsageError(f"'{target}' in '{text}' is not a host name")
+        local, remote = parts[0], parts[1] if len(parts) > 1 else ""
+        usage = f"'{text}' is not PORT or LOCAL:REMOTE (e.g. 8888 or 8889:8888; or LOCAL:HOST:REMOTE)"
+        if len(parts) > 2:
+            raise UsageError(usage)
         try:
             lp, rp = int(local), int(remote or local)
         except ValueError:
-            raise UsageError(f"'{text}' is not PORT or LOCAL:REMOTE (e.g. 8888 or 8889:8888)") from None
+            raise UsageError(usage) from None
         for p in (lp, rp):
             if not 0 < p < 65536:
                 raise UsageError(f"port {p} is out of range (1-65535)")
-        return cls(lp, rp)
+        return cls(lp, rp, target)
 
     def __str__(self) -> str:
+        if self.target != "127.0.0.1":
+            return f"127.0.0.1:{self.local} -> {self.target}:{self.remote} (through the box)"
         return f"127.0.0.1:{self.local} -> box 127.0.0.1:{self.remote}"
+
+    def spec(self) -> str:
+        """As ``parse`` reads it back (for a background tunnel's supervisor)."""
+        if self.target != "127.0.0.1":
+            return f"{self.local}:{self.target}:{self.remote}"
+        return f"{self.local}:{self.remote}"
 
 
 @dataclass
@@ -190,7 +214,9 @@ class Tunnel:
             "-o", "LogLevel=DEBUG1",  # how we learn that forwards listen, and which ones fail
         ]  # fmt: skip
         for f in self.forwards:
-            extra += ["-L", f"127.0.0.1:{f.local}:127.0.0.1:{f.remote}"]
+            if not _TARGET.match(f.target):
+                raise UsageError(f"'{f.target}' is not a host name")
+            extra += ["-L", f"127.0.0.1:{f.local}:{f.target}:{f.remote}"]
         return ssh_argv(self.spec, multiplex=False, extra=extra)
 
     def bytes_moved(self) -> int | None:

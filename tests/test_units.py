@@ -55,7 +55,10 @@ def test_gpu_spec_and_free_choice():
 def test_forward_parse():
     assert Forward.parse("8888") == Forward(8888, 8888)
     assert Forward.parse("8889:8888") == Forward(8889, 8888)
-    for bad in ("x", "0", "70000", "1:2:3", ""):
+    assert Forward.parse("8889:gpu-node12:34567") == Forward(8889, 34567, "gpu-node12")
+    assert Forward.parse("8889:10.1.2.3:80").target == "10.1.2.3"
+    assert Forward.parse(Forward(1, 2, "n1").spec()) == Forward(1, 2, "n1")
+    for bad in ("x", "0", "70000", "1:2:3", "", "1:-oProxyCommand=x:2", "1:a b:2", "1:h:2:3"):
         with pytest.raises(UsageError):
             Forward.parse(bad)
 

@@ -12,6 +12,11 @@ out other commits in ``remote_dir``; a job's own files never change under it.
 A job is started by this agent (status ``starting``, the starter's pid recorded), runs under a
 runner process in a tmux session of its own (the runner records its pid, then the job's process
 group), and is ``lost`` only when none of them is alive any more, or the box rebooted.
+
+On a Slurm login node (requests with ``scheduler: "slurm"``) the same records and checkouts
+serve a second backend: the job is a Slurm batch job (``remotedl.slurm``), its control directory
+and log under ``<remote_dir>/.remotedl/slurm/<id>/`` on the shared filesystem, and its status is
+Slurm's (scontrol, sacct, or what its batch script recorded), read whenever records are.
 """
 
 from __future__ import annotations
@@ -33,16 +38,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from remotedl import gpus as gpumod
-from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, JobRecord, SchemaError
+from remotedl.errors import RemotedlError
+from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, JobRecord, SchemaError, slurm_words
 from remotedl.waiting import pid_alive as _alive
+
+if TYPE_CHECKING:  # a Slurm login node's code is imported where it is used: box jobs skip it
+    from remotedl import slurm as slurmmod
 
 QUEUE_POLL = 1.0
 START_TIMEOUT = 30.0  # the runner records itself within this, or the start failed
 TMUX_MIN = (3, 0)  # new-session with the command as separate words: no shell in between
 JOB_DIRS = (".remotedl", "jobs")  # under remote_dir
+SLURM_DIRS = (".remotedl", "slurm")  # under remote_dir: a Slurm job's control dir and log
+SLURM_POLL = 2.0  # seconds between Slurm state checks while following a log (an RPC each)
 # Never part of the project's commits; excluded so they never block a push.
 EXCLUDES = ("/.remotedl/", "/.venv/")
 ENV_FILES = ("environment.yml", "uv.lock", "pyproject.toml", "requirements.txt")
@@ -308,6 +319,13 @@ def runner_alive(r: dict[str, Any]) -> bool:
 
 def _gone(r: dict[str, Any], boot: str | None) -> bool:
     """Nothing of an active job is alive any more: not its starter, runner or processes."""
+    if is_slurm(r):
+        # Slurm says how it is (refresh_slurm); only a submission that died before sbatch
+        # answered has nothing to ask about.
+        if r.get("slurm_id"):
+            return False
+        created = float(r.get("created") or 0)
+        return not (_alive(r.get("starter_pid")) and time.time() - created < START_TIMEOUT + 120)
     if boot and r.get("boot_id") and r["boot_id"] != boot:
         return True  # the box rebooted since
     if not r.get("runner_pid") and _alive(r.get("starter_pid")):
@@ -317,6 +335,84 @@ def _gone(r: dict[str, Any], boot: str | None) -> bool:
     if runner_alive(r):
         return False
     return not (r.get("pgid") and group_alive(int(r["pgid"])))
+
+
+def is_slurm(r: dict[str, Any]) -> bool:
+    return r.get("scheduler") == "slurm"
+
+
+def slurm_ref(r: dict[str, Any]) -> slurmmod.JobRef:
+    from remotedl import slurm as slurmmod
+
+    return slurmmod.JobRef(str(r["slurm_id"]), str(r.get("control_dir") or ""), str(r.get("log") or ""))
+
+
+def _epoch(iso: str | None) -> float | None:
+    """Slurm's local time stamp (``2026-11-23T11:06:23``) as seconds since the epoch."""
+    if not iso:
+        return None
+    try:
+        return time.mktime(time.strptime(iso, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def slurm_changes(r: dict[str, Any], st: slurmmod.SlurmJob) -> dict[str, Any]:
+    """What a Slurm job's state changes in its record."""
+    changes: dict[str, Any] = {
+        "status": st.status,
+        "slurm_state": st.state,
+        "slurm_reason": st.reason or None,
+    }
+    if st.nodes:
+        changes["node"] = st.nodes
+    if st.gpu_indices:
+        changes["gpus"] = st.gpu_indices
+    if st.start and not r.get("started") and st.state not in ("PENDING", "CONFIGURING"):
+        changes["started"] = _epoch(st.start) or time.time()
+    if st.ended:
+        changes["exit_code"] = st.exit_code
+        changes["ended"] = r.get("ended") or _epoch(st.end) or time.time()
+        if st.status == "lost" and not r.get("error"):
+            changes["error"] = st.reason or "Slurm no longer knows it"
+    return {k: v for k, v in changes.items() if r.get(k) != v}
+
+
+def refresh_slurm(records: list[dict[str, Any]]) -> None:
+    """Ask Slurm about the active Slurm jobs among ``records`` (one scontrol each) and record
+    what changed. A controller that does not answer changes nothing."""
+    todo = [r for r in records if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
+    if not todo:
+        return
+    from remotedl import slurm as slurmmod
+
+    for r in todo:
+        try:
+            st = slurmmod.state_here(slurm_ref(r))
+        except RemotedlError as e:
+            warn(f"job {r.get('id')}: {e}")
+            continue
+        if not st.known or not slurm_changes(r, st):
+            continue
+        with box_lock():
+            try:
+                fresh = load(int(r["id"]))
+            except AgentError:
+                continue
+            if fresh["status"] in ACTIVE:
+                changes = slurm_changes(fresh, st)
+                if changes:
+                    fresh.update(changes)
+                    if st.ended and kill_marker(int(fresh["id"])).exists():
+                        fresh["status"] = "killed"  # remotedl kill asked for its end
+                    save(fresh)
+                    if fresh["status"] not in ACTIVE:
+                        ended_elsewhere(int(fresh["id"]), fresh["status"])
+            r.clear()
+            r.update(fresh)
+        if st.ended:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(str(r.get("control_dir") or ""), "env"))
 
 
 def remove_env_file(job_id: int) -> None:
@@ -335,7 +431,8 @@ def ended_elsewhere(job_id: int, status: str) -> None:
 
 def refresh(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mark active jobs that nothing keeps alive any more as lost (or killed, when asked to),
-    under the lock, after reading each record afresh."""
+    under the lock, after reading each record afresh. Slurm jobs take Slurm's state."""
+    refresh_slurm(records)
     boot = _boot_id()
     suspects = [r for r in records if r["status"] in ACTIVE and _gone(r, boot)]
     if not suspects:
@@ -659,6 +756,18 @@ def _own_job_dir(rec: dict[str, Any]) -> Path | None:
         return None
     p = Path(wd)
     if p.name != str(rec["id"]) or os.path.realpath(p.parent) != os.path.realpath(job_dirs_of(rdir)):
+        return None
+    return p
+
+
+def _own_control_dir(rec: dict[str, Any]) -> Path | None:
+    """A Slurm job's control directory (and log), if it is where they are made."""
+    ctl, rdir = rec.get("control_dir"), rec.get("remote_dir")
+    if not is_slurm(rec) or not ctl or not rdir:
+        return None
+    p = Path(str(ctl))
+    home = os.path.realpath(Path(str(rdir)).joinpath(*SLURM_DIRS))
+    if p.name != str(rec["id"]) or os.path.realpath(p.parent) != home:
         return None
     return p
 
@@ -1042,7 +1151,9 @@ def _wait_started(job_id: int) -> dict[str, Any]:
 
 def op_start(req: dict[str, Any]) -> dict[str, Any]:
     rdir = _work_tree(req)
-    check_tmux()
+    slurm = req.get("scheduler") == "slurm"
+    if not slurm:
+        check_tmux()
     data = [str(d) for d in req.get("data") or []]
     shared = [str(s) for s in req.get("shared") or []]
     links = [x for x in (_clean_rel(p) for p in data + shared) if x]
@@ -1069,6 +1180,8 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
         plan = env_plan(rdir, spec)
         if plan is not None and not env_in_sync(rdir, plan, spec):
             return {"envsync": plan}
+    if slurm:
+        return _start_slurm(req, rdir, isolate=isolate, commit=commit, data=data, shared=shared, spec=spec)
     with box_lock():
         records = refresh(all_records())
         chosen = choose_gpus(req, records)
@@ -1133,6 +1246,105 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
         error = e if isinstance(e, AgentError) else AgentError(f"could not start the job: {e}")
         _fail_start(job_id, str(error))
         raise error from None
+    return {"job": rec}
+
+
+def _start_slurm(
+    req: dict[str, Any],
+    rdir: str,
+    *,
+    isolate: bool,
+    commit: str | None,
+    data: list[str],
+    shared: list[str],
+    spec: dict[str, Any],
+) -> dict[str, Any]:
+    """Record the job, make its checkout, and submit it with sbatch: Slurm picks the node and
+    the GPUs, and queues it until they are free. Answers once sbatch has."""
+    from remotedl import slurm as slurmmod
+
+    try:
+        settings = slurmmod.SlurmSettings.from_settings(req.get("slurm") or {})
+    except RemotedlError as e:
+        raise AgentError(e.message, "usage", hint=e.hint) from None
+    count = 0 if req.get("gpus") == "none" else int(req.get("count") or 1)
+    with box_lock():
+        job_id = _next_id(job_dirs_of(rdir))
+        ctl = Path(rdir).joinpath(*SLURM_DIRS) / str(job_id)
+        rec: dict[str, Any] = {
+            "id": job_id,
+            "name": req.get("name") or str(job_id),
+            "command": req["command"],
+            "cwd": rdir,
+            "remote_dir": rdir,
+            "workdir": None,
+            "isolated": isolate,
+            "gpus": [],
+            "want": {"gpus": req.get("gpus"), "count": count},
+            "env_keys": sorted((req.get("env") or {}).keys()),
+            "git_commit": commit if isolate else req.get("git_commit"),
+            "git_head": req.get("git_head"),
+            "snapshot": bool(req.get("snapshot")),
+            "snapshot_files": [str(f) for f in req.get("snapshot_files") or []][:1000],
+            "environment": {k: spec[k] for k in ("conda", "env_setup") if spec.get(k)},
+            "status": "queued",
+            "exit_code": None,
+            "created": time.time(),
+            "started": None,
+            "ended": None,
+            "log": str(ctl / "output.log"),
+            "session": "",
+            "host": socket.gethostname(),
+            "starter_pid": os.getpid(),
+            "ready": True,
+            "scheduler": "slurm",
+            "control_dir": str(ctl),
+            "slurm_id": None,
+            # job events: the end's notification goes out when the agent sees the end (no runner
+            # here: no stall detection)
+            "notify": [],
+            "notifications": [],
+        }
+        urls = [str(u) for u in req.get("notify") or []]
+        if urls:
+            from remotedl.agent import events
+
+            rec["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
+        save(rec)
+    try:
+        workdir = rdir
+        if isolate:
+            ensure_excludes(rdir)
+            workdir, linked = make_job_dir(rdir, job_id, str(commit), data, shared)
+            rec = update(job_id, workdir=workdir, cwd=workdir, links=linked)
+        job = slurmmod.BatchJob(
+            job_id=str(job_id),
+            command=req["command"],
+            workdir=workdir,
+            control_dir=str(ctl),
+            log=rec["log"],
+            remote_dir=rdir,
+            name=rec["name"],
+            gpus=count,
+            env=req.get("env") or {},
+            conda=spec.get("conda"),
+            env_setup=spec.get("env_setup"),
+        )
+        submitted = slurmmod.submit_here(job, settings)
+    except (RemotedlError, AgentError, OSError) as e:
+        message = getattr(e, "message", None) or str(e)
+        hint = getattr(e, "hint", None)
+        with box_lock(), contextlib.suppress(AgentError):
+            failed = load(job_id)
+            failed.update(status="failed", ended=time.time(), error=message)
+            save(failed)
+            remove_job_dir(failed)
+            with contextlib.suppress(OSError):
+                notify_path(job_id).unlink()  # the laptop is told at once; nothing to send
+        raise AgentError(message, "error", hint=hint) from None
+    for w in submitted.warnings:
+        warn(w)
+    rec = update(job_id, slurm_id=submitted.slurm_id, slurm_state="PENDING", starter_pid=None)
     return {"job": rec}
 
 
@@ -1379,6 +1591,23 @@ def _ended_words(rec: dict[str, Any]) -> str:
     return str(rec["status"])
 
 
+def _kill_slurm(rec: dict[str, Any], grace: float) -> dict[str, Any]:
+    """scancel, then wait until Slurm says the job ended (KillWait may be 30 s or more)."""
+    from remotedl import slurm as slurmmod
+
+    job_id = int(rec["id"])
+    if not rec.get("slurm_id"):
+        raise AgentError(
+            f"job {job_id} is being submitted to Slurm right now", hint="kill it again in a moment"
+        )
+    kill_marker(job_id).touch()
+    try:
+        slurmmod.cancel_here(slurm_ref(rec), wait=max(60.0, 3 * grace))
+    except RemotedlError as e:
+        raise AgentError(e.message, hint=e.hint) from None
+    return {"job": refresh([load(job_id)])[0], "signals": ["scancel"]}
+
+
 def op_kill(req: dict[str, Any]) -> dict[str, Any]:
     ref = req.get("job")
     rec = resolve(ref, req.get("project"), active_only=ref in (None, "", "last"))
@@ -1390,6 +1619,8 @@ def op_kill(req: dict[str, Any]) -> dict[str, Any]:
             "notrunning",
             hint=f"`remotedl logs {job_id}` shows its output",
         )
+    if is_slurm(rec):
+        return _kill_slurm(rec, grace)
     kill_marker(job_id).touch()
     with box_lock():
         rec = load(job_id)
@@ -1457,6 +1688,9 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
             _send_rest(f, offset)
             sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
             return None
+        slurm = is_slurm(rec)
+        said = _say_state(rec, None) if slurm else None
+        last_check = time.monotonic()
         while True:
             chunk = f.read(1 << 20)
             if chunk:
@@ -1464,8 +1698,18 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
                 idle = 0.0
                 continue
             out.flush()
-            if idle >= 0.5 or idle == 0.0:
+            if slurm:
+                # Each look is an RPC to slurmctld: every few seconds, or at once when the batch
+                # script has recorded its end.
+                ended = os.path.exists(os.path.join(str(rec.get("control_dir")), "exit"))
+                due = time.monotonic() - last_check >= (0.2 if ended else SLURM_POLL)
+            else:
+                due = idle >= 0.5 or idle == 0.0
+            if due:
+                last_check = time.monotonic()
                 rec = refresh([load(int(rec["id"]))])[0]
+                if slurm:
+                    said = _say_state(rec, said)
                 if rec["status"] not in ACTIVE:
                     chunk = f.read()  # what the job wrote just before it ended
                     if chunk:
@@ -1478,6 +1722,17 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
     sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
     sys.stderr.flush()
     return None
+
+
+def _say_state(rec: dict[str, Any], said: str | None) -> str:
+    """Tell the follower (on stderr) the Slurm job's state when it changed: why it waits."""
+    state = str(rec.get("slurm_state") or "PENDING")
+    words = slurm_words(state, rec.get("slurm_reason"), rec.get("node"), rec.get("exit_code"))
+    if words != said:
+        note = {"job": rec["id"], "status": rec["status"], "state": words}
+        sys.stderr.write("@@remotedl-state " + json.dumps(note) + "\n")
+        sys.stderr.flush()
+    return words
 
 
 def _send_rest(f: Any, offset: int) -> None:
@@ -1593,7 +1848,9 @@ def _remove(job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str |
             if log.parent == logs_dir():
                 files.append(log)
         jd = _own_job_dir(rec) if rec is not None else None
+        ctl = _own_control_dir(rec) if rec is not None else None
         size = sum(disk_usage(p) for p in set(files)) + (disk_usage(jd) if jd else 0)
+        size += disk_usage(ctl) if ctl else 0
         item = {
             "id": job_id,
             "name": (rec or {}).get("name"),
@@ -1604,6 +1861,8 @@ def _remove(job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str |
         if not dry_run:
             if rec is not None:
                 remove_job_dir(rec)
+            if ctl is not None:
+                shutil.rmtree(ctl, ignore_errors=True)
             for p in set(files):
                 with contextlib.suppress(OSError):
                     p.unlink()

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ AGENT_MODULES = (
     "gpus.py",
     "waiting.py",
     "schema.py",
+    "errors.py",
+    "slurm.py",
     "notify.py",
     "agent/__init__.py",
     "agent/box.py",
@@ -172,10 +175,13 @@ class AgentClient:
             return answer
         raise RemoteError(f"could not install the remotedl agent on {self.spec.alias}")
 
-    def stream(self, request: dict[str, Any]) -> FramedProcess:
+    def stream(
+        self, request: dict[str, Any], on_line: Callable[[str], None] | None = None
+    ) -> FramedProcess:
         """Start a streaming request (logs); the caller reads and waits. An exit status of
-        ``AGENT_MISSING`` means: ``upload()`` and start again."""
-        return self.box.start(self._script(), self.python, stdin=self._body(request))
+        ``AGENT_MISSING`` means: ``upload()`` and start again. ``on_line`` hears each line the
+        agent writes to stderr as it comes."""
+        return self.box.start(self._script(), self.python, stdin=self._body(request), on_line=on_line)
 
 
 def error_from(answer: dict[str, Any]) -> RemotedlError:

@@ -52,6 +52,10 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         from remotedl.cli import fleet
 
         return fleet.status(app)
+    from remotedl.cli import slurm as slurmcli
+
+    if slurmcli.settings_for(app) is not None:
+        return slurmcli.status(app)
     spec = app.spec()
     with open_box(spec) as box:
         st = box_status(box, app.settings.remote_dir)

@@ -140,9 +140,17 @@ def _follow(
     def reconnecting(n: int) -> None:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
 
+    from remotedl.cli.slurm import state_notes
+
     try:
         rec = jobs.stream_logs(
-            client, str(job_id), write, follow=True, on_reconnect=reconnecting, warn=warner(app.env)
+            client,
+            str(job_id),
+            write,
+            follow=True,
+            on_reconnect=reconnecting,
+            warn=warner(app.env),
+            on_state=state_notes(app, shown),
         )
     except KeyboardInterrupt:
         flush()
@@ -218,7 +226,9 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     app = App(args, env)
     if app.is_fleet:
         from remotedl.cli.fleet import run_placed
+        from remotedl.cli.slurm import refuse_in_fleet
 
+        refuse_in_fleet(app)
         return run_placed(app, args)
     return run_on(app, args)
 
@@ -229,6 +239,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     another laptop won first raises ``GpusBusy`` before anything is printed."""
     from remotedl import gpus as gpumod
     from remotedl import jobs, sync
+    from remotedl.cli import slurm as slurmcli
 
     env = app.env
     s = app.settings
@@ -239,10 +250,13 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     command, script = jobs.build_command(command_argv, root, must_exist=not args.no_push)
     if args.gpus is not None and args.gpus < 0:
         raise UsageError(f"--gpus {args.gpus}: give a number of GPUs (0 runs on the CPU)")
+    # A Slurm login node: Slurm picks the GPUs (a count, never indices) and queues the job.
+    slurm = slurmcli.settings_for(app, args)
+    count = (slurmcli.gpu_count(args) or None) if slurm is not None else (args.gpus or None)
     gpus: str | list[int] | None = None
     if args.cpu or args.gpus == 0:
         gpus = "none"
-    elif args.gpu:
+    elif args.gpu and slurm is None:
         try:
             parsed = gpumod.parse_gpu_spec(args.gpu)
         except ValueError as e:
@@ -284,7 +298,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 remote_dir=rdir,
                 script=script,
                 gpus=gpus,
-                count=args.gpus if args.gpus else None,
+                count=count,
                 env=job_env,
                 name=name,
                 queue=args.queue if queue is None else queue,
@@ -302,6 +316,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 host_alias=spec.alias,
                 stall_after=stall_after,
                 warn=warn,
+                slurm=slurmcli.request(slurm) if slurm is not None else None,
             )
             break
         except jobs.EnvOutOfDate as e:
@@ -316,6 +331,16 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     if app.json and args.detach:
         app.print_json({**rec.to_dict(), "alias": spec.alias} if app.narrowed else rec.to_dict())
         return ExitCode.OK
+    if rec.scheduler == "slurm":
+        said = slurmcli.submitted(rec, spec.alias)
+        if args.detach:
+            app.out(ref)
+            env.stderr.write(f"{said}; `remotedl logs -f {ref}` to follow\n")
+            return ExitCode.OK
+        env.stderr.write(f"remotedl: {said}; Ctrl-C detaches\n")
+        return _follow(
+            app, client, rec.id, ref, on_end=lambda ended: _at_end(app, client, rdir, ended, pulls)
+        )
     gpus_word = "GPU" if len(rec.gpus) == 1 else "GPUs"
     gpu_text = f"{gpus_word} {','.join(map(str, rec.gpus))}" if rec.gpus else "no GPU"
     if rec.status == "queued":
@@ -542,6 +567,9 @@ def _show(app: App, job: str | None) -> int:
         ("GPUs", ",".join(map(str, rec.gpus)) or "none (CPU)"),
         ("command", rec.command),
     ]
+    if rec.scheduler == "slurm":
+        on = f" on {rec.node}" if rec.node else ""
+        rows.insert(2, ("Slurm job", f"{rec.slurm_id or '(being submitted)'}{on}, {rec.control_dir or '?'}"))
     if rec.git_commit:
         commit = rec.git_commit[:12]
         if rec.snapshot:
@@ -611,6 +639,8 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
             out_fd = env.stdout.fileno()
         except (OSError, ValueError):
             out_fd = None
+    from remotedl.cli.slurm import state_notes
+
     try:
         jobs.stream_logs(
             client,
@@ -621,6 +651,7 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
             project=project,
             warn=warner(env),
             out_fd=out_fd,
+            on_state=state_notes(app, str(args.job)) if args.follow else None,
         )
     finally:
         flush()
@@ -655,6 +686,13 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
         )
     if not env.stdin_isatty:
         raise UsageError("attach needs a terminal", hint=f"use `remotedl logs -f {rec.id}` in scripts")
-    env.stderr.write(f"attaching to job {rec.id}; detach with Ctrl-b d (the job keeps running)\n")
-    return subprocess.call(jobs.attach_argv(spec, rec), stdin=sys.stdin, stdout=sys.stdout)
+    argv = jobs.attach_argv(spec, rec)
+    if rec.scheduler == "slurm":
+        env.stderr.write(
+            f"a shell in job {rec.id}'s allocation (Slurm job {rec.slurm_id} on {safe(rec.node or '?')}); "
+            "`exit` leaves it, the job keeps running\n"
+        )
+    else:
+        env.stderr.write(f"attaching to job {rec.id}; detach with Ctrl-b d (the job keeps running)\n")
+    return subprocess.call(argv, stdin=sys.stdin, stdout=sys.stdout)
 

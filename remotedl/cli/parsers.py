@@ -123,6 +123,7 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
         "the job ends, starts after waiting in the queue, or stalls (adds to `notify` in the config)",
     )
     p.add_argument("--no-notify", action="store_true", help="send no notifications for this job")
+    _slurm_flags(p)
     p.add_argument(
         "--pull",
         action="append",
@@ -135,6 +136,21 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
         nargs=argparse.REMAINDER,
         metavar="COMMAND [ARGS...]",
         help="a script in the project (run.sh, train.py) or any command line",
+    )
+
+
+def _slurm_flags(p: argparse.ArgumentParser) -> None:
+    """sbatch's knobs, for hosts with scheduler = "slurm" (they win over [hosts.NAME])."""
+    p.add_argument(
+        "--time", metavar="LIMIT", help="Slurm hosts: the job's time limit (90, 1:30:00, 2-00:00:00)"
+    )
+    p.add_argument("--partition", metavar="NAME", help="Slurm hosts: the partition to submit to")
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="Slurm hosts: one more sbatch option, as one word (--sbatch-arg=--mem=32G); repeatable",
     )
 
 
@@ -203,6 +219,10 @@ def tunnel(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def jupyter(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("ports", nargs="?", metavar="PORT[:REMOTE_PORT]", help="local port (default 8888)")
     _tunnel_common(p)
+    p.add_argument(
+        "--gpus", type=int, default=1, metavar="N", help="Slurm hosts: GPUs for the Jupyter job (default 1)"
+    )
+    _slurm_flags(p)
 
 
 def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

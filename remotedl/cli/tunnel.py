@@ -101,6 +101,12 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
         for r in registry.stop(args.stop):
             app.out(f"stopped tunnel {' '.join(r.forwards)} to {r.host}")
         return ExitCode.OK
+    if args.jupyter:
+        from remotedl.cli import slurm as slurmcli
+
+        slurm = slurmcli.settings_for(app, args)
+        if slurm is not None:
+            return slurmcli.jupyter(app, args, slurm)
     forwards = [tun.Forward.parse(p) for p in args.ports]
     if not forwards and not args.jupyter:
         raise UsageError("name a port to forward, e.g. `remotedl tunnel 8888` or `remotedl tunnel 8889:8888`")
@@ -156,7 +162,8 @@ def _announce(app: App, forwards: list[Any], server: Any) -> str | None:
         state = "started" if server.started else "found running"
         label = getattr(server, "label", "Jupyter")
         serves = f", serving {server.serves}" if getattr(server, "serves", None) else ""
-        app.env.stderr.write(f"remotedl: {label} {state} on the box (port {server.port}{serves})\n")
+        where = getattr(server, "where", "the box")
+        app.env.stderr.write(f"remotedl: {label} {state} on {where} (port {server.port}{serves})\n")
         app.out(url)
     return url
 

@@ -18,7 +18,7 @@ import re
 import secrets
 import subprocess
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -155,12 +155,15 @@ class Box:
             hint="log in with `ssh` and check the account's shell and start-up files",
         )
 
-    def start(self, script: str, *args: str, stdin: bytes = b"") -> FramedProcess:
-        """Start a script whose output is read as it comes (logs, streams)."""
+    def start(
+        self, script: str, *args: str, stdin: bytes = b"", on_line: Callable[[str], None] | None = None
+    ) -> FramedProcess:
+        """Start a script whose output is read as it comes (logs, streams); ``on_line`` hears
+        each line the script writes to stderr as it comes (from another thread)."""
         nonce, payload = encode_request(script, args, stdin)
         log.debug("remote %s (streaming): %s", self.spec.alias, script.strip().splitlines()[0][:80])
         p = proc.popen(self.argv(), stdin=subprocess.PIPE, text=False)
-        return FramedProcess(self, p, nonce, payload)
+        return FramedProcess(self, p, nonce, payload, on_line)
 
     def close(self) -> None:
         """Nothing to close: the master connection persists for the next call."""
@@ -176,8 +179,16 @@ class FramedProcess:
     """A running framed script: ``read`` gives its stdout after the marker; stderr lines after
     the marker are collected by a thread (``stderr_lines``), ``on_line`` sees each one."""
 
-    def __init__(self, box: Box, p: subprocess.Popen[bytes], nonce: str, payload: bytes) -> None:
+    def __init__(
+        self,
+        box: Box,
+        p: subprocess.Popen[bytes],
+        nonce: str,
+        payload: bytes,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
         self.box = box
+        self.on_line = on_line
         self.process = p
         self.nonce = nonce
         self.stderr_lines: list[str] = []
@@ -214,6 +225,11 @@ class FramedProcess:
                     self._err_framed.set()
                 continue
             self.stderr_lines.append(line)
+            if self.on_line is not None:
+                try:
+                    self.on_line(line)
+                except Exception:  # a listener's failure must not stop the draining
+                    log.debug("on_line failed", exc_info=True)
 
     def read(self, n: int = 1 << 20) -> bytes:
         """The next chunk of the script's stdout; b"" at its end. Raises ``NoFrame`` when the

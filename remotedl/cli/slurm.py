@@ -1,0 +1,213 @@
+"""What the commands do differently on a Slurm login node (``scheduler = "slurm"``): the run's
+GPUs and sbatch flags, state notes while a job waits, the cluster's status, Jupyter on a node."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from remotedl.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from remotedl.cli.app import App
+    from remotedl.schema import JobRecord
+    from remotedl.slurm import SlurmSettings
+
+SLURM_FLAGS = ("time", "partition", "sbatch_arg")
+
+
+def settings_for(app: App, args: argparse.Namespace | None = None) -> SlurmSettings | None:
+    """The host's Slurm settings with the command's --time/--partition/--sbatch-arg, or None
+    for a host that is not a Slurm login node (where those flags are refused)."""
+    s = host_settings(app.settings)
+    given = [f for f in SLURM_FLAGS if args is not None and getattr(args, f, None)]
+    if s is None:
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise UsageError(
+                f"{flags}: for Slurm hosts only, and {app.spec().alias} is not one",
+                hint='a Slurm login node has scheduler = "slurm" in its [hosts.NAME] table',
+            )
+        return None
+    if args is None:
+        return s
+    return s.with_flags(
+        time=getattr(args, "time", None),
+        partition=getattr(args, "partition", None),
+        sbatch_args=getattr(args, "sbatch_arg", None) or (),
+    )
+
+
+def host_settings(settings: Any) -> SlurmSettings | None:
+    """The host's Slurm settings, or None; remotedl.slurm is imported only for a Slurm host."""
+    try:
+        if settings.get("scheduler") != "slurm":
+            return None
+    except KeyError:
+        return None
+    from remotedl.slurm import host_settings as of_host
+
+    return of_host(settings)
+
+
+def request(s: SlurmSettings) -> dict[str, Any]:
+    from remotedl.slurm import settings_request
+
+    return settings_request(s)
+
+
+def refuse_in_fleet(app: App) -> None:
+    """Placement across a fleet is for boxes: Slurm places a cluster's jobs itself."""
+    clusters = [h for h in app.hosts if host_settings(app.host_settings(h)) is not None]
+    if clusters:
+        raise UsageError(
+            f"{', '.join(clusters)}: a Slurm host is not placed among a fleet's boxes (Slurm places"
+            " its own jobs)",
+            hint=f"run on it alone: --host {clusters[0]}",
+        )
+
+
+def gpu_count(args: argparse.Namespace) -> int:
+    """How many GPUs a run asks Slurm for: --gpus N, none with --cpu, else one. Slurm chooses
+    which: --gpu with indices is refused."""
+    if args.cpu or args.gpus == 0:
+        return 0
+    if args.gpu and args.gpu.strip().lower() != "auto":
+        raise UsageError(
+            f"--gpu {args.gpu} picks GPUs by their index, but on a Slurm cluster Slurm chooses the "
+            "devices: the job sees the ones it got as CUDA_VISIBLE_DEVICES starting at 0",
+            hint="ask for a number of GPUs with --gpus N",
+        )
+    if args.gpus is not None and args.gpus < 0:
+        raise UsageError(f"--gpus {args.gpus}: give a number of GPUs (0 runs on the CPU)")
+    return int(args.gpus or 1)
+
+
+def submitted(rec: JobRecord, alias: str) -> str:
+    """``job 3 (train) submitted to Slurm on CLUSTER as job 1234: PENDING``."""
+    from remotedl.cli.jobs import safe
+
+    return f"job {rec.id} ({safe(rec.name)}) submitted to Slurm on {alias} as job {rec.slurm_id}: {rec.state}"
+
+
+def state_notes(app: App, job_word: str) -> Callable[[dict[str, Any]], None]:
+    """Lines for stderr as a followed Slurm job's state changes: why it waits, where it runs."""
+    from remotedl.cli.jobs import safe
+
+    said: list[str] = []
+
+    def note(n: dict[str, Any]) -> None:
+        words = str(n.get("state") or "")
+        if not words or (said and said[-1] == words):
+            return
+        said.append(words)
+        if n.get("status") == "queued":
+            app.env.stderr.write(f"remotedl: job {job_word} waits in Slurm's queue: {safe(words)}\n")
+        elif n.get("status") == "running":
+            app.env.stderr.write(f"remotedl: job {job_word} is {safe(words)}\n")
+        app.env.stderr.flush()
+
+    return note
+
+
+def status(app: App) -> int:
+    """``remotedl status`` on a Slurm login node: partitions, nodes, GPUs, the user's jobs."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from remotedl.slurmhost import cluster_status
+    from remotedl.ssh import open_box
+    from remotedl.words import printable
+
+    spec = app.spec()
+    with open_box(spec) as box:
+        st = cluster_status(box)
+    if app.json:
+        app.print_json({"host": spec.alias, "scheduler": "slurm", **st.to_dict()})
+        return ExitCode.OK
+    c = app.console
+
+    def cells(*values: object) -> list[Text]:
+        return [Text(printable(str(v), newlines=False)) for v in values]  # cluster text: no markup
+
+    c.print(
+        f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): Slurm login node, "
+        f"{printable(st.version, newlines=False)}, GPUs {st.gpus_used} used of {st.gpus}",
+        highlight=False,
+    )
+    parts = Table(box=None, pad_edge=False, title_justify="left")
+    for col in ("partition", "state", "nodes", "GPUs used / total", "time limit"):
+        parts.add_column(col)
+    for p in st.partitions:
+        parts.add_row(*cells(p.name + ("*" if p.default else ""), p.state, p.nodes,
+                             f"{p.gpus_used} / {p.gpus}", p.max_time))  # fmt: skip
+    c.print(parts)
+    nodes = Table(box=None, pad_edge=False)
+    for col in ("node", "partitions", "state", "GPUs used / total", "CPUs used / total"):
+        nodes.add_column(col)
+    for n in st.nodes:
+        cpus = f"{n.cpus_alloc} / {n.cpus_total}" if n.cpus_total is not None else "?"
+        nodes.add_row(*cells(n.name, ",".join(n.partitions), n.state, f"{n.gpus_used} / {n.gpus}", cpus))
+    c.print(nodes)
+    if not st.jobs:
+        c.print(f"no jobs of {printable(st.user, newlines=False)} in the queue", markup=False)
+        return ExitCode.OK
+    jobs = Table(box=None, pad_edge=False)
+    for col in ("Slurm job", "name", "state", "GPUs", "time", "limit", "partition"):
+        jobs.add_column(col)
+    for j in st.jobs:
+        jobs.add_row(*cells(j.job_id, j.name, j.describe(), j.gpus or "-", j.elapsed or "-",
+                            j.time_limit or "-", j.partition))  # fmt: skip
+    c.print(jobs)
+    return ExitCode.OK
+
+
+def jupyter(app: App, args: argparse.Namespace, slurm: SlurmSettings) -> int:
+    """Jupyter as a batch job on a GPU node, tunnelled to through the login node; Ctrl-C ends
+    the tunnel and cancels the job when this command started it."""
+    from remotedl import jobs
+    from remotedl import tunnel as tun
+    from remotedl.cli.statusline import status_line
+    from remotedl.cli.sync import remote_dir
+    from remotedl.cli.tunnel import _foreground
+    from remotedl.slurm import settings_request
+    from remotedl.slurmhost import find_or_start_jupyter, stop_jupyter
+
+    if args.background or args.colab:
+        which = "--background" if args.background else "--colab"
+        raise UsageError(
+            f"{which} is not for Jupyter on a Slurm cluster: its job lives only as long as the tunnel",
+            hint="run `remotedl jupyter` in a terminal of its own; Ctrl-C ends both",
+        )
+    gpus = getattr(args, "gpus", None)
+    gpus = 1 if gpus is None else gpus
+    if gpus < 0:
+        raise UsageError(f"--gpus {gpus}: give a number of GPUs (0 runs it on the CPU)")
+    texts = [args.ports] if isinstance(args.ports, str) else list(args.ports or [])
+    if texts and ":" in texts[0]:
+        raise UsageError(
+            f"{texts[0]}: on a Slurm cluster the node's port is chosen when the job starts",
+            hint="give the local port alone, e.g. `remotedl jupyter 8888`",
+        )
+    local = int(texts[0]) if texts else int(app.settings.get("jupyter_port"))
+    tun.check_local_ports([tun.Forward(local, local)], lambda busy, free: f"remotedl jupyter {free}")
+    from remotedl.agent.client import AgentClient
+
+    spec = app.spec()
+    client = AgentClient(spec, python=str(app.settings.get("python")))
+    with status_line(app.env, not app.json) as say:
+        server = find_or_start_jupyter(
+            client,
+            remote_dir=remote_dir(app),
+            settings=settings_request(slurm),
+            gpus=gpus,
+            environment=jobs.EnvSpec.from_settings(app.settings),
+            on_progress=say,
+        )
+    try:
+        return _foreground(app, spec, [tun.Forward(local, server.port, server.node)], server, supervise=False)
+    finally:
+        if server.started:
+            rec = stop_jupyter(client, server)
+            app.env.stderr.write(f"remotedl: cancelled the Jupyter job {server.job_id}: {rec.state}\n")
