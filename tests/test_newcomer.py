@@ -134,3 +134,38 @@ def test_an_unknown_option_is_told_by_its_command(tmp_path):
         "hint": "see `remotedl jobs --help`",
         "exit_code": 2,
     }
+
+
+def test_ctrl_c_while_a_job_starts_says_it_may_be_running(cli, project, tmp_path):
+    # Ctrl-C while `run`'s start request was on its way: the box started the job, and the
+    # laptop said only "remotedl: interrupted". The box's python here is a stand-in that runs
+    # the agent, and once the start is answered on the box interrupts this laptop (this process)
+    # before the answer travels back.
+    import os
+    import signal
+
+    wrapper = tmp_path / "python-then-ctrl-c"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = -c ] && exec python3 "$@"  # the agent upload: a zip on stdin\n'
+        "body=$(cat)\n"
+        'case $body in *\'"op": "start"\'*) ;; *) printf %s "$body" | exec python3 "$@" ;; esac\n'
+        f'answer=$(printf %s "$body" | python3 "$@"); kill -INT {os.getpid()}; sleep 20\n'
+        'printf %s "$answer"\n'
+    )
+    wrapper.chmod(0o755)
+    where = f'remote_dir = "~/newcomer/{tmp_path.name}"\n'
+    (project / "remotedl.toml").write_text(f'python = "{wrapper}"\n{where}')
+    name = f"ctrl-c-{tmp_path.name}"
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `remotedl` itself
+    try:
+        r = cli("run", "--cpu", "--name", name, "--", "true", cwd=project)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert r.code == 130, r.out + r.err
+    assert "interrupted while starting the job" in r.err and "it may be running there" in r.err, r.err
+    assert "`remotedl jobs` lists it" in r.err
+    (project / "remotedl.toml").write_text(where)
+    listed = cli("jobs", "--all", cwd=project)
+    assert name in listed.out, listed.out + listed.err  # it did start

@@ -16,7 +16,7 @@ from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
+from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
@@ -319,6 +319,13 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
             )
             break
+        except KeyboardInterrupt:
+            # The request may have reached the box: the job then runs, and only this says so.
+            on = f" --host {spec.alias}" if app.narrowed else ""
+            raise Interrupted(
+                f"interrupted while starting the job on {spec.alias}: it may be running there",
+                hint=f"`remotedl{on} jobs` lists it; `remotedl{on} kill` stops this project's latest job",
+            ) from None
         except jobs.EnvOutOfDate as e:
             files = ", ".join(str(f) for f in e.plan.get("files") or []) or str(e.plan.get("kind"))
             env.stderr.write(
