@@ -169,3 +169,13 @@ def test_ctrl_c_while_a_job_starts_says_it_may_be_running(cli, project, tmp_path
     (project / "remotedl.toml").write_text(where)
     listed = cli("jobs", "--all", cwd=project)
     assert name in listed.out, listed.out + listed.err  # it did start
+
+
+def test_run_lists_what_its_push_left_out(cli, project, tmp_path):
+    # `remotedl push` lists the files its snapshot left out, with the fix; `run` pushed the
+    # same way and said nothing, so a job reading such a file failed on the box without a clue.
+    (project / "ckpt.pt").write_bytes(b"\0" * (6 << 20))
+    rdir = f"~/newcomer/{tmp_path.name}"
+    r = cli("run", "--detach", "--cpu", "--remote-dir", rdir, "--", "true", cwd=project)
+    assert r.code == 0, r.out + r.err
+    assert "left out  ckpt.pt (6.0 MiB): untracked, over max_snapshot_file" in r.err, r.err
