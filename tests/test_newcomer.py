@@ -179,3 +179,13 @@ def test_run_lists_what_its_push_left_out(cli, project, tmp_path):
     r = cli("run", "--detach", "--cpu", "--remote-dir", rdir, "--", "true", cwd=project)
     assert r.code == 0, r.out + r.err
     assert "left out  ckpt.pt (6.0 MiB): untracked, over max_snapshot_file" in r.err, r.err
+
+
+def test_doctor_says_how_to_make_the_venv_the_project_names(cli, project, tmp_path):
+    # A project with requirements.txt, not pushed to this box yet: doctor said "add
+    # requirements.txt and run".
+    (project / "requirements.txt").write_text("# nothing yet\n")
+    r = cli("doctor", "--remote-dir", f"~/newcomer/{tmp_path.name}", cwd=project)
+    assert "no project venv" in r.out, r.out + r.err
+    assert "`remotedl push --env` makes it from requirements.txt" in r.out, r.out
+    assert "add requirements.txt" not in r.out
