@@ -568,6 +568,16 @@ def run_playbook(
             done("would-change")
             continue
         if step.sudo and root_way() == "none":
+            if step.prove_login:
+                # Its run starts a test server that only remotedl's login proof and commit (or
+                # rollback) finish: pasted by hand, it would leave that server running, change nothing.
+                done(
+                    "failed",
+                    f"this step needs root, and {box.spec.user} may not use sudo without a password on "
+                    f"{box.spec.alias}; it proves a new login before it commits, which cannot be done "
+                    f"by hand: run `remotedl setup {book.name}` as a user who may (or as root: --user root)",
+                )
+                break
             s, _ = script(step, "run")
             done(
                 "failed",

@@ -189,3 +189,18 @@ def test_doctor_says_how_to_make_the_venv_the_project_names(cli, project, tmp_pa
     assert "no project venv" in r.out, r.out + r.err
     assert "`remotedl push --env` makes it from requirements.txt" in r.out, r.out
     assert "add requirements.txt" not in r.out
+
+
+def test_a_login_proving_step_without_sudo_is_not_handed_over_to_paste(plain_box, project, tmp_path):
+    # ssh-hardening as a user who may not sudo printed its run script "to run as root": pasted,
+    # that starts a test sshd that only remotedl's login proof and commit finish, and changes
+    # nothing. It says to run the playbook as a user who may.
+    run = cli_for(plain_box, tmp_path / "laptop")
+    unhardened = f"sshd_config={tmp_path}/none/sshd_config"  # whatever this machine's own holds
+    r = run("setup", "ssh-hardening", "--var", unhardened, "--json", cwd=project)
+    assert r.code == 1, r.out + r.err
+    step = next(s for s in json.loads(r.out)[0]["steps"] if s["status"] == "failed")
+    assert step["name"] == "sshd accepts keys only"
+    assert "it proves a new login before it commits" in step["output"], step
+    assert "`remotedl setup ssh-hardening` as a user who may" in step["output"]
+    assert step["as_root"] == ""
