@@ -292,7 +292,8 @@ def _coerce_type(key: str, value: Any, origin: str) -> Any:
         return value
     elif kind is dict and isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
-    elif isinstance(value, kind):
+    elif kind in (str, bool) and isinstance(value, kind):
+        # Not for lists (a list of numbers is no list of strings) nor numbers (true is no port).
         return value
     shown = "a value that may hold secrets" if key in SECRET_VALUES else repr(value)
     raise ConfigError(

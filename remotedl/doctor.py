@@ -200,13 +200,25 @@ def _environment(report: DoctorReport, marks: dict[str, str], settings: Settings
     elif marks.get("venv"):
         report.add("box", "environment", "ok", f"jobs use the venv {marks['venv'].strip()} ({py})")
     else:
+        # The project may name its environment already (it was not pushed here yet): then say
+        # how to make it, not to add the file it has.
+        named = [f for f in ENV_FILES if (settings.project.root / f).is_file()]
+        fix = (
+            f"`remotedl push --env` makes it from {named[0]} (so does the next `remotedl run`)"
+            if named
+            else "add requirements.txt and run: the first run makes .venv"
+        )
         report.add(
             "box",
             "environment",
             "warn" if not settings.get("env_setup") else "ok",
             f"jobs use {py}" + (" (after env_setup)" if settings.get("env_setup") else ", no project venv"),
-            "" if settings.get("env_setup") else "add requirements.txt and run: the first run makes .venv",
+            "" if settings.get("env_setup") else fix,
         )
+
+
+# The files a project's environment is made from (see envsync), in the order named.
+ENV_FILES = ("requirements.txt", "pyproject.toml", "environment.yml")
 
 
 def run_checks(

@@ -68,6 +68,9 @@ class StepResult:
     status: str  # ok, changed, would-change, failed, skipped
     output: str = ""
     seconds: float = 0.0
+    # A step that needs root where the user may not sudo: the commands to run there as root,
+    # whole, as they can be pasted (``output`` says why).
+    as_root: str = ""
 
 
 @dataclass
@@ -529,8 +532,10 @@ def run_playbook(
         # server's Banner: the login then knows it reached that server, not another.
         step_values = {**values, "login_nonce": secrets.token_hex(16)} if step.prove_login else values
 
-        def done(status: str, output: str = "", *, _step: Step = step, _t0: float = t0) -> StepResult:
-            res = StepResult(_step.name, status, output, time.perf_counter() - _t0)
+        def done(
+            status: str, output: str = "", *, as_root: str = "", _step: Step = step, _t0: float = t0
+        ) -> StepResult:
+            res = StepResult(_step.name, status, output, time.perf_counter() - _t0, as_root)
             result.steps.append(res)
             if on_step is not None:
                 on_step(res)
@@ -563,11 +568,22 @@ def run_playbook(
             done("would-change")
             continue
         if step.sudo and root_way() == "none":
+            if step.prove_login:
+                # Its run starts a test server that only remotedl's login proof and commit (or
+                # rollback) finish: pasted by hand, it would leave that server running, change nothing.
+                done(
+                    "failed",
+                    f"this step needs root, and {box.spec.user} may not use sudo without a password on "
+                    f"{box.spec.alias}; it proves a new login before it commits, which cannot be done "
+                    f"by hand: run `remotedl setup {book.name}` as a user who may (or as root: --user root)",
+                )
+                break
             s, _ = script(step, "run")
             done(
                 "failed",
                 f"this step needs root, and {box.spec.user} may not use sudo without a password on "
-                f"{box.spec.alias}; run it there as root:\n{s.shown(step_values)}",
+                f"{box.spec.alias}; run it there as root:",
+                as_root=s.shown(step_values),
             )
             break
         code, out = sh(step, "run", step_values, as_root=step.sudo)

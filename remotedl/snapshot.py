@@ -80,8 +80,9 @@ def git_root(path: Path) -> Path:
     if result.returncode != 0:
         raise UsageError(
             f"{path} is not in a git repository: push sends code with git",
-            hint="run `git init && git add -A && git commit -m init` first, or use --no-code "
-            "to push only data",
+            # `run` has no --no-code: name the whole command, so the hint works where it is shown.
+            hint="run `git init` there first (uncommitted files are pushed too), or "
+            "`remotedl push --no-code` to push only data",
         )
     return Path(result.stdout.strip())
 

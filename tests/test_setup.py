@@ -625,8 +625,9 @@ steps:
         (step,) = json.loads(r.out)[0]["steps"]
         assert step["status"] == "failed"
         assert f"{plain_box.info.user} may not use sudo without a password" in step["output"]
-        _, _, shown = step["output"].partition("run it there as root:\n")
-        assert shown, step["output"]
+        assert step["output"].endswith("run it there as root:")
+        shown = step["as_root"]
+        assert shown, step
         assert "> \"${__v_dir}\"/marker" in shown
         assert "password is required" not in step["output"]
         assert not (root_only / "marker").exists()

@@ -240,6 +240,23 @@ def _fail(
     return int(code)
 
 
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> NoReturn:
+    """Words no parser took. argparse says so with the top-level usage and `remotedl --help`,
+    which show none of the command's options: say it as the command's parser, naming the
+    closest of its options (`run --detatch`: did you mean --detach?)."""
+    command = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and args.subcommand in action.choices:
+            command = action.choices[args.subcommand]
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    if extra[0].startswith("-"):
+        options = [o for a in command._actions for o in a.option_strings]
+        close = difflib.get_close_matches(extra[0].partition("=")[0], options, n=1, cutoff=0.75)
+        if close:
+            message += f"; did you mean {close[0]}?"
+    command.error(message)
+
+
 def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
     env = env or Environment()
     words = list(sys.argv[1:] if argv is None else argv)
@@ -248,7 +265,9 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     try:
         words, taken = split_run_argv(parser, words)
         as_json = _wants_json(words)
-        args = parser.parse_args(words)
+        args, extra = parser.parse_known_args(words)
+        if extra:
+            _unrecognized(parser, args, extra)
     except ArgvError as e:
         usage = "" if isinstance(e, UnknownChoice) else e.usage
         return _fail(env, as_json, e.message, e.hint, e.exit_code, usage=usage)

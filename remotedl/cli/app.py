@@ -70,11 +70,17 @@ class App:
 
     def route_job(self, job: str | None) -> tuple[App, str | None]:
         """A job reference as typed: ``HOST:ID`` (or ``HOST:NAME``) names its host, one of the
-        hosts given (any alias when none is given); a plain id or name needs a single host."""
+        hosts given (any alias when none is given on the command line); a plain id or name
+        needs a single host."""
         if job and ":" in job:
-            host, _, ref = job.rpartition(":")
+            host, _, ref = job.partition(":")  # a job's name may hold a colon, an alias does not
             if host in self.hosts or (not self.hosts and host):
                 return self.for_host(host), ref or None
+            # HOST:ID as a fleet command prints it (`remotedl logs -f gpu2:3`), typed where the
+            # project's file (or REMOTEDL_HOST) names other hosts: the id names its host. Hosts
+            # given with --host are kept to; "lr:0.1" there may be a job's name.
+            if host and ref.isdigit() and not self.flag("host"):
+                return self.for_host(host), ref
         if self.is_fleet:
             example = f"{self.hosts[0]}:{job or 'ID'}"
             raise UsageError(
@@ -139,13 +145,18 @@ class App:
 
         # Piped output is read by programs and pagers: no wrapping at rich's default 80 columns.
         width = None if self.env.stdout_isatty else 200
-        return Console(file=self.env.stdout, highlight=False, soft_wrap=True, width=width)
+        # Every console reads TERM, COLUMNS, NO_COLOR... from the Environment it was given (rich's
+        # _environ), not from this process: in-process runs get what they passed (TERM=dumb here
+        # turned the status line of a test's own "terminal" off).
+        return Console(
+            file=self.env.stdout, highlight=False, soft_wrap=True, width=width, _environ=self.env.environ
+        )
 
     @cached_property
     def err_console(self) -> Console:
         from rich.console import Console
 
-        return Console(file=self.env.stderr, highlight=False, soft_wrap=True)
+        return Console(file=self.env.stderr, highlight=False, soft_wrap=True, _environ=self.env.environ)
 
     def print_json(self, data: Any) -> None:
         self.env.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

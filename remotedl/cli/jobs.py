@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
-from remotedl.cli.sync import remote_dir
+from remotedl.cli.sync import left_out_lines, remote_dir
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
+from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
@@ -287,6 +287,9 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
         with progress_bar(env, not app.json) as progress:
             pushed = sync.push(spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress)
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
+        # As push says it: a job that reads a file the snapshot left out fails on the box otherwise.
+        for line in left_out_lines(pushed.left_out, int(s.get("max_snapshot_file"))):
+            env.stderr.write(f"remotedl: {safe(line)}\n")
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
@@ -319,6 +322,13 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
             )
             break
+        except KeyboardInterrupt:
+            # The request may have reached the box: the job then runs, and only this says so.
+            on = f" --host {spec.alias}" if app.narrowed else ""
+            raise Interrupted(
+                f"interrupted while starting the job on {spec.alias}: it may be running there",
+                hint=f"`remotedl{on} jobs` lists it; `remotedl{on} kill` stops this project's latest job",
+            ) from None
         except jobs.EnvOutOfDate as e:
             files = ", ".join(str(f) for f in e.plan.get("files") or []) or str(e.plan.get("kind"))
             env.stderr.write(

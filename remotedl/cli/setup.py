@@ -96,6 +96,9 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
                 if r.output:
                     for line in r.output.splitlines()[-20:]:
                         app.console.print(f"               {line}", markup=False, highlight=False)
+                # Whole: cut, the commands lose their variables and can no longer be pasted.
+                for line in r.as_root.splitlines():
+                    app.console.print(f"               {line}", markup=False, highlight=False)
 
             result = pb.run_playbook(
                 box,
