@@ -565,7 +565,8 @@ def run_playbook(
                 done("failed", out)
                 break
         if check_only:
-            done("would-change")
+            blocked = step.sudo and root_way() == "none"
+            done("would-change", f"needs root, and {box.spec.user} may not use sudo here" if blocked else "")
             continue
         if step.sudo and root_way() == "none":
             if step.prove_login:

@@ -141,6 +141,13 @@ def _read_info(directory: Path) -> SandboxInfo | None:
         return None
 
 
+def running(env: Environment) -> list[SandboxInfo]:
+    """Every sandbox box of this state directory that is up."""
+    root = env.state_dir / BOXES_DIR
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [info for info in (status(env, n) for n in names) if info is not None]
+
+
 def status(env: Environment, name: str = "sandbox") -> SandboxInfo | None:
     info = _read_info(sandbox_dir(env, name))
     if info is None or not _alive(info.pid):

@@ -82,6 +82,12 @@ def test_a_long_root_step_without_sudo_shows_all_it_says_to_run(plain_box, proje
     )
     run = cli_for(plain_box, tmp_path / "laptop")
     try:
+        # --check says already that the change would need root this user cannot get.
+        r = run("setup", "longroot", "--check", "--json", "--var", f"dir={root_only}", "--var", "note=x",
+                cwd=project)  # fmt: skip
+        (res,) = json.loads(r.out)
+        assert res["steps"][0]["status"] == "would-change"
+        assert f"needs root, and {plain_box.info.user} may not use sudo" in res["steps"][0]["output"]
         r = run("setup", "longroot", "--var", f"dir={root_only}", "--var", "note=it's here", cwd=project)
         assert r.code == 1, r.out + r.err
         assert f"{plain_box.info.user} may not use sudo without a password" in r.out

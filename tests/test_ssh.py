@@ -310,6 +310,10 @@ def test_sandbox_up_down(tmp_path):
     e2 = make_env(tmp_path)
     assert main(["--host", "sb1", "status", "--json"], e2) == 0, e2.stderr.getvalue()
     assert len(json.loads(e2.stdout.getvalue())["gpus"]) == 3
+    # status without a name lists every running sandbox
+    e_list = make_env(tmp_path)
+    assert main(["sandbox", "status", "--json"], e_list) == 0
+    assert [b["name"] for b in json.loads(e_list.stdout.getvalue())] == ["sb1"]
     # up again finds it running
     e3 = make_env(tmp_path)
     assert main(["sandbox", "up", "--name", "sb1", "--json"], e3) == 0
@@ -321,6 +325,9 @@ def test_sandbox_up_down(tmp_path):
         assert s.connect_ex(("127.0.0.1", info["port"])) != 0
     e5 = make_env(tmp_path)
     assert main(["sandbox", "status", "--name", "sb1"], e5) == 1
+    e6 = make_env(tmp_path)
+    assert main(["sandbox", "status"], e6) == 1  # none running: says so
+    assert "no sandbox is running" in e6.stdout.getvalue()
 
 
 def test_malformed_ssh_config_names_the_line(tmp_path, box):

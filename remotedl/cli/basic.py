@@ -274,6 +274,8 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import sandbox
 
     app = App(args, env)
+    if args.action != "status" and args.name is None:
+        args.name = "sandbox"
     if args.action == "up":
         host = args.gpus == "host"
         if not host and not str(args.gpus).isdigit():
@@ -312,6 +314,16 @@ def cmd_sandbox(args: argparse.Namespace, env: Environment) -> int:
         else:
             app.out(f"sandbox '{args.name}' " + ("stopped and removed" if removed else "was not running"))
         return ExitCode.OK
+    if args.name is None:
+        boxes = sandbox.running(env)
+        if app.json:
+            app.print_json([b.to_dict() for b in boxes])
+        elif not boxes:
+            app.out("no sandbox is running; `remotedl sandbox up` starts one")
+        for b in boxes:
+            if not app.json:
+                app.out(f"sandbox '{b.name}': up on 127.0.0.1:{b.port} as {b.user}")
+        return ExitCode.OK if boxes else ExitCode.ERROR
     found = sandbox.status(env, args.name)
     if app.json:
         app.print_json(found.to_dict() if found else None)

@@ -30,7 +30,9 @@ def trust(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 def sandbox(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--name", default="sandbox", help="host alias to register (default: sandbox)")
+    p.add_argument(
+        "--name", help="host alias to register (default: sandbox; status without it lists every sandbox)"
+    )
     p.add_argument(
         "--gpus",
         default="2",
