@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from remotedl.agent.box import ACTIVATE
+from remotedl.activate import ACTIVATE
 from remotedl.config import Settings
 from remotedl.env import Environment
 from remotedl.errors import RemotedlError
@@ -66,7 +66,7 @@ if importlib.util.find_spec("tensorflow"):
 print("@@frameworks " + json.dumps(out))
 """
 
-# The environment jobs use (remotedl.agent.box.ACTIVATE: the project's .venv, a conda
+# The environment jobs use (remotedl.activate.ACTIVATE: the project's .venv, a conda
 # environment, env_setup), then the probe with its python. "$1": remote_dir, "$2": conda,
 # "$3": env_setup, "$4": the python probe.
 _IN_JOB_ENV = (

@@ -476,8 +476,9 @@ def stream_logs(
     """Copy the job's log to ``write``. Not following, with ``out_fd`` (where ``write`` goes,
     flushed), the bytes after the first chunk move to it in the kernel. Following, a dropped
     connection is re-made and the log resumes at the byte offset reached: no byte lost, none
-    repeated. Each outage may last ``reconnect_for`` seconds: the window starts again after
-    every successful reconnect. ``on_state`` hears a Slurm job's state as it changes (e.g.
+    repeated. Each outage may last ``reconnect_for`` seconds: the window, the back-off between
+    attempts (0.2 s doubling to 5 s) and the attempt count ``on_reconnect`` hears start again
+    after every successful reconnect. ``on_state`` hears a Slurm job's state as it changes (e.g.
     ``{"state": "PENDING (Resources)", ...}`` while it waits), as the agent says it."""
     spec = client.spec
     on_line = None
@@ -493,6 +494,7 @@ def stream_logs(
 
     st = state or LogState()
     down_since: float | None = None
+    attempt = 0  # reconnect attempts in this outage: the back-off and the count start over
     while True:
         request: dict[str, Any] = {
             "op": "logs",
@@ -519,7 +521,7 @@ def stream_logs(
                     # stdout bytes only come after the start mark was written; wait for it
                     _wait_for(p.stderr_lines, "start", 5)
                     got_start = True
-                    down_since = None  # connected again: a later cut gets a window of its own
+                    down_since, attempt = None, 0  # connected again: a later cut starts afresh
                     _take_start(st, _marks(p.stderr_lines), warn)
                 write(chunk)
                 st.offset += len(chunk)
@@ -533,7 +535,7 @@ def stream_logs(
         code = p.wait()
         marks = _marks(p.stderr_lines)
         if not got_start and "start" in marks:
-            down_since = None
+            down_since, attempt = None, 0
             _take_start(st, marks, warn)
         if "end" in marks:
             return _record(marks["end"].get("job"), spec)
@@ -550,9 +552,10 @@ def stream_logs(
             if now - down_since > reconnect_for:
                 raise openssh_failure(spec, err_text)
             st.reconnects += 1
+            attempt += 1
             if on_reconnect is not None:
-                on_reconnect(st.reconnects)
-            time.sleep(min(0.2 * 2 ** min(st.reconnects, 5), 5.0))
+                on_reconnect(attempt)
+            time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
             continue
         if code == 255 or not framed:
             raise openssh_failure(spec, err_text)

@@ -469,6 +469,8 @@ def down(env: Environment, *, name: str = "sandbox") -> bool:
 
         close_master(resolve_host(env, name, ssh_config=str(directory / "ssh_config")))
     tmux_dir, user_dir = _tmux_dir(directory), _user_dir(directory)
+    if info is not None:
+        _end_jobs(Path(info.home))
     if shutil.which("tmux"):
         # This box's tmux server only (its own socket), never anything else of that user's.
         proc.run(["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": str(tmux_dir)}, check=False)
@@ -485,3 +487,39 @@ def down(env: Environment, *, name: str = "sandbox") -> bool:
     if user_dir.is_dir() and not user_dir.is_symlink():
         shutil.rmtree(user_dir, ignore_errors=True)
     return True
+
+
+def _end_jobs(home: Path) -> None:
+    """Ends the jobs still running on the box (a job outlives its tmux server, and its runner
+    would write its record into the removed home): the job's process group and its runner,
+    by the pids in the box's records, each checked to be that box's (its environment names the
+    box home as HOME), then waits until they are gone."""
+    records = home / ".remotedl" / "jobs"
+    targets: list[tuple[int, bool]] = []  # (pid, a process group)
+    for path in records.glob("*.json") if records.is_dir() else ():
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(rec, dict) or rec.get("status") not in ("queued", "starting", "running"):
+            continue
+        for key, group in (("pgid", True), ("runner_pid", False)):
+            pid = rec.get(key)
+            if isinstance(pid, int) and pid > 1 and _home_of(pid) == str(home):
+                targets.append((pid, group))
+    for pid, group in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+    retry_until(lambda: not any(_alive(pid) for pid, _ in targets), seconds=5)
+
+
+def _home_of(pid: int) -> str | None:
+    """HOME in a process's environment (None when it cannot be read)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for entry in environ.split(b"\0"):
+        if entry.startswith(b"HOME="):
+            return entry[5:].decode(errors="replace")
+    return None

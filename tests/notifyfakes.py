@@ -340,6 +340,15 @@ class Services:
 
 
 MAIL_LOGIN = ("mailuser", "mailpass321")
+# The secret parts of Services.urls(): none may be printed, logged or put in an argv.
+URL_SECRETS = (
+    "rdl-topic-secret",
+    "slacksecrettoken123",
+    "discordsecrettoken456",
+    "hookpass789",
+    "abc123secret",
+    "mailpass321",
+)
 
 
 def start_services(directory: Path, *, smtp_tls: bool = False) -> Services:

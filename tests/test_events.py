@@ -20,14 +20,7 @@ from tests.conftest import Box, _start, cli_for, make_env, retry_until
 from tests.test_secrets import watch_argv
 
 SECRET_ENV = "s3cr3t-env-value-42"
-URL_SECRETS = (
-    "rdl-topic-secret",
-    "slacksecrettoken123",
-    "discordsecrettoken456",
-    "hookpass789",
-    "abc123secret",
-    "mailpass321",
-)
+URL_SECRETS = notifyfakes.URL_SECRETS
 
 
 @pytest.fixture(scope="module")

@@ -563,6 +563,9 @@ def test_logs_follow_outage_window_restarts_after_each_reconnect(fresh_box, proj
     assert not t.is_alive()
     assert "error" not in result, result
     assert len(reconnects) >= 2
+    # Each outage counts (and backs off) from its first attempt: a follow that had reconnected
+    # before does not wait longer, or say "attempt 7", at its next cut.
+    assert reconnects.count(1) == 2, reconnects
     assert got.decode() == "".join(f"line {i}\n" for i in range(1, 101))
     assert result["rec"].status == "succeeded"
 
@@ -678,3 +681,23 @@ def test_logs_to_a_file_and_a_pipe_are_byte_exact(cli, box, proj, tmp_path):
     piped = subprocess.run([sys.executable, "-m", "remotedl", "logs", job_id], capture_output=True, env=env,
                            cwd=proj, check=True, timeout=120)  # fmt: skip
     assert piped.stdout == payload
+
+
+def test_sandbox_down_ends_the_jobs_still_running_there(fresh_box, project, tmp_path):
+    """A job outlives its tmux server by design; the throwaway box's teardown ends it (and its
+    runner, which would otherwise write its record into the removed box home)."""
+    from remotedl import sandbox
+
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    script(project, "long.sh", "echo started; sleep 300\n")
+    rec = json.loads(run("run", "--detach", "--json", "--cpu", "long.sh", cwd=project).out)
+    records = fresh_box.home / ".remotedl" / "jobs"
+    assert retry_until(lambda: json.loads((records / f"{rec['id']}.json").read_text()).get("pgid"))
+    saved = json.loads((records / f"{rec['id']}.json").read_text())
+    pgid, runner = saved["pgid"], saved["runner_pid"]
+    os.killpg(pgid, 0)  # alive
+    assert sandbox.down(make_env(tmp_path / "fresh"), name="fresh")
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+    assert retry_until(lambda: not Path(f"/proc/{runner}").exists(), seconds=5)
+    assert not fresh_box.home.exists()  # nothing wrote into the removed home afterwards

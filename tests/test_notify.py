@@ -18,14 +18,7 @@ from remotedl.agent.client import build_agent
 from remotedl.waiting import free_port
 from tests import notifyfakes
 
-SECRETS = (
-    "rdl-topic-secret",
-    "slacksecrettoken123",
-    "discordsecrettoken456",
-    "hookpass789",
-    "abc123secret",
-    "mailpass321",
-)
+SECRETS = notifyfakes.URL_SECRETS
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from remotedl import gpus as gpumod
+from remotedl.activate import ACTIVATE
 from remotedl.errors import RemotedlError
 from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, JobRecord, SchemaError, slurm_words
 from remotedl.waiting import pid_alive as _alive
@@ -790,42 +791,6 @@ def remove_job_dir(rec: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ environments
 
-# Defines _rdl_activate: the project's environment, as jobs, environment syncs and doctor use it.
-# Reads _rdl_jd (the job's directory, or empty), _rdl_rd (remote_dir), _rdl_conda, _rdl_setup.
-ACTIVATE = r"""
-_rdl_find_conda() {
-  _rdl_cb=
-  for _rdl_b in "${CONDA_EXE:+${CONDA_EXE%/bin/conda}}" \
-      "$(command -v conda 2>/dev/null | sed -e 's,/bin/conda$,,' -e 's,/condabin/conda$,,')" \
-      "$HOME/miniforge3" "$HOME/miniconda3" "$HOME/anaconda3" "$HOME/mambaforge" /opt/conda; do
-    if [ -n "$_rdl_b" ] && [ -f "$_rdl_b/etc/profile.d/conda.sh" ]; then _rdl_cb=$_rdl_b; break; fi
-  done
-  if [ -z "$_rdl_cb" ]; then
-    echo "remotedl: conda is not installed on this box (looked at \$CONDA_EXE, conda on PATH," \
-      "~/miniforge3, ~/miniconda3, ~/anaconda3, ~/mambaforge, /opt/conda)" >&2
-    return 1
-  fi
-}
-_rdl_activate() {
-  if [ -n "$_rdl_conda" ]; then
-    _rdl_find_conda || return 1
-    . "$_rdl_cb/etc/profile.d/conda.sh" || return 1
-    conda activate "$_rdl_conda" || {
-      echo "remotedl: could not activate the conda environment '$_rdl_conda'" >&2; return 1; }
-  else
-    for _rdl_v in "${_rdl_jd:+$_rdl_jd/.venv}" "$_rdl_rd/.venv"; do
-      if [ -n "$_rdl_v" ] && [ -x "$_rdl_v/bin/python" ]; then
-        VIRTUAL_ENV=$_rdl_v; PATH="$_rdl_v/bin:$PATH"; export VIRTUAL_ENV PATH; unset PYTHONHOME
-        break
-      fi
-    done
-  fi
-  if [ -n "$_rdl_setup" ]; then
-    eval "$_rdl_setup" || { echo "remotedl: env_setup failed: $_rdl_setup" >&2; return 1; }
-  fi
-  return 0
-}
-"""
 
 # What the job's environment is: its interpreter and, without importing it, torch's version.
 PROBE = """\
@@ -1149,6 +1114,50 @@ def _wait_started(job_id: int) -> dict[str, Any]:
         time.sleep(0.002)
 
 
+def _new_record(
+    req: dict[str, Any], spec: dict[str, Any], job_id: int, rdir: str, *, isolate: bool, commit: object
+) -> dict[str, Any]:
+    """A new job's record, the fields a box job and a Slurm job share (under the box lock)."""
+    return {
+        "id": job_id,
+        "name": req.get("name") or str(job_id),
+        "command": req["command"],
+        "cwd": rdir,
+        "remote_dir": rdir,
+        "workdir": None,
+        "isolated": isolate,
+        "gpus": [],
+        "want": {},
+        "env_keys": sorted((req.get("env") or {}).keys()),
+        "git_commit": commit if isolate else req.get("git_commit"),
+        "git_head": req.get("git_head"),
+        "snapshot": bool(req.get("snapshot")),
+        "snapshot_files": [str(f) for f in req.get("snapshot_files") or []][:1000],
+        "environment": {k: spec[k] for k in ("conda", "env_setup") if spec.get(k)},
+        "status": "queued",
+        "exit_code": None,
+        "created": time.time(),
+        "started": None,
+        "ended": None,
+        "log": "",
+        "session": "",
+        "host": socket.gethostname(),
+        "starter_pid": os.getpid(),
+        "ready": True,
+        "notify": [],  # job events (agent/events.py): notifications sent from the box
+        "notifications": [],
+    }
+
+
+def _save_new(rec: dict[str, Any], req: dict[str, Any]) -> None:
+    """Saves a new record, with its notification settings (kept aside, 0600) when it has any."""
+    urls = [str(u) for u in req.get("notify") or []]
+    if urls:
+        from remotedl.agent import events
+
+        rec["notify"] = events.save_settings(rec["id"], urls, req.get("host_alias"))
+    save(rec)
+
 def op_start(req: dict[str, Any]) -> dict[str, Any]:
     rdir = _work_tree(req)
     slurm = req.get("scheduler") == "slurm"
@@ -1186,48 +1195,21 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
         records = refresh(all_records())
         chosen = choose_gpus(req, records)
         job_id = _next_id(job_dirs_of(rdir))
-        environment = {k: spec[k] for k in ("conda", "env_setup") if spec.get(k)}
-        rec: dict[str, Any] = {
-            "id": job_id,
-            "name": req.get("name") or str(job_id),
-            "command": req["command"],
-            "cwd": rdir,
-            "remote_dir": rdir,
-            "workdir": None,
-            "isolated": isolate,
-            "gpus": chosen if chosen is not None else [],
-            "want": {k: req.get(k) for k in ("gpus", "count", "force")},
-            "env_keys": sorted((req.get("env") or {}).keys()),
-            "git_commit": commit if isolate else req.get("git_commit"),
-            "git_head": req.get("git_head"),
-            "snapshot": bool(req.get("snapshot")),
-            "snapshot_files": [str(f) for f in req.get("snapshot_files") or []][:1000],
-            "environment": environment,
-            "status": "queued" if chosen is None else "starting",
-            "exit_code": None,
-            "created": time.time(),
-            "started": None,
-            "ended": None,
-            "log": str(logs_dir() / f"{job_id}.log"),
-            "session": session_name(job_id),
-            "host": socket.gethostname(),
-            "boot_id": _boot_id(),
-            "starter_pid": os.getpid(),
-            "ready": not isolate,
-            "runner_pid": None,
-            "pid": None,
-            # job events (agent/events.py): notifications sent from here, stall detection
-            "notify": [],
-            "notifications": [],
-            "stall_after": _stall_after(req.get("stall_after")),
-            "stalled": None,
-        }
-        urls = [str(u) for u in req.get("notify") or []]
-        if urls:
-            from remotedl.agent import events
-
-            rec["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
-        save(rec)
+        rec = _new_record(req, spec, job_id, rdir, isolate=isolate, commit=commit)
+        rec.update(
+            gpus=chosen if chosen is not None else [],
+            want={k: req.get(k) for k in ("gpus", "count", "force")},
+            status="queued" if chosen is None else "starting",
+            log=str(logs_dir() / f"{job_id}.log"),
+            session=session_name(job_id),
+            boot_id=_boot_id(),
+            ready=not isolate,
+            runner_pid=None,
+            pid=None,
+            stall_after=_stall_after(req.get("stall_after")),  # stall detection: agent/events.py
+            stalled=None,
+        )
+        _save_new(rec, req)
         fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(req.get("env") or {}, f)
@@ -1271,46 +1253,17 @@ def _start_slurm(
     with box_lock():
         job_id = _next_id(job_dirs_of(rdir))
         ctl = Path(rdir).joinpath(*SLURM_DIRS) / str(job_id)
-        rec: dict[str, Any] = {
-            "id": job_id,
-            "name": req.get("name") or str(job_id),
-            "command": req["command"],
-            "cwd": rdir,
-            "remote_dir": rdir,
-            "workdir": None,
-            "isolated": isolate,
-            "gpus": [],
-            "want": {"gpus": req.get("gpus"), "count": count},
-            "env_keys": sorted((req.get("env") or {}).keys()),
-            "git_commit": commit if isolate else req.get("git_commit"),
-            "git_head": req.get("git_head"),
-            "snapshot": bool(req.get("snapshot")),
-            "snapshot_files": [str(f) for f in req.get("snapshot_files") or []][:1000],
-            "environment": {k: spec[k] for k in ("conda", "env_setup") if spec.get(k)},
-            "status": "queued",
-            "exit_code": None,
-            "created": time.time(),
-            "started": None,
-            "ended": None,
-            "log": str(ctl / "output.log"),
-            "session": "",
-            "host": socket.gethostname(),
-            "starter_pid": os.getpid(),
-            "ready": True,
-            "scheduler": "slurm",
-            "control_dir": str(ctl),
-            "slurm_id": None,
-            # job events: the end's notification goes out when the agent sees the end (no runner
-            # here: no stall detection)
-            "notify": [],
-            "notifications": [],
-        }
-        urls = [str(u) for u in req.get("notify") or []]
-        if urls:
-            from remotedl.agent import events
-
-            rec["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
-        save(rec)
+        rec = _new_record(req, spec, job_id, rdir, isolate=isolate, commit=commit)
+        rec.update(
+            want={"gpus": req.get("gpus"), "count": count},
+            status="queued",
+            log=str(ctl / "output.log"),
+            ready=True,
+            scheduler="slurm",
+            control_dir=str(ctl),
+            slurm_id=None,
+        )  # the end's notification goes out when the agent sees the end; no stall detection
+        _save_new(rec, req)
     try:
         workdir = rdir
         if isolate:

@@ -52,6 +52,7 @@ _CACHE: Agent | None = None
 # The modules of remotedl that run on the box (standard library only).
 AGENT_MODULES = (
     "gpus.py",
+    "activate.py",
     "waiting.py",
     "schema.py",
     "errors.py",

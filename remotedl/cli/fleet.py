@@ -452,7 +452,7 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from remotedl import jobs
-    from remotedl.cli.jobs import STATUS_STYLE, _when, safe
+    from remotedl.cli.jobs import job_cells
     from remotedl.fleet import Member
     from remotedl.schema import JobRecord
 
@@ -477,17 +477,7 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
         for col in ("host", "job", "name", "status", "GPUs", "exit", "started", "duration", "command"):
             table.add_column(col, no_wrap=col != "command")
         for host, r in rows:
-            table.add_row(
-                _text(host),
-                Text(f"{host}:{r.id}"),
-                Text(safe(r.name)),
-                Text(r.state, style=STATUS_STYLE.get(r.status, "")),
-                Text(",".join(map(str, r.gpus)) or "-"),
-                Text("-" if r.exit_code is None else str(r.exit_code)),
-                Text(_when(r.started)),
-                Text(_duration(r.duration) if r.started else "-"),
-                Text(safe(r.command)),
-            )
+            table.add_row(_text(host), Text(f"{host}:{r.id}"), *job_cells(r))
         app.console.print(table)
     _failures(app, result.failed)
     return result.exit_code

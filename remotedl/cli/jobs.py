@@ -20,6 +20,8 @@ from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, Usa
 from remotedl.words import plural
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from remotedl.agent.client import AgentClient
     from remotedl.envsync import EnvSyncResult
     from remotedl.jobs import EnvSpec, JobRecord
@@ -462,18 +464,25 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     for col in ("id", "name", "status", "GPUs", "exit", "started", "duration", "command"):
         table.add_column(col, no_wrap=col != "command")
     for r in records:
-        table.add_row(
-            Text(str(r.id)),
-            Text(safe(r.name)),
-            Text(r.state, style=STATUS_STYLE.get(r.state, STATUS_STYLE.get(r.status, ""))),
-            Text(",".join(map(str, r.gpus)) or "-"),
-            Text("-" if r.exit_code is None else str(r.exit_code)),
-            Text(_when(r.started)),
-            Text(_duration(r.duration) if r.started else "-"),
-            Text(safe(r.command)),
-        )
+        table.add_row(Text(str(r.id)), *job_cells(r))
     app.console.print(table)
     return ExitCode.OK
+
+
+def job_cells(r: JobRecord) -> list[Text]:
+    """A job's row in a jobs table after its id: name, status, GPUs, exit, started, duration,
+    command. Names and commands come from the box as typed: plain text, never rich markup."""
+    from rich.text import Text
+
+    return [
+        Text(safe(r.name)),
+        Text(r.state, style=STATUS_STYLE.get(r.state, STATUS_STYLE.get(r.status, ""))),
+        Text(",".join(map(str, r.gpus)) or "-"),
+        Text("-" if r.exit_code is None else str(r.exit_code)),
+        Text(_when(r.started)),
+        Text(_duration(r.duration) if r.started else "-"),
+        Text(safe(r.command)),
+    ]
 
 
 def _job_ids(words: list[str]) -> list[int]:
