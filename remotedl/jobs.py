@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from remotedl import proc
 from remotedl.agent.client import AgentClient, error_from
 from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
 from remotedl.schema import AGENT_MISSING, JobRecord, SchemaError, check_type
-from remotedl.ssh.channel import NoFrame
+from remotedl.ssh.channel import Box, NoFrame
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
 
@@ -426,21 +427,84 @@ def keep_commit(root: Path, alias: str, rec: JobRecord) -> str | None:
     return ref if r.returncode == 0 else None
 
 
-def diff(root: Path, alias: str, rec: JobRecord, *, stat: bool = False, color: bool = False) -> str:
+# "$1": the box's work tree, "$2": a commit there; then commits the laptop has. Prints "@@pack"
+# and a thin pack of "$2"'s objects over those of the laptop's commits the box has too (the
+# laptop completes it with `index-pack --fix-thin`), or "@@missing". Reads only.
+_PACK_JOB_COMMIT = r"""
+cd -- "$1" 2>/dev/null && git cat-file -e "$2^{commit}" 2>/dev/null || { echo "@@missing"; exit 0; }
+want=$2; shift 2
+echo "@@pack"
+{ echo "$want"; for b; do git cat-file -e "$b^{commit}" 2>/dev/null && echo "^$b"; done; } |
+  git pack-objects --stdout --revs --thin --delta-base-offset -q
+"""
+
+
+def fetch_job_commit(box: Box, root: Path, rec: JobRecord) -> bool:
+    """Bring the job's commit (made by another laptop's push) from the box's repository into
+    this one, under the job's ref; False when the box no longer has it. One round trip, over
+    the framed channel (start-up noise cannot break it, as it would `git fetch`)."""
+    commit = rec.git_commit
+    if not commit or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+        return False
+    r = proc.run(
+        ["git", "-C", str(root), "for-each-ref", "--sort=-committerdate", "--count=32",
+         "--format=%(objectname)", "refs/heads", "refs/remotedl", "refs/remotes"],
+        check=False,
+    )  # fmt: skip
+    bases = list(dict.fromkeys(r.stdout.split())) if r.returncode == 0 else []
+    stream = box.start(_PACK_JOB_COMMIT, rec.project_dir, commit, *bases)
+    try:
+        head = b""
+        while b"\n" not in head:
+            chunk = stream.read()
+            if not chunk:
+                break
+            head += chunk
+        mark, _, rest = head.partition(b"\n")
+        if mark != b"@@pack":
+            return False
+        index = proc.popen(
+            ["git", "-C", str(root), "index-pack", "--stdin", "--fix-thin"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=False,
+        )  # fmt: skip
+        assert index.stdin is not None
+        assert index.stderr is not None
+        try:
+            index.stdin.write(rest)
+            while chunk := stream.read():
+                index.stdin.write(chunk)
+        except BrokenPipeError:
+            pass
+        index.stdin.close()
+        err = index.stderr.read().decode(errors="replace").strip()
+        if index.wait() != 0:
+            raise RemotedlError(f"could not store job {rec.id}'s commit from {box.spec.alias}: {err}")
+    except NoFrame:
+        stream.wait()
+        raise openssh_failure(box.spec, stream.stderr_text()) from None
+    finally:
+        stream.kill()
+        stream.wait()
+    return keep_commit(root, box.spec.alias, rec) is not None
+
+
+def diff(root: Path, box: Box, rec: JobRecord, *, stat: bool = False, color: bool = False) -> str:
     """The job's code against the local work tree, as text: a diff from the job's commit to
     a snapshot of the work tree as it is now (tracked changes and untracked files that
-    .gitignore does not exclude, as push sends them)."""
+    .gitignore does not exclude, as push sends them). A commit another laptop pushed is
+    fetched from the box first."""
     from remotedl.snapshot import take_snapshot
 
     if not rec.git_commit:
         raise UsageError(f"job {rec.id} has no commit recorded (its tree on the box is not a git repository)")
     commit = rec.git_commit
-    if not _have_commit(root, commit):
+    if not _have_commit(root, commit) and not fetch_job_commit(box, root, rec):
         raise RemotedlError(
-            f"job {rec.id}'s commit {commit[:10]} is not in this repository",
+            f"job {rec.id}'s commit {commit[:10]} is neither in this repository nor on {box.spec.alias} "
+            "any more",
             hint="it was pushed from another clone; fetch it from there",
         )
-    keep_commit(root, alias, rec)
+    keep_commit(root, box.spec.alias, rec)
     now = take_snapshot(root).commit or commit
     argv = ["git", "-C", str(root), "diff", f"--color={'always' if color else 'never'}"]
     argv += ["--stat"] if stat else []

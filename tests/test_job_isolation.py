@@ -104,6 +104,14 @@ def test_two_laptops_run_their_own_commit_at_once(box, origin, tmp_path):
     assert jl[job_a["id"]]["workdir"] != jl[job_b["id"]]["workdir"]
     assert jl[job_a["id"]]["remote_dir"] == jl[job_b["id"]]["remote_dir"]
     assert jl[job_a["id"]]["workdir"] == f"{jl[job_a['id']]['remote_dir']}/.remotedl/jobs/{job_a['id']}"
+    # Laptop A looks at B's job: B's commit is not in A's clone; diff fetches it from the box.
+    with pytest.raises(subprocess.CalledProcessError):
+        git(a, "cat-file", "-e", commit_b)
+    r = run_a("diff", str(job_b["id"]), cwd=a)
+    assert r.code == 0, r.err
+    assert "-from-laptop-b" in r.out and "+from-laptop-a" in r.out
+    assert git(a, "rev-parse", f"refs/remotedl/jobs/{box.name}/{job_b['id']}") == commit_b
+    assert git(a, "fsck", "--connectivity-only", "--no-dangling") == ""  # the fetched pack is whole
 
 
 def test_push_and_a_second_run_leave_a_running_job_alone(box, origin, tmp_path):

@@ -633,7 +633,7 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
     client = _client(app)
     rec = jobs.get_job(client, args.job, project=None if args.job else remote_dir(app), warn=warner(env))
     root = app.settings.project.root
-    text = jobs.diff(root, client.spec.alias, rec, stat=args.stat, color=env.stdout_isatty)
+    text = jobs.diff(root, client.box, rec, stat=args.stat, color=env.stdout_isatty)
     env.stdout.write(text)
     if not text:
         env.stderr.write(f"remotedl: no difference: the work tree has job {rec.id}'s code\n")
