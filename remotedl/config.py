@@ -14,6 +14,7 @@ environment: defaults < user < project < ``[hosts.NAME]`` < ``REMOTEDL_*`` < fla
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -516,7 +517,30 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
                 value = _resolve_path(value, env.cwd)
             settings.values[key] = Setting(value, f"flag {flag}")
             settings.overridden.add(key)
+    _check_project_paths(settings)
     return settings
+
+
+# Settings naming directories of the project (data sent by rsync, outputs all jobs share).
+PROJECT_PATHS = ("data", "shared")
+
+
+def _check_project_paths(settings: Settings) -> None:
+    """A configured data or shared path must lie inside the project, and not be all of it
+    (the box would skip it without a word, or push would refuse it as a usage error)."""
+    root = settings.project.root
+    for key in PROJECT_PATHS:
+        setting = settings.values[key]
+        for path in setting.value:
+            # lexical for a relative path (a symlinked data directory is push's to judge)
+            full = os.path.realpath(path) if os.path.isabs(path) else os.path.normpath(root / path)
+            rel = os.path.relpath(full, root)
+            if rel in {".", ".."} or rel.startswith(".." + os.sep):
+                where = "is the project itself" if rel == "." else f"is outside the project ({root})"
+                raise ConfigError(
+                    f"{setting.source}: {key} path '{path}' {where}",
+                    hint=f"list directories inside the project in `{key}`, relative to {root}",
+                )
 
 
 def require_allowed(settings: Settings) -> None:

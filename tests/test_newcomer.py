@@ -210,3 +210,28 @@ def test_a_login_proving_step_without_sudo_is_not_handed_over_to_paste(plain_box
     assert "it proves a new login before it commits" in step["output"], step
     assert "`remotedl setup ssh-hardening` as a user who may" in step["output"]
     assert step["as_root"] == ""
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ('data = ["data", "../elsewhere"]', "data path '../elsewhere' is outside the project"),
+        ('shared = ["."]', "shared path '.' is the project itself"),
+        ('data = ["/"]', "data path '/' is outside the project"),
+    ],
+)
+def test_project_paths_outside_the_project_are_config_errors(cli, project, setting, words):
+    # `data = ["../x"]` in remotedl.toml failed push as a usage error (exit 2) blaming no file;
+    # `shared = ["../x"]` was dropped by the box without a word.
+    (project / "remotedl.toml").write_text(setting + "\n")
+    for argv in (["config"], ["push"]):
+        r = cli(*argv, cwd=project)
+        assert r.code == 3, r.out + r.err
+        assert words in r.err and "remotedl.toml" in r.err, r.err
+        assert "Traceback" not in r.err
+    # Inside the project, spelled any way, is fine; the --data flag stays a usage error (exit 2).
+    (project / "remotedl.toml").write_text(f'data = ["./data/../data", "{project}/inputs"]\n')
+    assert cli("config", cwd=project).code == 0
+    r = cli("push", "--data", "../elsewhere", cwd=project)
+    assert r.code == 2, r.out + r.err
+    assert "outside the project" in r.err
