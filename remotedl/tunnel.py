@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from remotedl import proc
 from remotedl.errors import ConnectError, HostKeyError, RemotedlError, UsageError
 from remotedl.ssh import HostSpec, openssh_failure, ssh_argv
+from remotedl.words import printable
 
 BACKOFF_CAP = 3.0  # seconds: with ~1 s to connect, a box that is back is reached within 10 s
 
@@ -100,10 +101,24 @@ def _listeners_from_proc(port: int) -> list[tuple[int, str]]:
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if link.startswith("socket:[") and link[8:-1] in inodes:
                     with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                    found.append((int(pid), cmd[:80]))
+                        found.append((int(pid), command_words(c.read())))
                     break
     return found
+
+
+def command_words(cmdline: bytes, limit: int = 72) -> str:
+    """A process's command line (``/proc/PID/cmdline``) in a few words: the program's name
+    without its directory, then its arguments, cut at a word with an ellipsis past ``limit``
+    characters, control characters escaped."""
+    args = [a.decode(errors="replace") for a in cmdline.rstrip(b"\0").split(b"\0")]
+    if not args or not args[0]:
+        return "?"
+    words = [os.path.basename(args[0]) or args[0], *args[1:]]
+    text = printable(" ".join(words), newlines=False)
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1].rsplit(" ", 1)[0] if " " in text[: limit - 1] else text[: limit - 1]
+    return cut + " ..."
 
 
 def port_holder(port: int) -> str | None:

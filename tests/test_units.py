@@ -16,7 +16,7 @@ from remotedl.schema import JobRecord, SchemaError, decode_answer, nesting
 from remotedl.ssh.channel import BOOTSTRAP, encode_request, mark_sections, parse_marks, split_frame
 from remotedl.ssh.hostkeys import _name_matches
 from remotedl.ssh.openssh import login_shell_safe
-from remotedl.tunnel import Forward
+from remotedl.tunnel import Forward, command_words
 from remotedl.words import printable
 
 # What nvidia-smi really prints for the project's queries (an H100 and two consumer cards).
@@ -183,3 +183,15 @@ def test_status_line_only_on_a_terminal():
     with status_line(loud) as say:
         say("starting Jupyter")
     assert "starting Jupyter" in loud.stderr.getvalue()
+
+
+def test_a_port_holder_is_named_by_program_and_cut_at_a_word():
+    # The holder of a busy local port was its command line cut at 80 characters, mid-word,
+    # with the program's full path and any escape sequence it held sent raw.
+    jupyter = b"/home/u/p/.venv/bin/python\0-m\0jupyter\0lab\0--no-browser\0--port\08888\0"
+    jupyter += b"--ServerApp.token_file=/home/u/.remotedl/tokens/a\0"
+    assert command_words(jupyter) == "python -m jupyter lab --no-browser --port 8888 ..."
+    assert command_words(b"/usr/sbin/sshd\0-D\0") == "sshd -D"
+    assert command_words(b"evil\x1b]0;owned\x07\0") == "evil\\x1b]0;owned\\x07"
+    assert command_words(b"x" * 100, limit=20) == "x" * 19 + " ..."
+    assert command_words(b"") == "?"
