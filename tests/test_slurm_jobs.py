@@ -151,6 +151,50 @@ def test_two_jobs_disjoint_gpus_a_third_pending_then_running(cluster):
     cluster.release("b")
 
 
+def test_notifications_go_out_from_the_login_node_with_no_laptop_looking(cluster, tmp_path):
+    # A Slurm job has no runner of ours beside it: its start after the queue and its end were
+    # sent only when a laptop next asked about it (`jobs`, `logs -f`), so a closed laptop got
+    # nothing. A watcher on the login node sends them.
+    from tests import notifyfakes
+
+    services = notifyfakes.start_services(tmp_path / "ca")
+    try:
+
+        def hooks(job_id: int, event: str) -> list[dict[str, Any]]:
+            return [
+                p
+                for h in services.recorder.of("json")
+                if (p := h.json())["remotedl"]["job"] == job_id and p["remotedl"]["event"] == event
+            ]
+
+        holders = [cluster.start(cluster.hold("a")) for _ in range(2)]
+        for h in holders:
+            cluster.wait(h, "RUNNING")
+        rec = cluster.start(f"echo working; {cluster.hold('more')}; exit 3", notify=[services.urls()["json"]])
+        assert retry_until(lambda: cluster.get(rec).state == "PENDING (Resources)", seconds=30, interval=0.2)
+        cluster.release("a")
+        # From here on nothing asks the login node about the job: no jobs, no logs, no get.
+        started = retry_until(lambda: hooks(rec.id, "started"), seconds=30)
+        assert started, services.recorder.hits
+        assert "started after waiting in the queue" in started[0]["title"]
+        cluster.release("more")
+        ended = retry_until(lambda: hooks(rec.id, "failed"), seconds=30)
+        assert ended, services.recorder.hits
+        assert ended[0]["remotedl"]["exit_code"] == 3
+        assert "working" in ended[0]["message"]
+        done = cluster.get(rec)
+        assert done.state == "FAILED (exit 3)"
+        assert [n["event"] for n in done.notifications] == ["started", "failed"]
+        assert all(n["ok"] for n in done.notifications)
+        # The watcher leaves once no Slurm job with notifications is active.
+        gone = retry_until(
+            lambda: "slurm_watch" not in cluster.login.ssh("ps -eo args").stdout, seconds=15
+        )
+        assert gone, cluster.login.ssh("ps -eo args").stdout
+    finally:
+        services.stop()
+
+
 def test_kill_cancels_and_a_pending_kill_too(cluster):
     rec = cluster.start(cluster.hold("never"), gpus=0, env={"K": "v"})
     cluster.wait(rec, "RUNNING")

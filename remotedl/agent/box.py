@@ -387,6 +387,11 @@ def refresh_slurm(records: list[dict[str, Any]]) -> None:
         return
     from remotedl import slurm as slurmmod
 
+    if any(notify_path(int(r["id"])).exists() for r in todo):
+        from remotedl.agent import events
+
+        events.watch_slurm()  # sends with no laptop looking (a no-op while a watcher runs)
+
     for r in todo:
         try:
             st = slurmmod.state_here(slurm_ref(r))
@@ -402,8 +407,14 @@ def refresh_slurm(records: list[dict[str, Any]]) -> None:
                 continue
             if fresh["status"] in ACTIVE:
                 changes = slurm_changes(fresh, st)
+                # Slurm said why it waited (Resources, Priority, ...): its start is news.
+                waited = fresh["status"] == "queued" and fresh.get("slurm_reason") not in (None, "", "None")
                 if changes:
                     fresh.update(changes)
+                    if waited and fresh["status"] == "running" and notify_path(int(fresh["id"])).exists():
+                        from remotedl.agent import events
+
+                        events.spawn(int(fresh["id"]), "started")
                     if st.ended and kill_marker(int(fresh["id"])).exists():
                         fresh["status"] = "killed"  # remotedl kill asked for its end
                     save(fresh)
@@ -1262,7 +1273,7 @@ def _start_slurm(
             scheduler="slurm",
             control_dir=str(ctl),
             slurm_id=None,
-        )  # the end's notification goes out when the agent sees the end; no stall detection
+        )  # notifications: a watcher on this login node (events.watch_slurm); no stall detection
         _save_new(rec, req)
     try:
         workdir = rdir
@@ -1298,6 +1309,10 @@ def _start_slurm(
     for w in submitted.warnings:
         warn(w)
     rec = update(job_id, slurm_id=submitted.slurm_id, slurm_state="PENDING", starter_pid=None)
+    if notify_path(job_id).exists():
+        from remotedl.agent import events
+
+        events.watch_slurm()  # its start after the queue and its end are sent from here
     return {"job": rec}
 
 
@@ -1873,6 +1888,12 @@ def _events_op(req: dict[str, Any]) -> dict[str, Any]:
     return events.op_notify(req)
 
 
+def _slurm_watch_op(req: dict[str, Any]) -> dict[str, Any]:
+    from remotedl.agent import events
+
+    return events.op_slurm_watch(req)
+
+
 OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
     "start": op_start,
     "runner": op_runner,
@@ -1887,6 +1908,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
     "envsync": op_envsync,
     "intree": op_intree,
     "notify": _events_op,
+    "slurm_watch": _slurm_watch_op,
 }
 STREAMING = ("logs", "envsync")
 

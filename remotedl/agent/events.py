@@ -185,6 +185,82 @@ def op_notify(req: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+# ------------------------------------------------------------------ Slurm jobs, watched
+
+# Seconds between looks at the Slurm jobs that have notifications (one scontrol per job).
+SLURM_WATCH_INTERVAL = 30.0
+SLURM_WATCH_LOCK = "slurm-watch.lock"
+
+
+def _slurm_watch_interval() -> float:
+    try:
+        value = float(os.environ.get("REMOTEDL_SLURM_WATCH_INTERVAL") or SLURM_WATCH_INTERVAL)
+    except ValueError:
+        return SLURM_WATCH_INTERVAL
+    return min(max(value, 0.5), 3600.0)
+
+
+def _watch_lock() -> int | None:
+    """The watcher's lock (held for its life), or None when another watcher holds it."""
+    fd = os.open(state_dir() / SLURM_WATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def watch_slurm() -> None:
+    """Make sure a watcher runs on this login node: a Slurm job has no runner of ours beside it
+    to say when it starts after the queue or ends, and the laptop may be asleep."""
+    fd = _watch_lock()
+    if fd is None:
+        return  # one runs
+    os.close(fd)  # released: the detached watcher takes it (or a rival one did: fine)
+    argv = [sys.executable, "-E", "-s", "-S", sys.argv[0], json.dumps({"op": "slurm_watch"})]
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def _watched_slurm_jobs() -> list[dict[str, Any]]:
+    from remotedl.agent.box import all_records, is_slurm
+    from remotedl.schema import ACTIVE
+
+    active = [r for r in all_records() if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
+    return [r for r in active if notify_path(int(r["id"])).exists()]
+
+
+def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
+    """The watcher: every interval, Slurm's state of the active Slurm jobs that have
+    notifications (``refresh_slurm`` records it and sends their start after a wait and their
+    end); gone when none is left. One per user and login node (a lock in the state dir)."""
+    from remotedl.agent.box import refresh_slurm
+
+    interval = _slurm_watch_interval()
+    while True:
+        fd = _watch_lock()
+        if fd is None:
+            return {}  # another watcher has it
+        try:
+            while todo := _watched_slurm_jobs():
+                refresh_slurm(todo)
+                time.sleep(interval)
+        finally:
+            os.close(fd)
+        # A job submitted while this one was leaving found the lock held and started no
+        # watcher: look once more with the lock released.
+        if not _watched_slurm_jobs():
+            return {}
+
+
 # ------------------------------------------------------------------ GPU utilization, shared
 
 
