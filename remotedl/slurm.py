@@ -1116,6 +1116,20 @@ def state_here(job: JobRef) -> SlurmJob:
     return state_of(job.slurm_id, lines)
 
 
+def queue_here() -> dict[str, SlurmJob] | None:
+    """The user's jobs in Slurm's queue, by Slurm job id, in one squeue call (one RPC for
+    all of them); None when squeue did not answer."""
+    import getpass
+
+    try:
+        r = _slurm_cmd(["squeue", "--noheader", f"--user={getpass.getuser()}", "-O", SQUEUE_FORMAT])
+    except RemoteError:
+        return None
+    if r.returncode != 0:
+        return None
+    return {j.job_id: j for j in parse_squeue(r.stdout)}
+
+
 def cancel_here(job: JobRef, *, wait: float = 30.0) -> SlurmJob:
     """scancel the job, remove its env file, and wait until Slurm says it ended (a cancelled
     running job passes through COMPLETING for up to KillWait seconds)."""

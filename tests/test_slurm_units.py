@@ -523,3 +523,25 @@ def test_doctor_lines():
         _doctor_sections(commands=["sbatch ", "squeue /usr/bin/squeue"]), SlurmSettings()
     )
     assert [c.status for c in missing] == ["fail"] and "sbatch" in missing[0].detail
+
+
+def test_the_notification_watcher_asks_scontrol_only_about_jobs_that_moved(monkeypatch):
+    # One squeue answers for every watched job; only a job whose state or reason changed, or
+    # that left the queue, costs an scontrol (refresh_slurm) of its own.
+    from remotedl.agent import events
+
+    queue = {
+        "11": slurm.SlurmJob("11", "PENDING", reason="Resources"),
+        "12": slurm.SlurmJob("12", "RUNNING", nodes="n1"),
+        "13": slurm.SlurmJob("13", "RUNNING", nodes="n1"),
+    }
+    records = [
+        {"id": 1, "slurm_id": "11", "slurm_state": "PENDING", "slurm_reason": "Resources"},  # as it was
+        {"id": 2, "slurm_id": "12", "slurm_state": "PENDING", "slurm_reason": "Priority"},  # started
+        {"id": 3, "slurm_id": "13", "slurm_state": "RUNNING", "slurm_reason": None},  # as it was
+        {"id": 4, "slurm_id": "14", "slurm_state": "RUNNING", "slurm_reason": None},  # left the queue
+    ]
+    monkeypatch.setattr(slurm, "queue_here", lambda: queue)
+    assert [r["id"] for r in events._moved(records)] == [2, 4]
+    monkeypatch.setattr(slurm, "queue_here", lambda: None)  # squeue did not answer: ask about each
+    assert [r["id"] for r in events._moved(records)] == [1, 2, 3, 4]

@@ -238,6 +238,22 @@ def _watched_slurm_jobs() -> list[dict[str, Any]]:
     return [r for r in active if notify_path(int(r["id"])).exists()]
 
 
+def _moved(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Those of ``records`` whose Slurm state may have changed: one squeue for all of them,
+    so a job that sits in the queue or runs on costs no scontrol of its own."""
+    from remotedl import slurm as slurmmod
+
+    queue = slurmmod.queue_here()
+    if queue is None:
+        return records  # no squeue answer: ask about each
+    out = []
+    for r in records:
+        seen = queue.get(str(r.get("slurm_id")))
+        if seen is None or (seen.state, seen.reason or None) != (r.get("slurm_state"), r.get("slurm_reason")):
+            out.append(r)  # left the queue, or moved on in it
+    return out
+
+
 def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
     """The watcher: every interval, Slurm's state of the active Slurm jobs that have
     notifications (``refresh_slurm`` records it and sends their start after a wait and their
@@ -251,7 +267,7 @@ def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
             return {}  # another watcher has it
         try:
             while todo := _watched_slurm_jobs():
-                refresh_slurm(todo)
+                refresh_slurm(_moved(todo))
                 time.sleep(interval)
         finally:
             os.close(fd)
