@@ -136,9 +136,11 @@ class JobRecord:
     @property
     def state(self) -> str:
         """The status in words: ``failed (exit 3)``; the others as they are. A Slurm job's in
-        Slurm's words: ``PENDING (Resources)``, ``RUNNING on node1``, ``FAILED (exit 3)``."""
+        Slurm's words: ``PENDING (Resources)``, ``RUNNING on node1``, ``FAILED (exit 3)``, and
+        ``RUNNING on node1, stalled``."""
         if self.scheduler == "slurm" and self.slurm_state:
-            return slurm_words(self.slurm_state, self.slurm_reason, self.node, self.exit_code)
+            words = slurm_words(self.slurm_state, self.slurm_reason, self.node, self.exit_code)
+            return f"{words}, stalled" if self.status == "running" and self.stalled else words
         if self.status == "failed" and self.exit_code is not None:
             return f"failed (exit {self.exit_code})"
         if self.status == "running" and self.stalled:

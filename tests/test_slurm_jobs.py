@@ -195,6 +195,42 @@ def test_notifications_go_out_from_the_login_node_with_no_laptop_looking(cluster
         services.stop()
 
 
+def test_a_silent_slurm_job_shows_stalled_and_notifies_then_clears(cluster, tmp_path):
+    # Stall detection was a box job's only. On a Slurm host the login node's watcher sees the
+    # job's log (on the shared filesystem) stop growing; the node's GPUs it cannot see.
+    from tests import notifyfakes
+
+    services = notifyfakes.start_services(tmp_path / "ca")
+    try:
+        url = services.urls()["json"]
+        command = f"echo first; {cluster.hold('more')}; echo second; {cluster.hold('done')}"
+        rec = cluster.start(command, gpus=1, notify=[url], stall_after=2.0)
+        running = cluster.wait(rec, "RUNNING")
+        assert running.stall_after == 2.0 and not running.stalled
+        stalled = retry_until(lambda: (r := cluster.get(rec)).stalled and r, seconds=30, interval=0.2)
+        assert stalled, cluster.get(rec)
+        assert stalled.state == "RUNNING on localhost, stalled" and stalled.status == "running"
+        assert "no new log output for 2 s" in stalled.stalled["reason"]
+
+        def hook() -> list[dict[str, Any]]:
+            return [
+                p
+                for h in services.recorder.of("json")
+                if (p := h.json())["remotedl"]["job"] == rec.id and p["remotedl"]["event"] == "stalled"
+            ]
+
+        sent = retry_until(hook, seconds=30)
+        assert sent and "no new log output" in sent[0]["message"], services.recorder.hits
+        cluster.release("more")  # output again: the mark goes
+        cleared = retry_until(lambda: not (r := cluster.get(rec)).stalled and r, seconds=30, interval=0.2)
+        assert cleared and cleared.state == "RUNNING on localhost", cluster.get(rec)
+        assert cleared.stalls == 1
+        cluster.release("done")
+        assert cluster.wait(rec, "COMPLETED").exit_code == 0
+    finally:
+        services.stop()
+
+
 def test_kill_cancels_and_a_pending_kill_too(cluster):
     rec = cluster.start(cluster.hold("never"), gpus=0, env={"K": "v"})
     cluster.wait(rec, "RUNNING")

@@ -387,10 +387,10 @@ def refresh_slurm(records: list[dict[str, Any]]) -> None:
         return
     from remotedl import slurm as slurmmod
 
-    if any(notify_path(int(r["id"])).exists() for r in todo):
+    if any(r.get("stall_after") or notify_path(int(r["id"])).exists() for r in todo):
         from remotedl.agent import events
 
-        events.watch_slurm()  # sends with no laptop looking (a no-op while a watcher runs)
+        events.watch_slurm()  # watches with no laptop looking (a no-op while a watcher runs)
 
     for r in todo:
         try:
@@ -1273,7 +1273,9 @@ def _start_slurm(
             scheduler="slurm",
             control_dir=str(ctl),
             slurm_id=None,
-        )  # notifications: a watcher on this login node (events.watch_slurm); no stall detection
+            stall_after=_stall_after(req.get("stall_after")),  # log silence only (events.LogSilence)
+            stalled=None,
+        )  # notifications and stalls: a watcher on this login node (events.watch_slurm)
         _save_new(rec, req)
     try:
         workdir = rdir
@@ -1309,10 +1311,10 @@ def _start_slurm(
     for w in submitted.warnings:
         warn(w)
     rec = update(job_id, slurm_id=submitted.slurm_id, slurm_state="PENDING", starter_pid=None)
-    if notify_path(job_id).exists():
+    if rec.get("stall_after") or notify_path(job_id).exists():
         from remotedl.agent import events
 
-        events.watch_slurm()  # its start after the queue and its end are sent from here
+        events.watch_slurm()  # its start after the queue, stalls and end are watched from here
     return {"job": rec}
 
 

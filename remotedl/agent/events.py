@@ -213,7 +213,7 @@ def _watch_lock() -> int | None:
 
 def watch_slurm() -> None:
     """Make sure a watcher runs on this login node: a Slurm job has no runner of ours beside it
-    to say when it starts after the queue or ends, and the laptop may be asleep."""
+    to say when it starts after the queue, stalls or ends, and the laptop may be asleep."""
     fd = _watch_lock()
     if fd is None:
         return  # one runs
@@ -235,7 +235,7 @@ def _watched_slurm_jobs() -> list[dict[str, Any]]:
     from remotedl.schema import ACTIVE
 
     active = [r for r in all_records() if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
-    return [r for r in active if notify_path(int(r["id"])).exists()]
+    return [r for r in active if r.get("stall_after") or notify_path(int(r["id"])).exists()]
 
 
 def _moved(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -256,11 +256,13 @@ def _moved(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
     """The watcher: every interval, Slurm's state of the active Slurm jobs that have
-    notifications (``refresh_slurm`` records it and sends their start after a wait and their
-    end); gone when none is left. One per user and login node (a lock in the state dir)."""
+    notifications or a stall watch (``refresh_slurm`` records it and sends their start after a
+    wait and their end), and the logs of those running (``LogSilence``); gone when none is
+    left. One per user and login node (a lock in the state dir)."""
     from remotedl.agent.box import refresh_slurm
 
     interval = _slurm_watch_interval()
+    stalls: dict[int, LogSilence] = {}
     while True:
         fd = _watch_lock()
         if fd is None:
@@ -268,7 +270,12 @@ def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
         try:
             while todo := _watched_slurm_jobs():
                 refresh_slurm(_moved(todo))
-                time.sleep(interval)
+                running = [r for r in todo if r.get("status") == "running" and r.get("stall_after")]
+                stalls = {int(r["id"]): stalls.get(int(r["id"])) or LogSilence(r) for r in running}
+                for watch in stalls.values():
+                    with contextlib.suppress(Exception):  # the watch never breaks anything
+                        watch.look()
+                time.sleep(min([interval, *(w.interval for w in stalls.values())]))
         finally:
             os.close(fd)
         # A job submitted while this one was leaving found the lock held and started no
@@ -323,33 +330,23 @@ def _read_sample(path: Any, max_age: float) -> dict[int, int | None] | None:
 # ------------------------------------------------------------------ stall watch
 
 
-class StallWatch(threading.Thread):
-    """Watches one running job from its runner: log output (``output()`` on every chunk) and
-    its GPUs' utilization."""
+class Stall:
+    """Whether one running job is stalled: no log output (``output()`` says there was), or no
+    utilization on any of its GPUs, for ``stall_after``; marks the record and notifies once per
+    stall, and clears the mark on activity."""
 
-    def __init__(self, rec: dict[str, Any]) -> None:
-        super().__init__(daemon=True, name=f"stall-watch-{rec['id']}")
+    def __init__(self, rec: dict[str, Any], *, gpus: bool = True) -> None:
         self.job_id = int(rec["id"])
-        self.gpus = [int(g) for g in rec.get("gpus") or []]
+        self.gpus = [int(g) for g in rec.get("gpus") or []] if gpus else []
         self.after = float(rec["stall_after"])
         self.interval = min(max(self.after / 4, STALL_MIN_INTERVAL), STALL_MAX_INTERVAL)
         now = time.time()
         self.last_output = now
         self.last_gpu = now
         self.stalled_since: float | None = None
-        self.done = threading.Event()
 
     def output(self) -> None:
         self.last_output = time.time()
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join(5)
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            with contextlib.suppress(Exception):  # the watch never breaks the job
-                self.look()
 
     def reasons(self, now: float) -> list[str]:
         out = []
@@ -391,3 +388,47 @@ class StallWatch(threading.Thread):
                 rec["stalls"] = int(rec.get("stalls") or 0) + 1
             save(rec)
             return True
+
+
+class StallWatch(threading.Thread):
+    """A box job's stall watch, a thread of its runner, which sees every chunk of its output."""
+
+    def __init__(self, rec: dict[str, Any]) -> None:
+        super().__init__(daemon=True, name=f"stall-watch-{rec['id']}")
+        self.stall = Stall(rec)
+        self.done = threading.Event()
+
+    def output(self) -> None:
+        self.stall.output()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
+
+    def run(self) -> None:
+        while not self.done.wait(self.stall.interval):
+            with contextlib.suppress(Exception):  # the watch never breaks the job
+                self.stall.look()
+
+
+class LogSilence(Stall):
+    """A Slurm job's stall watch, from the login node: its log (on the shared filesystem) not
+    growing. Its GPUs are on a node the login node cannot see."""
+
+    def __init__(self, rec: dict[str, Any]) -> None:
+        super().__init__(rec, gpus=False)
+        self.log = os.path.expanduser(str(rec.get("log") or ""))
+        self.size = self._size()
+
+    def _size(self) -> int:
+        try:
+            return os.stat(self.log).st_size
+        except OSError:
+            return -1
+
+    def look(self) -> None:
+        size = self._size()
+        if size != self.size:
+            self.size = size
+            self.output()
+        super().look()

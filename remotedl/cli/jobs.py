@@ -474,9 +474,10 @@ def job_cells(r: JobRecord) -> list[Text]:
     command. Names and commands come from the box as typed: plain text, never rich markup."""
     from rich.text import Text
 
+    look = "stalled" if r.status == "running" and r.stalled else r.status
     return [
         Text(safe(r.name)),
-        Text(r.state, style=STATUS_STYLE.get(r.state, STATUS_STYLE.get(r.status, ""))),
+        Text(r.state, style=STATUS_STYLE.get(look, "")),
         Text(",".join(map(str, r.gpus)) or "-"),
         Text("-" if r.exit_code is None else str(r.exit_code)),
         Text(_when(r.started)),
