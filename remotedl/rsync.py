@@ -144,13 +144,21 @@ def literal(name: str) -> str:
     return name
 
 
+# What each login shell says when rsync is not on the box's PATH: bash, dash, zsh, fish, tcsh.
+_NOT_FOUND = re.compile(
+    r"\brsync: (?:command )?not found|command not found: rsync\b|Unknown command:? '?rsync\b"
+    r"|\brsync: Command not found",
+)
+
+
 def rsync_failure(alias: str, label: str, code: int, err: str) -> RemotedlError:
     """The error for an rsync that exited ``code`` (not an ssh failure), from its stderr."""
     lines = [line for line in err.strip().splitlines() if line.strip()]
     detail = lines[0] if lines else f"exit status {code}"
-    if code == 127 or "remote command not found" in err:
+    if code == 127 or "remote command not found" in err or _NOT_FOUND.search(err):
         # The box's shell could not find rsync ("bash: line 1: rsync: command not found";
-        # rsync itself says "remote command not found (code 127)").
+        # rsync itself says "remote command not found (code 127)", or, when the pipe closed
+        # before it saw the shell's exit, "error in rsync protocol data stream (code 12)").
         return RemoteError(
             f"rsync is not installed on {alias}",
             hint="install it there (`sudo apt-get install rsync`), or run `remotedl setup base`",

@@ -195,3 +195,28 @@ def test_a_port_holder_is_named_by_program_and_cut_at_a_word():
     assert command_words(b"evil\x1b]0;owned\x07\0") == "evil\\x1b]0;owned\\x07"
     assert command_words(b"x" * 100, limit=20) == "x" * 19 + " ..."
     assert command_words(b"") == "?"
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "bash: line 1: rsync: command not found",
+        "sh: 1: rsync: not found",
+        "zsh:1: command not found: rsync",
+        "fish: Unknown command: rsync",
+        "rsync: Command not found.",
+    ],
+)
+def test_rsync_missing_is_told_whichever_way_rsync_exits(said):
+    # rsync exits 127 when it sees the box's shell fail, but 12 (protocol data stream) when the
+    # pipe closed first: the suite's missing-rsync test failed one run in many on that race.
+    from remotedl.rsync import rsync_failure
+
+    for code in (127, 12):
+        closed = "\nrsync: connection unexpectedly closed (0 bytes received so far)\n"
+        err = rsync_failure("gpubox", "data", code, said + closed)
+        assert err.message == "rsync is not installed on gpubox"
+        assert "apt-get install rsync" in (err.hint or "")
+    missing_dir = 'rsync: change_dir "/x" failed: No such file or directory (2)'
+    other = rsync_failure("gpubox", "data", 12, missing_dir)
+    assert other.message.startswith("rsync of data failed (12)")
