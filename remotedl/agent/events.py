@@ -151,19 +151,10 @@ def ended(job_id: int) -> None:
         remove_settings(job_id)
 
 
-def spawn(job_id: int, event: str) -> None:
-    """Send from a detached process of the agent: the caller (an agent request the laptop waits
-    for) answers now; the send may take seconds."""
-    if not notify_path(job_id).exists():
-        return
-    argv = [
-        sys.executable,
-        "-E",
-        "-s",
-        "-S",
-        sys.argv[0],
-        json.dumps({"op": "notify", "id": job_id, "event": event}),
-    ]
+def detached(request: dict[str, Any]) -> None:
+    """Start the agent on ``request`` in a process of its own (a new session, no terminal, no
+    pipes), which outlives the request that started it."""
+    argv = [sys.executable, "-E", "-s", "-S", sys.argv[0], json.dumps(request)]
     with contextlib.suppress(OSError):
         subprocess.Popen(
             argv,
@@ -173,6 +164,13 @@ def spawn(job_id: int, event: str) -> None:
             start_new_session=True,
             close_fds=True,
         )
+
+
+def spawn(job_id: int, event: str) -> None:
+    """Send from a detached process of the agent: the caller (an agent request the laptop waits
+    for) answers now; the send may take seconds."""
+    if notify_path(job_id).exists():
+        detached({"op": "notify", "id": job_id, "event": event})
 
 
 def op_notify(req: dict[str, Any]) -> dict[str, Any]:
@@ -218,16 +216,7 @@ def watch_slurm() -> None:
     if fd is None:
         return  # one runs
     os.close(fd)  # released: the detached watcher takes it (or a rival one did: fine)
-    argv = [sys.executable, "-E", "-s", "-S", sys.argv[0], json.dumps({"op": "slurm_watch"})]
-    with contextlib.suppress(OSError):
-        subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
+    detached({"op": "slurm_watch"})
 
 
 def _watched_slurm_jobs() -> list[dict[str, Any]]:
