@@ -405,9 +405,7 @@ def snapshot_files(root: Path, head: str | None, commit: str | None, limit: int 
     return r.stdout.splitlines()[:limit] if r.returncode == 0 else []
 
 
-def _have_commit(root: Path, commit: str) -> bool:
-    r = proc.run(["git", "-C", str(root), "cat-file", "-e", commit + "^{commit}"], check=False)
-    return r.returncode == 0
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def job_ref(alias: str, job_id: int) -> str:
@@ -419,7 +417,7 @@ def job_ref(alias: str, job_id: int) -> str:
 def keep_commit(root: Path, alias: str, rec: JobRecord) -> str | None:
     """Point the job's ref at its commit, so `git show` works after `git gc`; the ref, or
     None when this repository does not have the commit (made on another laptop)."""
-    if not rec.git_commit or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", rec.git_commit):
+    if not rec.git_commit or not _COMMIT_ID.fullmatch(rec.git_commit):
         return None
     ref = job_ref(alias, rec.id)
     # update-ref refuses an object the repository does not have: one git call, not two
@@ -441,10 +439,10 @@ echo "@@pack"
 
 def fetch_job_commit(box: Box, root: Path, rec: JobRecord) -> bool:
     """Bring the job's commit (made by another laptop's push) from the box's repository into
-    this one, under the job's ref; False when the box no longer has it. One round trip, over
-    the framed channel (start-up noise cannot break it, as it would `git fetch`)."""
+    this one's objects; False when the box no longer has it. One round trip, over the framed
+    channel (start-up noise cannot break it, as it would `git fetch`)."""
     commit = rec.git_commit
-    if not commit or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+    if not commit or not _COMMIT_ID.fullmatch(commit):
         return False
     r = proc.run(
         ["git", "-C", str(root), "for-each-ref", "--sort=-committerdate", "--count=32",
@@ -480,12 +478,11 @@ def fetch_job_commit(box: Box, root: Path, rec: JobRecord) -> bool:
         if index.wait() != 0:
             raise RemotedlError(f"could not store job {rec.id}'s commit from {box.spec.alias}: {err}")
     except NoFrame:
-        stream.wait()
         raise openssh_failure(box.spec, stream.stderr_text()) from None
     finally:
         stream.kill()
         stream.wait()
-    return keep_commit(root, box.spec.alias, rec) is not None
+    return True
 
 
 def diff(root: Path, box: Box, rec: JobRecord, *, stat: bool = False, color: bool = False) -> str:
@@ -498,13 +495,15 @@ def diff(root: Path, box: Box, rec: JobRecord, *, stat: bool = False, color: boo
     if not rec.git_commit:
         raise UsageError(f"job {rec.id} has no commit recorded (its tree on the box is not a git repository)")
     commit = rec.git_commit
-    if not _have_commit(root, commit) and not fetch_job_commit(box, root, rec):
+    alias = box.spec.alias
+    # The job's ref, which is also the test whether this repository has the commit.
+    if keep_commit(root, alias, rec) is None and (
+        not fetch_job_commit(box, root, rec) or keep_commit(root, alias, rec) is None
+    ):
         raise RemotedlError(
-            f"job {rec.id}'s commit {commit[:10]} is neither in this repository nor on {box.spec.alias} "
-            "any more",
+            f"job {rec.id}'s commit {commit[:10]} is neither in this repository nor on {alias} any more",
             hint="it was pushed from another clone; fetch it from there",
         )
-    keep_commit(root, box.spec.alias, rec)
     now = take_snapshot(root).commit or commit
     argv = ["git", "-C", str(root), "diff", f"--color={'always' if color else 'never'}"]
     argv += ["--stat"] if stat else []
