@@ -860,14 +860,21 @@ def state_of(job_id: str, lines: Sequence[str]) -> SlurmJob:
 
 # ------------------------------------------------------------------ Jupyter as a batch job
 
-# The job's command (a constant; the token arrives as JUPYTER_TOKEN from the job's env file).
-# It binds the address the node's name resolves to (what the login node reaches), picks a free
-# port there, and writes "ADDRESS PORT APP NODE" to the control directory ($_rdl_ctl, set by
-# the batch script) before Jupyter starts.
-JUPYTER_COMMAND = r"""
+# The address Jupyter binds on the node: the one its name resolves to (what the login node
+# reaches), else the node's first address; never every interface, which would put Jupyter on
+# whatever networks the node is on.
+NODE_ADDRESS = r"""
 _node=${SLURMD_NODENAME:-$(hostname)}
 _addr=$(getent ahostsv4 "$_node" 2>/dev/null | awk 'NR == 1 { print $1 }')
-[ -n "$_addr" ] || _addr=0.0.0.0
+[ -n "$_addr" ] || _addr=$(hostname -I 2>/dev/null | awk '{ print $1 }')
+[ -n "$_addr" ] || {
+  echo "remotedl: cannot tell the address of node $_node (its name does not resolve)" >&2; exit 1; }
+"""
+
+# The job's command (a constant; the token arrives as JUPYTER_TOKEN from the job's env file).
+# It binds NODE_ADDRESS, picks a free port there, and writes "ADDRESS PORT APP NODE" to the
+# control directory ($_rdl_ctl, set by the batch script) before Jupyter starts.
+JUPYTER_COMMAND = NODE_ADDRESS + r"""
 _j=$(command -v jupyter) || {
   echo "remotedl: jupyter is not installed in the project's environment on $_node" >&2; exit 127; }
 _py=$(command -v python3 || command -v python)
@@ -1119,10 +1126,11 @@ def state_here(job: JobRef) -> SlurmJob:
 def queue_here() -> dict[str, SlurmJob] | None:
     """The user's jobs in Slurm's queue, by Slurm job id, in one squeue call (one RPC for
     all of them); None when squeue did not answer."""
-    import getpass
+    import pwd
 
+    user = pwd.getpwuid(os.getuid()).pw_name  # as `id -un` (never $USER, which may be anything)
     try:
-        r = _slurm_cmd(["squeue", "--noheader", f"--user={getpass.getuser()}", "-O", SQUEUE_FORMAT])
+        r = _slurm_cmd(["squeue", "--noheader", f"--user={user}", "-O", SQUEUE_FORMAT])
     except RemoteError:
         return None
     if r.returncode != 0:

@@ -545,3 +545,33 @@ def test_the_notification_watcher_asks_scontrol_only_about_jobs_that_moved(monke
     assert [r["id"] for r in events._moved(records)] == [2, 4]
     monkeypatch.setattr(slurm, "queue_here", lambda: None)  # squeue did not answer: ask about each
     assert [r["id"] for r in events._moved(records)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("getent", "addresses", "expected"),
+    [
+        ("10.9.8.7       STREAM gpu-a12", "10.1.2.3 fe80::1", "10.9.8.7"),  # the name resolves
+        ("", "10.1.2.3 fe80::1", "10.1.2.3"),  # it does not: the node's first address
+        ("", "", None),  # nothing to bind: an error, never 0.0.0.0
+    ],
+)
+def test_jupyter_on_a_node_binds_one_address_never_all(tmp_path, getent, addresses, expected):
+    # The batch job's Jupyter bound 0.0.0.0 (every network of the node) when the node's name
+    # did not resolve.
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (
+        ("getent", f"printf '%s\\n' '{getent}' | grep . || true"),
+        ("hostname", f'[ "$1" = -I ] && echo "{addresses}" || echo gpu-a12'),
+    ):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "SLURMD_NODENAME": "gpu-a12"}
+    script = slurm.NODE_ADDRESS + 'echo "$_addr"'
+    r = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=10)
+    if expected is None:
+        assert r.returncode == 1 and r.stdout == ""
+        assert "cannot tell the address of node gpu-a12" in r.stderr
+    else:
+        assert (r.returncode, r.stdout) == (0, expected + "\n"), r.stderr
+    assert "0.0.0.0" not in slurm.JUPYTER_COMMAND
