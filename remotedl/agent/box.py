@@ -387,11 +387,6 @@ def refresh_slurm(records: list[dict[str, Any]]) -> None:
         return
     from remotedl import slurm as slurmmod
 
-    if any(r.get("stall_after") or notify_path(int(r["id"])).exists() for r in todo):
-        from remotedl.agent import events
-
-        events.watch_slurm()  # watches with no laptop looking (a no-op while a watcher runs)
-
     for r in todo:
         try:
             st = slurmmod.state_here(slurm_ref(r))
@@ -445,6 +440,11 @@ def refresh(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mark active jobs that nothing keeps alive any more as lost (or killed, when asked to),
     under the lock, after reading each record afresh. Slurm jobs take Slurm's state."""
     refresh_slurm(records)
+    if any(is_slurm(r) for r in records):
+        from remotedl.agent import events
+
+        if events.slurm_watched(records):
+            events.watch_slurm()  # one watches with no laptop looking (a no-op while it runs)
     boot = _boot_id()
     suspects = [r for r in records if r["status"] in ACTIVE and _gone(r, boot)]
     if not suspects:

@@ -219,12 +219,20 @@ def watch_slurm() -> None:
     detached({"op": "slurm_watch"})
 
 
-def _watched_slurm_jobs() -> list[dict[str, Any]]:
-    from remotedl.agent.box import all_records, is_slurm
+def slurm_watched(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The active Slurm jobs among ``records`` that the watcher looks after: those with
+    notifications or a stall watch."""
+    from remotedl.agent.box import is_slurm
     from remotedl.schema import ACTIVE
 
-    active = [r for r in all_records() if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
+    active = [r for r in records if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
     return [r for r in active if r.get("stall_after") or notify_path(int(r["id"])).exists()]
+
+
+def _watched_slurm_jobs() -> list[dict[str, Any]]:
+    from remotedl.agent.box import all_records
+
+    return slurm_watched(all_records())
 
 
 def _moved(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
