@@ -353,7 +353,9 @@ if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; f
 if [ -n "$5" ]; then
   # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
   git cat-file -e "$5^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
-  if [ "$6" -lt 100 ]; then git unpack-objects -q; else git index-pack -q --stdin --fix-thin >/dev/null; fi
+  # (index-pack has no -q; whatever goes wrong here, `git push` sends the objects instead.)
+  if [ "$6" -lt 100 ]; then git unpack-objects -q 2>/dev/null || true
+  else git index-pack --stdin --fix-thin >/dev/null 2>&1 || true; fi
   git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
   git update-ref refs/remotedl/pushed "$new"
   nohup git gc --auto -q </dev/null >/dev/null 2>&1 9<&- &
