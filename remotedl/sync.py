@@ -655,7 +655,11 @@ def push(
     code: bool = True,
     max_snapshot_file: int = DEFAULT_MAX_FILE,
     progress: ProgressFn | None = None,
+    send_data: Sequence[str] | None = None,
 ) -> PushResult:
+    """Push the code (``code``) and rsync the ``data`` paths. ``send_data``: the data paths to
+    rsync this time (``push --watch``: those that changed); all of ``data`` when None. The
+    snapshot leaves out every configured ``data`` path whichever are sent."""
     t0 = time.perf_counter()
     repo = repo_facts(project_root) if code else None
     root = repo.root if repo is not None else project_root
@@ -707,9 +711,10 @@ def push(
         result = PushResult(
             abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out
         )
-        if rels and box.noise:
+        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
+        if sending and box.noise:
             raise startup_noise_error(box, "rsync")
-        for rel in rels:
+        for rel in sending:
             _stage(progress, f"data: {rel}")
             argv = rsync_argv(
                 spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes

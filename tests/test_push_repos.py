@@ -87,3 +87,37 @@ def test_a_tree_a_failed_pack_left_behind_takes_the_next_push(cli, box, project,
     (project / "f1.py").write_text("one\n")
     assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
     assert box_path(box, rdir, "f1.py").read_text() == "one\n"
+
+
+# ------------------------------------------------------------------ push --watch and data paths
+
+
+def test_watch_never_puts_data_paths_into_the_code(cli, box, project, rdir, tmp_path):
+    """A data path .gitignore does not list: a change there is rsynced, never committed."""
+    from tests.test_watch import Watching
+
+    (project / "data").mkdir()
+    (project / "data" / "blob.bin").write_bytes(b"a" * 3000)
+    (project / "remotedl.toml").write_text(f'data = ["data"]\nremote_dir = "{rdir}"\n')
+    (project / "train.py").write_text("print(1)\n")
+    w = Watching(box, project, rdir, tmp_path, data=["data"], max_snapshot_file=1000)
+    try:
+        assert retry_until(lambda: [e.kind for e in w.events] == ["pushed"], seconds=30), w.events
+        (project / "data" / "blob.bin").write_bytes(b"b" * 4000)
+        blob = box_path(box, rdir, "data/blob.bin")
+        assert retry_until(lambda: blob.read_bytes() == b"b" * 4000, seconds=30), w.events
+        # Code alone changes: the push that follows rsyncs no data, and must still leave it out.
+        (project / "train.py").write_text("print(2)\n")
+        code = box_path(box, rdir, "train.py")
+        assert retry_until(lambda: code.read_text() == "print(2)\n", seconds=30), w.events
+    finally:
+        w.close()
+    assert not w.error, w.error
+    assert all(e.kind == "pushed" for e in w.events), w.events
+    assert all(e.result is not None and e.result.left_out == [] for e in w.events), w.events
+    tree = git(box_path(box, rdir), "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+    assert "train.py" in tree and not any(p.startswith("data") for p in tree), tree
+    # An ordinary push (and so a run) after the watch is not refused.
+    r = cli("push", cwd=project)
+    assert r.code == 0, r.err
+    assert "left out" not in r.out
