@@ -480,6 +480,11 @@ def _git_push(box: Box, root: Path, abs_dir: str, commit: str) -> None:
     env = {**os.environ, "GIT_SSH_COMMAND": ssh_command_string(spec), "GIT_SSH_VARIANT": "ssh"}
     url = f"ssh://{spec.alias}{abs_dir}"
     argv = ["git", "-C", str(root), "push", "-q", "--no-verify", url, f"+{commit}:{PUSHED_REF}"]
+    shallow = proc.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"], check=False)
+    if shallow.stdout.strip() == "true":
+        # A shallow clone (`git clone --depth N`): the box takes its history as shallow as it
+        # is here, where receive-pack would refuse it ("shallow update not allowed").
+        argv[4:4] = ["--receive-pack=git -c receive.shallowUpdate=true receive-pack"]
     for attempt in range(3):
         result = proc.run(argv, env=env, check=False)
         if result.returncode == 0:

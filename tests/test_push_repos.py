@@ -121,3 +121,32 @@ def test_watch_never_puts_data_paths_into_the_code(cli, box, project, rdir, tmp_
     r = cli("push", cwd=project)
     assert r.code == 0, r.err
     assert "left out" not in r.out
+
+
+# ------------------------------------------------------------------ shallow clones
+
+
+def test_a_shallow_clone_pushes(cli, box, project, rdir, tmp_path):
+    for i in range(3):
+        (project / "model.py").write_text(f"V = {i}\n")
+        commit_all(project, f"v{i}")
+    clone = tmp_path / "shallow"
+    subprocess.run(
+        ["git", "clone", "-q", "--depth", "1", f"file://{project}", str(clone)], check=True
+    )
+    assert git(clone, "rev-parse", "--is-shallow-repository") == "true"
+    git(clone, "config", "user.email", "t@example.invalid")
+    git(clone, "config", "user.name", "Test")
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=clone)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["commit"] == git(clone, "rev-parse", "HEAD")
+    assert box_path(box, rdir, "model.py").read_text() == "V = 2\n"
+    # Commits on top, and uncommitted work, go the usual way.
+    (clone / "model.py").write_text("V = 3\n")
+    head = commit_all(clone, "v3")
+    (clone / "extra.py").write_text("E = 1\n")
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=clone)
+    assert r.code == 0, r.err
+    assert git(box_path(box, rdir), "rev-parse", "HEAD^") == head
+    assert box_path(box, rdir, "model.py").read_text() == "V = 3\n"
+    assert box_path(box, rdir, "extra.py").read_text() == "E = 1\n"
