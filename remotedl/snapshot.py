@@ -6,9 +6,16 @@ untracked files ``.gitignore`` does not exclude, minus
 - the configured ``data`` paths (rsync sends those: nothing travels twice),
 - virtual environments and conda environments (a directory holding ``pyvenv.cfg`` or
   ``conda-meta/``): the box makes its own,
-- nested git repositories (their own history is not ours to copy),
+- nested git repositories that are not submodules (their own history is not ours to copy),
 - untracked files larger than ``max_snapshot_file`` (checkpoints, datasets, archives),
 - partial transfers that rsync keeps aside (``.remotedl-partial/``).
+
+Submodules go as their files: each checked-out submodule's own snapshot (its HEAD and its
+uncommitted work, by the same rules) takes the place of its gitlink, so the box tree and every
+job's checkout hold the submodule's code with no fetch from its upstream. Its objects are copied
+into this repository's object store (only those it lacks, as one pack), as ``git add`` would
+store them. A submodule not initialised here is left out (the box gets an empty directory) and
+named, with the fix.
 
 What was left out is returned so the CLI can list it once, with the fix.
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,12 +50,14 @@ AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
 # The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
 IDENTITY_KEY = "remotedl.project"
 
-Reason = Literal["large", "environment", "repository"]
+Reason = Literal["large", "environment", "repository", "submodule", "submodule-edits"]
 
 
 @dataclass(frozen=True)
 class LeftOut:
-    """An untracked path the snapshot does not carry, and why."""
+    """An untracked path the snapshot does not carry, and why; "submodule": a submodule not
+    initialised here (its files are not carried); "submodule-edits": a note, not a path left
+    out: a submodule whose uncommitted changes go along, as the project's own do."""
 
     path: str  # relative to the project root; a directory ends with "/"
     reason: Reason
@@ -61,6 +71,7 @@ class Snapshot:
     is_snapshot: bool  # True when commit is a snapshot on top of head, not head itself
     left_out: list[LeftOut] = field(default_factory=list)
     untracked: int = 0  # untracked files carried
+    edited: bool = False  # uncommitted work (not only submodules' files) in the snapshot
 
 
 # ------------------------------------------------------------------ git helpers
@@ -195,6 +206,68 @@ def select_untracked(
     return keep, left
 
 
+def _gitlinks(root: Path, env: dict[str, str]) -> list[str]:
+    """The paths of the index's gitlinks (submodules), as git stores them."""
+    listed = proc.run(["git", "-C", str(root), "ls-files", "-s", "-z"], env=env, check=False).stdout
+    return [rec.split("\t", 1)[1] for rec in listed.split("\0") if rec.startswith("160000 ")]
+
+
+def _copy_objects(sub: Path, root: Path, tree: str, env: dict[str, str]) -> None:
+    """Copy ``tree`` and all it holds from the repository at ``sub`` into ``root``'s object
+    store: only what ``root`` lacks, as one pack (made visible at once: a present tree means
+    all its objects are)."""
+    if proc.run(["git", "-C", str(root), "cat-file", "-e", tree], env=env, check=False).returncode == 0:
+        return
+    listed = git(sub, "rev-list", "--objects", "--no-object-names", tree, env=env)
+    ids = listed.split()
+    checked = git(root, "cat-file", "--batch-check", env=env, input="".join(i + "\n" for i in ids))
+    lacking = [line.split()[0] for line in checked.splitlines() if line.endswith(" missing")]
+    with tempfile.TemporaryFile() as wanted:
+        wanted.write("".join(i + "\n" for i in lacking).encode())
+        wanted.seek(0)
+        packer = proc.popen(
+            ["git", "-C", str(sub), "pack-objects", "--stdout", "-q"],
+            env=env, stdin=wanted.fileno(), stderr=subprocess.DEVNULL, text=False,
+        )  # fmt: skip
+        assert packer.stdout is not None
+        indexer = proc.popen(
+            ["git", "-C", str(root), "index-pack", "--stdin"],
+            env=env, stdin=packer.stdout.fileno(), stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        packer.stdout.close()
+        _, err = indexer.communicate()
+        packed = packer.wait()
+    if indexer.returncode != 0 or packed != 0:
+        raise RemotedlError(f"could not copy the objects of submodule {sub.name}: {err.strip()}")
+
+
+def _flatten_submodules(
+    root: Path, paths: Sequence[str], env: dict[str, str], *, max_file: int, say: Callable[[str], None]
+) -> list[LeftOut]:
+    """Put each checked-out submodule's snapshot tree in place of its gitlink in the index at
+    ``env``'s GIT_INDEX_FILE (see the module's doc); what was left out, and notes."""
+    notes: list[LeftOut] = []
+    for path in paths:
+        sub = root / path
+        top = proc.run(["git", "-C", str(sub), "rev-parse", "--show-toplevel"], env=_clean_env(), check=False)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != sub.resolve():
+            notes.append(LeftOut(path + "/", "submodule"))  # not initialised: nothing to send
+            continue
+        say(f"snapshot: submodule {path}")
+        snap = take_snapshot(sub, max_file=max_file)
+        if snap.commit is None:
+            notes.append(LeftOut(path + "/", "submodule"))
+            continue
+        tree = git(sub, "rev-parse", f"{snap.commit}^{{tree}}", env=_clean_env())
+        _copy_objects(sub, root, tree, _clean_env())
+        git(root, "update-index", "--force-remove", "--", path, env=env)
+        git(root, "read-tree", f"--prefix={path}/", tree, env=env)
+        if snap.edited:
+            notes.append(LeftOut(path + "/", "submodule-edits"))
+        notes += [LeftOut(f"{path}/{x.path}", x.reason, x.size) for x in snap.left_out]
+    return notes
+
+
 def take_snapshot(
     path: Path,
     *,
@@ -238,6 +311,11 @@ def take_snapshot(
                 input="".join(p + "\0" for p in keep),
             )
         tree = git(root, "write-tree", env=env)
+        edited = tree != repo.head_tree if head else True
+        links = _gitlinks(root, env)
+        if links:
+            left += _flatten_submodules(root, links, env, max_file=max_file, say=say)
+            tree = git(root, "write-tree", env=env)
     if head and tree == repo.head_tree:
         return Snapshot(head, head, False, left, len(keep))
     if not head and tree == git(root, "hash-object", "-t", "tree", "--stdin", env=env0, input=""):
@@ -255,4 +333,4 @@ def take_snapshot(
     parents = ["-p", head] if head else []
     message = SNAPSHOT_PREFIX + (head or "an empty repository")
     commit = git(root, "commit-tree", tree, *parents, "-m", message, env=ident)
-    return Snapshot(commit, head, True, left, len(keep))
+    return Snapshot(commit, head, True, left, len(keep), edited)

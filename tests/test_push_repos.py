@@ -131,9 +131,7 @@ def test_a_shallow_clone_pushes(cli, box, project, rdir, tmp_path):
         (project / "model.py").write_text(f"V = {i}\n")
         commit_all(project, f"v{i}")
     clone = tmp_path / "shallow"
-    subprocess.run(
-        ["git", "clone", "-q", "--depth", "1", f"file://{project}", str(clone)], check=True
-    )
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{project}", str(clone)], check=True)
     assert git(clone, "rev-parse", "--is-shallow-repository") == "true"
     git(clone, "config", "user.email", "t@example.invalid")
     git(clone, "config", "user.name", "Test")
@@ -150,3 +148,77 @@ def test_a_shallow_clone_pushes(cli, box, project, rdir, tmp_path):
     assert git(box_path(box, rdir), "rev-parse", "HEAD^") == head
     assert box_path(box, rdir, "model.py").read_text() == "V = 3\n"
     assert box_path(box, rdir, "extra.py").read_text() == "E = 1\n"
+
+
+# ------------------------------------------------------------------ submodules
+
+
+def make_lib(where: Path, files: dict[str, str]) -> Path:
+    subprocess.run(["git", "init", "-q", "-b", "main", str(where)], check=True)
+    for name, text in files.items():
+        (where / name).parent.mkdir(parents=True, exist_ok=True)
+        (where / name).write_text(text)
+    git(where, "add", ".")
+    git(where, "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-qm", "lib")
+    return where
+
+
+def add_submodule(project: Path, source: Path, path: str) -> None:
+    # A local repository as the submodule's upstream (git refuses file:// for submodules unless asked).
+    git(project, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(source), path)
+
+
+def test_submodules_are_shipped_and_jobs_import_them(cli, box, project, tmp_path):
+    rdir = f"~/push-repos/{tmp_path.name}"
+    inner = make_lib(tmp_path / "inner", {"deep.py": "DEEP = 'deep'\n"})
+    lib = make_lib(tmp_path / "lib", {"mylib/__init__.py": "", "mylib/helper.py": "VALUE = 42\n"})
+    git(lib, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(inner), "inner")
+    git(lib, "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-qm", "nested")
+    add_submodule(project, lib, "third_party/lib")
+    git(project, "-c", "protocol.file.allow=always", "submodule", "update", "-q", "--init", "--recursive")
+    (project / "train.py").write_text(
+        "import sys\nsys.path.insert(0, 'third_party/lib')\nsys.path.insert(0, 'third_party/lib/inner')\n"
+        "from mylib.helper import VALUE\nfrom deep import DEEP\nprint('value', VALUE, DEEP)\n"
+    )
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\n')
+    commit_all(project, "a submodule")
+    before = git(project, "status", "--porcelain")
+    r = cli("push", cwd=project)
+    assert r.code == 0, r.err
+    assert "left out" not in r.out and "note" not in r.out, r.out
+    assert box_path(box, rdir, "third_party/lib/mylib/helper.py").read_text() == "VALUE = 42\n"
+    assert box_path(box, rdir, "third_party/lib/inner/deep.py").read_text() == "DEEP = 'deep'\n"
+    assert git(project, "status", "--porcelain") == before  # the local repository as it was
+    r = cli("run", "--cpu", "python3", "train.py", cwd=project)
+    assert r.code == 0, r.err + r.out
+    assert "value 42 deep" in r.out
+    # Uncommitted changes in the submodule go along, and are named.
+    (project / "third_party/lib/mylib/helper.py").write_text("VALUE = 43\n")
+    r = cli("run", "--cpu", "python3", "train.py", cwd=project)
+    assert r.code == 0, r.err + r.out
+    assert "value 43 deep" in r.out
+    assert "third_party/lib/: submodule with uncommitted changes" in r.err
+    r = cli("push", cwd=project)
+    assert r.code == 0, r.err
+    assert "note      third_party/lib/: submodule with uncommitted changes" in r.out
+    assert box_path(box, rdir, "third_party/lib/mylib/helper.py").read_text() == "VALUE = 43\n"
+
+
+def test_a_submodule_not_initialised_here_is_named_with_the_fix(cli, box, project, tmp_path, rdir):
+    lib = make_lib(tmp_path / "lib", {"helper.py": "VALUE = 42\n"})
+    add_submodule(project, lib, "lib")
+    commit_all(project, "a submodule")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)  # no --recursive
+    r = cli("push", "--remote-dir", rdir, cwd=clone)
+    assert r.code == 0, r.err
+    assert "left out  lib/: submodule not initialised here" in r.out
+    assert "git submodule update --init --recursive lib" in r.out
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=clone)
+    assert json.loads(r.out)["left_out"] == [{"path": "lib/", "reason": "submodule", "size": 0}]
+    # Initialised, the next push fills the empty directory the gitlink left on the box.
+    git(clone, "-c", "protocol.file.allow=always", "submodule", "update", "-q", "--init")
+    r = cli("push", "--remote-dir", rdir, cwd=clone)
+    assert r.code == 0, r.err
+    assert "left out" not in r.out
+    assert box_path(box, rdir, "lib/helper.py").read_text() == "VALUE = 42\n"
