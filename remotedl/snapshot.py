@@ -28,6 +28,7 @@ the work tree are never written; new blobs go into the object store, as ``git ad
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -50,14 +51,20 @@ AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
 # The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
 IDENTITY_KEY = "remotedl.project"
 
-Reason = Literal["large", "environment", "repository", "submodule", "submodule-edits"]
+Reason = Literal["large", "environment", "repository", "submodule", "submodule-edits", "lfs-pointer"]
+# Git LFS: its filter off for our own git calls (the snapshot holds files as they are here) and
+# the first bytes of a pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
+NO_LFS_FILTER = ("-c", "filter.lfs.process=", "-c", "filter.lfs.clean=", "-c", "filter.lfs.smudge=",
+                 "-c", "filter.lfs.required=false")  # fmt: skip
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 
 @dataclass(frozen=True)
 class LeftOut:
     """An untracked path the snapshot does not carry, and why; "submodule": a submodule not
     initialised here (its files are not carried); "submodule-edits": a note, not a path left
-    out: a submodule whose uncommitted changes go along, as the project's own do."""
+    out: a submodule whose uncommitted changes go along, as the project's own do;
+    "lfs-pointer": a Git LFS file that is only its pointer here (not fetched), sent as such."""
 
     path: str  # relative to the project root; a directory ends with "/"
     reason: Reason
@@ -206,10 +213,85 @@ def select_untracked(
     return keep, left
 
 
-def _gitlinks(root: Path, env: dict[str, str]) -> list[str]:
-    """The paths of the index's gitlinks (submodules), as git stores them."""
+def _index_facts(root: Path, env: dict[str, str]) -> tuple[list[str], bool]:
+    """(the paths of the index's gitlinks (submodules), whether a tracked .gitattributes
+    names the Git LFS filter): one pass over the index."""
     listed = proc.run(["git", "-C", str(root), "ls-files", "-s", "-z"], env=env, check=False).stdout
-    return [rec.split("\t", 1)[1] for rec in listed.split("\0") if rec.startswith("160000 ")]
+    links, lfs = [], False
+    for rec in listed.split("\0"):
+        if rec.startswith("160000 "):
+            links.append(rec.split("\t", 1)[1])
+        elif not lfs and rec.endswith(".gitattributes"):
+            rel = rec.split("\t", 1)[1]
+            if rel == ".gitattributes" or rel.endswith("/.gitattributes"):
+                with contextlib.suppress(OSError):
+                    lfs = b"filter=lfs" in (root / rel).read_bytes()
+    return links, lfs
+
+
+def _lfs_content(root: Path, repo: Repo, env: dict[str, str]) -> list[LeftOut]:
+    """Put the content of the Git LFS files of the index at ``env``'s GIT_INDEX_FILE in place
+    of their pointers, as the work tree has it (the box and a job read the file, not 130 bytes
+    of pointer text, and never fetch from an LFS server); the files that are only pointers here
+    are named. Hashes are remembered by (size, mtime, inode) beside the index, so an unchanged
+    file is hashed once."""
+    import json
+
+    listed = git(root, "ls-files", "-s", "-z", "--", ":(attr:filter=lfs)", env=env)
+    entries = []
+    for rec in listed.split("\0"):
+        meta, _, rel = rec.partition("\t")
+        if rel and meta.split(" ")[0] in ("100644", "100755"):
+            entries.append((meta.split(" ")[0], rel))
+    cache_path = repo.index.parent / "remotedl-lfs-hashes.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    pointers: list[LeftOut] = []
+    known: dict[str, tuple[str, str]] = {}  # path -> (mode, blob)
+    fresh: list[tuple[str, str, list[int]]] = []  # (mode, path, stat key) to hash
+    for mode, rel in entries:
+        try:
+            st = os.stat(root / rel)
+            with open(root / rel, "rb") as f:
+                start = f.read(len(LFS_POINTER))
+        except OSError:
+            continue
+        if start == LFS_POINTER and st.st_size < 1024:
+            pointers.append(LeftOut(rel, "lfs-pointer", st.st_size))
+            continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = cache.get(rel)
+        if isinstance(hit, list) and len(hit) == 2 and hit[0] == key and isinstance(hit[1], str):
+            known[rel] = (mode, hit[1])
+        elif "\n" not in rel:  # hash-object reads paths a line each
+            fresh.append((mode, rel, key))
+    if known:  # a remembered blob the object store no longer has (gc) is hashed again
+        checked = git(
+            root, "cat-file", "--batch-check", env=env, input="".join(b + "\n" for _, b in known.values())
+        )
+        gone = {line.split()[0] for line in checked.splitlines() if line.endswith(" missing")}
+        for rel, (mode, blob) in list(known.items()):
+            if blob in gone:
+                del known[rel]
+                st = os.stat(root / rel)
+                fresh.append((mode, rel, [st.st_size, st.st_mtime_ns, st.st_ino]))
+    if fresh:
+        ids = git(root, "hash-object", "-w", "--no-filters", "--stdin-paths", env=env,
+                  input="".join(rel + "\n" for _, rel, _ in fresh)).split()  # fmt: skip
+        for (mode, rel, key), blob in zip(fresh, ids, strict=True):
+            known[rel] = (mode, blob)
+            cache[rel] = [key, blob]
+        with contextlib.suppress(OSError):
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: v for k, v in cache.items() if k in known}))
+            tmp.replace(cache_path)
+    if known:
+        info = "".join(f"{mode} {blob}\t{rel}\0" for rel, (mode, blob) in known.items())
+        git(root, "update-index", "-z", "--index-info", env=env, input=info)
+    return pointers
 
 
 def _copy_objects(sub: Path, root: Path, tree: str, env: dict[str, str]) -> None:
@@ -292,7 +374,7 @@ def take_snapshot(
         say("snapshot: checking tracked files")
         # Tracked files: modified, deleted, and (re)staged; only files whose stat differs from
         # the copied cache are hashed.
-        result = proc.run(["git", "-C", str(root), "add", "-u"], env=env, check=False)
+        result = proc.run(["git", *NO_LFS_FILTER, "-C", str(root), "add", "-u"], env=env, check=False)
         if result.returncode != 0:
             # An index git cannot use from another place (a split index...): start from HEAD.
             index.unlink(missing_ok=True)
@@ -312,9 +394,12 @@ def take_snapshot(
             )
         tree = git(root, "write-tree", env=env)
         edited = tree != repo.head_tree if head else True
-        links = _gitlinks(root, env)
+        links, lfs = _index_facts(root, env)
+        if lfs:
+            left += _lfs_content(root, repo, env)
         if links:
             left += _flatten_submodules(root, links, env, max_file=max_file, say=say)
+        if lfs or links:
             tree = git(root, "write-tree", env=env)
     if head and tree == repo.head_tree:
         return Snapshot(head, head, False, left, len(keep))

@@ -350,6 +350,12 @@ if [ -n "$4" ] && [ "$have" != "$4" ]; then
   if [ -n "$have" ]; then echo "@@other $have"; else echo "@@gone"; fi; exit 0  # unclaimed: prepare
 fi
 if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; fi
+# Files arrive as the laptop has them (Git LFS content included): no Git LFS filter of the
+# box's git rewrites them (one would fetch pointers from a server the box cannot reach).
+if [ "$(git config --local --get filter.lfs.required 2>/dev/null)" != false ]; then
+  for k in process clean smudge; do git config "filter.lfs.$k" ""; done
+  git config filter.lfs.required false
+fi
 if [ -n "$5" ]; then
   # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
   git cat-file -e "$5^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }

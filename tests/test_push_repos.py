@@ -4,6 +4,8 @@ clones, and `push --watch` with data paths; against the real sshd box."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -222,3 +224,57 @@ def test_a_submodule_not_initialised_here_is_named_with_the_fix(cli, box, projec
     assert r.code == 0, r.err
     assert "left out" not in r.out
     assert box_path(box, rdir, "lib/helper.py").read_text() == "VALUE = 42\n"
+
+
+# ------------------------------------------------------------------ Git LFS
+
+
+def lfs_project(project: Path, content: bytes) -> None:
+    assert shutil.which("git-lfs"), "git-lfs is needed for this test: .ci/deps installs it (apt-get git-lfs)"
+    git(project, "lfs", "install", "--local")
+    git(project, "lfs", "track", "*.bin")
+    (project / "weights.bin").write_bytes(content)
+    (project / "read.py").write_text("print('bytes', len(open('weights.bin', 'rb').read()))\n")
+    commit_all(project, "weights in Git LFS")
+    blob = git(project, "cat-file", "-p", "HEAD:weights.bin")
+    assert blob.startswith("version https://git-lfs.github.com/spec/v1"), blob  # really in LFS
+
+
+def test_lfs_files_arrive_as_their_content_on_a_box_with_git_lfs(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    fresh_box.sh("git lfs install")  # the box's git has the LFS filter, as after `git lfs install`
+    assert fresh_box.sh("git config --get filter.lfs.process").stdout.strip()
+    content = os.urandom(5000)
+    lfs_project(project, content)
+    (project / "remotedl.toml").write_text('remote_dir = "~/lfs"\n')
+    r = run("push", cwd=project)
+    assert r.code == 0, r.err
+    assert "lfs       " not in r.out, r.out
+    where = Path(fresh_box.info.home) / "lfs"
+    assert (where / "weights.bin").read_bytes() == content
+    r = run("push", "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["code_changed"] is False  # the box's tree is clean: nothing to do
+    r = run("run", "--cpu", "python3", "read.py", cwd=project)
+    assert r.code == 0, r.err + r.out
+    assert "bytes 5000" in r.out  # the job's own checkout has the content too
+    # A changed LFS file goes too.
+    (project / "weights.bin").write_bytes(content[:100])
+    assert run("push", cwd=project).code == 0
+    assert (where / "weights.bin").read_bytes() == content[:100]
+
+
+def test_lfs_pointers_not_fetched_here_are_named(fresh_box, project, tmp_path):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    fresh_box.sh("git lfs install")
+    lfs_project(project, os.urandom(3000))
+    clone = tmp_path / "clone"
+    env = {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"}
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, env=env)
+    assert (clone / "weights.bin").read_bytes().startswith(b"version https://git-lfs")
+    r = run("push", "--remote-dir", "~/lfs2", cwd=clone)
+    assert r.code == 0, r.err  # the box's git-lfs does not fail the checkout
+    assert "lfs       weights.bin: only a Git LFS pointer here" in r.out
+    assert "git lfs pull" in r.out
+    pointer = (Path(fresh_box.info.home) / "lfs2" / "weights.bin").read_bytes()
+    assert pointer == (clone / "weights.bin").read_bytes()

@@ -36,6 +36,7 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     repos = [x for x in left if x.reason == "repository"]
     subs = [x for x in left if x.reason == "submodule"]
     edited = [x for x in left if x.reason == "submodule-edits"]
+    pointers = [x for x in left if x.reason == "lfs-pointer"]
     lines = []
 
     def names(items: Sequence[LeftOut], sized: bool = False) -> str:
@@ -62,6 +63,11 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
         lines.append(
             f"note      {names(edited)}: submodule with uncommitted changes: they go along, as the "
             "project's own do (commit them in the submodule to keep them)"
+        )
+    if pointers:
+        lines.append(
+            f"lfs       {names(pointers)}: only a Git LFS pointer here, and so on the box; "
+            "fetch the content with `git lfs pull`, then push"
         )
     return lines
 
