@@ -150,6 +150,11 @@ def test_a_shallow_clone_pushes(cli, box, project, rdir, tmp_path):
     assert git(box_path(box, rdir), "rev-parse", "HEAD^") == head
     assert box_path(box, rdir, "model.py").read_text() == "V = 3\n"
     assert box_path(box, rdir, "extra.py").read_text() == "E = 1\n"
+    # A job's own checkout is made in the box's (shallow) repository too.
+    (clone / "show.py").write_text("import model\nprint('V is', model.V)\n")
+    r = cli("run", "--cpu", "--remote-dir", rdir, "python3", "show.py", cwd=clone)
+    assert r.code == 0, r.err + r.out
+    assert "V is 3" in r.out
 
 
 # ------------------------------------------------------------------ submodules
