@@ -52,11 +52,11 @@ AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
 IDENTITY_KEY = "remotedl.project"
 
 Reason = Literal["large", "environment", "repository", "submodule", "submodule-edits", "lfs-pointer"]
-# Git LFS: its filter off for our own git calls (the snapshot holds files as they are here) and
-# the first bytes of a pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
-NO_LFS_FILTER = ("-c", "filter.lfs.process=", "-c", "filter.lfs.clean=", "-c", "filter.lfs.smudge=",
-                 "-c", "filter.lfs.required=false")  # fmt: skip
+# The first bytes of a Git LFS pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+# Lines of a snapshot's message when submodules or LFS content were put in (see snapshot_changes).
+WORK_TREE = "work tree: "
+EDITED_SUBMODULE = "edited submodule: "
 
 
 @dataclass(frozen=True)
@@ -374,7 +374,7 @@ def take_snapshot(
         say("snapshot: checking tracked files")
         # Tracked files: modified, deleted, and (re)staged; only files whose stat differs from
         # the copied cache are hashed.
-        result = proc.run(["git", *NO_LFS_FILTER, "-C", str(root), "add", "-u"], env=env, check=False)
+        result = proc.run(["git", "-C", str(root), "add", "-u"], env=env, check=False)
         if result.returncode != 0:
             # An index git cannot use from another place (a split index...): start from HEAD.
             index.unlink(missing_ok=True)
@@ -394,6 +394,7 @@ def take_snapshot(
             )
         tree = git(root, "write-tree", env=env)
         edited = tree != repo.head_tree if head else True
+        plain = tree
         links, lfs = _index_facts(root, env)
         if lfs:
             left += _lfs_content(root, repo, env)
@@ -417,5 +418,25 @@ def take_snapshot(
     }
     parents = ["-p", head] if head else []
     message = SNAPSHOT_PREFIX + (head or "an empty repository")
+    if tree != plain:
+        # Submodules' files and LFS content in place of gitlinks and pointers: the tree of the
+        # work itself is kept, so a job's "changed files" are the user's changes, not those.
+        edits = "".join(f"\n{EDITED_SUBMODULE}{x.path}" for x in left if x.reason == "submodule-edits")
+        message += f"\n\n{WORK_TREE}{plain}{edits}"
     commit = git(root, "commit-tree", tree, *parents, "-m", message, env=ident)
     return Snapshot(commit, head, True, left, len(keep), edited)
+
+
+def snapshot_changes(root: Path, head: str, commit: str) -> list[str]:
+    """The paths a snapshot commit changed against ``head`` as the user changed them: a
+    submodule's files or an LFS file's content that the snapshot put in are not changes (a
+    submodule with uncommitted changes is its path, ending in "/")."""
+    body = git(root, "log", "-1", "--format=%b", commit, check=False)
+    base, edited = commit, []
+    for line in body.splitlines():
+        if line.startswith(WORK_TREE):
+            base = line[len(WORK_TREE) :].strip()
+        elif line.startswith(EDITED_SUBMODULE):
+            edited.append(line[len(EDITED_SUBMODULE) :])
+    r = proc.run(["git", "-C", str(root), "diff", "--name-only", "--no-renames", head, base], check=False)
+    return (r.stdout.splitlines() if r.returncode == 0 else []) + edited

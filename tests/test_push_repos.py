@@ -205,6 +205,10 @@ def test_submodules_are_shipped_and_jobs_import_them(cli, box, project, tmp_path
     assert r.code == 0, r.err + r.out
     assert "value 43 deep" in r.out
     assert "third_party/lib/: submodule with uncommitted changes" in r.err
+    # What a job records as changed is the user's change, not the submodule's files.
+    r = cli("jobs", "--all", "--json", cwd=project)
+    records = sorted(json.loads(r.out), key=lambda j: j["id"])
+    assert [j["snapshot_files"] for j in records[-2:]] == [[], ["third_party/lib/"]], records
     r = cli("push", cwd=project)
     assert r.code == 0, r.err
     assert "note      third_party/lib/: submodule with uncommitted changes" in r.out
@@ -263,6 +267,8 @@ def test_lfs_files_arrive_as_their_content_on_a_box_with_git_lfs(fresh_box, proj
     r = run("run", "--cpu", "python3", "read.py", cwd=project)
     assert r.code == 0, r.err + r.out
     assert "bytes 5000" in r.out  # the job's own checkout has the content too
+    (job,) = json.loads(run("jobs", "--all", "--json", cwd=project).out)
+    assert job["snapshot_files"] == ["remotedl.toml"]  # weights.bin: its content is no change of yours
     # A changed LFS file goes too.
     (project / "weights.bin").write_bytes(content[:100])
     assert run("push", cwd=project).code == 0
