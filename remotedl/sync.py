@@ -350,10 +350,18 @@ if [ -n "$4" ] && [ "$have" != "$4" ]; then
   if [ -n "$have" ]; then echo "@@other $have"; else echo "@@gone"; fi; exit 0  # unclaimed: prepare
 fi
 if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; fi
+# Files arrive as the laptop has them (Git LFS content included): no Git LFS filter of the
+# box's git rewrites them (one would fetch pointers from a server the box cannot reach).
+if [ "$(git config --local --get filter.lfs.required 2>/dev/null)" != false ]; then
+  for k in process clean smudge; do git config "filter.lfs.$k" ""; done
+  git config filter.lfs.required false
+fi
 if [ -n "$5" ]; then
   # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
   git cat-file -e "$5^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
-  if [ "$6" -lt 100 ]; then git unpack-objects -q; else git index-pack -q --stdin --fix-thin >/dev/null; fi
+  # (index-pack has no -q; whatever goes wrong here, `git push` sends the objects instead.)
+  if [ "$6" -lt 100 ]; then git unpack-objects -q 2>/dev/null || true
+  else git index-pack --stdin --fix-thin >/dev/null 2>&1 || true; fi
   git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
   git update-ref refs/remotedl/pushed "$new"
   nohup git gc --auto -q </dev/null >/dev/null 2>&1 9<&- &
@@ -478,6 +486,11 @@ def _git_push(box: Box, root: Path, abs_dir: str, commit: str) -> None:
     env = {**os.environ, "GIT_SSH_COMMAND": ssh_command_string(spec), "GIT_SSH_VARIANT": "ssh"}
     url = f"ssh://{spec.alias}{abs_dir}"
     argv = ["git", "-C", str(root), "push", "-q", "--no-verify", url, f"+{commit}:{PUSHED_REF}"]
+    shallow = proc.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"], check=False)
+    if shallow.stdout.strip() == "true":
+        # A shallow clone (`git clone --depth N`): the box takes its history as shallow as it
+        # is here, where receive-pack would refuse it ("shallow update not allowed").
+        argv[4:4] = ["--receive-pack=git -c receive.shallowUpdate=true receive-pack"]
     for attempt in range(3):
         result = proc.run(argv, env=env, check=False)
         if result.returncode == 0:
@@ -653,7 +666,11 @@ def push(
     code: bool = True,
     max_snapshot_file: int = DEFAULT_MAX_FILE,
     progress: ProgressFn | None = None,
+    send_data: Sequence[str] | None = None,
 ) -> PushResult:
+    """Push the code (``code``) and rsync the ``data`` paths. ``send_data``: the data paths to
+    rsync this time (``push --watch``: those that changed); all of ``data`` when None. The
+    snapshot leaves out every configured ``data`` path whichever are sent."""
     t0 = time.perf_counter()
     repo = repo_facts(project_root) if code else None
     root = repo.root if repo is not None else project_root
@@ -705,9 +722,10 @@ def push(
         result = PushResult(
             abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out
         )
-        if rels and box.noise:
+        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
+        if sending and box.noise:
             raise startup_noise_error(box, "rsync")
-        for rel in rels:
+        for rel in sending:
             _stage(progress, f"data: {rel}")
             argv = rsync_argv(
                 spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes

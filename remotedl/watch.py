@@ -115,9 +115,11 @@ def watch(
         t0 = time.perf_counter()
         event: WatchEvent
         try:
+            # Every data path stays out of the snapshot; only the changed ones are rsynced.
             result = sync.push(
-                spec, root, remote_dir, data=data_paths, excludes=excludes, delete=delete,
-                force=force, code=code, max_snapshot_file=max_snapshot_file, progress=progress,
+                spec, root, remote_dir, data=rels, send_data=data_paths, excludes=excludes,
+                delete=delete, force=force, code=code, max_snapshot_file=max_snapshot_file,
+                progress=progress,
             )  # fmt: skip
             event = WatchEvent("pushed", changed, time.time(), time.perf_counter() - t0, result)
             summary.pushes += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -33,6 +34,9 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     large = [x for x in left if x.reason == "large"]
     envs = [x for x in left if x.reason == "environment"]
     repos = [x for x in left if x.reason == "repository"]
+    subs = [x for x in left if x.reason == "submodule"]
+    edited = [x for x in left if x.reason == "submodule-edits"]
+    pointers = [x for x in left if x.reason == "lfs-pointer"]
     lines = []
 
     def names(items: Sequence[LeftOut], sized: bool = False) -> str:
@@ -49,6 +53,22 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
         lines.append(f"left out  {names(envs)}: environment (the box makes its own); add to .gitignore")
     if repos:
         lines.append(f"left out  {names(repos)}: a repository of its own; add as a submodule or to `data`")
+    if subs:
+        init = " ".join(shlex.quote(x.path.rstrip("/")) for x in subs)
+        lines.append(
+            f"left out  {names(subs)}: submodule not initialised here (the box gets an empty "
+            f"directory); run `git submodule update --init --recursive {init}`"
+        )
+    if edited:
+        lines.append(
+            f"note      {names(edited)}: submodule with uncommitted changes: they go along, as the "
+            "project's own do (commit them in the submodule to keep them)"
+        )
+    if pointers:
+        lines.append(
+            f"lfs       {names(pointers)}: only a Git LFS pointer here, and so on the box; "
+            "fetch the content with `git lfs pull`, then push"
+        )
     return lines
 
 
