@@ -15,6 +15,7 @@ environment: defaults < user < project < ``[hosts.NAME]`` < ``REMOTEDL_*`` < fla
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import sys
 from collections.abc import Mapping
@@ -583,7 +584,8 @@ def allow_files(env: Environment, project: Project) -> list[Path]:
     hosts = data.get("hosts")
     if isinstance(hosts, dict):
         named += [t.get("ssh_config") for t in hosts.values() if isinstance(t, dict)]
-    home = Path(env.environ.get("HOME") or os.path.expanduser("~"))
+    # OpenSSH expands ~ in Include from the passwd entry, not $HOME.
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
     base = project.config_file.parent if project.config_file is not None else project.root
     for value in named:
         if isinstance(value, str) and value:
