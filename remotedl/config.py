@@ -38,6 +38,8 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "host": (str, None, "REMOTEDL_HOST"),
     "ssh_config": (str, None, "REMOTEDL_SSH_CONFIG"),
     "remote_dir": (str, None, "REMOTEDL_REMOTE_DIR"),
+    # the mode push makes remote_dir with: private; "0750" or "2770" opens it to the group
+    "remote_dir_mode": (str, "0700", "REMOTEDL_REMOTE_DIR_MODE"),
     "connect_timeout": (float, 10.0, "REMOTEDL_CONNECT_TIMEOUT"),
     "data": (list, [], None),
     "exclude": (list, [], None),
@@ -271,6 +273,8 @@ def _rank(source: str) -> int:
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
     value = _coerce_type(key, value, origin)
+    if key == "remote_dir_mode":
+        return _dir_mode(value, origin)
     choices = CHOICES.get(key)
     if choices is not None and value is not None and value not in choices:
         raise ConfigError(
@@ -310,6 +314,18 @@ def _coerce_type(key: str, value: Any, origin: str) -> Any:
         f"{origin}: '{key}' must be {_type_name(kind)}, not {shown}",
         hint="fix the value; `remotedl config` shows what each setting resolves to",
     )
+
+
+def _dir_mode(value: str, origin: str) -> str:
+    """An octal directory mode the owner can use and no one else may write to."""
+    text = value.strip()
+    if not re.fullmatch(r"[0-7]{3,4}", text) or int(text, 8) & 0o700 != 0o700 or int(text, 8) & 0o002:
+        raise ConfigError(
+            f"{origin}: 'remote_dir_mode' must be an octal mode that gives you rwx and nobody "
+            f"else write, not {value!r}",
+            hint='e.g. "0700" (yours alone), "0750" (your group reads), "2770" (a team works in it)',
+        )
+    return text if len(text) == 4 else "0" + text
 
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
