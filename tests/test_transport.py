@@ -230,3 +230,28 @@ def test_allow_covers_the_ssh_config_and_every_file_it_includes(tmp_path):
         assert code() == 0
         assert marker.exists()  # allowed: it runs
         marker.unlink()
+
+
+def test_ssh_config_files_follows_include_as_openssh_reads_it(tmp_path):
+    from remotedl.config import ssh_config_files
+
+    home = tmp_path / "home"
+    (home / ".ssh" / "conf.d").mkdir(parents=True)
+    (home / ".ssh" / "conf.d" / "b.conf").write_text("Include loop.cfg\n")  # relative: to ~/.ssh
+    (home / ".ssh" / "loop.cfg").write_text(f"include {tmp_path}/top.cfg\n")  # a loop back to the top
+    (tmp_path / "with space.cfg").write_text("Host x\n")
+    top = tmp_path / "top.cfg"
+    top.write_text(
+        "# Include /not/this\n"
+        "Host gpubox\n"
+        "  INCLUDE=conf.d/*.conf\n"  # keywords are case-insensitive; '=' separates too
+        f'  Include "{tmp_path}/with space.cfg" ~/missing.cfg\n'
+    )
+    got = ssh_config_files(top, home)
+    assert got == [
+        top,
+        home / ".ssh" / "conf.d" / "b.conf",
+        home / ".ssh" / "loop.cfg",
+        tmp_path / "with space.cfg",
+        home / "missing.cfg",  # not there yet: making it later changes what runs
+    ]
