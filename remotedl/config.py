@@ -690,7 +690,8 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
         user_dns = settings.tables.get("dns"), dict(settings.table_sources.get("dns", {}))
         _apply_file(settings, data, f"project config {project.config_file}", project.config_file.parent)
         settings.allow_reasons = dict.fromkeys(risky, "can run commands on this machine")
-        more = trust_risks(settings, env.environ)
+        # (an ssh_config outside the project is already there: it runs commands, it is not only read)
+        more = {k: why for k, why in trust_risks(settings, env.environ).items() if k not in risky}
         settings.allow_reasons.update(more)
         if more and not (allowed if allowed is not None else is_allowed(env, project)):
             # Not applied either: the user's [dns] stays as the user config has it.
