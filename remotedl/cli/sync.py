@@ -76,6 +76,18 @@ def _files(t: Transfer) -> str:
     return f"{plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)}"
 
 
+def made_line(alias: str, remote_dir: str, mode: str) -> str:
+    """What push says when it made remote_dir: who can read it there."""
+    bits = int(mode, 8)
+    if bits & 0o007:
+        who = "every user of the box can read it"
+    elif bits & 0o070:
+        who = "you and your group can read it"
+    else:
+        who = "only you can read it (remote_dir_mode opens it to a group)"
+    return f"made  {alias}:{remote_dir} mode {mode}: {who}"
+
+
 def _push_lines(result: PushResult, alias: str, limit: int) -> list[str]:
     lines = []
     if result.commit:
@@ -83,6 +95,8 @@ def _push_lines(result: PushResult, alias: str, limit: int) -> list[str]:
         what = what if result.snapshot else f"commit {result.commit[:10]}"
         state = "checked out" if result.code_changed else "already there"
         lines.append(f"code  {what} -> {alias}:{result.remote_dir} ({state})")
+    if result.created_mode:
+        lines.append(made_line(alias, result.remote_dir, result.created_mode))
     for t in result.transfers:
         lines.append(f"data  {t.path}: {_files(t)} sent")
     return lines + left_out_lines(result.left_out, limit)
@@ -127,6 +141,7 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
             code=not args.no_code,
             max_snapshot_file=limit,
             progress=progress,
+            dir_mode=str(s.get("remote_dir_mode")),
         )
     synced = None
     if getattr(args, "env", False):
@@ -231,6 +246,7 @@ def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[s
                 on_event=on_event,
                 progress=progress,
                 max_pushes=getattr(args, "pushes", None),
+                dir_mode=str(app.settings.get("remote_dir_mode")),
             )
     except KeyboardInterrupt:
         env.stderr.write("stopped watching\n")
