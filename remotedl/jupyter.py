@@ -78,6 +78,13 @@ class JupyterServer:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def reached_at(self, local_port: int, timeout: float = 3.0) -> bool:
+        """Whether 127.0.0.1:``local_port`` here already is this server: it takes this server's
+        token. So it is when the box is this machine (a sandbox box binds the same loopback) or
+        a tunnel to it is up, and then no tunnel is needed (one would collide with it)."""
+        url = f"http://127.0.0.1:{local_port}{self.base_url}api/status?token={self.token}"
+        return _answers(url, "started", timeout)
+
 
 @dataclass
 class _Look:
@@ -89,6 +96,26 @@ class _Look:
     lab: bool
     servers: list[dict[str, Any]]
     session: bool
+
+
+def _answers(url: str, key: str, timeout: float) -> bool:
+    """Whether ``url`` (on 127.0.0.1) answers 200 with a JSON object holding ``key``."""
+    import urllib.error
+    import urllib.request
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
+    try:
+        with direct.open(url, timeout=timeout) as r:
+            answer = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return isinstance(answer, dict) and key in answer
+
+
+def serves_jupyter(local_port: int, timeout: float = 3.0) -> bool:
+    """Whether 127.0.0.1:``local_port`` here is a Jupyter server (its ``/api`` answers its
+    version without a token): then it may be the box's own, on a box that is this machine."""
+    return _answers(f"http://127.0.0.1:{local_port}/api", "version", timeout)
 
 
 def _session(script: str) -> str:

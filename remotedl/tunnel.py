@@ -195,6 +195,8 @@ def check_local_ports(
 _LISTENING = re.compile(r"Local forwarding listening on 127\.0\.0\.1 port (\d+)")
 _LISTENER_READY = re.compile(r"channel \d+: new .*\[port listener\]")
 _REQUESTED = re.compile(r"Connection to port (\d+) forwarding to \S+ port (\d+) requested")
+# "bind [127.0.0.1]:8888: Address already in use", "cannot listen to port: 8888"
+_CANNOT_LISTEN = re.compile(r"bind \[?[\d.]+\]?:(\d+): Address already in use|cannot listen to port: (\d+)")
 _OPEN_FAILED = re.compile(r"channel \d+: open failed: connect failed: (.*)")
 
 
@@ -285,14 +287,31 @@ class Tunnel:
         text = "\n".join(tail)
         low = text.lower()
         if "address already in use" in low or "cannot listen to port" in low:
-            return RemotedlError("a local port of the tunnel is already in use",
-                                 hint="pick another local port")  # fmt: skip
+            return self._port_taken(text)
         err = openssh_failure(self.spec, text)
         if isinstance(err, HostKeyError) or "authentication failed" in err.message:
             return err
         if "cannot resolve" in err.message and not self.connections and not self.reconnects:
             return err
         return None
+
+    def _port_taken(self, text: str) -> RemotedlError:
+        """ssh could not listen on a local port (taken since it was checked): which one, who
+        holds it, and a free one, as the check before the start says it."""
+        m = _CANNOT_LISTEN.search(text)
+        port = int(m.group(1) or m.group(2)) if m else None
+        if port is None:
+            return RemotedlError(
+                "a local port of the tunnel is already in use", hint="pick another local port"
+            )
+        holder = port_holder(port)
+        free = suggest_port(port, [f.local for f in self.forwards])
+        f = next((f for f in self.forwards if f.local == port), Forward(port, port))
+        instead = f", e.g. `{_tunnel_usage(f, free)}`" if free else ""
+        return RemotedlError(
+            f"local port {port} is already in use" + (f" by {holder}" if holder else ""),
+            hint=f"use another local port{instead}",
+        )
 
     def run(self) -> None:
         """Keep the tunnel up until ``stop()``. Raises only for errors retrying cannot fix."""

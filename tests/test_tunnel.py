@@ -267,6 +267,55 @@ def test_jupyter_through_tunnel(box, project, tmp_path):
     )
 
 
+def test_jupyter_on_a_box_that_is_this_machine_needs_no_tunnel(box, project, tmp_path):
+    """The sandbox box shares this machine's loopback: its Jupyter on port P is already
+    127.0.0.1:P here, where a tunnel from P collided with it ("a local port of the tunnel is
+    already in use"). The server is used as it is; a second run finds it running."""
+    run = cli_for(box, tmp_path / "laptop")
+    (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')
+    assert run("push", cwd=project).code == 0
+    jupyter_in_box_venv(box, f"~/jupyter-tests/{tmp_path.name}")
+    port = free_port()
+    try:
+        r = run("jupyter", f"{port}:{port}", cwd=project)  # the foreground command
+        assert r.code == 0, r.err
+        assert "no tunnel needed" in r.err
+        url = r.out.strip().splitlines()[-1]
+        assert url.startswith(f"http://127.0.0.1:{port}/")
+        token = url.split("token=")[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=10) as resp:
+            assert "started" in json.loads(resp.read())
+        # again: the local port is taken by that very server, which is found running
+        r2 = run("jupyter", f"{port}:{port}", cwd=project)
+        assert r2.code == 0, r2.err
+        assert "found running" in r2.err and "no tunnel needed" in r2.err
+        assert r2.out.strip().endswith(token)
+    finally:
+        subprocess.run(
+            ["tmux", "kill-session", "-t", "=remotedl-jupyter"],
+            check=False,
+            env={**os.environ, "TMUX_TMPDIR": str(sandbox._tmux_dir(box.dir))},
+        )
+
+
+def test_a_port_taken_under_the_tunnel_is_named_with_its_holder(box, tmp_path):
+    """A port taken after the check (ssh itself cannot listen): the port and who holds it."""
+    from remotedl.errors import RemotedlError
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        t = tun.Tunnel(spec_for(box, tmp_path), [tun.Forward(port, port + 1)])
+        with pytest.raises(RemotedlError) as e:
+            t.run()
+        assert f"local port {port} is already in use by pid {os.getpid()}" in e.value.message
+        assert e.value.hint and re.search(rf"`remotedl tunnel \d+:{port + 1}`", e.value.hint)
+    finally:
+        holder.close()
+
+
 def test_colab_runtime_allows_colab_origin(box, project, tmp_path):
     run = cli_for(box, tmp_path / "laptop")
     (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')
