@@ -119,7 +119,7 @@ def test_after_the_command_word_only_gpu_options_are_remotedls():
         ["run", "--gpu", "0", "--", "train.py", "--port", "29500"],
         ["--gpu 0"],
     )
-    words = ["--name", "x", "-e", "A=1", "--data", "d", "-d", "--debug", "--json", "--host", "h"]
+    words = ["--name", "x", "--data", "d", "-d", "--debug", "--json", "--host", "h"]
     assert run_split("run", "train.py", *words) == (["run", "--", "train.py", *words], [])
     assert run_split("run", "run.sh", "--gpus=2", "a") == (
         ["run", "--gpus=2", "--", "run.sh", "a"],
@@ -129,6 +129,34 @@ def test_after_the_command_word_only_gpu_options_are_remotedls():
     # after `--` everything is the command's
     assert run_split("run", "train.py", "--", "--gpu", "0") == (["run", "--", "train.py", "--gpu", "0"], [])
     assert run_split("run", "--", "--gpu", "0") == (["run", "--", "--gpu", "0"], [])
+
+
+def test_env_after_the_command_word_is_remotedls():
+    # a secret given after the script was the script's argument: in `jobs`, the record, notifications
+    assert run_split("run", "train.py", "--lr", "1", "--env", "TOKEN=s3cr3t", "-e", "A=1 2") == (
+        ["run", "--env", "TOKEN=s3cr3t", "--env", "A=1 2", "--", "train.py", "--lr", "1"],
+        ["--env TOKEN", "--env A"],
+    )
+    assert run_split("run", "t.py", "--env=K=v=w", "-eB=") == (
+        ["run", "--env", "K=v=w", "--env", "B=", "--", "t.py"],
+        ["--env K", "--env B"],
+    )
+    # a -e of the command's own (no KEY=VALUE after it) stays the command's, and so does all after --
+    assert run_split("run", "sed", "-e", "s/a=b/c/", "f") == (["run", "--", "sed", "-e", "s/a=b/c/", "f"], [])
+    assert run_split("run", "bash", "-e", "x.sh") == (["run", "--", "bash", "-e", "x.sh"], [])
+    assert run_split("run", "t.py", "--", "--env", "K=V") == (["run", "--", "t.py", "--env", "K=V"], [])
+    assert run_split("run", "t.py", "--env") == (["run", "--", "t.py", "--env"], [])
+
+
+def test_a_taken_env_option_is_said_without_its_value(tmp_path):
+    code, _, err = run_main(tmp_path, "run", "--no-push", "train.py", "--env", "TOKEN=s3cr3t", "--lr", "1")
+    assert code == 3  # no host: stops at the config error, after parsing
+    assert "remotedl: took --env TOKEN for remotedl; to pass it to the script, put it after --" in err
+    assert "s3cr3t" not in err
+    # a malformed pair before the command word is refused without its value
+    code, _, err = run_main(tmp_path, "run", "--no-push", "--env", "MY-TOKEN=s3cr3t", "t.py")
+    assert code == 2
+    assert "MY-TOKEN=..." in err and "s3cr3t" not in err
 
 
 def test_options_before_the_command_word_are_remotedls():

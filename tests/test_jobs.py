@@ -606,6 +606,20 @@ def test_env_and_agent_uploaded_once(cli, box, proj):
     assert len(agents) == 1
 
 
+def test_env_after_the_script_is_the_jobs_not_an_argument(cli, box, proj):
+    """`remotedl run train.py --env TOKEN=...` gave the script `--env TOKEN=...` as arguments,
+    so the secret was in `jobs`, the record and notifications: it is the job's environment."""
+    script(proj, "env.sh", 'echo "args:[$*] token:[$SECRET_TOKEN]"\n')
+    r = cli("run", "--cpu", "env.sh", "--lr", "1", "--env", "SECRET_TOKEN=s3cr3t", cwd=proj)
+    assert r.code == 0, r.err
+    assert "args:[--lr 1] token:[s3cr3t]" in r.out
+    assert "took --env SECRET_TOKEN for remotedl" in r.err
+    assert "s3cr3t" not in r.err
+    rec = job_list(cli, proj)[-1]
+    assert rec["env_keys"] == ["SECRET_TOKEN"]
+    assert "s3cr3t" not in json.dumps(rec)
+
+
 def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
     script(proj, "slow.sh", "echo started; sleep 20; echo finished\n")
     env = {

@@ -80,7 +80,8 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise UsageError(f"--env {pair!r}: use KEY=VALUE")
+            shown = f"{key}=..." if sep else pair  # the value may be a secret: never said
+            raise UsageError(f"--env {shown!r}: use KEY=VALUE, KEY a name of letters, digits and _")
         out[key] = value
     return out
 

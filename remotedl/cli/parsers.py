@@ -94,8 +94,9 @@ def pull(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.epilog = (
         "remotedl's options go before COMMAND: `remotedl run --detach --name x train.py --lr 0.1`. "
-        "After COMMAND every word is the command's, except --gpu/--gpus/--cpu (`remotedl run run.sh "
-        "--gpu 0`); after -- every word is the command's (`remotedl run train.py -- --gpu 0`)."
+        "After COMMAND every word is the command's, except --gpu/--gpus/--cpu and --env KEY=VALUE "
+        "(`remotedl run run.sh --gpu 0`); after -- every word is the command's (`remotedl run "
+        "train.py -- --gpu 0`)."
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
