@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +305,20 @@ def test_config_text_keeps_bracketed_words(tmp_path):
     code, out, err = run_main(tmp_path, "config", cwd=proj)
     assert code == 0, err
     assert "[dns]" in out  # not taken for rich markup and dropped
+
+
+def test_config_says_unset_values_and_where_each_came_from(tmp_path):
+    """`config` printed Python's `None` and rows with an empty "from"."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    code, out, err = run_main(tmp_path, "config", "--host", "somebox", cwd=proj, COLUMNS="300")
+    assert code == 0, err
+    assert not re.search(r"\bNone\b", out), out
+    assert re.search(r"^conda +\(unset\) +default *$", out, re.M), out
+    assert re.search(r"^project config +\(none\) +no remotedl\.toml", out, re.M), out
+    assert re.search(r"^host\.ssh_config +\(unset\) +~/\.ssh/config does not exist", out, re.M), out
+    code, out, _ = run_main(tmp_path, "config", "--json", "--host", "somebox", cwd=proj)
+    data = json.loads(out)
+    assert data["settings"]["conda"] == {"value": None, "source": "default"}  # JSON keeps null
+    empty = [k for k, v in [*data["settings"].items(), *data["host"].items()] if not v["source"]]
+    assert empty == []
