@@ -322,3 +322,28 @@ def test_config_says_unset_values_and_where_each_came_from(tmp_path):
     assert data["settings"]["conda"] == {"value": None, "source": "default"}  # JSON keeps null
     empty = [k for k, v in [*data["settings"].items(), *data["host"].items()] if not v["source"]]
     assert empty == []
+
+
+def test_a_job_started_ahead_of_this_clock_has_no_negative_duration():
+    """A box whose clock is ahead: the job's start lies in this machine's future, and `jobs`
+    showed a duration of `-1d 22h`."""
+    import time
+
+    from remotedl.cli.basic import _duration
+    from remotedl.cli.jobs import _duration_text
+    from remotedl.schema import JobRecord
+
+    assert _duration(-2 * 3600) == "?"
+    assert _duration(-1) == "?"
+    assert _duration(-0.4) == "0m 0s"  # rounding, not a clock ahead
+    assert _duration(0) == "0m 0s"
+    assert _duration(65) == "1m 5s"
+    assert _duration(2 * 86400 + 3 * 3600) == "2d 3h"
+    assert _duration(None) == "?"
+    ahead = time.time() + 2 * 3600 + 30
+    rec = JobRecord(id=1, name="x", command="x", cwd="/", status="running", started=ahead)
+    text = _duration_text(rec)
+    assert text.startswith("? (it started 2h 0m ahead of this machine's clock"), text
+    ended = JobRecord(id=2, name="x", command="x", cwd="/", status="succeeded", started=100.0, ended=160.0)
+    assert _duration_text(ended) == "1m 0s"
+    assert _duration_text(JobRecord(id=3, name="x", command="x", cwd="/", status="queued")) == "-"

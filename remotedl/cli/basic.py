@@ -26,9 +26,12 @@ def _size(n: int | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
+    """``1d 2h``, ``3h 4m``, ``5m 6s``. Below zero (a job whose start, by the box's clock, lies
+    ahead of this machine's: the box's clock is ahead) no length can be told: ``?``, as kubectl
+    says ``<invalid>``, never ``-1d 22h``; less than a second below is rounding: ``0m 0s``."""
+    if seconds is None or seconds <= -1:
         return "?"
-    s = int(seconds)
+    s = max(0, int(seconds))
     days, s = divmod(s, 86400)
     hours, s = divmod(s, 3600)
     minutes, s = divmod(s, 60)

@@ -608,7 +608,7 @@ def _show(app: App, job: str | None) -> int:
         ("created", _when(rec.created)),
         ("started", _when(rec.started)),
         ("ended", _when(rec.ended)),
-        ("duration", _duration(rec.duration) if rec.started else "-"),
+        ("duration", _duration_text(rec)),
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),
@@ -622,6 +622,16 @@ def _show(app: App, job: str | None) -> int:
     for key, value in rows:
         app.out(f"  {key:<12}{safe(value)}")
     return ExitCode.OK
+
+
+def _duration_text(rec: JobRecord) -> str:
+    """The job's duration; a start ahead of this machine's clock says the clocks differ."""
+    if not rec.started:
+        return "-"
+    took = rec.duration
+    if took is not None and took <= -1:
+        return f"? (it started {_duration(-took)} ahead of this machine's clock: the box's clock is ahead)"
+    return _duration(took)
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
