@@ -620,6 +620,29 @@ def test_env_after_the_script_is_the_jobs_not_an_argument(cli, box, proj):
     assert "s3cr3t" not in json.dumps(rec)
 
 
+def test_logs_json_wraps_the_bytes_in_json_lines(cli, proj):
+    """`--json logs` printed the log's raw bytes: it prints one JSON object per line, text as
+    text and a line that is not UTF-8 as base64; joined they are the log byte for byte."""
+    import base64
+
+    script(proj, "mixed.sh", "echo 'plain ü'; printf 'bin \\377\\376\\n'; printf 'no newline'\n")
+    r = cli("run", "--detach", "--cpu", "mixed.sh", cwd=proj)
+    assert r.code == 0, r.err
+    job_id = r.out.strip()
+    expected = "plain ü\n".encode() + b"bin \xff\xfe\n" + b"no newline"
+    for extra in (["-f"], [], ["-f", "-n", "5"]):  # follows to the end first, then as it is
+        r = cli("--json", "logs", *extra, job_id, cwd=proj)
+        assert r.code == 0, r.err
+        objs = [json.loads(line) for line in r.out.splitlines()]
+        assert objs[0] == {"text": "plain ü\n"}
+        assert objs[1] == {"base64": base64.b64encode(b"bin \xff\xfe\n").decode()}
+        assert objs[2] == {"text": "no newline"}
+        joined = b"".join(o["text"].encode() if "text" in o else base64.b64decode(o["base64"]) for o in objs)
+        assert joined == expected
+    r = cli("--json", "logs", "-n", "1", job_id, cwd=proj)
+    assert [json.loads(line) for line in r.out.splitlines()] == [{"text": "no newline"}]
+
+
 def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
     script(proj, "slow.sh", "echo started; sleep 20; echo finished\n")
     env = {

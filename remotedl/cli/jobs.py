@@ -6,6 +6,7 @@ import argparse
 import codecs
 import contextlib
 import datetime
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -66,6 +67,40 @@ def _writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], Non
         env.stdout.write(decoder.decode(b"", final=True))
 
     return write_text, flush_text
+
+
+def _json_lines_writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """Log bytes as JSON Lines (``logs --json``): one object per log line, ``{"text": LINE}``
+    with the line's own newline, or ``{"base64": ...}`` for a line that is not UTF-8; joined in
+    order they are the log byte for byte. A last line without a newline comes at the end."""
+    import base64
+
+    pending = bytearray()
+
+    def emit(line: bytes) -> None:
+        try:
+            obj = {"text": line.decode("utf-8")}
+        except UnicodeDecodeError:
+            obj = {"base64": base64.b64encode(line).decode("ascii")}
+        env.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+    def write(b: bytes) -> None:
+        pending.extend(b)
+        end = pending.rfind(b"\n")
+        if end < 0:
+            return
+        for line in bytes(pending[: end + 1]).splitlines(keepends=True):
+            emit(line)
+        del pending[: end + 1]
+        env.stdout.flush()
+
+    def flush() -> None:
+        if pending:
+            emit(bytes(pending))
+            pending.clear()
+        env.stdout.flush()
+
+    return write, flush
 
 
 def warner(env: Environment) -> Callable[[str], None]:
@@ -131,6 +166,8 @@ def _follow(
     job_id: int,
     ref: str | None = None,
     on_end: Callable[[JobRecord], None] | None = None,
+    *,
+    json_lines: bool = False,
 ) -> int:
     """Follow a job's log to its end; ``ref`` is how the user names it (``HOST:ID`` on a fleet);
     ``on_end`` (pull outputs, desktop notification) runs before the job's exit status is passed on."""
@@ -138,7 +175,7 @@ def _follow(
 
     spec = client.spec
     shown = ref or str(job_id)
-    write, flush = _writer(app.env)
+    write, flush = _json_lines_writer(app.env) if json_lines else _writer(app.env)
 
     def reconnecting(n: int) -> None:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
@@ -661,11 +698,11 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     if args.follow:
         rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
         if args.lines is None:
-            return _follow(app, client, rec.id, app.job_ref(rec.id))
+            return _follow(app, client, rec.id, app.job_ref(rec.id), json_lines=app.json)
         args.job, project = str(rec.id), None
-    write, flush = _writer(env)
+    write, flush = _json_lines_writer(env) if app.json else _writer(env)
     out_fd = None
-    if getattr(env.stdout, "buffer", None) is not None:  # a real stream: bytes may go to its fd
+    if not app.json and getattr(env.stdout, "buffer", None) is not None:  # bytes may go to its fd
         try:
             out_fd = env.stdout.fileno()
         except (OSError, ValueError):

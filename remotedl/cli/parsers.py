@@ -184,6 +184,10 @@ def diff(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 
 def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        'With --json: JSON Lines, one object per log line with its newline, {"text": ...} or '
+        '{"base64": ...} for a line that is not UTF-8.'
+    )
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
