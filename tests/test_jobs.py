@@ -674,6 +674,54 @@ def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
     assert run("kill", str(jl[-1]["id"]), cwd=proj).code == 0
 
 
+def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
+    """Ctrl-C once the box has started the job, before `run` said so (it was keeping the
+    job's commit in the local repository): the interrupt names the job that now runs."""
+    script(proj, "slow.sh", "echo started; sleep 20\n")
+    mark = tmp_path / "keeping"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # git as it is, except that keeping a job's commit waits: the window, held open for the test
+    (bindir / "git").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *"update-ref refs/remotedl/jobs/"*) : > "$MARK"; sleep 60;; esac\n'
+        f'exec {shutil.which("git")} "$@"\n'
+    )
+    (bindir / "git").chmod(0o755)
+    env = {
+        **os.environ,
+        **make_env(tmp_path / "laptop").environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "MARK": str(mark),
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "REMOTEDL_HOST": box.name,
+    }
+    p = subprocess.Popen(
+        [sys.executable, "-m", "remotedl", "run", "--cpu", "slow.sh"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        assert retry_until(mark.exists, seconds=60), "the start request never came back"
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    run = cli_for(box, tmp_path / "laptop2")
+    rec = job_list(run, proj)[-1]
+    assert rec["name"] == "slow.sh" and rec["status"] == "running"
+    assert p.returncode == 130, err
+    said = f"interrupted: job {rec['id']} (slow.sh) was started on {box.name} and keeps running"
+    assert said in err, err
+    assert f"remotedl kill {rec['id']}" in err
+    assert run("kill", str(rec["id"]), cwd=proj).code == 0
+
+
 @pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux on the laptop side")
 def test_attach_shows_the_job_in_a_terminal(box, proj, tmp_path):
     script(proj, "chatty.sh", 'i=0; while true; do i=$((i+1)); echo "chat $i"; sleep 0.2; done\n')

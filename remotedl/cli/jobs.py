@@ -333,9 +333,10 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
+    started: JobRecord | None = None
     for attempt in range(3):
         try:
-            rec = jobs.start(
+            rec = started = jobs.start(
                 client,
                 command=command,
                 remote_dir=rdir,
@@ -361,8 +362,17 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 warn=warn,
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
             )
+            # In the same try: from here the job runs, and an interrupt names it.
+            jobs.keep_commit(root, spec.alias, rec)
             break
         except KeyboardInterrupt:
+            if started is not None:
+                shown = app.job_ref(started.id)
+                raise Interrupted(
+                    f"interrupted: job {shown} ({safe(started.name)}) was started on {spec.alias} "
+                    "and keeps running",
+                    hint=f"`remotedl logs -f {shown}` follows it; `remotedl kill {shown}` stops it",
+                ) from None
             # The request may have reached the box: the job then runs, and only this says so.
             on = f" --host {spec.alias}" if app.narrowed else ""
             raise Interrupted(
@@ -376,7 +386,6 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 f"syncing {safe(str(e.plan.get('target') or ''))}\n"
             )
             sync_environment(app, client, rdir, env_spec)
-    jobs.keep_commit(root, spec.alias, rec)
     ref = app.job_ref(rec.id)
     if app.json and args.detach:
         app.print_json({**rec.to_dict(), "alias": spec.alias} if app.narrowed else rec.to_dict())
