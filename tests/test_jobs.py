@@ -113,7 +113,8 @@ def test_options_after_the_command_word_are_the_scripts(cli, proj):
         "args.sh",
         'echo "gpus=[$CUDA_VISIBLE_DEVICES]"; for a in "$@"; do printf "<%s>" "$a"; done; echo\n',
     )
-    words = ["--port", "29500", "--name", "x", "-e", "A=1", "--data", "d", "-d", "--debug"]
+    # (-e without KEY=VALUE is the script's; --env/-e KEY=VALUE is remotedl's: see the env tests)
+    words = ["--port", "29500", "--name", "x", "-e", "s/a=b/", "--data", "d", "-d", "--debug"]
     r = cli("run", "args.sh", "--gpu", "1", *words, cwd=proj)
     assert r.code == 0, r.err
     assert "gpus=[1]" in r.out
