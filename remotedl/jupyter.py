@@ -70,6 +70,7 @@ class JupyterServer:
     base_url: str
     lab: bool
     started: bool  # True when remotedl started it now
+    pid: int | None = None  # on the box, as `jupyter server list` says it
 
     def url(self, local_port: int) -> str:
         path = "lab" if self.lab else ""
@@ -79,11 +80,19 @@ class JupyterServer:
         return asdict(self)
 
     def reached_at(self, local_port: int, timeout: float = 3.0) -> bool:
-        """Whether 127.0.0.1:``local_port`` here already is this server: it takes this server's
-        token. So it is when the box is this machine (a sandbox box binds the same loopback) or
-        a tunnel to it is up, and then no tunnel is needed (one would collide with it)."""
-        url = f"http://127.0.0.1:{local_port}{self.base_url}api/status?token={self.token}"
-        return _answers(url, "started", timeout)
+        """Whether 127.0.0.1:``local_port`` here already is this server: when the box is this
+        machine (a sandbox box binds the same loopback) or a tunnel to it is up. Then no tunnel
+        is needed (one would collide with it). It is this server when its own process listens
+        there, or when what answers checks tokens and takes this server's."""
+        status = f"http://127.0.0.1:{local_port}{self.base_url}api/status?token="
+        if not _answers(status + self.token, "started", timeout):
+            return False
+        from remotedl.tunnel import listeners
+
+        if self.pid is not None and self.pid in listeners(local_port):
+            return True
+        # A server without a token takes any: only one that refuses a wrong token tells.
+        return bool(self.token) and not _answers(status + secrets.token_hex(16), "started", timeout)
 
 
 @dataclass
@@ -96,6 +105,13 @@ class _Look:
     lab: bool
     servers: list[dict[str, Any]]
     session: bool
+
+
+def _pid(info: dict[str, Any]) -> int | None:
+    try:
+        return int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _answers(url: str, key: str, timeout: float) -> bool:
@@ -174,6 +190,7 @@ def find_or_start(
                 str(s.get("base_url", "/")),
                 lab,
                 started=False,
+                pid=_pid(s),
             )
     token = secrets.token_hex(24)
     port = remote_port or 8888
@@ -195,6 +212,7 @@ def find_or_start(
                     str(s.get("base_url", "/")),
                     lab,
                     started=True,
+                    pid=_pid(s),
                 )
         time.sleep(0.5)
     log = box.run('tail -n 5 "$HOME/.remotedl/jupyter.log" 2>/dev/null', check=False).stdout.strip()

@@ -106,6 +106,11 @@ def _listeners_from_proc(port: int) -> list[tuple[int, str]]:
     return found
 
 
+def listeners(port: int) -> set[int]:
+    """The pids listening on local TCP ``port`` that can be told (Linux /proc; else none)."""
+    return {pid for pid, _ in _listeners_from_proc(port)} if os.path.isdir("/proc/net") else set()
+
+
 def command_words(cmdline: bytes, limit: int = 72) -> str:
     """A process's command line (``/proc/PID/cmdline``) in a few words: the program's name
     without its directory, then its arguments, cut at a word with an ellipsis past ``limit``

@@ -298,6 +298,61 @@ def test_jupyter_on_a_box_that_is_this_machine_needs_no_tunnel(box, project, tmp
         )
 
 
+def _jupyter_stand_in(token: str | None):
+    """An HTTP server answering as Jupyter's /api and /api/status do: with ``token`` only to
+    that token (403 otherwise); with None to any, as a server without a token does."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            given = dict(p.partition("=")[::2] for p in query.split("&") if p).get("token")
+            if path == "/api":
+                body: dict = {"version": "2.0.0"}
+            elif path == "/api/status" and (token is None or given == token):
+                body = {"started": "2026-01-01T00:00:00Z"}
+            else:
+                self.send_response(403)
+                self.end_headers()
+                return
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_only_the_boxs_own_jupyter_counts_as_reached():
+    """What holds the local port is taken for the box's server only when it is: its own
+    process, or a server that checks tokens and takes this one's. A local Jupyter without a
+    token takes any token: it is not the box's."""
+    from remotedl import jupyter
+
+    def server(token: str, pid: int | None) -> jupyter.JupyterServer:
+        return jupyter.JupyterServer(1, token, "/w", "/", True, started=True, pid=pid)
+
+    checking, open_one = _jupyter_stand_in("T0K3N"), _jupyter_stand_in(None)
+    try:
+        port, open_port = checking.server_address[1], open_one.server_address[1]
+        assert jupyter.serves_jupyter(port) and jupyter.serves_jupyter(open_port)
+        assert server("T0K3N", None).reached_at(port)  # through a tunnel: the token tells
+        assert not server("other", None).reached_at(port)
+        assert not server("T0K3N", None).reached_at(open_port)  # takes any token
+        assert not server("", None).reached_at(open_port)
+        assert server("", os.getpid()).reached_at(open_port)  # its own process listens there
+        assert not jupyter.serves_jupyter(free_port())
+    finally:
+        checking.shutdown()
+        open_one.shutdown()
+
+
 def test_a_port_taken_under_the_tunnel_is_named_with_its_holder(box, tmp_path):
     """A port taken after the check (ssh itself cannot listen): the port and who holds it."""
     from remotedl.errors import RemotedlError
