@@ -642,6 +642,10 @@ def test_logs_json_wraps_the_bytes_in_json_lines(cli, proj):
         assert joined == expected
     r = cli("--json", "logs", "-n", "1", job_id, cwd=proj)
     assert [json.loads(line) for line in r.out.splitlines()] == [{"text": "no newline"}]
+    # a followed `run --json` prints its log so too
+    r = cli("--json", "run", "--cpu", "mixed.sh", cwd=proj)
+    assert r.code == 0, r.err
+    assert [json.loads(line) for line in r.out.splitlines()] == objs
 
 
 def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):

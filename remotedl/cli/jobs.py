@@ -166,8 +166,6 @@ def _follow(
     job_id: int,
     ref: str | None = None,
     on_end: Callable[[JobRecord], None] | None = None,
-    *,
-    json_lines: bool = False,
 ) -> int:
     """Follow a job's log to its end; ``ref`` is how the user names it (``HOST:ID`` on a fleet);
     ``on_end`` (pull outputs, desktop notification) runs before the job's exit status is passed on."""
@@ -175,7 +173,8 @@ def _follow(
 
     spec = client.spec
     shown = ref or str(job_id)
-    write, flush = _json_lines_writer(app.env) if json_lines else _writer(app.env)
+    # --json (`logs -f`, a followed `run`): the log as JSON Lines, never raw bytes
+    write, flush = _json_lines_writer(app.env) if app.json else _writer(app.env)
 
     def reconnecting(n: int) -> None:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
@@ -707,7 +706,7 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     if args.follow:
         rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
         if args.lines is None:
-            return _follow(app, client, rec.id, app.job_ref(rec.id), json_lines=app.json)
+            return _follow(app, client, rec.id, app.job_ref(rec.id))
         args.job, project = str(rec.id), None
     write, flush = _json_lines_writer(env) if app.json else _writer(env)
     out_fd = None
