@@ -116,15 +116,9 @@ def _pid(info: dict[str, Any]) -> int | None:
 
 def _answers(url: str, key: str, timeout: float) -> bool:
     """Whether ``url`` (on 127.0.0.1) answers 200 with a JSON object holding ``key``."""
-    import urllib.error
-    import urllib.request
+    from remotedl.tunnel import local_json
 
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
-    try:
-        with direct.open(url, timeout=timeout) as r:
-            answer = json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    answer = local_json(url, timeout)
     return isinstance(answer, dict) and key in answer
 
 

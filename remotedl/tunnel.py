@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from remotedl import proc
 from remotedl.errors import ConnectError, HostKeyError, RemotedlError, UsageError
@@ -109,6 +110,21 @@ def _listeners_from_proc(port: int) -> list[tuple[int, str]]:
 def listeners(port: int) -> set[int]:
     """The pids listening on local TCP ``port`` that can be told (Linux /proc; else none)."""
     return {pid for pid, _ in _listeners_from_proc(port)} if os.path.isdir("/proc/net") else set()
+
+
+def local_json(url: str, timeout: float = 3.0) -> Any:
+    """What an HTTP ``url`` on this machine's 127.0.0.1 answers as JSON, or None (not 200, not
+    JSON, nothing there). Never through an ``http_proxy``: it is a local port."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with direct.open(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def command_words(cmdline: bytes, limit: int = 72) -> str:

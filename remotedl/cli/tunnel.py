@@ -41,13 +41,18 @@ def cmd_tensorboard(args: argparse.Namespace, env: Environment) -> int:
     def instead(busy: Any, free: int) -> str:
         return f"remotedl tensorboard {args.logdir + ' ' if args.logdir else ''}--local-port {free}"
 
-    tun.check_local_ports([tun.Forward(local, local)], instead)
+    if tun.port_free(local) or not tensorboard.serves_tensorboard(local):
+        tun.check_local_ports([tun.Forward(local, local)], instead)
     runs = _job_runs(app, logdir) if args.jobs is not None else []
     with status_line(env, not app.json) as say:
         server = tensorboard.find_or_start(spec, remote_dir(app), logdir, runs=runs, on_progress=say)
     for name, directory in server.runs:
         env.stderr.write(f"remotedl: run {name}: {directory}\n")
     forwards = [tun.Forward(local, server.port)]
+    if not tun.port_free(local):  # the box is this machine, or the port was taken meanwhile
+        if server.reached_at(local):
+            return _reached_without_tunnel(app, local, server)
+        tun.check_local_ports(forwards, instead)
     if args.background:
         return _start_background(app, args, forwards, server)
     return _foreground(app, spec, forwards, server, supervise=False)
@@ -150,11 +155,12 @@ def _maybe_the_boxs_jupyter(forwards: list[Any]) -> bool:
 
 
 def _reached_without_tunnel(app: App, local: int, server: Any) -> int:
-    """The box's Jupyter already answers on this machine's 127.0.0.1:LOCAL (the box is this
+    """The box's server already answers on this machine's 127.0.0.1:LOCAL (the box is this
     machine, or a tunnel to it is up): a second listener there would collide, and none is needed."""
     state = "started" if server.started else "found running"
+    label = getattr(server, "label", "Jupyter")
     app.env.stderr.write(
-        f"remotedl: Jupyter {state} on {app.spec().alias} (port {server.port}); "
+        f"remotedl: {label} {state} on {app.spec().alias} (port {server.port}); "
         f"127.0.0.1:{local} here already reaches it (the box is this machine, or a tunnel to it "
         "is up): no tunnel needed\n"
     )
