@@ -177,6 +177,8 @@ def test_gpu_choice_given_twice_is_a_usage_error(tmp_path):
 
     with pytest.raises(ArgvError, match=r"given twice: --gpu 0, --gpu 1"):
         run_split("run", "--gpu", "0", "t.py", "--gpu", "1")
+    with pytest.raises(ArgvError, match=r"given twice: --gpu 0, --gpu 1$"):  # no --env among them
+        run_split("run", "--gpu", "0", "t.py", "--env", "A=1", "--gpu", "1")
     code, _, err = run_main(tmp_path, "run", "t.py", "--cpu", "--gpus", "2")
     assert code == 2
     assert "the GPU choice is given twice" in err

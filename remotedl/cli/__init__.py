@@ -218,7 +218,7 @@ def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[li
         return [*head, *ours, *rest[i:]], []
     command: list[str] = []
     taken: list[str] = []
-    gpu_taken = 0
+    gpu_taken: list[str] = []
     while i < len(rest):
         tok = rest[i]
         if tok == "--":
@@ -229,7 +229,7 @@ def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[li
             n = 2 if GPU_OPTIONS[key] and not eq and i + 1 < len(rest) else 1
             ours += rest[i : i + n]
             taken.append(" ".join(rest[i : i + n]))
-            gpu_taken += 1
+            gpu_taken.append(taken[-1])
             i += n
             continue
         pair, n = _env_pair_at(rest, i)
@@ -240,9 +240,9 @@ def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[li
             continue
         command.append(tok)
         i += 1
-    if gpu_taken and gpu_taken + len(chosen_before) > 1:
+    if gpu_taken and len(gpu_taken) + len(chosen_before) > 1:
         raise ArgvError(
-            f"the GPU choice is given twice: {', '.join([*chosen_before, *taken])}",
+            f"the GPU choice is given twice: {', '.join([*chosen_before, *gpu_taken])}",
             hint="give remotedl one of --gpu/--gpus/--cpu; to pass one to the script, put it after --",
         )
     return ([*head, *ours, "--", *command] if command else [*head, *ours]), taken
