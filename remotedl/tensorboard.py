@@ -120,6 +120,26 @@ class TensorBoardServer:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def reached_at(self, local_port: int, timeout: float = 3.0) -> bool:
+        """Whether 127.0.0.1:``local_port`` here already is this server: its own process
+        listens there (the box is this machine, as a sandbox box is), or a TensorBoard there
+        serves the same directory (a tunnel to it is up). Then no tunnel is needed."""
+        from remotedl.tunnel import listeners, local_json
+
+        if self.pid and self.pid in listeners(local_port):
+            return True
+        prefix = self.path_prefix.rstrip("/")
+        env = local_json(f"http://127.0.0.1:{local_port}{prefix}/data/environment", timeout)
+        return isinstance(env, dict) and env.get("data_location") == self.serves
+
+
+def serves_tensorboard(local_port: int, timeout: float = 3.0) -> bool:
+    """Whether 127.0.0.1:``local_port`` here is a TensorBoard (it may be the box's own)."""
+    from remotedl.tunnel import local_json
+
+    env = local_json(f"http://127.0.0.1:{local_port}/data/environment", timeout)
+    return isinstance(env, dict) and "data_location" in env
+
 
 @dataclass
 class _Look:

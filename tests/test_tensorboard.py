@@ -103,6 +103,26 @@ def test_tensorboard_through_the_tunnel(box, project, tb_project):
     assert get_json(url2 + "data/runs") == ["exp1"]
 
 
+def test_tensorboard_on_a_box_that_is_this_machine_needs_no_tunnel(box, project, tb_project):
+    """The sandbox box shares this machine's loopback: its TensorBoard on port P is already
+    127.0.0.1:P here. Asked for that local port, `tensorboard` refused it as taken (by the very
+    server it found), and a tunnel from it would collide: the server is used as it is."""
+    run, work = tb_project
+    write_scalars(work / "runs" / "exp1", "loss", [1.0, 0.5])
+    from remotedl.waiting import free_port
+
+    r = run("tensorboard", "--local-port", str(free_port()), "--background", cwd=project)
+    assert r.code == 0, r.err
+    remote_port = int(re.search(r"\(port (\d+),", r.err).group(1))
+    assert run("tunnel", "--stop", "all").code == 0
+    r = run("tensorboard", "--local-port", str(remote_port), cwd=project)  # the foreground command
+    assert r.code == 0, r.err
+    assert "TensorBoard found running on" in r.err
+    assert "no tunnel needed" in r.err
+    assert r.out.strip().splitlines()[-1] == f"http://127.0.0.1:{remote_port}/"
+    assert get_json(f"http://127.0.0.1:{remote_port}/data/runs") == ["exp1"]
+
+
 def test_tensorboard_configured_logdir_and_missing_install(box, project, tb_project, tmp_path):
     run, work = tb_project
     (project / "remotedl.toml").write_text(
