@@ -134,9 +134,20 @@ class TensorBoardServer:
 
 
 def serves_tensorboard(local_port: int, timeout: float = 3.0) -> bool:
-    """Whether 127.0.0.1:``local_port`` here is a TensorBoard (it may be the box's own)."""
-    from remotedl.tunnel import local_json
+    """Whether 127.0.0.1:``local_port`` here is a TensorBoard (it may be the box's own). One
+    that remotedl started answers only under its secret prefix, so its listening process's
+    command line tells too."""
+    from pathlib import Path
 
+    from remotedl.tunnel import listeners, local_json
+
+    for pid in listeners(local_port):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(w.rsplit(b"/", 1)[-1] == b"tensorboard" for w in words):
+            return True
     env = local_json(f"http://127.0.0.1:{local_port}/data/environment", timeout)
     return isinstance(env, dict) and "data_location" in env
 

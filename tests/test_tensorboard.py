@@ -119,8 +119,9 @@ def test_tensorboard_on_a_box_that_is_this_machine_needs_no_tunnel(box, project,
     assert r.code == 0, r.err
     assert "TensorBoard found running on" in r.err
     assert "no tunnel needed" in r.err
-    assert r.out.strip().splitlines()[-1] == f"http://127.0.0.1:{remote_port}/"
-    assert get_json(f"http://127.0.0.1:{remote_port}/data/runs") == ["exp1"]
+    url = r.out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{remote_port}/[0-9a-f]{{32}}/", url), url
+    assert get_json(url + "data/runs") == ["exp1"]
 
 
 def test_tensorboard_configured_logdir_and_missing_install(box, project, tb_project, tmp_path):
