@@ -1428,6 +1428,7 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
                 argv,
                 cwd=rec["cwd"],
                 env=env,
+                stdin=subprocess.DEVNULL,  # a read gets EOF, never waits on the tmux pane
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
