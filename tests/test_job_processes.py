@@ -4,6 +4,7 @@ behind. Against the real sshd box with its tmux."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,22 @@ def test_a_script_that_reads_stdin_gets_eof(box, proj, tmp_path):
     rec = record(run, proj, job["id"])
     assert rec["status"] == "succeeded", rec
     assert run("logs", str(job["id"]), cwd=proj).out == "name?\nread exit 1 []\n"
+
+
+def login_umask(box) -> int:
+    """The umask an ssh session of the box's user gets."""
+    argv = ["ssh", "-F", box.info.ssh_config, "-o", "BatchMode=yes", box.name, "umask"]
+    return int(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip(), 8)
+
+
+def test_a_job_gets_the_login_umask_not_the_tmux_servers(fresh_box, proj, tmp_path):
+    mask = login_umask(fresh_box)
+    assert mask != 0o077, "the test needs a login umask other than the tmux server's"
+    # The box's tmux server is started by something with umask 077 (as `remotedl jupyter` does).
+    fresh_box.sh("tmux kill-server 2>/dev/null; umask 077; tmux new-session -d -s first sleep 600")
+    assert "first" in fresh_box.sh("tmux list-sessions -F '#{session_name}'").stdout
+    script(proj, "write.sh", 'echo hi > out.txt; mkdir made; stat -c %a out.txt made\n')
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    r = run("run", "--cpu", "write.sh", cwd=proj)
+    assert r.code == 0, r.err
+    assert r.out == f"{0o666 & ~mask:o}\n{0o777 & ~mask:o}\n"

@@ -1169,6 +1169,15 @@ def _save_new(rec: dict[str, Any], req: dict[str, Any]) -> None:
         rec["notify"] = events.save_settings(rec["id"], urls, req.get("host_alias"))
     save(rec)
 
+def _login_umask() -> int:
+    """This agent's umask: the one an ssh session of the user gets (pam_umask, the login
+    shell's start-up files). The job gets it, not the tmux server's, which is whatever the
+    first program to start that server had (`remotedl jupyter` starts it with 077)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def op_start(req: dict[str, Any]) -> dict[str, Any]:
     rdir = _work_tree(req)
     slurm = req.get("scheduler") == "slurm"
@@ -1219,6 +1228,7 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
             pid=None,
             stall_after=_stall_after(req.get("stall_after")),  # stall detection: agent/events.py
             stalled=None,
+            umask=_login_umask(),
         )
         _save_new(rec, req)
         fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -1432,6 +1442,7 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=int(rec["umask"]) if rec.get("umask") is not None else -1,
             )
         except OSError as e:
             log.write(f"remotedl: cannot start: {e}\n".encode())
