@@ -60,7 +60,7 @@ def test_a_job_gets_the_login_umask_not_the_tmux_servers(fresh_box, proj, tmp_pa
     # The box's tmux server is started by something with umask 077 (as `remotedl jupyter` does).
     fresh_box.sh("tmux kill-server 2>/dev/null; umask 077; tmux new-session -d -s first sleep 600")
     assert "first" in fresh_box.sh("tmux list-sessions -F '#{session_name}'").stdout
-    script(proj, "write.sh", 'echo hi > out.txt; mkdir made; stat -c %a out.txt made\n')
+    script(proj, "write.sh", "echo hi > out.txt; mkdir made; stat -c %a out.txt made\n")
     run = cli_for(fresh_box, tmp_path / "laptop")
     r = run("run", "--cpu", "write.sh", cwd=proj)
     assert r.code == 0, r.err
