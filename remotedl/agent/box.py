@@ -978,7 +978,8 @@ def env_in_sync(rdir: str, plan: dict[str, Any], spec: dict[str, Any]) -> bool:
 # Run by the project venv's python after pip installed requirements file "$1": uninstall what
 # that file no longer needs. pip has no sync of its own; its parser (the one pip-tools uses) reads
 # the file as pip does (-r includes, markers, -e and paths), and the installed packages' metadata
-# gives what they need in turn, offline. pip, setuptools and wheel, the venv's own, stay.
+# gives what they need in turn, offline. pip, setuptools and wheel (the venv's own) and what they
+# need stay.
 PRUNE = """\
 import contextlib, json, os, subprocess, sys
 from importlib.metadata import distributions
@@ -995,7 +996,7 @@ def needed(path, installed):
             with contextlib.suppress(ValueError):
                 if json.loads(d.read_text("direct_url.json") or "{}").get("url") == url:
                     return key
-    todo = []
+    todo = [(seed, frozenset()) for seed in ("pip", "setuptools", "wheel")]  # the venv's own
     for parsed in parse_requirements(path, session=PipSession()):
         req = install_req_from_parsed_requirement(parsed)
         if req.constraint or not req.match_markers():
@@ -1023,7 +1024,7 @@ try:
         canon(d.metadata["Name"]): d for d in distributions()
         if d.metadata["Name"] and os.path.realpath(str(d.locate_file(""))).startswith(prefix)
     }
-    keep = needed(sys.argv[1], installed) | {"pip", "setuptools", "wheel"}
+    keep = needed(sys.argv[1], installed)
 except Exception as e:  # the install stands; only the removal is skipped
     print(f"remotedl: warning: cannot tell what {sys.argv[1]} needs ({e}): nothing uninstalled")
     sys.exit(0)
