@@ -295,3 +295,29 @@ def test_setup_cmd_replaces_the_built_in_steps(box, project, tmp_path):
     (project / "requirements.txt").write_text("nosuchpkg==10\n")
     assert run("run", "--cpu", "--", "true", cwd=project).code == 0
     assert marker.read_text() == "ran\nran\n"
+
+
+def test_pip_prune_reads_the_file_as_pip_does(tmp_path):
+    """The pip path's removal, in a real venv: -r includes, a wheel named by path, a line whose
+    marker does not apply, an extra; what pip, setuptools and wheel need stays."""
+    import subprocess
+
+    from remotedl.agent.box import PRUNE
+
+    wheels = tmp_path / "wheels"
+    wheels_with_dependencies(wheels)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels)]
+    (tmp_path / "base.txt").write_text(requirements(wheels, "rdlother"))
+    (tmp_path / "requirements.txt").write_text(
+        f"-r base.txt\n{wheels}/rdlapp-1.0-py3-none-any.whl\nrdlpkg; python_version < '3'\n"
+    )
+    subprocess.run([*pip, "-r", "requirements.txt"], cwd=tmp_path, check=True)
+    subprocess.run([*pip, "rdlextra"], cwd=tmp_path, check=True)  # installed by hand, not required
+    r = subprocess.run([py, "-c", PRUNE, "requirements.txt"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "remotedl: pip uninstall (no longer required): rdlextra\n" in r.stdout
+    left = subprocess.run([py, "-c", LIST], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert left.replace(" setuptools", "") == "pip rdlapp rdlother rdlpkg\n"  # rdlapp needs rdlpkg
