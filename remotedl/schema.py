@@ -81,6 +81,9 @@ class JobRecord:
     starter_pid: int | None = None  # the agent process starting the job (status "starting")
     ready: bool = True  # its checkout is made (False while the starter makes it: the runner waits)
     boot_id: str | None = None  # the box's boot when the job started: a reboot means lost
+    # A job runs until the processes its main process left behind are gone too.
+    main_exit: int | None = None  # its main process's exit status, once that exited
+    leftovers: int = 0  # while running: how many of its processes are left after it
     # Job events (agent/events.py).
     notify: list[str] = field(default_factory=list)  # notification URLs, masked
     notifications: list[dict[str, Any]] = field(default_factory=list)  # event, url, ok, error, at
@@ -145,7 +148,14 @@ class JobRecord:
             return f"failed (exit {self.exit_code})"
         if self.status == "running" and self.stalled:
             return "stalled"
+        if self.status == "running" and self.main_exit is not None and self.leftovers:
+            return outlived_words(self.main_exit, self.leftovers)
         return self.status
+
+
+def outlived_words(main_exit: int, leftovers: int) -> str:
+    """A running job whose main process exited while processes it started still run."""
+    return f"running (main process exited {main_exit}, {leftovers} process{'es' * (leftovers != 1)} left)"
 
 
 def slurm_words(state: str, reason: str | None, node: str | None, exit_code: int | None) -> str:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from remotedl import gpus as gpumod
 from remotedl.activate import ACTIVATE
 from remotedl.errors import RemotedlError
-from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, JobRecord, SchemaError, slurm_words
+from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, JobRecord, SchemaError, outlived_words, slurm_words
 from remotedl.waiting import pid_alive as _alive
 
 if TYPE_CHECKING:  # a Slurm login node's code is imported where it is used: box jobs skip it
@@ -306,6 +306,64 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+# In every job process's environment: finds the processes that left the job's process group
+# (setsid, a daemon's double fork), as long as they keep the environment they were given.
+JOB_MARK = "REMOTEDL_JOB_MARK"
+
+
+def job_processes(r: dict[str, Any]) -> list[int]:
+    """The job's live processes (zombies do not count): its process group's, and the user's
+    own processes whose environment carries the job's mark."""
+    pgid = str(r.get("pgid") or "")
+    mark = f"{JOB_MARK}={r['mark']}".encode() if r.get("mark") else None
+    uid = os.getuid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc to look closer: the group as a whole
+        return [int(pgid)] if pgid and group_alive(int(pgid)) else []
+    found = []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            if fields[0] in ("Z", "X"):
+                continue
+            if fields[2] == pgid:
+                found.append(int(name))
+            elif mark and os.stat(f"/proc/{name}").st_uid == uid:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        found.append(int(name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def job_alive(r: dict[str, Any]) -> bool:
+    if r.get("pgid") and group_alive(int(r["pgid"])):
+        return True
+    return bool(r.get("mark") and job_processes(r))
+
+
+def signal_job(r: dict[str, Any], sig: int) -> bool:
+    """``sig`` to the job's process group and to its processes outside it (each once); False:
+    none was left."""
+    pgid = int(r["pgid"]) if r.get("pgid") else None
+    sent = False
+    if pgid:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+            sent = True
+    for pid in job_processes(r):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if pgid is None or os.getpgid(pid) != pgid:
+                os.kill(pid, sig)
+                sent = True
+    return sent
+
+
 def runner_alive(r: dict[str, Any]) -> bool:
     """The job's runner is alive (a reused pid of another program does not count)."""
     pid = r.get("runner_pid")
@@ -335,7 +393,7 @@ def _gone(r: dict[str, Any], boot: str | None) -> bool:
             return False  # being started: the runner records itself in a moment
     if runner_alive(r):
         return False
-    return not (r.get("pgid") and group_alive(int(r["pgid"])))
+    return not job_alive(r)
 
 
 def is_slurm(r: dict[str, Any]) -> bool:
@@ -917,10 +975,74 @@ def env_in_sync(rdir: str, plan: dict[str, Any], spec: dict[str, Any]) -> bool:
     return os.access(os.path.join(rdir, ".venv", "bin", "python"), os.X_OK)
 
 
+# Run by the project venv's python after pip installed requirements file "$1": uninstall what
+# that file no longer needs. pip has no sync of its own; its parser (the one pip-tools uses) reads
+# the file as pip does (-r includes, markers, -e and paths), and the installed packages' metadata
+# gives what they need in turn, offline. pip, setuptools and wheel (the venv's own) and what they
+# need stay.
+PRUNE = """\
+import contextlib, json, os, subprocess, sys
+from importlib.metadata import distributions
+
+def needed(path, installed):
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.constructors import install_req_from_parsed_requirement
+    from pip._internal.req.req_file import parse_requirements
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name as canon
+
+    def by_url(url):
+        for key, d in installed.items():
+            with contextlib.suppress(ValueError):
+                if json.loads(d.read_text("direct_url.json") or "{}").get("url") == url:
+                    return key
+    todo = [(seed, frozenset()) for seed in ("pip", "setuptools", "wheel")]  # the venv's own
+    for parsed in parse_requirements(path, session=PipSession()):
+        req = install_req_from_parsed_requirement(parsed)
+        if req.constraint or not req.match_markers():
+            continue
+        name = canon(req.name) if req.name else req.link and by_url(req.link.url_without_fragment)
+        if not name:
+            raise ValueError(f"cannot tell what {req} installs")
+        todo.append((name, frozenset(req.extras)))
+    keep, seen = set(), set()
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) not in seen:
+            seen.add((name, extras))
+            keep.add(name)
+            for line in (installed[name].requires or []) if name in installed else []:
+                r = Requirement(line)
+                if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in extras or {""}):
+                    todo.append((canon(r.name), frozenset(r.extras)))
+    return keep
+
+try:
+    from pip._vendor.packaging.utils import canonicalize_name as canon
+    prefix = os.path.realpath(sys.prefix) + os.sep
+    installed = {
+        canon(d.metadata["Name"]): d for d in distributions()
+        if d.metadata["Name"] and os.path.realpath(str(d.locate_file(""))).startswith(prefix)
+    }
+    keep = needed(sys.argv[1], installed)
+except Exception as e:  # the install stands; only the removal is skipped
+    print(f"remotedl: warning: cannot tell what {sys.argv[1]} needs ({e}): nothing uninstalled")
+    sys.exit(0)
+extra = sorted(d.metadata["Name"] for key, d in installed.items() if key not in keep)
+if extra:
+    print("remotedl: pip uninstall (no longer required):", " ".join(extra), flush=True)
+    cmd = [sys.executable, "-m", "pip", "uninstall", "--disable-pip-version-check", "-y", *extra]
+    sys.exit(subprocess.call(cmd))
+"""
+
 # "$1" kind, "$2" remote_dir, "$3" conda env, "$4" env_setup, "$5" the base python, "$6" setup_cmd,
-# "$7" a requirements file made from pyproject.toml (pip without uv). Never the system pip.
+# "$7" a requirements file made from pyproject.toml (pip without uv), "$8" PRUNE. Never the
+# system pip. The project's .venv is made to match the file exactly (uv pip install --exact, or
+# pip install and PRUNE); a conda or env_setup environment, shared and made by other means, only
+# gets what the file adds.
 INSTALL = (
-    '_rdl_kind=$1 _rdl_rd=$2 _rdl_conda=$3 _rdl_setup=$4 _rdl_base=$5 _rdl_cmd=$6 _rdl_req=$7 _rdl_jd=\n'
+    '_rdl_kind=$1 _rdl_rd=$2 _rdl_conda=$3 _rdl_setup=$4 _rdl_base=$5 _rdl_cmd=$6 _rdl_req=$7\n'
+    '_rdl_prune=$8 _rdl_jd=\n'
     + ACTIVATE
     + r"""
 cd "$_rdl_rd" || exit 1
@@ -957,6 +1079,8 @@ else
     fi
   fi
 fi
+_rdl_exact=
+[ -n "$_rdl_conda$_rdl_setup" ] || _rdl_exact=1
 if command -v uv >/dev/null 2>&1; then
   case $_rdl_kind in
     uv.lock)
@@ -964,15 +1088,25 @@ if command -v uv >/dev/null 2>&1; then
       UV_PROJECT_ENVIRONMENT=$("$py" -c 'import sys; print(sys.prefix)') \
         uv sync --frozen --no-install-project ;;
     *)
-      say "uv pip install -r $_rdl_kind"
-      uv pip install --python "$py" -r "$_rdl_kind" ;;
+      # --exact (uv 0.5 and later): resolved as an install (what is there and fits stays), then
+      # what the file no longer needs is uninstalled.
+      if [ -n "$_rdl_exact" ] && uv pip install --help 2>/dev/null | grep -q -e --exact; then
+        say "uv pip install --exact -r $_rdl_kind"
+        uv pip install --exact --python "$py" -r "$_rdl_kind"
+      else
+        [ -z "$_rdl_exact" ] ||
+          say "warning: $(uv --version) has no pip install --exact: packages no longer required stay"
+        say "uv pip install -r $_rdl_kind"
+        uv pip install --python "$py" -r "$_rdl_kind"
+      fi ;;
   esac
 else
   case $_rdl_kind in
     requirements.txt) _rdl_req=requirements.txt ;;
   esac
   say "pip install -r $_rdl_req"
-  "$py" -m pip install --disable-pip-version-check --no-input -r "$_rdl_req"
+  "$py" -m pip install --disable-pip-version-check --no-input -r "$_rdl_req" || exit $?
+  [ -z "$_rdl_exact" ] || "$py" -c "$_rdl_prune" "$_rdl_req"
 fi
 """
 )
@@ -1034,6 +1168,7 @@ def op_envsync(req: dict[str, Any]) -> None:
                     sys.executable,
                     spec.get("setup_cmd") or "",
                     req_file,
+                    PRUNE,
                 ]
                 child = subprocess.Popen(
                     argv, cwd=rdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -1169,6 +1304,16 @@ def _save_new(rec: dict[str, Any], req: dict[str, Any]) -> None:
         rec["notify"] = events.save_settings(rec["id"], urls, req.get("host_alias"))
     save(rec)
 
+
+def _login_umask() -> int:
+    """This agent's umask: the one an ssh session of the user gets (pam_umask, the login
+    shell's start-up files). The job gets it, not the tmux server's, which is whatever the
+    first program to start that server had (`remotedl jupyter` starts it with 077)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def op_start(req: dict[str, Any]) -> dict[str, Any]:
     rdir = _work_tree(req)
     slurm = req.get("scheduler") == "slurm"
@@ -1219,6 +1364,8 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
             pid=None,
             stall_after=_stall_after(req.get("stall_after")),  # stall detection: agent/events.py
             stalled=None,
+            umask=_login_umask(),
+            mark=secrets.token_hex(8),  # JOB_MARK in its processes' environment
         )
         _save_new(rec, req)
         fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -1330,6 +1477,8 @@ def _job_env(rec: dict[str, Any]) -> dict[str, str]:
     env.pop("TMUX_PANE", None)
     env["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED", "1")  # logs stream, not block-buffered
     env["REMOTEDL_JOB_ID"] = str(rec["id"])
+    if rec.get("mark"):
+        env[JOB_MARK] = str(rec["mark"])
     env["REMOTEDL_JOB_DIR"] = str(rec["cwd"])
     env["REMOTEDL_REMOTE_DIR"] = str(rec.get("remote_dir") or rec["cwd"])
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as nvidia-smi does
@@ -1398,6 +1547,26 @@ def _take_environment(job_id: int, raw: bytes) -> None:
                 save(rec)
 
 
+def _exit_of(code: int) -> int:
+    return code if code >= 0 else 128 - code
+
+
+def _wait_all(rec: dict[str, Any], child: subprocess.Popen[bytes]) -> None:
+    """The job's main process, then what it left running (``nohup cmd &``, a daemon): the job
+    runs, and holds its GPUs, until they are gone too; its record says how many are left."""
+    child.wait()
+    said = None
+    while left := len(job_processes(rec)):
+        if left != said:
+            with box_lock():
+                fresh = load(int(rec["id"]))
+                if fresh["status"] == "running":
+                    fresh.update(main_exit=_exit_of(child.returncode), leftovers=left)
+                    save(fresh)
+            said = left
+        time.sleep(QUEUE_POLL)
+
+
 def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
     job_id = int(rec["id"])
     env = _job_env(rec)
@@ -1428,9 +1597,11 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
                 argv,
                 cwd=rec["cwd"],
                 env=env,
+                stdin=subprocess.DEVNULL,  # a read gets EOF, never waits on the tmux pane
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=int(rec["umask"]) if rec.get("umask") is not None else -1,
             )
         except OSError as e:
             log.write(f"remotedl: cannot start: {e}\n".encode())
@@ -1451,6 +1622,8 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
             watch = events.StallWatch(rec)
             watch.start()
     assert child.stdout is not None
+    waiter = threading.Thread(target=_wait_all, args=(rec, child), daemon=True)
+    waiter.start()  # the output of processes left behind goes on to the log meanwhile
     out = sys.stdout.buffer
     fd = child.stdout.fileno()
     tag = f"@@remotedl-env:{nonce} ".encode()
@@ -1481,11 +1654,11 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
             out.flush()
     if pending:
         log.write(pending)
-    code = child.wait()
     log.close()
+    waiter.join()
     if watch is not None:
         watch.stop()
-    exit_code = code if code >= 0 else 128 - code
+    exit_code = _exit_of(child.wait())  # the main process's: the job's exit status
     with box_lock():
         rec = load(job_id)
         killed = kill_marker(job_id).exists()
@@ -1494,6 +1667,7 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
             exit_code=exit_code,
             ended=time.time(),
             stalled=None,
+            leftovers=0,
         )
         save(rec)
 
@@ -1611,18 +1785,15 @@ def op_kill(req: dict[str, Any]) -> dict[str, Any]:
         return {"job": load(job_id)}
     if rec["status"] not in ACTIVE:
         return {"job": rec}
-    pgid = int(rec["pgid"])
-    steps = []
+    steps = []  # to its process group and its processes that left the group
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
+        if not signal_job(rec, sig):
             break
         steps.append(signal.Signals(sig).name)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and group_alive(pgid):
-            time.sleep(0.05)
-        if not group_alive(pgid):
+        while time.monotonic() < deadline and job_alive(rec):
+            time.sleep(0.1)
+        if not job_alive(rec):
             break
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and runner_alive(rec) and load(job_id)["status"] in ACTIVE:
@@ -1678,8 +1849,7 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
             if due:
                 last_check = time.monotonic()
                 rec = refresh([load(int(rec["id"]))])[0]
-                if slurm:
-                    said = _say_state(rec, said)
+                said = _say_state(rec, said)
                 if rec["status"] not in ACTIVE:
                     chunk = f.read()  # what the job wrote just before it ended
                     if chunk:
@@ -1694,10 +1864,17 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _say_state(rec: dict[str, Any], said: str | None) -> str:
-    """Tell the follower (on stderr) the Slurm job's state when it changed: why it waits."""
-    state = str(rec.get("slurm_state") or "PENDING")
-    words = slurm_words(state, rec.get("slurm_reason"), rec.get("node"), rec.get("exit_code"))
+def _say_state(rec: dict[str, Any], said: str | None) -> str | None:
+    """Tell the follower (on stderr) the Slurm job's state when it changed: why it waits; a
+    box job's once its main process exited and processes it left still run."""
+    if not is_slurm(rec):
+        left = int(rec.get("leftovers") or 0)
+        if rec["status"] != "running" or rec.get("main_exit") is None or not left:
+            return said
+        words = outlived_words(int(rec["main_exit"]), left)
+    else:
+        state = str(rec.get("slurm_state") or "PENDING")
+        words = slurm_words(state, rec.get("slurm_reason"), rec.get("node"), rec.get("exit_code"))
     if words != said:
         note = {"job": rec["id"], "status": rec["status"], "state": words}
         sys.stderr.write("@@remotedl-state " + json.dumps(note) + "\n")
