@@ -1,0 +1,338 @@
+"""`remotedl init`: a first box from an address, against real sshd boxes: a key-only box (the
+sandbox: the key is pasted there by hand), and a box that lets a user of its own in with a
+password (ssh-copy-id, driven through SSH_ASKPASS). The laptop side is a temporary ssh config
+and key; OpenSSH's own home (~/.ssh of the passwd entry) is never written."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from remotedl import proc
+from remotedl.cli import main
+from remotedl.env import passwd_home
+from remotedl.ssh.configfile import find_host_lines, with_block
+from remotedl.waiting import free_port, port_answers, retry_until
+from tests.conftest import Box, CliResult, have, make_env
+
+EXISTING = """# my own settings
+Host other
+    HostName 10.0.0.1
+    User someone   # a comment kept as it is
+
+Host *
+    UserKnownHostsFile {known_hosts}
+    ServerAliveInterval 99
+"""
+
+
+@dataclass
+class Laptop:
+    base: Path
+    config: Path
+    known_hosts: Path
+    key: Path
+
+    def run(self, *argv: str, cwd: Path, **extra: str) -> CliResult:
+        env = make_env(self.base, cwd=cwd, **extra)
+        code = main(["--ssh-config", str(self.config), *argv], env)
+        return CliResult(code, env.stdout.getvalue(), env.stderr.getvalue())  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def laptop(tmp_path: Path) -> Laptop:
+    base = tmp_path / "laptop"
+    (base / "home").mkdir(parents=True)
+    known = base / "known_hosts"
+    config = base / "ssh_config"
+    config.write_text(EXISTING.format(known_hosts=known))
+    return Laptop(base, config, known, base / "keys" / "id_box")
+
+
+def _root_ssh_files() -> dict[str, bytes]:
+    ssh = passwd_home() / ".ssh"
+    return {p.name: p.read_bytes() for p in ssh.iterdir() if p.is_file()} if ssh.is_dir() else {}
+
+
+def _init_argv(alias: str, laptop: Laptop, *, port: int, user: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        "init", alias, "--hostname", "127.0.0.1", "--port", str(port), "--user", user,
+        "--identity", str(laptop.key), "--no-passphrase", *extra,
+    ]  # fmt: skip
+
+
+def test_key_only_box_from_nothing_to_a_working_status(fresh_box: Box, laptop: Laptop, project: Path) -> None:
+    info = fresh_box.info
+    (project / "data").mkdir()
+    (project / "data" / "x.csv").write_text("1,2\n")
+    before_root = _root_ssh_files()
+    argv = _init_argv("gpu", laptop, port=info.port, user=info.user)
+
+    # Without a terminal and without --yes: one usage error naming what needs consent; nothing changed.
+    r = laptop.run(*argv, cwd=project)
+    assert r.code == 2, r.out + r.err
+    assert "needs your consent to" in r.err and "--yes" in r.err
+    assert laptop.config.read_text() == EXISTING.format(known_hosts=laptop.known_hosts)
+    assert not laptop.key.exists()
+
+    # --yes: the block is added, the key made, the host key recorded; the box takes no password,
+    # so init stops with the line to paste there.
+    r = laptop.run(*argv, "--yes", cwd=project)
+    assert r.code == 4, r.out + r.err
+    text = laptop.config.read_text()
+    assert text.startswith(EXISTING.format(known_hosts=laptop.known_hosts).split("Host *")[0])
+    assert text.endswith("Host *\n" + EXISTING.format(known_hosts=laptop.known_hosts).split("Host *\n")[1])
+    assert "Host gpu\n    HostName 127.0.0.1\n" in text
+    assert text.index("Host gpu") < text.index("Host *")  # before the defaults, so its values win
+    assert laptop.key.is_file() and (laptop.key.parent / "id_box.pub").is_file()
+    host_pub = (Path(info.directory) / "host_key.pub").read_text().split()[1]
+    assert laptop.known_hosts.exists(), r.out + r.err
+    assert host_pub in laptop.known_hosts.read_text()
+    assert "takes no password" in r.out
+    pub = (laptop.key.parent / "id_box.pub").read_text().split()
+    line = next(x.strip() for x in r.out.splitlines() if x.strip().startswith("mkdir -p ~/.ssh"))
+    assert f"echo '{pub[0]} {pub[1]}" in line
+    assert not (project / "remotedl.toml").exists()
+
+    # The user pastes it on the box (this sshd reads the sandbox's authorized_keys file).
+    with (Path(info.directory) / "authorized_keys").open("a") as f:
+        f.write(" ".join(pub) + "\n")
+    r = laptop.run(*argv, "--yes", cwd=project)
+    assert r.code == 0, r.out + r.err
+    assert "Next: remotedl run train.py --gpu 0" in r.out
+    toml = (project / "remotedl.toml").read_text()
+    assert 'host = "gpu"' in toml
+    assert 'remote_dir = "~/remotedl/proj"' in toml
+    assert 'data = ["data"]' in toml
+    assert "doctor:" in r.out
+
+    # Run again: nothing new, byte for byte.
+    snapshot = (
+        laptop.config.read_bytes(),
+        laptop.known_hosts.read_bytes(),
+        (project / "remotedl.toml").read_bytes(),
+    )
+    r = laptop.run(*argv, cwd=project)  # no --yes needed: nothing to agree to
+    assert r.code == 0, r.out + r.err
+    assert "\n+ " not in r.out, r.out  # no change planned or made
+    assert snapshot == (
+        laptop.config.read_bytes(),
+        laptop.known_hosts.read_bytes(),
+        (project / "remotedl.toml").read_bytes(),
+    )
+
+    # The project now works with no flags but the ssh config.
+    r = laptop.run("status", cwd=project)
+    assert r.code == 0, r.out + r.err
+    assert "gpu (" in r.out and "reachable" in r.out
+    assert _root_ssh_files() == before_root
+
+
+def test_dry_run_changes_nothing_and_shows_every_change(
+    fresh_box: Box, laptop: Laptop, project: Path
+) -> None:
+    info = fresh_box.info
+    before = laptop.config.read_bytes()
+    r = laptop.run(
+        *_init_argv("gpu", laptop, port=info.port, user=info.user, extra=("--dry-run",)), cwd=project
+    )
+    assert r.code == 0, r.out + r.err
+    assert laptop.config.read_bytes() == before
+    assert not laptop.key.exists()
+    assert not laptop.known_hosts.exists()
+    assert not (project / "remotedl.toml").exists()
+    fingerprint = proc.run(["ssh-keygen", "-lf", str(Path(info.directory) / "host_key.pub")]).stdout.split()[
+        1
+    ]
+    assert fingerprint in r.out
+    assert "Host gpu" in r.out and f"Port {info.port}" in r.out
+    assert "make a key" in r.out and "remotedl.toml" in r.out
+    assert "dry run: nothing changed" in r.out
+
+
+def test_an_existing_block_is_reused_or_refused_never_changed(
+    box: Box, laptop: Laptop, project: Path
+) -> None:
+    # The session box's own config block, included from the user's config: found through Include.
+    laptop.config.write_text(f"Include {box.info.ssh_config}\n" + laptop.config.read_text())
+    before = laptop.config.read_bytes()
+    r = laptop.run("init", box.name, "--hostname", "10.9.9.9", "--yes", cwd=project)
+    assert r.code == 2, r.out + r.err
+    assert "already in the ssh config" in r.err and "HostName 127.0.0.1 (not 10.9.9.9)" in r.err
+    r = laptop.run("init", box.name, "--yes", "--no-data", cwd=project)
+    assert r.code == 0, r.out + r.err
+    assert f"Host {box.name} is in the ssh config ({box.info.ssh_config} line 2): kept" in r.out
+    assert "host key" in r.out and "already trusted" in r.out
+    assert laptop.config.read_bytes() == before
+
+
+def test_the_block_goes_where_ssh_reads_it_first() -> None:
+    text = "User global\n\nHost a\n  HostName a.example\nMatch host b\n  User b\nHost *\n  Port 2\n"
+    new, line = with_block(text, "gpu", "Host gpu\n    HostName 1.2.3.4\n")
+    # a blank line around it, the bytes before and after kept
+    assert new == text.replace("Match host b", "\nHost gpu\n    HostName 1.2.3.4\n\nMatch host b")
+    assert line == 6
+    new, line = with_block("Host a\n  User x", "gpu", "Host gpu\n")  # no newline at the end
+    assert new == "Host a\n  User x\n\nHost gpu\n"
+    assert line == 4
+    new, line = with_block("", "gpu", "Host gpu\n")
+    assert (new, line) == ("Host gpu\n", 1)
+    # a wildcard that matches comes after; one that does not, before
+    new, _ = with_block("Host gp?\n  Port 3\nHost x*\n  Port 4\n", "gpu", "Host gpu\n")
+    assert new.startswith("Host gpu\n\nHost gp?")
+
+
+def test_include_globs_are_followed(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10-lab").write_text("Host lab gpu\n  HostName x\n")
+    main_cfg = tmp_path / "config"
+    main_cfg.write_text(f"Include {tmp_path}/conf.d/*\nHost gpu*\n  User y\n")
+    assert [(h.file.name, h.line) for h in find_host_lines(main_cfg, "gpu")] == [("10-lab", 1)]
+    assert find_host_lines(main_cfg, "gpu2") == []
+
+
+# ------------------------------------------------------------------ a box with password login
+
+PW_USER = "rdl-initpw"
+_PW_COMMENT = "remotedl init test user"
+
+
+@dataclass
+class PasswordBox:
+    port: int
+    user: str
+    password_file: Path
+    host_key: Path
+
+
+@pytest.fixture
+def password_box(tmp_path: Path) -> Iterator[PasswordBox]:
+    """A real sshd on 127.0.0.1 that lets a user of its own in with a password (and, once
+    installed, a key in ~/.ssh/authorized_keys as usual). Needs root: it makes that user."""
+    if os.getuid() != 0 or not (have("useradd") or os.path.exists("/usr/sbin/useradd")):
+        pytest.skip("needs root (useradd, chpasswd): a user of its own that logs in with a password")
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    try:
+        found = pwd.getpwnam(PW_USER)
+        assert _PW_COMMENT in found.pw_gecos, f"{PW_USER} exists and is not this test's user"
+    except KeyError:
+        proc.run(["useradd", "--create-home", "--shell", "/bin/bash", "--comment", _PW_COMMENT, PW_USER])
+        found = pwd.getpwnam(PW_USER)
+    password = secrets.token_urlsafe(12)
+    proc.run(["chpasswd"], input=f"{PW_USER}:{password}\n")
+    shutil.rmtree(Path(found.pw_dir) / ".ssh", ignore_errors=True)  # no key installed yet
+    d = tmp_path / "pwbox"
+    d.mkdir()
+    pw_file = d / "password"
+    pw_file.write_text(password + "\n")
+    pw_file.chmod(0o600)
+    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")])
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AllowUsers {PW_USER}
+PasswordAuthentication yes
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+UsePAM no
+PermitRootLogin no
+Subsystem sftp internal-sftp
+"""
+    )
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    proc.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
+    assert retry_until(lambda: port_answers("127.0.0.1", port), seconds=10)
+    pid = int(retry_until(lambda: (d / "sshd.pid").read_text().strip() or None, seconds=5) or 0)
+    try:
+        yield PasswordBox(port, PW_USER, pw_file, d / "host_key.pub")
+    finally:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except Exception as e:  # a finalizer never raises
+            print(f"sshd stop: {e}")
+
+
+def test_password_box_gets_the_key_with_ssh_copy_id(
+    password_box: PasswordBox, laptop: Laptop, project: Path
+) -> None:
+    if not have("ssh-copy-id"):
+        pytest.skip("ssh-copy-id is not installed (openssh-client)")
+    askpass = laptop.base / "askpass"
+    askpass.write_text(f"#!/bin/sh\ncat {password_box.password_file}\n")
+    askpass.chmod(0o700)
+    argv = _init_argv("pwbox", laptop, port=password_box.port, user=password_box.user, extra=("--yes",))
+    # No terminal and no SSH_ASKPASS: the password cannot be typed; the line to paste instead.
+    r = laptop.run(*argv, cwd=project)
+    assert r.code == 4, r.out + r.err
+    assert "no terminal to type it" in r.out and "mkdir -p ~/.ssh" in r.out
+    r = laptop.run(*argv, cwd=project, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force")
+    assert r.code == 0, r.out + r.err
+    assert "(ssh-copy-id)" in r.out
+    home = Path(pwd.getpwnam(password_box.user).pw_dir)
+    assert (laptop.key.parent / "id_box.pub").read_text().split()[1] in (
+        home / ".ssh" / "authorized_keys"
+    ).read_text()
+    # key login now: no password anywhere
+    ok = subprocess.run(
+        ["ssh", "-F", str(laptop.config), "-o", "BatchMode=yes", "pwbox", "echo", "in"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert ok.stdout.strip() == "in", ok.stderr
+    r = laptop.run(*argv, cwd=project)
+    assert r.code == 0, r.out + r.err
+    assert "lets rdl-initpw in with" in r.out
+
+
+# ------------------------------------------------------------------ at a real terminal
+
+
+def test_at_a_terminal_it_asks_and_records_the_host_key_only_with_consent(
+    fresh_box: Box, tmp_path: Path, project: Path
+) -> None:
+    from tests.terminal import terminal
+
+    info = fresh_box.info
+    config = tmp_path / "new" / "ssh_config"  # a file that does not exist yet
+    config.parent.mkdir()
+    key = tmp_path / "keys" / "id_box"
+    before_root = _root_ssh_files()
+    env = dict(make_env(tmp_path / "laptop").environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = tmp_path / "exit"
+    cmd = (
+        f"{sys.executable} -m remotedl --ssh-config {config} init gpu --hostname 127.0.0.1 "
+        f"--port {info.port} --user {info.user} --identity {key} --no-passphrase; echo $? > {out}; sleep 60"
+    )
+    env_cwd = f"cd {project} && {cmd}"
+    with terminal(env_cwd, tmp_path / "tmux", env=env, width=160, height=50) as term:
+        assert retry_until(lambda: "jump host" in term.screen(), seconds=30), term.screen()
+        term.type("", enter=True)
+        assert retry_until(lambda: "Add this block" in term.screen(), seconds=30), term.screen()
+        term.type("y", enter=True)
+        assert retry_until(lambda: "Trust this host key" in term.screen(), seconds=10), term.screen()
+        term.type("n", enter=True)
+        assert retry_until(lambda: "Write these settings" in term.screen(), seconds=10), term.screen()
+        term.type("n", enter=True)
+        assert retry_until(lambda: out.exists() and out.read_text().strip(), seconds=60), term.screen()
+        screen = term.screen()
+    assert out.read_text().strip() == "1", screen
+    assert "host key not recorded" in screen
+    assert config.is_file() and (config.stat().st_mode & 0o777) == 0o600
+    assert config.read_text().startswith("# gpu: a GPU box")
+    assert key.is_file()
+    assert not (project / "remotedl.toml").exists()
+    assert _root_ssh_files() == before_root  # no host key in OpenSSH's own known_hosts
