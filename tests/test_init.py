@@ -5,6 +5,7 @@ and key; OpenSSH's own home (~/.ssh of the passwd entry) is never written."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import secrets
@@ -24,6 +25,8 @@ from remotedl.env import passwd_home
 from remotedl.ssh.configfile import find_host_lines, with_block
 from remotedl.waiting import free_port, port_answers, retry_until
 from tests.conftest import Box, CliResult, have, make_env
+from tests.test_bastion import Lab, lab  # noqa: F401 (lab: the fixture, a box behind a jump host)
+from tests.test_bastion import _config as _bastion_config
 
 EXISTING = """# my own settings
 Host other
@@ -215,10 +218,21 @@ class PasswordBox:
     host_key: Path
 
 
-@pytest.fixture
-def password_box(tmp_path: Path) -> Iterator[PasswordBox]:
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):  # not written yet
+        return None
+
+
+@pytest.fixture(params=["bash", "fish", "zsh"])
+def password_box(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PasswordBox]:
     """A real sshd on 127.0.0.1 that lets a user of its own in with a password (and, once
-    installed, a key in ~/.ssh/authorized_keys as usual). Needs root: it makes that user."""
+    installed, a key in ~/.ssh/authorized_keys as usual), whose login shell is bash, fish or
+    zsh. Needs root: it makes that user."""
+    shell = shutil.which(request.param)
+    if shell is None:
+        pytest.skip(f"{request.param} is not installed here (.ci/run installs it)")
     if os.getuid() != 0 or not (have("useradd") or os.path.exists("/usr/sbin/useradd")):
         pytest.skip("needs root (useradd, chpasswd): a user of its own that logs in with a password")
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -226,8 +240,9 @@ def password_box(tmp_path: Path) -> Iterator[PasswordBox]:
         found = pwd.getpwnam(PW_USER)
         assert _PW_COMMENT in found.pw_gecos, f"{PW_USER} exists and is not this test's user"
     except KeyError:
-        proc.run(["useradd", "--create-home", "--shell", "/bin/bash", "--comment", _PW_COMMENT, PW_USER])
+        proc.run(["useradd", "--create-home", "--comment", _PW_COMMENT, PW_USER])
         found = pwd.getpwnam(PW_USER)
+    proc.run(["usermod", "--shell", shell, PW_USER])
     password = secrets.token_urlsafe(12)
     proc.run(["chpasswd"], input=f"{PW_USER}:{password}\n")
     shutil.rmtree(Path(found.pw_dir) / ".ssh", ignore_errors=True)  # no key installed yet
@@ -256,7 +271,7 @@ Subsystem sftp internal-sftp
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     proc.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
     assert retry_until(lambda: port_answers("127.0.0.1", port), seconds=10)
-    pid = int(retry_until(lambda: (d / "sshd.pid").read_text().strip() or None, seconds=5) or 0)
+    pid = int(retry_until(lambda: _pid(d / "sshd.pid"), seconds=5) or 0)
     try:
         yield PasswordBox(port, PW_USER, pw_file, d / "host_key.pub")
     finally:
@@ -295,6 +310,22 @@ def test_password_box_gets_the_key_with_ssh_copy_id(
     r = laptop.run(*argv, cwd=project)
     assert r.code == 0, r.out + r.err
     assert "lets rdl-initpw in with" in r.out
+
+
+def test_a_host_key_other_than_the_one_shown_is_not_recorded(fresh_box: Box, laptop: Laptop) -> None:
+    # What the user agreed to is the fingerprint shown; a box answering with another key
+    # between the question and the recording (a man in the middle) is refused.
+    from remotedl.errors import HostKeyError
+    from remotedl.ssh import resolve_host
+    from remotedl.ssh.hostkeys import trust_host
+
+    laptop.config.write_text(
+        f"Host gpu\n  HostName 127.0.0.1\n  Port {fresh_box.info.port}\n" + laptop.config.read_text()
+    )
+    spec = resolve_host(make_env(laptop.base), "gpu", ssh_config=str(laptop.config))
+    with pytest.raises(HostKeyError, match="not the SHA256:shown-to-the-user you agreed to"):
+        trust_host(spec, expect="SHA256:shown-to-the-user")
+    assert not laptop.known_hosts.exists()
 
 
 # ------------------------------------------------------------------ at a real terminal
@@ -336,3 +367,36 @@ def test_at_a_terminal_it_asks_and_records_the_host_key_only_with_consent(
     assert key.is_file()
     assert not (project / "remotedl.toml").exists()
     assert _root_ssh_files() == before_root  # no host key in OpenSSH's own known_hosts
+
+
+# ------------------------------------------------------------------ through a bastion
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip"),
+    reason="needs root and iproute2 for a network namespace of the test's own",
+)
+
+
+@needs_netns
+def test_a_box_behind_a_jump_host(lab: Lab, tmp_path: Path, project: Path) -> None:  # noqa: F811 (the fixture)
+    # The box listens only inside a network namespace; the laptop reaches it through `jump`
+    # (already in the ssh config): init records the inner box's host key through the jump.
+    cfg = _bastion_config(lab, tmp_path)
+    known = tmp_path / "known_hosts"
+    cfg.write_text(cfg.read_text() + f"\nHost *\n    UserKnownHostsFile {known}\n")
+    laptop = Laptop(tmp_path / "laptop", cfg, known, tmp_path / "keys" / "id_box")
+    (laptop.base / "home").mkdir(parents=True)
+    argv = [*_init_argv("labgpu", laptop, port=lab.box.port, user=lab.box.user), "--jump", "jump", "--yes"]
+    r = laptop.run(*argv, cwd=project)
+    assert r.code == 4, r.out + r.err  # a key-only box: the line to paste
+    assert "    ProxyJump jump\n" in cfg.read_text()
+    assert f"[127.0.0.1]:{lab.box.port} ssh-ed25519" in known.read_text()
+    box_pub = (Path(lab.box.directory) / "host_key.pub").read_text().split()[1]
+    assert box_pub in known.read_text()  # the box's key, not the jump's
+    with (Path(lab.box.directory) / "authorized_keys").open("a") as f:
+        f.write((laptop.key.parent / "id_box.pub").read_text())
+    r = laptop.run(*argv, cwd=project)
+    assert r.code == 0, r.out + r.err
+    r = laptop.run("status", "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert len(json.loads(r.out)["gpus"]) == 1  # the inner box's one GPU
