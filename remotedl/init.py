@@ -227,11 +227,17 @@ def _resolve_text(
 
 
 def _conflicts(spec: HostSpec, req: InitRequest) -> list[str]:
+    named = spec.sources.get("identityfile", "default") != "default"
+    key = expand_user_path(req.identity) if req.identity else None
     wanted = {
         "HostName": (req.hostname, spec.hostname),
         "User": (req.user, spec.user),
         "Port": (None if req.port is None else str(req.port), str(spec.port)),
         "ProxyJump": (req.jump, spec.proxy_jump),
+        "IdentityFile": (
+            key if named else None,
+            key if key in spec.identity_files else spec.identity_files[0],
+        ),
     }
     return [
         f"{k} {have or 'none'} (not {want})" for k, (want, have) in wanted.items() if want and want != have

@@ -172,6 +172,9 @@ def test_an_existing_block_is_reused_or_refused_never_changed(
     r = laptop.run("init", box.name, "--hostname", "10.9.9.9", "--yes", cwd=project)
     assert r.code == 2, r.out + r.err
     assert "already in the ssh config" in r.err and "HostName 127.0.0.1 (not 10.9.9.9)" in r.err
+    r = laptop.run("init", box.name, "--identity", str(laptop.key), "--yes", cwd=project)
+    assert r.code == 2, r.out + r.err
+    assert f"IdentityFile {box.dir / 'id_ed25519'} (not {laptop.key})" in r.err
     r = laptop.run("init", box.name, "--yes", "--no-data", cwd=project)
     assert r.code == 0, r.out + r.err
     assert f"Host {box.name} is in the ssh config ({box.info.ssh_config} line 2): kept" in r.out

@@ -38,11 +38,10 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import init
     from remotedl.config import find_project
     from remotedl.ssh.configfile import find_host_lines
+    from remotedl.ssh.resolve import registered_box_config
 
     app = App(args, env)
     prompt = env.stdin_isatty and not args.yes
-    config = app.base_settings.get("ssh_config")
-    ssh_config = Path(config) if config else init.default_ssh_config()
     alias = args.alias or app.flag("host")
     if not alias and prompt:
         alias = _ask(env, "A short name for the box (ssh and remotedl will call it that)", "gpubox")
@@ -50,6 +49,9 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
         raise UsageError(
             "which box? give it a name", hint="remotedl init ALIAS --hostname ADDRESS (or --host ALIAS)"
         )
+    # The config the alias is read from everywhere else: the one named, a sandbox's own, ~/.ssh/config.
+    config = app.base_settings.get("ssh_config")
+    ssh_config = Path(config) if config else registered_box_config(env, alias) or init.default_ssh_config()
     hostname, user, port, jump = args.hostname, app.flag("user"), app.flag("port"), args.jump
     if prompt and not find_host_lines(ssh_config, alias):
         hostname = hostname or _ask(env, "The box's address (host name or IP)")
