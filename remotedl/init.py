@@ -32,6 +32,7 @@ from remotedl.env import Environment, passwd_home
 from remotedl.errors import ConfigError, HostKeyError, RemotedlError, UsageError
 from remotedl.ssh.configfile import HostLine, config_value, find_host_lines, home_relative, with_block
 from remotedl.ssh.resolve import DEFAULT_IDENTITIES, HostSpec, expand_user_path, resolve_host
+from remotedl.words import plural
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +55,10 @@ NOT_DATA = {
 }  # fmt: skip
 # An untracked directory at least this big is offered as data (and left out of code snapshots).
 LARGE_DIR = 100 << 20
+
+
+class AliasTaken(UsageError):
+    """The alias names another box in the ssh config already (init never edits a block)."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,10 @@ def plan_init(
     _check_word("--jump", req.jump)
     if req.port is not None and not 0 < req.port < 65536:
         raise UsageError(f"--port {req.port} is not a port number")
+    if req.remote_dir is not None:
+        from remotedl.sync import normalize_remote_dir
+
+        normalize_remote_dir(req.remote_dir)  # refused here, before any change, as push would
     config = ssh_config or default_ssh_config()
     with tempfile.TemporaryDirectory(prefix="remotedl-init-") as tmp:
         return _plan(env, req, config, project or find_project(env.cwd), Path(tmp))
@@ -276,7 +285,7 @@ def _plan(env: Environment, req: InitRequest, config: Path, project: Project, tm
         spec = probe = resolve_host(env, req.alias, ssh_config=str(config))
         bad = _conflicts(spec, req)
         if bad:
-            raise UsageError(
+            raise AliasTaken(
                 f"Host {req.alias} is already in the ssh config ({existing[0]}) and says {', '.join(bad)}",
                 hint="pick another alias for this box, or edit that block (init never changes one)",
             )
@@ -704,20 +713,17 @@ def apply_init(
 
     # doctor
     result.doctor = _doctor(env, plan)
-    failed = [c for c in result.doctor.checks if c.status == "fail"]
-    if failed:
-        report(
-            "doctor",
-            "failed",
-            f"doctor: {len(failed)} check(s) failed",
-            "\n".join(f"{c.name}: {c.detail}; fix: {c.fix}" for c in failed),
-        )
+    doc = result.doctor
+    said = "\n".join(
+        f"{c.status}: {c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
+        for c in doc.checks
+        if c.status in ("fail", "warn")
+    )
+    counts = f"{plural(doc.count('ok'), 'check')} ok, {plural(doc.count('warn'), 'warning')}"
+    if doc.count("fail"):
+        report("doctor", "failed", f"doctor: {plural(doc.count('fail'), 'check')} failed, {counts}", said)
     else:
-        report(
-            "doctor",
-            "ok",
-            f"doctor: {result.doctor.count('ok')} checks ok, {result.doctor.count('warn')} warnings",
-        )
+        report("doctor", "ok", f"doctor: {counts}", said)
         host = (
             ""
             if plan.project_file is not None and plan.project_file.exists() and _host_set(plan)
@@ -750,6 +756,18 @@ def _write_text(path: Path, text: str) -> None:
         raise
 
 
+def _locked_away(env: Environment, key: str) -> bool:
+    """Whether ``key`` has a passphrase that no running ssh-agent has taken already (so no
+    login with it can work without a terminal: remotedl's connections never ask)."""
+    if proc.run(["ssh-keygen", "-y", "-P", "", "-f", key], check=False, env=_ssh_env(env)).returncode == 0:
+        return False
+    if not env.environ.get("SSH_AUTH_SOCK"):
+        return True
+    mine = proc.run(["ssh-keygen", "-l", "-f", key + ".pub"], check=False).stdout.split()
+    held = proc.run(["ssh-add", "-l"], check=False, env=_ssh_env(env)).stdout
+    return len(mine) < 2 or mine[1] not in held
+
+
 def _install_key(
     env: Environment,
     spec: HostSpec,
@@ -759,6 +777,15 @@ def _install_key(
 ) -> bool:
     """Make the box let the user in with ``key``: already so, ssh-copy-id with the password,
     or the line to paste there. True when the key logs in."""
+    if _locked_away(env, key):
+        report(
+            "install-key",
+            "manual",
+            f"{key} has a passphrase and no ssh-agent holds it; remotedl logs in without asking for "
+            f"it: add it to an agent, then run `remotedl init {spec.alias}` again",
+            f'eval "$(ssh-agent)"  # where no agent runs\nssh-add {key}',
+        )
+        return False
     state, methods = _probe_login(env, spec, key)
     if state == "ok":
         report("install-key", "unchanged", f"the box lets {spec.user} in with {key}", "")

@@ -141,6 +141,16 @@ def test_key_only_box_from_nothing_to_a_working_status(fresh_box: Box, laptop: L
     assert _root_ssh_files() == before_root
 
 
+def test_a_key_with_a_passphrase_no_agent_holds_is_named(box: Box, laptop: Laptop, project: Path) -> None:
+    # remotedl's connections never ask for a passphrase: such a key must be in an agent first.
+    laptop.key.parent.mkdir()
+    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(laptop.key)])
+    r = laptop.run(*_init_argv("gpu", laptop, port=box.info.port, user=box.info.user), "--yes", cwd=project)
+    assert r.code == 4, r.out + r.err
+    assert f"{laptop.key} has a passphrase and no ssh-agent holds it" in r.out
+    assert f"ssh-add {laptop.key}" in r.out
+
+
 def test_dry_run_changes_nothing_and_shows_every_change(
     fresh_box: Box, laptop: Laptop, project: Path
 ) -> None:
@@ -370,6 +380,34 @@ def test_at_a_terminal_it_asks_and_records_the_host_key_only_with_consent(
     assert key.is_file()
     assert not (project / "remotedl.toml").exists()
     assert _root_ssh_files() == before_root  # no host key in OpenSSH's own known_hosts
+
+
+def test_at_a_terminal_a_taken_alias_gets_another_name(box: Box, laptop: Laptop, project: Path) -> None:
+    from tests.terminal import terminal
+
+    laptop.config.write_text(f"Include {box.info.ssh_config}\n" + laptop.config.read_text())
+    before = laptop.config.read_bytes()
+    env = dict(make_env(laptop.base).environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = laptop.base / "exit"
+    cmd = (
+        f"cd {project} && {sys.executable} -m remotedl --ssh-config {laptop.config} init {box.name} "
+        f"--hostname 127.0.0.1 --port 1 --identity {laptop.key}; echo $? > {out}; sleep 60"
+    )
+    with terminal(cmd, laptop.base / "tmux", env=env, width=160, height=50) as term:
+        assert retry_until(lambda: "Another name for this box" in term.screen(), seconds=30), term.screen()
+        assert "already in the ssh config" in term.screen()
+        term.type("gpu2", enter=True)
+        assert retry_until(lambda: "passphrase?" in term.screen(), seconds=30), term.screen()
+        term.type("n", enter=True)
+        assert retry_until(lambda: out.exists() and out.read_text().strip(), seconds=30), term.screen()
+        screen = term.screen()
+    # The plan for gpu2 is shown; port 1 answers nothing, so nothing is asked nor changed.
+    assert "Host gpu2" in screen
+    assert "connection refused by 127.0.0.1:1" in screen
+    assert out.read_text().strip() == "4", screen
+    assert laptop.config.read_bytes() == before
+    assert not laptop.key.exists()
 
 
 # ------------------------------------------------------------------ through a bastion

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from dataclasses import replace
 from pathlib import Path
 
 from remotedl.cli.app import App
@@ -83,7 +84,19 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
         data=data,
         passphrase=not args.no_passphrase,
     )
-    plan = init.plan_init(env, req, ssh_config=ssh_config, project=project)
+    while True:
+        try:
+            plan = init.plan_init(env, req, ssh_config=ssh_config, project=project)
+            break
+        except init.AliasTaken as e:
+            if not prompt:
+                raise
+            env.stderr.write(f"{e.message}\n")
+            other = _ask(env, "Another name for this box (empty: stop)")
+            if not other:
+                raise
+            req = replace(req, alias=other)
+            alias = other
     if not plan.key_exists and prompt and req.passphrase:
         plan.passphrase = _yes(env, f"Protect the new key {plan.key} with a passphrase?", default=True)
         step = plan.step("key")
@@ -94,11 +107,13 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
     if app.json and args.dry_run:
         app.print_json(plan.to_dict())
         return ExitCode.OK
-    if not app.json:
+    if not app.json and (args.dry_run or any(st.state != "done" for st in plan.steps if st.kind != "doctor")):
         _show_plan(app, plan)
     if args.dry_run:
         app.out("dry run: nothing changed")
         return ExitCode.OK
+    if plan.host_key_error is not None:
+        raise plan.host_key_error  # the box cannot be reached safely: change nothing, ask nothing
     approved: set[init.StepKind] = set()
     questions = plan.questions
     if args.yes:
@@ -127,7 +142,7 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
         for line in r.detail.splitlines():
             app.out(f"    {line}")
 
-    if not app.json:
+    if not app.json and any(st.state != "done" for st in plan.steps if st.kind != "doctor"):
         app.out("")
     result = init.apply_init(env, plan, approved=approved, on_step=show, terminal=env.stdin_isatty)
     if app.json:
