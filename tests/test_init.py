@@ -217,6 +217,34 @@ def test_include_globs_are_followed(tmp_path: Path) -> None:
     assert find_host_lines(main_cfg, "gpu2") == []
 
 
+def test_remotedl_toml_gets_only_what_it_lacks() -> None:
+    from remotedl.init import edit_project_text
+
+    text = 'host = "old"  # mine\n\n[dns]\nprovider = "x"\n'
+    new, added, differ = edit_project_text(
+        text, {"host": "gpu", "remote_dir": "~/remotedl/p", "data": ["data"]}
+    )
+    assert (
+        new
+        == 'host = "old"  # mine\n\nremote_dir = "~/remotedl/p"\ndata = ["data"]\n\n[dns]\nprovider = "x"\n'
+    )
+    assert (added, differ) == (["remote_dir", "data"], ["host"])
+    assert edit_project_text(new, {"host": "old", "data": ["data"]}) == (new, [], [])
+
+
+def test_data_directories_found(tmp_path: Path) -> None:
+    from remotedl.init import LARGE_DIR, find_data_dirs
+
+    for d in ("data", "datasets", "src", ".venv", "checkpoints", "images"):
+        (tmp_path / d).mkdir()
+    with (tmp_path / "images" / "all.tar").open("wb") as f:
+        f.truncate(LARGE_DIR + 1)  # large and untracked
+    with (tmp_path / "checkpoints" / "last.pt").open("wb") as f:
+        f.truncate(LARGE_DIR + 1)  # large, but what jobs write
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    assert [d.path for d in find_data_dirs(tmp_path)] == ["data", "datasets", "images"]
+
+
 # ------------------------------------------------------------------ a box with password login
 
 PW_USER = "rdl-initpw"
