@@ -218,7 +218,7 @@ def test_include_globs_are_followed(tmp_path: Path) -> None:
 
 
 def test_remotedl_toml_gets_only_what_it_lacks() -> None:
-    from remotedl.init import edit_project_text
+    from remotedl.init.project import edit_project_text
 
     text = 'host = "old"  # mine\n\n[dns]\nprovider = "x"\n'
     new, added, differ = edit_project_text(
@@ -233,7 +233,7 @@ def test_remotedl_toml_gets_only_what_it_lacks() -> None:
 
 
 def test_data_directories_found(tmp_path: Path) -> None:
-    from remotedl.init import LARGE_DIR, find_data_dirs
+    from remotedl.init.project import LARGE_DIR, find_data_dirs
 
     for d in ("data", "datasets", "src", ".venv", "checkpoints", "images"):
         (tmp_path / d).mkdir()

@@ -38,6 +38,7 @@ def _yes(env: Environment, question: str, *, default: bool) -> bool:
 def cmd_init(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import init
     from remotedl.config import find_project
+    from remotedl.init.project import find_data_dirs
     from remotedl.ssh.configfile import find_host_lines
     from remotedl.ssh.resolve import registered_box_config
 
@@ -69,7 +70,7 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
     if args.no_data:
         data = ()
     elif data is None and prompt:
-        found = init.find_data_dirs(project.root)
+        found = find_data_dirs(project.root)
         if found:
             listed = ", ".join(f"{d.path}/ ({d.why})" for d in found)
             data = tuple(d.path for d in found) if _yes(env, f"Push {listed} as data?", default=True) else ()

@@ -13,14 +13,11 @@ box (``ssh-copy-id`` with the password once, or the line to paste there), ``remo
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,31 +27,16 @@ from remotedl.config import PROJECT_FILE, Project
 from remotedl.doctor import DoctorReport
 from remotedl.env import Environment, passwd_home
 from remotedl.errors import ConfigError, HostKeyError, RemotedlError, UsageError
+from remotedl.init.login import install_key, probe_login, ssh_env
+from remotedl.init.project import DataDir, edit_project_text, find_data_dirs, host_is, toml_value, write_text
 from remotedl.ssh.configfile import HostLine, config_value, find_host_lines, home_relative, with_block
 from remotedl.ssh.resolve import DEFAULT_IDENTITIES, HostSpec, expand_user_path, resolve_host
 from remotedl.words import plural
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 StepKind = Literal["ssh-config", "key", "host-key", "install-key", "project-config", "doctor"]
 # todo: will change something; done: nothing to do; check: looked at when applied; blocked: cannot go on
 StepState = Literal["todo", "done", "check", "blocked"]
 Outcome = Literal["changed", "unchanged", "skipped", "manual", "failed", "ok"]
-
-# Directories that are data a job reads, when the project has them.
-DATA_NAMES = ("data", "datasets", "dataset")
-# Never data: environments, caches, tools' state, and what jobs write (results come home by pull).
-NOT_DATA = {
-    ".git", ".venv", "venv", "env", ".env", "node_modules", "__pycache__", ".mypy_cache",
-    ".pytest_cache", ".ruff_cache", ".tox", ".nox", ".idea", ".vscode", "build", "dist",
-    ".remotedl-partial", "wandb", "runs", "outputs", "output", "checkpoints", "mlruns",
-    "lightning_logs", "logs", ".ipynb_checkpoints", ".cache",
-}  # fmt: skip
-# An untracked directory at least this big is offered as data (and left out of code snapshots).
-LARGE_DIR = 100 << 20
 
 
 class AliasTaken(UsageError):
@@ -83,12 +65,6 @@ class Step:
     summary: str
     detail: str = ""  # what the user should see before agreeing: the block, the fingerprint, lines
     ask: str | None = None  # the consent question; None: needs none
-
-
-@dataclass(frozen=True)
-class DataDir:
-    path: str  # relative to the project root
-    why: str  # "named data/", "untracked, 2.3 GiB"
 
 
 @dataclass
@@ -383,7 +359,7 @@ def _plan_host_key(plan: InitPlan, probe: HostSpec) -> None:
 def _plan_login(env: Environment, plan: InitPlan) -> None:
     if plan.key_exists and plan.host_key_state == "already-known" and plan.config_text is None:
         try:
-            plan.login = _probe_login(env, plan.spec, plan.key)[0]
+            plan.login = probe_login(env, plan.spec, plan.key)[0]
         except RemotedlError:
             plan.login = "unknown"
     if plan.login == "ok":
@@ -402,76 +378,6 @@ def _plan_login(env: Environment, plan: InitPlan) -> None:
 # ------------------------------------------------------------------ remotedl.toml
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def find_data_dirs(root: Path) -> list[DataDir]:
-    """Directories of the project that look like data a job reads: data/, datasets/, and large
-    directories git does not track (environments and outputs are never offered)."""
-    tracked: set[str] = set()
-    if (root / ".git").exists():
-        r = proc.run(["git", "-C", str(root), "ls-files", "-z"], check=False)
-        tracked = {p.split("/", 1)[0] for p in r.stdout.split("\0") if p}
-    found: list[DataDir] = []
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        name = entry.name
-        if name in NOT_DATA or name.startswith(".") or not entry.is_dir():
-            continue
-        if name in DATA_NAMES:
-            found.append(DataDir(name, f"a {name}/ directory"))
-        elif name not in tracked:
-            size = _size_at_least(entry, LARGE_DIR)
-            if size >= LARGE_DIR:
-                found.append(DataDir(name, f"untracked, over {LARGE_DIR >> 20} MiB"))
-    return found
-
-
-def _size_at_least(path: Path, limit: int, max_files: int = 50000) -> int:
-    """The size of the files under ``path``, counted until ``limit`` is reached."""
-    total = seen = 0
-    for root, dirs, files in os.walk(path, followlinks=False):
-        dirs[:] = [d for d in dirs if d not in NOT_DATA]
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                continue
-            seen += 1
-            if total >= limit or seen >= max_files:
-                return total
-    return total
-
-
-_TABLE = re.compile(r"^\s*\[")
-
-
-def edit_project_text(text: str, wanted: Mapping[str, Any]) -> tuple[str, list[str], list[str]]:
-    """(new text, keys added, keys set already to something else) for top-level ``wanted``
-    settings: a missing key goes before the first table; one already there is left alone."""
-    data = tomllib.loads(text) if text.strip() else {}
-    added = [k for k in wanted if k not in data]
-    differ = [k for k in wanted if k in data and data[k] != wanted[k]]
-    if not added:
-        return text, [], differ
-    lines = text.splitlines(keepends=True)
-    at = next((i for i, ln in enumerate(lines) if _TABLE.match(ln)), len(lines))
-    if at == len(lines) and lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    new = [f"{k} = {_toml_value(wanted[k])}\n" for k in added]
-    if at < len(lines):
-        new.append("\n")
-    return "".join(lines[:at] + new + lines[at:]), added, differ
-
-
 def _plan_project(plan: InitPlan, req: InitRequest, project: Project) -> None:
     plan.project = project
     root = project.root
@@ -484,7 +390,7 @@ def _plan_project(plan: InitPlan, req: InitRequest, project: Project) -> None:
     path = project.config_file or root / PROJECT_FILE
     plan.project_file = path
     if path.name == "pyproject.toml":
-        plan.project_manual = "".join(f"{k} = {_toml_value(v)}\n" for k, v in wanted.items())
+        plan.project_manual = "".join(f"{k} = {toml_value(v)}\n" for k, v in wanted.items())
         plan.steps.append(
             Step(
                 "project-config",
@@ -498,13 +404,13 @@ def _plan_project(plan: InitPlan, req: InitRequest, project: Project) -> None:
     header = "# remotedl settings for this project (see the README's Configuration section)\n"
     new, added, differ = edit_project_text(text if text is not None else header, wanted)
     if differ:
-        plan.project_manual = "".join(f"{k} = {_toml_value(wanted[k])}\n" for k in differ)
+        plan.project_manual = "".join(f"{k} = {toml_value(wanted[k])}\n" for k in differ)
     if not added:
         kept = f"; it sets {', '.join(differ)} otherwise, kept" if differ else ""
         plan.steps.append(Step("project-config", "done", f"{path} is set up{kept}", plan.project_manual))
         return
     plan.project_text = new
-    lines = "".join(f"{k} = {_toml_value(wanted[k])}\n" for k in added)
+    lines = "".join(f"{k} = {toml_value(wanted[k])}\n" for k in added)
     verb = f"add to {path}" if text is not None else f"write {path}"
     found = "".join(
         f"  ({d.path}: {d.why}; pushed with `remotedl push`)\n"
@@ -523,68 +429,6 @@ def _plan_project(plan: InitPlan, req: InitRequest, project: Project) -> None:
 
 
 # ------------------------------------------------------------------ applying
-
-
-def _probe_login(env: Environment, spec: HostSpec, key: str) -> tuple[str, list[str]]:
-    """("ok" | "password" | "paste", the methods the box offers) for logging in with ``key``."""
-    from remotedl.ssh.openssh import config_options, openssh_failure
-
-    argv = ["ssh", *config_options(spec)]
-    argv += [
-        "-i", key,
-        "-o", "IdentitiesOnly=yes",
-        "-o", "BatchMode=yes",
-        "-o", "PreferredAuthentications=publickey",
-        "-o", f"StrictHostKeyChecking={spec.strict_host_key_checking}",
-        "-o", "ControlPath=none",
-        "-o", "ControlMaster=no",
-        "-o", f"ConnectTimeout={max(1, int(spec.connect_timeout))}",
-        "-T", "--", spec.alias, "true",
-    ]  # fmt: skip
-    r = proc.run(argv, check=False, timeout=spec.connect_timeout * 3 + 10, env=_ssh_env(env))
-    if r.returncode == 0:
-        return "ok", []
-    m = re.search(r"Permission denied \(([^)]*)\)", r.stderr or "")
-    if m is None:
-        raise openssh_failure(spec, r.stderr or "")
-    methods = m.group(1).split(",")
-    return ("password" if {"password", "keyboard-interactive"} & set(methods) else "paste"), methods
-
-
-def _ssh_env(env: Environment) -> dict[str, str]:
-    return dict(env.environ)
-
-
-def can_type_password(env: Environment, terminal: bool) -> bool:
-    """Whether ssh can ask for a password here: at a terminal, or through SSH_ASKPASS."""
-    e = env.environ
-    return terminal or bool(
-        e.get("SSH_ASKPASS") and (e.get("SSH_ASKPASS_REQUIRE") == "force" or e.get("DISPLAY"))
-    )
-
-
-def paste_line(public_key: str) -> str:
-    """One line that installs ``public_key`` on the box, in any login shell."""
-    words = public_key.split()
-    safe = [w for w in words[2:] if re.fullmatch(r"[A-Za-z0-9@._:+=/-]+", w)]
-    key = " ".join(words[:2] + safe[:1])
-    return (
-        "mkdir -p ~/.ssh && chmod 700 ~/.ssh && "
-        f"echo '{key}' >> ~/.ssh/authorized_keys && chmod 600 ~/.ssh/authorized_keys"
-    )
-
-
-def _public_key(key: str) -> str:
-    pub = Path(key + ".pub")
-    if pub.is_file():
-        return pub.read_text().strip()
-    r = proc.run(["ssh-keygen", "-y", "-f", key], check=False)
-    if r.returncode != 0:
-        raise RemotedlError(
-            f"cannot read the public half of {key}", hint=f"run `ssh-keygen -y -f {key} > {key}.pub`"
-        )
-    pub.write_text(r.stdout)
-    return r.stdout.strip()
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -656,13 +500,13 @@ def apply_init(
         argv = ["ssh-keygen", "-q", "-t", "ed25519", "-f", key, "-C", comment]
         if not plan.passphrase:
             argv += ["-N", ""]
-        r = proc.run(argv, check=False, capture=not terminal, env=_ssh_env(env))
+        r = proc.run(argv, check=False, capture=not terminal, env=ssh_env(env))
         if r.returncode != 0 or not os.path.isfile(key):
             report("key", "failed", f"ssh-keygen could not make {key}", (r.stderr or "").strip())
             return result
         report("key", "changed", f"made the key {key}" + (" (with a passphrase)" if plan.passphrase else ""))
         if plan.passphrase and env.environ.get("SSH_AUTH_SOCK"):
-            proc.run(["ssh-add", key], check=False, capture=not terminal, env=_ssh_env(env))
+            proc.run(["ssh-add", key], check=False, capture=not terminal, env=ssh_env(env))
     else:
         report("key", "unchanged", f"key {key} exists")
 
@@ -690,7 +534,9 @@ def apply_init(
         )
 
     # key on the box
-    if not _install_key(env, spec, key, terminal, report):
+    on_box = install_key(env, spec, key, terminal)
+    report("install-key", on_box.outcome, on_box.message, on_box.detail)
+    if not on_box.logs_in:
         return result
 
     # remotedl.toml
@@ -708,7 +554,7 @@ def apply_init(
     else:
         assert plan.project_file is not None
         assert plan.project_text is not None
-        _write_text(plan.project_file, plan.project_text)
+        write_text(plan.project_file, plan.project_text)
         report("project-config", "changed", f"wrote {step.summary.split(': ', 1)[-1]} to {plan.project_file}")
 
     # doctor
@@ -726,135 +572,11 @@ def apply_init(
         report("doctor", "ok", f"doctor: {counts}", said)
         host = (
             ""
-            if plan.project_file is not None and plan.project_file.exists() and _host_set(plan)
+            if plan.project_file is not None and host_is(plan.project_file, plan.alias)
             else f"--host {plan.alias} "
         )
         result.next_command = f"remotedl {host}run train.py --gpu 0"
     return result
-
-
-def _host_set(plan: InitPlan) -> bool:
-    assert plan.project_file is not None
-    try:
-        data = tomllib.loads(plan.project_file.read_text())
-    except (OSError, ValueError):
-        return False
-    if plan.project_file.name == "pyproject.toml":
-        data = data.get("tool", {}).get("remotedl", {})
-    return data.get("host") == plan.alias
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _locked_away(env: Environment, key: str) -> bool:
-    """Whether ``key`` has a passphrase that no running ssh-agent has taken already (so no
-    login with it can work without a terminal: remotedl's connections never ask)."""
-    if proc.run(["ssh-keygen", "-y", "-P", "", "-f", key], check=False, env=_ssh_env(env)).returncode == 0:
-        return False
-    if not env.environ.get("SSH_AUTH_SOCK"):
-        return True
-    mine = proc.run(["ssh-keygen", "-l", "-f", key + ".pub"], check=False).stdout.split()
-    held = proc.run(["ssh-add", "-l"], check=False, env=_ssh_env(env)).stdout
-    return len(mine) < 2 or mine[1] not in held
-
-
-def _install_key(
-    env: Environment,
-    spec: HostSpec,
-    key: str,
-    terminal: bool,
-    report: Callable[[StepKind, Outcome, str, str], None],
-) -> bool:
-    """Make the box let the user in with ``key``: already so, ssh-copy-id with the password,
-    or the line to paste there. True when the key logs in."""
-    if _locked_away(env, key):
-        report(
-            "install-key",
-            "manual",
-            f"{key} has a passphrase and no ssh-agent holds it; remotedl logs in without asking for "
-            f"it: add it to an agent, then run `remotedl init {spec.alias}` again",
-            f'eval "$(ssh-agent)"  # where no agent runs\nssh-add {key}',
-        )
-        return False
-    state, methods = _probe_login(env, spec, key)
-    if state == "ok":
-        report("install-key", "unchanged", f"the box lets {spec.user} in with {key}", "")
-        return True
-    line = paste_line(_public_key(key))
-    if state == "paste" or not can_type_password(env, terminal):
-        why = (
-            f"the box takes no password ({', '.join(methods)})"
-            if state == "paste"
-            else "the box asks for a password and there is no terminal to type it (nor SSH_ASKPASS)"
-        )
-        report(
-            "install-key",
-            "manual",
-            f"{why}: paste this line in a shell on the box as {spec.user}, "
-            f"then run `remotedl init {spec.alias}` again",
-            line,
-        )
-        return False
-    Path(env.home, ".ssh").mkdir(parents=True, exist_ok=True, mode=0o700)  # ssh-copy-id's scratch space
-    argv = ["ssh-copy-id", "-f", "-i", key + ".pub"]
-    if spec.ssh_config is not None:
-        argv += ["-F", str(spec.ssh_config)]
-    argv += [
-        "-o", f"StrictHostKeyChecking={spec.strict_host_key_checking}",
-        "-o", "PreferredAuthentications=keyboard-interactive,password",
-        "-o", "ControlPath=none",
-        "-o", f"ConnectTimeout={max(1, int(spec.connect_timeout))}",
-        spec.alias,
-    ]  # fmt: skip
-    try:
-        r = proc.run(
-            argv,
-            check=False,
-            env=_ssh_env(env),
-            timeout=None if terminal else 120,
-            input="" if not terminal else None,
-        )
-    except subprocess.TimeoutExpired:
-        report("install-key", "failed", "ssh-copy-id did not finish in 120 s", line)
-        return False
-    if r.returncode != 0:
-        err = [
-            x
-            for x in (r.stderr or "").splitlines()
-            if x.strip() and not x.startswith("/usr/bin/ssh-copy-id: INFO")
-        ]
-        report(
-            "install-key",
-            "failed",
-            f"ssh-copy-id could not put the key on the box: {err[-1] if err else f'exit {r.returncode}'}",
-            line,
-        )
-        return False
-    if _probe_login(env, spec, key)[0] != "ok":
-        report(
-            "install-key",
-            "failed",
-            "the key was copied to the box but it still does not let the user in with it",
-            line,
-        )
-        return False
-    report(
-        "install-key",
-        "changed",
-        f"put {key}.pub on the box (ssh-copy-id): {spec.user} logs in with the key",
-        "",
-    )
-    return True
 
 
 def _doctor(env: Environment, plan: InitPlan) -> DoctorReport:
