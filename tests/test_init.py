@@ -232,6 +232,23 @@ def test_remotedl_toml_gets_only_what_it_lacks() -> None:
     assert edit_project_text(new, {"host": "old", "data": ["data"]}) == (new, [], [])
 
 
+def test_a_symlinked_config_stays_a_symlink(tmp_path: Path) -> None:
+    from remotedl.init.project import write_file
+
+    (tmp_path / "dotfiles").mkdir()
+    target = tmp_path / "dotfiles" / "ssh_config"
+    target.write_text("Host a\n")
+    target.chmod(0o640)
+    link = tmp_path / "config"
+    link.symlink_to(target)
+    write_file(link, "Host a\n\nHost b\n", new_mode=0o600)
+    assert link.is_symlink()
+    assert target.read_text() == "Host a\n\nHost b\n"
+    assert target.stat().st_mode & 0o777 == 0o640
+    write_file(tmp_path / "new" / "config", "Host c\n", new_mode=0o600)
+    assert (tmp_path / "new" / "config").stat().st_mode & 0o777 == 0o600
+
+
 def test_data_directories_found(tmp_path: Path) -> None:
     from remotedl.init.project import LARGE_DIR, find_data_dirs
 

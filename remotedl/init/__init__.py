@@ -28,7 +28,7 @@ from remotedl.doctor import DoctorReport
 from remotedl.env import Environment, passwd_home
 from remotedl.errors import ConfigError, HostKeyError, RemotedlError, UsageError
 from remotedl.init.login import install_key, probe_login, ssh_env
-from remotedl.init.project import DataDir, edit_project_text, find_data_dirs, host_is, toml_value, write_text
+from remotedl.init.project import DataDir, edit_project_text, find_data_dirs, host_is, toml_value, write_file
 from remotedl.ssh.configfile import HostLine, config_value, find_host_lines, home_relative, with_block
 from remotedl.ssh.resolve import DEFAULT_IDENTITIES, HostSpec, expand_user_path, resolve_host
 from remotedl.words import plural
@@ -431,21 +431,6 @@ def _plan_project(plan: InitPlan, req: InitRequest, project: Project) -> None:
 # ------------------------------------------------------------------ applying
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, 0600 for a new file (an existing file keeps its mode)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def apply_init(
     env: Environment,
     plan: InitPlan,
@@ -483,7 +468,7 @@ def apply_init(
             )
         else:
             new, _ = with_block(current, plan.alias, plan.block or "")
-            _write_private(plan.ssh_config, new)
+            write_file(plan.ssh_config, new, new_mode=0o600)
             report("ssh-config", "changed", f"added Host {plan.alias} to {plan.ssh_config}")
     spec = resolve_host(env, plan.alias, ssh_config=str(plan.ssh_config))
 
@@ -554,7 +539,7 @@ def apply_init(
     else:
         assert plan.project_file is not None
         assert plan.project_text is not None
-        write_text(plan.project_file, plan.project_text)
+        write_file(plan.project_file, plan.project_text)
         report("project-config", "changed", f"wrote {step.summary.split(': ', 1)[-1]} to {plan.project_file}")
 
     # doctor

@@ -109,13 +109,18 @@ def edit_project_text(text: str, wanted: Mapping[str, Any]) -> tuple[str, list[s
     return "".join(lines[:at] + new + lines[at:]), added, differ
 
 
-def write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def write_file(path: Path, text: str, *, new_mode: int = 0o644) -> None:
+    """Write ``text`` to ``path`` atomically (a whole file or none). An existing file keeps its
+    mode, and a symlink (a dotfiles checkout) stays one: its target is written."""
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = real.stat().st_mode & 0o777 if real.exists() else new_mode
+    fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", dir=real.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        os.replace(tmp, real)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
