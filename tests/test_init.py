@@ -486,3 +486,37 @@ def test_a_box_behind_a_jump_host(lab: Lab, tmp_path: Path, project: Path) -> No
     r = laptop.run("status", "--json", cwd=project)
     assert r.code == 0, r.err
     assert len(json.loads(r.out)["gpus"]) == 1  # the inner box's one GPU
+
+
+@pytest.mark.parametrize("password_box", ["bash"], indirect=True)
+def test_at_a_terminal_the_password_is_typed_once(
+    password_box: PasswordBox, laptop: Laptop, project: Path
+) -> None:
+    # The newcomer's path: an address and a password, typed at ssh's own prompt (no askpass).
+    from tests.terminal import terminal
+
+    if not have("ssh-copy-id"):
+        pytest.skip("ssh-copy-id is not installed (openssh-client)")
+    env = dict(make_env(laptop.base).environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = laptop.base / "exit"
+    cmd = (
+        f"cd {project} && {sys.executable} -m remotedl --ssh-config {laptop.config} init pwbox "
+        f"--hostname 127.0.0.1 --port {password_box.port} --user {password_box.user} "
+        f"--identity {laptop.key} --no-passphrase; echo $? > {out}; sleep 60"
+    )
+    with terminal(cmd, laptop.base / "tmux", env=env, width=160, height=60) as term:
+        for prompt, answer in (
+            ("jump host", ""),
+            ("Add this block", "y"),
+            ("Trust this host key", "y"),
+            ("Write these settings", "y"),
+            ("password:", password_box.password_file.read_text().strip()),
+        ):
+            assert retry_until(lambda p=prompt: p in term.screen(), seconds=60), term.screen()
+            term.type(answer, enter=True)
+        assert retry_until(lambda: out.exists() and out.read_text().strip(), seconds=60), term.screen()
+        screen = term.screen()
+    assert out.read_text().strip() == "0", screen
+    assert "(ssh-copy-id)" in screen
+    assert "pwbox is ready. Next: remotedl run train.py --gpu 0" in screen
