@@ -6,10 +6,14 @@ import argparse
 import getpass
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from remotedl.init import InitPlan
 
 _MARK = {"todo": "+", "done": "=", "check": "?", "blocked": "!"}
 
@@ -162,10 +166,7 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
     return ExitCode.ERROR
 
 
-def _show_plan(app: App, plan: object) -> None:
-    from remotedl.init import InitPlan
-
-    assert isinstance(plan, InitPlan)
+def _show_plan(app: App, plan: InitPlan) -> None:
     app.out(f"remotedl init {plan.alias}: {plan.spec.user}@{plan.spec.hostname}:{plan.spec.port}")
     for s in plan.steps:
         app.out(f"{_MARK[s.state]} {s.summary}")

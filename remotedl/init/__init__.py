@@ -37,6 +37,8 @@ StepKind = Literal["ssh-config", "key", "host-key", "install-key", "project-conf
 # todo: will change something; done: nothing to do; check: looked at when applied; blocked: cannot go on
 StepState = Literal["todo", "done", "check", "blocked"]
 Outcome = Literal["changed", "unchanged", "skipped", "manual", "failed", "ok"]
+HostKeyState = Literal["already-known", "unknown", "changed"]
+Login = Literal["ok", "password", "paste", "unknown"]  # unknown: looked at when applied
 
 
 class AliasTaken(UsageError):
@@ -81,13 +83,13 @@ class InitPlan:
     host_key_name: str | None = None  # as known_hosts records it
     host_key_type: str | None = None
     fingerprint: str | None = None
-    host_key_state: str | None = None  # already-known, unknown, changed
+    host_key_state: HostKeyState | None = None
     host_key_error: RemotedlError | None = None
-    login: str = "unknown"  # ok, password, paste, unknown (checked when applied)
+    login: Login = "unknown"
     project: Project | None = None
     project_file: Path | None = None
     project_text: str | None = None  # new text of remotedl.toml; None: unchanged
-    project_manual: str = ""  # lines to add by hand (a pyproject.toml, a value on many lines)
+    project_manual: str = ""  # lines to add by hand: for a pyproject.toml, or set otherwise there
     data_found: list[DataDir] = field(default_factory=list)
     data: tuple[str, ...] = ()
     steps: list[Step] = field(default_factory=list)
@@ -328,7 +330,10 @@ def _plan_host_key(plan: InitPlan, probe: HostSpec) -> None:
         )
         return
     plan.host_key_name, plan.host_key_type, plan.fingerprint = name, key.key_type, key.fingerprint
-    plan.host_key_state = trust_state(plan.spec, name, key)
+    state = trust_state(plan.spec, name, key)
+    plan.host_key_state = (
+        "already-known" if state == "already-known" else "changed" if state == "changed" else "unknown"
+    )
     shown = f"{key.key_type} {key.fingerprint}"
     if plan.host_key_state == "already-known":
         plan.steps.append(Step("host-key", "done", f"host key {shown} is already trusted"))

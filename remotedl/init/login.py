@@ -29,7 +29,9 @@ class KeyOnBox:
         return self.outcome in ("unchanged", "changed")
 
 
-def probe_login(env: Environment, spec: HostSpec, key: str) -> tuple[str, list[str]]:
+def probe_login(
+    env: Environment, spec: HostSpec, key: str
+) -> tuple[Literal["ok", "password", "paste"], list[str]]:
     """("ok" | "password" | "paste", the methods the box offers) for logging in with ``key``."""
     from remotedl.ssh.openssh import config_options, openssh_failure
 
