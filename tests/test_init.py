@@ -151,6 +151,31 @@ def test_a_key_with_a_passphrase_no_agent_holds_is_named(box: Box, laptop: Lapto
     assert f"ssh-add {laptop.key}" in r.out
 
 
+def test_without_a_terminal_each_missing_answer_is_one_usage_error(
+    box: Box, laptop: Laptop, project: Path
+) -> None:
+    before = laptop.config.read_bytes()
+    r = laptop.run("init", cwd=project)
+    assert (r.code, r.err.splitlines()[0]) == (2, "remotedl: error: which box? give it a name"), r.err
+    r = laptop.run("init", "gpu", "--yes", cwd=project)
+    assert r.code == 2, r.err
+    assert "init needs the box's address" in r.err and "--hostname ADDRESS" in r.err
+    (project / "remotedl.toml").write_text('host = "cloned"\n')  # a cloned project names its box
+    r = laptop.run("init", "--yes", cwd=project)
+    assert r.code == 2, r.err
+    assert "Host cloned is not in" in r.err
+    (project / "remotedl.toml").unlink()
+    argv = _init_argv("gpu", laptop, port=box.info.port, user=box.info.user)
+    argv.remove("--no-passphrase")
+    r = laptop.run(*argv, "--yes", cwd=project)
+    assert r.code == 2, r.err
+    assert "needs a passphrase typed at a terminal" in r.err and "--no-passphrase" in r.err
+    assert "Traceback" not in r.err
+    assert laptop.config.read_bytes() == before  # each refused before any change
+    assert not laptop.key.exists()
+    assert not laptop.known_hosts.exists()
+
+
 def test_dry_run_changes_nothing_and_shows_every_change(
     fresh_box: Box, laptop: Laptop, project: Path
 ) -> None:
@@ -171,6 +196,21 @@ def test_dry_run_changes_nothing_and_shows_every_change(
     assert "Host gpu" in r.out and f"Port {info.port}" in r.out
     assert "make a key" in r.out and "remotedl.toml" in r.out
     assert "dry run: nothing changed" in r.out
+    r = laptop.run(
+        *_init_argv("gpu", laptop, port=info.port, user=info.user, extra=("--dry-run", "--json")), cwd=project
+    )
+    assert r.code == 0, r.err
+    plan = json.loads(r.out)
+    assert plan["host_key"]["fingerprint"] == fingerprint
+    assert [(s["kind"], s["state"]) for s in plan["steps"]] == [
+        ("ssh-config", "todo"),
+        ("key", "todo"),
+        ("host-key", "todo"),
+        ("install-key", "check"),
+        ("project-config", "todo"),
+        ("doctor", "check"),
+    ]
+    assert laptop.config.read_bytes() == before
 
 
 def test_an_existing_block_is_reused_or_refused_never_changed(

@@ -48,7 +48,9 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
 
     app = App(args, env)
     prompt = env.stdin_isatty and not args.yes
-    alias = args.alias or app.flag("host")
+    # A cloned project's remotedl.toml (or REMOTEDL_HOST) may name its box already: set that one up.
+    named = app.base_settings.get("host")
+    alias = args.alias or app.flag("host") or (named if named and not any(c in named for c in ",@") else None)
     if not alias and prompt:
         alias = _ask(env, "A short name for the box (ssh and remotedl will call it that)", "gpubox")
     if not alias:
