@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from remotedl.cli.app import App
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
+from remotedl.words import printable
 
 if TYPE_CHECKING:
     from remotedl.init import InitPlan
@@ -105,12 +106,7 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
             req = replace(req, alias=other)
             alias = other
     if not plan.key_exists and prompt and req.passphrase:
-        plan.passphrase = _yes(env, f"Protect the new key {plan.key} with a passphrase?", default=True)
-        step = plan.step("key")
-        if not plan.passphrase:
-            step.summary = step.summary.replace(
-                "with a passphrase (typed at the terminal)", "with no passphrase"
-            )
+        plan.choose_passphrase(_yes(env, f"Protect the new key {plan.key} with a passphrase?", default=True))
     if app.json and args.dry_run:
         app.print_json(plan.to_dict())
         return ExitCode.OK
@@ -145,9 +141,10 @@ def cmd_init(args: argparse.Namespace, env: Environment) -> int:
         if app.json:
             return
         mark = {"changed": "+", "unchanged": "=", "ok": "=", "skipped": "-", "manual": "!", "failed": "x"}
-        app.out(f"{mark[r.outcome]} {r.message}")
+        # Doctor's details hold the box's own words: shown, never interpreted by the terminal.
+        app.out(f"{mark[r.outcome]} {printable(r.message, newlines=False)}")
         for line in r.detail.splitlines():
-            app.out(f"    {line}")
+            app.out(f"    {printable(line, newlines=False)}")
 
     if not app.json and any(st.state != "done" for st in plan.steps if st.kind != "doctor"):
         app.out("")

@@ -94,6 +94,12 @@ class InitPlan:
     data: tuple[str, ...] = ()
     steps: list[Step] = field(default_factory=list)
 
+    def choose_passphrase(self, passphrase: bool) -> None:
+        """Whether the key to be made gets a passphrase (asked once the plan knows one is made)."""
+        self.passphrase = passphrase
+        if not self.key_exists:
+            self.step("key").summary = _keygen_summary(self.key, passphrase)
+
     def step(self, kind: StepKind) -> Step:
         return next(s for s in self.steps if s.kind == kind)
 
@@ -152,6 +158,11 @@ class InitResult:
 
 def default_ssh_config() -> Path:
     return passwd_home() / ".ssh" / "config"
+
+
+def _keygen_summary(key: str, passphrase: bool) -> str:
+    how = "with a passphrase (typed at the terminal)" if passphrase else "with no passphrase"
+    return f"make a key {key} (ssh-keygen -t ed25519, {how})"
 
 
 def _check_word(what: str, value: str | None) -> None:
@@ -309,8 +320,7 @@ def _plan(env: Environment, req: InitRequest, config: Path, project: Project, tm
     if key_exists:
         steps.append(Step("key", "done", f"key {key} exists: used as it is"))
     else:
-        how = "with a passphrase (typed at the terminal)" if req.passphrase else "with no passphrase"
-        steps.append(Step("key", "todo", f"make a key {key} (ssh-keygen -t ed25519, {how})"))
+        steps.append(Step("key", "todo", _keygen_summary(key, req.passphrase)))
     _plan_host_key(plan, probe)
     _plan_login(env, plan)
     _plan_project(plan, req, project)
