@@ -196,6 +196,9 @@ def test_dry_run_changes_nothing_and_shows_every_change(
     assert "Host gpu" in r.out and f"Port {info.port}" in r.out
     assert "make a key" in r.out and "remotedl.toml" in r.out
     assert "dry run: nothing changed" in r.out
+    home = laptop.base / "home"  # $HOME: no project there, no remotedl.toml written
+    r = laptop.run(*_init_argv("gpu", laptop, port=info.port, user=info.user, extra=("--dry-run",)), cwd=home)
+    assert "is no project: no remotedl.toml written" in r.out, r.out
     r = laptop.run(
         *_init_argv("gpu", laptop, port=info.port, user=info.user, extra=("--dry-run", "--json")), cwd=project
     )

@@ -323,7 +323,7 @@ def _plan(env: Environment, req: InitRequest, config: Path, project: Project, tm
         steps.append(Step("key", "todo", _keygen_summary(key, req.passphrase)))
     _plan_host_key(plan, probe)
     _plan_login(env, plan)
-    _plan_project(plan, req, project)
+    _plan_project(plan, req, project, env)
     steps.append(Step("doctor", "check", "run `remotedl doctor`: the whole chain, laptop to GPUs"))
     return plan
 
@@ -393,9 +393,14 @@ def _plan_login(env: Environment, plan: InitPlan) -> None:
 # ------------------------------------------------------------------ remotedl.toml
 
 
-def _plan_project(plan: InitPlan, req: InitRequest, project: Project) -> None:
+def _plan_project(plan: InitPlan, req: InitRequest, project: Project, env: Environment) -> None:
     plan.project = project
     root = project.root
+    if project.config_file is None and root in {Path(root.anchor), passwd_home(), env.home.resolve()}:
+        # Not in a project (the home directory, /): no remotedl.toml there, and no data scan.
+        summary = f"{root} is no project: no remotedl.toml written (run init again in a project's directory)"
+        plan.steps.append(Step("project-config", "done", summary))
+        return
     plan.data_found = find_data_dirs(root)
     plan.data = tuple(req.data) if req.data is not None else tuple(d.path for d in plan.data_found)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip("-.") or "project"
