@@ -215,24 +215,36 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
 
 
 def cmd_allow(args: argparse.Namespace, env: Environment) -> int:
-    from remotedl.config import _read_toml, allow, local_exec
+    from remotedl.config import allow, allow_files
 
     app = App(args, env)
-    path = app.settings.project.config_file
-    if path is None:
-        raise UsageError("this project has no remotedl.toml (or [tool.remotedl]) to allow")
-    data = _read_toml(path)
-    if path.name == "pyproject.toml":
-        data = data.get("tool", {}).get("remotedl", {})
-    risky = local_exec(data)
-    allow(env, path, revoke=args.revoke)
+    settings = app.base_settings
+    project = settings.project
+    if not args.revoke and not allow_files(env, project):
+        raise UsageError(
+            "this project has nothing to allow: no remotedl.toml (or [tool.remotedl]) and no "
+            "playbook that needs it"
+        )
+    files = allow(env, project, revoke=args.revoke)
+    where = project.config_file or project.root
+    reasons = dict(settings.allow_reasons)
     if app.json:
-        app.print_json({"file": str(path), "allowed": not args.revoke, "local_exec": risky})
+        app.print_json(
+            {
+                "file": str(where),
+                "allowed": not args.revoke,
+                "local_exec": [k for k, why in reasons.items() if why.startswith("can run")],
+                "needs_allow": reasons,
+                "covers": [str(f) for f in files or []],
+            }
+        )
     elif args.revoke:
-        app.out(f"{path}: approval removed")
+        app.out(f"{where}: approval removed" if files is not None else f"{where}: was not allowed")
     else:
-        what = f" (it sets {', '.join(risky)})" if risky else ""
-        app.out(f"{path}: allowed as it is now{what}; any change to it needs `remotedl allow` again")
+        what = "; ".join(f"{k} ({why})" for k, why in reasons.items())
+        app.out(f"{where}: allowed as it is now" + (f"; it sets {what}" if what else ""))
+        app.out("covers: " + ", ".join(str(f) for f in files or []))
+        app.out("any change to one of these files needs `remotedl allow` again")
     return ExitCode.OK
 
 

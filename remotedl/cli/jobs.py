@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
-from remotedl.cli.sync import left_out_lines, remote_dir
+from remotedl.cli.sync import left_out_lines, made_line, remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
@@ -287,7 +287,12 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
         if not isolate:
             warn_push_changes_running(app, client, rdir)
         with progress_bar(env, not app.json) as progress:
-            pushed = sync.push(spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress)
+            pushed = sync.push(
+                spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress,
+                dir_mode=str(s.get("remote_dir_mode")),
+            )  # fmt: skip
+        if pushed.created_mode:
+            env.stderr.write(f"remotedl: {made_line(spec.alias, pushed.remote_dir, pushed.created_mode)}\n")
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
         # As push says it: a job that reads a file the snapshot left out fails on the box otherwise.
         for line in left_out_lines(pushed.left_out, int(s.get("max_snapshot_file"))):
