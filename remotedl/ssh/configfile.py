@@ -4,21 +4,17 @@ OpenSSH takes the first value it obtains for each option, in file order, followi
 where it stands. So a new ``Host ALIAS`` block goes before the first ``Host``/``Match`` line that
 could also match ALIAS (a trailing ``Host *`` of defaults then still fills in what the block
 leaves out), and every byte of the file around it stays as it was. Which file and line already
-define an alias is found by following ``Include`` as OpenSSH does (relative paths in ~/.ssh,
-globs, ``~``).
+define an alias is found by following ``Include`` as OpenSSH does.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from remotedl.env import passwd_home
-from remotedl.ssh.resolve import expand_user_path
 
 _KEYWORD = re.compile(r"^\s*([A-Za-z]+)(?:\s*=\s*|\s+)(.*?)\s*$")
 
@@ -58,38 +54,23 @@ def host_line_matches(patterns: list[str], name: str) -> bool:
     return matched
 
 
-def _include_files(value: str) -> list[Path]:
-    out: list[Path] = []
-    for word in _words(value):
-        path = expand_user_path(word)
-        if not os.path.isabs(path):
-            path = str(passwd_home() / ".ssh" / path)  # as OpenSSH does for a user config
-        out += [Path(p) for p in sorted(glob.glob(path))]
-    return out
-
-
-def find_host_lines(config: Path, alias: str, _depth: int = 0) -> list[HostLine]:
+def find_host_lines(config: Path, alias: str) -> list[HostLine]:
     """The ``Host`` lines naming ``alias`` literally (not by a wildcard), in ``config`` and the
-    files it includes, in the order OpenSSH reads them."""
-    if _depth > 16:  # OpenSSH's own limit on Include depth
-        return []
-    try:
-        text = config.read_text(errors="replace")
-    except OSError:
-        return []
+    files it includes (found as OpenSSH finds them: ``remotedl.config.ssh_config_files``)."""
+    from remotedl.config import ssh_config_files
+
     found: list[HostLine] = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        m = _KEYWORD.match(raw)
-        if not m or raw.lstrip().startswith("#"):
+    for path in ssh_config_files(config, passwd_home()):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
             continue
-        key, value = m.group(1).lower(), m.group(2)
-        if key == "host":
-            names = [w for w in _words(value) if not w.startswith("!")]
-            if any(w.lower() == alias.lower() for w in names):
-                found.append(HostLine(config, n))
-        elif key == "include":
-            for inc in _include_files(value):
-                found += find_host_lines(inc, alias, _depth + 1)
+        for n, raw in enumerate(text.splitlines(), 1):
+            m = _KEYWORD.match(raw)
+            if m and not raw.lstrip().startswith("#") and m.group(1).lower() == "host":
+                names = [w for w in _words(m.group(2)) if not w.startswith("!")]
+                if any(w.lower() == alias.lower() for w in names):
+                    found.append(HostLine(path, n))
     return found
 
 
