@@ -22,6 +22,7 @@ from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 
 # command -> (module under remotedl.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("init", "set up a new box: ssh config, key, host key, remotedl.toml, doctor (asks first)"),
     "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
     "top": ("fleet", "live view of the GPUs and running jobs of every box (q quits)"),
     "config": ("basic", "show the resolved settings and where each came from"),

@@ -9,6 +9,29 @@ def status(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     pass
 
 
+def init(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "At a terminal it asks what it needs; in a script give the values as flags and --yes "
+        "(--user, --port and --identity are the global ones). Safe to run again: it does only "
+        "what is not done yet."
+    )
+    p.add_argument("alias", nargs="?", metavar="ALIAS", help="the box's name in the ssh config (or --host)")
+    p.add_argument("--hostname", metavar="ADDRESS", help="the box's host name or IP address")
+    p.add_argument("--jump", metavar="[USER@]HOST[:PORT]", help="a jump host the box is reached through")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "--data", action="append", default=[], metavar="PATH", help="a data directory to push (repeatable)"
+    )
+    p.add_argument("--no-data", action="store_true", help="list no data directories in remotedl.toml")
+    p.add_argument(
+        "--no-passphrase",
+        action="store_true",
+        help="a new key gets no passphrase (needed without a terminal)",
+    )
+    p.add_argument("-y", "--yes", action="store_true", help="agree to every change without asking")
+    p.add_argument("--dry-run", action="store_true", help="show every change; change nothing")
+
+
 def top(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes (2)")
     p.add_argument("--once", action="store_true", help="print one view and exit (with --json: one snapshot)")
