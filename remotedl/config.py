@@ -525,6 +525,22 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
 PROJECT_PATHS = ("data", "shared")
 
 
+def project_relative(root: Path, path: str) -> str:
+    """Where a configured path sits in the project (``root``, resolved), by its name: ``data``
+    is the project's ``data`` even when it is a symlink to a dataset disk (push sends what it
+    points to). Relative paths are read lexically ("." is the project itself, "../x" climbs
+    out); an absolute one reached through a symlinked parent (a linked home) has its parent
+    resolved, never its last part. The answer starts with ".." when the path is outside."""
+    if not os.path.isabs(path):
+        return os.path.normpath(path)
+    full = os.path.normpath(path)
+    rel = os.path.relpath(full, root)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        parent = os.path.realpath(os.path.dirname(full))
+        rel = os.path.relpath(os.path.join(parent, os.path.basename(full)), root)
+    return rel
+
+
 def _check_project_paths(settings: Settings) -> None:
     """A configured data or shared path must lie inside the project, and not be all of it
     (the box would skip it without a word, or push would refuse it as a usage error)."""
@@ -532,9 +548,7 @@ def _check_project_paths(settings: Settings) -> None:
     for key in PROJECT_PATHS:
         setting = settings.values[key]
         for path in setting.value:
-            # lexical for a relative path (a symlinked data directory is push's to judge)
-            full = os.path.realpath(path) if os.path.isabs(path) else os.path.normpath(root / path)
-            rel = os.path.relpath(full, root)
+            rel = project_relative(root, path)
             if rel in {".", ".."} or rel.startswith(".." + os.sep):
                 where = "is the project itself" if rel == "." else f"is outside the project ({root})"
                 raise ConfigError(

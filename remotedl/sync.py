@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from remotedl import proc
+from remotedl.config import project_relative
 from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
 from remotedl.rsync import (
     PARTIAL_DIR,
@@ -105,6 +106,8 @@ class PushResult:
     transfers: list[Transfer] = field(default_factory=list)
     seconds: float = 0.0
     left_out: list[LeftOut] = field(default_factory=list)
+    # Data paths that do not exist here (not sent; the box's copy, if any, left as it is).
+    missing: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -628,14 +631,14 @@ def push_lock(spec: HostSpec, abs_or_configured_dir: str) -> Iterator[None]:
 
 
 def _relative_in(root: Path, path: str) -> str:
-    p = (root / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
-    try:
-        rel = p.relative_to(root.resolve())
-    except ValueError as e:
-        raise UsageError(f"data path {path} is outside the project ({root})") from e
-    if str(rel) == ".":
+    """A data path's place in the project, by name (a symlink there to a dataset disk is
+    fine: rsync sends what it points to); one that climbs out is refused."""
+    rel = project_relative(root.resolve(), path)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        raise UsageError(f"data path {path} is outside the project ({root})")
+    if rel == ".":
         raise UsageError("the project root itself is code: list data directories, not '.'")
-    return str(rel)
+    return rel
 
 
 # ------------------------------------------------------------------ push
@@ -658,9 +661,9 @@ def push(
     repo = repo_facts(project_root) if code else None
     root = repo.root if repo is not None else project_root
     rels = [_relative_in(root, d) for d in data]
-    for rel in rels:
-        if not (root / rel).exists():
-            raise UsageError(f"data path {rel} does not exist in {root}")
+    # A clone without the data (or a dataset disk not mounted) still pushes its code; the
+    # box's copy of a missing path stays as it is (named in the result, nothing deleted).
+    missing = [rel for rel in rels if not (root / rel).exists()]
     tidy = normalize_remote_dir(remote_dir)
     ident = project_identity(root) if repo is not None or _in_git(root) else ""
     with push_lock(spec, tidy):
@@ -703,15 +706,19 @@ def push(
         if snap.commit:
             _save_known(memo, _Known(abs_dir, snap.commit))
         result = PushResult(
-            abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out
-        )
-        if rels and box.noise:
+            abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out,
+            missing=missing,
+        )  # fmt: skip
+        present = [rel for rel in rels if rel not in missing]
+        if present and box.noise:
             raise startup_noise_error(box, "rsync")
-        for rel in rels:
+        for rel in present:
             _stage(progress, f"data: {rel}")
-            argv = rsync_argv(
-                spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
-            )
+            # A symlink to a directory (data -> /datasets/imagenet) is followed at the top, so
+            # the box gets the dataset's files under the same name; links inside stay links.
+            linked_dir = (root / rel).is_symlink() and (root / rel).is_dir()
+            source = f"{root}/./{rel}" + ("/" if linked_dir else "")
+            argv = rsync_argv(spec, [source], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes)
             result.transfers.append(run_rsync(spec, argv, rel, progress))
     result.seconds = time.perf_counter() - t0
     return result

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
-from remotedl.cli.sync import left_out_lines, remote_dir
+from remotedl.cli.sync import left_out_lines, missing_data_lines, remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
@@ -290,7 +290,9 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
             pushed = sync.push(spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress)
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
         # As push says it: a job that reads a file the snapshot left out fails on the box otherwise.
-        for line in left_out_lines(pushed.left_out, int(s.get("max_snapshot_file"))):
+        for line in missing_data_lines(pushed.missing, root) + left_out_lines(
+            pushed.left_out, int(s.get("max_snapshot_file"))
+        ):
             env.stderr.write(f"remotedl: {safe(line)}\n")
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree

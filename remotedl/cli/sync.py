@@ -52,6 +52,16 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     return lines
 
 
+def missing_data_lines(missing: Sequence[str], root: object) -> list[str]:
+    """The warning for data paths this clone does not have: the code went, they did not."""
+    if not missing:
+        return []
+    return [
+        f"warning: data path {_listed(list(missing), 5)} does not exist in {root}: not sent "
+        "(the box's copy, if any, is left as it is); the code was pushed"
+    ]
+
+
 def _files(t: Transfer) -> str:
     return f"{plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)}"
 
@@ -108,6 +118,8 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
             max_snapshot_file=limit,
             progress=progress,
         )
+    for line in missing_data_lines(result.missing, s.project.root):
+        env.stderr.write(f"remotedl: {line}\n")
     synced = None
     if getattr(args, "env", False):
         from remotedl import jobs
@@ -177,7 +189,8 @@ def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[s
                     sent.append(f"{t.path}: {_files(t)}")
             what = "; ".join(sent) or "nothing new"
             say(f"{stamp} pushed ({_changed_text(ev.changed)}) in {ev.seconds:.2f} s: {what}")
-            left = left_out_lines(r.left_out, limit)
+            left = missing_data_lines(r.missing, app.settings.project.root)
+            left += left_out_lines(r.left_out, limit)
             if left != last_left:  # listed once, and again only when it changes
                 for line in left:
                     say(f"         {line}")
