@@ -14,6 +14,7 @@ environment: defaults < user < project < ``[hosts.NAME]`` < ``REMOTEDL_*`` < fla
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -102,6 +103,16 @@ class Project:
     def name(self) -> str:
         return self.root.name
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """The project's identity (its first commit; see ``snapshot.project_identity``), or ""
+        outside git."""
+        from remotedl import proc
+        from remotedl.snapshot import project_identity
+
+        inside = proc.run(["git", "-C", str(self.root), "rev-parse", "--git-dir"], check=False)
+        return project_identity(self.root) if inside.returncode == 0 else ""
+
 
 @dataclass
 class Settings:
@@ -133,7 +144,18 @@ class Settings:
     @property
     def remote_dir(self) -> str:
         value = self.get("remote_dir")
-        return str(value) if value else f"~/remotedl/{self.project.name}"
+        if value:
+            return str(value)
+        from remotedl.treeid import default_remote_dir
+
+        return default_remote_dir(self.project.identity, self.project.name)
+
+    def adopt_request(self) -> dict[str, str] | None:
+        """With the default ``remote_dir``: what the box needs to keep a tree this project has
+        under the older, folder-named default (see ``remotedl.treeid``); None otherwise."""
+        if self.get("remote_dir") or not self.project.identity:
+            return None
+        return {"dir": self.remote_dir, "id": self.project.identity, "legacy": self.project.name}
 
     def host_names(self) -> list[str]:
         """The hosts to work on, fleets expanded, in order, each once; [] when none is given.

@@ -68,6 +68,7 @@ from remotedl.snapshot import (
 from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
 from remotedl.ssh.openssh import control_dir, openssh_failure, ssh_command_string
 from remotedl.ssh.resolve import HostSpec
+from remotedl.treeid import ADOPT, default_remote_dir
 
 __all__ = [
     "DEFAULT_MAX_FILE",
@@ -136,7 +137,7 @@ def normalize_remote_dir(remote_dir: str) -> str:
     """``remote_dir`` tidied ("~/a//b/" -> "~/a/b"), or a ConfigError when it names the box's
     home, ``/``, a top-level directory, or climbs with "..": remotedl would put the project's
     files among the box's own."""
-    flag = "set another with --remote-dir DIR or `remote_dir` in remotedl.toml (default ~/remotedl/PROJECT)"
+    flag = "set another with --remote-dir DIR or `remote_dir` in remotedl.toml (default ~/remotedl/ID)"
     value = remote_dir.strip()
     if not value or "\n" in value or "\0" in value:
         raise ConfigError(f"remote_dir {remote_dir!r} is not a directory name", hint=flag)
@@ -164,16 +165,20 @@ def normalize_remote_dir(remote_dir: str) -> str:
 
 # "$1": remote_dir (normalised; "~/..." allowed), "$2": the project's identity ("" if it has
 # none), "$3": create (push) | check (run --no-push: must be ours) | pull (must exist, not
-# another project's), "$4": a commit: report whether the box is clean at it; "$5"...: the lines
-# of the box repository's .git/info/exclude that are remotedl's (the first is their header).
+# another project's), "$4": a commit: report whether the box is clean at it; "$5": with the
+# default remote_dir, the folder-named default of earlier versions (a tree of this project
+# there is kept: see remotedl.treeid), else ""; "$6"...: the lines of the box repository's
+# .git/info/exclude that are remotedl's (the first is their header).
 _PREPARE = (
     EXPAND_HOME
+    + ADOPT
     + r"""
 set -e
 command -v git >/dev/null 2>&1 || { echo "@@nogit"; exit 0; }
 id=$2 mode=$3 commit=$4
 d=$(expand_home "$1")
 case $d in /*) ;; *) d="$HOME/$d";; esac
+if [ -n "$5" ]; then adopt_tree "$d" "$id" "$5"; fi
 # The physical path, through the deepest directory that exists (symlinks resolved).
 p=$d rest=
 while [ ! -d "$p" ]; do rest="/${p##*/}$rest"; p=$(dirname -- "$p"); done
@@ -229,9 +234,9 @@ else
 fi
 [ "$mode" = create ] || exit 0
 ex=$real/.git/info/exclude
-if ! grep -qxF "$5" "$ex" 2>/dev/null; then
+if ! grep -qxF "$6" "$ex" 2>/dev/null; then
   mkdir -p -- "$real/.git/info"
-  shift 4; printf '%s\n' "$@" >>"$ex"
+  shift 5; printf '%s\n' "$@" >>"$ex"
 fi
 cd -- "$real"
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
@@ -290,13 +295,15 @@ def claim_remote_dir(
     mode: str = "create",
     commit: str | None = None,
     ident: str | None = None,
+    legacy: str = "",
 ) -> RemoteDir:
     """Check (and with mode "create", make) the box's work tree for this project; see _PREPARE.
-    ``ident``: the project's identity, if the caller has it already."""
+    ``ident``: the project's identity, if the caller has it already; ``legacy``: see
+    ``legacy_name``."""
     tidy = normalize_remote_dir(remote_dir)
     if ident is None:
         ident = project_identity(project_root) if project_root is not None and _in_git(project_root) else ""
-    out = box.run(_PREPARE, tidy, ident, mode, commit or "-", _EXCLUDE_HEADER, *BOX_EXCLUDES)
+    out = box.run(_PREPARE, tidy, ident, mode, commit or "-", legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES)
     marks = parse_marks(out.stdout)
     _remote_dir_error(box, remote_dir, marks, ident)
     head = marks.get("head")
@@ -317,12 +324,19 @@ def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> st
     code on the box ("run what is there"), and runs."""
     box = Box(spec)
     ident = project_identity(project_root) if _in_git(project_root) else ""
-    out = box.run(
-        _PREPARE, normalize_remote_dir(remote_dir), ident, "check", "-", _EXCLUDE_HEADER, *BOX_EXCLUDES
-    )
+    tidy = normalize_remote_dir(remote_dir)
+    legacy = legacy_name(tidy, ident, project_root)
+    out = box.run(_PREPARE, tidy, ident, "check", "-", legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES)
     marks = {k: v for k, v in parse_marks(out.stdout).items() if k not in ("foreign", "notours")}
     _remote_dir_error(box, remote_dir, marks, ident)
     return marks["dir"]
+
+
+def legacy_name(tidy: str, ident: str, project_root: Path) -> str:
+    """With the default ``remote_dir`` (named after the identity): the name earlier versions
+    gave it (the project folder's), so that the box keeps a tree this project has there;
+    "" for a configured remote_dir."""
+    return project_root.name if ident and tidy == default_remote_dir(ident, "") else ""
 
 
 def _in_git(path: Path) -> bool:
@@ -695,7 +709,8 @@ def push(
                 known = None
         if known is None:
             _stage(progress, f"box: preparing {tidy}")
-            rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident)
+            legacy = legacy_name(tidy, ident, project_root)
+            rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident, legacy=legacy)
             abs_dir = rd.path
             if code and snap.commit and not (rd.clean and rd.head == snap.commit):
                 changed = push_code(

@@ -88,7 +88,12 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 def _client(app: App) -> AgentClient:
     from remotedl.agent.client import AgentClient
 
-    return AgentClient(app.spec(), python=str(app.settings.get("python")))
+    return AgentClient(app.spec(), python=str(app.settings.get("python")), adopt=adopt_request(app))
+
+
+def adopt_request(app: App) -> dict[str, str] | None:
+    """The agent's ``adopt`` field where this command works in the default remote_dir."""
+    return None if app.flag("remote_dir") else app.settings.adopt_request()
 
 
 def route(app: App, job: str | None, *, active: bool = False) -> tuple[App, str | None]:
