@@ -8,7 +8,9 @@ untracked files ``.gitignore`` does not exclude, minus
   ``conda-meta/``): the box makes its own,
 - nested git repositories (their own history is not ours to copy),
 - untracked files larger than ``max_snapshot_file`` (checkpoints, datasets, archives),
-- partial transfers that rsync keeps aside (``.remotedl-partial/``).
+- partial transfers that rsync keeps aside (``.remotedl-partial/``),
+- what ``pull`` brought home (outputs, not code: listed in ``.git/remotedl/pulled``) until the
+  user ``git add``s it.
 
 What was left out is returned so the CLI can list it once, with the fix.
 
@@ -42,7 +44,10 @@ AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
 # The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
 IDENTITY_KEY = "remotedl.project"
 
-Reason = Literal["large", "environment", "repository"]
+Reason = Literal["large", "environment", "repository", "pulled"]
+# Under the repository's git directory: the files `pull` wrote (NUL-separated, relative to the
+# top), which the snapshot leaves out while they are untracked.
+PULLED_FILE = ("remotedl", "pulled")
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,40 @@ def _inside(rel: str, prefixes: Sequence[str]) -> bool:
     return any(rel == p or rel.startswith(p + "/") for p in prefixes)
 
 
+def pulled_file(repo: Repo) -> Path:
+    """Where the list of files ``pull`` wrote is kept: beside the index, in the git directory
+    (per work tree), never in the work tree."""
+    return repo.index.parent.joinpath(*PULLED_FILE)
+
+
+def read_pulled(repo: Repo) -> frozenset[str]:
+    try:
+        raw = pulled_file(repo).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        return frozenset()
+    return frozenset(p for p in raw.split("\0") if p)
+
+
+def record_pulled(repo: Repo, paths: Sequence[str]) -> None:
+    """Add ``paths`` (relative to the top) to the files ``pull`` wrote; those gone are dropped."""
+    if not paths:
+        return
+    known = read_pulled(repo) | set(paths)
+    kept = sorted(p for p in known if os.path.lexists(repo.root / p))
+    path = pulled_file(repo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes("".join(p + "\0" for p in kept).encode("utf-8", "surrogateescape"))
+    tmp.replace(path)
+
+
 def select_untracked(
-    root: Path, paths: Sequence[str], *, data: Sequence[str] = (), max_file: int = DEFAULT_MAX_FILE
+    root: Path,
+    paths: Sequence[str],
+    *,
+    data: Sequence[str] = (),
+    max_file: int = DEFAULT_MAX_FILE,
+    pulled: frozenset[str] = frozenset(),
 ) -> tuple[list[str], list[LeftOut]]:
     """Split untracked, not-ignored paths (as ``git ls-files --others`` names them, nested
     repositories with a trailing "/") into (those the snapshot carries, those it leaves out)."""
@@ -167,6 +204,9 @@ def select_untracked(
             continue
         if data and _inside(rel, data):
             continue  # rsync sends it
+        if rel in pulled:
+            left.append(LeftOut(rel, "pulled"))  # an output brought home, not code
+            continue
         parts = rel.split("/")
         if AUX_NAMES.intersection(parts[:-1]):
             continue
@@ -229,7 +269,7 @@ def take_snapshot(
         say("snapshot: listing untracked files")
         listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", env=env)
         untracked = [p for p in listed.split("\0") if p]
-        keep, left = select_untracked(root, untracked, data=data, max_file=max_file)
+        keep, left = select_untracked(root, untracked, data=data, max_file=max_file, pulled=read_pulled(repo))
         if keep:
             say(f"snapshot: adding {len(keep)} untracked file{'s' if len(keep) != 1 else ''}")
             proc.run(

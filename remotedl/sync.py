@@ -50,6 +50,7 @@ from remotedl.rsync import (
     Stage,
     Transfer,
     literal,
+    parse_items,
     protect_args_flag,
     rsync_argv,
     rsync_failure,
@@ -62,6 +63,7 @@ from remotedl.snapshot import (
     Snapshot,
     git_root,
     project_identity,
+    record_pulled,
     repo_facts,
     take_snapshot,
 )
@@ -120,6 +122,14 @@ class PullResult:
     transfers: list[Transfer] = field(default_factory=list)
     # Tracked files with uncommitted edits here that the box's copy would have replaced.
     kept: list[str] = field(default_factory=list)
+    # Tracked files the box has in another version, left alone: not named (pull a file by
+    # its name to take the box's version).
+    kept_tracked: list[str] = field(default_factory=list)
+    # Files whose copy here is newer than the box's, left alone.
+    kept_newer: list[str] = field(default_factory=list)
+    # Files here replaced by the box's newer copy, and tracked files replaced because named.
+    replaced: list[str] = field(default_factory=list)
+    replaced_tracked: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -813,9 +823,11 @@ def pull(
     source_dir: str | None = None,
 ) -> PullResult:
     """Bring box paths (relative to remote_dir, or to the absolute box directory ``source_dir``)
-    home. Never deletes; never overwrites newer files; never writes into ``.git``; leaves
-    tracked files with uncommitted edits here alone (and names them). ``.`` means the work
-    tree's outputs: the repository and what remotedl keeps there stay on the box."""
+    home. Never deletes; never overwrites newer files; never writes into ``.git``; never writes
+    a tracked file unless it is named itself (then the box's version, whatever the clocks say,
+    as long as it has no uncommitted edits here); names what it kept and what it replaced.
+    ``.`` means the work tree's outputs: the repository and what remotedl keeps there stay on
+    the box. What it writes is listed as pulled: the code snapshot leaves it out."""
     if not paths:
         raise UsageError("name at least one path to pull, relative to the remote directory")
     where = source_dir or remote_dir
@@ -843,10 +855,17 @@ def pull(
     if box.noise:
         raise startup_noise_error(box, "rsync")
     result = PullResult(str(root))
+    repo = repo_facts(root) if _in_git(root) else None
     modified = _modified_tracked(root, rels)
+    tracked = set(_tracked(root, rels)) if repo is not None else set()
+    written: list[str] = []
     for rel in rels:
         mine = [m for m in modified if rel in (".", m) or m.startswith(rel + "/")]
-        protect = [f"/{literal(m)}" for m in mine]
+        named = rel in tracked and rel not in mine  # a tracked file asked for by its name
+        under = sorted(t for t in tracked if t != rel and (rel == "." or t.startswith(rel + "/")))
+        edited = set(mine)
+        others = [t for t in under if t not in edited]
+        protect = [f"/{literal(m)}" for m in [*mine, *others]]
         if rel == ".":
             protect += list(BOX_EXCLUDES)
         stdin = "".join(p + "\0" for p in protect).encode("utf-8", "surrogateescape")
@@ -855,23 +874,41 @@ def pull(
             [f"{spec.alias}:{abs_dir}/./{rel}"],
             f"{root}/",
             excludes=[".git", *excludes],
-            update=True,
+            update=not named,  # named: the box's version, whichever clock is ahead
             exclude_from_stdin=True,
+            itemize=True,
         )
-        result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin))
+        lines: list[str] = []
+        result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin, lines=lines))
+        items = parse_items(lines)
+        written += [w for w in items.written if w not in tracked]
+        result.kept_newer += items.newer_here
+        for path in items.replaced:
+            (result.replaced_tracked if path in tracked else result.replaced).append(path)
         if mine:
-            result.kept += _would_replace(spec, abs_dir, root, mine)
+            result.kept += _differs(spec, abs_dir, root, mine)
+        if others:
+            result.kept_tracked += _differs(spec, abs_dir, root, others)
+    if repo is not None:
+        record_pulled(repo, written)
     return result
 
 
-def _would_replace(spec: HostSpec, abs_dir: str, root: Path, files: Sequence[str]) -> list[str]:
-    """Which of ``files`` (relative) the box has in another version that pull would have
-    brought (newer there): a dry run over just those."""
+def _tracked(root: Path, rels: Sequence[str]) -> list[str]:
+    """Files under ``rels`` (relative to the top ``root``) that git tracks (in the index)."""
+    specs = [f":(literal){r}" if r != "." else "." for r in rels]
+    out = proc.run(["git", "-C", str(root), "ls-files", "-z", "--", *specs], check=False).stdout
+    return sorted({p for p in out.split("\0") if p})
+
+
+def _differs(spec: HostSpec, abs_dir: str, root: Path, files: Sequence[str]) -> list[str]:
+    """Which of ``files`` (relative) the box has with other contents: a dry run over just
+    those, by checksum (clocks say nothing about which version is wanted)."""
     argv = [
         "rsync",
         "-a",
         "-n",
-        "--update",
+        "--checksum",
         "--out-format=%n",
         "--from0",
         "--files-from=-",

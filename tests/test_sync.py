@@ -480,16 +480,23 @@ def test_pull_then_push_is_not_refused(cli, box, project, rdir):
     r = cli("pull", "--remote-dir", rdir, "checkpoints", cwd=project)
     assert r.code == 0, r.err
     assert (project / "checkpoints" / "ep1.pt").read_bytes() == b"weights " * 100
-    # The pulled file is untracked and small: it is in the snapshot, and the box's identical
-    # copy is not an edit in the way.
+    # What pull brought is an output, not code: out of the snapshot (listed), so the box's
+    # copy is never in the way, even once it changed on both sides.
     (project / "train.py").write_text("print(2)\n")
-    r = cli("push", "--remote-dir", rdir, cwd=project)
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=project)
     assert r.code == 0, r.err
+    assert {"path": "checkpoints/ep1.pt", "reason": "pulled", "size": 0} in json.loads(r.out)["left_out"]
     assert box_path(box, rdir, "train.py").read_text() == "print(2)\n"
-    # A different box copy still is.
     (ckpt / "ep1.pt").write_bytes(b"retrained")
     (project / "train.py").write_text("print(3)\n")
     (project / "checkpoints" / "ep1.pt").write_bytes(b"weights, changed here")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert "checkpoints/ep1.pt: brought by pull" in r.out
+    assert (ckpt / "ep1.pt").read_bytes() == b"retrained"
+    # Once the user adds it, it is code: a different box copy is in the way.
+    git(project, "add", "checkpoints/ep1.pt")
+    (project / "train.py").write_text("print(4)\n")
     r = cli("push", "--remote-dir", rdir, cwd=project)
     assert r.code == 1
     assert "edits that were not pushed from here: checkpoints/ep1.pt" in r.err

@@ -408,7 +408,7 @@ def _notify_urls(app: App) -> list[str]:
 def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: list[str]) -> None:
     """When the followed job ended: its outputs home (--pull / pull_on_end), then a desktop
     notification (notify_desktop = true). A failed pull is an error once the job succeeded."""
-    from remotedl.cli.sync import pull_sources, pulled_lines
+    from remotedl.cli.sync import kept_lines, pull_sources, pulled_lines
     from remotedl.errors import RemotedlError
 
     env = app.env
@@ -422,6 +422,8 @@ def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: lis
         else:
             for line in pulled_lines(results):
                 env.stderr.write(f"remotedl: pulled {line}\n")
+            for line in kept_lines(results):
+                env.stderr.write(f"remotedl: {line}\n")
     if app.settings.get("notify_desktop"):
         from remotedl import notify
         from remotedl.desktop import notify_desktop

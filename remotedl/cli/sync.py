@@ -33,6 +33,7 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     large = [x for x in left if x.reason == "large"]
     envs = [x for x in left if x.reason == "environment"]
     repos = [x for x in left if x.reason == "repository"]
+    pulled = [x for x in left if x.reason == "pulled"]
     lines = []
 
     def names(items: Sequence[LeftOut], sized: bool = False) -> str:
@@ -49,6 +50,8 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
         lines.append(f"left out  {names(envs)}: environment (the box makes its own); add to .gitignore")
     if repos:
         lines.append(f"left out  {names(repos)}: a repository of its own; add as a submodule or to `data`")
+    if pulled:
+        lines.append(f"left out  {names(pulled)}: brought by pull (outputs, not code); `git add` to push it")
     return lines
 
 
@@ -295,12 +298,44 @@ def pulled_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
             origin = f"the work tree (shared by job {src.job}, {safe(src.name or '?')})"
         else:
             origin = f"job {src.job} ({safe(src.name or '?')})"
+        kept = [*r.kept, *r.kept_tracked, *r.kept_newer]
         for t in r.transfers:
+            mine = [k for k in kept if t.path in (".", k) or k.startswith(t.path + "/")]
+            why = " (up to date here)" if not t.files_transferred and not mine else ""
             lines.append(
                 f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received "
-                f"from {origin}"
+                f"from {origin}{why}"
+            )
+        if r.replaced:
+            lines.append(f"replaced {_listed(r.replaced, 10)} here: the box's copy is newer")
+        for name in r.replaced_tracked:
+            lines.append(
+                f"replaced {name} here (tracked): named in the pull; `git restore {name}` brings back the "
+                "committed version"
             )
     return lines
+
+
+def kept_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
+    """What pull left alone here, and why (stderr)."""
+    edited = [k for _, r in results for k in r.kept]
+    tracked = [k for _, r in results for k in r.kept_tracked]
+    newer = [k for _, r in results for k in r.kept_newer]
+    out = []
+    if edited:
+        out.append(
+            f"kept {_listed(edited, 10)} here: tracked, with uncommitted edits, and the box has another "
+            "version\n  hint: commit or stash your edits, then pull again to take the box's version"
+        )
+    if tracked:
+        out.append(
+            f"kept {_listed(tracked, 10)} here: tracked files (the box has another version); pull writes a "
+            "tracked file only when it is named\n  hint: to take the box's version, name the file: "
+            f"remotedl pull [--job ID] {tracked[0]}"
+        )
+    if newer:
+        out.append(f"kept {_listed(newer, 10)} here: newer than the box's copy")
+    return out
 
 
 def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
@@ -328,15 +363,15 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
                     for t in r.transfers
                 ],
                 "kept": [k for _, r in results for k in r.kept],
+                **{
+                    key: [k for _, r in results for k in getattr(r, key)]
+                    for key in ("kept_tracked", "kept_newer", "replaced", "replaced_tracked")
+                },
             }
         )
         return ExitCode.OK
     for line in pulled_lines(results):
         app.out(line)
-    kept = [k for _, r in results for k in r.kept]
-    if kept:
-        env.stderr.write(
-            f"remotedl: kept {_listed(kept, 10)} here: tracked, with uncommitted edits, and the box has "
-            "another version\n  hint: commit or stash your edits, then pull again to take the box's version\n"
-        )
+    for line in kept_lines(results):
+        env.stderr.write(f"remotedl: {line}\n")
     return ExitCode.OK
