@@ -103,3 +103,34 @@ def test_a_tree_under_the_older_folder_named_default_is_kept(box, tmp_path):
     assert r.code == 0, r.err
     e_id = git(e, "rev-list", "--max-parents=0", "HEAD")
     assert not (box.home / "remotedl" / e_id[:12]).exists()
+
+
+def test_adopt_picks_the_tree_named_after_this_folder_else_the_last_checked_out(tmp_path):
+    """The box side's choice, on plain directories: only trees of this identity, never a link,
+    this folder's name first, else the one whose index changed last; an existing name stays."""
+    from remotedl.treeid import adopt_tree
+
+    parent = tmp_path / "remotedl"
+
+    def tree(name: str, ident: str, age: int) -> None:
+        (parent / name / ".git").mkdir(parents=True)
+        (parent / name / ".git" / "config").write_text(f"[remotedl]\n\tcreated = 1\n\tproject = {ident}\n")
+        (parent / name / ".git" / "index").write_bytes(b"")
+        os.utime(parent / name / ".git" / "index", (1_700_000_000 - age, 1_700_000_000 - age))
+
+    tree("other-project", "b" * 40, 0)
+    tree("old-clone", "a" * 40, 100)
+    tree("newer-clone", "a" * 40, 10)
+    tree("mine", "a" * 40, 500)
+    (parent / "a-link").symlink_to("mine")
+    new = parent / ("a" * 12)
+    adopt_tree(str(new), "a" * 40, "mine")
+    assert os.readlink(new) == "mine"
+    new.unlink()
+    adopt_tree(str(new), "a" * 40, "not-there")
+    assert os.readlink(new) == "newer-clone"
+    adopt_tree(str(new), "a" * 40, "mine")  # exists: left as it is
+    assert os.readlink(new) == "newer-clone"
+    lone = parent / ("c" * 12)
+    adopt_tree(str(lone), "c" * 40, "mine")  # no tree of this project: nothing made
+    assert not os.path.lexists(lone)
