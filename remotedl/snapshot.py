@@ -235,6 +235,20 @@ def select_untracked(
     return keep, left
 
 
+def _drop_linked_data(root: Path, data: Sequence[str], env: dict[str, str]) -> None:
+    """A data path that is a committed symlink (data -> /datasets/imagenet) stays out of the
+    snapshot: rsync makes it a directory of the dataset's files on the box, and a link checked
+    out there would be replaced by it (a box edit that blocks the next push)."""
+    linked = [d.rstrip("/") for d in data if (root / d.rstrip("/")).is_symlink()]
+    if not linked:
+        return
+    listed = git(root, "ls-files", "-z", "-s", "--", *[f":(literal){d}" for d in linked], env=env)
+    links = [e.split("\t", 1)[1] for e in listed.split("\0") if e.startswith("120000 ")]
+    if links:
+        stdin = "".join(x + "\0" for x in links)
+        git(root, "update-index", "-z", "--force-remove", "--stdin", env=env, input=stdin)
+
+
 def take_snapshot(
     path: Path,
     *,
@@ -266,6 +280,7 @@ def take_snapshot(
             if head:
                 git(root, "read-tree", head, env=env)
             git(root, "add", "-u", env=env)
+        _drop_linked_data(root, data, env)
         say("snapshot: listing untracked files")
         listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", env=env)
         untracked = [p for p in listed.split("\0") if p]

@@ -240,6 +240,20 @@ def test_symlinked_dataset_directory_is_sent_by_its_name(cli, box, project, rdir
     r = cli("push", "--json", cwd=project)
     assert r.code == 0, r.err
     assert json.loads(r.out)["transfers"][0]["path"] == "data"
+    # A committed link is the same data path: the box keeps a directory of the dataset's
+    # files (never the link), and pushes go on.
+    git(project, "add", "data", "model.py")
+    git(project, "commit", "-qm", "the data link")
+    (dataset / "labels.txt").write_text("cat\ndog\nbird\n")
+    for _ in range(2):
+        (project / "model.py").write_text((project / "model.py").read_text() + "# more\n")
+        r = cli("push", "--json", cwd=project)
+        assert r.code == 0, r.err
+        assert json.loads(r.out)["code_changed"] is True
+    assert on_box.is_dir() and not on_box.is_symlink()
+    assert (on_box / "labels.txt").read_text() == "cat\ndog\nbird\n"
+    tree = box_git(box, rdir, "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+    assert "data" not in tree
 
 
 def test_pull_never_deletes_or_overwrites_newer(cli, box, project, rdir):
