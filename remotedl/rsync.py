@@ -94,6 +94,7 @@ def rsync_argv(
     update: bool = False,
     exclude_from_stdin: bool = False,
     itemize: bool = False,
+    checksum: bool = False,
 ) -> list[str]:
     argv = [
         "rsync",
@@ -114,6 +115,8 @@ def rsync_argv(
         argv.append("--delete")
     if update:
         argv.append("--update")  # never overwrite a newer file on the receiving side
+    if checksum:
+        argv.append("--checksum")  # by content, not size and time: a file the same here is left alone
     for pattern in excludes:
         argv += ["--exclude", pattern]
     if exclude_from_stdin:

@@ -875,6 +875,7 @@ def pull(
             f"{root}/",
             excludes=[".git", *excludes],
             update=not named,  # named: the box's version, whichever clock is ahead
+            checksum=named,
             exclude_from_stdin=True,
             itemize=True,
         )

@@ -398,8 +398,12 @@ def test_pull_never_writes_tracked_files_unless_named_and_outputs_stay_out_of_th
     assert r.code == 0, r.err
     assert (origin / "config.yaml").read_text() == "lr: 0.5\n"
     assert "replaced config.yaml here (tracked): named in the pull" in r.out
+    commit_all(origin, "the job's config")  # (out/ is ignored by nothing: committed along)
+    os.utime(origin / "config.yaml")  # the same content, another time: nothing to replace, nor say
+    r = run("pull", "--job", str(job), "config.yaml", cwd=origin)
+    assert r.code == 0, r.err
+    assert "replaced" not in r.out and "(up to date here)" in r.out
     # Added by the user, the output is code again.
-    git(origin, "checkout", "config.yaml")
-    git(origin, "add", "out/metrics.json")
+    (origin / "out" / "metrics.json").write_text('{"acc": "edited"}\n')
     pushed = json.loads(run("push", "--json", cwd=origin).out)
     assert pushed["snapshot"] is True and not pushed["left_out"]
