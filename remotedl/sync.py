@@ -109,6 +109,8 @@ class PushResult:
     transfers: list[Transfer] = field(default_factory=list)
     seconds: float = 0.0
     left_out: list[LeftOut] = field(default_factory=list)
+    # The mode remote_dir was made with, when this push made it (None: it was there).
+    created_mode: str | None = None
     # Data paths that do not exist here (not sent; the box's copy, if any, left as it is).
     missing: list[str] = field(default_factory=list)
 
@@ -141,6 +143,10 @@ def _stage(progress: ProgressFn | None, text: str) -> None:
 
 
 # ------------------------------------------------------------------ remote_dir: safe and ours
+
+# remote_dir is made private: the pushed code, snapshots (untracked files too), job checkouts
+# and outputs are the user's alone unless ``remote_dir_mode`` opens them to a group.
+DEFAULT_DIR_MODE = "0700"
 
 
 def normalize_remote_dir(remote_dir: str) -> str:
@@ -175,9 +181,10 @@ def normalize_remote_dir(remote_dir: str) -> str:
 
 # "$1": remote_dir (normalised; "~/..." allowed), "$2": the project's identity ("" if it has
 # none), "$3": create (push) | check (run --no-push: must be ours) | pull (must exist, not
-# another project's), "$4": a commit: report whether the box is clean at it; "$5": with the
-# default remote_dir, the folder-named default of earlier versions (a tree of this project
-# there is kept: see remotedl.treeid), else ""; "$6"...: the lines of the box repository's
+# another project's), "$4": a commit: report whether the box is clean at it; "$5": the mode of
+# remote_dir when this makes it (octal); "$6": with the default remote_dir, the folder-named
+# default of earlier versions (a tree of this project there is kept: see remotedl.treeid), else
+# ""; "$7"...: the lines of the box repository's
 # .git/info/exclude that are remotedl's (the first is their header).
 _PREPARE = (
     EXPAND_HOME
@@ -185,10 +192,10 @@ _PREPARE = (
     + r"""
 set -e
 command -v git >/dev/null 2>&1 || { echo "@@nogit"; exit 0; }
-id=$2 mode=$3 commit=$4
+id=$2 mode=$3 commit=$4 dmode=$5
 d=$(expand_home "$1")
 case $d in /*) ;; *) d="$HOME/$d";; esac
-if [ -n "$5" ]; then adopt_tree "$d" "$id" "$5"; fi
+if [ -n "$6" ]; then adopt_tree "$d" "$id" "$6"; fi
 # The physical path, through the deepest directory that exists (symlinks resolved).
 p=$d rest=
 while [ ! -d "$p" ]; do rest="/${p##*/}$rest"; p=$(dirname -- "$p"); done
@@ -236,7 +243,8 @@ else
     git init -q "$tmp"
     git -C "$tmp" config remotedl.created 1
     if [ -n "$id" ]; then git -C "$tmp" config remotedl.project "$id"; fi
-    mkdir -p -- "$real"
+    # Private unless the user opened it (remote_dir_mode): home directories are often 0755.
+    [ -d "$real" ] || { mkdir -m "$dmode" -- "$real"; echo "@@created $dmode"; }
     mv -- "$tmp/.git" "$real/.git"
     rmdir -- "$tmp"
   fi
@@ -244,9 +252,9 @@ else
 fi
 [ "$mode" = create ] || exit 0
 ex=$real/.git/info/exclude
-if ! grep -qxF "$6" "$ex" 2>/dev/null; then
+if ! grep -qxF "$7" "$ex" 2>/dev/null; then
   mkdir -p -- "$real/.git/info"
-  shift 5; printf '%s\n' "$@" >>"$ex"
+  shift 6; printf '%s\n' "$@" >>"$ex"
 fi
 cd -- "$real"
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
@@ -264,6 +272,7 @@ class RemoteDir:
     path: str  # absolute, physical
     head: str | None  # the checked-out commit (None: nothing yet)
     clean: bool  # at ``head``, no tracked file changed on the box, no checkout pending
+    created: str | None = None  # the mode it was made with, when this call made it
 
 
 def _remote_dir_error(box: Box, remote_dir: str, marks: dict[str, str], ident: str) -> None:
@@ -305,6 +314,7 @@ def claim_remote_dir(
     mode: str = "create",
     commit: str | None = None,
     ident: str | None = None,
+    dir_mode: str = DEFAULT_DIR_MODE,
     legacy: str = "",
 ) -> RemoteDir:
     """Check (and with mode "create", make) the box's work tree for this project; see _PREPARE.
@@ -313,11 +323,14 @@ def claim_remote_dir(
     tidy = normalize_remote_dir(remote_dir)
     if ident is None:
         ident = project_identity(project_root) if project_root is not None and _in_git(project_root) else ""
-    out = box.run(_PREPARE, tidy, ident, mode, commit or "-", legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES)
+    out = box.run(
+        _PREPARE, tidy, ident, mode, commit or "-", dir_mode, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES
+    )
     marks = parse_marks(out.stdout)
     _remote_dir_error(box, remote_dir, marks, ident)
     head = marks.get("head")
-    return RemoteDir(marks["dir"], None if head in (None, "none") else head, "clean" in marks)
+    head = None if head in (None, "none") else head
+    return RemoteDir(marks["dir"], head, "clean" in marks, marks.get("created"))
 
 
 def prepare_remote_dir(box: Box, remote_dir: str) -> tuple[str, str | None]:
@@ -336,7 +349,9 @@ def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> st
     ident = project_identity(project_root) if _in_git(project_root) else ""
     tidy = normalize_remote_dir(remote_dir)
     legacy = legacy_name(tidy, ident, project_root)
-    out = box.run(_PREPARE, tidy, ident, "check", "-", legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES)
+    out = box.run(
+        _PREPARE, tidy, ident, "check", "-", DEFAULT_DIR_MODE, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES
+    )
     marks = {k: v for k, v in parse_marks(out.stdout).items() if k not in ("foreign", "notours")}
     _remote_dir_error(box, remote_dir, marks, ident)
     return marks["dir"]
@@ -377,10 +392,18 @@ if [ -n "$4" ] && [ "$have" != "$4" ]; then
   if [ -n "$have" ]; then echo "@@other $have"; else echo "@@gone"; fi; exit 0  # unclaimed: prepare
 fi
 if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; fi
+# Files arrive as the laptop has them (Git LFS content included): no Git LFS filter of the
+# box's git rewrites them (one would fetch pointers from a server the box cannot reach).
+if [ "$(git config --local --get filter.lfs.required 2>/dev/null)" != false ]; then
+  for k in process clean smudge; do git config "filter.lfs.$k" ""; done
+  git config filter.lfs.required false
+fi
 if [ -n "$5" ]; then
   # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
   git cat-file -e "$5^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
-  if [ "$6" -lt 100 ]; then git unpack-objects -q; else git index-pack -q --stdin --fix-thin >/dev/null; fi
+  # (index-pack has no -q; whatever goes wrong here, `git push` sends the objects instead.)
+  if [ "$6" -lt 100 ]; then git unpack-objects -q 2>/dev/null || true
+  else git index-pack --stdin --fix-thin >/dev/null 2>&1 || true; fi
   git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
   git update-ref refs/remotedl/pushed "$new"
   nohup git gc --auto -q </dev/null >/dev/null 2>&1 9<&- &
@@ -505,6 +528,11 @@ def _git_push(box: Box, root: Path, abs_dir: str, commit: str) -> None:
     env = {**os.environ, "GIT_SSH_COMMAND": ssh_command_string(spec), "GIT_SSH_VARIANT": "ssh"}
     url = f"ssh://{spec.alias}{abs_dir}"
     argv = ["git", "-C", str(root), "push", "-q", "--no-verify", url, f"+{commit}:{PUSHED_REF}"]
+    shallow = proc.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"], check=False)
+    if shallow.stdout.strip() == "true":
+        # A shallow clone (`git clone --depth N`): the box takes its history as shallow as it
+        # is here, where receive-pack would refuse it ("shallow update not allowed").
+        argv[4:4] = ["--receive-pack=git -c receive.shallowUpdate=true receive-pack"]
     for attempt in range(3):
         result = proc.run(argv, env=env, check=False)
         if result.returncode == 0:
@@ -680,7 +708,12 @@ def push(
     code: bool = True,
     max_snapshot_file: int = DEFAULT_MAX_FILE,
     progress: ProgressFn | None = None,
+    send_data: Sequence[str] | None = None,
+    dir_mode: str = DEFAULT_DIR_MODE,
 ) -> PushResult:
+    """Push the code (``code``) and rsync the ``data`` paths. ``send_data``: the data paths to
+    rsync this time (``push --watch``: those that changed); all of ``data`` when None. The
+    snapshot leaves out every configured ``data`` path whichever are sent."""
     t0 = time.perf_counter()
     repo = repo_facts(project_root) if code else None
     root = repo.root if repo is not None else project_root
@@ -705,6 +738,7 @@ def push(
         memo = _known_file(spec, tidy, ident)
         known = _load_known(memo)
         changed = False
+        created: str | None = None
         marks: dict[str, str] | None = None
         if known is not None and (snap.commit is None or not code):
             abs_dir = known.path
@@ -720,7 +754,10 @@ def push(
         if known is None:
             _stage(progress, f"box: preparing {tidy}")
             legacy = legacy_name(tidy, ident, project_root)
-            rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident, legacy=legacy)
+            rd = claim_remote_dir(
+                box, tidy, root, commit=snap.commit, ident=ident, dir_mode=dir_mode, legacy=legacy
+            )
+            created = rd.created
             abs_dir = rd.path
             if code and snap.commit and not (rd.clean and rd.head == snap.commit):
                 changed = push_code(
@@ -732,12 +769,13 @@ def push(
             _save_known(memo, _Known(abs_dir, snap.commit))
         result = PushResult(
             abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out,
-            missing=missing,
+            created_mode=created, missing=missing,
         )  # fmt: skip
-        present = [rel for rel in rels if rel not in missing]
-        if present and box.noise:
+        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
+        sending = [rel for rel in sending if rel not in missing]
+        if sending and box.noise:
             raise startup_noise_error(box, "rsync")
-        for rel in present:
+        for rel in sending:
             _stage(progress, f"data: {rel}")
             # A symlink to a directory (data -> /datasets/imagenet) is followed at the top, so
             # the box gets the dataset's files under the same name; links inside stay links.

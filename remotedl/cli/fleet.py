@@ -155,6 +155,7 @@ def push(app: App, args: argparse.Namespace) -> int:
                 force=args.force,
                 code=not args.no_code,
                 progress=bars.progress(m.name),
+                dir_mode=str(s.get("remote_dir_mode")),
             )
 
         result = fleet.map(one, on_result=lambda r: bars.done(r.host, r.ok))

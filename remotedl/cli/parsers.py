@@ -94,8 +94,9 @@ def pull(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.epilog = (
         "remotedl's options go before COMMAND: `remotedl run --detach --name x train.py --lr 0.1`. "
-        "After COMMAND every word is the command's, except --gpu/--gpus/--cpu (`remotedl run run.sh "
-        "--gpu 0`); after -- every word is the command's (`remotedl run train.py -- --gpu 0`)."
+        "After COMMAND every word is the command's, except --gpu/--gpus/--cpu and --env KEY=VALUE "
+        "(`remotedl run run.sh --gpu 0`); after -- every word is the command's (`remotedl run "
+        "train.py -- --gpu 0`)."
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -183,6 +184,10 @@ def diff(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 
 def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        'With --json: JSON Lines, one object per log line with its newline, {"text": ...} or '
+        '{"base64": ...} for a line that is not UTF-8.'
+    )
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")

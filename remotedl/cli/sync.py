@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -33,6 +34,9 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     large = [x for x in left if x.reason == "large"]
     envs = [x for x in left if x.reason == "environment"]
     repos = [x for x in left if x.reason == "repository"]
+    subs = [x for x in left if x.reason == "submodule"]
+    edited = [x for x in left if x.reason == "submodule-edits"]
+    pointers = [x for x in left if x.reason == "lfs-pointer"]
     pulled = [x for x in left if x.reason == "pulled"]
     lines = []
 
@@ -50,6 +54,22 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
         lines.append(f"left out  {names(envs)}: environment (the box makes its own); add to .gitignore")
     if repos:
         lines.append(f"left out  {names(repos)}: a repository of its own; add as a submodule or to `data`")
+    if subs:
+        init = " ".join(shlex.quote(x.path.rstrip("/")) for x in subs)
+        lines.append(
+            f"left out  {names(subs)}: submodule not initialised here (the box gets an empty "
+            f"directory); run `git submodule update --init --recursive {init}`"
+        )
+    if edited:
+        lines.append(
+            f"note      {names(edited)}: submodule with uncommitted changes: they go along, as the "
+            "project's own do (commit them in the submodule to keep them)"
+        )
+    if pointers:
+        lines.append(
+            f"lfs       {names(pointers)}: only a Git LFS pointer here, and so on the box; "
+            "fetch the content with `git lfs pull`, then push"
+        )
     if pulled:
         lines.append(f"left out  {names(pulled)}: brought by pull (outputs, not code); `git add` to push it")
     return lines
@@ -69,6 +89,18 @@ def _files(t: Transfer) -> str:
     return f"{plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)}"
 
 
+def made_line(alias: str, remote_dir: str, mode: str) -> str:
+    """What push says when it made remote_dir: who can read it there."""
+    bits = int(mode, 8)
+    if bits & 0o007:
+        who = "every user of the box can read it"
+    elif bits & 0o070:
+        who = "you and your group can read it"
+    else:
+        who = "only you can read it (remote_dir_mode opens it to a group)"
+    return f"made  {alias}:{remote_dir} mode {mode}: {who}"
+
+
 def _push_lines(result: PushResult, alias: str, limit: int) -> list[str]:
     lines = []
     if result.commit:
@@ -76,6 +108,8 @@ def _push_lines(result: PushResult, alias: str, limit: int) -> list[str]:
         what = what if result.snapshot else f"commit {result.commit[:10]}"
         state = "checked out" if result.code_changed else "already there"
         lines.append(f"code  {what} -> {alias}:{result.remote_dir} ({state})")
+    if result.created_mode:
+        lines.append(made_line(alias, result.remote_dir, result.created_mode))
     for t in result.transfers:
         lines.append(f"data  {t.path}: {_files(t)} sent")
     return lines + left_out_lines(result.left_out, limit)
@@ -120,6 +154,7 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
             code=not args.no_code,
             max_snapshot_file=limit,
             progress=progress,
+            dir_mode=str(s.get("remote_dir_mode")),
         )
     for line in missing_data_lines(result.missing, s.project.root):
         env.stderr.write(f"remotedl: {line}\n")
@@ -227,6 +262,7 @@ def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[s
                 on_event=on_event,
                 progress=progress,
                 max_pushes=getattr(args, "pushes", None),
+                dir_mode=str(app.settings.get("remote_dir_mode")),
             )
     except KeyboardInterrupt:
         env.stderr.write("stopped watching\n")
