@@ -14,6 +14,7 @@ environment: defaults < user < project < ``[hosts.NAME]`` < ``REMOTEDL_*`` < fla
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import re
@@ -106,6 +107,16 @@ class Project:
     def name(self) -> str:
         return self.root.name
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """The project's identity (its first commit; see ``snapshot.project_identity``), or ""
+        outside git."""
+        from remotedl import proc
+        from remotedl.snapshot import project_identity
+
+        inside = proc.run(["git", "-C", str(self.root), "rev-parse", "--git-dir"], check=False)
+        return project_identity(self.root) if inside.returncode == 0 else ""
+
 
 @dataclass
 class Settings:
@@ -142,7 +153,18 @@ class Settings:
     @property
     def remote_dir(self) -> str:
         value = self.get("remote_dir")
-        return str(value) if value else f"~/remotedl/{self.project.name}"
+        if value:
+            return str(value)
+        from remotedl.treeid import default_remote_dir
+
+        return default_remote_dir(self.project.identity, self.project.name)
+
+    def adopt_request(self) -> dict[str, str] | None:
+        """With the default ``remote_dir``: what the box needs to keep a tree this project has
+        under the older, folder-named default (see ``remotedl.treeid``); None otherwise."""
+        if self.get("remote_dir") or not self.project.identity:
+            return None
+        return {"dir": self.remote_dir, "id": self.project.identity, "legacy": self.project.name}
 
     def host_names(self) -> list[str]:
         """The hosts to work on, fleets expanded, in order, each once; [] when none is given.
@@ -726,6 +748,22 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
 PROJECT_PATHS = ("data", "shared")
 
 
+def project_relative(root: Path, path: str) -> str:
+    """Where a configured path sits in the project (``root``, resolved), by its name: ``data``
+    is the project's ``data`` even when it is a symlink to a dataset disk (push sends what it
+    points to). Relative paths are read lexically ("." is the project itself, "../x" climbs
+    out); an absolute one reached through a symlinked parent (a linked home) has its parent
+    resolved, never its last part. The answer starts with ".." when the path is outside."""
+    if not os.path.isabs(path):
+        return os.path.normpath(path)
+    full = os.path.normpath(path)
+    rel = os.path.relpath(full, root)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        parent = os.path.realpath(os.path.dirname(full))
+        rel = os.path.relpath(os.path.join(parent, os.path.basename(full)), root)
+    return rel
+
+
 def _check_project_paths(settings: Settings) -> None:
     """A configured data or shared path must lie inside the project, and not be all of it
     (the box would skip it without a word, or push would refuse it as a usage error)."""
@@ -733,9 +771,7 @@ def _check_project_paths(settings: Settings) -> None:
     for key in PROJECT_PATHS:
         setting = settings.values[key]
         for path in setting.value:
-            # lexical for a relative path (a symlinked data directory is push's to judge)
-            full = os.path.realpath(path) if os.path.isabs(path) else os.path.normpath(root / path)
-            rel = os.path.relpath(full, root)
+            rel = project_relative(root, path)
             if rel in {".", ".."} or rel.startswith(".." + os.sep):
                 where = "is the project itself" if rel == "." else f"is outside the project ({root})"
                 raise ConfigError(

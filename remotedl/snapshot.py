@@ -8,7 +8,9 @@ untracked files ``.gitignore`` does not exclude, minus
   ``conda-meta/``): the box makes its own,
 - nested git repositories that are not submodules (their own history is not ours to copy),
 - untracked files larger than ``max_snapshot_file`` (checkpoints, datasets, archives),
-- partial transfers that rsync keeps aside (``.remotedl-partial/``).
+- partial transfers that rsync keeps aside (``.remotedl-partial/``),
+- what ``pull`` brought home (outputs, not code: listed in ``.git/remotedl/pulled``) until the
+  user ``git add``s it.
 
 Submodules go as their files: each checked-out submodule's own snapshot (its HEAD and its
 uncommitted work, by the same rules) takes the place of its gitlink, so the box tree and every
@@ -51,7 +53,12 @@ AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
 # The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
 IDENTITY_KEY = "remotedl.project"
 
-Reason = Literal["large", "environment", "repository", "submodule", "submodule-edits", "lfs-pointer"]
+Reason = Literal[
+    "large", "environment", "repository", "submodule", "submodule-edits", "lfs-pointer", "pulled"
+]
+# Under the repository's git directory: the files `pull` wrote (NUL-separated, relative to the
+# top), which the snapshot leaves out while they are untracked.
+PULLED_FILE = ("remotedl", "pulled")
 # The first bytes of a Git LFS pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 # Lines of a snapshot's message when submodules or LFS content were put in (see snapshot_changes).
@@ -169,8 +176,40 @@ def _inside(rel: str, prefixes: Sequence[str]) -> bool:
     return any(rel == p or rel.startswith(p + "/") for p in prefixes)
 
 
+def pulled_file(repo: Repo) -> Path:
+    """Where the list of files ``pull`` wrote is kept: beside the index, in the git directory
+    (per work tree), never in the work tree."""
+    return repo.index.parent.joinpath(*PULLED_FILE)
+
+
+def read_pulled(repo: Repo) -> frozenset[str]:
+    try:
+        raw = pulled_file(repo).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        return frozenset()
+    return frozenset(p for p in raw.split("\0") if p)
+
+
+def record_pulled(repo: Repo, paths: Sequence[str]) -> None:
+    """Add ``paths`` (relative to the top) to the files ``pull`` wrote; those gone are dropped."""
+    if not paths:
+        return
+    known = read_pulled(repo) | set(paths)
+    kept = sorted(p for p in known if os.path.lexists(repo.root / p))
+    path = pulled_file(repo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes("".join(p + "\0" for p in kept).encode("utf-8", "surrogateescape"))
+    tmp.replace(path)
+
+
 def select_untracked(
-    root: Path, paths: Sequence[str], *, data: Sequence[str] = (), max_file: int = DEFAULT_MAX_FILE
+    root: Path,
+    paths: Sequence[str],
+    *,
+    data: Sequence[str] = (),
+    max_file: int = DEFAULT_MAX_FILE,
+    pulled: frozenset[str] = frozenset(),
 ) -> tuple[list[str], list[LeftOut]]:
     """Split untracked, not-ignored paths (as ``git ls-files --others`` names them, nested
     repositories with a trailing "/") into (those the snapshot carries, those it leaves out)."""
@@ -185,6 +224,9 @@ def select_untracked(
             continue
         if data and _inside(rel, data):
             continue  # rsync sends it
+        if rel in pulled:
+            left.append(LeftOut(rel, "pulled"))  # an output brought home, not code
+            continue
         parts = rel.split("/")
         if AUX_NAMES.intersection(parts[:-1]):
             continue
@@ -211,6 +253,20 @@ def select_untracked(
         if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):  # git holds nothing else (fifos...)
             keep.append(rel)
     return keep, left
+
+
+def _drop_linked_data(root: Path, data: Sequence[str], env: dict[str, str]) -> None:
+    """A data path that is a committed symlink (data -> /datasets/imagenet) stays out of the
+    snapshot: rsync makes it a directory of the dataset's files on the box, and a link checked
+    out there would be replaced by it (a box edit that blocks the next push)."""
+    linked = [d.rstrip("/") for d in data if (root / d.rstrip("/")).is_symlink()]
+    if not linked:
+        return
+    listed = git(root, "ls-files", "-z", "-s", "--", *[f":(literal){d}" for d in linked], env=env)
+    links = [e.split("\t", 1)[1] for e in listed.split("\0") if e.startswith("120000 ")]
+    if links:
+        stdin = "".join(x + "\0" for x in links)
+        git(root, "update-index", "-z", "--force-remove", "--stdin", env=env, input=stdin)
 
 
 def _index_facts(root: Path, env: dict[str, str]) -> tuple[list[str], bool]:
@@ -381,10 +437,11 @@ def take_snapshot(
             if head:
                 git(root, "read-tree", head, env=env)
             git(root, "add", "-u", env=env)
+        _drop_linked_data(root, data, env)
         say("snapshot: listing untracked files")
         listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", env=env)
         untracked = [p for p in listed.split("\0") if p]
-        keep, left = select_untracked(root, untracked, data=data, max_file=max_file)
+        keep, left = select_untracked(root, untracked, data=data, max_file=max_file, pulled=read_pulled(repo))
         if keep:
             say(f"snapshot: adding {len(keep)} untracked file{'s' if len(keep) != 1 else ''}")
             proc.run(

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from remotedl import proc
+from remotedl.config import project_relative
 from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
 from remotedl.rsync import (
     PARTIAL_DIR,
@@ -49,6 +50,7 @@ from remotedl.rsync import (
     Stage,
     Transfer,
     literal,
+    parse_items,
     protect_args_flag,
     rsync_argv,
     rsync_failure,
@@ -61,12 +63,14 @@ from remotedl.snapshot import (
     Snapshot,
     git_root,
     project_identity,
+    record_pulled,
     repo_facts,
     take_snapshot,
 )
 from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
 from remotedl.ssh.openssh import control_dir, openssh_failure, ssh_command_string
 from remotedl.ssh.resolve import HostSpec
+from remotedl.treeid import ADOPT, default_remote_dir
 
 __all__ = [
     "DEFAULT_MAX_FILE",
@@ -107,6 +111,8 @@ class PushResult:
     left_out: list[LeftOut] = field(default_factory=list)
     # The mode remote_dir was made with, when this push made it (None: it was there).
     created_mode: str | None = None
+    # Data paths that do not exist here (not sent; the box's copy, if any, left as it is).
+    missing: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +124,14 @@ class PullResult:
     transfers: list[Transfer] = field(default_factory=list)
     # Tracked files with uncommitted edits here that the box's copy would have replaced.
     kept: list[str] = field(default_factory=list)
+    # Tracked files the box has in another version, left alone: not named (pull a file by
+    # its name to take the box's version).
+    kept_tracked: list[str] = field(default_factory=list)
+    # Files whose copy here is newer than the box's, left alone.
+    kept_newer: list[str] = field(default_factory=list)
+    # Files here replaced by the box's newer copy, and tracked files replaced because named.
+    replaced: list[str] = field(default_factory=list)
+    replaced_tracked: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +153,7 @@ def normalize_remote_dir(remote_dir: str) -> str:
     """``remote_dir`` tidied ("~/a//b/" -> "~/a/b"), or a ConfigError when it names the box's
     home, ``/``, a top-level directory, or climbs with "..": remotedl would put the project's
     files among the box's own."""
-    flag = "set another with --remote-dir DIR or `remote_dir` in remotedl.toml (default ~/remotedl/PROJECT)"
+    flag = "set another with --remote-dir DIR or `remote_dir` in remotedl.toml (default ~/remotedl/ID)"
     value = remote_dir.strip()
     if not value or "\n" in value or "\0" in value:
         raise ConfigError(f"remote_dir {remote_dir!r} is not a directory name", hint=flag)
@@ -168,16 +182,20 @@ def normalize_remote_dir(remote_dir: str) -> str:
 # "$1": remote_dir (normalised; "~/..." allowed), "$2": the project's identity ("" if it has
 # none), "$3": create (push) | check (run --no-push: must be ours) | pull (must exist, not
 # another project's), "$4": a commit: report whether the box is clean at it; "$5": the mode of
-# remote_dir when this makes it (octal); "$6"...: the lines of the box repository's
+# remote_dir when this makes it (octal); "$6": with the default remote_dir, the folder-named
+# default of earlier versions (a tree of this project there is kept: see remotedl.treeid), else
+# ""; "$7"...: the lines of the box repository's
 # .git/info/exclude that are remotedl's (the first is their header).
 _PREPARE = (
     EXPAND_HOME
+    + ADOPT
     + r"""
 set -e
 command -v git >/dev/null 2>&1 || { echo "@@nogit"; exit 0; }
 id=$2 mode=$3 commit=$4 dmode=$5
 d=$(expand_home "$1")
 case $d in /*) ;; *) d="$HOME/$d";; esac
+if [ -n "$6" ]; then adopt_tree "$d" "$id" "$6"; fi
 # The physical path, through the deepest directory that exists (symlinks resolved).
 p=$d rest=
 while [ ! -d "$p" ]; do rest="/${p##*/}$rest"; p=$(dirname -- "$p"); done
@@ -234,9 +252,9 @@ else
 fi
 [ "$mode" = create ] || exit 0
 ex=$real/.git/info/exclude
-if ! grep -qxF "$6" "$ex" 2>/dev/null; then
+if ! grep -qxF "$7" "$ex" 2>/dev/null; then
   mkdir -p -- "$real/.git/info"
-  shift 5; printf '%s\n' "$@" >>"$ex"
+  shift 6; printf '%s\n' "$@" >>"$ex"
 fi
 cd -- "$real"
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
@@ -297,13 +315,17 @@ def claim_remote_dir(
     commit: str | None = None,
     ident: str | None = None,
     dir_mode: str = DEFAULT_DIR_MODE,
+    legacy: str = "",
 ) -> RemoteDir:
     """Check (and with mode "create", make) the box's work tree for this project; see _PREPARE.
-    ``ident``: the project's identity, if the caller has it already."""
+    ``ident``: the project's identity, if the caller has it already; ``legacy``: see
+    ``legacy_name``."""
     tidy = normalize_remote_dir(remote_dir)
     if ident is None:
         ident = project_identity(project_root) if project_root is not None and _in_git(project_root) else ""
-    out = box.run(_PREPARE, tidy, ident, mode, commit or "-", dir_mode, _EXCLUDE_HEADER, *BOX_EXCLUDES)
+    out = box.run(
+        _PREPARE, tidy, ident, mode, commit or "-", dir_mode, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES
+    )
     marks = parse_marks(out.stdout)
     _remote_dir_error(box, remote_dir, marks, ident)
     head = marks.get("head")
@@ -325,12 +347,21 @@ def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> st
     code on the box ("run what is there"), and runs."""
     box = Box(spec)
     ident = project_identity(project_root) if _in_git(project_root) else ""
+    tidy = normalize_remote_dir(remote_dir)
+    legacy = legacy_name(tidy, ident, project_root)
     out = box.run(
-        _PREPARE, normalize_remote_dir(remote_dir), ident, "check", "-", _EXCLUDE_HEADER, *BOX_EXCLUDES
+        _PREPARE, tidy, ident, "check", "-", DEFAULT_DIR_MODE, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES
     )
     marks = {k: v for k, v in parse_marks(out.stdout).items() if k not in ("foreign", "notours")}
     _remote_dir_error(box, remote_dir, marks, ident)
     return marks["dir"]
+
+
+def legacy_name(tidy: str, ident: str, project_root: Path) -> str:
+    """With the default ``remote_dir`` (named after the identity): the name earlier versions
+    gave it (the project folder's), so that the box keeps a tree this project has there;
+    "" for a configured remote_dir."""
+    return project_root.name if ident and tidy == default_remote_dir(ident, "") else ""
 
 
 def _in_git(path: Path) -> bool:
@@ -652,14 +683,14 @@ def push_lock(spec: HostSpec, abs_or_configured_dir: str) -> Iterator[None]:
 
 
 def _relative_in(root: Path, path: str) -> str:
-    p = (root / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
-    try:
-        rel = p.relative_to(root.resolve())
-    except ValueError as e:
-        raise UsageError(f"data path {path} is outside the project ({root})") from e
-    if str(rel) == ".":
+    """A data path's place in the project, by name (a symlink there to a dataset disk is
+    fine: rsync sends what it points to); one that climbs out is refused."""
+    rel = project_relative(root.resolve(), path)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        raise UsageError(f"data path {path} is outside the project ({root})")
+    if rel == ".":
         raise UsageError("the project root itself is code: list data directories, not '.'")
-    return str(rel)
+    return rel
 
 
 # ------------------------------------------------------------------ push
@@ -687,9 +718,9 @@ def push(
     repo = repo_facts(project_root) if code else None
     root = repo.root if repo is not None else project_root
     rels = [_relative_in(root, d) for d in data]
-    for rel in rels:
-        if not (root / rel).exists():
-            raise UsageError(f"data path {rel} does not exist in {root}")
+    # A clone without the data (or a dataset disk not mounted) still pushes its code; the
+    # box's copy of a missing path stays as it is (named in the result, nothing deleted).
+    missing = [rel for rel in rels if not (root / rel).exists()]
     tidy = normalize_remote_dir(remote_dir)
     ident = project_identity(root) if repo is not None or _in_git(root) else ""
     with push_lock(spec, tidy):
@@ -722,7 +753,10 @@ def push(
                 known = None
         if known is None:
             _stage(progress, f"box: preparing {tidy}")
-            rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident, dir_mode=dir_mode)
+            legacy = legacy_name(tidy, ident, project_root)
+            rd = claim_remote_dir(
+                box, tidy, root, commit=snap.commit, ident=ident, dir_mode=dir_mode, legacy=legacy
+            )
             created = rd.created
             abs_dir = rd.path
             if code and snap.commit and not (rd.clean and rd.head == snap.commit):
@@ -735,16 +769,19 @@ def push(
             _save_known(memo, _Known(abs_dir, snap.commit))
         result = PushResult(
             abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out,
-            created_mode=created,
+            created_mode=created, missing=missing,
         )  # fmt: skip
         sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
+        sending = [rel for rel in sending if rel not in missing]
         if sending and box.noise:
             raise startup_noise_error(box, "rsync")
         for rel in sending:
             _stage(progress, f"data: {rel}")
-            argv = rsync_argv(
-                spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
-            )
+            # A symlink to a directory (data -> /datasets/imagenet) is followed at the top, so
+            # the box gets the dataset's files under the same name; links inside stay links.
+            linked_dir = (root / rel).is_symlink() and (root / rel).is_dir()
+            source = f"{root}/./{rel}" + ("/" if linked_dir else "")
+            argv = rsync_argv(spec, [source], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes)
             result.transfers.append(run_rsync(spec, argv, rel, progress))
     result.seconds = time.perf_counter() - t0
     return result
@@ -824,9 +861,11 @@ def pull(
     source_dir: str | None = None,
 ) -> PullResult:
     """Bring box paths (relative to remote_dir, or to the absolute box directory ``source_dir``)
-    home. Never deletes; never overwrites newer files; never writes into ``.git``; leaves
-    tracked files with uncommitted edits here alone (and names them). ``.`` means the work
-    tree's outputs: the repository and what remotedl keeps there stay on the box."""
+    home. Never deletes; never overwrites newer files; never writes into ``.git``; never writes
+    a tracked file unless it is named itself (then the box's version, whatever the clocks say,
+    as long as it has no uncommitted edits here); names what it kept and what it replaced.
+    ``.`` means the work tree's outputs: the repository and what remotedl keeps there stay on
+    the box. What it writes is listed as pulled: the code snapshot leaves it out."""
     if not paths:
         raise UsageError("name at least one path to pull, relative to the remote directory")
     where = source_dir or remote_dir
@@ -854,10 +893,17 @@ def pull(
     if box.noise:
         raise startup_noise_error(box, "rsync")
     result = PullResult(str(root))
+    repo = repo_facts(root) if _in_git(root) else None
     modified = _modified_tracked(root, rels)
+    tracked = set(_tracked(root, rels)) if repo is not None else set()
+    written: list[str] = []
     for rel in rels:
         mine = [m for m in modified if rel in (".", m) or m.startswith(rel + "/")]
-        protect = [f"/{literal(m)}" for m in mine]
+        named = rel in tracked and rel not in mine  # a tracked file asked for by its name
+        under = sorted(t for t in tracked if t != rel and (rel == "." or t.startswith(rel + "/")))
+        edited = set(mine)
+        others = [t for t in under if t not in edited]
+        protect = [f"/{literal(m)}" for m in [*mine, *others]]
         if rel == ".":
             protect += list(BOX_EXCLUDES)
         stdin = "".join(p + "\0" for p in protect).encode("utf-8", "surrogateescape")
@@ -866,23 +912,42 @@ def pull(
             [f"{spec.alias}:{abs_dir}/./{rel}"],
             f"{root}/",
             excludes=[".git", *excludes],
-            update=True,
+            update=not named,  # named: the box's version, whichever clock is ahead
+            checksum=named,
             exclude_from_stdin=True,
+            itemize=True,
         )
-        result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin))
+        lines: list[str] = []
+        result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin, lines=lines))
+        items = parse_items(lines)
+        written += [w for w in items.written if w not in tracked]
+        result.kept_newer += items.newer_here
+        for path in items.replaced:
+            (result.replaced_tracked if path in tracked else result.replaced).append(path)
         if mine:
-            result.kept += _would_replace(spec, abs_dir, root, mine)
+            result.kept += _differs(spec, abs_dir, root, mine)
+        if others:
+            result.kept_tracked += _differs(spec, abs_dir, root, others)
+    if repo is not None:
+        record_pulled(repo, written)
     return result
 
 
-def _would_replace(spec: HostSpec, abs_dir: str, root: Path, files: Sequence[str]) -> list[str]:
-    """Which of ``files`` (relative) the box has in another version that pull would have
-    brought (newer there): a dry run over just those."""
+def _tracked(root: Path, rels: Sequence[str]) -> list[str]:
+    """Files under ``rels`` (relative to the top ``root``) that git tracks (in the index)."""
+    specs = [f":(literal){r}" if r != "." else "." for r in rels]
+    out = proc.run(["git", "-C", str(root), "ls-files", "-z", "--", *specs], check=False).stdout
+    return sorted({p for p in out.split("\0") if p})
+
+
+def _differs(spec: HostSpec, abs_dir: str, root: Path, files: Sequence[str]) -> list[str]:
+    """Which of ``files`` (relative) the box has with other contents: a dry run over just
+    those, by checksum (clocks say nothing about which version is wanted)."""
     argv = [
         "rsync",
         "-a",
         "-n",
-        "--update",
+        "--checksum",
         "--out-format=%n",
         "--from0",
         "--files-from=-",

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from remotedl import gpus as gpumod
+from remotedl import treeid
 from remotedl.activate import ACTIVATE
 from remotedl.errors import RemotedlError
 from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, JobRecord, SchemaError, outlived_words, slurm_words
@@ -2111,6 +2112,9 @@ def main(argv: list[str]) -> int:
         # Never echo the request: it may hold secrets.
         print(json.dumps({"ok": False, "kind": "protocol", "error": "the agent got a malformed request"}))
         return 2
+    adopt = req.get("adopt")
+    if isinstance(adopt, dict):  # the default remote_dir: keep a tree under the older default
+        treeid.adopt_tree(*(str(adopt.get(k) or "") for k in ("dir", "id", "legacy")))
     try:
         result = op(req)
     except AgentError as e:

@@ -155,7 +155,8 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     for key, setting in s.values.items():
         rows.append((key, _shown(shown_value(key, setting.value)), setting.source))
     if not s.values["remote_dir"].value:
-        rows.append(("remote_dir (effective)", s.remote_dir, "default: ~/remotedl/<project name>"))
+        how = "the project's id (its first commit)" if s.project.identity else "the project folder's name"
+        rows.append(("remote_dir (effective)", s.remote_dir, f"default: ~/remotedl/ + {how}"))
     for name, table in s.tables.items():
         rows.append((f"[{name}]", ", ".join(sorted(table.value)), table.source))
     for name in sorted(s.host_tables):

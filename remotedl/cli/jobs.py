@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
-from remotedl.cli.sync import left_out_lines, made_line, remote_dir
+from remotedl.cli.sync import left_out_lines, made_line, missing_data_lines, remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
@@ -124,7 +124,12 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 def _client(app: App) -> AgentClient:
     from remotedl.agent.client import AgentClient
 
-    return AgentClient(app.spec(), python=str(app.settings.get("python")))
+    return AgentClient(app.spec(), python=str(app.settings.get("python")), adopt=adopt_request(app))
+
+
+def adopt_request(app: App) -> dict[str, str] | None:
+    """The agent's ``adopt`` field where this command works in the default remote_dir."""
+    return None if app.flag("remote_dir") else app.settings.adopt_request()
 
 
 def route(app: App, job: str | None, *, active: bool = False) -> tuple[App, str | None]:
@@ -332,7 +337,9 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
             env.stderr.write(f"remotedl: {made_line(spec.alias, pushed.remote_dir, pushed.created_mode)}\n")
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
         # As push says it: a job that reads a file the snapshot left out fails on the box otherwise.
-        for line in left_out_lines(pushed.left_out, int(s.get("max_snapshot_file"))):
+        for line in missing_data_lines(pushed.missing, root) + left_out_lines(
+            pushed.left_out, int(s.get("max_snapshot_file"))
+        ):
             env.stderr.write(f"remotedl: {safe(line)}\n")
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
@@ -452,7 +459,7 @@ def _notify_urls(app: App) -> list[str]:
 def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: list[str]) -> None:
     """When the followed job ended: its outputs home (--pull / pull_on_end), then a desktop
     notification (notify_desktop = true). A failed pull is an error once the job succeeded."""
-    from remotedl.cli.sync import pull_sources, pulled_lines
+    from remotedl.cli.sync import kept_lines, pull_sources, pulled_lines
     from remotedl.errors import RemotedlError
 
     env = app.env
@@ -466,6 +473,8 @@ def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: lis
         else:
             for line in pulled_lines(results):
                 env.stderr.write(f"remotedl: pulled {line}\n")
+            for line in kept_lines(results):
+                env.stderr.write(f"remotedl: {line}\n")
     if app.settings.get("notify_desktop"):
         from remotedl import notify
         from remotedl.desktop import notify_desktop

@@ -37,6 +37,7 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     subs = [x for x in left if x.reason == "submodule"]
     edited = [x for x in left if x.reason == "submodule-edits"]
     pointers = [x for x in left if x.reason == "lfs-pointer"]
+    pulled = [x for x in left if x.reason == "pulled"]
     lines = []
 
     def names(items: Sequence[LeftOut], sized: bool = False) -> str:
@@ -69,7 +70,19 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
             f"lfs       {names(pointers)}: only a Git LFS pointer here, and so on the box; "
             "fetch the content with `git lfs pull`, then push"
         )
+    if pulled:
+        lines.append(f"left out  {names(pulled)}: brought by pull (outputs, not code); `git add` to push it")
     return lines
+
+
+def missing_data_lines(missing: Sequence[str], root: object) -> list[str]:
+    """The warning for data paths this clone does not have: the code went, they did not."""
+    if not missing:
+        return []
+    return [
+        f"warning: data path {_listed(list(missing), 5)} does not exist in {root}: not sent "
+        "(the box's copy, if any, is left as it is); the code was pushed"
+    ]
 
 
 def _files(t: Transfer) -> str:
@@ -143,6 +156,8 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
             progress=progress,
             dir_mode=str(s.get("remote_dir_mode")),
         )
+    for line in missing_data_lines(result.missing, s.project.root):
+        env.stderr.write(f"remotedl: {line}\n")
     synced = None
     if getattr(args, "env", False):
         from remotedl import jobs
@@ -212,7 +227,8 @@ def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[s
                     sent.append(f"{t.path}: {_files(t)}")
             what = "; ".join(sent) or "nothing new"
             say(f"{stamp} pushed ({_changed_text(ev.changed)}) in {ev.seconds:.2f} s: {what}")
-            left = left_out_lines(r.left_out, limit)
+            left = missing_data_lines(r.missing, app.settings.project.root)
+            left += left_out_lines(r.left_out, limit)
             if left != last_left:  # listed once, and again only when it changes
                 for line in left:
                     say(f"         {line}")
@@ -318,12 +334,44 @@ def pulled_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
             origin = f"the work tree (shared by job {src.job}, {safe(src.name or '?')})"
         else:
             origin = f"job {src.job} ({safe(src.name or '?')})"
+        kept = [*r.kept, *r.kept_tracked, *r.kept_newer]
         for t in r.transfers:
+            mine = [k for k in kept if t.path in (".", k) or k.startswith(t.path + "/")]
+            why = " (up to date here)" if not t.files_transferred and not mine else ""
             lines.append(
                 f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received "
-                f"from {origin}"
+                f"from {origin}{why}"
+            )
+        if r.replaced:
+            lines.append(f"replaced {_listed(r.replaced, 10)} here: the box's copy is newer")
+        for name in r.replaced_tracked:
+            lines.append(
+                f"replaced {name} here (tracked): named in the pull; `git restore {name}` brings back the "
+                "committed version"
             )
     return lines
+
+
+def kept_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
+    """What pull left alone here, and why (stderr)."""
+    edited = [k for _, r in results for k in r.kept]
+    tracked = [k for _, r in results for k in r.kept_tracked]
+    newer = [k for _, r in results for k in r.kept_newer]
+    out = []
+    if edited:
+        out.append(
+            f"kept {_listed(edited, 10)} here: tracked, with uncommitted edits, and the box has another "
+            "version\n  hint: commit or stash your edits, then pull again to take the box's version"
+        )
+    if tracked:
+        out.append(
+            f"kept {_listed(tracked, 10)} here: tracked files (the box has another version); pull writes a "
+            "tracked file only when it is named\n  hint: to take the box's version, name the file: "
+            f"remotedl pull [--job ID] {tracked[0]}"
+        )
+    if newer:
+        out.append(f"kept {_listed(newer, 10)} here: newer than the box's copy")
+    return out
 
 
 def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
@@ -351,15 +399,15 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
                     for t in r.transfers
                 ],
                 "kept": [k for _, r in results for k in r.kept],
+                **{
+                    key: [k for _, r in results for k in getattr(r, key)]
+                    for key in ("kept_tracked", "kept_newer", "replaced", "replaced_tracked")
+                },
             }
         )
         return ExitCode.OK
     for line in pulled_lines(results):
         app.out(line)
-    kept = [k for _, r in results for k in r.kept]
-    if kept:
-        env.stderr.write(
-            f"remotedl: kept {_listed(kept, 10)} here: tracked, with uncommitted edits, and the box has "
-            "another version\n  hint: commit or stash your edits, then pull again to take the box's version\n"
-        )
+    for line in kept_lines(results):
+        env.stderr.write(f"remotedl: {line}\n")
     return ExitCode.OK
