@@ -2,7 +2,7 @@
 ``srun`` into a job's allocation, and Jupyter as a batch job tunnelled to through the login node.
 Remote calls go through ``Box.run(script, *values)``: the scripts are constants and every value
 arrives as "$1"..., never spliced into code. Jobs themselves (submit, states, scancel, logs) are
-the agent's, on the login node (``remotedl.agent.box`` with ``remotedl.slurm``).
+the agent's, on the login node (``remotedl.agent.runtimes.slurm`` with ``remotedl.slurm``).
 """
 
 from __future__ import annotations

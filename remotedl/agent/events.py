@@ -32,7 +32,7 @@ from typing import Any
 
 from remotedl import gpus as gpumod
 from remotedl import notify
-from remotedl.agent.box import AgentError, box_lock, load, notify_path, save, state_dir
+from remotedl.agent.store import AgentError, box_lock, load, notify_path, save, state_dir
 from remotedl.waiting import pid_alive
 
 # What a send needs of the starting session's environment (proxies, the CA store).
@@ -222,7 +222,7 @@ def watch_slurm() -> None:
 def slurm_watched(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The active Slurm jobs among ``records`` that the watcher looks after: those with
     notifications or a stall watch."""
-    from remotedl.agent.box import is_slurm
+    from remotedl.agent.store import is_slurm
     from remotedl.schema import ACTIVE
 
     active = [r for r in records if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
@@ -230,7 +230,7 @@ def slurm_watched(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _watched_slurm_jobs() -> list[dict[str, Any]]:
-    from remotedl.agent.box import all_records
+    from remotedl.agent.store import all_records
 
     return slurm_watched(all_records())
 
@@ -256,7 +256,7 @@ def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
     notifications or a stall watch (``refresh_slurm`` records it and sends their start after a
     wait and their end), and the logs of those running (``LogSilence``); gone when none is
     left. One per user and login node (a lock in the state dir)."""
-    from remotedl.agent.box import refresh_slurm
+    from remotedl.agent.runtimes.slurm import refresh_slurm
 
     interval = _slurm_watch_interval()
     stalls: dict[int, LogSilence] = {}
