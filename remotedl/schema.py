@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -101,17 +102,22 @@ class JobRecord:
     def from_dict(cls, data: Any) -> JobRecord:
         """A record from JSON data, every known field type-checked; unknown fields ignored
         (a newer agent may add some)."""
+        return cls(**cls.check_dict(data))
+
+    @classmethod
+    def check_dict(cls, data: Any) -> dict[str, Any]:
+        """The known fields of JSON data, type-checked (what ``from_dict`` builds the record of;
+        the agent checks records it reads with this alone)."""
         if not isinstance(data, dict):
             raise SchemaError(f"a job record must be an object, not {type(data).__name__}")
-        hints = _hints(cls)
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise SchemaError(f"job record without '{f.name}'")
+        for name, required, check, where in _field_checks(cls):
+            if name not in data:
+                if required:
+                    raise SchemaError(f"job record without '{name}'")
                 continue
-            values[f.name] = check_type(data[f.name], hints[f.name], f"job record field '{f.name}'")
-        return cls(**values)
+            values[name] = check(data[name], where)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,58 +177,121 @@ def job_holders(records: list[JobRecord]) -> dict[int, str]:
     return held
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+Check = Callable[[Any, str], Any]
+_FIELDS: dict[type, list[tuple[str, bool, Check, str]]] = {}
+_CHECKS: dict[Any, Check] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = get_type_hints(cls)
-    return _HINTS[cls]
+def _field_checks(cls: type) -> list[tuple[str, bool, Check, str]]:
+    """(name, required, checker, where) per field of a record class, made once: a listing of
+    thousands of records checks each one's fields without looking at type hints again."""
+    if cls not in _FIELDS:
+        hints = get_type_hints(cls)
+        _FIELDS[cls] = [
+            (
+                f.name,
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                checker(hints[f.name]),
+                f"job record field '{f.name}'",
+            )
+            for f in dataclasses.fields(cls)
+        ]
+    return _FIELDS[cls]
 
 
 def check_type(value: Any, hint: Any, where: str) -> Any:
     """``value`` if it matches the type ``hint`` (the few shapes the schema uses), else raise."""
+    return checker(hint)(value, where)
+
+
+def checker(hint: Any) -> Check:
+    """A function that checks a value against ``hint`` (made once per hint)."""
+    try:
+        return _CHECKS[hint]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable hint: made afresh
+        return _make_checker(hint)
+    _CHECKS[hint] = made = _make_checker(hint)
+    return made
+
+
+def _make_checker(hint: Any) -> Check:
     import types
     import typing
 
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        for a in args:
-            try:
-                return check_type(value, a, where)
-            except SchemaError:
-                continue
-        raise SchemaError(f"{where}: unexpected {type(value).__name__}")
+        options = [checker(a) for a in args]
+
+        def union(value: Any, where: str) -> Any:
+            for option in options:
+                try:
+                    return option(value, where)
+                except SchemaError:
+                    continue
+            raise SchemaError(f"{where}: unexpected {type(value).__name__}")
+
+        return union
     if origin is Literal:
-        if value in args:
-            return value
-        raise SchemaError(f"{where}: {str(value)[:40]!r} is not one of {', '.join(map(str, args))}")
+
+        def literal(value: Any, where: str) -> Any:
+            if value in args:
+                return value
+            raise SchemaError(f"{where}: {str(value)[:40]!r} is not one of {', '.join(map(str, args))}")
+
+        return literal
     if hint is type(None):
-        if value is None:
-            return None
-        raise SchemaError(f"{where}: expected nothing")
+
+        def none(value: Any, where: str) -> Any:
+            if value is None:
+                return None
+            raise SchemaError(f"{where}: expected nothing")
+
+        return none
     if origin is list:
-        if not isinstance(value, list):
-            raise SchemaError(f"{where}: expected a list")
-        return [check_type(v, args[0], where) for v in value] if args else value
+        item = checker(args[0]) if args else None
+
+        def listed(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise SchemaError(f"{where}: expected a list")
+            return [item(v, where) for v in value] if item is not None else value
+
+        return listed
     if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise SchemaError(f"{where}: expected an object")
-        return value
-    if hint is Any:
-        return value
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise SchemaError(f"{where}: expected a number")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+
+        def mapping(value: Any, where: str) -> Any:
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise SchemaError(f"{where}: expected an object")
             return value
-        raise SchemaError(f"{where}: expected an integer")
-    if isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise SchemaError(f"{where}: expected {getattr(hint, '__name__', hint)}")
+
+        return mapping
+    if hint is Any:
+        return lambda value, where: value
+    if hint is float:
+
+        def number(value: Any, where: str) -> Any:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            raise SchemaError(f"{where}: expected a number")
+
+        return number
+    if hint is int:
+
+        def integer(value: Any, where: str) -> Any:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise SchemaError(f"{where}: expected an integer")
+
+        return integer
+
+    def other(value: Any, where: str) -> Any:
+        if isinstance(hint, type) and isinstance(value, hint):
+            return value
+        raise SchemaError(f"{where}: expected {getattr(hint, '__name__', hint)}")
+
+    return other
 
 
 def decode_answer(body: bytes) -> dict[str, Any]:
