@@ -16,14 +16,14 @@ from remotedl.agent.store import JOB_DIRS, AgentError
 EXCLUDES = ("/.remotedl/", "/.venv/")
 
 
-def _git(cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
+def git(cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["git", "-C", cwd, *args], capture_output=True, text=True, check=False)
 
 
 def git_head(tree: str) -> str | None:
     if not os.path.exists(os.path.join(tree, ".git")):
         return None
-    r = _git(tree, "rev-parse", "-q", "--verify", "HEAD^{commit}")
+    r = git(tree, "rev-parse", "-q", "--verify", "HEAD^{commit}")
     return (r.stdout.strip() or None) if r.returncode == 0 else None
 
 
@@ -50,7 +50,7 @@ def ensure_excludes(rdir: str) -> None:
             f.write(add)
 
 
-def _clean_rel(path: str) -> str | None:
+def clean_rel(path: str) -> str | None:
     rel = os.path.normpath(path)
     if os.path.isabs(rel) or rel == "." or rel.startswith(".."):
         return None
@@ -65,16 +65,16 @@ def make_job_dir(
     jd.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(jd):
         raise AgentError(f"the job directory {jd} exists already")
-    r = _git(rdir, "worktree", "add", "--detach", str(jd), commit)
+    r = git(rdir, "worktree", "add", "--detach", str(jd), commit)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
         if os.path.lexists(jd):  # a half-made checkout (a full disk): gone, and git forgets it
             shutil.rmtree(jd, ignore_errors=True)
-        _git(rdir, "worktree", "prune")
+        git(rdir, "worktree", "prune")
         raise AgentError(f"could not check out {commit[:10]} for the job in {jd}: {last}")
     linked: list[str] = []
     for rel, is_shared in [*((d, False) for d in data), *((s, True) for s in shared)]:
-        clean = _clean_rel(rel)
+        clean = clean_rel(rel)
         if clean is None or clean in linked:
             continue
         src = Path(rdir) / clean
@@ -115,7 +115,7 @@ def disk_usage(path: Path) -> int:
     return total
 
 
-def _own_job_dir(rec: dict[str, Any]) -> Path | None:
+def own_job_dir(rec: dict[str, Any]) -> Path | None:
     """The record's job directory, if it is where job directories are (a damaged or hostile
     record naming another directory is never removed)."""
     wd = rec.get("workdir")
@@ -129,7 +129,7 @@ def _own_job_dir(rec: dict[str, Any]) -> Path | None:
 
 
 def remove_job_dir(rec: dict[str, Any]) -> None:
-    p = _own_job_dir(rec)
+    p = own_job_dir(rec)
     if p is None:
         return
     rdir = str(rec["remote_dir"])
@@ -138,7 +138,16 @@ def remove_job_dir(rec: dict[str, Any]) -> None:
             link = p / rel
             if link.is_symlink():
                 link.unlink()
-        _git(rdir, "worktree", "remove", "--force", "--force", str(p))
+        git(rdir, "worktree", "remove", "--force", "--force", str(p))
         if os.path.lexists(p):
             shutil.rmtree(p, ignore_errors=True)
-    _git(rdir, "worktree", "prune")
+    git(rdir, "worktree", "prune")
+
+
+def script_ok(rdir: str, commit: str | None, script: str, links: list[str]) -> bool:
+    if commit is None:
+        return os.path.exists(os.path.join(rdir, script))
+    if git(rdir, "cat-file", "-e", f"{commit}:{script}").returncode == 0:
+        return True
+    first = os.path.normpath(script).split(os.sep, 1)[0]
+    return first in links and os.path.exists(os.path.join(rdir, script))

@@ -19,7 +19,7 @@ from typing import Any
 
 from remotedl.activate import ACTIVATE
 from remotedl.agent.checkout import ensure_excludes
-from remotedl.agent.store import ENV_FILES, WARNINGS, AgentError
+from remotedl.agent.store import ENV_FILES, AgentError, Context
 
 # What the job's environment is: its interpreter and, without importing it, torch's version.
 PROBE = """\
@@ -209,7 +209,7 @@ def _project_lock(rdir: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _work_tree(req: dict[str, Any]) -> str:
+def work_tree(req: dict[str, Any]) -> str:
     raw = str(req.get("remote_dir") or "")
     rdir = os.path.expanduser(raw)
     if not raw or not os.path.isdir(rdir):
@@ -221,10 +221,10 @@ def _work_tree(req: dict[str, Any]) -> str:
     return os.path.realpath(rdir)
 
 
-def op_envsync(req: dict[str, Any]) -> None:
+def op_envsync(ctx: Context, req: dict[str, Any]) -> None:
     """Make the project's environment match its requirements (when they changed since the
     last sync). The installer's output streams on stdout; the result is one line on stderr."""
-    rdir = _work_tree(req)
+    rdir = work_tree(req)
     spec = dict(req.get("env") or {})
     out = sys.stdout.buffer
     sys.stderr.write("@@remotedl-start {}\n")
@@ -269,5 +269,5 @@ def op_envsync(req: dict[str, Any]) -> None:
                     _stamp_path(rdir).write_text(json.dumps({"hash": plan["hash"], "when": time.time()}))
                     result["synced"] = True
     out.flush()
-    sys.stderr.write("@@remotedl-end " + json.dumps({**result, "warnings": WARNINGS}) + "\n")
+    sys.stderr.write("@@remotedl-end " + json.dumps({**result, "warnings": ctx.warnings}) + "\n")
     sys.stderr.flush()

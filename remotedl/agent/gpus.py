@@ -37,7 +37,7 @@ def query_gpus() -> list[gpumod.Gpu] | None:
     return found
 
 
-def _holders(gpus: list[gpumod.Gpu], records: list[dict[str, Any]]) -> dict[int, str]:
+def holders(gpus: list[gpumod.Gpu], records: list[dict[str, Any]]) -> dict[int, str]:
     """GPU index -> who holds it, in words. A starting job holds its GPUs already; a running
     job holds them while its process group lives, even without its tmux session."""
     held: dict[int, str] = {}
@@ -59,11 +59,19 @@ def _gpus_text(n: int, word: str = "GPU") -> str:
 
 def choose_gpus(req: dict[str, Any], records: list[dict[str, Any]]) -> list[int] | None:
     """GPUs for the job, or None when it must wait (``queue``). Raises when it cannot run."""
+    if req.get("gpus") == "none":
+        return []
+    return place(req, query_gpus(), records)
+
+
+def place(
+    req: dict[str, Any], gpus: list[gpumod.Gpu] | None, records: list[dict[str, Any]]
+) -> list[int] | None:
+    """The choice itself, from the box's GPUs (None: no driver) and the jobs there are."""
     wanted = req.get("gpus")  # list of indices, "auto", or "none"
     count = int(req.get("count") or 1)
     if wanted == "none":
         return []
-    gpus = query_gpus()
     if gpus is None:
         if wanted in (None, "auto") and not req.get("count"):
             return []  # a CPU box: the job runs on the CPU
@@ -73,7 +81,7 @@ def choose_gpus(req: dict[str, Any], records: list[dict[str, Any]]) -> list[int]
             hint="run without --gpu/--gpus to use the CPU",
         )
     indices = [g.index for g in gpus]
-    held = _holders(gpus, records)
+    held = holders(gpus, records)
     # What can never be: a usage error now, never a wait (``queue`` would wait forever).
     names = ", ".join(f"{g.index} ({g.name})" for g in gpus) or "none"
     if isinstance(wanted, list):

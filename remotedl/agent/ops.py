@@ -1,98 +1,88 @@
-"""Box side of jobs. One request (JSON on stdin) per exec; one JSON answer on stdout.
+"""Box side of jobs: the request handlers and the dispatch. One request (JSON on stdin) per
+exec; one JSON answer on stdout (the streaming ones, ``logs`` and ``envsync``: the stream on
+stdout and their start and end as marked lines on stderr).
 
-State lives under ``~/.remotedl`` so any laptop sees the same jobs:
-``jobs/<id>.json`` (the record), ``logs/<id>.log``, ``lock`` (flock: choosing and claiming
-GPUs is one atomic step; so is every change of a record's status), ``next_id``.
+Records, the lock and the index live in ``store``; a job's runtime (``runtimes``: a tmux
+session on the box, or a Slurm batch job on a login node) is chosen once per record and does
+what differs between them; ``state`` looks at jobs (a read, which starts nothing); ``events``
+sends what a look found. Each job runs in its own checkout of its commit (``checkout``), in the
+project's environment (``envsync``), under its runner (``runner``).
 
-Each job runs in its own checkout of its commit, ``<remote_dir>/.remotedl/jobs/<id>/`` (a git
-worktree of the project's work tree on the box: it shares its objects), with the configured
-data paths and ``shared`` directories linked to the ones in ``remote_dir``. Later pushes check
-out other commits in ``remote_dir``; a job's own files never change under it.
-
-A job is started by this agent (status ``starting``, the starter's pid recorded), runs under a
-runner process in a tmux session of its own (the runner records its pid, then the job's process
-group), and is ``lost`` only when none of them is alive any more, or the box rebooted.
-
-On a Slurm login node (requests with ``scheduler: "slurm"``) the same records and checkouts
-serve a second backend: the job is a Slurm batch job (``remotedl.slurm``), its control directory
-and log under ``<remote_dir>/.remotedl/slurm/<id>/`` on the shared filesystem, and its status is
-Slurm's (scontrol, sacct, or what its batch script recorded), read whenever records are.
+Per request, a ``Context`` carries the warnings for the laptop and the news to send.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from remotedl import gpus as gpumod
+from remotedl.agent import runtimes
 from remotedl.agent.checkout import (
-    _clean_rel,
-    _git,
-    _own_job_dir,
+    clean_rel,
     disk_usage,
-    ensure_excludes,
+    git,
     git_head,
-    job_dirs_of,
-    make_job_dir,
+    own_job_dir,
     remove_job_dir,
+    script_ok,
 )
-from remotedl.agent.envsync import _work_tree, env_in_sync, env_plan, op_envsync
-from remotedl.agent.gpus import _holders, choose_gpus, query_gpus
-from remotedl.agent.runner import _fail_start, _script_ok, op_runner
-from remotedl.agent.runtimes.slurm import SLURM_POLL, _kill_slurm, _own_control_dir, _say_state, _start_slurm
-from remotedl.agent.runtimes.tmux import (
-    _boot_id,
-    _new_session,
-    _wait_started,
-    check_tmux,
-    group_alive,
-    kill_session,
-    runner_alive,
-    session_name,
-)
-from remotedl.agent.state import ended_elsewhere, refresh, resolve
+from remotedl.agent.envsync import env_in_sync, env_plan, op_envsync, work_tree
+from remotedl.agent.gpus import holders, query_gpus
+from remotedl.agent.runner import op_runner
+from remotedl.agent.state import active, look, recent, refresh, resolve
 from remotedl.agent.store import (
-    WARNINGS,
     AgentError,
-    _ensure_dirs,
-    _new_record,
-    _next_id,
-    _real,
-    _save_new,
-    _stall_after,
+    Context,
     all_records,
     box_lock,
+    ensure_dirs,
     env_path,
     is_slurm,
     jobs_dir,
     kill_marker,
     load,
     logs_dir,
+    newest_first,
     notify_path,
     project_of,
+    real,
     record_path,
-    remove_env_file,
-    save,
     update,
 )
 from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST
 
+RECENT = 10  # ended jobs `remotedl jobs` shows besides the active ones
 
-def op_start(req: dict[str, Any]) -> dict[str, Any]:
-    rdir = _work_tree(req)
-    slurm = req.get("scheduler") == "slurm"
-    if not slurm:
-        check_tmux()
+
+def announce(ctx: Context, records: list[dict[str, Any]]) -> None:
+    """Send what the request's looks found (jobs that ended, or started after a wait, with no
+    runner left to say so), and make sure a watcher looks after the Slurm jobs among
+    ``records`` that need one: processes of their own, started here and not by a read.
+    ``events`` (and the notification code) is imported only when there is something to do."""
+    if ctx.news or any(is_slurm(r) for r in records):
+        from remotedl.agent import events
+
+        events.announce(ctx, records)
+
+
+# ------------------------------------------------------------------ start
+
+
+def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+    rdir = work_tree(req)
+    runtime = runtimes.for_request(req)
+    runtime.check()
     data = [str(d) for d in req.get("data") or []]
     shared = [str(s) for s in req.get("shared") or []]
-    links = [x for x in (_clean_rel(p) for p in data + shared) if x]
+    links = [x for x in (clean_rel(p) for p in data + shared) if x]
     isolate = bool(req.get("isolate", True))
     commit = req.get("git_commit")
     if isolate:
@@ -100,12 +90,12 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
         commit = commit or head
         if commit is None:
             isolate = False  # not a git work tree: nothing to check out, run in it
-        elif _git(rdir, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        elif git(rdir, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
             raise AgentError(
                 f"commit {commit[:10]} is not in the box's repository ({rdir})", "usage", hint="push it first"
             )
     script = req.get("script")
-    if script and not _script_ok(rdir, commit if isolate else None, script, links):
+    if script and not script_ok(rdir, commit if isolate else None, script, links):
         raise AgentError(
             f"no such script on the box: {os.path.join(rdir, script)}",
             "usage",
@@ -116,73 +106,47 @@ def op_start(req: dict[str, Any]) -> dict[str, Any]:
         plan = env_plan(rdir, spec)
         if plan is not None and not env_in_sync(rdir, plan, spec):
             return {"envsync": plan}
-    if slurm:
-        return _start_slurm(req, rdir, isolate=isolate, commit=commit, data=data, shared=shared, spec=spec)
+    start = runtimes.StartPlan(req, rdir, isolate, commit, data, shared, spec)
     with box_lock():
-        records = refresh(all_records())
-        chosen = choose_gpus(req, records)
-        job_id = _next_id(job_dirs_of(rdir))
-        rec = _new_record(req, spec, job_id, rdir, isolate=isolate, commit=commit)
-        rec.update(
-            gpus=chosen if chosen is not None else [],
-            want={k: req.get(k) for k in ("gpus", "count", "force")},
-            status="queued" if chosen is None else "starting",
-            log=str(logs_dir() / f"{job_id}.log"),
-            session=session_name(job_id),
-            boot_id=_boot_id(),
-            ready=not isolate,
-            runner_pid=None,
-            pid=None,
-            stall_after=_stall_after(req.get("stall_after")),  # stall detection: agent/events.py
-            stalled=None,
-        )
-        _save_new(rec, req)
-        fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(req.get("env") or {}, f)
-        Path(rec["log"]).touch(mode=0o600)
-    try:
-        runner = [sys.executable, "-E", "-s", "-S", sys.argv[0], json.dumps({"op": "runner", "id": job_id})]
-        # Several words: tmux (>= 3.0) runs them directly, not through the user's login shell.
-        # The runner starts while the checkout is made, and waits for it ("ready").
-        _new_session(rec["session"], rdir, runner)
-        if isolate:
-            ensure_excludes(rdir)
-            workdir, linked = make_job_dir(rdir, job_id, str(commit), data, shared)
-            rec = update(job_id, workdir=workdir, cwd=workdir, links=linked, ready=True)
-        rec = _wait_started(job_id)
-    except (AgentError, OSError) as e:
-        error = e if isinstance(e, AgentError) else AgentError(f"could not start the job: {e}")
-        _fail_start(job_id, str(error))
-        raise error from None
+        rec = runtime.create(ctx, start, active(ctx))
+        urls = [str(u) for u in req.get("notify") or []]
+        if urls:  # kept aside (0600) for whoever sends; the record holds them masked
+            from remotedl.agent import events
+
+            masked = events.save_settings(int(rec["id"]), urls, req.get("host_alias"))
+            rec = update(int(rec["id"]), notify=masked)
+    rec = runtime.launch(ctx, rec, start)
+    announce(ctx, [rec])  # a Slurm job's start after the queue, stalls and end: watched from here
     return {"job": rec}
 
 
-def op_list(req: dict[str, Any]) -> dict[str, Any]:
-    _ensure_dirs()
-    records = refresh(all_records())
-    if not req.get("all"):
-        recent = [r for r in records if r["status"] not in ACTIVE][-10:]
-        records = [r for r in records if r["status"] in ACTIVE or r in recent]
+# ------------------------------------------------------------------ list, get, kill
+
+
+def op_list(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+    ensure_dirs()
+    records = refresh(ctx, all_records(ctx)) if req.get("all") else recent(ctx, RECENT)
+    announce(ctx, records)
     return {"jobs": records}
 
 
-def op_get(req: dict[str, Any]) -> dict[str, Any]:
-    return {"job": resolve(req.get("job"), req.get("project"))}
+def op_get(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+    rec = resolve(ctx, req.get("job"), req.get("project"))
+    announce(ctx, [rec])
+    if req.get("attach"):
+        return {"job": rec, "attach": runtimes.of(rec).attach(rec)}
+    return {"job": rec}
 
 
-def op_intree(req: dict[str, Any]) -> dict[str, Any]:
+def op_intree(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     """Active jobs running in the work tree itself (isolate = false): a push changes their files."""
     raw = str(req.get("remote_dir") or "")
-    pdir = _real(raw)
+    pdir = real(raw)
     if not raw or not os.path.isdir(pdir) or not jobs_dir().exists():
         return {"jobs": []}
-    records = refresh(all_records())
-    running = [
-        r
-        for r in records
-        if r["status"] in ACTIVE and not r.get("isolated") and _real(str(r.get("cwd") or "")) == pdir
-    ]
+    records = active(ctx)
+    announce(ctx, records)
+    running = [r for r in records if not r.get("isolated") and real(str(r.get("cwd") or "")) == pdir]
     return {"jobs": running, "head": git_head(pdir) if running else None}
 
 
@@ -192,63 +156,32 @@ def _ended_words(rec: dict[str, Any]) -> str:
     return str(rec["status"])
 
 
-def op_kill(req: dict[str, Any]) -> dict[str, Any]:
+def op_kill(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     ref = req.get("job")
-    rec = resolve(ref, req.get("project"), active_only=ref in (None, "", "last"))
+    rec = resolve(ctx, ref, req.get("project"), active_only=ref in (None, "", "last"))
     grace = float(req.get("grace", 10))
     job_id = int(rec["id"])
     if rec["status"] not in ACTIVE:
+        announce(ctx, [rec])
         raise AgentError(
             f"job {job_id} ({rec.get('name')}) is not running: it {_ended_words(rec)}",
             "notrunning",
             hint=f"`remotedl logs {job_id}` shows its output",
         )
-    if is_slurm(rec):
-        return _kill_slurm(rec, grace)
-    kill_marker(job_id).touch()
-    with box_lock():
-        rec = load(job_id)
-        not_started = rec["status"] in ("queued", "starting") and not rec.get("pgid")
-        if not_started:
-            rec.update(status="killed", ended=time.time())
-            save(rec)
-            remove_env_file(job_id)
-    if not_started:
-        kill_session(rec["session"])
-        if runner_alive(rec):
-            with contextlib.suppress(OSError):
-                os.kill(int(rec["runner_pid"]), signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and runner_alive(rec):
-                time.sleep(0.02)
-        ended_elsewhere(job_id, "killed")  # after the runner: it may have died mid-send
-        return {"job": load(job_id)}
-    if rec["status"] not in ACTIVE:
-        return {"job": rec}
-    pgid = int(rec["pgid"])
-    steps = []
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        steps.append(signal.Signals(sig).name)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and group_alive(pgid):
-            time.sleep(0.05)
-        if not group_alive(pgid):
-            break
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and runner_alive(rec) and load(job_id)["status"] in ACTIVE:
-        time.sleep(0.05)
-    rec = refresh([load(job_id)])[0]  # no runner left to record the end: killed, by the marker
-    return {"job": rec, "signals": steps}
+    final, signals = runtimes.of(rec).kill(ctx, rec, grace)
+    rec = final if final is not None else look(ctx, job_id)  # no runner left: killed, by the marker
+    announce(ctx, [rec])
+    return {"job": rec, "signals": signals} if signals or final is None else {"job": rec}
 
 
-def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
+# ------------------------------------------------------------------ logs
+
+
+def op_logs(ctx: Context, req: dict[str, Any]) -> dict[str, Any] | None:
     """Stream the log from ``offset`` (or the last ``lines``) to stdout; with ``follow``,
     until the job ends. The end status goes to stderr as one JSON line."""
-    rec = resolve(req.get("job"), req.get("project"))
+    rec = resolve(ctx, req.get("job"), req.get("project"))
+    announce(ctx, [rec])
     path = rec["log"]
     out = sys.stdout.buffer
     offset = int(req.get("offset") or 0)
@@ -261,7 +194,7 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
             offset = _tail_offset(f, int(req["lines"]))
         f.seek(offset)
         # The client counts bytes from here, so a reconnect resumes exactly where it left off.
-        start = {"job": rec["id"], "offset": offset, "warnings": WARNINGS}
+        start = {"job": rec["id"], "offset": offset, "warnings": ctx.warnings}
         sys.stderr.write("@@remotedl-start " + json.dumps(start) + "\n")
         sys.stderr.flush()
         idle = 0.0
@@ -269,8 +202,8 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
             _send_rest(f, offset)
             sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
             return None
-        slurm = is_slurm(rec)
-        said = _say_state(rec, None) if slurm else None
+        follow = runtimes.of(rec).follow(rec)
+        _say(follow.note(rec))
         last_check = time.monotonic()
         while True:
             chunk = f.read(1 << 20)
@@ -279,18 +212,11 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
                 idle = 0.0
                 continue
             out.flush()
-            if slurm:
-                # Each look is an RPC to slurmctld: every few seconds, or at once when the batch
-                # script has recorded its end.
-                ended = os.path.exists(os.path.join(str(rec.get("control_dir")), "exit"))
-                due = time.monotonic() - last_check >= (0.2 if ended else SLURM_POLL)
-            else:
-                due = idle >= 0.5 or idle == 0.0
-            if due:
+            if follow.due(idle, time.monotonic() - last_check):
                 last_check = time.monotonic()
-                rec = refresh([load(int(rec["id"]))])[0]
-                if slurm:
-                    said = _say_state(rec, said)
+                rec = look(ctx, int(rec["id"]))
+                announce(ctx, [rec])
+                _say(follow.note(rec))
                 if rec["status"] not in ACTIVE:
                     chunk = f.read()  # what the job wrote just before it ended
                     if chunk:
@@ -303,6 +229,13 @@ def op_logs(req: dict[str, Any]) -> dict[str, Any] | None:
     sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
     sys.stderr.flush()
     return None
+
+
+def _say(note: dict[str, Any] | None) -> None:
+    """Tell the follower (on stderr) the job's state when it changed (a Slurm job: why it waits)."""
+    if note is not None:
+        sys.stderr.write("@@remotedl-state " + json.dumps(note) + "\n")
+        sys.stderr.flush()
 
 
 def _send_rest(f: Any, offset: int) -> None:
@@ -341,22 +274,39 @@ def _tail_offset(f: Any, lines: int) -> int:  # f: a binary file
     return 0
 
 
+# ------------------------------------------------------------------ pull sources
+
+
+class _Seen:
+    """An iterable over ``it`` that can be gone through again, reading only as far as asked."""
+
+    def __init__(self, it: Iterator[dict[str, Any]]) -> None:
+        self.it = it
+        self.seen: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.seen
+        for r in self.it:
+            self.seen.append(r)
+            yield r
+
+
 def _inside(path: str, base: str) -> bool:
     return path == base or path.startswith(base.rstrip("/") + "/")
 
 
-def op_locate(req: dict[str, Any]) -> dict[str, Any]:
+def op_locate(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     """Where each path to pull lives: the project's latest job that has it (or the job asked
     for), or the work tree (``tree``, or a data/shared path, which live there)."""
-    pdir = _real(str(req.get("remote_dir") or ""))
+    pdir = real(str(req.get("remote_dir") or ""))
     paths = [str(p) for p in req.get("paths") or []]
     ref = req.get("job")
     if req.get("tree"):
-        pool: list[dict[str, Any]] = []
+        pool: Iterable[dict[str, Any]] = []
     elif ref not in (None, ""):
-        pool = [resolve(ref, req.get("remote_dir"))]
-    else:
-        pool = [r for r in reversed(refresh(all_records())) if project_of(r) == pdir]
+        pool = [resolve(ctx, ref, req.get("remote_dir"))]
+    else:  # read from the newest, only as far back as the paths asked for are found
+        pool = _Seen(refresh(ctx, [r])[0] for r in newest_first(ctx) if project_of(r) == pdir)
     sources = []
     for path in paths:
         rel = os.path.normpath(path)
@@ -368,14 +318,14 @@ def op_locate(req: dict[str, Any]) -> dict[str, Any]:
             if not base or not os.path.lexists(os.path.join(base, rel)):
                 continue
             real_base = os.path.realpath(base)
-            real = os.path.realpath(os.path.join(base, rel))
-            if _inside(real, real_base) or not _inside(real, pdir):
+            target = os.path.realpath(os.path.join(base, rel))
+            if _inside(target, real_base) or not _inside(target, pdir):
                 found = {"dir": base, "job": r["id"], "name": r.get("name"), "links": r.get("links") or []}
             else:  # a data or shared path: it lives in the work tree
                 found = {"dir": pdir, "job": r["id"], "name": r.get("name"), "shared": True, "links": []}
             break
         if found is None and ref not in (None, "") and not req.get("tree"):
-            r = pool[0]
+            r = next(iter(pool))
             where = f"job {r['id']} ({r.get('name')})'s directory"
             raise AgentError(f"{rel} does not exist in {where}", "notfound")
         if found is None:
@@ -387,7 +337,10 @@ def op_locate(req: dict[str, Any]) -> dict[str, Any]:
     return {"sources": sources}
 
 
-def _remove(job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str | None]:
+# ------------------------------------------------------------------ rm, prune
+
+
+def _remove(ctx: Context, job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str | None]:
     """(what was (or would be) removed, or why not)."""
     with box_lock():
         try:
@@ -397,7 +350,7 @@ def _remove(job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str |
                 return None, f"no job {job_id} on this box"
             rec = None  # damaged: its files go
         if rec is not None:
-            rec = refresh([rec])[0]
+            rec = refresh(ctx, [rec])[0]
             if rec["status"] in ACTIVE:
                 return None, f"job {job_id} ({rec.get('name')}) is {rec['status']}: kill it first"
         files = [
@@ -411,10 +364,10 @@ def _remove(job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str |
             log = Path(str(rec["log"]))
             if log.parent == logs_dir():
                 files.append(log)
-        jd = _own_job_dir(rec) if rec is not None else None
-        ctl = _own_control_dir(rec) if rec is not None else None
+        jd = own_job_dir(rec) if rec is not None else None
+        dirs = runtimes.of(rec).own_dirs(rec) if rec is not None else []
         size = sum(disk_usage(p) for p in set(files)) + (disk_usage(jd) if jd else 0)
-        size += disk_usage(ctl) if ctl else 0
+        size += sum(disk_usage(d) for d in dirs)
         item = {
             "id": job_id,
             "name": (rec or {}).get("name"),
@@ -425,18 +378,18 @@ def _remove(job_id: int, *, dry_run: bool) -> tuple[dict[str, Any] | None, str |
         if not dry_run:
             if rec is not None:
                 remove_job_dir(rec)
-            if ctl is not None:
-                shutil.rmtree(ctl, ignore_errors=True)
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
             for p in set(files):
                 with contextlib.suppress(OSError):
                     p.unlink()
         return item, None
 
 
-def _remove_many(ids: list[int], dry_run: bool) -> dict[str, Any]:
+def _remove_many(ctx: Context, ids: list[int], dry_run: bool) -> dict[str, Any]:
     removed, refused = [], []
     for job_id in ids:
-        item, why = _remove(job_id, dry_run=dry_run)
+        item, why = _remove(ctx, job_id, dry_run=dry_run)
         if item is not None:
             removed.append(item)
         if why:
@@ -444,50 +397,55 @@ def _remove_many(ids: list[int], dry_run: bool) -> dict[str, Any]:
     return {"removed": removed, "refused": refused, "bytes": sum(int(i["bytes"]) for i in removed)}
 
 
-def op_rm(req: dict[str, Any]) -> dict[str, Any]:
+def op_rm(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     ids = [int(i) for i in req.get("ids") or []]
-    return _remove_many(ids, bool(req.get("dry_run")))
+    return _remove_many(ctx, ids, bool(req.get("dry_run")))
 
 
-def op_prune(req: dict[str, Any]) -> dict[str, Any]:
+def op_prune(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     """This project's ended jobs that ended more than ``older_than`` seconds ago."""
-    pdir = _real(str(req.get("remote_dir") or ""))
+    pdir = real(str(req.get("remote_dir") or ""))
     cutoff = time.time() - float(req.get("older_than") or 0)
+    records = refresh(ctx, [r for r in all_records(ctx) if project_of(r) == pdir])
+    announce(ctx, records)
     ids = [
         int(r["id"])
-        for r in refresh(all_records())
-        if project_of(r) == pdir
-        and r["status"] in ENDED
-        and float(r.get("ended") or r.get("created") or 0) <= cutoff
+        for r in records
+        if r["status"] in ENDED and float(r.get("ended") or r.get("created") or 0) <= cutoff
     ]
-    result = _remove_many(ids, bool(req.get("dry_run")))
+    result = _remove_many(ctx, ids, bool(req.get("dry_run")))
     if not req.get("dry_run") and os.path.isdir(os.path.join(pdir, ".git")):
-        _git(pdir, "worktree", "prune")
+        git(pdir, "worktree", "prune")
     return result
 
 
-def op_gpus(req: dict[str, Any]) -> dict[str, Any]:
+# ------------------------------------------------------------------ GPUs, events
+
+
+def op_gpus(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     found = query_gpus()
-    records = refresh(all_records()) if jobs_dir().exists() else []
+    records = active(ctx) if jobs_dir().exists() else []
+    announce(ctx, records)
     if found is None:
         return {"gpus": None}
-    held = _holders(found, records)
+    held = holders(found, records)
     return {"gpus": [{"index": g.index, "name": g.name, "held_by": held.get(g.index)} for g in found]}
 
 
-def _events_op(req: dict[str, Any]) -> dict[str, Any]:
+def _events_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     from remotedl.agent import events
 
-    return events.op_notify(req)
+    return events.op_notify(ctx, req)
 
 
-def _slurm_watch_op(req: dict[str, Any]) -> dict[str, Any]:
+def _slurm_watch_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     from remotedl.agent import events
 
-    return events.op_slurm_watch(req)
+    return events.op_slurm_watch(ctx, req)
 
 
-OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
+Op = Callable[[Context, dict[str, Any]], "dict[str, Any] | None"]
+OPS: dict[str, Op] = {
     "start": op_start,
     "runner": op_runner,
     "list": op_list,
@@ -503,8 +461,6 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
     "notify": _events_op,
     "slurm_watch": _slurm_watch_op,
 }
-
-
 STREAMING = ("logs", "envsync")
 
 
@@ -527,10 +483,11 @@ def main(argv: list[str]) -> int:
         # Never echo the request: it may hold secrets.
         print(json.dumps({"ok": False, "kind": "protocol", "error": "the agent got a malformed request"}))
         return 2
+    ctx = Context()
     try:
-        result = op(req)
+        result = op(ctx, req)
     except AgentError as e:
-        answer = {"ok": False, "kind": e.kind, "error": str(e), "hint": e.hint, "warnings": WARNINGS}
+        answer = {"ok": False, "kind": e.kind, "error": str(e), "hint": e.hint, "warnings": ctx.warnings}
         if req["op"] in STREAMING:
             sys.stderr.write("@@remotedl-error " + json.dumps(answer) + "\n")
             return 3
@@ -539,6 +496,8 @@ def main(argv: list[str]) -> int:
     except gpumod.NvidiaSmiError as e:
         print(json.dumps({"ok": False, "kind": "error", "error": str(e)}))
         return 3
+    finally:
+        announce(ctx, [])  # what the looks found that no op sent yet
     if result is not None and req["op"] != "runner":
-        print(json.dumps({"ok": True, **result, **({"warnings": WARNINGS} if WARNINGS else {})}))
+        print(json.dumps({"ok": True, **result, **({"warnings": ctx.warnings} if ctx.warnings else {})}))
     return 0

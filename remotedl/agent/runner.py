@@ -1,6 +1,8 @@
-"""The job's runner: inside the job's tmux session it waits for its checkout and its GPUs, runs
-the command in its environment, copies the output to the log, and records the end.
+"""The job's runner (the tmux runtime's process): inside the job's tmux session it waits for its
+checkout and its GPUs, runs the command in its environment, copies the output to the log, and
+records the end.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,14 +15,12 @@ import sys
 import time
 from typing import Any
 
-from remotedl.agent.checkout import _git, remove_job_dir
 from remotedl.agent.envsync import PROBE, WRAPPER, shell_for
 from remotedl.agent.gpus import blocked_by_earlier, choose_gpus
-from remotedl.agent.runtimes.tmux import kill_session, runner_alive, session_name
-from remotedl.agent.state import refresh
+from remotedl.agent.state import active
 from remotedl.agent.store import (
     AgentError,
-    all_records,
+    Context,
     box_lock,
     env_path,
     kill_marker,
@@ -30,38 +30,9 @@ from remotedl.agent.store import (
     save,
     update,
 )
-from remotedl.schema import ACTIVE
 from remotedl.waiting import pid_alive as _alive
 
 QUEUE_POLL = 1.0
-
-
-def _script_ok(rdir: str, commit: str | None, script: str, links: list[str]) -> bool:
-    if commit is None:
-        return os.path.exists(os.path.join(rdir, script))
-    if _git(rdir, "cat-file", "-e", f"{commit}:{script}").returncode == 0:
-        return True
-    first = os.path.normpath(script).split(os.sep, 1)[0]
-    return first in links and os.path.exists(os.path.join(rdir, script))
-
-
-def _fail_start(job_id: int, error: str) -> None:
-    rec: dict[str, Any] | None = None
-    with box_lock():
-        with contextlib.suppress(AgentError):
-            rec = load(job_id)
-            if rec["status"] in ACTIVE:
-                rec.update(status="failed", ended=time.time(), error=error)
-                save(rec)
-        remove_env_file(job_id)
-        with contextlib.suppress(OSError):
-            notify_path(job_id).unlink()  # the laptop is told at once; nothing to send
-    kill_session(session_name(job_id))
-    if rec is not None and runner_alive(rec):
-        with contextlib.suppress(OSError):
-            os.kill(int(rec["runner_pid"]), signal.SIGTERM)
-    if rec is not None and not rec.get("pgid"):
-        remove_job_dir(rec)  # nothing ran in it
 
 
 def _job_env(rec: dict[str, Any]) -> dict[str, str]:
@@ -103,7 +74,7 @@ def _wait_ready(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _wait_in_queue(rec: dict[str, Any]) -> dict[str, Any]:
+def _wait_in_queue(ctx: Context, rec: dict[str, Any]) -> dict[str, Any]:
     job_id = int(rec["id"])
     said = False
     while rec["status"] == "queued":
@@ -111,7 +82,8 @@ def _wait_in_queue(rec: dict[str, Any]) -> dict[str, Any]:
             rec = load(job_id)
             if rec["status"] != "queued":
                 break
-            others = [r for r in refresh(all_records()) if r["id"] != job_id]
+            # The queue and the GPUs' holders are active jobs: the index of them is enough.
+            others = [r for r in active(ctx) if r["id"] != job_id]
             if not blocked_by_earlier(rec, others):
                 try:
                     chosen = choose_gpus(dict(rec["want"], queue=True), others)
@@ -123,6 +95,7 @@ def _wait_in_queue(rec: dict[str, Any]) -> dict[str, Any]:
                     rec.update(status="starting", gpus=chosen)
                     save(rec)
                     break
+        _announce(ctx)
         if not said:
             with contextlib.suppress(OSError):
                 print(f"remotedl: job {job_id} queued, waiting for GPUs...", flush=True)
@@ -141,7 +114,15 @@ def _take_environment(job_id: int, raw: bytes) -> None:
                 save(rec)
 
 
-def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
+def _announce(ctx: Context) -> None:
+    """Send what a look found (jobs that ended with no runner left): from processes of their own."""
+    if ctx.news:
+        from remotedl.agent import events
+
+        events.announce(ctx, [])
+
+
+def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None:
     job_id = int(rec["id"])
     env = _job_env(rec)
     watched = notify_path(job_id).exists() or bool(rec.get("stall_after"))
@@ -187,11 +168,11 @@ def _run_job(rec: dict[str, Any], *, waited: bool = False) -> None:
     if watched:  # imported once the job runs: its start never waits for this
         from remotedl.agent import events
 
-        events.HIDE = tuple(env[k] for k in rec.get("env_keys") or [] if k in env)
+        ctx.hide = tuple(env[k] for k in rec.get("env_keys") or [] if k in env)
         if waited:  # it waited in the queue: say it started, without holding up its output
-            events.in_background(events.send, job_id, "started")
+            events.in_background(events.send, job_id, "started", ctx.hide)
         if rec.get("stall_after"):
-            watch = events.StallWatch(rec)
+            watch = events.StallWatch(rec, ctx.hide)
             watch.start()
     assert child.stdout is not None
     out = sys.stdout.buffer
@@ -245,7 +226,7 @@ def _ignore(signum: int, frame: Any) -> None:
     pass
 
 
-def op_runner(req: dict[str, Any]) -> dict[str, Any]:
+def op_runner(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     """Runs inside the job's tmux session: wait for GPUs if queued, run, record the end.
     It outlives its tmux session (SIGHUP is caught, not ignored: the job gets the default
     disposition back at exec), so the log and the end are recorded even then."""
@@ -255,13 +236,13 @@ def op_runner(req: dict[str, Any]) -> dict[str, Any]:
         rec = update(job_id, runner_pid=os.getpid())
         rec = _wait_ready(rec)
         waited = rec["status"] == "queued"
-        rec = _wait_in_queue(rec)
+        rec = _wait_in_queue(ctx, rec)
         if rec["status"] == "starting":
-            _run_job(rec, waited=waited)
+            _run_job(ctx, rec, waited=waited)
     finally:
         remove_env_file(job_id)
         if notify_path(job_id).exists():  # the end, from the box: the laptop may be asleep
             from remotedl.agent import events
 
-            events.ended(job_id)
+            events.ended(job_id, ctx.hide)
     return {}

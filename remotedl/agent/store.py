@@ -14,18 +14,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from remotedl.schema import JobRecord, SchemaError
+from remotedl.schema import ACTIVE, JobRecord, SchemaError
 
 if TYPE_CHECKING:  # a Slurm login node's code is imported where it is used: box jobs skip it
     from remotedl import slurm as slurmmod
 
-
 JOB_DIRS = (".remotedl", "jobs")  # under remote_dir
-
-
 ENV_FILES = ("environment.yml", "uv.lock", "pyproject.toml", "requirements.txt")
 
 
@@ -36,13 +34,26 @@ class AgentError(Exception):
         self.hint = hint
 
 
-# Warnings for the laptop (damaged records skipped, ...), sent with the answer.
-WARNINGS: list[str] = []
+@dataclass
+class Context:
+    """One request's state, passed down from the dispatch (never module globals):
+    ``warnings`` for the laptop (damaged records skipped, ...), sent with the answer, and
+    ``news``: (job id, event) of jobs whose start or end a look found, which need a
+    notification sent by a process of its own (``events.announce``, called by the op), and
+    ``hide``: the values a runner hides in the notifications it sends."""
 
+    warnings: list[str] = field(default_factory=list)
+    news: list[tuple[int, str]] = field(default_factory=list)
+    hide: tuple[str, ...] = ()  # a runner's job's --env values: hidden in the log lines it sends
 
-def warn(text: str) -> None:
-    if text not in WARNINGS:
-        WARNINGS.append(text)
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def tell(self, job_id: int, event: str) -> None:
+        """The job ended (or started after a wait) with no runner left to say so."""
+        if notify_path(job_id).exists() and (job_id, event) not in self.news:
+            self.news.append((job_id, event))
 
 
 def state_dir() -> Path:
@@ -57,7 +68,7 @@ def logs_dir() -> Path:
     return state_dir() / "logs"
 
 
-def _ensure_dirs() -> None:
+def ensure_dirs() -> None:
     for d in (state_dir(), jobs_dir(), logs_dir()):
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -79,7 +90,7 @@ def box_lock() -> Iterator[None]:
         finally:
             _LOCK_STATE.depth -= 1
         return
-    _ensure_dirs()
+    ensure_dirs()
     with open(state_dir() / "lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         _LOCK_STATE.depth = 1
@@ -113,31 +124,36 @@ def kill_marker(job_id: int) -> Path:
     return jobs_dir() / f"{job_id}.kill"
 
 
-def _parse_record(raw: str, path: Path) -> dict[str, Any] | None:
-    """The record in ``raw``, or None (with a warning naming the file) when it is damaged."""
+def _parse_record(raw: str, path: Path, ctx: Context | None) -> dict[str, Any] | None:
+    """The record in ``raw``, or None (with a warning naming the file, to ``ctx``) when it
+    is damaged."""
+    why = None
     try:
         data = json.loads(raw)
     except ValueError:
-        warn(f"skipped the damaged job record {path} (not JSON; `remotedl jobs rm {path.stem}` removes it)")
-        return None
-    try:
-        JobRecord.from_dict(data)
-    except SchemaError as e:
-        warn(f"skipped the damaged job record {path} ({e})")
-        return None
-    if str(data["id"]) != path.stem:
-        warn(f"skipped the job record {path}: it names job {data['id']}")
+        data = None
+        why = f"skipped the damaged job record {path} (not JSON; `remotedl jobs rm {path.stem}` removes it)"
+    if why is None:
+        try:
+            JobRecord.check_dict(data)
+        except SchemaError as e:
+            why = f"skipped the damaged job record {path} ({e})"
+    if why is None and str(data["id"]) != path.stem:
+        why = f"skipped the job record {path}: it names job {data['id']}"
+    if why is not None:
+        if ctx is not None:
+            ctx.warn(why)
         return None
     return dict(data)
 
 
-def load(job_id: int) -> dict[str, Any]:
+def load(job_id: int, ctx: Context | None = None) -> dict[str, Any]:
     path = record_path(job_id)
     try:
         raw = path.read_text()
     except FileNotFoundError:
         raise AgentError(f"no job {job_id} on this box", "notfound") from None
-    data = _parse_record(raw, path)
+    data = _parse_record(raw, path, ctx)
     if data is None:
         raise AgentError(
             f"the record of job {job_id} is damaged ({path})",
@@ -147,7 +163,11 @@ def load(job_id: int) -> dict[str, Any]:
 
 
 def save(rec: dict[str, Any]) -> None:
-    _write_json(record_path(int(rec["id"])), rec)
+    """Write the record (atomically; callers hold the box lock) and keep the index of active
+    jobs in step with its status."""
+    job_id = int(rec["id"])
+    _write_json(record_path(job_id), rec)
+    _mark_active(job_id, rec.get("status") in ACTIVE)
 
 
 def update(job_id: int, **fields: Any) -> dict[str, Any]:
@@ -159,25 +179,142 @@ def update(job_id: int, **fields: Any) -> dict[str, Any]:
         return rec
 
 
-def all_records() -> list[dict[str, Any]]:
+def record_ids() -> list[int]:
+    """The ids of the records there are, ascending (names only: nothing is read)."""
+    try:
+        names = os.listdir(jobs_dir())
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+
+def _read(job_id: int, ctx: Context | None) -> dict[str, Any] | None:
+    path = record_path(job_id)
+    try:
+        raw = path.read_text()
+    except OSError:
+        return None  # removed meanwhile
+    return _parse_record(raw, path, ctx)
+
+
+def all_records(ctx: Context | None = None) -> list[dict[str, Any]]:
     """Every readable record, by id; damaged ones are skipped with a warning."""
+    records = (_read(job_id, ctx) for job_id in record_ids())
+    return [r for r in records if r is not None]
+
+
+def newest_first(ctx: Context | None = None) -> Iterator[dict[str, Any]]:
+    """The records from the newest, read one at a time as the caller goes: a question about
+    the latest job of a project, or of a name, reads only as far back as its answer."""
+    for job_id in reversed(record_ids()):
+        rec = _read(job_id, ctx)
+        if rec is not None:
+            yield rec
+
+
+# ------------------------------------------------------------------ the index of active jobs
+#
+# ``active/<id>``: an empty file per queued, starting or running job, kept by ``save`` (under the
+# box lock), so that choosing GPUs, the queue and the liveness checks read the few active records,
+# not all of them. ``active.upto``: the ids below it are in the index; ids a different agent version
+# made since (the shared ``next_id`` counter went past it) are looked at once and added. A marker
+# whose record ended (by an agent that keeps no index) is dropped when it is read.
+
+
+def active_dir() -> Path:
+    return state_dir() / "active"
+
+
+def _upto_path() -> Path:
+    return state_dir() / "active.upto"
+
+
+def _mark_active(job_id: int, active: bool) -> None:
+    marker = active_dir() / str(job_id)
+    if active:
+        with contextlib.suppress(FileNotFoundError):  # no index yet: it is built from the records
+            if not marker.exists():
+                marker.touch()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_int(path: Path, n: int) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(str(n))
+    os.replace(tmp, path)
+
+
+def _build_index(ctx: Context | None) -> None:
+    """The index from every record (the first time, or when it is damaged), under the lock."""
+    counter = _read_int(state_dir() / "next_id") or 1
+    records = all_records(ctx)
+    tmp = state_dir() / f"active.new{os.getpid()}"
+    if tmp.exists():
+        for p in tmp.iterdir():
+            p.unlink()
+    else:
+        tmp.mkdir(mode=0o700)
+    for r in records:
+        if r.get("status") in ACTIVE:
+            (tmp / str(r["id"])).touch()
+    old = active_dir()
+    if old.exists():
+        gone = old.with_name(f"active.old{os.getpid()}")
+        os.replace(old, gone)
+        for p in gone.iterdir():
+            p.unlink()
+        gone.rmdir()
+    os.replace(tmp, old)
+    top = max([counter, *(int(r["id"]) + 1 for r in records)])
+    _write_int(_upto_path(), top)
+
+
+def active_ids(ctx: Context | None = None) -> list[int]:
+    """The ids in the index of active jobs, ascending (built or caught up first when needed)."""
+    upto = _read_int(_upto_path())
+    counter = _read_int(state_dir() / "next_id")
+    if upto is None or not active_dir().is_dir() or (counter is not None and counter > upto):
+        with box_lock():
+            upto = _read_int(_upto_path())
+            counter = _read_int(state_dir() / "next_id")
+            if upto is None or not active_dir().is_dir():
+                _build_index(ctx)
+            elif counter is not None and counter > upto:
+                for job_id in range(upto, counter):  # made by an agent that keeps no index
+                    rec = _read(job_id, None)
+                    if rec is not None:
+                        _mark_active(job_id, rec.get("status") in ACTIVE)
+                _write_int(_upto_path(), counter)
+    try:
+        names = os.listdir(active_dir())
+    except FileNotFoundError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def active_records(ctx: Context | None = None) -> list[dict[str, Any]]:
+    """The active (queued, starting, running) records, by id, as they are saved (a look at
+    whether they still live is ``state.refresh``)."""
     out = []
-    with contextlib.suppress(FileNotFoundError):
-        for p in jobs_dir().glob("*.json"):
-            if not p.stem.isdigit():
-                continue
-            try:
-                raw = p.read_text()
-            except OSError:
-                continue  # removed meanwhile
-            data = _parse_record(raw, p)
-            if data is not None:
-                out.append(data)
-    out.sort(key=lambda r: int(r["id"]))
+    for job_id in active_ids(ctx):
+        rec = _read(job_id, ctx)
+        if rec is not None and rec.get("status") in ACTIVE:
+            out.append(rec)
+        elif rec is not None or not record_path(job_id).exists():
+            _mark_active(job_id, False)  # ended, or removed: never active again
     return out
 
 
-def _real(path: str) -> str:
+def real(path: str) -> str:
     return os.path.realpath(os.path.expanduser(path)) if path else ""
 
 
@@ -188,7 +325,7 @@ def project_of(r: dict[str, Any]) -> str:
     """The project's work tree of a record (older records only had ``cwd``), resolved."""
     raw = str(r.get("remote_dir") or r.get("cwd") or "")
     if raw not in _PROJECTS:
-        _PROJECTS[raw] = _real(raw)
+        _PROJECTS[raw] = real(raw)
     return _PROJECTS[raw]
 
 
@@ -198,31 +335,38 @@ def remove_env_file(job_id: int) -> None:
         env_path(job_id).unlink()
 
 
-def _next_id(job_dirs: Path | None) -> int:
-    """A job id never used before on this box: past the counter and past every record, log,
-    env file and job directory there is (the counter alone may be lost or stale)."""
+def next_id(job_dirs: Path | None) -> int:
+    """A job id never used before on this box (under the lock): the counter, moved past any
+    record, log, env file or job directory that has its number (a counter that was lost or
+    damaged: past every one there is, which is read only then)."""
     path = state_dir() / "next_id"
-    try:
-        n = int(path.read_text())
-    except (OSError, ValueError):
+    n = _read_int(path)
+    if n is None or n < 1:
         n = 1
-    seen = 0
-    for d in (jobs_dir(), logs_dir(), job_dirs):
-        if d is None:
-            continue
-        with contextlib.suppress(OSError):
-            for name in os.listdir(d):
-                stem = name.split(".", 1)[0]
-                if stem.isdigit():
-                    seen = max(seen, int(stem))
-    n = max(n, seen + 1)
-    tmp = path.with_name(f"next_id.tmp{os.getpid()}")
-    tmp.write_text(str(n + 1))
-    os.replace(tmp, path)
+        for d in (jobs_dir(), logs_dir(), job_dirs):
+            if d is None:
+                continue
+            with contextlib.suppress(OSError):
+                for name in os.listdir(d):
+                    stem = name.split(".", 1)[0]
+                    if stem.isdigit():
+                        n = max(n, int(stem) + 1)
+    while _used(n, job_dirs):
+        n += 1
+    _write_int(path, n + 1)
+    if _read_int(_upto_path()) == n:  # the index is whole up to here: its record is saved next
+        _write_int(_upto_path(), n + 1)
     return n
 
 
-def _epoch(iso: str | None) -> float | None:
+def _used(n: int, job_dirs: Path | None) -> bool:
+    paths = [record_path(n), env_path(n), logs_dir() / f"{n}.log"]
+    if job_dirs is not None:
+        paths.append(job_dirs / str(n))
+    return any(os.path.lexists(p) for p in paths)
+
+
+def epoch(iso: str | None) -> float | None:
     """Slurm's local time stamp (``2026-11-23T11:06:23``) as seconds since the epoch."""
     if not iso:
         return None
@@ -232,7 +376,7 @@ def _epoch(iso: str | None) -> float | None:
         return None
 
 
-def _new_record(
+def new_record(
     req: dict[str, Any], spec: dict[str, Any], job_id: int, rdir: str, *, isolate: bool, commit: object
 ) -> dict[str, Any]:
     """A new job's record, the fields a box job and a Slurm job share (under the box lock)."""
@@ -267,17 +411,7 @@ def _new_record(
     }
 
 
-def _save_new(rec: dict[str, Any], req: dict[str, Any]) -> None:
-    """Saves a new record, with its notification settings (kept aside, 0600) when it has any."""
-    urls = [str(u) for u in req.get("notify") or []]
-    if urls:
-        from remotedl.agent import events
-
-        rec["notify"] = events.save_settings(rec["id"], urls, req.get("host_alias"))
-    save(rec)
-
-
-def _stall_after(value: Any) -> float | None:
+def stall_after(value: Any) -> float | None:
     """Seconds without log output or GPU activity that make a running job stalled (None: off)."""
     try:
         seconds = float(value)
@@ -286,8 +420,14 @@ def _stall_after(value: Any) -> float | None:
     return seconds if seconds > 0 else None
 
 
+def kind_of(r: dict[str, Any]) -> str:
+    """Which runtime holds the job (``runtimes.of``): ``slurm``, or ``box`` (a tmux session;
+    records of older agents have no ``scheduler``). Read once per record."""
+    return "slurm" if r.get("scheduler") == "slurm" else "box"
+
+
 def is_slurm(r: dict[str, Any]) -> bool:
-    return r.get("scheduler") == "slurm"
+    return kind_of(r) == "slurm"
 
 
 def slurm_ref(r: dict[str, Any]) -> slurmmod.JobRef:

@@ -1,19 +1,50 @@
-"""A box job's runtime: a runner in a tmux session of its own, and the job's process group."""
+"""A box job's runtime: a runner in a tmux session of its own, and the job's process group.
+
+A job is started by the agent (status ``starting``, the starter's pid recorded), runs under a
+runner process (``agent/runner.py``) in a tmux session of its own (the runner records its pid,
+then the job's process group), and is ``lost`` only when none of them is alive any more, or the
+box rebooted. tmux is called through one chokepoint (``_tmux``: argv only, exact ``=name``
+targets).
+"""
+
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shlex
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from remotedl.agent.store import AgentError, is_slurm, load
-from remotedl.schema import ENDED
+from remotedl.agent.checkout import ensure_excludes, job_dirs_of, make_job_dir, remove_job_dir
+from remotedl.agent.gpus import choose_gpus
+from remotedl.agent.runtimes.base import Killed, LogFollow, Runtime, StartPlan
+from remotedl.agent.store import (
+    AgentError,
+    Context,
+    box_lock,
+    env_path,
+    kill_marker,
+    load,
+    logs_dir,
+    new_record,
+    next_id,
+    notify_path,
+    remove_env_file,
+    save,
+    stall_after,
+    update,
+)
+from remotedl.schema import ACTIVE, ENDED
 from remotedl.waiting import pid_alive as _alive
 
 TMUX_MIN = (3, 0)  # new-session with the command as separate words: no shell in between
+START_TIMEOUT = 30.0  # the runner records itself within this, or the start failed
 
 
 def session_name(job_id: int) -> str:
@@ -60,7 +91,7 @@ def check_tmux() -> None:
         )
 
 
-def _boot_id() -> str | None:
+def boot_id() -> str | None:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
     except OSError:
@@ -107,13 +138,6 @@ def runner_alive(r: dict[str, Any]) -> bool:
 
 def _gone(r: dict[str, Any], boot: str | None) -> bool:
     """Nothing of an active job is alive any more: not its starter, runner or processes."""
-    if is_slurm(r):
-        # Slurm says how it is (refresh_slurm); only a submission that died before sbatch
-        # answered has nothing to ask about.
-        if r.get("slurm_id"):
-            return False
-        created = float(r.get("created") or 0)
-        return not (_alive(r.get("starter_pid")) and time.time() - created < START_TIMEOUT + 120)
     if boot and r.get("boot_id") and r["boot_id"] != boot:
         return True  # the box rebooted since
     if not r.get("runner_pid") and _alive(r.get("starter_pid")):
@@ -156,4 +180,128 @@ def _wait_started(job_id: int) -> dict[str, Any]:
         time.sleep(0.002)
 
 
-START_TIMEOUT = 30.0  # the runner records itself within this, or the start failed
+def _fail_start(job_id: int, error: str) -> None:
+    rec: dict[str, Any] | None = None
+    with box_lock():
+        with contextlib.suppress(AgentError):
+            rec = load(job_id)
+            if rec["status"] in ACTIVE:
+                rec.update(status="failed", ended=time.time(), error=error)
+                save(rec)
+        remove_env_file(job_id)
+        with contextlib.suppress(OSError):
+            notify_path(job_id).unlink()  # the laptop is told at once; nothing to send
+    kill_session(session_name(job_id))
+    if rec is not None and runner_alive(rec):
+        with contextlib.suppress(OSError):
+            os.kill(int(rec["runner_pid"]), signal.SIGTERM)
+    if rec is not None and not rec.get("pgid"):
+        remove_job_dir(rec)  # nothing ran in it
+
+
+class TmuxRuntime(Runtime):
+    kind = "box"
+
+    def check(self) -> None:
+        check_tmux()
+
+    def create(self, ctx: Context, plan: StartPlan, active: list[dict[str, Any]]) -> dict[str, Any]:
+        """Choose the GPUs (or queue), and record the job (under the box lock)."""
+        req = plan.req
+        chosen = choose_gpus(req, active)
+        job_id = next_id(job_dirs_of(plan.rdir))
+        rec = new_record(req, plan.spec, job_id, plan.rdir, isolate=plan.isolate, commit=plan.commit)
+        rec.update(
+            gpus=chosen if chosen is not None else [],
+            want={k: req.get(k) for k in ("gpus", "count", "force")},
+            status="queued" if chosen is None else "starting",
+            log=str(logs_dir() / f"{job_id}.log"),
+            session=session_name(job_id),
+            boot_id=boot_id(),
+            ready=not plan.isolate,
+            runner_pid=None,
+            pid=None,
+            stall_after=stall_after(req.get("stall_after")),  # stall detection: agent/events.py
+            stalled=None,
+        )
+        save(rec)
+        fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(req.get("env") or {}, f)
+        Path(rec["log"]).touch(mode=0o600)
+        return rec
+
+    def launch(self, ctx: Context, rec: dict[str, Any], plan: StartPlan) -> dict[str, Any]:
+        """The runner in a tmux session; the checkout while it starts; until it recorded itself."""
+        job_id = int(rec["id"])
+        try:
+            request = json.dumps({"op": "runner", "id": job_id})
+            runner = [sys.executable, "-E", "-s", "-S", sys.argv[0], request]
+            # Several words: tmux (>= 3.0) runs them directly, not through the user's login shell.
+            # The runner starts while the checkout is made, and waits for it ("ready").
+            _new_session(rec["session"], plan.rdir, runner)
+            if plan.isolate:
+                ensure_excludes(plan.rdir)
+                workdir, linked = make_job_dir(plan.rdir, job_id, str(plan.commit), plan.data, plan.shared)
+                rec = update(job_id, workdir=workdir, cwd=workdir, links=linked, ready=True)
+            return _wait_started(job_id)
+        except (AgentError, OSError) as e:
+            error = e if isinstance(e, AgentError) else AgentError(f"could not start the job: {e}")
+            _fail_start(job_id, str(error))
+            raise error from None
+
+    def gone(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        boot = boot_id()
+        return [r for r in records if r["status"] in ACTIVE and _gone(r, boot)]
+
+    def kill(self, ctx: Context, rec: dict[str, Any], grace: float) -> Killed:
+        """A job not started yet: killed in its record, its runner stopped. A running one: its
+        process group gets SIGINT, SIGTERM, SIGKILL (``grace`` seconds apart) until it is gone;
+        its runner records the end."""
+        job_id = int(rec["id"])
+        kill_marker(job_id).touch()
+        with box_lock():
+            rec = load(job_id)
+            not_started = rec["status"] in ("queued", "starting") and not rec.get("pgid")
+            if not_started:
+                rec.update(status="killed", ended=time.time())
+                save(rec)
+                remove_env_file(job_id)
+        if not_started:
+            kill_session(rec["session"])
+            if runner_alive(rec):
+                with contextlib.suppress(OSError):
+                    os.kill(int(rec["runner_pid"]), signal.SIGTERM)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and runner_alive(rec):
+                    time.sleep(0.02)
+            ctx.tell(job_id, "killed")  # after the runner: it may have died mid-send
+            return load(job_id), []
+        if rec["status"] not in ACTIVE:
+            return rec, []
+        pgid = int(rec["pgid"])
+        steps = []
+        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            steps.append(signal.Signals(sig).name)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and group_alive(pgid):
+                time.sleep(0.05)
+            if not group_alive(pgid):
+                break
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and runner_alive(rec) and load(job_id)["status"] in ACTIVE:
+            time.sleep(0.05)
+        return None, steps  # no runner left to record the end: the look says killed, by the marker
+
+    def follow(self, rec: dict[str, Any]) -> LogFollow:
+        return LogFollow(rec)
+
+    def attach(self, rec: dict[str, Any]) -> str:
+        session = str(rec.get("session") or "")
+        if not session.replace("-", "").isalnum():
+            raise AgentError(f"job {rec['id']} has an odd tmux session name: {session!r}")
+        return "exec tmux attach-session -t " + shlex.quote("=" + session)
