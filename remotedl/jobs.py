@@ -9,7 +9,6 @@ project's latest job (records carry the project's ``remote_dir``), never another
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -23,7 +22,7 @@ from typing import Any
 from remotedl import proc
 from remotedl.agent.client import AgentClient, error_from
 from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
-from remotedl.schema import AGENT_MISSING, JobRecord, SchemaError, check_type
+from remotedl.schema import AGENT_MISSING, MARK_PREFIX, JobRecord, SchemaError, check_type, parse_mark
 from remotedl.ssh.channel import Box, NoFrame
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
@@ -549,11 +548,9 @@ def stream_logs(
         listener = on_state
 
         def on_line(line: str) -> None:
-            if line.startswith("@@remotedl-state "):
-                with contextlib.suppress(ValueError):
-                    note = json.loads(line[len("@@remotedl-state ") :])
-                    if isinstance(note, dict):
-                        listener(note)
+            mark = parse_mark(line)
+            if mark is not None and mark[0] == "state":
+                listener(mark[1])
 
     st = state or LogState()
     down_since: float | None = None
@@ -622,20 +619,16 @@ def stream_logs(
             continue
         if code == 255 or not framed:
             raise openssh_failure(spec, err_text)
-        lines_out = [x for x in p.stderr_lines if not x.startswith("@@remotedl-")]
+        lines_out = [x for x in p.stderr_lines if not x.startswith(MARK_PREFIX)]
         raise RemoteError(f"reading the log failed: {(lines_out or ['exit ' + str(code)])[-1]}")
 
 
 def _marks(lines: list[str]) -> dict[str, Any]:
     marks: dict[str, Any] = {}
     for line in list(lines):
-        for key in ("start", "end", "error"):
-            tag = f"@@remotedl-{key} "
-            if line.startswith(tag):
-                with contextlib.suppress(ValueError):
-                    value = json.loads(line[len(tag) :])
-                    if isinstance(value, dict):
-                        marks[key] = value
+        mark = parse_mark(line)
+        if mark is not None and mark[0] != "state":
+            marks[mark[0]] = mark[1]
     return marks
 
 

@@ -24,7 +24,8 @@ from remotedl.agent.gpus import blocked_by_earlier, place
 from remotedl.agent.runtimes.slurm import SlurmRuntime, slurm_changes
 from remotedl.agent.runtimes.tmux import TmuxRuntime
 from remotedl.agent.store import AgentError, Context
-from remotedl.schema import JobRecord, SchemaError
+from remotedl.schema import OPS as schema_ops
+from remotedl.schema import JobRecord, SchemaError, encode_mark, parse_mark
 
 AGENT = Path(__file__).resolve().parent.parent / "remotedl" / "agent"
 
@@ -300,6 +301,21 @@ def test_the_record_checker_names_the_bad_field(change, message):
     rec.update(change)
     with pytest.raises(SchemaError, match=message):
         JobRecord.from_dict(rec)
+
+
+def test_stream_marks_round_trip_and_other_lines_are_not_marks():
+    line = encode_mark("state", {"job": 3, "state": "PENDING (Resources)"})
+    assert line == '@@remotedl-state {"job": 3, "state": "PENDING (Resources)"}\n'
+    assert parse_mark(line.rstrip("\n")) == ("state", {"job": 3, "state": "PENDING (Resources)"})
+    assert parse_mark("@@remotedl-end []") is None  # not an object
+    assert parse_mark("@@remotedl-bogus {}") is None
+    assert parse_mark("remotedl: job 3 queued") is None
+
+
+def test_every_op_the_agent_answers_is_in_the_schema():
+    from remotedl.agent.ops import OPS
+
+    assert set(OPS) == set(schema_ops)
 
 
 # ------------------------------------------------------------------ the bundle and the import graph

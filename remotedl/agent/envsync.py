@@ -20,6 +20,7 @@ from typing import Any
 from remotedl.activate import ACTIVATE
 from remotedl.agent.checkout import ensure_excludes
 from remotedl.agent.store import ENV_FILES, AgentError, Context
+from remotedl.schema import encode_mark
 
 # What the job's environment is: its interpreter and, without importing it, torch's version.
 PROBE = """\
@@ -227,7 +228,7 @@ def op_envsync(ctx: Context, req: dict[str, Any]) -> None:
     rdir = work_tree(req)
     spec = dict(req.get("env") or {})
     out = sys.stdout.buffer
-    sys.stderr.write("@@remotedl-start {}\n")
+    sys.stderr.write(encode_mark("start", {}))
     sys.stderr.flush()
     plan = env_plan(rdir, spec)
     result: dict[str, Any] = {"ok": True, "needed": plan is not None, "synced": False, "plan": plan}
@@ -269,5 +270,5 @@ def op_envsync(ctx: Context, req: dict[str, Any]) -> None:
                     _stamp_path(rdir).write_text(json.dumps({"hash": plan["hash"], "when": time.time()}))
                     result["synced"] = True
     out.flush()
-    sys.stderr.write("@@remotedl-end " + json.dumps({**result, "warnings": ctx.warnings}) + "\n")
+    sys.stderr.write(encode_mark("end", {**result, "warnings": ctx.warnings}))
     sys.stderr.flush()

@@ -57,7 +57,7 @@ from remotedl.agent.store import (
     record_path,
     update,
 )
-from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST
+from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, encode_mark
 
 RECENT = 10  # ended jobs `remotedl jobs` shows besides the active ones
 
@@ -195,12 +195,12 @@ def op_logs(ctx: Context, req: dict[str, Any]) -> dict[str, Any] | None:
         f.seek(offset)
         # The client counts bytes from here, so a reconnect resumes exactly where it left off.
         start = {"job": rec["id"], "offset": offset, "warnings": ctx.warnings}
-        sys.stderr.write("@@remotedl-start " + json.dumps(start) + "\n")
+        sys.stderr.write(encode_mark("start", start))
         sys.stderr.flush()
         idle = 0.0
         if not req.get("follow"):
             _send_rest(f, offset)
-            sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
+            sys.stderr.write(encode_mark("end", {"job": rec}))
             return None
         follow = runtimes.of(rec).follow(rec)
         _say(follow.note(rec))
@@ -226,7 +226,7 @@ def op_logs(ctx: Context, req: dict[str, Any]) -> dict[str, Any] | None:
                 idle = 0.0 if idle >= 0.5 else idle
             time.sleep(0.05)
             idle += 0.05
-    sys.stderr.write("@@remotedl-end " + json.dumps({"job": rec}) + "\n")
+    sys.stderr.write(encode_mark("end", {"job": rec}))
     sys.stderr.flush()
     return None
 
@@ -234,7 +234,7 @@ def op_logs(ctx: Context, req: dict[str, Any]) -> dict[str, Any] | None:
 def _say(note: dict[str, Any] | None) -> None:
     """Tell the follower (on stderr) the job's state when it changed (a Slurm job: why it waits)."""
     if note is not None:
-        sys.stderr.write("@@remotedl-state " + json.dumps(note) + "\n")
+        sys.stderr.write(encode_mark("state", note))
         sys.stderr.flush()
 
 
@@ -489,7 +489,7 @@ def main(argv: list[str]) -> int:
     except AgentError as e:
         answer = {"ok": False, "kind": e.kind, "error": str(e), "hint": e.hint, "warnings": ctx.warnings}
         if req["op"] in STREAMING:
-            sys.stderr.write("@@remotedl-error " + json.dumps(answer) + "\n")
+            sys.stderr.write(encode_mark("error", answer))
             return 3
         print(json.dumps(answer))
         return 3

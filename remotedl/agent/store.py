@@ -124,21 +124,21 @@ def kill_marker(job_id: int) -> Path:
     return jobs_dir() / f"{job_id}.kill"
 
 
-def _parse_record(raw: str, path: Path, ctx: Context | None) -> dict[str, Any] | None:
-    """The record in ``raw``, or None (with a warning naming the file, to ``ctx``) when it
-    is damaged."""
+def _parse_record(raw: str, path: str, job_id: int, ctx: Context | None) -> dict[str, Any] | None:
+    """The record in ``raw`` (read from ``path``, the record of ``job_id``), or None (with a
+    warning naming the file, to ``ctx``) when it is damaged."""
     why = None
     try:
         data = json.loads(raw)
     except ValueError:
         data = None
-        why = f"skipped the damaged job record {path} (not JSON; `remotedl jobs rm {path.stem}` removes it)"
+        why = f"skipped the damaged job record {path} (not JSON; `remotedl jobs rm {job_id}` removes it)"
     if why is None:
         try:
             JobRecord.check_dict(data)
         except SchemaError as e:
             why = f"skipped the damaged job record {path} ({e})"
-    if why is None and str(data["id"]) != path.stem:
+    if why is None and str(data["id"]) != str(job_id):
         why = f"skipped the job record {path}: it names job {data['id']}"
     if why is not None:
         if ctx is not None:
@@ -153,7 +153,7 @@ def load(job_id: int, ctx: Context | None = None) -> dict[str, Any]:
         raw = path.read_text()
     except FileNotFoundError:
         raise AgentError(f"no job {job_id} on this box", "notfound") from None
-    data = _parse_record(raw, path, ctx)
+    data = _parse_record(raw, str(path), job_id, ctx)
     if data is None:
         raise AgentError(
             f"the record of job {job_id} is damaged ({path})",
@@ -188,26 +188,29 @@ def record_ids() -> list[int]:
     return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
 
-def _read(job_id: int, ctx: Context | None) -> dict[str, Any] | None:
-    path = record_path(job_id)
+def _read(job_id: int, ctx: Context | None, where: str | None = None) -> dict[str, Any] | None:
+    path = os.path.join(where or str(jobs_dir()), f"{job_id}.json")
     try:
-        raw = path.read_text()
+        with open(path) as f:
+            raw = f.read()
     except OSError:
         return None  # removed meanwhile
-    return _parse_record(raw, path, ctx)
+    return _parse_record(raw, path, job_id, ctx)
 
 
 def all_records(ctx: Context | None = None) -> list[dict[str, Any]]:
     """Every readable record, by id; damaged ones are skipped with a warning."""
-    records = (_read(job_id, ctx) for job_id in record_ids())
+    where = str(jobs_dir())
+    records = (_read(job_id, ctx, where) for job_id in record_ids())
     return [r for r in records if r is not None]
 
 
 def newest_first(ctx: Context | None = None) -> Iterator[dict[str, Any]]:
     """The records from the newest, read one at a time as the caller goes: a question about
     the latest job of a project, or of a name, reads only as far back as its answer."""
+    where = str(jobs_dir())
     for job_id in reversed(record_ids()):
-        rec = _read(job_id, ctx)
+        rec = _read(job_id, ctx, where)
         if rec is not None:
             yield rec
 
