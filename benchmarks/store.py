@@ -51,9 +51,8 @@ class Side:
         subprocess.run(["git", "init", "-q"], cwd=self.proj, check=True)
         (self.proj / "train.py").write_text("print('hi')\n")
         subprocess.run(["git", "add", "-A"], cwd=self.proj, check=True)
-        subprocess.run(
-            ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "one"], cwd=self.proj, check=True
-        )
+        commit = ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "one"]
+        subprocess.run(commit, cwd=self.proj, check=True)
         self.rd("push")
         self.rd("run", "--no-push", "--cpu", "true")
         self.state = self.box.home / ".remotedl"
@@ -76,7 +75,8 @@ class Side:
             log = self.state / "logs" / f"{job_id}.log"
             log.write_text(f"job {job_id}\n" * 20)
             rec = {**template, "id": job_id, "name": f"sweep-{job_id}", "log": str(log),
-                   "session": f"remotedl-{job_id}", "workdir": None, "cwd": template["remote_dir"]}  # fmt: skip
+                   "session": f"remotedl-{job_id}", "workdir": None,
+                   "cwd": template["remote_dir"]}  # fmt: skip
             (jobs / f"{job_id}.json").write_text(json.dumps(rec, indent=1))
         # As an older agent (or a sweep) would leave them: the counter past them, no index.
         (self.state / "next_id").write_text(str(top + 1 + total - len(real)))
