@@ -142,7 +142,7 @@ class JobRecord:
         for name, required, check, where in _field_checks(cls):
             if name not in data:
                 if required:
-                    raise SchemaError(f"job record without '{name}'")
+                    raise SchemaError(f"{_what(cls)} without '{name}'")
                 continue
             values[name] = check(data[name], where)
         return values
@@ -193,6 +193,191 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------ requests
+#
+# One JSON object on the agent's stdin per request. The laptop builds them from these classes;
+# the agent checks what it reads with the same checker as records (``check_request``), so a
+# field of the wrong type is one clear protocol error, not a crash deep in a handler. Unknown
+# fields are ignored (a newer laptop may send some); every field but a few has a default.
+
+
+@dataclass
+class Request:
+    """A request's fields, ``op`` among them, are declared by each kind of request."""
+
+    WHAT = "request"
+
+    @classmethod
+    def check_dict(cls, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise SchemaError(f"a request must be an object, not {type(data).__name__}")
+        values: dict[str, Any] = {}
+        for name, required, check, where in _field_checks(cls):
+            if name not in data:
+                if required:
+                    raise SchemaError(f"request without '{name}'")
+                continue
+            values[name] = check(data[name], where)
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as JSON data, ``op`` first."""
+        fields = {name: _plain(getattr(self, name)) for name, _, _, _ in _field_checks(type(self))}
+        return {"op": fields.pop("op"), **fields}
+
+
+JobRef = int | str | None  # an id, a name, or None/"last": the project's latest
+
+
+@dataclass
+class StartRequest(Request):
+    command: str
+    op: Op = "start"
+    remote_dir: str = ""
+    script: str | None = None
+    gpus: list[int] | str | None = "auto"  # indices, "auto" or "none"
+    count: int | None = None
+    env: dict[str, Any] = field(default_factory=dict)  # --env values (secrets, maybe)
+    name: str | None = None
+    queue: bool = False
+    force: bool = False
+    git_commit: str | None = None
+    git_head: str | None = None
+    snapshot: bool = False
+    snapshot_files: list[str] = field(default_factory=list)
+    isolate: bool = True
+    data: list[str] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)  # conda, env_setup, setup_cmd
+    env_check: bool = False
+    notify: list[str] = field(default_factory=list)  # notification URLs (secrets)
+    host_alias: str | None = None
+    stall_after: float | None = None
+    scheduler: str | None = None  # "slurm": a batch job on a login node
+    slurm: dict[str, Any] | None = None
+
+
+@dataclass
+class ListRequest(Request):
+    op: Op = "list"
+    all: bool = False
+
+
+@dataclass
+class GetRequest(Request):
+    op: Op = "get"
+    job: JobRef = None
+    project: str | None = None
+    attach: bool = False  # with the shell command on the box that attaches to the job
+
+
+@dataclass
+class KillRequest(Request):
+    op: Op = "kill"
+    job: JobRef = None
+    project: str | None = None
+    grace: float = 10.0
+
+
+@dataclass
+class LogsRequest(Request):
+    op: Op = "logs"
+    job: JobRef = None
+    project: str | None = None
+    follow: bool = False
+    offset: int = 0
+    lines: int | None = None
+
+
+@dataclass
+class GpusRequest(Request):
+    op: Op = "gpus"
+
+
+@dataclass
+class LocateRequest(Request):
+    op: Op = "locate"
+    remote_dir: str = ""
+    paths: list[str] = field(default_factory=list)
+    job: JobRef = None
+    tree: bool = False
+
+
+@dataclass
+class RmRequest(Request):
+    op: Op = "rm"
+    ids: list[int] = field(default_factory=list)
+    dry_run: bool = False
+
+
+@dataclass
+class PruneRequest(Request):
+    op: Op = "prune"
+    remote_dir: str = ""
+    older_than: float = 0.0
+    dry_run: bool = False
+
+
+@dataclass
+class EnvsyncRequest(Request):
+    op: Op = "envsync"
+    remote_dir: str = ""
+    env: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+
+
+@dataclass
+class IntreeRequest(Request):
+    op: Op = "intree"
+    remote_dir: str = ""
+
+
+@dataclass
+class RunnerRequest(Request):  # the agent's own: a job's runner, in its tmux session
+    id: int
+    op: Op = "runner"
+
+
+@dataclass
+class NotifyRequest(Request):  # the agent's own: a detached notification sender
+    id: int
+    op: Op = "notify"
+    event: str = ""
+
+
+@dataclass
+class SlurmWatchRequest(Request):  # the agent's own: the login node's Slurm watcher
+    op: Op = "slurm_watch"
+
+
+REQUESTS: dict[str, type[Request]] = {
+    "start": StartRequest,
+    "runner": RunnerRequest,
+    "list": ListRequest,
+    "get": GetRequest,
+    "kill": KillRequest,
+    "logs": LogsRequest,
+    "gpus": GpusRequest,
+    "locate": LocateRequest,
+    "rm": RmRequest,
+    "prune": PruneRequest,
+    "envsync": EnvsyncRequest,
+    "intree": IntreeRequest,
+    "notify": NotifyRequest,
+    "slurm_watch": SlurmWatchRequest,
+}
+
+
+def check_request(data: Any) -> dict[str, Any]:
+    """A request read on the box: its op known and every known field of the right type (the
+    data itself is returned, unknown fields kept). Raises SchemaError naming the field, never
+    its value (a request may hold secrets)."""
+    if not isinstance(data, dict) or data.get("op") not in REQUESTS:
+        raise SchemaError("not a request")
+    REQUESTS[str(data["op"])].check_dict(data)
+    return data
+
+
 def slurm_words(state: str, reason: str | None, node: str | None, exit_code: int | None) -> str:
     """A Slurm job's state as ``jobs`` shows it."""
     if state in ("PENDING", "CONFIGURING", "REQUEUED") and reason and reason != "None":
@@ -216,6 +401,10 @@ def job_holders(records: list[JobRecord]) -> dict[int, str]:
     return held
 
 
+def _what(cls: type) -> str:
+    return str(getattr(cls, "WHAT", "job record"))
+
+
 Check = Callable[[Any, str], Any]
 _FIELDS: dict[type, list[tuple[str, bool, Check, str]]] = {}
 _CHECKS: dict[Any, Check] = {}
@@ -231,7 +420,7 @@ def _field_checks(cls: type) -> list[tuple[str, bool, Check, str]]:
                 f.name,
                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
                 checker(hints[f.name]),
-                f"job record field '{f.name}'",
+                f"{_what(cls)} field '{f.name}'",
             )
             for f in dataclasses.fields(cls)
         ]

@@ -303,6 +303,37 @@ def test_the_record_checker_names_the_bad_field(change, message):
         JobRecord.from_dict(rec)
 
 
+def test_requests_round_trip_and_the_box_checks_them_like_records(tmp_path):
+    from remotedl.schema import REQUESTS, LogsRequest, StartRequest, check_request
+
+    start = StartRequest(command="python train.py", gpus=[0, 1], env={"TOKEN": "s3cret"}, stall_after=60)
+    data = json.loads(json.dumps(start.to_dict()))
+    assert check_request(data) is data and StartRequest(**StartRequest.check_dict(data)) == start
+    assert LogsRequest(job=3, follow=True).to_dict()["op"] == "logs"
+    for op, cls in REQUESTS.items():
+        required = {"command": "x"} if op == "start" else {"id": 1} if op in ("runner", "notify") else {}
+        assert check_request(cls(**required).to_dict())["op"] == op
+    with pytest.raises(SchemaError, match="request field 'gpus': unexpected dict"):
+        check_request({"op": "start", "command": "x", "gpus": {"a": 1}})
+    with pytest.raises(SchemaError, match="request without 'command'"):
+        check_request({"op": "start"})
+    # The agent answers a malformed request with the field, never the values.
+    from remotedl.agent.client import build_agent
+
+    zipfile.ZipFile(io.BytesIO(build_agent().zip_bytes())).extractall(tmp_path / "agent")
+    bad = {"op": "start", "command": "x", "env": {"TOKEN": "s3cret"}, "grace": 1, "count": "two"}
+    r = subprocess.run(
+        [sys.executable, "-E", "-s", "-S", str(tmp_path / "agent")],
+        input=json.dumps(bad).encode(),
+        capture_output=True,
+        env={**os.environ, "REMOTEDL_BOX_STATE": str(tmp_path / "state")},
+        check=False,
+    )
+    answer = json.loads(r.stdout)
+    assert r.returncode == 2 and answer["kind"] == "protocol"
+    assert "field 'count'" in answer["error"] and "s3cret" not in r.stdout.decode()
+
+
 def test_stream_marks_round_trip_and_other_lines_are_not_marks():
     line = encode_mark("state", {"job": 3, "state": "PENDING (Resources)"})
     assert line == '@@remotedl-state {"job": 3, "state": "PENDING (Resources)"}\n'

@@ -57,7 +57,7 @@ from remotedl.agent.store import (
     record_path,
     update,
 )
-from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, encode_mark
+from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, SchemaError, check_request, encode_mark
 
 RECENT = 10  # ended jobs `remotedl jobs` shows besides the active ones
 
@@ -469,8 +469,8 @@ def read_request(argv: list[str]) -> dict[str, Any]:
     raw = argv[0].encode() if argv else sys.stdin.buffer.read(MAX_REQUEST + 1)
     if len(raw) > MAX_REQUEST:
         raise ValueError("request too large")
-    req = json.loads(raw)
-    if not isinstance(req, dict) or req.get("op") not in OPS:
+    req = check_request(json.loads(raw))  # every known field of the type schema.py says
+    if req["op"] not in OPS:
         raise ValueError("not a request")
     return req
 
@@ -479,9 +479,11 @@ def main(argv: list[str]) -> int:
     try:
         req = read_request(argv)
         op = OPS[req["op"]]
-    except (ValueError, KeyError, UnicodeDecodeError):
-        # Never echo the request: it may hold secrets.
-        print(json.dumps({"ok": False, "kind": "protocol", "error": "the agent got a malformed request"}))
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        # Never echo the request: it may hold secrets. The checker names a field, not its value.
+        why = f" ({e})" if isinstance(e, SchemaError) and str(e) != "not a request" else ""
+        answer = {"ok": False, "kind": "protocol", "error": f"the agent got a malformed request{why}"}
+        print(json.dumps(answer))
         return 2
     ctx = Context()
     try:
