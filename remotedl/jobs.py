@@ -663,20 +663,21 @@ def _wait_for(lines: list[str], key: str, seconds: float) -> None:
 
 def attach_argv(spec: HostSpec, record: JobRecord) -> list[str]:
     """ssh with a terminal into the job: its tmux session, or on a Slurm login node an
-    interactive shell in its allocation (``srun --overlap --pty``)."""
-    if record.scheduler == "slurm":
-        from remotedl.slurmhost import attach_argv as slurm_attach
+    interactive shell in its allocation (``srun --overlap --pty``). The command on the box is
+    the job's runtime's (``agent/runtimes``: one definition for each kind of job)."""
+    from remotedl.agent import runtimes
+    from remotedl.agent.store import AgentError
 
-        if not record.slurm_id or record.status != "running":
-            raise UsageError(
-                f"job {record.id} is {record.state}: there is no allocation to attach to yet"
-                if record.status == "queued"
-                else f"job {record.id} is {record.state}: nothing to attach to",
-                hint=f"`remotedl logs -f {record.id}` follows it",
-            )
-        return slurm_attach(spec, record.slurm_id)
-    if not record.session.replace("-", "").isalnum():
-        raise RemoteError(f"job {record.id} has an odd tmux session name: {record.session!r}")
-    return ssh_argv(
-        spec, login_shell_safe(f"exec tmux attach-session -t ={record.session}"), tty=True, batch=False
-    )
+    if record.scheduler == "slurm" and (not record.slurm_id or record.status != "running"):
+        raise UsageError(
+            f"job {record.id} is {record.state}: there is no allocation to attach to yet"
+            if record.status == "queued"
+            else f"job {record.id} is {record.state}: nothing to attach to",
+            hint=f"`remotedl logs -f {record.id}` follows it",
+        )
+    rec = record.to_dict()
+    try:
+        command = runtimes.of(rec).attach(rec)
+    except AgentError as e:  # an odd session name, a Slurm id that is not one
+        raise RemoteError(str(e)) from None
+    return ssh_argv(spec, login_shell_safe(command), tty=True, batch=False)

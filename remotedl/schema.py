@@ -270,7 +270,6 @@ class GetRequest(Request):
     op: Op = "get"
     job: JobRef = None
     project: str | None = None
-    attach: bool = False  # with the shell command on the box that attaches to the job
 
 
 @dataclass

@@ -133,8 +133,6 @@ def op_list(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
 def op_get(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     rec = resolve(ctx, req.get("job"), req.get("project"))
     announce(ctx, [rec])
-    if req.get("attach"):
-        return {"job": rec, "attach": runtimes.of(rec).attach(rec)}
     return {"job": rec}
 
 

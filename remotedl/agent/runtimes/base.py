@@ -68,7 +68,8 @@ class Runtime:
         return LogFollow(rec)
 
     def attach(self, rec: dict[str, Any]) -> str:
-        """The shell command on the box that opens a terminal in the job."""
+        """The shell command on the box that opens a terminal in the job (the laptop runs it
+        through ssh with a terminal: ``jobs.attach_argv``)."""
         raise NotImplementedError
 
     def own_dirs(self, rec: dict[str, Any]) -> list[Path]:
