@@ -2,8 +2,11 @@
 
 ``jobs/<id>.json`` (the record), ``jobs/<id>.env`` / ``.notify`` / ``.kill`` beside it,
 ``logs/<id>.log``, ``lock`` (flock: choosing and claiming GPUs is one atomic step; so is every
-change of a record's status), ``next_id``.
+change of a record's status), ``next_id`` (the id counter), ``active/<id>`` and ``active.upto``
+(the index of active jobs). A question about one job reads that job's record, and the few
+active ones: never every record (a sweep leaves thousands).
 """
+
 from __future__ import annotations
 
 import contextlib
