@@ -202,6 +202,31 @@ def test_a_box_job_with_nothing_alive_is_lost_or_killed_and_its_news_told(box_st
     assert store.active_ids() == [3]
 
 
+def test_a_look_starts_no_process_and_the_op_sends_what_it_found(box_state, monkeypatch):
+    # A read (state.refresh) records what it finds and leaves the sending to the op: news in
+    # the context, and no process started (the notification sender, the Slurm watcher).
+    dead = 2**22 + 12345
+    box_job = record(1, "running", runner_pid=dead, pgid=dead)
+    slurm_job = record(2, "queued", scheduler="slurm", slurm_id=None, starter_pid=dead, stall_after=60.0)
+    with store.box_lock():
+        for r in (box_job, slurm_job):
+            store.save(r)
+            store.notify_path(int(r["id"])).write_text("{}")
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("a process"))
+    ctx = Context()
+    looked = state.active(ctx)
+    assert looked == [] and started == []
+    assert ctx.news == [(1, "lost"), (2, "lost")]
+    spawned = []
+    from remotedl.agent import events
+
+    monkeypatch.setattr(events, "detached", spawned.append)
+    events.announce(ctx, looked)
+    assert spawned == [{"op": "notify", "id": 1, "event": "lost"}, {"op": "notify", "id": 2, "event": "lost"}]
+    assert ctx.news == []
+
+
 def test_a_rebooted_box_loses_its_jobs_and_a_start_in_progress_is_not_lost(box_state):
     rebooted = record(1, "running", runner_pid=os.getpid(), boot_id="another-boot")
     starting = record(2, "starting", starter_pid=os.getpid(), created=time.time())
@@ -369,6 +394,18 @@ def test_the_bundle_carries_the_whole_package_and_answers_from_a_zip(tmp_path):
         check=False,
     )
     assert json.loads(r.stdout) == {"ok": True, "jobs": []}, r.stderr
+    # Every module of it imports with no site-packages at all: the standard library only.
+    shipped = [arc for arc in names if arc.startswith("remotedl/")]
+    modules = [arc[:-3].replace("/", ".").removesuffix(".__init__") for arc in shipped]
+    code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
+    r = subprocess.run(
+        [sys.executable, "-E", "-s", "-S", "-c", code, *modules],
+        cwd=tmp_path / "agent",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
 
 
 def agent_imports() -> dict[str, set[str]]:
