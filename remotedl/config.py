@@ -14,7 +14,10 @@ environment: defaults < user < project < ``[hosts.NAME]`` < ``REMOTEDL_*`` < fla
 
 from __future__ import annotations
 
+import functools
 import os
+import pwd
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "host": (str, None, "REMOTEDL_HOST"),
     "ssh_config": (str, None, "REMOTEDL_SSH_CONFIG"),
     "remote_dir": (str, None, "REMOTEDL_REMOTE_DIR"),
+    # the mode push makes remote_dir with: private; "0750" or "2770" opens it to the group
+    "remote_dir_mode": (str, "0700", "REMOTEDL_REMOTE_DIR_MODE"),
     "connect_timeout": (float, 10.0, "REMOTEDL_CONNECT_TIMEOUT"),
     "data": (list, [], None),
     "exclude": (list, [], None),
@@ -102,6 +107,16 @@ class Project:
     def name(self) -> str:
         return self.root.name
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """The project's identity (its first commit; see ``snapshot.project_identity``), or ""
+        outside git."""
+        from remotedl import proc
+        from remotedl.snapshot import project_identity
+
+        inside = proc.run(["git", "-C", str(self.root), "rev-parse", "--git-dir"], check=False)
+        return project_identity(self.root) if inside.returncode == 0 else ""
+
 
 @dataclass
 class Settings:
@@ -119,6 +134,11 @@ class Settings:
     overridden: set[str] = field(default_factory=set)
     # Set on the view ``for_host`` gives: the host these settings are for.
     host_name: str | None = None
+    # Why each of those needs ``allow`` (setting -> a few words), and every such setting the
+    # project file has, allowed or not (what ``remotedl allow`` names).
+    allow_reasons: dict[str, str] = field(default_factory=dict)
+    # Where each key of a table came from ([dns] merges the user config's and the project's).
+    table_sources: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def get(self, key: str) -> Any:
         return self.values[key].value
@@ -133,7 +153,18 @@ class Settings:
     @property
     def remote_dir(self) -> str:
         value = self.get("remote_dir")
-        return str(value) if value else f"~/remotedl/{self.project.name}"
+        if value:
+            return str(value)
+        from remotedl.treeid import default_remote_dir
+
+        return default_remote_dir(self.project.identity, self.project.name)
+
+    def adopt_request(self) -> dict[str, str] | None:
+        """With the default ``remote_dir``: what the box needs to keep a tree this project has
+        under the older, folder-named default (see ``remotedl.treeid``); None otherwise."""
+        if self.get("remote_dir") or not self.project.identity:
+            return None
+        return {"dir": self.remote_dir, "id": self.project.identity, "legacy": self.project.name}
 
     def host_names(self) -> list[str]:
         """The hosts to work on, fleets expanded, in order, each once; [] when none is given.
@@ -219,6 +250,8 @@ class Settings:
             self.fleets,
             set(self.overridden),
             host_name=name,
+            allow_reasons=dict(self.allow_reasons),
+            table_sources=self.table_sources,
         )
 
 
@@ -262,6 +295,8 @@ def _rank(source: str) -> int:
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
     value = _coerce_type(key, value, origin)
+    if key == "remote_dir_mode":
+        return _dir_mode(value, origin)
     choices = CHOICES.get(key)
     if choices is not None and value is not None and value not in choices:
         raise ConfigError(
@@ -301,6 +336,18 @@ def _coerce_type(key: str, value: Any, origin: str) -> Any:
         f"{origin}: '{key}' must be {_type_name(kind)}, not {shown}",
         hint="fix the value; `remotedl config` shows what each setting resolves to",
     )
+
+
+def _dir_mode(value: str, origin: str) -> str:
+    """An octal directory mode the owner can use and no one else may write to."""
+    text = value.strip()
+    if not re.fullmatch(r"[0-7]{3,4}", text) or int(text, 8) & 0o700 != 0o700 or int(text, 8) & 0o002:
+        raise ConfigError(
+            f"{origin}: 'remote_dir_mode' must be an octal mode that gives you rwx and nobody "
+            f"else write, not {value!r}",
+            hint='e.g. "0700" (yours alone), "0750" (your group reads), "2770" (a team works in it)',
+        )
+    return text if len(text) == 4 else "0" + text
 
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -350,6 +397,14 @@ def _apply_file(settings: Settings, data: Mapping[str, Any], origin: str, base: 
                     k: _resolve_path(v, base) if k in DNS_PATHS and isinstance(v, str) and v else v
                     for k, v in value.items()
                 }
+                # Key by key over the user config's [dns]: a project names its box's record and
+                # server, the user's own config (or the environment) holds the secrets.
+                merged = {**(settings.tables[key].value if key in settings.tables else {}), **value}
+                sources = settings.table_sources.setdefault(key, {})
+                sources.update(dict.fromkeys(value, origin))
+                origins = sorted(set(sources.values()))
+                value = merged
+                origin = " + ".join(origins) if len(origins) > 1 else origin
             settings.tables[key] = Setting(value, origin)
         elif key in SCALARS:
             coerced = _coerce(key, value, origin)
@@ -437,10 +492,164 @@ def without_local_exec(data: Mapping[str, Any], risky: list[str]) -> dict[str, A
     return out
 
 
-def _digest(path: Path) -> str:
+def _outside(path: str, root: Path) -> bool:
+    full = os.path.realpath(os.path.expanduser(path))
+    rel = os.path.relpath(full, os.path.realpath(root))
+    return rel == ".." or rel.startswith(".." + os.sep)
+
+
+def trust_risks(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """What the project file makes remotedl do with this machine's files and the user's
+    secrets, by what each setting is rather than by its name (setting -> why it needs
+    ``allow``):
+
+    - a setting that names a local file (``PATHS``, ``DNS_PATHS``) and comes from the project
+      file may not point outside the project: remotedl would read, and maybe send, it;
+    - a place the project names that a provider sends its secret to (``SECRET_ROUTES``) may not
+      get a secret of the user's: one from the environment or from a file the user config names.
+    A project's own secrets (files inside it) go where it says."""
+    from remotedl.ddns.settings import SECRET_ROUTES
+
+    root = settings.project.root
+    risks: dict[str, str] = {}
+
+    def from_project(source: str) -> bool:
+        return source.startswith("project config")
+
+    files = [(k, settings.values[k]) for k in PATHS]
+    files += [(f"hosts.{h}.{k}", t[k]) for h, t in settings.host_tables.items() for k in PATHS if k in t]
+    dns = settings.table("dns")
+    dns_sources = settings.table_sources.get("dns", {})
+    files += [(f"dns.{k}", Setting(dns[k], dns_sources.get(k, ""))) for k in DNS_PATHS if dns.get(k)]
+    for key, setting in files:
+        if setting.value and from_project(setting.source) and _outside(str(setting.value), root):
+            risks[key] = f"reads {setting.value}, outside the project"
+
+    route = SECRET_ROUTES.get(str(dns.get("provider")))
+    sent_to = dns_sources.get(route.destination, "") if route is not None else ""
+    if route is not None and dns.get(route.destination) and from_project(sent_to):
+        where = str(dns[route.destination])
+        if environ.get(route.env_var):
+            secret = f"your {route.what} from {route.env_var}"
+        elif dns.get(route.file_key) and not from_project(dns_sources.get(route.file_key, "")):
+            secret = f"your {route.what} from {dns[route.file_key]} (named in {dns_sources[route.file_key]})"
+        else:
+            secret = ""
+        if secret:
+            risks[f"dns.{route.destination}"] = f"sends {secret} to {_shown_place(where)}"
+    return risks
+
+
+def _shown_place(where: str) -> str:
+    """A server or URL as an error may show it: scheme, host and path, no user or password."""
+    from urllib.parse import urlsplit
+
+    if "://" not in where:
+        return where
+    parts = urlsplit(where)
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+# OpenSSH reads at most this many nested Include levels (READCONF_MAX_DEPTH).
+_SSH_INCLUDE_DEPTH = 16
+# "Include a b", "Include=a", "  include = a" (keywords are case-insensitive; Include may sit
+# inside a Host or Match block and is read all the same).
+_INCLUDE = re.compile(r"^\s*include(?:\s*=\s*|\s+)(.*)$", re.IGNORECASE)
+
+
+def ssh_config_files(path: Path, home: Path) -> list[Path]:
+    """``path`` and every file it ``Include``s, recursively, as OpenSSH finds them: globs
+    expanded, ``~`` and ``${VAR}`` expanded, relative names under ~/.ssh (ssh -F reads a user
+    configuration). Missing files are listed too: creating one later changes what runs."""
+    import glob
+    import shlex
+
+    out: list[Path] = []
+
+    def visit(p: Path, depth: int) -> None:
+        if p in out or depth > _SSH_INCLUDE_DEPTH:
+            return
+        out.append(p)
+        try:
+            text = p.read_text(errors="replace")
+        except OSError:
+            return
+        for line in text.splitlines():
+            m = _INCLUDE.match(line)
+            if m is None:
+                continue
+            rest = m.group(1)
+            try:
+                names = shlex.split(rest)
+            except ValueError:
+                names = rest.split()
+            for name in names:
+                name = os.path.expandvars(name)
+                if name == "~" or name.startswith("~/"):
+                    name = str(home) + name[1:]
+                elif name.startswith("~"):
+                    name = os.path.expanduser(name)
+                full = name if os.path.isabs(name) else str(home / ".ssh" / name)
+                matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
+                for found in matches:
+                    visit(Path(found), depth + 1)
+
+    visit(path, 0)
+    return out
+
+
+def _project_data(project: Project) -> dict[str, Any]:
+    if project.config_file is None:
+        return {}
+    data = _read_toml(project.config_file)
+    if project.config_file.name == "pyproject.toml":
+        data = data.get("tool", {}).get("remotedl", {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{project.config_file}: [tool.remotedl] must be a table")
+    return data
+
+
+def allow_files(env: Environment, project: Project) -> list[Path]:
+    """Every file ``allow`` vouches for: the project file, each ssh config it names with what
+    that ``Include``s (ProxyCommand, Match exec, LocalCommand run from any of them), and the
+    project's playbooks that need ``allow`` (they shadow a shipped one, or run steps as root).
+    A change to any of them needs a new ``allow``."""
+    from remotedl.playbooks import risky_project_playbooks
+
+    files: list[Path] = [project.config_file] if project.config_file is not None else []
+    data = _project_data(project)
+    named = [data.get("ssh_config")]
+    hosts = data.get("hosts")
+    if isinstance(hosts, dict):
+        named += [t.get("ssh_config") for t in hosts.values() if isinstance(t, dict)]
+    # OpenSSH expands ~ in Include from the passwd entry, not $HOME.
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    base = project.config_file.parent if project.config_file is not None else project.root
+    for value in named:
+        if isinstance(value, str) and value:
+            path = Path(os.path.expanduser(_resolve_path(value, base)))
+            files += [f for f in ssh_config_files(path, home) if f not in files]
+    files += [book for book in risky_project_playbooks(project.root) if book not in files]
+    return files
+
+
+def _digest(paths: list[Path]) -> str:
     import hashlib
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path).encode() + b"\0")
+        try:
+            h.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
+        except OSError as e:
+            h.update(f"unreadable: {e.strerror}".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _allow_key(project: Project) -> str:
+    # The project file; a project with none (its playbooks need allow) by its directory.
+    return str((project.config_file or project.root).resolve())
 
 
 def _allowed(env: Environment) -> dict[str, str]:
@@ -453,28 +662,30 @@ def _allowed(env: Environment) -> dict[str, str]:
         return {}
 
 
-def is_allowed(env: Environment, path: Path) -> bool:
-    return _allowed(env).get(str(path.resolve())) == _digest(path)
+def is_allowed(env: Environment, project: Project) -> bool:
+    """The user allowed this project's files exactly as they are now."""
+    return _allowed(env).get(_allow_key(project)) == _digest(allow_files(env, project))
 
 
-def allow(env: Environment, path: Path, *, revoke: bool = False) -> bool:
-    """Record (or forget) that the user trusts this exact content of a project file, as
-    direnv's ``allow`` does. Any change to the file needs a new ``allow``."""
+def allow(env: Environment, project: Project, *, revoke: bool = False) -> list[Path] | None:
+    """Record (or forget) that the user trusts this exact content of a project's files
+    (``allow_files``), as direnv's ``allow`` does. Any change to one needs a new ``allow``.
+    Returns the files allowed (None when revoking a project that was not allowed)."""
     import json
-    import os
 
     allowed = _allowed(env)
-    key = str(path.resolve())
+    key = _allow_key(project)
+    files: list[Path] | None = None
     if revoke:
-        found = allowed.pop(key, None) is not None
+        files = [] if allowed.pop(key, None) is not None else None
     else:
-        allowed[key] = _digest(path)
-        found = True
+        files = allow_files(env, project)
+        allowed[key] = _digest(files)
     env.state_dir.mkdir(parents=True, exist_ok=True)
     tmp = env.state_dir / (ALLOWED_FILE + f".{os.getpid()}")
     tmp.write_text(json.dumps(allowed, indent=1))
     tmp.replace(env.state_dir / ALLOWED_FILE)
-    return found
+    return files
 
 
 def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> Settings:
@@ -489,17 +700,29 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
         _apply_file(settings, _read_toml(user_file), f"user config {user_file}", user_file.parent)
 
     if project.config_file is not None:
-        data = _read_toml(project.config_file)
-        if project.config_file.name == "pyproject.toml":
-            data = data.get("tool", {}).get("remotedl", {})
-            if not isinstance(data, dict):
-                raise ConfigError(f"{project.config_file}: [tool.remotedl] must be a table")
+        data = _project_data(project)
         risky = local_exec(data)
-        if risky and not is_allowed(env, project.config_file):
-            # Not applied: a cloned repository runs nothing here until the user allowed it.
-            settings.needs_allow = risky
-            data = without_local_exec(data, risky)
+        allowed: bool | None = None
+        if risky:
+            allowed = is_allowed(env, project)
+            if not allowed:
+                # Not applied: a cloned repository runs nothing here until the user allowed it.
+                settings.needs_allow = list(risky)
+                data = without_local_exec(data, risky)
+        user_dns = settings.tables.get("dns"), dict(settings.table_sources.get("dns", {}))
         _apply_file(settings, data, f"project config {project.config_file}", project.config_file.parent)
+        settings.allow_reasons = dict.fromkeys(risky, "can run commands on this machine")
+        # (an ssh_config outside the project is already there: it runs commands, it is not only read)
+        more = {k: why for k, why in trust_risks(settings, env.environ).items() if k not in risky}
+        settings.allow_reasons.update(more)
+        if more and not (allowed if allowed is not None else is_allowed(env, project)):
+            # Not applied either: the user's [dns] stays as the user config has it.
+            settings.needs_allow += [key for key in more if key not in settings.needs_allow]
+            if user_dns[0] is None:
+                settings.tables.pop("dns", None)
+                settings.table_sources.pop("dns", None)
+            else:
+                settings.tables["dns"], settings.table_sources["dns"] = user_dns[0], user_dns[1]
 
     for key, (_, _, var) in SCALARS.items():
         if var and env.environ.get(var):
@@ -525,6 +748,22 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
 PROJECT_PATHS = ("data", "shared")
 
 
+def project_relative(root: Path, path: str) -> str:
+    """Where a configured path sits in the project (``root``, resolved), by its name: ``data``
+    is the project's ``data`` even when it is a symlink to a dataset disk (push sends what it
+    points to). Relative paths are read lexically ("." is the project itself, "../x" climbs
+    out); an absolute one reached through a symlinked parent (a linked home) has its parent
+    resolved, never its last part. The answer starts with ".." when the path is outside."""
+    if not os.path.isabs(path):
+        return os.path.normpath(path)
+    full = os.path.normpath(path)
+    rel = os.path.relpath(full, root)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        parent = os.path.realpath(os.path.dirname(full))
+        rel = os.path.relpath(os.path.join(parent, os.path.basename(full)), root)
+    return rel
+
+
 def _check_project_paths(settings: Settings) -> None:
     """A configured data or shared path must lie inside the project, and not be all of it
     (the box would skip it without a word, or push would refuse it as a usage error)."""
@@ -532,9 +771,7 @@ def _check_project_paths(settings: Settings) -> None:
     for key in PROJECT_PATHS:
         setting = settings.values[key]
         for path in setting.value:
-            # lexical for a relative path (a symlinked data directory is push's to judge)
-            full = os.path.realpath(path) if os.path.isabs(path) else os.path.normpath(root / path)
-            rel = os.path.relpath(full, root)
+            rel = project_relative(root, path)
             if rel in {".", ".."} or rel.startswith(".." + os.sep):
                 where = "is the project itself" if rel == "." else f"is outside the project ({root})"
                 raise ConfigError(
@@ -544,12 +781,14 @@ def _check_project_paths(settings: Settings) -> None:
 
 
 def require_allowed(settings: Settings) -> None:
-    """Refuse to go on while the project file holds settings that would run local commands
-    and the user has not allowed this version of it."""
+    """Refuse to go on while the project file holds settings that would run local commands,
+    read files of this machine outside the project or send the user's secrets to places it
+    names, and the user has not allowed this version of it."""
     if settings.needs_allow and settings.project.config_file is not None:
-        what = ", ".join(settings.needs_allow)
+        reasons = settings.allow_reasons
+        what = "; ".join(f"{key} ({reasons.get(key, 'needs allow')})" for key in settings.needs_allow)
         raise ConfigError(
-            f"{settings.project.config_file} sets {what}, which can run commands on this machine; "
+            f"{settings.project.config_file} sets {what}; "
             "remotedl does not use it until you allow this version of the file",
             hint="read the file (and the ssh config it names), then run `remotedl allow`",
         )

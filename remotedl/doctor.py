@@ -103,7 +103,7 @@ def _laptop(report: DoctorReport, env: Environment, spec: HostSpec, settings: Se
             "ssh config",
             "warn",
             f"no Host entry for '{spec.alias}' in {spec.ssh_config or '~/.ssh/config'}",
-            "add one (see sshconfig.example): HostName, User, IdentityFile, ServerAliveInterval",
+            f"`remotedl init {spec.alias}` adds one (asking first), or see sshconfig.example",
         )
     else:
         via = f" via {spec.proxy_jump}" if spec.proxy_jump else ""

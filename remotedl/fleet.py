@@ -163,7 +163,7 @@ class Member:
     def client(self) -> AgentClient:
         from remotedl.agent.client import AgentClient
 
-        return AgentClient(self.spec, python=self.python)
+        return AgentClient(self.spec, python=self.python, adopt=self.settings.adopt_request())
 
 
 @dataclass(frozen=True)

@@ -414,8 +414,9 @@ def snapshot_files(root: Path, head: str | None, commit: str | None, limit: int 
     """The files a snapshot commit changed against the HEAD it was made on."""
     if not commit or not head or commit == head:
         return []
-    r = proc.run(["git", "-C", str(root), "diff", "--name-only", "--no-renames", head, commit], check=False)
-    return r.stdout.splitlines()[:limit] if r.returncode == 0 else []
+    from remotedl.snapshot import snapshot_changes
+
+    return snapshot_changes(root, head, commit)[:limit]
 
 
 _COMMIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")

@@ -70,6 +70,7 @@ class JupyterServer:
     base_url: str
     lab: bool
     started: bool  # True when remotedl started it now
+    pid: int | None = None  # on the box, as `jupyter server list` says it
 
     def url(self, local_port: int) -> str:
         path = "lab" if self.lab else ""
@@ -77,6 +78,21 @@ class JupyterServer:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def reached_at(self, local_port: int, timeout: float = 3.0) -> bool:
+        """Whether 127.0.0.1:``local_port`` here already is this server: when the box is this
+        machine (a sandbox box binds the same loopback) or a tunnel to it is up. Then no tunnel
+        is needed (one would collide with it). It is this server when its own process listens
+        there, or when what answers checks tokens and takes this server's."""
+        status = f"http://127.0.0.1:{local_port}{self.base_url}api/status?token="
+        if not _answers(status + self.token, "started", timeout):
+            return False
+        from remotedl.tunnel import listeners
+
+        if self.pid is not None and self.pid in listeners(local_port):
+            return True
+        # A server without a token takes any: only one that refuses a wrong token tells.
+        return bool(self.token) and not _answers(status + secrets.token_hex(16), "started", timeout)
 
 
 @dataclass
@@ -89,6 +105,27 @@ class _Look:
     lab: bool
     servers: list[dict[str, Any]]
     session: bool
+
+
+def _pid(info: dict[str, Any]) -> int | None:
+    try:
+        return int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _answers(url: str, key: str, timeout: float) -> bool:
+    """Whether ``url`` (on 127.0.0.1) answers 200 with a JSON object holding ``key``."""
+    from remotedl.tunnel import local_json
+
+    answer = local_json(url, timeout)
+    return isinstance(answer, dict) and key in answer
+
+
+def serves_jupyter(local_port: int, timeout: float = 3.0) -> bool:
+    """Whether 127.0.0.1:``local_port`` here is a Jupyter server (its ``/api`` answers its
+    version without a token): then it may be the box's own, on a box that is this machine."""
+    return _answers(f"http://127.0.0.1:{local_port}/api", "version", timeout)
 
 
 def _session(script: str) -> str:
@@ -147,6 +184,7 @@ def find_or_start(
                 str(s.get("base_url", "/")),
                 lab,
                 started=False,
+                pid=_pid(s),
             )
     token = secrets.token_hex(24)
     port = remote_port or 8888
@@ -168,6 +206,7 @@ def find_or_start(
                     str(s.get("base_url", "/")),
                     lab,
                     started=True,
+                    pid=_pid(s),
                 )
         time.sleep(0.5)
     log = box.run('tail -n 5 "$HOME/.remotedl/jupyter.log" 2>/dev/null', check=False).stdout.strip()

@@ -208,6 +208,46 @@ def find(name: str, project_root: Path) -> Path:
     raise UsageError(f"no playbook '{name}'", hint=f"available: {', '.join(known) or 'none'}")
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Whose playbook a file is, and why running it needs ``remotedl allow`` ("" when not)."""
+
+    whose: str  # "project", "shipped" or "yours" (a file outside the project the user named)
+    needs_allow: str
+
+
+def origin(book: Playbook, project_root: Path) -> Origin:
+    """A project's playbook is the project author's code run on the box as the user: one that
+    takes the name of a shipped playbook (``setup base`` would run it instead) or runs steps as
+    root needs the user's ``allow``."""
+    path = book.path.resolve()
+    if path.parent == shipped_dir().resolve():
+        return Origin("shipped", "")
+    if not path.is_relative_to(project_root.resolve()):
+        return Origin("yours", "")
+    why = []
+    if any((shipped_dir() / f"{path.stem}{ext}").is_file() for ext in (".yaml", ".yml")):
+        why.append(f"it replaces the shipped playbook '{path.stem}'")
+    if any(step.sudo for step in book.steps):
+        why.append("it runs steps as root (sudo: true)")
+    return Origin("project", " and ".join(why))
+
+
+def risky_project_playbooks(project_root: Path) -> list[Path]:
+    """The project's playbooks (``playbooks/``) that need ``allow``, sorted; one that does not
+    parse runs nothing and is left out."""
+    d = project_root / "playbooks"
+    out = []
+    for path in sorted(d.glob("*.y*ml")) if d.is_dir() else []:
+        try:
+            book = load(path)
+        except ConfigError:
+            continue
+        if origin(book, project_root).needs_allow:
+            out.append(path)
+    return out
+
+
 # ------------------------------------------------------------------ variables
 #
 # A step's script never holds a value. ``{{ name }}`` becomes a reference to the shell variable
@@ -266,6 +306,7 @@ def template(text: str, where: str, first_line: int | None = None) -> Script:
 
     def at(pos: int) -> str:
         return where if first_line is None else f"{where}:{first_line + text.count(chr(10), 0, pos)}"
+
     out: list[str] = []
     names: list[str] = []
     # Frames: ("sh", depth) plain shell (the script, or inside $( ) when depth counts its
@@ -757,11 +798,14 @@ class BoxFacts:
 
 # "$1": remote_dir as configured ("~/x", "/abs" or relative to the home). NUL-separated
 # answers: a path may hold any other byte.
-_FACTS = EXPAND_HOME + r"""
+_FACTS = (
+    EXPAND_HOME
+    + r"""
 d=$(expand_home "$1")
 case $d in /*) ;; *) d="$HOME/$d" ;; esac
 printf '%s\0%s\0%s\0' "$HOME" "$(id -un)" "$d"
 """
+)
 
 
 def box_facts(box: Box, remote_dir: str, project: str) -> BoxFacts:

@@ -93,6 +93,8 @@ def rsync_argv(
     excludes: Sequence[str] = (),
     update: bool = False,
     exclude_from_stdin: bool = False,
+    itemize: bool = False,
+    checksum: bool = False,
 ) -> list[str]:
     argv = [
         "rsync",
@@ -113,11 +115,52 @@ def rsync_argv(
         argv.append("--delete")
     if update:
         argv.append("--update")  # never overwrite a newer file on the receiving side
+    if checksum:
+        argv.append("--checksum")  # by content, not size and time: a file the same here is left alone
     for pattern in excludes:
         argv += ["--exclude", pattern]
     if exclude_from_stdin:
         argv += ["--from0", "--exclude-from=-"]
+    if itemize:
+        # A line per file written (ITEM_MARK, rsync's change string, the name) and one per file
+        # --update left alone ("NAME is newer"): pull says what it replaced and what it kept.
+        argv += [f"--out-format={ITEM_MARK} %i %n", "--info=skip1"]
     return [*argv, "--", *sources, dest]
+
+
+ITEM_MARK = "@@rdl-item"
+
+
+@dataclass
+class Items:
+    """What one itemized transfer did, by name (relative to the destination)."""
+
+    written: list[str]  # files and symlinks created or replaced
+    replaced: list[str]  # of those, the ones that existed before
+    newer_here: list[str]  # left alone by --update: the receiving side's copy is newer
+
+
+def _unescape(name: str) -> str:
+    """A name as rsync prints it (non-printable bytes as backslash-hash and three octal digits)."""
+    if "\\#" not in name:
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    out = re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw)
+    return out.decode("utf-8", "surrogateescape")
+
+
+def parse_items(lines: Sequence[str]) -> Items:
+    items = Items([], [], [])
+    for line in lines:
+        if line.startswith(ITEM_MARK + " "):
+            code, _, name = line[len(ITEM_MARK) + 1 :].partition(" ")
+            if len(code) >= 2 and code[0] in ">c" and code[1] in "fL" and name:
+                items.written.append(_unescape(name))
+                if "+" not in code[2:]:
+                    items.replaced.append(_unescape(name))
+        elif line.endswith(" is newer"):
+            items.newer_here.append(_unescape(line[: -len(" is newer")]))
+    return items
 
 
 _RSYNC_NEW: bool | None = None
@@ -230,8 +273,10 @@ def run_rsync(
     progress: ProgressFn | None,
     *,
     stdin: bytes | None = None,
+    lines: list[str] | None = None,
 ) -> Transfer:
-    """Run one rsync, reporting progress; the errors it can meet mapped to one line each."""
+    """Run one rsync, reporting progress; the errors it can meet mapped to one line each.
+    ``lines``: gets the lines rsync printed (an itemized transfer's, see ``parse_items``)."""
     tail = b""
     collected = bytearray()
     total = _Total(argv, stdin) if progress is not None else None
@@ -271,6 +316,8 @@ def run_rsync(
         )
     if code != 0:
         raise rsync_failure(spec.alias, label, code, err)
+    if lines is not None:
+        lines.extend(x for x in re.split(r"[\r\n]", text) if x)
     files, size = parse_stats(text)
     literal_match = _STATS_LITERAL.search(text)
     literal_bytes = int(literal_match.group(1).replace(",", "")) if literal_match else 0

@@ -112,6 +112,11 @@ class JobRecord:
     starter_pid: int | None = None  # the agent process starting the job (status "starting")
     ready: bool = True  # its checkout is made (False while the starter makes it: the runner waits)
     boot_id: str | None = None  # the box's boot when the job started: a reboot means lost
+    umask: int | None = None  # the job's umask: the user's login one, not the tmux server's
+    mark: str | None = None  # REMOTEDL_JOB_MARK in its processes' environment (leftovers found by it)
+    # A job runs until the processes its main process left behind are gone too.
+    main_exit: int | None = None  # its main process's exit status, once that exited
+    leftovers: int = 0  # while running: how many of its processes are left after it
     # Job events (agent/events.py).
     notify: list[str] = field(default_factory=list)  # notification URLs, masked
     notifications: list[dict[str, Any]] = field(default_factory=list)  # event, url, ok, error, at
@@ -184,6 +189,8 @@ class JobRecord:
             return f"failed (exit {self.exit_code})"
         if self.status == "running" and self.stalled:
             return "stalled"
+        if self.status == "running" and self.main_exit is not None and self.leftovers:
+            return outlived_words(self.main_exit, self.leftovers)
         return self.status
 
 
@@ -205,9 +212,14 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class Request:
-    """A request's fields, ``op`` among them, are declared by each kind of request."""
+    """A request's fields, ``op`` among them, are declared by each kind of request; ``adopt``
+    goes with any of them."""
 
     WHAT = "request"
+    # With the default remote_dir, on every request: the box keeps a tree this project has
+    # under the older, folder-named default ({dir, id, legacy}: remotedl.treeid.adopt_tree),
+    # before the op runs.
+    adopt: dict[str, str] | None = field(default=None, kw_only=True)
 
     @classmethod
     def check_dict(cls, data: Any) -> dict[str, Any]:
@@ -377,6 +389,11 @@ def check_request(data: Any) -> dict[str, Any]:
         raise SchemaError("not a request")
     REQUESTS[str(data["op"])].check_dict(data)
     return data
+
+
+def outlived_words(main_exit: int, leftovers: int) -> str:
+    """A running job whose main process exited while processes it started still run."""
+    return f"running (main process exited {main_exit}, {leftovers} process{'es' * (leftovers != 1)} left)"
 
 
 def slurm_words(state: str, reason: str | None, node: str | None, exit_code: int | None) -> str:

@@ -6,9 +6,18 @@ untracked files ``.gitignore`` does not exclude, minus
 - the configured ``data`` paths (rsync sends those: nothing travels twice),
 - virtual environments and conda environments (a directory holding ``pyvenv.cfg`` or
   ``conda-meta/``): the box makes its own,
-- nested git repositories (their own history is not ours to copy),
+- nested git repositories that are not submodules (their own history is not ours to copy),
 - untracked files larger than ``max_snapshot_file`` (checkpoints, datasets, archives),
-- partial transfers that rsync keeps aside (``.remotedl-partial/``).
+- partial transfers that rsync keeps aside (``.remotedl-partial/``),
+- what ``pull`` brought home (outputs, not code: listed in ``.git/remotedl/pulled``) until the
+  user ``git add``s it.
+
+Submodules go as their files: each checked-out submodule's own snapshot (its HEAD and its
+uncommitted work, by the same rules) takes the place of its gitlink, so the box tree and every
+job's checkout hold the submodule's code with no fetch from its upstream. Its objects are copied
+into this repository's object store (only those it lacks, as one pack), as ``git add`` would
+store them. A submodule not initialised here is left out (the box gets an empty directory) and
+named, with the fix.
 
 What was left out is returned so the CLI can list it once, with the fix.
 
@@ -21,9 +30,11 @@ the work tree are never written; new blobs go into the object store, as ``git ad
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,12 +53,25 @@ AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
 # The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
 IDENTITY_KEY = "remotedl.project"
 
-Reason = Literal["large", "environment", "repository"]
+Reason = Literal[
+    "large", "environment", "repository", "submodule", "submodule-edits", "lfs-pointer", "pulled"
+]
+# Under the repository's git directory: the files `pull` wrote (NUL-separated, relative to the
+# top), which the snapshot leaves out while they are untracked.
+PULLED_FILE = ("remotedl", "pulled")
+# The first bytes of a Git LFS pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+# Lines of a snapshot's message when submodules or LFS content were put in (see snapshot_changes).
+WORK_TREE = "work tree: "
+EDITED_SUBMODULE = "edited submodule: "
 
 
 @dataclass(frozen=True)
 class LeftOut:
-    """An untracked path the snapshot does not carry, and why."""
+    """An untracked path the snapshot does not carry, and why; "submodule": a submodule not
+    initialised here (its files are not carried); "submodule-edits": a note, not a path left
+    out: a submodule whose uncommitted changes go along, as the project's own do;
+    "lfs-pointer": a Git LFS file that is only its pointer here (not fetched), sent as such."""
 
     path: str  # relative to the project root; a directory ends with "/"
     reason: Reason
@@ -61,6 +85,7 @@ class Snapshot:
     is_snapshot: bool  # True when commit is a snapshot on top of head, not head itself
     left_out: list[LeftOut] = field(default_factory=list)
     untracked: int = 0  # untracked files carried
+    edited: bool = False  # uncommitted work (not only submodules' files) in the snapshot
 
 
 # ------------------------------------------------------------------ git helpers
@@ -151,8 +176,40 @@ def _inside(rel: str, prefixes: Sequence[str]) -> bool:
     return any(rel == p or rel.startswith(p + "/") for p in prefixes)
 
 
+def pulled_file(repo: Repo) -> Path:
+    """Where the list of files ``pull`` wrote is kept: beside the index, in the git directory
+    (per work tree), never in the work tree."""
+    return repo.index.parent.joinpath(*PULLED_FILE)
+
+
+def read_pulled(repo: Repo) -> frozenset[str]:
+    try:
+        raw = pulled_file(repo).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        return frozenset()
+    return frozenset(p for p in raw.split("\0") if p)
+
+
+def record_pulled(repo: Repo, paths: Sequence[str]) -> None:
+    """Add ``paths`` (relative to the top) to the files ``pull`` wrote; those gone are dropped."""
+    if not paths:
+        return
+    known = read_pulled(repo) | set(paths)
+    kept = sorted(p for p in known if os.path.lexists(repo.root / p))
+    path = pulled_file(repo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes("".join(p + "\0" for p in kept).encode("utf-8", "surrogateescape"))
+    tmp.replace(path)
+
+
 def select_untracked(
-    root: Path, paths: Sequence[str], *, data: Sequence[str] = (), max_file: int = DEFAULT_MAX_FILE
+    root: Path,
+    paths: Sequence[str],
+    *,
+    data: Sequence[str] = (),
+    max_file: int = DEFAULT_MAX_FILE,
+    pulled: frozenset[str] = frozenset(),
 ) -> tuple[list[str], list[LeftOut]]:
     """Split untracked, not-ignored paths (as ``git ls-files --others`` names them, nested
     repositories with a trailing "/") into (those the snapshot carries, those it leaves out)."""
@@ -167,6 +224,9 @@ def select_untracked(
             continue
         if data and _inside(rel, data):
             continue  # rsync sends it
+        if rel in pulled:
+            left.append(LeftOut(rel, "pulled"))  # an output brought home, not code
+            continue
         parts = rel.split("/")
         if AUX_NAMES.intersection(parts[:-1]):
             continue
@@ -193,6 +253,157 @@ def select_untracked(
         if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):  # git holds nothing else (fifos...)
             keep.append(rel)
     return keep, left
+
+
+def _drop_linked_data(root: Path, data: Sequence[str], env: dict[str, str]) -> None:
+    """A data path that is a committed symlink (data -> /datasets/imagenet) stays out of the
+    snapshot: rsync makes it a directory of the dataset's files on the box, and a link checked
+    out there would be replaced by it (a box edit that blocks the next push)."""
+    linked = [d.rstrip("/") for d in data if (root / d.rstrip("/")).is_symlink()]
+    if not linked:
+        return
+    listed = git(root, "ls-files", "-z", "-s", "--", *[f":(literal){d}" for d in linked], env=env)
+    links = [e.split("\t", 1)[1] for e in listed.split("\0") if e.startswith("120000 ")]
+    if links:
+        stdin = "".join(x + "\0" for x in links)
+        git(root, "update-index", "-z", "--force-remove", "--stdin", env=env, input=stdin)
+
+
+def _index_facts(root: Path, env: dict[str, str]) -> tuple[list[str], bool]:
+    """(the paths of the index's gitlinks (submodules), whether a tracked .gitattributes
+    names the Git LFS filter): one pass over the index."""
+    listed = proc.run(["git", "-C", str(root), "ls-files", "-s", "-z"], env=env, check=False).stdout
+    links, lfs = [], False
+    for rec in listed.split("\0"):
+        if rec.startswith("160000 "):
+            links.append(rec.split("\t", 1)[1])
+        elif not lfs and rec.endswith(".gitattributes"):
+            rel = rec.split("\t", 1)[1]
+            if rel == ".gitattributes" or rel.endswith("/.gitattributes"):
+                with contextlib.suppress(OSError):
+                    lfs = b"filter=lfs" in (root / rel).read_bytes()
+    return links, lfs
+
+
+def _lfs_content(root: Path, repo: Repo, env: dict[str, str]) -> list[LeftOut]:
+    """Put the content of the Git LFS files of the index at ``env``'s GIT_INDEX_FILE in place
+    of their pointers, as the work tree has it (the box and a job read the file, not 130 bytes
+    of pointer text, and never fetch from an LFS server); the files that are only pointers here
+    are named. Hashes are remembered by (size, mtime, inode) beside the index, so an unchanged
+    file is hashed once."""
+    import json
+
+    listed = git(root, "ls-files", "-s", "-z", "--", ":(attr:filter=lfs)", env=env)
+    entries = []
+    for rec in listed.split("\0"):
+        meta, _, rel = rec.partition("\t")
+        if rel and meta.split(" ")[0] in ("100644", "100755"):
+            entries.append((meta.split(" ")[0], rel))
+    cache_path = repo.index.parent / "remotedl-lfs-hashes.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    pointers: list[LeftOut] = []
+    known: dict[str, tuple[str, str]] = {}  # path -> (mode, blob)
+    fresh: list[tuple[str, str, list[int]]] = []  # (mode, path, stat key) to hash
+    for mode, rel in entries:
+        try:
+            st = os.stat(root / rel)
+            with open(root / rel, "rb") as f:
+                start = f.read(len(LFS_POINTER))
+        except OSError:
+            continue
+        if start == LFS_POINTER and st.st_size < 1024:
+            pointers.append(LeftOut(rel, "lfs-pointer", st.st_size))
+            continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = cache.get(rel)
+        if isinstance(hit, list) and len(hit) == 2 and hit[0] == key and isinstance(hit[1], str):
+            known[rel] = (mode, hit[1])
+        elif "\n" not in rel:  # hash-object reads paths a line each
+            fresh.append((mode, rel, key))
+    if known:  # a remembered blob the object store no longer has (gc) is hashed again
+        checked = git(
+            root, "cat-file", "--batch-check", env=env, input="".join(b + "\n" for _, b in known.values())
+        )
+        gone = {line.split()[0] for line in checked.splitlines() if line.endswith(" missing")}
+        for rel, (mode, blob) in list(known.items()):
+            if blob in gone:
+                del known[rel]
+                st = os.stat(root / rel)
+                fresh.append((mode, rel, [st.st_size, st.st_mtime_ns, st.st_ino]))
+    if fresh:
+        ids = git(root, "hash-object", "-w", "--no-filters", "--stdin-paths", env=env,
+                  input="".join(rel + "\n" for _, rel, _ in fresh)).split()  # fmt: skip
+        for (mode, rel, key), blob in zip(fresh, ids, strict=True):
+            known[rel] = (mode, blob)
+            cache[rel] = [key, blob]
+        with contextlib.suppress(OSError):
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: v for k, v in cache.items() if k in known}))
+            tmp.replace(cache_path)
+    if known:
+        info = "".join(f"{mode} {blob}\t{rel}\0" for rel, (mode, blob) in known.items())
+        git(root, "update-index", "-z", "--index-info", env=env, input=info)
+    return pointers
+
+
+def _copy_objects(sub: Path, root: Path, tree: str, env: dict[str, str]) -> None:
+    """Copy ``tree`` and all it holds from the repository at ``sub`` into ``root``'s object
+    store: only what ``root`` lacks, as one pack (made visible at once: a present tree means
+    all its objects are)."""
+    if proc.run(["git", "-C", str(root), "cat-file", "-e", tree], env=env, check=False).returncode == 0:
+        return
+    listed = git(sub, "rev-list", "--objects", "--no-object-names", tree, env=env)
+    ids = listed.split()
+    checked = git(root, "cat-file", "--batch-check", env=env, input="".join(i + "\n" for i in ids))
+    lacking = [line.split()[0] for line in checked.splitlines() if line.endswith(" missing")]
+    with tempfile.TemporaryFile() as wanted:
+        wanted.write("".join(i + "\n" for i in lacking).encode())
+        wanted.seek(0)
+        packer = proc.popen(
+            ["git", "-C", str(sub), "pack-objects", "--stdout", "-q"],
+            env=env, stdin=wanted.fileno(), stderr=subprocess.DEVNULL, text=False,
+        )  # fmt: skip
+        assert packer.stdout is not None
+        indexer = proc.popen(
+            ["git", "-C", str(root), "index-pack", "--stdin"],
+            env=env, stdin=packer.stdout.fileno(), stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        packer.stdout.close()
+        _, err = indexer.communicate()
+        packed = packer.wait()
+    if indexer.returncode != 0 or packed != 0:
+        raise RemotedlError(f"could not copy the objects of submodule {sub.name}: {err.strip()}")
+
+
+def _flatten_submodules(
+    root: Path, paths: Sequence[str], env: dict[str, str], *, max_file: int, say: Callable[[str], None]
+) -> list[LeftOut]:
+    """Put each checked-out submodule's snapshot tree in place of its gitlink in the index at
+    ``env``'s GIT_INDEX_FILE (see the module's doc); what was left out, and notes."""
+    notes: list[LeftOut] = []
+    for path in paths:
+        sub = root / path
+        top = proc.run(["git", "-C", str(sub), "rev-parse", "--show-toplevel"], env=_clean_env(), check=False)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != sub.resolve():
+            notes.append(LeftOut(path + "/", "submodule"))  # not initialised: nothing to send
+            continue
+        say(f"snapshot: submodule {path}")
+        snap = take_snapshot(sub, max_file=max_file)
+        if snap.commit is None:
+            notes.append(LeftOut(path + "/", "submodule"))
+            continue
+        tree = git(sub, "rev-parse", f"{snap.commit}^{{tree}}", env=_clean_env())
+        _copy_objects(sub, root, tree, _clean_env())
+        git(root, "update-index", "--force-remove", "--", path, env=env)
+        git(root, "read-tree", f"--prefix={path}/", tree, env=env)
+        if snap.edited:
+            notes.append(LeftOut(path + "/", "submodule-edits"))
+        notes += [LeftOut(f"{path}/{x.path}", x.reason, x.size) for x in snap.left_out]
+    return notes
 
 
 def take_snapshot(
@@ -226,10 +437,11 @@ def take_snapshot(
             if head:
                 git(root, "read-tree", head, env=env)
             git(root, "add", "-u", env=env)
+        _drop_linked_data(root, data, env)
         say("snapshot: listing untracked files")
         listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", env=env)
         untracked = [p for p in listed.split("\0") if p]
-        keep, left = select_untracked(root, untracked, data=data, max_file=max_file)
+        keep, left = select_untracked(root, untracked, data=data, max_file=max_file, pulled=read_pulled(repo))
         if keep:
             say(f"snapshot: adding {len(keep)} untracked file{'s' if len(keep) != 1 else ''}")
             proc.run(
@@ -238,6 +450,15 @@ def take_snapshot(
                 input="".join(p + "\0" for p in keep),
             )
         tree = git(root, "write-tree", env=env)
+        edited = tree != repo.head_tree if head else True
+        plain = tree
+        links, lfs = _index_facts(root, env)
+        if lfs:
+            left += _lfs_content(root, repo, env)
+        if links:
+            left += _flatten_submodules(root, links, env, max_file=max_file, say=say)
+        if lfs or links:
+            tree = git(root, "write-tree", env=env)
     if head and tree == repo.head_tree:
         return Snapshot(head, head, False, left, len(keep))
     if not head and tree == git(root, "hash-object", "-t", "tree", "--stdin", env=env0, input=""):
@@ -254,5 +475,25 @@ def take_snapshot(
     }
     parents = ["-p", head] if head else []
     message = SNAPSHOT_PREFIX + (head or "an empty repository")
+    if tree != plain:
+        # Submodules' files and LFS content in place of gitlinks and pointers: the tree of the
+        # work itself is kept, so a job's "changed files" are the user's changes, not those.
+        edits = "".join(f"\n{EDITED_SUBMODULE}{x.path}" for x in left if x.reason == "submodule-edits")
+        message += f"\n\n{WORK_TREE}{plain}{edits}"
     commit = git(root, "commit-tree", tree, *parents, "-m", message, env=ident)
-    return Snapshot(commit, head, True, left, len(keep))
+    return Snapshot(commit, head, True, left, len(keep), edited)
+
+
+def snapshot_changes(root: Path, head: str, commit: str) -> list[str]:
+    """The paths a snapshot commit changed against ``head`` as the user changed them: a
+    submodule's files or an LFS file's content that the snapshot put in are not changes (a
+    submodule with uncommitted changes is its path, ending in "/")."""
+    body = git(root, "log", "-1", "--format=%b", commit, check=False)
+    base, edited = commit, []
+    for line in body.splitlines():
+        if line.startswith(WORK_TREE):
+            base = line[len(WORK_TREE) :].strip()
+        elif line.startswith(EDITED_SUBMODULE):
+            edited.append(line[len(EDITED_SUBMODULE) :])
+    r = proc.run(["git", "-C", str(root), "diff", "--name-only", "--no-renames", head, base], check=False)
+    return (r.stdout.splitlines() if r.returncode == 0 else []) + edited

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from remotedl import proc
+from remotedl.config import project_relative
 from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
 from remotedl.rsync import (
     PARTIAL_DIR,
@@ -49,6 +50,7 @@ from remotedl.rsync import (
     Stage,
     Transfer,
     literal,
+    parse_items,
     protect_args_flag,
     rsync_argv,
     rsync_failure,
@@ -61,12 +63,14 @@ from remotedl.snapshot import (
     Snapshot,
     git_root,
     project_identity,
+    record_pulled,
     repo_facts,
     take_snapshot,
 )
 from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
 from remotedl.ssh.openssh import control_dir, openssh_failure, ssh_command_string
 from remotedl.ssh.resolve import HostSpec
+from remotedl.treeid import ADOPT, default_remote_dir
 
 __all__ = [
     "DEFAULT_MAX_FILE",
@@ -105,6 +109,10 @@ class PushResult:
     transfers: list[Transfer] = field(default_factory=list)
     seconds: float = 0.0
     left_out: list[LeftOut] = field(default_factory=list)
+    # The mode remote_dir was made with, when this push made it (None: it was there).
+    created_mode: str | None = None
+    # Data paths that do not exist here (not sent; the box's copy, if any, left as it is).
+    missing: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +124,14 @@ class PullResult:
     transfers: list[Transfer] = field(default_factory=list)
     # Tracked files with uncommitted edits here that the box's copy would have replaced.
     kept: list[str] = field(default_factory=list)
+    # Tracked files the box has in another version, left alone: not named (pull a file by
+    # its name to take the box's version).
+    kept_tracked: list[str] = field(default_factory=list)
+    # Files whose copy here is newer than the box's, left alone.
+    kept_newer: list[str] = field(default_factory=list)
+    # Files here replaced by the box's newer copy, and tracked files replaced because named.
+    replaced: list[str] = field(default_factory=list)
+    replaced_tracked: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,12 +144,16 @@ def _stage(progress: ProgressFn | None, text: str) -> None:
 
 # ------------------------------------------------------------------ remote_dir: safe and ours
 
+# remote_dir is made private: the pushed code, snapshots (untracked files too), job checkouts
+# and outputs are the user's alone unless ``remote_dir_mode`` opens them to a group.
+DEFAULT_DIR_MODE = "0700"
+
 
 def normalize_remote_dir(remote_dir: str) -> str:
     """``remote_dir`` tidied ("~/a//b/" -> "~/a/b"), or a ConfigError when it names the box's
     home, ``/``, a top-level directory, or climbs with "..": remotedl would put the project's
     files among the box's own."""
-    flag = "set another with --remote-dir DIR or `remote_dir` in remotedl.toml (default ~/remotedl/PROJECT)"
+    flag = "set another with --remote-dir DIR or `remote_dir` in remotedl.toml (default ~/remotedl/ID)"
     value = remote_dir.strip()
     if not value or "\n" in value or "\0" in value:
         raise ConfigError(f"remote_dir {remote_dir!r} is not a directory name", hint=flag)
@@ -161,16 +181,21 @@ def normalize_remote_dir(remote_dir: str) -> str:
 
 # "$1": remote_dir (normalised; "~/..." allowed), "$2": the project's identity ("" if it has
 # none), "$3": create (push) | check (run --no-push: must be ours) | pull (must exist, not
-# another project's), "$4": a commit: report whether the box is clean at it; "$5"...: the lines
-# of the box repository's .git/info/exclude that are remotedl's (the first is their header).
+# another project's), "$4": a commit: report whether the box is clean at it; "$5": the mode of
+# remote_dir when this makes it (octal); "$6": with the default remote_dir, the folder-named
+# default of earlier versions (a tree of this project there is kept: see remotedl.treeid), else
+# ""; "$7"...: the lines of the box repository's
+# .git/info/exclude that are remotedl's (the first is their header).
 _PREPARE = (
     EXPAND_HOME
+    + ADOPT
     + r"""
 set -e
 command -v git >/dev/null 2>&1 || { echo "@@nogit"; exit 0; }
-id=$2 mode=$3 commit=$4
+id=$2 mode=$3 commit=$4 dmode=$5
 d=$(expand_home "$1")
 case $d in /*) ;; *) d="$HOME/$d";; esac
+if [ -n "$6" ]; then adopt_tree "$d" "$id" "$6"; fi
 # The physical path, through the deepest directory that exists (symlinks resolved).
 p=$d rest=
 while [ ! -d "$p" ]; do rest="/${p##*/}$rest"; p=$(dirname -- "$p"); done
@@ -218,7 +243,8 @@ else
     git init -q "$tmp"
     git -C "$tmp" config remotedl.created 1
     if [ -n "$id" ]; then git -C "$tmp" config remotedl.project "$id"; fi
-    mkdir -p -- "$real"
+    # Private unless the user opened it (remote_dir_mode): home directories are often 0755.
+    [ -d "$real" ] || { mkdir -m "$dmode" -- "$real"; echo "@@created $dmode"; }
     mv -- "$tmp/.git" "$real/.git"
     rmdir -- "$tmp"
   fi
@@ -226,9 +252,9 @@ else
 fi
 [ "$mode" = create ] || exit 0
 ex=$real/.git/info/exclude
-if ! grep -qxF "$5" "$ex" 2>/dev/null; then
+if ! grep -qxF "$7" "$ex" 2>/dev/null; then
   mkdir -p -- "$real/.git/info"
-  shift 4; printf '%s\n' "$@" >>"$ex"
+  shift 6; printf '%s\n' "$@" >>"$ex"
 fi
 cd -- "$real"
 head=$(git rev-parse -q --verify HEAD 2>/dev/null || echo none)
@@ -246,6 +272,7 @@ class RemoteDir:
     path: str  # absolute, physical
     head: str | None  # the checked-out commit (None: nothing yet)
     clean: bool  # at ``head``, no tracked file changed on the box, no checkout pending
+    created: str | None = None  # the mode it was made with, when this call made it
 
 
 def _remote_dir_error(box: Box, remote_dir: str, marks: dict[str, str], ident: str) -> None:
@@ -287,17 +314,23 @@ def claim_remote_dir(
     mode: str = "create",
     commit: str | None = None,
     ident: str | None = None,
+    dir_mode: str = DEFAULT_DIR_MODE,
+    legacy: str = "",
 ) -> RemoteDir:
     """Check (and with mode "create", make) the box's work tree for this project; see _PREPARE.
-    ``ident``: the project's identity, if the caller has it already."""
+    ``ident``: the project's identity, if the caller has it already; ``legacy``: see
+    ``legacy_name``."""
     tidy = normalize_remote_dir(remote_dir)
     if ident is None:
         ident = project_identity(project_root) if project_root is not None and _in_git(project_root) else ""
-    out = box.run(_PREPARE, tidy, ident, mode, commit or "-", _EXCLUDE_HEADER, *BOX_EXCLUDES)
+    out = box.run(
+        _PREPARE, tidy, ident, mode, commit or "-", dir_mode, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES
+    )
     marks = parse_marks(out.stdout)
     _remote_dir_error(box, remote_dir, marks, ident)
     head = marks.get("head")
-    return RemoteDir(marks["dir"], None if head in (None, "none") else head, "clean" in marks)
+    head = None if head in (None, "none") else head
+    return RemoteDir(marks["dir"], head, "clean" in marks, marks.get("created"))
 
 
 def prepare_remote_dir(box: Box, remote_dir: str) -> tuple[str, str | None]:
@@ -314,12 +347,21 @@ def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> st
     code on the box ("run what is there"), and runs."""
     box = Box(spec)
     ident = project_identity(project_root) if _in_git(project_root) else ""
+    tidy = normalize_remote_dir(remote_dir)
+    legacy = legacy_name(tidy, ident, project_root)
     out = box.run(
-        _PREPARE, normalize_remote_dir(remote_dir), ident, "check", "-", _EXCLUDE_HEADER, *BOX_EXCLUDES
+        _PREPARE, tidy, ident, "check", "-", DEFAULT_DIR_MODE, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES
     )
     marks = {k: v for k, v in parse_marks(out.stdout).items() if k not in ("foreign", "notours")}
     _remote_dir_error(box, remote_dir, marks, ident)
     return marks["dir"]
+
+
+def legacy_name(tidy: str, ident: str, project_root: Path) -> str:
+    """With the default ``remote_dir`` (named after the identity): the name earlier versions
+    gave it (the project folder's), so that the box keeps a tree this project has there;
+    "" for a configured remote_dir."""
+    return project_root.name if ident and tidy == default_remote_dir(ident, "") else ""
 
 
 def _in_git(path: Path) -> bool:
@@ -350,10 +392,18 @@ if [ -n "$4" ] && [ "$have" != "$4" ]; then
   if [ -n "$have" ]; then echo "@@other $have"; else echo "@@gone"; fi; exit 0  # unclaimed: prepare
 fi
 if command -v flock >/dev/null 2>&1; then exec 9<.git; flock -w 300 9 || true; fi
+# Files arrive as the laptop has them (Git LFS content included): no Git LFS filter of the
+# box's git rewrites them (one would fetch pointers from a server the box cannot reach).
+if [ "$(git config --local --get filter.lfs.required 2>/dev/null)" != false ]; then
+  for k in process clean smudge; do git config "filter.lfs.$k" ""; done
+  git config filter.lfs.required false
+fi
 if [ -n "$5" ]; then
   # The new commit's objects follow on stdin, as a pack over "$5", a commit the box has.
   git cat-file -e "$5^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
-  if [ "$6" -lt 100 ]; then git unpack-objects -q; else git index-pack -q --stdin --fix-thin >/dev/null; fi
+  # (index-pack has no -q; whatever goes wrong here, `git push` sends the objects instead.)
+  if [ "$6" -lt 100 ]; then git unpack-objects -q 2>/dev/null || true
+  else git index-pack --stdin --fix-thin >/dev/null 2>&1 || true; fi
   git cat-file -e "$new^{commit}" 2>/dev/null || { echo "@@needpush"; exit 0; }
   git update-ref refs/remotedl/pushed "$new"
   nohup git gc --auto -q </dev/null >/dev/null 2>&1 9<&- &
@@ -478,6 +528,11 @@ def _git_push(box: Box, root: Path, abs_dir: str, commit: str) -> None:
     env = {**os.environ, "GIT_SSH_COMMAND": ssh_command_string(spec), "GIT_SSH_VARIANT": "ssh"}
     url = f"ssh://{spec.alias}{abs_dir}"
     argv = ["git", "-C", str(root), "push", "-q", "--no-verify", url, f"+{commit}:{PUSHED_REF}"]
+    shallow = proc.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"], check=False)
+    if shallow.stdout.strip() == "true":
+        # A shallow clone (`git clone --depth N`): the box takes its history as shallow as it
+        # is here, where receive-pack would refuse it ("shallow update not allowed").
+        argv[4:4] = ["--receive-pack=git -c receive.shallowUpdate=true receive-pack"]
     for attempt in range(3):
         result = proc.run(argv, env=env, check=False)
         if result.returncode == 0:
@@ -628,14 +683,14 @@ def push_lock(spec: HostSpec, abs_or_configured_dir: str) -> Iterator[None]:
 
 
 def _relative_in(root: Path, path: str) -> str:
-    p = (root / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
-    try:
-        rel = p.relative_to(root.resolve())
-    except ValueError as e:
-        raise UsageError(f"data path {path} is outside the project ({root})") from e
-    if str(rel) == ".":
+    """A data path's place in the project, by name (a symlink there to a dataset disk is
+    fine: rsync sends what it points to); one that climbs out is refused."""
+    rel = project_relative(root.resolve(), path)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        raise UsageError(f"data path {path} is outside the project ({root})")
+    if rel == ".":
         raise UsageError("the project root itself is code: list data directories, not '.'")
-    return str(rel)
+    return rel
 
 
 # ------------------------------------------------------------------ push
@@ -653,14 +708,19 @@ def push(
     code: bool = True,
     max_snapshot_file: int = DEFAULT_MAX_FILE,
     progress: ProgressFn | None = None,
+    send_data: Sequence[str] | None = None,
+    dir_mode: str = DEFAULT_DIR_MODE,
 ) -> PushResult:
+    """Push the code (``code``) and rsync the ``data`` paths. ``send_data``: the data paths to
+    rsync this time (``push --watch``: those that changed); all of ``data`` when None. The
+    snapshot leaves out every configured ``data`` path whichever are sent."""
     t0 = time.perf_counter()
     repo = repo_facts(project_root) if code else None
     root = repo.root if repo is not None else project_root
     rels = [_relative_in(root, d) for d in data]
-    for rel in rels:
-        if not (root / rel).exists():
-            raise UsageError(f"data path {rel} does not exist in {root}")
+    # A clone without the data (or a dataset disk not mounted) still pushes its code; the
+    # box's copy of a missing path stays as it is (named in the result, nothing deleted).
+    missing = [rel for rel in rels if not (root / rel).exists()]
     tidy = normalize_remote_dir(remote_dir)
     ident = project_identity(root) if repo is not None or _in_git(root) else ""
     with push_lock(spec, tidy):
@@ -678,6 +738,7 @@ def push(
         memo = _known_file(spec, tidy, ident)
         known = _load_known(memo)
         changed = False
+        created: str | None = None
         marks: dict[str, str] | None = None
         if known is not None and (snap.commit is None or not code):
             abs_dir = known.path
@@ -692,7 +753,11 @@ def push(
                 known = None
         if known is None:
             _stage(progress, f"box: preparing {tidy}")
-            rd = claim_remote_dir(box, tidy, root, commit=snap.commit, ident=ident)
+            legacy = legacy_name(tidy, ident, project_root)
+            rd = claim_remote_dir(
+                box, tidy, root, commit=snap.commit, ident=ident, dir_mode=dir_mode, legacy=legacy
+            )
+            created = rd.created
             abs_dir = rd.path
             if code and snap.commit and not (rd.clean and rd.head == snap.commit):
                 changed = push_code(
@@ -703,15 +768,20 @@ def push(
         if snap.commit:
             _save_known(memo, _Known(abs_dir, snap.commit))
         result = PushResult(
-            abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out
-        )
-        if rels and box.noise:
+            abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out,
+            created_mode=created, missing=missing,
+        )  # fmt: skip
+        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
+        sending = [rel for rel in sending if rel not in missing]
+        if sending and box.noise:
             raise startup_noise_error(box, "rsync")
-        for rel in rels:
+        for rel in sending:
             _stage(progress, f"data: {rel}")
-            argv = rsync_argv(
-                spec, [f"{root}/./{rel}"], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes
-            )
+            # A symlink to a directory (data -> /datasets/imagenet) is followed at the top, so
+            # the box gets the dataset's files under the same name; links inside stay links.
+            linked_dir = (root / rel).is_symlink() and (root / rel).is_dir()
+            source = f"{root}/./{rel}" + ("/" if linked_dir else "")
+            argv = rsync_argv(spec, [source], f"{spec.alias}:{abs_dir}/", delete=delete, excludes=excludes)
             result.transfers.append(run_rsync(spec, argv, rel, progress))
     result.seconds = time.perf_counter() - t0
     return result
@@ -791,9 +861,11 @@ def pull(
     source_dir: str | None = None,
 ) -> PullResult:
     """Bring box paths (relative to remote_dir, or to the absolute box directory ``source_dir``)
-    home. Never deletes; never overwrites newer files; never writes into ``.git``; leaves
-    tracked files with uncommitted edits here alone (and names them). ``.`` means the work
-    tree's outputs: the repository and what remotedl keeps there stay on the box."""
+    home. Never deletes; never overwrites newer files; never writes into ``.git``; never writes
+    a tracked file unless it is named itself (then the box's version, whatever the clocks say,
+    as long as it has no uncommitted edits here); names what it kept and what it replaced.
+    ``.`` means the work tree's outputs: the repository and what remotedl keeps there stay on
+    the box. What it writes is listed as pulled: the code snapshot leaves it out."""
     if not paths:
         raise UsageError("name at least one path to pull, relative to the remote directory")
     where = source_dir or remote_dir
@@ -821,10 +893,17 @@ def pull(
     if box.noise:
         raise startup_noise_error(box, "rsync")
     result = PullResult(str(root))
+    repo = repo_facts(root) if _in_git(root) else None
     modified = _modified_tracked(root, rels)
+    tracked = set(_tracked(root, rels)) if repo is not None else set()
+    written: list[str] = []
     for rel in rels:
         mine = [m for m in modified if rel in (".", m) or m.startswith(rel + "/")]
-        protect = [f"/{literal(m)}" for m in mine]
+        named = rel in tracked and rel not in mine  # a tracked file asked for by its name
+        under = sorted(t for t in tracked if t != rel and (rel == "." or t.startswith(rel + "/")))
+        edited = set(mine)
+        others = [t for t in under if t not in edited]
+        protect = [f"/{literal(m)}" for m in [*mine, *others]]
         if rel == ".":
             protect += list(BOX_EXCLUDES)
         stdin = "".join(p + "\0" for p in protect).encode("utf-8", "surrogateescape")
@@ -833,23 +912,42 @@ def pull(
             [f"{spec.alias}:{abs_dir}/./{rel}"],
             f"{root}/",
             excludes=[".git", *excludes],
-            update=True,
+            update=not named,  # named: the box's version, whichever clock is ahead
+            checksum=named,
             exclude_from_stdin=True,
+            itemize=True,
         )
-        result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin))
+        lines: list[str] = []
+        result.transfers.append(run_rsync(spec, argv, rel, progress, stdin=stdin, lines=lines))
+        items = parse_items(lines)
+        written += [w for w in items.written if w not in tracked]
+        result.kept_newer += items.newer_here
+        for path in items.replaced:
+            (result.replaced_tracked if path in tracked else result.replaced).append(path)
         if mine:
-            result.kept += _would_replace(spec, abs_dir, root, mine)
+            result.kept += _differs(spec, abs_dir, root, mine)
+        if others:
+            result.kept_tracked += _differs(spec, abs_dir, root, others)
+    if repo is not None:
+        record_pulled(repo, written)
     return result
 
 
-def _would_replace(spec: HostSpec, abs_dir: str, root: Path, files: Sequence[str]) -> list[str]:
-    """Which of ``files`` (relative) the box has in another version that pull would have
-    brought (newer there): a dry run over just those."""
+def _tracked(root: Path, rels: Sequence[str]) -> list[str]:
+    """Files under ``rels`` (relative to the top ``root``) that git tracks (in the index)."""
+    specs = [f":(literal){r}" if r != "." else "." for r in rels]
+    out = proc.run(["git", "-C", str(root), "ls-files", "-z", "--", *specs], check=False).stdout
+    return sorted({p for p in out.split("\0") if p})
+
+
+def _differs(spec: HostSpec, abs_dir: str, root: Path, files: Sequence[str]) -> list[str]:
+    """Which of ``files`` (relative) the box has with other contents: a dry run over just
+    those, by checksum (clocks say nothing about which version is wanted)."""
     argv = [
         "rsync",
         "-a",
         "-n",
-        "--update",
+        "--checksum",
         "--out-format=%n",
         "--from0",
         "--files-from=-",

@@ -1,14 +1,21 @@
 """Find or start TensorBoard on the box, for ``remotedl tensorboard``.
 
 A TensorBoard already serving the directory (TensorBoard's own record of running servers,
-``$TMPDIR/.tensorboard-info/pid-*.info``, the one its notebook magic reads) is reused;
+``pid-*.info`` under ``.tensorboard-info`` in remotedl's private TMPDIR on the box, or in
+``$TMPDIR``/``/tmp``, the one its notebook magic reads) is reused when the record is the box
+user's own file, for a live process of the box user, and the server has a secret path prefix;
 otherwise the project's TensorBoard (its ``.venv``, else PATH) starts in a tmux session on the
 box, bound to 127.0.0.1, on the first free port from 6006. tmux gets the command as separate
 words: no login shell parses the directory names. Several directories at once (one per job)
 are one TensorBoard with ``--logdir_spec name:dir,...``, each run named by its job.
 
-TensorBoard has no token: it is reached only through the tunnel, but other users of the box
-can reach its 127.0.0.1 port as they could any local port there.
+TensorBoard has no token, and every user of the box can reach its 127.0.0.1 port. So remotedl
+serves it under a random path prefix (``--path_prefix /SECRET``; anything else answers 404)
+that only the box user can know: made on the box, kept in a 0600 flag file under
+``~/.remotedl`` and given to TensorBoard as ``--flagfile`` (never in its argv, which ``ps``
+shows to all), recorded in its 0600 info record, and put in the tunnelled URL. A Unix socket
+would be tighter but TensorBoard cannot serve one, and a proxy in front would be one more
+server to keep alive; the prefix needs neither.
 """
 
 from __future__ import annotations
@@ -50,30 +57,46 @@ for d in "$@"; do
   if [ -d "$p" ]; then p=$(cd -- "$p" && pwd -P); echo "@@exists $p"; fi
   echo "@@logdir $p"
 done
-for f in "${TMPDIR:-/tmp}"/.tensorboard-info/pid-*.info; do
-  [ -f "$f" ] || continue
+# Only the box user's own records of the box user's own live processes: another user can write
+# records in the shared /tmp/.tensorboard-info (TensorBoard makes it 0777).
+uid=$(id -u)
+for f in "$HOME/.remotedl/tensorboard/.tensorboard-info"/pid-*.info \
+         "${TMPDIR:-/tmp}"/.tensorboard-info/pid-*.info; do
+  [ -f "$f" ] && [ ! -L "$f" ] && [ -O "$f" ] || continue
   pid=${f##*/pid-}; pid=${pid%.info}
-  [ -d "/proc/$pid" ] || kill -0 "$pid" 2>/dev/null || continue
-  printf '@@info '; tr -d '\n' < "$f"; echo
+  case $pid in ''|*[!0-9]*) continue;; esac
+  if [ -d /proc/self ]; then
+    [ -d "/proc/$pid" ] && [ -O "/proc/$pid" ] || continue
+  else
+    [ "$(ps -o uid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$uid" ] || continue
+  fi
+  printf '@@info %s ' "$pid"; tr -d '\n' < "$f"; echo
 done
 """
 )
 
 # "$1" remote_dir, "$2" tensorboard, "$3" session, "$4" port or "", then TensorBoard's own
 # arguments (--logdir DIR or --logdir_spec SPEC). The words reach tmux, then sh -c with a
-# constant script, then TensorBoard, each as its own argument.
+# constant script, then TensorBoard, each as its own argument. The path prefix is made here,
+# on the box, into a 0600 flag file: it is in no argv on either side.
 _START = (
     EXPAND_HOME
     + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 umask 077
-mkdir -p "$HOME/.remotedl"
+mkdir -p "$HOME/.remotedl/tensorboard"
 tb=$2 s=$3 port=$4
 shift 4
 log="$HOME/.remotedl/$s.log"
+flags="$HOME/.remotedl/$s.flags"
+secret=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+[ ${#secret} = 32 ] || { echo "@@nosecret"; exit 0; }
+rm -f -- "$flags"
+printf -- '--path_prefix=/%s\n' "$secret" > "$flags"
 tmux kill-session -t "=$s" 2>/dev/null
-tmux new-session -d -s "$s" -c "$(pwd)" /bin/sh -c 'log=$1; shift; exec "$@" > "$log" 2>&1' sh \
-  "$log" env "TMPDIR=${TMPDIR:-/tmp}" "$tb" --host 127.0.0.1 ${port:+--port} ${port:+"$port"} "$@"
+tmux new-session -d -s "$s" -c "$(pwd)" /bin/sh -c 'umask 077; log=$1; shift; exec "$@" > "$log" 2>&1' sh \
+  "$log" env "TMPDIR=$HOME/.remotedl/tensorboard" "$tb" "--flagfile=$flags" --host 127.0.0.1 \
+  ${port:+--port} ${port:+"$port"} "$@"
 """
 )
 
@@ -96,6 +119,37 @@ class TensorBoardServer:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def reached_at(self, local_port: int, timeout: float = 3.0) -> bool:
+        """Whether 127.0.0.1:``local_port`` here already is this server: its own process
+        listens there (the box is this machine, as a sandbox box is), or a TensorBoard there
+        serves the same directory (a tunnel to it is up). Then no tunnel is needed."""
+        from remotedl.tunnel import listeners, local_json
+
+        if self.pid and self.pid in listeners(local_port):
+            return True
+        prefix = self.path_prefix.rstrip("/")
+        env = local_json(f"http://127.0.0.1:{local_port}{prefix}/data/environment", timeout)
+        return isinstance(env, dict) and env.get("data_location") == self.serves
+
+
+def serves_tensorboard(local_port: int, timeout: float = 3.0) -> bool:
+    """Whether 127.0.0.1:``local_port`` here is a TensorBoard (it may be the box's own). One
+    that remotedl started answers only under its secret prefix, so its listening process's
+    command line tells too."""
+    from pathlib import Path
+
+    from remotedl.tunnel import listeners, local_json
+
+    for pid in listeners(local_port):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(w.rsplit(b"/", 1)[-1] == b"tensorboard" for w in words):
+            return True
+    env = local_json(f"http://127.0.0.1:{local_port}/data/environment", timeout)
+    return isinstance(env, dict) and "data_location" in env
 
 
 @dataclass
@@ -124,11 +178,13 @@ def _find(box: Box, remote_dir: str, dirs: Sequence[str]) -> _Look:
         elif key == "@@exists":
             look.exists.add(value)
         elif key == "@@info":
+            pid, _, text = value.partition(" ")
             try:
-                info = json.loads(value)
+                info = json.loads(text)
             except ValueError:
                 continue
-            if isinstance(info, dict) and isinstance(info.get("port"), int):
+            # The record names the process whose file it is (the file's own pid, checked there).
+            if isinstance(info, dict) and isinstance(info.get("port"), int) and str(info.get("pid")) == pid:
                 look.infos.append(info)
     return look
 
@@ -149,6 +205,12 @@ def _served(info: dict[str, Any]) -> str:
     if logdir.startswith("/"):
         return posixpath.normpath(logdir)
     return posixpath.normpath(posixpath.join(wd, logdir)) if logdir and wd else logdir
+
+
+def _private(info: dict[str, Any]) -> bool:
+    """Served under a secret path prefix (as remotedl starts it): a long random first part."""
+    prefix = str(info.get("path_prefix") or "").strip("/")
+    return len(prefix) >= 32 and "/" not in prefix
 
 
 def logdir_spec(runs: Sequence[tuple[str, str]]) -> str:
@@ -201,6 +263,8 @@ def find_or_start(
         resolved = []
         args = ["--logdir", serves]
     for info in look.infos:
+        if not _private(info):
+            continue  # started without a secret prefix: any user of the box could read it
         if _served(info) == serves and (remote_port is None or info["port"] == remote_port):
             return TensorBoardServer(
                 int(info["port"]),
@@ -213,13 +277,15 @@ def find_or_start(
     session = SESSION_PREFIX + hashlib.sha256(serves.encode()).hexdigest()[:10]
     port = str(remote_port) if remote_port else ""
     t0 = time.time()
-    box.run(_START, remote_dir, look.tensorboard, session, port, *args)
+    if "@@nosecret" in box.run(_START, remote_dir, look.tensorboard, session, port, *args).stdout:
+        raise RemoteError(f"cannot make a secret on {spec.alias}: /dev/urandom or od did not answer")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         say(f"starting TensorBoard on {spec.alias}")
         look = _find(box, remote_dir, dirs)
         for info in look.infos:
-            if _served(info) == serves and float(info.get("start_time") or 0) >= int(t0) - 5:
+            fresh = float(info.get("start_time") or 0) >= int(t0) - 5
+            if _private(info) and _served(info) == serves and fresh:
                 return TensorBoardServer(
                     int(info["port"]),
                     serves,

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from remotedl import proc
 from remotedl.errors import ConnectError, HostKeyError, RemotedlError, UsageError
@@ -104,6 +105,26 @@ def _listeners_from_proc(port: int) -> list[tuple[int, str]]:
                         found.append((int(pid), command_words(c.read())))
                     break
     return found
+
+
+def listeners(port: int) -> set[int]:
+    """The pids listening on local TCP ``port`` that can be told (Linux /proc; else none)."""
+    return {pid for pid, _ in _listeners_from_proc(port)} if os.path.isdir("/proc/net") else set()
+
+
+def local_json(url: str, timeout: float = 3.0) -> Any:
+    """What an HTTP ``url`` on this machine's 127.0.0.1 answers as JSON, or None (not 200, not
+    JSON, nothing there). Never through an ``http_proxy``: it is a local port."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with direct.open(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def command_words(cmdline: bytes, limit: int = 72) -> str:
@@ -195,6 +216,8 @@ def check_local_ports(
 _LISTENING = re.compile(r"Local forwarding listening on 127\.0\.0\.1 port (\d+)")
 _LISTENER_READY = re.compile(r"channel \d+: new .*\[port listener\]")
 _REQUESTED = re.compile(r"Connection to port (\d+) forwarding to \S+ port (\d+) requested")
+# "bind [127.0.0.1]:8888: Address already in use", "cannot listen to port: 8888"
+_CANNOT_LISTEN = re.compile(r"bind \[?[\d.]+\]?:(\d+): Address already in use|cannot listen to port: (\d+)")
 _OPEN_FAILED = re.compile(r"channel \d+: open failed: connect failed: (.*)")
 
 
@@ -285,14 +308,31 @@ class Tunnel:
         text = "\n".join(tail)
         low = text.lower()
         if "address already in use" in low or "cannot listen to port" in low:
-            return RemotedlError("a local port of the tunnel is already in use",
-                                 hint="pick another local port")  # fmt: skip
+            return self._port_taken(text)
         err = openssh_failure(self.spec, text)
         if isinstance(err, HostKeyError) or "authentication failed" in err.message:
             return err
         if "cannot resolve" in err.message and not self.connections and not self.reconnects:
             return err
         return None
+
+    def _port_taken(self, text: str) -> RemotedlError:
+        """ssh could not listen on a local port (taken since it was checked): which one, who
+        holds it, and a free one, as the check before the start says it."""
+        m = _CANNOT_LISTEN.search(text)
+        port = int(m.group(1) or m.group(2)) if m else None
+        if port is None:
+            return RemotedlError(
+                "a local port of the tunnel is already in use", hint="pick another local port"
+            )
+        holder = port_holder(port)
+        free = suggest_port(port, [f.local for f in self.forwards])
+        f = next((f for f in self.forwards if f.local == port), Forward(port, port))
+        instead = f", e.g. `{_tunnel_usage(f, free)}`" if free else ""
+        return RemotedlError(
+            f"local port {port} is already in use" + (f" by {holder}" if holder else ""),
+            hint=f"use another local port{instead}",
+        )
 
     def run(self) -> None:
         """Keep the tunnel up until ``stop()``. Raises only for errors retrying cannot fix."""

@@ -102,6 +102,7 @@ def watch(
     step_ms: int = 50,
     debounce_ms: int = 1600,
     max_pushes: int | None = None,
+    dir_mode: str = sync.DEFAULT_DIR_MODE,
 ) -> WatchSummary:
     """Push now, then on every change until ``stop`` is set (or Ctrl-C: KeyboardInterrupt
     reaches the caller, in whose thread the pushes run), or after ``max_pushes`` pushes."""
@@ -115,9 +116,11 @@ def watch(
         t0 = time.perf_counter()
         event: WatchEvent
         try:
+            # Every data path stays out of the snapshot; only the changed ones are rsynced.
             result = sync.push(
-                spec, root, remote_dir, data=data_paths, excludes=excludes, delete=delete,
-                force=force, code=code, max_snapshot_file=max_snapshot_file, progress=progress,
+                spec, root, remote_dir, data=rels, send_data=data_paths, excludes=excludes,
+                delete=delete, force=force, code=code, max_snapshot_file=max_snapshot_file,
+                progress=progress, dir_mode=dir_mode,
             )  # fmt: skip
             event = WatchEvent("pushed", changed, time.time(), time.perf_counter() - t0, result)
             summary.pushes += 1

@@ -277,3 +277,40 @@ def cli_for(b: Box, base: Path) -> Callable[..., CliResult]:
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None
+
+
+@dataclass
+class OtherUser:
+    """A second Unix user of the box machine: what another user of a shared box can do."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", *argv]
+
+    def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=60, **kw)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(argv), **kw)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    """``rdl-other``, made once (useradd; CI runs as root) and kept, like the sandbox users."""
+    if os.getuid() != 0 or not have("useradd") or not have("setpriv"):
+        pytest.skip("needs root, useradd and setpriv to act as a second user of the box")
+    name = "rdl-other"
+    try:
+        found = pwd.getpwnam(name)
+    except KeyError:
+        # Two test runs at once: one of them makes it, both find it.
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "-s", "/bin/sh", name],
+            capture_output=True,
+            check=False,
+        )
+        found = pwd.getpwnam(name)
+    return OtherUser(name, found.pw_uid, found.pw_gid)

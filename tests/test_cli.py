@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_after_the_command_word_only_gpu_options_are_remotedls():
         ["run", "--gpu", "0", "--", "train.py", "--port", "29500"],
         ["--gpu 0"],
     )
-    words = ["--name", "x", "-e", "A=1", "--data", "d", "-d", "--debug", "--json", "--host", "h"]
+    words = ["--name", "x", "--data", "d", "-d", "--debug", "--json", "--host", "h"]
     assert run_split("run", "train.py", *words) == (["run", "--", "train.py", *words], [])
     assert run_split("run", "run.sh", "--gpus=2", "a") == (
         ["run", "--gpus=2", "--", "run.sh", "a"],
@@ -129,6 +130,34 @@ def test_after_the_command_word_only_gpu_options_are_remotedls():
     # after `--` everything is the command's
     assert run_split("run", "train.py", "--", "--gpu", "0") == (["run", "--", "train.py", "--gpu", "0"], [])
     assert run_split("run", "--", "--gpu", "0") == (["run", "--", "--gpu", "0"], [])
+
+
+def test_env_after_the_command_word_is_remotedls():
+    # a secret given after the script was the script's argument: in `jobs`, the record, notifications
+    assert run_split("run", "train.py", "--lr", "1", "--env", "TOKEN=s3cr3t", "-e", "A=1 2") == (
+        ["run", "--env", "TOKEN=s3cr3t", "--env", "A=1 2", "--", "train.py", "--lr", "1"],
+        ["--env TOKEN", "--env A"],
+    )
+    assert run_split("run", "t.py", "--env=K=v=w", "-eB=") == (
+        ["run", "--env", "K=v=w", "--env", "B=", "--", "t.py"],
+        ["--env K", "--env B"],
+    )
+    # a -e of the command's own (no KEY=VALUE after it) stays the command's, and so does all after --
+    assert run_split("run", "sed", "-e", "s/a=b/c/", "f") == (["run", "--", "sed", "-e", "s/a=b/c/", "f"], [])
+    assert run_split("run", "bash", "-e", "x.sh") == (["run", "--", "bash", "-e", "x.sh"], [])
+    assert run_split("run", "t.py", "--", "--env", "K=V") == (["run", "--", "t.py", "--env", "K=V"], [])
+    assert run_split("run", "t.py", "--env") == (["run", "--", "t.py", "--env"], [])
+
+
+def test_a_taken_env_option_is_said_without_its_value(tmp_path):
+    code, _, err = run_main(tmp_path, "run", "--no-push", "train.py", "--env", "TOKEN=s3cr3t", "--lr", "1")
+    assert code == 3  # no host: stops at the config error, after parsing
+    assert "remotedl: took --env TOKEN for remotedl; to pass it to the script, put it after --" in err
+    assert "s3cr3t" not in err
+    # a malformed pair before the command word is refused without its value
+    code, _, err = run_main(tmp_path, "run", "--no-push", "--env", "MY-TOKEN=s3cr3t", "t.py")
+    assert code == 2
+    assert "MY-TOKEN=..." in err and "s3cr3t" not in err
 
 
 def test_options_before_the_command_word_are_remotedls():
@@ -148,6 +177,8 @@ def test_gpu_choice_given_twice_is_a_usage_error(tmp_path):
 
     with pytest.raises(ArgvError, match=r"given twice: --gpu 0, --gpu 1"):
         run_split("run", "--gpu", "0", "t.py", "--gpu", "1")
+    with pytest.raises(ArgvError, match=r"given twice: --gpu 0, --gpu 1$"):  # no --env among them
+        run_split("run", "--gpu", "0", "t.py", "--env", "A=1", "--gpu", "1")
     code, _, err = run_main(tmp_path, "run", "t.py", "--cpu", "--gpus", "2")
     assert code == 2
     assert "the GPU choice is given twice" in err
@@ -276,3 +307,45 @@ def test_config_text_keeps_bracketed_words(tmp_path):
     code, out, err = run_main(tmp_path, "config", cwd=proj)
     assert code == 0, err
     assert "[dns]" in out  # not taken for rich markup and dropped
+
+
+def test_config_says_unset_values_and_where_each_came_from(tmp_path):
+    """`config` printed Python's `None` and rows with an empty "from"."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    code, out, err = run_main(tmp_path, "config", "--host", "somebox", cwd=proj, COLUMNS="300")
+    assert code == 0, err
+    assert not re.search(r"\bNone\b", out), out
+    assert re.search(r"^conda +\(unset\) +default *$", out, re.M), out
+    assert re.search(r"^project config +\(none\) +no remotedl\.toml", out, re.M), out
+    assert re.search(r"^host\.ssh_config +\(unset\) +~/\.ssh/config does not exist", out, re.M), out
+    code, out, _ = run_main(tmp_path, "config", "--json", "--host", "somebox", cwd=proj)
+    data = json.loads(out)
+    assert data["settings"]["conda"] == {"value": None, "source": "default"}  # JSON keeps null
+    empty = [k for k, v in [*data["settings"].items(), *data["host"].items()] if not v["source"]]
+    assert empty == []
+
+
+def test_a_job_started_ahead_of_this_clock_has_no_negative_duration():
+    """A box whose clock is ahead: the job's start lies in this machine's future, and `jobs`
+    showed a duration of `-1d 22h`."""
+    import time
+
+    from remotedl.cli.basic import _duration
+    from remotedl.cli.jobs import _duration_text
+    from remotedl.schema import JobRecord
+
+    assert _duration(-2 * 3600) == "?"
+    assert _duration(-1) == "?"
+    assert _duration(-0.4) == "0m 0s"  # rounding, not a clock ahead
+    assert _duration(0) == "0m 0s"
+    assert _duration(65) == "1m 5s"
+    assert _duration(2 * 86400 + 3 * 3600) == "2d 3h"
+    assert _duration(None) == "?"
+    ahead = time.time() + 2 * 3600 + 30
+    rec = JobRecord(id=1, name="x", command="x", cwd="/", status="running", started=ahead)
+    text = _duration_text(rec)
+    assert text.startswith("? (it started 2h 0m ahead of this machine's clock"), text
+    ended = JobRecord(id=2, name="x", command="x", cwd="/", status="succeeded", started=100.0, ended=160.0)
+    assert _duration_text(ended) == "1m 0s"
+    assert _duration_text(JobRecord(id=3, name="x", command="x", cwd="/", status="queued")) == "-"

@@ -53,12 +53,17 @@ def toml(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dns_cli(tmp_path: Path, table: dict, *argv: str, env: dict | None = None):
+def dns_cli(tmp_path: Path, table: dict, *argv: str, env: dict | None = None, where: str = "user"):
+    """``remotedl dns ...`` with ``table`` as [dns] in the user config (where a user keeps the
+    DNS of their box and its secrets) or, ``where="project"``, in the project's remotedl.toml."""
     from remotedl.cli import main
 
     proj = tmp_path / "proj"
     proj.mkdir(parents=True, exist_ok=True)
-    (proj / "remotedl.toml").write_text(toml(table))
+    user = tmp_path / "laptop" / "config" / "remotedl" / "config.toml"
+    user.parent.mkdir(parents=True, exist_ok=True)
+    (proj / "remotedl.toml").write_text(toml(table) if where == "project" else "")
+    user.write_text(toml(table) if where == "user" else "")
     e = make_env(tmp_path / "laptop", cwd=proj, **(env or {}))
     code = main(["dns", *argv], e)
     return code, e.stdout.getvalue(), e.stderr.getvalue()
@@ -127,14 +132,14 @@ def test_majority_wins_and_bad_answers_are_rejected(bind, echo, name, tmp_path):
 
 def test_command_sources(bind, echo, name, tmp_path):
     table = rfc2136(bind, echo, name, ip_sources=[f"cmd:echo {IP3}", f"cmd:printf {IP3}", f"{echo.url}/a"])
-    code, _, err = dns_cli(tmp_path, table, "update")
+    code, _, err = dns_cli(tmp_path, table, "update", where="project")
     assert code == 3  # a project file's cmd: sources run nothing until the user allowed the file
     assert "remotedl allow" in err
     assert bind.lookup(name) != [IP3]
     from remotedl.cli import main
 
     assert main(["allow"], make_env(tmp_path / "laptop", cwd=tmp_path / "proj")) == 0
-    code, _, err = dns_cli(tmp_path, table, "update")
+    code, _, err = dns_cli(tmp_path, table, "update", where="project")
     assert code == 0, err
     assert bind.lookup(name) == [IP3]  # two of three sources agree
 
@@ -210,7 +215,8 @@ def test_refused_update_is_explained(bind, echo, tmp_path):
 def test_watch_loops_and_follows_changes(bind, echo, name, tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
-    (proj / "remotedl.toml").write_text(toml(rfc2136(bind, echo, name)))
+    (tmp_path / "cfg" / "remotedl").mkdir(parents=True)
+    (tmp_path / "cfg" / "remotedl" / "config.toml").write_text(toml(rfc2136(bind, echo, name)))
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
     out = subprocess.run(
         [sys.executable, "-m", "remotedl", "dns", "watch", "--interval", "0.2s", "--runs", "3"],
@@ -462,3 +468,91 @@ def test_unresolvable_source_name_without_network(tmp_path):
         "error: cannot resolve host name 'ipecho.example.invalid'"
     )
     assert "urllib3" not in out.stderr
+
+
+# ------------------------------------------------------------------ a cloned project and the user's secrets
+
+
+def _laptop_key(tmp_path: Path, text: str) -> Path:
+    """A secret of the laptop's, outside the project (a private key, say)."""
+    key = tmp_path / "laptop" / "home" / ".ssh" / "id_ed25519"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text(text)
+    key.chmod(0o600)
+    return key
+
+
+def _allow(tmp_path: Path, **env: str) -> str:
+    from remotedl.cli import main
+
+    e = make_env(tmp_path / "laptop", cwd=tmp_path / "proj", **env)
+    assert main(["allow"], e) == 0, e.stderr.getvalue()
+    return e.stdout.getvalue()
+
+
+def test_project_file_cannot_read_a_laptop_file_outside_it_until_allowed(dyn, bind, echo, name, tmp_path):
+    # A cloned project names the user's private key as the dyndns2 password, and its own server.
+    key = _laptop_key(tmp_path, dyn.password)  # what arrives, if anything does, is the "key"
+    table = dyn_table(dyn, bind, echo, name, key)
+    code, out, err = dns_cli(tmp_path, table, "update", where="project")
+    assert code == 3, out + err
+    assert "dns.password_file" in err and "outside the project" in err and "remotedl allow" in err
+    assert dyn.password not in out + err
+    assert dyn.http.requests == []  # nothing reached the project's server, secret or not
+    assert bind.lookup(name) == []
+    # The user read the file and allowed it: now it is theirs to use.
+    assert "dns.password_file" in _allow(tmp_path)
+    code, out, err = dns_cli(tmp_path, table, "update", where="project")
+    assert code == 0, err
+    assert bind.lookup(name) == [IP1]
+    # Any change to the file needs allow again.
+    code, _, err = dns_cli(tmp_path, {**table, "ttl": 61}, "update", where="project")
+    assert code == 3 and "dns.password_file" in err
+
+
+def test_project_server_gets_no_secret_of_the_user_until_allowed(dyn, bind, echo, name, tmp_path):
+    """The user config holds the secret (a file it names, or the environment); the project
+    names the server: nothing is sent there until the user allowed the project file."""
+    from remotedl.cli import main
+
+    key = _laptop_key(tmp_path, dyn.password)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    project_table = {k: v for k, v in dyn_table(dyn, bind, echo, name, key).items() if k != "password_file"}
+    (proj / "remotedl.toml").write_text(toml(project_table))
+    user = tmp_path / "laptop" / "config" / "remotedl" / "config.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text(toml({"name": "home.example.test", "provider": "dyndns2", "password_file": str(key)}))
+
+    def update(**env: str) -> tuple[int, str]:
+        e = make_env(tmp_path / "laptop", cwd=proj, **env)
+        code = main(["dns", "update"], e)
+        return code, e.stdout.getvalue() + e.stderr.getvalue()
+
+    code, out = update()
+    assert code == 3, out
+    assert "dns.server" in out and f"sends your dyndns2 password from {key}" in out
+    assert dyn.password not in out
+    user.write_text("")  # from the environment instead: the same
+    code, out = update(REMOTEDL_DYNDNS2_PASSWORD=dyn.password)
+    assert code == 3, out
+    assert "REMOTEDL_DYNDNS2_PASSWORD" in out and dyn.password not in out
+    assert dyn.http.requests == []
+    _allow(tmp_path, REMOTEDL_DYNDNS2_PASSWORD=dyn.password)
+    code, out = update(REMOTEDL_DYNDNS2_PASSWORD=dyn.password)
+    assert code == 0, out
+    assert bind.lookup(name) == [IP1]
+    sent = [r for r in dyn.http.requests if r.path == "/nic/update"]
+    assert len(sent) == 1
+
+
+def test_project_with_its_own_secret_or_the_users_server_needs_no_allow(dyn, bind, echo, name, tmp_path):
+    # The project's own password file (inside it) to its own server: its secret, its business.
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    own = proj / "dyn.pw"
+    own.write_text(dyn.password)
+    own.chmod(0o600)
+    code, _, err = dns_cli(tmp_path, dyn_table(dyn, bind, echo, name, "dyn.pw"), "update", where="project")
+    assert code == 0, err
+    assert bind.lookup(name) == [IP1]

@@ -434,15 +434,16 @@ def test_tensorboard_over_the_jobs_directories(proj, ebox, tmp_path):
         assert r.code == 0, r.err
         assert f"run {a}-lr-a:" in r.err and f"run {b}-lr-b:" in r.err
         assert f"{a}-lr-a:" in r.err.split("serving", 1)[1]  # one TensorBoard, --logdir_spec
-        runs = get_json(f"http://127.0.0.1:{local}/data/runs")
+        url = r.out.strip().splitlines()[-1]  # with TensorBoard's secret path prefix
+        runs = get_json(url + "data/runs")
         assert sorted(runs) == [f"{a}-lr-a/a", f"{b}-lr-b/b"]
-        points = get_json(f"http://127.0.0.1:{local}/data/plugin/scalars/scalars?run={b}-lr-b/b&tag=loss")
+        points = get_json(url + f"data/plugin/scalars/scalars?run={b}-lr-b/b&tag=loss")
         assert [p[2] for p in points] == [2.0, 1.5, 1.0]
         # Naming jobs picks them; the same set again finds the running server.
         local2 = free_port()
         r = run("tensorboard", "--jobs", str(a), "--local-port", str(local2), "--background", cwd=project)
         assert r.code == 0, r.err
-        assert get_json(f"http://127.0.0.1:{local2}/data/runs") == [f"{a}-lr-a/a"]
+        assert get_json(r.out.strip().splitlines()[-1] + "data/runs") == [f"{a}-lr-a/a"]
         local3 = free_port()
         r = run("tensorboard", "--jobs", "--local-port", str(local3), "--background", cwd=project)
         assert "TensorBoard found running" in r.err

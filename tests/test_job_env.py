@@ -18,13 +18,20 @@ import pytest
 from tests.conftest import cli_for
 
 
-def make_wheel(dest: Path, name: str, version: str) -> Path:
-    """A pure-Python wheel of a package whose VERSION is ``version``, built by hand."""
+def make_wheel(dest: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A pure-Python wheel of a package whose VERSION is ``version``, built by hand; ``requires``:
+    its Requires-Dist lines (with extras: ``x; extra == "more"``)."""
     dest.mkdir(parents=True, exist_ok=True)
     dist = f"{name}-{version}.dist-info"
+    extras = {r.split("extra ==")[1].strip(" \"'") for r in requires if "extra ==" in r}
+    metadata = "".join(
+        [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"]
+        + [f"Provides-Extra: {e}\n" for e in sorted(extras)]
+        + [f"Requires-Dist: {r}\n" for r in requires]
+    )
     files = {
         f"{name}/__init__.py": f'VERSION = "{version}"\n',
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/METADATA": metadata,
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: remotedl-tests\nRoot-Is-Purelib: true\n"
         "Tag: py3-none-any\n",
     }
@@ -107,6 +114,40 @@ def test_requirements_sync_once_per_change_and_failures_fail_the_run(box, projec
     assert r.code == 0, r.err
     assert r.out == "1.0 True\n"
     assert "environment" not in r.err
+
+
+LIST = "from importlib.metadata import distributions as d\nprint(*sorted(x.metadata['Name'] for x in d()))\n"
+
+
+def wheels_with_dependencies(wheels: Path) -> None:
+    """rdlapp needs rdlpkg, and rdlextra with its extra 'more'; rdlother stands alone."""
+    make_wheel(wheels, "rdlapp", "1.0", ("rdlpkg", 'rdlextra; extra == "more"'))
+    for name in ("rdlpkg", "rdlextra", "rdlother"):
+        make_wheel(wheels, name, "1.0")
+
+
+def test_the_venv_matches_requirements_exactly(box, project, tmp_path):
+    """A package removed from requirements.txt (or needed only by one removed, or by an extra no
+    longer asked for) is uninstalled; what a listed package needs stays."""
+    wheels = tmp_path / "wheels"
+    wheels_with_dependencies(wheels)
+    (project / "remotedl.toml").write_text(f'remote_dir = "~/envs/{tmp_path.name}"\n')
+    (project / "list.py").write_text(LIST)
+    run = cli_for(box, tmp_path / "laptop")
+    (project / "requirements.txt").write_text(requirements(wheels, "rdlapp[more]\nrdlother"))
+    r = run("run", "--cpu", "list.py", cwd=project)
+    assert r.code == 0, r.err
+    assert r.out == "pip rdlapp rdlextra rdlother rdlpkg setuptools\n" or r.out == (
+        "pip rdlapp rdlextra rdlother rdlpkg\n"  # a venv without setuptools (python >= 3.12)
+    )
+    (project / "requirements.txt").write_text(requirements(wheels, "rdlapp"))
+    r = run("push", "--env", "--json", cwd=project)
+    assert r.code == 0, r.err
+    output = json.loads(r.out)["environment"]["output"]
+    listed = run("run", "--cpu", "list.py", cwd=project)
+    assert listed.code == 0, listed.err
+    assert listed.out.replace(" setuptools", "") == "pip rdlapp rdlpkg\n"
+    assert "remotedl: pip uninstall (no longer required): rdlextra rdlother" in output
 
 
 def test_never_installs_into_the_system_interpreter(box, project, tmp_path):
@@ -212,21 +253,29 @@ def test_uv_is_preferred_where_the_box_has_it(fresh_box, project, tmp_path):
         pytest.skip("uv is not installed here (the test extras install it); pip is tested above")
     os.symlink(uv, fresh_box.home.parent / "bin" / "uv")  # on the box's PATH
     wheels = tmp_path / "wheels"
-    make_wheel(wheels, "rdlpkg", "1.0")
+    wheels_with_dependencies(wheels)
     (project / "remotedl.toml").write_text('remote_dir = "~/uvproj"\n')
-    (project / "requirements.txt").write_text(requirements(wheels, "rdlpkg==1.0"))
+    (project / "requirements.txt").write_text(requirements(wheels, "rdlpkg==1.0\nrdlapp[more]\nrdlother"))
     (project / "show.py").write_text(SHOW)
+    (project / "list.py").write_text(LIST)
     run = cli_for(fresh_box, tmp_path / "laptop")
     r = run("push", "--env", "--json", cwd=project)
     assert r.code == 0, r.err
     env = json.loads(r.out)["environment"]
     assert env["synced"] is True
     assert "remotedl: uv venv .venv" in env["output"]
-    assert "remotedl: uv pip install -r requirements.txt" in env["output"]
     r = run("run", "--cpu", "show.py", cwd=project)
     assert r.code == 0, r.err
     assert r.out == "1.0 True\n"
     assert "environment" not in r.err
+    assert run("run", "--cpu", "list.py", cwd=project).out == "rdlapp rdlextra rdlother rdlpkg\n"
+    # The environment matches the file: what it no longer needs is uninstalled.
+    (project / "requirements.txt").write_text(requirements(wheels, "rdlapp"))
+    r = run("run", "--cpu", "list.py", cwd=project)
+    assert r.code == 0, r.err
+    assert "environment synced" in r.err
+    assert r.out == "rdlapp rdlpkg\n"
+    assert "remotedl: uv pip install --exact -r requirements.txt" in env["output"]
 
 
 def test_setup_cmd_replaces_the_built_in_steps(box, project, tmp_path):
@@ -246,3 +295,29 @@ def test_setup_cmd_replaces_the_built_in_steps(box, project, tmp_path):
     (project / "requirements.txt").write_text("nosuchpkg==10\n")
     assert run("run", "--cpu", "--", "true", cwd=project).code == 0
     assert marker.read_text() == "ran\nran\n"
+
+
+def test_pip_prune_reads_the_file_as_pip_does(tmp_path):
+    """The pip path's removal, in a real venv: -r includes, a wheel named by path, a line whose
+    marker does not apply, an extra; what pip, setuptools and wheel need stays."""
+    import subprocess
+
+    from remotedl.agent.envsync import PRUNE
+
+    wheels = tmp_path / "wheels"
+    wheels_with_dependencies(wheels)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels)]
+    (tmp_path / "base.txt").write_text(requirements(wheels, "rdlother"))
+    (tmp_path / "requirements.txt").write_text(
+        f"-r base.txt\n{wheels}/rdlapp-1.0-py3-none-any.whl\nrdlpkg; python_version < '3'\n"
+    )
+    subprocess.run([*pip, "-r", "requirements.txt"], cwd=tmp_path, check=True)
+    subprocess.run([*pip, "rdlextra"], cwd=tmp_path, check=True)  # installed by hand, not required
+    r = subprocess.run([py, "-c", PRUNE, "requirements.txt"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "remotedl: pip uninstall (no longer required): rdlextra\n" in r.stdout
+    left = subprocess.run([py, "-c", LIST], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert left.replace(" setuptools", "") == "pip rdlapp rdlother rdlpkg\n"  # rdlapp needs rdlpkg

@@ -5,6 +5,7 @@ pull from jobs, rm/prune, show/diff, and scoping by project."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -347,3 +348,62 @@ def test_a_failed_checkout_fails_the_run_and_leaves_nothing_running(box, origin,
     assert rec["pid"] is None  # the runner never started the command
     sessions = box.sh("tmux list-sessions -F '#{session_name}'", check=False).stdout.split()
     assert rec["session"] not in sessions
+
+
+def test_pull_never_writes_tracked_files_unless_named_and_outputs_stay_out_of_the_code(box, origin, tmp_path):
+    """A job rewrites a committed file with the box's clock an hour ahead and writes an output:
+    `pull --job N .` brings the output, keeps the committed file (and says so), and says why
+    for what it left or replaced; the output never goes back as code (push, diff)."""
+    run = cli_for(box, tmp_path / "laptop")
+    (origin / "config.yaml").write_text("lr: 0.1\n")
+    write_script(
+        origin,
+        "train.sh",
+        "mkdir -p out\necho '{\"acc\": 0.9}' > out/metrics.json\necho 'lr: 0.5' > config.yaml\n"
+        "touch -d '@'$(( $(date +%s) + 3600 )) config.yaml out/metrics.json\n",
+    )
+    commit_all(origin, "train")
+    r = run("run", "--cpu", "train.sh", cwd=origin)
+    assert r.code == 0, r.err
+    job = json.loads(run("show", "--json", cwd=origin).out)["id"]
+    r = run("pull", "--job", str(job), ".", cwd=origin)
+    assert r.code == 0, r.err
+    assert (origin / "out" / "metrics.json").read_text() == '{"acc": 0.9}\n'
+    assert (origin / "config.yaml").read_text() == "lr: 0.1\n"  # tracked, not named: kept
+    assert "kept config.yaml here: tracked files (the box has another version)" in r.err
+    assert "job.sh" not in r.err and "train.sh" not in r.err  # the same here: nothing to say
+    # Again: nothing new, and it says why nothing came.
+    r = run("pull", "--job", str(job), "out/metrics.json", cwd=origin)
+    assert r.code == 0, r.err
+    assert "0 files" in r.out and "(up to date here)" in r.out
+    # A newer copy here is kept, by name.
+    (origin / "out" / "metrics.json").write_text('{"acc": "mine"}\n')
+    future = os.stat(origin / "out" / "metrics.json").st_mtime + 7200
+    os.utime(origin / "out" / "metrics.json", (future, future))
+    r = run("pull", "--job", str(job), "out/metrics.json", cwd=origin)
+    assert r.code == 0, r.err
+    assert "kept out/metrics.json here: newer than the box's copy" in r.err
+    assert (origin / "out" / "metrics.json").read_text() == '{"acc": "mine"}\n'
+    # The output is not code: not in the next push's snapshot, nor in diff.
+    r = run("push", "--json", cwd=origin)
+    assert r.code == 0, r.err
+    pushed = json.loads(r.out)
+    assert pushed["snapshot"] is False and pushed["commit"] == git(origin, "rev-parse", "HEAD")
+    assert {"path": "out/metrics.json", "reason": "pulled", "size": 0} in pushed["left_out"]
+    r = run("diff", "--stat", str(job), cwd=origin)
+    assert r.code == 0, r.err
+    assert "metrics.json" not in r.out
+    # A tracked file named in the pull: the box's version, and why.
+    r = run("pull", "--job", str(job), "config.yaml", cwd=origin)
+    assert r.code == 0, r.err
+    assert (origin / "config.yaml").read_text() == "lr: 0.5\n"
+    assert "replaced config.yaml here (tracked): named in the pull" in r.out
+    commit_all(origin, "the job's config")  # (out/ is ignored by nothing: committed along)
+    os.utime(origin / "config.yaml")  # the same content, another time: nothing to replace, nor say
+    r = run("pull", "--job", str(job), "config.yaml", cwd=origin)
+    assert r.code == 0, r.err
+    assert "replaced" not in r.out and "(up to date here)" in r.out
+    # Added by the user, the output is code again.
+    (origin / "out" / "metrics.json").write_text('{"acc": "edited"}\n')
+    pushed = json.loads(run("push", "--json", cwd=origin).out)
+    assert pushed["snapshot"] is True and not pushed["left_out"]

@@ -113,7 +113,8 @@ def test_options_after_the_command_word_are_the_scripts(cli, proj):
         "args.sh",
         'echo "gpus=[$CUDA_VISIBLE_DEVICES]"; for a in "$@"; do printf "<%s>" "$a"; done; echo\n',
     )
-    words = ["--port", "29500", "--name", "x", "-e", "A=1", "--data", "d", "-d", "--debug"]
+    # (-e without KEY=VALUE is the script's; --env/-e KEY=VALUE is remotedl's: see the env tests)
+    words = ["--port", "29500", "--name", "x", "-e", "s/a=b/", "--data", "d", "-d", "--debug"]
     r = cli("run", "args.sh", "--gpu", "1", *words, cwd=proj)
     assert r.code == 0, r.err
     assert "gpus=[1]" in r.out
@@ -606,6 +607,47 @@ def test_env_and_agent_uploaded_once(cli, box, proj):
     assert len(agents) == 1
 
 
+def test_env_after_the_script_is_the_jobs_not_an_argument(cli, box, proj):
+    """`remotedl run train.py --env TOKEN=...` gave the script `--env TOKEN=...` as arguments,
+    so the secret was in `jobs`, the record and notifications: it is the job's environment."""
+    script(proj, "env.sh", 'echo "args:[$*] token:[$SECRET_TOKEN]"\n')
+    r = cli("run", "--cpu", "env.sh", "--lr", "1", "--env", "SECRET_TOKEN=s3cr3t", cwd=proj)
+    assert r.code == 0, r.err
+    assert "args:[--lr 1] token:[s3cr3t]" in r.out
+    assert "took --env SECRET_TOKEN for remotedl" in r.err
+    assert "s3cr3t" not in r.err
+    rec = job_list(cli, proj)[-1]
+    assert rec["env_keys"] == ["SECRET_TOKEN"]
+    assert "s3cr3t" not in json.dumps(rec)
+
+
+def test_logs_json_wraps_the_bytes_in_json_lines(cli, proj):
+    """`--json logs` printed the log's raw bytes: it prints one JSON object per line, text as
+    text and a line that is not UTF-8 as base64; joined they are the log byte for byte."""
+    import base64
+
+    script(proj, "mixed.sh", "echo 'plain ü'; printf 'bin \\377\\376\\n'; printf 'no newline'\n")
+    r = cli("run", "--detach", "--cpu", "mixed.sh", cwd=proj)
+    assert r.code == 0, r.err
+    job_id = r.out.strip()
+    expected = "plain ü\n".encode() + b"bin \xff\xfe\n" + b"no newline"
+    for extra in (["-f"], [], ["-f", "-n", "5"]):  # follows to the end first, then as it is
+        r = cli("--json", "logs", *extra, job_id, cwd=proj)
+        assert r.code == 0, r.err
+        objs = [json.loads(line) for line in r.out.splitlines()]
+        assert objs[0] == {"text": "plain ü\n"}
+        assert objs[1] == {"base64": base64.b64encode(b"bin \xff\xfe\n").decode()}
+        assert objs[2] == {"text": "no newline"}
+        joined = b"".join(o["text"].encode() if "text" in o else base64.b64decode(o["base64"]) for o in objs)
+        assert joined == expected
+    r = cli("--json", "logs", "-n", "1", job_id, cwd=proj)
+    assert [json.loads(line) for line in r.out.splitlines()] == [{"text": "no newline"}]
+    # a followed `run --json` prints its log so too
+    r = cli("--json", "run", "--cpu", "mixed.sh", cwd=proj)
+    assert r.code == 0, r.err
+    assert [json.loads(line) for line in r.out.splitlines()] == objs
+
+
 def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
     script(proj, "slow.sh", "echo started; sleep 20; echo finished\n")
     env = {
@@ -635,6 +677,54 @@ def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
     assert jl[-1]["name"] == "slow.sh"
     assert jl[-1]["status"] == "running"
     assert run("kill", str(jl[-1]["id"]), cwd=proj).code == 0
+
+
+def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
+    """Ctrl-C once the box has started the job, before `run` said so (it was keeping the
+    job's commit in the local repository): the interrupt names the job that now runs."""
+    script(proj, "slow.sh", "echo started; sleep 20\n")
+    mark = tmp_path / "keeping"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # git as it is, except that keeping a job's commit waits: the window, held open for the test
+    (bindir / "git").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *"update-ref refs/remotedl/jobs/"*) : > "$MARK"; sleep 60;; esac\n'
+        f'exec {shutil.which("git")} "$@"\n'
+    )
+    (bindir / "git").chmod(0o755)
+    env = {
+        **os.environ,
+        **make_env(tmp_path / "laptop").environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "MARK": str(mark),
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "REMOTEDL_HOST": box.name,
+    }
+    p = subprocess.Popen(
+        [sys.executable, "-m", "remotedl", "run", "--cpu", "slow.sh"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        assert retry_until(mark.exists, seconds=60), "the start request never came back"
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    run = cli_for(box, tmp_path / "laptop2")
+    rec = job_list(run, proj)[-1]
+    assert rec["name"] == "slow.sh" and rec["status"] == "running"
+    assert p.returncode == 130, err
+    said = f"interrupted: job {rec['id']} (slow.sh) was started on {box.name} and keeps running"
+    assert said in err, err
+    assert f"remotedl kill {rec['id']}" in err
+    assert run("kill", str(rec["id"]), cwd=proj).code == 0
 
 
 @pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux on the laptop side")

@@ -81,6 +81,7 @@ def test_a_long_root_step_without_sudo_shows_all_it_says_to_run(plain_box, proje
         f"    run: |\n      printf '%s\\n' {{{{ note }}}} > {{{{ dir }}}}/marker\n{filler}"
     )
     run = cli_for(plain_box, tmp_path / "laptop")
+    assert run("allow", cwd=project).code == 0  # the project's root step: the user read it
     try:
         # --check says already that the change would need root this user cannot get.
         r = run("setup", "longroot", "--check", "--json", "--var", f"dir={root_only}", "--var", "note=x",

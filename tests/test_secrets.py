@@ -112,13 +112,15 @@ def test_dns_token_in_no_argv(tmp_path):
     try:
         proj = tmp_path / "proj"
         proj.mkdir()
-        (proj / "remotedl.toml").write_text(
+        # The user's own [dns] (a project's api_url gets the user's token only once allowed).
+        (tmp_path / "cfg" / "remotedl").mkdir(parents=True)
+        (tmp_path / "cfg" / "remotedl" / "config.toml").write_text(
             "[dns]\n"
             'name = "gpubox.example.test"\nprovider = "cloudflare"\nzone = "example.test"\n'
             f'api_url = "{cf.api}"\nip_sources = ["{echo.url}/a", "{echo.url}/b"]\n'
         )
         env = {**os.environ, "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "s"),
-               "REMOTEDL_CLOUDFLARE_TOKEN": token}  # fmt: skip
+               "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "REMOTEDL_CLOUDFLARE_TOKEN": token}  # fmt: skip
         with watch_argv(token) as seen:
             out = subprocess.run([sys.executable, "-m", "remotedl", "--debug", "dns", "update"],
                                  cwd=proj, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip

@@ -64,6 +64,43 @@ def test_format_errors_name_file_and_line(cli, project):
         assert f"playbooks/{name}.yaml" in r.err
 
 
+def test_project_playbook_that_shadows_a_shipped_one_or_runs_as_root_needs_allow(cli, box, project, tmp_path):
+    """A cloned project's playbooks/base.yaml would run instead of the shipped base (as root
+    for sudo steps): it runs only once the user allowed it, and the output says whose it is."""
+    from remotedl import playbooks as pb
+
+    marker = box.home / f"shadow-{tmp_path.name}"
+    steps = f"steps:\n  - name: the project's base\n    check: test -e {marker}\n    run: touch {marker}\n"
+    book = write_book(project, "base", steps)
+    r = cli("setup", "base", cwd=project)
+    assert r.code == 3, r.out + r.err
+    assert f"playbook {book} is the project's and it replaces the shipped playbook 'base'" in r.err
+    assert "remotedl allow" in r.err and len(r.err.strip().splitlines()) == 2  # the line and its hint
+    assert not marker.exists()
+    r = cli("allow", cwd=project)
+    assert r.code == 0, r.err
+    assert str(book) in r.out
+    r = cli("setup", "base", cwd=project)
+    assert r.code == 0, r.out + r.err
+    assert f"playbook base (the project: {book})" in r.out
+    assert marker.exists()
+    # Changed after allow: refused again.
+    book.write_text(book.read_text().replace("touch", "touch -c"))
+    assert cli("setup", "base", "--check", cwd=project).code == 3
+    # Root steps in a playbook of its own name need allow too.
+    rooty = write_book(project, "rooty", "steps:\n  - name: as root\n    sudo: true\n    check: 'true'\n")
+    r = cli("setup", "rooty", cwd=project)
+    assert r.code == 3 and "runs steps as root (sudo: true)" in r.err, r.err
+    assert cli("allow", cwd=project).code == 0
+    assert cli("setup", "rooty", cwd=project).code == 0
+    assert pb.risky_project_playbooks(project) == [book, rooty]
+    # The shipped one, and a project playbook that needs nothing, say whose they are as well.
+    shipped = pb.load(pb.shipped_dir() / "gpu-check.yaml")
+    assert pb.origin(shipped, project) == pb.Origin("shipped", "")
+    write_book(project, "marker", MARKER_BOOK)
+    assert pb.origin(pb.load(project / "playbooks" / "marker.yaml"), project) == pb.Origin("project", "")
+
+
 def test_idempotent_check_mode_and_vars(cli, box, project):
     write_book(project, "marker", MARKER_BOOK)
     target = box.home / "setup-tests" / "marker.txt"
@@ -617,6 +654,7 @@ steps:
 """,
     )
     run = cli_for(plain_box, tmp_path / "laptop")
+    assert run("allow", cwd=project).code == 0  # the project's root step: the user read it
     note = "it's $(not run) here"
     try:
         argv = ("setup", "rootonly", "--var", f"dir={root_only}", "--var", f"note={note}", "--json")

@@ -179,10 +179,81 @@ def test_not_a_git_repository(cli, tmp_path):
     assert "git init" in r.err
 
 
-def test_missing_data_path(cli, project, rdir):
-    r = cli("push", "--remote-dir", rdir, "--data", "nope", cwd=project)
-    assert r.code == 2
-    assert "data path nope does not exist" in r.err
+def test_missing_data_path_warns_and_the_code_still_goes(cli, box, project, rdir):
+    """A clone without the data paths pushes its code; the box's data stays as it was."""
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\ndata = ["data"]\n')
+    (project / "data").mkdir()
+    (project / "data" / "x.bin").write_bytes(b"x" * 10)
+    assert cli("push", cwd=project).code == 0, "first push with the data"
+    (project / "data" / "x.bin").unlink()
+    (project / "data").rmdir()
+    (project / "train.py").write_text("print(1)\n")
+    r = cli("push", "--delete", "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert "data path data does not exist" in r.err and "the code was pushed" in r.err
+    out = json.loads(r.out)
+    assert out["missing"] == ["data"] and out["transfers"] == []
+    assert box_path(box, rdir, "train.py").read_text() == "print(1)\n"
+    assert box_path(box, rdir, "data/x.bin").read_bytes() == b"x" * 10  # nothing deleted
+    # A flag's path that does not exist is the same warning.
+    r = cli("push", "--data", "nope", cwd=project)
+    assert r.code == 0, r.err
+    assert "data path data, nope does not exist" in r.err
+
+
+def test_symlinked_dataset_directory_is_sent_by_its_name(cli, box, project, rdir, tmp_path):
+    """data -> /datasets/imagenet: the box gets the dataset's files under data/, nothing of it
+    goes into the code snapshot, and a path that itself climbs out is still refused."""
+    dataset = tmp_path / "datasets" / "imagenet"
+    (dataset / "train").mkdir(parents=True)
+    (dataset / "train" / "a.jpg").write_bytes(b"jpeg" * 100)
+    (dataset / "labels.txt").write_text("cat\ndog\n")
+    (dataset / "latest").symlink_to("train")  # links inside the dataset stay links
+    (project / "data").symlink_to(dataset)  # not in .gitignore: git sees the link itself
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\ndata = ["data"]\n')
+    (project / "model.py").write_text("import torch\n")
+    r = cli("push", "--json", cwd=project)
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    assert out["transfers"][0]["path"] == "data"
+    assert out["transfers"][0]["files_transferred"] == 2
+    on_box = box_path(box, rdir, "data")
+    assert on_box.is_dir() and not on_box.is_symlink()
+    assert (on_box / "train" / "a.jpg").read_bytes() == b"jpeg" * 100
+    assert (on_box / "labels.txt").read_text() == "cat\ndog\n"
+    assert os.readlink(on_box / "latest") == "train"
+    tree = box_git(box, rdir, "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+    assert "model.py" in tree
+    assert not any(p == "data" or p.startswith("data/") for p in tree), tree
+    # A run sees the same (its own push goes through the same path check).
+    r = cli("push", "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["code_changed"] is False
+    # Paths that climb out are config errors, symlinked or not.
+    for bad in ('"../elsewhere"', f'"{dataset}"'):
+        (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\ndata = [{bad}]\n')
+        r = cli("push", cwd=project)
+        assert r.code == 3, r.err
+        assert "is outside the project" in r.err
+    # The project's own name for it, absolute, is fine.
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\ndata = ["{project / "data"}"]\n')
+    r = cli("push", "--json", cwd=project)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["transfers"][0]["path"] == "data"
+    # A committed link is the same data path: the box keeps a directory of the dataset's
+    # files (never the link), and pushes go on.
+    git(project, "add", "data", "model.py")
+    git(project, "commit", "-qm", "the data link")
+    (dataset / "labels.txt").write_text("cat\ndog\nbird\n")
+    for _ in range(2):
+        (project / "model.py").write_text((project / "model.py").read_text() + "# more\n")
+        r = cli("push", "--json", cwd=project)
+        assert r.code == 0, r.err
+        assert json.loads(r.out)["code_changed"] is True
+    assert on_box.is_dir() and not on_box.is_symlink()
+    assert (on_box / "labels.txt").read_text() == "cat\ndog\nbird\n"
+    tree = box_git(box, rdir, "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+    assert "data" not in tree
 
 
 def test_pull_never_deletes_or_overwrites_newer(cli, box, project, rdir):
@@ -423,16 +494,23 @@ def test_pull_then_push_is_not_refused(cli, box, project, rdir):
     r = cli("pull", "--remote-dir", rdir, "checkpoints", cwd=project)
     assert r.code == 0, r.err
     assert (project / "checkpoints" / "ep1.pt").read_bytes() == b"weights " * 100
-    # The pulled file is untracked and small: it is in the snapshot, and the box's identical
-    # copy is not an edit in the way.
+    # What pull brought is an output, not code: out of the snapshot (listed), so the box's
+    # copy is never in the way, even once it changed on both sides.
     (project / "train.py").write_text("print(2)\n")
-    r = cli("push", "--remote-dir", rdir, cwd=project)
+    r = cli("push", "--remote-dir", rdir, "--json", cwd=project)
     assert r.code == 0, r.err
+    assert {"path": "checkpoints/ep1.pt", "reason": "pulled", "size": 0} in json.loads(r.out)["left_out"]
     assert box_path(box, rdir, "train.py").read_text() == "print(2)\n"
-    # A different box copy still is.
     (ckpt / "ep1.pt").write_bytes(b"retrained")
     (project / "train.py").write_text("print(3)\n")
     (project / "checkpoints" / "ep1.pt").write_bytes(b"weights, changed here")
+    r = cli("push", "--remote-dir", rdir, cwd=project)
+    assert r.code == 0, r.err
+    assert "checkpoints/ep1.pt: brought by pull" in r.out
+    assert (ckpt / "ep1.pt").read_bytes() == b"retrained"
+    # Once the user adds it, it is code: a different box copy is in the way.
+    git(project, "add", "checkpoints/ep1.pt")
+    (project / "train.py").write_text("print(4)\n")
     r = cli("push", "--remote-dir", rdir, cwd=project)
     assert r.code == 1
     assert "edits that were not pushed from here: checkpoints/ep1.pt" in r.err

@@ -393,9 +393,16 @@ def test_pull_keeps_uncommitted_edits_and_says_so(cli, box, project, rdir):
     assert r.code == 0, r.err
     assert (project / "notes.md").read_text() == "my uncommitted edit\n"
     assert "kept notes.md here" in r.err and "commit or stash" in r.err
-    assert (project / "README").read_text() == "box readme\n"  # unmodified here: taken
+    # Unmodified here, but tracked: not named, so kept, and said so.
+    assert (project / "README").read_text() == "hello\n"
+    assert "kept README here: tracked files (the box has another version)" in r.err
+    assert "remotedl pull [--job ID] README" in r.err
     r = cli("pull", "--remote-dir", rdir, "notes.md", "--json", cwd=project)
     assert json.loads(r.out)["kept"] == ["notes.md"]
+    r = cli("pull", "--remote-dir", rdir, "README", cwd=project)  # named: taken, and said why
+    assert r.code == 0, r.err
+    assert (project / "README").read_text() == "box readme\n"
+    assert "replaced README here (tracked): named in the pull; `git restore README`" in r.out
 
 
 def test_pull_from_a_source_dir(box, project, rdir, tmp_path):

@@ -191,3 +191,67 @@ def test_malformed_known_hosts_line_is_skipped_with_a_warning(tmp_path, box):
     assert "skipping malformed line 1" in err
     assert "Traceback" not in err
     assert "ssh-ed25519" in kh.read_text().splitlines()[-1]
+
+
+def test_allow_covers_the_ssh_config_and_every_file_it_includes(tmp_path):
+    """`allow` vouches for the project file and the ssh config it names with what that
+    Includes (globs too): a Match exec added to any of them afterwards runs nothing until the
+    user allows again."""
+    from remotedl.cli import main
+
+    marker = tmp_path / "ran"
+    proj = _project_with(tmp_path, 'host = "gpubox"\nssh_config = "tools/ssh.cfg"\n')
+    confd = proj / "tools" / "conf.d"
+    confd.mkdir(parents=True)
+    cfg = proj / "tools" / "ssh.cfg"
+    cfg.write_text(f'Include "{confd}/*.conf"\nHost gpubox\n  HostName 127.0.0.1\n')
+    (confd / "a.conf").write_text(f"Include = {proj}/tools/deeper.cfg\nHost other\n  HostName 127.0.0.2\n")
+    (proj / "tools" / "deeper.cfg").write_text("Host third\n  HostName 127.0.0.3\n")
+    match_exec = f'Match exec "touch {marker}"\n  User someone\n'
+
+    def code() -> int:
+        e = make_env(tmp_path / "laptop", cwd=proj)
+        return main(["config"], e)
+
+    e = make_env(tmp_path / "laptop", cwd=proj)
+    assert main(["allow"], e) == 0, e.stderr.getvalue()
+    shown = e.stdout.getvalue()
+    assert str(cfg) in shown and str(confd / "a.conf") in shown and "deeper.cfg" in shown
+    assert code() == 0
+    for change in (
+        lambda: cfg.write_text(match_exec + cfg.read_text()),  # the named file
+        lambda: (confd / "b.conf").write_text(match_exec),  # a new file the glob matches
+        lambda: (proj / "tools" / "deeper.cfg").write_text(match_exec),  # two Includes down
+    ):
+        change()
+        assert code() == 3  # refused: not run
+        assert not marker.exists()
+        assert main(["allow"], make_env(tmp_path / "laptop", cwd=proj)) == 0
+        assert code() == 0
+        assert marker.exists()  # allowed: it runs
+        marker.unlink()
+
+
+def test_ssh_config_files_follows_include_as_openssh_reads_it(tmp_path):
+    from remotedl.config import ssh_config_files
+
+    home = tmp_path / "home"
+    (home / ".ssh" / "conf.d").mkdir(parents=True)
+    (home / ".ssh" / "conf.d" / "b.conf").write_text("Include loop.cfg\n")  # relative: to ~/.ssh
+    (home / ".ssh" / "loop.cfg").write_text(f"include {tmp_path}/top.cfg\n")  # a loop back to the top
+    (tmp_path / "with space.cfg").write_text("Host x\n")
+    top = tmp_path / "top.cfg"
+    top.write_text(
+        "# Include /not/this\n"
+        "Host gpubox\n"
+        "  INCLUDE=conf.d/*.conf\n"  # keywords are case-insensitive; '=' separates too
+        f'  Include "{tmp_path}/with space.cfg" ~/missing.cfg\n'
+    )
+    got = ssh_config_files(top, home)
+    assert got == [
+        top,
+        home / ".ssh" / "conf.d" / "b.conf",
+        home / ".ssh" / "loop.cfg",
+        tmp_path / "with space.cfg",
+        home / "missing.cfg",  # not there yet: making it later changes what runs
+    ]

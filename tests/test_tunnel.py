@@ -267,6 +267,110 @@ def test_jupyter_through_tunnel(box, project, tmp_path):
     )
 
 
+def test_jupyter_on_a_box_that_is_this_machine_needs_no_tunnel(box, project, tmp_path):
+    """The sandbox box shares this machine's loopback: its Jupyter on port P is already
+    127.0.0.1:P here, where a tunnel from P collided with it ("a local port of the tunnel is
+    already in use"). The server is used as it is; a second run finds it running."""
+    run = cli_for(box, tmp_path / "laptop")
+    (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')
+    assert run("push", cwd=project).code == 0
+    jupyter_in_box_venv(box, f"~/jupyter-tests/{tmp_path.name}")
+    port = free_port()
+    try:
+        r = run("jupyter", f"{port}:{port}", cwd=project)  # the foreground command
+        assert r.code == 0, r.err
+        assert "no tunnel needed" in r.err
+        url = r.out.strip().splitlines()[-1]
+        assert url.startswith(f"http://127.0.0.1:{port}/")
+        token = url.split("token=")[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=10) as resp:
+            assert "started" in json.loads(resp.read())
+        # again: the local port is taken by that very server, which is found running
+        r2 = run("jupyter", f"{port}:{port}", cwd=project)
+        assert r2.code == 0, r2.err
+        assert "found running" in r2.err and "no tunnel needed" in r2.err
+        assert r2.out.strip().endswith(token)
+    finally:
+        subprocess.run(
+            ["tmux", "kill-session", "-t", "=remotedl-jupyter"],
+            check=False,
+            env={**os.environ, "TMUX_TMPDIR": str(sandbox._tmux_dir(box.dir))},
+        )
+
+
+def _jupyter_stand_in(token: str | None):
+    """An HTTP server answering as Jupyter's /api and /api/status do: with ``token`` only to
+    that token (403 otherwise); with None to any, as a server without a token does."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            given = dict(p.partition("=")[::2] for p in query.split("&") if p).get("token")
+            if path == "/api":
+                body: dict = {"version": "2.0.0"}
+            elif path == "/api/status" and (token is None or given == token):
+                body = {"started": "2026-01-01T00:00:00Z"}
+            else:
+                self.send_response(403)
+                self.end_headers()
+                return
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_only_the_boxs_own_jupyter_counts_as_reached():
+    """What holds the local port is taken for the box's server only when it is: its own
+    process, or a server that checks tokens and takes this one's. A local Jupyter without a
+    token takes any token: it is not the box's."""
+    from remotedl import jupyter
+
+    def server(token: str, pid: int | None) -> jupyter.JupyterServer:
+        return jupyter.JupyterServer(1, token, "/w", "/", True, started=True, pid=pid)
+
+    checking, open_one = _jupyter_stand_in("T0K3N"), _jupyter_stand_in(None)
+    try:
+        port, open_port = checking.server_address[1], open_one.server_address[1]
+        assert jupyter.serves_jupyter(port) and jupyter.serves_jupyter(open_port)
+        assert server("T0K3N", None).reached_at(port)  # through a tunnel: the token tells
+        assert not server("other", None).reached_at(port)
+        assert not server("T0K3N", None).reached_at(open_port)  # takes any token
+        assert not server("", None).reached_at(open_port)
+        assert server("", os.getpid()).reached_at(open_port)  # its own process listens there
+        assert not jupyter.serves_jupyter(free_port())
+    finally:
+        checking.shutdown()
+        open_one.shutdown()
+
+
+def test_a_port_taken_under_the_tunnel_is_named_with_its_holder(box, tmp_path):
+    """A port taken after the check (ssh itself cannot listen): the port and who holds it."""
+    from remotedl.errors import RemotedlError
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        t = tun.Tunnel(spec_for(box, tmp_path), [tun.Forward(port, port + 1)])
+        with pytest.raises(RemotedlError) as e:
+            t.run()
+        assert f"local port {port} is already in use by pid {os.getpid()}" in e.value.message
+        assert e.value.hint and re.search(rf"`remotedl tunnel \d+:{port + 1}`", e.value.hint)
+    finally:
+        holder.close()
+
+
 def test_colab_runtime_allows_colab_origin(box, project, tmp_path):
     run = cli_for(box, tmp_path / "laptop")
     (project / "remotedl.toml").write_text(f'remote_dir = "~/jupyter-tests/{tmp_path.name}"\n')

@@ -59,6 +59,7 @@ AGENT_MODULES = (
     "errors.py",
     "slurm.py",
     "notify.py",
+    "treeid.py",
 )
 LAPTOP_ONLY = ("agent/client.py", "agent/__main__.py")
 
@@ -121,11 +122,20 @@ class AgentClient:
     """Calls the agent on one box: one exec per request over the shared connection, plus an
     upload the first time a box sees this agent version."""
 
-    def __init__(self, spec: HostSpec, python: str = "python3", box: Box | None = None) -> None:
+    def __init__(
+        self,
+        spec: HostSpec,
+        python: str = "python3",
+        box: Box | None = None,
+        adopt: dict[str, str] | None = None,
+    ) -> None:
         self.spec = spec
         self.python = python
         self.box = box or Box(spec)
         self.agent = build_agent()
+        # With the default remote_dir: sent with every request, so the box keeps a tree this
+        # project has under the older, folder-named default (remotedl.treeid).
+        self.adopt = adopt
 
     def _no_python(self) -> RemoteError:
         return RemoteError(
@@ -152,8 +162,9 @@ class AgentClient:
     def _script(self) -> str:
         return _CALL.format(digest=self.agent.digest, missing=AGENT_MISSING, nopython=AGENT_NO_PYTHON)
 
-    @staticmethod
-    def _body(request: dict[str, Any]) -> bytes:
+    def _body(self, request: dict[str, Any]) -> bytes:
+        if self.adopt is not None and request.get("adopt") is None:
+            request = {**request, "adopt": self.adopt}
         # Only the operation is logged: a request can hold secrets (--env values).
         log.debug("agent request: op=%s keys=%s", request.get("op"), sorted(request))
         return json.dumps(request).encode()

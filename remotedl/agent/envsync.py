@@ -137,10 +137,74 @@ def env_in_sync(rdir: str, plan: dict[str, Any], spec: dict[str, Any]) -> bool:
     return os.access(os.path.join(rdir, ".venv", "bin", "python"), os.X_OK)
 
 
+# Run by the project venv's python after pip installed requirements file "$1": uninstall what
+# that file no longer needs. pip has no sync of its own; its parser (the one pip-tools uses) reads
+# the file as pip does (-r includes, markers, -e and paths), and the installed packages' metadata
+# gives what they need in turn, offline. pip, setuptools and wheel (the venv's own) and what they
+# need stay.
+PRUNE = """\
+import contextlib, json, os, subprocess, sys
+from importlib.metadata import distributions
+
+def needed(path, installed):
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.constructors import install_req_from_parsed_requirement
+    from pip._internal.req.req_file import parse_requirements
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name as canon
+
+    def by_url(url):
+        for key, d in installed.items():
+            with contextlib.suppress(ValueError):
+                if json.loads(d.read_text("direct_url.json") or "{}").get("url") == url:
+                    return key
+    todo = [(seed, frozenset()) for seed in ("pip", "setuptools", "wheel")]  # the venv's own
+    for parsed in parse_requirements(path, session=PipSession()):
+        req = install_req_from_parsed_requirement(parsed)
+        if req.constraint or not req.match_markers():
+            continue
+        name = canon(req.name) if req.name else req.link and by_url(req.link.url_without_fragment)
+        if not name:
+            raise ValueError(f"cannot tell what {req} installs")
+        todo.append((name, frozenset(req.extras)))
+    keep, seen = set(), set()
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) not in seen:
+            seen.add((name, extras))
+            keep.add(name)
+            for line in (installed[name].requires or []) if name in installed else []:
+                r = Requirement(line)
+                if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in extras or {""}):
+                    todo.append((canon(r.name), frozenset(r.extras)))
+    return keep
+
+try:
+    from pip._vendor.packaging.utils import canonicalize_name as canon
+    prefix = os.path.realpath(sys.prefix) + os.sep
+    installed = {
+        canon(d.metadata["Name"]): d for d in distributions()
+        if d.metadata["Name"] and os.path.realpath(str(d.locate_file(""))).startswith(prefix)
+    }
+    keep = needed(sys.argv[1], installed)
+except Exception as e:  # the install stands; only the removal is skipped
+    print(f"remotedl: warning: cannot tell what {sys.argv[1]} needs ({e}): nothing uninstalled")
+    sys.exit(0)
+extra = sorted(d.metadata["Name"] for key, d in installed.items() if key not in keep)
+if extra:
+    print("remotedl: pip uninstall (no longer required):", " ".join(extra), flush=True)
+    cmd = [sys.executable, "-m", "pip", "uninstall", "--disable-pip-version-check", "-y", *extra]
+    sys.exit(subprocess.call(cmd))
+"""
+
 # "$1" kind, "$2" remote_dir, "$3" conda env, "$4" env_setup, "$5" the base python, "$6" setup_cmd,
-# "$7" a requirements file made from pyproject.toml (pip without uv). Never the system pip.
+# "$7" a requirements file made from pyproject.toml (pip without uv), "$8" PRUNE. Never the
+# system pip. The project's .venv is made to match the file exactly (uv pip install --exact, or
+# pip install and PRUNE); a conda or env_setup environment, shared and made by other means, only
+# gets what the file adds.
 INSTALL = (
-    '_rdl_kind=$1 _rdl_rd=$2 _rdl_conda=$3 _rdl_setup=$4 _rdl_base=$5 _rdl_cmd=$6 _rdl_req=$7 _rdl_jd=\n'
+    '_rdl_kind=$1 _rdl_rd=$2 _rdl_conda=$3 _rdl_setup=$4 _rdl_base=$5 _rdl_cmd=$6 _rdl_req=$7\n'
+    '_rdl_prune=$8 _rdl_jd=\n'
     + ACTIVATE
     + r"""
 cd "$_rdl_rd" || exit 1
@@ -177,6 +241,8 @@ else
     fi
   fi
 fi
+_rdl_exact=
+[ -n "$_rdl_conda$_rdl_setup" ] || _rdl_exact=1
 if command -v uv >/dev/null 2>&1; then
   case $_rdl_kind in
     uv.lock)
@@ -184,15 +250,25 @@ if command -v uv >/dev/null 2>&1; then
       UV_PROJECT_ENVIRONMENT=$("$py" -c 'import sys; print(sys.prefix)') \
         uv sync --frozen --no-install-project ;;
     *)
-      say "uv pip install -r $_rdl_kind"
-      uv pip install --python "$py" -r "$_rdl_kind" ;;
+      # --exact (uv 0.5 and later): resolved as an install (what is there and fits stays), then
+      # what the file no longer needs is uninstalled.
+      if [ -n "$_rdl_exact" ] && uv pip install --help 2>/dev/null | grep -q -e --exact; then
+        say "uv pip install --exact -r $_rdl_kind"
+        uv pip install --exact --python "$py" -r "$_rdl_kind"
+      else
+        [ -z "$_rdl_exact" ] ||
+          say "warning: $(uv --version) has no pip install --exact: packages no longer required stay"
+        say "uv pip install -r $_rdl_kind"
+        uv pip install --python "$py" -r "$_rdl_kind"
+      fi ;;
   esac
 else
   case $_rdl_kind in
     requirements.txt) _rdl_req=requirements.txt ;;
   esac
   say "pip install -r $_rdl_req"
-  "$py" -m pip install --disable-pip-version-check --no-input -r "$_rdl_req"
+  "$py" -m pip install --disable-pip-version-check --no-input -r "$_rdl_req" || exit $?
+  [ -z "$_rdl_exact" ] || "$py" -c "$_rdl_prune" "$_rdl_req"
 fi
 """
 )
@@ -254,6 +330,7 @@ def op_envsync(ctx: Context, req: dict[str, Any]) -> None:
                     sys.executable,
                     spec.get("setup_cmd") or "",
                     req_file,
+                    PRUNE,
                 ]
                 child = subprocess.Popen(
                     argv, cwd=rdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from remotedl import gpus as gpumod
+from remotedl import treeid
 from remotedl.agent import runtimes
 from remotedl.agent.checkout import (
     clean_rel,
@@ -483,6 +484,9 @@ def main(argv: list[str]) -> int:
         answer = {"ok": False, "kind": "protocol", "error": f"the agent got a malformed request{why}"}
         print(json.dumps(answer))
         return 2
+    adopt = req.get("adopt")
+    if isinstance(adopt, dict):  # the default remote_dir: keep a tree under the older default
+        treeid.adopt_tree(*(str(adopt.get(k) or "") for k in ("dir", "id", "legacy")))
     ctx = Context()
     try:
         result = op(ctx, req)

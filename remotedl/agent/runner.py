@@ -12,11 +12,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 from remotedl.agent.envsync import PROBE, WRAPPER, shell_for
 from remotedl.agent.gpus import blocked_by_earlier, choose_gpus
+from remotedl.agent.runtimes.tmux import JOB_MARK, job_processes
 from remotedl.agent.state import active
 from remotedl.agent.store import (
     AgentError,
@@ -44,6 +46,8 @@ def _job_env(rec: dict[str, Any]) -> dict[str, str]:
     env.pop("TMUX_PANE", None)
     env["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED", "1")  # logs stream, not block-buffered
     env["REMOTEDL_JOB_ID"] = str(rec["id"])
+    if rec.get("mark"):
+        env[JOB_MARK] = str(rec["mark"])
     env["REMOTEDL_JOB_DIR"] = str(rec["cwd"])
     env["REMOTEDL_REMOTE_DIR"] = str(rec.get("remote_dir") or rec["cwd"])
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as nvidia-smi does
@@ -114,6 +118,26 @@ def _take_environment(job_id: int, raw: bytes) -> None:
                 save(rec)
 
 
+def _exit_of(code: int) -> int:
+    return code if code >= 0 else 128 - code
+
+
+def _wait_all(rec: dict[str, Any], child: subprocess.Popen[bytes]) -> None:
+    """The job's main process, then what it left running (``nohup cmd &``, a daemon): the job
+    runs, and holds its GPUs, until they are gone too; its record says how many are left."""
+    child.wait()
+    said = None
+    while left := len(job_processes(rec)):
+        if left != said:
+            with box_lock():
+                fresh = load(int(rec["id"]))
+                if fresh["status"] == "running":
+                    fresh.update(main_exit=_exit_of(child.returncode), leftovers=left)
+                    save(fresh)
+            said = left
+        time.sleep(QUEUE_POLL)
+
+
 def _announce(ctx: Context) -> None:
     """Send what a look found (jobs that ended with no runner left): from processes of their own."""
     if ctx.news:
@@ -152,9 +176,11 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
                 argv,
                 cwd=rec["cwd"],
                 env=env,
+                stdin=subprocess.DEVNULL,  # a read gets EOF, never waits on the tmux pane
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=int(rec["umask"]) if rec.get("umask") is not None else -1,
             )
         except OSError as e:
             log.write(f"remotedl: cannot start: {e}\n".encode())
@@ -175,6 +201,8 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
             watch = events.StallWatch(rec, ctx.hide)
             watch.start()
     assert child.stdout is not None
+    waiter = threading.Thread(target=_wait_all, args=(rec, child), daemon=True)
+    waiter.start()  # the output of processes left behind goes on to the log meanwhile
     out = sys.stdout.buffer
     fd = child.stdout.fileno()
     tag = f"@@remotedl-env:{nonce} ".encode()
@@ -205,11 +233,11 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
             out.flush()
     if pending:
         log.write(pending)
-    code = child.wait()
     log.close()
+    waiter.join()
     if watch is not None:
         watch.stop()
-    exit_code = code if code >= 0 else 128 - code
+    exit_code = _exit_of(child.wait())  # the main process's: the job's exit status
     with box_lock():
         rec = load(job_id)
         killed = kill_marker(job_id).exists()
@@ -218,6 +246,7 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
             exit_code=exit_code,
             ended=time.time(),
             stalled=None,
+            leftovers=0,
         )
         save(rec)
 

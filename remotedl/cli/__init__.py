@@ -11,6 +11,7 @@ import difflib
 import importlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -21,6 +22,7 @@ from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 
 # command -> (module under remotedl.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("init", "set up a new box: ssh config, key, host key, remotedl.toml, doctor (asks first)"),
     "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
     "top": ("fleet", "live view of the GPUs and running jobs of every box (q quits)"),
     "config": ("basic", "show the resolved settings and where each came from"),
@@ -161,13 +163,36 @@ def _option_words(tok: str, rest: list[str], i: int, flags: dict[str, bool]) -> 
     return 2 if takes and i + 1 < len(rest) else 1
 
 
+_ENV_PAIR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _env_pair_at(rest: list[str], i: int) -> tuple[str | None, int]:
+    """``(KEY=VALUE, words it took)`` when ``rest[i]`` is remotedl's ``--env`` after the command
+    word: ``--env K=V``, ``--env=K=V``, ``-e K=V`` or ``-eK=V`` with a KEY=VALUE, else
+    ``(None, 1)``: a ``-e`` of the command's own (``sed -e s/a/b/``, ``bash -e x.sh``) stays its."""
+    tok = rest[i]
+    if tok in ("--env", "-e"):
+        value, n = (rest[i + 1], 2) if i + 1 < len(rest) else (None, 1)
+    elif tok.startswith("--env="):
+        value, n = tok[len("--env=") :], 1
+    elif tok.startswith("-e") and not tok.startswith("--"):
+        value, n = tok[2:], 1
+    else:
+        return None, 1
+    if value is None or not _ENV_PAIR.match(value):
+        return None, 1
+    return value, n
+
+
 def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
-    """``(argv for argparse, GPU options taken after the command word)``.
+    """``(argv for argparse, remotedl's options taken after the command word, as said to the user)``.
 
     `remotedl run --detach --name x train.py --lr 0.1 --port 29500`: remotedl's options go before
     the command word; after it, everything is the command's, in order, except remotedl's GPU choice
-    (`--gpu`, `--gpus`, `--cpu`), so that `remotedl run run.sh --gpu 0` keeps working. After `--`
-    everything is the command's (`remotedl run train.py -- --gpu 0`)."""
+    (`--gpu`, `--gpus`, `--cpu`), so that `remotedl run run.sh --gpu 0` keeps working, and the
+    job's environment (`--env KEY=VALUE`, `-e KEY=VALUE`): a secret given there would otherwise be
+    the script's argument, in `jobs`, the record and notifications. After `--` everything is the
+    command's (`remotedl run train.py -- --gpu 0`)."""
     at = _subcommand_index(parser, argv)
     if at is None or argv[at] != "run":
         return argv, []
@@ -194,6 +219,7 @@ def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[li
         return [*head, *ours, *rest[i:]], []
     command: list[str] = []
     taken: list[str] = []
+    gpu_taken: list[str] = []
     while i < len(rest):
         tok = rest[i]
         if tok == "--":
@@ -204,13 +230,20 @@ def split_run_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[li
             n = 2 if GPU_OPTIONS[key] and not eq and i + 1 < len(rest) else 1
             ours += rest[i : i + n]
             taken.append(" ".join(rest[i : i + n]))
+            gpu_taken.append(taken[-1])
+            i += n
+            continue
+        pair, n = _env_pair_at(rest, i)
+        if pair is not None:
+            ours += ["--env", pair]
+            taken.append(f"--env {pair.partition('=')[0]}")  # the value may be a secret: never said
             i += n
             continue
         command.append(tok)
         i += 1
-    if taken and len(taken) + len(chosen_before) > 1:
+    if gpu_taken and len(gpu_taken) + len(chosen_before) > 1:
         raise ArgvError(
-            f"the GPU choice is given twice: {', '.join([*chosen_before, *taken])}",
+            f"the GPU choice is given twice: {', '.join([*chosen_before, *gpu_taken])}",
             hint="give remotedl one of --gpu/--gpus/--cpu; to pass one to the script, put it after --",
         )
     return ([*head, *ours, "--", *command] if command else [*head, *ours]), taken

@@ -26,9 +26,12 @@ def _size(n: int | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
+    """``1d 2h``, ``3h 4m``, ``5m 6s``. Below zero (a job whose start, by the box's clock, lies
+    ahead of this machine's: the box's clock is ahead) no length can be told: ``?``, as kubectl
+    says ``<invalid>``, never ``-1d 22h``; less than a second below is rounding: ``0m 0s``."""
+    if seconds is None or seconds <= -1:
         return "?"
-    s = int(seconds)
+    s = max(0, int(seconds))
     days, s = divmod(s, 86400)
     hours, s = divmod(s, 3600)
     minutes, s = divmod(s, 60)
@@ -99,25 +102,37 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
 
 def _spec_rows(spec: HostSpec, host_source: str) -> dict[str, tuple[object, str]]:
     src = spec.sources
+    why_config = src.get("ssh_config", "~/.ssh/config")
     return {
         "alias": (spec.alias, host_source),
-        "hostname": (spec.hostname, src.get("hostname", "")),
-        "user": (spec.user, src.get("user", "")),
-        "port": (spec.port, src.get("port", "")),
-        "identity_files": (list(spec.identity_files), src.get("identityfile", "")),
-        "known_hosts_files": (list(spec.known_hosts_files), src.get("userknownhostsfile", "")),
-        "strict_host_key_checking": (spec.strict_host_key_checking, src.get("stricthostkeychecking", "")),
-        "connect_timeout": (spec.connect_timeout, src.get("connecttimeout", "")),
+        "hostname": (spec.hostname, src.get("hostname", "default")),
+        "user": (spec.user, src.get("user", "default")),
+        "port": (spec.port, src.get("port", "default")),
+        "identity_files": (list(spec.identity_files), src.get("identityfile", "default")),
+        "known_hosts_files": (list(spec.known_hosts_files), src.get("userknownhostsfile", "default")),
+        "strict_host_key_checking": (
+            spec.strict_host_key_checking,
+            src.get("stricthostkeychecking", "default"),
+        ),
+        "connect_timeout": (spec.connect_timeout, src.get("connecttimeout", "default")),
         "proxy_jump": (
             spec.proxy_jump,
             src.get("proxyjump", "ssh config" if spec.proxy_jump else "default"),
         ),
-        "server_alive_interval": (spec.server_alive_interval, ""),
-        "ssh_config": (str(spec.ssh_config) if spec.ssh_config else None, src.get("ssh_config", "")),
+        # unset: OpenSSH sends none; remotedl's tunnels and followers keep their own keepalives
+        "server_alive_interval": (spec.server_alive_interval, src.get("serveraliveinterval", "default")),
+        "ssh_config": (
+            (str(spec.ssh_config), why_config)
+            if spec.ssh_config
+            else (None, f"{why_config} does not exist: OpenSSH's defaults")
+        ),
     }
 
 
 def _shown(value: object) -> str:
+    """A value as `config` shows it: unset is said so (not Python's ``None``)."""
+    if value is None:
+        return "(unset)"
     return repr(value) if not isinstance(value, str) else value
 
 
@@ -130,12 +145,18 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     names = app.hosts
     rows: list[tuple[str, str, str]] = [
         ("project", str(s.project.root), "found from the working directory"),
-        ("project config", str(s.project.config_file or "-"), ""),
+        (
+            "project config",
+            str(s.project.config_file or "(none)"),
+            "at the project root" if s.project.config_file
+            else "no remotedl.toml or [tool.remotedl] in pyproject.toml at the project root",
+        ),
     ]
     for key, setting in s.values.items():
         rows.append((key, _shown(shown_value(key, setting.value)), setting.source))
     if not s.values["remote_dir"].value:
-        rows.append(("remote_dir (effective)", s.remote_dir, "default: ~/remotedl/<project name>"))
+        how = "the project's id (its first commit)" if s.project.identity else "the project folder's name"
+        rows.append(("remote_dir (effective)", s.remote_dir, f"default: ~/remotedl/ + {how}"))
     for name, table in s.tables.items():
         rows.append((f"[{name}]", ", ".join(sorted(table.value)), table.source))
     for name in sorted(s.host_tables):
@@ -188,7 +209,7 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     for k, v, src_ in rows:
         grid.add_row(Text(k), Text(str(v)), Text(src_))  # values like "[tool.remotedl]": no markup
     for k, (hv, hsrc) in host.items():
-        grid.add_row(Text("host." + k), Text(str(hv)), Text(hsrc))
+        grid.add_row(Text("host." + k), Text(_shown(hv)), Text(hsrc))
     if names and len(names) > 1:
         grid.add_row(Text("hosts (effective)"), Text(", ".join(names)), Text(""))
     app.console.print(grid)
@@ -206,7 +227,7 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
             own.add_row(Text("remote_dir (effective)"), Text(mine.remote_dir), Text("default"))
         if m is not None:
             for k, (hv, hsrc) in _spec_rows(m.spec, s.hosts_source()).items():
-                own.add_row(Text("host." + k), Text(str(hv)), Text(hsrc))
+                own.add_row(Text("host." + k), Text(_shown(hv)), Text(hsrc))
         else:
             own.add_row(Text("error"), Text(str(error)), Text(""))
         app.console.print()
@@ -215,24 +236,36 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
 
 
 def cmd_allow(args: argparse.Namespace, env: Environment) -> int:
-    from remotedl.config import _read_toml, allow, local_exec
+    from remotedl.config import allow, allow_files
 
     app = App(args, env)
-    path = app.settings.project.config_file
-    if path is None:
-        raise UsageError("this project has no remotedl.toml (or [tool.remotedl]) to allow")
-    data = _read_toml(path)
-    if path.name == "pyproject.toml":
-        data = data.get("tool", {}).get("remotedl", {})
-    risky = local_exec(data)
-    allow(env, path, revoke=args.revoke)
+    settings = app.base_settings
+    project = settings.project
+    if not args.revoke and not allow_files(env, project):
+        raise UsageError(
+            "this project has nothing to allow: no remotedl.toml (or [tool.remotedl]) and no "
+            "playbook that needs it"
+        )
+    files = allow(env, project, revoke=args.revoke)
+    where = project.config_file or project.root
+    reasons = dict(settings.allow_reasons)
     if app.json:
-        app.print_json({"file": str(path), "allowed": not args.revoke, "local_exec": risky})
+        app.print_json(
+            {
+                "file": str(where),
+                "allowed": not args.revoke,
+                "local_exec": [k for k, why in reasons.items() if why.startswith("can run")],
+                "needs_allow": reasons,
+                "covers": [str(f) for f in files or []],
+            }
+        )
     elif args.revoke:
-        app.out(f"{path}: approval removed")
+        app.out(f"{where}: approval removed" if files is not None else f"{where}: was not allowed")
     else:
-        what = f" (it sets {', '.join(risky)})" if risky else ""
-        app.out(f"{path}: allowed as it is now{what}; any change to it needs `remotedl allow` again")
+        what = "; ".join(f"{k} ({why})" for k, why in reasons.items())
+        app.out(f"{where}: allowed as it is now" + (f"; it sets {what}" if what else ""))
+        app.out("covers: " + ", ".join(str(f) for f in files or []))
+        app.out("any change to one of these files needs `remotedl allow` again")
     return ExitCode.OK
 
 

@@ -134,6 +134,7 @@ def push(app: App, args: argparse.Namespace) -> int:
     """`remotedl push` to several hosts at once, with a progress line per host."""
     from remotedl import sync
     from remotedl.cli.progress import fleet_progress
+    from remotedl.cli.sync import missing_data_lines
     from remotedl.fleet import Member
 
     fleet = app.fleet()
@@ -154,9 +155,13 @@ def push(app: App, args: argparse.Namespace) -> int:
                 force=args.force,
                 code=not args.no_code,
                 progress=bars.progress(m.name),
+                dir_mode=str(s.get("remote_dir_mode")),
             )
 
         result = fleet.map(one, on_result=lambda r: bars.done(r.host, r.ok))
+    missing = next((pushed.missing for _, pushed in result.values() if pushed.missing), [])
+    for line in missing_data_lines(missing, app.settings.project.root):  # the same on every host
+        app.env.stderr.write(f"remotedl: {line}\n")
     if app.json:
         app.print_json(
             {

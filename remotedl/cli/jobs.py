@@ -6,6 +6,7 @@ import argparse
 import codecs
 import contextlib
 import datetime
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration, _size
 from remotedl.cli.progress import progress_bar
-from remotedl.cli.sync import left_out_lines, remote_dir
+from remotedl.cli.sync import left_out_lines, made_line, missing_data_lines, remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
@@ -68,6 +69,40 @@ def _writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], Non
     return write_text, flush_text
 
 
+def _json_lines_writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """Log bytes as JSON Lines (``logs --json``): one object per log line, ``{"text": LINE}``
+    with the line's own newline, or ``{"base64": ...}`` for a line that is not UTF-8; joined in
+    order they are the log byte for byte. A last line without a newline comes at the end."""
+    import base64
+
+    pending = bytearray()
+
+    def emit(line: bytes) -> None:
+        try:
+            obj = {"text": line.decode("utf-8")}
+        except UnicodeDecodeError:
+            obj = {"base64": base64.b64encode(line).decode("ascii")}
+        env.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+    def write(b: bytes) -> None:
+        pending.extend(b)
+        end = pending.rfind(b"\n")
+        if end < 0:
+            return
+        for line in bytes(pending[: end + 1]).splitlines(keepends=True):
+            emit(line)
+        del pending[: end + 1]
+        env.stdout.flush()
+
+    def flush() -> None:
+        if pending:
+            emit(bytes(pending))
+            pending.clear()
+        env.stdout.flush()
+
+    return write, flush
+
+
 def warner(env: Environment) -> Callable[[str], None]:
     def warn(text: str) -> None:
         env.stderr.write(f"remotedl: warning: {safe(text)}\n")
@@ -80,7 +115,8 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise UsageError(f"--env {pair!r}: use KEY=VALUE")
+            shown = f"{key}=..." if sep else pair  # the value may be a secret: never said
+            raise UsageError(f"--env {shown!r}: use KEY=VALUE, KEY a name of letters, digits and _")
         out[key] = value
     return out
 
@@ -88,7 +124,12 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 def _client(app: App) -> AgentClient:
     from remotedl.agent.client import AgentClient
 
-    return AgentClient(app.spec(), python=str(app.settings.get("python")))
+    return AgentClient(app.spec(), python=str(app.settings.get("python")), adopt=adopt_request(app))
+
+
+def adopt_request(app: App) -> dict[str, str] | None:
+    """The agent's ``adopt`` field where this command works in the default remote_dir."""
+    return None if app.flag("remote_dir") else app.settings.adopt_request()
 
 
 def route(app: App, job: str | None, *, active: bool = False) -> tuple[App, str | None]:
@@ -137,7 +178,8 @@ def _follow(
 
     spec = client.spec
     shown = ref or str(job_id)
-    write, flush = _writer(app.env)
+    # --json (`logs -f`, a followed `run`): the log as JSON Lines, never raw bytes
+    write, flush = _json_lines_writer(app.env) if app.json else _writer(app.env)
 
     def reconnecting(n: int) -> None:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
@@ -287,17 +329,25 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
         if not isolate:
             warn_push_changes_running(app, client, rdir)
         with progress_bar(env, not app.json) as progress:
-            pushed = sync.push(spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress)
+            pushed = sync.push(
+                spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress,
+                dir_mode=str(s.get("remote_dir_mode")),
+            )  # fmt: skip
+        if pushed.created_mode:
+            env.stderr.write(f"remotedl: {made_line(spec.alias, pushed.remote_dir, pushed.created_mode)}\n")
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
         # As push says it: a job that reads a file the snapshot left out fails on the box otherwise.
-        for line in left_out_lines(pushed.left_out, int(s.get("max_snapshot_file"))):
+        for line in missing_data_lines(pushed.missing, root) + left_out_lines(
+            pushed.left_out, int(s.get("max_snapshot_file"))
+        ):
             env.stderr.write(f"remotedl: {safe(line)}\n")
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
+    started: JobRecord | None = None
     for attempt in range(3):
         try:
-            rec = jobs.start(
+            rec = started = jobs.start(
                 client,
                 command=command,
                 remote_dir=rdir,
@@ -323,8 +373,17 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 warn=warn,
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
             )
+            # In the same try: from here the job runs, and an interrupt names it.
+            jobs.keep_commit(root, spec.alias, rec)
             break
         except KeyboardInterrupt:
+            if started is not None:
+                shown = app.job_ref(started.id)
+                raise Interrupted(
+                    f"interrupted: job {shown} ({safe(started.name)}) was started on {spec.alias} "
+                    "and keeps running",
+                    hint=f"`remotedl logs -f {shown}` follows it; `remotedl kill {shown}` stops it",
+                ) from None
             # The request may have reached the box: the job then runs, and only this says so.
             on = f" --host {spec.alias}" if app.narrowed else ""
             raise Interrupted(
@@ -338,7 +397,6 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 f"syncing {safe(str(e.plan.get('target') or ''))}\n"
             )
             sync_environment(app, client, rdir, env_spec)
-    jobs.keep_commit(root, spec.alias, rec)
     ref = app.job_ref(rec.id)
     if app.json and args.detach:
         app.print_json({**rec.to_dict(), "alias": spec.alias} if app.narrowed else rec.to_dict())
@@ -401,7 +459,7 @@ def _notify_urls(app: App) -> list[str]:
 def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: list[str]) -> None:
     """When the followed job ended: its outputs home (--pull / pull_on_end), then a desktop
     notification (notify_desktop = true). A failed pull is an error once the job succeeded."""
-    from remotedl.cli.sync import pull_sources, pulled_lines
+    from remotedl.cli.sync import kept_lines, pull_sources, pulled_lines
     from remotedl.errors import RemotedlError
 
     env = app.env
@@ -415,6 +473,8 @@ def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: lis
         else:
             for line in pulled_lines(results):
                 env.stderr.write(f"remotedl: pulled {line}\n")
+            for line in kept_lines(results):
+                env.stderr.write(f"remotedl: {line}\n")
     if app.settings.get("notify_desktop"):
         from remotedl import notify
         from remotedl.desktop import notify_desktop
@@ -607,7 +667,7 @@ def _show(app: App, job: str | None) -> int:
         ("created", _when(rec.created)),
         ("started", _when(rec.started)),
         ("ended", _when(rec.ended)),
-        ("duration", _duration(rec.duration) if rec.started else "-"),
+        ("duration", _duration_text(rec)),
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),
@@ -621,6 +681,16 @@ def _show(app: App, job: str | None) -> int:
     for key, value in rows:
         app.out(f"  {key:<12}{safe(value)}")
     return ExitCode.OK
+
+
+def _duration_text(rec: JobRecord) -> str:
+    """The job's duration; a start ahead of this machine's clock says the clocks differ."""
+    if not rec.started:
+        return "-"
+    took = rec.duration
+    if took is not None and took <= -1:
+        return f"? (it started {_duration(-took)} ahead of this machine's clock: the box's clock is ahead)"
+    return _duration(took)
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
@@ -652,9 +722,9 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
         if args.lines is None:
             return _follow(app, client, rec.id, app.job_ref(rec.id))
         args.job, project = str(rec.id), None
-    write, flush = _writer(env)
+    write, flush = _json_lines_writer(env) if app.json else _writer(env)
     out_fd = None
-    if getattr(env.stdout, "buffer", None) is not None:  # a real stream: bytes may go to its fd
+    if not app.json and getattr(env.stdout, "buffer", None) is not None:  # bytes may go to its fd
         try:
             out_fd = env.stdout.fileno()
         except (OSError, ValueError):

@@ -9,6 +9,29 @@ def status(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     pass
 
 
+def init(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "At a terminal it asks what it needs; in a script give the values as flags and --yes "
+        "(--user, --port and --identity are the global ones). Safe to run again: it does only "
+        "what is not done yet."
+    )
+    p.add_argument("alias", nargs="?", metavar="ALIAS", help="the box's name in the ssh config (or --host)")
+    p.add_argument("--hostname", metavar="ADDRESS", help="the box's host name or IP address")
+    p.add_argument("--jump", metavar="[USER@]HOST[:PORT]", help="a jump host the box is reached through")
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "--data", action="append", default=[], metavar="PATH", help="a data directory to push (repeatable)"
+    )
+    p.add_argument("--no-data", action="store_true", help="list no data directories in remotedl.toml")
+    p.add_argument(
+        "--no-passphrase",
+        action="store_true",
+        help="a new key gets no passphrase (needed without a terminal)",
+    )
+    p.add_argument("-y", "--yes", action="store_true", help="agree to every change without asking")
+    p.add_argument("--dry-run", action="store_true", help="show every change; change nothing")
+
+
 def top(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes (2)")
     p.add_argument("--once", action="store_true", help="print one view and exit (with --json: one snapshot)")
@@ -94,8 +117,9 @@ def pull(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.epilog = (
         "remotedl's options go before COMMAND: `remotedl run --detach --name x train.py --lr 0.1`. "
-        "After COMMAND every word is the command's, except --gpu/--gpus/--cpu (`remotedl run run.sh "
-        "--gpu 0`); after -- every word is the command's (`remotedl run train.py -- --gpu 0`)."
+        "After COMMAND every word is the command's, except --gpu/--gpus/--cpu and --env KEY=VALUE "
+        "(`remotedl run run.sh --gpu 0`); after -- every word is the command's (`remotedl run "
+        "train.py -- --gpu 0`)."
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -183,6 +207,10 @@ def diff(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 
 def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        'With --json: JSON Lines, one object per log line with its newline, {"text": ...} or '
+        '{"base64": ...} for a line that is not UTF-8.'
+    )
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")

@@ -9,11 +9,10 @@ from remotedl.cli.app import App
 from remotedl.cli.statusline import StatusLine
 from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, UsageError
+from remotedl.errors import ConfigError, ExitCode, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
-
     from remotedl import playbooks as pb
 
 MARK = {
@@ -68,6 +67,8 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
                 app.out(f"{n:<15} {b.description.strip()}  ({b.path})")
         return ExitCode.OK
     books = [pb.load(pb.find(name, root)) for name in (args.playbooks or ["base"])]
+    origins = [pb.origin(book, root) for book in books]
+    _require_allowed_playbooks(app, books, origins)
     variables = {str(k): str(v) for k, v in app.settings.table("playbook_vars").items()}
     for pair in args.var:
         key, sep, value = pair.partition("=")
@@ -81,9 +82,12 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
         facts = pb.box_facts(box, remote_dir(app), app.settings.project.name)
         for book in books:
             if not app.json:
+                whose = pb.origin(book, root).whose
                 app.console.print(
-                    f"[bold]playbook {escape(book.name)}[/bold]"
-                    + (" (check: nothing changes)" if args.check else "")
+                    f"[bold]playbook {escape(book.name)}[/bold] "
+                    f"({'the project' if whose == 'project' else whose}: {escape(str(book.path))})"
+                    + (" (check: nothing changes)" if args.check else ""),
+                    highlight=False,
                 )
 
             def show(r: pb.StepResult) -> None:
@@ -121,6 +125,29 @@ def cmd_setup(args: argparse.Namespace, env: Environment) -> int:
     if app.json:
         app.print_json([r.to_dict() for r in results])
     return ExitCode.ERROR if any(r.failed for r in results) else ExitCode.OK
+
+
+def _require_allowed_playbooks(app: App, books: list[pb.Playbook], origins: list[pb.Origin]) -> None:
+    """A project's playbook that replaces a shipped one or runs steps as root runs only as the
+    user allowed it (``remotedl allow`` covers the project's playbooks/)."""
+    from remotedl.config import allow_files, is_allowed
+
+    project = app.settings.project
+    for book, where in zip(books, origins, strict=True):
+        if not where.needs_allow:
+            continue
+        if book.path not in allow_files(app.env, project):
+            raise ConfigError(
+                f"playbook {book.path} is the project's and {where.needs_allow}; "
+                "remotedl runs such a playbook only from the project's playbooks/ once allowed",
+                hint="move it to playbooks/, read it, then run `remotedl allow`",
+            )
+        if not is_allowed(app.env, project):
+            raise ConfigError(
+                f"playbook {book.path} is the project's and {where.needs_allow}; "
+                "remotedl does not run it until you allow this version of the project's files",
+                hint="read it, then run `remotedl allow`",
+            )
 
 
 def cmd_doctor(args: argparse.Namespace, env: Environment) -> int:

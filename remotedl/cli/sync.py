@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -33,6 +34,10 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     large = [x for x in left if x.reason == "large"]
     envs = [x for x in left if x.reason == "environment"]
     repos = [x for x in left if x.reason == "repository"]
+    subs = [x for x in left if x.reason == "submodule"]
+    edited = [x for x in left if x.reason == "submodule-edits"]
+    pointers = [x for x in left if x.reason == "lfs-pointer"]
+    pulled = [x for x in left if x.reason == "pulled"]
     lines = []
 
     def names(items: Sequence[LeftOut], sized: bool = False) -> str:
@@ -49,11 +54,51 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
         lines.append(f"left out  {names(envs)}: environment (the box makes its own); add to .gitignore")
     if repos:
         lines.append(f"left out  {names(repos)}: a repository of its own; add as a submodule or to `data`")
+    if subs:
+        init = " ".join(shlex.quote(x.path.rstrip("/")) for x in subs)
+        lines.append(
+            f"left out  {names(subs)}: submodule not initialised here (the box gets an empty "
+            f"directory); run `git submodule update --init --recursive {init}`"
+        )
+    if edited:
+        lines.append(
+            f"note      {names(edited)}: submodule with uncommitted changes: they go along, as the "
+            "project's own do (commit them in the submodule to keep them)"
+        )
+    if pointers:
+        lines.append(
+            f"lfs       {names(pointers)}: only a Git LFS pointer here, and so on the box; "
+            "fetch the content with `git lfs pull`, then push"
+        )
+    if pulled:
+        lines.append(f"left out  {names(pulled)}: brought by pull (outputs, not code); `git add` to push it")
     return lines
+
+
+def missing_data_lines(missing: Sequence[str], root: object) -> list[str]:
+    """The warning for data paths this clone does not have: the code went, they did not."""
+    if not missing:
+        return []
+    return [
+        f"warning: data path {_listed(list(missing), 5)} does not exist in {root}: not sent "
+        "(the box's copy, if any, is left as it is); the code was pushed"
+    ]
 
 
 def _files(t: Transfer) -> str:
     return f"{plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)}"
+
+
+def made_line(alias: str, remote_dir: str, mode: str) -> str:
+    """What push says when it made remote_dir: who can read it there."""
+    bits = int(mode, 8)
+    if bits & 0o007:
+        who = "every user of the box can read it"
+    elif bits & 0o070:
+        who = "you and your group can read it"
+    else:
+        who = "only you can read it (remote_dir_mode opens it to a group)"
+    return f"made  {alias}:{remote_dir} mode {mode}: {who}"
 
 
 def _push_lines(result: PushResult, alias: str, limit: int) -> list[str]:
@@ -63,6 +108,8 @@ def _push_lines(result: PushResult, alias: str, limit: int) -> list[str]:
         what = what if result.snapshot else f"commit {result.commit[:10]}"
         state = "checked out" if result.code_changed else "already there"
         lines.append(f"code  {what} -> {alias}:{result.remote_dir} ({state})")
+    if result.created_mode:
+        lines.append(made_line(alias, result.remote_dir, result.created_mode))
     for t in result.transfers:
         lines.append(f"data  {t.path}: {_files(t)} sent")
     return lines + left_out_lines(result.left_out, limit)
@@ -107,7 +154,10 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
             code=not args.no_code,
             max_snapshot_file=limit,
             progress=progress,
+            dir_mode=str(s.get("remote_dir_mode")),
         )
+    for line in missing_data_lines(result.missing, s.project.root):
+        env.stderr.write(f"remotedl: {line}\n")
     synced = None
     if getattr(args, "env", False):
         from remotedl import jobs
@@ -177,7 +227,8 @@ def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[s
                     sent.append(f"{t.path}: {_files(t)}")
             what = "; ".join(sent) or "nothing new"
             say(f"{stamp} pushed ({_changed_text(ev.changed)}) in {ev.seconds:.2f} s: {what}")
-            left = left_out_lines(r.left_out, limit)
+            left = missing_data_lines(r.missing, app.settings.project.root)
+            left += left_out_lines(r.left_out, limit)
             if left != last_left:  # listed once, and again only when it changes
                 for line in left:
                     say(f"         {line}")
@@ -211,6 +262,7 @@ def _watch(app: App, args: argparse.Namespace, data: list[str], excludes: list[s
                 on_event=on_event,
                 progress=progress,
                 max_pushes=getattr(args, "pushes", None),
+                dir_mode=str(app.settings.get("remote_dir_mode")),
             )
     except KeyboardInterrupt:
         env.stderr.write("stopped watching\n")
@@ -282,12 +334,44 @@ def pulled_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
             origin = f"the work tree (shared by job {src.job}, {safe(src.name or '?')})"
         else:
             origin = f"job {src.job} ({safe(src.name or '?')})"
+        kept = [*r.kept, *r.kept_tracked, *r.kept_newer]
         for t in r.transfers:
+            mine = [k for k in kept if t.path in (".", k) or k.startswith(t.path + "/")]
+            why = " (up to date here)" if not t.files_transferred and not mine else ""
             lines.append(
                 f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received "
-                f"from {origin}"
+                f"from {origin}{why}"
+            )
+        if r.replaced:
+            lines.append(f"replaced {_listed(r.replaced, 10)} here: the box's copy is newer")
+        for name in r.replaced_tracked:
+            lines.append(
+                f"replaced {name} here (tracked): named in the pull; `git restore {name}` brings back the "
+                "committed version"
             )
     return lines
+
+
+def kept_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
+    """What pull left alone here, and why (stderr)."""
+    edited = [k for _, r in results for k in r.kept]
+    tracked = [k for _, r in results for k in r.kept_tracked]
+    newer = [k for _, r in results for k in r.kept_newer]
+    out = []
+    if edited:
+        out.append(
+            f"kept {_listed(edited, 10)} here: tracked, with uncommitted edits, and the box has another "
+            "version\n  hint: commit or stash your edits, then pull again to take the box's version"
+        )
+    if tracked:
+        out.append(
+            f"kept {_listed(tracked, 10)} here: tracked files (the box has another version); pull writes a "
+            "tracked file only when it is named\n  hint: to take the box's version, name the file: "
+            f"remotedl pull [--job ID] {tracked[0]}"
+        )
+    if newer:
+        out.append(f"kept {_listed(newer, 10)} here: newer than the box's copy")
+    return out
 
 
 def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
@@ -315,15 +399,15 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
                     for t in r.transfers
                 ],
                 "kept": [k for _, r in results for k in r.kept],
+                **{
+                    key: [k for _, r in results for k in getattr(r, key)]
+                    for key in ("kept_tracked", "kept_newer", "replaced", "replaced_tracked")
+                },
             }
         )
         return ExitCode.OK
     for line in pulled_lines(results):
         app.out(line)
-    kept = [k for _, r in results for k in r.kept]
-    if kept:
-        env.stderr.write(
-            f"remotedl: kept {_listed(kept, 10)} here: tracked, with uncommitted edits, and the box has "
-            "another version\n  hint: commit or stash your edits, then pull again to take the box's version\n"
-        )
+    for line in kept_lines(results):
+        env.stderr.write(f"remotedl: {line}\n")
     return ExitCode.OK

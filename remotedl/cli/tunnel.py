@@ -41,13 +41,18 @@ def cmd_tensorboard(args: argparse.Namespace, env: Environment) -> int:
     def instead(busy: Any, free: int) -> str:
         return f"remotedl tensorboard {args.logdir + ' ' if args.logdir else ''}--local-port {free}"
 
-    tun.check_local_ports([tun.Forward(local, local)], instead)
+    if tun.port_free(local) or not tensorboard.serves_tensorboard(local):
+        tun.check_local_ports([tun.Forward(local, local)], instead)
     runs = _job_runs(app, logdir) if args.jobs is not None else []
     with status_line(env, not app.json) as say:
         server = tensorboard.find_or_start(spec, remote_dir(app), logdir, runs=runs, on_progress=say)
     for name, directory in server.runs:
         env.stderr.write(f"remotedl: run {name}: {directory}\n")
     forwards = [tun.Forward(local, server.port)]
+    if not tun.port_free(local):  # the box is this machine, or the port was taken meanwhile
+        if server.reached_at(local):
+            return _reached_without_tunnel(app, local, server)
+        tun.check_local_ports(forwards, instead)
     if args.background:
         return _start_background(app, args, forwards, server)
     return _foreground(app, spec, forwards, server, supervise=False)
@@ -113,7 +118,10 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
     spec = app.spec()
     if not args.supervise:
         port = int(app.settings.get("jupyter_port"))
-        tun.check_local_ports(forwards or [tun.Forward(port, port)], _instead(args, forwards))
+        checked = forwards or [tun.Forward(port, port)]
+        if args.jupyter and _maybe_the_boxs_jupyter(checked):
+            checked = checked[1:]  # looked at again once the box's server is known
+        tun.check_local_ports(checked, _instead(args, forwards))
     server = None
     if args.jupyter:
         from remotedl import jupyter
@@ -127,9 +135,42 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
                 spec, remote_dir(app), remote_port=wanted_remote, colab=args.colab, on_progress=say
             )
         forwards = [tun.Forward(local, server.port), *forwards[1:]]
+        if not args.supervise and not tun.port_free(local):
+            if len(forwards) == 1 and server.reached_at(local):
+                return _reached_without_tunnel(app, local, server)
+            tun.check_local_ports(forwards[:1], _instead(args, forwards))
     if args.background and not args.supervise:
         return _start_background(app, args, forwards, server)
     return _foreground(app, spec, forwards, server, supervise=args.supervise)
+
+
+def _maybe_the_boxs_jupyter(forwards: list[Any]) -> bool:
+    """The Jupyter forward's local port is taken by a Jupyter server: on a box that is this
+    machine (a sandbox on 127.0.0.1) or through a tunnel already up, that may be the very
+    server the box serves, and then it is used as it is rather than refused."""
+    from remotedl import jupyter
+    from remotedl import tunnel as tun
+
+    return not tun.port_free(forwards[0].local) and jupyter.serves_jupyter(forwards[0].local)
+
+
+def _reached_without_tunnel(app: App, local: int, server: Any) -> int:
+    """The box's server already answers on this machine's 127.0.0.1:LOCAL (the box is this
+    machine, or a tunnel to it is up): a second listener there would collide, and none is needed."""
+    state = "started" if server.started else "found running"
+    label = getattr(server, "label", "Jupyter")
+    app.env.stderr.write(
+        f"remotedl: {label} {state} on {app.spec().alias} (port {server.port}); "
+        f"127.0.0.1:{local} here already reaches it (the box is this machine, or a tunnel to it "
+        "is up): no tunnel needed\n"
+    )
+    url = str(server.url(local))
+    app.out(url)
+    if app.flag("open"):
+        import webbrowser
+
+        webbrowser.open(url)
+    return ExitCode.OK
 
 
 def _instead(args: argparse.Namespace, forwards: list[Any]) -> Callable[[Any, int], str]:

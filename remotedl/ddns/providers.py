@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from remotedl.ddns.detect import USER_AGENT, http_failure
-from remotedl.ddns.settings import DnsSettings, read_secret
+from remotedl.ddns.settings import DnsSettings, provider_secret
 from remotedl.errors import ConfigError, RemotedlError
 
 RDTYPE = {4: "A", 6: "AAAA"}
@@ -147,7 +147,7 @@ class Rfc2136(Provider):
             name = s.tsig_key_name or "remotedl"
             alg, secret = s.tsig_algorithm, str(env["REMOTEDL_DNS_TSIG_SECRET"]).strip()
         else:
-            text = read_secret(env, "REMOTEDL_DNS_TSIG_SECRET", s.tsig_key_file, "TSIG key")
+            text = provider_secret(env, s)
             name, alg, secret = parse_tsig_key_file(text)
         try:
             self.keyring = dns.tsigkeyring.from_text({name: (alg, secret)})
@@ -232,9 +232,7 @@ class Cloudflare(Provider):
     def __init__(self, s: DnsSettings, env: Mapping[str, str]) -> None:
         super().__init__(s, env)
         self.base = (s.api_url or "https://api.cloudflare.com/client/v4").rstrip("/")
-        self._token = read_secret(
-            env, "REMOTEDL_CLOUDFLARE_TOKEN", s.token_file, "Cloudflare API token"
-        ).strip()
+        self._token = provider_secret(env, s).strip()
         self._zone_id: str | None = None
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
@@ -314,9 +312,7 @@ class Dyndns2(Provider):
         super().__init__(s, env)
         if not s.username:
             raise ConfigError("dyndns2 needs 'username' in [dns]")
-        self._password = read_secret(
-            env, "REMOTEDL_DYNDNS2_PASSWORD", s.password_file, "dyndns2 password"
-        ).strip()
+        self._password = provider_secret(env, s).strip()
         self.url = (s.server or "https://members.dyndns.org").rstrip("/")
         if "://" not in self.url:
             self.url = "https://" + self.url
@@ -364,7 +360,7 @@ class Dyndns2(Provider):
 class DuckDns(Provider):
     def __init__(self, s: DnsSettings, env: Mapping[str, str]) -> None:
         super().__init__(s, env)
-        self._token = read_secret(env, "REMOTEDL_DUCKDNS_TOKEN", s.token_file, "DuckDNS token").strip()
+        self._token = provider_secret(env, s).strip()
         self.url = s.api_url or "https://www.duckdns.org/update"
         self.domain = s.name.removesuffix(".duckdns.org")
 

@@ -22,6 +22,26 @@ DEFAULT_IP_SOURCES = [
 DEFAULT_IP_SOURCES_V6 = ["https://api6.ipify.org", "https://ipv6.icanhazip.com", "https://ifconfig.co/ip"]
 
 
+@dataclass(frozen=True)
+class SecretRoute:
+    """Where a provider's secret comes from and where it goes: ``config`` checks these
+    against the settings' sources (a project may not send the user's secret to a server it
+    names until the user allowed the project file)."""
+
+    destination: str  # the [dns] key naming where the secret is sent (default: the provider's)
+    file_key: str  # the [dns] key naming the file it is read from
+    env_var: str  # the environment variable that holds it instead
+    what: str
+
+
+SECRET_ROUTES = {
+    "rfc2136": SecretRoute("server", "tsig_key_file", "REMOTEDL_DNS_TSIG_SECRET", "TSIG key"),
+    "cloudflare": SecretRoute("api_url", "token_file", "REMOTEDL_CLOUDFLARE_TOKEN", "Cloudflare API token"),
+    "dyndns2": SecretRoute("server", "password_file", "REMOTEDL_DYNDNS2_PASSWORD", "dyndns2 password"),
+    "duckdns": SecretRoute("api_url", "token_file", "REMOTEDL_DUCKDNS_TOKEN", "DuckDNS token"),
+}
+
+
 @dataclass
 class DnsSettings:
     name: str
@@ -93,6 +113,12 @@ def parse(table: dict[str, Any], origin: str = "[dns]") -> DnsSettings:
     if not s.ipv4 and not s.ipv6:
         raise ConfigError(f"{origin}: ipv4 and ipv6 are both off: nothing to update")
     return s
+
+
+def provider_secret(env: dict[str, str] | Any, s: DnsSettings) -> str:
+    """The secret of ``s.provider``, read the way ``SECRET_ROUTES`` says."""
+    route = SECRET_ROUTES[s.provider]
+    return read_secret(env, route.env_var, str(getattr(s, route.file_key)), route.what)
 
 
 def read_secret(env: dict[str, str] | Any, var: str, path: str, what: str) -> str:

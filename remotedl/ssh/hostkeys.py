@@ -152,11 +152,19 @@ def trust_state(spec: HostSpec, name: str, key: HostKey) -> str:
     return "changed" if held else "unknown"
 
 
-def trust_host(spec: HostSpec, *, replace: bool = False) -> TrustResult:
-    """Record the box's current host key in known_hosts. A changed key needs ``replace``."""
+def trust_host(spec: HostSpec, *, replace: bool = False, expect: str | None = None) -> TrustResult:
+    """Record the box's current host key in known_hosts. A changed key needs ``replace``.
+    ``expect``: the fingerprint the user was shown and agreed to; another key is refused."""
     from remotedl import proc
 
     name, key = fetch_host_key(spec)
+    if expect is not None and key.fingerprint != expect:
+        raise HostKeyError(
+            f"{spec.display} now offers host key {key.key_type} {key.fingerprint}, not the {expect} "
+            "you agreed to: nothing recorded",
+            hint="someone may be intercepting the connection; compare the fingerprint on the box",
+            fingerprint=key.fingerprint,
+        )
     path = spec.known_hosts_files[0]
     state = trust_state(spec, name, key)
     if state == "already-known":

@@ -14,7 +14,7 @@ import os
 import re
 import shlex
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from remotedl.errors import ConfigError, ConnectError, HostKeyError
@@ -23,12 +23,53 @@ from remotedl.ssh.resolve import HostSpec
 CONTROL_PERSIST = 60
 
 
+# A socket's path must fit sockaddr_un's sun_path: 104 bytes on macOS and the BSDs (108 on
+# Linux), the final NUL included. Ours is DIR/FLAVOUR-%C (8 + 1 + 40 characters after DIR/), and
+# while ssh sets up a master it binds DIR/FLAVOUR-%C.XXXXXXXXXXXXXXXX first (17 more).
+SUN_PATH_MAX = 104
+_SOCKET_NAME = 1 + 8 + 1 + 40 + 17
+
+
 def control_dir() -> Path:
-    """The directory of the master connections' sockets: ours alone, or refused."""
-    path = Path(f"/tmp/remotedl-{os.getuid()}")
+    """The directory of the master connections' sockets (and of push's locks): ours alone."""
+    return pick_control_dir(os.environ, Path("/tmp"))
+
+
+def _fits(path: Path) -> bool:
+    return len(os.fsencode(str(path))) + _SOCKET_NAME < SUN_PATH_MAX
+
+
+def pick_control_dir(environ: Mapping[str, str], tmp: Path) -> Path:
+    """A directory only this user can have made: ``$XDG_RUNTIME_DIR/remotedl`` (the system makes
+    the runtime directory, 0700, for the user's session), else ``~/.cache/remotedl`` (or under
+    ``$XDG_CACHE_HOME``) when its socket paths fit OpenSSH's limit, else ``/tmp/remotedl-UID``,
+    which any user could make first. Each is checked the same way (``check_private_dir``); a
+    ``/tmp`` one another user made is refused (exit 3) only when neither of the others works."""
+    what = "remotedl's connection sockets"
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/") and _fits(Path(runtime) / "remotedl"):
+        try:
+            check_private_dir(Path(runtime), "the runtime directory")
+            return _private_dir(Path(runtime) / "remotedl", what)
+        except (ConfigError, OSError):
+            pass  # not the user's own (a stale or borrowed variable): the next place
+    cache = environ.get("XDG_CACHE_HOME", "")
+    home = environ.get("HOME", "")
+    base = Path(cache) if cache.startswith("/") else Path(home) / ".cache" if home.startswith("/") else None
+    if base is not None and _fits(base / "remotedl"):
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            if base.stat().st_uid == os.getuid():
+                return _private_dir(base / "remotedl", what)
+        except (ConfigError, OSError):
+            pass
+    return _private_dir(tmp / f"remotedl-{os.getuid()}", what)
+
+
+def _private_dir(path: Path, what: str) -> Path:
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
-    check_private_dir(path, "remotedl's connection sockets")
+    check_private_dir(path, what)
     return path
 
 

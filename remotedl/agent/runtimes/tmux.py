@@ -2,9 +2,9 @@
 
 A job is started by the agent (status ``starting``, the starter's pid recorded), runs under a
 runner process (``agent/runner.py``) in a tmux session of its own (the runner records its pid,
-then the job's process group), and is ``lost`` only when none of them is alive any more, or the
-box rebooted. tmux is called through one chokepoint (``_tmux``: argv only, exact ``=name``
-targets).
+then the job's process group), and is ``lost`` only when none of them is alive any more (nor a
+process that left the group but carries the job's ``JOB_MARK``), or the box rebooted. tmux is
+called through one chokepoint (``_tmux``: argv only, exact ``=name`` targets).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -40,7 +41,7 @@ from remotedl.agent.store import (
     stall_after,
     update,
 )
-from remotedl.schema import ACTIVE, ENDED
+from remotedl.schema import ACTIVE, ENDED, outlived_words
 from remotedl.waiting import pid_alive as _alive
 
 TMUX_MIN = (3, 0)  # new-session with the command as separate words: no shell in between
@@ -124,6 +125,64 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+# In every job process's environment: finds the processes that left the job's process group
+# (setsid, a daemon's double fork), as long as they keep the environment they were given.
+JOB_MARK = "REMOTEDL_JOB_MARK"
+
+
+def job_processes(r: dict[str, Any]) -> list[int]:
+    """The job's live processes (zombies do not count): its process group's, and the user's
+    own processes whose environment carries the job's mark."""
+    pgid = str(r.get("pgid") or "")
+    mark = f"{JOB_MARK}={r['mark']}".encode() if r.get("mark") else None
+    uid = os.getuid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc to look closer: the group as a whole
+        return [int(pgid)] if pgid and group_alive(int(pgid)) else []
+    found = []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            if fields[0] in ("Z", "X"):
+                continue
+            if fields[2] == pgid:
+                found.append(int(name))
+            elif mark and os.stat(f"/proc/{name}").st_uid == uid:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        found.append(int(name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def job_alive(r: dict[str, Any]) -> bool:
+    if r.get("pgid") and group_alive(int(r["pgid"])):
+        return True
+    return bool(r.get("mark") and job_processes(r))
+
+
+def signal_job(r: dict[str, Any], sig: int) -> bool:
+    """``sig`` to the job's process group and to its processes outside it (each once); False:
+    none was left."""
+    pgid = int(r["pgid"]) if r.get("pgid") else None
+    sent = False
+    if pgid:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+            sent = True
+    for pid in job_processes(r):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if pgid is None or os.getpgid(pid) != pgid:
+                os.kill(pid, sig)
+                sent = True
+    return sent
+
+
 def runner_alive(r: dict[str, Any]) -> bool:
     """The job's runner is alive (a reused pid of another program does not count)."""
     pid = r.get("runner_pid")
@@ -146,7 +205,16 @@ def _gone(r: dict[str, Any], boot: str | None) -> bool:
             return False  # being started: the runner records itself in a moment
     if runner_alive(r):
         return False
-    return not (r.get("pgid") and group_alive(int(r["pgid"])))
+    return not job_alive(r)
+
+
+def _login_umask() -> int:
+    """This agent's umask: the one an ssh session of the user gets (pam_umask, the login
+    shell's start-up files). The job gets it, not the tmux server's, which is whatever the
+    first program to start that server had (`remotedl jupyter` starts it with 077)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _new_session(name: str, cwd: str, argv: list[str]) -> None:
@@ -199,6 +267,25 @@ def _fail_start(job_id: int, error: str) -> None:
         remove_job_dir(rec)  # nothing ran in it
 
 
+class TmuxFollow(LogFollow):
+    """The follower hears once the job's main process exited while processes it left still
+    run (the job runs until they are gone), and again when how many are left changes."""
+
+    def __init__(self, rec: dict[str, Any]) -> None:
+        super().__init__(rec)
+        self.said: str | None = None
+
+    def note(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        left = int(rec.get("leftovers") or 0)
+        if rec["status"] != "running" or rec.get("main_exit") is None or not left:
+            return None
+        words = outlived_words(int(rec["main_exit"]), left)
+        if words == self.said:
+            return None
+        self.said = words
+        return {"job": rec["id"], "status": rec["status"], "state": words}
+
+
 class TmuxRuntime(Runtime):
     kind = "box"
 
@@ -223,6 +310,8 @@ class TmuxRuntime(Runtime):
             pid=None,
             stall_after=stall_after(req.get("stall_after")),  # stall detection: agent/events.py
             stalled=None,
+            umask=_login_umask(),
+            mark=secrets.token_hex(8),  # JOB_MARK in its processes' environment
         )
         save(rec)
         fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -256,8 +345,9 @@ class TmuxRuntime(Runtime):
 
     def kill(self, ctx: Context, rec: dict[str, Any], grace: float) -> Killed:
         """A job not started yet: killed in its record, its runner stopped. A running one: its
-        process group gets SIGINT, SIGTERM, SIGKILL (``grace`` seconds apart) until it is gone;
-        its runner records the end."""
+        process group, and its processes that left the group (``job_processes``), get SIGINT,
+        SIGTERM, SIGKILL (``grace`` seconds apart) until they are gone; its runner records the
+        end."""
         job_id = int(rec["id"])
         kill_marker(job_id).touch()
         with box_lock():
@@ -279,18 +369,15 @@ class TmuxRuntime(Runtime):
             return load(job_id), []
         if rec["status"] not in ACTIVE:
             return rec, []
-        pgid = int(rec["pgid"])
-        steps = []
+        steps = []  # to its process group and its processes that left the group
         for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
+            if not signal_job(rec, sig):
                 break
             steps.append(signal.Signals(sig).name)
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and group_alive(pgid):
-                time.sleep(0.05)
-            if not group_alive(pgid):
+            while time.monotonic() < deadline and job_alive(rec):
+                time.sleep(0.1)
+            if not job_alive(rec):
                 break
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and runner_alive(rec) and load(job_id)["status"] in ACTIVE:
@@ -298,7 +385,7 @@ class TmuxRuntime(Runtime):
         return None, steps  # no runner left to record the end: the look says killed, by the marker
 
     def follow(self, rec: dict[str, Any]) -> LogFollow:
-        return LogFollow(rec)
+        return TmuxFollow(rec)
 
     def attach(self, rec: dict[str, Any]) -> str:
         session = str(rec.get("session") or "")
