@@ -359,6 +359,38 @@ def test_requests_round_trip_and_the_box_checks_them_like_records(tmp_path):
     assert "field 'count'" in answer["error"] and "s3cret" not in r.stdout.decode()
 
 
+def test_any_request_carries_adopt_and_the_client_fills_it_in():
+    """``adopt`` (the default remote_dir's older, folder-named tree: remotedl.treeid) goes with
+    every kind of request, checked like the other fields; the client adds its own to a request
+    that has none, and leaves one that has its own alone."""
+    from remotedl.agent.client import AgentClient
+    from remotedl.schema import GetRequest, ListRequest, check_request
+    from remotedl.ssh.resolve import HostSpec
+
+    spec = HostSpec("b", "127.0.0.1", "u", 22, (), (), "yes", 5.0, None, None, None)
+
+    adopt = {"dir": "~/remotedl/proj-0123", "id": "0123", "legacy": "proj"}
+    assert check_request(ListRequest(adopt=adopt).to_dict())["adopt"] == adopt
+    with pytest.raises(SchemaError, match="request field 'adopt': unexpected str"):
+        check_request({"op": "list", "adopt": "proj"})
+    client = AgentClient(spec, adopt=adopt)
+    assert json.loads(client._body(GetRequest(job=1).to_dict()))["adopt"] == adopt
+    own = {**adopt, "legacy": "other"}
+    assert json.loads(client._body(ListRequest(adopt=own).to_dict()))["adopt"] == own
+    plain = AgentClient(spec)
+    assert json.loads(plain._body(ListRequest().to_dict()))["adopt"] is None
+
+
+def test_a_box_jobs_umask_and_mark_are_typed_record_fields():
+    rec = record(1)
+    rec.update(umask=0o022, mark="ab" * 8, main_exit=3, leftovers=2, status="running")
+    parsed = JobRecord.from_dict(rec)
+    assert (parsed.umask, parsed.mark) == (0o022, "ab" * 8)
+    assert parsed.state == "running (main process exited 3, 2 processes left)"
+    with pytest.raises(SchemaError, match="job record field 'umask'"):
+        JobRecord.from_dict({**rec, "umask": "022"})
+
+
 def test_stream_marks_round_trip_and_other_lines_are_not_marks():
     line = encode_mark("state", {"job": 3, "state": "PENDING (Resources)"})
     assert line == '@@remotedl-state {"job": 3, "state": "PENDING (Resources)"}\n'
