@@ -74,9 +74,20 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "constraint": (str, None, None),
     "sbatch_args": (list, [], None),
     "modules": (list, [], None),
+    # Jobs in a container image: the image (`--image`, `--no-image`), the engine on the box
+    # (docker or podman; default: the one found), how the job's GPUs enter the container, and
+    # more words for `docker run` (shm size, extra mounts).
+    "image": (str, None, "REMOTEDL_IMAGE"),
+    "container": (str, None, None),
+    "container_gpus": (str, "nvidia", None),
+    "container_args": (list, [], None),
 }
 # Settings whose value must be one of a few words.
-CHOICES: dict[str, tuple[str, ...]] = {"scheduler": ("box", "slurm")}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scheduler": ("box", "slurm"),
+    "container": ("docker", "podman"),
+    "container_gpus": ("nvidia", "cdi", "devices", "none"),
+}
 # String settings that also take a whole number (Slurm's --time in minutes).
 STR_OR_INT = {"time"}
 # What a [hosts.NAME] table may not set: which hosts there are.

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration, _size
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from remotedl.agent.client import AgentClient
+    from remotedl.config import Settings
     from remotedl.envsync import EnvSyncResult
     from remotedl.jobs import EnvSpec, JobRecord
 
@@ -277,6 +278,25 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     return run_on(app, args)
 
 
+def _image_of(s: Settings, args: argparse.Namespace, slurm: bool) -> tuple[str | None, dict[str, Any] | None]:
+    """The container image the job runs in (``--image``, ``image``; ``--no-image``: none), and
+    the container settings that go with it."""
+    image = None if getattr(args, "no_image", False) else (getattr(args, "image", None) or s.get("image"))
+    if not image:
+        return None, None
+    if slurm:
+        raise UsageError(
+            f"--image {image}: a Slurm host runs jobs with sbatch, not in a container image",
+            hint="give --no-image, or drop `image` from this host's settings",
+        )
+    if image.startswith("-") or any(c.isspace() for c in image):
+        raise UsageError(
+            f"--image {image!r} is not an image name", hint="e.g. --image nvcr.io/nvidia/pytorch:24.10-py3"
+        )
+    engine = s.get("container")
+    return image, {"engine": engine, "gpus": s.get("container_gpus"), "args": list(s.get("container_args"))}
+
+
 def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> int:
     """``run`` on the one host of ``app`` (on a fleet: the host placement chose, narrowed with
     ``App.for_host``, with ``queue`` as placement says; its jobs are named ``HOST:ID``). A claim
@@ -307,6 +327,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
             raise UsageError(str(e)) from e
         gpus = "auto" if parsed is None else parsed
     job_env = {**s.get("env"), **_env_pairs(args.env)}
+    image, container = _image_of(s, args, slurm is not None)
     notify_urls = _notify_urls(app)
     stall_after = jobs.parse_duration(s.get("stall_after"))
     pulls = [*s.get("pull_on_end"), *[p for p in args.pull if p not in s.get("pull_on_end")]]
@@ -366,12 +387,14 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 data=data,
                 shared=s.get("shared"),
                 environment=env_spec,
-                env_check=attempt < 2,
+                env_check=attempt < 2 and image is None,  # an image is the environment
                 notify=notify_urls,
                 host_alias=spec.alias,
                 stall_after=stall_after,
                 warn=warn,
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
+                image=image,
+                container=container,
             )
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
@@ -661,6 +684,10 @@ def _show(app: App, job: str | None) -> int:
         rows.append(("ref", ref or "(not in this repository)"))
     else:
         rows.append(("commit", "none (not a git work tree)"))
+    if rec.image:
+        ran = rec.image_digest or "(digest not known yet)"
+        engine = rec.engine.rsplit("/", 1)[-1] if rec.engine else "?"
+        rows.append(("image", f"{rec.image} ({ran}), {engine} container {rec.container or '?'}"))
     rows += [
         ("env keys", ", ".join(rec.env_keys) or "-"),
         ("environment", _environment_text(rec)),

@@ -131,6 +131,9 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", type=int, metavar="N", help="pick N free GPUs")
     g.add_argument("--cpu", action="store_true", help="run with no GPU visible")
     p.add_argument("--queue", action="store_true", help="wait on the box until the GPUs are free")
+    im = p.add_mutually_exclusive_group()
+    im.add_argument("--image", metavar="IMAGE", help="run the command in this image (docker, podman)")
+    im.add_argument("--no-image", action="store_true", help="run on the box itself, whatever `image` says")
     p.add_argument(
         "--force", action="store_true", help="use the GPUs even if another job or process has them"
     )
