@@ -85,6 +85,7 @@ def _rootfs_tar() -> bytes:
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
         add_file("usr/bin/nvidia-smi", NVIDIA_SMI.encode())
+        add_file("etc/rdl-test-image", b"the test image\n", 0o644)  # tells it from the host
         add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
     return buf.getvalue()
 

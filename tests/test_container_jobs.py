@@ -52,7 +52,7 @@ def test_job_runs_in_its_image_with_exactly_its_gpus(run, docker_box, proj):
         "ls /dev | grep nvidia | tr '\\n' ' '; echo\n"
         "nvidia-smi\n"
         'echo "uid=$(id -u):$(id -g) pwd=$PWD"\n'
-        'test -e /bin/busybox && echo "in the image"\n'
+        'test -e /etc/rdl-test-image && echo "in the image"\n'
         "exit 3\n",
     )
     r = run("run", "probe.sh", "--gpu", "1", cwd=proj)
@@ -72,3 +72,132 @@ def test_job_runs_in_its_image_with_exactly_its_gpus(run, docker_box, proj):
     shown = run("show", str(rec["id"]), cwd=proj)
     assert f"{IMAGE} ({rec['image_digest']}), docker container {rec['container']}" in shown.out
     assert rec["container"] not in running_containers(docker_box)  # --rm: gone with the job
+
+
+def last_job(run, proj: Path, name: str) -> dict:
+    jobs = json.loads(run("jobs", "--all", "--json", cwd=proj).out)
+    return max((j for j in jobs if j["name"] == name), key=lambda j: j["created"])
+
+
+def wait_running(run, proj: Path, job_id: str, docker_box: DockerBox) -> dict:
+    """Until the job runs and its container is up."""
+
+    def up():
+        rec = record(run, proj, job_id)
+        return rec["status"] == "running" and rec["container"] in running_containers(docker_box) and rec
+
+    rec = retry_until(up, seconds=30)
+    assert rec, record(run, proj, job_id)
+    return rec
+
+
+def test_kill_signals_the_job_inside_its_container(run, docker_box, proj):
+    script(proj, "loop.sh", "trap 'echo got INT; exit 130' INT\necho up\nwhile true; do sleep 0.1; done\n")
+    job_id = run("run", "--detach", "--cpu", "loop.sh", cwd=proj).out.strip()
+    rec = wait_running(run, proj, job_id, docker_box)
+    assert retry_until(lambda: "up" in run("logs", job_id, cwd=proj).out, seconds=20)
+    r = run("kill", job_id, "--grace", "10", "--json", cwd=proj)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["status"] == "killed"
+    assert "got INT" in run("logs", job_id, cwd=proj).out  # SIGINT reached the job's shell inside
+    assert rec["container"] not in running_containers(docker_box)
+
+
+def test_env_values_go_through_a_file_never_argv(run, docker_box, proj):
+    secret = "s3cr3t-container-value"
+    script(proj, "env.sh", 'echo "secret=$SECRET"\necho "multi=[$MULTI]"\necho ready\nsleep 300\n')
+    job_id = run(
+        "run", "--detach", "--cpu", "--env", f"SECRET={secret}", "--env", "MULTI=a\nb", "env.sh", cwd=proj
+    ).out.strip()
+    wait_running(run, proj, job_id, docker_box)
+    assert retry_until(lambda: "ready" in run("logs", job_id, cwd=proj).out, seconds=20)
+    log = run("logs", job_id, cwd=proj).out
+    assert f"secret={secret}" in log and "multi=[a\nb]" in log
+    for pid in os.listdir("/proc"):  # the job's processes, the engine's, the client: none
+        if pid.isdigit():
+            try:
+                assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+            except OSError:
+                continue
+    jobs = docker_box.home / ".remotedl" / "jobs"
+    assert not list(jobs.glob(f"{job_id}.container-env")), "the env file outlived the container's start"
+    assert run("kill", job_id, cwd=proj).code == 0
+
+
+def test_vanished_container_makes_the_job_lost(run, docker_box, proj):
+    script(proj, "quiet.sh", "sleep 300\n")
+    job_id = run("run", "--detach", "--gpu", "0", "quiet.sh", cwd=proj).out.strip()
+    rec = wait_running(run, proj, job_id, docker_box)
+    # Its runner and its `docker run` client die: the container runs on, and so does the job.
+    os.kill(int(rec["runner_pid"]), signal.SIGKILL)
+    os.killpg(int(rec["pgid"]), signal.SIGKILL)
+    assert retry_until(lambda: not os.path.exists(f"/proc/{rec['pgid']}/stat"), seconds=10)
+    assert record(run, proj, job_id)["status"] == "running"
+    docker_box.engine.docker("rm", "-f", rec["container"])
+    after = retry_until(lambda: (r := record(run, proj, job_id))["status"] != "running" and r, seconds=20)
+    assert after and after["status"] == "lost", after
+
+
+def test_data_and_shared_are_reachable_inside(run, docker_box, proj):
+    (proj / "data").mkdir()
+    (proj / "data" / "x.txt").write_text("the data\n")
+    toml = (proj / "remotedl.toml").read_text()
+    (proj / "remotedl.toml").write_text(toml + 'data = ["data"]\nshared = ["out"]\n')
+    script(proj, "io.sh", "cat data/x.txt\necho made > out/result.txt\n")
+    r = run("run", "--cpu", "io.sh", cwd=proj)
+    assert r.code == 0, r.err + r.out
+    assert "the data" in r.out
+    rec = last_job(run, proj, "io.sh")
+    result = Path(rec["remote_dir"]) / "out" / "result.txt"
+    assert result.read_text() == "made\n"
+    assert result.stat().st_uid == os.getuid()  # the box user's, as on the host
+
+
+def test_two_jobs_in_two_containers_at_once(run, docker_box, proj):
+    script(proj, "hold.sh", "ls /dev | grep 'nvidia[0-9]'\nsleep 300\n")
+    first = run("run", "--detach", "--gpu", "0", "--name", "a", "hold.sh", cwd=proj).out.strip()
+    second = run("run", "--detach", "--gpu", "1", "--name", "b", "hold.sh", cwd=proj).out.strip()
+    a = wait_running(run, proj, first, docker_box)
+    b = wait_running(run, proj, second, docker_box)
+    assert a["container"] != b["container"]
+    assert {a["container"], b["container"]} <= set(running_containers(docker_box))
+    assert retry_until(lambda: run("logs", first, cwd=proj).out.strip() == "nvidia0", seconds=20)
+    assert retry_until(lambda: run("logs", second, cwd=proj).out.strip() == "nvidia1", seconds=20)
+    assert run("kill", first, "--grace", "1", cwd=proj).code == 0
+    assert run("kill", second, "--grace", "1", cwd=proj).code == 0
+
+
+def test_a_missing_image_is_pulled_and_a_failed_pull_fails_the_job(run, docker_box, proj):
+    # A registry on a closed loopback port: the pull is tried and fails, nothing leaves 127.0.0.1.
+    r = run("run", "--image", "127.0.0.1:9/nothing:1", "--cpu", "true", cwd=proj)
+    assert r.code != 0
+    rec = last_job(run, proj, "true")
+    assert rec["status"] == "failed"
+    assert "could not pull 127.0.0.1:9/nothing:1" in rec["error"]
+    assert "pulling 127.0.0.1:9/nothing:1" in run("logs", str(rec["id"]), cwd=proj).out
+
+
+def test_no_image_runs_on_the_box(run, docker_box, proj):
+    r = run("run", "--no-image", "--cpu", "--", "sh", "-c", "test -e /etc/rdl-test-image || echo host", cwd=proj)
+    assert r.code == 0, r.err
+    rec = last_job(run, proj, "sh")
+    assert rec.get("image") is None
+    assert "host" in r.out
+
+
+def test_nvidia_gpus_argument_names_exactly_the_jobs_devices(docker_box):
+    """The NVIDIA runtime's --gpus as remotedl builds it, read back by a real engine (no GPU or
+    toolkit here to start it: the request is what is checked)."""
+    from remotedl.agent.runtimes.container import gpu_args
+
+    words = gpu_args({"gpus": [1, 3]}, "nvidia", podman=False)
+    name = "rdl-gpus-argv"
+    docker_box.engine.docker("create", "--name", name, *words, IMAGE, "true")
+    try:
+        asked = "{{json .HostConfig.DeviceRequests}}"
+        out = docker_box.engine.docker("inspect", "--format", asked, name).stdout
+    finally:
+        docker_box.engine.docker("rm", "-f", name, check=False)
+    (request,) = json.loads(out)
+    assert request["DeviceIDs"] == ["1", "3"]
+    assert request["Capabilities"] == [["gpu"]]
