@@ -201,3 +201,16 @@ def test_nvidia_gpus_argument_names_exactly_the_jobs_devices(docker_box):
     (request,) = json.loads(out)
     assert request["DeviceIDs"] == ["1", "3"]
     assert request["Capabilities"] == [["gpu"]]
+
+
+def test_kill_stops_the_container_when_its_client_is_gone(run, docker_box, proj):
+    script(proj, "quiet.sh", "sleep 300\n")
+    job_id = run("run", "--detach", "--cpu", "quiet.sh", cwd=proj).out.strip()
+    rec = wait_running(run, proj, job_id, docker_box)
+    os.kill(int(rec["runner_pid"]), signal.SIGKILL)
+    os.killpg(int(rec["pgid"]), signal.SIGKILL)  # `docker run` gone: only the engine can stop it
+    assert retry_until(lambda: not os.path.exists(f"/proc/{rec['pgid']}/stat"), seconds=10)
+    r = run("kill", job_id, "--grace", "1", "--json", cwd=proj)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["status"] == "killed"
+    assert rec["container"] not in running_containers(docker_box)
