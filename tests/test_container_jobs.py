@@ -178,7 +178,9 @@ def test_a_missing_image_is_pulled_and_a_failed_pull_fails_the_job(run, docker_b
 
 
 def test_no_image_runs_on_the_box(run, docker_box, proj):
-    r = run("run", "--no-image", "--cpu", "--", "sh", "-c", "test -e /etc/rdl-test-image || echo host", cwd=proj)
+    r = run(
+        "run", "--no-image", "--cpu", "--", "sh", "-c", "test -e /etc/rdl-test-image || echo host", cwd=proj
+    )
     assert r.code == 0, r.err
     rec = last_job(run, proj, "sh")
     assert rec.get("image") is None
