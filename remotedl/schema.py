@@ -139,6 +139,7 @@ class JobRecord:
     container: str | None = None  # the container's name (remotedl-ID-MARK)
     container_gpus: str | None = None  # how GPUs enter it: nvidia, cdi, devices, none
     container_args: list[str] = field(default_factory=list)  # the user's words for `docker run`
+    setup_cmd: str | None = None  # run inside the container before the command
 
     @classmethod
     def from_dict(cls, data: Any) -> JobRecord:

@@ -216,3 +216,13 @@ def test_kill_stops_the_container_when_its_client_is_gone(run, docker_box, proj)
     assert r.code == 0, r.err
     assert json.loads(r.out)["status"] == "killed"
     assert rec["container"] not in running_containers(docker_box)
+
+
+def test_setup_cmd_runs_inside_the_image_before_the_command(run, docker_box, proj):
+    toml = (proj / "remotedl.toml").read_text()
+    (proj / "remotedl.toml").write_text(toml + 'setup_cmd = "echo set-up > /tmp/rdl-setup"\n')
+    r = run("run", "--cpu", "--", "cat", "/tmp/rdl-setup", "/etc/rdl-test-image", cwd=proj)
+    assert r.code == 0, r.err + r.out
+    assert "set-up\nthe test image" in r.out
+    (proj / "remotedl.toml").write_text(toml + 'setup_cmd = "exit 4"\n')
+    assert run("run", "--cpu", "--", "echo", "never", cwd=proj).code == 4

@@ -244,12 +244,15 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
     spec = rec.get("environment") or {}
     nonce = secrets.token_hex(8)
     in_image = bool(rec.get("image"))
+    command = str(rec["command"])
+    if in_image and rec.get("setup_cmd"):  # in each container: it starts from the image
+        command = "{ " + str(rec["setup_cmd"]) + "\n} || exit $?\n" + command
     argv = [
         "sh" if in_image else shell_for(spec.get("env_setup")),
         "-c",
         WRAPPER,
         "remotedl-job",
-        rec["command"],
+        command,
         # In an image, the image is the environment: no venv of the box's is activated.
         "" if in_image else rec.get("workdir") or "",
         "" if in_image else str(rec.get("remote_dir") or rec["cwd"]),

@@ -243,6 +243,8 @@ class ContainerRuntime(TmuxRuntime):
             container=container_name(rec),
             container_gpus=mode,
             container_args=list(args),
+            # An image is the environment (no sync of the box's); setup_cmd runs in it first.
+            setup_cmd=str(plan.spec.get("setup_cmd") or "") or None,
         )
         save(rec)
         return rec
