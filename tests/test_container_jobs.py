@@ -226,3 +226,43 @@ def test_setup_cmd_runs_inside_the_image_before_the_command(run, docker_box, pro
     assert "set-up\nthe test image" in r.out
     (proj / "remotedl.toml").write_text(toml + 'setup_cmd = "exit 4"\n')
     assert run("run", "--cpu", "--", "echo", "never", cwd=proj).code == 4
+
+
+@pytest.fixture
+def user_docker_box(docker_box: DockerBox, tmp_path: Path):
+    """A box whose user is not root (rdl-dash), allowed on the test engine's socket."""
+    import pwd
+
+    from remotedl import sandbox
+    from tests.conftest import have, make_env
+
+    if not have("dash"):
+        pytest.skip("dash is not installed here (`apt-get install dash`; .ci/run installs it)")
+    base = tmp_path / "userbox"
+    env = make_env(base)
+    extra = {"DOCKER_HOST": docker_box.engine.host, "REMOTEDL_DEVICE_DIR": str(docker_box.engine.dev_dir)}
+    info = sandbox.up(env, name="dockeruser", gpus=2, login_shell="dash", extra_env=extra)
+    user = pwd.getpwnam(info.user)
+    sock = docker_box.engine.directory / "docker.sock"
+    docker_box.engine.directory.chmod(0o711)
+    os.chown(sock, user.pw_uid, user.pw_gid)
+    try:
+        yield DockerBox(info, dict(env.environ), docker_box.engine), user
+    finally:
+        os.chown(sock, 0, 0)
+        docker_box.engine.directory.chmod(0o700)
+        sandbox.down(make_env(base), name="dockeruser")
+
+
+def test_job_runs_as_the_box_user_and_its_files_are_the_users(user_docker_box, proj, tmp_path):
+    box, user = user_docker_box
+    run = cli_for(box, tmp_path / "laptop-user")
+    toml = (proj / "remotedl.toml").read_text()
+    (proj / "remotedl.toml").write_text(toml + 'shared = ["out"]\n')
+    script(proj, "write.sh", 'echo "uid=$(id -u):$(id -g)"\necho mine > out/written.txt\n')
+    r = run("run", "--gpu", "0", "write.sh", cwd=proj)
+    assert r.code == 0, r.err + r.out
+    assert f"uid={user.pw_uid}:{user.pw_gid}" in r.out
+    rec = last_job(run, proj, "write.sh")
+    written = Path(rec["remote_dir"]) / "out" / "written.txt"
+    assert (written.stat().st_uid, written.stat().st_gid) == (user.pw_uid, user.pw_gid)
