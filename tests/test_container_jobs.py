@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -266,3 +267,26 @@ def test_job_runs_as_the_box_user_and_its_files_are_the_users(user_docker_box, p
     rec = last_job(run, proj, "write.sh")
     written = Path(rec["remote_dir"]) / "out" / "written.txt"
     assert (written.stat().st_uid, written.stat().st_gid) == (user.pw_uid, user.pw_gid)
+
+
+def test_doctor_checks_the_engine_the_image_and_a_gpu_container(run, docker_box, proj):
+    r = run("doctor", "--json", cwd=proj)
+    by = {c["name"]: c for c in json.loads(r.out)["checks"] if c["where"] == "box"}
+    assert by["container engine"]["status"] == "ok", by
+    assert by["image"]["status"] == "ok"
+    assert "GiB free at" in by["image disk"]["detail"]
+    # container_gpus = "devices": the stand-in nvidia-smi inside sees the one GPU it was given
+    assert by["GPU container"] == {
+        **by["GPU container"],
+        "status": "ok",
+        "detail": f"nvidia-smi -L in {IMAGE}: GPU 0: Stand-in GPU (nvidia0)",
+    }
+    (proj / "remotedl.toml").write_text('image = "missing:1"\ncontainer = "podman"\n')
+    by = {c["name"]: c for c in json.loads(run("doctor", "--json", cwd=proj).out)["checks"]}
+    if not shutil.which("podman"):  # the engine asked for is not there: said so, with the fix
+        assert by["container engine"]["status"] == "fail"
+        assert "podman is not installed" in by["container engine"]["detail"]
+    (proj / "remotedl.toml").write_text('image = "missing:1"\ncontainer_gpus = "nvidia"\n')
+    by = {c["name"]: c for c in json.loads(run("doctor", "--json", cwd=proj).out)["checks"]}
+    assert by["image"]["status"] == "warn" and "first `remotedl run` pulls it" in by["image"]["fix"]
+    assert by["GPU runtime"]["status"] == "warn"  # this dockerd has no NVIDIA runtime
