@@ -164,8 +164,11 @@ def series(dest: Path, name: str) -> list[Point]:
 
 
 def job_row(ref: str, rec: JobRecord, dest: Path, env: Mapping[str, str], commit_here: bool) -> JobRow:
+    from remotedl.outputs import TRACKER_KEYS
+
     known = {k: env[k] for k in rec.env_keys if k in env}
-    shown = {k: known.get(k, "") for k in rec.env_keys}
+    # the trackers' variables remotedl set are the same for every job: no difference to show
+    shown = {k: known.get(k, "") for k in rec.env_keys if k in known or k not in TRACKER_KEYS}
     return JobRow(
         ref, rec.name, rec.state, rec.git_commit, rec.snapshot, rec.command, shown, metrics(dest), dest,
         commit_here,
@@ -207,6 +210,8 @@ def build(root: Path, rows: Sequence[JobRow]) -> Table:
         except ValueError:
             words.append(r.command.split())
     cut = _common_prefix(words)
+    while cut > 0 and words[0][cut - 1].startswith("-"):
+        cut -= 1  # "--lr 0.1", not "0.1": the option goes with its value
     keys = sorted({k for r in rows for k in r.env})
     differing = [k for k in keys if len({r.env.get(k, "<unset>") for r in rows}) > 1 or len(rows) == 1]
     names: dict[str, int] = {}
@@ -250,24 +255,40 @@ def build(root: Path, rows: Sequence[JobRow]) -> Table:
 # ------------------------------------------------------------------ plots
 
 
-def plot_text(data: Mapping[str, Sequence[Point]], name: str, width: int = 80, height: int = 20) -> str:
-    """A terminal chart of ``name`` per job (plotext)."""
-    try:
-        import plotext as plt
-    except ImportError:
-        raise RemotedlError(
-            "a terminal chart needs plotext",
-            hint="pip install 'remotedl[plot]', or write a PNG with --out FILE",
-        ) from None
-    plt.clear_figure()
-    plt.plotsize(width, height)
-    plt.theme("clear")
-    for job, points in data.items():
-        if points:
-            plt.plot([p[0] for p in points], [p[1] for p in points], label=str(job))
-    plt.title(name)
-    plt.xlabel("step")
-    return str(plt.build())
+MARKS = "*o+x#@%&"
+
+
+def plot_text(data: Mapping[str, Sequence[Point]], name: str, width: int = 72, height: int = 18) -> str:
+    """A terminal chart of ``name`` per job: a mark per job at each (step, value), y labels on
+    the left, the steps below, a legend. Plain text (no dependency, any terminal, pipes)."""
+    series = {job: list(points) for job, points in data.items() if points}
+    xs = [p[0] for pts in series.values() for p in pts]
+    ys = [p[1] for pts in series.values() for p in pts]
+    if not xs:
+        return f"{name}: no values"
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    grid = [[" "] * width for _ in range(height)]
+    for i, points in enumerate(series.values()):
+        mark = MARKS[i % len(MARKS)]
+        for x, y in points:
+            col = 0 if x1 == x0 else round((x - x0) / (x1 - x0) * (width - 1))
+            row = height - 1 - round((y - y0) / (y1 - y0) * (height - 1))
+            grid[row][col] = mark
+    labels = [_fmt(y1 - (y1 - y0) * r / (height - 1)) for r in range(height)]
+    pad = max(len(label) for label in labels)
+    lines = [name]
+    for r, row in enumerate(grid):
+        label = labels[r] if r in (0, height // 2, height - 1) else ""
+        lines.append(f"{label:>{pad}} |{''.join(row).rstrip()}")
+    lines.append(" " * pad + " +" + "-" * width)
+    right = _fmt(x1)
+    lines.append(" " * (pad + 2) + _fmt(x0) + " " * max(1, width - len(_fmt(x0)) - len(right)) + right)
+    lines.append(" " * (pad + 2) + "step;  " + "  ".join(
+        f"{MARKS[i % len(MARKS)]} {job}" for i, job in enumerate(series)
+    ))  # fmt: skip
+    return "\n".join(lines)
 
 
 def plot_png(data: Mapping[str, Sequence[Point]], name: str, out: Path) -> None:

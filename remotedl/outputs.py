@@ -59,6 +59,10 @@ LEDGER_NAME = "outputs.json"
 DEFAULT_OUTPUTS_DIR = ".remotedl/outputs"
 # What trackers write in a job's directory with the environment tracker_env gives it.
 TRACKER_OUTPUTS = ("wandb/", "mlruns/")
+# The variables tracker_env may set (the same for every job: not a difference worth showing).
+TRACKER_KEYS = frozenset(
+    {"WANDB_DIR", "WANDB_RUN_ID", "WANDB_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"}
+)
 # --env values kept in the ledger (for `compare`) unless their names look like secrets.
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|AUTH|CRED|PRIVATE|COOKIE|SESSION|DSN", re.I)
 
@@ -293,6 +297,7 @@ class Arrival:
     dest: str
     files: int = 0  # files written (new or changed on the box)
     bytes: int = 0  # their size
+    sent: int = 0  # what crossed the link (rsync sends only what the laptop lacks)
     written: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # changed or removed here since fetched: left so
     kept_newer: list[str] = field(default_factory=list)  # newer here than the box's copy
@@ -368,7 +373,7 @@ def fetch(
             entry.files[rel] = stat
     arrival = Arrival(
         entry.host, entry.job, entry.name, str(dest), transfer.files_transferred, transfer.bytes_transferred,
-        items.written, kept, items.newer_here, ended=job_ended,
+        transfer.literal_bytes, items.written, kept, items.newer_here, ended=job_ended,
     )  # fmt: skip
     for p in entry.paths:
         rel = p.rstrip("/")

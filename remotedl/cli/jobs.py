@@ -348,6 +348,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     from remotedl.cli import outputs as outputs_cli
 
     output_paths = outputs_cli.planned(app, args)
+    given_env = job_env
     job_env, wandb_run_id = outputs_cli.tracker_env(app, job_env, name)
     started: JobRecord | None = None
     for attempt in range(3):
@@ -380,7 +381,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
             )
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
-            outputs_cli.register(app, rec, spec.alias, output_paths, env=job_env, run_id=wandb_run_id)
+            outputs_cli.register(app, rec, spec.alias, output_paths, env=given_env, run_id=wandb_run_id)
             break
         except KeyboardInterrupt:
             if started is not None:
