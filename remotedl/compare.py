@@ -279,9 +279,9 @@ def plot_text(data: Mapping[str, Sequence[Point]], name: str, width: int = 72, h
     labels = [_fmt(y1 - (y1 - y0) * r / (height - 1)) for r in range(height)]
     pad = max(len(label) for label in labels)
     lines = [name]
-    for r, row in enumerate(grid):
+    for r, cells in enumerate(grid):
         label = labels[r] if r in (0, height // 2, height - 1) else ""
-        lines.append(f"{label:>{pad}} |{''.join(row).rstrip()}")
+        lines.append(f"{label:>{pad}} |{''.join(cells).rstrip()}")
     lines.append(" " * pad + " +" + "-" * width)
     right = _fmt(x1)
     lines.append(" " * (pad + 2) + _fmt(x0) + " " * max(1, width - len(_fmt(x0)) - len(right)) + right)

@@ -98,6 +98,7 @@ def test_outputs_of_a_detached_job_arrive_at_the_next_command(cli, box, proj):
     # git and the snapshot never see them: the next push's code leaves .remotedl/ out.
     status = subprocess.run(["git", "-C", str(proj), "status", "--porcelain"], capture_output=True, text=True)
     assert ".remotedl" not in status.stdout
+    (proj / ".remotedl" / ".gitignore").unlink()  # even unignored, .remotedl/ is never code
     (proj / "notes.py").write_text("x = 1\n")  # uncommitted work: a snapshot is made
     r = cli("push", "--json", cwd=proj)
     assert r.code == 0, r.err

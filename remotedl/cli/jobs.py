@@ -349,7 +349,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
 
     output_paths = outputs_cli.planned(app, args)
     given_env = job_env
-    job_env, wandb_run_id = outputs_cli.tracker_env(app, job_env, name)
+    job_env, wandb_run_id = outputs_cli.tracker_env(app, job_env, name, output_paths)
     started: JobRecord | None = None
     for attempt in range(3):
         try:

@@ -38,11 +38,14 @@ def planned(app: App, args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def tracker_env(app: App, job_env: dict[str, str], name: str) -> tuple[dict[str, str], str | None]:
-    """The job's environment with what W&B and MLflow read added (``trackers = true``)."""
+def tracker_env(
+    app: App, job_env: dict[str, str], name: str, paths: list[str]
+) -> tuple[dict[str, str], str | None]:
+    """The job's environment with what W&B and MLflow read added: for a job with outputs
+    (``paths``), with ``trackers = true``; their runs then come home with the outputs."""
     from remotedl import outputs
 
-    if not app.settings.get("trackers"):
+    if not paths or not app.settings.get("trackers"):
         return job_env, job_env.get("WANDB_RUN_ID")
     added, run_id = outputs.tracker_env(job_env, name)
     return {**job_env, **added}, run_id
