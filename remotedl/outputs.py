@@ -17,9 +17,10 @@ Experiment trackers are outputs too: a job gets ``WANDB_DIR``/``WANDB_RUN_ID``/`
 and ``MLFLOW_TRACKING_URI`` (a file store in its own directory) unless the user set them, and
 ``wandb/`` and ``mlruns/`` come home with the rest when they exist.
 
-Which jobs ended comes from the agent's answers the command received anyway (``Seen``, fed by
-``AgentClient``): a command that listed or followed the job costs no extra round trip; one that
-did not asks the box about the waiting jobs in one request each.
+Which boxes a command talked to, and which jobs ended, come from what the command did anyway
+(``Seen``, fed by ``Box.run`` and ``AgentClient``): a command that listed or showed the job costs
+no extra round trip; one that did not (push, pull, status) asks the box about the waiting jobs
+in one request each. A command that did not talk to the box costs a look at the ledger.
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ class Seen:
     def clear(self) -> None:
         self.records.clear()
         self.specs.clear()
+
+    def contact(self, spec: HostSpec) -> None:
+        """The command talked to this box (any request: push, pull, status...)."""
+        self.specs.setdefault(spec.alias, spec)
 
     def note(self, spec: HostSpec, answer: Mapping[str, Any]) -> None:
         self.specs.setdefault(spec.alias, spec)

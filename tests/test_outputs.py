@@ -357,3 +357,34 @@ def test_fetch_without_a_box_fails_with_one_line(tmp_path):
     with pytest.raises(RemotedlError) as e:
         outputs.fetch(spec, entry)
     assert e.value.exit_code == 4 and entry.status == "waiting"
+
+
+def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothing_more(cli, box, proj):
+    script(proj, "train.py", TRAIN)
+    commit(proj)
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=proj))
+    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
+
+    def ended() -> bool:
+        try:
+            return json.loads(record.read_text())["status"] == "succeeded"
+        except (OSError, ValueError, KeyError):
+            return False
+
+    assert retry_until(ended, seconds=60)
+    # push talks to the box without asking about jobs: one request about the waiting job.
+    r = cli("--debug", "push", cwd=proj)
+    assert r.code == 0, r.err
+    assert f"outputs of job {job} (train.py)" in r.err and "op=get" in r.err
+    dest = Path(ledger(proj)[f"{box.name}:{job}"].dest)
+    assert (dest / "metrics.json").exists()
+    # A listing carries the records: the job's end is known without another request.
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=proj))
+    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
+    assert retry_until(ended, seconds=60)
+    r = cli("--debug", "jobs", cwd=proj)
+    assert r.code == 0, r.err
+    assert f"outputs of job {job} (train.py)" in r.err
+    assert "op=list" in r.err and "op=get" not in r.err
+    # Not talking to the box (config): the ledger is read, nothing more.
+    assert "outputs of job" not in cli("config", cwd=proj).err
