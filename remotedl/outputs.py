@@ -419,3 +419,17 @@ def wandb_offline_runs(dest: Path) -> list[Path]:
     if not wandb_dir.is_dir():
         return []
     return sorted(p for p in wandb_dir.iterdir() if p.is_dir() and p.name.startswith("offline-run-"))
+
+
+def local_tensorboard_argv(base: Path, port: int, tensorboard: str | None = None) -> list[str]:
+    """TensorBoard here over the outputs that came home (one run per job directory and event
+    directory below it, named ``<host>-<job>/...``), on 127.0.0.1 only: no box needed."""
+    import shutil
+    import sys
+
+    exe = tensorboard or shutil.which("tensorboard")
+    if exe is None:
+        # the tensorboard package in this interpreter, when its script is not on PATH
+        return [sys.executable, "-m", "tensorboard.main", "--logdir", str(base),
+                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    return [exe, "--logdir", str(base), "--host", "127.0.0.1", "--port", str(port)]

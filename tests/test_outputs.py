@@ -111,6 +111,18 @@ def test_outputs_of_a_detached_job_arrive_at_the_next_command(cli, box, proj):
     r = cli("outputs", cwd=proj)
     assert r.code == 0, r.err
     assert f"{box.name}:{job}" in r.out and "home" in r.out
+    # TensorBoard here over what came home, no box needed.
+    from remotedl.waiting import free_port
+    from tests.test_tensorboard import get_json
+
+    r = cli("tensorboard", "--local", "--background", "--json", "--local-port", str(free_port()), cwd=proj)
+    assert r.code == 0, r.err
+    served = json.loads(r.out)
+    try:
+        runs = get_json(served["url"] + "data/runs")
+        assert f"{box.name}-{job}/runs/exp" in runs  # type: ignore[operator]
+    finally:
+        os.kill(served["pid"], 15)
 
 
 def test_a_followed_job_brings_outputs_home_at_once_and_keeps_local_edits(cli, box, proj, tmp_path):

@@ -408,3 +408,57 @@ def cmd_compare(args: argparse.Namespace, env: Environment) -> int:
     for line in table.notes:
         app.out(safe(line))
     return ExitCode.OK
+
+
+# ------------------------------------------------------------------ tensorboard --local
+
+
+def tensorboard_local(app: App, args: argparse.Namespace) -> int:
+    """``remotedl tensorboard --local``: TensorBoard here over the outputs that came home
+    (127.0.0.1), without the box; ``--background`` leaves it running and prints its pid."""
+    import subprocess
+    import sys
+
+    from remotedl import outputs, proc
+    from remotedl.waiting import free_port, pid_alive, port_answers, retry_until
+
+    base = outputs.outputs_root(app.settings.project.root, app.settings.get("outputs_dir"))
+    if not base.is_dir() or not any(base.iterdir()):
+        raise RemotedlError(
+            f"no outputs have come home yet ({_shown(app, str(base))} is empty)",
+            hint="set `outputs = [\"runs/\"]` in remotedl.toml (or `run --output runs/`); "
+            "they arrive when jobs end",
+        )
+    port = args.local_port or int(app.settings.get("tensorboard_port"))
+    if port_answers("127.0.0.1", port):
+        port = free_port()
+    argv = outputs.local_tensorboard_argv(base, port)
+    if not (argv[0] == sys.executable or os.access(argv[0], os.X_OK)):
+        raise RemotedlError("TensorBoard is not installed here", hint="pip install tensorboard")
+    ledger = outputs.Ledger(app.settings.project.root)
+    ledger.dir.mkdir(mode=0o700, exist_ok=True)
+    log = ledger.dir / "tensorboard.log"
+    with open(log, "ab") as out:
+        fd = out.fileno()
+        p = proc.popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
+    if not retry_until(lambda: port_answers("127.0.0.1", port) or not pid_alive(p.pid), seconds=60) or (
+        not pid_alive(p.pid)
+    ):
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+        raise RemotedlError(f"TensorBoard did not start: {(tail or ['?'])[0][:300]}")
+    url = f"http://127.0.0.1:{port}/"
+    if app.json:
+        app.print_json({"url": url, "pid": p.pid, "logdir": str(base)})
+    else:
+        app.env.stderr.write(f"remotedl: TensorBoard over {_shown(app, str(base))} (the outputs here)\n")
+        app.out(url)
+    if args.background:
+        if not app.json:
+            app.env.stderr.write(f"remotedl: running as pid {p.pid}; `kill {p.pid}` stops it\n")
+        return ExitCode.OK
+    try:
+        p.wait()
+    except KeyboardInterrupt:
+        p.terminate()
+        p.wait()
+    return ExitCode.OK

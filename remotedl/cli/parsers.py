@@ -280,6 +280,11 @@ def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> 
         metavar="JOB",
         help="serve LOGDIR of each job's own directory, one run per job (default: this project's jobs)",
     )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="serve the outputs that came home (.remotedl/outputs or outputs_dir) here, without the box",
+    )
     p.add_argument("--background", action="store_true", help="keep it running after this command returns")
     p.add_argument("--open", action="store_true", help="open TensorBoard in a browser")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
