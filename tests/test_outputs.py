@@ -400,3 +400,35 @@ def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothin
     assert "op=list" in r.err and "op=get" not in r.err
     # Not talking to the box (config): the ledger is read, nothing more.
     assert "outputs of job" not in cli("config", cwd=proj).err
+
+
+def test_watch_fetches_while_the_job_runs_and_once_more_at_its_end(cli, box, proj, tmp_path):
+    script(
+        proj,
+        "slow.sh",
+        "#!/bin/sh\nmkdir -p out\necho one > out/step1.txt\n"
+        "while [ ! -e go ]; do sleep 0.1; done\necho two > out/step2.txt\n",
+    )
+    commit(proj)
+    job = job_id_of(cli("run", "--detach", "--output", "out/", "slow.sh", "--cpu", cwd=proj))
+    entry = ledger(proj)[f"{box.name}:{job}"]
+    dest = Path(entry.dest)
+    done: list[object] = []
+    t = threading.Thread(
+        target=lambda: done.append(cli("outputs", str(job), "--watch", "--interval", "0.2", cwd=proj)),
+        daemon=True,
+    )
+    t.start()
+    try:
+        # While it runs: what it wrote so far is here already, and the job is still waiting.
+        assert retry_until(lambda: (dest / "out" / "step1.txt").exists(), seconds=60)
+        assert ledger(proj)[entry.key].status == "waiting"
+        assert not (dest / "out" / "step2.txt").exists()
+    finally:
+        (Path(entry.dir) / "go").write_text("")
+    t.join(90)
+    assert done, "outputs --watch did not return after the job ended"
+    r = done[0]
+    assert r.code == 0, r.err  # type: ignore[attr-defined]
+    assert (dest / "out" / "step2.txt").read_text() == "two\n"
+    assert ledger(proj)[entry.key].status == "home"
