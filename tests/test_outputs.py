@@ -421,7 +421,7 @@ def test_watch_fetches_while_the_job_runs_and_once_more_at_its_end(cli, box, pro
     t.start()
     try:
         # While it runs: what it wrote so far is here already, and the job is still waiting.
-        assert retry_until(lambda: (dest / "out" / "step1.txt").exists(), seconds=60)
+        assert retry_until((dest / "out" / "step1.txt").exists, seconds=60)
         assert ledger(proj)[entry.key].status == "waiting"
         assert not (dest / "out" / "step2.txt").exists()
     finally:
