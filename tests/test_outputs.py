@@ -432,3 +432,24 @@ def test_watch_fetches_while_the_job_runs_and_once_more_at_its_end(cli, box, pro
     assert r.code == 0, r.err  # type: ignore[attr-defined]
     assert (dest / "out" / "step2.txt").read_text() == "two\n"
     assert ledger(proj)[entry.key].status == "home"
+
+
+def test_removing_a_job_brings_its_outputs_home_first(cli, box, proj):
+    script(proj, "train.py", TRAIN)
+    commit(proj)
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=proj))
+    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
+
+    def ended() -> bool:
+        try:
+            return json.loads(record.read_text())["status"] == "succeeded"
+        except (OSError, ValueError, KeyError):
+            return False
+
+    assert retry_until(ended, seconds=60)
+    r = cli("jobs", "rm", str(job), "--yes", cwd=proj)
+    assert r.code == 0, r.err
+    assert f"outputs of job {job} (train.py)" in r.err and f"removed job {job}" in r.out
+    entry = ledger(proj)[f"{box.name}:{job}"]
+    assert entry.status == "home" and (Path(entry.dest) / "metrics.json").exists()
+    assert not Path(entry.dir).exists()

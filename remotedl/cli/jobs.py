@@ -611,6 +611,9 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
         if input().strip().lower() not in ("y", "yes"):
             env.stderr.write("nothing removed\n")
             return ExitCode.ERROR
+    from remotedl.cli.outputs import fetch_before_removal
+
+    fetch_before_removal(app, client, [r.id for r in plan.removed])  # their outputs go first
     done = go(False)
     if app.json:
         app.print_json(done.to_dict())

@@ -77,6 +77,27 @@ def fetch_ended(app: App, client: AgentClient, rec: JobRecord) -> None:
     _fetch_and_say(app, client.spec, ledger, entry, job_ended=True)
 
 
+def fetch_before_removal(app: App, client: AgentClient, ids: list[int]) -> None:
+    """Jobs about to be removed (``jobs rm``/``prune``) whose outputs have not come home: fetched
+    now, before their directories go. One that cannot be fetched stops the removal."""
+    from remotedl import outputs
+
+    ledger = outputs.Ledger(app.settings.project.root)
+    if not ledger.exists():
+        return
+    entries = ledger.read()
+    for job_id in ids:
+        entry = entries.get(f"{client.spec.alias}:{job_id}")
+        if entry is not None and entry.status == "waiting":
+            try:
+                _fetch_and_say(app, client.spec, ledger, entry, job_ended=True)
+            except RemotedlError as e:
+                raise RemotedlError(
+                    f"job {job_id}'s outputs could not come home before its removal: {e.message}",
+                    hint=f"run it again; or `remotedl outputs {job_id}` first",
+                ) from None
+
+
 # ------------------------------------------------------------------ after every command
 
 
@@ -380,6 +401,11 @@ def cmd_compare(args: argparse.Namespace, env: Environment) -> int:
         if entry is not None and entry.status == "waiting" and outputs.ended(rec):
             _fetch_and_say(one, spec, ledger, entry, job_ended=True)
         dest = Path(entry.dest) if entry is not None else outputs.job_dest(base, spec.alias, rec.id)
+        if not dest.is_dir():
+            env.stderr.write(
+                f"remotedl: job {rec.id}: no outputs here; `remotedl outputs {ref} --output PATH` "
+                "fetches them\n"
+            )
         commit_ok = bool(rec.git_commit) and jobs.keep_commit(root, spec.alias, rec) is not None
         shown = one.job_ref(rec.id) if one.narrowed else str(rec.id)
         rows.append(compare.job_row(shown, rec, dest, entry.env if entry else {}, commit_ok))
