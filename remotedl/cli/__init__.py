@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
     "top": ("fleet", "live view of the GPUs and running jobs of every box (q quits)"),
     "config": ("basic", "show the resolved settings and where each came from"),
-    "allow": ("basic", "let this project's remotedl.toml name an ssh config or cmd: IP sources"),
+    "allow": ("basic", "trust this version of a cloned project's risky settings and playbooks"),
     "trust": ("basic", "show a box's host key fingerprint and record it in known_hosts"),
     "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
     "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
