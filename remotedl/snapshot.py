@@ -138,6 +138,16 @@ def project_identity(root: Path) -> str:
     return git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False) or made
 
 
+def known_identity(root: Path) -> str:
+    """The identity ``project_identity`` gives, found without recording anything (for a plan
+    that must change nothing): the kept id, else the first root commit; "" in a repository
+    without commits, or outside git."""
+    env = _clean_env()
+    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False)
+    roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
+    return kept or (sorted(roots)[0] if roots else "")
+
+
 @dataclass(frozen=True)
 class Repo:
     """What one ``git rev-parse`` says about the repository holding a path."""

@@ -115,7 +115,12 @@ def test_key_only_box_from_nothing_to_a_working_status(fresh_box: Box, laptop: L
     assert "Next: remotedl run train.py --gpu 0" in r.out
     toml = (project / "remotedl.toml").read_text()
     assert 'host = "gpu"' in toml
-    assert 'remote_dir = "~/remotedl/proj"' in toml
+    # The default every clone of the project uses (its identity: the first commit), not the
+    # folder's name: a second clone under another name reaches the same tree.
+    first = subprocess.run(
+        ["git", "-C", str(project), "rev-list", "--max-parents=0", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert f'remote_dir = "~/remotedl/{first[:12]}"' in toml
     assert 'data = ["data"]' in toml
     assert "doctor:" in r.out
 
