@@ -82,6 +82,17 @@ class _Parser(argparse.ArgumentParser):
         raise UnknownChoice(f"{what}: unknown choice '{value}' (choose from {', '.join(names)})")
 
 
+def _port(text: str) -> int:
+    """--port: a TCP port, checked here (ssh would say only "Bad port", as a connection error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
 def _global_options() -> _Parser:
     # Accepted before and after the command name (`remotedl --json status`, `remotedl status --json`).
     p = _Parser(add_help=False)
@@ -98,7 +109,7 @@ def _global_options() -> _Parser:
         "--ssh-config", default=d, metavar="FILE", help="ssh config file to use for every connection"
     )
     g.add_argument("--user", default=d, help="login user (overrides the ssh config)")
-    g.add_argument("--port", type=int, default=d, help="ssh port (overrides the ssh config)")
+    g.add_argument("--port", type=_port, default=d, help="ssh port (overrides the ssh config)")
     g.add_argument("-i", "--identity", default=d, metavar="KEY", help="private key (tried first)")
     g.add_argument("--connect-timeout", type=float, default=d, metavar="S", help="seconds (default 10)")
     g.add_argument("--json", action="store_true", default=d, help="machine-readable output")
