@@ -130,6 +130,11 @@ def project_identity(root: Path) -> str:
         return kept
     roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
     made = sorted(roots)[0] if roots else uuid.uuid4().hex
+    shallow = git(root, "rev-parse", "--is-shallow-repository", env=env, check=False) == "true"
+    if roots and shallow:
+        # A shallow clone's "first" commit is only where its history was cut: not kept, so that
+        # after `git fetch --unshallow` the clone has the project's identity like any other.
+        return made
     # Concurrent pushes may race here (git's config lock): a root commit is the same for all; a
     # random id is whichever got written first.
     git(root, "config", "--local", IDENTITY_KEY, made, env=env, check=False)
