@@ -310,6 +310,22 @@ def test_data_directories_found(tmp_path: Path) -> None:
     assert [d.path for d in find_data_dirs(tmp_path)] == ["data", "datasets", "images"]
 
 
+def test_a_data_directory_of_tracked_code_only_is_not_offered(project: Path) -> None:
+    """nanoGPT's data/ holds only tracked prepare.py scripts until they run: that is code. Once
+    a script wrote its (ignored) train.bin there, data/ is offered."""
+    from remotedl.init.project import find_data_dirs
+
+    prepare = project / "data" / "shakespeare_char" / "prepare.py"
+    prepare.parent.mkdir(parents=True)
+    prepare.write_text("print('download and tokenize')\n")
+    (project / ".gitignore").write_text("*.bin\n")
+    subprocess.run(["git", "-C", str(project), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(project), "commit", "-qm", "prepare"], check=True)
+    assert [d.path for d in find_data_dirs(project)] == []
+    (prepare.parent / "train.bin").write_bytes(b"\0" * 100)
+    assert [d.path for d in find_data_dirs(project)] == ["data"]
+
+
 # ------------------------------------------------------------------ a box with password login
 
 PW_USER = "rdl-initpw"
