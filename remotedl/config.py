@@ -60,6 +60,11 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "notify_desktop": (bool, False, "REMOTEDL_NOTIFY_DESKTOP"),
     "stall_after": (str, "15m", "REMOTEDL_STALL_AFTER"),
     "pull_on_end": (list, [], None),
+    # outputs home: what a job writes that belongs here, fetched when it ends (remotedl.outputs)
+    "outputs": (list, [], None),
+    "outputs_dir": (str, None, "REMOTEDL_OUTPUTS_DIR"),
+    "trackers": (bool, True, "REMOTEDL_TRACKERS"),  # WANDB_*/MLFLOW_* per job
+    "wandb_sync": (bool, False, "REMOTEDL_WANDB_SYNC"),  # `wandb sync` offline runs that came home
     "tensorboard_logdir": (str, None, None),
     "tensorboard_port": (int, 6006, None),
     # Several hosts at once (a fleet); `host = "a,b"` and `--host a,b,@lab` say the same.

@@ -9,6 +9,7 @@ untracked files ``.gitignore`` does not exclude, minus
 - nested git repositories that are not submodules (their own history is not ours to copy),
 - untracked files larger than ``max_snapshot_file`` (checkpoints, datasets, archives),
 - partial transfers that rsync keeps aside (``.remotedl-partial/``),
+- ``.remotedl/`` at the top: outputs that came home and remotedl's notes about them,
 - what ``pull`` brought home (outputs, not code: listed in ``.git/remotedl/pulled``) until the
   user ``git add``s it.
 
@@ -50,6 +51,8 @@ DEFAULT_MAX_FILE = 5 << 20
 # Directories remotedl (rsync) keeps partial transfers in, never part of the code.
 PARTIAL_DIR = ".remotedl-partial"
 AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
+# remotedl's own directory in the project (outputs home, their ledger): never code.
+STATE_DIR = ".remotedl"
 # The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
 IDENTITY_KEY = "remotedl.project"
 
@@ -243,8 +246,8 @@ def select_untracked(
             left.append(LeftOut(rel, "pulled"))  # an output brought home, not code
             continue
         parts = rel.split("/")
-        if AUX_NAMES.intersection(parts[:-1]):
-            continue
+        if AUX_NAMES.intersection(parts[:-1]) or parts[0] == STATE_DIR:
+            continue  # partial transfers; what remotedl keeps here (outputs that came home)
         env_dir = None
         for i in range(1, len(parts)):
             d = "/".join(parts[:i])

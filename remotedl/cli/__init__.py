@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attach": ("jobs", "attach to a job's tmux session (interactive)"),
     "show": ("jobs", "what a job ran: host, GPUs, command, commit, environment, times, exit, directory"),
     "diff": ("jobs", "a job's code against the local work tree (git diff)"),
+    "outputs": ("outputs", "list jobs' outputs and bring home those of jobs that ended; --watch"),
+    "compare": ("outputs", "jobs side by side: code, arguments, env, final metrics; --plot NAME"),
     "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),
     "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
     "tensorboard": ("tunnel", "find or start TensorBoard over a directory on the box and tunnel to it"),
@@ -328,8 +330,12 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     try:
         module = importlib.import_module(f"remotedl.cli.{module_name}")
         handler = getattr(module, "cmd_" + args.subcommand.replace("-", "_"))
-        return int(handler(args, env))
+        _seen_clear()
+        code = int(handler(args, env))
+        outputs_after_command(args, env)  # outputs of jobs that ended, from boxes it talked to
+        return code
     except JobFailed as e:
+        outputs_after_command(args, env)
         # The job's own output said why; its exit code is passed through.
         return _fail(env, True, e.message, None, e.code) if as_json else e.code
     except RemotedlError as e:
@@ -352,6 +358,26 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "run again with --debug for the traceback, and report it",
             ExitCode.ERROR,
         )
+
+
+def _seen_clear() -> None:
+    from remotedl.outputs import SEEN
+
+    SEEN.clear()
+
+
+def outputs_after_command(args: argparse.Namespace, env: Environment) -> None:
+    """The one hook every command passes: outputs of jobs that ended come home from the boxes
+    the command talked to (remotedl.cli.outputs). It never changes the command's outcome."""
+    from remotedl.cli.outputs import after_command
+
+    try:
+        after_command(args, env)
+    except KeyboardInterrupt:
+        env.stderr.write("remotedl: interrupted while fetching outputs; `remotedl outputs` resumes\n")
+    except Exception as e:
+        logging.getLogger("remotedl").debug("outputs", exc_info=True)
+        env.stderr.write(f"remotedl: warning: outputs not fetched ({type(e).__name__}: {e})\n")
 
 
 def _setup_logging(env: Environment, debug: bool) -> None:

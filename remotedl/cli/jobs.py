@@ -345,6 +345,12 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
+    # Outputs come home when the job ends; trackers write into its own directory.
+    from remotedl.cli import outputs as outputs_cli
+
+    output_paths = outputs_cli.planned(app, args)
+    given_env = job_env
+    job_env, wandb_run_id = outputs_cli.tracker_env(app, job_env, name, output_paths)
     started: JobRecord | None = None
     for attempt in range(3):
         try:
@@ -376,6 +382,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
             )
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
+            outputs_cli.register(app, rec, spec.alias, output_paths, env=given_env, run_id=wandb_run_id)
             break
         except KeyboardInterrupt:
             if started is not None:
@@ -458,13 +465,19 @@ def _notify_urls(app: App) -> list[str]:
 
 
 def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: list[str]) -> None:
-    """When the followed job ended: its outputs home (--pull / pull_on_end), then a desktop
+    """When the followed job ended: its outputs home (outputs, --pull / pull_on_end), then a desktop
     notification (notify_desktop = true). A failed pull is an error once the job succeeded."""
     from remotedl.cli.sync import kept_lines, pull_sources, pulled_lines
     from remotedl.errors import RemotedlError
 
     env = app.env
     failure: RemotedlError | None = None
+    from remotedl.cli.outputs import fetch_ended
+
+    try:
+        fetch_ended(app, client, rec)
+    except RemotedlError as e:
+        env.stderr.write(f"remotedl: outputs of job {rec.id} not fetched ({e}); `remotedl outputs` resumes\n")
     if pulls:
         try:
             results = pull_sources(app, client, rdir, pulls, job=str(rec.id))
@@ -599,6 +612,9 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
         if input().strip().lower() not in ("y", "yes"):
             env.stderr.write("nothing removed\n")
             return ExitCode.ERROR
+    from remotedl.cli.outputs import fetch_before_removal
+
+    fetch_before_removal(app, client, [r.id for r in plan.removed])  # their outputs go first
     done = go(False)
     if app.json:
         app.print_json(done.to_dict())

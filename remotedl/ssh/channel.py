@@ -89,6 +89,14 @@ def split_frame(data: bytes, nonce: str, *, with_shell: bool = False) -> tuple[b
     return noise, data[end + 1 :], shell
 
 
+def _contacted(spec: HostSpec) -> None:
+    """This command talked to the box: jobs of it that ended may have outputs to bring home
+    (remotedl.outputs, after the command)."""
+    from remotedl.outputs import SEEN
+
+    SEEN.contact(spec)
+
+
 class Box:
     """A box reached through OpenSSH. Every call shares the host's master connection."""
 
@@ -130,6 +138,7 @@ class Box:
             raise self._no_frame(done.returncode, done.stderr.decode(errors="replace"))
         noise, body, shell = out
         self.login_shell = shell
+        _contacted(self.spec)
         self.noise = noise.decode(errors="replace").strip()
         self.stderr_noise = (err[0] if err else b"").decode(errors="replace").strip()
         if done.truncated:
