@@ -133,12 +133,27 @@ def project_identity(root: Path) -> str:
         return kept
     roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
     made = sorted(roots)[0] if roots else uuid.uuid4().hex
+    shallow = git(root, "rev-parse", "--is-shallow-repository", env=env, check=False) == "true"
+    if roots and shallow:
+        # A shallow clone's "first" commit is only where its history was cut: not kept, so that
+        # after `git fetch --unshallow` the clone has the project's identity like any other.
+        return made
     # Concurrent pushes may race here (git's config lock): a root commit is the same for all; a
     # random id is whichever got written first.
     git(root, "config", "--local", IDENTITY_KEY, made, env=env, check=False)
     if roots:
         return made
     return git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False) or made
+
+
+def known_identity(root: Path) -> str:
+    """The identity ``project_identity`` gives, found without recording anything (for a plan
+    that must change nothing): the kept id, else the first root commit; "" in a repository
+    without commits, or outside git."""
+    env = _clean_env()
+    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False)
+    roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
+    return kept or (sorted(roots)[0] if roots else "")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
     "top": ("fleet", "live view of the GPUs and running jobs of every box (q quits)"),
     "config": ("basic", "show the resolved settings and where each came from"),
-    "allow": ("basic", "let this project's remotedl.toml name an ssh config or cmd: IP sources"),
+    "allow": ("basic", "trust this version of a cloned project's risky settings and playbooks"),
     "trust": ("basic", "show a box's host key fingerprint and record it in known_hosts"),
     "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
     "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
@@ -84,6 +84,17 @@ class _Parser(argparse.ArgumentParser):
         raise UnknownChoice(f"{what}: unknown choice '{value}' (choose from {', '.join(names)})")
 
 
+def _port(text: str) -> int:
+    """--port: a TCP port, checked here (ssh would say only "Bad port", as a connection error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
 def _global_options() -> _Parser:
     # Accepted before and after the command name (`remotedl --json status`, `remotedl status --json`).
     p = _Parser(add_help=False)
@@ -100,7 +111,7 @@ def _global_options() -> _Parser:
         "--ssh-config", default=d, metavar="FILE", help="ssh config file to use for every connection"
     )
     g.add_argument("--user", default=d, help="login user (overrides the ssh config)")
-    g.add_argument("--port", type=int, default=d, help="ssh port (overrides the ssh config)")
+    g.add_argument("--port", type=_port, default=d, help="ssh port (overrides the ssh config)")
     g.add_argument("-i", "--identity", default=d, metavar="KEY", help="private key (tried first)")
     g.add_argument("--connect-timeout", type=float, default=d, metavar="S", help="seconds (default 10)")
     g.add_argument("--json", action="store_true", default=d, help="machine-readable output")

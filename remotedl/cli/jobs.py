@@ -9,7 +9,7 @@ import datetime
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
@@ -253,13 +253,14 @@ def sync_environment(
     return result
 
 
-def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
-    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push is about
-    to change, before it goes ahead."""
+def warn_push_changes_running(app: App, client: AgentClient, rdir: str, data: Sequence[str]) -> None:
+    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push (of
+    these ``data`` paths) is about to change, before it goes ahead."""
     from remotedl import jobs
 
     root = app.settings.project.root
-    for rec in jobs.push_conflicts(client, root, rdir):
+    limit = int(app.settings.get("max_snapshot_file"))
+    for rec in jobs.push_conflicts(client, root, rdir, data=data, max_snapshot_file=limit):
         app.env.stderr.write(
             f"remotedl: warning: this push changes the files of running job {rec.id} "
             f"({safe(rec.name)}) in {safe(rec.cwd)} (isolate = false); going ahead\n"
@@ -327,11 +328,11 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     rdir = remote_dir(app)
     if not args.no_push:
         if not isolate:
-            warn_push_changes_running(app, client, rdir)
+            warn_push_changes_running(app, client, rdir, data)
         with progress_bar(env, not app.json) as progress:
             pushed = sync.push(
                 spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress,
-                dir_mode=str(s.get("remote_dir_mode")),
+                dir_mode=str(s.get("remote_dir_mode")), max_snapshot_file=int(s.get("max_snapshot_file")),
             )  # fmt: skip
         if pushed.created_mode:
             env.stderr.write(f"remotedl: {made_line(spec.alias, pushed.remote_dir, pushed.created_mode)}\n")
@@ -720,7 +721,11 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
     client = _client(app)
     rec = jobs.get_job(client, args.job, project=None if args.job else remote_dir(app), warn=warner(env))
     root = app.settings.project.root
-    text = jobs.diff(root, client.box, rec, stat=args.stat, color=env.stdout_isatty)
+    s = app.settings
+    text = jobs.diff(
+        root, client.box, rec, stat=args.stat, color=env.stdout_isatty,
+        data=list(s.get("data")), max_snapshot_file=int(s.get("max_snapshot_file")),
+    )  # fmt: skip
     env.stdout.write(text)
     if not text:
         env.stderr.write(f"remotedl: no difference: the work tree has job {rec.id}'s code\n")

@@ -102,7 +102,11 @@ class Box:
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
-        self.noise = ""  # the last start-up noise seen (stdout and stderr)
+        # What the login shell's start-up files printed before the last script ran: on stdout
+        # (``noise``: it breaks git's and rsync's protocols, which use that stream) and on
+        # stderr (``stderr_noise``: harmless to them, as `ssh box git-receive-pack` shows).
+        self.noise = ""
+        self.stderr_noise = ""
         self.login_shell = ""
 
     def argv(self) -> list[str]:
@@ -135,7 +139,8 @@ class Box:
         noise, body, shell = out
         self.login_shell = shell
         _contacted(self.spec)
-        self.noise = (noise + (err[0] if err else b"")).decode(errors="replace").strip()
+        self.noise = noise.decode(errors="replace").strip()
+        self.stderr_noise = (err[0] if err else b"").decode(errors="replace").strip()
         if done.truncated:
             raise RemoteError(
                 f"{self.spec.alias} sent more than {max_output >> 20} MiB in answer to one request: refused",
@@ -148,7 +153,12 @@ class Box:
                 hint="run it again; if it keeps happening, check the link and ServerAliveInterval",
             )
         result = RemoteResult(
-            script, body.decode(errors="replace"), stderr_text, done.returncode, self.noise, body
+            script,
+            body.decode(errors="replace"),
+            stderr_text,
+            done.returncode,
+            "\n".join(n for n in (self.noise, self.stderr_noise) if n),
+            body,
         )
         if check and result.exit_code != 0:
             last = (result.stderr.strip().splitlines() or [f"exit status {result.exit_code}"])[-1]
