@@ -290,3 +290,16 @@ def test_doctor_checks_the_engine_the_image_and_a_gpu_container(run, docker_box,
     by = {c["name"]: c for c in json.loads(run("doctor", "--json", cwd=proj).out)["checks"]}
     assert by["image"]["status"] == "warn" and "first `remotedl run` pulls it" in by["image"]["fix"]
     assert by["GPU runtime"]["status"] == "warn"  # this dockerd has no NVIDIA runtime
+
+
+def test_a_queued_container_job_starts_in_its_image_when_its_gpu_frees(run, docker_box, proj):
+    script(proj, "hold.sh", "echo holding\nsleep 300\n")
+    script(proj, "next.sh", "ls /dev | grep 'nvidia[0-9]'\necho cuda=$CUDA_VISIBLE_DEVICES\n")
+    first = run("run", "--detach", "--gpu", "0", "hold.sh", cwd=proj).out.strip()
+    wait_running(run, proj, first, docker_box)
+    second = run("run", "--detach", "--gpu", "0", "--queue", "next.sh", cwd=proj).out.strip()
+    assert record(run, proj, second)["status"] == "queued"
+    assert run("kill", first, "--grace", "1", cwd=proj).code == 0
+    ended = retry_until(lambda: (r := record(run, proj, second))["status"] == "succeeded" and r, seconds=60)
+    assert ended, record(run, proj, second)
+    assert "nvidia0\ncuda=0" in run("logs", second, cwd=proj).out
