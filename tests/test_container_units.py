@@ -157,3 +157,14 @@ def test_laptop_image_from_flag_setting_and_no_image():
         _image_of(FakeSettings(image="a:1"), flags, slurm=True)
     with pytest.raises(UsageError, match="not an image name"):
         _image_of(FakeSettings(), argparse.Namespace(image="--privileged", no_image=False), slurm=False)
+
+
+def test_the_agent_refuses_an_image_name_that_would_be_an_option(tmp_path, monkeypatch):
+    from remotedl.agent.runtimes.base import StartPlan
+
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "docker").write_text("#!/bin/sh\n")
+    (tmp_path / "docker").chmod(0o755)
+    plan = StartPlan({"image": "--privileged", "command": "true"}, str(tmp_path), False, None, [], [], {})
+    with pytest.raises(AgentError, match="is not an image name"):
+        ContainerRuntime().create(None, plan, [])  # type: ignore[arg-type]

@@ -235,9 +235,12 @@ class ContainerRuntime(TmuxRuntime):
         args = spec.get("args") or []
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise AgentError("container_args must be a list of words", "usage")
+        image = str(req["image"])
+        if not image or image.startswith("-") or any(c.isspace() or not c.isprintable() for c in image):
+            raise AgentError(f"{image!r} is not an image name", "usage")
         rec = super().create(ctx, plan, active)
         rec.update(
-            image=str(req["image"]),
+            image=image,
             image_digest=None,
             engine=engine,
             container=container_name(rec),
