@@ -229,8 +229,8 @@ def _containers(report: DoctorReport, marks: dict[str, str], settings: Settings)
     engine = marks.get("engine", "").strip()
     if not engine or engine.startswith("none"):
         what = engine[5:] if engine.startswith("none ") else "docker or podman"
-        report.add("box", "container engine", "fail", f"{what} is not installed (image = {image})",
-                   "remotedl setup docker, or install Docker/Podman there")  # fmt: skip
+        fix = "install one there (Debian/Ubuntu: `sudo apt-get install docker.io` or podman)"
+        report.add("box", "container engine", "fail", f"{what} is not installed (image = {image})", fix)
         return
     name = engine.rsplit("/", 1)[-1]
     if "unreachable" in marks:

@@ -303,3 +303,15 @@ def test_a_queued_container_job_starts_in_its_image_when_its_gpu_frees(run, dock
     ended = retry_until(lambda: (r := record(run, proj, second))["status"] == "succeeded" and r, seconds=60)
     assert ended, record(run, proj, second)
     assert "nvidia0\ncuda=0" in run("logs", second, cwd=proj).out
+
+
+def test_images_lists_the_boxs_images_and_marks_the_jobs_one(run, docker_box, proj):
+    r = run("images", cwd=proj)
+    assert r.code == 0, r.err
+    (line,) = [ln for ln in r.out.splitlines() if IMAGE in ln]
+    assert line.startswith(f"* {IMAGE}")
+    found = json.loads(run("images", "--json", cwd=proj).out)
+    assert found["engine"].endswith("docker")
+    assert IMAGE in [i["name"] for i in found["images"]]
+    (proj / "remotedl.toml").write_text('image = "missing:1"\n')
+    assert "missing:1 (image) is not on" in run("images", cwd=proj).err

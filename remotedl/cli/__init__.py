@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attach": ("jobs", "attach to a job's tmux session (interactive)"),
     "show": ("jobs", "what a job ran: host, GPUs, command, commit, environment, times, exit, directory"),
     "diff": ("jobs", "a job's code against the local work tree (git diff)"),
+    "images": ("jobs", "the container images on the box (docker or podman), the one jobs use marked"),
     "outputs": ("outputs", "list jobs' outputs and bring home those of jobs that ended; --watch"),
     "compare": ("outputs", "jobs side by side: code, arguments, env, final metrics; --plot NAME"),
     "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),

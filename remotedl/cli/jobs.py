@@ -834,3 +834,29 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
         env.stderr.write(f"attaching to job {rec.id}; detach with Ctrl-b d (the job keeps running)\n")
     return subprocess.call(argv, stdin=sys.stdin, stdout=sys.stdout)
 
+
+
+def cmd_images(args: argparse.Namespace, env: Environment) -> int:
+    """The container images on the box (its engine's), the one jobs use marked."""
+    from remotedl.images import list_images
+    from remotedl.ssh import open_box
+
+    app = App(args, env)
+    spec = app.spec()
+    with open_box(spec) as box:
+        found = list_images(box, app.settings.get("container"))
+    if app.json:
+        app.print_json(found.to_dict())
+        return ExitCode.OK
+    wanted = str(app.settings.get("image") or "")
+    engine = found.engine.rsplit("/", 1)[-1]
+    if not found.images:
+        app.out(f"no images in {engine} on {spec.alias}")
+        return ExitCode.OK
+    width = max(len(i.name) for i in found.images)
+    for i in found.images:
+        mark = "*" if wanted and wanted in (i.name, i.name.removeprefix("docker.io/")) else " "
+        app.out(safe(f"{mark} {i.name:<{width}}  {i.id:<19}  {i.size:>8}  {i.created}"))
+    if wanted and not any(wanted in (i.name, i.name.removeprefix("docker.io/")) for i in found.images):
+        env.stderr.write(f"remotedl: {safe(wanted)} (image) is not on {spec.alias}: the first run pulls it\n")
+    return ExitCode.OK

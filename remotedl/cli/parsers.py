@@ -206,6 +206,10 @@ def jobs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
+def images(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "The image jobs use (`image`) is marked with *; `--json` gives engine and images."
+
+
 def show(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
