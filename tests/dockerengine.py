@@ -85,6 +85,12 @@ def _rootfs_tar() -> bytes:
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
         add_file("usr/bin/nvidia-smi", NVIDIA_SMI.encode())
+        # As on merged-/usr systems: a Python mounted from the host (the Jupyter test) finds
+        # its loader and libraries.
+        for link, target in (("lib", "usr/lib"), ("lib64", "usr/lib64")):
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
         add_file("etc/rdl-test-image", b"the test image\n", 0o644)  # tells it from the host
         add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
     return buf.getvalue()

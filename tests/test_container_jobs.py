@@ -315,3 +315,60 @@ def test_images_lists_the_boxs_images_and_marks_the_jobs_one(run, docker_box, pr
     assert IMAGE in [i["name"] for i in found["images"]]
     (proj / "remotedl.toml").write_text('image = "missing:1"\n')
     assert "missing:1 (image) is not on" in run("images", cwd=proj).err
+
+
+def _host_python_mounts() -> list[str]:
+    """container_args that lend the test image this machine's Python and its Jupyter (the venv
+    the tests run in), read-only: the image itself is a busybox."""
+    import sys
+
+    args: list[str] = []
+    mounts = ["/usr/lib", "/usr/lib64", sys.prefix]
+    base = os.path.realpath(sys.base_prefix)
+    if not base.startswith("/usr"):
+        mounts.append(base)
+    for m in dict.fromkeys(mounts):
+        if os.path.isdir(m):
+            args += ["-v", f"{m}:{m}:ro"]
+    return [*args, "-e", f"PATH={sys.prefix}/bin:/usr/bin:/bin"]
+
+
+def test_jupyter_in_an_image_through_the_tunnel(run, docker_box, proj, tmp_path):
+    import urllib.request
+
+    from remotedl.waiting import free_port
+
+    words = ", ".join(json.dumps(a) for a in _host_python_mounts())
+    (proj / "remotedl.toml").write_text(
+        f'remote_dir = "~/container-tests/{tmp_path.name}"\ncontainer_gpus = "devices"\n'
+        f"jupyter_image = \"{IMAGE}\"\ncontainer_args = [{words}]\n"
+    )
+    assert run("push", cwd=proj).code == 0
+    local = free_port()
+    r = run("jupyter", str(local), "--background", cwd=proj)
+    try:
+        assert r.code == 0, r.err
+        url = r.out.strip().splitlines()[-1]
+        token = url.split("token=")[1]
+        status = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{local}/api/status?token={token}", timeout=10).read()
+        )
+        assert "started" in status
+        name = f"remotedl-jupyter-{os.getuid()}"
+        assert name in docker_box.engine.docker("ps", "--format", "{{.Names}}").stdout.split()
+        for pid in os.listdir("/proc"):  # the token: in no process's arguments
+            if pid.isdigit():
+                try:
+                    assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+                except OSError:
+                    continue
+        inside = docker_box.engine.docker("exec", name, "sh", "-c", "ls /dev | grep nvidia; pwd").stdout
+        assert inside.split() == ["nvidia0", "nvidia1", "nvidiactl", inside.split()[-1]]
+        assert inside.split()[-1].endswith(f"container-tests/{tmp_path.name}")  # the work tree
+        # Found again, not started twice.
+        r2 = run("jupyter", str(free_port()), "--background", cwd=proj)
+        assert r2.code == 0, r2.err
+        assert "found running" in r2.err and r2.out.strip().endswith(token)
+    finally:
+        run("tunnel", "--stop", "all")
+        docker_box.engine.docker("rm", "-f", f"remotedl-jupyter-{os.getuid()}", check=False)

@@ -267,6 +267,7 @@ def jupyter(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None
     p.add_argument(
         "--gpus", type=int, default=1, metavar="N", help="Slurm hosts: GPUs for the Jupyter job (default 1)"
     )
+    p.add_argument("--image", metavar="IMAGE", help="Jupyter in a container of this image (or jupyter_image)")
     _slurm_flags(p)
 
 

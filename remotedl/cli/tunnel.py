@@ -134,9 +134,23 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
         wanted_remote = forwards[0].remote if forwards and ":" in args.ports[0] else None
         from remotedl.cli.statusline import status_line
 
+        s = app.settings
+        image_name = getattr(args, "image", None) or s.get("jupyter_image")
+        image = None
+        if image_name:
+            if image_name.startswith("-") or any(c.isspace() for c in image_name):
+                raise UsageError(f"--image {image_name!r} is not an image name")
+            image = jupyter.ImageSpec(
+                image_name, s.get("container"), str(s.get("container_gpus")), list(s.get("container_args"))
+            )
         with status_line(env, not app.json) as say:
             server = jupyter.find_or_start(
-                spec, remote_dir(app), remote_port=wanted_remote, colab=args.colab, on_progress=say
+                spec,
+                remote_dir(app),
+                remote_port=wanted_remote,
+                colab=args.colab,
+                on_progress=say,
+                image=image,
             )
         forwards = [tun.Forward(local, server.port), *forwards[1:]]
         if not args.supervise and not tun.port_free(local):
