@@ -229,7 +229,7 @@ def _containers(report: DoctorReport, marks: dict[str, str], settings: Settings)
     engine = marks.get("engine", "").strip()
     if not engine or engine.startswith("none"):
         what = engine[5:] if engine.startswith("none ") else "docker or podman"
-        fix = "install one there (Debian/Ubuntu: `sudo apt-get install docker.io` or podman)"
+        fix = "remotedl setup docker (or --var engine=podman)"
         report.add("box", "container engine", "fail", f"{what} is not installed (image = {image})", fix)
         return
     name = engine.rsplit("/", 1)[-1]

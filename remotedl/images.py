@@ -64,7 +64,7 @@ def list_images(box: Box, engine: str | None = None) -> BoxImages:
     if not found or found == "none":
         raise UsageError(
             f"{engine or 'docker or podman'} is not installed on {box.spec.alias}",
-            hint="install one there (Debian/Ubuntu: `sudo apt-get install docker.io` or podman)",
+            hint="`remotedl setup docker` installs one",
         )
     if "error" in marks:
         raise RemoteError(

@@ -252,8 +252,7 @@ def _look_image(
         raise RemoteError(
             f"{marks['noengine'].strip()} is not installed on {box.spec.alias}: "
             "Jupyter in an image needs one",
-            hint="install one there (Debian/Ubuntu: `sudo apt-get install docker.io` or podman), "
-            "or drop --image",
+            hint="`remotedl setup docker` installs one; or drop --image",
         )
     servers = []
     for line in out.splitlines():

@@ -372,3 +372,16 @@ def test_jupyter_in_an_image_through_the_tunnel(run, docker_box, proj, tmp_path)
     finally:
         run("tunnel", "--stop", "all")
         docker_box.engine.docker("rm", "-f", f"remotedl-jupyter-{os.getuid()}", check=False)
+
+
+def test_docker_playbook_finds_the_engine_ready(run, docker_box, proj):
+    r = run("setup", "docker", "--check", "--json", cwd=proj)
+    assert r.code == 0, r.out + r.err
+    (res,) = json.loads(r.out)
+    steps = {s["name"]: s["status"] for s in res["steps"]}
+    assert steps["the container engine is installed"] == "ok"
+    assert steps["the Docker daemon runs and starts at boot"] == "ok"  # this box's dockerd answers
+    assert steps["the box user may use Docker (the docker group)"] == "skipped"  # root
+    # The stand-in nvidia-smi says there is a driver; no toolkit here: it would be installed.
+    assert steps["the NVIDIA container toolkit (there is an NVIDIA driver)"] == "would-change"
+    assert res["summary"]["failed"] == 0

@@ -64,8 +64,7 @@ def find_engine(wanted: str | None) -> str:
     raise AgentError(
         f"{what} is not installed on the box: a job with an image needs a container engine",
         "usage",
-        hint="install one there (Debian/Ubuntu: `sudo apt-get install docker.io` or podman); "
-        "`--no-image` runs the job on the box itself",
+        hint="`remotedl setup docker` installs one; `--no-image` runs the job on the box itself",
     )
 
 
