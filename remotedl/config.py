@@ -87,6 +87,7 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "container_gpus": (str, "nvidia", None),
     "container_args": (list, [], None),
     "jupyter_image": (str, None, None),  # `remotedl jupyter` in a container of this image
+    "tensorboard_image": (str, None, None),  # `remotedl tensorboard` in a container of this image
 }
 # Settings whose value must be one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -385,3 +385,38 @@ def test_docker_playbook_finds_the_engine_ready(run, docker_box, proj):
     # The stand-in nvidia-smi says there is a driver; no toolkit here: it would be installed.
     assert steps["the NVIDIA container toolkit (there is an NVIDIA driver)"] == "would-change"
     assert res["summary"]["failed"] == 0
+
+
+def test_tensorboard_in_an_image_through_the_tunnel(run, docker_box, proj, tmp_path):
+    import re
+    import urllib.request
+
+    from remotedl.waiting import free_port
+    from tests.test_tensorboard import write_scalars
+
+    words = ", ".join(json.dumps(a) for a in _host_python_mounts())
+    remote = f"~/container-tests/{tmp_path.name}"
+    (proj / "remotedl.toml").write_text(
+        f'remote_dir = "{remote}"\ntensorboard_image = "{IMAGE}"\ncontainer_args = [{words}]\n'
+    )
+    assert run("push", cwd=proj).code == 0
+    work = docker_box.home / remote.removeprefix("~/")
+    write_scalars(work / "runs" / "exp1", "loss", [1.0, 0.5])
+    local = free_port()
+    r = run("tensorboard", "--local-port", str(local), "--background", cwd=proj)
+    try:
+        assert r.code == 0, r.err
+        url = r.out.strip().splitlines()[-1]
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{local}/[0-9a-f]{{32}}/", url), url
+        with urllib.request.urlopen(url + "data/runs", timeout=20) as answer:
+            assert json.loads(answer.read()) == ["exp1"]
+        names = docker_box.engine.docker("ps", "--format", "{{.Names}}").stdout.split()
+        assert [n for n in names if n.startswith("remotedl-tb-")]  # it runs in a container
+        r2 = run("tensorboard", "--local-port", str(free_port()), "--background", cwd=proj)
+        assert r2.code == 0, r2.err
+        assert "TensorBoard found running on the box" in r2.err
+    finally:
+        run("tunnel", "--stop", "all")
+        for n in docker_box.engine.docker("ps", "--format", "{{.Names}}").stdout.split():
+            if n.startswith("remotedl-tb-"):
+                docker_box.engine.docker("rm", "-f", n, check=False)

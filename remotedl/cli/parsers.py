@@ -288,6 +288,7 @@ def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> 
         metavar="JOB",
         help="serve LOGDIR of each job's own directory, one run per job (default: this project's jobs)",
     )
+    p.add_argument("--image", metavar="IMAGE", help="TensorBoard in a container of this image")
     p.add_argument(
         "--local",
         action="store_true",
