@@ -28,6 +28,7 @@ from remotedl.words import plural
 
 if TYPE_CHECKING:
     from remotedl.agent.client import AgentClient
+    from remotedl.cloud import CloudHost
     from remotedl.ssh import Box, HostSpec
     from remotedl.status import BoxStatus
     from remotedl.top import BoxSample
@@ -141,6 +142,8 @@ class Member:
     name: str
     settings: Settings
     spec: HostSpec
+    # Set when the host is a cloud VM: its provider and its state when resolved.
+    cloud: CloudHost | None = None
 
     @property
     def remote_dir(self) -> str:
@@ -190,7 +193,13 @@ def resolve_member(env: Environment, settings: Settings, name: str, reach: Reach
         identity=reach.identity,
         connect_timeout=float(mine.get("connect_timeout")),
     )
-    return Member(name, mine, spec)
+    # A cloud VM is known as one here, once: its state, and the address its cloud gives it now.
+    from remotedl.cloud import cloud_host, with_address
+
+    cloud = cloud_host(name, mine.get, env.environ)
+    if cloud is not None and cloud.address and cloud.vm.address != "ssh":
+        spec = with_address(spec, cloud.address, f"cloud ({cloud.vm.name}, {cloud.vm.address} IP)")
+    return Member(name, mine, spec, cloud)
 
 
 @dataclass

@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dns": ("dns", "keep the box's DNS name on its public IP: update, check, watch"),
     "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check)"),
     "doctor": ("setup", "check the whole chain, laptop to GPUs, and say how to fix what fails"),
+    "up": ("cloud", "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
+    "stop": ("cloud", "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
 }
 
 

@@ -299,3 +299,12 @@ def setup(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 def doctor(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
+def up(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "The host's [hosts.NAME] table names the VM: see README 'Cloud VMs'."
+
+
+def stop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "Jobs on the VM end with it; its disk stays (and is billed)."
+    p.add_argument("--no-wait", action="store_true", help="return once the cloud took the request")

@@ -1,0 +1,268 @@
+"""up, stop: a host that is a cloud VM; and what every other command does when its VM is not
+running (``ready``) and what ``status`` says of one (``status_of``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from remotedl.cli.app import App
+from remotedl.env import Environment
+from remotedl.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from remotedl.cloud import CloudHost, UpResult, VMStatus
+    from remotedl.fleet import Member
+    from remotedl.ssh import HostSpec
+
+# Commands that start a stopped VM when the host has auto_start = true.
+AUTO_START = ("run", "push", "jupyter")
+# Commands that work on a VM in any state (they say the state, or change it).
+ANY_STATE = ("up", "stop", "status", "config", "trust", "allow")
+
+
+def _member(app: App, name: str) -> Member:
+    from remotedl.fleet import Fleet
+
+    return Fleet(app.env, app.base_settings, [name], app.reach(), app.resolved).member(name)
+
+
+def _warn(app: App, text: str) -> None:
+    from remotedl.words import printable
+
+    app.env.stderr.write(f"remotedl: {printable(text, newlines=False)}\n")
+    app.env.stderr.flush()
+
+
+def _deallocate_if_billed(app: App, member: Member) -> None:
+    """An Azure VM powered off from inside (autostop without a managed identity, `shutdown`)
+    goes on billing until it is deallocated: any contact from a laptop does that, and says so."""
+    from remotedl.cloud import stop_vm
+
+    cloud = member.cloud
+    if cloud is None or not cloud.status.billed_while_stopped:
+        return
+    _warn(
+        app,
+        f"{member.name}: {cloud.vm.name} was powered off from inside but not deallocated, "
+        "so it was billed meanwhile; deallocating it now",
+    )
+    stop_vm(cloud, wait=False)
+
+
+def ready(app: App, member: Member) -> HostSpec:
+    """The spec to reach a cloud VM with, for the command being run: as resolved when the VM
+    runs; started first (auto_start) for run/push/jupyter; else a clear error."""
+    from remotedl.cloud import VMNotRunning
+
+    cloud = member.cloud
+    assert cloud is not None
+    command = str(app.flag("subcommand"))
+    if command in ANY_STATE or cloud.status.running:
+        return member.spec
+    if command != "up":
+        _deallocate_if_billed(app, member)
+    state = cloud.status.state
+    if cloud.vm.auto_start and command in AUTO_START and state in ("stopped", "starting", "stopping"):
+        _warn(app, f"{member.name}: {cloud.vm.name} is {state}; starting it (auto_start)")
+        result = _start(app, member, quiet_stdout=True)
+        assert result.spec is not None
+        return result.spec
+    hint = f"start it with `remotedl up {member.name}`"
+    if command in AUTO_START:
+        hint += f", or set auto_start = true in [hosts.{member.name}]"
+    raise VMNotRunning(
+        f"{member.name} is a cloud VM and it is {_state_words(cloud.status)} ({cloud.vm.name})", hint=hint
+    )
+
+
+def _state_words(st: VMStatus) -> str:
+    if st.billed_while_stopped:
+        return "stopped but not deallocated (still billed)"
+    return st.state
+
+
+def _ssh_answers(spec: HostSpec) -> bool:
+    from remotedl import proc
+    from remotedl.ssh import ssh_argv
+
+    argv = ssh_argv(spec, "exit 0", multiplex=False)
+    try:
+        return proc.run(argv, check=False, timeout=spec.connect_timeout + 20).returncode == 0
+    except Exception:  # a hung connection that ran out its time: not up yet
+        return False
+
+
+def _start(app: App, member: Member, *, quiet_stdout: bool = False) -> UpResult:
+    from remotedl import cloud as cloudlib
+
+    cloud = member.cloud
+    assert cloud is not None
+    base = member.spec
+
+    def reach(st: VMStatus) -> HostSpec | None:
+        address = st.address(cloud.vm.address) if cloud.vm.address != "ssh" else None
+        spec = (
+            cloudlib.with_address(base, address, f"cloud ({cloud.vm.name}, {cloud.vm.address} IP)")
+            if address
+            else base
+        )
+        return spec if _ssh_answers(spec) else None
+
+    def progress(what: str, st: VMStatus) -> None:
+        if app.json and not quiet_stdout:
+            return
+        words = {
+            "stopping": f"is stopping; waiting for that to end first ({st.detail})",
+            "requested": "start requested",
+            "running": "running"
+            + (f" at {st.address(cloud.vm.address)}" if st.address(cloud.vm.address) else ""),
+            "ssh": "SSH answers",
+        }[what]
+        _warn(app, f"{member.name}: {words}") if quiet_stdout else app.out(f"{member.name}: {words}")
+
+    result = cloudlib.up(cloud, reach, progress=progress)
+    if result.spec is not None:
+        # Later calls of this command reach the VM at its new address.
+        from remotedl.fleet import Member as FleetMember
+
+        app.resolved[member.name] = FleetMember(member.name, member.settings, result.spec, cloud)
+    return result
+
+
+def _cloud_members(app: App) -> list[Member]:
+    if not app.hosts:
+        app.host_alias()  # raises the usual "no host given"
+    members = []
+    for name in app.hosts:
+        m = _member(app, name)
+        if m.cloud is None:
+            raise UsageError(
+                f"{name} is not a cloud VM",
+                hint=f'name its VM in [hosts.{name}]: cloud = "aws", region = "...", instance_id = "..." '
+                "(see README 'Cloud VMs')",
+            )
+        members.append(m)
+    return members
+
+
+def cmd_up(args: argparse.Namespace, env: Environment) -> int:
+    app = App(args, env)
+    out: list[dict[str, Any]] = []
+    for member in _cloud_members(app):
+        assert member.cloud is not None
+        result = _start(app, member)
+        if app.json:
+            out.append(
+                {
+                    "host": member.name,
+                    "vm": member.cloud.vm.name,
+                    "already_running": result.already_running,
+                    "seconds": round(result.seconds, 1),
+                    **result.status.to_dict(),
+                }
+            )
+            continue
+        if result.already_running:
+            app.out(f"{member.name}: {member.cloud.vm.name} was running already")
+        else:
+            app.out(f"{member.name}: {member.cloud.vm.name} is up in {result.seconds:.0f} s")
+    if app.json:
+        app.print_json(out if len(out) != 1 else out[0])
+    return ExitCode.OK
+
+
+def cmd_stop(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.cloud import stop_vm
+
+    app = App(args, env)
+    out: list[dict[str, Any]] = []
+    for member in _cloud_members(app):
+        cloud = member.cloud
+        assert cloud is not None
+        result = stop_vm(cloud, wait=not app.flag("no_wait"))
+        if app.json:
+            out.append(
+                {
+                    "host": member.name,
+                    "vm": cloud.vm.name,
+                    "seconds": round(result.seconds, 1),
+                    "ran_seconds": result.uptime_seconds,
+                    "cost": result.cost,
+                    **result.status.to_dict(),
+                }
+            )
+            continue
+        if result.was.state == "stopped" and not result.was.billed_while_stopped:
+            app.out(f"{member.name}: {cloud.vm.name} was stopped already")
+            continue
+        ran = f" after {_duration(result.uptime_seconds)}" if result.uptime_seconds is not None else ""
+        cost = f", about {_money(result.cost)}" if result.cost is not None else ""
+        how = "deallocated" if cloud.vm.cloud == "azure" else "stopped"
+        done = how if result.status.state == "stopped" else f"{how} (requested: {result.status.detail})"
+        app.out(f"{member.name}: {cloud.vm.name} {done}{ran}{cost}")
+    if app.json:
+        app.print_json(out if len(out) != 1 else out[0])
+    return ExitCode.OK
+
+
+def _duration(seconds: float | None) -> str:
+    from remotedl.cli.basic import _duration as duration
+
+    return duration(seconds)
+
+
+def _money(amount: float | None) -> str:
+    return "?" if amount is None else f"${amount:,.2f}"
+
+
+def status_words(cloud: CloudHost) -> str:
+    """``AWS i-0abc (eu-west-1): running for 2h 3m, $4.90 so far ($2.45/h)``."""
+    st = cloud.status
+    words = f"{cloud.vm.name}: {_state_words(st)}"
+    if st.detail and st.detail.rsplit("/", 1)[-1].lower() != st.state:
+        words += f" ({st.detail})"
+    if st.uptime_seconds is not None:
+        words += f" for {_duration(st.uptime_seconds)}"
+    if st.cost_so_far is not None:
+        words += f", {_money(st.cost_so_far)} so far"
+    if st.price_per_hour is not None:
+        words += f" ({_money(st.price_per_hour)}/h)"
+    if st.spot:
+        words += ", spot"
+    return words
+
+
+def status_of(app: App) -> int | None:
+    """``status`` of a host that is a cloud VM: its state, uptime and cost; when it does not
+    run, that is all (exit 0: a stopped VM is no connection error); None when the host is no
+    cloud VM or its VM runs (the box's own status follows)."""
+    if app.is_fleet or not app.hosts:
+        return None
+    member = _member(app, app.hosts[0])
+    cloud = member.cloud
+    if cloud is None:
+        return None
+    _deallocate_if_billed(app, member)
+    if cloud.status.running:
+        if not app.json:
+            app.out(f"{member.name}: {status_words(cloud)}")
+        return None
+    if app.json:
+        app.print_json({"host": member.name, "reachable": False, "cloud": _cloud_json(cloud)})
+        return ExitCode.OK
+    app.out(f"{member.name}: {status_words(cloud)}")
+    if cloud.status.state == "stopped":
+        app.out(f"  start it with `remotedl up {member.name}`")
+    return ExitCode.OK
+
+
+def _cloud_json(cloud: CloudHost) -> dict[str, Any]:
+    return {"cloud": cloud.vm.cloud, "vm": cloud.vm.name, **cloud.status.to_dict()}
+
+
+def add_status_json(app: App, data: dict[str, Any]) -> None:
+    """The VM's state beside the box's in ``status --json``."""
+    member = app.resolved.get(app.hosts[0]) if app.hosts else None
+    if member is not None and member.cloud is not None:
+        data["cloud"] = _cloud_json(member.cloud)
