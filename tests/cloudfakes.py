@@ -265,7 +265,10 @@ class FakeCloud:
                 auth = self.headers.get("Authorization") or ""
                 with lock:
                     fake.calls.append(Call(self.command, url.path, parse_qs(url.query), auth))
-                    if url.path != "/token" and auth != f"Bearer {fake.token}":
+                    if url.path == "/metadata/identity/oauth2/token":  # Azure IMDS, on the VM
+                        ok = self.headers.get("Metadata") == "true" and "resource" in url.query
+                        code, data = (200, {"access_token": fake.token}) if ok else (400, {"error": "bad"})
+                    elif url.path != "/token" and auth != f"Bearer {fake.token}":
                         code, data = (
                             401,
                             {"error": {"code": "Unauthorized", "message": "bad or missing token"}},

@@ -1,0 +1,437 @@
+"""Autostop, decided on the box: stop the cloud VM this box is once it has been idle long enough.
+
+Standard library only (it runs under the box's python3 with the agent). No laptop is involved:
+``watch`` ticks once a minute from a detached process; each ``tick`` looks at the box:
+
+- remotedl jobs: a running or queued record counts, except a job stalled (``stalled.since``) for at
+  least the idle time: it is named in the notification instead;
+- unless ``wait = "jobs"``: interactive SSH sessions (a process on a pty with ``sshd`` among its
+  ancestors), GPU compute processes (``nvidia-smi --query-compute-apps``), and busy Jupyter kernels
+  (each running Jupyter server's ``/api/kernels``, found from its runtime file).
+
+Idle for ``idle_seconds``: one notification (the job ``notify`` URLs) says when and why, then a
+grace period in which any activity cancels; then ``pre_stop`` runs (with a time limit) and the VM
+stops. AWS and GCE stop on an OS shutdown (``sudo -n shutdown -h now``, or ``systemctl poweroff``
+where a polkit rule of the ``autostop`` playbook allows it); an Azure VM with a managed identity
+deallocates itself through Resource Manager, else it powers off and the next laptop to look
+deallocates it (``remotedl.cli.cloud``).
+
+The settings and the state live in ``~/.remotedl/autostop.json`` (0600: notification URLs are
+secrets); times are seconds since the epoch, and every function takes ``now`` so tests move the clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FILE = "autostop.json"
+TICK_SECONDS = 60.0
+GRACE_SECONDS = 300.0
+PRE_STOP_TIMEOUT = 600.0
+IMDS = "169.254.169.254"
+ARM = "https://management.azure.com"
+ACTIVE_JOB = ("queued", "starting", "running")
+
+
+@dataclass
+class Config:
+    """What the laptop set (``remotedl autostop``, ``up``)."""
+
+    idle_seconds: float | None = None  # None: autostop is off
+    wait: str = "all"  # "all" or "jobs"
+    grace_seconds: float = GRACE_SECONDS
+    pre_stop: str | None = None
+    pre_stop_timeout: float = PRE_STOP_TIMEOUT
+    notify: list[str] = field(default_factory=list)
+    host: str = ""
+    cloud: str = ""  # aws, gcp, azure
+    # Azure: the VM's ids and whether it has a managed identity allowed to deallocate it.
+    azure: dict[str, str] = field(default_factory=dict)
+    managed_identity: bool = False
+
+
+@dataclass
+class State:
+    config: Config = field(default_factory=Config)
+    last_active: float = 0.0
+    last_activity: list[str] = field(default_factory=list)
+    pending_since: float | None = None  # when the notice went out; None: nothing pending
+    stopped_at: float | None = None
+    stop_result: str = ""
+    watcher_pid: int | None = None
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("REMOTEDL_BOX_STATE") or Path.home() / ".remotedl")
+
+
+def load(directory: Path) -> State:
+    try:
+        data = json.loads((directory / FILE).read_text())
+    except (OSError, ValueError):
+        return State()
+    config = Config(
+        **{k: v for k, v in (data.get("config") or {}).items() if k in Config.__dataclass_fields__}
+    )
+    fields = {k: v for k, v in data.items() if k in State.__dataclass_fields__ and k != "config"}
+    return State(config=config, **fields)
+
+
+def save(directory: Path, state: State) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(state), f)
+    tmp.replace(directory / FILE)
+
+
+# ------------------------------------------------------------------ what counts as activity
+
+
+def _proc_stat(pid: str, proc: Path) -> tuple[int, int, str] | None:
+    """(ppid, tty_nr, comm) of a process, from /proc/PID/stat."""
+    try:
+        raw = (proc / pid / "stat").read_text()
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return int(rest[1]), int(rest[4]), comm
+
+
+def ssh_sessions(proc: Path = Path("/proc"), exclude: set[int] | None = None) -> list[str]:
+    """Interactive SSH sessions: processes on a pty whose ancestors include sshd (one entry per
+    pty). ``exclude``: pids (and their descendants) that are ours."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in os.listdir(proc):
+        if entry.isdigit():
+            st = _proc_stat(entry, proc)
+            if st is not None:
+                table[int(entry)] = st
+    found: dict[int, str] = {}
+    for pid, (_, tty, comm) in table.items():
+        major = (tty >> 8) & 0xFFF
+        if tty == 0 or not 136 <= major <= 143 or tty in found:  # Unix98 ptys: /dev/pts/N
+            continue
+        seen, cur, via_sshd = set(), pid, False
+        while cur in table and cur not in seen and cur > 1:
+            if exclude and cur in exclude:
+                via_sshd = False
+                break
+            seen.add(cur)
+            if table[cur][2].startswith("sshd"):
+                via_sshd = True
+            cur = table[cur][0]
+        if via_sshd:
+            minor = (tty & 0xFF) | ((tty >> 12) & 0xFFF00)
+            found[tty] = f"ssh session on pts/{(major - 136) * 256 + minor} ({comm})"
+    return sorted(found.values())
+
+
+def gpu_processes(environ: Mapping[str, str]) -> list[str]:
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-compute-apps=pid,process_name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=dict(environ),
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    lines = [x.strip() for x in out.stdout.splitlines() if x.strip()] if out.returncode == 0 else []
+    return [f"GPU process {x}" for x in lines if "no running" not in x.lower()]
+
+
+def busy_kernels(home: Path) -> list[str]:
+    """Busy kernels of the Jupyter servers running on this box (their runtime files)."""
+    found = []
+    for runtime in sorted((home / ".local/share/jupyter/runtime").glob("jpserver-*.json")):
+        try:
+            info = json.loads(runtime.read_text())
+            url = str(info["url"]).rstrip("/") + "/api/kernels"
+            if not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+                continue
+            auth = {"Authorization": f"token {info.get('token', '')}"}
+            request = urllib.request.Request(url, headers=auth)  # noqa: S310 - checked: loopback http
+            with urllib.request.urlopen(request, timeout=5) as r:  # noqa: S310 - a loopback http URL
+                kernels = json.loads(r.read())
+        except (OSError, ValueError, KeyError):
+            continue
+        found += [
+            f"busy Jupyter kernel {k.get('id', '?')}" for k in kernels if k.get("execution_state") == "busy"
+        ]
+    return found
+
+
+def job_activity(
+    records: list[dict[str, Any]], idle_seconds: float, now: float
+) -> tuple[list[str], list[str]]:
+    """(what keeps the box busy, jobs stalled long enough not to)."""
+    active, stalled = [], []
+    for r in records:
+        if r.get("status") not in ACTIVE_JOB:
+            continue
+        since = (r.get("stalled") or {}).get("since") if r.get("status") == "running" else None
+        name = f"job {r.get('id')}" + (f" ({r['name']})" if r.get("name") else "")
+        if since is not None and now - float(since) >= idle_seconds:
+            stalled.append(f"{name}, stalled since {time.strftime('%H:%M', time.localtime(float(since)))}")
+        else:
+            active.append(f"{name} {r.get('status')}")
+    return active, stalled
+
+
+def job_records(directory: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((directory / "jobs").glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+@dataclass
+class Look:
+    activity: list[str]
+    stalled: list[str]
+
+
+def look(directory: Path, config: Config, now: float, environ: Mapping[str, str]) -> Look:
+    active, stalled = job_activity(job_records(directory), config.idle_seconds or 0, now)
+    if config.wait != "jobs":
+        active += ssh_sessions()
+        active += gpu_processes(environ)
+        active += busy_kernels(Path(environ.get("HOME") or Path.home()))
+    return Look(active, stalled)
+
+
+# ------------------------------------------------------------------ the decision
+
+
+@dataclass
+class Decision:
+    action: str  # "off", "active", "idle", "notice", "wait", "stop"
+    idle_for: float = 0.0
+    stop_at: float | None = None
+
+
+def decide(state: State, seen: Look, now: float) -> Decision:
+    """What to do now, from what the box shows (pure: the state changes are the caller's)."""
+    c = state.config
+    if c.idle_seconds is None or state.stopped_at is not None:
+        return Decision("off")
+    if seen.activity:
+        return Decision("active")
+    idle_for = now - state.last_active
+    if state.pending_since is not None:
+        stop_at = state.pending_since + c.grace_seconds
+        return Decision("stop" if now >= stop_at else "wait", idle_for, stop_at)
+    if idle_for >= c.idle_seconds:
+        return Decision("notice", idle_for, now + c.grace_seconds)
+    return Decision("idle", idle_for, state.last_active + c.idle_seconds + c.grace_seconds)
+
+
+# ------------------------------------------------------------------ acting on it
+
+
+def _notify(config: Config, kind: str, title: str, text: str) -> None:
+    if not config.notify:
+        return
+    try:
+        from remotedl import notify
+    except ImportError:
+        return
+    event = notify.Event(kind, title, text, {"host": config.host, "cloud": config.cloud})
+    for url in config.notify:
+        notify.send(url, event)
+
+
+def run_pre_stop(config: Config, environ: Mapping[str, str]) -> str:
+    if not config.pre_stop:
+        return ""
+    try:
+        r = subprocess.run(
+            ["/bin/sh", "-c", config.pre_stop],
+            capture_output=True,
+            text=True,
+            timeout=config.pre_stop_timeout,
+            check=False,
+            env=dict(environ),
+        )
+    except subprocess.TimeoutExpired:
+        return f"pre_stop ran past {config.pre_stop_timeout:g} s and was stopped"
+    return "pre_stop ok" if r.returncode == 0 else f"pre_stop exited {r.returncode}"
+
+
+def _azure_deallocate(config: Config, environ: Mapping[str, str]) -> str:
+    """Deallocate this VM with its managed identity (IMDS token, then Resource Manager)."""
+    imds = environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST") or f"http://{IMDS}"
+    arm = (environ.get("AZURE_RESOURCE_MANAGER_ENDPOINT") or ARM).rstrip("/")
+    token_url = (
+        f"{imds.rstrip('/')}/metadata/identity/oauth2/token?api-version=2018-02-01"
+        f"&resource={urllib.parse.quote(ARM + '/', safe='')}"
+    )
+    req = urllib.request.Request(token_url, headers={"Metadata": "true"})  # noqa: S310 - IMDS
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - the metadata service's address
+        token = json.loads(r.read())["access_token"]
+    ids = config.azure
+    path = (
+        f"/subscriptions/{ids['subscription']}/resourceGroups/{ids['resource_group']}"
+        f"/providers/Microsoft.Compute/virtualMachines/{ids['vm']}/deallocate?api-version=2024-07-01"
+    )
+    auth = {"Authorization": f"Bearer {token}"}
+    req = urllib.request.Request(arm + path, method="POST", data=b"", headers=auth)  # noqa: S310 - ARM
+    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - Resource Manager
+        return f"Azure deallocate requested ({r.status})"
+
+
+def power_off(environ: Mapping[str, str]) -> str:
+    """Shut the OS down: AWS and GCE stop the VM (and its compute billing) with it. The commands
+    are looked up on ``environ``'s PATH only."""
+    path = environ.get("PATH", "")
+    tries: list[list[str]] = []
+    if os.geteuid() != 0 and shutil.which("sudo", path=path):
+        tries.append(["sudo", "-n", "shutdown", "-h", "now"])
+    tries += [["systemctl", "poweroff"], ["shutdown", "-h", "now"], ["poweroff"]]
+    last = "no shutdown command found"
+    for argv in tries:
+        exe = shutil.which(argv[0], path=path)
+        if exe is None:
+            continue
+        r = subprocess.run(
+            [exe, *argv[1:]], capture_output=True, text=True, timeout=60, check=False, env=dict(environ)
+        )
+        if r.returncode == 0:
+            return " ".join(argv)
+        last = f"{' '.join(argv)}: {(r.stderr or '').strip().splitlines()[-1:] or r.returncode}"
+    raise OSError(f"could not power off: {last} (run the autostop playbook: `remotedl setup autostop`)")
+
+
+def stop_vm(config: Config, environ: Mapping[str, str]) -> str:
+    if config.cloud == "azure" and config.managed_identity and config.azure:
+        try:
+            return _azure_deallocate(config, environ)
+        except (OSError, ValueError, KeyError) as e:
+            # Powered off, it goes on billing until a laptop deallocates it: say so.
+            return f"Azure deallocate failed ({type(e).__name__}); " + power_off(environ)
+    return power_off(environ)
+
+
+def tick(
+    directory: Path,
+    now: float,
+    environ: Mapping[str, str],
+    *,
+    looker: Callable[[Path, Config, float, Mapping[str, str]], Look] = look,
+) -> Decision:
+    """Look at the box once and act: note activity, send the notice, cancel it, or stop."""
+    state = load(directory)
+    if state.config.idle_seconds is None:
+        return Decision("off")
+    seen = looker(directory, state.config, now, environ)
+    d = decide(state, seen, now)
+    c = state.config
+    if d.action == "active":
+        if state.pending_since is not None:
+            _notify(
+                c, "autostop", f"{c.host}: autostop cancelled", f"activity: {'; '.join(seen.activity[:3])}"
+            )
+        state.pending_since = None
+        state.last_active = now
+        state.last_activity = seen.activity[:10]
+    elif d.action == "notice":
+        state.pending_since = now
+        when = time.strftime("%H:%M", time.localtime(now + c.grace_seconds))
+        why = f"idle for {int(d.idle_for // 60)} min (no jobs, sessions, GPU processes or busy kernels)"
+        if c.wait == "jobs":
+            why = f"no remotedl job for {int(d.idle_for // 60)} min"
+        if seen.stalled:
+            why += "; not counted: " + "; ".join(seen.stalled)
+        _notify(
+            c,
+            "autostop",
+            f"{c.host}: stopping the VM at {when}",
+            f"{why}. Any activity before then cancels it.",
+        )
+    elif d.action == "stop":
+        outcome = run_pre_stop(c, environ)
+        state.stopped_at = now
+        try:
+            state.stop_result = "; ".join(x for x in (outcome, stop_vm(c, environ)) if x)
+        except OSError as e:
+            state.stop_result = "; ".join(x for x in (outcome, str(e)) if x)
+            state.stopped_at = None
+            state.pending_since = None
+            state.last_active = now  # try again after another idle period, not every minute
+            _notify(c, "autostop", f"{c.host}: autostop could not stop the VM", str(e))
+        save(directory, state)
+        return d
+    save(directory, state)
+    return d
+
+
+def configure(directory: Path, config: Config, now: float) -> State:
+    """Set (or turn off) autostop; the idle time counts from now."""
+    state = load(directory)
+    state.config = config
+    state.last_active = now
+    state.pending_since = None
+    state.stopped_at = None
+    save(directory, state)
+    return state
+
+
+def watch(directory: Path, environ: Mapping[str, str], interval: float = TICK_SECONDS) -> int:
+    """Tick until autostop is turned off or the VM is stopping (the detached watcher)."""
+    state = load(directory)
+    state.watcher_pid = os.getpid()
+    save(directory, state)
+    while True:
+        d = tick(directory, time.time(), environ)
+        if d.action in ("off", "stop") or load(directory).watcher_pid != os.getpid():
+            return 0
+        time.sleep(interval)
+
+
+def main(argv: list[str]) -> int:
+    """``set`` (a JSON Config on stdin; prints the state), ``show``, ``watch``, ``tick``."""
+    directory = state_dir()
+    what = argv[0] if argv else "show"
+    if what == "set":
+        config = Config(**json.loads(sys.stdin.read() or "{}"))
+        state = configure(directory, config, time.time())
+    elif what == "watch":
+        return watch(directory, os.environ)
+    elif what == "tick":
+        tick(directory, time.time(), os.environ)
+        state = load(directory)
+    else:
+        state = load(directory)
+    shown = asdict(state)
+    shown["config"]["notify"] = len(state.config.notify)  # secrets stay on the box
+    shown["now"] = time.time()
+    print(json.dumps(shown))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - run by the agent's watcher
+    sys.exit(main(sys.argv[1:]))

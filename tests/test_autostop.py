@@ -1,0 +1,194 @@
+"""Autostop on the box (issue 26): the idle decision with a clock the test moves, the notice and
+its grace period, pre_stop, the stop (a stand-in `shutdown` that records its call; an Azure VM's
+managed identity deallocating it through the local Azure API), and a real pty SSH session into
+the sandbox box counted as activity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remotedl.agent import autostop
+from remotedl.waiting import retry_until
+from tests.cloudfakes import FakeCloud
+from tests.conftest import Box
+from tests.notifyfakes import Recorder, _Server
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+def hook() -> Iterator[tuple[str, Recorder]]:
+    recorder = Recorder()
+    server = _Server("json", recorder)
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"json://127.0.0.1:{server.port}/hook", recorder
+    server.shutdown()
+    server.server_close()
+
+
+def standins(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A PATH holding only a stand-in `shutdown` that records its arguments (nothing real can
+    be found on it), and the file it records to."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "shutdown.calls"
+    (bindir / "shutdown").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bindir / "shutdown").chmod(0o755)
+    return {"PATH": str(bindir), "HOME": str(tmp_path)}, calls
+
+
+def job(directory: Path, job_id: int, status: str, **extra: object) -> None:
+    (directory / "jobs").mkdir(parents=True, exist_ok=True)
+    rec = {"id": job_id, "status": status, "name": f"train{job_id}", **extra}
+    (directory / "jobs" / f"{job_id}.json").write_text(json.dumps(rec))
+
+
+def texts(recorder: Recorder) -> list[str]:
+    return [json.dumps(h.json()) for h in recorder.of("json")]
+
+
+def test_idle_then_notice_then_pre_stop_and_shutdown(tmp_path: Path, hook: tuple[str, Recorder]) -> None:
+    url, recorder = hook
+    environ, calls = standins(tmp_path)
+    state = tmp_path / "state"
+    saved = tmp_path / "saved"
+    config = autostop.Config(
+        idle_seconds=600,
+        wait="jobs",
+        grace_seconds=120,
+        pre_stop=f"echo saved > {saved}",
+        notify=[url],
+        host="gpu1",
+        cloud="aws",
+    )
+    autostop.configure(state, config, T0)
+    assert (state / autostop.FILE).stat().st_mode & 0o777 == 0o600  # notify URLs are secrets
+
+    job(state, 1, "running")
+    assert autostop.tick(state, T0 + 60, environ).action == "active"
+    job(state, 1, "succeeded")
+    assert autostop.tick(state, T0 + 120, environ).action == "idle"
+    assert autostop.tick(state, T0 + 650, environ).action == "idle"  # idle 590 s (since T0 + 60)
+    d = autostop.tick(state, T0 + 660, environ)
+    assert d.action == "notice"
+    assert retry_until(lambda: texts(recorder), seconds=10)
+    assert "gpu1: stopping the VM at" in texts(recorder)[0]
+    assert "no remotedl job for 10 min" in texts(recorder)[0]
+    assert autostop.tick(state, T0 + 770, environ).action == "wait"
+    assert not calls.exists()
+    assert autostop.tick(state, T0 + 780, environ).action == "stop"
+    assert saved.read_text() == "saved\n"
+    assert calls.read_text() == "-h now\n"
+    after = autostop.load(state)
+    assert after.stopped_at == T0 + 780 and "shutdown -h now" in after.stop_result
+    assert autostop.tick(state, T0 + 900, environ).action == "off"
+    assert calls.read_text() == "-h now\n"  # once
+
+
+def test_activity_in_the_grace_period_cancels(tmp_path: Path, hook: tuple[str, Recorder]) -> None:
+    url, recorder = hook
+    environ, calls = standins(tmp_path)
+    state = tmp_path / "state"
+    autostop.configure(
+        state, autostop.Config(idle_seconds=300, wait="jobs", grace_seconds=60, notify=[url], host="gpu1"), T0
+    )
+    assert autostop.tick(state, T0 + 300, environ).action == "notice"
+    job(state, 2, "queued")
+    assert autostop.tick(state, T0 + 330, environ).action == "active"
+    assert retry_until(lambda: len(texts(recorder)) == 2, seconds=10)
+    assert "autostop cancelled" in texts(recorder)[1] and "job 2 (train2) queued" in texts(recorder)[1]
+    job(state, 2, "failed")
+    assert autostop.tick(state, T0 + 400, environ).action == "idle"  # the idle time starts again
+    assert autostop.tick(state, T0 + 630, environ).action == "notice"
+    assert not calls.exists()
+
+
+def test_a_job_stalled_that_long_does_not_keep_the_vm_up(tmp_path: Path, hook: tuple[str, Recorder]) -> None:
+    url, recorder = hook
+    environ, _ = standins(tmp_path)
+    state = tmp_path / "state"
+    autostop.configure(state, autostop.Config(idle_seconds=600, notify=[url], host="gpu1", wait="jobs"), T0)
+    job(state, 3, "running", stalled={"since": T0 - 1000, "reason": "no output for 15m"})
+    assert autostop.tick(state, T0 + 600, environ).action == "notice"
+    assert retry_until(lambda: texts(recorder), seconds=10)
+    assert "not counted: job 3 (train3), stalled since" in texts(recorder)[0]
+    # stalled for less than the idle time: still a job that counts
+    job(state, 4, "running", stalled={"since": T0 + 500, "reason": "no output"})
+    assert autostop.tick(state, T0 + 620, environ).action == "active"
+
+
+def test_off_does_nothing(tmp_path: Path) -> None:
+    environ, calls = standins(tmp_path)
+    state = tmp_path / "state"
+    autostop.configure(state, autostop.Config(idle_seconds=None), T0)
+    assert autostop.tick(state, T0 + 10**6, environ).action == "off"
+    assert not calls.exists()
+
+
+def test_azure_managed_identity_deallocates_from_the_box(tmp_path: Path) -> None:
+    fake = FakeCloud("azure", power="running").start()
+    try:
+        environ, calls = standins(tmp_path)
+        environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = fake.url
+        environ["AZURE_RESOURCE_MANAGER_ENDPOINT"] = fake.url
+        state = tmp_path / "state"
+        config = autostop.Config(
+            idle_seconds=60,
+            wait="jobs",
+            grace_seconds=0,
+            host="gpu1",
+            cloud="azure",
+            managed_identity=True,
+            azure={"subscription": fake.subscription, "resource_group": fake.resource_group, "vm": fake.vm},
+        )
+        autostop.configure(state, config, T0)
+        assert autostop.tick(state, T0 + 60, environ).action == "notice"
+        assert autostop.tick(state, T0 + 61, environ).action == "stop"
+        assert fake.ops("deallocate") == ["deallocate"]
+        assert not calls.exists()  # deallocated, not merely powered off
+        assert "Azure deallocate requested" in autostop.load(state).stop_result
+    finally:
+        fake.stop_server()
+
+
+def test_an_interactive_ssh_session_is_activity(box: Box, tmp_path: Path) -> None:
+    """A real pty session into the sandbox box (sshd on this machine) is found by the box side."""
+    ssh = subprocess.Popen(
+        ["ssh", "-F", box.info.ssh_config, "-tt", box.name, "tty; exec sleep 120"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert ssh.stdout is not None
+        os.set_blocking(ssh.stdout.fileno(), False)
+        seen = b""
+
+        def tty() -> str | None:
+            nonlocal seen
+            seen += ssh.stdout.read() or b""  # type: ignore[union-attr]
+            line = next((x for x in seen.decode(errors="replace").splitlines() if "/dev/pts/" in x), None)
+            return line.strip().removeprefix("/dev/") if line else None
+
+        pts = retry_until(tty, seconds=20)
+        assert pts, seen
+        found = retry_until(lambda: [s for s in autostop.ssh_sessions() if f"on {pts} " in s], seconds=10)
+        assert found, autostop.ssh_sessions()
+        state = tmp_path / "state"
+        autostop.configure(state, autostop.Config(idle_seconds=60, host="gpu1"), time.time() - 3600)
+        seen_now = autostop.look(
+            state, autostop.load(state).config, time.time(), {"PATH": "", "HOME": str(tmp_path)}
+        )
+        assert any(f"on {pts} " in a for a in seen_now.activity)
+    finally:
+        ssh.kill()
+        ssh.wait(timeout=10)
