@@ -91,6 +91,8 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "autostop": (str, None, "REMOTEDL_AUTOSTOP"),
     "autostop_wait": (str, "all", None),
     "pre_stop": (str, None, None),
+    # Azure: the autostop playbook gave the VM a managed identity that may deallocate it
+    "managed_identity": (bool, False, None),
 }
 # Settings whose value must be one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -4,9 +4,12 @@ servers speaking their REST calls, the VM's SSH side a real sandbox box."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +20,7 @@ import pytest
 from remotedl.cli import main
 from remotedl.cloud.base import VMStatus, cloud_vm, parse_time
 from remotedl.errors import ConfigError
+from remotedl.waiting import retry_until
 from tests.cloudfakes import FakeCloud, Moto, start_moto
 from tests.conftest import Box, CliResult, make_env
 
@@ -239,3 +243,54 @@ def test_cost_and_times() -> None:
     assert st.uptime_seconds == 5400
     assert st.cost_so_far == pytest.approx(3.0)
     assert VMStatus("stopped", "stopped", price_per_hour=2.0).cost_so_far is None
+
+
+def test_up_sends_autostop_to_the_box_and_status_shows_it(
+    box: Box, moto: Moto, project: Path, tmp_path: Path
+) -> None:
+    iid = moto.instance()
+    table = {
+        "cloud": "aws",
+        "region": "us-east-1",
+        "instance_id": iid,
+        "address": "private",
+        "autostop": "30m",
+    }
+    run = laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
+    watcher = None
+    try:
+        r = run("up")
+        assert r.code == 0, r.err
+        assert f"{box.name}: autostop after 30m idle" in r.out
+        state = json.loads(
+            retry_until(lambda: box.sh("cat ~/.remotedl/autostop.json", check=False).stdout, seconds=10)
+            or "{}"
+        )
+        assert state["config"]["idle_seconds"] == 1800 and state["config"]["cloud"] == "aws"
+        # the watcher runs on the box, detached from any ssh session
+        watcher = retry_until(
+            lambda: json.loads(box.sh("cat ~/.remotedl/autostop.json").stdout).get("watcher_pid"), seconds=20
+        )
+        assert watcher and Path(f"/proc/{watcher}").exists()
+
+        r = run("status")
+        assert r.code == 0, r.err
+        assert f"{box.name}: autostop after 30m idle" in r.out
+
+        r = run("autostop", "2h", "--wait", "jobs")
+        assert r.code == 0, r.err
+        assert "autostop after 2h without jobs" in r.out
+        r = run("autostop", "--off")
+        assert r.code == 0, r.err
+        assert "autostop off" in r.out
+        r = run("autostop", "--json")
+        assert json.loads(r.out)["idle_seconds"] is None
+    finally:
+        run("autostop", "--off")
+        pids = {watcher} | {
+            json.loads(box.sh("cat ~/.remotedl/autostop.json", check=False).stdout or "{}").get("watcher_pid")
+        }
+        for pid in pids - {None}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+        box.sh("rm -f ~/.remotedl/autostop.json", check=False)

@@ -62,6 +62,7 @@ AGENT_MODULES = (
     "agent/__init__.py",
     "agent/box.py",
     "agent/events.py",
+    "agent/autostop.py",
 )
 
 

@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("setup", "check the whole chain, laptop to GPUs, and say how to fix what fails"),
     "up": ("cloud", "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
     "stop": ("cloud", "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
+    "autostop": ("cloud", "stop a cloud VM once it has been idle this long (decided on the box); --off"),
 }
 
 

@@ -11,7 +11,9 @@ from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
+    from remotedl.agent.client import AgentClient
     from remotedl.cloud import CloudHost, UpResult, VMStatus
+    from remotedl.cloud.autostop import AutostopStatus
     from remotedl.fleet import Member
     from remotedl.ssh import HostSpec
 
@@ -152,6 +154,7 @@ def cmd_up(args: argparse.Namespace, env: Environment) -> int:
     for member in _cloud_members(app):
         assert member.cloud is not None
         result = _start(app, member)
+        autostop = _apply_autostop(app, member.name, None, None) if member.settings.get("autostop") else None
         if app.json:
             out.append(
                 {
@@ -167,6 +170,8 @@ def cmd_up(args: argparse.Namespace, env: Environment) -> int:
             app.out(f"{member.name}: {member.cloud.vm.name} was running already")
         else:
             app.out(f"{member.name}: {member.cloud.vm.name} is up in {result.seconds:.0f} s")
+        if autostop is not None:
+            app.out(f"{member.name}: autostop {_autostop_words(autostop)}")
     if app.json:
         app.print_json(out if len(out) != 1 else out[0])
     return ExitCode.OK
@@ -247,6 +252,9 @@ def status_of(app: App) -> int | None:
     if cloud.status.running:
         if not app.json:
             app.out(f"{member.name}: {status_words(cloud)}")
+            st = _show_autostop(app, member.name)
+            if st is not None:
+                app.out(f"{member.name}: autostop {_autostop_words(st)}")
         return None
     if app.json:
         app.print_json({"host": member.name, "reachable": False, "cloud": _cloud_json(cloud)})
@@ -266,3 +274,89 @@ def add_status_json(app: App, data: dict[str, Any]) -> None:
     member = app.resolved.get(app.hosts[0]) if app.hosts else None
     if member is not None and member.cloud is not None:
         data["cloud"] = _cloud_json(member.cloud)
+
+
+def _client(app: App, name: str) -> AgentClient:
+    from remotedl.agent.client import AgentClient
+
+    member = _member(app, name)
+    return AgentClient(app.spec_for(name), python=str(member.settings.get("python")))
+
+
+def _apply_autostop(
+    app: App, name: str, duration: str | None, wait: str | None, *, off: bool = False
+) -> AutostopStatus:
+    """Send the host's autostop (or ``duration``) to its box; the box's answer."""
+    from remotedl.cloud.autostop import box_config, set_autostop
+    from remotedl.jobs import parse_duration
+
+    member = _member(app, name)
+    assert member.cloud is not None
+    idle = None if off else parse_duration(duration or member.settings.get("autostop"), "autostop")
+    if idle is None and not off:
+        raise UsageError(
+            f"no autostop time for {name}",
+            hint=f'give one (`remotedl autostop 30m`) or set autostop = "30m" in [hosts.{name}]',
+        )
+    config = box_config(member.cloud.vm, member.settings, idle)
+    if wait:
+        config["wait"] = wait
+    return set_autostop(_client(app, name), config)
+
+
+def _show_autostop(app: App, name: str) -> AutostopStatus | None:
+    from remotedl.cloud.autostop import show_autostop
+    from remotedl.errors import RemotedlError
+
+    try:
+        return show_autostop(_client(app, name))
+    except RemotedlError:
+        return None  # status goes on without it; the box's own status says what is wrong
+
+
+def _autostop_words(st: AutostopStatus) -> str:
+    import time
+
+    if st.idle_seconds is None:
+        return "off"
+    what = "without jobs" if st.wait == "jobs" else "idle"
+    words = f"after {_short(st.idle_seconds)} {what}"
+    if st.stopped_at:
+        return words + f"; the box stopped itself ({st.stop_result})"
+    if st.pending and st.stop_at is not None:
+        when = time.strftime("%H:%M", time.localtime(st.stop_at))
+        return words + f"; stopping at {when} unless something runs"
+    if st.last_activity and (st.idle_for or 0) < 60:
+        return words + f"; busy ({st.last_activity[0]})"
+    if st.stop_at is not None:
+        when = time.strftime("%H:%M", time.localtime(st.stop_at))
+        words += f"; idle for {_duration(st.idle_for)}, stops at {when} at the earliest"
+    return words
+
+
+def cmd_autostop(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.cloud.autostop import show_autostop
+
+    app = App(args, env)
+    out = []
+    for member in _cloud_members(app):
+        if args.duration is None and not args.off and not args.wait:
+            st = show_autostop(_client(app, member.name))
+        else:
+            st = _apply_autostop(app, member.name, args.duration, args.wait, off=args.off)
+        if app.json:
+            out.append({"host": member.name, **st.to_dict()})
+        else:
+            app.out(f"{member.name}: autostop {_autostop_words(st)}")
+    if app.json:
+        app.print_json(out if len(out) != 1 else out[0])
+    return ExitCode.OK
+
+
+def _short(seconds: float) -> str:
+    """A duration as one would set it: ``30m``, ``1h``, ``1h30m``, ``90s``."""
+    s = int(seconds)
+    if s % 60:
+        return f"{s}s"
+    h, m = divmod(s // 60, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if m or not h else "")

@@ -308,3 +308,18 @@ def up(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 def stop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.epilog = "Jobs on the VM end with it; its disk stays (and is billed)."
     p.add_argument("--no-wait", action="store_true", help="return once the cloud took the request")
+
+
+def autostop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Idle: no running or queued remotedl job, no interactive SSH session, no busy Jupyter "
+        "kernel, no GPU process (with --wait jobs: no job). Without a duration it shows the setting."
+    )
+    p.add_argument(
+        "duration",
+        nargs="?",
+        metavar="DURATION",
+        help="idle time, e.g. 30m, 1h (default: the host's autostop)",
+    )
+    p.add_argument("--off", action="store_true", help="turn autostop off on the box")
+    p.add_argument("--wait", choices=["all", "jobs"], help="what counts as activity (default: autostop_wait)")
