@@ -204,6 +204,9 @@ def test_azure_bad_token_says_az_login(box: Box, azure: FakeCloud, project: Path
     assert r.code == 4
     assert "refused the credentials" in r.err and "az login" in r.err
     assert "another" not in r.err
+    r = run("config")  # the settings are still shown: no cloud call is needed for them
+    assert r.code == 0, r.err
+    assert "resource_group" in r.out and "ml" in r.out
 
 
 def test_another_host_key_at_the_new_address_is_refused(

@@ -60,6 +60,8 @@ def ready(app: App, member: Member) -> HostSpec:
     cloud = member.cloud
     assert cloud is not None
     command = str(app.flag("subcommand"))
+    if cloud.error is not None and command not in ("config", "allow"):
+        raise cloud.error
     if command in ANY_STATE or cloud.status.running:
         return member.spec
     if command != "up":
@@ -138,6 +140,8 @@ def _cloud_members(app: App) -> list[Member]:
     members = []
     for name in app.hosts:
         m = _member(app, name)
+        if m.cloud is not None and m.cloud.error is not None:
+            raise m.cloud.error
         if m.cloud is None:
             raise UsageError(
                 f"{name} is not a cloud VM",
@@ -248,6 +252,8 @@ def status_of(app: App) -> int | None:
     cloud = member.cloud
     if cloud is None:
         return None
+    if cloud.error is not None:
+        raise cloud.error
     _deallocate_if_billed(app, member)
     if cloud.status.running:
         if not app.json:

@@ -26,6 +26,7 @@ from remotedl.cloud.base import (
     cloud_vm,
     provider_for,
 )
+from remotedl.errors import RemotedlError
 
 if TYPE_CHECKING:
     from remotedl.ssh import HostSpec
@@ -64,6 +65,9 @@ class CloudHost:
     vm: CloudVM
     provider: Provider
     status: VMStatus
+    # Why the cloud could not be asked (credentials, a missing SDK): raised by the commands
+    # that need the VM, while `config` still shows the settings.
+    error: RemotedlError | None = None
 
     def refresh(self) -> VMStatus:
         self.status = self.provider.status()
@@ -82,7 +86,10 @@ def cloud_host(host: str, get: Callable[[str], Any], environ: Mapping[str, str])
     if vm is None:
         return None
     provider = provider_for(vm, environ)
-    return CloudHost(vm, provider, provider.status())
+    try:
+        return CloudHost(vm, provider, provider.status())
+    except RemotedlError as e:
+        return CloudHost(vm, provider, VMStatus("unknown", e.message), e)
 
 
 def with_address(spec: HostSpec, address: str, why: str) -> HostSpec:
