@@ -27,7 +27,7 @@ from pathlib import Path
 from _box import BenchBox
 from _timing import report, time_argv, time_call
 
-from remotedl.agent import box as agent
+from remotedl.agent import checkout as agent
 from remotedl.ssh.openssh import CONTROL_PERSIST
 
 # The log for the throughput figure: big enough that bytes/s, not the two Python start-ups

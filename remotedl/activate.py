@@ -1,6 +1,6 @@
 """The shell function that enters a project's environment on the box or a Slurm node.
 
-Standard library only: it travels in the agent (``remotedl.agent.box`` and ``remotedl.slurm``
+Standard library only: it travels in the agent (``remotedl.agent.envsync`` and ``remotedl.slurm``
 build their job scripts with it) and the laptop's ``doctor`` sends it to check what jobs will use.
 """
 

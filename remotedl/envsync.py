@@ -20,7 +20,7 @@ from typing import Any
 from remotedl.agent.client import AgentClient, error_from
 from remotedl.errors import RemoteError
 from remotedl.jobs import EnvSpec, _marks
-from remotedl.schema import AGENT_MISSING
+from remotedl.schema import AGENT_MISSING, EnvsyncRequest
 from remotedl.ssh.channel import NoFrame
 from remotedl.ssh.openssh import openssh_failure
 
@@ -59,7 +59,7 @@ def sync(
     """Sync the environment of the project at ``remote_dir`` on the box if its requirements
     changed (``force``: anyway). ``progress`` gets each line the installer prints."""
     t0 = time.perf_counter()
-    request = {"op": "envsync", "remote_dir": remote_dir, "env": spec.to_request(), "force": force}
+    request = EnvsyncRequest(remote_dir=remote_dir, env=dict(spec.to_request()), force=force).to_dict()
     for attempt in range(2):
         tail: list[str] = []
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -9,7 +9,6 @@ project's latest job (records carry the project's ``remote_dir``), never another
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -23,7 +22,23 @@ from typing import Any
 from remotedl import proc
 from remotedl.agent.client import AgentClient, error_from
 from remotedl.errors import ConfigError, RemotedlError, RemoteError, UsageError
-from remotedl.schema import AGENT_MISSING, JobRecord, SchemaError, check_type
+from remotedl.schema import (
+    AGENT_MISSING,
+    MARK_PREFIX,
+    GetRequest,
+    IntreeRequest,
+    JobRecord,
+    KillRequest,
+    ListRequest,
+    LocateRequest,
+    LogsRequest,
+    PruneRequest,
+    RmRequest,
+    SchemaError,
+    StartRequest,
+    check_type,
+    parse_mark,
+)
 from remotedl.ssh.channel import Box, NoFrame
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
@@ -169,35 +184,33 @@ def start(
     ``slurm`` (the host's Slurm settings: partition, account, qos, time, constraint,
     sbatch_args, modules) makes the box a Slurm login node: the job is submitted with sbatch
     (``count`` GPUs, Slurm picks them) and the record carries its Slurm id."""
-    request = {
-        "op": "start",
-        "command": command,
-        "remote_dir": remote_dir,
-        "script": script,
-        "gpus": gpus if gpus is not None else "auto",
-        "count": count,
-        "env": dict(env or {}),
-        "name": name,
-        "queue": queue,
-        "force": force,
-        "git_commit": git_commit,
-        "git_head": git_head,
-        "snapshot": snapshot,
-        "snapshot_files": list(snapshot_files),
-        "isolate": isolate,
-        "data": list(data),
-        "shared": list(shared),
-        "environment": (environment or EnvSpec()).to_request(),
-        "env_check": env_check,
+    request = StartRequest(
+        command=command,
+        remote_dir=remote_dir,
+        script=script,
+        gpus=gpus if gpus is not None else "auto",
+        count=count,
+        env=dict(env or {}),
+        name=name,
+        queue=queue,
+        force=force,
+        git_commit=git_commit,
+        git_head=git_head,
+        snapshot=snapshot,
+        snapshot_files=list(snapshot_files),
+        isolate=isolate,
+        data=list(data),
+        shared=list(shared),
+        environment=dict((environment or EnvSpec()).to_request()),
+        env_check=env_check,
         # Sent from the box at the job's events; URLs travel on stdin like --env values.
-        "notify": list(notify),
-        "host_alias": host_alias,
-        "stall_after": stall_after,
-    }
-    if slurm is not None:
-        request["scheduler"] = "slurm"
-        request["slurm"] = dict(slurm)
-    answer = client.call(request)
+        notify=list(notify),
+        host_alias=host_alias,
+        stall_after=stall_after,
+        scheduler="slurm" if slurm is not None else None,
+        slurm=dict(slurm) if slurm is not None else None,
+    )
+    answer = client.call(request.to_dict())
     _warnings(answer, warn)
     plan = answer.get("envsync")
     if isinstance(plan, dict):
@@ -206,7 +219,7 @@ def start(
 
 
 def list_jobs(client: AgentClient, *, all_jobs: bool = False, warn: Warn | None = None) -> list[JobRecord]:
-    answer = client.call({"op": "list", "all": all_jobs})
+    answer = client.call(ListRequest(all=all_jobs).to_dict())
     _warnings(answer, warn)
     jobs = answer.get("jobs")
     if not isinstance(jobs, list):
@@ -218,7 +231,7 @@ def get_job(
     client: AgentClient, job: str | None, *, project: str | None = None, warn: Warn | None = None
 ) -> JobRecord:
     """A job by id or name; ``None``: the latest job of ``project`` (its remote_dir)."""
-    answer = client.call({"op": "get", "job": job, "project": project})
+    answer = client.call(GetRequest(job=job, project=project).to_dict())
     _warnings(answer, warn)
     return _record(answer.get("job"), client.spec)
 
@@ -233,13 +246,13 @@ def kill(
 ) -> JobRecord:
     """Stop a job (``None``: the latest running job of ``project``). A job that is not
     running is an error (exit 1), saying so."""
-    answer = client.call({"op": "kill", "job": job, "grace": grace, "project": project})
+    answer = client.call(KillRequest(job=job, project=project, grace=grace).to_dict())
     _warnings(answer, warn)
     return _record(answer.get("job"), client.spec)
 
 
 def _in_tree(client: AgentClient, remote_dir: str) -> tuple[list[JobRecord], str | None]:
-    answer = client.call({"op": "intree", "remote_dir": remote_dir})
+    answer = client.call(IntreeRequest(remote_dir=remote_dir).to_dict())
     jobs = answer.get("jobs")
     head = answer.get("head")
     if not isinstance(jobs, list):
@@ -290,7 +303,7 @@ def locate(
     """For each path: this project's latest job that has it (or ``job``'s directory, or the
     work tree with ``tree``)."""
     answer = client.call(
-        {"op": "locate", "remote_dir": remote_dir, "paths": list(paths), "job": job, "tree": tree}
+        LocateRequest(remote_dir=remote_dir, paths=list(paths), job=job, tree=tree).to_dict()
     )
     raw = answer.get("sources")
     if not isinstance(raw, list) or len(raw) != len(paths):
@@ -353,12 +366,12 @@ def _removal(client: AgentClient, answer: Mapping[str, Any], dry_run: bool) -> R
 
 def remove(client: AgentClient, ids: Sequence[int], *, dry_run: bool = False) -> Removal:
     """Remove ended jobs: record, log and job directory (its git worktree)."""
-    return _removal(client, client.call({"op": "rm", "ids": list(ids), "dry_run": dry_run}), dry_run)
+    return _removal(client, client.call(RmRequest(ids=list(ids), dry_run=dry_run).to_dict()), dry_run)
 
 
 def prune(client: AgentClient, remote_dir: str, *, older_than: float = 0.0, dry_run: bool = False) -> Removal:
     """Remove this project's jobs that ended more than ``older_than`` seconds ago."""
-    request = {"op": "prune", "remote_dir": remote_dir, "older_than": older_than, "dry_run": dry_run}
+    request = PruneRequest(remote_dir=remote_dir, older_than=older_than, dry_run=dry_run).to_dict()
     return _removal(client, client.call(request), dry_run)
 
 
@@ -550,25 +563,21 @@ def stream_logs(
         listener = on_state
 
         def on_line(line: str) -> None:
-            if line.startswith("@@remotedl-state "):
-                with contextlib.suppress(ValueError):
-                    note = json.loads(line[len("@@remotedl-state ") :])
-                    if isinstance(note, dict):
-                        listener(note)
+            mark = parse_mark(line)
+            if mark is not None and mark[0] == "state":
+                listener(mark[1])
 
     st = state or LogState()
     down_since: float | None = None
     attempt = 0  # reconnect attempts in this outage: the back-off and the count start over
     while True:
-        request: dict[str, Any] = {
-            "op": "logs",
-            "job": st.job_id if st.job_id is not None else job,
-            "follow": follow,
-            "offset": st.offset,
-            "project": project,
-        }
-        if st.job_id is None and lines is not None:
-            request["lines"] = lines
+        request = LogsRequest(
+            job=st.job_id if st.job_id is not None else job,
+            follow=follow,
+            offset=st.offset,
+            project=project,
+            lines=lines if st.job_id is None else None,
+        ).to_dict()
         p = client.stream(request, on_line=on_line)
         got_start = False
         framed = True
@@ -623,20 +632,16 @@ def stream_logs(
             continue
         if code == 255 or not framed:
             raise openssh_failure(spec, err_text)
-        lines_out = [x for x in p.stderr_lines if not x.startswith("@@remotedl-")]
+        lines_out = [x for x in p.stderr_lines if not x.startswith(MARK_PREFIX)]
         raise RemoteError(f"reading the log failed: {(lines_out or ['exit ' + str(code)])[-1]}")
 
 
 def _marks(lines: list[str]) -> dict[str, Any]:
     marks: dict[str, Any] = {}
     for line in list(lines):
-        for key in ("start", "end", "error"):
-            tag = f"@@remotedl-{key} "
-            if line.startswith(tag):
-                with contextlib.suppress(ValueError):
-                    value = json.loads(line[len(tag) :])
-                    if isinstance(value, dict):
-                        marks[key] = value
+        mark = parse_mark(line)
+        if mark is not None and mark[0] != "state":
+            marks[mark[0]] = mark[1]
     return marks
 
 
@@ -659,20 +664,21 @@ def _wait_for(lines: list[str], key: str, seconds: float) -> None:
 
 def attach_argv(spec: HostSpec, record: JobRecord) -> list[str]:
     """ssh with a terminal into the job: its tmux session, or on a Slurm login node an
-    interactive shell in its allocation (``srun --overlap --pty``)."""
-    if record.scheduler == "slurm":
-        from remotedl.slurmhost import attach_argv as slurm_attach
+    interactive shell in its allocation (``srun --overlap --pty``). The command on the box is
+    the job's runtime's (``agent/runtimes``: one definition for each kind of job)."""
+    from remotedl.agent import runtimes
+    from remotedl.agent.store import AgentError
 
-        if not record.slurm_id or record.status != "running":
-            raise UsageError(
-                f"job {record.id} is {record.state}: there is no allocation to attach to yet"
-                if record.status == "queued"
-                else f"job {record.id} is {record.state}: nothing to attach to",
-                hint=f"`remotedl logs -f {record.id}` follows it",
-            )
-        return slurm_attach(spec, record.slurm_id)
-    if not record.session.replace("-", "").isalnum():
-        raise RemoteError(f"job {record.id} has an odd tmux session name: {record.session!r}")
-    return ssh_argv(
-        spec, login_shell_safe(f"exec tmux attach-session -t ={record.session}"), tty=True, batch=False
-    )
+    if record.scheduler == "slurm" and (not record.slurm_id or record.status != "running"):
+        raise UsageError(
+            f"job {record.id} is {record.state}: there is no allocation to attach to yet"
+            if record.status == "queued"
+            else f"job {record.id} is {record.state}: nothing to attach to",
+            hint=f"`remotedl logs -f {record.id}` follows it",
+        )
+    rec = record.to_dict()
+    try:
+        command = runtimes.of(rec).attach(rec)
+    except AgentError as e:  # an odd session name, a Slurm id that is not one
+        raise RemoteError(str(e)) from None
+    return ssh_argv(spec, login_shell_safe(command), tty=True, batch=False)

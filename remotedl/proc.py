@@ -129,9 +129,23 @@ def communicate(
             with contextlib.suppress(OSError):
                 p.stdin.close()
 
+    done = threading.Event()
+
     def drain() -> None:
+        # A grandchild (ssh's ControlMaster going to the background) may hold stderr open past
+        # the child's exit: look with select and stop when told, so the pipe is never closed
+        # under a read (its fd number could already be another file's).
+        import select
+
         assert p.stderr is not None
-        for chunk in iter(lambda: os.read(p.stderr.fileno(), 65536), b""):  # type: ignore[union-attr]
+        fd = p.stderr.fileno()
+        while not done.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
             err.extend(chunk)
             if len(err) > max_stderr:
                 del err[: len(err) - max_stderr]
@@ -169,8 +183,10 @@ def communicate(
         code = p.wait()
         if killer is not None:
             killer.cancel()
+        threads[0].join(5)
+        done.set()
         for t in threads:
-            t.join(5)
+            t.join()
         p.stdout.close()
         p.stderr.close()
     if timeout is not None and code < 0 and time.monotonic() - started >= timeout:

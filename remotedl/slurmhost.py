@@ -2,7 +2,7 @@
 ``srun`` into a job's allocation, and Jupyter as a batch job tunnelled to through the login node.
 Remote calls go through ``Box.run(script, *values)``: the scripts are constants and every value
 arrives as "$1"..., never spliced into code. Jobs themselves (submit, states, scancel, logs) are
-the agent's, on the login node (``remotedl.agent.box`` with ``remotedl.slurm``).
+the agent's, on the login node (``remotedl.agent.runtimes.slurm`` with ``remotedl.slurm``).
 """
 
 from __future__ import annotations
@@ -31,23 +31,11 @@ from remotedl.slurm import (
     sbatch_reason,
 )
 from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
-from remotedl.ssh.openssh import login_shell_safe, ssh_argv
-from remotedl.ssh.resolve import HostSpec
 from remotedl.waiting import retry_until
 
 if TYPE_CHECKING:
     from remotedl.agent.client import AgentClient
     from remotedl.jobs import EnvSpec
-
-
-def attach_argv(spec: HostSpec, slurm_id: str) -> list[str]:
-    """ssh with a terminal to the login node, then ``srun --overlap --pty`` into the job's
-    allocation: an interactive shell on its node, with its GPUs (``exit`` ends the shell, not
-    the job)."""
-    if not re.fullmatch(r"\d+", slurm_id):
-        raise RemoteError(f"{slurm_id!r} is not a Slurm job id")
-    script = f'exec srun --jobid={slurm_id} --overlap --pty "${{SHELL:-/bin/sh}}"'
-    return ssh_argv(spec, login_shell_safe(script), tty=True, batch=False)
 
 
 # "$1" control dir, "$2" log: where Jupyter listens, whether it answers yet, its token.

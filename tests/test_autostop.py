@@ -46,10 +46,18 @@ def standins(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return {"PATH": str(bindir), "HOME": str(tmp_path)}, calls
 
 
-def job(directory: Path, job_id: int, status: str, **extra: object) -> None:
-    (directory / "jobs").mkdir(parents=True, exist_ok=True)
-    rec = {"id": job_id, "status": status, "name": f"train{job_id}", **extra}
-    (directory / "jobs" / f"{job_id}.json").write_text(json.dumps(rec))
+class Jobs:
+    """The box's jobs as the store gives them to autostop (the test sets their state)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, dict[str, object]] = {}
+
+    def __call__(self) -> list[dict[str, object]]:
+        return list(self.records.values())
+
+
+def job(jobs: Jobs, job_id: int, status: str, **extra: object) -> None:
+    jobs.records[job_id] = {"id": job_id, "status": status, "name": f"train{job_id}", **extra}
 
 
 def texts(recorder: Recorder) -> list[str]:
@@ -60,6 +68,7 @@ def test_idle_then_notice_then_pre_stop_and_shutdown(tmp_path: Path, hook: tuple
     url, recorder = hook
     environ, calls = standins(tmp_path)
     state = tmp_path / "state"
+    jobs = Jobs()
     saved = tmp_path / "saved"
     config = autostop.Config(
         idle_seconds=600,
@@ -73,24 +82,24 @@ def test_idle_then_notice_then_pre_stop_and_shutdown(tmp_path: Path, hook: tuple
     autostop.configure(state, config, T0)
     assert (state / autostop.FILE).stat().st_mode & 0o777 == 0o600  # notify URLs are secrets
 
-    job(state, 1, "running")
-    assert autostop.tick(state, T0 + 60, environ).action == "active"
-    job(state, 1, "succeeded")
-    assert autostop.tick(state, T0 + 120, environ).action == "idle"
-    assert autostop.tick(state, T0 + 650, environ).action == "idle"  # idle 590 s (since T0 + 60)
-    d = autostop.tick(state, T0 + 660, environ)
+    job(jobs, 1, "running")
+    assert autostop.tick(state, T0 + 60, environ, jobs=jobs).action == "active"
+    job(jobs, 1, "succeeded")
+    assert autostop.tick(state, T0 + 120, environ, jobs=jobs).action == "idle"
+    assert autostop.tick(state, T0 + 650, environ, jobs=jobs).action == "idle"  # idle 590 s (since T0 + 60)
+    d = autostop.tick(state, T0 + 660, environ, jobs=jobs)
     assert d.action == "notice"
     assert retry_until(lambda: texts(recorder), seconds=10)
     assert "gpu1: stopping the VM at" in texts(recorder)[0]
     assert "no remotedl job for 10 min" in texts(recorder)[0]
-    assert autostop.tick(state, T0 + 770, environ).action == "wait"
+    assert autostop.tick(state, T0 + 770, environ, jobs=jobs).action == "wait"
     assert not calls.exists()
-    assert autostop.tick(state, T0 + 780, environ).action == "stop"
+    assert autostop.tick(state, T0 + 780, environ, jobs=jobs).action == "stop"
     assert saved.read_text() == "saved\n"
     assert calls.read_text() == "-h now\n"
     after = autostop.load(state)
     assert after.stopped_at == T0 + 780 and "shutdown -h now" in after.stop_result
-    assert autostop.tick(state, T0 + 900, environ).action == "off"
+    assert autostop.tick(state, T0 + 900, environ, jobs=jobs).action == "off"
     assert calls.read_text() == "-h now\n"  # once
 
 
@@ -98,17 +107,18 @@ def test_activity_in_the_grace_period_cancels(tmp_path: Path, hook: tuple[str, R
     url, recorder = hook
     environ, calls = standins(tmp_path)
     state = tmp_path / "state"
+    jobs = Jobs()
     autostop.configure(
         state, autostop.Config(idle_seconds=300, wait="jobs", grace_seconds=60, notify=[url], host="gpu1"), T0
     )
-    assert autostop.tick(state, T0 + 300, environ).action == "notice"
-    job(state, 2, "queued")
-    assert autostop.tick(state, T0 + 330, environ).action == "active"
+    assert autostop.tick(state, T0 + 300, environ, jobs=jobs).action == "notice"
+    job(jobs, 2, "queued")
+    assert autostop.tick(state, T0 + 330, environ, jobs=jobs).action == "active"
     assert retry_until(lambda: len(texts(recorder)) == 2, seconds=10)
     assert "autostop cancelled" in texts(recorder)[1] and "job 2 (train2) queued" in texts(recorder)[1]
-    job(state, 2, "failed")
-    assert autostop.tick(state, T0 + 400, environ).action == "idle"  # the idle time starts again
-    assert autostop.tick(state, T0 + 630, environ).action == "notice"
+    job(jobs, 2, "failed")
+    assert autostop.tick(state, T0 + 400, environ, jobs=jobs).action == "idle"  # the idle time starts again
+    assert autostop.tick(state, T0 + 630, environ, jobs=jobs).action == "notice"
     assert not calls.exists()
 
 
@@ -116,21 +126,23 @@ def test_a_job_stalled_that_long_does_not_keep_the_vm_up(tmp_path: Path, hook: t
     url, recorder = hook
     environ, _ = standins(tmp_path)
     state = tmp_path / "state"
+    jobs = Jobs()
     autostop.configure(state, autostop.Config(idle_seconds=600, notify=[url], host="gpu1", wait="jobs"), T0)
-    job(state, 3, "running", stalled={"since": T0 - 1000, "reason": "no output for 15m"})
-    assert autostop.tick(state, T0 + 600, environ).action == "notice"
+    job(jobs, 3, "running", stalled={"since": T0 - 1000, "reason": "no output for 15m"})
+    assert autostop.tick(state, T0 + 600, environ, jobs=jobs).action == "notice"
     assert retry_until(lambda: texts(recorder), seconds=10)
     assert "not counted: job 3 (train3), stalled since" in texts(recorder)[0]
     # stalled for less than the idle time: still a job that counts
-    job(state, 4, "running", stalled={"since": T0 + 500, "reason": "no output"})
-    assert autostop.tick(state, T0 + 620, environ).action == "active"
+    job(jobs, 4, "running", stalled={"since": T0 + 500, "reason": "no output"})
+    assert autostop.tick(state, T0 + 620, environ, jobs=jobs).action == "active"
 
 
 def test_off_does_nothing(tmp_path: Path) -> None:
     environ, calls = standins(tmp_path)
     state = tmp_path / "state"
+    jobs = Jobs()
     autostop.configure(state, autostop.Config(idle_seconds=None), T0)
-    assert autostop.tick(state, T0 + 10**6, environ).action == "off"
+    assert autostop.tick(state, T0 + 10**6, environ, jobs=jobs).action == "off"
     assert not calls.exists()
 
 
@@ -141,6 +153,7 @@ def test_azure_managed_identity_deallocates_from_the_box(tmp_path: Path) -> None
         environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = fake.url
         environ["AZURE_RESOURCE_MANAGER_ENDPOINT"] = fake.url
         state = tmp_path / "state"
+        jobs = Jobs()
         config = autostop.Config(
             idle_seconds=60,
             wait="jobs",
@@ -151,8 +164,8 @@ def test_azure_managed_identity_deallocates_from_the_box(tmp_path: Path) -> None
             azure={"subscription": fake.subscription, "resource_group": fake.resource_group, "vm": fake.vm},
         )
         autostop.configure(state, config, T0)
-        assert autostop.tick(state, T0 + 60, environ).action == "notice"
-        assert autostop.tick(state, T0 + 61, environ).action == "stop"
+        assert autostop.tick(state, T0 + 60, environ, jobs=jobs).action == "notice"
+        assert autostop.tick(state, T0 + 61, environ, jobs=jobs).action == "stop"
         assert fake.ops("deallocate") == ["deallocate"]
         assert not calls.exists()  # deallocated, not merely powered off
         assert "Azure deallocate requested" in autostop.load(state).stop_result
@@ -184,9 +197,10 @@ def test_an_interactive_ssh_session_is_activity(box: Box, tmp_path: Path) -> Non
         found = retry_until(lambda: [s for s in autostop.ssh_sessions() if f"on {pts} " in s], seconds=10)
         assert found, autostop.ssh_sessions()
         state = tmp_path / "state"
+        jobs = Jobs()
         autostop.configure(state, autostop.Config(idle_seconds=60, host="gpu1"), time.time() - 3600)
         seen_now = autostop.look(
-            state, autostop.load(state).config, time.time(), {"PATH": "", "HOME": str(tmp_path)}
+            autostop.load(state).config, time.time(), {"PATH": "", "HOME": str(tmp_path)}, jobs
         )
         assert any(f"on {pts} " in a for a in seen_now.activity)
     finally:

@@ -280,6 +280,19 @@ def test_up_sends_autostop_to_the_box_and_status_shows_it(
         assert r.code == 0, r.err
         assert f"{box.name}: autostop after 30m idle" in r.out
 
+        # A real job on the box keeps it up: the watcher's look (through the agent's store and
+        # the job's runtime) names it.
+        r = run("run", "--detach", "--name", "longjob", "sleep", "300")
+        assert r.code == 0, r.err
+        run("autostop", "30m")  # a new watcher looks at once
+
+        def busy() -> list[str]:
+            shown = json.loads(run("autostop", "--json").out)
+            return [a for a in shown["last_activity"] if "(longjob) running" in a]
+
+        assert retry_until(busy, seconds=30)
+        assert run("kill", "longjob").code == 0
+
         r = run("autostop", "2h", "--wait", "jobs")
         assert r.code == 0, r.err
         assert "autostop after 2h without jobs" in r.out

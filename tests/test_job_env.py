@@ -302,7 +302,7 @@ def test_pip_prune_reads_the_file_as_pip_does(tmp_path):
     marker does not apply, an extra; what pip, setuptools and wheel need stays."""
     import subprocess
 
-    from remotedl.agent.box import PRUNE
+    from remotedl.agent.envsync import PRUNE
 
     wheels = tmp_path / "wheels"
     wheels_with_dependencies(wheels)

@@ -337,7 +337,7 @@ def record(run, proj, job_id) -> dict:
 
 
 def test_job_outliving_its_tmux_session_is_not_lost(fresh_box, project, tmp_path):
-    from remotedl.agent.box import group_alive
+    from remotedl.agent.runtimes.tmux import group_alive
 
     run = cli_for(fresh_box, tmp_path / "laptop")
     script(project, "quiet.sh", "sleep 300\n")  # writes nothing

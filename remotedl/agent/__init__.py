@@ -2,7 +2,7 @@
 
 Shipped by the client (this package and the stdlib-only modules it names), unpacked under
 ``~/.remotedl/agent/<digest>/`` and byte-compiled once, then run with the box's python3.
-Standard library only. tmux is called through one small chokepoint (``box._tmux``, argv only,
+Standard library only. tmux is called through one small chokepoint (``runtimes.tmux._tmux``, argv only,
 exact ``=name`` targets) rather than libtmux: importing libtmux costs ~75 ms on the box's
 interpreter (its package loads the whole object model), paid by every request.
 """

@@ -15,6 +15,6 @@ if sys.version_info < (3, 10):  # the agent's code uses 3.10's typing (X | Y at 
     )
     sys.exit(3)
 
-from remotedl.agent.box import main
+from remotedl.agent.ops import main
 
 sys.exit(main(sys.argv[1:]))

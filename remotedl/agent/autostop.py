@@ -1,7 +1,8 @@
 """Autostop, decided on the box: stop the cloud VM this box is once it has been idle long enough.
 
 Standard library only (it runs under the box's python3 with the agent). No laptop is involved:
-``watch`` ticks once a minute from a detached process; each ``tick`` looks at the box:
+``watch`` (the agent's own request, started detached by ``set``) ticks once a minute; each
+``tick`` looks at the box:
 
 - remotedl jobs: a running or queued record counts, except a job stalled (``stalled.since``) for at
   least the idle time: it is named in the notification instead;
@@ -26,7 +27,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -70,10 +70,6 @@ class State:
     stopped_at: float | None = None
     stop_result: str = ""
     watcher_pid: int | None = None
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("REMOTEDL_BOX_STATE") or Path.home() / ".remotedl")
 
 
 def load(directory: Path) -> State:
@@ -197,16 +193,13 @@ def job_activity(
     return active, stalled
 
 
-def job_records(directory: Path) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted((directory / "jobs").glob("*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+def live_jobs() -> list[dict[str, Any]]:
+    """The box's active jobs, each runtime asked whether it still lives (a job whose processes
+    are gone is lost, not activity)."""
+    from remotedl.agent import state, store
+
+    ctx = store.Context()
+    return state.refresh(ctx, store.active_records(ctx))
 
 
 @dataclass
@@ -215,8 +208,13 @@ class Look:
     stalled: list[str]
 
 
-def look(directory: Path, config: Config, now: float, environ: Mapping[str, str]) -> Look:
-    active, stalled = job_activity(job_records(directory), config.idle_seconds or 0, now)
+def look(
+    config: Config,
+    now: float,
+    environ: Mapping[str, str],
+    jobs: Callable[[], list[dict[str, Any]]] = live_jobs,
+) -> Look:
+    active, stalled = job_activity(jobs(), config.idle_seconds or 0, now)
     if config.wait != "jobs":
         active += ssh_sessions()
         active += gpu_processes(environ)
@@ -341,13 +339,13 @@ def tick(
     now: float,
     environ: Mapping[str, str],
     *,
-    looker: Callable[[Path, Config, float, Mapping[str, str]], Look] = look,
+    jobs: Callable[[], list[dict[str, Any]]] = live_jobs,
 ) -> Decision:
     """Look at the box once and act: note activity, send the notice, cancel it, or stop."""
     state = load(directory)
     if state.config.idle_seconds is None:
         return Decision("off")
-    seen = looker(directory, state.config, now, environ)
+    seen = look(state.config, now, environ, jobs)
     d = decide(state, seen, now)
     c = state.config
     if d.action == "active":
@@ -412,26 +410,28 @@ def watch(directory: Path, environ: Mapping[str, str], interval: float = TICK_SE
         time.sleep(interval)
 
 
-def main(argv: list[str]) -> int:
-    """``set`` (a JSON Config on stdin; prints the state), ``show``, ``watch``, ``tick``."""
-    directory = state_dir()
-    what = argv[0] if argv else "show"
-    if what == "set":
-        config = Config(**json.loads(sys.stdin.read() or "{}"))
-        state = configure(directory, config, time.time())
-    elif what == "watch":
-        return watch(directory, os.environ)
-    elif what == "tick":
-        tick(directory, time.time(), os.environ)
-        state = load(directory)
-    else:
-        state = load(directory)
+def _shown(state: State) -> dict[str, Any]:
     shown = asdict(state)
     shown["config"]["notify"] = len(state.config.notify)  # secrets stay on the box
     shown["now"] = time.time()
-    print(json.dumps(shown))
-    return 0
+    return shown
 
 
-if __name__ == "__main__":  # pragma: no cover - run by the agent's watcher
-    sys.exit(main(sys.argv[1:]))
+def op_autostop(ctx: Any, req: dict[str, Any]) -> dict[str, Any]:
+    """``set`` the settings (and start the watcher when on), ``show`` them, or ``watch``."""
+    from remotedl.agent import events, store
+
+    directory = store.state_dir()
+    action = req.get("action") or "show"
+    if action == "watch":
+        watch(directory, os.environ)
+        return {}
+    if action == "set":
+        known = Config.__dataclass_fields__
+        config = Config(**{k: v for k, v in (req.get("config") or {}).items() if k in known})
+        state = configure(directory, config, time.time())
+        if config.idle_seconds is not None:
+            # A new watcher; one that runs already sees it and leaves at its next look.
+            events.detached({"op": "autostop", "action": "watch"})
+        return {"autostop": _shown(state)}
+    return {"autostop": _shown(load(directory))}

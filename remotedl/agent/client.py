@@ -49,7 +49,8 @@ class Agent:
 
 _CACHE: Agent | None = None
 
-# The modules of remotedl that run on the box (standard library only).
+# The modules of remotedl that run on the box (standard library only), besides the agent
+# package itself (every module under agent/, its subpackages included, but this client).
 AGENT_MODULES = (
     "gpus.py",
     "activate.py",
@@ -59,11 +60,15 @@ AGENT_MODULES = (
     "slurm.py",
     "notify.py",
     "treeid.py",
-    "agent/__init__.py",
-    "agent/box.py",
-    "agent/events.py",
-    "agent/autostop.py",
 )
+LAPTOP_ONLY = ("agent/client.py", "agent/__main__.py")
+
+
+def agent_package_modules(pkg: Path) -> list[str]:
+    """The agent package's modules as paths under ``remotedl/``, subpackages included, in a
+    stable order (the digest depends on it)."""
+    found = sorted(p.relative_to(pkg).as_posix() for p in (pkg / "agent").rglob("*.py"))
+    return [m for m in found if m not in LAPTOP_ONLY]
 
 
 def build_agent() -> Agent:
@@ -76,7 +81,7 @@ def build_agent() -> Agent:
     files: list[tuple[str, Path]] = [
         ("__main__.py", pkg / "agent" / "__main__.py"),
         ("remotedl/__init__.py", pkg / "agent" / "__init__.py"),
-        *[(f"remotedl/{m}", pkg / m) for m in AGENT_MODULES],
+        *[(f"remotedl/{m}", pkg / m) for m in (*AGENT_MODULES, *agent_package_modules(pkg))],
     ]
     digest = hashlib.sha256()
     for arc, path in files:
@@ -158,7 +163,7 @@ class AgentClient:
         return _CALL.format(digest=self.agent.digest, missing=AGENT_MISSING, nopython=AGENT_NO_PYTHON)
 
     def _body(self, request: dict[str, Any]) -> bytes:
-        if self.adopt is not None and "adopt" not in request:
+        if self.adopt is not None and request.get("adopt") is None:
             request = {**request, "adopt": self.adopt}
         # Only the operation is logged: a request can hold secrets (--env values).
         log.debug("agent request: op=%s keys=%s", request.get("op"), sorted(request))

@@ -32,7 +32,19 @@ from typing import Any
 
 from remotedl import gpus as gpumod
 from remotedl import notify
-from remotedl.agent.box import AgentError, box_lock, load, notify_path, save, state_dir
+from remotedl.agent.runtimes.slurm import refresh_slurm
+from remotedl.agent.store import (
+    AgentError,
+    Context,
+    active_records,
+    box_lock,
+    is_slurm,
+    load,
+    notify_path,
+    save,
+    state_dir,
+)
+from remotedl.schema import ACTIVE
 from remotedl.waiting import pid_alive
 
 # What a send needs of the starting session's environment (proxies, the CA store).
@@ -52,10 +64,6 @@ MAX_OUTCOMES = 60
 STALL_MIN_INTERVAL = 0.5  # seconds between looks, at least...
 STALL_MAX_INTERVAL = 60.0  # ...and at most
 SAMPLE_FILE = "gpu-sample.json"
-
-# The job's --env values, known to its runner only: hidden in the log lines a notification
-# carries (a notification sent by another process carries no log lines).
-HIDE: tuple[str, ...] = ()
 
 
 def save_settings(job_id: int, urls: list[str], host: str | None) -> list[str]:
@@ -87,10 +95,18 @@ def remove_settings(job_id: int) -> None:
 
 
 def send(
-    job_id: int, event: str, *, key: str | None = None, note: str | None = None, tail: bool = True
+    job_id: int,
+    event: str,
+    hide: tuple[str, ...] = (),
+    *,
+    key: str | None = None,
+    note: str | None = None,
+    tail: bool = True,
 ) -> None:
     """Send the job's notification for ``event`` unless it was sent already (``key``: what
-    makes it the same event; default the event's name). Outcomes go to the record."""
+    makes it the same event; default the event's name). Outcomes go to the record. ``hide``:
+    the job's --env values, known to its runner only, hidden in the log lines it carries (a
+    notification sent by another process carries no log lines)."""
     settings = _settings(job_id)
     if settings is None:
         return
@@ -114,7 +130,7 @@ def send(
     for k, v in (settings.get("env") or {}).items():
         if k in PROXY_VARS and isinstance(v, str):
             os.environ[k] = v
-    text = notify.log_tail(str(rec.get("log") or ""), hide=HIDE) if tail else ""
+    text = notify.log_tail(str(rec.get("log") or ""), hide=hide) if tail else ""
     host = str(settings.get("host") or rec.get("host") or "the box")
     ev = notify.job_event(rec, event, host, tail=text, note=note)
     outcomes = notify.send_all([str(u) for u in settings["urls"]], ev)
@@ -138,7 +154,7 @@ def in_background(fn: Any, *args: Any) -> None:
     t.start()
 
 
-def ended(job_id: int) -> None:
+def ended(job_id: int, hide: tuple[str, ...] = ()) -> None:
     """The job ended (its runner says so): send, then drop the URLs."""
     for t in _PENDING:
         t.join(notify.SEND_TIMEOUT + 30)
@@ -147,7 +163,7 @@ def ended(job_id: int) -> None:
     except AgentError:
         return
     if rec["status"] in ("succeeded", "failed", "killed", "lost"):
-        send(job_id, str(rec["status"]), key="ended", tail=rec["status"] != "lost")
+        send(job_id, str(rec["status"]), hide, key="ended", tail=rec["status"] != "lost")
         remove_settings(job_id)
 
 
@@ -173,7 +189,17 @@ def spawn(job_id: int, event: str) -> None:
         detached({"op": "notify", "id": job_id, "event": event})
 
 
-def op_notify(req: dict[str, Any]) -> dict[str, Any]:
+def announce(ctx: Context, records: list[dict[str, Any]]) -> None:
+    """What a request's looks found, sent from processes of their own (the request answers
+    now), and a watcher for the Slurm jobs among ``records`` that need one."""
+    for job_id, event in ctx.news:
+        spawn(job_id, event)
+    ctx.news.clear()
+    if slurm_watched(records):
+        watch_slurm()
+
+
+def op_notify(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     job_id = int(req["id"])
     event = str(req.get("event") or "")
     if event in ("succeeded", "failed", "killed", "lost"):
@@ -222,17 +248,12 @@ def watch_slurm() -> None:
 def slurm_watched(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The active Slurm jobs among ``records`` that the watcher looks after: those with
     notifications or a stall watch."""
-    from remotedl.agent.box import is_slurm
-    from remotedl.schema import ACTIVE
-
     active = [r for r in records if is_slurm(r) and r.get("status") in ACTIVE and r.get("slurm_id")]
     return [r for r in active if r.get("stall_after") or notify_path(int(r["id"])).exists()]
 
 
 def _watched_slurm_jobs() -> list[dict[str, Any]]:
-    from remotedl.agent.box import all_records
-
-    return slurm_watched(all_records())
+    return slurm_watched(active_records())
 
 
 def _moved(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -251,13 +272,11 @@ def _moved(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
+def op_slurm_watch(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     """The watcher: every interval, Slurm's state of the active Slurm jobs that have
     notifications or a stall watch (``refresh_slurm`` records it and sends their start after a
     wait and their end), and the logs of those running (``LogSilence``); gone when none is
     left. One per user and login node (a lock in the state dir)."""
-    from remotedl.agent.box import refresh_slurm
-
     interval = _slurm_watch_interval()
     stalls: dict[int, LogSilence] = {}
     while True:
@@ -266,7 +285,10 @@ def op_slurm_watch(req: dict[str, Any]) -> dict[str, Any]:
             return {}  # another watcher has it
         try:
             while todo := _watched_slurm_jobs():
-                refresh_slurm(_moved(todo))
+                refresh_slurm(ctx, _moved(todo))
+                for job_id, event in ctx.news:  # a start after the queue, an end
+                    spawn(job_id, event)
+                ctx.news.clear()
                 running = [r for r in todo if r.get("status") == "running" and r.get("stall_after")]
                 stalls = {int(r["id"]): stalls.get(int(r["id"])) or LogSilence(r) for r in running}
                 for watch in stalls.values():
@@ -332,8 +354,9 @@ class Stall:
     utilization on any of its GPUs, for ``stall_after``; marks the record and notifies once per
     stall, and clears the mark on activity."""
 
-    def __init__(self, rec: dict[str, Any], *, gpus: bool = True) -> None:
+    def __init__(self, rec: dict[str, Any], *, gpus: bool = True, hide: tuple[str, ...] = ()) -> None:
         self.job_id = int(rec["id"])
+        self.hide = hide
         self.gpus = [int(g) for g in rec.get("gpus") or []] if gpus else []
         self.after = float(rec["stall_after"])
         self.interval = min(max(self.after / 4, STALL_MIN_INTERVAL), STALL_MAX_INTERVAL)
@@ -367,7 +390,7 @@ class Stall:
             self.stalled_since = now
             reason = "; ".join(reasons)
             if self._mark({"since": now, "reason": reason}):
-                send(self.job_id, "stalled", key=f"stalled@{now:.3f}", note="stalled: " + reason)
+                send(self.job_id, "stalled", self.hide, key=f"stalled@{now:.3f}", note="stalled: " + reason)
         elif not reasons and self.stalled_since is not None:
             self.stalled_since = None
             self._mark(None)
@@ -390,9 +413,9 @@ class Stall:
 class StallWatch(threading.Thread):
     """A box job's stall watch, a thread of its runner, which sees every chunk of its output."""
 
-    def __init__(self, rec: dict[str, Any]) -> None:
+    def __init__(self, rec: dict[str, Any], hide: tuple[str, ...] = ()) -> None:
         super().__init__(daemon=True, name=f"stall-watch-{rec['id']}")
-        self.stall = Stall(rec)
+        self.stall = Stall(rec, hide=hide)
         self.done = threading.Event()
 
     def output(self) -> None:

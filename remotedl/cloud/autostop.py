@@ -1,37 +1,21 @@
 """The laptop side of autostop: hand the box its settings and start its watcher, or read them.
 
 The decision and the stop happen on the box (``remotedl.agent.autostop``), so a laptop that
-sleeps or leaves changes nothing. The settings go on stdin (notification URLs are secrets).
+sleeps or leaves changes nothing. The settings go in the agent's request, on stdin
+(notification URLs are secrets); the box starts its watcher itself.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from remotedl.errors import RemoteError
-from remotedl.schema import AGENT_MISSING, AGENT_NO_PYTHON
 
 if TYPE_CHECKING:
     from remotedl.agent.client import AgentClient
     from remotedl.cloud.base import CloudVM
     from remotedl.config import Settings
-
-# "$1": the box's python, "$2": the agent's digest, "$3": set/show; the watcher starts detached
-# (its own session, no terminal, every descriptor closed) after a "set" that turned it on.
-_SCRIPT = """\
-d="$HOME/.remotedl/agent/$2"
-[ -f "$d/__main__.py" ] || exit {missing}
-command -v "$1" >/dev/null 2>&1 || exit {nopython}
-py="$1"
-code='import sys; sys.path.insert(0, sys.argv.pop(1)); from remotedl.agent.autostop import main; \\
-sys.exit(main(sys.argv[1:]))'
-"$py" -E -s -S -c "$code" "$d" "$3" || exit $?
-if [ "$3" = set ] && [ "$4" = on ]; then
-  (setsid "$py" -E -s -S -c "$code" "$d" watch </dev/null >/dev/null 2>&1 &)
-fi
-"""
 
 
 @dataclass
@@ -66,26 +50,16 @@ def box_config(vm: CloudVM, settings: Settings, idle_seconds: float | None) -> d
     }
 
 
-def _call(client: AgentClient, what: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    script = _SCRIPT.format(missing=AGENT_MISSING, nopython=AGENT_NO_PYTHON)
-    on = "on" if body and body.get("idle_seconds") else "off"
-    stdin = json.dumps(body).encode() if body is not None else b""
-    for attempt in range(2):
-        r = client.box.run(script, client.python, client.agent.digest, what, on, stdin=stdin, check=False)
-        if r.exit_code == AGENT_MISSING and attempt == 0:
-            client.upload()
-            continue
-        if r.exit_code == AGENT_NO_PYTHON:
-            raise client._no_python()
-        if r.exit_code != 0:
-            last = (r.stderr.strip().splitlines() or [f"exit status {r.exit_code}"])[-1]
-            raise RemoteError(f"autostop on {client.spec.alias} failed: {last}")
-        break
-    try:
-        data = json.loads(r.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError) as e:
-        raise RemoteError(f"autostop on {client.spec.alias} answered something unreadable") from e
-    return data if isinstance(data, dict) else {}
+def _call(
+    client: AgentClient, action: Literal["set", "show"], config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    from remotedl.schema import AutostopRequest
+
+    answer = client.call(AutostopRequest(action=action, config=config).to_dict())
+    data = answer.get("autostop")
+    if not isinstance(data, dict):
+        raise RemoteError(f"autostop on {client.spec.alias} answered something unreadable")
+    return data
 
 
 def _status(data: dict[str, Any]) -> AutostopStatus:
