@@ -310,3 +310,50 @@ def test_up_sends_autostop_to_the_box_and_status_shows_it(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGTERM)
         box.sh("rm -f ~/.remotedl/autostop.json", check=False)
+
+
+def test_cost_sums_jobs_by_gpu_share(box: Box, moto: Moto, project: Path, tmp_path: Path) -> None:
+    """Two jobs on the 2-GPU sandbox box: one on one GPU, one on both; price 3.6/h."""
+    iid = moto.instance()
+    moto.ec2().start_instances(InstanceIds=[iid])
+    table = {
+        "cloud": "aws",
+        "region": "us-east-1",
+        "instance_id": iid,
+        "address": "private",
+        "price_per_hour": 3.6,
+    }
+    run = laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
+    assert run("run", "--gpu", "0", "--name", "one", "true").code == 0
+    assert run("run", "--gpus", "2", "--name", "both", "true").code == 0
+    r = run("cost", "--json")
+    assert r.code == 0, r.err
+    data = json.loads(r.out)
+    mine = {j["name"]: j for j in data["jobs"] if j["project"] == "proj" and j["name"] in ("one", "both")}
+    assert mine["one"]["share"] == 0.5 and mine["both"]["share"] == 1.0
+    for j in mine.values():
+        assert j["cost"] == pytest.approx(3.6 * j["seconds"] / 3600 * j["share"])
+    r = run("cost", "--since", "1d")
+    assert r.code == 0, r.err
+    assert "proj" in r.out and "total $" in r.out
+
+
+def test_job_cost_counts_only_the_time_since() -> None:
+    from remotedl.cloud.cost import job_cost
+    from remotedl.schema import JobRecord
+
+    rec = JobRecord(
+        id=1,
+        name="a",
+        command="x",
+        cwd="/w/proj",
+        status="succeeded",
+        gpus=[0, 1],
+        started=1000.0,
+        ended=8200.0,
+    )
+    full = job_cost(rec, 2.0, 8, now=9000.0)
+    assert full is not None and full.share == 0.25 and full.cost == pytest.approx(2.0 * 2 * 0.25)
+    part = job_cost(rec, 2.0, 8, now=9000.0, since=4600.0)
+    assert part is not None and part.seconds == 3600 and part.cost == pytest.approx(0.5)
+    assert job_cost(rec, 2.0, 8, now=9000.0, since=8300.0) is None

@@ -47,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("cloud", "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
     "stop": ("cloud", "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
     "autostop": ("cloud", "stop a cloud VM once it has been idle this long (decided on the box); --off"),
+    "cost": ("cloud", "what jobs cost per host and project (price_per_hour x time x share of GPUs)"),
 }
 
 

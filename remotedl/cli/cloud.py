@@ -366,3 +366,59 @@ def _short(seconds: float) -> str:
         return f"{s}s"
     h, m = divmod(s // 60, 60)
     return (f"{h}h" if h else "") + (f"{m}m" if m or not h else "")
+
+
+def cmd_cost(args: argparse.Namespace, env: Environment) -> int:
+    """Jobs' cost per host and project, from the boxes' records (price x time x GPU share)."""
+    import os
+    import time
+
+    from remotedl.cloud.cost import CostReport, add_host
+    from remotedl.jobs import list_jobs, parse_age
+    from remotedl.schema import GpusRequest
+
+    app = App(args, env)
+    if not app.hosts:
+        app.host_alias()  # the usual "no host given"
+    now = time.time()
+    since = now - parse_age(args.since) if args.since else 0.0
+    report = CostReport()
+    for name in app.hosts:
+        member = _member(app, name)
+        price = member.settings.get("price_per_hour")
+        if price is None:
+            report.unpriced.append(name)
+            continue
+        client = _client(app, name)
+        records = list_jobs(client, all_jobs=True)
+        found = client.call(GpusRequest().to_dict()).get("gpus")
+        # This project's work tree is named by the project's identity: show its name.
+        tree = os.path.basename(member.settings.remote_dir.rstrip("/"))
+        add_host(
+            report,
+            name,
+            records,
+            float(price),
+            len(found) if isinstance(found, list) else 0,
+            now=now,
+            since=since,
+            names={tree: app.base_settings.project.name},
+        )
+    if app.json:
+        app.print_json(report.to_dict())
+        return ExitCode.OK
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("host", "project", "jobs", "GPU hours", "cost"):
+        table.add_column(col, justify="right" if col in ("jobs", "GPU hours", "cost") else "left")
+    for line in report.lines:
+        table.add_row(line.host, line.project, str(line.jobs), f"{line.gpu_hours:.1f}", _money(line.cost))
+    if report.lines:
+        app.console.print(table)
+        app.out(f"total {_money(report.total)}" + (f" since {args.since} ago" if args.since else ""))
+    else:
+        app.out("no priced jobs" + (f" in the last {args.since}" if args.since else ""))
+    for name in report.unpriced:
+        app.out(f"{name}: no price_per_hour set, not counted")
+    return ExitCode.OK

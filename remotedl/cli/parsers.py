@@ -323,3 +323,11 @@ def autostop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> Non
     )
     p.add_argument("--off", action="store_true", help="turn autostop off on the box")
     p.add_argument("--wait", choices=["all", "jobs"], help="what counts as activity (default: autostop_wait)")
+
+
+def cost(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "A job pays price_per_hour x its time x its share of the box's GPUs; hosts without a "
+        "price are skipped."
+    )
+    p.add_argument("--since", metavar="AGE", help="only the time after AGE ago, e.g. 7d, 12h")
