@@ -93,6 +93,8 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "pre_stop": (str, None, None),
     # Azure: the autostop playbook gave the VM a managed identity that may deallocate it
     "managed_identity": (bool, False, None),
+    # what running jobs get when the cloud takes a spot VM back (they may save a checkpoint)
+    "preempt_signal": (str, "TERM", None),
 }
 # Settings whose value must be one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -99,6 +99,10 @@ def start_moto(venv_bin: Path) -> Moto:
     return Moto(port, proc)
 
 
+class RawText(str):
+    """An answer sent as plain text, not JSON."""
+
+
 @dataclass
 class Call:
     method: str
@@ -120,6 +124,9 @@ class FakeCloud:
     calls: list[Call] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
     refresh_token: str = field(default_factory=lambda: secrets.token_hex(8))
+    # The VM's metadata service (as seen from the VM): the cloud takes this spot VM back.
+    preempted: bool = False
+    imds_token: str = field(default_factory=lambda: secrets.token_hex(8))
     # Ids of the VM
     project: str = "proj-1"
     zone: str = "europe-west4-a"
@@ -245,6 +252,31 @@ class FakeCloud:
             return 200, {"properties": {"ipAddress": self.public_ip}}
         return 404, {"error": {"code": "ResourceNotFound", "message": f"{path} was not found"}}
 
+    def _metadata(self, method: str, path: str, headers: Any) -> tuple[int, Any] | None:
+        """The metadata services' preemption notices: EC2 IMDSv2 (a token first), GCE's
+        ``instance/preempted``, Azure's scheduled events; None for any other path."""
+        if path == "/latest/api/token" and method == "PUT":
+            ok = headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+            return (200, RawText(self.imds_token)) if ok else (400, None)
+        if path == "/latest/meta-data/spot/instance-action":
+            if headers.get("X-aws-ec2-metadata-token") != self.imds_token:
+                return 401, None
+            return (
+                (200, {"action": "terminate", "time": "2026-12-07T15:00:00Z"})
+                if self.preempted
+                else (404, None)
+            )
+        if path == "/computeMetadata/v1/instance/preempted":
+            if headers.get("Metadata-Flavor") != "Google":
+                return 403, None
+            return 200, RawText("TRUE" if self.preempted else "FALSE")
+        if path == "/metadata/scheduledevents":
+            if headers.get("Metadata") != "true":
+                return 400, None
+            events = [{"EventId": "e1", "EventType": "Preempt", "NotBefore": "Mon, 07 Dec 2026 15:00:00 GMT"}]
+            return 200, {"DocumentIncarnation": 1, "Events": events if self.preempted else []}
+        return None
+
     def _advance(self) -> None:
         # What the cloud does between two looks: a start finishes, a stop too.
         if self.power == "starting":
@@ -265,7 +297,10 @@ class FakeCloud:
                 auth = self.headers.get("Authorization") or ""
                 with lock:
                     fake.calls.append(Call(self.command, url.path, parse_qs(url.query), auth))
-                    if url.path == "/metadata/identity/oauth2/token":  # Azure IMDS, on the VM
+                    meta = fake._metadata(self.command, url.path, self.headers)
+                    if meta is not None:
+                        code, data = meta
+                    elif url.path == "/metadata/identity/oauth2/token":  # Azure IMDS, on the VM
                         ok = self.headers.get("Metadata") == "true" and "resource" in url.query
                         code, data = (200, {"access_token": fake.token}) if ok else (400, {"error": "bad"})
                     elif url.path != "/token" and auth != f"Bearer {fake.token}":
@@ -275,14 +310,17 @@ class FakeCloud:
                         )
                     else:
                         code, data = fake._answer(self.command, url.path, parse_qs(url.query), form)
-                raw = b"" if data is None else json.dumps(data).encode()
+                if isinstance(data, RawText):
+                    raw = str(data).encode()
+                else:
+                    raw = b"" if data is None else json.dumps(data).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
                 self.wfile.write(raw)
 
-            do_GET = do_POST = _do
+            do_GET = do_POST = do_PUT = _do
 
             def log_message(self, *args: object) -> None:
                 pass

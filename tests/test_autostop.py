@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from remotedl.agent import autostop
 from remotedl.waiting import retry_until
 from tests.cloudfakes import FakeCloud
-from tests.conftest import Box
+from tests.conftest import Box, CliResult
 from tests.notifyfakes import Recorder, _Server
 
 T0 = 1_800_000_000.0
@@ -206,3 +206,89 @@ def test_an_interactive_ssh_session_is_activity(box: Box, tmp_path: Path) -> Non
     finally:
         ssh.kill()
         ssh.wait(timeout=10)
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_the_clouds_preemption_notice_is_read_from_its_metadata_service(cloud: str) -> None:
+    fake = FakeCloud("gcp").start()
+    try:
+        host = fake.url.removeprefix("http://")
+        environ = {
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": fake.url,
+            "GCE_METADATA_HOST": host,
+            "AZURE_POD_IDENTITY_AUTHORITY_HOST": fake.url,
+        }
+        config = autostop.Config(cloud=cloud, spot=True)
+        assert autostop.preemption_notice(config, environ) is None
+        fake.preempted = True
+        notice = autostop.preemption_notice(config, environ)
+        assert notice is not None
+        assert {"aws": "AWS spot terminate", "gcp": "GCE preempted", "azure": "Azure Preempt"}[
+            cloud
+        ] in notice
+    finally:
+        fake.stop_server()
+
+
+def test_preemption_signals_running_jobs_once(
+    tmp_path: Path, hook: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, recorder = hook
+    monkeypatch.setenv("REMOTEDL_BOX_STATE", str(tmp_path / "boxstate"))
+    (tmp_path / "boxstate" / "jobs").mkdir(parents=True)
+    environ, _ = standins(tmp_path)
+    state = tmp_path / "state"
+    saved = tmp_path / "saved"
+    config = autostop.Config(
+        spot=True, cloud="gcp", host="gpu1", notify=[url], pre_stop=f"echo saved > {saved}"
+    )
+    autostop.configure(state, config, T0)
+    worker = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a job's process group
+    try:
+        jobs = Jobs()
+        job(jobs, 7, "running", pgid=worker.pid)
+        job(jobs, 8, "queued")
+        told = autostop.preempt(state, "GCE preempted the VM", T0 + 5, environ, jobs)
+        assert told == ["job 7 (train7)"]
+        assert retry_until(lambda: worker.poll() is not None, seconds=10)
+        assert worker.returncode == -15  # SIGTERM: the job may save a checkpoint
+        assert (tmp_path / "boxstate" / "jobs" / "7.preempt").exists()  # its end is recorded as preempted
+        assert (tmp_path / "boxstate" / "jobs" / "8.preempt").exists()
+        assert saved.read_text() == "saved\n"
+        assert retry_until(lambda: texts(recorder), seconds=10)
+        assert (
+            "the cloud is taking the VM back" in texts(recorder)[0]
+            and "job 7 (train7) got SIGTERM" in texts(recorder)[0]
+        )
+        assert autostop.preempt(state, "again", T0 + 10, environ, jobs) == []  # once
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_job_on_the_box_ends_as_preempted(box: Box, cli: Callable[..., CliResult], project: Path) -> None:
+    """The agent's preempt request on a real box: the job's runner records `preempted`."""
+    from remotedl.agent.client import AgentClient
+    from remotedl.schema import AutostopRequest
+    from remotedl.ssh import resolve_host
+    from tests.conftest import make_env
+
+    r = cli("run", "--detach", "--name", "spotjob", "--cpu", "sleep", "300", cwd=project)
+    assert r.code == 0, r.err
+    spec = resolve_host(make_env(project.parent / "laptop2"), box.name, ssh_config=box.info.ssh_config)
+    try:
+        answer = AgentClient(spec).call(
+            AutostopRequest(action="preempt", notice="GCE preempted the VM").to_dict()
+        )
+        assert any("(spotjob)" in x for x in answer["signalled"])
+
+        def status() -> str | None:
+            jobs = json.loads(cli("jobs", "--json", cwd=project).out)
+            rows = jobs if isinstance(jobs, list) else jobs.get("jobs", [])
+            found = [j["status"] for j in rows if j.get("name") == "spotjob"]
+            return found[0] if found and found[0] == "preempted" else None
+
+        assert retry_until(status, seconds=30) == "preempted"
+    finally:
+        box.sh("rm -f ~/.remotedl/autostop.json", check=False)
+        cli("kill", "spotjob", cwd=project)

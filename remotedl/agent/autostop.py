@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -59,6 +60,9 @@ class Config:
     # Azure: the VM's ids and whether it has a managed identity allowed to deallocate it.
     azure: dict[str, str] = field(default_factory=dict)
     managed_identity: bool = False
+    # A spot/preemptible VM: the watcher also watches the cloud's notice that it takes it back.
+    spot: bool = False
+    preempt_signal: str = "TERM"
 
 
 @dataclass
@@ -70,6 +74,8 @@ class State:
     stopped_at: float | None = None
     stop_result: str = ""
     watcher_pid: int | None = None
+    preempted_at: float | None = None
+    preempt_notice: str = ""
 
 
 def load(directory: Path) -> State:
@@ -398,16 +404,117 @@ def configure(directory: Path, config: Config, now: float) -> State:
     return state
 
 
+# ------------------------------------------------------------------ spot VMs taken back
+
+PREEMPT_POLL = 5.0  # GCE gives 30 s of notice, AWS 2 minutes
+
+
+def _get(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers, method=method)  # noqa: S310 - metadata service
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:  # noqa: S310 - metadata service
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as e:
+        return int(e.code), b""
+
+
+def preemption_notice(config: Config, environ: Mapping[str, str]) -> str | None:
+    """The cloud's notice that it takes this spot VM back, from its metadata service (the
+    address each cloud's own SDK lets an environment variable change); None when there is none
+    or the service cannot be asked."""
+    try:
+        if config.cloud == "aws":
+            base = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or f"http://{IMDS}").rstrip("/")
+            code, token = _get(
+                f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT"
+            )
+            headers = {"X-aws-ec2-metadata-token": token.decode()} if code == 200 else {}
+            code, body = _get(f"{base}/latest/meta-data/spot/instance-action", headers)
+            if code == 200 and body:
+                action = json.loads(body)
+                return f"AWS spot {action.get('action', 'interruption')} at {action.get('time', '?')}"
+        elif config.cloud == "gcp":
+            host = environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
+            code, body = _get(
+                f"http://{host}/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"}
+            )
+            if code == 200 and body.strip().upper() == b"TRUE":
+                return "GCE preempted the VM"
+        elif config.cloud == "azure":
+            base = (environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST") or f"http://{IMDS}").rstrip("/")
+            url = f"{base}/metadata/scheduledevents?api-version=2020-07-01"
+            code, body = _get(url, {"Metadata": "true"})
+            if code == 200:
+                for event in json.loads(body).get("Events") or []:
+                    if event.get("EventType") == "Preempt":
+                        return f"Azure Preempt event, not before {event.get('NotBefore') or '?'}"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def preempt(
+    directory: Path,
+    notice: str,
+    now: float,
+    environ: Mapping[str, str],
+    jobs: Callable[[], list[dict[str, Any]]] = live_jobs,
+) -> list[str]:
+    """The VM is being taken back: each running job gets ``preempt_signal`` (it may save a
+    checkpoint) and is recorded as preempted when it ends, ``pre_stop`` runs, one notification
+    says so. Once per notice. Returns the jobs signalled."""
+    import signal
+
+    from remotedl.agent.runtimes.tmux import signal_job
+    from remotedl.agent.store import kind_of, preempt_marker
+
+    state = load(directory)
+    if state.preempted_at is not None:
+        return []
+    state.preempted_at, state.preempt_notice = now, notice
+    save(directory, state)
+    c = state.config
+    sig = getattr(signal, "SIG" + c.preempt_signal.upper().removeprefix("SIG"), signal.SIGTERM)
+    told = []
+    for r in jobs():
+        if r.get("status") not in ACTIVE_JOB:
+            continue
+        preempt_marker(int(r["id"])).touch()
+        if kind_of(r) == "box" and r.get("status") == "running" and signal_job(r, sig):
+            told.append(f"job {r['id']}" + (f" ({r['name']})" if r.get("name") else ""))
+    outcome = run_pre_stop(c, environ)
+    jobs_words = f"{', '.join(told)} got SIG{sig.name.removeprefix('SIG')}" if told else "no job was running"
+    _notify(
+        c,
+        "preempted",
+        f"{c.host}: the cloud is taking the VM back",
+        f"{notice}; {jobs_words}. {outcome}".strip(),
+    )
+    return told
+
+
 def watch(directory: Path, environ: Mapping[str, str], interval: float = TICK_SECONDS) -> int:
-    """Tick until autostop is turned off or the VM is stopping (the detached watcher)."""
+    """Tick until autostop is turned off or the VM is stopping (the detached watcher); on a
+    spot VM, look for the cloud's notice every few seconds meanwhile."""
     state = load(directory)
     state.watcher_pid = os.getpid()
     save(directory, state)
+    next_tick = 0.0
     while True:
-        d = tick(directory, time.time(), environ)
-        if d.action in ("off", "stop") or load(directory).watcher_pid != os.getpid():
+        now = time.time()
+        state = load(directory)
+        if state.watcher_pid != os.getpid():
             return 0
-        time.sleep(interval)
+        if state.config.spot and state.preempted_at is None:
+            notice = preemption_notice(state.config, environ)
+            if notice:
+                preempt(directory, notice, now, environ)
+        if now >= next_tick:
+            d = tick(directory, now, environ)
+            next_tick = now + interval
+            if d.action == "stop" or (d.action == "off" and not state.config.spot):
+                return 0
+        time.sleep(PREEMPT_POLL if state.config.spot else interval)
 
 
 def _shown(state: State) -> dict[str, Any]:
@@ -426,11 +533,14 @@ def op_autostop(ctx: Any, req: dict[str, Any]) -> dict[str, Any]:
     if action == "watch":
         watch(directory, os.environ)
         return {}
+    if action == "preempt":  # what the watcher does on the cloud's notice; also to try a job's handling
+        told = preempt(directory, str(req.get("notice") or "preemption asked for"), time.time(), os.environ)
+        return {"signalled": told, "autostop": _shown(load(directory))}
     if action == "set":
         known = Config.__dataclass_fields__
         config = Config(**{k: v for k, v in (req.get("config") or {}).items() if k in known})
         state = configure(directory, config, time.time())
-        if config.idle_seconds is not None:
+        if config.idle_seconds is not None or config.spot:
             # A new watcher; one that runs already sees it and leaves at its next look.
             events.detached({"op": "autostop", "action": "watch"})
         return {"autostop": _shown(state)}

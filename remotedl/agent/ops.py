@@ -53,6 +53,7 @@ from remotedl.agent.store import (
     logs_dir,
     newest_first,
     notify_path,
+    preempt_marker,
     project_of,
     real,
     record_path,
@@ -357,6 +358,7 @@ def _remove(ctx: Context, job_id: int, *, dry_run: bool) -> tuple[dict[str, Any]
             env_path(job_id),
             notify_path(job_id),
             kill_marker(job_id),
+            preempt_marker(job_id),
             logs_dir() / f"{job_id}.log",
         ]
         if rec is not None and rec.get("log"):

@@ -158,7 +158,10 @@ def cmd_up(args: argparse.Namespace, env: Environment) -> int:
     for member in _cloud_members(app):
         assert member.cloud is not None
         result = _start(app, member)
-        autostop = _apply_autostop(app, member.name, None, None) if member.settings.get("autostop") else None
+        autostop = None
+        if member.settings.get("autostop") or result.status.spot:
+            off = not member.settings.get("autostop")
+            autostop = _apply_autostop(app, member.name, None, None, off=off)
         if app.json:
             out.append(
                 {
@@ -304,7 +307,8 @@ def _apply_autostop(
             f"no autostop time for {name}",
             hint=f'give one (`remotedl autostop 30m`) or set autostop = "30m" in [hosts.{name}]',
         )
-    config = box_config(member.cloud.vm, member.settings, idle)
+    # A spot VM's watcher also watches for the cloud taking it back, autostop or not.
+    config = box_config(member.cloud.vm, member.settings, idle, spot=member.cloud.status.spot)
     if wait:
         config["wait"] = wait
     return set_autostop(_client(app, name), config)

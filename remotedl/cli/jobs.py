@@ -33,6 +33,7 @@ STATUS_STYLE = {
     "failed": "red",
     "killed": "yellow",
     "lost": "magenta",
+    "preempted": "magenta",
     "queued": "cyan",
     "starting": "cyan",
     "running": "bold blue",

@@ -35,7 +35,9 @@ class AutostopStatus:
         return dict(self.__dict__)
 
 
-def box_config(vm: CloudVM, settings: Settings, idle_seconds: float | None) -> dict[str, Any]:
+def box_config(
+    vm: CloudVM, settings: Settings, idle_seconds: float | None, *, spot: bool = False
+) -> dict[str, Any]:
     """The box's autostop settings from the host's settings."""
     ids = vm.ids if vm.cloud == "azure" else {}
     return {
@@ -47,6 +49,8 @@ def box_config(vm: CloudVM, settings: Settings, idle_seconds: float | None) -> d
         "cloud": vm.cloud,
         "azure": dict(ids),
         "managed_identity": bool(settings.get("managed_identity")),
+        "spot": spot,
+        "preempt_signal": str(settings.get("preempt_signal") or "TERM"),
     }
 
 
