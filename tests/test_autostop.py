@@ -292,3 +292,86 @@ def test_a_job_on_the_box_ends_as_preempted(box: Box, cli: Callable[..., CliResu
     finally:
         box.sh("rm -f ~/.remotedl/autostop.json", check=False)
         cli("kill", "spotjob", cwd=project)
+
+
+def test_a_busy_jupyter_kernel_is_activity(tmp_path: Path) -> None:
+    """A real Jupyter server with a real kernel running a cell: busy while it runs."""
+    import asyncio
+    import sys
+    import uuid
+
+    import requests
+    from tornado.websocket import websocket_connect
+
+    from remotedl.waiting import free_port
+
+    runtime = tmp_path / "runtime"
+    port, token = free_port(), uuid.uuid4().hex
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "HOME": str(tmp_path)}
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={tmp_path}",
+        *(["--allow-root"] if os.geteuid() == 0 else []),
+    ]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": f"token {token}"}
+        assert retry_until(lambda: list(runtime.glob("jpserver-*.json")), seconds=60)
+        environ = {"JUPYTER_RUNTIME_DIR": str(runtime), "HOME": str(tmp_path)}
+        kernel = requests.post(
+            f"{base}/api/kernels", json={"name": "python3"}, headers=auth, timeout=60
+        ).json()
+        assert autostop.busy_kernels(environ) == []  # started, running nothing
+
+        async def run_cell() -> None:
+            ws = await websocket_connect(
+                f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels?token={token}"
+            )
+            msg_id = uuid.uuid4().hex
+            ws.write_message(
+                json.dumps(
+                    {
+                        "header": {
+                            "msg_id": msg_id,
+                            "username": "t",
+                            "session": uuid.uuid4().hex,
+                            "msg_type": "execute_request",
+                            "version": "5.3",
+                        },
+                        "parent_header": {},
+                        "metadata": {},
+                        "channel": "shell",
+                        "buffers": [],
+                        "content": {
+                            "code": "import time; time.sleep(60)",
+                            "silent": False,
+                            "store_history": False,
+                            "user_expressions": {},
+                            "allow_stdin": False,
+                        },
+                    }
+                )
+            )
+            ws.close()
+
+        asyncio.run(run_cell())
+        busy = retry_until(lambda: autostop.busy_kernels(environ), seconds=30)
+        assert busy == [f"busy Jupyter kernel {kernel['id']}"]
+        state = tmp_path / "state"
+        autostop.configure(state, autostop.Config(idle_seconds=60, host="gpu1"), T0)
+        seen = autostop.look(autostop.load(state).config, T0 + 120, environ, Jobs())
+        assert f"busy Jupyter kernel {kernel['id']}" in seen.activity
+        requests.post(f"{base}/api/kernels/{kernel['id']}/interrupt", headers=auth, timeout=10)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -161,10 +161,24 @@ def gpu_processes(environ: Mapping[str, str]) -> list[str]:
     return [f"GPU process {x}" for x in lines if "no running" not in x.lower()]
 
 
-def busy_kernels(home: Path) -> list[str]:
-    """Busy kernels of the Jupyter servers running on this box (their runtime files)."""
+def runtime_dirs(environ: Mapping[str, str]) -> list[Path]:
+    """Where Jupyter servers write their ``jpserver-*.json`` (Jupyter's own order on Linux)."""
+    home = Path(environ.get("HOME") or Path.home())
+    dirs = []
+    if environ.get("JUPYTER_RUNTIME_DIR"):
+        dirs.append(Path(environ["JUPYTER_RUNTIME_DIR"]))
+    if environ.get("JUPYTER_DATA_DIR"):
+        dirs.append(Path(environ["JUPYTER_DATA_DIR"]) / "runtime")
+    dirs.append(Path(environ.get("XDG_DATA_HOME") or home / ".local/share") / "jupyter" / "runtime")
+    return dirs
+
+
+def busy_kernels(environ: Mapping[str, str]) -> list[str]:
+    """Busy kernels of the Jupyter servers running on this box (found by their runtime files;
+    each asked at its own loopback URL with its own token)."""
     found = []
-    for runtime in sorted((home / ".local/share/jupyter/runtime").glob("jpserver-*.json")):
+    files = sorted({f for d in runtime_dirs(environ) for f in d.glob("jpserver-*.json")})
+    for runtime in files:
         try:
             info = json.loads(runtime.read_text())
             url = str(info["url"]).rstrip("/") + "/api/kernels"
@@ -224,7 +238,7 @@ def look(
     if config.wait != "jobs":
         active += ssh_sessions()
         active += gpu_processes(environ)
-        active += busy_kernels(Path(environ.get("HOME") or Path.home()))
+        active += busy_kernels(environ)
     return Look(active, stalled)
 
 
