@@ -375,3 +375,24 @@ def test_a_busy_jupyter_kernel_is_activity(tmp_path: Path) -> None:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_a_gpu_process_is_activity(box: Box, tmp_path: Path) -> None:
+    """The box's nvidia-smi (the sandbox's stand-in) lists a compute process: the box is busy."""
+    from remotedl import sandbox
+
+    state = json.loads((Path(box.info.home).parent / "gpus.json").read_text())
+    state["processes"] = []
+    fake = tmp_path / "gpus.json"
+    fake.write_text(json.dumps(state))
+    bindir = Path(sandbox.__file__).parent / "sandbox_bin"
+    environ = {
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "REMOTEDL_FAKE_GPUS": str(fake),
+        "HOME": str(tmp_path),
+    }
+    assert autostop.gpu_processes(environ) == []
+    gpu = state["gpus"][0]["index"]
+    state["processes"] = [{"gpu": gpu, "pid": 4242, "name": "python3 train.py", "used_memory": 1024}]
+    fake.write_text(json.dumps(state))
+    assert autostop.gpu_processes(environ) == ["GPU process 4242, python3 train.py"]
