@@ -333,6 +333,12 @@ def test_cost_sums_jobs_by_gpu_share(box: Box, moto: Moto, project: Path, tmp_pa
     assert mine["one"]["share"] == 0.5 and mine["both"]["share"] == 1.0
     for j in mine.values():
         assert j["cost"] == pytest.approx(3.6 * j["seconds"] / 3600 * j["share"])
+    r = run("show", "one")
+    assert r.code == 0, r.err
+    assert re.search(r"cost\s+\$\d+\.\d\d \(50% of the box's GPUs\)", r.out), r.out
+    assert json.loads(run("show", "both", "--json").out)["cost"] == pytest.approx(
+        mine["both"]["cost"], abs=0.01
+    )
     r = run("cost", "--since", "1d")
     assert r.code == 0, r.err
     assert "proj" in r.out and "total $" in r.out

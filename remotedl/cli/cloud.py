@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from remotedl.agent.client import AgentClient
     from remotedl.cloud import CloudHost, UpResult, VMStatus
     from remotedl.cloud.autostop import AutostopStatus
+    from remotedl.cloud.cost import JobCost
     from remotedl.fleet import Member
+    from remotedl.schema import JobRecord
     from remotedl.ssh import HostSpec
 
 # Commands that start a stopped VM when the host has auto_start = true.
@@ -426,3 +428,18 @@ def cmd_cost(args: argparse.Namespace, env: Environment) -> int:
     for name in report.unpriced:
         app.out(f"{name}: no price_per_hour set, not counted")
     return ExitCode.OK
+
+
+def job_cost_of(app: App, client: AgentClient, rec: JobRecord) -> JobCost | None:
+    """``show``'s cost of a job: price x its time x its share of the box's GPUs; None without
+    a ``price_per_hour``."""
+    import time
+
+    from remotedl.cloud.cost import job_cost
+    from remotedl.schema import GpusRequest
+
+    price = app.settings.get("price_per_hour") if app.hosts else None
+    if price is None or rec.started is None:
+        return None
+    found = client.call(GpusRequest().to_dict()).get("gpus")
+    return job_cost(rec, float(price), len(found) if isinstance(found, list) else 0, now=time.time())
