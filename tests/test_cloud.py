@@ -225,6 +225,12 @@ def test_another_host_key_at_the_new_address_is_refused(
     assert code == 4
     assert "CHANGED" in e.stderr.getvalue()  # type: ignore[attr-defined]
 
+    # `up` says so at once instead of waiting for SSH until its time runs out
+    gce.power = "stopped"
+    e = make_env(tmp_path / "laptop", cwd=project, REMOTEDL_SSH_CONFIG=str(config), **gce.environ(tmp_path))
+    assert main(["up"], e) == 4
+    assert "CHANGED" in e.stderr.getvalue()  # type: ignore[attr-defined]
+
 
 def test_cloud_settings_missing_ids_is_a_config_error() -> None:
     values = {"cloud": "gcp", "project": "p"}

@@ -89,14 +89,25 @@ def _state_words(st: VMStatus) -> str:
 
 
 def _ssh_answers(spec: HostSpec) -> bool:
+    """Whether SSH lets us in at ``spec`` now. Not yet (refused, timed out, reset while sshd
+    starts): False. A host key or login that fails will not mend by waiting: raised."""
+    import subprocess
+
     from remotedl import proc
-    from remotedl.ssh import ssh_argv
+    from remotedl.errors import HostKeyError
+    from remotedl.ssh import openssh_failure, ssh_argv
 
     argv = ssh_argv(spec, "exit 0", multiplex=False)
     try:
-        return proc.run(argv, check=False, timeout=spec.connect_timeout + 20).returncode == 0
-    except Exception:  # a hung connection that ran out its time: not up yet
+        r = proc.run(argv, check=False, timeout=spec.connect_timeout + 20)
+    except subprocess.TimeoutExpired:
         return False
+    if r.returncode == 0:
+        return True
+    failure = openssh_failure(spec, r.stderr or "")
+    if isinstance(failure, HostKeyError) or "authentication failed" in failure.message:
+        raise failure
+    return False
 
 
 def _start(app: App, member: Member, *, quiet_stdout: bool = False) -> UpResult:
