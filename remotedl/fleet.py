@@ -161,11 +161,28 @@ class Member:
     def box(self) -> Box:
         from remotedl.ssh import Box
 
+        self.check_running()
         return Box(self.spec)
+
+    def check_running(self) -> None:
+        """A cloud VM that is not running is said so (with the command that starts it), not
+        met as a connection error."""
+        if self.cloud is None:
+            return
+        if self.cloud.error is not None:
+            raise self.cloud.error
+        if not self.cloud.status.running:
+            from remotedl.cloud import VMNotRunning
+
+            raise VMNotRunning(
+                f"{self.name} is a cloud VM and it is {self.cloud.status.state} ({self.cloud.vm.name})",
+                hint=f"start it with `remotedl up {self.name}`",
+            )
 
     def client(self) -> AgentClient:
         from remotedl.agent.client import AgentClient
 
+        self.check_running()
         return AgentClient(self.spec, python=self.python, adopt=self.settings.adopt_request())
 
 
