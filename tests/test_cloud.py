@@ -369,3 +369,15 @@ def test_job_cost_counts_only_the_time_since() -> None:
     part = job_cost(rec, 2.0, 8, now=9000.0, since=4600.0)
     assert part is not None and part.seconds == 3600 and part.cost == pytest.approx(0.5)
     assert job_cost(rec, 2.0, 8, now=9000.0, since=8300.0) is None
+
+
+def test_without_boto3_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from remotedl.cloud import MissingExtra, provider_for
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # `import boto3` raises ImportError
+    vm = cloud_vm("gpu1", {"cloud": "aws", "region": "eu-west-1", "instance_id": "i-1"}.get)
+    assert vm is not None
+    with pytest.raises(MissingExtra) as e:
+        provider_for(vm, {}).status()
+    assert e.value.hint == "pip install 'remotedl[aws]'"
+    assert e.value.exit_code == 3
