@@ -88,9 +88,10 @@ def _state_words(st: VMStatus) -> str:
     return st.state
 
 
-def _ssh_answers(spec: HostSpec) -> bool:
+def _ssh_answers(spec: HostSpec, last: list[str]) -> bool:
     """Whether SSH lets us in at ``spec`` now. Not yet (refused, timed out, reset while sshd
-    starts): False. A host key or login that fails will not mend by waiting: raised."""
+    starts, or a login refused while the VM's agent still installs the keys): False, and why
+    in ``last``. A host key other than the one trusted will not mend by waiting: raised."""
     import subprocess
 
     from remotedl import proc
@@ -101,12 +102,14 @@ def _ssh_answers(spec: HostSpec) -> bool:
     try:
         r = proc.run(argv, check=False, timeout=spec.connect_timeout + 20)
     except subprocess.TimeoutExpired:
+        last[:] = [f"ssh to {spec.hostname}:{spec.port} hung"]
         return False
     if r.returncode == 0:
         return True
     failure = openssh_failure(spec, r.stderr or "")
-    if isinstance(failure, HostKeyError) or "authentication failed" in failure.message:
+    if isinstance(failure, HostKeyError):
         raise failure
+    last[:] = [failure.message]
     return False
 
 
@@ -116,6 +119,7 @@ def _start(app: App, member: Member, *, quiet_stdout: bool = False) -> UpResult:
     cloud = member.cloud
     assert cloud is not None
     base = member.spec
+    last: list[str] = []  # SSH's last word while waiting
 
     def reach(st: VMStatus) -> HostSpec | None:
         address = st.address(cloud.vm.address) if cloud.vm.address != "ssh" else None
@@ -124,7 +128,7 @@ def _start(app: App, member: Member, *, quiet_stdout: bool = False) -> UpResult:
             if address
             else base
         )
-        return spec if _ssh_answers(spec) else None
+        return spec if _ssh_answers(spec, last) else None
 
     def progress(what: str, st: VMStatus) -> None:
         if app.json and not quiet_stdout:
@@ -138,7 +142,12 @@ def _start(app: App, member: Member, *, quiet_stdout: bool = False) -> UpResult:
         }[what]
         _warn(app, f"{member.name}: {words}") if quiet_stdout else app.out(f"{member.name}: {words}")
 
-    result = cloudlib.up(cloud, reach, progress=progress)
+    try:
+        result = cloudlib.up(cloud, reach, progress=progress)
+    except cloudlib.VMNotRunning as e:
+        if last:
+            e.message = f"{e.message}; last: {last[0]}"
+        raise
     if result.spec is not None:
         # Later calls of this command reach the VM at its new address.
         from remotedl.fleet import Member as FleetMember
