@@ -367,11 +367,12 @@ class SlurmWatchRequest(Request):  # the agent's own: the login node's Slurm wat
 @dataclass
 class AutostopRequest(Request):
     """``set`` (``config``: the box's autostop settings, notification URLs among them), ``show``,
+    ``resume`` (after a start: the settings the box had, its watcher started again),
     ``preempt`` (what the watcher does when the cloud takes a spot VM back: the jobs get their
     signal and end as preempted), or the agent's own ``watch`` (the detached watcher)."""
 
     op: Op = "autostop"
-    action: Literal["set", "show", "watch", "preempt"] = "show"
+    action: Literal["set", "show", "resume", "watch", "preempt"] = "show"
     config: dict[str, Any] | None = None
     notice: str | None = None  # preempt: the cloud's words
 

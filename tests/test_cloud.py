@@ -381,3 +381,48 @@ def test_without_boto3_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch
         provider_for(vm, {}).status()
     assert e.value.hint == "pip install 'remotedl[aws]'"
     assert e.value.exit_code == 3
+
+
+def test_autostop_set_live_is_armed_again_after_a_restart(
+    box: Box, moto: Moto, project: Path, tmp_path: Path
+) -> None:
+    iid = moto.instance()
+    table = {
+        "cloud": "aws",
+        "region": "us-east-1",
+        "instance_id": iid,
+        "address": "private",
+        "auto_start": True,
+    }
+    run = laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
+
+    def watcher() -> int | None:
+        text = box.sh("cat ~/.remotedl/autostop.json", check=False).stdout or "{}"
+        pid = json.loads(text).get("watcher_pid")
+        return pid if pid and Path(f"/proc/{pid}").exists() else None
+
+    pids: set[int | None] = set()
+    try:
+        assert run("up").code == 0
+        r = run("autostop", "45m")
+        assert r.code == 0, r.err
+        pids.add(retry_until(watcher, seconds=20))
+        assert run("stop").code == 0
+        # The VM's shutdown ends its watcher; a start by auto_start (push) arms it again.
+        for pid in pids - {None}:
+            os.kill(int(pid), signal.SIGTERM)
+        r = run("push")
+        assert r.code == 0, r.err
+        assert "starting it (auto_start)" in r.err
+        new = retry_until(lambda: (p := watcher()) not in pids and p, seconds=20)
+        pids.add(new)
+        assert new
+        r = run("autostop")
+        assert "autostop after 45m idle" in r.out
+    finally:
+        run("autostop", "--off")
+        pids.add(watcher())
+        for pid in pids - {None}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+        box.sh("rm -f ~/.remotedl/autostop.json", check=False)

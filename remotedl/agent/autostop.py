@@ -550,9 +550,12 @@ def op_autostop(ctx: Any, req: dict[str, Any]) -> dict[str, Any]:
     if action == "preempt":  # what the watcher does on the cloud's notice; also to try a job's handling
         told = preempt(directory, str(req.get("notice") or "preemption asked for"), time.time(), os.environ)
         return {"signalled": told, "autostop": _shown(load(directory))}
-    if action == "set":
+    if action in ("set", "resume"):
         known = Config.__dataclass_fields__
-        config = Config(**{k: v for k, v in (req.get("config") or {}).items() if k in known})
+        if action == "set":
+            config = Config(**{k: v for k, v in (req.get("config") or {}).items() if k in known})
+        else:  # the VM started again: its watcher went with the last shutdown
+            config = load(directory).config
         state = configure(directory, config, time.time())
         if config.idle_seconds is not None or config.spot:
             # A new watcher; one that runs already sees it and leaves at its next look.

@@ -149,10 +149,19 @@ def _start(app: App, member: Member, *, quiet_stdout: bool = False) -> UpResult:
             e.message = f"{e.message}; last: {last[0]}"
         raise
     if result.spec is not None:
-        # Later calls of this command reach the VM at its new address.
         from remotedl.fleet import Member as FleetMember
 
+        # Later calls of this command reach the VM at its new address.
         app.resolved[member.name] = FleetMember(member.name, member.settings, result.spec, cloud)
+    # Its watcher went with its last shutdown: arm autostop again, whatever started the VM
+    # (up, or auto_start), so that a VM started for a job stops when it is idle again.
+    if member.settings.get("autostop") or result.status.spot:
+        off = not member.settings.get("autostop")
+        result.autostop = _apply_autostop(app, member.name, None, None, off=off)
+    else:
+        from remotedl.cloud.autostop import resume_autostop
+
+        result.autostop = resume_autostop(_client(app, member.name))
     return result
 
 
@@ -180,10 +189,7 @@ def cmd_up(args: argparse.Namespace, env: Environment) -> int:
     for member in _cloud_members(app):
         assert member.cloud is not None
         result = _start(app, member)
-        autostop = None
-        if member.settings.get("autostop") or result.status.spot:
-            off = not member.settings.get("autostop")
-            autostop = _apply_autostop(app, member.name, None, None, off=off)
+        autostop = result.autostop
         if app.json:
             out.append(
                 {

@@ -115,6 +115,7 @@ class UpResult:
     seconds: float
     already_running: bool
     spec: HostSpec | None = None
+    autostop: Any = None  # what the box said of its autostop once it ran (remotedl.cloud.autostop)
 
 
 def up(

@@ -55,7 +55,7 @@ def box_config(
 
 
 def _call(
-    client: AgentClient, action: Literal["set", "show"], config: dict[str, Any] | None = None
+    client: AgentClient, action: Literal["set", "show", "resume"], config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     from remotedl.schema import AutostopRequest
 
@@ -95,3 +95,9 @@ def set_autostop(client: AgentClient, config: dict[str, Any]) -> AutostopStatus:
 
 def show_autostop(client: AgentClient) -> AutostopStatus:
     return _status(_call(client, "show"))
+
+
+def resume_autostop(client: AgentClient) -> AutostopStatus:
+    """After a start: the box's own autostop (one set live with ``remotedl autostop``) armed
+    again, its watcher started; nothing when it had none."""
+    return _status(_call(client, "resume"))
