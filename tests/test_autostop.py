@@ -5,6 +5,7 @@ the sandbox box counted as activity."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -396,3 +397,41 @@ def test_a_gpu_process_is_activity(box: Box, tmp_path: Path) -> None:
     state["processes"] = [{"gpu": gpu, "pid": 4242, "name": "python3 train.py", "used_memory": 1024}]
     fake.write_text(json.dumps(state))
     assert autostop.gpu_processes(environ) == ["GPU process 4242, python3 train.py"]
+
+
+def test_any_request_brings_back_a_watcher_that_a_reboot_ended(
+    box: Box, cli: Callable[..., CliResult], project: Path
+) -> None:
+    """Autostop on, its watcher gone (the VM restarted from the cloud's console): the next
+    request of any remotedl command starts it again."""
+    from remotedl.agent.client import AgentClient
+    from remotedl.schema import AutostopRequest
+    from remotedl.ssh import resolve_host
+    from tests.conftest import make_env
+
+    spec = resolve_host(make_env(project.parent / "laptop3"), box.name, ssh_config=box.info.ssh_config)
+    client = AgentClient(spec)
+
+    def watcher() -> int | None:
+        pid = json.loads(box.sh("cat ~/.remotedl/autostop.json").stdout).get("watcher_pid")
+        return pid if pid and Path(f"/proc/{pid}").exists() else None
+
+    pids: set[int] = set()
+    try:
+        config = {"idle_seconds": 7200, "wait": "jobs", "host": box.name, "cloud": "aws"}
+        client.call(AutostopRequest(action="set", config=config).to_dict())
+        first = retry_until(watcher, seconds=20)
+        assert first
+        pids.add(first)
+        os.kill(first, 15)
+        assert retry_until(lambda: watcher() is None, seconds=10)
+        assert cli("jobs", cwd=project).code == 0  # any command's request
+        second = retry_until(watcher, seconds=20)
+        assert second and second != first
+        pids.add(second)
+    finally:
+        client.call(AutostopRequest(action="set", config={"idle_seconds": None}).to_dict())
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+        box.sh("rm -f ~/.remotedl/autostop.json", check=False)

@@ -531,6 +531,25 @@ def watch(directory: Path, environ: Mapping[str, str], interval: float = TICK_SE
         time.sleep(PREEMPT_POLL if state.config.spot else interval)
 
 
+def ensure_watcher(directory: Path) -> None:
+    """Start the watcher where autostop (or a spot watch) is on and none runs: after a reboot
+    that no remotedl command made (the cloud's console, a crash), any request brings it back."""
+    if not (directory / FILE).exists():
+        return
+    state = load(directory)
+    c = state.config
+    if (c.idle_seconds is None and not c.spot) or state.stopped_at is not None:
+        return
+    pid = state.watcher_pid
+    if pid and Path(f"/proc/{pid}").exists():
+        return
+    from remotedl.agent import events
+
+    state.last_active = time.time()  # a request came: someone uses the box
+    save(directory, state)
+    events.detached({"op": "autostop", "action": "watch"})
+
+
 def _shown(state: State) -> dict[str, Any]:
     shown = asdict(state)
     shown["config"]["notify"] = len(state.config.notify)  # secrets stay on the box

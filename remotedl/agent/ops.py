@@ -445,6 +445,14 @@ def _slurm_watch_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     return events.op_slurm_watch(ctx, req)
 
 
+def _autostop_watcher() -> None:
+    from remotedl.agent import autostop
+    from remotedl.agent.store import state_dir
+
+    with contextlib.suppress(OSError, ValueError):
+        autostop.ensure_watcher(state_dir())
+
+
 def _autostop_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     from remotedl.agent import autostop
 
@@ -511,6 +519,8 @@ def main(argv: list[str]) -> int:
         return 3
     finally:
         announce(ctx, [])  # what the looks found that no op sent yet
+        if req["op"] not in ("autostop", "runner", "notify", "slurm_watch"):
+            _autostop_watcher()
     if result is not None and req["op"] != "runner":
         print(json.dumps({"ok": True, **result, **({"warnings": ctx.warnings} if ctx.warnings else {})}))
     return 0
