@@ -345,6 +345,11 @@ def test_cost_sums_jobs_by_gpu_share(box: Box, moto: Moto, project: Path, tmp_pa
     assert json.loads(run("show", "both", "--json").out)["cost"] == pytest.approx(
         mine["both"]["cost"], abs=0.01
     )
+    r = run("top", "--once")  # the VM's running cost beside its GPUs
+    assert r.code == 0, r.err
+    assert re.search(
+        rf"{box.name}: AWS {iid} \(us-east-1\): running for .*, \$[\d.,]+ so far \(\$3\.60/h\)", r.out
+    ), r.out
     r = run("cost", "--since", "1d")
     assert r.code == 0, r.err
     assert "proj" in r.out and "total $" in r.out
