@@ -431,3 +431,19 @@ def test_autostop_set_live_is_armed_again_after_a_restart(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGTERM)
         box.sh("rm -f ~/.remotedl/autostop.json", check=False)
+
+
+def test_a_fleet_says_which_vm_is_stopped(box: Box, gce: FakeCloud, project: Path, tmp_path: Path) -> None:
+    config = stale_ssh_config(box, tmp_path / "sshcfg")
+    text = config.read_text()
+    # a second alias for the same box: a VM whose cloud says it is stopped
+    config.write_text(text + text.replace(f"Host {box.name}", "Host gpuvm2", 1).split("\n", 1)[1])
+    (project / "remotedl.toml").write_text(
+        f'host = ["{box.name}", "gpuvm2"]\n[hosts.{box.name}]\naddress = "ssh"\n'
+        "[hosts.gpuvm2]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in gce.settings().items()) + "\n"
+    )
+    e = make_env(tmp_path / "laptop", cwd=project, REMOTEDL_SSH_CONFIG=str(config), **gce.environ(tmp_path))
+    main(["status"], e)
+    err = e.stderr.getvalue()  # type: ignore[attr-defined]
+    assert "gpuvm2: gpuvm2 is a cloud VM and it is stopped (GCE gpu-1 (proj-1/europe-west4-a))" in err
+    assert "remotedl up gpuvm2" in err
