@@ -325,6 +325,14 @@ def test_a_busy_jupyter_kernel_is_activity(tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{port}"
         auth = {"Authorization": f"token {token}"}
         assert retry_until(lambda: list(runtime.glob("jpserver-*.json")), seconds=60)
+
+        def answers() -> bool:
+            try:
+                return requests.get(f"{base}/api/status", headers=auth, timeout=5).ok
+            except requests.RequestException:
+                return False
+
+        assert retry_until(answers, seconds=60)
         environ = {"JUPYTER_RUNTIME_DIR": str(runtime), "HOME": str(tmp_path)}
         kernel = requests.post(
             f"{base}/api/kernels", json={"name": "python3"}, headers=auth, timeout=60
