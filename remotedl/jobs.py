@@ -39,6 +39,7 @@ from remotedl.schema import (
     check_type,
     parse_mark,
 )
+from remotedl.snapshot import DEFAULT_MAX_FILE
 from remotedl.ssh.channel import Box, NoFrame
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
@@ -266,16 +267,24 @@ def running_in_tree(client: AgentClient, remote_dir: str) -> list[JobRecord]:
     return _in_tree(client, remote_dir)[0]
 
 
-def push_conflicts(client: AgentClient, project_root: Path, remote_dir: str) -> list[JobRecord]:
+def push_conflicts(
+    client: AgentClient,
+    project_root: Path,
+    remote_dir: str,
+    *,
+    data: Sequence[str] = (),
+    max_snapshot_file: int = DEFAULT_MAX_FILE,
+) -> list[JobRecord]:
     """The jobs running in the work tree ``remote_dir`` whose files a push of the local work
-    (HEAD plus uncommitted changes) would change; [] when none, or when the code is the same."""
+    (HEAD plus uncommitted changes, as push takes it with ``data`` and ``max_snapshot_file``)
+    would change; [] when none, or when the code is the same."""
     running, head = _in_tree(client, remote_dir)
     if not running:
         return []
-    from remotedl.snapshot import take_snapshot
+    from remotedl.sync import code_snapshot
 
     with contextlib.suppress(RemotedlError):
-        if take_snapshot(project_root).commit == head:
+        if code_snapshot(project_root, data=data, max_snapshot_file=max_snapshot_file).commit == head:
             return []
     return running
 
@@ -499,12 +508,22 @@ def fetch_job_commit(box: Box, root: Path, rec: JobRecord) -> bool:
     return True
 
 
-def diff(root: Path, box: Box, rec: JobRecord, *, stat: bool = False, color: bool = False) -> str:
+def diff(
+    root: Path,
+    box: Box,
+    rec: JobRecord,
+    *,
+    stat: bool = False,
+    color: bool = False,
+    data: Sequence[str] = (),
+    max_snapshot_file: int = DEFAULT_MAX_FILE,
+) -> str:
     """The job's code against the local work tree, as text: a diff from the job's commit to
-    a snapshot of the work tree as it is now (tracked changes and untracked files that
-    .gitignore does not exclude, as push sends them). A commit another laptop pushed is
-    fetched from the box first."""
-    from remotedl.snapshot import take_snapshot
+    a snapshot of the work tree as it is now, made as push makes it (tracked changes and
+    untracked files that .gitignore does not exclude, less the ``data`` paths and untracked
+    files over ``max_snapshot_file``). A commit another laptop pushed is fetched from the box
+    first."""
+    from remotedl.sync import code_snapshot
 
     if not rec.git_commit:
         raise UsageError(f"job {rec.id} has no commit recorded (its tree on the box is not a git repository)")
@@ -518,7 +537,7 @@ def diff(root: Path, box: Box, rec: JobRecord, *, stat: bool = False, color: boo
             f"job {rec.id}'s commit {commit[:10]} is neither in this repository nor on {alias} any more",
             hint="it was pushed from another clone; fetch it from there",
         )
-    now = take_snapshot(root).commit or commit
+    now = code_snapshot(root, data=data, max_snapshot_file=max_snapshot_file).commit or commit
     argv = ["git", "-C", str(root), "diff", f"--color={'always' if color else 'never'}"]
     argv += ["--stat"] if stat else []
     r = proc.run([*argv, commit, now, "--"], check=False)

@@ -157,6 +157,7 @@ def push(app: App, args: argparse.Namespace) -> int:
                 delete=args.delete,
                 force=args.force,
                 code=not args.no_code,
+                max_snapshot_file=int(s.get("max_snapshot_file")),
                 progress=bars.progress(m.name),
                 dir_mode=str(s.get("remote_dir_mode")),
             )
