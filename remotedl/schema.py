@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
-Status = Literal["queued", "starting", "running", "succeeded", "failed", "killed", "lost"]
+Status = Literal["queued", "starting", "running", "succeeded", "failed", "killed", "lost", "preempted"]
 STATUSES: tuple[str, ...] = get_args(Status)
 ACTIVE: tuple[Status, ...] = ("queued", "starting", "running")
-ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost")
+ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost", "preempted")
 
 Op = Literal[
     "start",
@@ -36,6 +36,7 @@ Op = Literal[
     "intree",
     "notify",
     "slurm_watch",
+    "autostop",
 ]
 OPS: tuple[str, ...] = get_args(Op)
 
@@ -363,6 +364,19 @@ class SlurmWatchRequest(Request):  # the agent's own: the login node's Slurm wat
     op: Op = "slurm_watch"
 
 
+@dataclass
+class AutostopRequest(Request):
+    """``set`` (``config``: the box's autostop settings, notification URLs among them), ``show``,
+    ``resume`` (after a start: the settings the box had, its watcher started again),
+    ``preempt`` (what the watcher does when the cloud takes a spot VM back: the jobs get their
+    signal and end as preempted), or the agent's own ``watch`` (the detached watcher)."""
+
+    op: Op = "autostop"
+    action: Literal["set", "show", "resume", "watch", "preempt"] = "show"
+    config: dict[str, Any] | None = None
+    notice: str | None = None  # preempt: the cloud's words
+
+
 REQUESTS: dict[str, type[Request]] = {
     "start": StartRequest,
     "runner": RunnerRequest,
@@ -378,6 +392,7 @@ REQUESTS: dict[str, type[Request]] = {
     "intree": IntreeRequest,
     "notify": NotifyRequest,
     "slurm_watch": SlurmWatchRequest,
+    "autostop": AutostopRequest,
 }
 
 

@@ -53,6 +53,7 @@ from remotedl.agent.store import (
     logs_dir,
     newest_first,
     notify_path,
+    preempt_marker,
     project_of,
     real,
     record_path,
@@ -357,6 +358,7 @@ def _remove(ctx: Context, job_id: int, *, dry_run: bool) -> tuple[dict[str, Any]
             env_path(job_id),
             notify_path(job_id),
             kill_marker(job_id),
+            preempt_marker(job_id),
             logs_dir() / f"{job_id}.log",
         ]
         if rec is not None and rec.get("log"):
@@ -443,6 +445,20 @@ def _slurm_watch_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     return events.op_slurm_watch(ctx, req)
 
 
+def _autostop_watcher() -> None:
+    from remotedl.agent import autostop
+    from remotedl.agent.store import state_dir
+
+    with contextlib.suppress(OSError, ValueError):
+        autostop.ensure_watcher(state_dir())
+
+
+def _autostop_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+    from remotedl.agent import autostop
+
+    return autostop.op_autostop(ctx, req)
+
+
 Op = Callable[[Context, dict[str, Any]], "dict[str, Any] | None"]
 OPS: dict[str, Op] = {
     "start": op_start,
@@ -459,6 +475,7 @@ OPS: dict[str, Op] = {
     "intree": op_intree,
     "notify": _events_op,
     "slurm_watch": _slurm_watch_op,
+    "autostop": _autostop_op,
 }
 STREAMING = ("logs", "envsync")
 
@@ -502,6 +519,8 @@ def main(argv: list[str]) -> int:
         return 3
     finally:
         announce(ctx, [])  # what the looks found that no op sent yet
+        if req["op"] not in ("autostop", "runner", "notify", "slurm_watch"):
+            _autostop_watcher()
     if result is not None and req["op"] != "runner":
         print(json.dumps({"ok": True, **result, **({"warnings": ctx.warnings} if ctx.warnings else {})}))
     return 0

@@ -28,6 +28,7 @@ from remotedl.agent.store import (
     kill_marker,
     load,
     notify_path,
+    preempt_marker,
     remove_env_file,
     save,
     update,
@@ -241,8 +242,10 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
     with box_lock():
         rec = load(job_id)
         killed = kill_marker(job_id).exists()
+        preempted = preempt_marker(job_id).exists()
+        by_exit = "succeeded" if exit_code == 0 else "failed"
         rec.update(
-            status="killed" if killed else ("succeeded" if exit_code == 0 else "failed"),
+            status="killed" if killed else "preempted" if preempted else by_exit,
             exit_code=exit_code,
             ended=time.time(),
             stalled=None,

@@ -127,6 +127,11 @@ def kill_marker(job_id: int) -> Path:
     return jobs_dir() / f"{job_id}.kill"
 
 
+def preempt_marker(job_id: int) -> Path:
+    """Made when the cloud took the (spot) VM away under the job (agent/autostop.py)."""
+    return jobs_dir() / f"{job_id}.preempt"
+
+
 def _parse_record(raw: str, path: str, job_id: int, ctx: Context | None) -> dict[str, Any] | None:
     """The record in ``raw`` (read from ``path``, the record of ``job_id``), or None (with a
     warning naming the file, to ``ctx``) when it is damaged."""

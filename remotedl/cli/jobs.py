@@ -33,6 +33,7 @@ STATUS_STYLE = {
     "failed": "red",
     "killed": "yellow",
     "lost": "magenta",
+    "preempted": "magenta",
     "queued": "cyan",
     "starting": "cyan",
     "running": "bold blue",
@@ -652,8 +653,12 @@ def _show(app: App, job: str | None) -> int:
     root = app.settings.project.root
     if rec.git_commit:
         ref = jobs.keep_commit(root, spec.alias, rec)
+    from remotedl.cli.cloud import job_cost_of
+
+    cost = job_cost_of(app, client, rec)  # None: the host has no price_per_hour
     if app.json:
-        app.print_json({**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state})
+        shown = {**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state}
+        app.print_json({**shown, **({"cost": cost.cost} if cost else {})})
         return ExitCode.OK
     status = rec.state + (f" ({rec.error})" if rec.error and rec.status != "failed" else "")
     if rec.stalled and rec.status == "running":
@@ -685,6 +690,7 @@ def _show(app: App, job: str | None) -> int:
         ("started", _when(rec.started)),
         ("ended", _when(rec.ended)),
         ("duration", _duration_text(rec)),
+        *([("cost", f"${cost.cost:,.2f} ({cost.share:.0%} of the box's GPUs)")] if cost else []),
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),
