@@ -206,8 +206,9 @@ def test_a_cut_fetch_resumes_and_leaves_no_truncated_file(fresh_box, tmp_path):
 
 
 WANDB_MLFLOW = f"""#!{PY}
-import os
+import os, tempfile
 print("env", os.environ["WANDB_NAME"], os.environ["WANDB_RUN_ID"], os.environ["MLFLOW_TRACKING_URI"])
+os.chdir(tempfile.mkdtemp())  # a script that changes directory: its runs still land in the job's
 import wandb
 run = wandb.init(project="remotedl-test", mode="offline")
 for i in range(3):
@@ -238,7 +239,9 @@ def test_wandb_offline_and_mlflow_runs_come_home_per_job(cli, box, proj, tmp_pat
     r = cli("run", "--name", "sweep-a", "track.py", "--cpu", cwd=proj, env=env)
     assert r.code == 0, r.err + r.out
     (entry,) = ledger(proj).values()
-    assert f"env sweep-a {entry.wandb_run_id} ./mlruns" in r.out
+    # Set on the box, absolute, in the job's own directory (its checkout).
+    assert entry.trackers_dir == entry.dir and entry.dir.endswith(f"/.remotedl/jobs/{entry.job}")
+    assert f"env sweep-a {entry.wandb_run_id} {entry.dir}/mlruns\n" in r.out
     dest = Path(entry.dest)
     (run_dir,) = outputs.wandb_offline_runs(dest)
     assert run_dir.name.endswith("-" + str(entry.wandb_run_id))
@@ -332,15 +335,30 @@ def test_output_paths_and_tracker_env():
     for bad in ("/etc/passwd", "../x", ".git/config", "."):
         with pytest.raises(UsageError):
             outputs.check_output_path(bad)
-    added, run_id = outputs.tracker_env({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, "exp")
-    assert (
-        added["WANDB_NAME"] == "exp"
-        and added["WANDB_RUN_ID"] == run_id
-        and "MLFLOW_TRACKING_URI" not in added
-    )
-    assert outputs.tracker_env({"WANDB_RUN_ID": "mine"}, "x")[1] == "mine"
     assert outputs.kept_env({"LR": "0.1", "HF_TOKEN": "s", "API_KEY": "k"}) == {"LR": "0.1"}
     assert outputs.job_dest(Path("/o"), "gpu box", 7) == Path("/o/gpu_box-7")
+
+
+def test_trackers_are_planned_on_the_box_in_the_jobs_own_directory(tmp_path):
+    from remotedl.agent import trackers
+
+    req = {"trackers": True, "env": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}
+    got = trackers.planned(req, str(tmp_path), 7, "exp", isolate=False)
+    where = str(tmp_path / ".remotedl" / "jobs" / "7")
+    assert got["trackers_dir"] == where and os.path.isdir(where)  # a job in the work tree: its own
+    planned = got["trackers"]
+    assert (
+        planned["WANDB_DIR"] == where and planned["WANDB_NAME"] == "exp" and len(planned["WANDB_RUN_ID"]) == 8
+    )
+    assert "MLFLOW_TRACKING_URI" not in planned and "MLFLOW_ALLOW_FILE_STORE" not in planned  # the user's
+    isolated = trackers.planned({"trackers": True}, str(tmp_path), 8, "x", isolate=True)["trackers"]
+    assert isolated["MLFLOW_TRACKING_URI"] == str(tmp_path / ".remotedl" / "jobs" / "8" / "mlruns")
+    assert not (tmp_path / ".remotedl" / "jobs" / "8").exists()  # its checkout is made there later
+    assert trackers.planned({"env": {}}, str(tmp_path), 9, "x", isolate=False) == {}
+    # What the box's environment sets wins too.
+    env = {"WANDB_NAME": "mine"}
+    added = trackers.apply({"trackers": planned}, env)
+    assert env["WANDB_NAME"] == "mine" and "WANDB_NAME" not in added and env["WANDB_DIR"] == where
 
 
 def test_metrics_from_json_tensorboard_and_mlflow(tmp_path):
@@ -384,10 +402,11 @@ def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothin
             return False
 
     assert retry_until(ended, seconds=60)
-    # push talks to the box without asking about jobs: one request about the waiting job.
+    # push talks to the box without asking about jobs: one listing of the project's jobs.
     r = cli("--debug", "push", cwd=proj)
     assert r.code == 0, r.err
-    assert f"outputs of job {job} (train.py)" in r.err and "op=get" in r.err
+    assert f"outputs of job {job} (train.py)" in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
     dest = Path(ledger(proj)[f"{box.name}:{job}"].dest)
     assert (dest / "metrics.json").exists()
     # A listing carries the records: the job's end is known without another request.
@@ -397,7 +416,7 @@ def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothin
     r = cli("--debug", "jobs", cwd=proj)
     assert r.code == 0, r.err
     assert f"outputs of job {job} (train.py)" in r.err
-    assert "op=list" in r.err and "op=get" not in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
     # Not talking to the box (config): the ledger is read, nothing more.
     assert "outputs of job" not in cli("config", cwd=proj).err
 

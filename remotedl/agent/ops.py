@@ -25,7 +25,7 @@ from typing import Any
 
 from remotedl import gpus as gpumod
 from remotedl import treeid
-from remotedl.agent import runtimes
+from remotedl.agent import runtimes, trackers
 from remotedl.agent.checkout import (
     clean_rel,
     disk_usage,
@@ -126,9 +126,26 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
 
 def op_list(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     ensure_dirs()
-    records = refresh(ctx, all_records(ctx)) if req.get("all") else recent(ctx, RECENT)
+    if req.get("project") or req.get("ids"):
+        records = refresh(ctx, with_outputs(ctx, str(req.get("project") or ""), req.get("ids") or []))
+    elif req.get("all"):
+        records = refresh(ctx, all_records(ctx))
+    else:
+        records = recent(ctx, RECENT)
     announce(ctx, records)
     return {"jobs": records}
+
+
+def with_outputs(ctx: Context, project: str, ids: list[int]) -> list[dict[str, Any]]:
+    """The jobs of ``project`` (its remote_dir) that have outputs, from whichever clone or
+    laptop they were started, and the jobs ``ids``: what a laptop asks to bring outputs home."""
+    pdir = real(project) if project else None
+    wanted = {int(i) for i in ids}
+    return [
+        r
+        for r in all_records(ctx)
+        if int(r["id"]) in wanted or (r.get("outputs") and pdir is not None and project_of(r) == pdir)
+    ]
 
 
 def op_get(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +382,8 @@ def _remove(ctx: Context, job_id: int, *, dry_run: bool) -> tuple[dict[str, Any]
                 files.append(log)
         jd = own_job_dir(rec) if rec is not None else None
         dirs = runtimes.of(rec).own_dirs(rec) if rec is not None else []
+        if rec is not None and jd is None and _own_trackers_dir(rec) is not None:
+            dirs.append(Path(str(rec["trackers_dir"])))  # a job in the work tree: its runs' directory
         size = sum(disk_usage(p) for p in set(files)) + (disk_usage(jd) if jd else 0)
         size += sum(disk_usage(d) for d in dirs)
         item = {
@@ -394,6 +413,18 @@ def _remove_many(ctx: Context, ids: list[int], dry_run: bool) -> dict[str, Any]:
         if why:
             refused.append(why)
     return {"removed": removed, "refused": refused, "bytes": sum(int(i["bytes"]) for i in removed)}
+
+
+def _own_trackers_dir(rec: dict[str, Any]) -> Path | None:
+    """The trackers' directory of a job in the work tree (``isolate = false``), if it is where
+    job directories are (a damaged or hostile record naming another directory is never removed)."""
+    raw, rdir = rec.get("trackers_dir"), rec.get("remote_dir")
+    if rec.get("isolated") or not raw or not rdir:
+        return None
+    p = Path(str(raw))
+    if p.is_symlink() or os.path.realpath(p) != os.path.realpath(trackers.job_dir(str(rdir), int(rec["id"]))):
+        return None
+    return p
 
 
 def op_rm(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
