@@ -472,3 +472,89 @@ def test_removing_a_job_brings_its_outputs_home_first(cli, box, proj):
     entry = ledger(proj)[f"{box.name}:{job}"]
     assert entry.status == "home" and (Path(entry.dest) / "metrics.json").exists()
     assert not Path(entry.dir).exists()
+
+
+# ------------------------------------------------------------------ jobs from other clones
+
+
+def wait_ended(box, job: int) -> None:
+    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
+
+    def ended() -> bool:
+        try:
+            return json.loads(record.read_text())["status"] in ("succeeded", "failed")
+        except (OSError, ValueError, KeyError):
+            return False
+
+    assert retry_until(ended, seconds=60)
+
+
+def test_a_job_started_from_another_clone_comes_home_at_the_next_command(cli, box, proj, tmp_path):
+    script(proj, "train.py", TRAIN)
+    commit(proj)
+    other = tmp_path / "elsewhere-named"  # a clone under another folder name: the same project
+    subprocess.run(["git", "clone", "-q", str(proj), str(other)], check=True)
+    job = job_id_of(cli("run", "--detach", "train.py", "--lr", "0.3", "--cpu", cwd=other))
+    assert f"{box.name}:{job}" in ledger(other) and f"{box.name}:{job}" not in ledger(proj)
+    wait_ended(box, job)
+    # The first clone's next command (push: no listing of its own) asks once, and it arrives.
+    r = cli("--debug", "push", cwd=proj)
+    assert r.code == 0, r.err
+    assert f"outputs of job {job} (train.py)" in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
+    entry = ledger(proj)[f"{box.name}:{job}"]
+    assert entry.status == "home" and entry.paths == ["metrics.json", "runs/", "wandb/", "mlruns/"]
+    assert json.loads((Path(entry.dest) / "metrics.json").read_text())["eval"]["acc"] == 0.7
+    # Fetched once: the next command brings nothing again.
+    r = cli("push", cwd=proj)
+    assert r.code == 0 and "outputs of job" not in r.err, r.err
+    # A listing the command made anyway carries the other clone's job: no request more.
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=other))
+    wait_ended(box, job)
+    r = cli("--debug", "jobs", cwd=proj)
+    assert r.code == 0, r.err
+    assert f"outputs of job {job} (train.py)" in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
+    # `remotedl outputs` asks each box in one listing, never one job at a time.
+    r = cli("--debug", "outputs", cwd=other)
+    assert r.code == 0, r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
+    assert all(e.status == "home" for e in ledger(other).values())
+
+
+# A job that changes directory, in the work tree itself (isolate = false): its trackers'
+# variables still point into a directory of its own.
+TRACKER_FILES = f"""#!{PY}
+import os, sys, tempfile
+os.chdir(tempfile.mkdtemp())
+w = os.path.join(os.environ["WANDB_DIR"], "wandb")
+os.makedirs(w, exist_ok=True)
+open(os.path.join(w, "run.txt"), "w").write(os.environ["REMOTEDL_JOB_ID"])
+m = os.environ["MLFLOW_TRACKING_URI"]
+os.makedirs(m, exist_ok=True)
+open(os.path.join(m, "store.txt"), "w").write(os.environ["REMOTEDL_JOB_ID"])
+print("uri", m, os.environ.get("WANDB_NAME"))
+"""
+
+
+def test_jobs_in_the_work_tree_get_a_tracker_directory_each(cli, box, proj):
+    with (proj / "remotedl.toml").open("a") as f:
+        f.write("isolate = false\n")
+    script(proj, "track.py", TRACKER_FILES)
+    commit(proj)
+    ids = [job_id_of(cli("run", "--detach", "track.py", "--cpu", cwd=proj)) for _ in range(2)]
+    ids.append(job_id_of(cli("run", "--detach", "-e", "WANDB_NAME=mine", "track.py", "--cpu", cwd=proj)))
+    for job in ids:
+        wait_ended(box, job)
+    r = cli("outputs", cwd=proj)
+    assert r.code == 0, r.err
+    for job in ids:
+        entry = ledger(proj)[f"{box.name}:{job}"]
+        assert entry.status == "home"
+        assert entry.trackers_dir and entry.trackers_dir.endswith(f"/.remotedl/jobs/{job}")
+        assert entry.dir != entry.trackers_dir  # the work tree: shared by both jobs
+        dest = Path(entry.dest)
+        assert (dest / "wandb" / "run.txt").read_text() == str(job)
+        assert (dest / "mlruns" / "store.txt").read_text() == str(job)
+    log = cli("logs", str(ids[2]), cwd=proj).out
+    assert log.strip().endswith(" mine")  # --env wins over what the box sets
