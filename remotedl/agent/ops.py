@@ -110,12 +110,15 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     start = runtimes.StartPlan(req, rdir, isolate, commit, data, shared, spec)
     with box_lock():
         rec = runtime.create(ctx, start, active(ctx))
+        job_id = int(rec["id"])
+        changes = trackers.planned(req, rdir, job_id, str(rec["name"]), isolate=bool(rec.get("isolated")))
         urls = [str(u) for u in req.get("notify") or []]
         if urls:  # kept aside (0600) for whoever sends; the record holds them masked
             from remotedl.agent import events
 
-            masked = events.save_settings(int(rec["id"]), urls, req.get("host_alias"))
-            rec = update(int(rec["id"]), notify=masked)
+            changes["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
+        if changes:
+            rec = update(job_id, **changes)
     rec = runtime.launch(ctx, rec, start)
     announce(ctx, [rec])  # a Slurm job's start after the queue, stalls and end: watched from here
     return {"job": rec}

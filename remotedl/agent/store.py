@@ -386,7 +386,6 @@ def new_record(
     req: dict[str, Any], spec: dict[str, Any], job_id: int, rdir: str, *, isolate: bool, commit: object
 ) -> dict[str, Any]:
     """A new job's record, the fields a box job and a Slurm job share (under the box lock)."""
-    from remotedl.agent import trackers  # it imports this module
     return {
         "id": job_id,
         "name": req.get("name") or str(job_id),
@@ -417,7 +416,6 @@ def new_record(
         "notifications": [],
         "outputs": [str(p) for p in req.get("outputs") or []][:1000],  # a laptop of the project fetches them
         "project_id": req.get("project_id"),
-        **trackers.planned(req, rdir, job_id, str(req.get("name") or job_id), isolate=isolate),
     }
 
 

@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from remotedl.agent.checkout import ensure_excludes
 from remotedl.agent.store import JOB_DIRS
 
 KEYS = ("WANDB_DIR", "WANDB_RUN_ID", "WANDB_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")
@@ -42,6 +43,7 @@ def planned(req: dict[str, Any], rdir: str, job_id: int, name: str, *, isolate: 
     if "MLFLOW_TRACKING_URI" not in given:
         values["MLFLOW_ALLOW_FILE_STORE"] = "true"  # a file store: plain files that come home whole
     if not isolate:  # an isolated job's checkout is made there later (it must not exist yet)
+        ensure_excludes(rdir)  # never the project's files: a push never sees them
         os.makedirs(where, mode=0o755, exist_ok=True)
     return {"trackers_dir": where, "trackers": {k: v for k, v in values.items() if k not in given}}
 
