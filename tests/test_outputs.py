@@ -558,3 +558,9 @@ def test_jobs_in_the_work_tree_get_a_tracker_directory_each(cli, box, proj):
         assert (dest / "mlruns" / "store.txt").read_text() == str(job)
     log = cli("logs", str(ids[2]), cwd=proj).out
     assert log.strip().endswith(" mine")  # --env wins over what the box sets
+    # Its directory goes with the job (`jobs rm`), and only its own.
+    first, second = (Path(ledger(proj)[f"{box.name}:{j}"].trackers_dir or "") for j in ids[:2])
+    assert first.is_dir() and second.is_dir()  # the box is this machine
+    r = cli("jobs", "rm", str(ids[0]), "--yes", cwd=proj)
+    assert r.code == 0, r.err
+    assert not first.exists() and second.is_dir()
