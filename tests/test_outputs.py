@@ -520,6 +520,13 @@ def test_a_job_started_from_another_clone_comes_home_at_the_next_command(cli, bo
     assert r.code == 0, r.err
     assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
     assert all(e.status == "home" for e in ledger(other).values())
+    # Removed from the first clone before anything fetched it: its outputs come home first.
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=other))
+    wait_ended(box, job)
+    r = cli("jobs", "rm", str(job), "--yes", cwd=proj)
+    assert r.code == 0, r.err
+    assert r.err.index(f"outputs of job {job}") < len(r.err) and f"removed job {job}" in r.out
+    assert (Path(ledger(proj)[f"{box.name}:{job}"].dest) / "metrics.json").exists()
 
 
 # A job that changes directory, in the work tree itself (isolate = false): its trackers'

@@ -74,24 +74,32 @@ def fetch_ended(app: App, client: AgentClient, rec: JobRecord) -> None:
 
 
 def fetch_before_removal(app: App, client: AgentClient, ids: list[int]) -> None:
-    """Jobs about to be removed (``jobs rm``/``prune``) whose outputs have not come home: fetched
-    now, before their directories go. One that cannot be fetched stops the removal."""
+    """Jobs about to be removed (``jobs rm``/``prune``) whose outputs have not come home (started
+    from this clone or another): fetched now, before their directories go (one listing says
+    which). One that cannot be fetched stops the removal."""
     from remotedl import outputs
 
     ledger = outputs.Ledger(app.settings.project.root)
-    if not ledger.exists():
+    if not ledger.exists() and not app.settings.get("outputs"):
         return
-    entries = ledger.read()
-    for job_id in ids:
-        entry = entries.get(f"{client.spec.alias}:{job_id}")
-        if entry is not None and entry.status == "waiting":
-            try:
-                _fetch_and_say(app, client.spec, ledger, entry, job_ended=True)
-            except RemotedlError as e:
-                raise RemotedlError(
-                    f"job {job_id}'s outputs could not come home before its removal: {e.message}",
-                    hint=f"run it again; or `remotedl outputs {job_id}` first",
-                ) from None
+    alias = client.spec.alias
+    try:
+        due = _ended(app, client.spec, ledger, {}, ask=_remote_dir_of(app, alias), project=project_id(app))
+    except RemotedlError as e:
+        raise RemotedlError(
+            f"the jobs' outputs could not come home before their removal: {e.message}",
+            hint="run it again; or `remotedl outputs` first",
+        ) from None
+    for entry in due:
+        if entry.job not in ids:
+            continue
+        try:
+            _fetch_and_say(app, client.spec, ledger, entry, job_ended=True)
+        except RemotedlError as e:
+            raise RemotedlError(
+                f"job {entry.job}'s outputs could not come home before its removal: {e.message}",
+                hint=f"run it again; or `remotedl outputs {entry.job}` first",
+            ) from None
 
 
 # ------------------------------------------------------------------ after every command
