@@ -234,14 +234,19 @@ def list_jobs(client: AgentClient, *, all_jobs: bool = False, warn: Warn | None 
     return [_record(r, client.spec) for r in jobs]
 
 
-def jobs_with_outputs(client: AgentClient, project: str, ids: Sequence[int] = ()) -> list[JobRecord]:
+def jobs_with_outputs(
+    client: AgentClient, project: str, ids: Sequence[int] = (), *, after: int = 0
+) -> tuple[list[JobRecord], int]:
     """One listing: the jobs of ``project`` (its remote_dir) that have outputs, started from
-    any clone, and the jobs ``ids`` (a job the box no longer has is not in it)."""
-    answer = client.call(ListRequest(project=project, ids=list(ids)).to_dict())
+    any clone, with ids above ``after``, and the jobs ``ids`` (a job the box no longer has is
+    not in it); and the id up to which all the project's jobs with outputs have ended (the
+    next listing's ``after``)."""
+    answer = client.call(ListRequest(project=project, ids=list(ids), after=after).to_dict())
     jobs = answer.get("jobs")
     if not isinstance(jobs, list):
         raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
-    return [_record(r, client.spec) for r in jobs]
+    upto = answer.get("upto")
+    return [_record(r, client.spec) for r in jobs], (upto if isinstance(upto, int) else after)
 
 
 def get_job(

@@ -155,30 +155,43 @@ class Ledger:
             # git (and so the code snapshot) never sees what remotedl keeps here
             ignore.write_text("# made by remotedl: outputs and state, never code\n*\n")
 
-    def read(self) -> dict[str, Entry]:
+    def _raw(self) -> dict[str, Any]:
         try:
             raw = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return raw if isinstance(raw, dict) else {}
+
+    def read(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
-        for item in raw.get("jobs", []) if isinstance(raw, dict) else []:
+        for item in self._raw().get("jobs", []):
             with contextlib.suppress(TypeError, ValueError, AttributeError):
                 e = Entry.from_dict(item)
                 out[e.key] = e
         return out
 
+    def listed_upto(self, key: str) -> int:
+        """The box's job ids up to which the project's jobs with outputs were all ended at the
+        last listing (``key``: host and remote_dir): a listing reads only the later ones."""
+        listed = self._raw().get("listed")
+        value = listed.get(key) if isinstance(listed, dict) else None
+        return value if isinstance(value, int) and value > 0 else 0
+
     @contextlib.contextmanager
-    def edit(self) -> Iterator[dict[str, Entry]]:
-        """The entries, to change in place; written back (atomically) at the end."""
+    def edit(self, listed: Mapping[str, int] | None = None) -> Iterator[dict[str, Entry]]:
+        """The entries, to change in place; written back (atomically) at the end, with
+        ``listed`` (``listed_upto``'s values) changed too."""
         self._prepare()
         with open(self.dir / ".outputs.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = self.read()
             yield entries
+            kept = self._raw().get("listed")
+            marks = {**(kept if isinstance(kept, dict) else {}), **(listed or {})}
             tmp = self.path.with_name(f".{LEDGER_NAME}.{os.getpid()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump({"jobs": [e.to_dict() for e in entries.values()]}, f, indent=1)
+                json.dump({"jobs": [e.to_dict() for e in entries.values()], "listed": marks}, f, indent=1)
             tmp.replace(self.path)
 
     def waiting(self, host: str | None = None) -> list[Entry]:

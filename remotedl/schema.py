@@ -288,6 +288,7 @@ class ListRequest(Request):
     # that have outputs, and the jobs ``ids`` (outputs home: which ended, from any clone).
     project: str | None = None
     ids: list[int] = field(default_factory=list)
+    after: int = 0  # of the project's jobs, only those with a larger id (the answer's ``upto``)
 
 
 @dataclass

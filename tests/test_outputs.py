@@ -571,3 +571,37 @@ def test_jobs_in_the_work_tree_get_a_tracker_directory_each(cli, box, proj):
     r = cli("jobs", "rm", str(ids[0]), "--yes", cwd=proj)
     assert r.code == 0, r.err
     assert not first.exists() and second.is_dir()
+
+
+def test_the_box_lists_a_projects_jobs_with_outputs_since_the_last_listing(tmp_path, monkeypatch):
+    import time
+
+    from remotedl.agent import ops, store
+
+    monkeypatch.setenv("REMOTEDL_BOX_STATE", str(tmp_path / "state"))
+    store.ensure_dirs()
+    proj_dir = str(tmp_path / "proj")
+
+    def save(job_id: int, rdir: str, outs: list[str], status: str = "succeeded", **fields) -> None:
+        req = {"command": "python train.py", "outputs": outs}
+        rec = store.new_record(req, {}, job_id, rdir, isolate=False, commit=None)
+        rec.update(status=status, **fields)
+        store.save(rec)
+
+    save(1, proj_dir, ["metrics.json"])
+    save(2, str(tmp_path / "other"), ["metrics.json"])  # another project's
+    save(3, proj_dir, [])  # no outputs
+    # Being started (its starter is alive): active.
+    save(4, proj_dir, ["m"], "starting", starter_pid=os.getpid(), runner_pid=None, created=time.time())
+    save(5, proj_dir, ["m"])
+
+    def listed(ids: list[int], after: int) -> tuple[list[int], int]:
+        records, upto = ops.with_outputs(store.Context(), proj_dir, ids, after)
+        return sorted(int(r["id"]) for r in records), upto
+
+    assert listed([], 0) == ([1, 4, 5], 3)  # up to 3 all ended; 4 still runs
+    assert listed([], 3) == ([4, 5], 3)
+    save(4, proj_dir, ["m"])  # it ended
+    assert listed([], 3) == ([4, 5], 5)
+    assert listed([], 5) == ([], 5)  # nothing new: no record read
+    assert listed([2, 9], 5) == ([2], 5)  # asked by id: any job the box has

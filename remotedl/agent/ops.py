@@ -56,6 +56,7 @@ from remotedl.agent.store import (
     project_of,
     real,
     record_path,
+    records_after,
     update,
 )
 from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, SchemaError, check_request, encode_mark
@@ -129,26 +130,30 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
 
 def op_list(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     ensure_dirs()
-    if req.get("project") or req.get("ids"):
-        records = refresh(ctx, with_outputs(ctx, str(req.get("project") or ""), req.get("ids") or []))
-    elif req.get("all"):
-        records = refresh(ctx, all_records(ctx))
-    else:
-        records = recent(ctx, RECENT)
+    if req.get("project") or req.get("ids"):  # outputs home: the project's jobs since ``after``
+        project, ids = str(req.get("project") or ""), req.get("ids") or []
+        records, upto = with_outputs(ctx, project, ids, req.get("after"))
+        announce(ctx, records)
+        return {"jobs": records, "upto": upto}
+    records = refresh(ctx, all_records(ctx)) if req.get("all") else recent(ctx, RECENT)
     announce(ctx, records)
     return {"jobs": records}
 
 
-def with_outputs(ctx: Context, project: str, ids: list[int]) -> list[dict[str, Any]]:
+def with_outputs(ctx: Context, project: str, ids: list[int], after: Any) -> tuple[list[dict[str, Any]], int]:
     """The jobs of ``project`` (its remote_dir) that have outputs, from whichever clone or
-    laptop they were started, and the jobs ``ids``: what a laptop asks to bring outputs home."""
+    laptop they were started, with ids above ``after``, and the jobs ``ids``: what a laptop asks
+    to bring outputs home. And ``upto``: every job of the project with outputs and an id up to
+    it has ended (the laptop's next ``after``); ids are given in order, under the box lock."""
     pdir = real(project) if project else None
+    start = int(after or 0)
     wanted = {int(i) for i in ids}
-    return [
-        r
-        for r in all_records(ctx)
-        if int(r["id"]) in wanted or (r.get("outputs") and pdir is not None and project_of(r) == pdir)
-    ]
+    found, upto = records_after(start, wanted)
+    mine = [r for r in found if r.get("outputs") and pdir is not None and project_of(r) == pdir]
+    picked = {int(r["id"]) for r in mine} | wanted
+    records = refresh(ctx, [r for r in found if int(r["id"]) in picked])
+    running = [int(r["id"]) for r in records if r["status"] in ACTIVE and int(r["id"]) > start]
+    return records, max(start, min([upto, *(i - 1 for i in running)]))
 
 
 def op_get(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:

@@ -173,8 +173,14 @@ def _ended(
     records = dict(known)
     due, unknown = outputs.due(waiting, records)
     gone: list[Entry] = []
+    mark = f"{alias} {ask}"
+    listed_upto: dict[str, int] = {}
     if unknown or ask is not None:
-        listed = jobs.jobs_with_outputs(_client_for(app, spec), ask or "", [e.job for e in unknown])
+        after = ledger.listed_upto(mark) if ask is not None else 0
+        client = _client_for(app, spec)
+        listed, upto = jobs.jobs_with_outputs(client, ask or "", [e.job for e in unknown], after=after)
+        if ask is not None and upto != after:
+            listed_upto[mark] = upto
         records.update((r.id, r) for r in listed)
         gone = [e for e in unknown if e.job not in records]
         due += [e for e in unknown if e.job in records and outputs.ended(records[e.job])]
@@ -184,8 +190,8 @@ def _ended(
         for r in records.values()
         if outputs.theirs(r, project) and outputs.ended(r) and f"{alias}:{r.id}" not in entries
     ]
-    if gone or met:
-        with ledger.edit() as now:
+    if gone or met or listed_upto:
+        with ledger.edit(listed_upto) as now:
             for e in gone:
                 if e.key in now:
                     now[e.key].status = "gone"
@@ -388,7 +394,7 @@ def _watch(app: App, ledger: Ledger, keys: list[str], interval: float) -> int:
             for host, group in _by_host([entries[k] for k in keys]).items():
                 spec = app.spec_for(host)
                 try:
-                    listed = jobs.jobs_with_outputs(_client_for(app, spec), "", [e.job for e in group])
+                    listed, _ = jobs.jobs_with_outputs(_client_for(app, spec), "", [e.job for e in group])
                     records = {r.id: r for r in listed}
                     for entry in group:
                         rec = records.get(entry.job)
