@@ -277,6 +277,11 @@ def test_compare_three_jobs_with_different_arguments(cli, box, proj, tmp_path):
         job_id_of(cli("run", "--detach", "-e", "SEED=3", "train.py", "--lr", "0.3", "--cpu", cwd=proj))
     )
 
+    # Three waiting jobs: one listing asks about them all, never one request per job.
+    r = cli("--debug", "outputs", cwd=proj)
+    assert r.code == 0, r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
+
     def home() -> bool:
         cli("outputs", cwd=proj)
         return all(ledger(proj)[f"{box.name}:{i}"].status == "home" for i in ids)
