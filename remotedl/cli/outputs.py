@@ -491,7 +491,7 @@ def tensorboard_local(app: App, args: argparse.Namespace) -> int:
     if not base.is_dir() or not any(base.iterdir()):
         raise RemotedlError(
             f"no outputs have come home yet ({_shown(app, str(base))} is empty)",
-            hint='set `outputs = ["runs/"]` in remotedl.toml (or `run --output runs/`); '
+            hint="set `outputs = [\"runs/\"]` in remotedl.toml (or `run --output runs/`); "
             "they arrive when jobs end",
         )
     port = args.local_port or int(app.settings.get("tensorboard_port"))
