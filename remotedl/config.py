@@ -88,12 +88,38 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "container_args": (list, [], None),
     "jupyter_image": (str, None, None),  # `remotedl jupyter` in a container of this image
     "tensorboard_image": (str, None, None),  # `remotedl tensorboard` in a container of this image
+    # Cloud VMs (usually in [hosts.NAME] tables): which cloud, what identifies the VM there,
+    # its price, the address ssh goes to, starting it when needed and stopping it when idle.
+    "cloud": (str, None, None),
+    "region": (str, None, None),
+    "instance_id": (str, None, None),
+    "project": (str, None, None),
+    "zone": (str, None, None),
+    "instance": (str, None, None),
+    "subscription": (str, None, None),
+    "resource_group": (str, None, None),
+    "vm": (str, None, None),
+    "price_per_hour": (float, None, None),
+    "address": (str, "public", None),
+    "auto_start": (bool, False, "REMOTEDL_AUTO_START"),
+    "autostop": (str, None, "REMOTEDL_AUTOSTOP"),
+    "autostop_wait": (str, "all", None),
+    "pre_stop": (str, None, None),
+    # Azure: the autostop playbook gave the VM a managed identity that may deallocate it
+    "managed_identity": (bool, False, None),
+    # what running jobs get when the cloud takes a spot VM back (they may save a checkpoint)
+    "preempt_signal": (str, "TERM", None),
 }
 # Settings whose value must be one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("box", "slurm"),
     "container": ("docker", "podman"),
     "container_gpus": ("nvidia", "cdi", "devices", "none"),
+    "cloud": ("aws", "gcp", "azure"),
+    # public: the VM's public IP from the cloud's API; private: its private one (VPN, same
+    # network); ssh: the ssh config's HostName as it is (a DNS name kept by `remotedl dns`)
+    "address": ("public", "private", "ssh"),
+    "autostop_wait": ("all", "jobs"),
 }
 # String settings that also take a whole number (Slurm's --time in minutes).
 STR_OR_INT = {"time"}

@@ -420,3 +420,15 @@ def test_tensorboard_in_an_image_through_the_tunnel(run, docker_box, proj, tmp_p
         for n in docker_box.engine.docker("ps", "--format", "{{.Names}}").stdout.split():
             if n.startswith("remotedl-tb-"):
                 docker_box.engine.docker("rm", "-f", n, check=False)
+
+
+def test_trackers_write_into_the_jobs_directory_inside_the_container(run, docker_box, proj):
+    toml = (proj / "remotedl.toml").read_text()
+    (proj / "remotedl.toml").write_text(toml + 'outputs = ["out"]\n')
+    script(proj, "track.sh", 'echo "wandb=$WANDB_DIR"\necho "mlflow=$MLFLOW_TRACKING_URI"\n')
+    r = run("run", "--cpu", "track.sh", cwd=proj)
+    assert r.code == 0, r.err + r.out
+    rec = last_job(run, proj, "track.sh")
+    assert rec["trackers"]["WANDB_DIR"].startswith(rec["remote_dir"])  # mounted: the same path
+    assert f"wandb={rec['trackers']['WANDB_DIR']}" in r.out
+    assert f"mlflow={rec['trackers']['MLFLOW_TRACKING_URI']}" in r.out

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from remotedl.agent import trackers
 from remotedl.agent.envsync import PROBE, WRAPPER, shell_for
 from remotedl.agent.gpus import blocked_by_earlier, choose_gpus
 from remotedl.agent.runtimes import container
@@ -29,6 +30,7 @@ from remotedl.agent.store import (
     kill_marker,
     load,
     notify_path,
+    preempt_marker,
     remove_env_file,
     save,
     update,
@@ -57,6 +59,7 @@ def _job_env(rec: dict[str, Any], values: dict[str, str]) -> dict[str, str]:
     env["REMOTEDL_JOB_ID"] = str(rec["id"])
     if rec.get("mark"):
         env[JOB_MARK] = str(rec["mark"])
+    trackers.apply(rec, env)  # W&B and MLflow write into the job's directory
     env["REMOTEDL_JOB_DIR"] = str(rec["cwd"])
     env["REMOTEDL_REMOTE_DIR"] = str(rec.get("remote_dir") or rec["cwd"])
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as nvidia-smi does
@@ -157,18 +160,20 @@ def _announce(ctx: Context) -> None:
 
 def _in_container(
     rec: dict[str, Any], inner: list[str], values: dict[str, str]
-) -> tuple[list[str], dict[str, str]]:
-    """The job's shell in its container: ``docker run`` (its argv) and the client's environment
-    (the box's, where the engine's settings are, and the values the env file cannot hold)."""
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """The job's shell in its container: ``docker run`` (its argv), the client's environment
+    (the box's, where the engine's settings are, and the values the env file cannot hold), and
+    the job's environment inside."""
     job_id = int(rec["id"])
     inside = container.container_env(rec, values)
+    trackers.apply(rec, inside)  # W&B and MLflow write into the job's directory, mounted
     path, by_name = container.write_env_file(job_id, inside)
     argv = container.run_argv(str(rec["engine"]), rec, inner, path, by_name)
     env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
     env.update({k: inside[k] for k in by_name})
     if rec.get("mark"):
         env[JOB_MARK] = str(rec["mark"])
-    return argv, env
+    return argv, env, inside
 
 
 def _forget_env_file(rec: dict[str, Any], child: subprocess.Popen[bytes]) -> None:
@@ -261,9 +266,10 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
         nonce,
         PROBE,
     ]
+    job_env = env  # the job's own environment (for a container job: inside it)
     if in_image:
         try:
-            argv, env = _in_container(rec, argv, values)
+            argv, env, job_env = _in_container(rec, argv, values)
         except (AgentError, OSError) as e:
             with open(rec["log"], "ab") as early:
                 early.write(f"remotedl: cannot start the container: {e}\n".encode())
@@ -293,6 +299,8 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
             save(rec)
             return
         rec.update(status="running", pid=child.pid, pgid=child.pid, started=time.time())
+        if rec.get("trackers"):  # what the job got: a variable of the box's environment won
+            rec["trackers"] = {k: v for k, v in rec["trackers"].items() if job_env.get(k) == v}
         save(rec)
     if in_image:
         threading.Thread(target=_forget_env_file, args=(rec, child), daemon=True).start()
@@ -300,7 +308,7 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
     if watched:  # imported once the job runs: its start never waits for this
         from remotedl.agent import events
 
-        ctx.hide = tuple(env[k] for k in rec.get("env_keys") or [] if k in env)
+        ctx.hide = tuple(job_env[k] for k in rec.get("env_keys") or [] if k in job_env)
         if waited:  # it waited in the queue: say it started, without holding up its output
             events.in_background(events.send, job_id, "started", ctx.hide)
         if rec.get("stall_after"):
@@ -347,8 +355,10 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
     with box_lock():
         rec = load(job_id)
         killed = kill_marker(job_id).exists()
+        preempted = preempt_marker(job_id).exists()
+        by_exit = "succeeded" if exit_code == 0 else "failed"
         rec.update(
-            status="killed" if killed else ("succeeded" if exit_code == 0 else "failed"),
+            status="killed" if killed else "preempted" if preempted else by_exit,
             exit_code=exit_code,
             ended=time.time(),
             stalled=None,

@@ -45,8 +45,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
     "tensorboard": ("tunnel", "find or start TensorBoard over a directory on the box and tunnel to it"),
     "dns": ("dns", "keep the box's DNS name on its public IP: update, check, watch"),
-    "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check, docker)"),
+    "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, gpu-check, docker, ...)"),
     "doctor": ("setup", "check the whole chain, laptop to GPUs, and say how to fix what fails"),
+    "up": ("cloud", "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
+    "stop": ("cloud", "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
+    "autostop": ("cloud", "stop a cloud VM once it has been idle this long (decided on the box); --off"),
+    "cost": ("cloud", "what jobs cost per host and project (price_per_hour x time x share of GPUs)"),
 }
 
 

@@ -34,6 +34,7 @@ STATUS_STYLE = {
     "failed": "red",
     "killed": "yellow",
     "lost": "magenta",
+    "preempted": "magenta",
     "queued": "cyan",
     "starting": "cyan",
     "running": "bold blue",
@@ -366,12 +367,10 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
-    # Outputs come home when the job ends; trackers write into its own directory.
+    # Outputs come home when the job ends; trackers write into its own directory (set on the box).
     from remotedl.cli import outputs as outputs_cli
 
     output_paths = outputs_cli.planned(app, args)
-    given_env = job_env
-    job_env, wandb_run_id = outputs_cli.tracker_env(app, job_env, name, output_paths)
     started: JobRecord | None = None
     for attempt in range(3):
         try:
@@ -402,10 +401,13 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
                 image=image,
                 container=container,
+                outputs=output_paths,
+                trackers=bool(output_paths and s.get("trackers")),
+                project_id=outputs_cli.project_id(app) if output_paths else None,
             )
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
-            outputs_cli.register(app, rec, spec.alias, output_paths, env=given_env, run_id=wandb_run_id)
+            outputs_cli.register(app, rec, spec.alias, output_paths, env=job_env)
             break
         except KeyboardInterrupt:
             if started is not None:
@@ -675,8 +677,12 @@ def _show(app: App, job: str | None) -> int:
     root = app.settings.project.root
     if rec.git_commit:
         ref = jobs.keep_commit(root, spec.alias, rec)
+    from remotedl.cli.cloud import job_cost_of
+
+    cost = job_cost_of(app, client, rec)  # None: the host has no price_per_hour
     if app.json:
-        app.print_json({**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state})
+        shown = {**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state}
+        app.print_json({**shown, **({"cost": cost.cost} if cost else {})})
         return ExitCode.OK
     status = rec.state + (f" ({rec.error})" if rec.error and rec.status != "failed" else "")
     if rec.stalled and rec.status == "running":
@@ -712,6 +718,7 @@ def _show(app: App, job: str | None) -> int:
         ("started", _when(rec.started)),
         ("ended", _when(rec.ended)),
         ("duration", _duration_text(rec)),
+        *([("cost", f"${cost.cost:,.2f} ({cost.share:.0%} of the box's GPUs)")] if cost else []),
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),

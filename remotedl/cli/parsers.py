@@ -344,3 +344,35 @@ def compare(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None
     p.add_argument("jobs", nargs="+", metavar="JOB", help="job ids (HOST:ID on a fleet)")
     p.add_argument("--plot", metavar="NAME", help="chart this scalar (loss) across the jobs")
     p.add_argument("--out", metavar="FILE.png", help="--plot: write a PNG instead of a terminal chart")
+
+
+def up(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "The host's [hosts.NAME] table names the VM: see README 'Cloud VMs'."
+
+
+def stop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "Jobs on the VM end with it; its disk stays (and is billed)."
+    p.add_argument("--no-wait", action="store_true", help="return once the cloud took the request")
+
+
+def autostop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Idle: no running or queued remotedl job, no interactive SSH session, no busy Jupyter "
+        "kernel, no GPU process (with --wait jobs: no job). Without a duration it shows the setting."
+    )
+    p.add_argument(
+        "duration",
+        nargs="?",
+        metavar="DURATION",
+        help="idle time, e.g. 30m, 1h (default: the host's autostop)",
+    )
+    p.add_argument("--off", action="store_true", help="turn autostop off on the box")
+    p.add_argument("--wait", choices=["all", "jobs"], help="what counts as activity (default: autostop_wait)")
+
+
+def cost(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "A job pays price_per_hour x its time x its share of the box's GPUs; hosts without a "
+        "price are skipped."
+    )
+    p.add_argument("--since", metavar="AGE", help="only the time after AGE ago, e.g. 7d, 12h")
