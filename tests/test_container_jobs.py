@@ -432,3 +432,24 @@ def test_trackers_write_into_the_jobs_directory_inside_the_container(run, docker
     assert rec["trackers"]["WANDB_DIR"].startswith(rec["remote_dir"])  # mounted: the same path
     assert f"wandb={rec['trackers']['WANDB_DIR']}" in r.out
     assert f"mlflow={rec['trackers']['MLFLOW_TRACKING_URI']}" in r.out
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory):
+    from tests import notifyfakes
+
+    s = notifyfakes.start_services(tmp_path_factory.mktemp("notify-ca"))
+    yield s
+    s.stop()
+
+
+def test_a_container_jobs_secret_is_hidden_in_its_notification(run, docker_box, proj, services):
+    from tests.test_events import wait_hook
+
+    toml = (proj / "remotedl.toml").read_text()
+    (proj / "remotedl.toml").write_text(toml + f"notify = [{json.dumps(services.urls()['json'])}]\n")
+    script(proj, "tell.sh", 'echo "key=$API_KEY"\n')
+    r = run("run", "--detach", "--cpu", "-e", "API_KEY=s3cr3t-in-a-container", "tell.sh", cwd=proj)
+    assert r.code == 0, r.err
+    payload = wait_hook(services, int(r.out.strip().splitlines()[-1]), "succeeded")
+    assert "key=****" in payload["message"] and "s3cr3t" not in json.dumps(payload)
