@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
     "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
     "pull": ("sync", "bring paths from the box home with rsync; never overwrites newer files"),
-    "run": ("jobs", "push, then run a command in tmux on the box on chosen GPUs; follow its log"),
+    "run": ("run", "push, then run a command in tmux on the box on chosen GPUs; follow its log"),
     "jobs": ("jobs", "list jobs on the box (the box's records: any laptop sees the same); rm, prune, show"),
     "logs": ("jobs", "print or follow (-f) a job's log; resumes after a dropped connection"),
     "kill": ("jobs", "stop a job: SIGINT, then SIGTERM, then SIGKILL"),

@@ -397,60 +397,6 @@ def _live(app: App, targets: Any, interval: float) -> int:
 # ------------------------------------------------------------------ run, jobs
 
 
-def run_placed(app: App, args: argparse.Namespace) -> int:
-    """`remotedl run` on a fleet: sample every box at once, pick the box and GPUs by the boxes'
-    own rules (``fleet.place``), push there and start the job. The box's agent picks and claims
-    the GPUs again under its lock; if another laptop won them meanwhile, the next box is tried.
-    With ``--queue`` and nothing free, the job waits on the box with the shortest queue."""
-    from remotedl import gpus as gpumod
-    from remotedl import jobs
-    from remotedl.cli.jobs import run_on
-    from remotedl.errors import ConnectError, GpusBusy
-    from remotedl.fleet import fleet_samples, place
-
-    env = app.env
-    if not args.command:
-        raise UsageError("give a command to run, e.g. `remotedl run train.py --lr 0.1`")
-    command_argv = args.command[1:] if args.command[0] == "--" else args.command
-    jobs.build_command(command_argv, app.base_settings.project.root, must_exist=not args.no_push)
-    if args.gpus is not None and args.gpus < 0:
-        raise UsageError(f"--gpus {args.gpus}: give a number of GPUs (0 runs on the CPU)")
-    if args.gpu:
-        try:
-            parsed = gpumod.parse_gpu_spec(args.gpu)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        if parsed is not None:
-            raise UsageError(
-                f"--gpu {args.gpu} names GPUs of one box, and {len(app.hosts)} hosts are given",
-                hint="on a fleet use --gpu auto or --gpus N; or pick the box with --host NAME",
-            )
-    sampled = fleet_samples(app.fleet())
-    for r in sampled.failed:
-        env.stderr.write(f"remotedl: {r.host} is left out: {printable(str(r.error), newlines=False)}\n")
-    live = [sample for _, sample in sampled.values()]
-    if not live:
-        raise ConnectError(
-            f"no box of the fleet answered ({', '.join(app.hosts)})", hint="`remotedl status` shows why"
-        )
-    cpu = bool(args.cpu or args.gpus == 0)
-    candidates = place(live, count=args.gpus or None, queue=args.queue, cpu=cpu)
-    busy: list[str] = []
-    for c in candidates:
-        env.stderr.write(f"remotedl: placing the job on {c.host}: {c.why}\n")
-        try:
-            return run_on(app.for_host(c.host), args, queue=c.queue)
-        except GpusBusy as e:  # another laptop's claim won the box's lock first
-            busy.append(f"{c.host}: {e.message}")
-            env.stderr.write(
-                f"remotedl: {c.host} has no free GPU any more ({printable(e.message)}); next box\n"
-            )
-    raise GpusBusy(
-        "the free GPUs were taken while this job was being placed: " + "; ".join(busy),
-        hint="run again, or wait for GPUs with --queue",
-    )
-
-
 def jobs_table(app: App, args: argparse.Namespace) -> int:
     """`remotedl jobs` on a fleet: every host's jobs in one table, ids as HOST:ID."""
     from rich.table import Table

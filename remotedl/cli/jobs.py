@@ -9,15 +9,14 @@ import datetime
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
 from remotedl.cli.basic import _duration, _size
-from remotedl.cli.progress import progress_bar
-from remotedl.cli.sync import left_out_lines, made_line, missing_data_lines, remote_dir
+from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
+from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
@@ -108,17 +107,6 @@ def warner(env: Environment) -> Callable[[str], None]:
         env.stderr.write(f"remotedl: warning: {safe(text)}\n")
 
     return warn
-
-
-def _env_pairs(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.isidentifier():
-            shown = f"{key}=..." if sep else pair  # the value may be a secret: never said
-            raise UsageError(f"--env {shown!r}: use KEY=VALUE, KEY a name of letters, digits and _")
-        out[key] = value
-    return out
 
 
 def _client(app: App) -> AgentClient:
@@ -235,22 +223,23 @@ def sync_environment(
 ) -> EnvSyncResult:
     """Sync the project's environment on the box, showing progress; on failure the
     installer's last lines go to stderr before the error."""
-    from remotedl import envsync
+    from remotedl.run import RunProgress
+    from remotedl.run import sync_environment as sync_env
 
-    env = app.env
-    try:
-        with _status_line(app, f"syncing the environment on {client.spec.alias}") as progress:
-            result = envsync.sync(client, rdir, spec, force=force, progress=progress)
-    except envsync.EnvSyncFailed as e:
-        for line in e.output:
-            env.stderr.write(f"  | {safe(line)}\n")
-        raise
-    if result.synced:
-        env.stderr.write(
-            f"remotedl: environment synced ({result.kind} -> {safe(result.target or '?')}) "
-            f"in {result.seconds:.1f} s\n"
-        )
-    return result
+    class Shown(RunProgress):
+        def note(self, text: str) -> None:
+            app.env.stderr.write(f"remotedl: {safe(text)}\n")
+
+        @contextlib.contextmanager
+        def env_sync(self, text: str) -> Iterator[Callable[[str], None]]:
+            with _status_line(app, text) as say:
+                yield say
+
+        def env_sync_failed(self, output: Sequence[str]) -> None:
+            for line in output:
+                app.env.stderr.write(f"  | {safe(line)}\n")
+
+    return sync_env(client, rdir, spec, Shown(), force=force)
 
 
 def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
@@ -264,229 +253,6 @@ def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
             f"remotedl: warning: this push changes the files of running job {rec.id} "
             f"({safe(rec.name)}) in {safe(rec.cwd)} (isolate = false); going ahead\n"
         )
-
-
-def cmd_run(args: argparse.Namespace, env: Environment) -> int:
-    app = App(args, env)
-    if app.is_fleet:
-        from remotedl.cli.fleet import run_placed
-        from remotedl.cli.slurm import refuse_in_fleet
-
-        refuse_in_fleet(app)
-        return run_placed(app, args)
-    return run_on(app, args)
-
-
-def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> int:
-    """``run`` on the one host of ``app`` (on a fleet: the host placement chose, narrowed with
-    ``App.for_host``, with ``queue`` as placement says; its jobs are named ``HOST:ID``). A claim
-    another laptop won first raises ``GpusBusy`` before anything is printed."""
-    from remotedl import gpus as gpumod
-    from remotedl import jobs, sync
-    from remotedl.cli import slurm as slurmcli
-
-    env = app.env
-    s = app.settings
-    if not args.command:
-        raise UsageError("give a command to run, e.g. `remotedl run train.py --lr 0.1`")
-    command_argv = args.command[1:] if args.command[0] == "--" else args.command
-    root = s.project.root
-    command, script = jobs.build_command(command_argv, root, must_exist=not args.no_push)
-    if args.gpus is not None and args.gpus < 0:
-        raise UsageError(f"--gpus {args.gpus}: give a number of GPUs (0 runs on the CPU)")
-    # A Slurm login node: Slurm picks the GPUs (a count, never indices) and queues the job.
-    slurm = slurmcli.settings_for(app, args)
-    count = (slurmcli.gpu_count(args) or None) if slurm is not None else (args.gpus or None)
-    gpus: str | list[int] | None = None
-    if args.cpu or args.gpus == 0:
-        gpus = "none"
-    elif args.gpu and slurm is None:
-        try:
-            parsed = gpumod.parse_gpu_spec(args.gpu)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        gpus = "auto" if parsed is None else parsed
-    job_env = {**s.get("env"), **_env_pairs(args.env)}
-    notify_urls = _notify_urls(app)
-    stall_after = jobs.parse_duration(s.get("stall_after"))
-    pulls = [*s.get("pull_on_end"), *[p for p in args.pull if p not in s.get("pull_on_end")]]
-    if args.pull and args.detach:
-        raise UsageError(
-            "--pull brings outputs home when the followed job ends; a detached job is not followed",
-            hint="drop --detach, or later: remotedl pull --job ID PATH",
-        )
-    client = _client(app)
-    spec = client.spec
-    warn = warner(env)
-    isolate = bool(s.get("isolate"))
-    data = [*s.get("data"), *[d for d in args.data if d not in s.get("data")]]
-    env_spec = jobs.EnvSpec.from_settings(s)
-    commit: str | None = None
-    head: str | None = None
-    snapshot = False
-    rdir = remote_dir(app)
-    if not args.no_push:
-        if not isolate:
-            warn_push_changes_running(app, client, rdir)
-        with progress_bar(env, not app.json) as progress:
-            pushed = sync.push(
-                spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress,
-                dir_mode=str(s.get("remote_dir_mode")),
-            )  # fmt: skip
-        if pushed.created_mode:
-            env.stderr.write(f"remotedl: {made_line(spec.alias, pushed.remote_dir, pushed.created_mode)}\n")
-        commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
-        # As push says it: a job that reads a file the snapshot left out fails on the box otherwise.
-        for line in missing_data_lines(pushed.missing, root) + left_out_lines(
-            pushed.left_out, int(s.get("max_snapshot_file"))
-        ):
-            env.stderr.write(f"remotedl: {safe(line)}\n")
-    else:
-        rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
-    name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
-    started: JobRecord | None = None
-    for attempt in range(3):
-        try:
-            rec = started = jobs.start(
-                client,
-                command=command,
-                remote_dir=rdir,
-                script=script,
-                gpus=gpus,
-                count=count,
-                env=job_env,
-                name=name,
-                queue=args.queue if queue is None else queue,
-                force=args.force,
-                git_commit=commit,
-                snapshot=snapshot,
-                git_head=head if snapshot else None,
-                snapshot_files=jobs.snapshot_files(root, head, commit) if snapshot else [],
-                isolate=isolate,
-                data=data,
-                shared=s.get("shared"),
-                environment=env_spec,
-                env_check=attempt < 2,
-                notify=notify_urls,
-                host_alias=spec.alias,
-                stall_after=stall_after,
-                warn=warn,
-                slurm=slurmcli.request(slurm) if slurm is not None else None,
-            )
-            # In the same try: from here the job runs, and an interrupt names it.
-            jobs.keep_commit(root, spec.alias, rec)
-            break
-        except KeyboardInterrupt:
-            if started is not None:
-                shown = app.job_ref(started.id)
-                raise Interrupted(
-                    f"interrupted: job {shown} ({safe(started.name)}) was started on {spec.alias} "
-                    "and keeps running",
-                    hint=f"`remotedl logs -f {shown}` follows it; `remotedl kill {shown}` stops it",
-                ) from None
-            # The request may have reached the box: the job then runs, and only this says so.
-            on = f" --host {spec.alias}" if app.narrowed else ""
-            raise Interrupted(
-                f"interrupted while starting the job on {spec.alias}: it may be running there",
-                hint=f"`remotedl{on} jobs` lists it; `remotedl{on} kill` stops this project's latest job",
-            ) from None
-        except jobs.EnvOutOfDate as e:
-            files = ", ".join(str(f) for f in e.plan.get("files") or []) or str(e.plan.get("kind"))
-            env.stderr.write(
-                f"remotedl: {safe(files)} changed since the last environment sync on {spec.alias}: "
-                f"syncing {safe(str(e.plan.get('target') or ''))}\n"
-            )
-            sync_environment(app, client, rdir, env_spec)
-    ref = app.job_ref(rec.id)
-    if app.json and args.detach:
-        app.print_json({**rec.to_dict(), "alias": spec.alias} if app.narrowed else rec.to_dict())
-        return ExitCode.OK
-    if rec.scheduler == "slurm":
-        said = slurmcli.submitted(rec, spec.alias)
-        if args.detach:
-            app.out(ref)
-            env.stderr.write(f"{said}; `remotedl logs -f {ref}` to follow\n")
-            return ExitCode.OK
-        env.stderr.write(f"remotedl: {said}; Ctrl-C detaches\n")
-        return _follow(
-            app, client, rec.id, ref, on_end=lambda ended: _at_end(app, client, rdir, ended, pulls)
-        )
-    gpus_word = "GPU" if len(rec.gpus) == 1 else "GPUs"
-    gpu_text = f"{gpus_word} {','.join(map(str, rec.gpus))}" if rec.gpus else "no GPU"
-    if rec.status == "queued":
-        gpu_text = "waiting for GPUs"
-    where = f"in {rec.workdir}" if rec.workdir else f"in the work tree {rec.cwd}"
-    if args.detach:
-        app.out(ref)
-        env.stderr.write(
-            f"job {rec.id} ({safe(rec.name)}) {rec.state} on {spec.alias}, {gpu_text}, {safe(where)}; "
-            f"`remotedl logs -f {ref}` to follow\n"
-        )
-        return ExitCode.OK
-    env.stderr.write(
-        f"remotedl: job {rec.id} ({safe(rec.name)}) {rec.state} on {spec.alias}, {gpu_text}; "
-        "Ctrl-C detaches\n"
-    )
-    return _follow(app, client, rec.id, ref, on_end=lambda ended: _at_end(app, client, rdir, ended, pulls))
-
-
-def _notify_urls(app: App) -> list[str]:
-    """The job's notification URLs (config ``notify`` + ``--notify``), each checked here, so a
-    typo fails the run now rather than a notification hours later."""
-    from remotedl import notify
-    from remotedl.errors import ConfigError
-
-    if app.flag("no_notify"):
-        return []
-    s = app.settings
-    configured = [str(u) for u in s.get("notify")]
-    for url in configured:
-        try:
-            notify.parse(url)
-        except notify.NotifyURLError as e:
-            raise ConfigError(
-                f"{s.source('notify')}: notify: {e}", hint="fix the URL in the config"
-            ) from None
-    given = [str(u) for u in app.flag("notify") or []]
-    for url in given:
-        try:
-            notify.parse(url)
-        except notify.NotifyURLError as e:
-            raise UsageError(f"--notify: {e}") from None
-    return [*configured, *[u for u in given if u not in configured]]
-
-
-def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: list[str]) -> None:
-    """When the followed job ended: its outputs home (--pull / pull_on_end), then a desktop
-    notification (notify_desktop = true). A failed pull is an error once the job succeeded."""
-    from remotedl.cli.sync import kept_lines, pull_sources, pulled_lines
-    from remotedl.errors import RemotedlError
-
-    env = app.env
-    failure: RemotedlError | None = None
-    if pulls:
-        try:
-            results = pull_sources(app, client, rdir, pulls, job=str(rec.id))
-        except RemotedlError as e:
-            failure = e
-            env.stderr.write(f"remotedl: could not pull {', '.join(pulls)} from job {rec.id}: {e}\n")
-        else:
-            for line in pulled_lines(results):
-                env.stderr.write(f"remotedl: pulled {line}\n")
-            for line in kept_lines(results):
-                env.stderr.write(f"remotedl: {line}\n")
-    if app.settings.get("notify_desktop"):
-        from remotedl import notify
-        from remotedl.desktop import notify_desktop
-
-        ev = notify.job_event(rec.to_dict(), rec.status, client.spec.alias)
-        shown = notify_desktop(ev.title, ev.text, env.environ)
-        if not shown.shown and shown.tool:
-            env.stderr.write(
-                f"remotedl: no desktop notification ({shown.tool}: {safe(shown.error or '?')})\n"
-            )
-    if failure is not None and rec.status == "succeeded":
-        raise failure
 
 
 def _when(ts: float | None) -> str:
