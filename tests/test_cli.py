@@ -331,7 +331,7 @@ def test_a_job_started_ahead_of_this_clock_has_no_negative_duration():
     showed a duration of `-1d 22h`."""
     import time
 
-    from remotedl.cli.basic import _duration
+    from remotedl.cli.common import seconds_text as _duration
     from remotedl.cli.jobs import _duration_text
     from remotedl.schema import JobRecord
 

@@ -7,11 +7,11 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
-from remotedl.cli.basic import _duration, _size
+from remotedl.cli.common import cell_text, report_failures, seconds_text, size_text
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural, printable
@@ -20,33 +20,14 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
 
-    from remotedl.fleet import FleetResult, HostResult
+    from remotedl.fleet import FleetResult
     from remotedl.gpus import Gpu
     from remotedl.status import BoxStatus
-    from remotedl.sync import PushResult
     from remotedl.top import BoxSample
 
 
-def _text(value: str) -> Text:
-    """Box text as a table cell: escaped control characters, no rich markup."""
-    from rich.text import Text
-
-    return Text(printable(value, newlines=False))
-
-
 def _mem(used: int | None, total: int | None) -> str:
-    return f"{_size((used or 0) << 20)} / {_size((total or 0) << 20)}"
-
-
-def _error_line(r: HostResult[Any]) -> str:
-    assert r.error is not None
-    hint = f" ({r.error.hint})" if r.error.hint else ""
-    return f"{r.host}: {r.error.message}{hint}"
-
-
-def _failures(app: App, failed: Sequence[HostResult[Any]]) -> None:
-    for r in failed:
-        app.err_console.print(_text(_error_line(r)), style="red")
+    return f"{size_text((used or 0) << 20)} / {size_text((total or 0) << 20)}"
 
 
 def gpu_row(host: str, st_held_by: dict[int, str], g: Gpu) -> dict[str, Any]:
@@ -108,7 +89,7 @@ def status(app: App) -> int:
             util = "[N/A]" if row["utilization_pct"] is None else f"{row['utilization_pct']}%"
             table.add_row(
                 *map(
-                    _text,
+                    cell_text,
                     (
                         row["host"],
                         str(row["index"]),
@@ -122,73 +103,12 @@ def status(app: App) -> int:
         c.print(table)
     for host, st in result.values():
         if st.nvidia_error:
-            c.print(_text(f"{host}: no GPUs: {st.nvidia_error}"))
-    _failures(app, result.failed)
+            c.print(cell_text(f"{host}: no GPUs: {st.nvidia_error}"))
+    report_failures(app, result.failed)
     return result.exit_code
 
 
 # ------------------------------------------------------------------ push
-
-
-def push(app: App, args: argparse.Namespace) -> int:
-    """`remotedl push` to several hosts at once, with a progress line per host."""
-    from remotedl import sync
-    from remotedl.cli.progress import fleet_progress
-    from remotedl.cli.sync import missing_data_lines
-    from remotedl.fleet import Member
-
-    fleet = app.fleet()
-
-    with fleet_progress(app.env, fleet.hosts, enabled=not app.json) as bars:
-
-        def one(m: Member) -> PushResult:
-            s = m.settings
-            data = [] if args.no_data else list(s.get("data"))
-            data += [d for d in args.data if d not in data]
-            return sync.push(
-                m.spec,
-                s.project.root,
-                str(args.remote_dir or m.remote_dir),
-                data=data,
-                excludes=[*s.get("exclude"), *args.exclude],
-                delete=args.delete,
-                force=args.force,
-                code=not args.no_code,
-                progress=bars.progress(m.name),
-                dir_mode=str(s.get("remote_dir_mode")),
-            )
-
-        result = fleet.map(one, on_result=lambda r: bars.done(r.host, r.ok))
-    missing = next((pushed.missing for _, pushed in result.values() if pushed.missing), [])
-    for line in missing_data_lines(missing, app.settings.project.root):  # the same on every host
-        app.env.stderr.write(f"remotedl: {line}\n")
-    if app.json:
-        app.print_json(
-            {
-                "hosts": [
-                    {"host": r.host, "ok": r.ok, "result": r.value.to_dict() if r.value else None}
-                    | ({"error": r.error_dict()} if r.error else {})
-                    for r in result.results
-                ]
-            }
-        )
-        return result.exit_code
-    for host, pushed in result.values():
-        parts = []
-        if pushed.commit:
-            what = f"snapshot {pushed.commit[:10]}" if pushed.snapshot else f"commit {pushed.commit[:10]}"
-            state = "checked out" if pushed.code_changed else "already there"
-            parts.append(f"code {what} -> {pushed.remote_dir} ({state})")
-        parts += [
-            f"data {t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} sent"
-            for t in pushed.transfers
-        ]
-        app.console.print(_text(f"{host}: " + "; ".join(parts or ["nothing to send"])))
-    _failures(app, result.failed)
-    return result.exit_code
-
-
-# ------------------------------------------------------------------ top
 
 
 def _bar(done: float, total: float, width: int = 12) -> Text:
@@ -234,9 +154,9 @@ def render_top(samples: list[BoxSample], interval: float, *, footer: bool = True
         used, total = g.memory_used_mib or 0, g.memory_total_mib or 0
         kind, words = holder(s.held_by, g)
         table.add_row(
-            _text(s.host),
+            cell_text(s.host),
             Text(str(g.index)),
-            _text(g.name),
+            cell_text(g.name),
             _bar(util or 0, 100),
             Text("N/A" if util is None else f"{util:>3}%"),
             _bar(used, total),
@@ -251,25 +171,25 @@ def render_top(samples: list[BoxSample], interval: float, *, footer: bool = True
     for host, j in [*running, *queued]:
         since = j.started or j.created
         jobs.add_row(
-            _text(host),
+            cell_text(host),
             Text(str(j.id)),
-            _text(j.name),
+            cell_text(j.name),
             Text(j.status, style="cyan" if j.status == "running" else "yellow"),
             Text(",".join(map(str, j.gpus)) or "-"),
-            Text(_duration(now - since) if since else "-"),
-            _text(j.command),
+            Text(seconds_text(now - since) if since else "-"),
+            cell_text(j.command),
         )
     if running or queued:
         parts += [Text(""), jobs]
     notes: list[RenderableType] = []
     for s in samples:
         if s.state == "live" and s.nvidia_error:
-            notes.append(_text(f"{s.host}: no GPUs: {s.nvidia_error}"))
+            notes.append(cell_text(f"{s.host}: no GPUs: {s.nvidia_error}"))
         elif s.state == "connecting":
             notes.append(Text(f"{s.host}: connecting...", style="yellow"))
         elif s.state in ("reconnecting", "down"):
             word = "down" if s.state == "down" else f"reconnecting (attempt {s.attempts})"
-            age = f"; last sample {_duration(now - s.sampled)} ago" if s.sampled else ""
+            age = f"; last sample {seconds_text(now - s.sampled)} ago" if s.sampled else ""
             notes.append(Text(printable(f"{s.host}: {word}: {s.error}{age}", newlines=False), style="red"))
     if notes:
         parts += [Text(""), *notes]
@@ -395,40 +315,3 @@ def _live(app: App, targets: Any, interval: float) -> int:
 
 
 # ------------------------------------------------------------------ run, jobs
-
-
-def jobs_table(app: App, args: argparse.Namespace) -> int:
-    """`remotedl jobs` on a fleet: every host's jobs in one table, ids as HOST:ID."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from remotedl import jobs
-    from remotedl.cli.jobs import job_cells
-    from remotedl.fleet import Member
-    from remotedl.schema import JobRecord
-
-    def listed(m: Member) -> list[JobRecord]:
-        return jobs.list_jobs(m.client(), all_jobs=args.all)
-
-    result = app.fleet().map(listed)
-    rows = [(host, r) for host, recs in result.values() for r in recs]
-    if app.json:
-        app.print_json(
-            {
-                "jobs": [{**r.to_dict(), "alias": host, "ref": f"{host}:{r.id}"} for host, r in rows],
-                "hosts": [{"host": x.host, "ok": x.ok} | ({"error": x.error_dict()} if x.error else {})
-                          for x in result.results],
-            }
-        )  # fmt: skip
-        return result.exit_code
-    if not rows and not result.failed:
-        app.out(f"no jobs on {', '.join(app.hosts)} yet; start one with `remotedl run COMMAND`")
-    if rows:
-        table = Table(box=None, pad_edge=False)
-        for col in ("host", "job", "name", "status", "GPUs", "exit", "started", "duration", "command"):
-            table.add_column(col, no_wrap=col != "command")
-        for host, r in rows:
-            table.add_row(_text(host), Text(f"{host}:{r.id}"), *job_cells(r))
-        app.console.print(table)
-    _failures(app, result.failed)
-    return result.exit_code

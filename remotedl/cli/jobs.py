@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import codecs
-import contextlib
 import datetime
-import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
-from remotedl.cli.basic import _duration, _size
-from remotedl.cli.sync import remote_dir
+from remotedl.cli.common import (
+    agent_client,
+    cell_text,
+    json_lines_writer,
+    log_writer,
+    remote_dir,
+    report_failures,
+    route,
+    safe,
+    seconds_text,
+    size_text,
+    warner,
+)
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
+from remotedl.errors import ExitCode, JobFailed, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
     from rich.text import Text
 
     from remotedl.agent.client import AgentClient
-    from remotedl.envsync import EnvSyncResult
-    from remotedl.jobs import EnvSpec, JobRecord
+    from remotedl.jobs import JobRecord
 
 # The table's colour per status (the words themselves are the same in --json).
 STATUS_STYLE = {
@@ -37,120 +44,6 @@ STATUS_STYLE = {
     "running": "bold blue",
     "stalled": "bold yellow",
 }
-
-
-def safe(text: str) -> str:
-    """Box text for the terminal: control characters (escape sequences) shown escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
-
-
-def _writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], None]]:
-    """Write log bytes to stdout: raw where stdout has a buffer, else decoded (tests)."""
-    buffer = getattr(env.stdout, "buffer", None)
-    if buffer is not None:
-
-        def write_raw(b: bytes) -> None:
-            buffer.write(b)
-            buffer.flush()
-
-        return write_raw, buffer.flush
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def write_text(b: bytes) -> None:
-        env.stdout.write(decoder.decode(b))
-        env.stdout.flush()
-
-    def flush_text() -> None:
-        env.stdout.write(decoder.decode(b"", final=True))
-
-    return write_text, flush_text
-
-
-def _json_lines_writer(env: Environment) -> tuple[Callable[[bytes], None], Callable[[], None]]:
-    """Log bytes as JSON Lines (``logs --json``): one object per log line, ``{"text": LINE}``
-    with the line's own newline, or ``{"base64": ...}`` for a line that is not UTF-8; joined in
-    order they are the log byte for byte. A last line without a newline comes at the end."""
-    import base64
-
-    pending = bytearray()
-
-    def emit(line: bytes) -> None:
-        try:
-            obj = {"text": line.decode("utf-8")}
-        except UnicodeDecodeError:
-            obj = {"base64": base64.b64encode(line).decode("ascii")}
-        env.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-    def write(b: bytes) -> None:
-        pending.extend(b)
-        end = pending.rfind(b"\n")
-        if end < 0:
-            return
-        for line in bytes(pending[: end + 1]).splitlines(keepends=True):
-            emit(line)
-        del pending[: end + 1]
-        env.stdout.flush()
-
-    def flush() -> None:
-        if pending:
-            emit(bytes(pending))
-            pending.clear()
-        env.stdout.flush()
-
-    return write, flush
-
-
-def warner(env: Environment) -> Callable[[str], None]:
-    def warn(text: str) -> None:
-        env.stderr.write(f"remotedl: warning: {safe(text)}\n")
-
-    return warn
-
-
-def _client(app: App) -> AgentClient:
-    from remotedl.agent.client import AgentClient
-
-    return AgentClient(app.spec(), python=str(app.settings.get("python")), adopt=adopt_request(app))
-
-
-def adopt_request(app: App) -> dict[str, str] | None:
-    """The agent's ``adopt`` field where this command works in the default remote_dir."""
-    return None if app.flag("remote_dir") else app.settings.adopt_request()
-
-
-def route(app: App, job: str | None, *, active: bool = False) -> tuple[App, str | None]:
-    """Which host a job reference means: ``HOST:ID`` names its host; on a fleet, no id means
-    this project's latest job on any of its hosts (``active``: the latest running or queued
-    one, as for kill and attach); on one host, the reference as typed."""
-    if not (app.is_fleet and not job):
-        return app.route_job(job)
-    from remotedl import jobs
-    from remotedl.fleet import Member
-
-    def latest(m: Member) -> JobRecord | None:
-        client = m.client()
-        rec = jobs.get_job(client, None, project=str(app.flag("remote_dir") or m.remote_dir))
-        if rec.active or not active:
-            return rec
-        # the latest is over: this project's latest running or queued job, if any
-        mine = [r for r in jobs.list_jobs(client) if r.active and r.remote_dir == rec.remote_dir]
-        return max(mine, key=lambda r: r.id) if mine else None
-
-    found = app.fleet().map(latest)
-    recs = [(host, rec) for host, rec in found.values() if rec is not None]
-    if not recs:
-        for r in found.failed:  # out of reach (a host without this project's jobs is no news)
-            if r.error is not None and r.error.exit_code != ExitCode.ERROR:
-                app.env.stderr.write(f"remotedl: {r.host}: {safe(str(r.error))}\n")
-        what = "running job" if active else "job"
-        raise RemotedlError(
-            f"no {what} of this project on {', '.join(app.hosts)}",
-            hint="`remotedl jobs` lists the jobs of every host as HOST:ID",
-        )
-    host, rec = max(recs, key=lambda hr: (hr[1].created or 0.0, hr[1].id))
-    return app.for_host(host), str(rec.id)
 
 
 def _follow(
@@ -167,7 +60,7 @@ def _follow(
     spec = client.spec
     shown = ref or str(job_id)
     # --json (`logs -f`, a followed `run`): the log as JSON Lines, never raw bytes
-    write, flush = _json_lines_writer(app.env) if app.json else _writer(app.env)
+    write, flush = json_lines_writer(app.env) if app.json else log_writer(app.env)
 
     def reconnecting(n: int) -> None:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
@@ -206,55 +99,6 @@ def _follow(
     return ExitCode.OK
 
 
-@contextlib.contextmanager
-def _status_line(app: App, text: str) -> Iterator[Callable[[str], None]]:
-    """A one-line spinner on a terminal that shows the latest installer line; nothing otherwise."""
-    if app.json or not getattr(app.env.stderr, "isatty", lambda: False)():
-        yield lambda line: None
-        return
-    from rich.markup import escape
-
-    with app.err_console.status(escape(text)) as status:
-        yield lambda line: status.update(escape(f"{text}: {safe(line)[:100]}"))
-
-
-def sync_environment(
-    app: App, client: AgentClient, rdir: str, spec: EnvSpec, *, force: bool = False
-) -> EnvSyncResult:
-    """Sync the project's environment on the box, showing progress; on failure the
-    installer's last lines go to stderr before the error."""
-    from remotedl.run import RunProgress
-    from remotedl.run import sync_environment as sync_env
-
-    class Shown(RunProgress):
-        def note(self, text: str) -> None:
-            app.env.stderr.write(f"remotedl: {safe(text)}\n")
-
-        @contextlib.contextmanager
-        def env_sync(self, text: str) -> Iterator[Callable[[str], None]]:
-            with _status_line(app, text) as say:
-                yield say
-
-        def env_sync_failed(self, output: Sequence[str]) -> None:
-            for line in output:
-                app.env.stderr.write(f"  | {safe(line)}\n")
-
-    return sync_env(client, rdir, spec, Shown(), force=force)
-
-
-def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
-    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push is about
-    to change, before it goes ahead."""
-    from remotedl import jobs
-
-    root = app.settings.project.root
-    for rec in jobs.push_conflicts(client, root, rdir):
-        app.env.stderr.write(
-            f"remotedl: warning: this push changes the files of running job {rec.id} "
-            f"({safe(rec.name)}) in {safe(rec.cwd)} (isolate = false); going ahead\n"
-        )
-
-
 def _when(ts: float | None) -> str:
     if not ts:
         return "-"
@@ -275,10 +119,8 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
         raise UsageError(f"unexpected {' '.join(args.ids)}", hint="`remotedl jobs rm ID...` removes jobs")
     app = App(args, env)
     if app.is_fleet:
-        from remotedl.cli.fleet import jobs_table
-
         return jobs_table(app, args)
-    records = jobs.list_jobs(_client(app), all_jobs=args.all, warn=warner(env))
+    records = jobs.list_jobs(agent_client(app), all_jobs=args.all, warn=warner(env))
     if app.json:
         app.print_json([r.to_dict() for r in records])
         return ExitCode.OK
@@ -307,7 +149,7 @@ def job_cells(r: JobRecord) -> list[Text]:
         Text(",".join(map(str, r.gpus)) or "-"),
         Text("-" if r.exit_code is None else str(r.exit_code)),
         Text(_when(r.started)),
-        Text(_duration(r.duration) if r.started else "-"),
+        Text(seconds_text(r.duration) if r.started else "-"),
         Text(safe(r.command)),
     ]
 
@@ -337,7 +179,7 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
     elif args.ids:
         raise UsageError("jobs prune takes no ids", hint="use --older-than AGE, or `jobs rm ID...`")
     older = jobs.parse_age(args.older_than) if args.older_than else 0.0
-    client = _client(app)
+    client = agent_client(app)
     rdir = remote_dir(app)
 
     def go(dry_run: bool) -> jobs.Removal:
@@ -355,7 +197,7 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
             app.out("nothing to remove")
         return ExitCode.ERROR if plan.refused else ExitCode.OK
     ids_text = ", ".join(str(r.id) for r in plan.removed)
-    what = f"{plural(len(plan.removed), 'job')} ({ids_text}), {_size(plan.bytes)}"
+    what = f"{plural(len(plan.removed), 'job')} ({ids_text}), {size_text(plan.bytes)}"
     if not args.yes:
         if not env.stdin_isatty:
             raise UsageError(f"this would remove {what}", hint="run again with --yes to remove them")
@@ -369,8 +211,8 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
         app.print_json(done.to_dict())
     else:
         for r in done.removed:
-            app.out(f"removed job {r.id} ({safe(r.name or '?')}, {r.status}): {_size(r.bytes)}")
-        app.out(f"freed {_size(done.bytes)} on {client.spec.alias}")
+            app.out(f"removed job {r.id} ({safe(r.name or '?')}, {r.status}): {size_text(r.bytes)}")
+        app.out(f"freed {size_text(done.bytes)} on {client.spec.alias}")
     return ExitCode.ERROR if done.refused else ExitCode.OK
 
 
@@ -394,7 +236,7 @@ def _environment_text(rec: JobRecord) -> str:
 def _show(app: App, job: str | None) -> int:
     from remotedl import jobs
 
-    client = _client(app)
+    client = agent_client(app)
     spec = client.spec
     rec = jobs.get_job(client, job, project=None if job else remote_dir(app), warn=warner(app.env))
     ref = None
@@ -437,7 +279,7 @@ def _show(app: App, job: str | None) -> int:
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),
-        ("stall watch", f"after {_duration(rec.stall_after)}" if rec.stall_after else "off"),
+        ("stall watch", f"after {seconds_text(rec.stall_after)}" if rec.stall_after else "off"),
         ("notify", ", ".join(rec.notify) or "-"),  # masked on the box already
     ]
     for n in rec.notifications:
@@ -455,8 +297,8 @@ def _duration_text(rec: JobRecord) -> str:
         return "-"
     took = rec.duration
     if took is not None and took <= -1:
-        return f"? (it started {_duration(-took)} ahead of this machine's clock: the box's clock is ahead)"
-    return _duration(took)
+        return f"? (it started {seconds_text(-took)} ahead of this machine's clock: the box's clock is ahead)"
+    return seconds_text(took)
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
@@ -467,7 +309,7 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app, args.job = route(App(args, env), args.job)
-    client = _client(app)
+    client = agent_client(app)
     rec = jobs.get_job(client, args.job, project=None if args.job else remote_dir(app), warn=warner(env))
     root = app.settings.project.root
     text = jobs.diff(root, client.box, rec, stat=args.stat, color=env.stdout_isatty)
@@ -481,14 +323,14 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app, args.job = route(App(args, env), args.job)
-    client = _client(app)
+    client = agent_client(app)
     project = None if args.job else remote_dir(app)
     if args.follow:
         rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
         if args.lines is None:
             return _follow(app, client, rec.id, app.job_ref(rec.id))
         args.job, project = str(rec.id), None
-    write, flush = _json_lines_writer(env) if app.json else _writer(env)
+    write, flush = json_lines_writer(env) if app.json else log_writer(env)
     out_fd = None
     if not app.json and getattr(env.stdout, "buffer", None) is not None:  # bytes may go to its fd
         try:
@@ -519,7 +361,7 @@ def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
 
     app, args.job = route(App(args, env), args.job, active=True)
     project = None if args.job else remote_dir(app)
-    rec = jobs.kill(_client(app), args.job, grace=args.grace, project=project, warn=warner(env))
+    rec = jobs.kill(agent_client(app), args.job, grace=args.grace, project=project, warn=warner(env))
     if app.json:
         app.print_json(rec.to_dict())
     else:
@@ -531,7 +373,7 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
 
     app, args.job = route(App(args, env), args.job, active=True)
-    client = _client(app)
+    client = agent_client(app)
     spec = client.spec
     project = None if args.job else remote_dir(app)
     rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
@@ -552,3 +394,38 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
         env.stderr.write(f"attaching to job {rec.id}; detach with Ctrl-b d (the job keeps running)\n")
     return subprocess.call(argv, stdin=sys.stdin, stdout=sys.stdout)
 
+
+def jobs_table(app: App, args: argparse.Namespace) -> int:
+    """`remotedl jobs` on a fleet: every host's jobs in one table, ids as HOST:ID."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from remotedl import jobs
+    from remotedl.cli.jobs import job_cells
+    from remotedl.fleet import Member
+
+    def listed(m: Member) -> list[JobRecord]:
+        return jobs.list_jobs(m.client(), all_jobs=args.all)
+
+    result = app.fleet().map(listed)
+    rows = [(host, r) for host, recs in result.values() for r in recs]
+    if app.json:
+        app.print_json(
+            {
+                "jobs": [{**r.to_dict(), "alias": host, "ref": f"{host}:{r.id}"} for host, r in rows],
+                "hosts": [{"host": x.host, "ok": x.ok} | ({"error": x.error_dict()} if x.error else {})
+                          for x in result.results],
+            }
+        )  # fmt: skip
+        return result.exit_code
+    if not rows and not result.failed:
+        app.out(f"no jobs on {', '.join(app.hosts)} yet; start one with `remotedl run COMMAND`")
+    if rows:
+        table = Table(box=None, pad_edge=False)
+        for col in ("host", "job", "name", "status", "GPUs", "exit", "started", "duration", "command"):
+            table.add_column(col, no_wrap=col != "command")
+        for host, r in rows:
+            table.add_row(cell_text(host), Text(f"{host}:{r.id}"), *job_cells(r))
+        app.console.print(table)
+    report_failures(app, result.failed)
+    return result.exit_code

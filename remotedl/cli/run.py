@@ -9,16 +9,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
-from remotedl.cli.jobs import _client, _json_lines_writer, _status_line, _writer, safe, warner
-from remotedl.cli.progress import progress_bar
-from remotedl.cli.sync import (
-    kept_lines,
-    left_out_lines,
-    made_line,
-    missing_data_lines,
-    pulled_lines,
+from remotedl.cli.common import (
+    agent_client,
+    installer_status,
+    json_lines_writer,
+    log_writer,
     remote_dir,
+    safe,
+    warner,
 )
+from remotedl.cli.progress import progress_bar
+from remotedl.cli.sync import kept_lines, left_out_lines, made_line, missing_data_lines, pulled_lines
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, JobFailed, UsageError
 from remotedl.run import RunPlan, RunProgress, RunResult, build_plan
@@ -80,7 +81,7 @@ class RunOutput(RunProgress):
         self.app = app
         self.plan = plan
         self.alias = alias  # the host as its spec names it (ssh config alias)
-        self.write, self.flush = _json_lines_writer(app.env) if app.json else _writer(app.env)
+        self.write, self.flush = json_lines_writer(app.env) if app.json else log_writer(app.env)
         self.on_state: Callable[[dict[str, Any]], None] = lambda change: None
         self.warner = warner(app.env)
 
@@ -97,7 +98,7 @@ class RunOutput(RunProgress):
 
     @contextlib.contextmanager
     def env_sync(self, text: str) -> Iterator[Callable[[str], None]]:
-        with _status_line(self.app, text) as say:
+        with installer_status(self.app, text) as say:
             yield say
 
     def env_sync_failed(self, output: Sequence[str]) -> None:
@@ -157,7 +158,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     from remotedl.run import run
 
     plan = plan_for(app, args, queue=queue)
-    client = _client(app)
+    client = agent_client(app)
     out = RunOutput(app, plan, client.spec.alias)
     result = run(plan, client, out, environ=app.env.environ)
     return render(app, result, out)
