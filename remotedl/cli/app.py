@@ -159,7 +159,11 @@ class App:
         return Console(file=self.env.stderr, highlight=False, soft_wrap=True, _environ=self.env.environ)
 
     def print_json(self, data: Any) -> None:
-        self.env.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        """``--json`` output: indented for a person at a terminal; compact when a program reads
+        it (piped, as ``gh`` does), which takes json's C encoder: the pure-Python one that
+        ``indent`` needs spent a quarter second on a listing of 5,000 jobs."""
+        indent = 2 if self.env.stdout_isatty else None
+        self.env.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
 
     def out(self, text: str = "") -> None:
         self.console.print(text, markup=False)
