@@ -349,6 +349,15 @@ def test_a_new_record_round_trips_through_the_schema():
     assert JobRecord.from_dict(parsed.to_dict()) == parsed
     assert (parsed.git_commit, parsed.environment, parsed.stall_after) == ("a" * 40, {"conda": "ml"}, 600.0)
     assert store.stall_after("0") is None and store.stall_after("x") is None
+    # json_dict is to_dict of from_dict without the record: the same data, the same order,
+    # defaults for what an older record lacks (fresh lists), unknown fields left out.
+    old = {"id": 3, "name": "x", "command": "c", "cwd": "/", "status": "failed", "exit_code": 1, "extra": 1}
+    for data in (rec, old):
+        got = JobRecord.json_dict(json.loads(json.dumps(data)))
+        want = JobRecord.from_dict(json.loads(json.dumps(data))).to_dict()
+        assert got == want and list(got) == list(want)
+    first, second = JobRecord.json_dict(old), JobRecord.json_dict(old)
+    assert first["gpus"] == [] and first["gpus"] is not second["gpus"]
 
 
 @pytest.mark.parametrize(
@@ -365,6 +374,8 @@ def test_the_record_checker_names_the_bad_field(change, message):
     rec.update(change)
     with pytest.raises(SchemaError, match=message):
         JobRecord.from_dict(rec)
+    with pytest.raises(SchemaError, match=message):
+        JobRecord.json_dict(rec)
 
 
 def test_requests_round_trip_and_the_box_checks_them_like_records(tmp_path):

@@ -120,10 +120,10 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     app = App(args, env)
     if app.is_fleet:
         return jobs_table(app, args)
-    records = jobs.list_jobs(agent_client(app), all_jobs=args.all, warn=warner(env))
     if app.json:
-        app.print_json([r.to_dict() for r in records])
+        app.print_json(jobs.list_job_dicts(agent_client(app), all_jobs=args.all, warn=warner(env)))
         return ExitCode.OK
+    records = jobs.list_jobs(agent_client(app), all_jobs=args.all, warn=warner(env))
     if not records:
         app.out("no jobs on the box yet; start one with `remotedl run COMMAND`")
         return ExitCode.OK
