@@ -1,8 +1,8 @@
 """A run as a plan: ``RunPlan`` says what ``remotedl run`` does (built once from the settings
 and the flags, before anything reaches a box), and ``run(plan, client, progress)`` does it on one
 host: push (or verify ``remote_dir``), start (syncing the environment and trying again when the
-box says its requirements changed), keep the job's commit, follow the log to the end, pull the
-outputs and show a desktop notification.
+box says its requirements changed), keep the job's commit, register its outputs in this clone's
+ledger, follow the log to the end, bring its outputs home, pull and show a desktop notification.
 
 The library never prints or exits: what the user sees goes through ``RunProgress``, whose
 methods the CLI overrides, and the outcome comes back as a ``RunResult``. Fleet placement builds
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from remotedl.desktop import DesktopResult
     from remotedl.envsync import EnvSyncResult
     from remotedl.jobs import EnvSpec, PullSource
+    from remotedl.outputs import Arrival
     from remotedl.rsync import ProgressFn
     from remotedl.schema import JobRecord
     from remotedl.slurm import SlurmSettings
@@ -71,6 +72,11 @@ class RunPlan:
     max_snapshot_file: int = 0  # the snapshot's size limit for an untracked file (for the left-out notes)
     environment: EnvSpec | None = None  # how the box syncs the project's environment (env sync settings)
     slurm: SlurmSettings | None = None  # the host's Slurm settings with --time/--partition/...; None: a box
+    # --- outputs home (issue 28)
+    outputs: tuple[str, ...] = ()  # the job's outputs (`outputs` + --output, the trackers' dirs)
+    trackers: bool = False  # the box points the trackers (W&B, MLflow) into the job's directory
+    project_id: str | None = None  # the project's identity (its root commit): any clone knows its jobs
+    outputs_base: Path = Path(".")  # where outputs come home to (`outputs_dir`, under the project)
     # --- room for the next runtimes (their own issues fill these in)
     image: str | None = None  # a container image to run the job in
     nodes: int = 1  # how many nodes the job spans
@@ -157,6 +163,28 @@ def notify_urls(settings: Settings, given: Sequence[str], *, off: bool = False) 
     return [*configured, *[str(u) for u in given if u not in configured]]
 
 
+def output_paths(settings: Settings, given: Sequence[str]) -> list[str]:
+    """The outputs of a job about to start: ``outputs`` in the config plus ``--output``; with
+    any, the trackers' directories too (``trackers = true``). Each checked (a relative path)."""
+    from remotedl import outputs
+
+    paths = [outputs.check_output_path(str(p)) for p in [*settings.get("outputs"), *given]]
+    if paths and settings.get("trackers"):
+        paths += [t for t in outputs.TRACKER_OUTPUTS if t not in paths]
+    return list(dict.fromkeys(paths))
+
+
+def project_identity(root: Path) -> str | None:
+    """The project's identity (its root commit), which its jobs' records carry: every clone of
+    it knows them by it. None outside a git repository."""
+    from remotedl import snapshot
+
+    try:
+        return snapshot.project_identity(root) or None
+    except (RemotedlError, OSError):
+        return None
+
+
 def build_plan(
     settings: Settings,
     words: Sequence[str],
@@ -178,10 +206,12 @@ def build_plan(
     no_notify: bool = False,
     slurm: SlurmSettings | None = None,
     ref_host: bool = False,
+    outputs: Sequence[str] = (),
 ) -> RunPlan:
     """A ``RunPlan`` from one host's settings and the run's flags (the CLI's words, typed).
     Raises ``UsageError``/``ConfigError`` for what is wrong, before anything reaches the box."""
     from remotedl import jobs
+    from remotedl.outputs import outputs_root
 
     argv = command_argv(words)
     root = settings.project.root
@@ -198,6 +228,7 @@ def build_plan(
             hint="drop --detach, or later: remotedl pull --job ID PATH",
         )
     base_data = list(settings.get("data"))
+    paths = output_paths(settings, outputs)
     return RunPlan(
         command=command,
         argv=tuple(argv),
@@ -226,6 +257,10 @@ def build_plan(
         max_snapshot_file=int(settings.get("max_snapshot_file")),
         environment=jobs.EnvSpec.from_settings(settings),
         slurm=slurm,
+        outputs=tuple(paths),
+        trackers=bool(paths and settings.get("trackers")),
+        project_id=project_identity(root) if paths else None,
+        outputs_base=outputs_root(root, settings.get("outputs_dir")),
     )
 
 
@@ -286,6 +321,8 @@ class RunResult:
     interrupted: bool = False  # Ctrl-C while following: the job keeps running
     pulled: list[tuple[PullSource, PullResult]] = field(default_factory=list)
     pull_error: RemotedlError | None = None  # the pull at the end failed (an error once the job succeeded)
+    outputs: Arrival | None = None  # the followed job's outputs, home at its end (its ledger entry's)
+    outputs_error: RemotedlError | None = None  # they could not come home (`remotedl outputs` resumes)
     desktop: DesktopResult | None = None  # the desktop notification's outcome, if one was asked for
 
     @property
@@ -367,15 +404,19 @@ def run(
     if plan.push:
         if not plan.isolate:
             # Jobs run in the work tree itself: say which ones this push changes, then go ahead.
-            for other in jobs.push_conflicts(client, root, rdir):
+            conflicts = jobs.push_conflicts(
+                client, root, rdir, data=plan.data, max_snapshot_file=plan.max_snapshot_file
+            )
+            for other in conflicts:
                 progress.warn(
                     f"this push changes the files of running job {other.id} ({other.name}) in {other.cwd} "
                     "(isolate = false); going ahead"
                 )
         with progress.transfer("push") as bar:
             pushed = sync.push(
-                spec, root, rdir, data=plan.data, excludes=plan.excludes, progress=bar, dir_mode=plan.dir_mode
-            )
+                spec, root, rdir, data=plan.data, excludes=plan.excludes, progress=bar,
+                dir_mode=plan.dir_mode, max_snapshot_file=plan.max_snapshot_file,
+            )  # fmt: skip
         progress.pushed(pushed)
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
     else:
@@ -410,9 +451,13 @@ def run(
                 stall_after=plan.stall_after,
                 warn=progress.warn,
                 slurm=_slurm_request(plan.slurm),
+                outputs=plan.outputs,
+                trackers=plan.trackers,
+                project_id=plan.project_id,
             )
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
+            register_outputs(plan, rec, spec.alias)
             break
         except KeyboardInterrupt:
             raise _interrupted_starting(plan, spec.alias, started) from None
@@ -449,6 +494,32 @@ def run(
     return result
 
 
+def register_outputs(plan: RunPlan, rec: JobRecord, alias: str) -> None:
+    """The started job in this clone's ledger, waiting: its outputs come home when it ends."""
+    from remotedl import outputs
+
+    if not plan.outputs:
+        return
+    entry = outputs.entry_for(rec, alias, plan.outputs, plan.outputs_base, env=plan.env)
+    entry.status = "waiting"
+    outputs.register(outputs.Ledger(plan.project_root), entry)
+
+
+def fetch_outputs(plan: RunPlan, client: AgentClient, rec: JobRecord) -> Arrival | None:
+    """A followed job ended: its outputs home at once, when this clone's ledger waits for them
+    (None: it does not). The ledger keeps what came."""
+    from remotedl import outputs
+
+    ledger = outputs.Ledger(plan.project_root)
+    entry = ledger.read().get(f"{client.spec.alias}:{rec.id}")
+    if entry is None or entry.status != "waiting":
+        return None
+    arrival = outputs.fetch(client.spec, entry, job_ended=True, work_tree=plan.project_root)
+    with ledger.edit() as entries:
+        entries[entry.key] = entry
+    return arrival
+
+
 def _slurm_request(s: SlurmSettings | None) -> dict[str, Any] | None:
     if s is None:
         return None
@@ -476,9 +547,14 @@ def _interrupted_starting(plan: RunPlan, alias: str, started: JobRecord | None) 
 def _at_end(
     result: RunResult, client: AgentClient, progress: RunProgress, environ: Mapping[str, str] | None
 ) -> None:
-    """When the followed job ended: its outputs home (``pull``), then a desktop notification."""
+    """When the followed job ended: its outputs home (``outputs``, then ``pull``), then a
+    desktop notification."""
     plan, rec = result.plan, result.ended
     assert rec is not None
+    try:
+        result.outputs = fetch_outputs(plan, client, rec)
+    except RemotedlError as e:
+        result.outputs_error = e
     if plan.pull:
         try:
             with progress.transfer("pull") as bar:

@@ -93,6 +93,26 @@ def _jobs() -> dict[str, Handler]:
     }
 
 
+def _outputs() -> dict[str, Handler]:
+    from remotedl.cli import outputs
+
+    return {
+        "outputs": outputs.cmd_outputs,
+        "compare": outputs.cmd_compare,
+    }
+
+
+def _cloud() -> dict[str, Handler]:
+    from remotedl.cli import cloud
+
+    return {
+        "up": cloud.cmd_up,
+        "stop": cloud.cmd_stop,
+        "autostop": cloud.cmd_autostop,
+        "cost": cloud.cmd_cost,
+    }
+
+
 def _tunnel() -> dict[str, Handler]:
     from remotedl.cli import tunnel
 
@@ -131,7 +151,7 @@ COMMANDS: dict[str, Command] = {
     "top": Command(_fleet, parsers.top, "live view of the GPUs and running jobs of every box (q quits)"),
     "config": Command(_basic, parsers.config, "show the resolved settings and where each came from"),
     "allow": Command(
-        _basic, parsers.allow, "let this project's remotedl.toml name an ssh config or cmd: IP sources"
+        _basic, parsers.allow, "trust this version of a cloned project's risky settings and playbooks"
     ),
     "trust": Command(_basic, parsers.trust, "show a box's host key fingerprint and record it in known_hosts"),
     "sandbox": Command(_basic, parsers.sandbox, "start or stop a throwaway local box to try remotedl on"),
@@ -160,6 +180,12 @@ COMMANDS: dict[str, Command] = {
         "what a job ran: host, GPUs, command, commit, environment, times, exit, directory",
     ),
     "diff": Command(_jobs, parsers.diff, "a job's code against the local work tree (git diff)"),
+    "outputs": Command(
+        _outputs, parsers.outputs, "list jobs' outputs and bring home those of jobs that ended; --watch"
+    ),
+    "compare": Command(
+        _outputs, parsers.compare, "jobs side by side: code, arguments, env, final metrics; --plot NAME"
+    ),
     "tunnel": Command(
         _tunnel, parsers.tunnel, "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"
     ),
@@ -171,10 +197,22 @@ COMMANDS: dict[str, Command] = {
     ),
     "dns": Command(_dns, parsers.dns, "keep the box's DNS name on its public IP: update, check, watch"),
     "setup": Command(
-        _setup, parsers.setup, "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check)"
+        _setup,
+        parsers.setup,
+        "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check, autostop)",
     ),
     "doctor": Command(
         _setup, parsers.doctor, "check the whole chain, laptop to GPUs, and say how to fix what fails"
+    ),
+    "up": Command(_cloud, parsers.up, "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
+    "stop": Command(_cloud, parsers.stop, "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
+    "autostop": Command(
+        _cloud,
+        parsers.autostop,
+        "stop a cloud VM once it has been idle this long (decided on the box); --off",
+    ),
+    "cost": Command(
+        _cloud, parsers.cost, "what jobs cost per host and project (price_per_hour x time x share of GPUs)"
     ),
 }
 
@@ -219,6 +257,17 @@ class _Parser(argparse.ArgumentParser):
         raise UnknownChoice(f"{what}: unknown choice '{value}' (choose from {', '.join(names)})")
 
 
+def _port(text: str) -> int:
+    """--port: a TCP port, checked here (ssh would say only "Bad port", as a connection error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
 def _global_options() -> _Parser:
     # Accepted before and after the command name (`remotedl --json status`, `remotedl status --json`).
     p = _Parser(add_help=False)
@@ -235,7 +284,7 @@ def _global_options() -> _Parser:
         "--ssh-config", default=d, metavar="FILE", help="ssh config file to use for every connection"
     )
     g.add_argument("--user", default=d, help="login user (overrides the ssh config)")
-    g.add_argument("--port", type=int, default=d, help="ssh port (overrides the ssh config)")
+    g.add_argument("--port", type=_port, default=d, help="ssh port (overrides the ssh config)")
     g.add_argument("-i", "--identity", default=d, metavar="KEY", help="private key (tried first)")
     g.add_argument("--connect-timeout", type=float, default=d, metavar="S", help="seconds (default 10)")
     g.add_argument("--json", action="store_true", default=d, help="machine-readable output")
@@ -449,8 +498,13 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     debug = bool(getattr(args, "debug", False))
     _setup_logging(env, debug)
     try:
-        return int(handler(args.subcommand)(args, env))
+        _seen_clear()
+        _vm_ready()
+        code = int(handler(args.subcommand)(args, env))
+        outputs_after_command(args, env)  # outputs of jobs that ended, from boxes it talked to
+        return code
     except JobFailed as e:
+        outputs_after_command(args, env)
         # The job's own output said why; its exit code is passed through.
         return _fail(env, True, e.message, None, e.code) if as_json else e.code
     except RemotedlError as e:
@@ -473,6 +527,33 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "run again with --debug for the traceback, and report it",
             ExitCode.ERROR,
         )
+
+
+def _vm_ready() -> None:
+    """Cloud VMs: every command reaches one through ``cloud.ready`` (auto_start, or its state)."""
+    from remotedl.cli import app, cloud
+
+    app.vm_ready = cloud.ready
+
+
+def _seen_clear() -> None:
+    from remotedl.outputs import SEEN
+
+    SEEN.clear()
+
+
+def outputs_after_command(args: argparse.Namespace, env: Environment) -> None:
+    """The one hook every command passes: outputs of jobs that ended come home from the boxes
+    the command talked to (remotedl.cli.outputs). It never changes the command's outcome."""
+    from remotedl.cli.outputs import after_command
+
+    try:
+        after_command(args, env)
+    except KeyboardInterrupt:
+        env.stderr.write("remotedl: interrupted while fetching outputs; `remotedl outputs` resumes\n")
+    except Exception as e:
+        logging.getLogger("remotedl").debug("outputs", exc_info=True)
+        env.stderr.write(f"remotedl: warning: outputs not fetched ({type(e).__name__}: {e})\n")
 
 
 def _setup_logging(env: Environment, debug: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
 
     from remotedl.fleet import Fleet, Member, Reach
     from remotedl.ssh import HostSpec
+
+# How a command reaches a host that is a cloud VM: ``remotedl.cli.cloud.ready`` (started first
+# with auto_start, else a clear error), given by the dispatcher (``remotedl.cli.main``): this
+# bottom module imports no command module. None (a library caller): the VM as resolved.
+vm_ready: Callable[[App, Member], HostSpec] | None = None
 
 
 @dataclass
@@ -124,7 +130,10 @@ class App:
         connect_timeout) and the --user/--port/--identity flags."""
         from remotedl.fleet import Fleet
 
-        return Fleet(self.env, self.base_settings, [name], self.reach(), self.resolved).member(name).spec
+        member = Fleet(self.env, self.base_settings, [name], self.reach(), self.resolved).member(name)
+        if member.cloud is not None and vm_ready is not None:
+            return vm_ready(self, member)
+        return member.spec
 
     def reach(self) -> Reach:
         from remotedl.fleet import Reach

@@ -207,13 +207,14 @@ def sync_environment(
     return sync_env(client, rdir, spec, Shown(), force=force)
 
 
-def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
-    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push is about
-    to change, before it goes ahead."""
+def warn_push_changes_running(app: App, client: AgentClient, rdir: str, data: Sequence[str]) -> None:
+    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push (of
+    these ``data`` paths) is about to change, before it goes ahead."""
     from remotedl import jobs
 
     root = app.settings.project.root
-    for rec in jobs.push_conflicts(client, root, rdir):
+    limit = int(app.settings.get("max_snapshot_file"))
+    for rec in jobs.push_conflicts(client, root, rdir, data=data, max_snapshot_file=limit):
         app.env.stderr.write(
             f"remotedl: warning: this push changes the files of running job {rec.id} "
             f"({safe(rec.name)}) in {safe(rec.cwd)} (isolate = false); going ahead\n"

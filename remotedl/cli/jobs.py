@@ -39,6 +39,7 @@ STATUS_STYLE = {
     "failed": "red",
     "killed": "yellow",
     "lost": "magenta",
+    "preempted": "magenta",
     "queued": "cyan",
     "starting": "cyan",
     "running": "bold blue",
@@ -206,6 +207,9 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
         if input().strip().lower() not in ("y", "yes"):
             env.stderr.write("nothing removed\n")
             return ExitCode.ERROR
+    from remotedl.cli.outputs import fetch_before_removal
+
+    fetch_before_removal(app, client, [r.id for r in plan.removed])  # their outputs go first
     done = go(False)
     if app.json:
         app.print_json(done.to_dict())
@@ -243,8 +247,12 @@ def _show(app: App, job: str | None) -> int:
     root = app.settings.project.root
     if rec.git_commit:
         ref = jobs.keep_commit(root, spec.alias, rec)
+    from remotedl.cli.cloud import job_cost_of
+
+    cost = job_cost_of(app, client, rec)  # None: the host has no price_per_hour
     if app.json:
-        app.print_json({**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state})
+        shown = {**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state}
+        app.print_json({**shown, **({"cost": cost.cost} if cost else {})})
         return ExitCode.OK
     status = rec.state + (f" ({rec.error})" if rec.error and rec.status != "failed" else "")
     if rec.stalled and rec.status == "running":
@@ -276,6 +284,7 @@ def _show(app: App, job: str | None) -> int:
         ("started", _when(rec.started)),
         ("ended", _when(rec.ended)),
         ("duration", _duration_text(rec)),
+        *([("cost", f"${cost.cost:,.2f} ({cost.share:.0%} of the box's GPUs)")] if cost else []),
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),
@@ -312,7 +321,11 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
     client = agent_client(app)
     rec = jobs.get_job(client, args.job, project=None if args.job else remote_dir(app), warn=warner(env))
     root = app.settings.project.root
-    text = jobs.diff(root, client.box, rec, stat=args.stat, color=env.stdout_isatty)
+    s = app.settings
+    text = jobs.diff(
+        root, client.box, rec, stat=args.stat, color=env.stdout_isatty,
+        data=list(s.get("data")), max_snapshot_file=int(s.get("max_snapshot_file")),
+    )  # fmt: skip
     env.stdout.write(text)
     if not text:
         env.stderr.write(f"remotedl: no difference: the work tree has job {rec.id}'s code\n")

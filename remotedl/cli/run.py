@@ -70,6 +70,7 @@ def plan_for(app: App, args: argparse.Namespace, *, queue: bool | None = None) -
         no_notify=bool(app.flag("no_notify")),
         slurm=slurmcli.settings_for(app, args),
         ref_host=app.narrowed,
+        outputs=list(getattr(args, "output", None) or []),
     )
 
 
@@ -194,6 +195,15 @@ def render(app: App, result: RunResult, out: RunOutput) -> int:
         return ExitCode.INTERRUPTED
     ended = result.ended
     assert ended is not None  # followed to its end
+    if result.outputs_error is not None:
+        env.stderr.write(
+            f"remotedl: outputs of job {ended.id} not fetched ({result.outputs_error}); "
+            "`remotedl outputs` resumes\n"
+        )
+    elif result.outputs is not None:
+        from remotedl.cli.outputs import came_home
+
+        came_home(app, alias, result.outputs)
     if result.pull_error is not None:
         env.stderr.write(
             f"remotedl: could not pull {', '.join(plan.pull)} from job {ended.id}: {result.pull_error}\n"

@@ -143,7 +143,7 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
     if not args.no_code and not s.get("isolate"):
         # Jobs run in the work tree itself (isolate = false): say which ones this push changes.
         client = agent_client(app)
-        warn_push_changes_running(app, client, remote_dir(app))
+        warn_push_changes_running(app, client, remote_dir(app), data)
     with progress_bar(env, not app.json) as progress:
         result = sync.push(
             spec,
@@ -436,6 +436,7 @@ def push_fleet(app: App, args: argparse.Namespace) -> int:
                 delete=args.delete,
                 force=args.force,
                 code=not args.no_code,
+                max_snapshot_file=int(s.get("max_snapshot_file")),
                 progress=bars.progress(m.name),
                 dir_mode=str(s.get("remote_dir_mode")),
             )
