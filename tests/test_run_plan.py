@@ -83,3 +83,17 @@ def test_what_a_plan_refuses_before_anything_reaches_the_box(tmp_path):
     with pytest.raises(ConfigError, match="notify"):
         build_plan(bad, ["train.py"], host="gpu1", remote_dir="~/p")
     assert env_pairs(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+
+
+def test_a_plan_carries_the_jobs_outputs(tmp_path):
+    # outputs home (issue 28): the settings' outputs, then --output, each once; the trackers'
+    # directories with trackers = true; where they come home to; a bad path refused here.
+    s = settings(tmp_path, 'outputs = ["ckpt/", "metrics.json"]\ntrackers = true\noutputs_dir = "res"\n')
+    plan = build_plan(s, ["train.py"], host="gpu1", remote_dir="~/p", outputs=["metrics.json", "extra.txt"])
+    assert plan.outputs[:3] == ("ckpt/", "metrics.json", "extra.txt")
+    assert set(plan.outputs[3:]) == {"wandb/", "mlruns/"} and plan.trackers is True
+    assert plan.outputs_base == s.project.root / "res"
+    none = build_plan(settings(tmp_path / "n"), ["train.py"], host="gpu1", remote_dir="~/p")
+    assert (none.outputs, none.trackers, none.project_id) == ((), False, None)
+    with pytest.raises(UsageError, match="relative to the job's directory"):
+        build_plan(s, ["train.py"], host="gpu1", remote_dir="~/p", outputs=["../up"])
