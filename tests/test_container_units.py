@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
 from pathlib import Path
@@ -134,6 +133,8 @@ def test_engine_asked_for_and_not_installed_says_so(monkeypatch):
 
 
 class FakeSettings:
+    """The few settings ``image_of`` reads."""
+
     def __init__(self, **values):
         self.values = {"image": None, "container": None, "container_gpus": "nvidia", "container_args": []}
         self.values.update(values)
@@ -142,21 +143,18 @@ class FakeSettings:
         return self.values[key]
 
 
-def test_laptop_image_from_flag_setting_and_no_image():
-    from remotedl.cli.jobs import _image_of
+def test_the_run_plan_takes_the_image_from_flag_setting_and_no_image():
+    from remotedl.run import image_of
 
-    flags = argparse.Namespace(image=None, no_image=False)
-    assert _image_of(FakeSettings(), flags, slurm=False) == (None, None)
-    image, spec = _image_of(FakeSettings(image="a:1", container="podman"), flags, slurm=False)
+    assert image_of(FakeSettings(), None) == (None, None)  # type: ignore[arg-type]
+    image, spec = image_of(FakeSettings(image="a:1", container="podman"), None)  # type: ignore[arg-type]
     assert image == "a:1" and spec == {"engine": "podman", "gpus": "nvidia", "args": []}
-    over = argparse.Namespace(image="b:2", no_image=False)
-    assert _image_of(FakeSettings(image="a:1"), over, slurm=False)[0] == "b:2"
-    off = argparse.Namespace(image=None, no_image=True)
-    assert _image_of(FakeSettings(image="a:1"), off, slurm=False) == (None, None)
+    assert image_of(FakeSettings(image="a:1"), "b:2")[0] == "b:2"  # type: ignore[arg-type]
+    assert image_of(FakeSettings(image="a:1"), None, off=True) == (None, None)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="Slurm host"):
-        _image_of(FakeSettings(image="a:1"), flags, slurm=True)
+        image_of(FakeSettings(image="a:1"), None, slurm=True)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="not an image name"):
-        _image_of(FakeSettings(), argparse.Namespace(image="--privileged", no_image=False), slurm=False)
+        image_of(FakeSettings(), "--privileged")  # type: ignore[arg-type]
 
 
 def test_the_agent_refuses_an_image_name_that_would_be_an_option(tmp_path, monkeypatch):
