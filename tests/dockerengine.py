@@ -169,5 +169,14 @@ def stop(engine: Engine) -> None:
         if os.waitpid(engine.pid, os.WNOHANG)[0]:
             break
         time.sleep(0.1)
-    subprocess.run(["umount", "-R", str(engine.directory / "exec")], capture_output=True, check=False)
+    # What the daemon left mounted under its directory (its netns/default nsfs mount), deepest
+    # first; then the directory.
+    try:
+        with open("/proc/mounts") as f:
+            points = [line.split()[1] for line in f]
+    except OSError:
+        points = []
+    inside = [p for p in points if p.startswith(f"{engine.directory}/")]
+    for point in sorted(inside, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     shutil.rmtree(engine.directory, ignore_errors=True)
