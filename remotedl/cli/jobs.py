@@ -270,6 +270,10 @@ def warn_push_changes_running(app: App, client: AgentClient, rdir: str, data: Se
 
 def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     app = App(args, env)
+    if args.nodes is not None:
+        from remotedl.cli.multinode import run_nodes
+
+        return run_nodes(app, args)
     if app.is_fleet:
         from remotedl.cli.fleet import run_placed
         from remotedl.cli.slurm import refuse_in_fleet
@@ -740,7 +744,10 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
+    from remotedl.cli import multinode
 
+    if multinode.is_run_ref(args.job):  # a multi-node run: every node's log
+        return multinode.logs_run(App(args, env), args.job, follow=args.follow)
     app, args.job = route(App(args, env), args.job)
     client = _client(app)
     project = None if args.job else remote_dir(app)
@@ -777,7 +784,10 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
+    from remotedl.cli import multinode
 
+    if multinode.is_run_ref(args.job):  # a multi-node run: every node
+        return multinode.kill_run(App(args, env), args.job, grace=args.grace)
     app, args.job = route(App(args, env), args.job, active=True)
     project = None if args.job else remote_dir(app)
     rec = jobs.kill(_client(app), args.job, grace=args.grace, project=project, warn=warner(env))

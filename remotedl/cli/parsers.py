@@ -132,6 +132,19 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu", action="store_true", help="run with no GPU visible")
     p.add_argument("--queue", action="store_true", help="wait on the box until the GPUs are free")
     p.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="one run across N boxes of the fleet (--gpus each): MASTER_ADDR, NODE_RANK, ... set",
+    )
+    p.add_argument(
+        "--fail-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="--nodes: when a node fails, the others get TERM, then KILL after this long",
+    )
+    p.add_argument(
         "--force", action="store_true", help="use the GPUs even if another job or process has them"
     )
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="job environment")

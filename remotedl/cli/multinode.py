@@ -1,0 +1,323 @@
+"""`remotedl run --nodes N`: one run across N boxes of a fleet; `logs -f RUN`, `kill RUN`."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Callable
+
+from remotedl.cli.app import App
+from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
+from remotedl.multinode import Node, NodeJob, NodePlan, Run
+from remotedl.words import plural, printable
+
+RUN_PREFIX = "run-"
+
+
+def is_run_ref(ref: str | None) -> bool:
+    return bool(ref) and str(ref).startswith(RUN_PREFIX)
+
+
+def run_nodes(app: App, args: argparse.Namespace) -> int:
+    """Place the run on ``--nodes`` boxes with the GPUs free, push the same commit to each,
+    start one job per node at once with the rendezvous variables, and follow them as one run."""
+    from remotedl import jobs, multinode
+    from remotedl.cli.jobs import _env_pairs, _notify_urls, sync_environment, warner
+    from remotedl.cli.sync import remote_dir
+    from remotedl.errors import ConnectError
+    from remotedl.fleet import fleet_samples, run_on_hosts
+
+    env = app.env
+    if args.nodes < 2:
+        raise UsageError(f"--nodes {args.nodes}: a multi-node run has 2 nodes or more")
+    if not args.command:
+        raise UsageError("give a command to run, e.g. `remotedl run --nodes 2 -- torchrun ... train.py`")
+    if args.gpu:
+        raise UsageError("--gpu names GPUs of one box", hint="with --nodes give the GPUs per node: --gpus N")
+    if args.queue:
+        raise UsageError("--queue: a multi-node run starts every node at once, never from a box's queue")
+    if args.gpus is not None and args.gpus < 0:
+        raise UsageError(f"--gpus {args.gpus}: give a number of GPUs per node (0 runs on the CPU)")
+    if len(app.hosts) < args.nodes:
+        raise UsageError(
+            f"--nodes {args.nodes} needs {args.nodes} hosts; given: {', '.join(app.hosts) or 'none'}",
+            hint="name them with --host a,b, or `hosts = [...]` in remotedl.toml",
+        )
+    fleet = app.fleet()
+    for name in app.hosts:
+        if fleet.member(name).scheduler == "slurm":
+            raise UsageError(
+                f"{name} is a Slurm host: --nodes across Slurm nodes is not supported yet",
+                hint='use boxes (scheduler = "box") for a multi-node run',
+            )
+    command_argv = args.command[1:] if args.command[0] == "--" else args.command
+    root = app.base_settings.project.root
+    command, script = jobs.build_command(command_argv, root, must_exist=not args.no_push)
+    sampled = fleet_samples(fleet)
+    for r in sampled.failed:
+        env.stderr.write(f"remotedl: {r.host} is left out: {printable(str(r.error), newlines=False)}\n")
+    live = [sample for _, sample in sampled.values()]
+    if not live:
+        raise ConnectError(f"no box of the fleet answered ({', '.join(app.hosts)})")
+    cpu = bool(args.cpu or args.gpus == 0)
+    picked = multinode.choose(live, args.nodes, count=args.gpus or None, cpu=cpu)
+    cpu = cpu or not picked[0].gpus
+    per_node = None if cpu else (args.gpus or 1)
+    members = [fleet.member(c.host) for c in picked]
+    nodes = [Node(i, m.name, multinode.peer_address(m)) for i, m in enumerate(members)]
+    port = multinode.free_port(members[0].box(), members[0].python)
+    plan = NodePlan(multinode.new_run_id(), nodes, port, gpus_per_node=per_node)
+    master = plan.master
+    for c in picked:
+        env.stderr.write(f"remotedl: node {picked.index(c)} on {c.host}: {c.why}\n")
+    env.stderr.write(
+        f"remotedl: run {plan.run_id}: {plural(len(nodes), 'node')}, master {master.host} at "
+        f"{master.addr}:{port} (the rendezvous: open on {master.host} while the run lasts)\n"
+    )
+
+    warn = warner(env)
+    name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
+    notify_urls = _notify_urls(app)
+
+    # 1. every node gets the hostfile and the same code, all at once
+    hostfile = plan.hostfile()
+
+    def prepare(host: str) -> tuple[str, str, str | None, bool, str | None]:
+        from remotedl import sync
+
+        a = app.for_host(host)
+        m = fleet.member(host)
+        path = multinode.write_hostfile(m.box(), plan.run_id, hostfile)
+        rdir = remote_dir(a)
+        s = a.settings
+        if args.no_push:
+            return path, sync.verify_remote_dir(m.spec, root, rdir), None, False, None
+        data = [*s.get("data"), *[d for d in args.data if d not in s.get("data")]]
+        pushed = sync.push(
+            m.spec, root, rdir, data=data, excludes=s.get("exclude"),
+            dir_mode=str(s.get("remote_dir_mode")), max_snapshot_file=int(s.get("max_snapshot_file")),
+        )  # fmt: skip
+        return path, pushed.remote_dir, pushed.commit, pushed.snapshot, pushed.head
+
+    prepared = run_on_hosts([n.host for n in nodes], prepare)
+    if prepared.failed:
+        bad = prepared.failed[0]
+        assert bad.error is not None
+        bad.error.message = f"{bad.host}: {bad.error.message}"
+        raise bad.error
+    ready = dict(prepared.values())
+    commits = {host: v[2] for host, v in ready.items()}
+    if len(set(commits.values())) > 1:
+        shown = ", ".join(f"{h} {(c or '?')[:12]}" for h, c in commits.items())
+        raise RemotedlError(f"the nodes did not get the same commit ({shown})", hint="run again")
+
+    # 2. one job per node, started at once; all or nothing
+    def start_one(node: Node) -> jobs.JobRecord:
+        a = app.for_host(node.host)
+        s = a.settings
+        client = fleet.member(node.host).client()
+        path, rdir, commit, snapshot, head = ready[node.host]
+        job_env = {**s.get("env"), **_env_pairs(args.env), **plan.env(node.rank, path)}
+        env_spec = jobs.EnvSpec.from_settings(s)
+        for attempt in range(3):
+            try:
+                rec = jobs.start(
+                    client,
+                    command=command,
+                    remote_dir=rdir,
+                    script=script,
+                    gpus="none" if cpu else "auto",
+                    count=per_node,
+                    env=job_env,
+                    name=f"{name} [{plan.run_id} node {node.rank}]",
+                    force=args.force,
+                    git_commit=commit,
+                    snapshot=snapshot,
+                    git_head=head if snapshot else None,
+                    snapshot_files=jobs.snapshot_files(root, head, commit) if snapshot else [],
+                    isolate=bool(s.get("isolate")),
+                    data=list(s.get("data")),
+                    shared=s.get("shared"),
+                    environment=env_spec,
+                    env_check=attempt < 2,
+                    notify=notify_urls,
+                    host_alias=node.host,
+                    stall_after=jobs.parse_duration(s.get("stall_after")),
+                    warn=warn,
+                )
+                jobs.keep_commit(root, node.host, rec)
+                return rec
+            except jobs.EnvOutOfDate:
+                sync_environment(a, client, rdir, env_spec)
+        raise RemotedlError(f"the environment on {node.host} kept changing")  # pragma: no cover
+
+    def stop(job: NodeJob, grace: float) -> None:
+        jobs.kill(fleet.member(job.host).client(), str(job.job_id), grace=grace)
+
+    started, skew = multinode.start_all(nodes, start_one, lambda j: stop(j, 1.0))
+    run = Run(plan.run_id, name, command, master.addr, port, nodes=started, skew=skew)
+    import time
+
+    run.started = time.time()
+    multinode.save_run(env.state_dir, run)
+    refs = ", ".join(f"node {j.rank} {j.ref}" for j in started)
+    if app.json and args.detach:
+        app.print_json(run.to_dict())
+        return ExitCode.OK
+    if args.detach:
+        app.out(run.run_id)
+        env.stderr.write(
+            f"run {run.run_id} started ({refs}; start skew {skew:.2f} s); "
+            f"`remotedl logs -f {run.run_id}` follows it, `remotedl kill {run.run_id}` ends every node\n"
+        )
+        return ExitCode.OK
+    env.stderr.write(
+        f"remotedl: run {run.run_id} started ({refs}; start skew {skew:.2f} s); Ctrl-C detaches\n"
+    )
+    return follow_run(app, run, grace=args.fail_grace)
+
+
+def _prefixed_writers(
+    app: App, run: Run
+) -> tuple[Callable[[NodeJob], Callable[[bytes], None]], Callable[[], None]]:
+    """One writer per node that puts ``[node R HOST] `` before each of its lines; lines of
+    different nodes never mix. The flush writes what is left of each node's last line."""
+    from remotedl.cli.jobs import _writer
+
+    write, flush = _writer(app.env)
+    lock = threading.Lock()
+    pending: dict[int, bytearray] = {}
+
+    def for_node(job: NodeJob) -> Callable[[bytes], None]:
+        prefix = f"[node {job.rank} {job.host}] ".encode()
+        buf = pending.setdefault(job.rank, bytearray())
+
+        def w(b: bytes) -> None:
+            buf.extend(b)
+            end = buf.rfind(b"\n")
+            if end < 0:
+                return
+            lines = bytes(buf[: end + 1]).splitlines(keepends=True)
+            del buf[: end + 1]
+            with lock:
+                write(b"".join(prefix + line for line in lines))
+
+        return w
+
+    def flush_all() -> None:
+        with lock:
+            for rank, buf in pending.items():
+                if buf:
+                    job = run.nodes[rank]
+                    write(f"[node {rank} {job.host}] ".encode() + bytes(buf) + b"\n")
+                    buf.clear()
+            flush()
+
+    return for_node, flush_all
+
+
+def follow_run(app: App, run: Run, *, grace: float = 10.0) -> int:
+    """Follow every node's log (merged, each line with its node) to the run's end; the first
+    node that fails has the others ended (TERM, then KILL after ``grace``)."""
+    from remotedl import jobs, multinode
+    from remotedl.cli.jobs import warner
+
+    env = app.env
+    fleet = app.fleet()
+    for_node, flush = _prefixed_writers(app, run)
+
+    def follow_one(job: NodeJob) -> jobs.JobRecord:
+        return jobs.stream_logs(
+            fleet.member(job.host).client(), str(job.job_id), for_node(job), follow=True, warn=warner(env)
+        )
+
+    def stop(job: NodeJob) -> None:
+        jobs.kill(fleet.member(job.host).client(), str(job.job_id), grace=grace)
+
+    def failed(job: NodeJob) -> None:
+        flush()
+        why = f"exit {job.exit_code}" if job.exit_code is not None else (job.error or job.status)
+        others = [j for j in run.nodes if j is not job and j.status in ("running", "starting", "queued")]
+        if others:
+            env.stderr.write(
+                f"remotedl: node {job.rank} ({job.ref}) ended ({printable(why, newlines=False)}): ending "
+                f"{', '.join(f'node {j.rank}' for j in others)} (TERM, KILL after {grace:g} s)\n"
+            )
+
+    try:
+        multinode.supervise(run, follow_one, stop, on_failure=failed)
+    except KeyboardInterrupt:
+        flush()
+        env.stderr.write(
+            f"\nremotedl: detached; run {run.run_id} keeps running on "
+            f"{', '.join(j.host for j in run.nodes)}.\n"
+            f"  follow again: remotedl logs -f {run.run_id}    stop: remotedl kill {run.run_id}\n"
+        )
+        return ExitCode.INTERRUPTED
+    flush()
+    multinode.save_run(env.state_dir, run)
+    if app.json:
+        app.print_json(run.to_dict())
+    code = run.exit_code
+    env.stderr.write(f"remotedl: run {run.run_id} {run.state}\n")
+    if code != 0:
+        raise JobFailed(f"run {run.run_id} {run.state}", code)
+    return ExitCode.OK
+
+
+def _load(app: App, ref: str | None) -> tuple[App, Run]:
+    from remotedl import multinode
+
+    run = multinode.load_run(app.env.state_dir, ref)
+    if run is None:
+        raise UsageError(
+            f"no run {ref} on this machine" if ref else "no multi-node run on this machine",
+            hint="runs started here with `remotedl run --nodes N` are kept under "
+            + str(multinode.runs_dir(app.env.state_dir)),
+        )
+    hosts = [j.host for j in run.nodes]
+    app.args.host = ",".join(hosts)
+    return App(app.args, app.env), run
+
+
+def logs_run(app: App, ref: str, *, follow: bool, grace: float = 10.0) -> int:
+    """`logs [-f] RUN`: every node's log, each line with its node; following, as `run` does."""
+    from remotedl import jobs
+
+    app, run = _load(app, ref)
+    if follow:
+        return follow_run(app, run, grace=grace)
+    fleet = app.fleet()
+    for_node, flush = _prefixed_writers(app, run)
+    for job in run.nodes:
+        jobs.stream_logs(fleet.member(job.host).client(), str(job.job_id), for_node(job))
+    flush()
+    return ExitCode.OK
+
+
+def kill_run(app: App, ref: str, *, grace: float) -> int:
+    """`kill RUN`: every node's job, at once; a node whose job has ended already is said so."""
+    from remotedl import jobs, multinode
+    from remotedl.fleet import run_on_hosts
+
+    app, run = _load(app, ref)
+    fleet = app.fleet()
+    by_host = {j.host: j for j in run.nodes}
+
+    def one(host: str) -> jobs.JobRecord:
+        return jobs.kill(fleet.member(host).client(), str(by_host[host].job_id), grace=grace)
+
+    result = run_on_hosts(list(by_host), one)
+    for r in result.results:
+        job = by_host[r.host]
+        if r.value is not None:
+            job.status, job.exit_code = r.value.status, r.value.exit_code
+            app.out(f"node {job.rank} {job.ref}: {r.value.state}")
+        else:
+            app.env.stderr.write(
+                f"remotedl: node {job.rank} {job.ref}: {printable(str(r.error), newlines=False)}\n"
+            )
+    multinode.save_run(app.env.state_dir, run)
+    if all(not r.ok for r in result.results):
+        raise RemotedlError(f"run {run.run_id}: no node's job was running")
+    return ExitCode.OK
