@@ -185,8 +185,8 @@ def test_kill_ends_every_node(nodes, proj):
     run = multinode.load_run(make_env(nodes.base).state_dir, run_id)
     assert run is not None
     for job in run.nodes:
-        got = nodes.run("jobs", "show", "--json", str(job.job_id), "--host", job.host, cwd=proj)
-        assert json.loads(got.out)["status"] == "killed"
+        got = nodes.run("show", "--json", str(job.job_id), "--host", job.host, cwd=proj)
+        assert json.loads(got.out).get("status") == "killed", got.out + got.err
 
 
 def test_a_claim_that_fails_on_one_node_releases_the_others(nodes, proj):
@@ -197,6 +197,7 @@ def test_a_claim_that_fails_on_one_node_releases_the_others(nodes, proj):
     rdir = f"~/nodes-tests/{proj.parent.name}"
     for name in NAMES:
         nodes.gpu_state(name)
+    assert nodes.run("push", "--host", nodes.names, cwd=proj).code == 0
     # both of n2's GPUs are held by another job
     held = nodes.run("run", "--detach", "--json", "--gpus", "2", "--host", "n2", "hold.py", cwd=proj)
     assert held.code == 0, held.err
