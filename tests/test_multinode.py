@@ -130,8 +130,8 @@ def _envs(out: str) -> dict[str, dict[str, str]]:
 
 
 def test_a_two_node_run_meets_at_the_master(nodes, proj):
-    r = nodes.run("run", "--nodes", "2", "--gpus", "1", "--host", nodes.names, "--", "python3", "rendezvous.py",
-                  cwd=proj)  # fmt: skip
+    argv = ["--nodes", "2", "--gpus", "1", "--host", nodes.names, "--", "python3", "rendezvous.py"]
+    r = nodes.run("run", *argv, cwd=proj)
     assert r.code == 0, r.out + r.err
     # each node's lines come with its node; both met through the master's port
     assert "[node 0 n1] rank 0 met ranks [0, 1]" in r.out
@@ -162,8 +162,8 @@ def test_a_two_node_run_meets_at_the_master(nodes, proj):
 
 
 def test_a_failing_rank_ends_the_other_node(nodes, proj):
-    r = nodes.run("run", "--nodes", "2", "--fail-grace", "1", "--host", nodes.names, "--", "python3", "failing.py",
-                  cwd=proj)  # fmt: skip
+    argv = ["--nodes", "2", "--fail-grace", "1", "--host", nodes.names, "--", "python3", "failing.py"]
+    r = nodes.run("run", *argv, cwd=proj)
     assert r.code == 3, r.out + r.err
     assert "[node 0 n1] rank 0 up" in r.out
     assert "node 1 (n2:" in r.err and "ended (exit 3): ending node 0" in r.err
@@ -174,7 +174,9 @@ def test_a_failing_rank_ends_the_other_node(nodes, proj):
 
 
 def test_kill_ends_every_node(nodes, proj):
-    r = nodes.run("run", "--nodes", "2", "--detach", "--host", nodes.names, "--", "python3", "hold.py", cwd=proj)
+    r = nodes.run(
+        "run", "--nodes", "2", "--detach", "--host", nodes.names, "--", "python3", "hold.py", cwd=proj
+    )
     assert r.code == 0, r.err
     run_id = r.out.strip()
     assert run_id.startswith("run-") and "start skew" in r.err
@@ -236,7 +238,10 @@ def test_nodes_needs_enough_hosts_and_no_gpu_indices(nodes, proj):
 
 def test_plan_env_and_hostfile():
     plan = multinode.NodePlan(
-        "run-x", [multinode.Node(0, "a", "10.0.0.5"), multinode.Node(1, "b", "10.0.0.6")], 29500, gpus_per_node=4
+        "run-x",
+        [multinode.Node(0, "a", "10.0.0.5"), multinode.Node(1, "b", "10.0.0.6")],
+        29500,
+        gpus_per_node=4,
     )
     e = plan.env(1, "/h/hostfile")
     assert e["MASTER_ADDR"] == "10.0.0.5" and e["MASTER_PORT"] == "29500"
