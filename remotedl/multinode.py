@@ -343,3 +343,103 @@ def supervise(
                     except RemotedlError:
                         pass  # ended meanwhile, or out of reach: its watcher says how it ended
     return run
+
+
+# ------------------------------------------------------------------ doctor --nodes
+
+# On the master: listen on the address its peers use, say the port, then go on in the
+# background (stdout closed, so the ssh session ends) answering up to $3 peers for $2 seconds.
+_LISTEN = """\
+"$1" -c 'import os, socket, sys
+addr, wait, peers = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+s = socket.socket()
+try:
+    s.bind((addr, 0))
+except OSError as e:
+    print("bind", e.strerror or e)
+    sys.exit(0)
+s.listen(peers)
+print("port", s.getsockname()[1], flush=True)
+if os.fork():
+    os._exit(0)
+os.setsid()
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+s.settimeout(wait)
+try:
+    for _ in range(peers):
+        c, _ = s.accept()
+        c.sendall(b"remotedl-node-check\\n")
+        c.close()
+except OSError:
+    pass' "$2" "$3" "$4"
+"""
+
+# On a peer: connect to the master's address and port; the listener's greeting proves it is ours.
+_CONNECT = """\
+"$1" -c 'import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    c.settimeout(float(sys.argv[3]))
+    print("ok" if c.recv(64).startswith(b"remotedl-node-check") else "other")
+except OSError as e:
+    print("error", type(e).__name__, e.strerror or e)' "$2" "$3" "$4"
+"""
+
+
+@dataclass(frozen=True)
+class NodeReach:
+    """Whether ``host`` reaches the master (``master`` at ``addr``:``port``)."""
+
+    host: str
+    master: str
+    addr: str
+    port: int | None
+    ok: bool
+    detail: str
+
+
+def check_nodes(members: Sequence[Member], *, timeout: float = 5.0) -> list[NodeReach]:
+    """`doctor --nodes`: the first member is the master. It listens on a free port of the
+    address its peers use (``peer_address``); every other member connects there at once.
+    A master that does not have that address says so and no peer tries."""
+    from remotedl.fleet import run_on_hosts
+
+    master, peers = members[0], list(members[1:])
+    addr = peer_address(master)
+    wait = timeout * 2 + 10
+    r = master.box().run(_LISTEN, master.python, addr, f"{wait:g}", str(len(peers)), check=False)
+    words = r.stdout.split(maxsplit=1)
+    if r.exit_code != 0 or not words or words[0] != "port":
+        said = words[1].strip() if words and words[0] == "bind" else (r.stderr.strip() or r.stdout.strip())
+        detail = (
+            f"{master.name} cannot listen on {addr} ({said[:200]}): is {addr} an address of {master.name}?"
+        )
+        return [NodeReach(p.name, master.name, addr, None, False, detail) for p in peers]
+    port = int(words[1])
+    by_name = {p.name: p for p in peers}
+
+    def one(name: str) -> NodeReach:
+        p = by_name[name]
+        got = p.box().run(_CONNECT, p.python, addr, str(port), f"{timeout:g}", check=False).stdout.strip()
+        if got == "ok":
+            return NodeReach(name, master.name, addr, port, True, f"reaches {master.name} at {addr}:{port}")
+        if got == "other":
+            why = "something else answered there"
+        elif got.startswith("error"):
+            why = got.split(maxsplit=1)[1] if " " in got else got
+        else:
+            why = got or "no answer from python"
+        return NodeReach(
+            name, master.name, addr, port, False, f"cannot reach {master.name} at {addr}:{port}: {why}"
+        )
+
+    result = run_on_hosts(list(by_name), one)
+    out = []
+    for x in result.results:
+        if x.value is not None:
+            out.append(x.value)
+        else:
+            out.append(NodeReach(x.host, master.name, addr, port, False, f"not checked: {x.error}"))
+    return out

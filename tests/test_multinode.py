@@ -249,3 +249,24 @@ def test_plan_env_and_hostfile():
     assert e["REMOTEDL_HOSTFILE"] == "/h/hostfile"
     assert plan.hostfile() == "10.0.0.5 slots=4\n10.0.0.6 slots=4\n"
     assert os.environ.get("MASTER_ADDR") != "10.0.0.5"  # nothing set here, only in the plan
+
+
+def test_doctor_nodes_checks_each_node_reaches_the_master(nodes, proj, tmp_path):
+    r = nodes.run("doctor", "--nodes", "--host", nodes.names, cwd=proj)
+    assert r.code == 0, r.out + r.err
+    assert f"OK    nodes  n2 -> n1: reaches n1 at {MASTER_ADDR}:" in r.out
+    # an address the master does not have (the laptop's name for a box behind NAT, say): said,
+    # and no peer tries it (nothing leaves this machine)
+    config = nodes.base / "config" / "remotedl" / "config.toml"
+    kept = config.read_text()
+    config.write_text('[hosts.n1]\nnode_addr = "10.255.255.1"\n')
+    try:
+        r = nodes.run("doctor", "--nodes", "--json", "--host", nodes.names, cwd=proj)
+    finally:
+        config.write_text(kept)
+    assert r.code == 1, r.out + r.err
+    found = json.loads(r.out)
+    assert found["ok"] is False
+    (only,) = found["nodes"]
+    assert only["host"] == "n2" and only["port"] is None
+    assert "n1 cannot listen on 10.255.255.1" in only["detail"]

@@ -321,3 +321,32 @@ def kill_run(app: App, ref: str, *, grace: float) -> int:
     if all(not r.ok for r in result.results):
         raise RemotedlError(f"run {run.run_id}: no node's job was running")
     return ExitCode.OK
+
+
+def doctor_nodes(app: App) -> int:
+    """`doctor --nodes`: whether every host reaches the first one's rendezvous address and a
+    port there, as a multi-node run needs; exit 1 when one does not."""
+    from remotedl import multinode
+
+    if len(app.hosts) < 2:
+        raise UsageError(
+            "doctor --nodes checks hosts against each other: name two or more",
+            hint="--host a,b (the first is the master), or `hosts = [...]`",
+        )
+    fleet = app.fleet()
+    members = [fleet.member(h) for h in app.hosts]
+    found = multinode.check_nodes(members)
+    if app.json:
+        from dataclasses import asdict
+
+        app.print_json({"nodes": [asdict(x) for x in found], "ok": all(x.ok for x in found)})
+    else:
+        for x in found:
+            mark = "OK   " if x.ok else "FAIL "
+            app.out(f"{mark} nodes  {x.host} -> {x.master}: {printable(x.detail, newlines=False)}")
+            if not x.ok:
+                app.out(
+                    f"              fix: set node_addr in [hosts.{x.master}] to the address its peers "
+                    f"reach it at, and let {x.master}'s firewall accept {x.host} on high ports"
+                )
+    return ExitCode.OK if all(x.ok for x in found) else ExitCode.ERROR

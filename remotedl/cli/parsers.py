@@ -325,6 +325,11 @@ def setup(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 def doctor(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "--nodes",
+        action="store_true",
+        help="multi-node runs: check that every host reaches a port on the first (the master)",
+    )
 
 
 def outputs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
