@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import secrets
 import threading
 import time
@@ -443,3 +444,55 @@ def check_nodes(members: Sequence[Member], *, timeout: float = 5.0) -> list[Node
         else:
             out.append(NodeReach(x.host, master.name, addr, port, False, f"not checked: {x.error}"))
     return out
+
+
+# ------------------------------------------------------------------ one row per run
+
+_RUN_NAME = re.compile(r"^(?P<name>.*) \[(?P<run>run-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}) node (?P<rank>[0-9]+)\]$")
+
+
+def job_name(name: str, run_id: str, rank: int) -> str:
+    """A node's job's name: the run's name, its id and the node's rank (``jobs`` groups by it)."""
+    return f"{name} [{run_id} node {rank}]"
+
+
+@dataclass
+class RunRow:
+    """The jobs of one run as the fleet's boxes list them: (host, record) per node, by rank."""
+
+    run_id: str
+    name: str
+    nodes: list[tuple[int, str, JobRecord]]
+
+    @property
+    def state(self) -> str:
+        for rank, _, rec in self.nodes:
+            if rec.status in ("failed", "lost"):
+                why = f"exit {rec.exit_code}" if rec.exit_code is not None else rec.status
+                return f"failed (node {rank} {why})"
+        states = {rec.status for _, _, rec in self.nodes}
+        return states.pop() if len(states) == 1 else "mixed"
+
+    @property
+    def exit_code(self) -> int | None:
+        codes = [rec.exit_code for _, _, rec in self.nodes]
+        if any(c is None for c in codes):
+            return None
+        return next((c for c in codes if c), 0)
+
+
+def group_runs(rows: Sequence[tuple[str, JobRecord]]) -> tuple[list[RunRow], list[tuple[str, JobRecord]]]:
+    """Split a fleet's jobs into multi-node runs (one ``RunRow`` each, nodes by rank) and the
+    other jobs, in the order given."""
+    runs: dict[str, RunRow] = {}
+    rest: list[tuple[str, JobRecord]] = []
+    for host, rec in rows:
+        m = _RUN_NAME.match(rec.name or "")
+        if m is None:
+            rest.append((host, rec))
+            continue
+        row = runs.setdefault(m["run"], RunRow(m["run"], m["name"], []))
+        row.nodes.append((int(m["rank"]), host, rec))
+    for row in runs.values():
+        row.nodes.sort(key=lambda n: n[0])
+    return list(runs.values()), rest

@@ -155,6 +155,17 @@ def test_a_two_node_run_meets_at_the_master(nodes, proj):
     assert len(recs["n1"]) == len(recs["n2"]) == 1
     assert recs["n1"][0]["git_commit"] == recs["n2"][0]["git_commit"]
     assert recs["n1"][0]["gpus"] == recs["n2"][0]["gpus"] == [0]
+    # `jobs` on the fleet: the run is one row, with each node's job id
+    table = nodes.run("jobs", "--host", nodes.names, cwd=proj)
+    rows = [line for line in table.out.splitlines() if run_id in line]
+    assert len(rows) == 1, table.out
+    j1, j2 = recs["n1"][0]["id"], recs["n2"][0]["id"]
+    assert rows[0].split()[:2] == ["n1,n2", run_id] and f"(2 nodes: n1:{j1}, n2:{j2})" in rows[0]
+    assert "succeeded" in rows[0]
+    listed = json.loads(nodes.run("jobs", "--json", "--host", nodes.names, cwd=proj).out)
+    (run,) = [x for x in listed["runs"] if x["run"] == run_id]
+    assert (run["state"], run["exit_code"]) == ("succeeded", 0)
+    assert [n["ref"] for n in run["nodes"]] == [f"n1:{j1}", f"n2:{j2}"]
     # the run is kept here: its logs again, merged
     again = nodes.run("logs", run_id, cwd=proj)
     assert again.code == 0, again.err

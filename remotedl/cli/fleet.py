@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from remotedl.cloud import CloudHost
     from remotedl.fleet import FleetResult, HostResult
     from remotedl.gpus import Gpu
+    from remotedl.multinode import RunRow
     from remotedl.status import BoxStatus
     from remotedl.sync import PushResult
     from remotedl.top import BoxSample
@@ -468,6 +469,24 @@ def run_placed(app: App, args: argparse.Namespace) -> int:
     )
 
 
+def run_cells(run: RunRow) -> list[Text]:
+    """A multi-node run's row: its hosts, its id, and per node its job and GPUs."""
+    from rich.text import Text
+
+    from remotedl.cli.jobs import STATUS_STYLE, job_cells
+
+    first = run.nodes[0][2]
+    cells = job_cells(first)
+    look = "failed" if run.state.startswith("failed") else run.state
+    cells[1] = Text(run.state, style=STATUS_STYLE.get(look, ""))
+    cells[2] = Text(" ".join(f"{h}:{','.join(map(str, r.gpus)) or '-'}" for _, h, r in run.nodes))
+    cells[3] = Text("-" if run.exit_code is None else str(run.exit_code))
+    cells[0] = Text(f"{printable(run.name, newlines=False)} ({len(run.nodes)} nodes: "
+                    + ", ".join(f"{h}:{r.id}" for _, h, r in run.nodes) + ")")  # fmt: skip
+    hosts = ",".join(h for _, h, _ in run.nodes)
+    return [_text(hosts), Text(run.run_id), *cells]
+
+
 def jobs_table(app: App, args: argparse.Namespace) -> int:
     """`remotedl jobs` on a fleet: every host's jobs in one table, ids as HOST:ID."""
     from rich.table import Table
@@ -481,12 +500,18 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
     def listed(m: Member) -> list[JobRecord]:
         return jobs.list_jobs(m.client(), all_jobs=args.all)
 
+    from remotedl.multinode import group_runs
+
     result = app.fleet().map(listed)
     rows = [(host, r) for host, recs in result.values() for r in recs]
+    runs, singles = group_runs(rows)  # a multi-node run is one row, its nodes' ids kept
     if app.json:
         app.print_json(
             {
                 "jobs": [{**r.to_dict(), "alias": host, "ref": f"{host}:{r.id}"} for host, r in rows],
+                "runs": [{"run": x.run_id, "name": x.name, "state": x.state, "exit_code": x.exit_code,
+                          "nodes": [{"rank": k, "host": h, "ref": f"{h}:{r.id}", "status": r.status}
+                                    for k, h, r in x.nodes]} for x in runs],
                 "hosts": [{"host": x.host, "ok": x.ok} | ({"error": x.error_dict()} if x.error else {})
                           for x in result.results],
             }
@@ -498,8 +523,10 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
         table = Table(box=None, pad_edge=False)
         for col in ("host", "job", "name", "status", "GPUs", "exit", "started", "duration", "command"):
             table.add_column(col, no_wrap=col != "command")
-        for host, r in rows:
+        for host, r in singles:
             table.add_row(_text(host), Text(f"{host}:{r.id}"), *job_cells(r))
+        for run in runs:
+            table.add_row(*run_cells(run))
         app.console.print(table)
     _failures(app, result.failed)
     return result.exit_code

@@ -129,7 +129,7 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
                     gpus="none" if cpu else "auto",
                     count=per_node,
                     env=job_env,
-                    name=f"{name} [{plan.run_id} node {node.rank}]",
+                    name=multinode.job_name(name, plan.run_id, node.rank),
                     force=args.force,
                     git_commit=commit,
                     snapshot=snapshot,
