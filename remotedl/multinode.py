@@ -83,8 +83,11 @@ class NodePlan:
             "NNODES": str(n),
             "WORLD_SIZE": str(n * (self.gpus_per_node or 1)),
         }
+        # torchrun reads these for its flags (PET_ + the flag's name): `torchrun train.py`
+        out.update(PET_NNODES=str(n), PET_NODE_RANK=str(rank), PET_MASTER_ADDR=self.master.addr,
+                   PET_MASTER_PORT=str(self.master_port))  # fmt: skip
         if self.gpus_per_node:
-            out["REMOTEDL_GPUS_PER_NODE"] = str(self.gpus_per_node)
+            out["REMOTEDL_GPUS_PER_NODE"] = out["PET_NPROC_PER_NODE"] = str(self.gpus_per_node)
         if hostfile:
             out["REMOTEDL_HOSTFILE"] = hostfile
         return out

@@ -258,6 +258,9 @@ def test_plan_env_and_hostfile():
     assert e["MASTER_ADDR"] == "10.0.0.5" and e["MASTER_PORT"] == "29500"
     assert (e["NODE_RANK"], e["NNODES"], e["WORLD_SIZE"], e["REMOTEDL_GPUS_PER_NODE"]) == ("1", "2", "8", "4")
     assert e["REMOTEDL_HOSTFILE"] == "/h/hostfile"
+    # what torchrun reads for --nnodes, --node-rank, --master-addr, --master-port, --nproc-per-node
+    assert (e["PET_NNODES"], e["PET_NODE_RANK"], e["PET_NPROC_PER_NODE"]) == ("2", "1", "4")
+    assert (e["PET_MASTER_ADDR"], e["PET_MASTER_PORT"]) == ("10.0.0.5", "29500")
     assert plan.hostfile() == "10.0.0.5 slots=4\n10.0.0.6 slots=4\n"
     assert os.environ.get("MASTER_ADDR") != "10.0.0.5"  # nothing set here, only in the plan
 
