@@ -176,6 +176,9 @@ def start(
     stall_after: float | None = None,
     warn: Warn | None = None,
     slurm: Mapping[str, Any] | None = None,
+    outputs: Sequence[str] = (),
+    trackers: bool = False,
+    project_id: str | None = None,
 ) -> JobRecord:
     """Start a job; it runs in its own checkout of ``git_commit`` (``None``: the box tree's
     HEAD) under ``remote_dir`` unless ``isolate`` is off. Answers once the job's runner
@@ -210,6 +213,10 @@ def start(
         stall_after=stall_after,
         scheduler="slurm" if slurm is not None else None,
         slurm=dict(slurm) if slurm is not None else None,
+        # In the record: any laptop of the project brings them home; the box sets the trackers'.
+        outputs=list(outputs),
+        trackers=trackers,
+        project_id=project_id,
     )
     answer = client.call(request.to_dict())
     _warnings(answer, warn)
@@ -226,6 +233,21 @@ def list_jobs(client: AgentClient, *, all_jobs: bool = False, warn: Warn | None 
     if not isinstance(jobs, list):
         raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
     return [_record(r, client.spec) for r in jobs]
+
+
+def jobs_with_outputs(
+    client: AgentClient, project: str, ids: Sequence[int] = (), *, after: int = 0
+) -> tuple[list[JobRecord], int]:
+    """One listing: the jobs of ``project`` (its remote_dir) that have outputs, started from
+    any clone, with ids above ``after``, and the jobs ``ids`` (a job the box no longer has is
+    not in it); and the id up to which all the project's jobs with outputs have ended (the
+    next listing's ``after``)."""
+    answer = client.call(ListRequest(project=project, ids=list(ids), after=after).to_dict())
+    jobs = answer.get("jobs")
+    if not isinstance(jobs, list):
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
+    upto = answer.get("upto")
+    return [_record(r, client.spec) for r in jobs], (upto if isinstance(upto, int) else after)
 
 
 def get_job(

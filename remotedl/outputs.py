@@ -13,14 +13,17 @@ that talks to the job's box after the job ended brings its outputs home, into
   left as it is), nor a file newer here;
 - what it wrote inside the work tree is recorded as pulled: the code snapshot leaves it out.
 
-Experiment trackers are outputs too: a job gets ``WANDB_DIR``/``WANDB_RUN_ID``/``WANDB_NAME``
-and ``MLFLOW_TRACKING_URI`` (a file store in its own directory) unless the user set them, and
-``wandb/`` and ``mlruns/`` come home with the rest when they exist.
+Experiment trackers are outputs too: the box's agent gives a job ``WANDB_DIR``/``WANDB_RUN_ID``/
+``WANDB_NAME`` and ``MLFLOW_TRACKING_URI`` (absolute paths in its own directory,
+``agent/trackers.py``) unless the user set them, and ``wandb/`` and ``mlruns/`` come home with
+the rest when they exist.
 
+The box keeps each job's outputs in its record, so a job started from another clone or laptop
+of the project comes home too: the ledger then says what has been fetched (nothing twice).
 Which boxes a command talked to, and which jobs ended, come from what the command did anyway
-(``Seen``, fed by ``Box.run`` and ``AgentClient``): a command that listed or showed the job costs
-no extra round trip; one that did not (push, pull, status) asks the box about the waiting jobs
-in one request each. A command that did not talk to the box costs a look at the ledger.
+(``Seen``, fed by ``Box.run`` and ``AgentClient``): a command whose answers listed the box's
+jobs costs no extra round trip; one that did not (push, pull, status) asks for the project's
+jobs with outputs in one listing per box. A project without outputs costs nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,15 +54,14 @@ __all__ = [
     "fetch",
     "job_dest",
     "outputs_root",
-    "tracker_env",
 ]
 
 STATE_DIR = ".remotedl"
 LEDGER_NAME = "outputs.json"
 DEFAULT_OUTPUTS_DIR = ".remotedl/outputs"
-# What trackers write in a job's directory with the environment tracker_env gives it.
+# What trackers write in a job's directory with the environment the box's agent gives it.
 TRACKER_OUTPUTS = ("wandb/", "mlruns/")
-# The variables tracker_env may set (the same for every job: not a difference worth showing).
+# The variables the agent may set (the same for every job: not a difference worth showing).
 TRACKER_KEYS = frozenset(
     {"WANDB_DIR", "WANDB_RUN_ID", "WANDB_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"}
 )
@@ -87,6 +88,7 @@ class Entry:
     env: dict[str, str] = field(default_factory=dict)  # --env values, secret-looking names left out
     wandb_run_id: str | None = None
     synced: list[str] = field(default_factory=list)  # W&B offline runs `wandb sync` took
+    trackers_dir: str | None = None  # where wandb/ and mlruns/ are on the box (None: in ``dir``)
 
     @property
     def key(self) -> str:
@@ -126,29 +128,6 @@ def check_output_path(path: str) -> str:
     return norm + ("/" if rel.endswith("/") else "")
 
 
-def tracker_env(job_env: Mapping[str, str], name: str) -> tuple[dict[str, str], str | None]:
-    """(the variables trackers read, added where the user did not set them; the W&B run id).
-
-    The values are relative: a job runs in its own directory, so ``wandb/`` and ``mlruns/``
-    land there, one set per job. ``WANDB_RUN_ID`` is fresh per job (a reused id would resume
-    the earlier run); ``MLFLOW_TRACKING_URI`` set by the user (a server through a tunnel) wins."""
-    added: dict[str, str] = {}
-    run_id = job_env.get("WANDB_RUN_ID")
-    if "WANDB_DIR" not in job_env:
-        added["WANDB_DIR"] = "."
-    if run_id is None:
-        run_id = secrets.token_hex(4)
-        added["WANDB_RUN_ID"] = run_id
-    if "WANDB_NAME" not in job_env:
-        added["WANDB_NAME"] = name
-    if "MLFLOW_TRACKING_URI" not in job_env:
-        added["MLFLOW_TRACKING_URI"] = "./mlruns"
-        # MLflow 3 refuses a file store unless asked: plain files, nothing to serve, come home whole
-        if "MLFLOW_ALLOW_FILE_STORE" not in job_env:
-            added["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    return added, run_id
-
-
 def kept_env(env: Mapping[str, str]) -> dict[str, str]:
     """The --env values worth showing in `compare`: names that do not look like secrets."""
     return {k: v for k, v in env.items() if not _SECRET_NAME.search(k)}
@@ -176,30 +155,43 @@ class Ledger:
             # git (and so the code snapshot) never sees what remotedl keeps here
             ignore.write_text("# made by remotedl: outputs and state, never code\n*\n")
 
-    def read(self) -> dict[str, Entry]:
+    def _raw(self) -> dict[str, Any]:
         try:
             raw = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return raw if isinstance(raw, dict) else {}
+
+    def read(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
-        for item in raw.get("jobs", []) if isinstance(raw, dict) else []:
+        for item in self._raw().get("jobs", []):
             with contextlib.suppress(TypeError, ValueError, AttributeError):
                 e = Entry.from_dict(item)
                 out[e.key] = e
         return out
 
+    def listed_upto(self, key: str) -> int:
+        """The box's job ids up to which the project's jobs with outputs were all ended at the
+        last listing (``key``: host and remote_dir): a listing reads only the later ones."""
+        listed = self._raw().get("listed")
+        value = listed.get(key) if isinstance(listed, dict) else None
+        return value if isinstance(value, int) and value > 0 else 0
+
     @contextlib.contextmanager
-    def edit(self) -> Iterator[dict[str, Entry]]:
-        """The entries, to change in place; written back (atomically) at the end."""
+    def edit(self, listed: Mapping[str, int] | None = None) -> Iterator[dict[str, Entry]]:
+        """The entries, to change in place; written back (atomically) at the end, with
+        ``listed`` (``listed_upto``'s values) changed too."""
         self._prepare()
         with open(self.dir / ".outputs.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = self.read()
             yield entries
+            kept = self._raw().get("listed")
+            marks = {**(kept if isinstance(kept, dict) else {}), **(listed or {})}
             tmp = self.path.with_name(f".{LEDGER_NAME}.{os.getpid()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump({"jobs": [e.to_dict() for e in entries.values()]}, f, indent=1)
+                json.dump({"jobs": [e.to_dict() for e in entries.values()], "listed": marks}, f, indent=1)
             tmp.replace(self.path)
 
     def waiting(self, host: str | None = None) -> list[Entry]:
@@ -218,9 +210,9 @@ def entry_for(
     base: Path,
     *,
     env: Mapping[str, str] | None = None,
-    wandb_run_id: str | None = None,
 ) -> Entry:
-    """The ledger entry of a job just started (or of a job met later, with the configured outputs)."""
+    """The ledger entry of a job just started, or of a job met later (started from another
+    clone: its record's outputs; or with the configured ones)."""
     return Entry(
         host=host,
         job=rec.id,
@@ -231,8 +223,14 @@ def entry_for(
         status="home" if rec.ended and rec.status not in ("running", "queued", "starting") else "waiting",
         created=rec.created or time.time(),
         env=kept_env(env or {}),
-        wandb_run_id=wandb_run_id,
+        wandb_run_id=(env or {}).get("WANDB_RUN_ID") or rec.trackers.get("WANDB_RUN_ID"),
+        trackers_dir=rec.trackers_dir,
     )
+
+
+def theirs(rec: JobRecord, project_id: str | None) -> bool:
+    """A job of this project with outputs (started from any clone: the project's identity)."""
+    return bool(rec.outputs) and project_id is not None and rec.project_id == project_id
 
 
 # ------------------------------------------------------------------ which jobs ended
@@ -245,17 +243,21 @@ class Seen:
     def __init__(self) -> None:
         self.records: dict[str, dict[int, JobRecord]] = {}
         self.specs: dict[str, HostSpec] = {}
+        self.listed: set[str] = set()  # hosts whose jobs an answer listed (``list``)
 
     def clear(self) -> None:
         self.records.clear()
         self.specs.clear()
+        self.listed.clear()
 
     def contact(self, spec: HostSpec) -> None:
         """The command talked to this box (any request: push, pull, status...)."""
         self.specs.setdefault(spec.alias, spec)
 
-    def note(self, spec: HostSpec, answer: Mapping[str, Any]) -> None:
+    def note(self, spec: HostSpec, answer: Mapping[str, Any], op: object = None) -> None:
         self.specs.setdefault(spec.alias, spec)
+        if op == "list":
+            self.listed.add(spec.alias)
         found = self.records.setdefault(spec.alias, {})
         raw = answer.get("jobs")
         items = list(raw) if isinstance(raw, list) else []
@@ -354,7 +356,11 @@ def fetch(
     dest = Path(entry.dest)
     dest.mkdir(parents=True, exist_ok=True)
     kept = changed_here(dest, entry.files)
-    sources = [f"{spec.alias}:{entry.dir}/./{p}" for p in entry.paths]
+    # The trackers' runs are in the job's own directory (a job in the work tree has one too).
+    def base(p: str) -> str:
+        return entry.trackers_dir if p in TRACKER_OUTPUTS and entry.trackers_dir else entry.dir
+
+    sources = [f"{spec.alias}:{base(p)}/./{p}" for p in entry.paths]
     argv = rsync_argv(
         spec,
         sources,

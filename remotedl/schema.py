@@ -133,6 +133,12 @@ class JobRecord:
     slurm_reason: str | None = None  # why it waits: Resources, Priority...
     node: str | None = None  # the node(s) it runs on, as Slurm names them
     control_dir: str | None = None  # the batch script and its records, on the shared filesystem
+    # Outputs home (issue 28): what the job produces that belongs on a laptop of its project
+    # (paths relative to its directory), and the trackers' variables its runner sets.
+    outputs: list[str] = field(default_factory=list)
+    project_id: str | None = None  # the project's identity (its root commit): laptops know theirs by it
+    trackers_dir: str | None = None  # the job's own directory W&B and MLflow write in (absolute)
+    trackers: dict[str, str] = field(default_factory=dict)  # WANDB_*/MLFLOW_* as the job got them
 
     @classmethod
     def from_dict(cls, data: Any) -> JobRecord:
@@ -270,12 +276,20 @@ class StartRequest(Request):
     stall_after: float | None = None
     scheduler: str | None = None  # "slurm": a batch job on a login node
     slurm: dict[str, Any] | None = None
+    outputs: list[str] = field(default_factory=list)  # relative to the job's directory
+    project_id: str | None = None  # the project's identity (snapshot.project_identity)
+    trackers: bool = False  # W&B and MLflow write into the job's own directory
 
 
 @dataclass
 class ListRequest(Request):
     op: Op = "list"
     all: bool = False
+    # Instead of the usual listing: the jobs of the project in ``project`` (its remote_dir)
+    # that have outputs, and the jobs ``ids`` (outputs home: which ended, from any clone).
+    project: str | None = None
+    ids: list[int] = field(default_factory=list)
+    after: int = 0  # of the project's jobs, only those with a larger id (the answer's ``upto``)
 
 
 @dataclass

@@ -206,8 +206,9 @@ def test_a_cut_fetch_resumes_and_leaves_no_truncated_file(fresh_box, tmp_path):
 
 
 WANDB_MLFLOW = f"""#!{PY}
-import os
+import os, tempfile
 print("env", os.environ["WANDB_NAME"], os.environ["WANDB_RUN_ID"], os.environ["MLFLOW_TRACKING_URI"])
+os.chdir(tempfile.mkdtemp())  # a script that changes directory: its runs still land in the job's
 import wandb
 run = wandb.init(project="remotedl-test", mode="offline")
 for i in range(3):
@@ -238,7 +239,9 @@ def test_wandb_offline_and_mlflow_runs_come_home_per_job(cli, box, proj, tmp_pat
     r = cli("run", "--name", "sweep-a", "track.py", "--cpu", cwd=proj, env=env)
     assert r.code == 0, r.err + r.out
     (entry,) = ledger(proj).values()
-    assert f"env sweep-a {entry.wandb_run_id} ./mlruns" in r.out
+    # Set on the box, absolute, in the job's own directory (its checkout).
+    assert entry.trackers_dir == entry.dir and entry.dir.endswith(f"/.remotedl/jobs/{entry.job}")
+    assert f"env sweep-a {entry.wandb_run_id} {entry.dir}/mlruns\n" in r.out
     dest = Path(entry.dest)
     (run_dir,) = outputs.wandb_offline_runs(dest)
     assert run_dir.name.endswith("-" + str(entry.wandb_run_id))
@@ -273,6 +276,11 @@ def test_compare_three_jobs_with_different_arguments(cli, box, proj, tmp_path):
     ids.append(
         job_id_of(cli("run", "--detach", "-e", "SEED=3", "train.py", "--lr", "0.3", "--cpu", cwd=proj))
     )
+
+    # Three waiting jobs: one listing asks about them all, never one request per job.
+    r = cli("--debug", "outputs", cwd=proj)
+    assert r.code == 0, r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
 
     def home() -> bool:
         cli("outputs", cwd=proj)
@@ -332,15 +340,30 @@ def test_output_paths_and_tracker_env():
     for bad in ("/etc/passwd", "../x", ".git/config", "."):
         with pytest.raises(UsageError):
             outputs.check_output_path(bad)
-    added, run_id = outputs.tracker_env({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, "exp")
-    assert (
-        added["WANDB_NAME"] == "exp"
-        and added["WANDB_RUN_ID"] == run_id
-        and "MLFLOW_TRACKING_URI" not in added
-    )
-    assert outputs.tracker_env({"WANDB_RUN_ID": "mine"}, "x")[1] == "mine"
     assert outputs.kept_env({"LR": "0.1", "HF_TOKEN": "s", "API_KEY": "k"}) == {"LR": "0.1"}
     assert outputs.job_dest(Path("/o"), "gpu box", 7) == Path("/o/gpu_box-7")
+
+
+def test_trackers_are_planned_on_the_box_in_the_jobs_own_directory(tmp_path):
+    from remotedl.agent import trackers
+
+    req = {"trackers": True, "env": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}
+    got = trackers.planned(req, str(tmp_path), 7, "exp", isolate=False)
+    where = str(tmp_path / ".remotedl" / "jobs" / "7")
+    assert got["trackers_dir"] == where and os.path.isdir(where)  # a job in the work tree: its own
+    planned = got["trackers"]
+    assert (
+        planned["WANDB_DIR"] == where and planned["WANDB_NAME"] == "exp" and len(planned["WANDB_RUN_ID"]) == 8
+    )
+    assert "MLFLOW_TRACKING_URI" not in planned and "MLFLOW_ALLOW_FILE_STORE" not in planned  # the user's
+    isolated = trackers.planned({"trackers": True}, str(tmp_path), 8, "x", isolate=True)["trackers"]
+    assert isolated["MLFLOW_TRACKING_URI"] == str(tmp_path / ".remotedl" / "jobs" / "8" / "mlruns")
+    assert not (tmp_path / ".remotedl" / "jobs" / "8").exists()  # its checkout is made there later
+    assert trackers.planned({"env": {}}, str(tmp_path), 9, "x", isolate=False) == {}
+    # What the box's environment sets wins too.
+    env = {"WANDB_NAME": "mine"}
+    added = trackers.apply({"trackers": planned}, env)
+    assert env["WANDB_NAME"] == "mine" and "WANDB_NAME" not in added and env["WANDB_DIR"] == where
 
 
 def test_metrics_from_json_tensorboard_and_mlflow(tmp_path):
@@ -384,10 +407,11 @@ def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothin
             return False
 
     assert retry_until(ended, seconds=60)
-    # push talks to the box without asking about jobs: one request about the waiting job.
+    # push talks to the box without asking about jobs: one listing of the project's jobs.
     r = cli("--debug", "push", cwd=proj)
     assert r.code == 0, r.err
-    assert f"outputs of job {job} (train.py)" in r.err and "op=get" in r.err
+    assert f"outputs of job {job} (train.py)" in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
     dest = Path(ledger(proj)[f"{box.name}:{job}"].dest)
     assert (dest / "metrics.json").exists()
     # A listing carries the records: the job's end is known without another request.
@@ -397,7 +421,7 @@ def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothin
     r = cli("--debug", "jobs", cwd=proj)
     assert r.code == 0, r.err
     assert f"outputs of job {job} (train.py)" in r.err
-    assert "op=list" in r.err and "op=get" not in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
     # Not talking to the box (config): the ledger is read, nothing more.
     assert "outputs of job" not in cli("config", cwd=proj).err
 
@@ -453,3 +477,136 @@ def test_removing_a_job_brings_its_outputs_home_first(cli, box, proj):
     entry = ledger(proj)[f"{box.name}:{job}"]
     assert entry.status == "home" and (Path(entry.dest) / "metrics.json").exists()
     assert not Path(entry.dir).exists()
+
+
+# ------------------------------------------------------------------ jobs from other clones
+
+
+def wait_ended(box, job: int) -> None:
+    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
+
+    def ended() -> bool:
+        try:
+            return json.loads(record.read_text())["status"] in ("succeeded", "failed")
+        except (OSError, ValueError, KeyError):
+            return False
+
+    assert retry_until(ended, seconds=60)
+
+
+def test_a_job_started_from_another_clone_comes_home_at_the_next_command(cli, box, proj, tmp_path):
+    script(proj, "train.py", TRAIN)
+    commit(proj)
+    other = tmp_path / "elsewhere-named"  # a clone under another folder name: the same project
+    subprocess.run(["git", "clone", "-q", str(proj), str(other)], check=True)
+    job = job_id_of(cli("run", "--detach", "train.py", "--lr", "0.3", "--cpu", cwd=other))
+    assert f"{box.name}:{job}" in ledger(other) and f"{box.name}:{job}" not in ledger(proj)
+    wait_ended(box, job)
+    # The first clone's next command (push: no listing of its own) asks once, and it arrives.
+    r = cli("--debug", "push", cwd=proj)
+    assert r.code == 0, r.err
+    assert f"outputs of job {job} (train.py)" in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
+    entry = ledger(proj)[f"{box.name}:{job}"]
+    assert entry.status == "home" and entry.paths == ["metrics.json", "runs/", "wandb/", "mlruns/"]
+    assert json.loads((Path(entry.dest) / "metrics.json").read_text())["eval"]["acc"] == 0.7
+    # Fetched once: the next command brings nothing again.
+    r = cli("push", cwd=proj)
+    assert r.code == 0 and "outputs of job" not in r.err, r.err
+    # A listing the command made anyway carries the other clone's job: no request more.
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=other))
+    wait_ended(box, job)
+    r = cli("--debug", "jobs", cwd=proj)
+    assert r.code == 0, r.err
+    assert f"outputs of job {job} (train.py)" in r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
+    # `remotedl outputs` asks each box in one listing, never one job at a time.
+    r = cli("--debug", "outputs", cwd=other)
+    assert r.code == 0, r.err
+    assert r.err.count("agent request: op=list") == 1 and "op=get" not in r.err
+    assert all(e.status == "home" for e in ledger(other).values())
+    # Removed from the first clone before anything fetched it: its outputs come home first.
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=other))
+    wait_ended(box, job)
+    r = cli("jobs", "rm", str(job), "--yes", cwd=proj)
+    assert r.code == 0, r.err
+    assert r.err.index(f"outputs of job {job}") < len(r.err) and f"removed job {job}" in r.out
+    assert (Path(ledger(proj)[f"{box.name}:{job}"].dest) / "metrics.json").exists()
+
+
+# A job that changes directory, in the work tree itself (isolate = false): its trackers'
+# variables still point into a directory of its own.
+TRACKER_FILES = f"""#!{PY}
+import os, sys, tempfile
+os.chdir(tempfile.mkdtemp())
+w = os.path.join(os.environ["WANDB_DIR"], "wandb")
+os.makedirs(w, exist_ok=True)
+open(os.path.join(w, "run.txt"), "w").write(os.environ["REMOTEDL_JOB_ID"])
+m = os.environ["MLFLOW_TRACKING_URI"]
+os.makedirs(m, exist_ok=True)
+open(os.path.join(m, "store.txt"), "w").write(os.environ["REMOTEDL_JOB_ID"])
+print("uri", m, os.environ.get("WANDB_NAME"))
+"""
+
+
+def test_jobs_in_the_work_tree_get_a_tracker_directory_each(cli, box, proj):
+    with (proj / "remotedl.toml").open("a") as f:
+        f.write("isolate = false\n")
+    script(proj, "track.py", TRACKER_FILES)
+    commit(proj)
+    ids = [job_id_of(cli("run", "--detach", "track.py", "--cpu", cwd=proj)) for _ in range(2)]
+    ids.append(job_id_of(cli("run", "--detach", "-e", "WANDB_NAME=mine", "track.py", "--cpu", cwd=proj)))
+    for job in ids:
+        wait_ended(box, job)
+    r = cli("outputs", cwd=proj)
+    assert r.code == 0, r.err
+    for job in ids:
+        entry = ledger(proj)[f"{box.name}:{job}"]
+        assert entry.status == "home"
+        assert entry.trackers_dir and entry.trackers_dir.endswith(f"/.remotedl/jobs/{job}")
+        assert entry.dir != entry.trackers_dir  # the work tree: shared by both jobs
+        dest = Path(entry.dest)
+        assert (dest / "wandb" / "run.txt").read_text() == str(job)
+        assert (dest / "mlruns" / "store.txt").read_text() == str(job)
+    log = cli("logs", str(ids[2]), cwd=proj).out
+    assert log.strip().endswith(" mine")  # --env wins over what the box sets
+    # Its directory goes with the job (`jobs rm`), and only its own.
+    first, second = (Path(ledger(proj)[f"{box.name}:{j}"].trackers_dir or "") for j in ids[:2])
+    assert first.is_dir() and second.is_dir()  # the box is this machine
+    r = cli("jobs", "rm", str(ids[0]), "--yes", cwd=proj)
+    assert r.code == 0, r.err
+    assert not first.exists() and second.is_dir()
+
+
+def test_the_box_lists_a_projects_jobs_with_outputs_since_the_last_listing(tmp_path, monkeypatch):
+    import time
+
+    from remotedl.agent import ops, store
+
+    monkeypatch.setenv("REMOTEDL_BOX_STATE", str(tmp_path / "state"))
+    store.ensure_dirs()
+    proj_dir = str(tmp_path / "proj")
+
+    def save(job_id: int, rdir: str, outs: list[str], status: str = "succeeded", **fields) -> None:
+        req = {"command": "python train.py", "outputs": outs}
+        rec = store.new_record(req, {}, job_id, rdir, isolate=False, commit=None)
+        rec.update(status=status, **fields)
+        store.save(rec)
+
+    save(1, proj_dir, ["metrics.json"])
+    save(2, str(tmp_path / "other"), ["metrics.json"])  # another project's
+    save(3, proj_dir, [])  # no outputs
+    # Being started (its starter is alive): active.
+    save(4, proj_dir, ["m"], "starting", starter_pid=os.getpid(), runner_pid=None, created=time.time())
+    save(5, proj_dir, ["m"])
+
+    def listed(ids: list[int], after: int) -> tuple[list[int], int]:
+        records, upto = ops.with_outputs(store.Context(), proj_dir, ids, after)
+        return sorted(int(r["id"]) for r in records), upto
+
+    assert listed([], 0) == ([1, 4, 5], 3)  # up to 3 all ended; 4 still runs
+    assert listed([], 3) == ([4, 5], 3)
+    save(4, proj_dir, ["m"])  # it ended
+    assert listed([], 3) == ([4, 5], 5)
+    assert listed([], 5) == ([], 5)  # nothing new: no record read
+    assert listed([2, 9], 5) == ([2], 5)  # asked by id: any job the box has

@@ -192,7 +192,7 @@ class AgentClient:
             if not answer["ok"]:
                 raise error_from(answer)
             # The job records it carries tell which jobs ended: outputs come home without asking again.
-            SEEN.note(self.spec, answer)
+            SEEN.note(self.spec, answer, request.get("op"))
             return answer
         raise RemoteError(f"could not install the remotedl agent on {self.spec.alias}")
 

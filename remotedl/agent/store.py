@@ -213,6 +213,15 @@ def all_records(ctx: Context | None = None) -> list[dict[str, Any]]:
     return [r for r in records if r is not None]
 
 
+def records_after(after: int, ids: set[int], ctx: Context | None = None) -> tuple[list[dict[str, Any]], int]:
+    """(the records with an id above ``after`` or in ``ids``, the largest id there is): a
+    laptop's question about the jobs since its last one reads only those."""
+    where = str(jobs_dir())
+    known = record_ids()
+    records = (_read(i, ctx, where) for i in known if i > after or i in ids)
+    return [r for r in records if r is not None], (known[-1] if known else 0)
+
+
 def newest_first(ctx: Context | None = None) -> Iterator[dict[str, Any]]:
     """The records from the newest, read one at a time as the caller goes: a question about
     the latest job of a project, or of a name, reads only as far back as its answer."""
@@ -419,6 +428,8 @@ def new_record(
         "ready": True,
         "notify": [],  # job events (agent/events.py): notifications sent from the box
         "notifications": [],
+        "outputs": [str(p) for p in req.get("outputs") or []][:1000],  # a laptop of the project fetches them
+        "project_id": req.get("project_id"),
     }
 
 

@@ -350,12 +350,10 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     else:
         rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
-    # Outputs come home when the job ends; trackers write into its own directory.
+    # Outputs come home when the job ends; trackers write into its own directory (set on the box).
     from remotedl.cli import outputs as outputs_cli
 
     output_paths = outputs_cli.planned(app, args)
-    given_env = job_env
-    job_env, wandb_run_id = outputs_cli.tracker_env(app, job_env, name, output_paths)
     started: JobRecord | None = None
     for attempt in range(3):
         try:
@@ -384,10 +382,13 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 stall_after=stall_after,
                 warn=warn,
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
+                outputs=output_paths,
+                trackers=bool(output_paths and s.get("trackers")),
+                project_id=outputs_cli.project_id(app) if output_paths else None,
             )
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
-            outputs_cli.register(app, rec, spec.alias, output_paths, env=given_env, run_id=wandb_run_id)
+            outputs_cli.register(app, rec, spec.alias, output_paths, env=job_env)
             break
         except KeyboardInterrupt:
             if started is not None:

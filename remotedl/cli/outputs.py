@@ -38,22 +38,18 @@ def planned(app: App, args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def tracker_env(
-    app: App, job_env: dict[str, str], name: str, paths: list[str]
-) -> tuple[dict[str, str], str | None]:
-    """The job's environment with what W&B and MLflow read added: for a job with outputs
-    (``paths``), with ``trackers = true``; their runs then come home with the outputs."""
-    from remotedl import outputs
+def project_id(app: App) -> str | None:
+    """The project's identity (its root commit), which its jobs' records carry: every clone of
+    it knows them by it. None outside a git repository."""
+    from remotedl.snapshot import project_identity
 
-    if not paths or not app.settings.get("trackers"):
-        return job_env, job_env.get("WANDB_RUN_ID")
-    added, run_id = outputs.tracker_env(job_env, name)
-    return {**job_env, **added}, run_id
+    try:
+        return project_identity(app.settings.project.root) or None
+    except (RemotedlError, OSError):
+        return None
 
 
-def register(
-    app: App, rec: JobRecord, alias: str, paths: list[str], *, env: dict[str, str], run_id: str | None
-) -> None:
+def register(app: App, rec: JobRecord, alias: str, paths: list[str], *, env: dict[str, str]) -> None:
     """Write the started job into this clone's ledger: its outputs come home when it ends."""
     from remotedl import outputs
 
@@ -61,7 +57,7 @@ def register(
         return
     root = app.settings.project.root
     base = outputs.outputs_root(root, app.settings.get("outputs_dir"))
-    entry = outputs.entry_for(rec, alias, paths, base, env=env, wandb_run_id=run_id)
+    entry = outputs.entry_for(rec, alias, paths, base, env=env)
     entry.status = "waiting"
     outputs.register(outputs.Ledger(root), entry)
 
@@ -78,34 +74,44 @@ def fetch_ended(app: App, client: AgentClient, rec: JobRecord) -> None:
 
 
 def fetch_before_removal(app: App, client: AgentClient, ids: list[int]) -> None:
-    """Jobs about to be removed (``jobs rm``/``prune``) whose outputs have not come home: fetched
-    now, before their directories go. One that cannot be fetched stops the removal."""
+    """Jobs about to be removed (``jobs rm``/``prune``) whose outputs have not come home (started
+    from this clone or another): fetched now, before their directories go (one listing says
+    which). One that cannot be fetched stops the removal."""
     from remotedl import outputs
 
     ledger = outputs.Ledger(app.settings.project.root)
-    if not ledger.exists():
+    if not ledger.exists() and not app.settings.get("outputs"):
         return
-    entries = ledger.read()
-    for job_id in ids:
-        entry = entries.get(f"{client.spec.alias}:{job_id}")
-        if entry is not None and entry.status == "waiting":
-            try:
-                _fetch_and_say(app, client.spec, ledger, entry, job_ended=True)
-            except RemotedlError as e:
-                raise RemotedlError(
-                    f"job {job_id}'s outputs could not come home before its removal: {e.message}",
-                    hint=f"run it again; or `remotedl outputs {job_id}` first",
-                ) from None
+    alias = client.spec.alias
+    try:
+        due = _ended(app, client.spec, ledger, {}, ask=_remote_dir_of(app, alias), project=project_id(app))
+    except RemotedlError as e:
+        raise RemotedlError(
+            f"the jobs' outputs could not come home before their removal: {e.message}",
+            hint="run it again; or `remotedl outputs` first",
+        ) from None
+    for entry in due:
+        if entry.job not in ids:
+            continue
+        try:
+            _fetch_and_say(app, client.spec, ledger, entry, job_ended=True)
+        except RemotedlError as e:
+            raise RemotedlError(
+                f"job {entry.job}'s outputs could not come home before its removal: {e.message}",
+                hint=f"run it again; or `remotedl outputs {entry.job}` first",
+            ) from None
 
 
 # ------------------------------------------------------------------ after every command
 
 
 def after_command(args: argparse.Namespace, env: Environment) -> None:
-    """Outputs of jobs that ended, fetched after a command that talked to their box. Nothing
-    to do costs a look at the ledger; the job records the command's answers carried say which
-    jobs ended (no request), others are asked about in one request each. Never fails the
-    command: a fetch that could not finish says so and waits for the next one."""
+    """Outputs of jobs that ended, fetched after a command that talked to their box: the jobs
+    started from this clone (the ledger) and this project's jobs with outputs started from any
+    other. The job records the command's answers carried say which jobs ended (a listing of the
+    box's jobs: no request); otherwise one listing per box asks. A project without outputs
+    costs a look at its settings. Never fails the command: a fetch that could not finish says
+    so and waits for the next one."""
     from remotedl import outputs
 
     hosts = outputs.SEEN.hosts()
@@ -114,18 +120,19 @@ def after_command(args: argparse.Namespace, env: Environment) -> None:
     try:
         app = App(args, env)
         root = app.settings.project.root
+        configured = bool(app.settings.get("outputs"))
     except RemotedlError:
         return
     ledger = outputs.Ledger(root)
-    if not ledger.exists():
+    if not ledger.exists() and not configured:
         return
+    ident = project_id(app)
     for alias in hosts:
-        waiting = ledger.waiting(alias)
-        if not waiting:
-            continue
         spec = outputs.SEEN.specs[alias]
         try:
-            for entry in _ended(app, spec, ledger, waiting):
+            known = outputs.SEEN.records.get(alias, {})
+            asked = None if alias in outputs.SEEN.listed else _remote_dir_of(app, alias)
+            for entry in _ended(app, spec, ledger, known, ask=asked, project=ident):
                 _fetch_and_say(app, spec, ledger, entry, job_ended=True)
         except RemotedlError as e:
             env.stderr.write(
@@ -134,30 +141,66 @@ def after_command(args: argparse.Namespace, env: Environment) -> None:
             )
 
 
-def _ended(app: App, spec: HostSpec, ledger: Ledger, waiting: list[Entry]) -> list[Entry]:
-    """Of ``waiting``, the entries whose job ended (records seen, or asked for); a job the box
-    no longer has is marked gone."""
+def _remote_dir_of(app: App, alias: str) -> str:
+    """The project's remote_dir on that host (its [hosts.NAME] table may set its own)."""
+    from remotedl.cli.sync import remote_dir
+
+    try:
+        return remote_dir(app.for_host(alias)) if alias in app.hosts else remote_dir(app)
+    except RemotedlError:
+        return remote_dir(app)
+
+
+def _ended(
+    app: App,
+    spec: HostSpec,
+    ledger: Ledger,
+    known: dict[int, JobRecord],
+    *,
+    ask: str | None,
+    project: str | None,
+) -> list[Entry]:
+    """The entries whose outputs are due, their jobs having ended: this clone's waiting ones
+    (in ``known``, the records at hand, or asked for) and, new in the ledger now, this
+    project's jobs with outputs started elsewhere that it has not fetched. ``ask`` (the
+    project's remote_dir): the box is asked for its jobs with outputs in one listing; without
+    it, only the waiting jobs not in ``known`` are. A job the box no longer has is marked gone."""
     from remotedl import jobs, outputs
 
-    done, unknown = outputs.due(waiting, outputs.SEEN.records.get(spec.alias, {}))
-    if unknown:
+    alias = spec.alias
+    entries = ledger.read()
+    waiting = [e for e in entries.values() if e.status == "waiting" and e.host == alias]
+    records = dict(known)
+    due, unknown = outputs.due(waiting, records)
+    gone: list[Entry] = []
+    mark = f"{alias} {ask}"
+    listed_upto: dict[str, int] = {}
+    if unknown or ask is not None:
+        after = ledger.listed_upto(mark) if ask is not None else 0
         client = _client_for(app, spec)
-        for entry in unknown:
-            try:
-                rec = jobs.get_job(client, str(entry.job))
-            except RemotedlError as e:
-                if e.exit_code != ExitCode.ERROR or "no job" not in e.message.lower():
-                    raise
-                with ledger.edit() as entries:
-                    if entry.key in entries:
-                        entries[entry.key].status = "gone"
-                app.env.stderr.write(
-                    f"remotedl: job {entry.job} is gone from {spec.alias}: its outputs cannot come home\n"
-                )
-                continue
-            if outputs.ended(rec):
-                done.append(entry)
-    return done
+        listed, upto = jobs.jobs_with_outputs(client, ask or "", [e.job for e in unknown], after=after)
+        if ask is not None and upto != after:
+            listed_upto[mark] = upto
+        records.update((r.id, r) for r in listed)
+        gone = [e for e in unknown if e.job not in records]
+        due += [e for e in unknown if e.job in records and outputs.ended(records[e.job])]
+    base = outputs.outputs_root(app.settings.project.root, app.settings.get("outputs_dir"))
+    met = [
+        outputs.entry_for(r, alias, r.outputs, base)
+        for r in records.values()
+        if outputs.theirs(r, project) and outputs.ended(r) and f"{alias}:{r.id}" not in entries
+    ]
+    if gone or met or listed_upto:
+        with ledger.edit(listed_upto) as now:
+            for e in gone:
+                if e.key in now:
+                    now[e.key].status = "gone"
+            for e in met:
+                e.status = "waiting"  # until fetched
+                now.setdefault(e.key, e)
+    for e in gone:
+        app.env.stderr.write(f"remotedl: job {e.job} is gone from {alias}: its outputs cannot come home\n")
+    return due + met
 
 
 def _client_for(app: App, spec: HostSpec) -> AgentClient:
@@ -238,36 +281,42 @@ def _wandb(app: App, ledger: Ledger, entry: Entry) -> None:
 
 
 def cmd_outputs(args: argparse.Namespace, env: Environment) -> int:
-    """List this clone's jobs with outputs and fetch those that ended (JOB: that job's outputs
-    now, running or not; --watch: keep fetching while they run)."""
+    """List this project's jobs with outputs and fetch those that ended (JOB: that job's outputs
+    now, running or not; --watch: keep fetching while they run). One listing per box says
+    which ended, the project's jobs started from other clones among them."""
     from remotedl import outputs
 
     app = App(args, env)
     root = app.settings.project.root
     ledger = outputs.Ledger(root)
-    if args.job:
-        entry = _entry_for_job(app, args, ledger)
-        targets = [entry]
-    else:
-        targets = [e for e in ledger.read().values() if e.status == "waiting"]
-    if args.watch:
-        return _watch(app, ledger, [e.key for e in targets], args.interval)
     arrivals: list[Arrival] = []
     failed = False
-    for host, group in _by_host(targets).items():
-        spec = app.spec_for(host)
-        try:
-            client = _client_for(app, spec)
-            for entry in group:
-                rec = _record(client, entry)
-                if rec is None:
+    if args.job:
+        entry, rec = _entry_for_job(app, args, ledger)
+        if args.watch:
+            return _watch(app, ledger, [entry.key], args.interval)
+        arrivals.append(
+            _fetch_and_say(app, app.spec_for(entry.host), ledger, entry, job_ended=outputs.ended(rec))
+        )
+    else:
+        hosts = list(
+            dict.fromkeys([*app.hosts, *(e.host for e in ledger.read().values() if e.status == "waiting")])
+        )
+        ident = project_id(app)
+        for host in hosts:
+            try:
+                spec = app.spec_for(host)
+                due = _ended(app, spec, ledger, {}, ask=_remote_dir_of(app, host), project=ident)
+                if args.watch:
                     continue
-                ended = outputs.ended(rec)
-                if ended or args.job:
-                    arrivals.append(_fetch_and_say(app, spec, ledger, entry, job_ended=ended))
-        except RemotedlError as e:
-            failed = True
-            env.stderr.write(f"remotedl: {host}: {e.message}\n")
+                for entry in due:
+                    arrivals.append(_fetch_and_say(app, spec, ledger, entry, job_ended=True))
+            except RemotedlError as e:
+                failed = True
+                env.stderr.write(f"remotedl: {host}: {e.message}\n")
+        if args.watch:
+            keys = [e.key for e in ledger.read().values() if e.status == "waiting"]
+            return _watch(app, ledger, keys, args.interval)
     entries = list(ledger.read().values())
     if app.json:
         fetched = [a.to_dict() for a in arrivals]
@@ -298,18 +347,7 @@ def _by_host(entries: Sequence[Entry]) -> dict[str, list[Entry]]:
     return out
 
 
-def _record(client: AgentClient, entry: Entry) -> JobRecord | None:
-    from remotedl import jobs
-
-    try:
-        return jobs.get_job(client, str(entry.job))
-    except RemotedlError as e:
-        if e.exit_code == ExitCode.ERROR and "no job" in e.message.lower():
-            return None
-        raise
-
-
-def _entry_for_job(app: App, args: argparse.Namespace, ledger: Ledger) -> Entry:
+def _entry_for_job(app: App, args: argparse.Namespace, ledger: Ledger) -> tuple[Entry, JobRecord]:
     """The ledger's entry of JOB; a job not started from here (another clone, or before outputs
     were configured) gets one with the configured outputs (and ``--output``)."""
     from remotedl import jobs, outputs
@@ -323,8 +361,8 @@ def _entry_for_job(app: App, args: argparse.Namespace, ledger: Ledger) -> Entry:
     known = ledger.read().get(f"{alias}:{rec.id}")
     extra = [outputs.check_output_path(p) for p in args.output]
     if known is not None and not extra:
-        return known
-    paths = planned(app, args)
+        return known, rec
+    paths = [*rec.outputs, *planned(app, args)]
     if not paths:
         raise UsageError(
             f"job {rec.id} has no outputs to fetch",
@@ -335,13 +373,14 @@ def _entry_for_job(app: App, args: argparse.Namespace, ledger: Ledger) -> Entry:
     entry.paths = list(dict.fromkeys([*entry.paths, *paths]))
     entry.status = "waiting"
     outputs.register(ledger, entry)
-    return entry
+    return entry, rec
 
 
 def _watch(app: App, ledger: Ledger, keys: list[str], interval: float) -> int:
     """Fetch the entries' outputs every ``interval`` seconds while their jobs run, once more
-    when each ends; returns when all ended (Ctrl-C ends it sooner)."""
-    from remotedl import outputs
+    when each ends; returns when all ended (Ctrl-C ends it sooner). Each round asks each box
+    about its jobs in one listing."""
+    from remotedl import jobs, outputs
 
     env = app.env
     if not keys:
@@ -350,24 +389,24 @@ def _watch(app: App, ledger: Ledger, keys: list[str], interval: float) -> int:
     env.stderr.write(f"watching the outputs of {plural(len(keys), 'job')}; Ctrl-C ends\n")
     try:
         while keys:
-            for key in list(keys):
-                entry = ledger.read().get(key)
-                if entry is None:
-                    keys.remove(key)
-                    continue
-                spec = app.spec_for(entry.host)
+            entries = ledger.read()
+            keys = [k for k in keys if k in entries]
+            for host, group in _by_host([entries[k] for k in keys]).items():
+                spec = app.spec_for(host)
                 try:
-                    rec = _record(_client_for(app, spec), entry)
-                    if rec is None:
-                        keys.remove(key)
-                        continue
-                    ended = outputs.ended(rec)
-                    _fetch_and_say(app, spec, ledger, entry, job_ended=ended)
+                    listed, _ = jobs.jobs_with_outputs(_client_for(app, spec), "", [e.job for e in group])
+                    records = {r.id: r for r in listed}
+                    for entry in group:
+                        rec = records.get(entry.job)
+                        if rec is None:  # gone from the box
+                            keys.remove(entry.key)
+                            continue
+                        ended = outputs.ended(rec)
+                        _fetch_and_say(app, spec, ledger, entry, job_ended=ended)
+                        if ended:
+                            keys.remove(entry.key)
                 except RemotedlError as e:
-                    env.stderr.write(f"remotedl: {entry.host}: {e.message}; still watching\n")
-                    continue
-                if ended:
-                    keys.remove(key)
+                    env.stderr.write(f"remotedl: {host}: {e.message}; still watching\n")
             if keys:
                 time.sleep(interval)
     except KeyboardInterrupt:
