@@ -119,6 +119,10 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
         path, rdir, commit, snapshot, head = ready[node.host]
         job_env = {**s.get("env"), **_env_pairs(args.env), **plan.env(node.rank, path)}
         env_spec = jobs.EnvSpec.from_settings(s)
+        # Outputs come home from every node's job, as from any job (each in its own directory).
+        from remotedl.cli import outputs as outputs_cli
+
+        output_paths = outputs_cli.planned(a, args)
         for attempt in range(3):
             try:
                 rec = jobs.start(
@@ -144,8 +148,12 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
                     host_alias=node.host,
                     stall_after=jobs.parse_duration(s.get("stall_after")),
                     warn=warn,
+                    outputs=output_paths,
+                    trackers=bool(output_paths and s.get("trackers")),
+                    project_id=outputs_cli.project_id(a) if output_paths else None,
                 )
                 jobs.keep_commit(root, node.host, rec)
+                outputs_cli.register(a, rec, node.host, output_paths, env=job_env)
                 return rec
             except jobs.EnvOutOfDate:
                 sync_environment(a, client, rdir, env_spec)
