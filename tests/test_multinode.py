@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -284,3 +285,107 @@ def test_doctor_nodes_checks_each_node_reaches_the_master(nodes, proj, tmp_path)
     (only,) = found["nodes"]
     assert only["host"] == "n2" and only["port"] is None
     assert "n1 cannot listen on 10.255.255.1" in only["detail"]
+
+
+# ------------------------------------------------------------------ boxes in network namespaces
+
+
+@dataclass
+class Fabric:
+    """A bridge on this machine and one network namespace per box, joined to it by a veth pair:
+    each box's sshd (and so its jobs) lives in its namespace with an address of its own that
+    only these namespaces and this machine share."""
+
+    bridge: str
+    prefix: str  # "10.231.N."
+    spaces: list[str]
+
+    def address(self, i: int) -> str:
+        return f"{self.prefix}{i + 2}"
+
+    def ip(self, *argv: str) -> None:
+        subprocess.run(["ip", *argv], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fabric() -> Iterator[Fabric]:
+    if os.getuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    tag = os.getpid() % 100000
+    f = Fabric(f"rdl{tag}br", f"10.231.{tag % 250}.", [])
+    f.ip("link", "add", f.bridge, "type", "bridge")
+    try:
+        f.ip("addr", "add", f"{f.prefix}1/24", "dev", f.bridge)
+        f.ip("link", "set", f.bridge, "up")
+        for i in range(len(NAMES)):
+            ns, outer, inner = f"rdl{tag}n{i}", f"rdl{tag}v{i}", f"rdl{tag}w{i}"
+            f.ip("netns", "add", ns)
+            f.spaces.append(ns)
+            f.ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            f.ip("link", "set", inner, "netns", ns)
+            f.ip("link", "set", outer, "master", f.bridge)
+            f.ip("link", "set", outer, "up")
+            f.ip("-n", ns, "addr", "add", f"{f.address(i)}/24", "dev", inner)
+            f.ip("-n", ns, "link", "set", inner, "up")
+            f.ip("-n", ns, "link", "set", "lo", "up")
+        yield f
+    finally:
+        for ns in f.spaces:
+            subprocess.run(["ip", "netns", "del", ns], check=False)  # its veth end goes with it
+        subprocess.run(["ip", "link", "del", f.bridge], check=False)
+
+
+@pytest.fixture(scope="module")
+def ns_nodes(fabric: Fabric, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
+    base = tmp_path_factory.mktemp("nsnodes")
+    env = make_env(base)
+    boxes: dict[str, Box] = {}
+    try:
+        for i, name in enumerate(NAMES):
+            info = sandbox.up(env, name=name, gpus=2, address=fabric.address(i), netns=fabric.spaces[i])
+            boxes[name] = Box(info, dict(env.environ))
+        yield Nodes(base, boxes)
+    finally:
+        for name in boxes:
+            try:
+                sandbox.down(make_env(base), name=name)
+            except Exception as e:  # a finalizer never raises
+                print(f"sandbox down failed: {e}")
+
+
+def test_a_run_across_network_namespaces_meets_at_the_masters_own_address(ns_nodes, fabric, proj):
+    # no node_addr: the master is the address ssh reaches n1 at, which n2 reaches too
+    argv = ["--nodes", "2", "--host", ns_nodes.names, "--", "python3", "rendezvous.py"]
+    r = ns_nodes.run("run", *argv, cwd=proj)
+    assert r.code == 0, r.out + r.err
+    assert "[node 0 n1] rank 0 met ranks [0, 1]" in r.out
+    assert "[node 1 n2] rank 1 met ranks [0, 1]" in r.out
+    envs = _envs(r.out)
+    master = fabric.address(0)
+    assert envs["node 0 n1"]["MASTER_ADDR"] == envs["node 1 n2"]["MASTER_ADDR"] == master
+    assert envs["node 1 n2"]["REMOTEDL_NODE_ADDRS"] == f"{master},{fabric.address(1)}"
+    # rank 0 bound MASTER_ADDR, an address only n1's namespace has: the job ran there
+    assert ns_nodes.boxes["n2"].info.hostname == fabric.address(1)
+
+
+def test_a_wrong_master_address_fails_across_namespaces(ns_nodes, fabric, proj):
+    # node_addr names n2's address for n1: n1 cannot listen there, and doctor says so
+    config = ns_nodes.base / "config" / "remotedl" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f'[hosts.n1]\nnode_addr = "{fabric.address(1)}"\n')
+    try:
+        r = ns_nodes.run("doctor", "--nodes", "--host", ns_nodes.names, cwd=proj)
+        assert r.code == 1, r.out + r.err
+        assert f"n1 cannot listen on {fabric.address(1)}" in r.out
+    finally:
+        config.unlink()
+    r = ns_nodes.run("doctor", "--nodes", "--host", ns_nodes.names, cwd=proj)
+    assert r.code == 0, r.out + r.err
+    assert f"OK    nodes  n2 -> n1: reaches n1 at {fabric.address(0)}:" in r.out
+
+
+def test_a_failing_rank_across_namespaces_ends_the_other_node(ns_nodes, proj):
+    argv = ["--nodes", "2", "--fail-grace", "1", "--host", ns_nodes.names, "--", "python3", "failing.py"]
+    r = ns_nodes.run("run", *argv, cwd=proj)
+    assert r.code == 3, r.out + r.err
+    assert "failed (node 1 exit 3)" in r.err
