@@ -415,7 +415,7 @@ Subsystem sftp internal-sftp
     if os.getuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
     in_ns = ["ip", "netns", "exec", netns] if netns else []
-    argv = [*in_ns, sshd, "-f", directory / "sshd_config", "-E", directory / "sshd.log"]
+    argv: list[str | Path] = [*in_ns, sshd, "-f", directory / "sshd_config", "-E", directory / "sshd.log"]
     result = proc.run(argv, check=False)
     if result.returncode != 0:
         raise RemotedlError(f"sshd did not start: {(result.stderr or '').strip()}")

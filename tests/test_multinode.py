@@ -171,6 +171,11 @@ def test_a_two_node_run_meets_at_the_master(nodes, proj):
     again = nodes.run("logs", run_id, cwd=proj)
     assert again.code == 0, again.err
     assert "[node 1 n2] rank 1 met ranks [0, 1]" in again.out
+    one = nodes.run("logs", run_id, "--node", "1", cwd=proj)
+    assert one.code == 0, one.err
+    assert "rank 1 met ranks [0, 1]" in one.out and "rank 0" not in one.out and "[node" not in one.out
+    bad = nodes.run("logs", run_id, "--node", "2", cwd=proj)
+    assert bad.code == ExitCode.USAGE and "has nodes 0 to 1" in bad.err
 
 
 def test_a_failing_rank_ends_the_other_node(nodes, proj):

@@ -747,8 +747,12 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
     from remotedl.cli import multinode
 
-    if multinode.is_run_ref(args.job):  # a multi-node run: every node's log
-        return multinode.logs_run(App(args, env), args.job, follow=args.follow)
+    if multinode.is_run_ref(args.job):  # a multi-node run: every node's log, or --node R's
+        if args.node is None:
+            return multinode.logs_run(App(args, env), args.job, follow=args.follow)
+        args.job = multinode.node_ref(App(args, env), args.job, args.node)
+    elif args.node is not None:
+        raise UsageError("--node R picks a node of a multi-node run", hint="give the run: logs RUN --node R")
     app, args.job = route(App(args, env), args.job)
     client = _client(app)
     project = None if args.job else remote_dir(app)
@@ -823,4 +827,3 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
     else:
         env.stderr.write(f"attaching to job {rec.id}; detach with Ctrl-b d (the job keeps running)\n")
     return subprocess.call(argv, stdin=sys.stdin, stdout=sys.stdout)
-

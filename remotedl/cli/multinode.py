@@ -288,6 +288,14 @@ def _load(app: App, ref: str | None) -> tuple[App, Run]:
     return App(app.args, app.env), run
 
 
+def node_ref(app: App, ref: str, rank: int) -> str:
+    """``HOST:ID`` of node ``rank``'s job of run ``ref``: `logs RUN --node R` is that job's log."""
+    _, run = _load(app, ref)
+    if not 0 <= rank < len(run.nodes):
+        raise UsageError(f"--node {rank}: run {run.run_id} has nodes 0 to {len(run.nodes) - 1}")
+    return run.nodes[rank].ref
+
+
 def logs_run(app: App, ref: str, *, follow: bool, grace: float = 10.0) -> int:
     """`logs [-f] RUN`: every node's log, each line with its node; following, as `run` does."""
     from remotedl import jobs

@@ -235,6 +235,7 @@ def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--node", type=int, metavar="R", help="a multi-node RUN: only node R's log")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
