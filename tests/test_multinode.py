@@ -171,6 +171,8 @@ def test_a_two_node_run_meets_at_the_master(nodes, proj):
     again = nodes.run("logs", run_id, cwd=proj)
     assert again.code == 0, again.err
     assert "[node 1 n2] rank 1 met ranks [0, 1]" in again.out
+    lines = [json.loads(x) for x in nodes.run("logs", "--json", run_id, cwd=proj).out.splitlines()]
+    assert {"node": 1, "host": "n2", "text": "rank 1 met ranks [0, 1]\n"} in lines
     one = nodes.run("logs", run_id, "--node", "1", cwd=proj)
     assert one.code == 0, one.err
     assert "rank 1 met ranks [0, 1]" in one.out and "rank 0" not in one.out and "[node" not in one.out

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 from remotedl.cli.app import App
-from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
+from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.multinode import Node, NodeJob, NodePlan, Run
 from remotedl.words import plural, printable
 
@@ -162,7 +162,15 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
     def stop(job: NodeJob, grace: float) -> None:
         jobs.kill(fleet.member(job.host).client(), str(job.job_id), grace=grace)
 
-    started, skew = multinode.start_all(nodes, start_one, lambda j: stop(j, 1.0))
+    try:
+        started, skew = multinode.start_all(nodes, start_one, lambda j: stop(j, 1.0))
+    except KeyboardInterrupt:
+        # A start request may have reached a box: its job then runs, and only this says so.
+        raise Interrupted(
+            f"interrupted while starting run {plan.run_id}: some nodes' jobs may be running",
+            hint=f"`remotedl jobs --host {','.join(n.host for n in nodes)}` lists them (named "
+            f"[{plan.run_id} node R]); `remotedl kill HOST:ID` stops one",
+        ) from None
     run = Run(plan.run_id, name, command, master.addr, port, nodes=started, skew=skew)
     import time
 
@@ -188,16 +196,29 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
 def _prefixed_writers(
     app: App, run: Run
 ) -> tuple[Callable[[NodeJob], Callable[[bytes], None]], Callable[[], None]]:
-    """One writer per node that puts ``[node R HOST] `` before each of its lines; lines of
-    different nodes never mix. The flush writes what is left of each node's last line."""
+    """One writer per node that puts ``[node R HOST] `` before each of its lines (``--json``:
+    one object per line, ``{"node": R, "host": ..., "text": ...}``); lines of different nodes
+    never mix. The flush writes what is left of each node's last line."""
+    import json
+
     from remotedl.cli.jobs import _writer
 
-    write, flush = _writer(app.env)
+    raw, flush = _writer(app.env)
     lock = threading.Lock()
     pending: dict[int, bytearray] = {}
 
+    def emit(job: NodeJob, lines: list[bytes]) -> None:
+        """Whole lines of one node, each with its newline."""
+        if not app.json:
+            prefix = f"[node {job.rank} {job.host}] ".encode()
+            raw(b"".join(prefix + line for line in lines))
+            return
+        for line in lines:
+            obj = {"node": job.rank, "host": job.host, "text": line.decode("utf-8", errors="replace")}
+            app.env.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        app.env.stdout.flush()
+
     def for_node(job: NodeJob) -> Callable[[bytes], None]:
-        prefix = f"[node {job.rank} {job.host}] ".encode()
         buf = pending.setdefault(job.rank, bytearray())
 
         def w(b: bytes) -> None:
@@ -205,10 +226,11 @@ def _prefixed_writers(
             end = buf.rfind(b"\n")
             if end < 0:
                 return
-            lines = bytes(buf[: end + 1]).splitlines(keepends=True)
+            # lines end at newlines only: a progress bar's \r stays inside its line
+            lines = [line + b"\n" for line in bytes(buf[:end]).split(b"\n")]
             del buf[: end + 1]
             with lock:
-                write(b"".join(prefix + line for line in lines))
+                emit(job, lines)
 
         return w
 
@@ -216,8 +238,7 @@ def _prefixed_writers(
         with lock:
             for rank, buf in pending.items():
                 if buf:
-                    job = run.nodes[rank]
-                    write(f"[node {rank} {job.host}] ".encode() + bytes(buf) + b"\n")
+                    emit(run.nodes[rank], [bytes(buf) + b"\n"])
                     buf.clear()
             flush()
 
