@@ -98,8 +98,9 @@ def new_run_id() -> str:
 
 
 def choose(samples: Sequence[BoxSample], nodes: int, *, count: int | None, cpu: bool) -> list[Candidate]:
-    """``nodes`` distinct boxes for a run, best first by the fleet's placement rules (each with
-    ``count`` free GPUs). Raises ``GpusBusy`` when fewer boxes can take a node now."""
+    """``nodes`` distinct boxes for a run, the best by the fleet's placement rules (each with
+    ``count`` free GPUs), in the order the hosts were given: the first is the master (with
+    ``--host a,b``, ``a``). Raises ``GpusBusy`` when fewer boxes can take a node now."""
     from remotedl.fleet import place
 
     if nodes < 2:
@@ -120,7 +121,8 @@ def choose(samples: Sequence[BoxSample], nodes: int, *, count: int | None, cpu: 
             f"--nodes {nodes}: only {plural(len(picked), 'box')} of the fleet has {what} now ({free})",
             hint="`remotedl status` shows who holds the GPUs; run again later",
         )
-    return picked
+    order = {x.host: i for i, x in enumerate(samples)}
+    return sorted(picked, key=lambda c: order[c.host])
 
 
 def peer_address(member: Member) -> str:

@@ -396,3 +396,16 @@ def test_a_failing_rank_across_namespaces_ends_the_other_node(ns_nodes, proj):
     r = ns_nodes.run("run", *argv, cwd=proj)
     assert r.code == 3, r.out + r.err
     assert "failed (node 1 exit 3)" in r.err
+
+
+def test_the_first_host_named_is_the_master_whatever_its_load():
+    from tests.test_fleet import sample
+
+    # n2's GPU is the less used one, yet `--host n1,n2` makes n1 node 0
+    picked = multinode.choose([sample("n1", [9000]), sample("n2", [10])], 2, count=1, cpu=False)
+    assert [c.host for c in picked] == ["n1", "n2"]
+    # three boxes, two nodes: the two with free GPUs, in the order given
+    three = [sample("a", [10]), sample("b", [10], held={0: "1"}), sample("c", [5])]
+    assert [c.host for c in multinode.choose(three, 2, count=1, cpu=False)] == ["a", "c"]
+    with pytest.raises(GpusBusy):
+        multinode.choose(three, 3, count=1, cpu=False)
