@@ -190,6 +190,10 @@ def test_a_failing_rank_ends_the_other_node(nodes, proj):
     run = multinode.load_run(make_env(nodes.base).state_dir, None)
     assert run is not None
     assert [(n.host, n.status) for n in run.nodes] == [("n1", "killed"), ("n2", "failed")]
+    shown = nodes.run("show", run.run_id, cwd=proj)
+    assert shown.code == 0, shown.err
+    assert f"run {run.run_id} (python3): failed (node 1 exit 3)" in shown.out
+    assert f"node 0      n1:{run.nodes[0].job_id}: killed" in shown.out
 
 
 def test_kill_ends_every_node(nodes, proj):

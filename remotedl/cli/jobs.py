@@ -722,6 +722,10 @@ def _duration_text(rec: JobRecord) -> str:
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.cli import multinode
+
+    if multinode.is_run_ref(args.job):  # a multi-node run: the run and each node's job
+        return multinode.show_run(App(args, env), args.job)
     return _show(*route(App(args, env), args.job))
 
 

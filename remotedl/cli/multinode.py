@@ -387,3 +387,43 @@ def doctor_nodes(app: App) -> int:
                     f"reach it at, and let {x.master}'s firewall accept {x.host} on high ports"
                 )
     return ExitCode.OK if all(x.ok for x in found) else ExitCode.ERROR
+
+
+def show_run(app: App, ref: str) -> int:
+    """`show RUN`: the run (its master, start skew) and each node's job as its box has it now."""
+    from remotedl import jobs, multinode
+    from remotedl.fleet import run_on_hosts
+
+    app, run = _load(app, ref)
+    fleet = app.fleet()
+    by_host = {j.host: j for j in run.nodes}
+    found = run_on_hosts(
+        list(by_host), lambda h: jobs.get_job(fleet.member(h).client(), str(by_host[h].job_id))
+    )
+    for r in found.results:
+        if r.value is not None:
+            job = by_host[r.host]
+            job.status, job.exit_code = r.value.status, r.value.exit_code
+            if job.status != "succeeded" and job.status not in ("running", "starting", "queued"):
+                run.failed_rank = job.rank if run.failed_rank is None else run.failed_rank
+    multinode.save_run(app.env.state_dir, run)
+    if app.json:
+        app.print_json(
+            {
+                **run.to_dict(),
+                "jobs": [{**r.value.to_dict(), "alias": r.host} for r in found.results if r.value],
+            }
+        )
+        return found.exit_code
+    app.out(f"run {run.run_id} ({printable(run.name, newlines=False)}): {run.state}")
+    app.out(f"  master      {run.master_addr}:{run.master_port}")
+    app.out(f"  command     {printable(run.command, newlines=False)}")
+    app.out(f"  start skew  {run.skew:.2f} s")
+    for r in found.results:
+        job = by_host[r.host]
+        if r.value is not None:
+            gpus = f"GPUs {','.join(map(str, r.value.gpus))}" if r.value.gpus else "no GPU"
+            app.out(f"  node {job.rank}      {job.ref}: {r.value.state}, {gpus}")
+        else:
+            app.out(f"  node {job.rank}      {job.ref}: {printable(str(r.error), newlines=False)}")
+    return found.exit_code
