@@ -336,8 +336,10 @@ def fabric() -> Iterator[Fabric]:
             f.ip("link", "set", inner, "netns", ns)
             f.ip("link", "set", outer, "master", f.bridge)
             f.ip("link", "set", outer, "up")
-            f.ip("-n", ns, "addr", "add", f"{f.address(i)}/24", "dev", inner)
-            f.ip("-n", ns, "link", "set", inner, "up")
+            # one name in every namespace, as a cluster's NIC (GLOO_SOCKET_IFNAME=rdlnet)
+            f.ip("-n", ns, "link", "set", inner, "name", "rdlnet")
+            f.ip("-n", ns, "addr", "add", f"{f.address(i)}/24", "dev", "rdlnet")
+            f.ip("-n", ns, "link", "set", "rdlnet", "up")
             f.ip("-n", ns, "link", "set", "lo", "up")
         yield f
     finally:
@@ -413,3 +415,32 @@ def test_the_first_host_named_is_the_master_whatever_its_load():
     assert [c.host for c in multinode.choose(three, 2, count=1, cpu=False)] == ["a", "c"]
     with pytest.raises(GpusBusy):
         multinode.choose(three, 3, count=1, cpu=False)
+
+
+DDP = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+r, w = dist.get_rank(), dist.get_world_size()
+t = torch.tensor([r + 1.0])
+dist.all_reduce(t)
+print(f"rank {r} of {w} on node {os.environ['NODE_RANK']}: all_reduce sum {t.item()}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_real_torchrun_with_gloo_across_namespaces(ns_nodes, proj):
+    """torch's own rendezvous and gloo on CPU, 2 processes on each of 2 boxes, torchrun given no
+    rendezvous flags (it reads PET_*). torch is big: REMOTEDL_TEST_TORCH_BIN names a bin
+    directory with torchrun (e.g. a venv with `pip install torch`), else torchrun on PATH."""
+    where = os.environ.get("REMOTEDL_TEST_TORCH_BIN")
+    torchrun = shutil.which("torchrun", path=where) if where else shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torch is not installed here (REMOTEDL_TEST_TORCH_BIN: a bin directory with torchrun)")
+    (proj / "ddp.py").write_text(DDP)
+    subprocess.run(["git", "-C", str(proj), "add", "ddp.py"], check=True)
+    subprocess.run(["git", "-C", str(proj), "commit", "-q", "-m", "ddp"], check=True)
+    argv = ["--nodes", "2", "--cpu", "--env", "GLOO_SOCKET_IFNAME=rdlnet", "--host", ns_nodes.names]
+    r = ns_nodes.run("run", *argv, "--", torchrun, "--nproc-per-node", "2", "ddp.py", cwd=proj)
+    assert r.code == 0, r.out[-3000:] + r.err
+    for rank, node in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        assert f"rank {rank} of 4 on node {node}: all_reduce sum 10.0" in r.out
