@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+import time
 from collections.abc import Callable
 
 from remotedl.cli.app import App
@@ -171,10 +172,7 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
             hint=f"`remotedl jobs --host {','.join(n.host for n in nodes)}` lists them (named "
             f"[{plan.run_id} node R]); `remotedl kill HOST:ID` stops one",
         ) from None
-    run = Run(plan.run_id, name, command, master.addr, port, nodes=started, skew=skew)
-    import time
-
-    run.started = time.time()
+    run = Run(plan.run_id, name, command, master.addr, port, nodes=started, skew=skew, started=time.time())
     multinode.save_run(env.state_dir, run)
     refs = ", ".join(f"node {j.rank} {j.ref}" for j in started)
     if app.json and args.detach:
