@@ -21,12 +21,17 @@ def is_run_ref(ref: str | None) -> bool:
 
 def run_nodes(app: App, args: argparse.Namespace) -> int:
     """Place the run on ``--nodes`` boxes with the GPUs free, push the same commit to each,
-    start one job per node at once with the rendezvous variables, and follow them as one run."""
-    from remotedl import jobs, multinode
-    from remotedl.cli.jobs import _env_pairs, _notify_urls, sync_environment, warner
-    from remotedl.cli.sync import remote_dir
+    start one job per node at once with the rendezvous variables, and follow them as one run.
+    Each node's job is the ``RunPlan`` that host's settings give (``nodes`` set, the node's
+    variables in its ``env``)."""
+    import dataclasses
+
+    from remotedl import jobs, multinode, sync
+    from remotedl.cli.common import sync_environment, warner
+    from remotedl.cli.run import plan_for
     from remotedl.errors import ConnectError
     from remotedl.fleet import fleet_samples, run_on_hosts
+    from remotedl.run import RunPlan, register_outputs
 
     env = app.env
     if args.nodes < 2:
@@ -51,9 +56,8 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
                 f"{name} is a Slurm host: --nodes across Slurm nodes is not supported yet",
                 hint='use boxes (scheduler = "box") for a multi-node run',
             )
-    command_argv = args.command[1:] if args.command[0] == "--" else args.command
-    root = app.base_settings.project.root
-    command, script = jobs.build_command(command_argv, root, must_exist=not args.no_push)
+    first = plan_for(app.for_host(app.hosts[0]), args)  # the command and flags checked here, once
+    root = first.project_root
     sampled = fleet_samples(fleet)
     for r in sampled.failed:
         env.stderr.write(f"remotedl: {r.host} is left out: {printable(str(r.error), newlines=False)}\n")
@@ -75,30 +79,43 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
         f"remotedl: run {plan.run_id}: {plural(len(nodes), 'node')}, master {master.host} at "
         f"{master.addr}:{port} (the rendezvous: open on {master.host} while the run lasts)\n"
     )
-
     warn = warner(env)
-    name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
-    notify_urls = _notify_urls(app)
+    name = first.name
+
+    def node_plan(node: Node, hostfile_path: str) -> RunPlan:
+        p = plan_for(app.for_host(node.host), args)
+        return dataclasses.replace(
+            p,
+            name=multinode.job_name(name, plan.run_id, node.rank),
+            gpus="none" if cpu else "auto",
+            count=per_node,
+            env={**p.env, **plan.env(node.rank, hostfile_path)},
+            queue=False,
+            detach=True,
+            ref_host=True,
+            nodes=len(nodes),
+        )
 
     # 1. every node gets the hostfile and the same code, all at once
     hostfile = plan.hostfile()
 
-    def prepare(host: str) -> tuple[str, str, str | None, bool, str | None]:
-        from remotedl import sync
-
-        a = app.for_host(host)
+    def prepare(host: str) -> tuple[RunPlan, str | None, bool, str | None]:
         m = fleet.member(host)
-        path = multinode.write_hostfile(m.box(), plan.run_id, hostfile)
-        rdir = remote_dir(a)
-        s = a.settings
-        if args.no_push:
-            return path, sync.verify_remote_dir(m.spec, root, rdir), None, False, None
-        data = [*s.get("data"), *[d for d in args.data if d not in s.get("data")]]
+        node = next(n for n in nodes if n.host == host)
+        p = node_plan(node, multinode.write_hostfile(m.box(), plan.run_id, hostfile))
+        if not p.push:  # the box's tree, verified as this project's
+            return (
+                dataclasses.replace(p, remote_dir=sync.verify_remote_dir(m.spec, root, p.remote_dir)),
+                None,
+                False,
+                None,
+            )
         pushed = sync.push(
-            m.spec, root, rdir, data=data, excludes=s.get("exclude"),
-            dir_mode=str(s.get("remote_dir_mode")), max_snapshot_file=int(s.get("max_snapshot_file")),
+            m.spec, root, p.remote_dir, data=list(p.data), excludes=list(p.excludes),
+            dir_mode=p.dir_mode, max_snapshot_file=p.max_snapshot_file,
         )  # fmt: skip
-        return path, pushed.remote_dir, pushed.commit, pushed.snapshot, pushed.head
+        p = dataclasses.replace(p, remote_dir=pushed.remote_dir)
+        return p, pushed.commit, pushed.snapshot, pushed.head
 
     prepared = run_on_hosts([n.host for n in nodes], prepare)
     if prepared.failed:
@@ -107,57 +124,50 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
         bad.error.message = f"{bad.host}: {bad.error.message}"
         raise bad.error
     ready = dict(prepared.values())
-    commits = {host: v[2] for host, v in ready.items()}
+    commits = {host: v[1] for host, v in ready.items()}
     if len(set(commits.values())) > 1:
         shown = ", ".join(f"{h} {(c or '?')[:12]}" for h, c in commits.items())
         raise RemotedlError(f"the nodes did not get the same commit ({shown})", hint="run again")
 
     # 2. one job per node, started at once; all or nothing
     def start_one(node: Node) -> jobs.JobRecord:
-        a = app.for_host(node.host)
-        s = a.settings
+        p, commit, snapshot, head = ready[node.host]
         client = fleet.member(node.host).client()
-        path, rdir, commit, snapshot, head = ready[node.host]
-        job_env = {**s.get("env"), **_env_pairs(args.env), **plan.env(node.rank, path)}
-        env_spec = jobs.EnvSpec.from_settings(s)
-        # Outputs come home from every node's job, as from any job (each in its own directory).
-        from remotedl.cli import outputs as outputs_cli
-
-        output_paths = outputs_cli.planned(a, args)
         for attempt in range(3):
             try:
                 rec = jobs.start(
                     client,
-                    command=command,
-                    remote_dir=rdir,
-                    script=script,
-                    gpus="none" if cpu else "auto",
-                    count=per_node,
-                    env=job_env,
-                    name=multinode.job_name(name, plan.run_id, node.rank),
-                    force=args.force,
+                    command=p.command,
+                    remote_dir=p.remote_dir,
+                    script=p.script,
+                    gpus=p.gpus,
+                    count=p.count,
+                    env=p.env,
+                    name=p.name,
+                    force=p.force,
                     git_commit=commit,
                     snapshot=snapshot,
                     git_head=head if snapshot else None,
                     snapshot_files=jobs.snapshot_files(root, head, commit) if snapshot else [],
-                    isolate=bool(s.get("isolate")),
-                    data=list(s.get("data")),
-                    shared=s.get("shared"),
-                    environment=env_spec,
+                    isolate=p.isolate,
+                    data=list(p.data),
+                    shared=list(p.shared),
+                    environment=p.environment,
                     env_check=attempt < 2,
-                    notify=notify_urls,
+                    notify=list(p.notify),
                     host_alias=node.host,
-                    stall_after=jobs.parse_duration(s.get("stall_after")),
+                    stall_after=p.stall_after,
                     warn=warn,
-                    outputs=output_paths,
-                    trackers=bool(output_paths and s.get("trackers")),
-                    project_id=outputs_cli.project_id(a) if output_paths else None,
+                    outputs=list(p.outputs),
+                    trackers=p.trackers,
+                    project_id=p.project_id,
                 )
                 jobs.keep_commit(root, node.host, rec)
-                outputs_cli.register(a, rec, node.host, output_paths, env=job_env)
+                register_outputs(p, rec, node.host)  # each node's outputs come home, as any job's
                 return rec
             except jobs.EnvOutOfDate:
-                sync_environment(a, client, rdir, env_spec)
+                if p.environment is not None:
+                    sync_environment(app.for_host(node.host), client, p.remote_dir, p.environment)
         raise RemotedlError(f"the environment on {node.host} kept changing")  # pragma: no cover
 
     def stop(job: NodeJob, grace: float) -> None:
@@ -172,7 +182,9 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
             hint=f"`remotedl jobs --host {','.join(n.host for n in nodes)}` lists them (named "
             f"[{plan.run_id} node R]); `remotedl kill HOST:ID` stops one",
         ) from None
-    run = Run(plan.run_id, name, command, master.addr, port, nodes=started, skew=skew, started=time.time())
+    run = Run(
+        plan.run_id, name, first.command, master.addr, port, nodes=started, skew=skew, started=time.time()
+    )
     multinode.save_run(env.state_dir, run)
     refs = ", ".join(f"node {j.rank} {j.ref}" for j in started)
     if app.json and args.detach:
@@ -199,9 +211,9 @@ def _prefixed_writers(
     never mix. The flush writes what is left of each node's last line."""
     import json
 
-    from remotedl.cli.jobs import _writer
+    from remotedl.cli.common import log_writer
 
-    raw, flush = _writer(app.env)
+    raw, flush = log_writer(app.env)
     lock = threading.Lock()
     pending: dict[int, bytearray] = {}
 
@@ -247,7 +259,7 @@ def follow_run(app: App, run: Run, *, grace: float = 10.0) -> int:
     """Follow every node's log (merged, each line with its node) to the run's end; the first
     node that fails has the others ended (TERM, then KILL after ``grace``)."""
     from remotedl import jobs, multinode
-    from remotedl.cli.jobs import warner
+    from remotedl.cli.common import warner
 
     env = app.env
     fleet = app.fleet()
