@@ -132,6 +132,19 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu", action="store_true", help="run with no GPU visible")
     p.add_argument("--queue", action="store_true", help="wait on the box until the GPUs are free")
     p.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="one run across N boxes of the fleet (--gpus each): MASTER_ADDR, NODE_RANK, ... set",
+    )
+    p.add_argument(
+        "--fail-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="--nodes: when a node fails, the others get TERM, then KILL after this long",
+    )
+    p.add_argument(
         "--force", action="store_true", help="use the GPUs even if another job or process has them"
     )
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="job environment")
@@ -222,6 +235,7 @@ def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--node", type=int, metavar="R", help="a multi-node RUN: only node R's log")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
@@ -312,6 +326,11 @@ def setup(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 def doctor(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "--nodes",
+        action="store_true",
+        help="multi-node runs: check that every host reaches a port on the first (the master)",
+    )
 
 
 def outputs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     app = App(args, env)
+    if args.nodes is not None:  # one run across several boxes (remotedl.multinode)
+        from remotedl.cli.multinode import run_nodes
+
+        return run_nodes(app, args)
     if app.is_fleet:
         from remotedl.cli.slurm import refuse_in_fleet
 
