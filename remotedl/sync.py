@@ -475,6 +475,113 @@ echo "@@failed"; head -n 3 -- "$tmp/err"
 """
 
 
+LISTING_CAP = 8_000_000  # bytes of listing; past it, rsync decides (a huge data tree)
+
+# The same checkout, then (in the same round trip) a listing of the data paths under "$1":
+# "$7" is a token naming the listing's start, "$8"...: the data paths relative to "$1". From it
+# the laptop decides whether rsync has anything to send (``_unchanged``). GNU find's -printf
+# only: elsewhere no listing comes, and rsync decides as before.
+_CHECKOUT_AND_LIST = (
+    "_rdl_checkout() {\n"
+    + _CHECKOUT
+    + r"""}
+( _rdl_checkout "$@" ) || exit $?
+d=$1; tok=$7; shift 7
+cd -- "$d" 2>/dev/null || exit 0
+find --version >/dev/null 2>&1 || exit 0
+printf '\n@@list %s\n' "$tok"
+find "$@" -printf '%y %m %s %T@ %p\0%l\0' 2>/dev/null | head -c {cap}
+""".replace("{cap}", str(LISTING_CAP))
+)
+
+
+def _split_listing(stdout: bytes, token: str) -> tuple[str, bytes | None]:
+    """(the checkout's answer, the listing or None when none came)."""
+    marker = f"\n@@list {token}\n".encode()
+    at = stdout.find(marker)
+    if at < 0:
+        return stdout.decode(errors="replace"), None
+    return stdout[:at].decode(errors="replace"), stdout[at + len(marker) :]
+
+
+Entry = tuple[str, str, int, int, str]  # type (find's %y), mode (octal), size, mtime in ns, link
+
+
+def parse_listing(raw: bytes) -> dict[str, Entry] | None:
+    """The box's entries by path, or None if the listing was cut (too big) or unreadable."""
+    if len(raw) >= LISTING_CAP or (raw and not raw.endswith(b"\0")):
+        return None
+    parts = raw.split(b"\0")[:-1]
+    if len(parts) % 2:
+        return None
+    out: dict[str, Entry] = {}
+    try:
+        for head, link in zip(parts[0::2], parts[1::2], strict=True):
+            kind, mode, size, mtime, path = head.split(b" ", 4)
+            sec, _, frac = mtime.decode().partition(".")
+            ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+            out[os.fsdecode(path)] = (kind.decode(), mode.decode(), int(size), ns, os.fsdecode(link))
+    except ValueError:
+        return None
+    return out
+
+
+def _entry(st: os.stat_result, path: str) -> Entry | None:
+    import stat
+
+    mode = format(stat.S_IMODE(st.st_mode), "o")
+    if stat.S_ISREG(st.st_mode):
+        return ("f", mode, st.st_size, st.st_mtime_ns, "")
+    if stat.S_ISDIR(st.st_mode):
+        return ("d", mode, 0, 0, "")
+    if stat.S_ISLNK(st.st_mode):
+        return ("l", mode, 0, 0, os.readlink(path))
+    return None  # a fifo, socket or device: rsync decides
+
+
+def _same(here: Entry, there: Entry) -> bool:
+    kind, mode, size, mtime, link = here
+    if kind != there[0]:
+        return False
+    if kind == "f":
+        return (mode, size, mtime) == there[1:4]
+    if kind == "d":
+        return mode == there[1]
+    return link == there[4]
+
+
+def _unchanged(root: Path, rel: str, box: dict[str, Entry], limit: int = 200_000) -> bool:
+    """Whether rsync -a of ``rel`` would find nothing to send: every file here is on the box
+    with the same type, mode, size and modification time (to the nanosecond: rsync's quick
+    check, stricter), every link with the same target. Any doubt: False (rsync decides)."""
+    top = root / rel
+    try:
+        linked_dir = top.is_symlink() and top.is_dir()  # followed at the top, as push sends it
+        first = _entry(top.stat() if linked_dir else top.lstat(), str(top))
+        if first is None or not _same(first, box.get(rel, ("", "", 0, 0, ""))):
+            return False
+        if first[0] != "d":
+            return True
+        stack = [(str(top), rel)]
+        seen = 0
+        while stack:
+            here, name = stack.pop()
+            with os.scandir(here) as it:
+                for e in it:
+                    seen += 1
+                    if seen > limit:
+                        return False
+                    path = f"{name}/{e.name}"
+                    mine = _entry(e.stat(follow_symlinks=False), e.path)
+                    if mine is None or not _same(mine, box.get(path, ("", "", 0, 0, ""))):
+                        return False
+                    if mine[0] == "d":
+                        stack.append((e.path, path))
+    except OSError:
+        return False
+    return True
+
+
 def startup_noise_error(box: Box, tool: str) -> RemoteError:
     """git and rsync speak a protocol over the session: start-up output breaks it."""
     from remotedl.shells import noise_advice
@@ -555,13 +662,28 @@ def _checkout(
     force: bool,
     ident: str,
     pack: tuple[str, int, bytes] | None = None,
+    listing: Sequence[str] = (),
+    listed: dict[str, dict[str, Entry] | None] | None = None,
 ) -> dict[str, str] | None:
     """Run _CHECKOUT; its marks, or None when the box wants a `git push` first (the tree went
-    away, or lacks the pack's base)."""
+    away, or lacks the pack's base). ``listing``: data paths the same request lists, into
+    ``listed`` (left empty where the box gave no listing)."""
+    import secrets
+
     spec = box.spec
     base, count, data = pack if pack is not None else ("", 0, b"")
-    out = box.run(_CHECKOUT, abs_dir, commit, "1" if force else "0", ident, base, str(count), stdin=data)
-    marks = parse_marks(out.stdout)
+    args = [abs_dir, commit, "1" if force else "0", ident, base, str(count)]
+    if listing:
+        token = secrets.token_hex(8)
+        out = box.run(_CHECKOUT_AND_LIST, *args, token, *listing, stdin=data)
+        stdout, raw = _split_listing(out.stdout_bytes, token)
+        if raw is not None and listed is not None:
+            entries = parse_listing(raw)
+            listed.update(dict.fromkeys(listing, entries))
+    else:
+        out = box.run(_CHECKOUT, *args, stdin=data)
+        stdout = out.stdout
+    marks = parse_marks(stdout)
     if "gone" in marks or "needpush" in marks:
         return None
     if "other" in marks:
@@ -571,8 +693,8 @@ def _checkout(
             hint="choose another directory with --remote-dir DIR or `remote_dir` in remotedl.toml",
         )
     if "dirty" in marks:
-        listed = out.stdout.split("@@dirty", 1)[1].strip().splitlines()
-        files = [unquote_git_path(f) for f in listed]
+        listed_files = stdout.split("@@dirty", 1)[1].strip().splitlines()
+        files = [unquote_git_path(f) for f in listed_files]
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         raise RemoteError(
             f"the work tree on {spec.alias} ({abs_dir}) has edits that were not pushed from here: {shown}",
@@ -580,7 +702,7 @@ def _checkout(
             "or overwrite them with `remotedl push --force`",
         )
     if "failed" in marks:
-        why = out.stdout.split("@@failed", 1)[1].strip().splitlines()
+        why = stdout.split("@@failed", 1)[1].strip().splitlines()
         reason = next((w for w in why if w.strip()), "git checkout failed")
         state = (
             "the box's tree is back at the previous commit"
@@ -736,6 +858,12 @@ def push(
             )
         box = Box(spec)
         memo = _known_file(spec, tidy, ident)
+        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
+        sending = [rel for rel in sending if rel not in missing]
+        # The data paths the checkout's request lists on the box, so that rsync runs only where
+        # it has something to send (with --delete or excludes, rsync always decides).
+        listable = [] if delete or excludes else sending
+        listed: dict[str, dict[str, Entry] | None] = {}
         known = _load_known(memo)
         changed = False
         created: str | None = None
@@ -748,7 +876,10 @@ def push(
             pack = None if known.commit in (None, snap.commit) else _pack(root, snap.commit, known.commit)
             if pack is not None or known.commit == snap.commit:
                 _stage(progress, f"code: sending {snap.commit[:10]} and checking out")
-                marks = _checkout(box, abs_dir, snap.commit, force=force, ident=ident, pack=pack)
+                marks = _checkout(
+                    box, abs_dir, snap.commit, force=force, ident=ident, pack=pack,
+                    listing=listable, listed=listed,
+                )  # fmt: skip
             if marks is None:
                 known = None
         if known is None:
@@ -771,11 +902,17 @@ def push(
             abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out,
             created_mode=created, missing=missing,
         )  # fmt: skip
-        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
-        sending = [rel for rel in sending if rel not in missing]
-        if sending and box.noise:
+        if marks is None:
+            listed = {}  # the tree was (re)claimed since: the listing may be of another one
+        unchanged = {
+            rel for rel in sending if (box_files := listed.get(rel)) and _unchanged(root, rel, box_files)
+        }
+        if [rel for rel in sending if rel not in unchanged] and box.noise:
             raise startup_noise_error(box, "rsync")
         for rel in sending:
+            if rel in unchanged:
+                result.transfers.append(Transfer(rel, 0, 0))
+                continue
             _stage(progress, f"data: {rel}")
             # A symlink to a directory (data -> /datasets/imagenet) is followed at the top, so
             # the box gets the dataset's files under the same name; links inside stay links.

@@ -646,3 +646,59 @@ def test_a_cut_rsync_is_a_connection_error_a_missing_one_is_not(box, tmp_path, m
         with pytest.raises(RemotedlError) as e:
             rsync.run_rsync(spec, [str(fake)], "data", None)
         assert type(e.value) is kind, e.value
+
+
+def rsync_runs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("run: rsync -a")]
+
+
+def test_unchanged_data_is_not_rsynced_again(cli, box, project, rdir, caplog):
+    """The checkout's request lists the data paths on the box: rsync runs only where it has
+    something to send (issue 24: no rsync round trips on a push that changes no data)."""
+    import logging
+
+    data = project / "data" / "set"
+    data.mkdir(parents=True)
+    (data / "a.bin").write_bytes(b"a" * 1000)
+    (data / "b.bin").write_bytes(b"b" * 10)
+    (data / "link").symlink_to("a.bin")
+    (project / ".gitignore").write_text("data/\n")
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\ndata = ["data"]\n')
+    assert cli("push", cwd=project).code == 0
+    caplog.set_level(logging.DEBUG, logger="remotedl.proc")
+
+    def push() -> dict:
+        caplog.clear()
+        r = cli("push", "--json", cwd=project)
+        assert r.code == 0, r.err
+        return json.loads(r.out)
+
+    out = push()
+    assert rsync_runs(caplog) == []
+    assert out["transfers"] == [{"path": "data", "files_transferred": 0, "bytes_transferred": 0, "literal_bytes": 0}]
+    (project / "train.py").write_text("print('code only')\n")  # a code edit: still no rsync
+    push()
+    assert rsync_runs(caplog) == []
+    assert box_path(box, rdir, "train.py").read_text() == "print('code only')\n"
+    # Whatever rsync's quick check would see sends it: same size with another time...
+    st = (data / "a.bin").stat()
+    (data / "a.bin").write_bytes(b"A" * 1000)
+    os.utime(data / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert push()["transfers"][0]["files_transferred"] == 1
+    assert len(rsync_runs(caplog)) == 1
+    assert box_path(box, rdir, "data/set/a.bin").read_bytes() == b"A" * 1000
+    # ...another mode, a new file, a link pointing elsewhere.
+    (data / "b.bin").chmod(0o600)
+    push()
+    assert len(rsync_runs(caplog)) == 1
+    assert box_path(box, rdir, "data/set/b.bin").stat().st_mode & 0o777 == 0o600
+    (data / "sub").mkdir()
+    (data / "sub" / "c").write_text("c")
+    push()
+    assert box_path(box, rdir, "data/set/sub/c").read_text() == "c"
+    (data / "link").unlink()
+    (data / "link").symlink_to("b.bin")
+    push()
+    assert os.readlink(box_path(box, rdir, "data/set/link")) == "b.bin"
+    push()
+    assert rsync_runs(caplog) == []
