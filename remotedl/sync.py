@@ -365,7 +365,13 @@ def legacy_name(tidy: str, ident: str, project_root: Path) -> str:
 
 
 def _in_git(path: Path) -> bool:
-    return proc.run(["git", "-C", str(path), "rev-parse", "--git-dir"], check=False).returncode == 0
+    return _git_dir(path) is not None
+
+
+def _git_dir(path: Path) -> Path | None:
+    """The git directory of the repository holding ``path`` (per work tree), or None."""
+    r = proc.run(["git", "-C", str(path), "rev-parse", "--absolute-git-dir"], check=False)
+    return Path(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
 
 
 # ------------------------------------------------------------------ code: push and check out
@@ -756,14 +762,33 @@ class _Known:
     commit: str | None
 
 
-def _known_file(spec: HostSpec, tidy: str, ident: str) -> Path:
+def _known_file(spec: HostSpec, tidy: str, ident: str, git_dir: Path | None) -> Path | None:
+    """Where the memo of one box work tree is kept: in the project's git directory (beside its
+    index, so it goes with the project), one per host and directory; none outside git."""
+    if git_dir is None:
+        return None
     key = f"{spec.user}@{spec.hostname}:{spec.port}:{tidy}:{ident}"
-    return control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return git_dir / f"remotedl-push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def _load_known(path: Path) -> _Known | None:
+def _sweep_control_dir() -> None:
+    """Remove what older versions left in the control directory for good: a ``push-*.json``
+    memo per project and host (now in the project's git directory) and a ``push-*.lock`` each
+    (now removed after its push): those no push holds."""
+    with contextlib.suppress(OSError):
+        for old in control_dir().glob("push-*.json"):
+            old.unlink(missing_ok=True)
+        for lock in control_dir().glob("push-*.lock"):
+            with _held(lock, block=False) as got:
+                if got:
+                    lock.unlink(missing_ok=True)
+
+
+def _load_known(path: Path | None) -> _Known | None:
     import json
 
+    if path is None:
+        return None
     try:
         raw = json.loads(path.read_text())
         p, c = raw["path"], raw.get("commit")
@@ -774,9 +799,11 @@ def _load_known(path: Path) -> _Known | None:
     return None
 
 
-def _save_known(path: Path, known: _Known | None) -> None:
+def _save_known(path: Path | None, known: _Known | None) -> None:
     import json
 
+    if path is None:
+        return
     if known is None:
         path.unlink(missing_ok=True)
         return
@@ -793,10 +820,38 @@ def push_lock(spec: HostSpec, abs_or_configured_dir: str) -> Iterator[None]:
     """Pushes from this machine into one box directory take turns (``push --watch`` and ``run``)."""
     key = f"{spec.user}@{spec.hostname}:{spec.port}:{abs_or_configured_dir}"
     path = control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with _held(path, block=True):
+        try:
+            yield
+        finally:
+            # Gone with the push that held it: a push waiting on it finds it unlinked and
+            # takes the next one (``_held``), so no lock file outlives its pushes.
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _held(path: Path, *, block: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on the file at ``path`` (made if missing): the lock of the file
+    that is at ``path`` once locked, not of one unlinked meanwhile. False when ``block`` is
+    False and another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)  # unlinked by the push that held it: lock the next one
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield True
     finally:
         os.close(fd)
 
@@ -844,7 +899,9 @@ def push(
     # box's copy of a missing path stays as it is (named in the result, nothing deleted).
     missing = [rel for rel in rels if not (root / rel).exists()]
     tidy = normalize_remote_dir(remote_dir)
-    ident = project_identity(root) if repo is not None or _in_git(root) else ""
+    git_dir = repo.index.parent if repo is not None else _git_dir(root)
+    ident = project_identity(root) if git_dir is not None else ""
+    _sweep_control_dir()
     with push_lock(spec, tidy):
         snap = Snapshot(None, None, False)
         if code and repo is not None:
@@ -857,7 +914,7 @@ def push(
                 repo=repo,
             )
         box = Box(spec)
-        memo = _known_file(spec, tidy, ident)
+        memo = _known_file(spec, tidy, ident, git_dir)
         sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
         sending = [rel for rel in sending if rel not in missing]
         # The data paths the checkout's request lists on the box, so that rsync runs only where

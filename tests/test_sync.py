@@ -675,7 +675,9 @@ def test_unchanged_data_is_not_rsynced_again(cli, box, project, rdir, caplog):
 
     out = push()
     assert rsync_runs(caplog) == []
-    assert out["transfers"] == [{"path": "data", "files_transferred": 0, "bytes_transferred": 0, "literal_bytes": 0}]
+    assert out["transfers"] == [
+        {"path": "data", "files_transferred": 0, "bytes_transferred": 0, "literal_bytes": 0}
+    ]
     (project / "train.py").write_text("print('code only')\n")  # a code edit: still no rsync
     push()
     assert rsync_runs(caplog) == []
@@ -702,3 +704,67 @@ def test_unchanged_data_is_not_rsynced_again(cli, box, project, rdir, caplog):
     assert os.readlink(box_path(box, rdir, "data/set/link")) == "b.bin"
     push()
     assert rsync_runs(caplog) == []
+
+
+def test_push_leaves_no_files_in_the_control_dir(box, project, rdir, tmp_path):
+    """A push's lock goes with it and its memo of the box tree lives in the project's git
+    directory: nothing piles up in the control directory per project and host (issue 24)."""
+    import fcntl
+
+    from remotedl.ssh.openssh import control_dir
+
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    ctl = control_dir()
+    legacy_memo = ctl / "push-0123456789abcdef.json"  # what older versions left
+    legacy_memo.write_text('{"path": "/x", "commit": null}')
+    stale_lock = ctl / "push-0123456789abcdee.lock"
+    stale_lock.write_text("")
+    held_lock = ctl / "push-0123456789abcded.lock"  # a push of another process holds this one
+    fd = os.open(held_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        first = sync.push(spec, project, rdir)
+        (project / "README").write_text("changed\n")
+        second = sync.push(spec, project, rdir)
+        assert held_lock.exists()
+    finally:
+        os.close(fd)
+        held_lock.unlink(missing_ok=True)
+    assert not legacy_memo.exists() and not stale_lock.exists()
+    key = f"{spec.user}@{spec.hostname}:{spec.port}:{sync.normalize_remote_dir(rdir)}"
+    assert not (ctl / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock").exists()
+    memos = list((project / ".git").glob("remotedl-push-*.json"))
+    assert len(memos) == 1
+    assert json.loads(memos[0].read_text()) == {"path": first.remote_dir, "commit": second.commit}
+    assert box_path(box, rdir, "README").read_text() == "changed\n"
+
+
+def test_push_lock_takes_turns_though_each_holder_removes_it():
+    import threading
+    from types import SimpleNamespace
+
+    from remotedl.ssh.openssh import control_dir
+
+    spec = SimpleNamespace(user="u", hostname=f"turns-{os.getpid()}", port=22)
+    inside, most, rounds = [0], [0], 30
+    guard = threading.Lock()
+
+    def pusher() -> None:
+        for _ in range(rounds):
+            with sync.push_lock(spec, "~/x"):  # type: ignore[arg-type]
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                for _ in range(200):
+                    pass
+                with guard:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=pusher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1
+    key = f"u@{spec.hostname}:22:~/x"
+    assert not (control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock").exists()
