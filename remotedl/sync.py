@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from remotedl import proc
 from remotedl.config import project_relative
@@ -71,6 +71,9 @@ from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
 from remotedl.ssh.openssh import control_dir, openssh_failure, ssh_command_string
 from remotedl.ssh.resolve import HostSpec
 from remotedl.treeid import ADOPT, default_remote_dir
+
+if TYPE_CHECKING:
+    from remotedl.agent.client import Before
 
 __all__ = [
     "DEFAULT_MAX_FILE",
@@ -355,6 +358,42 @@ def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> st
     marks = {k: v for k, v in parse_marks(out.stdout).items() if k not in ("foreign", "notours")}
     _remote_dir_error(box, remote_dir, marks, ident)
     return marks["dir"]
+
+
+# The gate of ``verify_in_band``: the agent call follows only when the check found nothing to
+# refuse (its marks are all among these) and the tree is where the agent will look for it
+# (``remote_dir`` as given, home expanded, symlinks resolved); else the laptop decides.
+_VERIFY_GATE = (
+    EXPAND_HOME
+    + r"""
+case $out in *"@@dir "*) ;; *) exit 0;; esac
+if printf '%s\n' "$out" | grep '^@@' | grep -Evq '^@@(dir|head|clean|foreign|notours)( |$)'; then exit 0; fi
+real=$(printf '%s\n' "$out" | sed -n 's/^@@dir //p' | head -n 1)
+want=$(cd -P -- "$(expand_home "$1")" 2>/dev/null && pwd -P) || exit 0
+[ "$want" = "$real" ] || exit 0
+"""
+)
+
+
+def verify_in_band(spec: HostSpec, project_root: Path, remote_dir: str) -> Before | None:
+    """``verify_remote_dir``'s check as a ``Before`` of the next agent call, so that
+    ``run --no-push`` checks the tree and starts the job in one round trip. None where the
+    agent could not find the tree by the name given (a relative ``remote_dir``)."""
+    from remotedl.agent.client import Before
+
+    tidy = normalize_remote_dir(remote_dir)
+    if not tidy.startswith(("/", "~/")):
+        return None
+    ident = project_identity(project_root) if _in_git(project_root) else ""
+    legacy = legacy_name(tidy, ident, project_root)
+    args = (tidy, ident, "check", "-", DEFAULT_DIR_MODE, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES)
+
+    def then(out: str) -> dict[str, Any]:
+        marks = {k: v for k, v in parse_marks(out).items() if k not in ("foreign", "notours")}
+        _remote_dir_error(Box(spec), remote_dir, marks, ident)
+        return {"remote_dir": marks["dir"]}
+
+    return Before(_PREPARE, args, _VERIFY_GATE, then)
 
 
 def legacy_name(tidy: str, ident: str, project_root: Path) -> str:

@@ -342,7 +342,9 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
         ):
             env.stderr.write(f"remotedl: {safe(line)}\n")
     else:
-        rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
+        # Never another project's tree: checked in the start's own request where it can be.
+        client.before = sync.verify_in_band(spec, root, rdir)
+        rdir = sync.verify_remote_dir(spec, root, rdir) if client.before is None else rdir
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
     started: JobRecord | None = None
     for attempt in range(3):
@@ -373,6 +375,7 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 warn=warn,
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
             )
+            rdir = rec.remote_dir or rdir  # the tree's physical path, as the box found it
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
             break
