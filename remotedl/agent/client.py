@@ -147,6 +147,11 @@ class Before:
     then: Callable[[str], dict[str, Any]]
 
 
+# The operations whose requests hold no secret (no --env values, no notification URLs): they
+# travel in the command line, one round trip less (``remotedl.ssh.channel.INLINE_MAX``).
+INLINE_OPS = frozenset({"list", "get", "kill", "logs", "intree"})
+
+
 class AgentClient:
     """Calls the agent on one box: one exec per request over the shared connection, plus an
     upload the first time a box sees this agent version."""
@@ -238,8 +243,9 @@ class AgentClient:
         if before is not None:
             return self._call_before(before, request)
         body = self._body(request)
+        inline = request.get("op") in INLINE_OPS
         for attempt in range(2):
-            r = self.box.run(self._script(), self.python, stdin=body, check=False)
+            r = self.box.run(self._script(), self.python, stdin=body, check=False, inline=inline)
             if r.exit_code == AGENT_MISSING and attempt == 0:
                 self.upload()
                 continue
@@ -257,7 +263,10 @@ class AgentClient:
         """Start a streaming request (logs); the caller reads and waits. An exit status of
         ``AGENT_MISSING`` means: ``upload()`` and start again. ``on_line`` hears each line the
         agent writes to stderr as it comes."""
-        return self.box.start(self._script(), self.python, stdin=self._body(request), on_line=on_line)
+        inline = request.get("op") in INLINE_OPS
+        return self.box.start(
+            self._script(), self.python, stdin=self._body(request), on_line=on_line, inline=inline
+        )
 
 
 def error_from(answer: dict[str, Any]) -> RemotedlError:
