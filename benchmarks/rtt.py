@@ -36,7 +36,11 @@ from _delay import DelayProxy
 from remotedl.ssh.openssh import CONTROL_PERSIST
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 5
-delays = [int(x) for x in sys.argv[sys.argv.index("--delays") + 1].split(",")] if "--delays" in sys.argv else [50, 0]
+delays = (
+    [int(x) for x in sys.argv[sys.argv.index("--delays") + 1].split(",")]
+    if "--delays" in sys.argv
+    else [50, 0]
+)
 only = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else None
 LIMITS = {"status": 1.5, "jobs": 1.5, "logs": 1.5, "show": 1.5, "kill": 1.5, "detach": 2.0,
           "noop": 1.3, "edit": 1.3, "run": 1.3}  # fmt: skip
@@ -53,7 +57,15 @@ home = box.home
 mux = work / "mux"
 mux.mkdir()
 ssh = ["ssh", "-F", str(config)]
-warm = [*ssh, "-o", "ControlMaster=auto", "-o", f"ControlPath={mux}/%C", "-o", f"ControlPersist={CONTROL_PERSIST}"]
+warm = [
+    *ssh,
+    "-o",
+    "ControlMaster=auto",
+    "-o",
+    f"ControlPath={mux}/%C",
+    "-o",
+    f"ControlPersist={CONTROL_PERSIST}",
+]
 rsync_warm = ["rsync", "-a", "-e", " ".join(warm)]
 proxy: DelayProxy | None = None
 
@@ -74,14 +86,15 @@ def timed(argv: list[str], **kw: object) -> tuple[float, int]:
     """(seconds, exchanges on the link) of one command."""
     before = proxy.exchanges if proxy else 0
     t0 = time.perf_counter()
-    subprocess.run(argv, cwd=proj, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+    out = subprocess.DEVNULL
+    subprocess.run(argv, cwd=proj, env=env, check=True, stdout=out, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
     return time.perf_counter() - t0, (proxy.exchanges - before) if proxy else 0
 
 
 def link(delay_ms: int) -> None:
     """Point the box's ssh config at the proxy (or straight at sshd), masters closed."""
     global proxy
-    subprocess.run([*warm, "-O", "exit", box.alias], capture_output=True, env=env)
+    subprocess.run([*warm, "-O", "exit", box.alias], check=False, capture_output=True, env=env)
     close_ours()
     if proxy is not None:
         proxy.close()
@@ -105,14 +118,25 @@ def close_ours() -> None:
 rows: list[tuple[str, str, float, float, float, int, int]] = []
 
 
-def compare(key: str, what: str, ours: Callable[[], tuple[float, int]], plain: Callable[[], tuple[float, int]],
-            setup: Callable[[bool], None] | None = None) -> None:  # fmt: skip
+Timed = Callable[[], tuple[float, int]]
+
+
+def compare(
+    key: str,
+    what: str,
+    ours: Timed,
+    plain: Timed,
+    setup: Callable[[bool], None] | None = None,
+) -> None:
     """``setup(ours)`` runs before each timed command, untimed."""
     a: list[float] = []
     b: list[float] = []
     ea: list[int] = []
     eb: list[int] = []
-    for side, fn in ((True, ours), (False, plain)):  # warm both masters (and caches) first
+    for side, fn in (
+        (True, ours),
+        (False, plain),
+    ):  # warm both masters (and caches) first
         if setup:
             setup(side)
         fn()
@@ -159,7 +183,19 @@ def table(delay_ms: int) -> None:
     rd("push")
     sh(*rsync_warm, "data/", f"{box.alias}:plain-data/")
     sh(*rsync_warm, "src", "train.py", f"{box.alias}:plain-src/")
-    job = json.loads(rd("run", "--no-push", "--detach", "--json", "--cpu", "--", "sh", "-c", "seq 20000"))
+    job = json.loads(
+        rd(
+            "run",
+            "--no-push",
+            "--detach",
+            "--json",
+            "--cpu",
+            "--",
+            "sh",
+            "-c",
+            "seq 20000",
+        )
+    )
     while json.loads(rd("show", "--json", str(job["id"])))["status"] == "running":
         time.sleep(0.1)
     jid, log = str(job["id"]), job["log"]
@@ -185,7 +221,19 @@ def table(delay_ms: int) -> None:
 
         def start_victim(ours: bool) -> None:
             if ours:
-                victim[0] = str(json.loads(rd("run", "--no-push", "--detach", "--json", "--cpu", "sleep", "600"))["id"])
+                victim[0] = str(
+                    json.loads(
+                        rd(
+                            "run",
+                            "--no-push",
+                            "--detach",
+                            "--json",
+                            "--cpu",
+                            "sleep",
+                            "600",
+                        )
+                    )["id"]
+                )
             else:
                 sh(*warm, box.alias, "tmux new -d -s plainvictim 'sleep 600'")
 
@@ -228,6 +276,7 @@ def table(delay_ms: int) -> None:
                 lambda: timed([*remotedl, "run", "--cpu", "python3", "train.py"]),
                 plain_run, setup=edit_train)  # fmt: skip
     if wanted("cold"):
+
         def cold_ours() -> tuple[float, int]:
             close_ours()
             return timed([*remotedl, "jobs"])
@@ -248,16 +297,23 @@ try:
         table(d)
         results[d] = rows
     print()
+    # Round trips waited for: what the long link added to the command's time, in round trips
+    # (the same command at 0 ms, same run, is the rest: start-ups, the box's work).
+    base = {row[0]: row for row in results.get(0, [])}
     for d, rs in results.items():
         print(f"## {d} ms each way, medians of {rounds}; exchanges = request/answer turns on the link")
-        print("| command | remotedl | plain, warm | ratio | exchanges (remotedl / plain) |")
-        print("|---|---|---|---|---|")
+        print("| command | remotedl | plain, warm | ratio | exchanges | round trips waited |")
+        print("|---|---|---|---|---|---|")
         for key, what, ma, mb, r, ea, eb in rs:
             ex = f"{ea} / {eb}" if d else "-"
-            print(f"| {what} | {ma:.2f} s | {mb:.2f} s | {r:.2f} | {ex} |")
+            waited = "-"
+            if d and key in base:
+                rtt = 2 * d / 1000
+                waited = f"{(ma - base[key][2]) / rtt:.1f} / {(mb - base[key][3]) / rtt:.1f}"
+            print(f"| {what} | {ma:.2f} s | {mb:.2f} s | {r:.2f} | {ex} | {waited} |")
         print()
 finally:
-    subprocess.run([*warm, "-O", "exit", box.alias], capture_output=True, env=env)
+    subprocess.run([*warm, "-O", "exit", box.alias], check=False, capture_output=True, env=env)
     config.write_text(direct)
     if proxy is not None:
         proxy.close()
