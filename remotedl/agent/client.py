@@ -217,7 +217,9 @@ class AgentClient:
         if not sep:
             last = (r.stderr.strip().splitlines() or [f"exit status {r.exit_code}"])[-1]
             raise RemoteError(f"command on {self.spec.alias} failed: {last}")
-        if r.exit_code == 0 and rest.strip():
+        if rest.strip() or r.exit_code not in (0, AGENT_MISSING, AGENT_NO_PYTHON):
+            # The agent ran: its answer, whatever its exit status (never a second call: a
+            # start may have happened).
             answer = self._decode(rest, r.stderr)
             if not answer["ok"]:
                 raise error_from(answer)
