@@ -60,6 +60,11 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "notify_desktop": (bool, False, "REMOTEDL_NOTIFY_DESKTOP"),
     "stall_after": (str, "15m", "REMOTEDL_STALL_AFTER"),
     "pull_on_end": (list, [], None),
+    # outputs home: what a job writes that belongs here, fetched when it ends (remotedl.outputs)
+    "outputs": (list, [], None),
+    "outputs_dir": (str, None, "REMOTEDL_OUTPUTS_DIR"),
+    "trackers": (bool, True, "REMOTEDL_TRACKERS"),  # WANDB_*/MLFLOW_* per job
+    "wandb_sync": (bool, False, "REMOTEDL_WANDB_SYNC"),  # `wandb sync` offline runs that came home
     "tensorboard_logdir": (str, None, None),
     "tensorboard_port": (int, 6006, None),
     # Several hosts at once (a fleet); `host = "a,b"` and `--host a,b,@lab` say the same.
@@ -74,9 +79,37 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "constraint": (str, None, None),
     "sbatch_args": (list, [], None),
     "modules": (list, [], None),
+    # Cloud VMs (usually in [hosts.NAME] tables): which cloud, what identifies the VM there,
+    # its price, the address ssh goes to, starting it when needed and stopping it when idle.
+    "cloud": (str, None, None),
+    "region": (str, None, None),
+    "instance_id": (str, None, None),
+    "project": (str, None, None),
+    "zone": (str, None, None),
+    "instance": (str, None, None),
+    "subscription": (str, None, None),
+    "resource_group": (str, None, None),
+    "vm": (str, None, None),
+    "price_per_hour": (float, None, None),
+    "address": (str, "public", None),
+    "auto_start": (bool, False, "REMOTEDL_AUTO_START"),
+    "autostop": (str, None, "REMOTEDL_AUTOSTOP"),
+    "autostop_wait": (str, "all", None),
+    "pre_stop": (str, None, None),
+    # Azure: the autostop playbook gave the VM a managed identity that may deallocate it
+    "managed_identity": (bool, False, None),
+    # what running jobs get when the cloud takes a spot VM back (they may save a checkpoint)
+    "preempt_signal": (str, "TERM", None),
 }
 # Settings whose value must be one of a few words.
-CHOICES: dict[str, tuple[str, ...]] = {"scheduler": ("box", "slurm")}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scheduler": ("box", "slurm"),
+    "cloud": ("aws", "gcp", "azure"),
+    # public: the VM's public IP from the cloud's API; private: its private one (VPN, same
+    # network); ssh: the ssh config's HostName as it is (a DNS name kept by `remotedl dns`)
+    "address": ("public", "private", "ssh"),
+    "autostop_wait": ("all", "jobs"),
+}
 # String settings that also take a whole number (Slurm's --time in minutes).
 STR_OR_INT = {"time"}
 # What a [hosts.NAME] table may not set: which hosts there are.
@@ -139,6 +172,9 @@ class Settings:
     allow_reasons: dict[str, str] = field(default_factory=dict)
     # Where each key of a table came from ([dns] merges the user config's and the project's).
     table_sources: dict[str, dict[str, str]] = field(default_factory=dict)
+    # When the user allowed an earlier version of the project's files: the files ``allow``
+    # covers now (one of them changed, or an ``Include`` glob matches a new one).
+    allow_changed: list[Path] = field(default_factory=list)
 
     def get(self, key: str) -> Any:
         return self.values[key].value
@@ -667,6 +703,11 @@ def is_allowed(env: Environment, project: Project) -> bool:
     return _allowed(env).get(_allow_key(project)) == _digest(allow_files(env, project))
 
 
+def allowed_before(env: Environment, project: Project) -> bool:
+    """The user allowed some version of this project's files (maybe not the one there now)."""
+    return _allow_key(project) in _allowed(env)
+
+
 def allow(env: Environment, project: Project, *, revoke: bool = False) -> list[Path] | None:
     """Record (or forget) that the user trusts this exact content of a project's files
     (``allow_files``), as direnv's ``allow`` does. Any change to one needs a new ``allow``.
@@ -723,6 +764,8 @@ def load_settings(env: Environment, flags: Mapping[str, Any] | None = None) -> S
                 settings.table_sources.pop("dns", None)
             else:
                 settings.tables["dns"], settings.table_sources["dns"] = user_dns[0], user_dns[1]
+        if settings.needs_allow and allowed_before(env, project):
+            settings.allow_changed = allow_files(env, project)
 
     for key, (_, _, var) in SCALARS.items():
         if var and env.environ.get(var):
@@ -787,6 +830,18 @@ def require_allowed(settings: Settings) -> None:
     if settings.needs_allow and settings.project.config_file is not None:
         reasons = settings.allow_reasons
         what = "; ".join(f"{key} ({reasons.get(key, 'needs allow')})" for key in settings.needs_allow)
+        if settings.allow_changed:
+            # Allowed once: the user must learn that a file changed, and which ones to read again.
+            root = settings.project.root
+            names = ", ".join(
+                str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in settings.allow_changed
+            )
+            raise ConfigError(
+                f"{settings.project.config_file} sets {what}, and a file `remotedl allow` covers "
+                f"changed since you allowed it ({names}, or a new file an Include matches); "
+                "remotedl does not use them until you allow this version",
+                hint="read those files again (what changed in them), then run `remotedl allow`",
+            )
         raise ConfigError(
             f"{settings.project.config_file} sets {what}; "
             "remotedl does not use it until you allow this version of the file",

@@ -261,6 +261,14 @@ def run_checks(
                     "non-interactive logins: git and rsync (push, pull) cannot work",
                     f"make {where} quiet unless interactive: {fix}",
                 )
+            elif box.stderr_noise:
+                # Only on stderr: git and rsync read their protocol from stdout alone.
+                first = box.stderr_noise.splitlines()[0][:60]
+                said = (
+                    f"{box.login_shell or 'login'} shell's start-up files print only on stderr "
+                    f"({first!r}): git and rsync work"
+                )
+                report.add("box", "shell start-up", "ok", said)
             else:
                 quiet = f"{box.login_shell or 'login'} shell prints nothing"
                 report.add("box", "shell start-up", "ok", quiet)

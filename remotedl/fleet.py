@@ -28,6 +28,7 @@ from remotedl.words import plural
 
 if TYPE_CHECKING:
     from remotedl.agent.client import AgentClient
+    from remotedl.cloud import CloudHost
     from remotedl.ssh import Box, HostSpec
     from remotedl.status import BoxStatus
     from remotedl.top import BoxSample
@@ -141,6 +142,8 @@ class Member:
     name: str
     settings: Settings
     spec: HostSpec
+    # Set when the host is a cloud VM: its provider and its state when resolved.
+    cloud: CloudHost | None = None
 
     @property
     def remote_dir(self) -> str:
@@ -158,11 +161,28 @@ class Member:
     def box(self) -> Box:
         from remotedl.ssh import Box
 
+        self.check_running()
         return Box(self.spec)
+
+    def check_running(self) -> None:
+        """A cloud VM that is not running is said so (with the command that starts it), not
+        met as a connection error."""
+        if self.cloud is None:
+            return
+        if self.cloud.error is not None:
+            raise self.cloud.error
+        if not self.cloud.status.running:
+            from remotedl.cloud import VMNotRunning
+
+            raise VMNotRunning(
+                f"{self.name} is a cloud VM and it is {self.cloud.status.state} ({self.cloud.vm.name})",
+                hint=f"start it with `remotedl up {self.name}`",
+            )
 
     def client(self) -> AgentClient:
         from remotedl.agent.client import AgentClient
 
+        self.check_running()
         return AgentClient(self.spec, python=self.python, adopt=self.settings.adopt_request())
 
 
@@ -190,7 +210,13 @@ def resolve_member(env: Environment, settings: Settings, name: str, reach: Reach
         identity=reach.identity,
         connect_timeout=float(mine.get("connect_timeout")),
     )
-    return Member(name, mine, spec)
+    # A cloud VM is known as one here, once: its state, and the address its cloud gives it now.
+    from remotedl.cloud import cloud_host, with_address
+
+    cloud = cloud_host(name, mine.get, env.environ)
+    if cloud is not None and cloud.address and cloud.vm.address != "ssh":
+        spec = with_address(spec, cloud.address, f"cloud ({cloud.vm.name}, {cloud.vm.address} IP)")
+    return Member(name, mine, spec, cloud)
 
 
 @dataclass

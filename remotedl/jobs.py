@@ -39,6 +39,7 @@ from remotedl.schema import (
     check_type,
     parse_mark,
 )
+from remotedl.snapshot import DEFAULT_MAX_FILE
 from remotedl.ssh.channel import Box, NoFrame, no_base64
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
@@ -175,6 +176,9 @@ def start(
     stall_after: float | None = None,
     warn: Warn | None = None,
     slurm: Mapping[str, Any] | None = None,
+    outputs: Sequence[str] = (),
+    trackers: bool = False,
+    project_id: str | None = None,
 ) -> JobRecord:
     """Start a job; it runs in its own checkout of ``git_commit`` (``None``: the box tree's
     HEAD) under ``remote_dir`` unless ``isolate`` is off. Answers once the job's runner
@@ -209,6 +213,10 @@ def start(
         stall_after=stall_after,
         scheduler="slurm" if slurm is not None else None,
         slurm=dict(slurm) if slurm is not None else None,
+        # In the record: any laptop of the project brings them home; the box sets the trackers'.
+        outputs=list(outputs),
+        trackers=trackers,
+        project_id=project_id,
     )
     answer = client.call(request.to_dict())
     _warnings(answer, warn)
@@ -225,6 +233,21 @@ def list_jobs(client: AgentClient, *, all_jobs: bool = False, warn: Warn | None 
     if not isinstance(jobs, list):
         raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
     return [_record(r, client.spec) for r in jobs]
+
+
+def jobs_with_outputs(
+    client: AgentClient, project: str, ids: Sequence[int] = (), *, after: int = 0
+) -> tuple[list[JobRecord], int]:
+    """One listing: the jobs of ``project`` (its remote_dir) that have outputs, started from
+    any clone, with ids above ``after``, and the jobs ``ids`` (a job the box no longer has is
+    not in it); and the id up to which all the project's jobs with outputs have ended (the
+    next listing's ``after``)."""
+    answer = client.call(ListRequest(project=project, ids=list(ids), after=after).to_dict())
+    jobs = answer.get("jobs")
+    if not isinstance(jobs, list):
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
+    upto = answer.get("upto")
+    return [_record(r, client.spec) for r in jobs], (upto if isinstance(upto, int) else after)
 
 
 def get_job(
@@ -266,16 +289,24 @@ def running_in_tree(client: AgentClient, remote_dir: str) -> list[JobRecord]:
     return _in_tree(client, remote_dir)[0]
 
 
-def push_conflicts(client: AgentClient, project_root: Path, remote_dir: str) -> list[JobRecord]:
+def push_conflicts(
+    client: AgentClient,
+    project_root: Path,
+    remote_dir: str,
+    *,
+    data: Sequence[str] = (),
+    max_snapshot_file: int = DEFAULT_MAX_FILE,
+) -> list[JobRecord]:
     """The jobs running in the work tree ``remote_dir`` whose files a push of the local work
-    (HEAD plus uncommitted changes) would change; [] when none, or when the code is the same."""
+    (HEAD plus uncommitted changes, as push takes it with ``data`` and ``max_snapshot_file``)
+    would change; [] when none, or when the code is the same."""
     running, head = _in_tree(client, remote_dir)
     if not running:
         return []
-    from remotedl.snapshot import take_snapshot
+    from remotedl.sync import code_snapshot
 
     with contextlib.suppress(RemotedlError):
-        if take_snapshot(project_root).commit == head:
+        if code_snapshot(project_root, data=data, max_snapshot_file=max_snapshot_file).commit == head:
             return []
     return running
 
@@ -499,12 +530,22 @@ def fetch_job_commit(box: Box, root: Path, rec: JobRecord) -> bool:
     return True
 
 
-def diff(root: Path, box: Box, rec: JobRecord, *, stat: bool = False, color: bool = False) -> str:
+def diff(
+    root: Path,
+    box: Box,
+    rec: JobRecord,
+    *,
+    stat: bool = False,
+    color: bool = False,
+    data: Sequence[str] = (),
+    max_snapshot_file: int = DEFAULT_MAX_FILE,
+) -> str:
     """The job's code against the local work tree, as text: a diff from the job's commit to
-    a snapshot of the work tree as it is now (tracked changes and untracked files that
-    .gitignore does not exclude, as push sends them). A commit another laptop pushed is
-    fetched from the box first."""
-    from remotedl.snapshot import take_snapshot
+    a snapshot of the work tree as it is now, made as push makes it (tracked changes and
+    untracked files that .gitignore does not exclude, less the ``data`` paths and untracked
+    files over ``max_snapshot_file``). A commit another laptop pushed is fetched from the box
+    first."""
+    from remotedl.sync import code_snapshot
 
     if not rec.git_commit:
         raise UsageError(f"job {rec.id} has no commit recorded (its tree on the box is not a git repository)")
@@ -518,7 +559,7 @@ def diff(root: Path, box: Box, rec: JobRecord, *, stat: bool = False, color: boo
             f"job {rec.id}'s commit {commit[:10]} is neither in this repository nor on {alias} any more",
             hint="it was pushed from another clone; fetch it from there",
         )
-    now = take_snapshot(root).commit or commit
+    now = code_snapshot(root, data=data, max_snapshot_file=max_snapshot_file).commit or commit
     argv = ["git", "-C", str(root), "diff", f"--color={'always' if color else 'never'}"]
     argv += ["--stat"] if stat else []
     r = proc.run([*argv, commit, now, "--"], check=False)

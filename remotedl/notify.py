@@ -108,7 +108,7 @@ class Event:
     def level(self) -> str:  # Apprise's notification types
         if self.kind == "succeeded":
             return "success"
-        if self.kind in ("failed", "lost", "killed"):
+        if self.kind in ("failed", "lost", "killed", "preempted"):
             return "failure"
         if self.kind == "stalled":
             return "warning"
@@ -673,7 +673,7 @@ def job_event(rec: dict[str, Any], kind: str, host: str, *, tail: str = "", note
     code = rec.get("exit_code")
     started, ended = rec.get("started"), rec.get("ended")
     now = time.time()
-    if kind in ("succeeded", "failed", "killed", "lost"):
+    if kind in ("succeeded", "failed", "killed", "lost", "preempted"):
         dur = (ended or now) - started if started else None
     else:
         dur = now - started if started else None
@@ -682,6 +682,7 @@ def job_event(rec: dict[str, Any], kind: str, host: str, *, tail: str = "", note
         "failed": f"failed (exit {code})" if code is not None else "failed",
         "killed": "was killed",
         "lost": "was lost",
+        "preempted": "was preempted (the cloud took the spot VM back)",
         "started": "started after waiting in the queue",
         "stalled": "stalled",
         "test": "test notification",
@@ -691,7 +692,7 @@ def job_event(rec: dict[str, Any], kind: str, host: str, *, tail: str = "", note
         f"job {rec.get('id')} ({name}) on {host}, {gpu_words}",
         f"command: {str(rec.get('command', ''))[:200]}",
     ]
-    if kind in ("succeeded", "failed", "killed", "lost"):
+    if kind in ("succeeded", "failed", "killed", "lost", "preempted"):
         lines.append(f"duration: {duration_words(dur)}")
         lines.append(f"exit status: {code if code is not None else '-'}")
     elif kind == "started":

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
-Status = Literal["queued", "starting", "running", "succeeded", "failed", "killed", "lost"]
+Status = Literal["queued", "starting", "running", "succeeded", "failed", "killed", "lost", "preempted"]
 STATUSES: tuple[str, ...] = get_args(Status)
 ACTIVE: tuple[Status, ...] = ("queued", "starting", "running")
-ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost")
+ENDED: tuple[Status, ...] = ("succeeded", "failed", "killed", "lost", "preempted")
 
 Op = Literal[
     "start",
@@ -36,6 +36,7 @@ Op = Literal[
     "intree",
     "notify",
     "slurm_watch",
+    "autostop",
 ]
 OPS: tuple[str, ...] = get_args(Op)
 
@@ -132,6 +133,12 @@ class JobRecord:
     slurm_reason: str | None = None  # why it waits: Resources, Priority...
     node: str | None = None  # the node(s) it runs on, as Slurm names them
     control_dir: str | None = None  # the batch script and its records, on the shared filesystem
+    # Outputs home (issue 28): what the job produces that belongs on a laptop of its project
+    # (paths relative to its directory), and the trackers' variables its runner sets.
+    outputs: list[str] = field(default_factory=list)
+    project_id: str | None = None  # the project's identity (its root commit): laptops know theirs by it
+    trackers_dir: str | None = None  # the job's own directory W&B and MLflow write in (absolute)
+    trackers: dict[str, str] = field(default_factory=dict)  # WANDB_*/MLFLOW_* as the job got them
 
     @classmethod
     def from_dict(cls, data: Any) -> JobRecord:
@@ -269,12 +276,20 @@ class StartRequest(Request):
     stall_after: float | None = None
     scheduler: str | None = None  # "slurm": a batch job on a login node
     slurm: dict[str, Any] | None = None
+    outputs: list[str] = field(default_factory=list)  # relative to the job's directory
+    project_id: str | None = None  # the project's identity (snapshot.project_identity)
+    trackers: bool = False  # W&B and MLflow write into the job's own directory
 
 
 @dataclass
 class ListRequest(Request):
     op: Op = "list"
     all: bool = False
+    # Instead of the usual listing: the jobs of the project in ``project`` (its remote_dir)
+    # that have outputs, and the jobs ``ids`` (outputs home: which ended, from any clone).
+    project: str | None = None
+    ids: list[int] = field(default_factory=list)
+    after: int = 0  # of the project's jobs, only those with a larger id (the answer's ``upto``)
 
 
 @dataclass
@@ -363,6 +378,19 @@ class SlurmWatchRequest(Request):  # the agent's own: the login node's Slurm wat
     op: Op = "slurm_watch"
 
 
+@dataclass
+class AutostopRequest(Request):
+    """``set`` (``config``: the box's autostop settings, notification URLs among them), ``show``,
+    ``resume`` (after a start: the settings the box had, its watcher started again),
+    ``preempt`` (what the watcher does when the cloud takes a spot VM back: the jobs get their
+    signal and end as preempted), or the agent's own ``watch`` (the detached watcher)."""
+
+    op: Op = "autostop"
+    action: Literal["set", "show", "resume", "watch", "preempt"] = "show"
+    config: dict[str, Any] | None = None
+    notice: str | None = None  # preempt: the cloud's words
+
+
 REQUESTS: dict[str, type[Request]] = {
     "start": StartRequest,
     "runner": RunnerRequest,
@@ -378,6 +406,7 @@ REQUESTS: dict[str, type[Request]] = {
     "intree": IntreeRequest,
     "notify": NotifyRequest,
     "slurm_watch": SlurmWatchRequest,
+    "autostop": AutostopRequest,
 }
 
 

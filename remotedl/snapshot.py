@@ -9,6 +9,7 @@ untracked files ``.gitignore`` does not exclude, minus
 - nested git repositories that are not submodules (their own history is not ours to copy),
 - untracked files larger than ``max_snapshot_file`` (checkpoints, datasets, archives),
 - partial transfers that rsync keeps aside (``.remotedl-partial/``),
+- ``.remotedl/`` at the top: outputs that came home and remotedl's notes about them,
 - what ``pull`` brought home (outputs, not code: listed in ``.git/remotedl/pulled``) until the
   user ``git add``s it.
 
@@ -50,6 +51,8 @@ DEFAULT_MAX_FILE = 5 << 20
 # Directories remotedl (rsync) keeps partial transfers in, never part of the code.
 PARTIAL_DIR = ".remotedl-partial"
 AUX_NAMES = frozenset({PARTIAL_DIR, ".~tmp~"})
+# remotedl's own directory in the project (outputs home, their ledger): never code.
+STATE_DIR = ".remotedl"
 # The local repository's identity, recorded in the box's repository (see sync.claim_remote_dir).
 IDENTITY_KEY = "remotedl.project"
 
@@ -130,12 +133,27 @@ def project_identity(root: Path) -> str:
         return kept
     roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
     made = sorted(roots)[0] if roots else uuid.uuid4().hex
+    shallow = git(root, "rev-parse", "--is-shallow-repository", env=env, check=False) == "true"
+    if roots and shallow:
+        # A shallow clone's "first" commit is only where its history was cut: not kept, so that
+        # after `git fetch --unshallow` the clone has the project's identity like any other.
+        return made
     # Concurrent pushes may race here (git's config lock): a root commit is the same for all; a
     # random id is whichever got written first.
     git(root, "config", "--local", IDENTITY_KEY, made, env=env, check=False)
     if roots:
         return made
     return git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False) or made
+
+
+def known_identity(root: Path) -> str:
+    """The identity ``project_identity`` gives, found without recording anything (for a plan
+    that must change nothing): the kept id, else the first root commit; "" in a repository
+    without commits, or outside git."""
+    env = _clean_env()
+    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False)
+    roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
+    return kept or (sorted(roots)[0] if roots else "")
 
 
 @dataclass(frozen=True)
@@ -228,8 +246,8 @@ def select_untracked(
             left.append(LeftOut(rel, "pulled"))  # an output brought home, not code
             continue
         parts = rel.split("/")
-        if AUX_NAMES.intersection(parts[:-1]):
-            continue
+        if AUX_NAMES.intersection(parts[:-1]) or parts[0] == STATE_DIR:
+            continue  # partial transfers; what remotedl keeps here (outputs that came home)
         env_dir = None
         for i in range(1, len(parts)):
             d = "/".join(parts[:i])

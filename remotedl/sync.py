@@ -909,6 +909,17 @@ def _relative_in(root: Path, path: str) -> str:
     return rel
 
 
+def code_snapshot(
+    project_root: Path, *, data: Sequence[str] = (), max_snapshot_file: int = DEFAULT_MAX_FILE
+) -> Snapshot:
+    """The code a push with these settings would send now, made as push makes it (the ``data``
+    paths and untracked files over ``max_snapshot_file`` left out), without sending it: what
+    `diff` compares a job with, and what tells whether a push would change a running job's files."""
+    repo = repo_facts(project_root)
+    rels = [_relative_in(repo.root, d) for d in data]
+    return take_snapshot(repo.root, data=rels, max_file=max_snapshot_file, repo=repo)
+
+
 # ------------------------------------------------------------------ push
 
 

@@ -97,13 +97,19 @@ def _listeners_from_proc(port: int) -> list[tuple[int, str]]:
     if not inodes:
         return found
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to look at
+        for fd in fds:
+            try:  # one fd closed between the listing and this look says nothing of the rest
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        found.append((int(pid), command_words(c.read())))
-                    break
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as c:
+                    found.append((int(pid), command_words(c.read())))
+                break
     return found
 
 

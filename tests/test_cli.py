@@ -80,6 +80,19 @@ def test_other_usage_errors_show_usage_and_exit_2(tmp_path):
     assert "remotedl: error: unrecognized arguments: --bogus" in err
 
 
+def test_a_port_out_of_range_is_a_usage_error_before_any_connection(tmp_path):
+    """`--port 99999` is bad input (exit 2, said here), not a connection failure (exit 4 with
+    ssh's bare "Bad port"), as `tunnel 99999` already says."""
+    for argv in (["--host", "gpubox", "--port", "99999", "status"], ["status", "--port", "0"]):
+        code, _, err = run_main(tmp_path, *argv)
+        assert code == 2, err
+        assert "argument --port: port" in err and "is out of range (1-65535)" in err, err
+        assert "Bad port" not in err
+    code, _, err = run_main(tmp_path, "status", "--port", "ssh")
+    assert code == 2
+    assert "argument --port: 'ssh' is not a port number" in err
+
+
 def test_json_errors_are_one_object_on_stdout(tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()

@@ -115,7 +115,12 @@ def test_key_only_box_from_nothing_to_a_working_status(fresh_box: Box, laptop: L
     assert "Next: remotedl run train.py --gpu 0" in r.out
     toml = (project / "remotedl.toml").read_text()
     assert 'host = "gpu"' in toml
-    assert 'remote_dir = "~/remotedl/proj"' in toml
+    # The default every clone of the project uses (its identity: the first commit), not the
+    # folder's name: a second clone under another name reaches the same tree.
+    first = subprocess.run(
+        ["git", "-C", str(project), "rev-list", "--max-parents=0", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert f'remote_dir = "~/remotedl/{first[:12]}"' in toml
     assert 'data = ["data"]' in toml
     assert "doctor:" in r.out
 
@@ -303,6 +308,22 @@ def test_data_directories_found(tmp_path: Path) -> None:
         f.truncate(LARGE_DIR + 1)  # large, but what jobs write
     (tmp_path / "src" / "a.py").write_text("x = 1\n")
     assert [d.path for d in find_data_dirs(tmp_path)] == ["data", "datasets", "images"]
+
+
+def test_a_data_directory_of_tracked_code_only_is_not_offered(project: Path) -> None:
+    """nanoGPT's data/ holds only tracked prepare.py scripts until they run: that is code. Once
+    a script wrote its (ignored) train.bin there, data/ is offered."""
+    from remotedl.init.project import find_data_dirs
+
+    prepare = project / "data" / "shakespeare_char" / "prepare.py"
+    prepare.parent.mkdir(parents=True)
+    prepare.write_text("print('download and tokenize')\n")
+    (project / ".gitignore").write_text("*.bin\n")
+    subprocess.run(["git", "-C", str(project), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(project), "commit", "-qm", "prepare"], check=True)
+    assert [d.path for d in find_data_dirs(project)] == []
+    (prepare.parent / "train.bin").write_bytes(b"\0" * 100)
+    assert [d.path for d in find_data_dirs(project)] == ["data"]
 
 
 # ------------------------------------------------------------------ a box with password login

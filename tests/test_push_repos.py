@@ -157,6 +157,29 @@ def test_a_shallow_clone_pushes(cli, box, project, rdir, tmp_path):
     assert "V is 3" in r.out
 
 
+def test_a_shallow_clone_becomes_the_project_once_unshallowed(cli, box, project, tmp_path):
+    """A shallow clone cannot know the project's first commit (its history is cut), so its
+    default tree is its own; once `git fetch --unshallow` brings the history it is the same
+    project as every other clone (the cut commit was not kept as its identity)."""
+    for i in range(2):
+        (project / "model.py").write_text(f"V = {i}\n")
+        commit_all(project, f"v{i}")
+    clone = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{project}", str(clone)], check=True)
+
+    def default_dir(where: Path) -> str:
+        r = cli("config", "--json", cwd=where)
+        assert r.code == 0, r.err
+        return json.loads(r.out)["remote_dir"]
+
+    full = default_dir(project)
+    assert default_dir(clone) != full  # its first commit here is only where the history was cut
+    r = cli("push", cwd=clone)
+    assert r.code == 0, r.err
+    git(clone, "fetch", "-q", "--unshallow")
+    assert default_dir(clone) == full
+
+
 # ------------------------------------------------------------------ submodules
 
 

@@ -490,6 +490,37 @@ def test_doctor_names_a_noisy_startup_file(shell_box, project, tmp_path):
         assert r.code == 0, r.err
 
 
+def test_startup_files_that_print_only_on_stderr_leave_push_pull_and_doctor_working(
+    fresh_box, project, tmp_path
+):
+    """The hint for a noisy start-up file says to quiet what prints unless interactive; a user
+    who keeps a message on stderr (`echo ... >&2`, a title escape) has done enough: git and
+    rsync read their protocols from stdout only, so push, pull and doctor work there."""
+    bashrc = fresh_box.home / ".bashrc"
+    bashrc.write_text(f"echo '{NOISE_MARKER} (~/.bashrc) on stderr' >&2\nprintf '\\033]0;sandbox\\007' >&2\n")
+    assert ssh(fresh_box, "true").stdout == ""  # what `ssh gpubox true` must print: nothing
+    assert NOISE_MARKER in ssh(fresh_box, "true").stderr  # and the file does print, on stderr
+    base = tmp_path / "laptop"
+    rdir = f"~/quiet-stdout/{tmp_path.name}"
+    (project / "data").mkdir()
+    (project / "data" / "x.bin").write_bytes(PAYLOAD)
+    (project / ".gitignore").write_text("data/\n")
+    r = rdl(fresh_box, base, "push", "--remote-dir", rdir, "--data", "data", cwd=project)
+    assert r.code == 0, r.err
+    assert_no_noise(r.raw, r.err)
+    remote = fresh_box.home / "quiet-stdout" / tmp_path.name
+    assert (remote / "README").read_text() == "hello\n"
+    assert (remote / "data" / "x.bin").read_bytes() == PAYLOAD
+    put_file(fresh_box, f"quiet-stdout/{tmp_path.name}/result.txt", b"made on the box\n")
+    r = rdl(fresh_box, base, "pull", "--remote-dir", rdir, "result.txt", cwd=project)
+    assert r.code == 0, r.err
+    assert (project / "result.txt").read_bytes() == b"made on the box\n"
+    r = rdl(fresh_box, base, "doctor", "--json", "--remote-dir", rdir, cwd=project)
+    startup = [c for c in json.loads(r.out)["checks"] if c["name"] == "shell start-up"]
+    assert [c["status"] for c in startup] == ["ok"], startup
+    assert "only on stderr" in startup[0]["detail"], startup
+
+
 def test_env_value_never_in_error_output(shell_box, work, tmp_path):
     base = tmp_path / "laptop"
     marker = uuid.uuid4().hex

@@ -256,6 +256,33 @@ def test_symlinked_dataset_directory_is_sent_by_its_name(cli, box, project, rdir
     assert "data" not in tree
 
 
+def test_diff_and_run_take_the_code_as_push_does(cli, box, project, rdir, tmp_path):
+    """`diff` compares a job with the code push would send (the data link and untracked files
+    over max_snapshot_file left out, as the job never had them), and `run` pushes with the
+    project's max_snapshot_file as `push` does."""
+    dataset = tmp_path / "datasets" / "shakespeare"
+    dataset.mkdir(parents=True)
+    (dataset / "input.txt").write_text("First Citizen:\n")
+    (project / "data").symlink_to(dataset)  # not in .gitignore: git sees the link itself
+    (project / "big.bin").write_bytes(b"w" * 3000)  # untracked, over this project's limit
+    (project / "mid.bin").write_bytes(b"m" * 1500)  # untracked, under it
+    (project / "remotedl.toml").write_text(
+        f'remote_dir = "{rdir}"\ndata = ["data"]\nmax_snapshot_file = 2000\n'
+    )
+    r = cli("run", "--cpu", "--", "sh", "-c", "ls -1 .", cwd=project)
+    assert r.code == 0, r.err
+    assert "mid.bin" in r.out and "big.bin" not in r.out, r.out
+    assert "big.bin (2.9 KiB): untracked, over max_snapshot_file (2.0 KiB)" in r.err, r.err
+    r = cli("diff", cwd=project)
+    assert r.code == 0, r.err
+    assert r.out == "", r.out  # neither the data link nor big.bin is a code difference
+    assert "no difference" in r.err
+    (project / "mid.bin").write_bytes(b"n" * 1500)
+    r = cli("diff", "--stat", cwd=project)
+    assert r.code == 0, r.err
+    assert "mid.bin" in r.out and "data" not in r.out and "big.bin" not in r.out, r.out
+
+
 def test_pull_never_deletes_or_overwrites_newer(cli, box, project, rdir):
     assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
     out = box_path(box, rdir, "runs/exp1")

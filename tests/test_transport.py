@@ -232,6 +232,30 @@ def test_allow_covers_the_ssh_config_and_every_file_it_includes(tmp_path):
         marker.unlink()
 
 
+def test_a_change_after_allow_is_named_as_one(tmp_path):
+    """After `allow`, a changed included file is refused with words that say so and name the
+    files to read again: the user did not touch remotedl.toml and must not be told to read it
+    alone; a project never allowed keeps the first-time words."""
+    from remotedl.cli import main
+
+    proj = _project_with(tmp_path, 'host = "gpubox"\nssh_config = "ssh.cfg"\n')
+    (proj / "conf.d").mkdir()
+    (proj / "ssh.cfg").write_text(f'Include "{proj}/conf.d/*.conf"\nHost gpubox\n  HostName 127.0.0.1\n')
+
+    def config() -> str:
+        e = make_env(tmp_path / "laptop", cwd=proj)
+        assert main(["config"], e) == 3
+        return e.stderr.getvalue()
+
+    first = config()
+    assert "until you allow this version of the file" in first and "changed since" not in first
+    assert main(["allow"], make_env(tmp_path / "laptop", cwd=proj)) == 0
+    (proj / "conf.d" / "a.conf").write_text('Match exec "true"\n')
+    err = config()
+    assert "changed since you allowed it (remotedl.toml, ssh.cfg, conf.d/a.conf" in err, err
+    assert len(err.strip().splitlines()) == 2 and "Traceback" not in err  # one line and its hint
+
+
 def test_ssh_config_files_follows_include_as_openssh_reads_it(tmp_path):
     from remotedl.config import ssh_config_files
 

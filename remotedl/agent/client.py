@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from remotedl.errors import GpusBusy, RemotedlError, RemoteError, UsageError
+from remotedl.outputs import SEEN
 from remotedl.schema import (
     AGENT_CANNOT_INSTALL,
     AGENT_MISSING,
@@ -256,6 +257,8 @@ class AgentClient:
             answer = self._decode(r.stdout_bytes, r.stderr)
             if not answer["ok"]:
                 raise error_from(answer)
+            # The job records it carries tell which jobs ended: outputs come home without asking again.
+            SEEN.note(self.spec, answer, request.get("op"))
             return answer
         raise RemoteError(f"could not install the remotedl agent on {self.spec.alias}")
 

@@ -162,7 +162,7 @@ def ended(job_id: int, hide: tuple[str, ...] = ()) -> None:
         rec = load(job_id)
     except AgentError:
         return
-    if rec["status"] in ("succeeded", "failed", "killed", "lost"):
+    if rec["status"] in ("succeeded", "failed", "killed", "lost", "preempted"):
         send(job_id, str(rec["status"]), hide, key="ended", tail=rec["status"] != "lost")
         remove_settings(job_id)
 
@@ -202,7 +202,7 @@ def announce(ctx: Context, records: list[dict[str, Any]]) -> None:
 def op_notify(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     job_id = int(req["id"])
     event = str(req.get("event") or "")
-    if event in ("succeeded", "failed", "killed", "lost"):
+    if event in ("succeeded", "failed", "killed", "lost", "preempted"):
         ended(job_id)
     elif event == "started":
         send(job_id, "started")

@@ -25,7 +25,7 @@ from typing import Any
 
 from remotedl import gpus as gpumod
 from remotedl import treeid
-from remotedl.agent import runtimes
+from remotedl.agent import runtimes, trackers
 from remotedl.agent.checkout import (
     clean_rel,
     disk_usage,
@@ -53,9 +53,11 @@ from remotedl.agent.store import (
     logs_dir,
     newest_first,
     notify_path,
+    preempt_marker,
     project_of,
     real,
     record_path,
+    records_after,
     update,
 )
 from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, SchemaError, check_request, encode_mark
@@ -110,12 +112,15 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     start = runtimes.StartPlan(req, rdir, isolate, commit, data, shared, spec)
     with box_lock():
         rec = runtime.create(ctx, start, active(ctx))
+        job_id = int(rec["id"])
+        changes = trackers.planned(req, rdir, job_id, str(rec["name"]), isolate=bool(rec.get("isolated")))
         urls = [str(u) for u in req.get("notify") or []]
         if urls:  # kept aside (0600) for whoever sends; the record holds them masked
             from remotedl.agent import events
 
-            masked = events.save_settings(int(rec["id"]), urls, req.get("host_alias"))
-            rec = update(int(rec["id"]), notify=masked)
+            changes["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
+        if changes:
+            rec = update(job_id, **changes)
     rec = runtime.launch(ctx, rec, start)
     announce(ctx, [rec])  # a Slurm job's start after the queue, stalls and end: watched from here
     return {"job": rec}
@@ -126,9 +131,30 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
 
 def op_list(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     ensure_dirs()
+    if req.get("project") or req.get("ids"):  # outputs home: the project's jobs since ``after``
+        project, ids = str(req.get("project") or ""), req.get("ids") or []
+        records, upto = with_outputs(ctx, project, ids, req.get("after"))
+        announce(ctx, records)
+        return {"jobs": records, "upto": upto}
     records = refresh(ctx, all_records(ctx)) if req.get("all") else recent(ctx, RECENT)
     announce(ctx, records)
     return {"jobs": records}
+
+
+def with_outputs(ctx: Context, project: str, ids: list[int], after: Any) -> tuple[list[dict[str, Any]], int]:
+    """The jobs of ``project`` (its remote_dir) that have outputs, from whichever clone or
+    laptop they were started, with ids above ``after``, and the jobs ``ids``: what a laptop asks
+    to bring outputs home. And ``upto``: every job of the project with outputs and an id up to
+    it has ended (the laptop's next ``after``); ids are given in order, under the box lock."""
+    pdir = real(project) if project else None
+    start = int(after or 0)
+    wanted = {int(i) for i in ids}
+    found, upto = records_after(start, wanted)
+    mine = [r for r in found if r.get("outputs") and pdir is not None and project_of(r) == pdir]
+    picked = {int(r["id"]) for r in mine} | wanted
+    records = refresh(ctx, [r for r in found if int(r["id"]) in picked])
+    running = [int(r["id"]) for r in records if r["status"] in ACTIVE and int(r["id"]) > start]
+    return records, max(start, min([upto, *(i - 1 for i in running)]))
 
 
 def op_get(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
@@ -357,6 +383,7 @@ def _remove(ctx: Context, job_id: int, *, dry_run: bool) -> tuple[dict[str, Any]
             env_path(job_id),
             notify_path(job_id),
             kill_marker(job_id),
+            preempt_marker(job_id),
             logs_dir() / f"{job_id}.log",
         ]
         if rec is not None and rec.get("log"):
@@ -365,6 +392,8 @@ def _remove(ctx: Context, job_id: int, *, dry_run: bool) -> tuple[dict[str, Any]
                 files.append(log)
         jd = own_job_dir(rec) if rec is not None else None
         dirs = runtimes.of(rec).own_dirs(rec) if rec is not None else []
+        if rec is not None and jd is None and _own_trackers_dir(rec) is not None:
+            dirs.append(Path(str(rec["trackers_dir"])))  # a job in the work tree: its runs' directory
         size = sum(disk_usage(p) for p in set(files)) + (disk_usage(jd) if jd else 0)
         size += sum(disk_usage(d) for d in dirs)
         item = {
@@ -394,6 +423,18 @@ def _remove_many(ctx: Context, ids: list[int], dry_run: bool) -> dict[str, Any]:
         if why:
             refused.append(why)
     return {"removed": removed, "refused": refused, "bytes": sum(int(i["bytes"]) for i in removed)}
+
+
+def _own_trackers_dir(rec: dict[str, Any]) -> Path | None:
+    """The trackers' directory of a job in the work tree (``isolate = false``), if it is where
+    job directories are (a damaged or hostile record naming another directory is never removed)."""
+    raw, rdir = rec.get("trackers_dir"), rec.get("remote_dir")
+    if rec.get("isolated") or not raw or not rdir:
+        return None
+    p = Path(str(raw))
+    if p.is_symlink() or os.path.realpath(p) != os.path.realpath(trackers.job_dir(str(rdir), int(rec["id"]))):
+        return None
+    return p
 
 
 def op_rm(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
@@ -443,6 +484,20 @@ def _slurm_watch_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     return events.op_slurm_watch(ctx, req)
 
 
+def _autostop_watcher() -> None:
+    from remotedl.agent import autostop
+    from remotedl.agent.store import state_dir
+
+    with contextlib.suppress(OSError, ValueError):
+        autostop.ensure_watcher(state_dir())
+
+
+def _autostop_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+    from remotedl.agent import autostop
+
+    return autostop.op_autostop(ctx, req)
+
+
 Op = Callable[[Context, dict[str, Any]], "dict[str, Any] | None"]
 OPS: dict[str, Op] = {
     "start": op_start,
@@ -459,6 +514,7 @@ OPS: dict[str, Op] = {
     "intree": op_intree,
     "notify": _events_op,
     "slurm_watch": _slurm_watch_op,
+    "autostop": _autostop_op,
 }
 STREAMING = ("logs", "envsync")
 
@@ -502,6 +558,8 @@ def main(argv: list[str]) -> int:
         return 3
     finally:
         announce(ctx, [])  # what the looks found that no op sent yet
+        if req["op"] not in ("autostop", "runner", "notify", "slurm_watch"):
+            _autostop_watcher()
     if result is not None and req["op"] != "runner":
         print(json.dumps({"ok": True, **result, **({"warnings": ctx.warnings} if ctx.warnings else {})}))
     return 0

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from remotedl.agent import trackers
 from remotedl.agent.envsync import PROBE, WRAPPER, shell_for
 from remotedl.agent.gpus import blocked_by_earlier, choose_gpus
 from remotedl.agent.runtimes.tmux import JOB_MARK, job_processes
@@ -28,6 +29,7 @@ from remotedl.agent.store import (
     kill_marker,
     load,
     notify_path,
+    preempt_marker,
     remove_env_file,
     save,
     update,
@@ -48,6 +50,7 @@ def _job_env(rec: dict[str, Any]) -> dict[str, str]:
     env["REMOTEDL_JOB_ID"] = str(rec["id"])
     if rec.get("mark"):
         env[JOB_MARK] = str(rec["mark"])
+    trackers.apply(rec, env)  # W&B and MLflow write into the job's directory
     env["REMOTEDL_JOB_DIR"] = str(rec["cwd"])
     env["REMOTEDL_REMOTE_DIR"] = str(rec.get("remote_dir") or rec["cwd"])
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as nvidia-smi does
@@ -189,6 +192,8 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
             save(rec)
             return
         rec.update(status="running", pid=child.pid, pgid=child.pid, started=time.time())
+        if rec.get("trackers"):  # what the job got: a variable of the box's environment won
+            rec["trackers"] = {k: v for k, v in rec["trackers"].items() if env.get(k) == v}
         save(rec)
     watch = None
     if watched:  # imported once the job runs: its start never waits for this
@@ -241,8 +246,10 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
     with box_lock():
         rec = load(job_id)
         killed = kill_marker(job_id).exists()
+        preempted = preempt_marker(job_id).exists()
+        by_exit = "succeeded" if exit_code == 0 else "failed"
         rec.update(
-            status="killed" if killed else ("succeeded" if exit_code == 0 else "failed"),
+            status="killed" if killed else "preempted" if preempted else by_exit,
             exit_code=exit_code,
             ended=time.time(),
             stalled=None,

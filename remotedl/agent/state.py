@@ -22,6 +22,7 @@ from remotedl.agent.store import (
     kind_of,
     load,
     newest_first,
+    preempt_marker,
     project_of,
     real,
     remove_env_file,
@@ -53,9 +54,10 @@ def refresh(ctx: Context, records: list[dict[str, Any]]) -> list[dict[str, Any]]
                 continue
             if fresh["status"] in ACTIVE and runtime.gone([fresh]):
                 killed = kill_marker(int(fresh["id"])).exists()
-                fresh["status"] = "killed" if killed else "lost"
+                preempted = preempt_marker(int(fresh["id"])).exists()
+                fresh["status"] = "killed" if killed else "preempted" if preempted else "lost"
                 fresh["ended"] = fresh.get("ended") or time.time()
-                if not killed and not fresh.get("error"):
+                if fresh["status"] == "lost" and not fresh.get("error"):
                     fresh["error"] = "its runner and processes vanished (box rebooted, or killed)"
                 save(fresh)
                 remove_env_file(int(fresh["id"]))

@@ -127,6 +127,11 @@ def kill_marker(job_id: int) -> Path:
     return jobs_dir() / f"{job_id}.kill"
 
 
+def preempt_marker(job_id: int) -> Path:
+    """Made when the cloud took the (spot) VM away under the job (agent/autostop.py)."""
+    return jobs_dir() / f"{job_id}.preempt"
+
+
 def _parse_record(raw: str, path: str, job_id: int, ctx: Context | None) -> dict[str, Any] | None:
     """The record in ``raw`` (read from ``path``, the record of ``job_id``), or None (with a
     warning naming the file, to ``ctx``) when it is damaged."""
@@ -206,6 +211,15 @@ def all_records(ctx: Context | None = None) -> list[dict[str, Any]]:
     where = str(jobs_dir())
     records = (_read(job_id, ctx, where) for job_id in record_ids())
     return [r for r in records if r is not None]
+
+
+def records_after(after: int, ids: set[int], ctx: Context | None = None) -> tuple[list[dict[str, Any]], int]:
+    """(the records with an id above ``after`` or in ``ids``, the largest id there is): a
+    laptop's question about the jobs since its last one reads only those."""
+    where = str(jobs_dir())
+    known = record_ids()
+    records = (_read(i, ctx, where) for i in known if i > after or i in ids)
+    return [r for r in records if r is not None], (known[-1] if known else 0)
 
 
 def newest_first(ctx: Context | None = None) -> Iterator[dict[str, Any]]:
@@ -414,6 +428,8 @@ def new_record(
         "ready": True,
         "notify": [],  # job events (agent/events.py): notifications sent from the box
         "notifications": [],
+        "outputs": [str(p) for p in req.get("outputs") or []][:1000],  # a laptop of the project fetches them
+        "project_id": req.get("project_id"),
     }
 
 

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
     "top": ("fleet", "live view of the GPUs and running jobs of every box (q quits)"),
     "config": ("basic", "show the resolved settings and where each came from"),
-    "allow": ("basic", "let this project's remotedl.toml name an ssh config or cmd: IP sources"),
+    "allow": ("basic", "trust this version of a cloned project's risky settings and playbooks"),
     "trust": ("basic", "show a box's host key fingerprint and record it in known_hosts"),
     "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
     "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
@@ -38,12 +38,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attach": ("jobs", "attach to a job's tmux session (interactive)"),
     "show": ("jobs", "what a job ran: host, GPUs, command, commit, environment, times, exit, directory"),
     "diff": ("jobs", "a job's code against the local work tree (git diff)"),
+    "outputs": ("outputs", "list jobs' outputs and bring home those of jobs that ended; --watch"),
+    "compare": ("outputs", "jobs side by side: code, arguments, env, final metrics; --plot NAME"),
     "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),
     "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
     "tensorboard": ("tunnel", "find or start TensorBoard over a directory on the box and tunnel to it"),
     "dns": ("dns", "keep the box's DNS name on its public IP: update, check, watch"),
-    "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check)"),
+    "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check, autostop)"),
     "doctor": ("setup", "check the whole chain, laptop to GPUs, and say how to fix what fails"),
+    "up": ("cloud", "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
+    "stop": ("cloud", "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
+    "autostop": ("cloud", "stop a cloud VM once it has been idle this long (decided on the box); --off"),
+    "cost": ("cloud", "what jobs cost per host and project (price_per_hour x time x share of GPUs)"),
 }
 
 
@@ -82,6 +88,17 @@ class _Parser(argparse.ArgumentParser):
         raise UnknownChoice(f"{what}: unknown choice '{value}' (choose from {', '.join(names)})")
 
 
+def _port(text: str) -> int:
+    """--port: a TCP port, checked here (ssh would say only "Bad port", as a connection error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
 def _global_options() -> _Parser:
     # Accepted before and after the command name (`remotedl --json status`, `remotedl status --json`).
     p = _Parser(add_help=False)
@@ -98,7 +115,7 @@ def _global_options() -> _Parser:
         "--ssh-config", default=d, metavar="FILE", help="ssh config file to use for every connection"
     )
     g.add_argument("--user", default=d, help="login user (overrides the ssh config)")
-    g.add_argument("--port", type=int, default=d, help="ssh port (overrides the ssh config)")
+    g.add_argument("--port", type=_port, default=d, help="ssh port (overrides the ssh config)")
     g.add_argument("-i", "--identity", default=d, metavar="KEY", help="private key (tried first)")
     g.add_argument("--connect-timeout", type=float, default=d, metavar="S", help="seconds (default 10)")
     g.add_argument("--json", action="store_true", default=d, help="machine-readable output")
@@ -317,8 +334,12 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     try:
         module = importlib.import_module(f"remotedl.cli.{module_name}")
         handler = getattr(module, "cmd_" + args.subcommand.replace("-", "_"))
-        return int(handler(args, env))
+        _seen_clear()
+        code = int(handler(args, env))
+        outputs_after_command(args, env)  # outputs of jobs that ended, from boxes it talked to
+        return code
     except JobFailed as e:
+        outputs_after_command(args, env)
         # The job's own output said why; its exit code is passed through.
         return _fail(env, True, e.message, None, e.code) if as_json else e.code
     except RemotedlError as e:
@@ -341,6 +362,26 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "run again with --debug for the traceback, and report it",
             ExitCode.ERROR,
         )
+
+
+def _seen_clear() -> None:
+    from remotedl.outputs import SEEN
+
+    SEEN.clear()
+
+
+def outputs_after_command(args: argparse.Namespace, env: Environment) -> None:
+    """The one hook every command passes: outputs of jobs that ended come home from the boxes
+    the command talked to (remotedl.cli.outputs). It never changes the command's outcome."""
+    from remotedl.cli.outputs import after_command
+
+    try:
+        after_command(args, env)
+    except KeyboardInterrupt:
+        env.stderr.write("remotedl: interrupted while fetching outputs; `remotedl outputs` resumes\n")
+    except Exception as e:
+        logging.getLogger("remotedl").debug("outputs", exc_info=True)
+        env.stderr.write(f"remotedl: warning: outputs not fetched ({type(e).__name__}: {e})\n")
 
 
 def _setup_logging(env: Environment, debug: bool) -> None:

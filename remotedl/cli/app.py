@@ -124,7 +124,12 @@ class App:
         connect_timeout) and the --user/--port/--identity flags."""
         from remotedl.fleet import Fleet
 
-        return Fleet(self.env, self.base_settings, [name], self.reach(), self.resolved).member(name).spec
+        member = Fleet(self.env, self.base_settings, [name], self.reach(), self.resolved).member(name)
+        if member.cloud is not None:
+            from remotedl.cli import cloud
+
+            return cloud.ready(self, member)
+        return member.spec
 
     def reach(self) -> Reach:
         from remotedl.fleet import Reach

@@ -59,11 +59,18 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
 
     if slurmcli.settings_for(app) is not None:
         return slurmcli.status(app)
+    from remotedl.cli import cloud
+
+    stopped = cloud.status_of(app)  # a cloud VM: its state and cost; all there is when not running
+    if stopped is not None:
+        return stopped
     spec = app.spec()
     with open_box(spec) as box:
         st = box_status(box, app.settings.remote_dir)
     if app.json:
-        app.print_json(st.to_dict())
+        data = st.to_dict()
+        cloud.add_status_json(app, data)
+        app.print_json(data)
         return ExitCode.OK
     c = app.console
     load = " ".join(f"{x:.2f}" for x in st.load)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import datetime as dt
 import os
 import sys
 import time
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
 
+    from remotedl.cloud import CloudHost
     from remotedl.fleet import FleetResult, HostResult
     from remotedl.gpus import Gpu
     from remotedl.status import BoxStatus
@@ -154,6 +157,7 @@ def push(app: App, args: argparse.Namespace) -> int:
                 delete=args.delete,
                 force=args.force,
                 code=not args.no_code,
+                max_snapshot_file=int(s.get("max_snapshot_file")),
                 progress=bars.progress(m.name),
                 dir_mode=str(s.get("remote_dir_mode")),
             )
@@ -207,7 +211,13 @@ def _bar(done: float, total: float, width: int = 12) -> Text:
 _HOLDER_STYLE = {"job": "cyan", "process": "magenta", "free": "green"}
 
 
-def render_top(samples: list[BoxSample], interval: float, *, footer: bool = True) -> RenderableType:
+def render_top(
+    samples: list[BoxSample],
+    interval: float,
+    *,
+    footer: bool = True,
+    clouds: dict[str, CloudHost] | None = None,
+) -> RenderableType:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -271,6 +281,12 @@ def render_top(samples: list[BoxSample], interval: float, *, footer: bool = True
             word = "down" if s.state == "down" else f"reconnecting (attempt {s.attempts})"
             age = f"; last sample {_duration(now - s.sampled)} ago" if s.sampled else ""
             notes.append(Text(printable(f"{s.host}: {word}: {s.error}{age}", newlines=False), style="red"))
+    for host, cloud in (clouds or {}).items():
+        if cloud.status.running:  # a cloud VM: its running cost, now
+            from remotedl.cli.cloud import status_words
+
+            at_now = dataclasses.replace(cloud.status, now=dt.datetime.now(dt.timezone.utc))
+            notes.append(_text(f"{host}: {status_words(dataclasses.replace(cloud, status=at_now))}"))
     if notes:
         parts += [Text(""), *notes]
     if footer:
@@ -310,6 +326,7 @@ def cmd_top(args: argparse.Namespace, env: Environment) -> int:
     fleet = app.fleet()
     first_wait = float(app.base_settings.get("connect_timeout")) + 10
     targets = targets_for(fleet)
+    clouds = {name: m.cloud for name, m in app.resolved.items() if m.cloud is not None}
     if args.once or (app.json and not env.stdin_isatty):
         with Watch(targets, interval) as watch:
             watch.wait_first(first_wait)
@@ -318,7 +335,7 @@ def cmd_top(args: argparse.Namespace, env: Environment) -> int:
                 if app.json:
                     app.print_json(_snapshot_dict(samples, interval))
                 else:
-                    app.console.print(render_top(samples, interval, footer=False))
+                    app.console.print(render_top(samples, interval, footer=False, clouds=clouds))
                 return _snapshot_code(samples)
             return _json_stream(app, watch, interval)
     if app.json:
@@ -330,7 +347,7 @@ def cmd_top(args: argparse.Namespace, env: Environment) -> int:
             "top needs a terminal",
             hint="`remotedl top --once` prints one view; `--json` one line per refresh",
         )
-    return _live(app, targets, interval)
+    return _live(app, targets, interval, clouds)
 
 
 def _json_stream(app: App, watch: Any, interval: float) -> int:
@@ -345,7 +362,7 @@ def _json_stream(app: App, watch: Any, interval: float) -> int:
         return int(ExitCode.OK)
 
 
-def _live(app: App, targets: Any, interval: float) -> int:
+def _live(app: App, targets: Any, interval: float, clouds: dict[str, CloudHost] | None = None) -> int:
     import select
 
     from rich.live import Live
@@ -373,7 +390,7 @@ def _live(app: App, targets: Any, interval: float) -> int:
             while True:
                 now = time.monotonic()
                 if now >= next_tick:
-                    live.update(render_top(watch.snapshot(), interval), refresh=True)
+                    live.update(render_top(watch.snapshot(), interval, clouds=clouds), refresh=True)
                     next_tick = now + interval
                 ready, _, _ = select.select([fd, wake_r], [], [], max(0.0, next_tick - time.monotonic()))
                 if wake_r in ready:

@@ -9,7 +9,7 @@ import datetime
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
@@ -33,6 +33,7 @@ STATUS_STYLE = {
     "failed": "red",
     "killed": "yellow",
     "lost": "magenta",
+    "preempted": "magenta",
     "queued": "cyan",
     "starting": "cyan",
     "running": "bold blue",
@@ -253,13 +254,14 @@ def sync_environment(
     return result
 
 
-def warn_push_changes_running(app: App, client: AgentClient, rdir: str) -> None:
-    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push is about
-    to change, before it goes ahead."""
+def warn_push_changes_running(app: App, client: AgentClient, rdir: str, data: Sequence[str]) -> None:
+    """With ``isolate = false`` jobs run in the work tree itself: say which ones a push (of
+    these ``data`` paths) is about to change, before it goes ahead."""
     from remotedl import jobs
 
     root = app.settings.project.root
-    for rec in jobs.push_conflicts(client, root, rdir):
+    limit = int(app.settings.get("max_snapshot_file"))
+    for rec in jobs.push_conflicts(client, root, rdir, data=data, max_snapshot_file=limit):
         app.env.stderr.write(
             f"remotedl: warning: this push changes the files of running job {rec.id} "
             f"({safe(rec.name)}) in {safe(rec.cwd)} (isolate = false); going ahead\n"
@@ -327,11 +329,11 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
     rdir = remote_dir(app)
     if not args.no_push:
         if not isolate:
-            warn_push_changes_running(app, client, rdir)
+            warn_push_changes_running(app, client, rdir, data)
         with progress_bar(env, not app.json) as progress:
             pushed = sync.push(
                 spec, root, rdir, data=data, excludes=s.get("exclude"), progress=progress,
-                dir_mode=str(s.get("remote_dir_mode")),
+                dir_mode=str(s.get("remote_dir_mode")), max_snapshot_file=int(s.get("max_snapshot_file")),
             )  # fmt: skip
         if pushed.created_mode:
             env.stderr.write(f"remotedl: {made_line(spec.alias, pushed.remote_dir, pushed.created_mode)}\n")
@@ -346,6 +348,10 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
         client.before = sync.verify_in_band(spec, root, rdir)
         rdir = sync.verify_remote_dir(spec, root, rdir) if client.before is None else rdir
     name = args.name or (script.rsplit("/", 1)[-1] if script else command_argv[0].rsplit("/", 1)[-1])
+    # Outputs come home when the job ends; trackers write into its own directory (set on the box).
+    from remotedl.cli import outputs as outputs_cli
+
+    output_paths = outputs_cli.planned(app, args)
     started: JobRecord | None = None
     for attempt in range(3):
         try:
@@ -374,10 +380,14 @@ def run_on(app: App, args: argparse.Namespace, *, queue: bool | None = None) -> 
                 stall_after=stall_after,
                 warn=warn,
                 slurm=slurmcli.request(slurm) if slurm is not None else None,
+                outputs=output_paths,
+                trackers=bool(output_paths and s.get("trackers")),
+                project_id=outputs_cli.project_id(app) if output_paths else None,
             )
             rdir = rec.remote_dir or rdir  # the tree's physical path, as the box found it
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
+            outputs_cli.register(app, rec, spec.alias, output_paths, env=job_env)
             break
         except KeyboardInterrupt:
             if started is not None:
@@ -460,13 +470,19 @@ def _notify_urls(app: App) -> list[str]:
 
 
 def _at_end(app: App, client: AgentClient, rdir: str, rec: JobRecord, pulls: list[str]) -> None:
-    """When the followed job ended: its outputs home (--pull / pull_on_end), then a desktop
+    """When the followed job ended: its outputs home (outputs, --pull / pull_on_end), then a desktop
     notification (notify_desktop = true). A failed pull is an error once the job succeeded."""
     from remotedl.cli.sync import kept_lines, pull_sources, pulled_lines
     from remotedl.errors import RemotedlError
 
     env = app.env
     failure: RemotedlError | None = None
+    from remotedl.cli.outputs import fetch_ended
+
+    try:
+        fetch_ended(app, client, rec)
+    except RemotedlError as e:
+        env.stderr.write(f"remotedl: outputs of job {rec.id} not fetched ({e}); `remotedl outputs` resumes\n")
     if pulls:
         try:
             results = pull_sources(app, client, rdir, pulls, job=str(rec.id))
@@ -601,6 +617,9 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
         if input().strip().lower() not in ("y", "yes"):
             env.stderr.write("nothing removed\n")
             return ExitCode.ERROR
+    from remotedl.cli.outputs import fetch_before_removal
+
+    fetch_before_removal(app, client, [r.id for r in plan.removed])  # their outputs go first
     done = go(False)
     if app.json:
         app.print_json(done.to_dict())
@@ -638,8 +657,12 @@ def _show(app: App, job: str | None) -> int:
     root = app.settings.project.root
     if rec.git_commit:
         ref = jobs.keep_commit(root, spec.alias, rec)
+    from remotedl.cli.cloud import job_cost_of
+
+    cost = job_cost_of(app, client, rec)  # None: the host has no price_per_hour
     if app.json:
-        app.print_json({**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state})
+        shown = {**rec.to_dict(), "alias": spec.alias, "ref": ref, "state": rec.state}
+        app.print_json({**shown, **({"cost": cost.cost} if cost else {})})
         return ExitCode.OK
     status = rec.state + (f" ({rec.error})" if rec.error and rec.status != "failed" else "")
     if rec.stalled and rec.status == "running":
@@ -671,6 +694,7 @@ def _show(app: App, job: str | None) -> int:
         ("started", _when(rec.started)),
         ("ended", _when(rec.ended)),
         ("duration", _duration_text(rec)),
+        *([("cost", f"${cost.cost:,.2f} ({cost.share:.0%} of the box's GPUs)")] if cost else []),
         ("exit", "-" if rec.exit_code is None else str(rec.exit_code)),
         ("dir", f"{rec.workdir} (its own checkout)" if rec.workdir else f"{rec.cwd} (the work tree)"),
         ("log", rec.log),
@@ -707,7 +731,11 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
     client = _client(app)
     rec = jobs.get_job(client, args.job, project=None if args.job else remote_dir(app), warn=warner(env))
     root = app.settings.project.root
-    text = jobs.diff(root, client.box, rec, stat=args.stat, color=env.stdout_isatty)
+    s = app.settings
+    text = jobs.diff(
+        root, client.box, rec, stat=args.stat, color=env.stdout_isatty,
+        data=list(s.get("data")), max_snapshot_file=int(s.get("max_snapshot_file")),
+    )  # fmt: skip
     env.stdout.write(text)
     if not text:
         env.stderr.write(f"remotedl: no difference: the work tree has job {rec.id}'s code\n")

@@ -158,6 +158,14 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
         help="when the followed job ends, pull PATH from its directory (repeatable; adds to pull_on_end)",
     )
     p.add_argument(
+        "--output",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="bring PATH (relative to the job's directory) home when the job ends, into "
+        ".remotedl/outputs/HOST-JOB/ (repeatable; adds to `outputs`)",
+    )
+    p.add_argument(
         "command",
         nargs=argparse.REMAINDER,
         metavar="COMMAND [ARGS...]",
@@ -272,6 +280,11 @@ def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> 
         metavar="JOB",
         help="serve LOGDIR of each job's own directory, one run per job (default: this project's jobs)",
     )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="serve the outputs that came home (.remotedl/outputs or outputs_dir) here, without the box",
+    )
     p.add_argument("--background", action="store_true", help="keep it running after this command returns")
     p.add_argument("--open", action="store_true", help="open TensorBoard in a browser")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
@@ -299,3 +312,58 @@ def setup(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 def doctor(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
+def outputs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Jobs started with outputs (`outputs = [...]`, `run --output PATH`) bring them home when "
+        "they end, at the next remotedl command that talks to their box; this lists them and "
+        "fetches what is due. Nothing here is deleted or overwritten if it changed here."
+    )
+    p.add_argument("job", nargs="?", help="fetch this job's outputs now, running or not (HOST:ID on a fleet)")
+    p.add_argument(
+        "--output", action="append", default=[], metavar="PATH", help="with JOB: also fetch PATH (repeatable)"
+    )
+    p.add_argument("-w", "--watch", action="store_true", help="keep fetching while the jobs run")
+    p.add_argument(
+        "--interval", type=float, default=30.0, metavar="S", help="--watch: seconds between fetches"
+    )
+    p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+
+
+def compare(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument("jobs", nargs="+", metavar="JOB", help="job ids (HOST:ID on a fleet)")
+    p.add_argument("--plot", metavar="NAME", help="chart this scalar (loss) across the jobs")
+    p.add_argument("--out", metavar="FILE.png", help="--plot: write a PNG instead of a terminal chart")
+
+
+def up(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "The host's [hosts.NAME] table names the VM: see README 'Cloud VMs'."
+
+
+def stop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "Jobs on the VM end with it; its disk stays (and is billed)."
+    p.add_argument("--no-wait", action="store_true", help="return once the cloud took the request")
+
+
+def autostop(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Idle: no running or queued remotedl job, no interactive SSH session, no busy Jupyter "
+        "kernel, no GPU process (with --wait jobs: no job). Without a duration it shows the setting."
+    )
+    p.add_argument(
+        "duration",
+        nargs="?",
+        metavar="DURATION",
+        help="idle time, e.g. 30m, 1h (default: the host's autostop)",
+    )
+    p.add_argument("--off", action="store_true", help="turn autostop off on the box")
+    p.add_argument("--wait", choices=["all", "jobs"], help="what counts as activity (default: autostop_wait)")
+
+
+def cost(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "A job pays price_per_hour x its time x its share of the box's GPUs; hosts without a "
+        "price are skipped."
+    )
+    p.add_argument("--since", metavar="AGE", help="only the time after AGE ago, e.g. 7d, 12h")

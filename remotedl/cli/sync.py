@@ -141,7 +141,7 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
 
         # Jobs run in the work tree itself (isolate = false): say which ones this push changes.
         client = _client(app)
-        warn_push_changes_running(app, client, remote_dir(app))
+        warn_push_changes_running(app, client, remote_dir(app), data)
     with progress_bar(env, not app.json) as progress:
         result = sync.push(
             spec,

@@ -34,6 +34,10 @@ def cmd_tensorboard(args: argparse.Namespace, env: Environment) -> int:
     from remotedl.cli.statusline import status_line
 
     app = App(args, env)
+    if getattr(args, "local", False):  # the outputs that came home, served here: no box
+        from remotedl.cli.outputs import tensorboard_local
+
+        return tensorboard_local(app, args)
     spec = app.spec()
     local = args.local_port or int(app.settings.get("tensorboard_port"))
     logdir = args.logdir or app.settings.get("tensorboard_logdir") or "runs"

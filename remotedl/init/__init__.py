@@ -404,7 +404,13 @@ def _plan_project(plan: InitPlan, req: InitRequest, project: Project, env: Envir
     plan.data_found = find_data_dirs(root)
     plan.data = tuple(req.data) if req.data is not None else tuple(d.path for d in plan.data_found)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip("-.") or "project"
-    wanted: dict[str, Any] = {"host": plan.alias, "remote_dir": req.remote_dir or f"~/remotedl/{name}"}
+    # The default push would use (named after the project's identity, so every clone of it
+    # shares the box's tree), written down where the user sees it.
+    from remotedl.snapshot import known_identity
+    from remotedl.treeid import default_remote_dir
+
+    default = default_remote_dir(known_identity(root), name)
+    wanted: dict[str, Any] = {"host": plan.alias, "remote_dir": req.remote_dir or default}
     if plan.data:
         wanted["data"] = list(plan.data)
     path = project.config_file or root / PROJECT_FILE

@@ -64,12 +64,22 @@ def find_data_dirs(root: Path) -> list[DataDir]:
         if name in NOT_DATA or name.startswith(".") or not entry.is_dir():
             continue
         if name in DATA_NAMES:
-            found.append(DataDir(name, f"a {name}/ directory"))
+            # Only files git tracks (nanoGPT's data/*/prepare.py): code, not data.
+            if name not in tracked or _has_untracked(root, name):
+                found.append(DataDir(name, f"a {name}/ directory"))
         elif name not in tracked:
             size = _size_at_least(entry, LARGE_DIR)
             if size >= LARGE_DIR:
                 found.append(DataDir(name, f"untracked, over {LARGE_DIR >> 20} MiB"))
     return found
+
+
+def _has_untracked(root: Path, name: str) -> bool:
+    """Whether ``name`` (partly tracked) holds a file git does not track, ignored ones included
+    (data/*/train.bin beside a tracked prepare.py); a wholly untracked directory is one entry."""
+    argv = ["git", "-C", str(root), "ls-files", "-z", "--others", "--directory", "--no-empty-directory"]
+    r = proc.run([*argv, "--", name], check=False)
+    return bool(r.stdout.strip("\0"))
 
 
 def _size_at_least(path: Path, limit: int, max_files: int = 50000) -> int:

@@ -110,12 +110,24 @@ def split_frame(data: bytes, nonce: str, *, with_shell: bool = False) -> tuple[b
     return noise, data[end + 1 :], shell
 
 
+def _contacted(spec: HostSpec) -> None:
+    """This command talked to the box: jobs of it that ended may have outputs to bring home
+    (remotedl.outputs, after the command)."""
+    from remotedl.outputs import SEEN
+
+    SEEN.contact(spec)
+
+
 class Box:
     """A box reached through OpenSSH. Every call shares the host's master connection."""
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
-        self.noise = ""  # the last start-up noise seen (stdout and stderr)
+        # What the login shell's start-up files printed before the last script ran: on stdout
+        # (``noise``: it breaks git's and rsync's protocols, which use that stream) and on
+        # stderr (``stderr_noise``: harmless to them, as `ssh box git-receive-pack` shows).
+        self.noise = ""
+        self.stderr_noise = ""
         self.login_shell = ""
 
     def argv(self, payload: bytes | None = None) -> list[str]:
@@ -165,7 +177,9 @@ class Box:
             raise self._no_frame(done.returncode, done.stderr.decode(errors="replace"))
         noise, body, shell = out
         self.login_shell = shell
-        self.noise = (noise + (err[0] if err else b"")).decode(errors="replace").strip()
+        _contacted(self.spec)
+        self.noise = noise.decode(errors="replace").strip()
+        self.stderr_noise = (err[0] if err else b"").decode(errors="replace").strip()
         if done.truncated:
             raise RemoteError(
                 f"{self.spec.alias} sent more than {max_output >> 20} MiB in answer to one request: refused",
@@ -178,7 +192,12 @@ class Box:
                 hint="run it again; if it keeps happening, check the link and ServerAliveInterval",
             )
         result = RemoteResult(
-            script, body.decode(errors="replace"), stderr_text, done.returncode, self.noise, body
+            script,
+            body.decode(errors="replace"),
+            stderr_text,
+            done.returncode,
+            "\n".join(n for n in (self.noise, self.stderr_noise) if n),
+            body,
         )
         if check and result.exit_code != 0:
             last = (result.stderr.strip().splitlines() or [f"exit status {result.exit_code}"])[-1]

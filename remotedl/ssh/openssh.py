@@ -122,6 +122,12 @@ def config_options(spec: HostSpec) -> list[str]:
         opts += ["-p", str(spec.port)]
     if spec.sources.get("identityfile", "").startswith("flag"):
         opts += ["-i", spec.identity_files[0]]
+    if spec.sources.get("hostname", "").startswith("cloud"):
+        # A cloud VM's address now (remotedl.cloud.with_address), its key checked under the
+        # name it was trusted as.
+        opts += ["-o", f"HostName={spec.hostname}"]
+        if spec.host_key_alias:
+            opts += ["-o", f"HostKeyAlias={spec.host_key_alias}"]
     return opts
 
 

@@ -193,7 +193,7 @@ class SlurmRuntime(Runtime):
                 remote_dir=rdir,
                 name=rec["name"],
                 gpus=int(rec["want"]["count"]),
-                env=req.get("env") or {},
+                env={**(rec.get("trackers") or {}), **(req.get("env") or {})},
                 conda=plan.spec.get("conda"),
                 env_setup=plan.spec.get("env_setup"),
             )
