@@ -235,6 +235,22 @@ def list_jobs(client: AgentClient, *, all_jobs: bool = False, warn: Warn | None 
     return [_record(r, client.spec) for r in jobs]
 
 
+def list_job_dicts(
+    client: AgentClient, *, all_jobs: bool = False, warn: Warn | None = None
+) -> list[dict[str, Any]]:
+    """``list_jobs`` as JSON data (each ``JobRecord.to_dict()``), checked the same way but never
+    built into records: what ``jobs --json`` prints."""
+    answer = client.call(ListRequest(all=all_jobs).to_dict())
+    _warnings(answer, warn)
+    jobs = answer.get("jobs")
+    if not isinstance(jobs, list):
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent no job list")
+    try:
+        return [JobRecord.json_dict(r) for r in jobs]
+    except SchemaError as e:
+        raise RemoteError(f"the remotedl agent on {client.spec.alias} sent a bad job record ({e})") from None
+
+
 def jobs_with_outputs(
     client: AgentClient, project: str, ids: Sequence[int] = (), *, after: int = 0
 ) -> tuple[list[JobRecord], int]:

@@ -161,6 +161,13 @@ class JobRecord:
             values[name] = check(data[name], where)
         return values
 
+    @classmethod
+    def json_dict(cls, data: Any) -> dict[str, Any]:
+        """``from_dict(data).to_dict()`` without building the record (a third of the time: a
+        ``jobs --all --json`` of thousands prints records it never uses as objects)."""
+        checked = cls.check_dict(data)
+        return {name: checked[name] if name in checked else _plain(d) for name, d in _defaults(cls)}
+
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON data (a copy: lists and objects are new; ``asdict`` deep-copies
         each value through ``copy.deepcopy``, ~0.15 ms a record, which a listing of thousands
@@ -455,6 +462,21 @@ def _what(cls: type) -> str:
 Check = Callable[[Any, str], Any]
 _FIELDS: dict[type, list[tuple[str, bool, Check, str]]] = {}
 _CHECKS: dict[Any, Check] = {}
+
+
+_DEFAULTS: dict[type, list[tuple[str, Any]]] = {}
+
+
+def _defaults(cls: type) -> list[tuple[str, Any]]:
+    """(name, default) per field of a record class, in order (None for a required field, which
+    ``check_dict`` never lets be missing); made once."""
+    if cls not in _DEFAULTS:
+        _DEFAULTS[cls] = [
+            (f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else
+             None if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(cls)
+        ]  # fmt: skip
+    return _DEFAULTS[cls]
 
 
 def _field_checks(cls: type) -> list[tuple[str, bool, Check, str]]:

@@ -166,6 +166,45 @@ def test_the_active_index_follows_saves_and_is_built_once_from_old_records(box_s
     assert [r["id"] for r in store.active_records()] == [3, 5, 6]
 
 
+def test_a_listing_of_all_splices_the_cached_text_of_ended_records_and_reads_the_rest(box_state):
+    from remotedl.agent.listing import CACHE, Spliced, answer_text, listing
+
+    for i, status in enumerate(["succeeded", "failed", "killed", "lost", "running"], start=1):
+        store._write_json(store.record_path(i), record(i, status, name=f"job-{i}"))
+    store.record_path(6).write_text("{not json")
+
+    def listed() -> tuple[Spliced, list[dict], list[str]]:
+        ctx = Context()
+        got = listing(ctx)
+        return got, json.loads(got.text()), ctx.warnings
+
+    first, recs, warned = listed()
+    assert [r["id"] for r in recs] == [1, 2, 3, 4, 5] and all(isinstance(x, dict) for x in first.items)
+    assert any("6.json" in w for w in warned)
+    cached = (box_state / CACHE).read_text().splitlines()
+    assert [int(line.split(" ", 1)[0]) for line in cached] == [1, 2, 3, 4]  # never an active one
+    again, recs2, warned2 = listed()
+    assert recs2 == recs  # the same answer, from the cache
+    assert [type(x).__name__ for x in again.items] == ["str", "str", "str", "str", "dict"]
+    assert again.records() == [recs[4]]  # only the active one is there to be refreshed
+    assert any("6.json" in w for w in warned2)  # a damaged record is said every time
+    # A record saved since is read again; a removed one is gone, from the answer and the cache.
+    with store.box_lock():
+        store.save(dict(store.load(2), name="renamed"))
+    store.record_path(3).unlink()
+    _, recs3, _ = listed()
+    assert [(r["id"], r["name"]) for r in recs3] == [(1, "job-1"), (2, "renamed"), (4, "job-4"), (5, "job-5")]
+    assert [int(line.split(" ", 1)[0]) for line in (box_state / CACHE).read_text().splitlines()] == [1, 2, 4]
+    # A damaged cache is only slower: rebuilt.
+    (box_state / CACHE).write_text("garbage\n1 2 3\tnot json\n\x00\n")
+    _, recs4, _ = listed()
+    assert recs4 == recs3
+    # The answer with a spliced list is the answer with a plain one.
+    answer = {"ok": True, "jobs": listing(Context()), "warnings": ["w"]}
+    assert json.loads(answer_text(answer)) == {"ok": True, "jobs": recs3, "warnings": ["w"]}
+    assert answer_text({"ok": True, "jobs": []}) == json.dumps({"ok": True, "jobs": []})
+
+
 def test_the_active_index_catches_up_with_jobs_of_an_agent_that_keeps_none(box_state):
     with store.box_lock():
         store.save(record(store.next_id(None), "running"))
@@ -310,6 +349,15 @@ def test_a_new_record_round_trips_through_the_schema():
     assert JobRecord.from_dict(parsed.to_dict()) == parsed
     assert (parsed.git_commit, parsed.environment, parsed.stall_after) == ("a" * 40, {"conda": "ml"}, 600.0)
     assert store.stall_after("0") is None and store.stall_after("x") is None
+    # json_dict is to_dict of from_dict without the record: the same data, the same order,
+    # defaults for what an older record lacks (fresh lists), unknown fields left out.
+    old = {"id": 3, "name": "x", "command": "c", "cwd": "/", "status": "failed", "exit_code": 1, "extra": 1}
+    for data in (rec, old):
+        got = JobRecord.json_dict(json.loads(json.dumps(data)))
+        want = JobRecord.from_dict(json.loads(json.dumps(data))).to_dict()
+        assert got == want and list(got) == list(want)
+    first, second = JobRecord.json_dict(old), JobRecord.json_dict(old)
+    assert first["gpus"] == [] and first["gpus"] is not second["gpus"]
 
 
 @pytest.mark.parametrize(
@@ -326,6 +374,8 @@ def test_the_record_checker_names_the_bad_field(change, message):
     rec.update(change)
     with pytest.raises(SchemaError, match=message):
         JobRecord.from_dict(rec)
+    with pytest.raises(SchemaError, match=message):
+        JobRecord.json_dict(rec)
 
 
 def test_requests_round_trip_and_the_box_checks_them_like_records(tmp_path):

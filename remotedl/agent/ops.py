@@ -37,6 +37,7 @@ from remotedl.agent.checkout import (
 )
 from remotedl.agent.envsync import env_in_sync, env_plan, op_envsync, work_tree
 from remotedl.agent.gpus import holders, query_gpus
+from remotedl.agent.listing import answer_text, listing
 from remotedl.agent.runner import op_runner
 from remotedl.agent.state import active, look, recent, refresh, resolve
 from remotedl.agent.store import (
@@ -136,7 +137,12 @@ def op_list(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
         records, upto = with_outputs(ctx, project, ids, req.get("after"))
         announce(ctx, records)
         return {"jobs": records, "upto": upto}
-    records = refresh(ctx, all_records(ctx)) if req.get("all") else recent(ctx, RECENT)
+    if req.get("all"):  # ended records as the text cached of them; the active ones looked at
+        every = listing(ctx)
+        live = refresh(ctx, every.records())
+        announce(ctx, live)
+        return {"jobs": every}
+    records = recent(ctx, RECENT)
     announce(ctx, records)
     return {"jobs": records}
 
@@ -561,5 +567,5 @@ def main(argv: list[str]) -> int:
         if req["op"] not in ("autostop", "runner", "notify", "slurm_watch"):
             _autostop_watcher()
     if result is not None and req["op"] != "runner":
-        print(json.dumps({"ok": True, **result, **({"warnings": ctx.warnings} if ctx.warnings else {})}))
+        print(answer_text({"ok": True, **result, **({"warnings": ctx.warnings} if ctx.warnings else {})}))
     return 0

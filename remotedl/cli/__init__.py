@@ -8,49 +8,218 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from remotedl import __version__
+from remotedl.cli import parsers
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 
-# command -> (module under remotedl.cli, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "init": ("init", "set up a new box: ssh config, key, host key, remotedl.toml, doctor (asks first)"),
-    "status": ("basic", "is the box reachable; OS, load, disk, tools, GPUs and their processes"),
-    "top": ("fleet", "live view of the GPUs and running jobs of every box (q quits)"),
-    "config": ("basic", "show the resolved settings and where each came from"),
-    "allow": ("basic", "trust this version of a cloned project's risky settings and playbooks"),
-    "trust": ("basic", "show a box's host key fingerprint and record it in known_hosts"),
-    "sandbox": ("basic", "start or stop a throwaway local box to try remotedl on"),
-    "push": ("sync", "send code (git) and data (rsync) to the box; nothing there is deleted"),
-    "pull": ("sync", "bring paths from the box home with rsync; never overwrites newer files"),
-    "run": ("jobs", "push, then run a command in tmux on the box on chosen GPUs; follow its log"),
-    "jobs": ("jobs", "list jobs on the box (the box's records: any laptop sees the same); rm, prune, show"),
-    "logs": ("jobs", "print or follow (-f) a job's log; resumes after a dropped connection"),
-    "kill": ("jobs", "stop a job: SIGINT, then SIGTERM, then SIGKILL"),
-    "attach": ("jobs", "attach to a job's tmux session (interactive)"),
-    "show": ("jobs", "what a job ran: host, GPUs, command, commit, environment, times, exit, directory"),
-    "diff": ("jobs", "a job's code against the local work tree (git diff)"),
-    "outputs": ("outputs", "list jobs' outputs and bring home those of jobs that ended; --watch"),
-    "compare": ("outputs", "jobs side by side: code, arguments, env, final metrics; --plot NAME"),
-    "tunnel": ("tunnel", "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"),
-    "jupyter": ("tunnel", "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"),
-    "tensorboard": ("tunnel", "find or start TensorBoard over a directory on the box and tunnel to it"),
-    "dns": ("dns", "keep the box's DNS name on its public IP: update, check, watch"),
-    "setup": ("setup", "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check, autostop)"),
-    "doctor": ("setup", "check the whole chain, laptop to GPUs, and say how to fix what fails"),
-    "up": ("cloud", "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
-    "stop": ("cloud", "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
-    "autostop": ("cloud", "stop a cloud VM once it has been idle this long (decided on the box); --off"),
-    "cost": ("cloud", "what jobs cost per host and project (price_per_hour x time x share of GPUs)"),
+Handler = Callable[[argparse.Namespace, Environment], int]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: where its handler is (a function importing its module only when the command
+    runs, so ``--help`` stays fast), its arguments, and its one-line help."""
+
+    handlers: Callable[[], dict[str, Handler]]
+    arguments: Callable[[argparse.ArgumentParser, argparse.ArgumentParser], None]
+    help: str
+
+
+# The command modules, each imported only by the command that needs it.
+def _init() -> dict[str, Handler]:
+    from remotedl.cli import init
+
+    return {
+        "init": init.cmd_init,
+    }
+
+
+def _basic() -> dict[str, Handler]:
+    from remotedl.cli import basic
+
+    return {
+        "status": basic.cmd_status,
+        "config": basic.cmd_config,
+        "allow": basic.cmd_allow,
+        "trust": basic.cmd_trust,
+        "sandbox": basic.cmd_sandbox,
+    }
+
+
+def _fleet() -> dict[str, Handler]:
+    from remotedl.cli import fleet
+
+    return {
+        "top": fleet.cmd_top,
+    }
+
+
+def _sync() -> dict[str, Handler]:
+    from remotedl.cli import sync
+
+    return {
+        "push": sync.cmd_push,
+        "pull": sync.cmd_pull,
+    }
+
+
+def _run() -> dict[str, Handler]:
+    from remotedl.cli import run
+
+    return {
+        "run": run.cmd_run,
+    }
+
+
+def _jobs() -> dict[str, Handler]:
+    from remotedl.cli import jobs
+
+    return {
+        "jobs": jobs.cmd_jobs,
+        "logs": jobs.cmd_logs,
+        "kill": jobs.cmd_kill,
+        "attach": jobs.cmd_attach,
+        "show": jobs.cmd_show,
+        "diff": jobs.cmd_diff,
+    }
+
+
+def _outputs() -> dict[str, Handler]:
+    from remotedl.cli import outputs
+
+    return {
+        "outputs": outputs.cmd_outputs,
+        "compare": outputs.cmd_compare,
+    }
+
+
+def _cloud() -> dict[str, Handler]:
+    from remotedl.cli import cloud
+
+    return {
+        "up": cloud.cmd_up,
+        "stop": cloud.cmd_stop,
+        "autostop": cloud.cmd_autostop,
+        "cost": cloud.cmd_cost,
+    }
+
+
+def _tunnel() -> dict[str, Handler]:
+    from remotedl.cli import tunnel
+
+    return {
+        "tunnel": tunnel.cmd_tunnel,
+        "jupyter": tunnel.cmd_jupyter,
+        "tensorboard": tunnel.cmd_tensorboard,
+    }
+
+
+def _dns() -> dict[str, Handler]:
+    from remotedl.cli import dns
+
+    return {
+        "dns": dns.cmd_dns,
+    }
+
+
+def _setup() -> dict[str, Handler]:
+    from remotedl.cli import setup
+
+    return {
+        "setup": setup.cmd_setup,
+        "doctor": setup.cmd_doctor,
+    }
+
+
+# command -> its handler's module, its arguments, its one-line help: the explicit dispatch table.
+COMMANDS: dict[str, Command] = {
+    "init": Command(
+        _init, parsers.init, "set up a new box: ssh config, key, host key, remotedl.toml, doctor (asks first)"
+    ),
+    "status": Command(
+        _basic, parsers.status, "is the box reachable; OS, load, disk, tools, GPUs and their processes"
+    ),
+    "top": Command(_fleet, parsers.top, "live view of the GPUs and running jobs of every box (q quits)"),
+    "config": Command(_basic, parsers.config, "show the resolved settings and where each came from"),
+    "allow": Command(
+        _basic, parsers.allow, "trust this version of a cloned project's risky settings and playbooks"
+    ),
+    "trust": Command(_basic, parsers.trust, "show a box's host key fingerprint and record it in known_hosts"),
+    "sandbox": Command(_basic, parsers.sandbox, "start or stop a throwaway local box to try remotedl on"),
+    "push": Command(
+        _sync, parsers.push, "send code (git) and data (rsync) to the box; nothing there is deleted"
+    ),
+    "pull": Command(
+        _sync, parsers.pull, "bring paths from the box home with rsync; never overwrites newer files"
+    ),
+    "run": Command(
+        _run, parsers.run, "push, then run a command in tmux on the box on chosen GPUs; follow its log"
+    ),
+    "jobs": Command(
+        _jobs,
+        parsers.jobs,
+        "list jobs on the box (the box's records: any laptop sees the same); rm, prune, show",
+    ),
+    "logs": Command(
+        _jobs, parsers.logs, "print or follow (-f) a job's log; resumes after a dropped connection"
+    ),
+    "kill": Command(_jobs, parsers.kill, "stop a job: SIGINT, then SIGTERM, then SIGKILL"),
+    "attach": Command(_jobs, parsers.attach, "attach to a job's tmux session (interactive)"),
+    "show": Command(
+        _jobs,
+        parsers.show,
+        "what a job ran: host, GPUs, command, commit, environment, times, exit, directory",
+    ),
+    "diff": Command(_jobs, parsers.diff, "a job's code against the local work tree (git diff)"),
+    "outputs": Command(
+        _outputs, parsers.outputs, "list jobs' outputs and bring home those of jobs that ended; --watch"
+    ),
+    "compare": Command(
+        _outputs, parsers.compare, "jobs side by side: code, arguments, env, final metrics; --plot NAME"
+    ),
+    "tunnel": Command(
+        _tunnel, parsers.tunnel, "forward 127.0.0.1 ports to the box through ssh -L; reconnects by itself"
+    ),
+    "jupyter": Command(
+        _tunnel, parsers.jupyter, "find or start Jupyter on the box and tunnel to it (= tunnel --jupyter)"
+    ),
+    "tensorboard": Command(
+        _tunnel, parsers.tensorboard, "find or start TensorBoard over a directory on the box and tunnel to it"
+    ),
+    "dns": Command(_dns, parsers.dns, "keep the box's DNS name on its public IP: update, check, watch"),
+    "setup": Command(
+        _setup,
+        parsers.setup,
+        "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check, autostop)",
+    ),
+    "doctor": Command(
+        _setup, parsers.doctor, "check the whole chain, laptop to GPUs, and say how to fix what fails"
+    ),
+    "up": Command(_cloud, parsers.up, "start a host's cloud VM (AWS, GCE, Azure) and wait until SSH answers"),
+    "stop": Command(_cloud, parsers.stop, "stop a host's cloud VM so its billing stops (Azure: deallocate)"),
+    "autostop": Command(
+        _cloud,
+        parsers.autostop,
+        "stop a cloud VM once it has been idle this long (decided on the box); --off",
+    ),
+    "cost": Command(
+        _cloud, parsers.cost, "what jobs cost per host and project (price_per_hour x time x share of GPUs)"
+    ),
 }
+
+
+def handler(name: str) -> Handler:
+    """The function that runs command ``name``."""
+    return COMMANDS[name].handlers()[name]
 
 
 class ArgvError(UsageError):
@@ -124,8 +293,6 @@ def _global_options() -> _Parser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from remotedl.cli import parsers
-
     common = _global_options()
     parser = _Parser(
         prog="remotedl",
@@ -135,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"remotedl {__version__}")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        getattr(parsers, name.replace("-", "_"))(cmd, common)
+    for name, command in COMMANDS.items():
+        cmd = sub.add_parser(name, help=command.help, description=command.help, parents=[common])
+        command.arguments(cmd, common)
     return parser
 
 
@@ -330,12 +497,10 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
         return ExitCode.USAGE
     debug = bool(getattr(args, "debug", False))
     _setup_logging(env, debug)
-    module_name, _ = COMMANDS[args.subcommand]
     try:
-        module = importlib.import_module(f"remotedl.cli.{module_name}")
-        handler = getattr(module, "cmd_" + args.subcommand.replace("-", "_"))
         _seen_clear()
-        code = int(handler(args, env))
+        _vm_ready()
+        code = int(handler(args.subcommand)(args, env))
         outputs_after_command(args, env)  # outputs of jobs that ended, from boxes it talked to
         return code
     except JobFailed as e:
@@ -362,6 +527,13 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "run again with --debug for the traceback, and report it",
             ExitCode.ERROR,
         )
+
+
+def _vm_ready() -> None:
+    """Cloud VMs: every command reaches one through ``cloud.ready`` (auto_start, or its state)."""
+    from remotedl.cli import app, cloud
+
+    app.vm_ready = cloud.ready
 
 
 def _seen_clear() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
 
     from remotedl.fleet import Fleet, Member, Reach
     from remotedl.ssh import HostSpec
+
+# How a command reaches a host that is a cloud VM: ``remotedl.cli.cloud.ready`` (started first
+# with auto_start, else a clear error), given by the dispatcher (``remotedl.cli.main``): this
+# bottom module imports no command module. None (a library caller): the VM as resolved.
+vm_ready: Callable[[App, Member], HostSpec] | None = None
 
 
 @dataclass
@@ -125,10 +131,8 @@ class App:
         from remotedl.fleet import Fleet
 
         member = Fleet(self.env, self.base_settings, [name], self.reach(), self.resolved).member(name)
-        if member.cloud is not None:
-            from remotedl.cli import cloud
-
-            return cloud.ready(self, member)
+        if member.cloud is not None and vm_ready is not None:
+            return vm_ready(self, member)
         return member.spec
 
     def reach(self) -> Reach:
@@ -164,7 +168,11 @@ class App:
         return Console(file=self.env.stderr, highlight=False, soft_wrap=True, _environ=self.env.environ)
 
     def print_json(self, data: Any) -> None:
-        self.env.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        """``--json`` output: indented for a person at a terminal; compact when a program reads
+        it (piped, as ``gh`` does), which takes json's C encoder: the pure-Python one that
+        ``indent`` needs spent a quarter second on a listing of 5,000 jobs."""
+        indent = 2 if self.env.stdout_isatty else None
+        self.env.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
 
     def out(self, text: str = "") -> None:
         self.console.print(text, markup=False)

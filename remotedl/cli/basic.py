@@ -6,40 +6,13 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
+from remotedl.cli.common import seconds_text, size_text
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
     from remotedl.ssh import HostSpec
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return str(n)
-
-
-def _duration(seconds: float | None) -> str:
-    """``1d 2h``, ``3h 4m``, ``5m 6s``. Below zero (a job whose start, by the box's clock, lies
-    ahead of this machine's: the box's clock is ahead) no length can be told: ``?``, as kubectl
-    says ``<invalid>``, never ``-1d 22h``; less than a second below is rounding: ``0m 0s``."""
-    if seconds is None or seconds <= -1:
-        return "?"
-    s = max(0, int(seconds))
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {s}s"
 
 
 def cmd_status(args: argparse.Namespace, env: Environment) -> int:
@@ -77,10 +50,10 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     c.print(f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): reachable")
     c.print(printable(f"  host    {st.hostname}, {st.os}, {st.kernel}", newlines=False), markup=False)
     cpus = plural(st.cpus, "CPU") if st.cpus else "? CPUs"
-    c.print(f"  uptime  {_duration(st.uptime_seconds)}, load {load}, {cpus}", markup=False)
+    c.print(f"  uptime  {seconds_text(st.uptime_seconds)}, load {load}, {cpus}", markup=False)
     if st.disk:
         c.print(
-            f"  disk    {_size(st.disk.free_bytes)} free of {_size(st.disk.total_bytes)} "
+            f"  disk    {size_text(st.disk.free_bytes)} free of {size_text(st.disk.total_bytes)} "
             f"at {st.disk.path} (for {st.remote_dir})",
             markup=False,
         )
@@ -95,10 +68,10 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         table.add_column(col)
     for g in st.gpus:
         procs = ", ".join(
-            f"{p.pid} {p.user or '?'} {p.name.rsplit('/', 1)[-1]} {_size((p.used_memory_mib or 0) << 20)}"
+            f"{p.pid} {p.user or '?'} {p.name.rsplit('/', 1)[-1]} {size_text((p.used_memory_mib or 0) << 20)}"
             for p in g.processes
         )
-        mem = f"{_size((g.memory_used_mib or 0) << 20)} / {_size((g.memory_total_mib or 0) << 20)}"
+        mem = f"{size_text((g.memory_used_mib or 0) << 20)} / {size_text((g.memory_total_mib or 0) << 20)}"
         util = "[N/A]" if g.utilization_pct is None else f"{g.utilization_pct}%"
         holder = st.held_by.get(g.index) or ("process" if g.processes else "free")
         cells = (str(g.index), g.name, mem, util, holder, procs or "-")
@@ -155,7 +128,8 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
         (
             "project config",
             str(s.project.config_file or "(none)"),
-            "at the project root" if s.project.config_file
+            "at the project root"
+            if s.project.config_file
             else "no remotedl.toml or [tool.remotedl] in pyproject.toml at the project root",
         ),
     ]

@@ -247,7 +247,7 @@ def cmd_stop(args: argparse.Namespace, env: Environment) -> int:
 
 
 def _duration(seconds: float | None) -> str:
-    from remotedl.cli.basic import _duration as duration
+    from remotedl.cli.common import seconds_text as duration
 
     return duration(seconds)
 

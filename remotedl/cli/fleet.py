@@ -9,11 +9,11 @@ import datetime as dt
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
-from remotedl.cli.basic import _duration, _size
+from remotedl.cli.common import cell_text, report_failures, seconds_text, size_text
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural, printable
@@ -23,33 +23,14 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from remotedl.cloud import CloudHost
-    from remotedl.fleet import FleetResult, HostResult
+    from remotedl.fleet import FleetResult
     from remotedl.gpus import Gpu
     from remotedl.status import BoxStatus
-    from remotedl.sync import PushResult
     from remotedl.top import BoxSample
 
 
-def _text(value: str) -> Text:
-    """Box text as a table cell: escaped control characters, no rich markup."""
-    from rich.text import Text
-
-    return Text(printable(value, newlines=False))
-
-
 def _mem(used: int | None, total: int | None) -> str:
-    return f"{_size((used or 0) << 20)} / {_size((total or 0) << 20)}"
-
-
-def _error_line(r: HostResult[Any]) -> str:
-    assert r.error is not None
-    hint = f" ({r.error.hint})" if r.error.hint else ""
-    return f"{r.host}: {r.error.message}{hint}"
-
-
-def _failures(app: App, failed: Sequence[HostResult[Any]]) -> None:
-    for r in failed:
-        app.err_console.print(_text(_error_line(r)), style="red")
+    return f"{size_text((used or 0) << 20)} / {size_text((total or 0) << 20)}"
 
 
 def gpu_row(host: str, st_held_by: dict[int, str], g: Gpu) -> dict[str, Any]:
@@ -111,7 +92,7 @@ def status(app: App) -> int:
             util = "[N/A]" if row["utilization_pct"] is None else f"{row['utilization_pct']}%"
             table.add_row(
                 *map(
-                    _text,
+                    cell_text,
                     (
                         row["host"],
                         str(row["index"]),
@@ -125,74 +106,12 @@ def status(app: App) -> int:
         c.print(table)
     for host, st in result.values():
         if st.nvidia_error:
-            c.print(_text(f"{host}: no GPUs: {st.nvidia_error}"))
-    _failures(app, result.failed)
+            c.print(cell_text(f"{host}: no GPUs: {st.nvidia_error}"))
+    report_failures(app, result.failed)
     return result.exit_code
 
 
 # ------------------------------------------------------------------ push
-
-
-def push(app: App, args: argparse.Namespace) -> int:
-    """`remotedl push` to several hosts at once, with a progress line per host."""
-    from remotedl import sync
-    from remotedl.cli.progress import fleet_progress
-    from remotedl.cli.sync import missing_data_lines
-    from remotedl.fleet import Member
-
-    fleet = app.fleet()
-
-    with fleet_progress(app.env, fleet.hosts, enabled=not app.json) as bars:
-
-        def one(m: Member) -> PushResult:
-            s = m.settings
-            data = [] if args.no_data else list(s.get("data"))
-            data += [d for d in args.data if d not in data]
-            return sync.push(
-                m.spec,
-                s.project.root,
-                str(args.remote_dir or m.remote_dir),
-                data=data,
-                excludes=[*s.get("exclude"), *args.exclude],
-                delete=args.delete,
-                force=args.force,
-                code=not args.no_code,
-                max_snapshot_file=int(s.get("max_snapshot_file")),
-                progress=bars.progress(m.name),
-                dir_mode=str(s.get("remote_dir_mode")),
-            )
-
-        result = fleet.map(one, on_result=lambda r: bars.done(r.host, r.ok))
-    missing = next((pushed.missing for _, pushed in result.values() if pushed.missing), [])
-    for line in missing_data_lines(missing, app.settings.project.root):  # the same on every host
-        app.env.stderr.write(f"remotedl: {line}\n")
-    if app.json:
-        app.print_json(
-            {
-                "hosts": [
-                    {"host": r.host, "ok": r.ok, "result": r.value.to_dict() if r.value else None}
-                    | ({"error": r.error_dict()} if r.error else {})
-                    for r in result.results
-                ]
-            }
-        )
-        return result.exit_code
-    for host, pushed in result.values():
-        parts = []
-        if pushed.commit:
-            what = f"snapshot {pushed.commit[:10]}" if pushed.snapshot else f"commit {pushed.commit[:10]}"
-            state = "checked out" if pushed.code_changed else "already there"
-            parts.append(f"code {what} -> {pushed.remote_dir} ({state})")
-        parts += [
-            f"data {t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} sent"
-            for t in pushed.transfers
-        ]
-        app.console.print(_text(f"{host}: " + "; ".join(parts or ["nothing to send"])))
-    _failures(app, result.failed)
-    return result.exit_code
-
-
-# ------------------------------------------------------------------ top
 
 
 def _bar(done: float, total: float, width: int = 12) -> Text:
@@ -244,9 +163,9 @@ def render_top(
         used, total = g.memory_used_mib or 0, g.memory_total_mib or 0
         kind, words = holder(s.held_by, g)
         table.add_row(
-            _text(s.host),
+            cell_text(s.host),
             Text(str(g.index)),
-            _text(g.name),
+            cell_text(g.name),
             _bar(util or 0, 100),
             Text("N/A" if util is None else f"{util:>3}%"),
             _bar(used, total),
@@ -261,32 +180,32 @@ def render_top(
     for host, j in [*running, *queued]:
         since = j.started or j.created
         jobs.add_row(
-            _text(host),
+            cell_text(host),
             Text(str(j.id)),
-            _text(j.name),
+            cell_text(j.name),
             Text(j.status, style="cyan" if j.status == "running" else "yellow"),
             Text(",".join(map(str, j.gpus)) or "-"),
-            Text(_duration(now - since) if since else "-"),
-            _text(j.command),
+            Text(seconds_text(now - since) if since else "-"),
+            cell_text(j.command),
         )
     if running or queued:
         parts += [Text(""), jobs]
     notes: list[RenderableType] = []
     for s in samples:
         if s.state == "live" and s.nvidia_error:
-            notes.append(_text(f"{s.host}: no GPUs: {s.nvidia_error}"))
+            notes.append(cell_text(f"{s.host}: no GPUs: {s.nvidia_error}"))
         elif s.state == "connecting":
             notes.append(Text(f"{s.host}: connecting...", style="yellow"))
         elif s.state in ("reconnecting", "down"):
             word = "down" if s.state == "down" else f"reconnecting (attempt {s.attempts})"
-            age = f"; last sample {_duration(now - s.sampled)} ago" if s.sampled else ""
+            age = f"; last sample {seconds_text(now - s.sampled)} ago" if s.sampled else ""
             notes.append(Text(printable(f"{s.host}: {word}: {s.error}{age}", newlines=False), style="red"))
     for host, cloud in (clouds or {}).items():
         if cloud.status.running:  # a cloud VM: its running cost, now
             from remotedl.cli.cloud import status_words
 
             at_now = dataclasses.replace(cloud.status, now=dt.datetime.now(dt.timezone.utc))
-            notes.append(_text(f"{host}: {status_words(dataclasses.replace(cloud, status=at_now))}"))
+            notes.append(cell_text(f"{host}: {status_words(dataclasses.replace(cloud, status=at_now))}"))
     if notes:
         parts += [Text(""), *notes]
     if footer:
@@ -412,94 +331,3 @@ def _live(app: App, targets: Any, interval: float, clouds: dict[str, CloudHost] 
 
 
 # ------------------------------------------------------------------ run, jobs
-
-
-def run_placed(app: App, args: argparse.Namespace) -> int:
-    """`remotedl run` on a fleet: sample every box at once, pick the box and GPUs by the boxes'
-    own rules (``fleet.place``), push there and start the job. The box's agent picks and claims
-    the GPUs again under its lock; if another laptop won them meanwhile, the next box is tried.
-    With ``--queue`` and nothing free, the job waits on the box with the shortest queue."""
-    from remotedl import gpus as gpumod
-    from remotedl import jobs
-    from remotedl.cli.jobs import run_on
-    from remotedl.errors import ConnectError, GpusBusy
-    from remotedl.fleet import fleet_samples, place
-
-    env = app.env
-    if not args.command:
-        raise UsageError("give a command to run, e.g. `remotedl run train.py --lr 0.1`")
-    command_argv = args.command[1:] if args.command[0] == "--" else args.command
-    jobs.build_command(command_argv, app.base_settings.project.root, must_exist=not args.no_push)
-    if args.gpus is not None and args.gpus < 0:
-        raise UsageError(f"--gpus {args.gpus}: give a number of GPUs (0 runs on the CPU)")
-    if args.gpu:
-        try:
-            parsed = gpumod.parse_gpu_spec(args.gpu)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        if parsed is not None:
-            raise UsageError(
-                f"--gpu {args.gpu} names GPUs of one box, and {len(app.hosts)} hosts are given",
-                hint="on a fleet use --gpu auto or --gpus N; or pick the box with --host NAME",
-            )
-    sampled = fleet_samples(app.fleet())
-    for r in sampled.failed:
-        env.stderr.write(f"remotedl: {r.host} is left out: {printable(str(r.error), newlines=False)}\n")
-    live = [sample for _, sample in sampled.values()]
-    if not live:
-        raise ConnectError(
-            f"no box of the fleet answered ({', '.join(app.hosts)})", hint="`remotedl status` shows why"
-        )
-    cpu = bool(args.cpu or args.gpus == 0)
-    candidates = place(live, count=args.gpus or None, queue=args.queue, cpu=cpu)
-    busy: list[str] = []
-    for c in candidates:
-        env.stderr.write(f"remotedl: placing the job on {c.host}: {c.why}\n")
-        try:
-            return run_on(app.for_host(c.host), args, queue=c.queue)
-        except GpusBusy as e:  # another laptop's claim won the box's lock first
-            busy.append(f"{c.host}: {e.message}")
-            env.stderr.write(
-                f"remotedl: {c.host} has no free GPU any more ({printable(e.message)}); next box\n"
-            )
-    raise GpusBusy(
-        "the free GPUs were taken while this job was being placed: " + "; ".join(busy),
-        hint="run again, or wait for GPUs with --queue",
-    )
-
-
-def jobs_table(app: App, args: argparse.Namespace) -> int:
-    """`remotedl jobs` on a fleet: every host's jobs in one table, ids as HOST:ID."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from remotedl import jobs
-    from remotedl.cli.jobs import job_cells
-    from remotedl.fleet import Member
-    from remotedl.schema import JobRecord
-
-    def listed(m: Member) -> list[JobRecord]:
-        return jobs.list_jobs(m.client(), all_jobs=args.all)
-
-    result = app.fleet().map(listed)
-    rows = [(host, r) for host, recs in result.values() for r in recs]
-    if app.json:
-        app.print_json(
-            {
-                "jobs": [{**r.to_dict(), "alias": host, "ref": f"{host}:{r.id}"} for host, r in rows],
-                "hosts": [{"host": x.host, "ok": x.ok} | ({"error": x.error_dict()} if x.error else {})
-                          for x in result.results],
-            }
-        )  # fmt: skip
-        return result.exit_code
-    if not rows and not result.failed:
-        app.out(f"no jobs on {', '.join(app.hosts)} yet; start one with `remotedl run COMMAND`")
-    if rows:
-        table = Table(box=None, pad_edge=False)
-        for col in ("host", "job", "name", "status", "GPUs", "exit", "started", "duration", "command"):
-            table.add_column(col, no_wrap=col != "command")
-        for host, r in rows:
-            table.add_row(_text(host), Text(f"{host}:{r.id}"), *job_cells(r))
-        app.console.print(table)
-    _failures(app, result.failed)
-    return result.exit_code

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
-from remotedl.cli.basic import _size
+from remotedl.cli.common import remote_dir, route, safe, size_text
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, RemotedlError, UsageError
 from remotedl.words import plural
@@ -26,51 +26,31 @@ if TYPE_CHECKING:
 
 
 def planned(app: App, args: argparse.Namespace) -> list[str]:
-    """The outputs of a job about to start: ``outputs`` in the config plus ``--output``; with
-    any, the trackers' directories too (``trackers = true``)."""
-    from remotedl import outputs
+    """The outputs a job gets: ``outputs`` in the config plus ``--output`` (the trackers'
+    directories too, with ``trackers = true``)."""
+    from remotedl.run import output_paths
 
-    s = app.settings
-    given = [*s.get("outputs"), *getattr(args, "output", [])]
-    paths = [outputs.check_output_path(str(p)) for p in given]
-    if paths and s.get("trackers"):
-        paths += [t for t in outputs.TRACKER_OUTPUTS if t not in paths]
-    return list(dict.fromkeys(paths))
+    return output_paths(app.settings, getattr(args, "output", None) or [])
 
 
 def project_id(app: App) -> str | None:
     """The project's identity (its root commit), which its jobs' records carry: every clone of
     it knows them by it. None outside a git repository."""
-    from remotedl.snapshot import project_identity
+    from remotedl.run import project_identity
 
-    try:
-        return project_identity(app.settings.project.root) or None
-    except (RemotedlError, OSError):
-        return None
+    return project_identity(app.settings.project.root)
 
 
-def register(app: App, rec: JobRecord, alias: str, paths: list[str], *, env: dict[str, str]) -> None:
-    """Write the started job into this clone's ledger: its outputs come home when it ends."""
+def came_home(app: App, alias: str, arrival: Arrival) -> None:
+    """A followed job's outputs came home (``remotedl.run``): say so; its W&B offline runs."""
     from remotedl import outputs
 
-    if not paths:
-        return
-    root = app.settings.project.root
-    base = outputs.outputs_root(root, app.settings.get("outputs_dir"))
-    entry = outputs.entry_for(rec, alias, paths, base, env=env)
-    entry.status = "waiting"
-    outputs.register(outputs.Ledger(root), entry)
-
-
-def fetch_ended(app: App, client: AgentClient, rec: JobRecord) -> None:
-    """A followed job ended: its outputs home at once (when it has an entry here)."""
-    from remotedl import outputs
-
+    for line in arrival_lines(app, arrival):
+        app.env.stderr.write(f"remotedl: {line}\n")
     ledger = outputs.Ledger(app.settings.project.root)
-    entry = ledger.read().get(f"{client.spec.alias}:{rec.id}")
-    if entry is None or entry.status != "waiting":
-        return
-    _fetch_and_say(app, client.spec, ledger, entry, job_ended=True)
+    entry = ledger.read().get(f"{alias}:{arrival.job}")
+    if entry is not None:
+        _wandb(app, ledger, entry)
 
 
 def fetch_before_removal(app: App, client: AgentClient, ids: list[int]) -> None:
@@ -143,8 +123,6 @@ def after_command(args: argparse.Namespace, env: Environment) -> None:
 
 def _remote_dir_of(app: App, alias: str) -> str:
     """The project's remote_dir on that host (its [hosts.NAME] table may set its own)."""
-    from remotedl.cli.sync import remote_dir
-
     try:
         return remote_dir(app.for_host(alias)) if alias in app.hosts else remote_dir(app)
     except RemotedlError:
@@ -232,10 +210,9 @@ def _shown(app: App, path: str) -> str:
 
 
 def arrival_lines(app: App, a: Arrival) -> list[str]:
-    from remotedl.cli.jobs import safe
 
     where = _shown(app, a.dest) + "/"
-    what = f"{plural(a.files, 'file')}, {_size(a.bytes)}" if a.files else "nothing new"
+    what = f"{plural(a.files, 'file')}, {size_text(a.bytes)}" if a.files else "nothing new"
     lines = [f"outputs of job {a.job} ({safe(a.name)}) on {a.host}: {what} -> {where}"]
     if a.missing:
         lines.append(f"  not on the box: {', '.join(a.missing)}")
@@ -328,7 +305,7 @@ def cmd_outputs(args: argparse.Namespace, env: Environment) -> int:
         size = sum(v[0] for v in item.files.values())
         app.out(
             f"{item.host}:{item.job:<5} {item.name[:24]:<24} {item.status:<8} "
-            f"{plural(len(item.files), 'file')}, {_size(size)} -> {_shown(app, item.dest)}/"
+            f"{plural(len(item.files), 'file')}, {size_text(size)} -> {_shown(app, item.dest)}/"
         )
     return ExitCode.ERROR if failed else ExitCode.OK
 
@@ -351,8 +328,6 @@ def _entry_for_job(app: App, args: argparse.Namespace, ledger: Ledger) -> tuple[
     """The ledger's entry of JOB; a job not started from here (another clone, or before outputs
     were configured) gets one with the configured outputs (and ``--output``)."""
     from remotedl import jobs, outputs
-    from remotedl.cli.jobs import route
-    from remotedl.cli.sync import remote_dir
 
     app, ref = route(app, args.job)
     client = _client_for(app, app.spec())
@@ -422,7 +397,6 @@ def cmd_compare(args: argparse.Namespace, env: Environment) -> int:
     from rich.text import Text
 
     from remotedl import compare, jobs, outputs
-    from remotedl.cli.jobs import safe
 
     app = App(args, env)
     if len(args.jobs) < 1:
@@ -491,7 +465,7 @@ def tensorboard_local(app: App, args: argparse.Namespace) -> int:
     if not base.is_dir() or not any(base.iterdir()):
         raise RemotedlError(
             f"no outputs have come home yet ({_shown(app, str(base))} is empty)",
-            hint="set `outputs = [\"runs/\"]` in remotedl.toml (or `run --output runs/`); "
+            hint='set `outputs = ["runs/"]` in remotedl.toml (or `run --output runs/`); '
             "they arrive when jobs end",
         )
     port = args.local_port or int(app.settings.get("tensorboard_port"))

@@ -12,16 +12,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from remotedl.cli.common import size_text  # the units of every other size remotedl prints
 from remotedl.env import Environment
 
 if TYPE_CHECKING:
     from remotedl.rsync import Progress, ProgressFn, Stage
-
-
-def size_text(n: int) -> str:
-    from remotedl.cli.basic import _size
-
-    return _size(n)  # the units of every other size remotedl prints
 
 
 def bar_fields(ev: Progress) -> tuple[float, float | None, str]:
@@ -167,4 +162,3 @@ def fleet_progress(env: Environment, hosts: Sequence[str], enabled: bool = True)
     )
     with bars:
         yield HostBars(bars, hosts)
-

@@ -6,8 +6,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
+from remotedl.cli.common import remote_dir
 from remotedl.cli.statusline import StatusLine
-from remotedl.cli.sync import remote_dir
 from remotedl.env import Environment
 from remotedl.errors import ConfigError, ExitCode, UsageError
 from remotedl.words import plural

@@ -1,5 +1,6 @@
 """What the commands do differently on a Slurm login node (``scheduler = "slurm"``): the run's
-GPUs and sbatch flags, state notes while a job waits, the cluster's status, Jupyter on a node."""
+GPUs and sbatch flags, state notes while a job waits, the cluster's status (Jupyter on a node:
+cli/tunnel.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from remotedl.cli.common import safe
 from remotedl.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
@@ -86,14 +88,12 @@ def gpu_count(args: argparse.Namespace) -> int:
 
 def submitted(rec: JobRecord, alias: str) -> str:
     """``job 3 (train) submitted to Slurm on CLUSTER as job 1234: PENDING``."""
-    from remotedl.cli.jobs import safe
 
     return f"job {rec.id} ({safe(rec.name)}) submitted to Slurm on {alias} as job {rec.slurm_id}: {rec.state}"
 
 
 def state_notes(app: App, job_word: str) -> Callable[[dict[str, Any]], None]:
     """Lines for stderr as a followed Slurm job's state changes: why it waits, where it runs."""
-    from remotedl.cli.jobs import safe
 
     said: list[str] = []
 
@@ -163,51 +163,3 @@ def status(app: App) -> int:
     return ExitCode.OK
 
 
-def jupyter(app: App, args: argparse.Namespace, slurm: SlurmSettings) -> int:
-    """Jupyter as a batch job on a GPU node, tunnelled to through the login node; Ctrl-C ends
-    the tunnel and cancels the job when this command started it."""
-    from remotedl import jobs
-    from remotedl import tunnel as tun
-    from remotedl.cli.statusline import status_line
-    from remotedl.cli.sync import remote_dir
-    from remotedl.cli.tunnel import _foreground
-    from remotedl.slurm import settings_request
-    from remotedl.slurmhost import find_or_start_jupyter, stop_jupyter
-
-    if args.background or args.colab:
-        which = "--background" if args.background else "--colab"
-        raise UsageError(
-            f"{which} is not for Jupyter on a Slurm cluster: its job lives only as long as the tunnel",
-            hint="run `remotedl jupyter` in a terminal of its own; Ctrl-C ends both",
-        )
-    gpus = getattr(args, "gpus", None)
-    gpus = 1 if gpus is None else gpus
-    if gpus < 0:
-        raise UsageError(f"--gpus {gpus}: give a number of GPUs (0 runs it on the CPU)")
-    texts = [args.ports] if isinstance(args.ports, str) else list(args.ports or [])
-    if texts and ":" in texts[0]:
-        raise UsageError(
-            f"{texts[0]}: on a Slurm cluster the node's port is chosen when the job starts",
-            hint="give the local port alone, e.g. `remotedl jupyter 8888`",
-        )
-    local = int(texts[0]) if texts else int(app.settings.get("jupyter_port"))
-    tun.check_local_ports([tun.Forward(local, local)], lambda busy, free: f"remotedl jupyter {free}")
-    from remotedl.agent.client import AgentClient
-
-    spec = app.spec()
-    client = AgentClient(spec, python=str(app.settings.get("python")))
-    with status_line(app.env, not app.json) as say:
-        server = find_or_start_jupyter(
-            client,
-            remote_dir=remote_dir(app),
-            settings=settings_request(slurm),
-            gpus=gpus,
-            environment=jobs.EnvSpec.from_settings(app.settings),
-            on_progress=say,
-        )
-    try:
-        return _foreground(app, spec, [tun.Forward(local, server.port, server.node)], server, supervise=False)
-    finally:
-        if server.started:
-            rec = stop_jupyter(client, server)
-            app.env.stderr.write(f"remotedl: cancelled the Jupyter job {server.job_id}: {rec.state}\n")

@@ -9,7 +9,17 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
-from remotedl.cli.basic import _size
+from remotedl.cli.common import (
+    agent_client,
+    cell_text,
+    remote_dir,
+    report_failures,
+    route,
+    safe,
+    size_text,
+    sync_environment,
+    warn_push_changes_running,
+)
 from remotedl.cli.progress import LiveProgress, progress_bar
 from remotedl.env import Environment
 from remotedl.errors import ExitCode
@@ -21,10 +31,6 @@ if TYPE_CHECKING:
     from remotedl.snapshot import LeftOut
     from remotedl.sync import PullResult, PushResult, Transfer
     from remotedl.watch import WatchEvent
-
-
-def remote_dir(app: App) -> str:
-    return str(app.flag("remote_dir") or app.settings.remote_dir)
 
 
 def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
@@ -41,13 +47,13 @@ def left_out_lines(left: Sequence[LeftOut], limit: int) -> list[str]:
     lines = []
 
     def names(items: Sequence[LeftOut], sized: bool = False) -> str:
-        shown = [f"{x.path} ({_size(x.size)})" if sized else x.path for x in items[:5]]
+        shown = [f"{x.path} ({size_text(x.size)})" if sized else x.path for x in items[:5]]
         more = f" and {len(items) - 5} more" if len(items) > 5 else ""
         return ", ".join(shown) + more
 
     if large:
         lines.append(
-            f"left out  {names(large, True)}: untracked, over max_snapshot_file ({_size(limit)}); "
+            f"left out  {names(large, True)}: untracked, over max_snapshot_file ({size_text(limit)}); "
             "add to .gitignore, or to `data` in remotedl.toml to rsync"
         )
     if envs:
@@ -86,7 +92,7 @@ def missing_data_lines(missing: Sequence[str], root: object) -> list[str]:
 
 
 def _files(t: Transfer) -> str:
-    return f"{plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)}"
+    return f"{plural(t.files_transferred, 'file')}, {size_text(t.bytes_transferred)}"
 
 
 def made_line(alias: str, remote_dir: str, mode: str) -> str:
@@ -127,9 +133,7 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
 
     app = App(args, env)
     if app.is_fleet:
-        from remotedl.cli import fleet
-
-        return fleet.push(app, args)
+        return push_fleet(app, args)
     s = app.settings
     data, excludes, limit = _settings(app, args)
     spec = app.spec()
@@ -137,10 +141,8 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
         return _watch(app, args, data, excludes, limit)
     client = None
     if not args.no_code and not s.get("isolate"):
-        from remotedl.cli.jobs import _client, warn_push_changes_running
-
         # Jobs run in the work tree itself (isolate = false): say which ones this push changes.
-        client = _client(app)
+        client = agent_client(app)
         warn_push_changes_running(app, client, remote_dir(app), data)
     with progress_bar(env, not app.json) as progress:
         result = sync.push(
@@ -161,9 +163,8 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
     synced = None
     if getattr(args, "env", False):
         from remotedl import jobs
-        from remotedl.cli.jobs import _client, sync_environment
 
-        client = client or _client(app)
+        client = client or agent_client(app)
         synced = sync_environment(app, client, result.remote_dir, jobs.EnvSpec.from_settings(s))
     if app.json:
         app.print_json({**result.to_dict(), **({"environment": synced.to_dict()} if synced else {})})
@@ -324,7 +325,6 @@ def pull_sources(
 
 
 def pulled_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
-    from remotedl.cli.jobs import safe
 
     lines = []
     for src, r in results:
@@ -339,7 +339,7 @@ def pulled_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
             mine = [k for k in kept if t.path in (".", k) or k.startswith(t.path + "/")]
             why = " (up to date here)" if not t.files_transferred and not mine else ""
             lines.append(
-                f"{t.path}: {plural(t.files_transferred, 'file')}, {_size(t.bytes_transferred)} received "
+                f"{t.path}: {plural(t.files_transferred, 'file')}, {size_text(t.bytes_transferred)} received "
                 f"from {origin}{why}"
             )
         if r.replaced:
@@ -377,7 +377,6 @@ def kept_lines(results: list[tuple[PullSource, PullResult]]) -> list[str]:
 def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
     """Each path from this project's latest job that has it (``--job``: that job's directory;
     ``--tree``: the shared work tree); data and shared paths live in the work tree."""
-    from remotedl.cli.jobs import _client, route
 
     app = App(args, env)
     if args.job:
@@ -385,7 +384,7 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
     elif app.is_fleet:
         app, _ = route(app, None)  # the host of this project's latest job; there, as on one host
     s = app.settings
-    client = _client(app)
+    client = agent_client(app)
     results = pull_sources(
         app, client, remote_dir(app), args.paths, job=args.job, tree=args.tree, excludes=args.exclude
     )
@@ -411,3 +410,65 @@ def cmd_pull(args: argparse.Namespace, env: Environment) -> int:
     for line in kept_lines(results):
         env.stderr.write(f"remotedl: {line}\n")
     return ExitCode.OK
+
+
+def push_fleet(app: App, args: argparse.Namespace) -> int:
+    """`remotedl push` to several hosts at once, with a progress line per host."""
+    from remotedl import sync
+    from remotedl.cli.progress import fleet_progress
+    from remotedl.cli.sync import missing_data_lines
+    from remotedl.fleet import Member
+
+    fleet = app.fleet()
+
+    with fleet_progress(app.env, fleet.hosts, enabled=not app.json) as bars:
+
+        def one(m: Member) -> PushResult:
+            s = m.settings
+            data = [] if args.no_data else list(s.get("data"))
+            data += [d for d in args.data if d not in data]
+            return sync.push(
+                m.spec,
+                s.project.root,
+                str(args.remote_dir or m.remote_dir),
+                data=data,
+                excludes=[*s.get("exclude"), *args.exclude],
+                delete=args.delete,
+                force=args.force,
+                code=not args.no_code,
+                max_snapshot_file=int(s.get("max_snapshot_file")),
+                progress=bars.progress(m.name),
+                dir_mode=str(s.get("remote_dir_mode")),
+            )
+
+        result = fleet.map(one, on_result=lambda r: bars.done(r.host, r.ok))
+    missing = next((pushed.missing for _, pushed in result.values() if pushed.missing), [])
+    for line in missing_data_lines(missing, app.settings.project.root):  # the same on every host
+        app.env.stderr.write(f"remotedl: {line}\n")
+    if app.json:
+        app.print_json(
+            {
+                "hosts": [
+                    {"host": r.host, "ok": r.ok, "result": r.value.to_dict() if r.value else None}
+                    | ({"error": r.error_dict()} if r.error else {})
+                    for r in result.results
+                ]
+            }
+        )
+        return result.exit_code
+    for host, pushed in result.values():
+        parts = []
+        if pushed.commit:
+            what = f"snapshot {pushed.commit[:10]}" if pushed.snapshot else f"commit {pushed.commit[:10]}"
+            state = "checked out" if pushed.code_changed else "already there"
+            parts.append(f"code {what} -> {pushed.remote_dir} ({state})")
+        parts += [
+            f"data {t.path}: {plural(t.files_transferred, 'file')}, {size_text(t.bytes_transferred)} sent"
+            for t in pushed.transfers
+        ]
+        app.console.print(cell_text(f"{host}: " + "; ".join(parts or ["nothing to send"])))
+    report_failures(app, result.failed)
+    return result.exit_code
+
+
+# ------------------------------------------------------------------ top

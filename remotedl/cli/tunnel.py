@@ -1,4 +1,4 @@
-"""tunnel, jupyter."""
+"""tunnel, jupyter (on a Slurm cluster: Jupyter as a batch job on a node), tensorboard."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
-from remotedl.cli.basic import _size
-from remotedl.cli.sync import remote_dir
+from remotedl.cli.common import agent_client, remote_dir, size_text, warner
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.tunnels import TunnelRecord, TunnelRegistry
 from remotedl.words import plural
+
+if TYPE_CHECKING:
+    from remotedl.slurm import SlurmSettings
 
 
 def cmd_jupyter(args: argparse.Namespace, env: Environment) -> int:
@@ -68,9 +70,8 @@ def _job_runs(app: App, logdir: str) -> list[tuple[str, str]]:
     import posixpath
 
     from remotedl import jobs
-    from remotedl.cli.jobs import _client, warner
 
-    client = _client(app)
+    client = agent_client(app)
     warn = warner(app.env)
     wanted = list(app.args.jobs or [])
     if wanted:
@@ -115,7 +116,7 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
 
         slurm = slurmcli.settings_for(app, args)
         if slurm is not None:
-            return slurmcli.jupyter(app, args, slurm)
+            return slurm_jupyter(app, args, slurm)
     forwards = [tun.Forward.parse(p) for p in args.ports]
     if not forwards and not args.jupyter:
         raise UsageError("name a port to forward, e.g. `remotedl tunnel 8888` or `remotedl tunnel 8889:8888`")
@@ -257,7 +258,7 @@ def _foreground(app: App, spec: Any, forwards: list[Any], server: Any, *, superv
 
                 webbrowser.open(url)
         if live:
-            _status_line(app, t, thread)
+            installer_status(app, t, thread)
         else:
             while thread.is_alive() and not stop_now:
                 thread.join(0.5)
@@ -274,7 +275,7 @@ def _foreground(app: App, spec: Any, forwards: list[Any], server: Any, *, superv
     return ExitCode.OK
 
 
-def _status_line(app: App, t: Any, thread: Any) -> None:
+def installer_status(app: App, t: Any, thread: Any) -> None:
     from rich.live import Live
 
     from remotedl.tunnel import TunnelEvent
@@ -295,7 +296,7 @@ def _status_line(app: App, t: Any, thread: Any) -> None:
             note = events[-1].message if events and events[-1].kind == "refused" else ""
             live.update(
                 f"[bold]{state}[/bold] to {t.spec.alias} · up {int(time.time() - started)} s · "
-                f"{plural(t.connections, 'connection')} · ~{_size(moved) if moved is not None else '?'} moved"
+                f"{plural(t.connections, 'connection')} · ~{size_text(moved)} moved"
                 f"{' · ' + note if note else ''} · Ctrl-C to close"
             )
             thread.join(0.5)
@@ -325,3 +326,51 @@ def _start_background(app: App, args: argparse.Namespace, forwards: list[Any], s
         f"`remotedl tunnel --stop {forwards[0].local}` ends it\n"
     )
     return ExitCode.OK
+
+
+def slurm_jupyter(app: App, args: argparse.Namespace, slurm: SlurmSettings) -> int:
+    """Jupyter as a batch job on a GPU node, tunnelled to through the login node; Ctrl-C ends
+    the tunnel and cancels the job when this command started it."""
+    from remotedl import jobs
+    from remotedl import tunnel as tun
+    from remotedl.cli.statusline import status_line
+    from remotedl.slurm import settings_request
+    from remotedl.slurmhost import find_or_start_jupyter, stop_jupyter
+
+    if args.background or args.colab:
+        which = "--background" if args.background else "--colab"
+        raise UsageError(
+            f"{which} is not for Jupyter on a Slurm cluster: its job lives only as long as the tunnel",
+            hint="run `remotedl jupyter` in a terminal of its own; Ctrl-C ends both",
+        )
+    gpus = getattr(args, "gpus", None)
+    gpus = 1 if gpus is None else gpus
+    if gpus < 0:
+        raise UsageError(f"--gpus {gpus}: give a number of GPUs (0 runs it on the CPU)")
+    texts = [args.ports] if isinstance(args.ports, str) else list(args.ports or [])
+    if texts and ":" in texts[0]:
+        raise UsageError(
+            f"{texts[0]}: on a Slurm cluster the node's port is chosen when the job starts",
+            hint="give the local port alone, e.g. `remotedl jupyter 8888`",
+        )
+    local = int(texts[0]) if texts else int(app.settings.get("jupyter_port"))
+    tun.check_local_ports([tun.Forward(local, local)], lambda busy, free: f"remotedl jupyter {free}")
+    from remotedl.agent.client import AgentClient
+
+    spec = app.spec()
+    client = AgentClient(spec, python=str(app.settings.get("python")))
+    with status_line(app.env, not app.json) as say:
+        server = find_or_start_jupyter(
+            client,
+            remote_dir=remote_dir(app),
+            settings=settings_request(slurm),
+            gpus=gpus,
+            environment=jobs.EnvSpec.from_settings(app.settings),
+            on_progress=say,
+        )
+    try:
+        return _foreground(app, spec, [tun.Forward(local, server.port, server.node)], server, supervise=False)
+    finally:
+        if server.started:
+            rec = stop_jupyter(client, server)
+            app.env.stderr.write(f"remotedl: cancelled the Jupyter job {server.job_id}: {rec.state}\n")
