@@ -69,6 +69,8 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "tensorboard_port": (int, 6006, None),
     # Several hosts at once (a fleet); `host = "a,b"` and `--host a,b,@lab` say the same.
     "hosts": (list, [], None),
+    # multi-node runs: the address the other nodes reach this box at (default: ssh's HostName)
+    "node_addr": (str, None, None),
     # Slurm hosts: a host whose scheduler is "slurm" is the login node of a Slurm cluster;
     # the rest are sbatch's defaults for jobs there (usually in [hosts.NAME] tables).
     "scheduler": (str, "box", None),

@@ -40,7 +40,7 @@ from remotedl.schema import (
     parse_mark,
 )
 from remotedl.snapshot import DEFAULT_MAX_FILE
-from remotedl.ssh.channel import Box, NoFrame
+from remotedl.ssh.channel import Box, NoFrame, no_base64
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
 
@@ -670,6 +670,9 @@ def stream_logs(
             p.kill()
             raise
         code = p.wait()
+        if not framed and p.inline and no_base64(p.stderr_text()):
+            Box.no_base64[spec.alias] = True  # on stdin from now on
+            continue
         marks = _marks(p.stderr_lines)
         if not got_start and "start" in marks:
             down_since, attempt = None, 0

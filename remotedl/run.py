@@ -451,7 +451,9 @@ def run(
         progress.pushed(pushed)
         commit, head, snapshot, rdir = pushed.commit, pushed.head, pushed.snapshot, pushed.remote_dir
     else:
-        rdir = sync.verify_remote_dir(spec, root, rdir)  # never another project's tree
+        # Never another project's tree: checked in the start's own request where it can be.
+        client.before = sync.verify_in_band(spec, root, rdir)
+        rdir = sync.verify_remote_dir(spec, root, rdir) if client.before is None else rdir
     synced: list[EnvSyncResult] = []
     started: JobRecord | None = None
     rec: JobRecord | None = None
@@ -488,6 +490,7 @@ def run(
                 image=plan.image,
                 container=plan.container,
             )
+            rdir = rec.remote_dir or rdir  # the tree's physical path, as the box found it
             # In the same try: from here the job runs, and an interrupt names it.
             jobs.keep_commit(root, spec.alias, rec)
             register_outputs(plan, rec, spec.alias)

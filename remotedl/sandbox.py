@@ -289,6 +289,8 @@ def up(
     noisy: bool = False,
     no_sudo: bool = False,
     extra_env: Mapping[str, str] | None = None,
+    address: str = "127.0.0.1",
+    netns: str | None = None,
 ) -> SandboxInfo:
     """Start (or find running) the sandbox box called ``name``: ``gpus`` stand-in GPUs, or
     none (no driver at all), or with ``host_gpus`` this machine's real nvidia-smi.
@@ -299,7 +301,9 @@ def up(
     ``no_sudo``: a box user that may not sudo (``rdl-bash`` unless ``login_shell`` says
     otherwise); a ``login_shell`` user never may. A user of its own needs root.
     ``extra_env`` is set in every session on the box (e.g. ``SLURM_CONF`` for a test cluster);
-    a box already running keeps the environment it was started with."""
+    a box already running keeps the environment it was started with. ``netns`` starts its sshd
+    (and so every session and job) in that network namespace (made by the caller, e.g. the
+    multi-node tests), listening on ``address`` there instead of 127.0.0.1."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise UsageError(f"sandbox name '{name}' may only hold letters, digits, - and _")
     if login_shell is not None and login_shell not in LOGIN_SHELLS:
@@ -386,7 +390,7 @@ def up(
     (directory / "sshd_config").write_text(
         f"""# remotedl sandbox '{name}': a throwaway box on loopback
 Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {address}
 HostKey {directory}/host_key
 PidFile {directory}/sshd.pid
 AuthorizedKeysFile {authorized_keys}
@@ -410,19 +414,21 @@ Subsystem sftp internal-sftp
     )
     if os.getuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-    result = proc.run([sshd, "-f", directory / "sshd_config", "-E", directory / "sshd.log"], check=False)
+    in_ns = ["ip", "netns", "exec", netns] if netns else []
+    argv: list[str | Path] = [*in_ns, sshd, "-f", directory / "sshd_config", "-E", directory / "sshd.log"]
+    result = proc.run(argv, check=False)
     if result.returncode != 0:
         raise RemotedlError(f"sshd did not start: {(result.stderr or '').strip()}")
-    if not retry_until(lambda: port_answers("127.0.0.1", port), seconds=10):
-        raise RemotedlError(f"sshd did not start listening on 127.0.0.1:{port}; see {directory}/sshd.log")
+    if not retry_until(lambda: port_answers(address, port), seconds=10):
+        raise RemotedlError(f"sshd did not start listening on {address}:{port}; see {directory}/sshd.log")
     pid = int(retry_until(lambda: _read_pid(directory), seconds=5) or 0)
 
     host_pub = (directory / "host_key.pub").read_text().split()
-    (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    (directory / "known_hosts").write_text(f"[{address}]:{port} {host_pub[0]} {host_pub[1]}\n")
     (directory / "ssh_config").write_text(
         f"""# remotedl sandbox '{name}'. To use it with plain ssh: ssh -F {directory}/ssh_config {name}
 Host {name}
-    HostName 127.0.0.1
+    HostName {address}
     Port {port}
     User {user}
     IdentityFile {directory}/id_ed25519
@@ -434,7 +440,7 @@ Host {name}
     )
     info = SandboxInfo(
         name,
-        "127.0.0.1",
+        address,
         port,
         user,
         pid,

@@ -173,7 +173,7 @@ def holder(held_by: dict[int, str], gpu: gpumod.Gpu) -> tuple[HolderKind, str]:
 
 def box_status(box: Box, remote_dir: str) -> BoxStatus:
     """Reach the box and report on it. Connection errors propagate as ``ConnectError``."""
-    result = box.run(status_script(), remote_dir, check=False)
+    result = box.run(status_script(), remote_dir, check=False, inline=True)  # no secret in it
     return parse_status(box.spec.alias, remote_dir, result.stdout)
 
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from remotedl import proc
 from remotedl.config import project_relative
@@ -71,6 +71,9 @@ from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
 from remotedl.ssh.openssh import control_dir, openssh_failure, ssh_command_string
 from remotedl.ssh.resolve import HostSpec
 from remotedl.treeid import ADOPT, default_remote_dir
+
+if TYPE_CHECKING:
+    from remotedl.agent.client import Before
 
 __all__ = [
     "DEFAULT_MAX_FILE",
@@ -357,6 +360,42 @@ def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> st
     return marks["dir"]
 
 
+# The gate of ``verify_in_band``: the agent call follows only when the check found nothing to
+# refuse (its marks are all among these) and the tree is where the agent will look for it
+# (``remote_dir`` as given, home expanded, symlinks resolved); else the laptop decides.
+_VERIFY_GATE = (
+    EXPAND_HOME
+    + r"""
+case $out in *"@@dir "*) ;; *) exit 0;; esac
+if printf '%s\n' "$out" | grep '^@@' | grep -Evq '^@@(dir|head|clean|foreign|notours)( |$)'; then exit 0; fi
+real=$(printf '%s\n' "$out" | sed -n 's/^@@dir //p' | head -n 1)
+want=$(cd -P -- "$(expand_home "$1")" 2>/dev/null && pwd -P) || exit 0
+[ "$want" = "$real" ] || exit 0
+"""
+)
+
+
+def verify_in_band(spec: HostSpec, project_root: Path, remote_dir: str) -> Before | None:
+    """``verify_remote_dir``'s check as a ``Before`` of the next agent call, so that
+    ``run --no-push`` checks the tree and starts the job in one round trip. None where the
+    agent could not find the tree by the name given (a relative ``remote_dir``)."""
+    from remotedl.agent.client import Before
+
+    tidy = normalize_remote_dir(remote_dir)
+    if not tidy.startswith(("/", "~/")):
+        return None
+    ident = project_identity(project_root) if _in_git(project_root) else ""
+    legacy = legacy_name(tidy, ident, project_root)
+    args = (tidy, ident, "check", "-", DEFAULT_DIR_MODE, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES)
+
+    def then(out: str) -> dict[str, Any]:
+        marks = {k: v for k, v in parse_marks(out).items() if k not in ("foreign", "notours")}
+        _remote_dir_error(Box(spec), remote_dir, marks, ident)
+        return {"remote_dir": marks["dir"]}
+
+    return Before(_PREPARE, args, _VERIFY_GATE, then)
+
+
 def legacy_name(tidy: str, ident: str, project_root: Path) -> str:
     """With the default ``remote_dir`` (named after the identity): the name earlier versions
     gave it (the project folder's), so that the box keeps a tree this project has there;
@@ -365,7 +404,13 @@ def legacy_name(tidy: str, ident: str, project_root: Path) -> str:
 
 
 def _in_git(path: Path) -> bool:
-    return proc.run(["git", "-C", str(path), "rev-parse", "--git-dir"], check=False).returncode == 0
+    return _git_dir(path) is not None
+
+
+def _git_dir(path: Path) -> Path | None:
+    """The git directory of the repository holding ``path`` (per work tree), or None."""
+    r = proc.run(["git", "-C", str(path), "rev-parse", "--absolute-git-dir"], check=False)
+    return Path(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
 
 
 # ------------------------------------------------------------------ code: push and check out
@@ -475,6 +520,113 @@ echo "@@failed"; head -n 3 -- "$tmp/err"
 """
 
 
+LISTING_CAP = 8_000_000  # bytes of listing; past it, rsync decides (a huge data tree)
+
+# The same checkout, then (in the same round trip) a listing of the data paths under "$1":
+# "$7" is a token naming the listing's start, "$8"...: the data paths relative to "$1". From it
+# the laptop decides whether rsync has anything to send (``_unchanged``). GNU find's -printf
+# only: elsewhere no listing comes, and rsync decides as before.
+_CHECKOUT_AND_LIST = (
+    "_rdl_checkout() {\n"
+    + _CHECKOUT
+    + r"""}
+( _rdl_checkout "$@" ) || exit $?
+d=$1; tok=$7; shift 7
+cd -- "$d" 2>/dev/null || exit 0
+find --version >/dev/null 2>&1 || exit 0
+printf '\n@@list %s\n' "$tok"
+find "$@" -printf '%y %m %s %T@ %p\0%l\0' 2>/dev/null | head -c {cap}
+""".replace("{cap}", str(LISTING_CAP))
+)
+
+
+def _split_listing(stdout: bytes, token: str) -> tuple[str, bytes | None]:
+    """(the checkout's answer, the listing or None when none came)."""
+    marker = f"\n@@list {token}\n".encode()
+    at = stdout.find(marker)
+    if at < 0:
+        return stdout.decode(errors="replace"), None
+    return stdout[:at].decode(errors="replace"), stdout[at + len(marker) :]
+
+
+Entry = tuple[str, str, int, int, str]  # type (find's %y), mode (octal), size, mtime in ns, link
+
+
+def parse_listing(raw: bytes) -> dict[str, Entry] | None:
+    """The box's entries by path, or None if the listing was cut (too big) or unreadable."""
+    if len(raw) >= LISTING_CAP or (raw and not raw.endswith(b"\0")):
+        return None
+    parts = raw.split(b"\0")[:-1]
+    if len(parts) % 2:
+        return None
+    out: dict[str, Entry] = {}
+    try:
+        for head, link in zip(parts[0::2], parts[1::2], strict=True):
+            kind, mode, size, mtime, path = head.split(b" ", 4)
+            sec, _, frac = mtime.decode().partition(".")
+            ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+            out[os.fsdecode(path)] = (kind.decode(), mode.decode(), int(size), ns, os.fsdecode(link))
+    except ValueError:
+        return None
+    return out
+
+
+def _entry(st: os.stat_result, path: str) -> Entry | None:
+    import stat
+
+    mode = format(stat.S_IMODE(st.st_mode), "o")
+    if stat.S_ISREG(st.st_mode):
+        return ("f", mode, st.st_size, st.st_mtime_ns, "")
+    if stat.S_ISDIR(st.st_mode):
+        return ("d", mode, 0, 0, "")
+    if stat.S_ISLNK(st.st_mode):
+        return ("l", mode, 0, 0, os.readlink(path))
+    return None  # a fifo, socket or device: rsync decides
+
+
+def _same(here: Entry, there: Entry) -> bool:
+    kind, mode, size, mtime, link = here
+    if kind != there[0]:
+        return False
+    if kind == "f":
+        return (mode, size, mtime) == there[1:4]
+    if kind == "d":
+        return mode == there[1]
+    return link == there[4]
+
+
+def _unchanged(root: Path, rel: str, box: dict[str, Entry], limit: int = 200_000) -> bool:
+    """Whether rsync -a of ``rel`` would find nothing to send: every file here is on the box
+    with the same type, mode, size and modification time (to the nanosecond: rsync's quick
+    check, stricter), every link with the same target. Any doubt: False (rsync decides)."""
+    top = root / rel
+    try:
+        linked_dir = top.is_symlink() and top.is_dir()  # followed at the top, as push sends it
+        first = _entry(top.stat() if linked_dir else top.lstat(), str(top))
+        if first is None or not _same(first, box.get(rel, ("", "", 0, 0, ""))):
+            return False
+        if first[0] != "d":
+            return True
+        stack = [(str(top), rel)]
+        seen = 0
+        while stack:
+            here, name = stack.pop()
+            with os.scandir(here) as it:
+                for e in it:
+                    seen += 1
+                    if seen > limit:
+                        return False
+                    path = f"{name}/{e.name}"
+                    mine = _entry(e.stat(follow_symlinks=False), e.path)
+                    if mine is None or not _same(mine, box.get(path, ("", "", 0, 0, ""))):
+                        return False
+                    if mine[0] == "d":
+                        stack.append((e.path, path))
+    except OSError:
+        return False
+    return True
+
+
 def startup_noise_error(box: Box, tool: str) -> RemoteError:
     """git and rsync speak a protocol over the session: start-up output breaks it."""
     from remotedl.shells import noise_advice
@@ -555,13 +707,28 @@ def _checkout(
     force: bool,
     ident: str,
     pack: tuple[str, int, bytes] | None = None,
+    listing: Sequence[str] = (),
+    listed: dict[str, dict[str, Entry] | None] | None = None,
 ) -> dict[str, str] | None:
     """Run _CHECKOUT; its marks, or None when the box wants a `git push` first (the tree went
-    away, or lacks the pack's base)."""
+    away, or lacks the pack's base). ``listing``: data paths the same request lists, into
+    ``listed`` (left empty where the box gave no listing)."""
+    import secrets
+
     spec = box.spec
     base, count, data = pack if pack is not None else ("", 0, b"")
-    out = box.run(_CHECKOUT, abs_dir, commit, "1" if force else "0", ident, base, str(count), stdin=data)
-    marks = parse_marks(out.stdout)
+    args = [abs_dir, commit, "1" if force else "0", ident, base, str(count)]
+    if listing:
+        token = secrets.token_hex(8)
+        out = box.run(_CHECKOUT_AND_LIST, *args, token, *listing, stdin=data)
+        stdout, raw = _split_listing(out.stdout_bytes, token)
+        if raw is not None and listed is not None:
+            entries = parse_listing(raw)
+            listed.update(dict.fromkeys(listing, entries))
+    else:
+        out = box.run(_CHECKOUT, *args, stdin=data)
+        stdout = out.stdout
+    marks = parse_marks(stdout)
     if "gone" in marks or "needpush" in marks:
         return None
     if "other" in marks:
@@ -571,8 +738,8 @@ def _checkout(
             hint="choose another directory with --remote-dir DIR or `remote_dir` in remotedl.toml",
         )
     if "dirty" in marks:
-        listed = out.stdout.split("@@dirty", 1)[1].strip().splitlines()
-        files = [unquote_git_path(f) for f in listed]
+        listed_files = stdout.split("@@dirty", 1)[1].strip().splitlines()
+        files = [unquote_git_path(f) for f in listed_files]
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         raise RemoteError(
             f"the work tree on {spec.alias} ({abs_dir}) has edits that were not pushed from here: {shown}",
@@ -580,7 +747,7 @@ def _checkout(
             "or overwrite them with `remotedl push --force`",
         )
     if "failed" in marks:
-        why = out.stdout.split("@@failed", 1)[1].strip().splitlines()
+        why = stdout.split("@@failed", 1)[1].strip().splitlines()
         reason = next((w for w in why if w.strip()), "git checkout failed")
         state = (
             "the box's tree is back at the previous commit"
@@ -634,14 +801,33 @@ class _Known:
     commit: str | None
 
 
-def _known_file(spec: HostSpec, tidy: str, ident: str) -> Path:
+def _known_file(spec: HostSpec, tidy: str, ident: str, git_dir: Path | None) -> Path | None:
+    """Where the memo of one box work tree is kept: in the project's git directory (beside its
+    index, so it goes with the project), one per host and directory; none outside git."""
+    if git_dir is None:
+        return None
     key = f"{spec.user}@{spec.hostname}:{spec.port}:{tidy}:{ident}"
-    return control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return git_dir / f"remotedl-push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def _load_known(path: Path) -> _Known | None:
+def _sweep_control_dir() -> None:
+    """Remove what older versions left in the control directory for good: a ``push-*.json``
+    memo per project and host (now in the project's git directory) and a ``push-*.lock`` each
+    (now removed after its push): those no push holds."""
+    with contextlib.suppress(OSError):
+        for old in control_dir().glob("push-*.json"):
+            old.unlink(missing_ok=True)
+        for lock in control_dir().glob("push-*.lock"):
+            with _held(lock, block=False) as got:
+                if got:
+                    lock.unlink(missing_ok=True)
+
+
+def _load_known(path: Path | None) -> _Known | None:
     import json
 
+    if path is None:
+        return None
     try:
         raw = json.loads(path.read_text())
         p, c = raw["path"], raw.get("commit")
@@ -652,9 +838,11 @@ def _load_known(path: Path) -> _Known | None:
     return None
 
 
-def _save_known(path: Path, known: _Known | None) -> None:
+def _save_known(path: Path | None, known: _Known | None) -> None:
     import json
 
+    if path is None:
+        return
     if known is None:
         path.unlink(missing_ok=True)
         return
@@ -671,10 +859,38 @@ def push_lock(spec: HostSpec, abs_or_configured_dir: str) -> Iterator[None]:
     """Pushes from this machine into one box directory take turns (``push --watch`` and ``run``)."""
     key = f"{spec.user}@{spec.hostname}:{spec.port}:{abs_or_configured_dir}"
     path = control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with _held(path, block=True):
+        try:
+            yield
+        finally:
+            # Gone with the push that held it: a push waiting on it finds it unlinked and
+            # takes the next one (``_held``), so no lock file outlives its pushes.
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _held(path: Path, *, block: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on the file at ``path`` (made if missing): the lock of the file
+    that is at ``path`` once locked, not of one unlinked meanwhile. False when ``block`` is
+    False and another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)  # unlinked by the push that held it: lock the next one
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield True
     finally:
         os.close(fd)
 
@@ -733,7 +949,9 @@ def push(
     # box's copy of a missing path stays as it is (named in the result, nothing deleted).
     missing = [rel for rel in rels if not (root / rel).exists()]
     tidy = normalize_remote_dir(remote_dir)
-    ident = project_identity(root) if repo is not None or _in_git(root) else ""
+    git_dir = repo.index.parent if repo is not None else _git_dir(root)
+    ident = project_identity(root) if git_dir is not None else ""
+    _sweep_control_dir()
     with push_lock(spec, tidy):
         snap = Snapshot(None, None, False)
         if code and repo is not None:
@@ -746,7 +964,13 @@ def push(
                 repo=repo,
             )
         box = Box(spec)
-        memo = _known_file(spec, tidy, ident)
+        memo = _known_file(spec, tidy, ident, git_dir)
+        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
+        sending = [rel for rel in sending if rel not in missing]
+        # The data paths the checkout's request lists on the box, so that rsync runs only where
+        # it has something to send (with --delete or excludes, rsync always decides).
+        listable = [] if delete or excludes else sending
+        listed: dict[str, dict[str, Entry] | None] = {}
         known = _load_known(memo)
         changed = False
         created: str | None = None
@@ -759,7 +983,10 @@ def push(
             pack = None if known.commit in (None, snap.commit) else _pack(root, snap.commit, known.commit)
             if pack is not None or known.commit == snap.commit:
                 _stage(progress, f"code: sending {snap.commit[:10]} and checking out")
-                marks = _checkout(box, abs_dir, snap.commit, force=force, ident=ident, pack=pack)
+                marks = _checkout(
+                    box, abs_dir, snap.commit, force=force, ident=ident, pack=pack,
+                    listing=listable, listed=listed,
+                )  # fmt: skip
             if marks is None:
                 known = None
         if known is None:
@@ -782,11 +1009,17 @@ def push(
             abs_dir, snap.commit, snap.head, snap.is_snapshot, changed, left_out=snap.left_out,
             created_mode=created, missing=missing,
         )  # fmt: skip
-        sending = rels if send_data is None else [_relative_in(root, d) for d in send_data]
-        sending = [rel for rel in sending if rel not in missing]
-        if sending and box.noise:
+        if marks is None:
+            listed = {}  # the tree was (re)claimed since: the listing may be of another one
+        unchanged = {
+            rel for rel in sending if (box_files := listed.get(rel)) and _unchanged(root, rel, box_files)
+        }
+        if [rel for rel in sending if rel not in unchanged] and box.noise:
             raise startup_noise_error(box, "rsync")
         for rel in sending:
+            if rel in unchanged:
+                result.transfers.append(Transfer(rel, 0, 0))
+                continue
             _stage(progress, f"data: {rel}")
             # A symlink to a directory (data -> /datasets/imagenet) is followed at the top, so
             # the box gets the dataset's files under the same name; links inside stay links.

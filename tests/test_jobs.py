@@ -791,3 +791,44 @@ def test_sandbox_down_ends_the_jobs_still_running_there(fresh_box, project, tmp_
         os.killpg(pgid, 0)
     assert retry_until(lambda: not Path(f"/proc/{runner}").exists(), seconds=5)
     assert not fresh_box.home.exists()  # nothing wrote into the removed home afterwards
+
+
+def box_requests(caplog) -> list[str]:
+    """The requests remotedl sent to the box (one ssh session each), from its debug log."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "remotedl.ssh" and r.getMessage().startswith("remote ")
+    ]
+
+
+def test_run_no_push_checks_the_tree_and_starts_in_one_request(cli, box, proj, tmp_path, caplog):
+    """The work tree's check rides with the start (issue 24), and still refuses what it refused."""
+    import logging
+
+    rdir = f"~/one-request-{tmp_path.name}"
+    (proj / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\n')
+    assert cli("push", cwd=proj).code == 0
+    assert cli("run", "--no-push", "--cpu", "true", cwd=proj).code == 0  # the agent is on the box
+    caplog.set_level(logging.DEBUG, logger="remotedl.ssh")
+    caplog.clear()
+    r = cli("run", "--no-push", "--detach", "--json", "--cpu", "--", "sh", "-c", "pwd", cwd=proj)
+    assert r.code == 0, r.err
+    assert len(box_requests(caplog)) == 1
+    rec = json.loads(r.out)
+    assert rec["remote_dir"] == str((box.home / rdir[2:]).resolve())
+    # A tree reached through a symlink: the same tree.
+    link = box.home / f"link-{tmp_path.name}"
+    link.symlink_to(box.home / rdir[2:])
+    caplog.clear()
+    r = cli(
+        "run", "--no-push", "--detach", "--json", "--remote-dir", f"~/{link.name}", "--cpu", "true", cwd=proj
+    )
+    assert r.code == 0, r.err
+    assert len(box_requests(caplog)) == 1
+    assert json.loads(r.out)["remote_dir"] == rec["remote_dir"]
+    # Nothing there: refused by the check, nothing started.
+    caplog.clear()
+    r = cli("run", "--no-push", "--remote-dir", rdir + "-never", "--cpu", "true", cwd=proj)
+    assert r.code == 1 and "does not exist" in r.err
+    assert len(box_requests(caplog)) == 1

@@ -673,3 +673,125 @@ def test_a_cut_rsync_is_a_connection_error_a_missing_one_is_not(box, tmp_path, m
         with pytest.raises(RemotedlError) as e:
             rsync.run_rsync(spec, [str(fake)], "data", None)
         assert type(e.value) is kind, e.value
+
+
+def rsync_runs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("run: rsync -a")]
+
+
+def test_unchanged_data_is_not_rsynced_again(cli, box, project, rdir, caplog):
+    """The checkout's request lists the data paths on the box: rsync runs only where it has
+    something to send (issue 24: no rsync round trips on a push that changes no data)."""
+    import logging
+
+    data = project / "data" / "set"
+    data.mkdir(parents=True)
+    (data / "a.bin").write_bytes(b"a" * 1000)
+    (data / "b.bin").write_bytes(b"b" * 10)
+    (data / "link").symlink_to("a.bin")
+    (project / ".gitignore").write_text("data/\n")
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\ndata = ["data"]\n')
+    assert cli("push", cwd=project).code == 0
+    caplog.set_level(logging.DEBUG, logger="remotedl.proc")
+
+    def push() -> dict:
+        caplog.clear()
+        r = cli("push", "--json", cwd=project)
+        assert r.code == 0, r.err
+        return json.loads(r.out)
+
+    out = push()
+    assert rsync_runs(caplog) == []
+    assert out["transfers"] == [
+        {"path": "data", "files_transferred": 0, "bytes_transferred": 0, "literal_bytes": 0}
+    ]
+    (project / "train.py").write_text("print('code only')\n")  # a code edit: still no rsync
+    push()
+    assert rsync_runs(caplog) == []
+    assert box_path(box, rdir, "train.py").read_text() == "print('code only')\n"
+    # Whatever rsync's quick check would see sends it: same size with another time...
+    st = (data / "a.bin").stat()
+    (data / "a.bin").write_bytes(b"A" * 1000)
+    os.utime(data / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert push()["transfers"][0]["files_transferred"] == 1
+    assert len(rsync_runs(caplog)) == 1
+    assert box_path(box, rdir, "data/set/a.bin").read_bytes() == b"A" * 1000
+    # ...another mode, a new file, a link pointing elsewhere.
+    (data / "b.bin").chmod(0o600)
+    push()
+    assert len(rsync_runs(caplog)) == 1
+    assert box_path(box, rdir, "data/set/b.bin").stat().st_mode & 0o777 == 0o600
+    (data / "sub").mkdir()
+    (data / "sub" / "c").write_text("c")
+    push()
+    assert box_path(box, rdir, "data/set/sub/c").read_text() == "c"
+    (data / "link").unlink()
+    (data / "link").symlink_to("b.bin")
+    push()
+    assert os.readlink(box_path(box, rdir, "data/set/link")) == "b.bin"
+    push()
+    assert rsync_runs(caplog) == []
+
+
+def test_push_leaves_no_files_in_the_control_dir(box, project, rdir, tmp_path):
+    """A push's lock goes with it and its memo of the box tree lives in the project's git
+    directory: nothing piles up in the control directory per project and host (issue 24)."""
+    import fcntl
+
+    from remotedl.ssh.openssh import control_dir
+
+    spec = resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
+    ctl = control_dir()
+    legacy_memo = ctl / "push-0123456789abcdef.json"  # what older versions left
+    legacy_memo.write_text('{"path": "/x", "commit": null}')
+    stale_lock = ctl / "push-0123456789abcdee.lock"
+    stale_lock.write_text("")
+    held_lock = ctl / "push-0123456789abcded.lock"  # a push of another process holds this one
+    fd = os.open(held_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        first = sync.push(spec, project, rdir)
+        (project / "README").write_text("changed\n")
+        second = sync.push(spec, project, rdir)
+        assert held_lock.exists()
+    finally:
+        os.close(fd)
+        held_lock.unlink(missing_ok=True)
+    assert not legacy_memo.exists() and not stale_lock.exists()
+    key = f"{spec.user}@{spec.hostname}:{spec.port}:{sync.normalize_remote_dir(rdir)}"
+    assert not (ctl / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock").exists()
+    memos = list((project / ".git").glob("remotedl-push-*.json"))
+    assert len(memos) == 1
+    assert json.loads(memos[0].read_text()) == {"path": first.remote_dir, "commit": second.commit}
+    assert box_path(box, rdir, "README").read_text() == "changed\n"
+
+
+def test_push_lock_takes_turns_though_each_holder_removes_it():
+    import threading
+    from types import SimpleNamespace
+
+    from remotedl.ssh.openssh import control_dir
+
+    spec = SimpleNamespace(user="u", hostname=f"turns-{os.getpid()}", port=22)
+    inside, most, rounds = [0], [0], 30
+    guard = threading.Lock()
+
+    def pusher() -> None:
+        for _ in range(rounds):
+            with sync.push_lock(spec, "~/x"):  # type: ignore[arg-type]
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                for _ in range(200):
+                    pass
+                with guard:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=pusher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1
+    key = f"u@{spec.hostname}:22:~/x"
+    assert not (control_dir() / f"push-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock").exists()

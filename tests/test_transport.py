@@ -279,3 +279,43 @@ def test_ssh_config_files_follows_include_as_openssh_reads_it(tmp_path):
         tmp_path / "with space.cfg",
         home / "missing.cfg",  # not there yet: making it later changes what runs
     ]
+
+
+def test_requests_without_secrets_travel_in_the_command_line(fresh_box, tmp_path, project, caplog):
+    """jobs, show, logs and kill go in ssh's command line (no round trip waiting for sshd to open
+    stdin, issue 24); a start, which can hold --env values, never does; a box without base64
+    gets them on stdin, and says nothing about it."""
+    import logging
+
+    from remotedl.ssh import resolve_host
+    from remotedl.ssh.openssh import close_master
+    from tests.test_sync import hide_from_box_path
+
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    assert run("push", cwd=project).code == 0
+    caplog.set_level(logging.DEBUG, logger="remotedl.ssh")
+
+    def sent(*argv: str) -> tuple[str, list[str]]:
+        caplog.clear()
+        r = run(*argv, cwd=project)
+        assert r.code == 0, r.err
+        return r.out, [m.getMessage() for m in caplog.records if m.getMessage().startswith("remote ")]
+
+    out, lines = sent(
+        "run", "--no-push", "--detach", "--json", "--cpu", "--env", "TOKEN=s3cr3t", "--", "echo", "hi"
+    )
+    assert lines and not any("inline" in line for line in lines)
+    job = str(json.loads(out)["id"])
+    for argv in (("jobs",), ("show", job), ("logs", job)):
+        _, lines = sent(*argv)
+        assert len(lines) == 1 and "inline" in lines[0], (argv, lines)
+    hide_from_box_path(fresh_box, "base64")
+    # New sessions on the master connection would still see the old PATH: a new one.
+    close_master(
+        resolve_host(make_env(tmp_path / "laptop"), fresh_box.name, ssh_config=fresh_box.info.ssh_config)
+    )
+    out, _ = sent("logs", job)
+    assert out == "hi\n"
+    out, lines = sent("show", job)
+    assert job in out
+    assert not any("inline" in line for line in lines)  # known now: stdin from the start

@@ -119,6 +119,40 @@ mv -T "$t" "$d" 2>/dev/null || {{ rm -rf "$t"; [ -f "$d/__main__.py" ]; }}
 """
 
 
+# A check that rides in the same request as the agent call (``Before``): the check's script runs
+# first, in a subshell ("$@": its values); its output comes back ahead of the agent's answer after
+# a line "@@then TOKEN"; the gate (sh, seeing the output in "$out" and the check's values in
+# "$@") ends the request there ("exit 0") unless the agent call should follow.
+_BEFORE = """\
+_rdl_before() {{
+{before}
+}}
+py=$1; tok=$2; shift 2
+out=$(_rdl_before "$@") || exit $?
+printf '%s\\n@@then %s\\n' "$out" "$tok"
+{gate}
+set -- "$py"
+"""
+
+
+@dataclass
+class Before:
+    """A check made in the same request as the next agent call (one round trip for both).
+    ``then`` gets the check's output when the agent did not answer in that request (the gate
+    stopped it, or the agent must be installed first): it raises what the check found, or
+    gives the request fields for a call of its own."""
+
+    script: str
+    args: tuple[str, ...]
+    gate: str
+    then: Callable[[str], dict[str, Any]]
+
+
+# The operations whose requests hold no secret (no --env values, no notification URLs): they
+# travel in the command line, one round trip less (``remotedl.ssh.channel.INLINE_MAX``).
+INLINE_OPS = frozenset({"list", "get", "kill", "logs", "intree"})
+
+
 class AgentClient:
     """Calls the agent on one box: one exec per request over the shared connection, plus an
     upload the first time a box sees this agent version."""
@@ -137,6 +171,7 @@ class AgentClient:
         # With the default remote_dir: sent with every request, so the box keeps a tree this
         # project has under the older, folder-named default (remotedl.treeid).
         self.adopt = adopt
+        self.before: Before | None = None  # rides with the next call (see ``Before``)
 
     def _no_python(self) -> RemoteError:
         return RemoteError(
@@ -170,25 +205,56 @@ class AgentClient:
         log.debug("agent request: op=%s keys=%s", request.get("op"), sorted(request))
         return json.dumps(request).encode()
 
+    def _call_before(self, before: Before, request: dict[str, Any]) -> dict[str, Any]:
+        """The check and the call in one request; when the agent did not answer there, what
+        ``before.then`` says, then the call alone."""
+        import secrets
+
+        token = secrets.token_hex(8)
+        script = _BEFORE.format(before=before.script, gate=before.gate) + self._script()
+        r = self.box.run(script, self.python, token, *before.args, stdin=self._body(request), check=False)
+        marker = f"\n@@then {token}\n".encode()
+        head, sep, rest = r.stdout_bytes.partition(marker)
+        if not sep:
+            last = (r.stderr.strip().splitlines() or [f"exit status {r.exit_code}"])[-1]
+            raise RemoteError(f"command on {self.spec.alias} failed: {last}")
+        if rest.strip() or r.exit_code not in (0, AGENT_MISSING, AGENT_NO_PYTHON):
+            # The agent ran: its answer, whatever its exit status (never a second call: a
+            # start may have happened).
+            answer = self._decode(rest, r.stderr)
+            if not answer["ok"]:
+                raise error_from(answer)
+            return answer
+        fields = before.then(head.decode(errors="replace"))
+        return self.call({**request, **fields})
+
+    def _decode(self, stdout: bytes, stderr: str) -> dict[str, Any]:
+        try:
+            return decode_answer(stdout)
+        except SchemaError as e:
+            err = [x for x in stderr.strip().splitlines() if x.strip()]
+            detail = f"; it said: {err[-1][:200]}" if err else ""
+            raise RemoteError(
+                f"the remotedl agent on {self.spec.alias} gave a bad answer ({e}){detail}",
+                hint=f"is {self.python} on the box a working Python 3.10+? `remotedl doctor` checks",
+            ) from None
+
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request, one answer (an error answer raises)."""
+        """One request, one answer (an error answer raises). A ``before`` set on the client
+        rides with it."""
+        before, self.before = self.before, None
+        if before is not None:
+            return self._call_before(before, request)
         body = self._body(request)
+        inline = request.get("op") in INLINE_OPS
         for attempt in range(2):
-            r = self.box.run(self._script(), self.python, stdin=body, check=False)
+            r = self.box.run(self._script(), self.python, stdin=body, check=False, inline=inline)
             if r.exit_code == AGENT_MISSING and attempt == 0:
                 self.upload()
                 continue
             if r.exit_code == AGENT_NO_PYTHON and not r.stdout:
                 raise self._no_python()
-            try:
-                answer = decode_answer(r.stdout_bytes)
-            except SchemaError as e:
-                err = [x for x in r.stderr.strip().splitlines() if x.strip()]
-                detail = f"; it said: {err[-1][:200]}" if err else ""
-                raise RemoteError(
-                    f"the remotedl agent on {self.spec.alias} gave a bad answer ({e}){detail}",
-                    hint=f"is {self.python} on the box a working Python 3.10+? `remotedl doctor` checks",
-                ) from None
+            answer = self._decode(r.stdout_bytes, r.stderr)
             if not answer["ok"]:
                 raise error_from(answer)
             # The job records it carries tell which jobs ended: outputs come home without asking again.
@@ -202,7 +268,10 @@ class AgentClient:
         """Start a streaming request (logs); the caller reads and waits. An exit status of
         ``AGENT_MISSING`` means: ``upload()`` and start again. ``on_line`` hears each line the
         agent writes to stderr as it comes."""
-        return self.box.start(self._script(), self.python, stdin=self._body(request), on_line=on_line)
+        inline = request.get("op") in INLINE_OPS
+        return self.box.start(
+            self._script(), self.python, stdin=self._body(request), on_line=on_line, inline=inline
+        )
 
 
 def error_from(answer: dict[str, Any]) -> RemotedlError:

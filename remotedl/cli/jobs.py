@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from remotedl.agent.client import AgentClient
     from remotedl.jobs import JobRecord
+    from remotedl.multinode import RunRow
 
 # The table's colour per status (the words themselves are the same in --json).
 STATUS_STYLE = {
@@ -315,6 +316,10 @@ def _duration_text(rec: JobRecord) -> str:
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
+    from remotedl.cli import multinode
+
+    if multinode.is_run_ref(args.job):  # a multi-node run: the run and each node's job
+        return multinode.show_run(App(args, env), args.job)
     return _show(*route(App(args, env), args.job))
 
 
@@ -338,7 +343,14 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
+    from remotedl.cli import multinode
 
+    if multinode.is_run_ref(args.job):  # a multi-node run: every node's log, or --node R's
+        if args.node is None:
+            return multinode.logs_run(App(args, env), args.job, follow=args.follow)
+        args.job = multinode.node_ref(App(args, env), args.job, args.node)
+    elif args.node is not None:
+        raise UsageError("--node R picks a node of a multi-node run", hint="give the run: logs RUN --node R")
     app, args.job = route(App(args, env), args.job)
     client = agent_client(app)
     project = None if args.job else remote_dir(app)
@@ -375,7 +387,10 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
+    from remotedl.cli import multinode
 
+    if multinode.is_run_ref(args.job):  # a multi-node run: every node
+        return multinode.kill_run(App(args, env), args.job, grace=args.grace)
     app, args.job = route(App(args, env), args.job, active=True)
     project = None if args.job else remote_dir(app)
     rec = jobs.kill(agent_client(app), args.job, grace=args.grace, project=project, warn=warner(env))
@@ -412,6 +427,21 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
     return subprocess.call(argv, stdin=sys.stdin, stdout=sys.stdout)
 
 
+def run_cells(run: RunRow) -> list[Text]:
+    """A multi-node run's row: its hosts, its id, and per node its job and GPUs."""
+    from rich.text import Text
+
+    first = run.nodes[0][2]
+    cells = job_cells(first)
+    look = "failed" if run.state.startswith("failed") else run.state
+    cells[1] = Text(run.state, style=STATUS_STYLE.get(look, ""))
+    cells[2] = Text(" ".join(f"{h}:{','.join(map(str, r.gpus)) or '-'}" for _, h, r in run.nodes))
+    cells[3] = Text("-" if run.exit_code is None else str(run.exit_code))
+    cells[0] = Text(f"{safe(run.name)} ({len(run.nodes)} nodes: "
+                    + ", ".join(f"{h}:{r.id}" for _, h, r in run.nodes) + ")")  # fmt: skip
+    return [cell_text(",".join(h for _, h, _ in run.nodes)), Text(run.run_id), *cells]
+
+
 def jobs_table(app: App, args: argparse.Namespace) -> int:
     """`remotedl jobs` on a fleet: every host's jobs in one table, ids as HOST:ID."""
     from rich.table import Table
@@ -424,12 +454,18 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
     def listed(m: Member) -> list[JobRecord]:
         return jobs.list_jobs(m.client(), all_jobs=args.all)
 
+    from remotedl.multinode import group_runs
+
     result = app.fleet().map(listed)
     rows = [(host, r) for host, recs in result.values() for r in recs]
+    runs, singles = group_runs(rows)  # a multi-node run is one row, its nodes' ids kept
     if app.json:
         app.print_json(
             {
                 "jobs": [{**r.to_dict(), "alias": host, "ref": f"{host}:{r.id}"} for host, r in rows],
+                "runs": [{"run": x.run_id, "name": x.name, "state": x.state, "exit_code": x.exit_code,
+                          "nodes": [{"rank": k, "host": h, "ref": f"{h}:{r.id}", "status": r.status}
+                                    for k, h, r in x.nodes]} for x in runs],
                 "hosts": [{"host": x.host, "ok": x.ok} | ({"error": x.error_dict()} if x.error else {})
                           for x in result.results],
             }
@@ -441,8 +477,10 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
         table = Table(box=None, pad_edge=False)
         for col in ("host", "job", "name", "status", "GPUs", "exit", "started", "duration", "command"):
             table.add_column(col, no_wrap=col != "command")
-        for host, r in rows:
+        for host, r in singles:
             table.add_row(cell_text(host), Text(f"{host}:{r.id}"), *job_cells(r))
+        for run in runs:
+            table.add_row(*run_cells(run))
         app.console.print(table)
     report_failures(app, result.failed)
     return result.exit_code

@@ -135,6 +135,19 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     im.add_argument("--image", metavar="IMAGE", help="run the command in this image (docker, podman)")
     im.add_argument("--no-image", action="store_true", help="run on the box itself, whatever `image` says")
     p.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="one run across N boxes of the fleet (--gpus each): MASTER_ADDR, NODE_RANK, ... set",
+    )
+    p.add_argument(
+        "--fail-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="--nodes: when a node fails, the others get TERM, then KILL after this long",
+    )
+    p.add_argument(
         "--force", action="store_true", help="use the GPUs even if another job or process has them"
     )
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="job environment")
@@ -229,6 +242,7 @@ def logs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--node", type=int, metavar="R", help="a multi-node RUN: only node R's log")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
@@ -321,6 +335,11 @@ def setup(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
 
 def doctor(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
+    p.add_argument(
+        "--nodes",
+        action="store_true",
+        help="multi-node runs: check that every host reaches a port on the first (the master)",
+    )
 
 
 def outputs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

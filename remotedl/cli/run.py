@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     app = App(args, env)
+    if args.nodes is not None:  # one run across several boxes (remotedl.multinode)
+        from remotedl.cli.multinode import run_nodes
+
+        return run_nodes(app, args)
     if app.is_fleet:
         from remotedl.cli.slurm import refuse_in_fleet
 
@@ -123,8 +127,10 @@ class RunOutput(RunProgress):
 
         alias = self.alias
         ref = self.plan.ref(record.id)
+        # What the box says of the job's state as it goes (why a Slurm job waits, a box job's
+        # main process that exited with processes left), as `logs -f` says it.
+        self.on_state = slurmcli.state_notes(self.app, ref)
         if record.scheduler == "slurm":
-            self.on_state = slurmcli.state_notes(self.app, ref)
             self.app.env.stderr.write(f"remotedl: {slurmcli.submitted(record, alias)}; Ctrl-C detaches\n")
             return
         self.app.env.stderr.write(

@@ -156,6 +156,10 @@ def cmd_doctor(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import doctor
 
     app = App(args, env)
+    if args.nodes:
+        from remotedl.cli.multinode import doctor_nodes
+
+        return doctor_nodes(app)
     report = doctor.run_checks(
         app.env, app.settings, app.host_alias(), spec_factory=app.spec, remote_dir=remote_dir(app)
     )
