@@ -81,6 +81,15 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
     "constraint": (str, None, None),
     "sbatch_args": (list, [], None),
     "modules": (list, [], None),
+    # Jobs in a container image: the image (`--image`, `--no-image`), the engine on the box
+    # (docker or podman; default: the one found), how the job's GPUs enter the container, and
+    # more words for `docker run` (shm size, extra mounts).
+    "image": (str, None, "REMOTEDL_IMAGE"),
+    "container": (str, None, None),
+    "container_gpus": (str, "nvidia", None),
+    "container_args": (list, [], None),
+    "jupyter_image": (str, None, None),  # `remotedl jupyter` in a container of this image
+    "tensorboard_image": (str, None, None),  # `remotedl tensorboard` in a container of this image
     # Cloud VMs (usually in [hosts.NAME] tables): which cloud, what identifies the VM there,
     # its price, the address ssh goes to, starting it when needed and stopping it when idle.
     "cloud": (str, None, None),
@@ -106,6 +115,8 @@ SCALARS: dict[str, tuple[type, Any, str | None]] = {
 # Settings whose value must be one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("box", "slurm"),
+    "container": ("docker", "podman"),
+    "container_gpus": ("nvidia", "cdi", "devices", "none"),
     "cloud": ("aws", "gcp", "azure"),
     # public: the VM's public IP from the cloud's API; private: its private one (VPN, same
     # network); ssh: the ssh config's HostName as it is (a DNS name kept by `remotedl dns`)

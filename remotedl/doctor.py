@@ -181,6 +181,91 @@ def _dns(report: DoctorReport, env: Environment, settings: Settings) -> None:
         report.add("laptop", "dynamic DNS", "ok", f"{rep.name} serves the public address")
 
 
+# Jobs in an image: "$1" the engine asked for (or ""), "$2" the image, "$3" how GPUs enter a
+# container (container_gpus), "$4" 1 where the box has GPUs. The engine's own words for each.
+_CONTAINERS = r"""
+E=$1
+if [ -z "$E" ]; then
+  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
+fi
+if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then
+  echo "@@engine none ${1:-docker or podman}"; exit 0
+fi
+echo "@@engine $E"
+if ! out=$("$E" info --format '{{json .Runtimes}}' 2>&1); then
+  echo "@@unreachable $(printf '%s\n' "$out" | tail -n 1)"; exit 0
+fi
+echo "@@runtimes $out"
+root=$("$E" info --format '{{.DockerRootDir}}' 2>/dev/null) ||
+  root=$("$E" info --format '{{.Store.GraphRoot}}' 2>/dev/null)
+[ -n "$root" ] && echo "@@images_free $(df -Pk "$root" 2>/dev/null | awk 'NR==2 {print $4}') $root"
+"$E" image inspect --format '{{.Id}}' "$2" >/dev/null 2>&1 || { echo "@@image missing"; exit 0; }
+echo "@@image present"
+[ "$4" = 1 ] && [ "$3" != none ] || exit 0
+img=$2 mode=$3
+set --
+case $mode in
+  devices)
+    d=${REMOTEDL_DEVICE_DIR:-/dev}
+    set -- --device "$d/nvidia0:/dev/nvidia0"
+    for n in nvidiactl nvidia-uvm nvidia-uvm-tools nvidia-modeset; do
+      [ -e "$d/$n" ] && set -- "$@" --device "$d/$n:/dev/$n"
+    done;;
+  cdi) set -- --device nvidia.com/gpu=0;;
+  *) case $E in *podman*) set -- --device nvidia.com/gpu=0;; *) set -- --gpus device=0;; esac;;
+esac
+if out=$("$E" run --rm --init --pull=never "$@" "$img" nvidia-smi -L 2>&1); then
+  echo "@@gpu_container ok $(printf '%s\n' "$out" | head -n 1)"
+else
+  echo "@@gpu_container fail $(printf '%s\n' "$out" | tail -n 1)"
+fi
+"""
+
+
+def _containers(report: DoctorReport, marks: dict[str, str], settings: Settings) -> None:
+    """Jobs in an image: the engine, reachable by the user, its GPU runtime, the image, the
+    disk its images are on, and a one-line GPU container (``nvidia-smi -L`` inside)."""
+    image = str(settings.get("image"))
+    engine = marks.get("engine", "").strip()
+    if not engine or engine.startswith("none"):
+        what = engine[5:] if engine.startswith("none ") else "docker or podman"
+        fix = "remotedl setup docker (or --var engine=podman)"
+        report.add("box", "container engine", "fail", f"{what} is not installed (image = {image})", fix)
+        return
+    name = engine.rsplit("/", 1)[-1]
+    if "unreachable" in marks:
+        why = marks["unreachable"].strip()
+        denied = "permission denied" in why.lower()
+        fix = ("add the box user to the docker group (`sudo usermod -aG docker $USER`, then log in again)"
+               if denied else f"start the engine (`sudo systemctl start {name}`)")  # fmt: skip
+        report.add("box", "container engine", "fail", f"{name} does not answer the box user: {why}", fix)
+        return
+    runtimes = marks.get("runtimes", "").strip()
+    report.add("box", "container engine", "ok", f"{name} answers the box user")
+    mode = str(settings.get("container_gpus"))
+    if mode == "nvidia" and name == "docker":
+        has = '"nvidia"' in runtimes
+        report.add("box", "GPU runtime", "ok" if has else "warn",
+                   "docker has the NVIDIA runtime" if has else "docker has no NVIDIA runtime: --gpus fails",
+                   "" if has else "install nvidia-container-toolkit and run `nvidia-ctk runtime configure`, "
+                   'or set container_gpus = "cdi" / "devices"')  # fmt: skip
+    free = marks.get("images_free", "").split(None, 1)
+    if len(free) == 2 and free[0].isdigit():
+        gib = int(free[0]) / 2**20
+        report.add("box", "image disk", "warn" if gib < 20 else "ok", f"{gib:.1f} GiB free at {free[1]}",
+                   "GPU images take 10-20 GiB each: free some space" if gib < 20 else "")  # fmt: skip
+    if marks.get("image", "").strip() != "present":
+        report.add("box", "image", "warn", f"{image} is not on the box", "the first `remotedl run` pulls it")
+        return
+    report.add("box", "image", "ok", f"{image} is on the box")
+    gpu = marks.get("gpu_container", "").strip()
+    if gpu:
+        ok, _, said = gpu.partition(" ")
+        report.add("box", "GPU container", "ok" if ok == "ok" else "fail",
+                   f"nvidia-smi -L in {image}: {said}",
+                   "" if ok == "ok" else "check container_gpus and the NVIDIA container toolkit")  # fmt: skip
+
+
 def _environment(report: DoctorReport, marks: dict[str, str], settings: Settings) -> None:
     """The environment jobs will run in: the same resolution as the jobs' own."""
     py = marks.get("python", "none").strip()
@@ -278,6 +363,12 @@ def run_checks(
             fw_out = box.run(_FRAMEWORKS, remote_dir, _PROBE, conda, setup, _IN_JOB_ENV, check=False).stdout
             if slurm is not None:
                 slurm_checks = slurmhost.doctor_checks(box, slurm)
+            containers = None
+            if settings.get("image") and slurm is None:
+                containers = box.run(
+                    _CONTAINERS, str(settings.get("container") or ""), str(settings.get("image")),
+                    str(settings.get("container_gpus")), "1" if st.gpus else "0", check=False,
+                ).stdout  # fmt: skip
     except RemotedlError as e:
         name = "host key" if "host key" in e.message else "reachable"
         report.add("box", name, "fail", e.message, e.hint or "")
@@ -288,7 +379,10 @@ def run_checks(
         report.add("box", "tools", "fail", f"missing: {', '.join(missing)}", "remotedl setup base")
     else:
         report.add("box", "tools", "ok", ", ".join(tools))
-    _environment(report, parse_marks(fw_out), settings)
+    if containers is not None:
+        _containers(report, parse_marks(containers), settings)
+    else:
+        _environment(report, parse_marks(fw_out), settings)
     if st.disk:
         gib = st.disk.free_bytes / 2**30
         low = gib < 5

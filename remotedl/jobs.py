@@ -176,6 +176,8 @@ def start(
     stall_after: float | None = None,
     warn: Warn | None = None,
     slurm: Mapping[str, Any] | None = None,
+    image: str | None = None,
+    container: Mapping[str, Any] | None = None,
     outputs: Sequence[str] = (),
     trackers: bool = False,
     project_id: str | None = None,
@@ -187,7 +189,10 @@ def start(
 
     ``slurm`` (the host's Slurm settings: partition, account, qos, time, constraint,
     sbatch_args, modules) makes the box a Slurm login node: the job is submitted with sbatch
-    (``count`` GPUs, Slurm picks them) and the record carries its Slurm id."""
+    (``count`` GPUs, Slurm picks them) and the record carries its Slurm id.
+
+    ``image`` runs the command in that container image on the box (``container``: the engine,
+    ``gpus``, the way its GPUs enter the container, and ``args`` for ``docker run``)."""
     request = StartRequest(
         command=command,
         remote_dir=remote_dir,
@@ -213,6 +218,8 @@ def start(
         stall_after=stall_after,
         scheduler="slurm" if slurm is not None else None,
         slurm=dict(slurm) if slurm is not None else None,
+        image=image,
+        container=dict(container) if container is not None else None,
         # In the record: any laptop of the project brings them home; the box sets the trackers'.
         outputs=list(outputs),
         trackers=trackers,

@@ -8,6 +8,7 @@ passed through the environment (never on a command line that ``ps`` shows).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 from remotedl.errors import RemoteError
 from remotedl.ssh import Box, HostSpec
-from remotedl.ssh.channel import EXPAND_HOME
+from remotedl.ssh.channel import EXPAND_HOME, parse_marks
 
 COLAB_ORIGIN = "https://colab.research.google.com"
 SESSION = "remotedl-jupyter"
@@ -59,6 +60,72 @@ tmux new-session -d -s "$SESSION" -c "$(pwd)" /bin/sh -c '
   --ServerApp.ip=127.0.0.1 "--ServerApp.port=$4" "--ServerApp.port_retries=$5" \
   --ServerApp.root_dir=. "$root" "$extra" ${6:+--ServerApp.allow_credentials=True} \
   || { rm -f "$tok"; exit 1; }
+"""
+
+
+# Jupyter in a container image (``jupyter --image``): one container per box user, named after
+# the user's uid, on the host's network bound to 127.0.0.1 only, the work tree at the same path.
+# The engine: "$2" or the first of docker, podman. The same prelude for the look and the start.
+_ENGINE = EXPAND_HOME + r"""
+cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
+E=$2
+if [ -z "$E" ]; then
+  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
+fi
+if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@noengine ${2:-docker or podman}"; exit 0; fi
+name="remotedl-jupyter-$(id -u)"
+echo "@@pwd $(pwd -P)"
+"""
+
+# "$1" remote_dir, "$2" engine. The running container's work tree, then its servers.
+_FIND_IMAGE = _ENGINE + r"""
+here=$("$E" ps --filter "name=^$name\$" --format '{{.Label "remotedl.jupyter"}}' 2>/dev/null)
+[ -n "$here" ] || exit 0
+echo "@@running $here"
+"$E" exec "$name" jupyter lab --version >/dev/null 2>&1 && echo "@@lab"
+"$E" exec "$name" jupyter server list --json 2>/dev/null
+"""
+
+# "$1" remote_dir, "$2" engine, "$3" image, "$4" port, "$5" port retries, "$6" colab origin or
+# "", "$7" container_gpus, then container_args. The token comes on stdin into a 0600 env file
+# the engine reads (removed once the container runs): in no process's arguments.
+_START_IMAGE = _ENGINE + r"""
+img=$3 port=$4 retries=$5 origin=$6 gpus=$7
+shift 7
+umask 077
+mkdir -p "$HOME/.remotedl"
+envf="$HOME/.remotedl/jupyter.env.$$"
+IFS= read -r token
+printf 'JUPYTER_TOKEN=%s\n' "$token" > "$envf"
+"$E" rm -f "$name" >/dev/null 2>&1
+here=$(pwd -P)
+# Every GPU of the box, as `docker run --gpus all` gives them, where the box has any.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  case $gpus:$E in
+    none:*) ;;
+    devices:*)
+      for d in "${REMOTEDL_DEVICE_DIR:-/dev}"/nvidia*; do
+        [ -e "$d" ] && set -- --device "$d:/dev/${d##*/}" "$@"
+      done;;
+    cdi:*|*:*podman*) set -- --device nvidia.com/gpu=all "$@";;
+    *) set -- --gpus all "$@";;
+  esac
+fi
+extra=--ServerApp.allow_credentials=False
+[ -n "$origin" ] && extra=--ServerApp.allow_origin=$origin
+if out=$("$E" run -d --rm --init --pull=missing --name "$name" --label "remotedl.jupyter=$here" \
+    --network host -u "$(id -u):$(id -g)" -v "$here:$here" -w "$here" --env-file "$envf" \
+    -e HOME=/tmp -e JUPYTER_RUNTIME_DIR=/tmp/.jupyter-runtime "$@" "$img" \
+    sh -c 'if jupyter lab --version >/dev/null 2>&1; then a=lab; else a=server; fi; exec jupyter "$a" "$@"' \
+    sh --no-browser --ServerApp.ip=127.0.0.1 "--ServerApp.port=$port" "--ServerApp.port_retries=$retries" \
+    --ServerApp.root_dir=. --ServerApp.allow_root=True "$extra" \
+    ${origin:+--ServerApp.allow_credentials=True} 2>&1)
+then
+  echo "@@started"
+else
+  echo "@@failed $(printf '%s\n' "$out" | tail -n 1)"
+fi
+rm -f "$envf"
 """
 
 
@@ -152,6 +219,95 @@ def _find(box: Box, remote_dir: str) -> _Look:
     return look
 
 
+@dataclass
+class ImageSpec:
+    """Jupyter in a container image: the image, the engine (None: found), how GPUs enter it
+    (``container_gpus``) and more words for ``docker run`` (``container_args``)."""
+
+    image: str
+    engine: str | None = None
+    gpus: str = "nvidia"
+    args: list[str] | None = None
+
+
+def _server(s: dict[str, Any], pwd: str, lab: bool, started: bool, token: str | None = None) -> JupyterServer:
+    return JupyterServer(
+        int(s["port"]),
+        token if token is not None else str(s.get("token", "")),
+        str(s.get("root_dir", pwd)),
+        str(s.get("base_url", "/")),
+        lab,
+        started=started,
+        pid=_pid(s),
+    )
+
+
+def _look_image(
+    box: Box, remote_dir: str, image: ImageSpec
+) -> tuple[str, str | None, list[dict[str, Any]], bool]:
+    """(the work tree, the running container's work tree or None, its servers, JupyterLab)."""
+    out = box.run(_FIND_IMAGE, remote_dir, image.engine or "", check=False).stdout
+    marks = parse_marks(out)
+    if "noengine" in marks:
+        raise RemoteError(
+            f"{marks['noengine'].strip()} is not installed on {box.spec.alias}: "
+            "Jupyter in an image needs one",
+            hint="`remotedl setup docker` installs one; or drop --image",
+        )
+    servers = []
+    for line in out.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                servers.append(json.loads(line))
+    running = marks.get("running")
+    return marks.get("pwd", "").strip(), running.strip() if running else None, servers, "lab" in marks
+
+
+def _find_or_start_in_image(
+    box: Box,
+    remote_dir: str,
+    image: ImageSpec,
+    *,
+    remote_port: int | None,
+    colab: bool,
+    timeout: float,
+    say: Callable[[str], None],
+) -> JupyterServer:
+    pwd, running, servers, lab = _look_image(box, remote_dir, image)
+    if running is not None and not colab:
+        for s in servers:
+            if remote_port is None or int(s.get("port", 0)) == remote_port:
+                return _server(s, pwd, lab, started=False)
+    token = secrets.token_hex(24)
+    port = remote_port or 8888
+    retries = "0" if colab or remote_port else "50"
+    origin = COLAB_ORIGIN if colab else ""
+    say(f"starting Jupyter in {image.image} on {box.spec.alias}, port {port}")
+    args = [remote_dir, image.engine or "", image.image, str(port), retries, origin, image.gpus]
+    out = box.run(_START_IMAGE, *args, *(image.args or []), check=False, stdin=token + "\n").stdout
+    marks = parse_marks(out)
+    if "started" not in marks:
+        why = (marks.get("failed") or "").strip() or (out.strip().splitlines() or ["no answer"])[-1]
+        raise RemoteError(
+            f"Jupyter could not start in {image.image} on {box.spec.alias}: {why}",
+            hint="is Jupyter installed in the image (`jupyter lab` or `jupyter server`)?",
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pwd, running, servers, lab = _look_image(box, remote_dir, image)
+        for s in servers:
+            if s.get("token") == token:
+                return _server(s, pwd, lab, started=True, token=token)
+        if running is None:
+            break  # the container ended: its log says why
+        time.sleep(0.5)
+    raise RemoteError(
+        f"Jupyter did not start in {image.image} on {box.spec.alias}",
+        hint=f"`{(image.engine or 'docker').rsplit('/', 1)[-1]} logs remotedl-jupyter-UID` on the box "
+        "while it runs; is Jupyter installed in the image?",
+    )
+
+
 def find_or_start(
     spec: HostSpec,
     remote_dir: str,
@@ -160,8 +316,14 @@ def find_or_start(
     colab: bool = False,
     timeout: float = 60.0,
     on_progress: Callable[[str], None] | None = None,
+    image: ImageSpec | None = None,
 ) -> JupyterServer:
     say = on_progress or (lambda text: None)
+    if image is not None:
+        say(f"looking for Jupyter in {image.image} on {spec.alias}")
+        return _find_or_start_in_image(
+            Box(spec), remote_dir, image, remote_port=remote_port, colab=colab, timeout=timeout, say=say
+        )
     say(f"looking for Jupyter on {spec.alias}")
     box = Box(spec)
     look = _find(box, remote_dir)

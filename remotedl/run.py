@@ -78,7 +78,8 @@ class RunPlan:
     project_id: str | None = None  # the project's identity (its root commit): any clone knows its jobs
     outputs_base: Path = Path(".")  # where outputs come home to (`outputs_dir`, under the project)
     # --- room for the next runtimes (their own issues fill these in)
-    image: str | None = None  # a container image to run the job in
+    image: str | None = None  # a container image to run the job in (`image`, --image; --no-image: None)
+    container: dict[str, Any] | None = None  # with an image: engine, gpus (container_gpus), args
     nodes: int = 1  # how many nodes the job spans
 
     @property
@@ -185,6 +186,31 @@ def project_identity(root: Path) -> str | None:
         return None
 
 
+def image_of(
+    settings: Settings, given: str | None, *, off: bool = False, slurm: bool = False
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The container image the job runs in (``--image``, else ``image``; ``--no-image``: none),
+    and the container settings that go with it (the engine, how GPUs enter, more words)."""
+    image = None if off else (given or settings.get("image"))
+    if not image:
+        return None, None
+    if slurm:
+        raise UsageError(
+            f"--image {image}: a Slurm host runs jobs with sbatch, not in a container image",
+            hint="give --no-image, or drop `image` from this host's settings",
+        )
+    if image.startswith("-") or any(c.isspace() for c in image):
+        raise UsageError(
+            f"--image {image!r} is not an image name", hint="e.g. --image nvcr.io/nvidia/pytorch:24.10-py3"
+        )
+    container = {
+        "engine": settings.get("container"),
+        "gpus": settings.get("container_gpus"),
+        "args": list(settings.get("container_args")),
+    }
+    return image, container
+
+
 def build_plan(
     settings: Settings,
     words: Sequence[str],
@@ -207,6 +233,8 @@ def build_plan(
     slurm: SlurmSettings | None = None,
     ref_host: bool = False,
     outputs: Sequence[str] = (),
+    image: str | None = None,
+    no_image: bool = False,
 ) -> RunPlan:
     """A ``RunPlan`` from one host's settings and the run's flags (the CLI's words, typed).
     Raises ``UsageError``/``ConfigError`` for what is wrong, before anything reaches the box."""
@@ -229,6 +257,7 @@ def build_plan(
         )
     base_data = list(settings.get("data"))
     paths = output_paths(settings, outputs)
+    image_name, container = image_of(settings, image, off=no_image, slurm=slurm is not None)
     return RunPlan(
         command=command,
         argv=tuple(argv),
@@ -261,6 +290,8 @@ def build_plan(
         trackers=bool(paths and settings.get("trackers")),
         project_id=project_identity(root) if paths else None,
         outputs_base=outputs_root(root, settings.get("outputs_dir")),
+        image=image_name,
+        container=container,
     )
 
 
@@ -447,7 +478,7 @@ def run(
                 data=plan.data,
                 shared=plan.shared,
                 environment=plan.environment,
-                env_check=attempt < 2,
+                env_check=attempt < 2 and plan.image is None,  # an image is the environment
                 notify=plan.notify,
                 host_alias=spec.alias,
                 stall_after=plan.stall_after,
@@ -456,6 +487,8 @@ def run(
                 outputs=plan.outputs,
                 trackers=plan.trackers,
                 project_id=plan.project_id,
+                image=plan.image,
+                container=plan.container,
             )
             rdir = rec.remote_dir or rdir  # the tree's physical path, as the box found it
             # In the same try: from here the job runs, and an interrupt names it.

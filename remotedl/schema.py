@@ -133,6 +133,14 @@ class JobRecord:
     slurm_reason: str | None = None  # why it waits: Resources, Priority...
     node: str | None = None  # the node(s) it runs on, as Slurm names them
     control_dir: str | None = None  # the batch script and its records, on the shared filesystem
+    # A job in a container image (the ``container`` runtime: tmux, the runner runs `docker run`).
+    image: str | None = None  # as asked for: a tag, or name@digest
+    image_digest: str | None = None  # what ran: its registry digest (name@sha256:...), else its id
+    engine: str | None = None  # the engine's program on the box (docker, podman)
+    container: str | None = None  # the container's name (remotedl-ID-MARK)
+    container_gpus: str | None = None  # how GPUs enter it: nvidia, cdi, devices, none
+    container_args: list[str] = field(default_factory=list)  # the user's words for `docker run`
+    setup_cmd: str | None = None  # run inside the container before the command
     # Outputs home (issue 28): what the job produces that belongs on a laptop of its project
     # (paths relative to its directory), and the trackers' variables its runner sets.
     outputs: list[str] = field(default_factory=list)
@@ -283,6 +291,8 @@ class StartRequest(Request):
     stall_after: float | None = None
     scheduler: str | None = None  # "slurm": a batch job on a login node
     slurm: dict[str, Any] | None = None
+    image: str | None = None  # run the command inside this container image
+    container: dict[str, Any] | None = None  # engine, gpus (nvidia, cdi, devices, none), args
     outputs: list[str] = field(default_factory=list)  # relative to the job's directory
     project_id: str | None = None  # the project's identity (snapshot.project_identity)
     trackers: bool = False  # W&B and MLflow write into the job's own directory

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from remotedl.errors import RemoteError, UsageError
+from remotedl.jupyter import ImageSpec
 from remotedl.ssh import Box, HostSpec
 from remotedl.ssh.channel import EXPAND_HOME
 
@@ -97,6 +98,49 @@ tmux kill-session -t "=$s" 2>/dev/null
 tmux new-session -d -s "$s" -c "$(pwd)" /bin/sh -c 'umask 077; log=$1; shift; exec "$@" > "$log" 2>&1' sh \
   "$log" env "TMPDIR=$HOME/.remotedl/tensorboard" "$tb" "--flagfile=$flags" --host 127.0.0.1 \
   ${port:+--port} ${port:+"$port"} "$@"
+"""
+)
+
+# The same in a container of an image (``tensorboard --image``): the tmux session runs the
+# engine's client (`docker run`, its output the log), the container is named after the session
+# and shares the host's network (127.0.0.1) and process ids (its record's pid is the host's, so
+# the look above finds it as it finds any), runs as the box user, and has the work tree, the
+# records' directory and the flag file at the same paths. "$1" remote_dir, "$2" engine (or ""),
+# "$3" image, "$4" session, "$5" port or "", "$6" how many of the rest are the engine's
+# (mounts, container_args), then those, then TensorBoard's own arguments.
+_START_IMAGE = (
+    EXPAND_HOME
+    + r"""
+cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
+E=$2
+if [ -z "$E" ]; then
+  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
+fi
+if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@noengine ${2:-docker or podman}"; exit 0; fi
+umask 077
+mkdir -p "$HOME/.remotedl/tensorboard"
+img=$3 s=$4 port=$5 m=$6
+shift 6
+log="$HOME/.remotedl/$s.log"
+flags="$HOME/.remotedl/$s.flags"
+secret=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+[ ${#secret} = 32 ] || { echo "@@nosecret"; exit 0; }
+rm -f -- "$flags"
+printf -- '--path_prefix=/%s\n' "$secret" > "$flags"
+tmux kill-session -t "=$s" 2>/dev/null
+"$E" rm -f "$s" >/dev/null 2>&1
+here=$(pwd -P) records="$HOME/.remotedl/tensorboard"
+total=$# i=0
+for a do  # the image and TensorBoard's command between the engine's words and TensorBoard's
+  [ "$i" = "$m" ] && set -- "$@" "$img" tensorboard "--flagfile=$flags" --host 127.0.0.1 \
+    ${port:+--port} ${port:+"$port"}
+  set -- "$@" "$a"; i=$((i + 1))
+done
+shift "$total"
+tmux new-session -d -s "$s" -c "$here" /bin/sh -c 'umask 077; log=$1; shift; exec "$@" > "$log" 2>&1' sh \
+  "$log" "$E" run --rm --init --pull=missing --name "$s" --network host --pid host -u "$(id -u):$(id -g)" \
+  -v "$here:$here" -v "$records:$records" -v "$flags:$flags:ro" -w "$here" \
+  -e "TMPDIR=$records" -e HOME=/tmp "$@"
 """
 )
 
@@ -232,15 +276,17 @@ def find_or_start(
     remote_port: int | None = None,
     timeout: float = 90.0,
     on_progress: Callable[[str], None] | None = None,
+    image: ImageSpec | None = None,
 ) -> TensorBoardServer:
     """A TensorBoard serving ``logdir`` (relative to the work tree ``remote_dir``), or, with
-    ``runs`` [(name, directory)], one serving each directory as a run of that name."""
+    ``runs`` [(name, directory)], one serving each directory as a run of that name; with
+    ``image``, in a container of that image."""
     say = on_progress or (lambda text: None)
     say(f"looking for TensorBoard on {spec.alias}")
     box = Box(spec)
     dirs = [d for _, d in runs] if runs else [logdir or "runs"]
     look = _find(box, remote_dir, dirs)
-    if look.tensorboard is None:
+    if look.tensorboard is None and image is None:
         raise RemoteError(
             f"TensorBoard is not installed on {spec.alias} "
             "(no tensorboard in the project's .venv or on PATH)",
@@ -277,7 +323,23 @@ def find_or_start(
     session = SESSION_PREFIX + hashlib.sha256(serves.encode()).hexdigest()[:10]
     port = str(remote_port) if remote_port else ""
     t0 = time.time()
-    if "@@nosecret" in box.run(_START, remote_dir, look.tensorboard, session, port, *args).stdout:
+    if image is not None:
+        # The directories it serves outside the work tree, at the same paths, read-only.
+        served = [d for _, d in resolved] if runs else [serves]
+        outside = [d for d in served if not (d + "/").startswith(look.pwd.rstrip("/") + "/")]
+        words = [w for d in outside for w in ("-v", f"{d}:{d}:ro")] + list(image.args or [])
+        out = box.run(
+            _START_IMAGE, remote_dir, image.engine or "", image.image, session, port, str(len(words)),
+            *words, *args,
+        ).stdout  # fmt: skip
+        if "@@noengine" in out:
+            raise RemoteError(
+                f"no container engine on {spec.alias}: TensorBoard in an image needs one",
+                hint="`remotedl setup docker` installs one; or drop --image",
+            )
+    else:
+        out = box.run(_START, remote_dir, str(look.tensorboard), session, port, *args).stdout
+    if "@@nosecret" in out:
         raise RemoteError(f"cannot make a secret on {spec.alias}: /dev/urandom or od did not answer")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

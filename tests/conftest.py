@@ -19,7 +19,7 @@ from remotedl.cli import main
 from remotedl.env import Environment
 from remotedl.sandbox import SandboxInfo
 from remotedl.waiting import retry_until
-from tests import slurmcluster
+from tests import dockerengine, slurmcluster
 from tests.slurmcluster import SlurmCluster
 
 __all__ = ["retry_until"]
@@ -233,6 +233,38 @@ def slurm_box(box_base: Path) -> Iterator[SlurmBox]:
         print(f"sandbox down failed: {e}")
     for problem in slurmcluster.stop_cluster(cluster):
         print(f"slurm cluster stop: {problem}")
+
+
+@dataclass
+class DockerBox(Box):
+    """A sandbox box whose user reaches a real Docker engine (its own dockerd, ``DOCKER_HOST``
+    in every ssh session), with the test image and stand-in GPU device nodes."""
+
+    engine: dockerengine.Engine
+
+
+@pytest.fixture(scope="session")
+def docker_box(box_base: Path) -> Iterator[DockerBox]:
+    """A box with 2 stand-in GPUs and a real dockerd (started once per session); skipped where
+    dockerd cannot run (not root, docker.io missing)."""
+    try:
+        engine = dockerengine.start(gpus=2)
+    except dockerengine.DockerUnavailable as e:
+        pytest.skip(f"no Docker engine: {e}")
+    base = box_base / "docker"
+    try:
+        env = make_env(base)
+        extra = {"DOCKER_HOST": engine.host, "REMOTEDL_DEVICE_DIR": str(engine.dev_dir)}
+        info = sandbox.up(env, name="dockerbox", gpus=2, extra_env=extra)
+    except BaseException:
+        dockerengine.stop(engine)
+        raise
+    yield DockerBox(info, dict(env.environ), engine)
+    try:
+        sandbox.down(make_env(base), name="dockerbox")
+    except Exception as e:  # a finalizer never raises
+        print(f"sandbox down failed: {e}")
+    dockerengine.stop(engine)
 
 
 @pytest.fixture

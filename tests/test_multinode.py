@@ -257,6 +257,8 @@ def test_nodes_needs_enough_hosts_and_no_gpu_indices(nodes, proj):
     assert r.code == ExitCode.USAGE and "--gpus N" in r.err
     r = nodes.run("run", "--nodes", "2", "--gpus", "3", "--host", nodes.names, "rendezvous.py", cwd=proj)
     assert r.code == ExitCode.USAGE and "more than any box of the fleet has" in r.err
+    r = nodes.run("run", "--nodes", "2", "--image", "x:1", "--host", nodes.names, "rendezvous.py", cwd=proj)
+    assert r.code == ExitCode.USAGE and "--nodes in a container image (x:1) is not supported yet" in r.err
 
 
 def test_plan_env_and_hostfile():

@@ -19,6 +19,7 @@ from typing import Any
 from remotedl.agent import trackers
 from remotedl.agent.envsync import PROBE, WRAPPER, shell_for
 from remotedl.agent.gpus import blocked_by_earlier, choose_gpus
+from remotedl.agent.runtimes import container
 from remotedl.agent.runtimes.tmux import JOB_MARK, job_processes
 from remotedl.agent.state import active
 from remotedl.agent.store import (
@@ -39,11 +40,19 @@ from remotedl.waiting import pid_alive as _alive
 QUEUE_POLL = 1.0
 
 
-def _job_env(rec: dict[str, Any]) -> dict[str, str]:
-    env = dict(os.environ)
+def _job_values(rec: dict[str, Any]) -> dict[str, str]:
+    """The job's --env values, read once: their file is removed (they may be secrets, and live
+    only as long as needed)."""
+    values: dict[str, str] = {}
     with contextlib.suppress(OSError, ValueError):
-        env.update(json.loads(env_path(int(rec["id"])).read_text()))
-    remove_env_file(int(rec["id"]))  # values may be secrets: they live only as long as needed
+        values = {str(k): str(v) for k, v in json.loads(env_path(int(rec["id"])).read_text()).items()}
+    remove_env_file(int(rec["id"]))
+    return values
+
+
+def _job_env(rec: dict[str, Any], values: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(values)
     env.pop("TMUX", None)
     env.pop("TMUX_PANE", None)
     env["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED", "1")  # logs stream, not block-buffered
@@ -149,25 +158,123 @@ def _announce(ctx: Context) -> None:
         events.announce(ctx, [])
 
 
+def _in_container(
+    rec: dict[str, Any], inner: list[str], values: dict[str, str]
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """The job's shell in its container: ``docker run`` (its argv), the client's environment
+    (the box's, where the engine's settings are, and the values the env file cannot hold), and
+    the job's environment inside."""
+    job_id = int(rec["id"])
+    inside = container.container_env(rec, values)
+    trackers.apply(rec, inside)  # W&B and MLflow write into the job's directory, mounted
+    path, by_name = container.write_env_file(job_id, inside)
+    argv = container.run_argv(str(rec["engine"]), rec, inner, path, by_name)
+    env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
+    env.update({k: inside[k] for k in by_name})
+    if rec.get("mark"):
+        env[JOB_MARK] = str(rec["mark"])
+    return argv, env, inside
+
+
+def _forget_env_file(rec: dict[str, Any], child: subprocess.Popen[bytes]) -> None:
+    """The container's env file, removed once the engine made the container (its client has
+    read it then), or once the client exited."""
+    engine, name = str(rec["engine"]), str(rec["container"])
+    while child.poll() is None:
+        with contextlib.suppress(OSError):
+            made = container.engine_run(engine, "container", "inspect", "--format", "{{.Id}}", name)
+            if made.returncode == 0:
+                break
+        time.sleep(0.05)
+    container.remove_env_file(int(rec["id"]))
+
+
+def _pull(rec: dict[str, Any]) -> dict[str, Any]:
+    """The job's image on the box (pulled when missing, the engine's output in the log and the
+    pane), and its digest in the record; a failed pull fails the job."""
+    job_id = int(rec["id"])
+    engine, image = str(rec["engine"]), str(rec["image"])
+    try:
+        have = container.image_digest(engine, image)
+    except OSError as e:
+        have, error = None, str(e)
+    else:
+        error = ""
+    if have is None and not error:
+        rec = update(job_id, phase="pulling")  # the starter answers: the follower sees the pull
+        with open(rec["log"], "ab", buffering=0) as log:
+
+            def say(line: bytes) -> None:
+                log.write(line)
+                with contextlib.suppress(OSError):
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.buffer.flush()
+
+            say(f"remotedl: pulling {image} on the box...\n".encode())
+            last = b""
+            try:
+                proc = subprocess.Popen(
+                    [engine, "pull", image],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    say(line)
+                    last = line.strip() or last
+                code = proc.wait()
+            except OSError as e:
+                code, last = -1, str(e).encode()
+            if code != 0:
+                why = last.decode(errors="replace")[-300:] or f"exit {code}"
+                error = f"could not pull {image}: {why} (a private registry: `docker login` on the box first)"
+                say(f"remotedl: {error}\n".encode())
+    if not error:
+        container.record_digest(job_id, engine, image)
+    with box_lock():
+        rec = load(job_id)
+        rec.pop("phase", None)
+        if error and rec["status"] in ("starting", "queued"):
+            rec.update(status="failed", ended=time.time(), error=error)
+        save(rec)
+    return rec
+
+
 def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None:
     job_id = int(rec["id"])
-    env = _job_env(rec)
+    values = _job_values(rec)
+    env = _job_env(rec, values)
     watched = notify_path(job_id).exists() or bool(rec.get("stall_after"))
     spec = rec.get("environment") or {}
     nonce = secrets.token_hex(8)
+    in_image = bool(rec.get("image"))
+    command = str(rec["command"])
+    if in_image and rec.get("setup_cmd"):  # in each container: it starts from the image
+        command = "{ " + str(rec["setup_cmd"]) + "\n} || exit $?\n" + command
     argv = [
-        shell_for(spec.get("env_setup")),
+        "sh" if in_image else shell_for(spec.get("env_setup")),
         "-c",
         WRAPPER,
         "remotedl-job",
-        rec["command"],
-        rec.get("workdir") or "",
-        str(rec.get("remote_dir") or rec["cwd"]),
+        command,
+        # In an image, the image is the environment: no venv of the box's is activated.
+        "" if in_image else rec.get("workdir") or "",
+        "" if in_image else str(rec.get("remote_dir") or rec["cwd"]),
         spec.get("conda") or "",
         spec.get("env_setup") or "",
         nonce,
         PROBE,
     ]
+    job_env = env  # the job's own environment (for a container job: inside it)
+    if in_image:
+        try:
+            argv, env, job_env = _in_container(rec, argv, values)
+        except (AgentError, OSError) as e:
+            with open(rec["log"], "ab") as early:
+                early.write(f"remotedl: cannot start the container: {e}\n".encode())
+            update(job_id, status="failed", ended=time.time(), error=str(e))
+            return
     log = open(rec["log"], "ab", buffering=0)  # noqa: SIM115 - closed below after the pump
     with box_lock():
         rec = load(job_id)
@@ -193,13 +300,15 @@ def _run_job(ctx: Context, rec: dict[str, Any], *, waited: bool = False) -> None
             return
         rec.update(status="running", pid=child.pid, pgid=child.pid, started=time.time())
         if rec.get("trackers"):  # what the job got: a variable of the box's environment won
-            rec["trackers"] = {k: v for k, v in rec["trackers"].items() if env.get(k) == v}
+            rec["trackers"] = {k: v for k, v in rec["trackers"].items() if job_env.get(k) == v}
         save(rec)
+    if in_image:
+        threading.Thread(target=_forget_env_file, args=(rec, child), daemon=True).start()
     watch = None
     if watched:  # imported once the job runs: its start never waits for this
         from remotedl.agent import events
 
-        ctx.hide = tuple(env[k] for k in rec.get("env_keys") or [] if k in env)
+        ctx.hide = tuple(job_env[k] for k in rec.get("env_keys") or [] if k in job_env)
         if waited:  # it waited in the queue: say it started, without holding up its output
             events.in_background(events.send, job_id, "started", ctx.hide)
         if rec.get("stall_after"):
@@ -273,10 +382,13 @@ def op_runner(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
         rec = _wait_ready(rec)
         waited = rec["status"] == "queued"
         rec = _wait_in_queue(ctx, rec)
+        if rec["status"] == "starting" and rec.get("image"):
+            rec = _pull(rec)
         if rec["status"] == "starting":
             _run_job(ctx, rec, waited=waited)
     finally:
         remove_env_file(job_id)
+        container.remove_env_file(job_id)
         if notify_path(job_id).exists():  # the end, from the box: the laptop may be asleep
             from remotedl.agent import events
 

@@ -443,9 +443,12 @@ def stall_after(value: Any) -> float | None:
 
 
 def kind_of(r: dict[str, Any]) -> str:
-    """Which runtime holds the job (``runtimes.of``): ``slurm``, or ``box`` (a tmux session;
-    records of older agents have no ``scheduler``). Read once per record."""
-    return "slurm" if r.get("scheduler") == "slurm" else "box"
+    """Which runtime holds the job (``runtimes.of``): ``slurm``, ``container`` (a tmux session
+    whose runner runs the job in its image), or ``box`` (a tmux session; records of older
+    agents have no ``scheduler``). Read once per record."""
+    if r.get("scheduler") == "slurm":
+        return "slurm"
+    return "container" if r.get("image") else "box"
 
 
 def is_slurm(r: dict[str, Any]) -> bool:

@@ -90,6 +90,7 @@ def _jobs() -> dict[str, Handler]:
         "attach": jobs.cmd_attach,
         "show": jobs.cmd_show,
         "diff": jobs.cmd_diff,
+        "images": jobs.cmd_images,
     }
 
 
@@ -180,6 +181,9 @@ COMMANDS: dict[str, Command] = {
         "what a job ran: host, GPUs, command, commit, environment, times, exit, directory",
     ),
     "diff": Command(_jobs, parsers.diff, "a job's code against the local work tree (git diff)"),
+    "images": Command(
+        _jobs, parsers.images, "the container images on the box (docker or podman), the one jobs use marked"
+    ),
     "outputs": Command(
         _outputs, parsers.outputs, "list jobs' outputs and bring home those of jobs that ended; --watch"
     ),
@@ -199,7 +203,7 @@ COMMANDS: dict[str, Command] = {
     "setup": Command(
         _setup,
         parsers.setup,
-        "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check, autostop)",
+        "run playbooks on the box (base, ssh-hardening, jupyter, ddns, gpu-check, autostop, docker)",
     ),
     "doctor": Command(
         _setup, parsers.doctor, "check the whole chain, laptop to GPUs, and say how to fix what fails"

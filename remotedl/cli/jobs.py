@@ -278,6 +278,10 @@ def _show(app: App, job: str | None) -> int:
         rows.append(("ref", ref or "(not in this repository)"))
     else:
         rows.append(("commit", "none (not a git work tree)"))
+    if rec.image:
+        ran = rec.image_digest or "(digest not known yet)"
+        engine = rec.engine.rsplit("/", 1)[-1] if rec.engine else "?"
+        rows.append(("image", f"{rec.image} ({ran}), {engine} container {rec.container or '?'}"))
     rows += [
         ("env keys", ", ".join(rec.env_keys) or "-"),
         ("environment", _environment_text(rec)),
@@ -480,3 +484,29 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
         app.console.print(table)
     report_failures(app, result.failed)
     return result.exit_code
+
+
+def cmd_images(args: argparse.Namespace, env: Environment) -> int:
+    """The container images on the box (its engine's), the one jobs use marked."""
+    from remotedl.images import list_images
+    from remotedl.ssh import open_box
+
+    app = App(args, env)
+    spec = app.spec()
+    with open_box(spec) as box:
+        found = list_images(box, app.settings.get("container"))
+    if app.json:
+        app.print_json(found.to_dict())
+        return ExitCode.OK
+    wanted = str(app.settings.get("image") or "")
+    engine = found.engine.rsplit("/", 1)[-1]
+    if not found.images:
+        app.out(f"no images in {engine} on {spec.alias}")
+        return ExitCode.OK
+    width = max(len(i.name) for i in found.images)
+    for i in found.images:
+        mark = "*" if wanted and wanted in (i.name, i.name.removeprefix("docker.io/")) else " "
+        app.out(safe(f"{mark} {i.name:<{width}}  {i.id:<19}  {i.size:>8}  {i.created}"))
+    if wanted and not any(wanted in (i.name, i.name.removeprefix("docker.io/")) for i in found.images):
+        env.stderr.write(f"remotedl: {safe(wanted)} (image) is not on {spec.alias}: the first run pulls it\n")
+    return ExitCode.OK

@@ -57,6 +57,11 @@ def run_nodes(app: App, args: argparse.Namespace) -> int:
                 hint='use boxes (scheduler = "box") for a multi-node run',
             )
     first = plan_for(app.for_host(app.hosts[0]), args)  # the command and flags checked here, once
+    if first.image:  # the nodes' rendezvous needs the host's network, which job containers lack
+        raise UsageError(
+            f"--nodes in a container image ({first.image}) is not supported yet",
+            hint="give --no-image to run the nodes on the boxes themselves",
+        )
     root = first.project_root
     sampled = fleet_samples(fleet)
     for r in sampled.failed:

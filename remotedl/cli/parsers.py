@@ -131,6 +131,9 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", type=int, metavar="N", help="pick N free GPUs")
     g.add_argument("--cpu", action="store_true", help="run with no GPU visible")
     p.add_argument("--queue", action="store_true", help="wait on the box until the GPUs are free")
+    im = p.add_mutually_exclusive_group()
+    im.add_argument("--image", metavar="IMAGE", help="run the command in this image (docker, podman)")
+    im.add_argument("--no-image", action="store_true", help="run on the box itself, whatever `image` says")
     p.add_argument(
         "--nodes",
         type=int,
@@ -216,6 +219,10 @@ def jobs(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
 
 
+def images(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.epilog = "The image jobs use (`image`) is marked with *; `--json` gives engine and images."
+
+
 def show(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job id or name (default: this project's latest job)")
     p.add_argument("--remote-dir", metavar="DIR", help="work tree on the box (default ~/remotedl/PROJECT)")
@@ -274,6 +281,7 @@ def jupyter(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None
     p.add_argument(
         "--gpus", type=int, default=1, metavar="N", help="Slurm hosts: GPUs for the Jupyter job (default 1)"
     )
+    p.add_argument("--image", metavar="IMAGE", help="Jupyter in a container of this image (or jupyter_image)")
     _slurm_flags(p)
 
 
@@ -294,6 +302,7 @@ def tensorboard(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> 
         metavar="JOB",
         help="serve LOGDIR of each job's own directory, one run per job (default: this project's jobs)",
     )
+    p.add_argument("--image", metavar="IMAGE", help="TensorBoard in a container of this image")
     p.add_argument(
         "--local",
         action="store_true",

@@ -75,6 +75,8 @@ def plan_for(app: App, args: argparse.Namespace, *, queue: bool | None = None) -
         slurm=slurmcli.settings_for(app, args),
         ref_host=app.narrowed,
         outputs=list(getattr(args, "output", None) or []),
+        image=getattr(args, "image", None),
+        no_image=bool(getattr(args, "no_image", False)),
     )
 
 

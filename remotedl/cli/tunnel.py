@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from remotedl.slurm import SlurmSettings
 
 
+def _image_spec(app: App, name: str | None) -> Any:
+    """Jupyter's or TensorBoard's container image (``--image``, ``jupyter_image``,
+    ``tensorboard_image``) with the container settings, or None: on the box itself."""
+    if not name:
+        return None
+    from remotedl.jupyter import ImageSpec
+
+    if name.startswith("-") or any(c.isspace() for c in name):
+        raise UsageError(f"--image {name!r} is not an image name")
+    s = app.settings
+    return ImageSpec(name, s.get("container"), str(s.get("container_gpus")), list(s.get("container_args")))
+
+
 def cmd_jupyter(args: argparse.Namespace, env: Environment) -> int:
     args.jupyter = True
     args.as_jupyter = True
@@ -51,7 +64,10 @@ def cmd_tensorboard(args: argparse.Namespace, env: Environment) -> int:
         tun.check_local_ports([tun.Forward(local, local)], instead)
     runs = _job_runs(app, logdir) if args.jobs is not None else []
     with status_line(env, not app.json) as say:
-        server = tensorboard.find_or_start(spec, remote_dir(app), logdir, runs=runs, on_progress=say)
+        image = _image_spec(app, getattr(args, "image", None) or app.settings.get("tensorboard_image"))
+        server = tensorboard.find_or_start(
+            spec, remote_dir(app), logdir, runs=runs, on_progress=say, image=image
+        )
     for name, directory in server.runs:
         env.stderr.write(f"remotedl: run {name}: {directory}\n")
     forwards = [tun.Forward(local, server.port)]
@@ -135,9 +151,15 @@ def cmd_tunnel(args: argparse.Namespace, env: Environment) -> int:
         wanted_remote = forwards[0].remote if forwards and ":" in args.ports[0] else None
         from remotedl.cli.statusline import status_line
 
+        image = _image_spec(app, getattr(args, "image", None) or app.settings.get("jupyter_image"))
         with status_line(env, not app.json) as say:
             server = jupyter.find_or_start(
-                spec, remote_dir(app), remote_port=wanted_remote, colab=args.colab, on_progress=say
+                spec,
+                remote_dir(app),
+                remote_port=wanted_remote,
+                colab=args.colab,
+                on_progress=say,
+                image=image,
             )
         forwards = [tun.Forward(local, server.port), *forwards[1:]]
         if not args.supervise and not tun.port_free(local):

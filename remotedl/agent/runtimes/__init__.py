@@ -1,6 +1,6 @@
 """Job runtimes: what holds a job's processes. One interface, chosen once per record.
 
-A record's kind (``store.kind_of``: ``box`` or ``slurm``) picks its runtime (``of``); a start
+A record's kind (``store.kind_of``: ``box``, ``container`` or ``slurm``) picks its runtime (``of``); a start
 request's ``scheduler`` picks the runtime that makes the record (``for_request``). The ops and
 the liveness look (``state.refresh``) ask the runtime and never which kind of job they hold:
 
@@ -13,7 +13,8 @@ the liveness look (``state.refresh``) ask the runtime and never which kind of jo
 
 Runtimes import the store, the checkouts and the GPU choice, never the ops, the state or the
 events: a look that finds news puts it in the request's ``Context``; the op sends it.
-Containers and jobs spanning several nodes plug in here as further runtimes.
+A job in a container image (``container``) is a tmux job whose runner runs ``docker run``
+(``runtimes/container.py``); jobs spanning several nodes plug in here as further runtimes.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ from __future__ import annotations
 from typing import Any
 
 from remotedl.agent.runtimes.base import Killed, LogFollow, Runtime, StartPlan
+from remotedl.agent.runtimes.container import ContainerRuntime
 from remotedl.agent.runtimes.slurm import SlurmRuntime
 from remotedl.agent.runtimes.tmux import TmuxRuntime
 from remotedl.agent.store import kind_of
 
 __all__ = ["RUNTIMES", "Killed", "LogFollow", "Runtime", "StartPlan", "for_request", "of"]
 
-RUNTIMES: dict[str, Runtime] = {"box": TmuxRuntime(), "slurm": SlurmRuntime()}
+RUNTIMES: dict[str, Runtime] = {
+    "box": TmuxRuntime(),
+    "slurm": SlurmRuntime(),
+    "container": ContainerRuntime(),
+}
 
 
 def of(rec: dict[str, Any]) -> Runtime:
@@ -36,5 +42,8 @@ def of(rec: dict[str, Any]) -> Runtime:
 
 
 def for_request(req: dict[str, Any]) -> Runtime:
-    """The runtime a start request asks for (``scheduler``; the box's tmux by default)."""
-    return RUNTIMES["slurm" if req.get("scheduler") == "slurm" else "box"]
+    """The runtime a start request asks for (``scheduler``, ``image``; the box's tmux by
+    default)."""
+    if req.get("scheduler") == "slurm":
+        return RUNTIMES["slurm"]
+    return RUNTIMES["container" if req.get("image") else "box"]

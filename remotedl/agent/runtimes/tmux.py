@@ -230,7 +230,8 @@ def _wait_started(job_id: int) -> dict[str, Any]:
     next_check = time.monotonic() + 0.5
     while True:
         rec = load(job_id)
-        if rec["status"] in ENDED or (rec.get("runner_pid") and rec["status"] in ("queued", "running")):
+        started = rec["status"] in ("queued", "running") or rec.get("phase") == "pulling"
+        if rec["status"] in ENDED or (rec.get("runner_pid") and started):
             return rec
         now = time.monotonic()
         if now >= next_check:

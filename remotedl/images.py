@@ -1,0 +1,83 @@
+"""The container images on a box (``remotedl images``): what its engine (docker or podman, as
+jobs in an image find it) holds, one script over the box's ssh connection."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from remotedl.errors import RemoteError, UsageError
+from remotedl.ssh import Box
+from remotedl.ssh.channel import parse_marks
+
+# "$1": the engine asked for (or ""). The engine's own JSON lines, one per image.
+_LIST = r"""
+E=$1
+if [ -z "$E" ]; then
+  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
+fi
+if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@engine none"; exit 0; fi
+echo "@@engine $E"
+if ! out=$("$E" images --format '{{json .}}' 2>&1); then
+  echo "@@error $(printf '%s\n' "$out" | tail -n 1)"; exit 0
+fi
+echo "@@images"
+printf '%s\n' "$out"
+"""
+
+
+@dataclass
+class Image:
+    name: str  # repository:tag, or <none>
+    id: str
+    size: str  # as the engine says it (1.2GB)
+    created: str  # as the engine says it (2 weeks ago)
+
+
+@dataclass
+class BoxImages:
+    engine: str
+    images: list[Image] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image(row: dict[str, Any]) -> Image:
+    repo, tag = str(row.get("Repository") or "<none>"), str(row.get("Tag") or "<none>")
+    names = row.get("Names")  # podman: the full names
+    name = str(names[0]) if isinstance(names, list) and names else f"{repo}:{tag}"
+    return Image(
+        name=name,
+        id=str(row.get("ID") or row.get("Id") or "")[:19],
+        size=str(row.get("Size") or row.get("VirtualSize") or ""),
+        created=str(row.get("CreatedSince") or row.get("CreatedAt") or ""),
+    )
+
+
+def list_images(box: Box, engine: str | None = None) -> BoxImages:
+    """The images the box's engine holds; raises when there is none or it does not answer."""
+    out = box.run(_LIST, engine or "", check=False).stdout
+    marks = parse_marks(out)
+    found = marks.get("engine", "").strip()
+    if not found or found == "none":
+        raise UsageError(
+            f"{engine or 'docker or podman'} is not installed on {box.spec.alias}",
+            hint="`remotedl setup docker` installs one",
+        )
+    if "error" in marks:
+        raise RemoteError(
+            f"{found.rsplit('/', 1)[-1]} on {box.spec.alias} does not answer: {marks['error'].strip()}",
+            hint="`remotedl doctor` checks the engine (the docker group, a stopped daemon)",
+        )
+    images = []
+    rows = out.split("@@images\n", 1)[1] if "@@images\n" in out else ""
+    for line in rows.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            images.append(_image(row))
+    return BoxImages(found, images)
