@@ -10,6 +10,7 @@ from collections.abc import Callable
 from remotedl.cli.app import App
 from remotedl.errors import ExitCode, Interrupted, JobFailed, RemotedlError, UsageError
 from remotedl.multinode import Node, NodeJob, NodePlan, Run
+from remotedl.run import RunPlan
 from remotedl.words import plural, printable
 
 RUN_PREFIX = "run-"
@@ -19,19 +20,21 @@ def is_run_ref(ref: str | None) -> bool:
     return bool(ref) and str(ref).startswith(RUN_PREFIX)
 
 
-def run_nodes(app: App, args: argparse.Namespace) -> int:
+def run_nodes(
+    app: App, args: argparse.Namespace, plan_for: Callable[[App, argparse.Namespace], RunPlan]
+) -> int:
     """Place the run on ``--nodes`` boxes with the GPUs free, push the same commit to each,
     start one job per node at once with the rendezvous variables, and follow them as one run.
     Each node's job is the ``RunPlan`` that host's settings give (``nodes`` set, the node's
-    variables in its ``env``)."""
+    variables in its ``env``). ``plan_for`` is ``run``'s own plan builder (handed down, so this
+    module does not import the one that dispatches to it)."""
     import dataclasses
 
     from remotedl import jobs, multinode, sync
     from remotedl.cli.common import sync_environment, warner
-    from remotedl.cli.run import plan_for
     from remotedl.errors import ConnectError
     from remotedl.fleet import fleet_samples, run_on_hosts
-    from remotedl.run import RunPlan, register_outputs
+    from remotedl.run import register_outputs
 
     env = app.env
     if args.nodes < 2:

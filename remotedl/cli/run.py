@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     if args.nodes is not None:  # one run across several boxes (remotedl.multinode)
         from remotedl.cli.multinode import run_nodes
 
-        return run_nodes(app, args)
+        return run_nodes(app, args, plan_for)
     if app.is_fleet:
         from remotedl.cli.slurm import refuse_in_fleet
 
