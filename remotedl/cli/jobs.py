@@ -24,7 +24,7 @@ from remotedl.cli.common import (
     warner,
 )
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, JobFailed, UsageError
+from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
@@ -190,8 +190,14 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
         return jobs.prune(client, rdir, older_than=older, dry_run=dry_run)
 
     plan = go(True)
+    if not plan.removed and plan.refused and not app.json:
+        # Nothing to do but refusals (`jobs rm 999`): one error, as every other error reads.
+        raise RemotedlError(
+            "; ".join(safe(why) for why in plan.refused),
+            hint=f"`remotedl jobs --all` lists the jobs on {client.spec.alias}",
+        )
     for why in plan.refused:
-        env.stderr.write(f"remotedl: {safe(why)}\n")
+        env.stderr.write(f"remotedl: error: {safe(why)}\n")
     if not plan.removed:
         if app.json:
             app.print_json(plan.to_dict())
