@@ -246,6 +246,7 @@ def _environment_text(rec: JobRecord) -> str:
 
 def _show(app: App, job: str | None) -> int:
     from remotedl import jobs
+    from remotedl.snapshot import snapshot_holds, snapshot_words
 
     client = agent_client(app)
     spec = client.spec
@@ -279,7 +280,9 @@ def _show(app: App, job: str | None) -> int:
             on = f" on top of {rec.git_head[:12]}" if rec.git_head else ""
             files = ", ".join(rec.snapshot_files[:20])
             more = f" and {len(rec.snapshot_files) - 20} more" if len(rec.snapshot_files) > 20 else ""
-            commit += f" (snapshot of uncommitted work{on}; changed: {files or '?'}{more})"
+            held = snapshot_holds(root, rec.git_head, rec.git_commit) if rec.git_head else []
+            changed = f"; changed: {files or '?'}{more}" if "uncommitted work" in held or not held else ""
+            commit += f" (snapshot {snapshot_words(held)}{on}{changed})"
         rows.append(("commit", commit))
         rows.append(("ref", ref or "(not in this repository)"))
     else:
