@@ -515,3 +515,46 @@ def snapshot_changes(root: Path, head: str, commit: str) -> list[str]:
             edited.append(line[len(EDITED_SUBMODULE) :])
     r = proc.run(["git", "-C", str(root), "diff", "--name-only", "--no-renames", head, base], check=False)
     return (r.stdout.splitlines() if r.returncode == 0 else []) + edited
+
+
+def snapshot_holds(root: Path, head: str, commit: str) -> list[str]:
+    """What a snapshot commit holds besides ``head``, in words: "uncommitted work" (the user's
+    changes, a submodule's included), "LFS files' content" and "submodule files" (put in place
+    of pointers and gitlinks: no change of the user's). [] when ``commit`` is not in ``root``."""
+    body = proc.run(["git", "-C", str(root), "log", "-1", "--format=%b", commit], check=False)
+    if body.returncode != 0:
+        return []
+    base, edited = commit, False
+    for line in body.stdout.splitlines():
+        if line.startswith(WORK_TREE):
+            base = line[len(WORK_TREE) :].strip()
+        elif line.startswith(EDITED_SUBMODULE):
+            edited = True
+    if base == commit:
+        return ["uncommitted work"]
+    held = []
+    same = proc.run(["git", "-C", str(root), "diff", "--quiet", head, base], check=False)
+    if edited or same.returncode != 0:
+        held.append("uncommitted work")
+    links = [
+        rec.partition("\t")[2]
+        for rec in git(root, "ls-tree", "-r", "-z", base, check=False).split("\0")
+        if rec.startswith("160000 ")
+    ]
+    put = git(root, "diff", "--name-only", "--no-renames", "-z", base, commit, check=False).split("\0")
+    under = [any(p == x or p.startswith(x + "/") for x in links) for p in put if p]
+    if not all(under):
+        held.append("LFS files' content")
+    if any(under):
+        held.append("submodule files")
+    return held
+
+
+def snapshot_words(held: Sequence[str]) -> str:
+    """``snapshot_holds`` as a push or show says it: "of uncommitted work", "of uncommitted
+    work, with submodule files", "with LFS files' content"."""
+    extra = [x for x in held if x != "uncommitted work"]
+    parts = ["of uncommitted work"] if "uncommitted work" in held or not held else []
+    if extra:
+        parts.append("with " + " and ".join(extra))
+    return ", ".join(parts)

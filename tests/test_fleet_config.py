@@ -130,7 +130,7 @@ def test_project_host_tables_cannot_name_an_ssh_config_until_allowed(tmp_path):
         proj / "remotedl.toml",
         'host = "gpu1"\n[hosts.gpu1]\nssh_config = "evil_ssh_config"\nremote_dir = "/r"\n',
     )
-    code, _, err = run_main(tmp_path, "config", cwd=proj)
+    code, _, err = run_main(tmp_path, "status", cwd=proj)
     assert code == 3
     assert "hosts.gpu1.ssh_config" in err
     assert "remotedl allow" in err

@@ -224,6 +224,13 @@ def test_jobs_rm_and_prune(box, origin, tmp_path):
     assert not Path(first["log"]).exists()
     assert ids[0] not in jobs_of(run, origin)
     assert first["workdir"] not in git(tree, "worktree", "list")
+    r = run("jobs", "rm", "999999", "--yes", cwd=origin)  # no such job: one error and its hint
+    assert r.code == 1
+    assert r.out == ""
+    assert r.err.splitlines() == [
+        "remotedl: error: no job 999999 on this box",
+        f"  hint: `remotedl jobs --all` lists the jobs on {box.name}",
+    ], r.err
     r = run("jobs", "prune", "--older-than", "1d", "--yes", cwd=origin)  # none is that old
     assert r.code == 0, r.err
     assert "nothing to remove" in r.out

@@ -216,6 +216,8 @@ def test_submodules_are_shipped_and_jobs_import_them(cli, box, project, tmp_path
     r = cli("push", cwd=project)
     assert r.code == 0, r.err
     assert "left out" not in r.out and "note" not in r.out, r.out
+    # git status is clean: the snapshot holds the submodule's files, no work of the user's.
+    assert " with submodule files on " in r.out and "uncommitted" not in r.out, r.out
     assert box_path(box, rdir, "third_party/lib/mylib/helper.py").read_text() == "VALUE = 42\n"
     assert box_path(box, rdir, "third_party/lib/inner/deep.py").read_text() == "DEEP = 'deep'\n"
     assert git(project, "status", "--porcelain") == before  # the local repository as it was
@@ -232,8 +234,15 @@ def test_submodules_are_shipped_and_jobs_import_them(cli, box, project, tmp_path
     r = cli("jobs", "--all", "--json", cwd=project)
     records = sorted(json.loads(r.out), key=lambda j: j["id"])
     assert [j["snapshot_files"] for j in records[-2:]] == [[], ["third_party/lib/"]], records
+    r = cli("show", str(records[-2]["id"]), cwd=project)
+    assert r.code == 0, r.err
+    assert "(snapshot with submodule files on top of " in r.out and "uncommitted" not in r.out, r.out
+    r = cli("show", str(records[-1]["id"]), cwd=project)
+    assert "(snapshot of uncommitted work, with submodule files on top of " in r.out, r.out
+    assert "changed: third_party/lib/" in r.out, r.out
     r = cli("push", cwd=project)
     assert r.code == 0, r.err
+    assert " of uncommitted work, with submodule files on " in r.out, r.out
     assert "note      third_party/lib/: submodule with uncommitted changes" in r.out
     assert box_path(box, rdir, "third_party/lib/mylib/helper.py").read_text() == "VALUE = 43\n"
 
@@ -282,6 +291,7 @@ def test_lfs_files_arrive_as_their_content_on_a_box_with_git_lfs(fresh_box, proj
     r = run("push", cwd=project)
     assert r.code == 0, r.err
     assert "lfs       " not in r.out, r.out
+    assert " of uncommitted work, with LFS files' content on " in r.out, r.out  # remotedl.toml too
     where = Path(fresh_box.info.home) / "lfs"
     assert (where / "weights.bin").read_bytes() == content
     r = run("push", "--json", cwd=project)
@@ -292,6 +302,10 @@ def test_lfs_files_arrive_as_their_content_on_a_box_with_git_lfs(fresh_box, proj
     assert "bytes 5000" in r.out  # the job's own checkout has the content too
     (job,) = json.loads(run("jobs", "--all", "--json", cwd=project).out)
     assert job["snapshot_files"] == ["remotedl.toml"]  # weights.bin: its content is no change of yours
+    commit_all(project, "remote_dir")  # git status clean: only the LFS content is put in
+    r = run("push", cwd=project)
+    assert r.code == 0, r.err
+    assert " with LFS files' content on " in r.out and "uncommitted" not in r.out, r.out
     # A changed LFS file goes too.
     (project / "weights.bin").write_bytes(content[:100])
     assert run("push", cwd=project).code == 0

@@ -70,7 +70,7 @@ def test_project_ssh_config_runs_nothing_until_allowed(tmp_path):
     (proj / "tools").mkdir()
     (proj / "tools" / "ssh.cfg").write_text(f'Match exec "touch {marker}"\n  HostName 127.0.0.1\n')
     e = make_env(tmp_path / "laptop", cwd=proj)
-    assert main(["config"], e) == 3
+    assert main(["status"], e) == 3
     assert "ssh_config" in e.stderr.getvalue() and "remotedl allow" in e.stderr.getvalue()
     assert not marker.exists()
     e = make_env(tmp_path / "laptop", cwd=proj)
@@ -85,7 +85,29 @@ def test_project_ssh_config_runs_nothing_until_allowed(tmp_path):
     # Any change to the file needs a new approval.
     (proj / "remotedl.toml").write_text('host = "other"\nssh_config = "tools/ssh.cfg"\n')
     e = make_env(tmp_path / "laptop", cwd=proj)
-    assert main(["config"], e) == 3
+    assert main(["status"], e) == 3
+    assert not marker.exists()
+
+
+def test_config_shows_a_project_before_allow_and_runs_nothing(tmp_path):
+    """A newcomer may look at a cloned project's settings before trusting it: `config` shows
+    them, names each one that needs `allow`, and runs nothing (no ssh -G of its ssh config)."""
+    from remotedl.cli import main
+
+    marker = tmp_path / "ran"
+    proj = _project_with(tmp_path, 'host = "gpubox"\nremote_dir = "/r"\nssh_config = "tools/ssh.cfg"\n')
+    (proj / "tools").mkdir()
+    (proj / "tools" / "ssh.cfg").write_text(f'Match exec "touch {marker}"\n  HostName 127.0.0.1\n')
+    e = make_env(tmp_path / "laptop", cwd=proj)
+    assert main(["config"], e) == 0, e.stderr.getvalue()
+    out = e.stdout.getvalue()
+    assert "needs allow: ssh_config" in out and "can run commands on this machine" in out, out
+    assert "gpubox" in out and "/r" in out
+    e = make_env(tmp_path / "laptop", cwd=proj)
+    assert main(["config", "--json"], e) == 0, e.stderr.getvalue()
+    data = json.loads(e.stdout.getvalue())
+    assert list(data["needs_allow"]) == ["ssh_config"]
+    assert data["settings"]["ssh_config"]["value"] is None  # not applied
     assert not marker.exists()
 
 
@@ -211,7 +233,9 @@ def test_allow_covers_the_ssh_config_and_every_file_it_includes(tmp_path):
 
     def code() -> int:
         e = make_env(tmp_path / "laptop", cwd=proj)
-        return main(["config"], e)
+        return main(["status" if refused else "config"], e)
+
+    refused = False
 
     e = make_env(tmp_path / "laptop", cwd=proj)
     assert main(["allow"], e) == 0, e.stderr.getvalue()
@@ -224,9 +248,11 @@ def test_allow_covers_the_ssh_config_and_every_file_it_includes(tmp_path):
         lambda: (proj / "tools" / "deeper.cfg").write_text(match_exec),  # two Includes down
     ):
         change()
+        refused = True
         assert code() == 3  # refused: not run
         assert not marker.exists()
         assert main(["allow"], make_env(tmp_path / "laptop", cwd=proj)) == 0
+        refused = False
         assert code() == 0
         assert marker.exists()  # allowed: it runs
         marker.unlink()
@@ -244,7 +270,7 @@ def test_a_change_after_allow_is_named_as_one(tmp_path):
 
     def config() -> str:
         e = make_env(tmp_path / "laptop", cwd=proj)
-        assert main(["config"], e) == 3
+        assert main(["status"], e) == 3
         return e.stderr.getvalue()
 
     first = config()

@@ -227,21 +227,18 @@ def handler(name: str) -> Handler:
 
 
 class ArgvError(UsageError):
-    """A command line argparse cannot take; ``usage`` is the usage line of the parser that said so."""
-
-    def __init__(self, message: str, hint: str | None = None, usage: str = "") -> None:
-        super().__init__(message, hint)
-        self.usage = usage
+    """A command line argparse cannot take: one line and a hint naming the command's --help
+    (no usage block: it buried the one line that says what is wrong)."""
 
 
 class UnknownChoice(ArgvError):
-    """An unknown command or choice: one line, no usage block."""
+    """An unknown command or choice, said with the closest one."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # Raised, not printed: main() renders it once, as text or (--json) as JSON.
-        raise ArgvError(message, hint=f"see `{self.prog} --help`", usage=self.format_usage())
+        raise ArgvError(message, hint=f"see `{self.prog} --help`")
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         # argparse's "invalid choice: 'stauts' (choose from 'status', 'config', ...)" becomes one
@@ -443,9 +440,7 @@ def _wants_json(argv: list[str]) -> bool:
     return "--json" in words
 
 
-def _fail(
-    env: Environment, as_json: bool, message: str, hint: str | None, code: int, *, usage: str = ""
-) -> int:
+def _fail(env: Environment, as_json: bool, message: str, hint: str | None, code: int) -> int:
     """The one rendering of a failure: two lines on stderr, or with --json one JSON object on
     stdout (the stream a script already parses), with the same exit code either way."""
     if as_json:
@@ -454,7 +449,6 @@ def _fail(
         return int(code)
     from remotedl.words import printable
 
-    env.stderr.write(usage)
     env.stderr.write(f"remotedl: error: {printable(message)}\n")
     if hint:
         env.stderr.write(f"  hint: {printable(hint)}\n")
@@ -490,8 +484,7 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
         if extra:
             _unrecognized(parser, args, extra)
     except ArgvError as e:
-        usage = "" if isinstance(e, UnknownChoice) else e.usage
-        return _fail(env, as_json, e.message, e.hint, e.exit_code, usage=usage)
+        return _fail(env, as_json, e.message, e.hint, e.exit_code)
     for option in taken:  # at most one: a second is refused by split_run_argv
         env.stderr.write(f"remotedl: took {option} for remotedl; to pass it to the script, put it after --\n")
     if not args.subcommand:

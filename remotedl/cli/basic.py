@@ -143,9 +143,17 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
     for name in sorted(s.host_tables):
         where = sorted({x.source for x in s.host_tables[name].values()})
         rows.append((f"[hosts.{name}]", ", ".join(sorted(s.host_tables[name])), "; ".join(where)))
+    # Shown before `remotedl allow` too: what the project file sets that is not used until then.
+    pending = {key: s.allow_reasons.get(key, "needs allow") for key in s.needs_allow}
+    for key, why in pending.items():
+        rows.append((f"needs allow: {key}", why, "not used until you run `remotedl allow`"))
     host: dict[str, tuple[object, str]] = {}
     members: list[tuple[str, Member | None, str | None]] = []  # (name, member, error)
-    if len(names) == 1:
+    if pending:
+        # The host is resolved (ssh -G reads the ssh config) only once the project file is allowed.
+        if names:
+            rows.append(("host (resolved)", "(not yet)", "after `remotedl allow`"))
+    elif len(names) == 1:
         host = _spec_rows(app.spec(), s.source("host"))
     elif names:
         resolved = app.fleet().map(lambda m: m)
@@ -161,6 +169,7 @@ def cmd_config(args: argparse.Namespace, env: Environment) -> int:
             "tables": {k: {"keys": sorted(v.value), "source": v.source} for k, v in s.tables.items()},
             "host": {k: {"value": v[0], "source": v[1]} for k, v in host.items()},
             "host_names": names,
+            "needs_allow": pending,
         }
         if members:
             data["hosts"] = {

@@ -24,7 +24,7 @@ from remotedl.cli.common import (
     warner,
 )
 from remotedl.env import Environment
-from remotedl.errors import ExitCode, JobFailed, UsageError
+from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 from remotedl.words import plural
 
 if TYPE_CHECKING:
@@ -190,8 +190,14 @@ def _remove(args: argparse.Namespace, env: Environment) -> int:
         return jobs.prune(client, rdir, older_than=older, dry_run=dry_run)
 
     plan = go(True)
+    if not plan.removed and plan.refused and not app.json:
+        # Nothing to do but refusals (`jobs rm 999`): one error, as every other error reads.
+        raise RemotedlError(
+            "; ".join(safe(why) for why in plan.refused),
+            hint=f"`remotedl jobs --all` lists the jobs on {client.spec.alias}",
+        )
     for why in plan.refused:
-        env.stderr.write(f"remotedl: {safe(why)}\n")
+        env.stderr.write(f"remotedl: error: {safe(why)}\n")
     if not plan.removed:
         if app.json:
             app.print_json(plan.to_dict())
@@ -240,6 +246,7 @@ def _environment_text(rec: JobRecord) -> str:
 
 def _show(app: App, job: str | None) -> int:
     from remotedl import jobs
+    from remotedl.snapshot import snapshot_holds, snapshot_words
 
     client = agent_client(app)
     spec = client.spec
@@ -273,7 +280,9 @@ def _show(app: App, job: str | None) -> int:
             on = f" on top of {rec.git_head[:12]}" if rec.git_head else ""
             files = ", ".join(rec.snapshot_files[:20])
             more = f" and {len(rec.snapshot_files) - 20} more" if len(rec.snapshot_files) > 20 else ""
-            commit += f" (snapshot of uncommitted work{on}; changed: {files or '?'}{more})"
+            held = snapshot_holds(root, rec.git_head, rec.git_commit) if rec.git_head else []
+            changed = f"; changed: {files or '?'}{more}" if "uncommitted work" in held or not held else ""
+            commit += f" (snapshot {snapshot_words(held)}{on}{changed})"
         rows.append(("commit", commit))
         rows.append(("ref", ref or "(not in this repository)"))
     else:

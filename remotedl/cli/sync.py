@@ -6,6 +6,7 @@ import argparse
 import shlex
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from remotedl.cli.app import App
@@ -107,11 +108,16 @@ def made_line(alias: str, remote_dir: str, mode: str) -> str:
     return f"made  {alias}:{remote_dir} mode {mode}: {who}"
 
 
-def _push_lines(result: PushResult, alias: str, limit: int) -> list[str]:
+def _push_lines(result: PushResult, alias: str, limit: int, root: Path) -> list[str]:
+    from remotedl.snapshot import snapshot_holds, snapshot_words
+
     lines = []
+    if result.commit and result.snapshot:
+        held = snapshot_holds(root, result.head, result.commit) if result.head else []
+        what = f"snapshot {result.commit[:10]} {snapshot_words(held)} on {(result.head or '-')[:10]}"
+    elif result.commit:
+        what = f"commit {result.commit[:10]}"
     if result.commit:
-        what = f"snapshot {result.commit[:10]} of uncommitted work on {(result.head or '-')[:10]}"
-        what = what if result.snapshot else f"commit {result.commit[:10]}"
         state = "checked out" if result.code_changed else "already there"
         lines.append(f"code  {what} -> {alias}:{result.remote_dir} ({state})")
     if result.created_mode:
@@ -169,7 +175,7 @@ def cmd_push(args: argparse.Namespace, env: Environment) -> int:
     if app.json:
         app.print_json({**result.to_dict(), **({"environment": synced.to_dict()} if synced else {})})
         return ExitCode.OK
-    for line in _push_lines(result, spec.alias, limit):
+    for line in _push_lines(result, spec.alias, limit, app.settings.project.root):
         app.out(line)
     if synced is not None:
         state = "synced" if synced.synced else ("up to date" if synced.needed else "nothing to sync")
