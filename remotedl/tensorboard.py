@@ -68,8 +68,11 @@ for f in "$HOME/.remotedl/tensorboard/.tensorboard-info"/pid-*.info \
   case $pid in ''|*[!0-9]*) continue;; esac
   if [ -d /proc/self ]; then
     [ -d "/proc/$pid" ] && [ -O "/proc/$pid" ] || continue
+    # A record left by a killed TensorBoard names a pid the kernel may have handed out again.
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q tensorboard || continue
   else
     [ "$(ps -o uid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$uid" ] || continue
+    ps -o command= -p "$pid" 2>/dev/null | grep -q tensorboard || continue
   fi
   printf '@@info %s ' "$pid"; tr -d '\n' < "$f"; echo
 done

@@ -225,7 +225,9 @@ def test_another_users_record_is_not_trusted_and_the_port_alone_shows_nothing(
         secret = url.rstrip("/").rsplit("/", 1)[1]
         mine = list((box.home / ".remotedl" / "tensorboard" / ".tensorboard-info").glob("pid-*.info"))
         live = [i for i in (json.loads(f.read_text()) for f in mine) if Path(f"/proc/{i['pid']}").exists()]
-        (tb_pid,) = [i["pid"] for i in live if i["port"] == remote_port]
+        # By its secret, not its port alone: a record left by a killed TensorBoard of an earlier
+        # test may name the same default port and a pid the kernel has since handed out again.
+        (tb_pid,) = [i["pid"] for i in live if i["port"] == remote_port and i["path_prefix"] == "/" + secret]
         for f in mine:
             assert stat.S_IMODE(f.stat().st_mode) == 0o600
         flags = list((box.home / ".remotedl").glob("*.flags"))
@@ -250,3 +252,44 @@ def test_another_users_record_is_not_trusted_and_the_port_alone_shows_nothing(
         fake.wait()
         record.unlink(missing_ok=True)
         shutil.rmtree(site, ignore_errors=True)
+
+
+def test_a_record_whose_pid_now_names_another_process_is_not_trusted(box, project, tb_project):
+    """TensorBoard killed hard leaves its record behind; the kernel later hands its pid to some
+    other process of the same user. That record, for the very directory and with a secret
+    prefix, is not a running TensorBoard: remotedl starts one of its own."""
+    from remotedl.waiting import free_port
+
+    run, work = tb_project
+    write_scalars(work / "runs" / "exp1", "loss", [1.0])
+    serves = str((work / "runs").resolve())
+    other = subprocess.Popen(["sleep", "300"])  # the box user's, like the reused pid would be
+    records = box.home / ".remotedl" / "tensorboard" / ".tensorboard-info"
+    records.mkdir(parents=True, exist_ok=True)
+    record = records / f"pid-{other.pid}.info"
+    try:
+        record.write_text(
+            json.dumps(
+                {
+                    "version": "2.21.0",
+                    "start_time": int(time.time()) - 3600,
+                    "port": free_port(),
+                    "pid": other.pid,
+                    "path_prefix": "/" + "c" * 32,
+                    "logdir": serves,
+                    "db": "",
+                    "cache_key": "",
+                }
+            )
+        )
+        record.chmod(0o600)
+        r = run("tensorboard", "--local-port", str(free_port()), "--background", cwd=project)
+        assert r.code == 0, r.err
+        assert "TensorBoard started on the box" in r.err, r.err
+        url = r.out.strip().splitlines()[-1]
+        assert "c" * 32 not in url
+        assert get_json(url + "data/runs") == ["exp1"]
+    finally:
+        other.kill()
+        other.wait()
+        record.unlink(missing_ok=True)
