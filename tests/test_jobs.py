@@ -832,3 +832,36 @@ def test_run_no_push_checks_the_tree_and_starts_in_one_request(cli, box, proj, t
     r = cli("run", "--no-push", "--remote-dir", rdir + "-never", "--cpu", "true", cwd=proj)
     assert r.code == 1 and "does not exist" in r.err
     assert len(box_requests(caplog)) == 1
+
+
+def test_jobs_of_several_projects_say_whose_each_is(cli, project, tmp_path):
+    # The box is shared by projects: `jobs` lists all of them, each with its project's name.
+    ids = {}
+    for name in ("alpha", "beta"):
+        (project / "remotedl.toml").write_text(f'remote_dir = "~/job-projects/{tmp_path.name}/{name}"\n')
+        r = cli("run", "--detach", "--json", "--cpu", "--name", f"in-{name}", "--", "true", cwd=project)
+        assert r.code == 0, r.err
+        ids[name] = json.loads(r.out)["id"]
+    r = cli("jobs", "--all", cwd=project)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].split()[-2:] == ["project", "command"], r.out
+    for name, job in ids.items():
+        (row,) = [line.split() for line in lines if line.split()[:1] == [str(job)]]
+        assert row[1] == f"in-{name}" and row[-2:] == [name, "true"], r.out
+    listed = {j["id"]: j for j in json.loads(cli("jobs", "--all", "--json", cwd=project).out)}
+    assert listed[ids["beta"]]["remote_dir"].endswith(f"/{tmp_path.name}/beta")
+
+
+def test_project_labels_are_the_shortest_names_that_tell_projects_apart():
+    from remotedl.cli.jobs import job_columns, project_labels
+
+    assert project_labels([("", "/h/remotedl/a"), ("", "/h/remotedl/a"), ("", "/h/remotedl/a")]) == {}
+    labels = project_labels([("", "/h/x/proj"), ("", "/h/y/proj"), ("", "/h/z/other"), ("", None)])
+    assert labels == {("", "/h/x/proj"): "x/proj", ("", "/h/y/proj"): "y/proj", ("", "/h/z/other"): "other",
+                      ("", None): "-"}  # fmt: skip
+    # a project of one name on two hosts is the same project there: one name, no column
+    assert project_labels([("a", "/home/u/remotedl/p"), ("b", "/home/v/remotedl/p")]) == {}
+    plain = ["id", "name", "status", "GPUs", "exit", "started", "duration", "command"]
+    assert job_columns(("id",), {}) == plain
+    assert job_columns(("id",), labels)[-2:] == ["project", "command"]
