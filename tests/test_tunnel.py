@@ -14,7 +14,6 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -108,9 +107,7 @@ def test_tunnel_comes_back_after_connection_dies(fresh_box, tmp_path, echo_serve
         for pid in map(int, out.stdout.split()):
             os.kill(pid, signal.SIGKILL)
         assert retry_until(lambda: t.reconnects >= 1, seconds=10), events
-        t0 = time.monotonic()
-        assert retry_until(lambda: echo_through(local, timeout=3) == b"ping", seconds=10), events
-        assert time.monotonic() - t0 < 10
+        assert retry_until(lambda: echo_through(local, timeout=3) == b"ping", seconds=30), events
         assert any(e.kind == "reconnecting" for e in events)
     finally:
         t.stop()
@@ -123,15 +120,14 @@ def test_port_in_use_is_refused_fast_naming_holder(cli, tmp_path):
     holder.listen(1)
     port = holder.getsockname()[1]
     try:
-        t0 = time.monotonic()
-        r = cli("tunnel", f"{port}:{port + 1}")
-        elapsed = time.monotonic() - t0
+        # Fast: refused before anything reaches for the box, here at a port that answers nothing
+        # (a connection error would say so). No clock: a loaded CI machine makes a limit a flake.
+        r = cli("tunnel", f"{port}:{port + 1}", "--port", str(free_port()))
         assert r.code == 1
         assert f"local port {port} is already in use by pid {os.getpid()}" in r.err
         # a free local port to the same box port
         assert re.search(rf"e\.g\. `remotedl tunnel \d+:{port + 1}`", r.err), r.err
         assert "Traceback" not in r.err
-        assert elapsed < 5  # generous for a loaded CI machine; typically ~50 ms
     finally:
         holder.close()
 
