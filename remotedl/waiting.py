@@ -36,13 +36,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def pid_alive(pid: int | None) -> bool:
-    """Whether a process with this pid exists (one of another user counts)."""
+    """Whether a process with this pid runs (one of another user counts). A zombie does not:
+    it has ended, and where nothing reaps orphans (some container inits) it stays one."""
     if not pid:
         return False
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # after "pid (comm)"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # gone since; without /proc, kill's answer stands
+    except (OSError, IndexError):
         return True
+    return state not in ("Z", "X")

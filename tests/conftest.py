@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,37 @@ def commit_all(repo: Path, message: str) -> str:
 def box_path(box: Box, rdir: str, rel: str = "") -> Path:
     """Where ``rdir`` (a ``~/...`` remote_dir) and ``rel`` in it are on the box's disk."""
     return Path(rdir.replace("~", box.info.home, 1)) / rel
+
+
+def process_start(pid: int) -> int | None:
+    """When the process ``pid`` started (clock ticks after boot: /proc/PID/stat's field 22), or
+    None where there is no such process. A pid and its start name one process over time: the
+    kernel hands pids out again (pid_max may be 32768), so a pid alone does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def process_gone(pid: int, started: int | None = None) -> bool:
+    """Whether the process ``pid`` (the one that started at ``started``: ``process_start``,
+    taken while it ran) has ended: no such pid, a zombie (ended, its parent has not reaped it:
+    an orphan's init may never), or the pid now another process's."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] in ("Z", "X") or (started is not None and int(fields[19]) != started)
+
+
+def kill_if_same(pid: int, started: int | None, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to the process ``pid`` if it is still the one that started at ``started``
+    (a finalizer's kill never reaches a process that got the pid since)."""
+    if started is not None and not process_gone(pid, started):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def make_env(base: Path, cwd: Path | None = None, **extra: str) -> Environment:

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remotedl.waiting import pid_alive
+
 FILE = "autostop.json"
 TICK_SECONDS = 60.0
 GRACE_SECONDS = 300.0
@@ -540,14 +542,25 @@ def ensure_watcher(directory: Path) -> None:
     c = state.config
     if (c.idle_seconds is None and not c.spot) or state.stopped_at is not None:
         return
-    pid = state.watcher_pid
-    if pid and Path(f"/proc/{pid}").exists():
+    if _watcher_runs(state.watcher_pid):
         return
     from remotedl.agent import events
 
     state.last_active = time.time()  # a request came: someone uses the box
     save(directory, state)
     events.detached({"op": "autostop", "action": "watch"})
+
+
+def _watcher_runs(pid: int | None) -> bool:
+    """The watcher named by the state runs: not a zombie (it ended; nothing may reap it), not
+    another program that got its pid since (pids are reused)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc to tell: trust the pid
+    return b'"autostop"' in cmdline and b'"watch"' in cmdline
 
 
 def _shown(state: State) -> dict[str, Any]:
