@@ -22,7 +22,7 @@ from remotedl.cloud.base import VMStatus, cloud_vm, parse_time
 from remotedl.errors import ConfigError
 from remotedl.waiting import retry_until
 from tests.cloudfakes import FakeCloud, Moto, start_moto
-from tests.conftest import Box, CliResult, make_env
+from tests.conftest import Box, CliResult, kill_if_same, make_env, process_gone, process_start
 
 STALE = "127.0.0.9"  # the address the ssh config still names: nothing listens there
 
@@ -280,7 +280,7 @@ def test_up_sends_autostop_to_the_box_and_status_shows_it(
         watcher = retry_until(
             lambda: json.loads(box.sh("cat ~/.remotedl/autostop.json").stdout).get("watcher_pid"), seconds=20
         )
-        assert watcher and Path(f"/proc/{watcher}").exists()
+        assert watcher and not process_gone(watcher)
 
         r = run("status")
         assert r.code == 0, r.err
@@ -404,32 +404,38 @@ def test_autostop_set_live_is_armed_again_after_a_restart(
     def watcher() -> int | None:
         text = box.sh("cat ~/.remotedl/autostop.json", check=False).stdout or "{}"
         pid = json.loads(text).get("watcher_pid")
-        return pid if pid and Path(f"/proc/{pid}").exists() else None
+        return pid if pid and not process_gone(pid) else None
 
-    pids: set[int | None] = set()
+    # Each watcher by its pid and start: a finalizer's kill never reaches a process that got a
+    # dead watcher's pid since.
+    pids: dict[int, int | None] = {}
+
+    def seen(pid: int | None) -> int | None:
+        if pid:
+            pids.setdefault(pid, process_start(pid))
+        return pid
+
     try:
         assert run("up").code == 0
         r = run("autostop", "45m")
         assert r.code == 0, r.err
-        pids.add(retry_until(watcher, seconds=20))
+        assert seen(retry_until(watcher, seconds=20))
         assert run("stop").code == 0
         # The VM's shutdown ends its watcher; a start by auto_start (push) arms it again.
-        for pid in pids - {None}:
-            os.kill(int(pid), signal.SIGTERM)
+        for pid, started in pids.items():
+            kill_if_same(pid, started)
         r = run("push")
         assert r.code == 0, r.err
         assert "starting it (auto_start)" in r.err
-        new = retry_until(lambda: (p := watcher()) not in pids and p, seconds=20)
-        pids.add(new)
+        new = seen(retry_until(lambda: (p := watcher()) not in pids and p, seconds=20))
         assert new
         r = run("autostop")
         assert "autostop after 45m idle" in r.out
     finally:
         run("autostop", "--off")
-        pids.add(watcher())
-        for pid in pids - {None}:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGTERM)
+        seen(watcher())
+        for pid, started in pids.items():
+            kill_if_same(pid, started)
         box.sh("rm -f ~/.remotedl/autostop.json", check=False)
 
 

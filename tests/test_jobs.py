@@ -17,7 +17,7 @@ import pytest
 from remotedl import jobs
 from remotedl.agent.client import AgentClient
 from remotedl.ssh import resolve_host
-from tests.conftest import cli_for, make_env, retry_until, tmux_dir
+from tests.conftest import cli_for, make_env, process_gone, process_start, retry_until, tmux_dir
 from tests.terminal import terminal
 
 
@@ -348,8 +348,9 @@ def test_job_outliving_its_tmux_session_is_not_lost(fresh_box, project, tmp_path
     assert box_tmux(fresh_box, "kill-server").returncode == 0
     assert rec["status"] == "running"
     # ...and so does its runner: only the job's own process group is left.
-    os.kill(rec["runner_pid"], signal.SIGKILL)
-    assert retry_until(lambda: not Path(f"/proc/{rec['runner_pid']}/cmdline").read_bytes(), seconds=5)
+    runner, started = rec["runner_pid"], process_start(rec["runner_pid"])
+    os.kill(runner, signal.SIGKILL)
+    assert retry_until(lambda: process_gone(runner, started), seconds=30)
     assert group_alive(rec["pgid"])
     assert record(run, project, job["id"])["status"] == "running"  # not lost: it runs
     r = run("run", "--detach", "--gpu", "0", "quiet.sh", cwd=project)  # and it keeps its GPU
@@ -358,7 +359,7 @@ def test_job_outliving_its_tmux_session_is_not_lost(fresh_box, project, tmp_path
     r = run("kill", str(job["id"]), "--grace", "1", "--json", cwd=project)  # kill reaches the group
     assert r.code == 0, r.err
     assert json.loads(r.out)["status"] == "killed"
-    assert retry_until(lambda: not group_alive(rec["pgid"]), seconds=5)
+    assert retry_until(lambda: not group_alive(rec["pgid"]), seconds=30)
 
 
 def test_vanished_job_is_lost(fresh_box, project, tmp_path):
@@ -785,11 +786,12 @@ def test_sandbox_down_ends_the_jobs_still_running_there(fresh_box, project, tmp_
     assert retry_until(lambda: json.loads((records / f"{rec['id']}.json").read_text()).get("pgid"))
     saved = json.loads((records / f"{rec['id']}.json").read_text())
     pgid, runner = saved["pgid"], saved["runner_pid"]
+    started = process_start(runner)
     os.killpg(pgid, 0)  # alive
     assert sandbox.down(make_env(tmp_path / "fresh"), name="fresh")
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)
-    assert retry_until(lambda: not Path(f"/proc/{runner}").exists(), seconds=5)
+    assert retry_until(lambda: process_gone(runner, started), seconds=30)
     assert not fresh_box.home.exists()  # nothing wrote into the removed home afterwards
 
 
