@@ -29,7 +29,32 @@ def port_answers(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (their source ports)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server started next. Picked at random below the
+    kernel's ephemeral range: a port from that range (what binding port 0 gives) may be taken
+    as the source port of any outgoing connection before the server binds it, and the random
+    pick makes a port used a moment ago unlikely to come up again."""
+    import random
+
+    low = _ephemeral_low()
+    if low > 10000:
+        for _ in range(50):
+            port = random.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -220,3 +220,18 @@ def test_rsync_missing_is_told_whichever_way_rsync_exits(said):
     missing_dir = 'rsync: change_dir "/x" failed: No such file or directory (2)'
     other = rsync_failure("gpubox", "data", 12, missing_dir)
     assert other.message.startswith("rsync of data failed (12)")
+
+
+def test_free_port_is_never_one_an_outgoing_connection_can_take():
+    # A port from the ephemeral range (what binding port 0 gives) can become the source port of
+    # any connection made before the server binds it: the server then fails to start.
+    import socket
+
+    from remotedl.waiting import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = [free_port() for _ in range(20)]
+    assert all(p < low for p in ports), (low, ports)
+    for p in ports[:3]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # free indeed
