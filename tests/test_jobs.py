@@ -41,6 +41,26 @@ def job_list(run, proj) -> list[dict]:
     return json.loads(r.out)
 
 
+def laptop_environ(box, base: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `remotedl` process on a laptop (state and config under ``base``)
+    that knows ``box``."""
+    return {
+        **os.environ,
+        **make_env(base).environ,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "REMOTEDL_HOST": box.name,
+        **extra,
+    }
+
+
+def latest_of(run, proj, tmp_path) -> dict:
+    """The latest job of this test's project (``proj``'s remote_dir), not of the whole box:
+    the session box holds every test's jobs."""
+    mine = [j for j in job_list(run, proj) if (j["remote_dir"] or "").endswith(f"/job-tests/{tmp_path.name}")]
+    assert mine, job_list(run, proj)
+    return max(mine, key=lambda j: j["id"])
+
+
 def spec_for(box, tmp_path):
     return resolve_host(make_env(tmp_path), box.name, ssh_config=box.info.ssh_config)
 
@@ -154,7 +174,7 @@ def test_more_gpus_than_the_box_has_is_a_usage_error(cli, proj):
 
 def test_gpu_choice_busy_force_and_foreign_processes(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
-    script(project, "hold.sh", "sleep 30\n")
+    script(project, "hold.sh", "sleep 300\n")  # holds its GPU for the whole test, however slow
     state_file = fresh_box.dir / "gpus.json"
     state = json.loads(state_file.read_text())
     state["gpus"][0]["memory_used"] = 5000  # GPU 1 is the less used: auto picks it first
@@ -185,7 +205,7 @@ def test_gpu_choice_busy_force_and_foreign_processes(fresh_box, project, tmp_pat
 
 def test_queue_waits_for_the_gpu(fresh_box, project, tmp_path, monkeypatch):
     run = cli_for(fresh_box, tmp_path / "laptop")
-    script(project, "hold.sh", "sleep 30\n")
+    script(project, "hold.sh", "sleep 300\n")  # holds its GPU for the whole test, however slow
     script(project, "after.sh", 'echo "got [$CUDA_VISIBLE_DEVICES]"\n')
     holder = json.loads(run("run", "--detach", "--json", "--gpu", "0", "hold.sh", cwd=project).out)
     r = run("run", "--detach", "--json", "--gpu", "0", "--queue", "after.sh", cwd=project)
@@ -206,15 +226,12 @@ def test_queue_waits_for_the_gpu(fresh_box, project, tmp_path, monkeypatch):
 
 
 def test_concurrent_runs_never_share_a_gpu(fresh_box, project, tmp_path):
-    script(project, "hold.sh", "sleep 30\n")
+    # Each holds its GPU for the whole test: one that ended while the last run was still
+    # starting (a loaded machine) would free its GPU for a third.
+    script(project, "hold.sh", "sleep 300\n")
     run = cli_for(fresh_box, tmp_path / "laptop")
     assert run("push", cwd=project).code == 0
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": fresh_box.info.ssh_config,
-        "REMOTEDL_HOST": fresh_box.name,
-    }
+    env = laptop_environ(fresh_box, tmp_path / "laptop")
     procs = [
         subprocess.Popen(
             [
@@ -413,12 +430,7 @@ def test_too_old_tmux_is_refused(fresh_box, project, tmp_path):
 def test_listing_jobs_while_they_start_never_loses_one(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
     assert run("push", cwd=project).code == 0
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": fresh_box.info.ssh_config,
-        "REMOTEDL_HOST": fresh_box.name,
-    }
+    env = laptop_environ(fresh_box, tmp_path / "laptop")
     seen_lost: list[dict] = []
     done = threading.Event()
 
@@ -650,14 +662,8 @@ def test_logs_json_wraps_the_bytes_in_json_lines(cli, proj):
 
 
 def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
-    script(proj, "slow.sh", "echo started; sleep 20; echo finished\n")
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
-        "REMOTEDL_HOST": box.name,
-        "PYTHONUNBUFFERED": "1",
-    }
+    script(proj, "slow.sh", "echo started; sleep 300\n")  # runs on until killed below
+    env = laptop_environ(box, tmp_path / "laptop", PYTHONUNBUFFERED="1")
     p = subprocess.Popen(
         [sys.executable, "-m", "remotedl", "run", "--cpu", "slow.sh"],
         cwd=proj,
@@ -674,16 +680,18 @@ def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
     assert "detached" in err
     assert "remotedl attach" in err
     run = cli_for(box, tmp_path / "laptop2")
-    jl = job_list(run, proj)
-    assert jl[-1]["name"] == "slow.sh"
-    assert jl[-1]["status"] == "running"
-    assert run("kill", str(jl[-1]["id"]), cwd=proj).code == 0
+    rec = latest_of(run, proj, tmp_path)
+    try:
+        assert rec["name"] == "slow.sh"
+        assert rec["status"] == "running"
+    finally:
+        run("kill", str(rec["id"]), cwd=proj)
 
 
 def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
     """Ctrl-C once the box has started the job, before `run` said so (it was keeping the
     job's commit in the local repository): the interrupt names the job that now runs."""
-    script(proj, "slow.sh", "echo started; sleep 20\n")
+    script(proj, "slow.sh", "echo started; sleep 300\n")  # runs on until killed below
     mark = tmp_path / "keeping"
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -694,14 +702,7 @@ def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
         f'exec {shutil.which("git")} "$@"\n'
     )
     (bindir / "git").chmod(0o755)
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "PATH": f"{bindir}:{os.environ['PATH']}",
-        "MARK": str(mark),
-        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
-        "REMOTEDL_HOST": box.name,
-    }
+    env = laptop_environ(box, tmp_path / "laptop", PATH=f"{bindir}:{os.environ['PATH']}", MARK=str(mark))
     p = subprocess.Popen(
         [sys.executable, "-m", "remotedl", "run", "--cpu", "slow.sh"],
         cwd=proj,
@@ -719,13 +720,15 @@ def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
         if p.poll() is None:
             p.kill()
     run = cli_for(box, tmp_path / "laptop2")
-    rec = job_list(run, proj)[-1]
-    assert rec["name"] == "slow.sh" and rec["status"] == "running"
-    assert p.returncode == 130, err
-    said = f"interrupted: job {rec['id']} (slow.sh) was started on {box.name} and keeps running"
-    assert said in err, err
-    assert f"remotedl kill {rec['id']}" in err
-    assert run("kill", str(rec["id"]), cwd=proj).code == 0
+    rec = latest_of(run, proj, tmp_path)
+    try:
+        assert rec["name"] == "slow.sh" and rec["status"] == "running"
+        assert p.returncode == 130, err
+        said = f"interrupted: job {rec['id']} (slow.sh) was started on {box.name} and keeps running"
+        assert said in err, err
+        assert f"remotedl kill {rec['id']}" in err
+    finally:
+        run("kill", str(rec["id"]), cwd=proj)
 
 
 @pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux on the laptop side")
@@ -733,12 +736,7 @@ def test_attach_shows_the_job_in_a_terminal(box, proj, tmp_path):
     script(proj, "chatty.sh", 'i=0; while true; do i=$((i+1)); echo "chat $i"; sleep 0.2; done\n')
     run = cli_for(box, tmp_path / "laptop")
     job_id = run("run", "--detach", "--cpu", "chatty.sh", cwd=proj).out.strip()
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
-        "REMOTEDL_HOST": box.name,
-    }
+    env = laptop_environ(box, tmp_path / "laptop")
     cmd = f"cd {proj} && {sys.executable} -m remotedl attach {job_id}"
     try:
         with terminal(cmd, tmp_path / "local-tmux", env=env) as term:

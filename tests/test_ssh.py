@@ -352,7 +352,7 @@ def test_unknown_alias_says_so(tmp_path, box):
 
 def test_status_shows_gpus_held_by_remotedl_jobs(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
-    (project / "hold.sh").write_text("#!/bin/sh\nsleep 30\n")
+    (project / "hold.sh").write_text("#!/bin/sh\nsleep 300\n")  # runs until killed below
     (project / "hold.sh").chmod(0o755)
     r = run("run", "--detach", "--gpu", "1", "hold.sh", cwd=project)
     assert r.code == 0, r.err
