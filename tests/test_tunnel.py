@@ -441,3 +441,45 @@ def test_bad_port_spec(cli):
     assert r.code == 2
     assert "is not PORT or LOCAL:REMOTE" in r.err
     assert cli("tunnel", "70000").code == 2
+
+
+def test_a_jupyter_runtime_file_whose_pid_now_names_another_process_is_not_a_server(box, project, tmp_path):
+    """Jupyter killed hard (SIGHUP from its tmux session, OOM, a reboot) leaves its runtime file;
+    `jupyter server list` lists it as long as some process has its pid, and the kernel hands
+    pids out again. That file, for this very project, is no running server: one is started."""
+    run = cli_for(box, tmp_path / "laptop")
+    rdir = f"~/jupyter-tests/{tmp_path.name}"
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\n')
+    assert run("push", cwd=project).code == 0
+    jupyter_in_box_venv(box, rdir)
+    other = subprocess.Popen(["sleep", "300"])  # the box user's, as the reused pid would be
+    runtime = box.home / ".local" / "share" / "jupyter" / "runtime"
+    runtime.mkdir(parents=True, exist_ok=True)
+    stale = runtime / f"jpserver-{other.pid}.json"
+    root = str((box.home / rdir.removeprefix("~/")).resolve())
+    port = free_port()
+    stale.write_text(json.dumps({
+        "base_url": "/", "hostname": "127.0.0.1", "password": False, "pid": other.pid, "port": port,
+        "root_dir": root, "secure": False, "sock": "", "token": "stale" * 8, "url": f"http://127.0.0.1:{port}/",
+        "version": "2.14.2",
+    }))  # fmt: skip
+    try:
+        r = run("jupyter", str(free_port()), "--background", cwd=project)
+        assert r.code == 0, r.err
+        assert "found running" not in r.err, r.err
+        url = r.out.strip().splitlines()[-1]
+        assert "stale" not in url
+        token = url.split("token=")[1]
+        local = int(url.split(":")[2].split("/")[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{local}/api/status?token={token}", timeout=10) as resp:
+            assert "started" in json.loads(resp.read())
+    finally:
+        run("tunnel", "--stop", "all")
+        subprocess.run(
+            ["tmux", "kill-session", "-t", "=remotedl-jupyter"],
+            check=False,
+            env={**os.environ, "TMUX_TMPDIR": str(sandbox._tmux_dir(box.dir))},
+        )
+        other.kill()
+        other.wait()
+        stale.unlink(missing_ok=True)
