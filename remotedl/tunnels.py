@@ -42,6 +42,19 @@ class TunnelRecord:
         return asdict(self)
 
 
+def supervisor_alive(pid: int | None) -> bool:
+    """The process ``pid`` is a background tunnel's supervisor (`remotedl tunnel --supervise`):
+    a record left by one that died (a reboot, a kill -9) names a pid the kernel hands out again,
+    and stopping that tunnel must never signal whatever program has it now."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc to tell: trust the pid
+    return b"--supervise" in cmdline.split(b"\0")
+
+
 class TunnelRegistry:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "tunnels"
@@ -100,7 +113,7 @@ class TunnelRegistry:
         out = []
         for path in sorted(self._ensure().glob("*.json")):
             rec = self.read(path)
-            if rec is not None and rec.pid and pid_alive(rec.pid):
+            if rec is not None and supervisor_alive(rec.pid):
                 out.append(rec)
             elif rec is None or rec.status != "starting" or time.time() - rec.started > 60:
                 path.unlink(missing_ok=True)  # a tunnel that died: forget it
@@ -121,7 +134,7 @@ class TunnelRegistry:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(r.pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while pid_alive(r.pid) and time.monotonic() < deadline:
+            while supervisor_alive(r.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             Path(r.file).unlink(missing_ok=True)
         return targets

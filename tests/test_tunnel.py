@@ -14,6 +14,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -204,6 +205,31 @@ def test_background_list_and_stop(box, tmp_path, echo_server):
     assert json.loads(run("tunnel", "--list", "--json").out) == []
     r = run("tunnel", "--stop", str(local))
     assert r.code == 2
+
+
+def test_a_tunnel_record_whose_pid_now_names_another_process_is_no_tunnel(box, tmp_path):
+    """A background tunnel that died without a word (a reboot, kill -9) leaves its record; the
+    kernel hands its pid to another program. That is no tunnel: not listed, and `--stop` never
+    signals the program that has the pid now."""
+    run = cli_for(box, tmp_path / "laptop")
+    other = subprocess.Popen(["sleep", "300"])
+    records = make_env(tmp_path / "laptop").state_dir / "tunnels"
+    records.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (records / f"{port}.json").write_text(
+        json.dumps({"host": box.name, "forwards": [f"{port}:8888"], "status": "connected", "pid": other.pid,
+                    "started": time.time() - 3600})
+    )  # fmt: skip
+    try:
+        r = run("tunnel", "--list", "--json")
+        assert r.code == 0, r.err
+        assert json.loads(r.out) == []
+        r = run("tunnel", "--stop", "all")
+        assert r.code == 2 and "no background tunnel" in r.err, r.err
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
 
 
 JUPYTER = Path(sys.executable).parent / "jupyter"
