@@ -35,7 +35,7 @@ from remotedl import proc
 from remotedl.env import Environment
 from remotedl.errors import RemotedlError, UsageError
 from remotedl.ssh import BOXES_DIR
-from remotedl.waiting import free_port, port_answers, retry_until
+from remotedl.waiting import free_port, pid_runs, port_answers, retry_until
 from remotedl.waiting import pid_alive as _alive
 
 STAND_IN_BIN = Path(__file__).parent / "sandbox_bin"
@@ -156,15 +156,9 @@ def status(env: Environment, name: str = "sandbox") -> SandboxInfo | None:
 
 
 def _sshd_alive(info: SandboxInfo) -> bool:
-    """The box's sshd runs: its pid is alive and is that sshd (its command line names the box's
+    """The box's sshd runs: the pid is that sshd's (its command line names the box's
     sshd_config), not a program the kernel gave the pid of an sshd that died unseen (a reboot)."""
-    if not _alive(info.pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{info.pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc to tell: trust the pid
-    return str(Path(info.directory) / "sshd_config").encode() in cmdline
+    return pid_runs(info.pid, str(Path(info.directory) / "sshd_config").encode())
 
 
 def _path_without_nvidia(path: str, shadow_root: Path) -> str:

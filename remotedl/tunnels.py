@@ -23,7 +23,7 @@ from typing import Any
 
 from remotedl import proc
 from remotedl.errors import RemotedlError, UsageError
-from remotedl.waiting import pid_alive
+from remotedl.waiting import pid_runs
 
 
 @dataclass
@@ -44,15 +44,9 @@ class TunnelRecord:
 
 def supervisor_alive(pid: int | None) -> bool:
     """The process ``pid`` is a background tunnel's supervisor (`remotedl tunnel --supervise`):
-    a record left by one that died (a reboot, a kill -9) names a pid the kernel hands out again,
-    and stopping that tunnel must never signal whatever program has it now."""
-    if not pid_alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc to tell: trust the pid
-    return b"--supervise" in cmdline.split(b"\0")
+    stopping a tunnel whose supervisor died unseen must never signal the program that has its
+    pid now."""
+    return pid_runs(pid, b"\0--supervise\0")
 
 
 class TunnelRegistry:

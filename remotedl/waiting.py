@@ -79,3 +79,17 @@ def pid_alive(pid: int | None) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+def pid_runs(pid: int | None, *marks: bytes) -> bool:
+    """Whether ``pid`` runs the program a record says it does: alive (``pid_alive``) and, where
+    /proc tells, with each of ``marks`` in its command line. A record left by a process that
+    died unseen (a reboot, kill -9) names a pid the kernel hands out again."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True  # no /proc to tell: trust the pid
+    return all(m in cmdline for m in marks)

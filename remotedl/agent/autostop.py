@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remotedl.waiting import pid_alive
+from remotedl.waiting import pid_runs
 
 FILE = "autostop.json"
 TICK_SECONDS = 60.0
@@ -542,25 +542,14 @@ def ensure_watcher(directory: Path) -> None:
     c = state.config
     if (c.idle_seconds is None and not c.spot) or state.stopped_at is not None:
         return
-    if _watcher_runs(state.watcher_pid):
+    # Not a zombie (it ended; nothing may reap it), nor a program that got its pid since.
+    if pid_runs(state.watcher_pid, b'"op": "autostop"', b'"action": "watch"'):
         return
     from remotedl.agent import events
 
     state.last_active = time.time()  # a request came: someone uses the box
     save(directory, state)
     events.detached({"op": "autostop", "action": "watch"})
-
-
-def _watcher_runs(pid: int | None) -> bool:
-    """The watcher named by the state runs: not a zombie (it ended; nothing may reap it), not
-    another program that got its pid since (pids are reused)."""
-    if not pid_alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc to tell: trust the pid
-    return b'"autostop"' in cmdline and b'"watch"' in cmdline
 
 
 def _shown(state: State) -> dict[str, Any]:
