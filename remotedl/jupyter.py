@@ -107,10 +107,13 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       for d in "${REMOTEDL_DEVICE_DIR:-/dev}"/nvidia*; do
         [ -e "$d" ] && set -- --device "$d:/dev/${d##*/}" "$@"
       done;;
-    cdi:*|*:*podman*) set -- --device nvidia.com/gpu=all "$@";;
+    cdi:*|*:*podman*) set -- --device nvidia.com/gpu=all "$@"
+      case $E in *podman*) set -- --security-opt label=disable "$@";; esac;;
     *) set -- --gpus all "$@";;
   esac
 fi
+# Rootless Podman: the user's own ids inside, not subordinate ones.
+case $E in *podman*) [ "$(id -u)" = 0 ] || set -- --userns=keep-id "$@";; esac
 extra=--ServerApp.allow_credentials=False
 [ -n "$origin" ] && extra=--ServerApp.allow_origin=$origin
 if out=$("$E" run -d --rm --init --pull=missing --name "$name" --label "remotedl.jupyter=$here" \
