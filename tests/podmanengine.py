@@ -13,9 +13,11 @@ runs with), which a machine without CAP_SYS_RESOURCE (a container, this sandbox)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -127,3 +129,62 @@ def stop(engine: Podman) -> None:
     for point in sorted(inside, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     shutil.rmtree(engine.directory, ignore_errors=True)
+
+
+def rootless(engine: Podman, uid: int, gid: int) -> dict[str, str]:
+    """Rootless Podman for the box user ``uid``: its own settings, storage and run directory
+    (``XDG_RUNTIME_DIR``) in a directory it owns under the engine's, and the test image imported
+    there as that user. What its sessions need in their environment is returned."""
+    d = engine.directory / f"user-{uid}"
+    for sub in ("", "home", "run", "tmp", "storage"):
+        (d / sub).mkdir(mode=0o700, exist_ok=True)
+        os.chown(d / sub, uid, gid)
+    engine.directory.chmod(0o711)
+    (d / "containers.conf").write_text(
+        '[containers]\nnetns = "none"\n'
+        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+        f'events_logfile_path = "{d}/events.log"\ntmp_dir = "{d}/tmp"\n'
+    )
+    (d / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\nrootless_storage_path = "{d}/storage"\n')
+    for f in ("containers.conf", "storage.conf"):
+        (d / f).chmod(0o644)
+    env = {
+        "CONTAINERS_CONF": f"{d}/containers.conf",
+        "CONTAINERS_STORAGE_CONF": f"{d}/storage.conf",
+        "XDG_RUNTIME_DIR": f"{d}/run",
+    }
+    r = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "podman", "import", "-", IMAGE],
+        input=_rootfs_tar(),
+        env={**os.environ, **env, "HOME": f"{d}/home"},
+        capture_output=True,
+        timeout=120,
+        cwd=d,
+    )
+    if r.returncode != 0:
+        raise PodmanUnavailable(f"rootless podman import: {r.stderr.decode(errors='replace').strip()}")
+    return env
+
+
+def stop_rootless(engine: Podman, uid: int, gid: int, env: dict[str, str]) -> None:
+    """The user's containers, and the pause process rootless Podman keeps its user namespace in."""
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+    subprocess.run(
+        [*as_user, "podman", "rm", "-f", "--all", "-t", "0"],
+        env={**os.environ, **env, "HOME": f"{engine.directory}/user-{uid}/home"},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    d = engine.directory / f"user-{uid}"
+    for pause in (d / "tmp" / "pause.pid", d / "run" / "libpod" / "tmp" / "pause.pid"):
+        try:
+            pid = int(pause.read_text().strip())
+            status = Path(f"/proc/{pid}/status").read_text()
+        except (OSError, ValueError):
+            continue
+        # Still the user's: the file is read while the process it names runs on.
+        uids = [ln.split()[1:2] for ln in status.splitlines() if ln.startswith("Uid:")]
+        if pid > 1 and uids == [[str(uid)]]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

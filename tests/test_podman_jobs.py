@@ -146,6 +146,16 @@ def test_doctor_checks_podman_the_image_and_a_gpu_container(run, podman_box, pro
     assert "GiB free at" in by["image disk"]["detail"]
     assert by["GPU container"]["status"] == "ok", by["GPU container"]
     assert by["GPU container"]["detail"] == f"nvidia-smi -L in {IMAGE}: GPU 0: Stand-in GPU (nvidia0)"
+    # Podman's GPUs by default are CDI devices: no NVIDIA CDI spec here, said with the fix.
+    (proj / "remotedl.toml").write_text(f'image = "{IMAGE}"\ncontainer = "podman"\n')
+    by = {c["name"]: c for c in json.loads(run("doctor", "--json", cwd=proj).out)["checks"]}
+    assert by["GPU runtime"]["status"] == "warn", by["GPU runtime"]
+    assert "nvidia-ctk cdi generate" in by["GPU runtime"]["fix"]
+    assert by["GPU container"]["status"] == "fail"
+    assert "unresolvable CDI devices nvidia.com/gpu=0" in by["GPU container"]["detail"]
+
+
+ROOTLESS_STEP = "the box user may run rootless Podman (newuidmap, subordinate uid and gid ranges)"
 
 
 def test_docker_playbook_finds_podman_ready(run, podman_box, proj):
@@ -154,4 +164,56 @@ def test_docker_playbook_finds_podman_ready(run, podman_box, proj):
     (res,) = json.loads(r.out)
     steps = {s["name"]: s["status"] for s in res["steps"]}
     assert steps["the container engine is installed"] == "ok", steps
+    assert steps["Podman's container init (catatonit, for `run --init`)"] == "ok"
+    assert steps[ROOTLESS_STEP] == "skipped"  # root
+    assert steps["the Docker daemon runs and starts at boot"] == "skipped"  # Docker's steps: not Podman's
+    assert steps["the box user may use Docker (the docker group)"] == "skipped"
     assert res["summary"]["failed"] == 0, steps
+
+
+def test_docker_playbook_checks_rootless_podman_for_the_box_user(rootless_box, proj, tmp_path):
+    box, _ = rootless_box
+    run = cli_for(box, tmp_path / "laptop-user")
+    r = run("setup", "docker", "--check", "--var", "engine=podman", "--json", cwd=proj)
+    (res,) = json.loads(r.out)
+    steps = {s["name"]: s["status"] for s in res["steps"]}
+    # The sandbox's users have their ranges in /etc/subuid (useradd gives them) and newuidmap.
+    assert steps[ROOTLESS_STEP] == "ok", steps
+    assert steps["Podman's container init (catatonit, for `run --init`)"] == "ok"
+
+
+@pytest.fixture
+def rootless_box(podman_box: PodmanBox, tmp_path: Path):
+    """A box whose user is not root (rdl-dash) and runs Podman rootless: its own storage, the
+    test image imported as that user."""
+    from tests.conftest import have
+
+    if not have("dash"):
+        pytest.skip("dash is not installed here (`apt-get install dash`; .ci/run installs it)")
+    user = sandbox.ensure_user("dash")
+    extra = podmanengine.rootless(podman_box.engine, user.pw_uid, user.pw_gid)
+    base = tmp_path / "userbox"
+    env = make_env(base)
+    try:
+        extra_env = {**extra, "REMOTEDL_DEVICE_DIR": str(podman_box.engine.dev_dir)}
+        info = sandbox.up(env, name="podmanuser", gpus=2, login_shell="dash", extra_env=extra_env)
+        yield PodmanBox(info, dict(env.environ), podman_box.engine), user
+    finally:
+        sandbox.down(make_env(base), name="podmanuser")
+        podmanengine.stop_rootless(podman_box.engine, user.pw_uid, user.pw_gid, extra)
+
+
+def test_rootless_podman_job_runs_as_the_box_user_and_its_files_are_the_users(rootless_box, proj, tmp_path):
+    box, user = rootless_box
+    run = cli_for(box, tmp_path / "laptop-user")
+    toml = (proj / "remotedl.toml").read_text()
+    (proj / "remotedl.toml").write_text(toml + 'shared = ["out"]\n')
+    body = 'echo "uid=$(id -u):$(id -g)"\necho mine > out/written.txt\nls /dev | grep nvidia\n'
+    common.script(proj, "write.sh", body)
+    r = run("run", "--gpu", "1", "write.sh", cwd=proj)
+    assert r.code == 0, r.err + r.out
+    assert f"uid={user.pw_uid}:{user.pw_gid}" in r.out  # --userns=keep-id: the user's own ids
+    assert "nvidia1\nnvidiactl" in r.out
+    rec = common.last_job(run, proj, "write.sh")
+    written = Path(rec["remote_dir"]) / "out" / "written.txt"
+    assert (written.stat().st_uid, written.stat().st_gid) == (user.pw_uid, user.pw_gid)
