@@ -79,7 +79,9 @@ echo "@@pwd $(pwd -P)"
 
 # "$1" remote_dir, "$2" engine. The running container's work tree, then its servers.
 _FIND_IMAGE = _ENGINE + r"""
-here=$("$E" ps --filter "name=^$name\$" --format '{{.Label "remotedl.jupyter"}}' 2>/dev/null)
+# Podman's ps has the labels as a map, docker's has a Label function.
+case $E in *podman*) f='{{index .Labels "remotedl.jupyter"}}';; *) f='{{.Label "remotedl.jupyter"}}';; esac
+here=$("$E" ps --filter "name=^$name\$" --format "$f" 2>/dev/null)
 [ -n "$here" ] || exit 0
 echo "@@running $here"
 "$E" exec "$name" jupyter lab --version >/dev/null 2>&1 && echo "@@lab"

@@ -217,3 +217,33 @@ def test_rootless_podman_job_runs_as_the_box_user_and_its_files_are_the_users(ro
     rec = common.last_job(run, proj, "write.sh")
     written = Path(rec["remote_dir"]) / "out" / "written.txt"
     assert (written.stat().st_uid, written.stat().st_gid) == (user.pw_uid, user.pw_gid)
+
+
+def test_jupyter_in_a_podman_image_through_the_tunnel(run, podman_box, proj, tmp_path):
+    import urllib.request
+
+    from remotedl.waiting import free_port
+
+    words = ", ".join(json.dumps(a) for a in common._host_python_mounts())
+    (proj / "remotedl.toml").write_text(
+        f'remote_dir = "~/container-tests/{tmp_path.name}"\ncontainer = "podman"\n'
+        f'container_gpus = "devices"\njupyter_image = "{IMAGE}"\ncontainer_args = [{words}]\n'
+    )
+    assert run("push", cwd=proj).code == 0
+    local = free_port()
+    name = f"remotedl-jupyter-{os.getuid()}"
+    r = run("jupyter", str(local), "--background", cwd=proj)
+    try:
+        assert r.code == 0, r.err
+        token = r.out.strip().splitlines()[-1].split("token=")[1]
+        url = f"http://127.0.0.1:{local}/api/status?token={token}"
+        assert "started" in json.loads(urllib.request.urlopen(url, timeout=10).read())
+        inside = podman_box.engine.podman("exec", name, "sh", "-c", "ls /dev | grep nvidia; pwd").stdout
+        assert inside.split()[:3] == ["nvidia0", "nvidia1", "nvidiactl"]
+        assert inside.split()[-1].endswith(f"container-tests/{tmp_path.name}")  # the work tree
+        r2 = run("jupyter", str(free_port()), "--background", cwd=proj)  # found again, not twice
+        assert r2.code == 0, r2.err
+        assert "found running" in r2.err and r2.out.strip().endswith(token)
+    finally:
+        run("tunnel", "--stop", "all")
+        podman_box.engine.podman("rm", "-f", name, check=False)
