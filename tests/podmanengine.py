@@ -135,6 +135,7 @@ def rootless(engine: Podman, uid: int, gid: int) -> dict[str, str]:
     """Rootless Podman for the box user ``uid``: its own settings, storage and run directory
     (``XDG_RUNTIME_DIR``) in a directory it owns under the engine's, and the test image imported
     there as that user. What its sessions need in their environment is returned."""
+    _give_subids(uid)
     d = engine.directory / f"user-{uid}"
     for sub in ("", "home", "run", "tmp", "storage"):
         (d / sub).mkdir(mode=0o700, exist_ok=True)
@@ -164,6 +165,24 @@ def rootless(engine: Podman, uid: int, gid: int) -> dict[str, str]:
     if r.returncode != 0:
         raise PodmanUnavailable(f"rootless podman import: {r.stderr.decode(errors='replace').strip()}")
     return env
+
+
+def _give_subids(uid: int) -> None:
+    """Subordinate uid and gid ranges for the (sandbox's own) user, where useradd gave none: as
+    `remotedl setup docker --var engine=podman` gives them on a box, after every range given."""
+    import pwd
+
+    name = pwd.getpwuid(uid).pw_name
+    for path, flag in (("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        rows = [ln.split(":") for ln in lines if ln.count(":") == 2]
+        if any(r[0] in (name, str(uid)) for r in rows):
+            continue
+        start = max([100000, *(int(r[1]) + int(r[2]) for r in rows if r[1].isdigit() and r[2].isdigit())])
+        subprocess.run(["usermod", flag, f"{start}-{start + 65535}", name], check=True, capture_output=True)
 
 
 def stop_rootless(engine: Podman, uid: int, gid: int, env: dict[str, str]) -> None:
