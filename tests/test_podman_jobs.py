@@ -247,3 +247,35 @@ def test_jupyter_in_a_podman_image_through_the_tunnel(run, podman_box, proj, tmp
     finally:
         run("tunnel", "--stop", "all")
         podman_box.engine.podman("rm", "-f", name, check=False)
+
+
+def test_tensorboard_in_a_podman_image_through_the_tunnel(run, podman_box, proj, tmp_path):
+    import urllib.request
+
+    from remotedl.waiting import free_port
+    from tests.test_tensorboard import write_scalars
+
+    words = ", ".join(json.dumps(a) for a in common._host_python_mounts())
+    remote = f"~/container-tests/{tmp_path.name}"
+    (proj / "remotedl.toml").write_text(
+        f'remote_dir = "{remote}"\ncontainer = "podman"\ntensorboard_image = "{IMAGE}"\n'
+        f"container_args = [{words}]\n"
+    )
+    assert run("push", cwd=proj).code == 0
+    write_scalars(podman_box.home / remote.removeprefix("~/") / "runs" / "exp1", "loss", [1.0, 0.5])
+    local = free_port()
+    r = run("tensorboard", "--local-port", str(local), "--background", cwd=proj)
+    try:
+        assert r.code == 0, r.err
+        with urllib.request.urlopen(r.out.strip().splitlines()[-1] + "data/runs", timeout=20) as answer:
+            assert json.loads(answer.read()) == ["exp1"]
+        names = podman_box.engine.podman("ps", "--format", "{{.Names}}").stdout.split()
+        assert [n for n in names if n.startswith("remotedl-tb-")]  # it runs in a container
+        r2 = run("tensorboard", "--local-port", str(free_port()), "--background", cwd=proj)
+        assert r2.code == 0, r2.err
+        assert "TensorBoard found running on the box" in r2.err
+    finally:
+        run("tunnel", "--stop", "all")
+        for n in podman_box.engine.podman("ps", "--format", "{{.Names}}").stdout.split():
+            if n.startswith("remotedl-tb-"):
+                podman_box.engine.podman("rm", "-f", n, check=False)
