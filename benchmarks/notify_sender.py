@@ -1,4 +1,4 @@
-"""The box's notification sender: remotedl's notify.py (standard library) vs Apprise, side by side.
+"""The box's notification sender: remotedl's notify package (standard library) vs Apprise, side by side.
 
 Each round starts a fresh ``python3 -E -s -S`` (as the agent runs on the box) that imports the
 sender and sends one notification to five local stand-ins (ntfy, Slack and Discord through an
