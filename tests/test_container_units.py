@@ -20,6 +20,7 @@ from remotedl.agent.runtimes.container import (
 )
 from remotedl.agent.store import AgentError, kind_of
 from remotedl.errors import UsageError
+from remotedl.schema import StartRequest
 
 
 def rec_of(**extra):
@@ -135,7 +136,7 @@ def test_records_and_requests_with_an_image_are_container_jobs():
     assert kind_of({"image": "x"}) == "container"
     assert kind_of({"image": "x", "scheduler": "slurm"}) == "slurm"
     assert kind_of({}) == "box"
-    assert isinstance(runtimes.for_request({"image": "x"}), ContainerRuntime)
+    assert isinstance(runtimes.for_request(StartRequest(command="x", image="x")), ContainerRuntime)
     assert isinstance(runtimes.of({"image": "x"}), ContainerRuntime)
 
 
@@ -178,6 +179,7 @@ def test_the_agent_refuses_an_image_name_that_would_be_an_option(tmp_path, monke
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     (tmp_path / "docker").write_text("#!/bin/sh\n")
     (tmp_path / "docker").chmod(0o755)
-    plan = StartPlan({"image": "--privileged", "command": "true"}, str(tmp_path), False, None, [], [], {})
+    req = StartRequest(command="true", image="--privileged")
+    plan = StartPlan(req, str(tmp_path), False, None, [], [], {})
     with pytest.raises(AgentError, match="is not an image name"):
         ContainerRuntime().create(None, plan, [])  # type: ignore[arg-type]

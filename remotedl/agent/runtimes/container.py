@@ -248,7 +248,7 @@ class ContainerRuntime(TmuxRuntime):
 
     def create(self, ctx: Context, plan: StartPlan, active: list[dict[str, Any]]) -> dict[str, Any]:
         req = plan.req
-        spec = dict(req.get("container") or {})
+        spec = dict(req.container or {})
         engine = find_engine(spec.get("engine"))
         mode = str(spec.get("gpus") or "nvidia")
         if mode not in GPU_MODES:
@@ -256,7 +256,7 @@ class ContainerRuntime(TmuxRuntime):
         args = spec.get("args") or []
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise AgentError("container_args must be a list of words", "usage")
-        image = str(req["image"])
+        image = str(req.image or "")
         if not image or image.startswith("-") or any(c.isspace() or not c.isprintable() for c in image):
             raise AgentError(f"{image!r} is not an image name", "usage")
         rec = super().create(ctx, plan, active)
