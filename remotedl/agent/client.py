@@ -59,7 +59,10 @@ AGENT_MODULES = (
     "schema.py",
     "errors.py",
     "slurm.py",
-    "notify.py",
+    "notify/__init__.py",
+    "notify/urls.py",
+    "notify/senders.py",
+    "notify/text.py",
     "treeid.py",
 )
 LAPTOP_ONLY = ("agent/client.py", "agent/__main__.py")
