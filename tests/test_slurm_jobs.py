@@ -117,10 +117,19 @@ def test_run_on_slurm_in_its_own_checkout_and_follow_to_the_end(cluster):
     cluster.push()
     got = bytearray()
     states: list[str] = []
-    threading.Timer(0.5, cluster.release, ("go",)).start()
-    end = jobs.stream_logs(
-        cluster.client, str(rec.id), got.extend, follow=True, on_state=lambda s: states.append(s["state"])
-    )
+
+    def on_state(change: dict) -> None:
+        # The job ends once the stream is up and has said its state, not a fixed 0.5 s on: on a
+        # loaded machine the stream came up after the job's end, and its first state was FAILED.
+        states.append(change["state"])
+        cluster.release("go")
+
+    backstop = threading.Timer(60, cluster.release, ("go",))  # never a hang: the asserts say why
+    backstop.start()
+    try:
+        end = jobs.stream_logs(cluster.client, str(rec.id), got.extend, follow=True, on_state=on_state)
+    finally:
+        backstop.cancel()
     gpu = running.gpus[0]
     assert got.decode() == (f"cfg=lr=0.1 id={rec.id} order=PCI_BUS_ID cvd={gpu}\ntoken={secret}\nlr=0.1\n")
     assert (end.status, end.exit_code, end.state) == ("failed", 4, "FAILED (exit 4)")
