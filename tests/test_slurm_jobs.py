@@ -150,10 +150,17 @@ def test_two_jobs_disjoint_gpus_a_third_pending_then_running(cluster):
     assert listed[a.id].state == "RUNNING on localhost"
     states: list[str] = []
     got = bytearray()
-    threading.Timer(0.5, cluster.release, ("a",)).start()
-    end = jobs.stream_logs(
-        cluster.client, str(c.id), got.extend, follow=True, on_state=lambda s: states.append(s["state"])
-    )
+
+    def on_state(change: dict) -> None:  # a frees its GPU once the follower said c waits
+        states.append(change["state"])
+        cluster.release("a")
+
+    backstop = threading.Timer(60, cluster.release, ("a",))  # never a hang: the asserts say why
+    backstop.start()
+    try:
+        end = jobs.stream_logs(cluster.client, str(c.id), got.extend, follow=True, on_state=on_state)
+    finally:
+        backstop.cancel()
     assert states[0] == "PENDING (Resources)"  # the follower said why it waited
     assert end.state == "COMPLETED" and end.exit_code == 0
     assert end.gpus == ga and got.decode().strip() == str(ga[0])  # the GPU a gave back
