@@ -56,8 +56,8 @@ def run_nodes(
     for name in app.hosts:
         if fleet.member(name).scheduler == "slurm":
             raise UsageError(
-                f"{name} is a Slurm host: --nodes across Slurm nodes is not supported yet",
-                hint='use boxes (scheduler = "box") for a multi-node run',
+                f"{name} is a Slurm host: a multi-node run is on its nodes or on boxes, not both",
+                hint=f"--host {name} alone runs on N nodes of its cluster (sbatch --nodes N)",
             )
     first = plan_for(app.for_host(app.hosts[0]), args)  # the command and flags checked here, once
     if first.image:  # the nodes' rendezvous needs the host's network, which job containers lack

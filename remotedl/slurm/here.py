@@ -39,7 +39,7 @@ def _write_private(path: str, data: bytes, mode: int = 0o600) -> None:
 
 
 # What a control directory holds: removed before a (re)submission.
-CONTROL_FILES = ("env", "exit", "started", "slurm_id", "jupyter", "params", "batch.sh")
+CONTROL_FILES = ("env", "exit", "started", "slurm_id", "jupyter", "params", "batch.sh", "hostfile")
 
 
 def submit_here(job: BatchJob, settings: SlurmSettings) -> Submitted:

@@ -51,6 +51,7 @@ def batch_params(job: BatchJob, modules: Sequence[str] = ()) -> bytes:
             job.env_setup or "",
             "\n".join(modules),
             str(job.gpus),
+            str(job.nodes) if job.nodes is not None else "",
         ]
     )
 
@@ -87,6 +88,87 @@ _LOAD = r"""read -r _rdl_n || _rdl_n=0
     _rdl_v=$(dd bs=1 count="$_rdl_l" 2>/dev/null; echo .); set -- "$@" "${_rdl_v%.}"
   done"""
 
+# A multi-node run (`run --nodes N`): in the batch step, on the allocation's first node (node 0,
+# the master), the variables every node shares, exported so that srun hands them to each node:
+# the master is the first node of `scontrol show hostnames` at its NodeAddr (where Slurm itself
+# reaches it), MASTER_PORT a port free on it now (picked here, on the master, when the run
+# starts: never at submission, which may be hours earlier), the hostfile (ADDR slots=G) in the
+# control directory. The names are those a fleet's run sets (remotedl.multinode.NodePlan.env).
+NODES_ENV = r"""
+_rdl_nodes_env() {
+  _rdl_names=$(scontrol show hostnames "${SLURM_JOB_NODELIST-}") && [ -n "$_rdl_names" ] || {
+    echo "remotedl: cannot tell the run's nodes (scontrol show hostnames \"\$SLURM_JOB_NODELIST\")" >&2
+    return 1; }
+  _rdl_table=$(scontrol --oneliner show node "$SLURM_JOB_NODELIST" 2>/dev/null | awk '{
+    n = ""; a = ""
+    for (i = 1; i <= NF; i++) {
+      if ($i ~ /^NodeName=/) n = substr($i, 10)
+      if ($i ~ /^NodeAddr=/) a = substr($i, 10)
+    }
+    if (n != "") print n, a }')
+  _rdl_slots=$_rdl_gpus; [ "$_rdl_slots" -gt 0 ] 2>/dev/null || _rdl_slots=1
+  _rdl_master= _rdl_addrs= _rdl_count=0
+  : > "$_rdl_ctl/hostfile.tmp" || return 1
+  for _rdl_h in $_rdl_names; do
+    _rdl_a=$(printf '%s\n' "$_rdl_table" | awk -v h="$_rdl_h" '$1 == h && $2 != "" { print $2; exit }')
+    [ -n "$_rdl_a" ] || _rdl_a=$_rdl_h
+    [ -n "$_rdl_master" ] || _rdl_master=$_rdl_a
+    _rdl_addrs=${_rdl_addrs:+$_rdl_addrs,}$_rdl_a
+    _rdl_count=$((_rdl_count + 1))
+    printf '%s slots=%s\n' "$_rdl_a" "$_rdl_slots" >> "$_rdl_ctl/hostfile.tmp" || return 1
+  done
+  mv -f "$_rdl_ctl/hostfile.tmp" "$_rdl_ctl/hostfile" || return 1
+  rm -f "$_rdl_ctl"/node-*.exit
+  if [ "$_rdl_count" != "$_rdl_nodes" ]; then
+    echo "remotedl: the allocation has $_rdl_count nodes ($SLURM_JOB_NODELIST), not $_rdl_nodes" >&2
+    return 1
+  fi
+  _rdl_port=
+  _rdl_py=$(command -v python3 || command -v python) && _rdl_port=$("$_rdl_py" -c 'import socket
+s = socket.socket()
+s.bind(("", 0))
+print(s.getsockname()[1])' 2>/dev/null)
+  case $_rdl_port in ''|*[!0-9]*) _rdl_port=$((20000 + ${SLURM_JOB_ID:-0} % 20000));; esac
+  MASTER_ADDR=$_rdl_master MASTER_PORT=$_rdl_port NNODES=$_rdl_nodes
+  WORLD_SIZE=$((_rdl_nodes * _rdl_slots))
+  REMOTEDL_RUN_ID=slurm-${SLURM_JOB_ID:-$_rdl_id} REMOTEDL_NUM_NODES=$_rdl_nodes
+  REMOTEDL_NODE_ADDRS=$_rdl_addrs REMOTEDL_MASTER_ADDR=$_rdl_master REMOTEDL_MASTER_PORT=$_rdl_port
+  REMOTEDL_HOSTFILE=$_rdl_ctl/hostfile
+  PET_NNODES=$_rdl_nodes PET_MASTER_ADDR=$_rdl_master PET_MASTER_PORT=$_rdl_port
+  export MASTER_ADDR MASTER_PORT NNODES WORLD_SIZE REMOTEDL_RUN_ID REMOTEDL_NUM_NODES \
+    REMOTEDL_NODE_ADDRS REMOTEDL_MASTER_ADDR REMOTEDL_MASTER_PORT REMOTEDL_HOSTFILE \
+    PET_NNODES PET_MASTER_ADDR PET_MASTER_PORT
+  if [ "$_rdl_gpus" -gt 0 ] 2>/dev/null; then
+    REMOTEDL_GPUS_PER_NODE=$_rdl_gpus PET_NPROC_PER_NODE=$_rdl_gpus
+    export REMOTEDL_GPUS_PER_NODE PET_NPROC_PER_NODE
+  fi
+  echo "remotedl: run across $_rdl_nodes nodes ($_rdl_addrs), master $_rdl_master:$_rdl_port" >&2
+}
+# What srun runs on each node ("$1": the command, "$2": the control directory): the node's rank,
+# then the command; a node whose command fails records its status and when (node-R.exit).
+_rdl_node_task='_rdl_c=$1 _rdl_d=$2; shift 2
+NODE_RANK=${SLURM_NODEID:?} REMOTEDL_NODE_RANK=$SLURM_NODEID PET_NODE_RANK=$SLURM_NODEID
+export NODE_RANK REMOTEDL_NODE_RANK PET_NODE_RANK
+( eval "$_rdl_c" )
+_rdl_s=$?
+[ "$_rdl_s" = 0 ] ||
+  printf "%s %s %s\n" "$_rdl_s" "$(date +%s)" "${SLURMD_NODENAME:-?}" > "$_rdl_d/node-$SLURM_NODEID.exit"
+exit "$_rdl_s"'
+# srun ends with the highest status of the nodes: a node ended because another failed says 143.
+# The run's status is the first failed node's own (its node-R.exit), said in one line.
+_rdl_first_failed() {
+  _rdl_first=$(for _rdl_f in "$_rdl_ctl"/node-*.exit; do
+      [ -f "$_rdl_f" ] || continue
+      _rdl_r=${_rdl_f##*/node-}; _rdl_r=${_rdl_r%.exit}
+      read -r _rdl_c _rdl_t _rdl_h < "$_rdl_f" && echo "$_rdl_t $_rdl_r $_rdl_c $_rdl_h"
+    done | sort -n -k1,1 -k2,2 | head -n 1)
+  [ -n "$_rdl_first" ] || return 0
+  set -- $_rdl_first
+  echo "remotedl: node $2 ($4) exited with status $3 first; srun ended the other nodes" >&2
+  _rdl_s=$3
+}
+"""
+
 # The batch script (after its #! line). "$1" is the control directory.
 BATCH_SCRIPT = (
     r"""# remotedl batch job: what it runs is data in its control directory "$1" (params; env holds
@@ -110,6 +192,7 @@ if [ "$#" -lt 9 ] || [ "$1" != 1 ]; then
   _rdl_end 125
 fi
 _rdl_id=$2 _rdl_cmd=$3 _rdl_jd=$4 _rdl_rd=$5 _rdl_conda=$6 _rdl_setup=$7 _rdl_mods=$8 _rdl_gpus=$9
+_rdl_nodes=${10-}
 rm -f "$_rdl_ctl/exit"
 printf '%s %s %s %s\n' "$(date +%s)" "${SLURMD_NODENAME:-?}" "${SLURM_JOB_ID:-?}" \
   "${SLURM_JOB_GPUS:-${SLURM_STEP_GPUS:--}}" > "$_rdl_ctl/started.tmp" &&
@@ -153,12 +236,27 @@ fi
     + ACTIVATE
     + r"""
 _rdl_activate || _rdl_end 125
+"""
+    + NODES_ENV
+    + r"""
+if [ -n "$_rdl_nodes" ]; then
+  _rdl_nodes_env || _rdl_end 125
+fi
 trap '_rdl_term=1' TERM
-(
-  unset _rdl_id _rdl_jd _rdl_rd _rdl_conda _rdl_setup _rdl_mods _rdl_gpus _rdl_term
-  unset _rdl_n _rdl_l _rdl_v _rdl_m _rdl_f _rdl_b _rdl_cb
-  eval "$_rdl_cmd"
-)
+if [ -n "$_rdl_nodes" ]; then
+  # the command once per node, each with its rank; one node failing ends the others
+  srun --nodes="$_rdl_nodes" --ntasks="$_rdl_nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    --label "${BASH:-/bin/sh}" -c "$_rdl_node_task" remotedl-node "$_rdl_cmd" "$_rdl_ctl"
+  _rdl_s=$?
+  [ "$_rdl_s" = 0 ] || _rdl_first_failed
+  _rdl_end "$_rdl_s"
+else
+  (
+    unset _rdl_id _rdl_jd _rdl_rd _rdl_conda _rdl_setup _rdl_mods _rdl_gpus _rdl_nodes _rdl_term
+    unset _rdl_n _rdl_l _rdl_v _rdl_m _rdl_f _rdl_b _rdl_cb
+    eval "$_rdl_cmd"
+  )
+fi
 _rdl_end "$?"
 """
 )

@@ -100,6 +100,7 @@ class SlurmSettings:
     sbatch_args: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
     gpu_option: GpuOption = "gres"  # --gres=gpu:N works on every GPU cluster; --gpus=N needs cons_tres
+    nodes: int | None = None  # `run --nodes N`: one run across N nodes (srun per node); None: one job
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> SlurmSettings:
@@ -117,27 +118,62 @@ class SlurmSettings:
             option = "gpus"
         else:
             raise ConfigError(f'gpu_option must be "gres" or "gpus", not {given!r}')
+        nodes = settings.get("nodes")
+        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
+            raise UsageError(f"--nodes {nodes!r}: give a number of nodes, 1 or more")
+        sbatch_args = check_sbatch_args(_str_list(settings, "sbatch_args"))
+        if nodes is not None:
+            check_node_args(sbatch_args)
         return cls(
             partition=_opt_str(settings, "partition"),
             account=_opt_str(settings, "account"),
             qos=_opt_str(settings, "qos"),
             time=check_time(time, "time") if time else None,
             constraint=_opt_str(settings, "constraint"),
-            sbatch_args=check_sbatch_args(_str_list(settings, "sbatch_args")),
+            sbatch_args=sbatch_args,
             modules=modules,
             gpu_option=option,
+            nodes=nodes,
         )
 
     def with_flags(
-        self, *, time: str | None = None, partition: str | None = None, sbatch_args: Sequence[str] = ()
+        self,
+        *,
+        time: str | None = None,
+        partition: str | None = None,
+        sbatch_args: Sequence[str] = (),
+        nodes: int | None = None,
     ) -> SlurmSettings:
-        """Flags win over settings (``--time``, ``--partition``, ``--sbatch-arg``, added last)."""
-        return replace(
+        """Flags win over settings (``--time``, ``--partition``, ``--sbatch-arg``, added last;
+        ``--nodes``)."""
+        if nodes is not None and nodes < 1:
+            raise UsageError(f"--nodes {nodes}: give a number of nodes, 1 or more")
+        out = replace(
             self,
             time=check_time(time) if time else self.time,
             partition=partition or self.partition,
             sbatch_args=self.sbatch_args + check_sbatch_args(sbatch_args, "--sbatch-arg"),
+            nodes=nodes if nodes is not None else self.nodes,
         )
+        if out.nodes is not None:
+            check_node_args(out.sbatch_args)
+        return out
+
+
+# What a multi-node run sets itself (the batch script starts one task per node with srun).
+_NODE_OPTIONS = ("--nodes", "-N", "--ntasks", "-n", "--ntasks-per-node", "--gpus", "-G")
+
+
+def check_node_args(args: Sequence[str]) -> None:
+    """With ``--nodes``: sbatch options that would change the node count or the task layout
+    the batch script's srun relies on are refused."""
+    for a in args:
+        name = a.split("=", 1)[0] if a.startswith("--") else a[:2]
+        if name in _NODE_OPTIONS:
+            raise UsageError(
+                f"{a}: with --nodes, remotedl sets the nodes and tasks itself (one task per node)",
+                hint="give the node count with --nodes N and the GPUs per node with --gpus G",
+            )
 
 
 SETTING_KEYS = ("partition", "account", "qos", "time", "constraint", "sbatch_args", "modules")
@@ -169,6 +205,7 @@ def settings_request(s: SlurmSettings) -> dict[str, Any]:
         "sbatch_args": list(s.sbatch_args),
         "modules": list(s.modules),
         "gpu_option": s.gpu_option,
+        "nodes": s.nodes,
     }
 
 
@@ -188,6 +225,7 @@ class BatchJob:
     env: Mapping[str, str] = field(default_factory=dict)
     conda: str | None = None  # a conda environment to activate
     env_setup: str | None = None  # a shell line run before the command (in bash where there is one)
+    nodes: int | None = None  # a multi-node run: N nodes, the command once per node (srun); None: one job
 
 
 def job_name(job: BatchJob) -> str:
@@ -204,8 +242,16 @@ def sbatch_options(job: BatchJob, settings: SlurmSettings) -> list[str]:
     if job.gpus < 0:
         raise UsageError(f"--gpus {job.gpus}: a job cannot ask for fewer than 0 GPUs")
     opts = [f"--job-name={job_name(job)}"]
+    if job.nodes is not None:
+        if job.nodes < 1:
+            raise UsageError(f"--nodes {job.nodes}: give a number of nodes, 1 or more")
+        opts += [f"--nodes={job.nodes}", "--ntasks-per-node=1"]
     if job.gpus:
-        opts.append(f"--gres=gpu:{job.gpus}" if settings.gpu_option == "gres" else f"--gpus={job.gpus}")
+        # --gres is per node; --gpus counts the whole job's, so a multi-node run says per node
+        if settings.gpu_option == "gres":
+            opts.append(f"--gres=gpu:{job.gpus}")
+        else:
+            opts.append(f"--gpus-per-node={job.gpus}" if job.nodes is not None else f"--gpus={job.gpus}")
     for flag, value in (
         ("--time", settings.time),
         ("--partition", settings.partition),

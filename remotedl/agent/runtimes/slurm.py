@@ -150,7 +150,7 @@ class SlurmRuntime(Runtime):
 
         req = plan.req
         try:
-            slurmmod.SlurmSettings.from_settings(req.get("slurm") or {})
+            settings = slurmmod.SlurmSettings.from_settings(req.get("slurm") or {})
         except RemotedlError as e:
             raise AgentError(e.message, "usage", hint=e.hint) from None
         count = 0 if req.get("gpus") == "none" else int(req.get("count") or 1)
@@ -158,7 +158,7 @@ class SlurmRuntime(Runtime):
         ctl = Path(plan.rdir).joinpath(*SLURM_DIRS) / str(job_id)
         rec = new_record(req, plan.spec, job_id, plan.rdir, isolate=plan.isolate, commit=plan.commit)
         rec.update(
-            want={"gpus": req.get("gpus"), "count": count},
+            want={"gpus": req.get("gpus"), "count": count, "nodes": settings.nodes},
             status="queued",
             log=str(ctl / "output.log"),
             ready=True,
@@ -196,6 +196,7 @@ class SlurmRuntime(Runtime):
                 env={**(rec.get("trackers") or {}), **(req.get("env") or {})},
                 conda=plan.spec.get("conda"),
                 env_setup=plan.spec.get("env_setup"),
+                nodes=settings.nodes,
             )
             submitted = slurmmod.submit_here(job, settings)
         except (RemotedlError, AgentError, OSError) as e:
