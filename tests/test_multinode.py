@@ -250,6 +250,64 @@ def test_a_claim_that_fails_on_one_node_releases_the_others(nodes, proj):
         nodes.run("kill", "--grace", "1", str(holder), "--host", "n2", cwd=proj)
 
 
+def test_a_run_sends_one_notification_not_one_per_node(nodes, proj):
+    # Every node's job notified on its end: a two-node run sent two "succeeded" messages.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"json://127.0.0.1:{server.server_address[1]}/hook"
+        argv = [
+            "--nodes",
+            "2",
+            "--gpus",
+            "1",
+            "--host",
+            nodes.names,
+            "--notify",
+            url,
+            "--",
+            "python3",
+            "rendezvous.py",
+        ]
+        r = nodes.run("run", *argv, cwd=proj)
+        assert r.code == 0, r.out + r.err
+        run = multinode.load_run(make_env(nodes.base).state_dir, None)
+        assert run is not None
+
+        def record(job: multinode.NodeJob) -> dict:
+            got = nodes.run("show", "--json", str(job.job_id), "--host", job.host, cwd=proj)
+            return json.loads(got.out)
+
+        master, other = run.nodes
+
+        # the master's job notifies for the run (its end sent, as its record says); the others
+        # carry no URL, so nothing else can go out
+        def sent() -> list[str]:
+            return [n["event"] for n in record(master)["notifications"]]
+
+        assert retry_until(lambda: "succeeded" in sent(), seconds=60), sent()
+        assert record(other)["notify"] == [] and record(other)["notifications"] == []
+        assert len(hits) == 1, hits
+        assert f"{run.run_id} node 0" in hits[0]["title"] and "succeeded" in hits[0]["title"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_nodes_needs_enough_hosts_and_no_gpu_indices(nodes, proj):
     r = nodes.run("run", "--nodes", "3", "--host", nodes.names, "rendezvous.py", cwd=proj)
     assert r.code == ExitCode.USAGE and "--nodes 3 needs 3 hosts; given: n1, n2" in r.err

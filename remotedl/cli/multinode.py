@@ -162,7 +162,7 @@ def run_nodes(
                     shared=list(p.shared),
                     environment=p.environment,
                     env_check=attempt < 2,
-                    notify=list(p.notify),
+                    notify=list(p.notify) if node.rank == 0 else [],  # one notification per run
                     host_alias=node.host,
                     stall_after=p.stall_after,
                     warn=warn,
