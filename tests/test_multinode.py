@@ -141,6 +141,9 @@ def test_a_two_node_run_meets_at_the_master(nodes, proj):
     e0, e1 = envs["node 0 n1"], envs["node 1 n2"]
     assert e0["MASTER_ADDR"] == e1["MASTER_ADDR"] == e0["REMOTEDL_MASTER_ADDR"] == MASTER_ADDR
     assert e0["MASTER_PORT"] == e1["MASTER_PORT"] and e0["MASTER_PORT"].isdigit()
+    # outside the master's ephemeral range: no connection it opens meanwhile can take the port
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert not low <= int(e0["MASTER_PORT"]) <= high, e0["MASTER_PORT"]
     assert (e0["NODE_RANK"], e1["NODE_RANK"], e0["NNODES"], e0["WORLD_SIZE"]) == ("0", "1", "2", "2")
     assert e0["REMOTEDL_NODE_ADDRS"] == f"{MASTER_ADDR},127.0.0.1"
     assert e0["REMOTEDL_RUN_ID"] == e1["REMOTEDL_RUN_ID"]

@@ -158,6 +158,8 @@ def test_a_two_node_slurm_run_meets_at_the_master(proj, login):
         assert e["REMOTEDL_NODE_ADDRS"] == "127.0.0.1,127.0.0.2"
         assert e["REMOTEDL_RUN_ID"] == first["REMOTEDL_RUN_ID"]
     assert "0: hostfile 127.0.0.1 slots=1;127.0.0.2 slots=1;" in r.out
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert not low <= int(first["MASTER_PORT"]) <= high, first["MASTER_PORT"]  # remotedl.ports
     assert f"master 127.0.0.1:{first['MASTER_PORT']}" in r.out  # said when the run starts
     # one job: one row, on both nodes; its record knows it spans 2
     job_id = proj.last()
@@ -259,6 +261,19 @@ def test_node_lines_keeps_one_nodes_lines_across_writes():
     flush()
     # "1" then "0: no" is the line "10: no": node 10's, not node 1's
     assert b"".join(got) == b"bb\nc\ntail"
+
+
+def test_the_port_is_free_and_outside_the_ephemeral_range():
+    # bind(0) answered a port of the ephemeral range, which any outgoing connection of the
+    # master could take before the rendezvous binds it
+    from remotedl.ports import PICK_PORT
+
+    assert "'" not in PICK_PORT  # the batch script quotes it in single quotes
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(5):
+        out = subprocess.run(["python3", "-c", PICK_PORT], capture_output=True, text=True, check=True).stdout
+        port = int(out)
+        assert 10000 <= port <= 65535 and not low <= port <= high, port
 
 
 def test_the_batch_script_parses_as_sh_and_bash():

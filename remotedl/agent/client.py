@@ -61,6 +61,7 @@ AGENT_MODULES = (
     "errors.py",
     "notify.py",
     "treeid.py",
+    "ports.py",
 )
 AGENT_PACKAGES = ("agent", "slurm")
 LAPTOP_ONLY = ("agent/client.py", "agent/__main__.py")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from remotedl.activate import ACTIVATE
 from remotedl.errors import RemoteError, UsageError
+from remotedl.ports import PICK_PORT
 from remotedl.slurm.settings import _ENV_KEY, BatchJob
 
 
@@ -91,10 +92,11 @@ _LOAD = r"""read -r _rdl_n || _rdl_n=0
 # A multi-node run (`run --nodes N`): in the batch step, on the allocation's first node (node 0,
 # the master), the variables every node shares, exported so that srun hands them to each node:
 # the master is the first node of `scontrol show hostnames` at its NodeAddr (where Slurm itself
-# reaches it), MASTER_PORT a port free on it now (picked here, on the master, when the run
-# starts: never at submission, which may be hours earlier), the hostfile (ADDR slots=G) in the
+# reaches it), MASTER_PORT a port free on it now (remotedl.ports; picked here, on the master,
+# when the run starts: never at submission, which may be hours earlier), the hostfile (ADDR slots=G) in the
 # control directory. The names are those a fleet's run sets (remotedl.multinode.NodePlan.env).
-NODES_ENV = r"""
+NODES_ENV = (
+    r"""
 _rdl_nodes_env() {
   _rdl_names=$(scontrol show hostnames "${SLURM_JOB_NODELIST-}") && [ -n "$_rdl_names" ] || {
     echo "remotedl: cannot tell the run's nodes (scontrol show hostnames \"\$SLURM_JOB_NODELIST\")" >&2
@@ -124,11 +126,10 @@ _rdl_nodes_env() {
     return 1
   fi
   _rdl_port=
-  _rdl_py=$(command -v python3 || command -v python) && _rdl_port=$("$_rdl_py" -c 'import socket
-s = socket.socket()
-s.bind(("", 0))
-print(s.getsockname()[1])' 2>/dev/null)
-  case $_rdl_port in ''|*[!0-9]*) _rdl_port=$((20000 + ${SLURM_JOB_ID:-0} % 20000));; esac
+  _rdl_py=$(command -v python3 || command -v python) && _rdl_port=$("$_rdl_py" -c '"""
+    + PICK_PORT
+    + r"""' 2>/dev/null)
+  case $_rdl_port in ''|*[!0-9]*) _rdl_port=$((10000 + ${SLURM_JOB_ID:-0} % 20000));; esac
   MASTER_ADDR=$_rdl_master MASTER_PORT=$_rdl_port NNODES=$_rdl_nodes
   WORLD_SIZE=$((_rdl_nodes * _rdl_slots))
   REMOTEDL_RUN_ID=slurm-${SLURM_JOB_ID:-$_rdl_id} REMOTEDL_NUM_NODES=$_rdl_nodes
@@ -168,6 +169,7 @@ _rdl_first_failed() {
   _rdl_s=$3
 }
 """
+)
 
 # The batch script (after its #! line). "$1" is the control directory.
 BATCH_SCRIPT = (
