@@ -216,13 +216,17 @@ def test_kill_ends_every_node_of_a_slurm_run(proj, login):
     assert retry_until(lambda: not holding(), seconds=30, interval=0.2), holding()
 
 
-def test_run_nodes_on_slurm_refuses_what_cannot_span_nodes(proj):
+def test_run_nodes_on_slurm_refuses_what_cannot_span_nodes(proj, login):
     r = proj("run", "--nodes", "2", "--gpu", "0", "--", "true")
     assert r.code == ExitCode.USAGE and "--gpu names GPUs of one box" in r.err, r.err
     r = proj("run", "--nodes", "0", "--", "true")
     assert r.code == ExitCode.USAGE and "--nodes 0: give a number of nodes, 1 or more" in r.err, r.err
     r = proj("run", "--nodes", "2", "--sbatch-arg=--ntasks=4", "--", "true")
     assert r.code == ExitCode.USAGE and "--ntasks=4: with --nodes, remotedl sets the nodes" in r.err, r.err
+    # a Slurm host among boxes: its nodes or the boxes, not both
+    r = proj("run", "--nodes", "2", "--host", f"{login.name},other", "--", "true")
+    assert r.code == ExitCode.USAGE, r.err
+    assert f"{login.name} is a Slurm host: a multi-node run is on its nodes or on boxes" in r.err, r.err
 
 
 # ------------------------------------------------------------------ no cluster needed
