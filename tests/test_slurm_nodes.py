@@ -7,6 +7,8 @@ ranks); a failing node ends the run with its own status; kill ends every node; `
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -214,6 +216,25 @@ def test_kill_ends_every_node_of_a_slurm_run(proj, login):
     rec = proj.job(job_id)
     assert rec["status"] == "killed", rec
     assert retry_until(lambda: not holding(), seconds=30, interval=0.2), holding()
+
+
+def test_real_torchrun_with_gloo_across_slurm_nodes(proj):
+    """torch's own rendezvous and gloo on CPU, 2 processes on each of the 2 Slurm nodes,
+    torchrun given no rendezvous flags (it reads PET_*). REMOTEDL_TEST_TORCH_BIN names a bin
+    directory with torchrun (a venv with `pip install torch`), else torchrun on PATH."""
+    from tests.test_multinode import DDP
+
+    where = os.environ.get("REMOTEDL_TEST_TORCH_BIN")
+    torchrun = shutil.which("torchrun", path=where) if where else shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torch is not installed here (REMOTEDL_TEST_TORCH_BIN: a bin directory with torchrun)")
+    (proj.root / "ddp.py").write_text(DDP)
+    subprocess.run(["git", "-C", str(proj.root), "add", "ddp.py"], check=True)
+    subprocess.run(["git", "-C", str(proj.root), "commit", "-q", "-m", "ddp"], check=True)
+    r = proj("run", "--nodes", "2", "--gpus", "0", "--", torchrun, "--nproc-per-node", "2", "ddp.py")
+    assert r.code == 0, r.out[-3000:] + r.err
+    for rank, node in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        assert f"{node}: rank {rank} of 4 on node {node}: all_reduce sum 10.0" in r.out, r.out[-3000:]
 
 
 def test_run_nodes_on_slurm_refuses_what_cannot_span_nodes(proj, login):
