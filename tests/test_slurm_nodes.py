@@ -173,6 +173,9 @@ def test_a_two_node_slurm_run_meets_at_the_master(proj, login):
     assert one.code == 0, one.err
     assert "rank 1 met ranks [0, 1]\n" in one.out and "rank 0" not in one.out, one.out
     assert not any(line.startswith(("0: ", "1: ")) for line in one.out.splitlines()), one.out
+    followed = proj("logs", "-f", job_id, "--node", "0")  # to the job's end, which it has reached
+    assert followed.code == 0, followed.err
+    assert "rank 0 met ranks [0, 1]\n" in followed.out and "rank 1" not in followed.out, followed.out
     bad = proj("logs", job_id, "--node", "2")
     assert bad.code == ExitCode.USAGE and f"--node 2: job {job_id} runs on nodes 0 to 1" in bad.err
 

@@ -1,4 +1,9 @@
-"""The data files the batch script reads, the batch script itself, and sbatch's answer."""
+"""The data files the batch script reads, the batch script itself, and sbatch's answer.
+
+A multi-node run (``BatchJob.nodes``, `run --nodes N`) is one batch job on N nodes: its batch
+step, on the first node, sets the variables every node shares (``NODES_ENV``) and starts the
+command once per node with srun (one task per node, labelled ``R: `` in the log); the first
+node to fail ends the others and gives the job its exit status."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 directory and log under ``<remote_dir>/.remotedl/slurm/<id>/`` on the shared filesystem; its
 status is Slurm's (scontrol, sacct, or what its batch script recorded), read whenever records are.
 Notifications and stalls: a watcher on this login node (``events.watch_slurm``, started by the op).
+A multi-node run (``slurm.nodes`` in the request) is one such job on N nodes (``want.nodes``).
 """
 
 from __future__ import annotations
