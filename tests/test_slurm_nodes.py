@@ -247,6 +247,13 @@ def test_run_nodes_on_slurm_refuses_what_cannot_span_nodes(proj, login):
     assert r.code == ExitCode.USAGE and "--nodes 0: give a number of nodes, 1 or more" in r.err, r.err
     r = proj("run", "--nodes", "2", "--sbatch-arg=--ntasks=4", "--", "true")
     assert r.code == ExitCode.USAGE and "--ntasks=4: with --nodes, remotedl sets the nodes" in r.err, r.err
+    # --node R of a job that is not a multi-node run
+    r = proj("run", "--detach", "--gpus", "0", "--", "true")
+    assert r.code == 0, r.err
+    one = proj.last()
+    r = proj("logs", one, "--node", "0")
+    assert r.code == ExitCode.USAGE, r.err
+    assert f"--node R picks a node of a multi-node run; job {one} is not one" in r.err, r.err
     # a Slurm host among boxes: its nodes or the boxes, not both
     r = proj("run", "--nodes", "2", "--host", f"{login.name},other", "--", "true")
     assert r.code == ExitCode.USAGE, r.err
