@@ -148,6 +148,10 @@ _rdl_nodes_env() {
     REMOTEDL_GPUS_PER_NODE=$_rdl_gpus PET_NPROC_PER_NODE=$_rdl_gpus
     export REMOTEDL_GPUS_PER_NODE PET_NPROC_PER_NODE
   fi
+  # each node's task gets the job's CPUs per task (srun of some Slurm versions does not inherit them)
+  if [ -n "${SLURM_CPUS_PER_TASK-}" ] && [ -z "${SRUN_CPUS_PER_TASK-}" ]; then
+    SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; export SRUN_CPUS_PER_TASK
+  fi
   echo "remotedl: run across $_rdl_nodes nodes ($_rdl_addrs), master $_rdl_master:$_rdl_port" >&2
 }
 # What srun runs on each node ("$1": the command, "$2": the control directory): the node's rank,
