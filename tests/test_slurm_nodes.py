@@ -311,6 +311,25 @@ def test_the_port_is_free_and_outside_the_ephemeral_range():
         assert 10000 <= port <= 65535 and not low <= port <= high, port
 
 
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        # node 0, ended by srun (143), recorded its end in the same second as node 1's failure
+        ({"0": "143 100 n1", "1": "3 100 n2"}, (3, "node 1 (n2) exited with status 3 first")),
+        ({"0": "2 101 n1", "1": "3 100 n2"}, (3, "node 1 (n2) exited with status 3 first")),  # earliest
+        ({"0": "143 100 n1", "1": "143 100 n2"}, (143, "node 0 (n1) exited with status 143 first")),
+        ({}, (143, "")),  # none recorded (both killed): srun's status stands
+    ],
+)
+def test_the_run_takes_the_status_of_the_node_that_failed_first(tmp_path, files, expected):
+    for rank, line in files.items():
+        (tmp_path / f"node-{rank}.exit").write_text(line + "\n")
+    script = slurmmod.NODES_ENV + '_rdl_ctl=$1; _rdl_s=143; _rdl_first_failed; echo "status $_rdl_s"'
+    r = subprocess.run(["sh", "-c", script, "sh", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert r.stdout == f"status {expected[0]}\n"
+    assert expected[1] in r.stderr and (expected[1] or r.stderr == "")
+
+
 def test_the_batch_script_parses_as_sh_and_bash():
     for shell in ("sh", "bash"):
         r = subprocess.run([shell, "-n"], input=slurmmod.BATCH_SCRIPT, text=True, capture_output=True)

@@ -46,6 +46,7 @@ from remotedl.slurm.jupyter import (
 from remotedl.slurm.script import (
     BATCH_SCRIPT,
     MODULE_INIT,
+    NODES_ENV,
     PARAMS_VERSION,
     Submitted,
     batch_params,
@@ -97,6 +98,7 @@ __all__ = [
     "ENDED_STATES",
     "JUPYTER_COMMAND",
     "MODULE_INIT",
+    "NODES_ENV",
     "NODE_ADDRESS",
     "PARAMS_VERSION",
     "SACCT_FIELDS",

@@ -165,17 +165,21 @@ _rdl_s=$?
   printf "%s %s %s\n" "$_rdl_s" "$(date +%s)" "${SLURMD_NODENAME:-?}" > "$_rdl_d/node-$SLURM_NODEID.exit"
 exit "$_rdl_s"'
 # srun ends with the highest status of the nodes: a node ended because another failed says 143.
-# The run's status is the first failed node's own (its node-R.exit), said in one line.
+# The run's status is the first failed node's own (its node-R.exit), said in one line. A node
+# that srun ended (SIGTERM: 143) may record its end within the same second as the one that
+# failed: a status other than 143 comes first, then the earliest, then the lowest rank.
 _rdl_first_failed() {
   _rdl_first=$(for _rdl_f in "$_rdl_ctl"/node-*.exit; do
       [ -f "$_rdl_f" ] || continue
       _rdl_r=${_rdl_f##*/node-}; _rdl_r=${_rdl_r%.exit}
-      read -r _rdl_c _rdl_t _rdl_h < "$_rdl_f" && echo "$_rdl_t $_rdl_r $_rdl_c $_rdl_h"
-    done | sort -n -k1,1 -k2,2 | head -n 1)
+      read -r _rdl_c _rdl_t _rdl_h < "$_rdl_f" || continue
+      _rdl_p=0; [ "$_rdl_c" = 143 ] && _rdl_p=1
+      echo "$_rdl_p $_rdl_t $_rdl_r $_rdl_c $_rdl_h"
+    done | sort -n -k1,1 -k2,2 -k3,3 | head -n 1)
   [ -n "$_rdl_first" ] || return 0
   set -- $_rdl_first
-  echo "remotedl: node $2 ($4) exited with status $3 first; srun ended the other nodes" >&2
-  _rdl_s=$3
+  echo "remotedl: node $3 ($5) exited with status $4 first; srun ended the other nodes" >&2
+  _rdl_s=$4
 }
 """
 )
