@@ -1,4 +1,4 @@
-"""The box's notification sender: remotedl's notify.py (standard library) vs Apprise, side by side.
+"""The box's notification sender: remotedl's notify package (standard library) vs Apprise, side by side.
 
 Each round starts a fresh ``python3 -E -s -S`` (as the agent runs on the box) that imports the
 sender and sends one notification to five local stand-ins (ntfy, Slack and Discord through an
@@ -97,9 +97,10 @@ with tempfile.TemporaryDirectory() as tmp:
     bare_argv = [python, "-E", "-s", "-S", "-c", "pass"]
     bare = [time_call(lambda: subprocess.run(bare_argv, check=True)) for _ in a]
     print(f"bare interpreter start (python3 -E -s -S -c pass): median {statistics.median(bare):.4f} s")
+    notify_dir = Path(__file__).parent.parent / "remotedl" / "notify"
     sizes = {
-        "agent zip (with notify.py)": len(build_agent().zip_bytes()),
-        "notify.py": (Path(__file__).parent.parent / "remotedl" / "notify.py").stat().st_size,
+        "agent zip (with the notify package)": len(build_agent().zip_bytes()),
+        "notify package": sum(f.stat().st_size for f in notify_dir.glob("*.py")),
     }
     for k, v in sizes.items():
         print(f"{k}: {v / 1024:.0f} KiB")

@@ -192,10 +192,15 @@ if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then
   echo "@@engine none ${1:-docker or podman}"; exit 0
 fi
 echo "@@engine $E"
-if ! out=$("$E" info --format '{{json .Runtimes}}' 2>&1); then
+case $E in *podman*) q='{{.Host.OCIRuntime.Name}}';; *) q='{{json .Runtimes}}';; esac
+if ! out=$("$E" info --format "$q" 2>&1); then
   echo "@@unreachable $(printf '%s\n' "$out" | tail -n 1)"; exit 0
 fi
 echo "@@runtimes $out"
+# An NVIDIA CDI spec (nvidia-ctk cdi generate) where CDI looks for one: Podman's GPUs.
+for f in /etc/cdi/* /var/run/cdi/*; do
+  grep -qs 'nvidia.com/gpu' "$f" && { echo "@@cdi $f"; break; }
+done
 root=$("$E" info --format '{{.DockerRootDir}}' 2>/dev/null) ||
   root=$("$E" info --format '{{.Store.GraphRoot}}' 2>/dev/null)
 [ -n "$root" ] && echo "@@images_free $(df -Pk "$root" 2>/dev/null | awk 'NR==2 {print $4}') $root"
@@ -214,6 +219,7 @@ case $mode in
   cdi) set -- --device nvidia.com/gpu=0;;
   *) case $E in *podman*) set -- --device nvidia.com/gpu=0;; *) set -- --gpus device=0;; esac;;
 esac
+case $mode:$E in cdi:*podman*|nvidia:*podman*) set -- --security-opt label=disable "$@";; esac
 if out=$("$E" run --rm --init --pull=never "$@" "$img" nvidia-smi -L 2>&1); then
   echo "@@gpu_container ok $(printf '%s\n' "$out" | head -n 1)"
 else
@@ -236,8 +242,14 @@ def _containers(report: DoctorReport, marks: dict[str, str], settings: Settings)
     if "unreachable" in marks:
         why = marks["unreachable"].strip()
         denied = "permission denied" in why.lower()
-        fix = ("add the box user to the docker group (`sudo usermod -aG docker $USER`, then log in again)"
-               if denied else f"start the engine (`sudo systemctl start {name}`)")  # fmt: skip
+        if name.startswith("podman"):
+            fix = (
+                "run `podman info` on the box: rootless Podman needs the uidmap package and the "
+                "user's /etc/subuid and /etc/subgid ranges (`remotedl setup docker --var engine=podman`)"
+            )
+        else:
+            fix = ("add the box user to the docker group (`sudo usermod -aG docker $USER`, then log in again)"
+                   if denied else f"start the engine (`sudo systemctl start {name}`)")  # fmt: skip
         report.add("box", "container engine", "fail", f"{name} does not answer the box user: {why}", fix)
         return
     runtimes = marks.get("runtimes", "").strip()
@@ -249,6 +261,14 @@ def _containers(report: DoctorReport, marks: dict[str, str], settings: Settings)
                    "docker has the NVIDIA runtime" if has else "docker has no NVIDIA runtime: --gpus fails",
                    "" if has else "install nvidia-container-toolkit and run `nvidia-ctk runtime configure`, "
                    'or set container_gpus = "cdi" / "devices"')  # fmt: skip
+    elif mode == "cdi" or (mode == "nvidia" and name.startswith("podman")):
+        spec = marks.get("cdi", "").strip()
+        report.add("box", "GPU runtime", "ok" if spec else "warn",
+                   f"an NVIDIA CDI spec is at {spec}" if spec
+                   else "no NVIDIA CDI spec in /etc/cdi or /var/run/cdi: --device nvidia.com/gpu=N fails",
+                   "" if spec else "install the NVIDIA container toolkit and run "
+                   "`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`, "
+                   'or set container_gpus = "devices"')  # fmt: skip
     free = marks.get("images_free", "").split(None, 1)
     if len(free) == 2 and free[0].isdigit():
         gib = int(free[0]) / 2**20

@@ -19,7 +19,9 @@ if [ -z "$E" ]; then
 fi
 if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@engine none"; exit 0; fi
 echo "@@engine $E"
-if ! out=$("$E" images --format '{{json .}}' 2>&1); then
+# One JSON object a line from both engines (podman's '{{json .}}' is one array over lines).
+f='{"Repository":{{json .Repository}},"Tag":{{json .Tag}},"ID":{{json .ID}},"Size":{{json .Size}}'
+if ! out=$("$E" images --format "$f"',"CreatedSince":{{json .CreatedSince}}}' 2>&1); then
   echo "@@error $(printf '%s\n' "$out" | tail -n 1)"; exit 0
 fi
 echo "@@images"
@@ -46,14 +48,26 @@ class BoxImages:
 
 def _image(row: dict[str, Any]) -> Image:
     repo, tag = str(row.get("Repository") or "<none>"), str(row.get("Tag") or "<none>")
-    names = row.get("Names")  # podman: the full names
-    name = str(names[0]) if isinstance(names, list) and names else f"{repo}:{tag}"
     return Image(
-        name=name,
-        id=str(row.get("ID") or row.get("Id") or "")[:19],
-        size=str(row.get("Size") or row.get("VirtualSize") or ""),
-        created=str(row.get("CreatedSince") or row.get("CreatedAt") or ""),
+        name=f"{repo}:{tag}",
+        id=str(row.get("ID") or "")[:19],
+        size=str(row.get("Size") or ""),
+        created=str(row.get("CreatedSince") or ""),
     )
+
+
+def same_image(wanted: str, name: str) -> bool:
+    """Whether ``name`` as the engine lists it is the image a user wrote as ``wanted``
+    (``ubuntu:22.04`` is docker.io/library/ubuntu:22.04 to Podman, an image made on the box
+    localhost/NAME)."""
+
+    def short(n: str) -> str:
+        for prefix in ("docker.io/library/", "docker.io/", "localhost/"):
+            if n.startswith(prefix):
+                return n[len(prefix) :]
+        return n
+
+    return short(wanted) == short(name)
 
 
 def list_images(box: Box, engine: str | None = None) -> BoxImages:

@@ -79,7 +79,9 @@ echo "@@pwd $(pwd -P)"
 
 # "$1" remote_dir, "$2" engine. The running container's work tree, then its servers.
 _FIND_IMAGE = _ENGINE + r"""
-here=$("$E" ps --filter "name=^$name\$" --format '{{.Label "remotedl.jupyter"}}' 2>/dev/null)
+# Podman's ps has the labels as a map, docker's has a Label function.
+case $E in *podman*) f='{{index .Labels "remotedl.jupyter"}}';; *) f='{{.Label "remotedl.jupyter"}}';; esac
+here=$("$E" ps --filter "name=^$name\$" --format "$f" 2>/dev/null)
 [ -n "$here" ] || exit 0
 echo "@@running $here"
 "$E" exec "$name" jupyter lab --version >/dev/null 2>&1 && echo "@@lab"
@@ -107,10 +109,13 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       for d in "${REMOTEDL_DEVICE_DIR:-/dev}"/nvidia*; do
         [ -e "$d" ] && set -- --device "$d:/dev/${d##*/}" "$@"
       done;;
-    cdi:*|*:*podman*) set -- --device nvidia.com/gpu=all "$@";;
+    cdi:*|*:*podman*) set -- --device nvidia.com/gpu=all "$@"
+      case $E in *podman*) set -- --security-opt label=disable "$@";; esac;;
     *) set -- --gpus all "$@";;
   esac
 fi
+# Rootless Podman: the user's own ids inside, not subordinate ones.
+case $E in *podman*) [ "$(id -u)" = 0 ] || set -- --userns=keep-id "$@";; esac
 extra=--ServerApp.allow_credentials=False
 [ -n "$origin" ] && extra=--ServerApp.allow_origin=$origin
 if out=$("$E" run -d --rm --init --pull=missing --name "$name" --label "remotedl.jupyter=$here" \

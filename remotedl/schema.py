@@ -437,6 +437,16 @@ def check_request(data: Any) -> dict[str, Any]:
     return data
 
 
+def request_from_dict(data: Any) -> Request:
+    """A request read on the box, as the typed object of its op (``StartRequest``, ...): checked
+    as ``check_request`` checks it, unknown fields dropped. The handlers read its attributes,
+    so a misspelt field is a type error, not a silent ``None``."""
+    if not isinstance(data, dict) or data.get("op") not in REQUESTS:
+        raise SchemaError("not a request")
+    cls = REQUESTS[str(data["op"])]
+    return cls(**cls.check_dict(data))
+
+
 def outlived_words(main_exit: int, leftovers: int) -> str:
     """A running job whose main process exited while processes it started still run."""
     return f"running (main process exited {main_exit}, {leftovers} process{'es' * (leftovers != 1)} left)"

@@ -140,8 +140,13 @@ for a do  # the image and TensorBoard's command between the engine's words and T
   set -- "$@" "$a"; i=$((i + 1))
 done
 shift "$total"
+keep= init=--init
+# Podman: rootless, the user's own ids inside, not subordinate ones; and no --init, which it
+# refuses in the host's PID namespace (TensorBoard is a process of the host's there).
+case $E in *podman*) init=; [ "$(id -u)" = 0 ] || keep=--userns=keep-id;; esac
 tmux new-session -d -s "$s" -c "$here" /bin/sh -c 'umask 077; log=$1; shift; exec "$@" > "$log" 2>&1' sh \
-  "$log" "$E" run --rm --init --pull=missing --name "$s" --network host --pid host -u "$(id -u):$(id -g)" \
+  "$log" "$E" run --rm ${init:+"$init"} --pull=missing --name "$s" --network host --pid host \
+  ${keep:+"$keep"} -u "$(id -u):$(id -g)" \
   -v "$here:$here" -v "$records:$records" -v "$flags:$flags:ro" -w "$here" \
   -e "TMPDIR=$records" -e HOME=/tmp "$@"
 """

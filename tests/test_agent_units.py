@@ -25,7 +25,7 @@ from remotedl.agent.runtimes.slurm import SlurmRuntime, slurm_changes
 from remotedl.agent.runtimes.tmux import TmuxRuntime
 from remotedl.agent.store import AgentError, Context
 from remotedl.schema import OPS as schema_ops
-from remotedl.schema import JobRecord, SchemaError, encode_mark, parse_mark
+from remotedl.schema import JobRecord, SchemaError, StartRequest, encode_mark, parse_mark
 
 AGENT = Path(__file__).resolve().parent.parent / "remotedl" / "agent"
 
@@ -44,7 +44,7 @@ def gpu(index: int, used: int = 0, procs: tuple[int, ...] = ()) -> gpumod.Gpu:
 
 
 def record(job_id: int, status: str = "succeeded", **fields) -> dict:
-    req = {"command": "python train.py", "name": fields.pop("name", None)}
+    req = StartRequest(command="python train.py", name=fields.pop("name", None))
     rec = store.new_record(req, {}, job_id, "/home/u/proj", isolate=False, commit=None)
     rec.update(status=status, **fields)
     return rec
@@ -290,8 +290,8 @@ def test_a_slurm_job_takes_slurms_word_and_a_dead_submission_is_lost():
 def test_the_runtime_is_chosen_once_by_the_records_kind():
     assert isinstance(runtimes.of(record(1)), TmuxRuntime)  # older records have no scheduler
     assert isinstance(runtimes.of(record(1, scheduler="slurm")), SlurmRuntime)
-    assert isinstance(runtimes.for_request({"scheduler": "slurm"}), SlurmRuntime)
-    assert isinstance(runtimes.for_request({}), TmuxRuntime)
+    assert isinstance(runtimes.for_request(StartRequest(command="x", scheduler="slurm")), SlurmRuntime)
+    assert isinstance(runtimes.for_request(StartRequest(command="x")), TmuxRuntime)
     tmux_job = record(1, "running", session="remotedl-1")
     assert runtimes.of(tmux_job).attach(tmux_job) == "exec tmux attach-session -t =remotedl-1"
     slurm_job = record(2, "running", scheduler="slurm", slurm_id="881")
@@ -333,14 +333,14 @@ def test_damaged_records_are_skipped_with_a_warning_in_the_context(box_state):
 
 
 def test_a_new_record_round_trips_through_the_schema():
-    req = {
-        "command": "python train.py --lr 3e-4",
-        "name": "lr",
-        "env": {"WANDB_API_KEY": "secret"},
-        "git_head": "b" * 40,
-        "snapshot": True,
-        "snapshot_files": ["a.py"],
-    }
+    req = StartRequest(
+        command="python train.py --lr 3e-4",
+        name="lr",
+        env={"WANDB_API_KEY": "secret"},
+        git_head="b" * 40,
+        snapshot=True,
+        snapshot_files=["a.py"],
+    )
     rec = store.new_record(req, {"conda": "ml"}, 12, "/home/u/proj", isolate=True, commit="a" * 40)
     rec.update(status="starting", gpus=[0, 1], stall_after=store.stall_after("600"))
     parsed = JobRecord.from_dict(json.loads(json.dumps(rec)))
@@ -454,6 +454,26 @@ def test_every_op_the_agent_answers_is_in_the_schema():
     from remotedl.agent.ops import OPS
 
     assert set(OPS) == set(schema_ops)
+
+
+def test_handlers_get_the_typed_request_of_their_op():
+    """The dispatch hands each handler the request object of its op (fields as attributes, so a
+    misspelt one is a mypy error), built from the checked JSON; unknown fields are dropped."""
+    from remotedl.agent.ops import OPS, read_request
+    from remotedl.schema import REQUESTS, KillRequest, LogsRequest, StartRequest, request_from_dict
+
+    assert {op: h.kind for op, h in OPS.items()} == REQUESTS
+    kill = read_request([json.dumps({"op": "kill", "job": "train", "grace": 2, "newer_field": 1})])
+    assert kill == KillRequest(job="train", grace=2.0)
+    assert not hasattr(kill, "newer_field")
+    logs = read_request([json.dumps(LogsRequest(job=3, follow=True, lines=20).to_dict())])
+    assert isinstance(logs, LogsRequest)
+    assert (logs.job, logs.follow, logs.lines, logs.offset) == (3, True, 20, 0)
+    start = StartRequest(command="python train.py", gpus=[0, 1], env={"K": "v"}, adopt={"dir": "d"})
+    assert request_from_dict(json.loads(json.dumps(start.to_dict()))) == start  # the wire, both ways
+    for bad in ({"op": "nope"}, ["op", "kill"], {"op": "start"}, {"op": "kill", "grace": "soon"}):
+        with pytest.raises(SchemaError):
+            read_request([json.dumps(bad)])
 
 
 # ------------------------------------------------------------------ the bundle and the import graph

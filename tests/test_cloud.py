@@ -447,3 +447,35 @@ def test_a_fleet_says_which_vm_is_stopped(box: Box, gce: FakeCloud, project: Pat
     err = e.stderr.getvalue()  # type: ignore[attr-defined]
     assert "gpuvm2: gpuvm2 is a cloud VM and it is stopped (GCE gpu-1 (proj-1/europe-west4-a))" in err
     assert "remotedl up gpuvm2" in err
+
+
+# An App built by a library caller (never through main), in a fresh interpreter: nothing that an
+# earlier main() in this process set can stand in for what the import of remotedl.cli.app does.
+LIBRARY_CALLER = """
+import argparse, io, json, sys
+from pathlib import Path
+from remotedl.cli.app import App
+from remotedl.env import Environment
+given = json.loads(sys.argv[1])
+env = Environment(environ=given["environ"], cwd=Path(given["cwd"]), stdout=io.StringIO(),
+                  stderr=io.StringIO(), stdin_isatty=False)
+spec = App(argparse.Namespace(subcommand="push"), env).spec()
+print(json.dumps({"hostname": spec.hostname, "err": env.stderr.getvalue()}))
+"""
+
+
+def test_an_app_built_outside_main_starts_its_vm_too(
+    box: Box, gce: FakeCloud, project: Path, tmp_path: Path
+) -> None:
+    project_with(project, box.name, {**gce.settings(), "auto_start": True})
+    config = stale_ssh_config(box, tmp_path / "sshcfg")
+    env = make_env(tmp_path / "laptop", cwd=project, REMOTEDL_SSH_CONFIG=str(config), **gce.environ(tmp_path))
+    given = json.dumps({"environ": dict(env.environ), "cwd": str(project)})
+    r = subprocess.run(
+        [sys.executable, "-c", LIBRARY_CALLER, given], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "is stopped; starting it (auto_start)" in got["err"]
+    assert gce.ops("start", "stop") == ["start"] and gce.power == "running"
+    assert got["hostname"] == "127.0.0.1"  # the address the cloud gave, not the stale one

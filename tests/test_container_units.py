@@ -20,6 +20,7 @@ from remotedl.agent.runtimes.container import (
 )
 from remotedl.agent.store import AgentError, kind_of
 from remotedl.errors import UsageError
+from remotedl.schema import StartRequest
 
 
 def rec_of(**extra):
@@ -47,7 +48,9 @@ def test_nvidia_runtime_gets_exactly_the_jobs_gpus_as_one_csv_field():
 def test_cdi_and_podman_name_each_gpu_as_a_cdi_device():
     cdi = ["--device", "nvidia.com/gpu=1", "--device", "nvidia.com/gpu=3"]
     assert gpu_args(rec_of(), "cdi", podman=False) == cdi
-    assert gpu_args(rec_of(), "nvidia", podman=True) == cdi
+    # Podman: with SELinux labels off for the container, as NVIDIA documents for Podman's CDI
+    assert gpu_args(rec_of(), "nvidia", podman=True) == ["--security-opt", "label=disable", *cdi]
+    assert gpu_args(rec_of(), "cdi", podman=True) == ["--security-opt", "label=disable", *cdi]
 
 
 def test_no_gpu_words_for_a_cpu_job_or_mode_none():
@@ -109,6 +112,19 @@ def test_rootless_podman_keeps_the_users_ids(monkeypatch):
     argv = run_argv("/usr/bin/podman", rec_of(), ["true"], Path("/e"), [])
     assert "--userns=keep-id" in argv and argv[argv.index("-u") + 1] == "1000:1000"
     assert "--gpus" not in argv and "nvidia.com/gpu=1" in argv
+    # Podman's init passes signals to its child only: a second one with -g, to the job's group
+    assert argv[argv.index(rec_of()["image"]) + 1 :] == ["/run/podman-init", "-g", "--", "true"]
+
+
+def test_podmans_full_image_names_are_the_names_a_user_writes():
+    from remotedl.images import same_image
+
+    assert same_image("rdl-test:1", "localhost/rdl-test:1")
+    assert same_image("ubuntu:22.04", "docker.io/library/ubuntu:22.04")
+    assert same_image("user/img:2", "docker.io/user/img:2")
+    assert same_image("nvcr.io/nvidia/pytorch:24.10-py3", "nvcr.io/nvidia/pytorch:24.10-py3")
+    assert not same_image("ubuntu:22.04", "docker.io/library/ubuntu:24.04")
+    assert not same_image("ubuntu:22.04", "quay.io/ubuntu:22.04")
 
 
 def test_a_path_docker_cannot_mount_is_refused():
@@ -120,7 +136,7 @@ def test_records_and_requests_with_an_image_are_container_jobs():
     assert kind_of({"image": "x"}) == "container"
     assert kind_of({"image": "x", "scheduler": "slurm"}) == "slurm"
     assert kind_of({}) == "box"
-    assert isinstance(runtimes.for_request({"image": "x"}), ContainerRuntime)
+    assert isinstance(runtimes.for_request(StartRequest(command="x", image="x")), ContainerRuntime)
     assert isinstance(runtimes.of({"image": "x"}), ContainerRuntime)
 
 
@@ -163,6 +179,7 @@ def test_the_agent_refuses_an_image_name_that_would_be_an_option(tmp_path, monke
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     (tmp_path / "docker").write_text("#!/bin/sh\n")
     (tmp_path / "docker").chmod(0o755)
-    plan = StartPlan({"image": "--privileged", "command": "true"}, str(tmp_path), False, None, [], [], {})
+    req = StartRequest(command="true", image="--privileged")
+    plan = StartPlan(req, str(tmp_path), False, None, [], [], {})
     with pytest.raises(AgentError, match="is not an image name"):
         ContainerRuntime().create(None, plan, [])  # type: ignore[arg-type]

@@ -250,7 +250,7 @@ def test_unknown_scheme_without_apprise_says_what_to_install(monkeypatch, tmp_pa
 
 
 def test_sender_runs_from_the_agent_bundle_with_the_standard_library_only(services, tmp_path):
-    """The box runs notify.py from the agent (python3 -E -s -S: no site-packages)."""
+    """The box runs the notify package from the agent (python3 -E -s -S: no site-packages)."""
     target = tmp_path / "agent"
     zipfile.ZipFile(io.BytesIO(build_agent().zip_bytes())).extractall(target)
     code = (
@@ -272,7 +272,7 @@ def test_sender_runs_from_the_agent_bundle_with_the_standard_library_only(servic
     lines = r.stdout.splitlines()
     assert [o["ok"] for o in json.loads(lines[0])] == [True] * 5, lines[0]
     assert lines[1] == "[]"
-    assert Path(target, "remotedl", "notify.py").is_file()
+    assert Path(target, "remotedl", "notify", "__init__.py").is_file()
 
 
 def test_config_shows_notify_urls_masked(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from remotedl import compare, outputs
 from remotedl.errors import ConnectError, RemotedlError, UsageError
-from remotedl.schema import JobRecord
+from remotedl.schema import JobRecord, StartRequest
 from tests.conftest import make_env, retry_until
 
 PY = sys.executable
@@ -347,7 +347,7 @@ def test_output_paths_and_tracker_env():
 def test_trackers_are_planned_on_the_box_in_the_jobs_own_directory(tmp_path):
     from remotedl.agent import trackers
 
-    req = {"trackers": True, "env": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}
+    req = StartRequest(command="x", trackers=True, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
     got = trackers.planned(req, str(tmp_path), 7, "exp", isolate=False)
     where = str(tmp_path / ".remotedl" / "jobs" / "7")
     assert got["trackers_dir"] == where and os.path.isdir(where)  # a job in the work tree: its own
@@ -356,10 +356,11 @@ def test_trackers_are_planned_on_the_box_in_the_jobs_own_directory(tmp_path):
         planned["WANDB_DIR"] == where and planned["WANDB_NAME"] == "exp" and len(planned["WANDB_RUN_ID"]) == 8
     )
     assert "MLFLOW_TRACKING_URI" not in planned and "MLFLOW_ALLOW_FILE_STORE" not in planned  # the user's
-    isolated = trackers.planned({"trackers": True}, str(tmp_path), 8, "x", isolate=True)["trackers"]
+    alone = StartRequest(command="x", trackers=True)
+    isolated = trackers.planned(alone, str(tmp_path), 8, "x", isolate=True)["trackers"]
     assert isolated["MLFLOW_TRACKING_URI"] == str(tmp_path / ".remotedl" / "jobs" / "8" / "mlruns")
     assert not (tmp_path / ".remotedl" / "jobs" / "8").exists()  # its checkout is made there later
-    assert trackers.planned({"env": {}}, str(tmp_path), 9, "x", isolate=False) == {}
+    assert trackers.planned(StartRequest(command="x"), str(tmp_path), 9, "x", isolate=False) == {}
     # What the box's environment sets wins too.
     env = {"WANDB_NAME": "mine"}
     added = trackers.apply({"trackers": planned}, env)
@@ -588,7 +589,7 @@ def test_the_box_lists_a_projects_jobs_with_outputs_since_the_last_listing(tmp_p
     proj_dir = str(tmp_path / "proj")
 
     def save(job_id: int, rdir: str, outs: list[str], status: str = "succeeded", **fields) -> None:
-        req = {"command": "python train.py", "outputs": outs}
+        req = StartRequest(command="python train.py", outputs=outs)
         rec = store.new_record(req, {}, job_id, rdir, isolate=False, commit=None)
         rec.update(status=status, **fields)
         store.save(rec)

@@ -220,3 +220,34 @@ def test_rsync_missing_is_told_whichever_way_rsync_exits(said):
     missing_dir = 'rsync: change_dir "/x" failed: No such file or directory (2)'
     other = rsync_failure("gpubox", "data", 12, missing_dir)
     assert other.message.startswith("rsync of data failed (12)")
+
+
+def test_every_package_is_installed_and_the_shipped_playbooks_with_it():
+    """pyproject lists packages by name: one missing installs a remotedl that cannot import it
+    (remotedl.ssh and remotedl.init were missing from a non-editable install)."""
+    import sys
+    from pathlib import Path
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+
+    from remotedl import playbooks
+
+    root = Path(__file__).resolve().parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "remotedl").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    listed = set(setuptools["packages"])
+    assert found <= listed, f"not installed: {sorted(found - listed)}"
+    assert listed - found == {"remotedl.playbooks.shipped"}
+    # The YAML playbooks install inside the playbooks package; from the source tree they are
+    # found in the top-level playbooks/ folder.
+    assert setuptools["package-dir"] == {"remotedl.playbooks.shipped": "playbooks"}
+    assert setuptools["package-data"]["remotedl.playbooks.shipped"] == ["*.yaml"]
+    assert playbooks.shipped_dir() == root / "playbooks"
+    assert (playbooks.shipped_dir() / "base.yaml").is_file()

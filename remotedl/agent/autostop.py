@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remotedl.schema import AutostopRequest
+
 FILE = "autostop.json"
 TICK_SECONDS = 60.0
 GRACE_SECONDS = 300.0
@@ -557,22 +559,22 @@ def _shown(state: State) -> dict[str, Any]:
     return shown
 
 
-def op_autostop(ctx: Any, req: dict[str, Any]) -> dict[str, Any]:
+def op_autostop(ctx: Any, req: AutostopRequest) -> dict[str, Any]:
     """``set`` the settings (and start the watcher when on), ``show`` them, or ``watch``."""
     from remotedl.agent import events, store
 
     directory = store.state_dir()
-    action = req.get("action") or "show"
+    action = req.action
     if action == "watch":
         watch(directory, os.environ)
         return {}
     if action == "preempt":  # what the watcher does on the cloud's notice; also to try a job's handling
-        told = preempt(directory, str(req.get("notice") or "preemption asked for"), time.time(), os.environ)
+        told = preempt(directory, req.notice or "preemption asked for", time.time(), os.environ)
         return {"signalled": told, "autostop": _shown(load(directory))}
     if action in ("set", "resume"):
         known = Config.__dataclass_fields__
         if action == "set":
-            config = Config(**{k: v for k, v in (req.get("config") or {}).items() if k in known})
+            config = Config(**{k: v for k, v in (req.config or {}).items() if k in known})
         else:  # the VM started again: its watcher went with the last shutdown
             config = load(directory).config
         state = configure(directory, config, time.time())

@@ -59,7 +59,10 @@ AGENT_MODULES = (
     "waiting.py",
     "schema.py",
     "errors.py",
-    "notify.py",
+    "notify/__init__.py",
+    "notify/urls.py",
+    "notify/senders.py",
+    "notify/text.py",
     "treeid.py",
     "ports.py",
 )

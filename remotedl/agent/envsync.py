@@ -20,7 +20,7 @@ from typing import Any
 from remotedl.activate import ACTIVATE
 from remotedl.agent.checkout import ensure_excludes
 from remotedl.agent.store import ENV_FILES, AgentError, Context
-from remotedl.schema import encode_mark
+from remotedl.schema import EnvsyncRequest, encode_mark
 
 # What the job's environment is: its interpreter and, without importing it, torch's version.
 PROBE = """\
@@ -286,8 +286,8 @@ def _project_lock(rdir: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def work_tree(req: dict[str, Any]) -> str:
-    raw = str(req.get("remote_dir") or "")
+def work_tree(raw: str) -> str:
+    """The project's work tree on the box (``remote_dir`` as the laptop sent it), resolved."""
     rdir = os.path.expanduser(raw)
     if not raw or not os.path.isdir(rdir):
         raise AgentError(
@@ -298,11 +298,11 @@ def work_tree(req: dict[str, Any]) -> str:
     return os.path.realpath(rdir)
 
 
-def op_envsync(ctx: Context, req: dict[str, Any]) -> None:
+def op_envsync(ctx: Context, req: EnvsyncRequest) -> None:
     """Make the project's environment match its requirements (when they changed since the
     last sync). The installer's output streams on stdout; the result is one line on stderr."""
-    rdir = work_tree(req)
-    spec = dict(req.get("env") or {})
+    rdir = work_tree(req.remote_dir)
+    spec = dict(req.env)
     out = sys.stdout.buffer
     sys.stderr.write(encode_mark("start", {}))
     sys.stderr.flush()
@@ -311,7 +311,7 @@ def op_envsync(ctx: Context, req: dict[str, Any]) -> None:
     if plan is not None:
         ensure_excludes(rdir)
         with _project_lock(rdir):
-            if req.get("force") or not env_in_sync(rdir, plan, spec):
+            if req.force or not env_in_sync(rdir, plan, spec):
                 req_file = ""
                 if plan["kind"] in ("pyproject.toml", "uv.lock") and not shutil.which("uv"):
                     deps = _pyproject_deps((Path(rdir) / "pyproject.toml").read_text()) or []

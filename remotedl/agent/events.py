@@ -44,7 +44,7 @@ from remotedl.agent.store import (
     save,
     state_dir,
 )
-from remotedl.schema import ACTIVE
+from remotedl.schema import ACTIVE, NotifyRequest, SlurmWatchRequest
 from remotedl.waiting import pid_alive
 
 # What a send needs of the starting session's environment (proxies, the CA store).
@@ -199,9 +199,9 @@ def announce(ctx: Context, records: list[dict[str, Any]]) -> None:
         watch_slurm()
 
 
-def op_notify(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
-    job_id = int(req["id"])
-    event = str(req.get("event") or "")
+def op_notify(ctx: Context, req: NotifyRequest) -> dict[str, Any]:
+    job_id = req.id
+    event = req.event
     if event in ("succeeded", "failed", "killed", "lost", "preempted"):
         ended(job_id)
     elif event == "started":
@@ -272,7 +272,7 @@ def _moved(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def op_slurm_watch(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def op_slurm_watch(ctx: Context, req: SlurmWatchRequest) -> dict[str, Any]:
     """The watcher: every interval, Slurm's state of the active Slurm jobs that have
     notifications or a stall watch (``refresh_slurm`` records it and sends their start after a
     wait and their end), and the logs of those running (``LogSilence``); gone when none is

@@ -8,7 +8,9 @@ what differs between them; ``state`` looks at jobs (a read, which starts nothing
 sends what a look found. Each job runs in its own checkout of its commit (``checkout``), in the
 project's environment (``envsync``), under its runner (``runner``).
 
-Per request, a ``Context`` carries the warnings for the laptop and the news to send.
+Per request, a ``Context`` carries the warnings for the laptop and the news to send. Each
+handler gets the typed request of its op (``schema.StartRequest``, ...), built by the dispatch
+from the checked JSON: a misspelt field is a type error, not a silent ``None``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from remotedl import gpus as gpumod
 from remotedl import treeid
@@ -61,7 +64,30 @@ from remotedl.agent.store import (
     records_after,
     update,
 )
-from remotedl.schema import ACTIVE, ENDED, MAX_REQUEST, SchemaError, check_request, encode_mark
+from remotedl.schema import (
+    ACTIVE,
+    ENDED,
+    MAX_REQUEST,
+    AutostopRequest,
+    EnvsyncRequest,
+    GetRequest,
+    GpusRequest,
+    IntreeRequest,
+    KillRequest,
+    ListRequest,
+    LocateRequest,
+    LogsRequest,
+    NotifyRequest,
+    PruneRequest,
+    Request,
+    RmRequest,
+    RunnerRequest,
+    SchemaError,
+    SlurmWatchRequest,
+    StartRequest,
+    encode_mark,
+    request_from_dict,
+)
 
 RECENT = 10  # ended jobs `remotedl jobs` shows besides the active ones
 
@@ -80,15 +106,15 @@ def announce(ctx: Context, records: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------ start
 
 
-def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
-    rdir = work_tree(req)
+def op_start(ctx: Context, req: StartRequest) -> dict[str, Any]:
+    rdir = work_tree(req.remote_dir)
     runtime = runtimes.for_request(req)
     runtime.check()
-    data = [str(d) for d in req.get("data") or []]
-    shared = [str(s) for s in req.get("shared") or []]
+    data = [str(d) for d in req.data]
+    shared = [str(s) for s in req.shared]
     links = [x for x in (clean_rel(p) for p in data + shared) if x]
-    isolate = bool(req.get("isolate", True))
-    commit = req.get("git_commit")
+    isolate = req.isolate
+    commit = req.git_commit
     if isolate:
         head = git_head(rdir)
         commit = commit or head
@@ -98,15 +124,15 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
             raise AgentError(
                 f"commit {commit[:10]} is not in the box's repository ({rdir})", "usage", hint="push it first"
             )
-    script = req.get("script")
+    script = req.script
     if script and not script_ok(rdir, commit if isolate else None, script, links):
         raise AgentError(
             f"no such script on the box: {os.path.join(rdir, script)}",
             "usage",
             hint="is it committed or pushed? `remotedl push` sends uncommitted files too",
         )
-    spec = dict(req.get("environment") or {})
-    if req.get("env_check"):
+    spec = dict(req.environment)
+    if req.env_check:
         plan = env_plan(rdir, spec)
         if plan is not None and not env_in_sync(rdir, plan, spec):
             return {"envsync": plan}
@@ -115,11 +141,11 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
         rec = runtime.create(ctx, start, active(ctx))
         job_id = int(rec["id"])
         changes = trackers.planned(req, rdir, job_id, str(rec["name"]), isolate=bool(rec.get("isolated")))
-        urls = [str(u) for u in req.get("notify") or []]
+        urls = [str(u) for u in req.notify]
         if urls:  # kept aside (0600) for whoever sends; the record holds them masked
             from remotedl.agent import events
 
-            changes["notify"] = events.save_settings(job_id, urls, req.get("host_alias"))
+            changes["notify"] = events.save_settings(job_id, urls, req.host_alias)
         if changes:
             rec = update(job_id, **changes)
     rec = runtime.launch(ctx, rec, start)
@@ -130,14 +156,13 @@ def op_start(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ list, get, kill
 
 
-def op_list(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def op_list(ctx: Context, req: ListRequest) -> dict[str, Any]:
     ensure_dirs()
-    if req.get("project") or req.get("ids"):  # outputs home: the project's jobs since ``after``
-        project, ids = str(req.get("project") or ""), req.get("ids") or []
-        records, upto = with_outputs(ctx, project, ids, req.get("after"))
+    if req.project or req.ids:  # outputs home: the project's jobs since ``after``
+        records, upto = with_outputs(ctx, req.project or "", req.ids, req.after)
         announce(ctx, records)
         return {"jobs": records, "upto": upto}
-    if req.get("all"):  # ended records as the text cached of them; the active ones looked at
+    if req.all:  # ended records as the text cached of them; the active ones looked at
         every = listing(ctx)
         live = refresh(ctx, every.records())
         announce(ctx, live)
@@ -163,15 +188,15 @@ def with_outputs(ctx: Context, project: str, ids: list[int], after: Any) -> tupl
     return records, max(start, min([upto, *(i - 1 for i in running)]))
 
 
-def op_get(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
-    rec = resolve(ctx, req.get("job"), req.get("project"))
+def op_get(ctx: Context, req: GetRequest) -> dict[str, Any]:
+    rec = resolve(ctx, req.job, req.project)
     announce(ctx, [rec])
     return {"job": rec}
 
 
-def op_intree(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def op_intree(ctx: Context, req: IntreeRequest) -> dict[str, Any]:
     """Active jobs running in the work tree itself (isolate = false): a push changes their files."""
-    raw = str(req.get("remote_dir") or "")
+    raw = req.remote_dir
     pdir = real(raw)
     if not raw or not os.path.isdir(pdir) or not jobs_dir().exists():
         return {"jobs": []}
@@ -187,10 +212,10 @@ def _ended_words(rec: dict[str, Any]) -> str:
     return str(rec["status"])
 
 
-def op_kill(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
-    ref = req.get("job")
-    rec = resolve(ctx, ref, req.get("project"), active_only=ref in (None, "", "last"))
-    grace = float(req.get("grace", 10))
+def op_kill(ctx: Context, req: KillRequest) -> dict[str, Any]:
+    ref = req.job
+    rec = resolve(ctx, ref, req.project, active_only=ref in (None, "", "last"))
+    grace = float(req.grace)
     job_id = int(rec["id"])
     if rec["status"] not in ACTIVE:
         announce(ctx, [rec])
@@ -208,28 +233,28 @@ def op_kill(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ logs
 
 
-def op_logs(ctx: Context, req: dict[str, Any]) -> dict[str, Any] | None:
+def op_logs(ctx: Context, req: LogsRequest) -> dict[str, Any] | None:
     """Stream the log from ``offset`` (or the last ``lines``) to stdout; with ``follow``,
     until the job ends. The end status goes to stderr as one JSON line."""
-    rec = resolve(ctx, req.get("job"), req.get("project"))
+    rec = resolve(ctx, req.job, req.project)
     announce(ctx, [rec])
     path = rec["log"]
     out = sys.stdout.buffer
-    offset = int(req.get("offset") or 0)
+    offset = req.offset
     try:
         f = open(path, "rb")  # noqa: SIM115 - long-lived, closed below
     except FileNotFoundError:
         raise AgentError(f"the log of job {rec['id']} is gone ({path})", "notfound") from None
     with f:
-        if req.get("lines") is not None and not offset:
-            offset = _tail_offset(f, int(req["lines"]))
+        if req.lines is not None and not offset:
+            offset = _tail_offset(f, req.lines)
         f.seek(offset)
         # The client counts bytes from here, so a reconnect resumes exactly where it left off.
         start = {"job": rec["id"], "offset": offset, "warnings": ctx.warnings}
         sys.stderr.write(encode_mark("start", start))
         sys.stderr.flush()
         idle = 0.0
-        if not req.get("follow"):
+        if not req.follow:
             _send_rest(f, offset)
             sys.stderr.write(encode_mark("end", {"job": rec}))
             return None
@@ -326,16 +351,16 @@ def _inside(path: str, base: str) -> bool:
     return path == base or path.startswith(base.rstrip("/") + "/")
 
 
-def op_locate(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def op_locate(ctx: Context, req: LocateRequest) -> dict[str, Any]:
     """Where each path to pull lives: the project's latest job that has it (or the job asked
     for), or the work tree (``tree``, or a data/shared path, which live there)."""
-    pdir = real(str(req.get("remote_dir") or ""))
-    paths = [str(p) for p in req.get("paths") or []]
-    ref = req.get("job")
-    if req.get("tree"):
+    pdir = real(req.remote_dir)
+    paths = [str(p) for p in req.paths]
+    ref = req.job
+    if req.tree:
         pool: Iterable[dict[str, Any]] = []
     elif ref not in (None, ""):
-        pool = [resolve(ctx, ref, req.get("remote_dir"))]
+        pool = [resolve(ctx, ref, req.remote_dir)]
     else:  # read from the newest, only as far back as the paths asked for are found
         pool = _Seen(refresh(ctx, [r])[0] for r in newest_first(ctx) if project_of(r) == pdir)
     sources = []
@@ -355,13 +380,13 @@ def op_locate(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
             else:  # a data or shared path: it lives in the work tree
                 found = {"dir": pdir, "job": r["id"], "name": r.get("name"), "shared": True, "links": []}
             break
-        if found is None and ref not in (None, "") and not req.get("tree"):
+        if found is None and ref not in (None, "") and not req.tree:
             r = next(iter(pool))
             where = f"job {r['id']} ({r.get('name')})'s directory"
             raise AgentError(f"{rel} does not exist in {where}", "notfound")
         if found is None:
             if not pdir or not os.path.lexists(os.path.join(pdir, rel)):
-                where = "the work tree" if req.get("tree") else "any job of this project nor in the work tree"
+                where = "the work tree" if req.tree else "any job of this project nor in the work tree"
                 raise AgentError(f"{rel} does not exist in {where} ({pdir})", "notfound")
             found = {"dir": pdir, "job": None, "name": None, "links": []}
         sources.append({"path": rel, **found})
@@ -443,15 +468,14 @@ def _own_trackers_dir(rec: dict[str, Any]) -> Path | None:
     return p
 
 
-def op_rm(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
-    ids = [int(i) for i in req.get("ids") or []]
-    return _remove_many(ctx, ids, bool(req.get("dry_run")))
+def op_rm(ctx: Context, req: RmRequest) -> dict[str, Any]:
+    return _remove_many(ctx, [int(i) for i in req.ids], req.dry_run)
 
 
-def op_prune(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def op_prune(ctx: Context, req: PruneRequest) -> dict[str, Any]:
     """This project's ended jobs that ended more than ``older_than`` seconds ago."""
-    pdir = real(str(req.get("remote_dir") or ""))
-    cutoff = time.time() - float(req.get("older_than") or 0)
+    pdir = real(req.remote_dir)
+    cutoff = time.time() - float(req.older_than)
     records = refresh(ctx, [r for r in all_records(ctx) if project_of(r) == pdir])
     announce(ctx, records)
     ids = [
@@ -459,8 +483,8 @@ def op_prune(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
         for r in records
         if r["status"] in ENDED and float(r.get("ended") or r.get("created") or 0) <= cutoff
     ]
-    result = _remove_many(ctx, ids, bool(req.get("dry_run")))
-    if not req.get("dry_run") and os.path.isdir(os.path.join(pdir, ".git")):
+    result = _remove_many(ctx, ids, req.dry_run)
+    if not req.dry_run and os.path.isdir(os.path.join(pdir, ".git")):
         git(pdir, "worktree", "prune")
     return result
 
@@ -468,7 +492,7 @@ def op_prune(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ GPUs, events
 
 
-def op_gpus(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def op_gpus(ctx: Context, req: GpusRequest) -> dict[str, Any]:
     found = query_gpus()
     records = active(ctx) if jobs_dir().exists() else []
     announce(ctx, records)
@@ -478,13 +502,13 @@ def op_gpus(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
     return {"gpus": [{"index": g.index, "name": g.name, "held_by": held.get(g.index)} for g in found]}
 
 
-def _events_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def _events_op(ctx: Context, req: NotifyRequest) -> dict[str, Any]:
     from remotedl.agent import events
 
     return events.op_notify(ctx, req)
 
 
-def _slurm_watch_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def _slurm_watch_op(ctx: Context, req: SlurmWatchRequest) -> dict[str, Any]:
     from remotedl.agent import events
 
     return events.op_slurm_watch(ctx, req)
@@ -498,40 +522,61 @@ def _autostop_watcher() -> None:
         autostop.ensure_watcher(state_dir())
 
 
-def _autostop_op(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def _autostop_op(ctx: Context, req: AutostopRequest) -> dict[str, Any]:
     from remotedl.agent import autostop
 
     return autostop.op_autostop(ctx, req)
 
 
-Op = Callable[[Context, dict[str, Any]], "dict[str, Any] | None"]
-OPS: dict[str, Op] = {
-    "start": op_start,
-    "runner": op_runner,
-    "list": op_list,
-    "get": op_get,
-    "kill": op_kill,
-    "logs": op_logs,
-    "gpus": op_gpus,
-    "locate": op_locate,
-    "rm": op_rm,
-    "prune": op_prune,
-    "envsync": op_envsync,
-    "intree": op_intree,
-    "notify": _events_op,
-    "slurm_watch": _slurm_watch_op,
-    "autostop": _autostop_op,
+R = TypeVar("R", bound=Request)
+
+
+@dataclass(frozen=True)
+class Handler(Generic[R]):
+    """An op's handler and the request type it reads: the dispatch builds that typed request
+    (every field checked, ``schema.request_from_dict``) before the handler runs."""
+
+    kind: type[R]
+    run: Callable[[Context, R], dict[str, Any] | None]
+
+
+def handler(kind: type[R], run: Callable[[Context, R], dict[str, Any] | None]) -> Handler[Any]:
+    """A table entry. ``R`` is inferred from the arguments alone (the return type does not name
+    it), so mypy checks that ``run`` takes a ``kind``."""
+    return Handler(kind, run)
+
+
+OPS: dict[str, Handler[Any]] = {
+    "start": handler(StartRequest, op_start),
+    "runner": handler(RunnerRequest, op_runner),
+    "list": handler(ListRequest, op_list),
+    "get": handler(GetRequest, op_get),
+    "kill": handler(KillRequest, op_kill),
+    "logs": handler(LogsRequest, op_logs),
+    "gpus": handler(GpusRequest, op_gpus),
+    "locate": handler(LocateRequest, op_locate),
+    "rm": handler(RmRequest, op_rm),
+    "prune": handler(PruneRequest, op_prune),
+    "envsync": handler(EnvsyncRequest, op_envsync),
+    "intree": handler(IntreeRequest, op_intree),
+    "notify": handler(NotifyRequest, _events_op),
+    "slurm_watch": handler(SlurmWatchRequest, _slurm_watch_op),
+    "autostop": handler(AutostopRequest, _autostop_op),
 }
-STREAMING = ("logs", "envsync")
+_HANDLERS = {h.kind: h for h in OPS.values()}
+STREAMING = (LogsRequest, EnvsyncRequest)
+# The agent's own requests (and autostop's): they start no autostop watcher themselves.
+NO_WATCHER = (AutostopRequest, RunnerRequest, NotifyRequest, SlurmWatchRequest)
 
 
-def read_request(argv: list[str]) -> dict[str, Any]:
-    """The request: JSON on stdin from the laptop, or in argv for the agent's own runner."""
+def read_request(argv: list[str]) -> Request:
+    """The request: JSON on stdin from the laptop, or in argv for the agent's own runner, as
+    the typed request of its op (every known field of the type schema.py says)."""
     raw = argv[0].encode() if argv else sys.stdin.buffer.read(MAX_REQUEST + 1)
     if len(raw) > MAX_REQUEST:
         raise ValueError("request too large")
-    req = check_request(json.loads(raw))  # every known field of the type schema.py says
-    if req["op"] not in OPS:
+    req = request_from_dict(json.loads(raw))
+    if type(req) not in _HANDLERS:
         raise ValueError("not a request")
     return req
 
@@ -539,22 +584,22 @@ def read_request(argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     try:
         req = read_request(argv)
-        op = OPS[req["op"]]
+        op = _HANDLERS[type(req)]
     except (ValueError, KeyError, UnicodeDecodeError) as e:
         # Never echo the request: it may hold secrets. The checker names a field, not its value.
         why = f" ({e})" if isinstance(e, SchemaError) and str(e) != "not a request" else ""
         answer = {"ok": False, "kind": "protocol", "error": f"the agent got a malformed request{why}"}
         print(json.dumps(answer))
         return 2
-    adopt = req.get("adopt")
+    adopt = req.adopt
     if isinstance(adopt, dict):  # the default remote_dir: keep a tree under the older default
         treeid.adopt_tree(*(str(adopt.get(k) or "") for k in ("dir", "id", "legacy")))
     ctx = Context()
     try:
-        result = op(ctx, req)
+        result = op.run(ctx, req)
     except AgentError as e:
         answer = {"ok": False, "kind": e.kind, "error": str(e), "hint": e.hint, "warnings": ctx.warnings}
-        if req["op"] in STREAMING:
+        if isinstance(req, STREAMING):
             sys.stderr.write(encode_mark("error", answer))
             return 3
         print(json.dumps(answer))
@@ -564,8 +609,8 @@ def main(argv: list[str]) -> int:
         return 3
     finally:
         announce(ctx, [])  # what the looks found that no op sent yet
-        if req["op"] not in ("autostop", "runner", "notify", "slurm_watch"):
+        if not isinstance(req, NO_WATCHER):
             _autostop_watcher()
-    if result is not None and req["op"] != "runner":
+    if result is not None and not isinstance(req, RunnerRequest):
         print(answer_text({"ok": True, **result, **({"warnings": ctx.warnings} if ctx.warnings else {})}))
     return 0

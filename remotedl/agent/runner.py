@@ -35,6 +35,7 @@ from remotedl.agent.store import (
     save,
     update,
 )
+from remotedl.schema import RunnerRequest
 from remotedl.waiting import pid_alive as _alive
 
 QUEUE_POLL = 1.0
@@ -371,11 +372,11 @@ def _ignore(signum: int, frame: Any) -> None:
     pass
 
 
-def op_runner(ctx: Context, req: dict[str, Any]) -> dict[str, Any]:
+def op_runner(ctx: Context, req: RunnerRequest) -> dict[str, Any]:
     """Runs inside the job's tmux session: wait for GPUs if queued, run, record the end.
     It outlives its tmux session (SIGHUP is caught, not ignored: the job gets the default
     disposition back at exec), so the log and the end are recorded even then."""
-    job_id = int(req["id"])
+    job_id = req.id
     signal.signal(signal.SIGHUP, _ignore)
     try:
         rec = update(job_id, runner_pid=os.getpid())

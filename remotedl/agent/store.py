@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from remotedl.schema import ACTIVE, JobRecord, SchemaError
+from remotedl.schema import ACTIVE, JobRecord, SchemaError, StartRequest
 
 if TYPE_CHECKING:  # a Slurm login node's code is imported where it is used: box jobs skip it
     from remotedl import slurm as slurmmod
@@ -397,24 +397,24 @@ def epoch(iso: str | None) -> float | None:
 
 
 def new_record(
-    req: dict[str, Any], spec: dict[str, Any], job_id: int, rdir: str, *, isolate: bool, commit: object
+    req: StartRequest, spec: dict[str, Any], job_id: int, rdir: str, *, isolate: bool, commit: object
 ) -> dict[str, Any]:
     """A new job's record, the fields a box job and a Slurm job share (under the box lock)."""
     return {
         "id": job_id,
-        "name": req.get("name") or str(job_id),
-        "command": req["command"],
+        "name": req.name or str(job_id),
+        "command": req.command,
         "cwd": rdir,
         "remote_dir": rdir,
         "workdir": None,
         "isolated": isolate,
         "gpus": [],
         "want": {},
-        "env_keys": sorted((req.get("env") or {}).keys()),
-        "git_commit": commit if isolate else req.get("git_commit"),
-        "git_head": req.get("git_head"),
-        "snapshot": bool(req.get("snapshot")),
-        "snapshot_files": [str(f) for f in req.get("snapshot_files") or []][:1000],
+        "env_keys": sorted(req.env.keys()),
+        "git_commit": commit if isolate else req.git_commit,
+        "git_head": req.git_head,
+        "snapshot": req.snapshot,
+        "snapshot_files": [str(f) for f in req.snapshot_files][:1000],
         "environment": {k: spec[k] for k in ("conda", "env_setup") if spec.get(k)},
         "status": "queued",
         "exit_code": None,
@@ -428,8 +428,8 @@ def new_record(
         "ready": True,
         "notify": [],  # job events (agent/events.py): notifications sent from the box
         "notifications": [],
-        "outputs": [str(p) for p in req.get("outputs") or []][:1000],  # a laptop of the project fetches them
-        "project_id": req.get("project_id"),
+        "outputs": [str(p) for p in req.outputs][:1000],  # a laptop of the project fetches them
+        "project_id": req.project_id,
     }
 
 

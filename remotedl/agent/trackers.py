@@ -19,6 +19,7 @@ from typing import Any
 
 from remotedl.agent.checkout import ensure_excludes
 from remotedl.agent.store import JOB_DIRS
+from remotedl.schema import StartRequest
 
 KEYS = ("WANDB_DIR", "WANDB_RUN_ID", "WANDB_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")
 
@@ -27,12 +28,12 @@ def job_dir(rdir: str, job_id: int) -> str:
     return str(Path(rdir).joinpath(*JOB_DIRS, str(job_id)))
 
 
-def planned(req: dict[str, Any], rdir: str, job_id: int, name: str, *, isolate: bool) -> dict[str, Any]:
+def planned(req: StartRequest, rdir: str, job_id: int, name: str, *, isolate: bool) -> dict[str, Any]:
     """The record's ``trackers_dir`` and ``trackers`` of a new job (nothing without ``trackers``
     in the request). A job in the work tree gets its directory made here."""
-    if not req.get("trackers"):
+    if not req.trackers:
         return {}
-    given = set((req.get("env") or {}).keys())
+    given = set(req.env.keys())
     where = job_dir(rdir, job_id)
     values = {
         "WANDB_DIR": where,

@@ -14,14 +14,32 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from remotedl import __version__
-from remotedl.cli import parsers
+from remotedl.cli import app, parsers
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, JobFailed, RemotedlError, UsageError
 
+if TYPE_CHECKING:
+    from remotedl.fleet import Member
+    from remotedl.ssh import HostSpec
+
 Handler = Callable[[argparse.Namespace, Environment], int]
+
+
+def _vm_ready(command: app.App, member: Member) -> HostSpec:
+    """Cloud VMs: every command reaches one through ``cloud.ready`` (auto_start, or its state),
+    imported only when a host is a VM."""
+    from remotedl.cli import cloud
+
+    return cloud.ready(command, member)
+
+
+# Set when this package is imported, which any import of ``remotedl.cli.app`` does first: an
+# ``App`` a library caller builds reaches a VM as ``main``'s does (app.py, at the bottom,
+# imports no command module).
+app.vm_ready = _vm_ready
 
 
 @dataclass(frozen=True)
@@ -496,7 +514,6 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     _setup_logging(env, debug)
     try:
         _seen_clear()
-        _vm_ready()
         code = int(handler(args.subcommand)(args, env))
         outputs_after_command(args, env)  # outputs of jobs that ended, from boxes it talked to
         return code
@@ -524,13 +541,6 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "run again with --debug for the traceback, and report it",
             ExitCode.ERROR,
         )
-
-
-def _vm_ready() -> None:
-    """Cloud VMs: every command reaches one through ``cloud.ready`` (auto_start, or its state)."""
-    from remotedl.cli import app, cloud
-
-    app.vm_ready = cloud.ready
 
 
 def _seen_clear() -> None:

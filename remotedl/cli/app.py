@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from remotedl.ssh import HostSpec
 
 # How a command reaches a host that is a cloud VM: ``remotedl.cli.cloud.ready`` (started first
-# with auto_start, else a clear error), given by the dispatcher (``remotedl.cli.main``): this
-# bottom module imports no command module. None (a library caller): the VM as resolved.
+# with auto_start, else a clear error). The ``remotedl.cli`` package sets it when it is imported,
+# before this module can be (this bottom module imports no command module), so every App, main's
+# or a library caller's, gets it.
 vm_ready: Callable[[App, Member], HostSpec] | None = None
 
 

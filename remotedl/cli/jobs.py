@@ -512,7 +512,7 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
 
 def cmd_images(args: argparse.Namespace, env: Environment) -> int:
     """The container images on the box (its engine's), the one jobs use marked."""
-    from remotedl.images import list_images
+    from remotedl.images import list_images, same_image
     from remotedl.ssh import open_box
 
     app = App(args, env)
@@ -529,8 +529,8 @@ def cmd_images(args: argparse.Namespace, env: Environment) -> int:
         return ExitCode.OK
     width = max(len(i.name) for i in found.images)
     for i in found.images:
-        mark = "*" if wanted and wanted in (i.name, i.name.removeprefix("docker.io/")) else " "
+        mark = "*" if wanted and same_image(wanted, i.name) else " "
         app.out(safe(f"{mark} {i.name:<{width}}  {i.id:<19}  {i.size:>8}  {i.created}"))
-    if wanted and not any(wanted in (i.name, i.name.removeprefix("docker.io/")) for i in found.images):
+    if wanted and not any(same_image(wanted, i.name) for i in found.images):
         env.stderr.write(f"remotedl: {safe(wanted)} (image) is not on {spec.alias}: the first run pulls it\n")
     return ExitCode.OK

@@ -26,6 +26,7 @@ from remotedl.agent.runtimes.container import ContainerRuntime
 from remotedl.agent.runtimes.slurm import SlurmRuntime
 from remotedl.agent.runtimes.tmux import TmuxRuntime
 from remotedl.agent.store import kind_of
+from remotedl.schema import StartRequest
 
 __all__ = ["RUNTIMES", "Killed", "LogFollow", "Runtime", "StartPlan", "for_request", "of"]
 
@@ -41,9 +42,9 @@ def of(rec: dict[str, Any]) -> Runtime:
     return RUNTIMES[kind_of(rec)]
 
 
-def for_request(req: dict[str, Any]) -> Runtime:
+def for_request(req: StartRequest) -> Runtime:
     """The runtime a start request asks for (``scheduler``, ``image``; the box's tmux by
     default)."""
-    if req.get("scheduler") == "slurm":
+    if req.scheduler == "slurm":
         return RUNTIMES["slurm"]
-    return RUNTIMES["container" if req.get("image") else "box"]
+    return RUNTIMES["container" if req.image else "box"]

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from remotedl.agent.store import Context
+from remotedl.schema import StartRequest
 
 
 @dataclass
 class StartPlan:
     """What a start request settled before its runtime takes it (``ops.op_start``)."""
 
-    req: dict[str, Any]
+    req: StartRequest
     rdir: str  # the project's work tree on the box, resolved
     isolate: bool  # in a checkout of its own (False: in rdir itself)
     commit: str | None

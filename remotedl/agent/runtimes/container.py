@@ -10,7 +10,8 @@ detection, notifications); only its command runs inside a container. What differ
   CDI's ``--device nvidia.com/gpu=N``, or the device nodes themselves), and
   ``CUDA_VISIBLE_DEVICES`` counts from 0 inside, as a Slurm job's does;
 - ``--env`` values go through a 0600 env file (never argv), removed once the container runs;
-- the container is ``--rm``, ``--init`` (signals reach the job's whole process group inside), runs
+- the container is ``--rm``, ``--init`` (signals reach the job's whole process group inside:
+  docker's tini told so by its environment, Podman's init given a second time with ``-g``), runs
   as the box user's uid:gid, and has the project's work tree (the checkout, data, shared) at
   the same paths;
 - ``kill`` signals the container through the engine (SIGINT, SIGTERM, SIGKILL), never only the
@@ -44,6 +45,7 @@ LABEL = "remotedl.job"  # value: the job's id and mark, "ID:MARK"
 # The device nodes every NVIDIA GPU job needs besides its /dev/nvidiaN (where present).
 NVIDIA_CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
 ENGINE_TIMEOUT = 60.0
+PODMAN_INIT = "/run/podman-init"  # where ``podman run --init`` puts its init (catatonit, tini)
 
 
 def container_name(rec: dict[str, Any]) -> str:
@@ -115,7 +117,10 @@ def gpu_args(rec: dict[str, Any], mode: str, podman: bool) -> list[str]:
         # The value is CSV to docker: quoted, so that "device=1,3" stays one field.
         return ["--gpus", '"device=' + ",".join(map(str, gpus)) + '"']
     if mode in ("nvidia", "cdi"):  # Podman's GPUs are CDI devices
-        return [w for g in gpus for w in ("--device", f"nvidia.com/gpu={g}")]
+        words = [w for g in gpus for w in ("--device", f"nvidia.com/gpu={g}")]
+        # As NVIDIA documents for Podman: on an SELinux box a labelled container may not open
+        # the devices CDI gives it (no effect where SELinux is off).
+        return ["--security-opt", "label=disable", *words] if podman else words
     # The device nodes themselves (no toolkit: the image brings the driver's user-space
     # libraries), each at its /dev path inside. REMOTEDL_DEVICE_DIR: where the box keeps them.
     where = os.environ.get("REMOTEDL_DEVICE_DIR") or "/dev"
@@ -156,6 +161,11 @@ def run_argv(
     user = ["-u", f"{os.getuid()}:{os.getgid()}"]
     if podman and os.getuid() != 0:
         user = ["--userns=keep-id", *user]  # rootless: the user's own ids inside, not subuids
+    if podman:
+        # Podman's --init (catatonit) passes a signal to its child only: a second one, with -g,
+        # passes it on to the job's whole process group, as docker's tini does with
+        # TINI_KILL_PROCESS_GROUP. The engine mounts its init at /run/podman-init.
+        inner = [PODMAN_INIT, "-g", "--", *inner]
     return [
         engine, "run", "--rm", "--init", "--pull=never",
         "--name", container_name(rec),
@@ -206,11 +216,22 @@ def image_digest(engine: str, image: str) -> str | None:
         base = image.rsplit("@", 1)[0]
         base = base if "/" in base.rsplit(":", 1)[-1] else base.rsplit(":", 1)[0]
         for d in digests:
-            if str(d).split("@")[0] == base:
+            if short_name(str(d).split("@")[0]) == short_name(base):
                 return str(d)
         if digests:
             return str(digests[0])
+    if image_id and ":" not in image_id:  # podman's ids are the bare hex
+        image_id = f"sha256:{image_id}"
     return image_id or None
+
+
+def short_name(name: str) -> str:
+    """An image's name as a user writes it: Podman's full names (``docker.io/library/x``,
+    ``localhost/x`` for an image made on the box) and Docker's short ones compare equal."""
+    for prefix in ("docker.io/library/", "docker.io/", "localhost/"):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 def running_containers(engine: str) -> set[str] | None:
@@ -227,7 +248,7 @@ class ContainerRuntime(TmuxRuntime):
 
     def create(self, ctx: Context, plan: StartPlan, active: list[dict[str, Any]]) -> dict[str, Any]:
         req = plan.req
-        spec = dict(req.get("container") or {})
+        spec = dict(req.container or {})
         engine = find_engine(spec.get("engine"))
         mode = str(spec.get("gpus") or "nvidia")
         if mode not in GPU_MODES:
@@ -235,7 +256,7 @@ class ContainerRuntime(TmuxRuntime):
         args = spec.get("args") or []
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise AgentError("container_args must be a list of words", "usage")
-        image = str(req["image"])
+        image = str(req.image or "")
         if not image or image.startswith("-") or any(c.isspace() or not c.isprintable() for c in image):
             raise AgentError(f"{image!r} is not an image name", "usage")
         rec = super().create(ctx, plan, active)

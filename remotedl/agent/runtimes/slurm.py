@@ -151,22 +151,22 @@ class SlurmRuntime(Runtime):
 
         req = plan.req
         try:
-            settings = slurmmod.SlurmSettings.from_settings(req.get("slurm") or {})
+            settings = slurmmod.SlurmSettings.from_settings(req.slurm or {})
         except RemotedlError as e:
             raise AgentError(e.message, "usage", hint=e.hint) from None
-        count = 0 if req.get("gpus") == "none" else int(req.get("count") or 1)
+        count = 0 if req.gpus == "none" else int(req.count or 1)
         job_id = next_id(job_dirs_of(plan.rdir))
         ctl = Path(plan.rdir).joinpath(*SLURM_DIRS) / str(job_id)
         rec = new_record(req, plan.spec, job_id, plan.rdir, isolate=plan.isolate, commit=plan.commit)
         rec.update(
-            want={"gpus": req.get("gpus"), "count": count, "nodes": settings.nodes},
+            want={"gpus": req.gpus, "count": count, "nodes": settings.nodes},
             status="queued",
             log=str(ctl / "output.log"),
             ready=True,
             scheduler="slurm",
             control_dir=str(ctl),
             slurm_id=None,
-            stall_after=stall_after(req.get("stall_after")),  # log silence only (events.LogSilence)
+            stall_after=stall_after(req.stall_after),  # log silence only (events.LogSilence)
             stalled=None,
         )  # notifications and stalls: a watcher on this login node (events.watch_slurm)
         save(rec)
@@ -179,7 +179,7 @@ class SlurmRuntime(Runtime):
         req, rdir = plan.req, plan.rdir
         job_id = int(rec["id"])
         try:
-            settings = slurmmod.SlurmSettings.from_settings(req.get("slurm") or {})
+            settings = slurmmod.SlurmSettings.from_settings(req.slurm or {})
             workdir = rdir
             if plan.isolate:
                 ensure_excludes(rdir)
@@ -187,14 +187,14 @@ class SlurmRuntime(Runtime):
                 rec = update(job_id, workdir=workdir, cwd=workdir, links=linked)
             job = slurmmod.BatchJob(
                 job_id=str(job_id),
-                command=req["command"],
+                command=req.command,
                 workdir=workdir,
                 control_dir=str(rec["control_dir"]),
                 log=rec["log"],
                 remote_dir=rdir,
                 name=rec["name"],
                 gpus=int(rec["want"]["count"]),
-                env={**(rec.get("trackers") or {}), **(req.get("env") or {})},
+                env={**(rec.get("trackers") or {}), **req.env},
                 conda=plan.spec.get("conda"),
                 env_setup=plan.spec.get("env_setup"),
                 nodes=settings.nodes,

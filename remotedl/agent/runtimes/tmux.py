@@ -296,12 +296,13 @@ class TmuxRuntime(Runtime):
     def create(self, ctx: Context, plan: StartPlan, active: list[dict[str, Any]]) -> dict[str, Any]:
         """Choose the GPUs (or queue), and record the job (under the box lock)."""
         req = plan.req
-        chosen = choose_gpus(req, active)
+        want = {"gpus": req.gpus, "count": req.count, "force": req.force}
+        chosen = choose_gpus({**want, "queue": req.queue}, active)
         job_id = next_id(job_dirs_of(plan.rdir))
         rec = new_record(req, plan.spec, job_id, plan.rdir, isolate=plan.isolate, commit=plan.commit)
         rec.update(
             gpus=chosen if chosen is not None else [],
-            want={k: req.get(k) for k in ("gpus", "count", "force")},
+            want=want,
             status="queued" if chosen is None else "starting",
             log=str(logs_dir() / f"{job_id}.log"),
             session=session_name(job_id),
@@ -309,7 +310,7 @@ class TmuxRuntime(Runtime):
             ready=not plan.isolate,
             runner_pid=None,
             pid=None,
-            stall_after=stall_after(req.get("stall_after")),  # stall detection: agent/events.py
+            stall_after=stall_after(req.stall_after),  # stall detection: agent/events.py
             stalled=None,
             umask=_login_umask(),
             mark=secrets.token_hex(8),  # JOB_MARK in its processes' environment
@@ -317,7 +318,7 @@ class TmuxRuntime(Runtime):
         save(rec)
         fd = os.open(env_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(req.get("env") or {}, f)
+            json.dump(req.env, f)
         Path(rec["log"]).touch(mode=0o600)
         return rec
 
