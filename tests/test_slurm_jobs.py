@@ -117,10 +117,12 @@ def test_run_on_slurm_in_its_own_checkout_and_follow_to_the_end(cluster):
     cluster.push()
     got = bytearray()
     states: list[str] = []
-    threading.Timer(0.5, cluster.release, ("go",)).start()
-    end = jobs.stream_logs(
-        cluster.client, str(rec.id), got.extend, follow=True, on_state=lambda s: states.append(s["state"])
-    )
+
+    def seen(state: dict[str, object]) -> None:  # the job goes on once the follower saw it run
+        states.append(str(state["state"]))
+        cluster.release("go")
+
+    end = jobs.stream_logs(cluster.client, str(rec.id), got.extend, follow=True, on_state=seen)
     gpu = running.gpus[0]
     assert got.decode() == (f"cfg=lr=0.1 id={rec.id} order=PCI_BUS_ID cvd={gpu}\ntoken={secret}\nlr=0.1\n")
     assert (end.status, end.exit_code, end.state) == ("failed", 4, "FAILED (exit 4)")
