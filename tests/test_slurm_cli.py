@@ -150,11 +150,30 @@ def test_detach_logs_follow_pending_jobs_table_and_kill(proj):
     assert re.search(rf"^{third}\s+third\.sh\s+PENDING \(Resources\)", table, re.M), table
     assert re.search(rf"^{ids[0]}\s+hold\.sh\s+RUNNING on localhost\s+[01]\s", table, re.M), table
     # logs -f says why it waits, then streams once a GPU is free
-    threading.Timer(1.0, proj.release, ("a",)).start()
-    r = proj("logs", "-f", str(third))
-    assert r.code == 0, r.err
-    assert f"remotedl: job {third} waits in Slurm's queue: PENDING (Resources)" in r.err, r.err
-    assert re.fullmatch(r"third on [01]\n", r.out), r.out
+    # (a GPU is freed once the follower has said so: not on a timer, which under load can fire
+    # before the follower's first look and let the job start unseen)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "remotedl", "logs", "-f", str(third)],
+        cwd=proj.root,
+        env=proj.environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    said: list[str] = []
+    try:
+        assert follower.stderr is not None
+        for line in follower.stderr:
+            said.append(line)
+            if "waits in Slurm's queue" in line:
+                break
+    finally:
+        proj.release("a")
+    out, rest = follower.communicate(timeout=120)
+    err = "".join(said) + rest
+    assert follower.returncode == 0, err
+    assert f"remotedl: job {third} waits in Slurm's queue: PENDING (Resources)" in err, err
+    assert re.fullmatch(r"third on [01]\n", out), out
     limit = proj.login.ssh(f"scontrol show job {proj.jobs()[third]['slurm_id']}").stdout
     assert "TimeLimit=00:05:00" in limit and "Comment=third one" in limit
     # kill: scancel, and the state says so
