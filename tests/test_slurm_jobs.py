@@ -143,10 +143,12 @@ def test_two_jobs_disjoint_gpus_a_third_pending_then_running(cluster):
     assert listed[a.id].state == "RUNNING on localhost"
     states: list[str] = []
     got = bytearray()
-    threading.Timer(0.5, cluster.release, ("a",)).start()
-    end = jobs.stream_logs(
-        cluster.client, str(c.id), got.extend, follow=True, on_state=lambda s: states.append(s["state"])
-    )
+
+    def seen(state: dict[str, object]) -> None:  # a GPU is freed once the follower saw the wait
+        states.append(str(state["state"]))
+        cluster.release("a")
+
+    end = jobs.stream_logs(cluster.client, str(c.id), got.extend, follow=True, on_state=seen)
     assert states[0] == "PENDING (Resources)"  # the follower said why it waited
     assert end.state == "COMPLETED" and end.exit_code == 0
     assert end.gpus == ga and got.decode().strip() == str(ga[0])  # the GPU a gave back
