@@ -4,8 +4,9 @@ every node at once (all or nothing), and watching them as one run.
 A multi-node run is N ordinary jobs, one per box, started together with the same commit and
 told about each other through the environment (``node_env``): rank 0's box is the master;
 ``MASTER_ADDR`` is its address *as the other nodes reach it* (``node_addr`` in its
-``[hosts.NAME]`` table, else the address ssh goes to), ``MASTER_PORT`` a port that was free on
-it when the run was planned. An MPI-style hostfile (``ADDR slots=G`` per node) is written on
+``[hosts.NAME]`` table, else the address ssh goes to), ``MASTER_PORT`` a port free on it
+when the nodes' jobs start (picked after the push, outside its ephemeral port range:
+``remotedl.ports``). An MPI-style hostfile (``ADDR slots=G`` per node) is written on
 every node for DeepSpeed and mpirun.
 
 Who ends the other nodes when one fails: the laptop that follows the run (``supervise``). The
@@ -133,12 +134,9 @@ def peer_address(member: Member) -> str:
     return str(given) if given else member.spec.hostname
 
 
-# A port the kernel gives as free on the master; bound on every address, as the rendezvous will be.
+# A port free on the master, on every address (as the rendezvous binds it): remotedl.ports.
 _FREE_PORT = """\
-"$1" -c 'import socket
-s = socket.socket()
-s.bind(("", 0))
-print(s.getsockname()[1])'
+"$1" -c "$2"
 """
 
 # The run's hostfile under ~/.remotedl/runs (private), its path said back.
@@ -149,7 +147,11 @@ mkdir -p "$d" && chmod 700 "$d" && cat > "$d/$1.hostfile" && printf '%s\\n' "$d/
 
 
 def free_port(box: Box, python: str) -> int:
-    r = box.run(_FREE_PORT, python, check=False)
+    """The run's master port, picked on the master (``remotedl.ports``: outside its ephemeral
+    range), just before the nodes' jobs start."""
+    from remotedl.ports import PICK_PORT
+
+    r = box.run(_FREE_PORT, python, PICK_PORT, check=False)
     text = r.stdout.strip()
     if r.exit_code != 0 or not text.isdigit():
         raise RemotedlError(

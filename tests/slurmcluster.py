@@ -1,4 +1,4 @@
-"""A real single-node Slurm cluster for tests: Debian's slurm-wlm (slurmctld + slurmd) and munge.
+"""A real Slurm cluster for tests: Debian's slurm-wlm (slurmctld + slurmd) and munge.
 
 Everything it makes lives in one fresh directory under the temp dir: slurm.conf, gres.conf,
 the state and spool directories, logs, the munge key and socket, and the fake GPUs (character
@@ -11,6 +11,12 @@ The daemons run in the foreground as children of the test process; ``stop_cluste
 every job, ends the daemons, then any process still carrying this cluster's ``SLURM_CONF``
 (slurmstepd and job processes are reparented away from slurmd), and removes the directory.
 It never raises.
+
+Several nodes (``nodes=2``): one slurmd per node, each started as its NodeName (``slurmd -N``)
+with its own port, spool directory, pid file and log, and its own loopback address
+(127.0.0.1, 127.0.0.2, ...: Slurm reaches node i at its ``NodeAddr``). Debian's slurmd is not
+built with --enable-multiple-slurmd, and needs not be: the node names are distinct and so are
+the addresses the controller reaches them at.
 
 No accounting daemon: ``AccountingStorageType=accounting_storage/none`` (plain ``sacct`` says
 "Slurm accounting storage is disabled" and exits 1), plus ``JobCompType=jobcomp/filetxt`` so
@@ -52,7 +58,8 @@ class SlurmStartError(Exception):
 
 @dataclass
 class SlurmCluster:
-    """One running cluster: one controller, one node, ``gpus`` fake GPUs as gres."""
+    """One running cluster: one controller, one node (or ``nodes``), ``gpus`` fake GPUs as gres
+    per node."""
 
     directory: Path
     conf: Path  # slurm.conf: clients need SLURM_CONF=<this>
@@ -67,6 +74,8 @@ class SlurmCluster:
     jobcomp: Path  # jobcomp/filetxt's file, read by `sacct -c`
     log_dir: Path
     startup_seconds: float = 0.0
+    # every node as (NodeName, NodeAddr, slurmd's port); the first is ``node``
+    nodes: list[tuple[str, str, int]] = field(default_factory=list)
     processes: dict[str, subprocess.Popen[str]] = field(default_factory=dict, repr=False)
 
     @property
@@ -135,10 +144,15 @@ def _memory_mib() -> int:
 def slurm_conf(c: SlurmCluster, *, cpus: int, memory_mib: int, min_job_age: int) -> str:
     d = c.directory
     gres = f" Gres=gpu:{c.gpus}" if c.gpus else ""
-    node_line = (
-        f"NodeName={c.node} NodeHostname={c.node} NodeAddr={c.node_addr}"
-        f" CPUs={cpus} RealMemory={memory_mib}{gres} State=UNKNOWN"
+    several = len(c.nodes) > 1
+    node_line = "\n".join(
+        f"NodeName={name} NodeHostname={name if not several else 'localhost'} NodeAddr={addr}"
+        + (f" Port={port}" if several else "")
+        + f" CPUs={cpus} RealMemory={memory_mib}{gres} State=UNKNOWN"
+        for name, addr, port in c.nodes
     )
+    # one slurmd per node: each its own spool, pid file and log (%n: the node's name)
+    per_node = "-%n" if several else ""
     return f"""# remotedl test cluster: one controller, one node, all on 127.0.0.1; see tests/slurmcluster.py
 ClusterName=remotedl
 # 'localhost' is the one controller name slurmctld accepts whatever this machine's hostname is.
@@ -151,11 +165,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={c.munge_socket}
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool{per_node}
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd{per_node}.pid
 SlurmctldLogFile={c.log_dir}/slurmctld.log
-SlurmdLogFile={c.log_dir}/slurmd.log
+SlurmdLogFile={c.log_dir}/slurmd{per_node}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # Debian's /etc/slurm/plugstack.conf would otherwise be read.
@@ -195,6 +209,7 @@ def start_cluster(
     *,
     gpus: int = 2,
     node: str = "localhost",
+    nodes: int = 1,
     partition: str = "debug",
     cpus: int = 8,
     min_job_age: int = 300,
@@ -203,7 +218,9 @@ def start_cluster(
     """Start munged, slurmctld and slurmd; return once the node is idle.
 
     ``node`` must resolve to 127.0.0.1 from the login side (it is what Slurm reports as a job's
-    node, and where a tunnel to a job's port goes): ``localhost`` does everywhere.
+    node, and where a tunnel to a job's port goes): ``localhost`` does everywhere. With
+    ``nodes`` > 1 the nodes are ``{node}1`` ... at 127.0.0.1, 127.0.0.2 ... (names that resolve
+    nowhere: a job that needs a node's address asks Slurm for its NodeAddr).
     Raises ``SlurmUnavailable`` where Slurm cannot run here, ``SlurmStartError`` where it should
     have but did not (then nothing is left running).
     """
@@ -228,6 +245,12 @@ def start_cluster(
         jobcomp=log_dir / "jobcomp.txt",
         log_dir=log_dir,
     )
+    if nodes > 1:
+        cluster.node = f"{node}1"
+        cluster.nodes = [(f"{node}{i + 1}", f"127.0.0.{i + 1}", free_port()) for i in range(nodes)]
+        cluster.slurmd_port = cluster.nodes[0][2]
+    else:
+        cluster.nodes = [(node, cluster.node_addr, cluster.slurmd_port)]
     try:
         _start(cluster, programs, gpus=gpus, cpus=cpus, min_job_age=min_job_age, seconds=seconds)
     except BaseException:
@@ -243,6 +266,9 @@ def _start(
     d = c.directory
     for sub in ("state", "spool", "log"):
         (d / sub).mkdir(mode=0o755)
+    if len(c.nodes) > 1:
+        for name, _, _ in c.nodes:
+            (d / f"spool-{name}").mkdir(mode=0o755)
     c.gpu_devices = _make_gpu_devices(d / "dev", gpus)
     (d / "plugstack.conf").write_text("")
     munge_dir = c.munge_socket.parent
@@ -253,7 +279,9 @@ def _start(
         f.write(os.urandom(128))
     c.conf.write_text(slurm_conf(c, cpus=cpus, memory_mib=_memory_mib(), min_job_age=min_job_age))
     if gpus:
-        c.gres_conf.write_text(f"NodeName={c.node} Name=gpu File={d}/dev/nvidia[0-{gpus - 1}]\n")
+        c.gres_conf.write_text(
+            "".join(f"NodeName={name} Name=gpu File={d}/dev/nvidia[0-{gpus - 1}]\n" for name, _, _ in c.nodes)
+        )
     else:
         c.gres_conf.write_text("")
 
@@ -275,14 +303,18 @@ def _start(
     _wait(c, "munged's socket", c.munge_socket.exists, seconds)
     # Both at once: slurmd keeps trying to register until the controller answers.
     _spawn(c, "slurmctld", [programs["slurmctld"], "-D", "-f", str(c.conf)], env)
-    _spawn(c, "slurmd", [programs["slurmd"], "-D", "-f", str(c.conf), "-N", c.node], env)
+    for name, _, _ in c.nodes:
+        slurmd = "slurmd" if len(c.nodes) == 1 else f"slurmd-{name}"
+        _spawn(c, slurmd, [programs["slurmd"], "-D", "-f", str(c.conf), "-N", name], env)
     _wait(c, "slurmctld's port", lambda: port_answers(c.node_addr, c.ctld_port), seconds)
 
-    def node_idle() -> bool:
-        r = c.run("sinfo", "--noheader", "--Node", f"--nodes={c.node}", "--format=%T", check=False)
-        return r.returncode == 0 and r.stdout.strip() == "idle"
+    names = ",".join(name for name, _, _ in c.nodes)
 
-    _wait(c, f"node {c.node} to be idle", node_idle, seconds)
+    def node_idle() -> bool:
+        r = c.run("sinfo", "--noheader", "--Node", f"--nodes={names}", "--format=%T", check=False)
+        return r.returncode == 0 and r.stdout.split() == ["idle"] * len(c.nodes)
+
+    _wait(c, f"node {names} to be idle", node_idle, seconds)
 
 
 def _spawn(c: SlurmCluster, name: str, argv: list[str], env: dict[str, str]) -> None:
@@ -334,7 +366,8 @@ def stop_cluster(c: SlurmCluster) -> list[str]:
                 problems.append("jobs still running after scancel")
         except Exception as e:
             problems.append(f"scancel failed: {e}")
-    for name in ("slurmd", "slurmctld", "munged"):
+    slurmds = [name for name in c.processes if name.startswith("slurmd")]
+    for name in (*slurmds, "slurmctld", "munged"):
         p = c.processes.get(name)
         if p is None:
             continue

@@ -112,6 +112,9 @@ def test_a_two_node_run_meets_at_the_master(nodes, proj):
     e0, e1 = envs["node 0 n1"], envs["node 1 n2"]
     assert e0["MASTER_ADDR"] == e1["MASTER_ADDR"] == e0["REMOTEDL_MASTER_ADDR"] == MASTER_ADDR
     assert e0["MASTER_PORT"] == e1["MASTER_PORT"] and e0["MASTER_PORT"].isdigit()
+    # outside the master's ephemeral range: no connection it opens meanwhile can take the port
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert not low <= int(e0["MASTER_PORT"]) <= high, e0["MASTER_PORT"]
     assert (e0["NODE_RANK"], e1["NODE_RANK"], e0["NNODES"], e0["WORLD_SIZE"]) == ("0", "1", "2", "2")
     assert e0["REMOTEDL_NODE_ADDRS"] == f"{MASTER_ADDR},127.0.0.1"
     assert e0["REMOTEDL_RUN_ID"] == e1["REMOTEDL_RUN_ID"]
@@ -219,6 +222,64 @@ def test_a_claim_that_fails_on_one_node_releases_the_others(nodes, proj):
         )
     finally:
         nodes.run("kill", "--grace", "1", str(holder), "--host", "n2", cwd=proj)
+
+
+def test_a_run_sends_one_notification_not_one_per_node(nodes, proj):
+    # Every node's job notified on its end: a two-node run sent two "succeeded" messages.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"json://127.0.0.1:{server.server_address[1]}/hook"
+        argv = [
+            "--nodes",
+            "2",
+            "--gpus",
+            "1",
+            "--host",
+            nodes.names,
+            "--notify",
+            url,
+            "--",
+            "python3",
+            "rendezvous.py",
+        ]
+        r = nodes.run("run", *argv, cwd=proj)
+        assert r.code == 0, r.out + r.err
+        run = multinode.load_run(make_env(nodes.base).state_dir, None)
+        assert run is not None
+
+        def record(job: multinode.NodeJob) -> dict:
+            got = nodes.run("show", "--json", str(job.job_id), "--host", job.host, cwd=proj)
+            return json.loads(got.out)
+
+        master, other = run.nodes
+
+        # the master's job notifies for the run (its end sent, as its record says); the others
+        # carry no URL, so nothing else can go out
+        def sent() -> list[str]:
+            return [n["event"] for n in record(master)["notifications"]]
+
+        assert retry_until(lambda: "succeeded" in sent(), seconds=60), sent()
+        assert record(other)["notify"] == [] and record(other)["notifications"] == []
+        assert len(hits) == 1, hits
+        assert f"{run.run_id} node 0" in hits[0]["title"] and "succeeded" in hits[0]["title"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_nodes_needs_enough_hosts_and_no_gpu_indices(nodes, proj):

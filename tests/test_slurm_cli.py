@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from remotedl.cli import main
 from remotedl.waiting import free_port, retry_until
 from tests.conftest import CliResult, SlurmBox, cli_for, make_env
 
@@ -150,12 +149,31 @@ def test_detach_logs_follow_pending_jobs_table_and_kill(proj):
     table = proj("jobs").out
     assert re.search(rf"^{third}\s+third\.sh\s+PENDING \(Resources\)", table, re.M), table
     assert re.search(rf"^{ids[0]}\s+hold\.sh\s+RUNNING on localhost\s+[01]\s", table, re.M), table
-    # logs -f says why it waits, then streams once a GPU is free: the GPU is freed once it has
-    # said so (a fixed 1 s on, a loaded machine's follower came up after the job had started)
-    r = follow_releasing(proj, str(third), "waits in Slurm's queue", "a")
-    assert r.code == 0, r.err
-    assert f"remotedl: job {third} waits in Slurm's queue: PENDING (Resources)" in r.err, r.err
-    assert re.fullmatch(r"third on [01]\n", r.out), r.out
+    # logs -f says why it waits, then streams once a GPU is free
+    # (a GPU is freed once the follower has said so: not on a timer, which under load can fire
+    # before the follower's first look and let the job start unseen)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "remotedl", "logs", "-f", str(third)],
+        cwd=proj.root,
+        env=proj.environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    said: list[str] = []
+    try:
+        assert follower.stderr is not None
+        for line in follower.stderr:
+            said.append(line)
+            if "waits in Slurm's queue" in line:
+                break
+    finally:
+        proj.release("a")
+    out, rest = follower.communicate(timeout=120)
+    err = "".join(said) + rest
+    assert follower.returncode == 0, err
+    assert f"remotedl: job {third} waits in Slurm's queue: PENDING (Resources)" in err, err
+    assert re.fullmatch(r"third on [01]\n", out), out
     limit = proj.login.ssh(f"scontrol show job {proj.jobs()[third]['slurm_id']}").stdout
     assert "TimeLimit=00:05:00" in limit and "Comment=third one" in limit
     # kill: scancel, and the state says so
@@ -168,30 +186,6 @@ def test_detach_logs_follow_pending_jobs_table_and_kill(proj):
     assert r.out.strip() == f"job {victim} (forever.sh): CANCELLED"
     assert proj.jobs()[victim]["status"] == "killed"
     assert proj("kill", str(victim)).code != 0  # not running any more: said, exit 1
-
-
-def follow_releasing(proj: Project, job: str, said: str, flag: str) -> CliResult:
-    """`remotedl logs -f JOB`, releasing the hold ``flag`` once its stderr says ``said``."""
-    import io
-
-    class Releasing(io.StringIO):
-        def write(self, text: str) -> int:
-            n = super().write(text)
-            if said in self.getvalue():
-                proj.release(flag)
-            return n
-
-    e = make_env(proj.laptop, cwd=proj.root)
-    e.environ["REMOTEDL_SSH_CONFIG"] = proj.login.info.ssh_config  # type: ignore[index]
-    e.environ["REMOTEDL_HOST"] = proj.login.name  # type: ignore[index]
-    e.stderr = Releasing()
-    backstop = threading.Timer(60, proj.release, (flag,))  # never a hang: the asserts say why
-    backstop.start()
-    try:
-        code = main(["logs", "-f", job], e)
-    finally:
-        backstop.cancel()
-    return CliResult(code, e.stdout.getvalue(), e.stderr.getvalue())  # type: ignore[attr-defined]
 
 
 def test_status_and_doctor_on_the_cluster(proj):

@@ -51,27 +51,29 @@ class Agent:
 _CACHE: Agent | None = None
 
 # The modules of remotedl that run on the box (standard library only), besides the agent
-# package itself (every module under agent/, its subpackages included, but this client).
+# package itself (every module under agent/, its subpackages included, but this client) and
+# the packages in AGENT_PACKAGES (all their modules).
 AGENT_MODULES = (
     "gpus.py",
     "activate.py",
     "waiting.py",
     "schema.py",
     "errors.py",
-    "slurm.py",
     "notify/__init__.py",
     "notify/urls.py",
     "notify/senders.py",
     "notify/text.py",
     "treeid.py",
+    "ports.py",
 )
+AGENT_PACKAGES = ("agent", "slurm")
 LAPTOP_ONLY = ("agent/client.py", "agent/__main__.py")
 
 
 def agent_package_modules(pkg: Path) -> list[str]:
-    """The agent package's modules as paths under ``remotedl/``, subpackages included, in a
-    stable order (the digest depends on it)."""
-    found = sorted(p.relative_to(pkg).as_posix() for p in (pkg / "agent").rglob("*.py"))
+    """The modules of the agent package and of AGENT_PACKAGES as paths under ``remotedl/``,
+    subpackages included, in a stable order (the digest depends on it)."""
+    found = sorted(p.relative_to(pkg).as_posix() for d in AGENT_PACKAGES for p in (pkg / d).rglob("*.py"))
     return [m for m in found if m not in LAPTOP_ONLY]
 
 
@@ -265,9 +267,7 @@ class AgentClient:
             return answer
         raise RemoteError(f"could not install the remotedl agent on {self.spec.alias}")
 
-    def stream(
-        self, request: dict[str, Any], on_line: Callable[[str], None] | None = None
-    ) -> FramedProcess:
+    def stream(self, request: dict[str, Any], on_line: Callable[[str], None] | None = None) -> FramedProcess:
         """Start a streaming request (logs); the caller reads and waits. An exit status of
         ``AGENT_MISSING`` means: ``upload()`` and start again. ``on_line`` hears each line the
         agent writes to stderr as it comes."""

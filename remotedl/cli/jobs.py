@@ -54,15 +54,21 @@ def _follow(
     job_id: int,
     ref: str | None = None,
     on_end: Callable[[JobRecord], None] | None = None,
+    *,
+    node: int | None = None,
 ) -> int:
     """Follow a job's log to its end; ``ref`` is how the user names it (``HOST:ID`` on a fleet);
-    ``on_end`` (pull outputs, desktop notification) runs before the job's exit status is passed on."""
+    ``on_end`` (pull outputs, desktop notification) runs before the job's exit status is passed on;
+    ``node``: only that node's lines of a multi-node Slurm job."""
     from remotedl import jobs
+    from remotedl.cli.slurm import node_lines
 
     spec = client.spec
     shown = ref or str(job_id)
     # --json (`logs -f`, a followed `run`): the log as JSON Lines, never raw bytes
     write, flush = json_lines_writer(app.env) if app.json else log_writer(app.env)
+    if node is not None:
+        write, flush = node_lines(write, flush, node)
 
     def reconnecting(n: int) -> None:
         app.env.stderr.write(f"remotedl: connection lost, reconnecting (attempt {n})...\n")
@@ -390,17 +396,26 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
         if args.node is None:
             return multinode.logs_run(App(args, env), args.job, follow=args.follow)
         args.job = multinode.node_ref(App(args, env), args.job, args.node)
-    elif args.node is not None:
-        raise UsageError("--node R picks a node of a multi-node run", hint="give the run: logs RUN --node R")
+        args.node = None
     app, args.job = route(App(args, env), args.job)
     client = agent_client(app)
     project = None if args.job else remote_dir(app)
+    if args.node is not None:  # a multi-node Slurm job: one node's lines (srun labels them)
+        from remotedl.cli.slurm import check_node
+
+        rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
+        check_node(rec, args.node)
+        args.job, project = str(rec.id), None
     if args.follow:
         rec = jobs.get_job(client, args.job, project=project, warn=warner(env))
         if args.lines is None:
-            return _follow(app, client, rec.id, app.job_ref(rec.id))
+            return _follow(app, client, rec.id, app.job_ref(rec.id), node=args.node)
         args.job, project = str(rec.id), None
     write, flush = json_lines_writer(env) if app.json else log_writer(env)
+    if args.node is not None:
+        from remotedl.cli.slurm import node_lines
+
+        write, flush = node_lines(write, flush, args.node)
     out_fd = None
     if not app.json and getattr(env.stdout, "buffer", None) is not None:  # bytes may go to its fd
         try:

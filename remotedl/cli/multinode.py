@@ -56,8 +56,8 @@ def run_nodes(
     for name in app.hosts:
         if fleet.member(name).scheduler == "slurm":
             raise UsageError(
-                f"{name} is a Slurm host: --nodes across Slurm nodes is not supported yet",
-                hint='use boxes (scheduler = "box") for a multi-node run',
+                f"{name} is a Slurm host: a multi-node run is on its nodes or on boxes, not both",
+                hint=f"--host {name} alone runs on N nodes of its cluster (sbatch --nodes N)",
             )
     first = plan_for(app.for_host(app.hosts[0]), args)  # the command and flags checked here, once
     if first.image:  # the nodes' rendezvous needs the host's network, which job containers lack
@@ -78,15 +78,10 @@ def run_nodes(
     per_node = None if cpu else (args.gpus or 1)
     members = [fleet.member(c.host) for c in picked]
     nodes = [Node(i, m.name, multinode.peer_address(m)) for i, m in enumerate(members)]
-    port = multinode.free_port(members[0].box(), members[0].python)
-    plan = NodePlan(multinode.new_run_id(), nodes, port, gpus_per_node=per_node)
+    plan = NodePlan(multinode.new_run_id(), nodes, 0, gpus_per_node=per_node)  # its port: after the push
     master = plan.master
     for c in picked:
         env.stderr.write(f"remotedl: node {picked.index(c)} on {c.host}: {c.why}\n")
-    env.stderr.write(
-        f"remotedl: run {plan.run_id}: {plural(len(nodes), 'node')}, master {master.host} at "
-        f"{master.addr}:{port} (the rendezvous: open on {master.host} while the run lasts)\n"
-    )
     name = first.name
 
     def node_plan(node: Node, hostfile_path: str) -> RunPlan:
@@ -96,7 +91,7 @@ def run_nodes(
             name=multinode.job_name(name, plan.run_id, node.rank),
             gpus="none" if cpu else "auto",
             count=per_node,
-            env={**p.env, **plan.env(node.rank, hostfile_path)},
+            env={**p.env, "REMOTEDL_HOSTFILE": hostfile_path},  # the run's variables: at the start
             queue=False,
             detach=True,
             ref_host=True,
@@ -136,10 +131,25 @@ def run_nodes(
         shown = ", ".join(f"{h} {(c or '?')[:12]}" for h, c in commits.items())
         raise RemotedlError(f"the nodes did not get the same commit ({shown})", hint="run again")
 
-    # 2. one job per node, started at once; all or nothing
+    # 2. the master's port, picked now (the push may have taken minutes: a port picked before
+    # it had that long to be taken); then one job per node, started at once; all or nothing
+    port = multinode.free_port(members[0].box(), members[0].python)
+    plan = dataclasses.replace(plan, master_port=port)
+    env.stderr.write(
+        f"remotedl: run {plan.run_id}: {plural(len(nodes), 'node')}, master {master.host} at "
+        f"{master.addr}:{port} (the rendezvous: open on {master.host} while the run lasts)\n"
+    )
+
     def start_one(node: Node) -> jobs.JobRecord:
         p, commit, snapshot, head = ready[node.host]
         client = fleet.member(node.host).client()
+        # The run's variables, with the port picked just now; one notification per run: the
+        # master's job alone carries the notify URLs.
+        p = dataclasses.replace(
+            p,
+            env={**p.env, **plan.env(node.rank, p.env["REMOTEDL_HOSTFILE"])},
+            notify=p.notify if node.rank == 0 else (),
+        )
         progress = status_progress(app.for_host(node.host))
         # Each node's job as any job: its commit kept, its outputs come home.
         return start_job(

@@ -138,7 +138,8 @@ def run(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
         "--nodes",
         type=int,
         metavar="N",
-        help="one run across N boxes of the fleet (--gpus each): MASTER_ADDR, NODE_RANK, ... set",
+        help="one run across N boxes of the fleet, or N nodes of a Slurm host (--gpus each): "
+        "MASTER_ADDR, NODE_RANK, ... set",
     )
     p.add_argument(
         "--fail-grace",

@@ -34,8 +34,12 @@ if TYPE_CHECKING:
 def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     app = App(args, env)
     if args.nodes is not None:  # one run across several boxes (remotedl.multinode)
+        from remotedl.cli import slurm as slurmcli
         from remotedl.cli.multinode import run_nodes
 
+        if slurmcli.is_slurm_host(app):  # one batch job on N nodes (--nodes goes to sbatch)
+            slurmcli.check_node_flags(args)
+            return run_on(app, args)
         return run_nodes(app, args, plan_for)
     if app.is_fleet:
         from remotedl.cli.slurm import refuse_in_fleet

@@ -38,7 +38,64 @@ def settings_for(app: App, args: argparse.Namespace | None = None) -> SlurmSetti
         time=getattr(args, "time", None),
         partition=getattr(args, "partition", None),
         sbatch_args=getattr(args, "sbatch_arg", None) or (),
+        nodes=getattr(args, "nodes", None),
     )
+
+
+def is_slurm_host(app: App) -> bool:
+    """One host, and a Slurm login node: `run --nodes N` there is one batch job on N nodes."""
+    return len(app.hosts) == 1 and host_settings(app.settings) is not None
+
+
+def check_node_flags(args: argparse.Namespace) -> None:
+    """`run --nodes N` on a Slurm host: the flags that make no sense across nodes."""
+    if args.nodes < 1:
+        raise UsageError(f"--nodes {args.nodes}: give a number of nodes, 1 or more")
+    if args.gpu:
+        raise UsageError("--gpu names GPUs of one box", hint="with --nodes give the GPUs per node: --gpus N")
+    if not args.command:
+        raise UsageError("give a command to run, e.g. `remotedl run --nodes 2 -- torchrun ... train.py`")
+
+
+def check_node(rec: JobRecord, rank: int) -> None:
+    """`logs JOB --node R`: the job spans nodes (`run --nodes N` on a Slurm host) and R is one."""
+    nodes = rec.want.get("nodes") if rec.scheduler == "slurm" else None
+    if not isinstance(nodes, int):
+        raise UsageError(
+            f"--node R picks a node of a multi-node run; job {rec.id} is not one",
+            hint="give a run (logs RUN --node R), or a job started with `run --nodes N` on a Slurm host",
+        )
+    if not 0 <= rank < nodes:
+        raise UsageError(f"--node {rank}: job {rec.id} runs on nodes 0 to {nodes - 1}")
+
+
+def node_lines(
+    write: Callable[[bytes], None], flush: Callable[[], None], rank: int
+) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """`logs JOB --node R` of a multi-node Slurm job: only node R's lines (srun's ``--label``
+    puts ``R: `` before each), without their label."""
+    label = f"{rank}: ".encode()
+    pending = bytearray()
+
+    def emit(lines: list[bytes]) -> None:
+        kept = b"".join(x[len(label) :] for x in lines if x.startswith(label))
+        if kept:
+            write(kept)
+
+    def w(b: bytes) -> None:
+        pending.extend(b)
+        end = pending.rfind(b"\n")
+        if end >= 0:
+            emit([x + b"\n" for x in bytes(pending[:end]).split(b"\n")])
+            del pending[: end + 1]
+
+    def done() -> None:
+        if pending:
+            emit([bytes(pending)])
+            pending.clear()
+        flush()
+
+    return w, done
 
 
 def host_settings(settings: Any) -> SlurmSettings | None:
@@ -161,5 +218,3 @@ def status(app: App) -> int:
                             j.time_limit or "-", j.partition))  # fmt: skip
     c.print(jobs)
     return ExitCode.OK
-
-

@@ -2,6 +2,7 @@
 directory and log under ``<remote_dir>/.remotedl/slurm/<id>/`` on the shared filesystem; its
 status is Slurm's (scontrol, sacct, or what its batch script recorded), read whenever records are.
 Notifications and stalls: a watcher on this login node (``events.watch_slurm``, started by the op).
+A multi-node run (``slurm.nodes`` in the request) is one such job on N nodes (``want.nodes``).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class SlurmRuntime(Runtime):
 
         req = plan.req
         try:
-            slurmmod.SlurmSettings.from_settings(req.slurm or {})
+            settings = slurmmod.SlurmSettings.from_settings(req.slurm or {})
         except RemotedlError as e:
             raise AgentError(e.message, "usage", hint=e.hint) from None
         count = 0 if req.gpus == "none" else int(req.count or 1)
@@ -158,7 +159,7 @@ class SlurmRuntime(Runtime):
         ctl = Path(plan.rdir).joinpath(*SLURM_DIRS) / str(job_id)
         rec = new_record(req, plan.spec, job_id, plan.rdir, isolate=plan.isolate, commit=plan.commit)
         rec.update(
-            want={"gpus": req.gpus, "count": count},
+            want={"gpus": req.gpus, "count": count, "nodes": settings.nodes},
             status="queued",
             log=str(ctl / "output.log"),
             ready=True,
@@ -196,6 +197,7 @@ class SlurmRuntime(Runtime):
                 env={**(rec.get("trackers") or {}), **req.env},
                 conda=plan.spec.get("conda"),
                 env_setup=plan.spec.get("env_setup"),
+                nodes=settings.nodes,
             )
             submitted = slurmmod.submit_here(job, settings)
         except (RemotedlError, AgentError, OSError) as e:
