@@ -13,54 +13,33 @@ Usage: python benchmarks/container.py [ROUNDS]
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _box import project_on_box
 from _timing import report, side_by_side, time_argv
 
-from remotedl import sandbox
-from remotedl.env import Environment
 from tests import dockerengine
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 9
-base = Path(tempfile.mkdtemp(prefix="remotedl-bench-container-"))
-environ = {**os.environ, "XDG_STATE_HOME": str(base / "state"), "XDG_CONFIG_HOME": str(base / "config")}
-env = Environment(environ=environ, cwd=base)
 engine = dockerengine.start(gpus=0)
 try:
-    info = sandbox.up(env, name="bench-docker", gpus=0, extra_env={"DOCKER_HOST": engine.host})
-    try:
-        proj = base / "proj"
-        proj.mkdir()
-        subprocess.run(["git", "init", "-q", "-b", "main", str(proj)], check=True)
-        (proj / "README").write_text("bench\n")
-        (proj / "remotedl.toml").write_text(
-            f'host = "{info.name}"\nremote_dir = "~/bench-container"\nimage = "{dockerengine.IMAGE}"\n'
-        )
-        subprocess.run(["git", "-C", str(proj), "add", "."], check=True)
-        who = ["-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
-        subprocess.run(["git", "-C", str(proj), *who, "commit", "-qm", "init"], check=True)
-        remotedl = [sys.executable, "-m", "remotedl"]
-        run_env = {**environ, "PYTHONUNBUFFERED": "1"}
-        subprocess.run([*remotedl, "push"], cwd=proj, env=run_env, check=True, capture_output=True)
-        # the agent is on the box, and the master connection up, before timing
-        subprocess.run(
-            [*remotedl, "run", "--no-push", "--cpu", "true"], cwd=proj, env=run_env, check=True,
-            capture_output=True,
-        )  # fmt: skip
-        ours = [*remotedl, "run", "--no-push", "--cpu", "--", "echo", "hi"]
-        cold = ["ssh", "-F", info.ssh_config, "-o", "ControlPath=none", info.name]
-        control = base / "plain-%C"
-        warm = ["ssh", "-F", info.ssh_config, "-o", "ControlMaster=auto", "-o", f"ControlPath={control}",
-                "-o", "ControlPersist=60", info.name]  # fmt: skip
-        subprocess.run([*warm, "true"], check=True, capture_output=True)
+    with project_on_box(
+        "container",
+        "bench-docker",
+        files={"README": "bench\n"},
+        settings=lambda host: (
+            f'host = "{host}"\nremote_dir = "~/bench-container"\nimage = "{dockerengine.IMAGE}"\n'
+        ),
+        extra_env={"DOCKER_HOST": engine.host},
+        warm_up=["run", "--no-push", "--cpu", "true"],
+    ) as box:
+        proj, run_env = box.proj, box.run_env
+        ours = [*box.remotedl, "run", "--no-push", "--cpu", "--", "echo", "hi"]
         plain = f"docker run --rm --init {dockerengine.IMAGE} echo hi"
-        for name, ssh in (("cold", cold), ("warm", warm)):
+        for name, ssh in (("cold", box.cold), ("warm", box.warm)):
             a, b = side_by_side(
                 lambda: time_argv(ours, cwd=proj, env=run_env),
                 lambda ssh=ssh: time_argv([*ssh, plain]),
@@ -74,7 +53,5 @@ try:
             rounds,
         )
         report("run --image vs run --no-image (the same job on the box)", a, b, limit=1.3)
-    finally:
-        sandbox.down(env, name="bench-docker")
 finally:
     dockerengine.stop(engine)

@@ -35,7 +35,16 @@ echo "@@jupyter $J"
 echo "@@pwd $(pwd -P)"
 "$J" lab --version >/dev/null 2>&1 && echo "@@lab"
 tmux has-session -t "=$SESSION" 2>/dev/null && echo "@@session"
-"$J" server list --json 2>/dev/null
+# Jupyter lists a server while a process has its pid: one killed hard (SIGHUP, OOM, a reboot)
+# left its runtime file, and once the kernel hands that pid to another program it would be
+# found running. Where /proc tells, a server whose pid is no Jupyter is left out.
+"$J" server list --json 2>/dev/null | while IFS= read -r line; do
+  pid=$(printf '%s\n' "$line" | sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p')
+  if [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ]; then
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q jupyter || continue
+  fi
+  printf '%s\n' "$line"
+done
 """
 
 # "$1" remote_dir, "$2" jupyter, "$3" lab|server, "$4" port, "$5" port retries, "$6" colab

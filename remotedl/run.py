@@ -454,59 +454,9 @@ def run(
         # Never another project's tree: checked in the start's own request where it can be.
         client.before = sync.verify_in_band(spec, root, rdir)
         rdir = sync.verify_remote_dir(spec, root, rdir) if client.before is None else rdir
-    synced: list[EnvSyncResult] = []
-    started: JobRecord | None = None
-    rec: JobRecord | None = None
-    for attempt in range(3):
-        try:
-            rec = started = jobs.start(
-                client,
-                command=plan.command,
-                remote_dir=rdir,
-                script=plan.script,
-                gpus=plan.gpus,
-                count=plan.count,
-                env=plan.env,
-                name=plan.name,
-                queue=plan.queue,
-                force=plan.force,
-                git_commit=commit,
-                snapshot=snapshot,
-                git_head=head if snapshot else None,
-                snapshot_files=jobs.snapshot_files(root, head, commit) if snapshot else [],
-                isolate=plan.isolate,
-                data=plan.data,
-                shared=plan.shared,
-                environment=plan.environment,
-                env_check=attempt < 2 and plan.image is None,  # an image is the environment
-                notify=plan.notify,
-                host_alias=spec.alias,
-                stall_after=plan.stall_after,
-                warn=progress.warn,
-                slurm=_slurm_request(plan.slurm),
-                outputs=plan.outputs,
-                trackers=plan.trackers,
-                project_id=plan.project_id,
-                image=plan.image,
-                container=plan.container,
-            )
-            rdir = rec.remote_dir or rdir  # the tree's physical path, as the box found it
-            # In the same try: from here the job runs, and an interrupt names it.
-            jobs.keep_commit(root, spec.alias, rec)
-            register_outputs(plan, rec, spec.alias)
-            break
-        except KeyboardInterrupt:
-            raise _interrupted_starting(plan, spec.alias, started) from None
-        except jobs.EnvOutOfDate as e:
-            files = ", ".join(str(f) for f in e.plan.get("files") or []) or str(e.plan.get("kind"))
-            progress.note(
-                f"{files} changed since the last environment sync on {spec.alias}: "
-                f"syncing {e.plan.get('target') or ''}"
-            )
-            assert plan.environment is not None  # EnvOutOfDate comes only from an environment check
-            synced.append(sync_environment(client, rdir, plan.environment, progress))
-    assert rec is not None  # the third try starts without the environment check
-    result = RunResult(plan, rec, rdir, pushed=pushed, env_synced=synced)
+    began = start_job(plan, client, progress, remote_dir=rdir, commit=commit, snapshot=snapshot, head=head)
+    rec, rdir = began.record, began.remote_dir
+    result = RunResult(plan, rec, rdir, pushed=pushed, env_synced=began.env_synced)
     if plan.detach:
         return result
     progress.following(rec)
@@ -528,6 +478,89 @@ def run(
     result.ended = ended
     _at_end(result, client, progress, environ)
     return result
+
+
+@dataclass
+class Started:
+    """A job ``start_job`` started: its record, the project's tree as the box found it, and
+    the environment syncs it took to get there."""
+
+    record: JobRecord
+    remote_dir: str  # the tree's physical path, as the box found it
+    env_synced: list[EnvSyncResult] = field(default_factory=list)
+
+
+def start_job(
+    plan: RunPlan,
+    client: AgentClient,
+    progress: RunProgress,
+    *,
+    remote_dir: str,
+    commit: str | None,
+    snapshot: bool,
+    head: str | None,
+    alias: str | None = None,
+) -> Started:
+    """Start ``plan``'s job in ``remote_dir`` (the pushed ``commit``; ``snapshot`` with its
+    ``head`` when the push carried uncommitted work), keep its commit and register its outputs
+    in this clone's ledger under ``alias`` (the host's name; default: the client's alias).
+    When the box says the project's requirements changed since its environment was synced,
+    the environment is synced and the start tried again; the third try starts without the
+    check. Ctrl-C raises ``Interrupted`` that says whether the job runs."""
+    from remotedl import jobs
+
+    root = plan.project_root
+    alias = alias or client.spec.alias
+    synced: list[EnvSyncResult] = []
+    started: JobRecord | None = None
+    for attempt in range(3):
+        try:
+            rec = started = jobs.start(
+                client,
+                command=plan.command,
+                remote_dir=remote_dir,
+                script=plan.script,
+                gpus=plan.gpus,
+                count=plan.count,
+                env=plan.env,
+                name=plan.name,
+                queue=plan.queue,
+                force=plan.force,
+                git_commit=commit,
+                snapshot=snapshot,
+                git_head=head if snapshot else None,
+                snapshot_files=jobs.snapshot_files(root, head, commit) if snapshot else [],
+                isolate=plan.isolate,
+                data=plan.data,
+                shared=plan.shared,
+                environment=plan.environment,
+                env_check=attempt < 2 and plan.image is None,  # an image is the environment
+                notify=plan.notify,
+                host_alias=alias,
+                stall_after=plan.stall_after,
+                warn=progress.warn,
+                slurm=_slurm_request(plan.slurm),
+                outputs=plan.outputs,
+                trackers=plan.trackers,
+                project_id=plan.project_id,
+                image=plan.image,
+                container=plan.container,
+            )
+            # In the same try: from here the job runs, and an interrupt names it.
+            jobs.keep_commit(root, alias, rec)
+            register_outputs(plan, rec, alias)
+            return Started(rec, rec.remote_dir or remote_dir, synced)
+        except KeyboardInterrupt:
+            raise _interrupted_starting(plan, alias, started) from None
+        except jobs.EnvOutOfDate as e:
+            files = ", ".join(str(f) for f in e.plan.get("files") or []) or str(e.plan.get("kind"))
+            progress.note(
+                f"{files} changed since the last environment sync on {alias}: "
+                f"syncing {e.plan.get('target') or ''}"
+            )
+            assert plan.environment is not None  # EnvOutOfDate comes only from an environment check
+            synced.append(sync_environment(client, remote_dir, plan.environment, progress))
+    raise AssertionError("the third try starts without the environment check")  # pragma: no cover
 
 
 def register_outputs(plan: RunPlan, rec: JobRecord, alias: str) -> None:

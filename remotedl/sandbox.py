@@ -35,7 +35,7 @@ from remotedl import proc
 from remotedl.env import Environment
 from remotedl.errors import RemotedlError, UsageError
 from remotedl.ssh import BOXES_DIR
-from remotedl.waiting import free_port, port_answers, retry_until
+from remotedl.waiting import free_port, pid_runs, port_answers, retry_until
 from remotedl.waiting import pid_alive as _alive
 
 STAND_IN_BIN = Path(__file__).parent / "sandbox_bin"
@@ -150,9 +150,15 @@ def running(env: Environment) -> list[SandboxInfo]:
 
 def status(env: Environment, name: str = "sandbox") -> SandboxInfo | None:
     info = _read_info(sandbox_dir(env, name))
-    if info is None or not _alive(info.pid):
+    if info is None or not _sshd_alive(info):
         return None
     return info
+
+
+def _sshd_alive(info: SandboxInfo) -> bool:
+    """The box's sshd runs: the pid is that sshd's (its command line names the box's
+    sshd_config), not a program the kernel gave the pid of an sshd that died unseen (a reboot)."""
+    return pid_runs(info.pid, str(Path(info.directory) / "sshd_config").encode())
 
 
 def _path_without_nvidia(path: str, shadow_root: Path) -> str:
@@ -485,7 +491,7 @@ def down(env: Environment, *, name: str = "sandbox") -> bool:
                 socket = _tmux_socket(user_dir / "tmux", pwd.getpwnam(info.user).pw_uid)
                 if socket.exists():  # root may talk to any user's tmux server
                     proc.run(["tmux", "-S", socket, "kill-server"], check=False)
-    if info is not None and _alive(info.pid):
+    if info is not None and _sshd_alive(info):
         os.kill(info.pid, signal.SIGTERM)
         retry_until(lambda: not _alive(info.pid), seconds=5)
     shutil.rmtree(directory, ignore_errors=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from remotedl import proc
 from remotedl.errors import RemotedlError, UsageError
-from remotedl.waiting import pid_alive
+from remotedl.waiting import pid_runs
 
 
 @dataclass
@@ -40,6 +40,13 @@ class TunnelRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def supervisor_alive(pid: int | None) -> bool:
+    """The process ``pid`` is a background tunnel's supervisor (`remotedl tunnel --supervise`):
+    stopping a tunnel whose supervisor died unseen must never signal the program that has its
+    pid now."""
+    return pid_runs(pid, b"\0--supervise\0")
 
 
 class TunnelRegistry:
@@ -100,7 +107,7 @@ class TunnelRegistry:
         out = []
         for path in sorted(self._ensure().glob("*.json")):
             rec = self.read(path)
-            if rec is not None and rec.pid and pid_alive(rec.pid):
+            if rec is not None and supervisor_alive(rec.pid):
                 out.append(rec)
             elif rec is None or rec.status != "starting" or time.time() - rec.started > 60:
                 path.unlink(missing_ok=True)  # a tunnel that died: forget it
@@ -121,7 +128,7 @@ class TunnelRegistry:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(r.pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while pid_alive(r.pid) and time.monotonic() < deadline:
+            while supervisor_alive(r.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             Path(r.file).unlink(missing_ok=True)
         return targets

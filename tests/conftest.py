@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,55 @@ def tmux_dir(box: Box) -> str:
     return box.info.tmux_dir or str(sandbox._tmux_dir(box.dir))
 
 
+def git(repo: Path, *args: str) -> str:
+    """``git -C repo ARGS``: its output, stripped (raises when git fails)."""
+    r = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def commit_all(repo: Path, message: str) -> str:
+    """Commit everything in ``repo``; its new HEAD."""
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def box_path(box: Box, rdir: str, rel: str = "") -> Path:
+    """Where ``rdir`` (a ``~/...`` remote_dir) and ``rel`` in it are on the box's disk."""
+    return Path(rdir.replace("~", box.info.home, 1)) / rel
+
+
+def process_start(pid: int) -> int | None:
+    """When the process ``pid`` started (clock ticks after boot: /proc/PID/stat's field 22), or
+    None where there is no such process. A pid and its start name one process over time: the
+    kernel hands pids out again (pid_max may be 32768), so a pid alone does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def process_gone(pid: int, started: int | None = None) -> bool:
+    """Whether the process ``pid`` (the one that started at ``started``: ``process_start``,
+    taken while it ran) has ended: no such pid, a zombie (ended, its parent has not reaped it:
+    an orphan's init may never), or the pid now another process's."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] in ("Z", "X") or (started is not None and int(fields[19]) != started)
+
+
+def kill_if_same(pid: int, started: int | None, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to the process ``pid`` if it is still the one that started at ``started``
+    (a finalizer's kill never reaches a process that got the pid since)."""
+    if started is not None and not process_gone(pid, started):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def make_env(base: Path, cwd: Path | None = None, **extra: str) -> Environment:
     environ = {
         "PATH": os.environ["PATH"],
@@ -93,6 +145,56 @@ def make_env(base: Path, cwd: Path | None = None, **extra: str) -> Environment:
         stderr=io.StringIO(),
         stdin_isatty=False,
     )
+
+
+@dataclass
+class LaptopBoxes:
+    """Sandbox boxes registered in one laptop state directory: `--host a,b` finds each one's
+    own ssh config there, as `remotedl sandbox up` makes it for a user."""
+
+    base: Path
+    boxes: dict[str, Box]
+    gpus: dict[str, int]  # each box's count of stand-in GPUs
+
+    @property
+    def names(self) -> str:
+        return ",".join(self.boxes)
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, **make_env(self.base).environ, **extra}
+
+    def run(self, *argv: str, cwd: Path | None = None, **extra: str) -> CliResult:
+        e = make_env(self.base, cwd=cwd or self.base, **extra)
+        code = main(list(argv), e)
+        return CliResult(code, e.stdout.getvalue(), e.stderr.getvalue())  # type: ignore[attr-defined]
+
+    def gpu_state(self, name: str, **changes: object) -> None:
+        """Reset a box's stand-in GPUs, then apply ``changes`` (e.g. processes=[...])."""
+        state = sandbox.fake_gpus(self.gpus[name])
+        state.update(changes)
+        (self.boxes[name].dir / "gpus.json").write_text(json.dumps(state))
+
+
+@contextlib.contextmanager
+def laptop_boxes(
+    base: Path, gpus: dict[str, int], options: Mapping[str, Mapping[str, Any]] | None = None
+) -> Iterator[LaptopBoxes]:
+    """A box per name of ``gpus`` (with that many stand-in GPUs; ``options``: more of
+    ``sandbox.up``'s keywords per name), all known to the laptop state in ``base``; every one
+    that came up goes down at the end."""
+    env = make_env(base)
+    boxes: dict[str, Box] = {}
+    try:
+        for name, count in gpus.items():
+            info = sandbox.up(env, name=name, gpus=count, **(options or {}).get(name, {}))
+            boxes[name] = Box(info, dict(env.environ))
+        yield LaptopBoxes(base, boxes, dict(gpus))
+    finally:
+        for name in boxes:
+            try:
+                sandbox.down(make_env(base), name=name)
+            except Exception as e:  # a finalizer never raises
+                print(f"sandbox down failed: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,15 +159,15 @@ def stop(engine: Engine) -> None:
         os.kill(engine.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def gone() -> bool:
         try:
             os.kill(engine.pid, 0)
         except ProcessLookupError:
-            break
-        if os.waitpid(engine.pid, os.WNOHANG)[0]:
-            break
-        time.sleep(0.1)
+            return True
+        return bool(os.waitpid(engine.pid, os.WNOHANG)[0])  # our child: reaped once it exits
+
+    retry_until(gone, seconds=30)
     # What the daemon left mounted under its directory (its netns/default nsfs mount), deepest
     # first; then the directory.
     try:

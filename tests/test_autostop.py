@@ -5,7 +5,6 @@ the sandbox box counted as activity."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 from remotedl.agent import autostop
 from remotedl.waiting import retry_until
 from tests.cloudfakes import FakeCloud
-from tests.conftest import Box, CliResult
+from tests.conftest import Box, CliResult, kill_if_same, process_gone, process_start
 from tests.notifyfakes import Recorder, _Server
 
 T0 = 1_800_000_000.0
@@ -422,24 +421,23 @@ def test_any_request_brings_back_a_watcher_that_a_reboot_ended(
 
     def watcher() -> int | None:
         pid = json.loads(box.sh("cat ~/.remotedl/autostop.json").stdout).get("watcher_pid")
-        return pid if pid and Path(f"/proc/{pid}").exists() else None
+        return pid if pid and not process_gone(pid) else None
 
-    pids: set[int] = set()
+    pids: dict[int, int | None] = {}  # each watcher by its pid and start (pids are reused)
     try:
         config = {"idle_seconds": 7200, "wait": "jobs", "host": box.name, "cloud": "aws"}
         client.call(AutostopRequest(action="set", config=config).to_dict())
         first = retry_until(watcher, seconds=20)
         assert first
-        pids.add(first)
+        pids[first] = process_start(first)
         os.kill(first, 15)
-        assert retry_until(lambda: watcher() is None, seconds=10)
+        assert retry_until(lambda: watcher() is None, seconds=30)
         assert cli("jobs", cwd=project).code == 0  # any command's request
         second = retry_until(watcher, seconds=20)
         assert second and second != first
-        pids.add(second)
+        pids[second] = process_start(second)
     finally:
         client.call(AutostopRequest(action="set", config={"idle_seconds": None}).to_dict())
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 15)
+        for pid, started in pids.items():
+            kill_if_same(pid, started)
         box.sh("rm -f ~/.remotedl/autostop.json", check=False)

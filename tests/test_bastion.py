@@ -20,7 +20,7 @@ from remotedl import sandbox
 from remotedl.cli import main
 from remotedl.sandbox import SandboxInfo
 from remotedl.waiting import retry_until
-from tests.conftest import make_env
+from tests.conftest import make_env, process_gone, process_start
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip"),
@@ -45,16 +45,25 @@ def _ip(*args: str) -> None:
 def _restart_in_ns(info: SandboxInfo, ns: str, listen: str | None = None) -> None:
     """Move a sandbox's sshd into the namespace (optionally on another address)."""
     d = Path(info.directory)
+    started = process_start(info.pid)
     os.kill(info.pid, signal.SIGTERM)
-    retry_until(lambda: not Path(f"/proc/{info.pid}").exists(), seconds=5)
+    assert retry_until(lambda: process_gone(info.pid, started), seconds=30)
     cfg = d / "sshd_config"
     if listen:
         cfg.write_text(cfg.read_text().replace("ListenAddress 127.0.0.1", f"ListenAddress {listen}"))
     (d / "sshd.pid").unlink(missing_ok=True)
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     subprocess.run(["ip", "netns", "exec", ns, sshd, "-f", cfg, "-E", d / "sshd.log"], check=True)
-    assert retry_until((d / "sshd.pid").exists, seconds=5)
-    info.pid = int((d / "sshd.pid").read_text())
+
+    def written() -> int | None:  # sshd writes its pid file once it listens: never read half of it
+        try:
+            return int((d / "sshd.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    pid = retry_until(written, seconds=30)
+    assert pid
+    info.pid = pid
     (d / "sandbox.json").write_text(json.dumps(info.to_dict()))
 
 

@@ -9,12 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import cli_for
-
-
-def git(repo: Path, *args: str) -> str:
-    r = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
-    return r.stdout.strip()
+from tests.conftest import cli_for, git
 
 
 def new_project(where: Path) -> Path:

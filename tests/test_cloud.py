@@ -22,7 +22,7 @@ from remotedl.cloud.base import VMStatus, cloud_vm, parse_time
 from remotedl.errors import ConfigError
 from remotedl.waiting import retry_until
 from tests.cloudfakes import FakeCloud, Moto, start_moto
-from tests.conftest import Box, CliResult, make_env
+from tests.conftest import Box, CliResult, kill_if_same, make_env, process_gone, process_start
 
 STALE = "127.0.0.9"  # the address the ssh config still names: nothing listens there
 
@@ -83,16 +83,31 @@ def laptop(box: Box, tmp_path: Path, project: Path, extra: dict[str, str]) -> Ca
     return run
 
 
+def autostop_watchers(box: Box) -> list[int]:
+    """The box's autostop watchers now running: its agent's detached `autostop watch`."""
+    agent = f"{box.info.home}/.remotedl/agent/".encode()
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        watching = b'"op": "autostop"' in cmd and b'"action": "watch"' in cmd
+        if agent in cmd and watching and not process_gone(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def aws_laptop(box: Box, moto: Moto, project: Path, tmp_path: Path, iid: str, **settings: object):
+    """``laptop`` for a project whose host is the box as moto's AWS VM ``iid`` (reached at its
+    private address), with these more settings."""
+    table = {"cloud": "aws", "region": "us-east-1", "instance_id": iid, "address": "private", **settings}
+    return laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
+
+
 def test_aws_stopped_vm_status_up_and_stop(box: Box, moto: Moto, project: Path, tmp_path: Path) -> None:
     iid = moto.instance()
-    table = {
-        "cloud": "aws",
-        "region": "us-east-1",
-        "instance_id": iid,
-        "address": "private",
-        "price_per_hour": 2.45,
-    }
-    run = laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
+    run = aws_laptop(box, moto, project, tmp_path, iid, price_per_hour=2.45)
 
     r = run("status")
     assert r.code == 0, r.err
@@ -258,15 +273,7 @@ def test_up_sends_autostop_to_the_box_and_status_shows_it(
     box: Box, moto: Moto, project: Path, tmp_path: Path
 ) -> None:
     iid = moto.instance()
-    table = {
-        "cloud": "aws",
-        "region": "us-east-1",
-        "instance_id": iid,
-        "address": "private",
-        "autostop": "30m",
-    }
-    run = laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
-    watcher = None
+    run = aws_laptop(box, moto, project, tmp_path, iid, autostop="30m")
     try:
         r = run("up")
         assert r.code == 0, r.err
@@ -280,7 +287,7 @@ def test_up_sends_autostop_to_the_box_and_status_shows_it(
         watcher = retry_until(
             lambda: json.loads(box.sh("cat ~/.remotedl/autostop.json").stdout).get("watcher_pid"), seconds=20
         )
-        assert watcher and Path(f"/proc/{watcher}").exists()
+        assert watcher and not process_gone(watcher)
 
         r = run("status")
         assert r.code == 0, r.err
@@ -309,12 +316,11 @@ def test_up_sends_autostop_to_the_box_and_status_shows_it(
         assert json.loads(r.out)["idle_seconds"] is None
     finally:
         run("autostop", "--off")
-        pids = {watcher} | {
-            json.loads(box.sh("cat ~/.remotedl/autostop.json", check=False).stdout or "{}").get("watcher_pid")
-        }
-        for pid in pids - {None}:
+        # Every watcher this test started (each `autostop` started one; a replaced one ends only
+        # at its next tick, a minute on), not just the first and the last.
+        for pid in autostop_watchers(box):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
         box.sh("rm -f ~/.remotedl/autostop.json", check=False)
 
 
@@ -322,14 +328,7 @@ def test_cost_sums_jobs_by_gpu_share(box: Box, moto: Moto, project: Path, tmp_pa
     """Two jobs on the 2-GPU sandbox box: one on one GPU, one on both; price 3.6/h."""
     iid = moto.instance()
     moto.ec2().start_instances(InstanceIds=[iid])
-    table = {
-        "cloud": "aws",
-        "region": "us-east-1",
-        "instance_id": iid,
-        "address": "private",
-        "price_per_hour": 3.6,
-    }
-    run = laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
+    run = aws_laptop(box, moto, project, tmp_path, iid, price_per_hour=3.6)
     assert run("run", "--gpu", "0", "--name", "one", "true").code == 0
     assert run("run", "--gpus", "2", "--name", "both", "true").code == 0
     r = run("cost", "--json")
@@ -392,44 +391,43 @@ def test_autostop_set_live_is_armed_again_after_a_restart(
     box: Box, moto: Moto, project: Path, tmp_path: Path
 ) -> None:
     iid = moto.instance()
-    table = {
-        "cloud": "aws",
-        "region": "us-east-1",
-        "instance_id": iid,
-        "address": "private",
-        "auto_start": True,
-    }
-    run = laptop(box, tmp_path, project_with(project, box.name, table), moto.environ())
+    run = aws_laptop(box, moto, project, tmp_path, iid, auto_start=True)
 
     def watcher() -> int | None:
         text = box.sh("cat ~/.remotedl/autostop.json", check=False).stdout or "{}"
         pid = json.loads(text).get("watcher_pid")
-        return pid if pid and Path(f"/proc/{pid}").exists() else None
+        return pid if pid and not process_gone(pid) else None
 
-    pids: set[int | None] = set()
+    # Each watcher by its pid and start: a finalizer's kill never reaches a process that got a
+    # dead watcher's pid since.
+    pids: dict[int, int | None] = {}
+
+    def seen(pid: int | None) -> int | None:
+        if pid:
+            pids.setdefault(pid, process_start(pid))
+        return pid
+
     try:
         assert run("up").code == 0
         r = run("autostop", "45m")
         assert r.code == 0, r.err
-        pids.add(retry_until(watcher, seconds=20))
+        assert seen(retry_until(watcher, seconds=20))
         assert run("stop").code == 0
         # The VM's shutdown ends its watcher; a start by auto_start (push) arms it again.
-        for pid in pids - {None}:
-            os.kill(int(pid), signal.SIGTERM)
+        for pid, started in pids.items():
+            kill_if_same(pid, started)
         r = run("push")
         assert r.code == 0, r.err
         assert "starting it (auto_start)" in r.err
-        new = retry_until(lambda: (p := watcher()) not in pids and p, seconds=20)
-        pids.add(new)
+        new = seen(retry_until(lambda: (p := watcher()) not in pids and p, seconds=20))
         assert new
         r = run("autostop")
         assert "autostop after 45m idle" in r.out
     finally:
         run("autostop", "--off")
-        pids.add(watcher())
-        for pid in pids - {None}:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGTERM)
+        seen(watcher())
+        for pid, started in pids.items():
+            kill_if_same(pid, started)
         box.sh("rm -f ~/.remotedl/autostop.json", check=False)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DockerBox, cli_for, retry_until
+from tests.conftest import DockerBox, cli_for, process_gone, process_start, retry_until
 from tests.dockerengine import IMAGE
 
 
@@ -130,9 +130,10 @@ def test_vanished_container_makes_the_job_lost(run, docker_box, proj):
     job_id = run("run", "--detach", "--gpu", "0", "quiet.sh", cwd=proj).out.strip()
     rec = wait_running(run, proj, job_id, docker_box)
     # Its runner and its `docker run` client die: the container runs on, and so does the job.
+    leader = process_start(int(rec["pgid"]))
     os.kill(int(rec["runner_pid"]), signal.SIGKILL)
     os.killpg(int(rec["pgid"]), signal.SIGKILL)
-    assert retry_until(lambda: not os.path.exists(f"/proc/{rec['pgid']}/stat"), seconds=10)
+    assert retry_until(lambda: process_gone(int(rec["pgid"]), leader), seconds=30)
     assert record(run, proj, job_id)["status"] == "running"
     docker_box.engine.docker("rm", "-f", rec["container"])
     after = retry_until(lambda: (r := record(run, proj, job_id))["status"] != "running" and r, seconds=20)
@@ -210,9 +211,10 @@ def test_kill_stops_the_container_when_its_client_is_gone(run, docker_box, proj)
     script(proj, "quiet.sh", "sleep 300\n")
     job_id = run("run", "--detach", "--cpu", "quiet.sh", cwd=proj).out.strip()
     rec = wait_running(run, proj, job_id, docker_box)
+    leader = process_start(int(rec["pgid"]))
     os.kill(int(rec["runner_pid"]), signal.SIGKILL)
     os.killpg(int(rec["pgid"]), signal.SIGKILL)  # `docker run` gone: only the engine can stop it
-    assert retry_until(lambda: not os.path.exists(f"/proc/{rec['pgid']}/stat"), seconds=10)
+    assert retry_until(lambda: process_gone(int(rec["pgid"]), leader), seconds=30)
     r = run("kill", job_id, "--grace", "1", "--json", cwd=proj)
     assert r.code == 0, r.err
     assert json.loads(r.out)["status"] == "killed"

@@ -193,8 +193,13 @@ def test_failure_kill_and_start_after_the_queue(proj, services, tmp_path):
     assert run("kill", str(second), "--grace", "2", cwd=project).code == 0
     assert wait_hook(services, third, "killed")["remotedl"]["status"] == "killed"
     assert wait_hook(services, second, "killed")
-    # One notification per event, however many parts of the box saw the end.
-    time.sleep(0.5)  # a duplicate would arrive right behind the first
+    # One notification per event, however many parts of the box saw the end: once each record
+    # says its end was sent and no process holds a claim to send it, no other send can come.
+    def all_sent() -> bool:
+        recs = [show(run, project, job) for job in (first, second, third)]
+        return all("ended" in r["events_sent"] and not r["event_claims"] for r in recs)
+
+    assert retry_until(all_sent, seconds=40)
     for job in (first, second, third):
         events = [p["remotedl"]["event"] for p in hooks_for(services, job)]
         assert events.count("killed") == 1, events

@@ -10,47 +10,20 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from remotedl import sandbox
-from remotedl.cli import main
 from remotedl.errors import ConnectError, ExitCode, RemotedlError
 from remotedl.fleet import run_on_hosts
-from tests.conftest import Box, CliResult, make_env, retry_until
+from tests.conftest import Box, CliResult, LaptopBoxes, laptop_boxes, make_env, retry_until
 from tests.terminal import terminal
 
 GPUS = {"f1": 1, "f2": 2, "f3": 3}
 
 
-@dataclass
-class FleetBoxes:
-    """Boxes registered in one laptop state directory: `--host f1,f2,f3` finds each one's
-    own ssh config there, as `remotedl sandbox up` makes it for a user."""
-
-    base: Path
-    boxes: dict[str, Box]
-
-    @property
-    def names(self) -> str:
-        return ",".join(self.boxes)
-
-    def environ(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, **make_env(self.base).environ, **extra}
-
-    def run(self, *argv: str, cwd: Path | None = None, **extra: str) -> CliResult:
-        e = make_env(self.base, cwd=cwd or self.base, **extra)
-        code = main(list(argv), e)
-        return CliResult(code, e.stdout.getvalue(), e.stderr.getvalue())  # type: ignore[attr-defined]
-
-    def gpu_state(self, name: str, **changes: object) -> None:
-        """Reset a box's stand-in GPUs, then apply ``changes`` (e.g. processes=[...])."""
-        state = sandbox.fake_gpus(GPUS[name])
-        state.update(changes)
-        (self.boxes[name].dir / "gpus.json").write_text(json.dumps(state))
-
+class FleetBoxes(LaptopBoxes):
     def kill_all_jobs(self, proj: Path) -> None:
         for name in self.boxes:
             r = self.run("jobs", "--json", "--host", name, cwd=proj)
@@ -66,19 +39,8 @@ def has_row(text: str, *first: str) -> bool:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetBoxes]:
-    base = tmp_path_factory.mktemp("fleet")
-    env = make_env(base)
-    boxes: dict[str, Box] = {}
-    try:
-        for name, count in GPUS.items():
-            boxes[name] = Box(sandbox.up(env, name=name, gpus=count), dict(env.environ))
-        yield FleetBoxes(base, boxes)
-    finally:
-        for name in boxes:
-            try:
-                sandbox.down(make_env(base), name=name)
-            except Exception as e:  # a finalizer never raises
-                print(f"sandbox down failed: {e}")
+    with laptop_boxes(tmp_path_factory.mktemp("fleet"), GPUS) as boxes:
+        yield FleetBoxes(boxes.base, boxes.boxes, boxes.gpus)
 
 
 @pytest.fixture

@@ -393,7 +393,7 @@ Subsystem sftp internal-sftp
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     proc.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
     assert retry_until(lambda: port_answers("127.0.0.1", port), seconds=10)
-    pid = int(retry_until(lambda: _pid(d / "sshd.pid"), seconds=5) or 0)
+    pid = int(retry_until(lambda: _pid(d / "sshd.pid"), seconds=30) or 0)
     try:
         yield PasswordBox(port, PW_USER, pw_file, d / "host_key.pub")
     finally:

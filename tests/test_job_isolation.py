@@ -11,18 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_for, retry_until
-
-
-def git(repo: Path, *args: str) -> str:
-    r = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
-    return r.stdout.strip()
-
-
-def commit_all(repo: Path, message: str) -> str:
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", message)
-    return git(repo, "rev-parse", "HEAD")
+from tests.conftest import cli_for, commit_all, git, retry_until
 
 
 def write_script(repo: Path, name: str, body: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_for, retry_until
+from tests.conftest import cli_for, process_gone, process_start, retry_until
 
 
 @pytest.fixture
@@ -98,6 +98,7 @@ def test_a_job_lives_while_the_processes_it_left_run(fresh_box, proj, tmp_path):
     workdir = str(fresh_box.home / "proc-tests" / tmp_path.name / ".remotedl" / "jobs" / str(job["id"]))
     assert retry_until(lambda: len(sleeps_of(workdir)) == 2, seconds=20)
     pids = sleeps_of(workdir)
+    starts = {p: process_start(p) for p in pids}
     try:
         rec = retry_until(lambda: (r := record(run, proj, job["id"])).get("leftovers") == 2 and r, seconds=20)
         assert rec, record(run, proj, job["id"])
@@ -110,7 +111,7 @@ def test_a_job_lives_while_the_processes_it_left_run(fresh_box, proj, tmp_path):
         r = run("kill", str(job["id"]), "--grace", "1", "--json", cwd=proj)  # kill reaches both
         assert r.code == 0, r.err
         assert json.loads(r.out)["status"] == "killed"
-        assert retry_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), seconds=5)
+        assert retry_until(lambda: all(process_gone(p, s) for p, s in starts.items()), seconds=30)
         rec = record(run, proj, job["id"])
         assert rec["status"] == "killed" and rec["ended"] and rec["leftovers"] == 0
         r = run("kill", str(job["id"]), cwd=proj)

@@ -17,7 +17,7 @@ import pytest
 from remotedl import jobs
 from remotedl.agent.client import AgentClient
 from remotedl.ssh import resolve_host
-from tests.conftest import cli_for, make_env, retry_until, tmux_dir
+from tests.conftest import cli_for, make_env, process_gone, process_start, retry_until, tmux_dir
 from tests.terminal import terminal
 
 
@@ -39,6 +39,26 @@ def job_list(run, proj) -> list[dict]:
     r = run("jobs", "--all", "--json", cwd=proj)
     assert r.code == 0, r.err
     return json.loads(r.out)
+
+
+def laptop_environ(box, base: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `remotedl` process on a laptop (state and config under ``base``)
+    that knows ``box``."""
+    return {
+        **os.environ,
+        **make_env(base).environ,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "REMOTEDL_HOST": box.name,
+        **extra,
+    }
+
+
+def latest_of(run, proj, tmp_path) -> dict:
+    """The latest job of this test's project (``proj``'s remote_dir), not of the whole box:
+    the session box holds every test's jobs."""
+    mine = [j for j in job_list(run, proj) if (j["remote_dir"] or "").endswith(f"/job-tests/{tmp_path.name}")]
+    assert mine, job_list(run, proj)
+    return max(mine, key=lambda j: j["id"])
 
 
 def spec_for(box, tmp_path):
@@ -154,7 +174,7 @@ def test_more_gpus_than_the_box_has_is_a_usage_error(cli, proj):
 
 def test_gpu_choice_busy_force_and_foreign_processes(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
-    script(project, "hold.sh", "sleep 30\n")
+    script(project, "hold.sh", "sleep 300\n")  # holds its GPU for the whole test, however slow
     state_file = fresh_box.dir / "gpus.json"
     state = json.loads(state_file.read_text())
     state["gpus"][0]["memory_used"] = 5000  # GPU 1 is the less used: auto picks it first
@@ -185,7 +205,7 @@ def test_gpu_choice_busy_force_and_foreign_processes(fresh_box, project, tmp_pat
 
 def test_queue_waits_for_the_gpu(fresh_box, project, tmp_path, monkeypatch):
     run = cli_for(fresh_box, tmp_path / "laptop")
-    script(project, "hold.sh", "sleep 30\n")
+    script(project, "hold.sh", "sleep 300\n")  # holds its GPU for the whole test, however slow
     script(project, "after.sh", 'echo "got [$CUDA_VISIBLE_DEVICES]"\n')
     holder = json.loads(run("run", "--detach", "--json", "--gpu", "0", "hold.sh", cwd=project).out)
     r = run("run", "--detach", "--json", "--gpu", "0", "--queue", "after.sh", cwd=project)
@@ -206,15 +226,12 @@ def test_queue_waits_for_the_gpu(fresh_box, project, tmp_path, monkeypatch):
 
 
 def test_concurrent_runs_never_share_a_gpu(fresh_box, project, tmp_path):
-    script(project, "hold.sh", "sleep 30\n")
+    # Each holds its GPU for the whole test: one that ended while the last run was still
+    # starting (a loaded machine) would free its GPU for a third.
+    script(project, "hold.sh", "sleep 300\n")
     run = cli_for(fresh_box, tmp_path / "laptop")
     assert run("push", cwd=project).code == 0
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": fresh_box.info.ssh_config,
-        "REMOTEDL_HOST": fresh_box.name,
-    }
+    env = laptop_environ(fresh_box, tmp_path / "laptop")
     procs = [
         subprocess.Popen(
             [
@@ -348,8 +365,9 @@ def test_job_outliving_its_tmux_session_is_not_lost(fresh_box, project, tmp_path
     assert box_tmux(fresh_box, "kill-server").returncode == 0
     assert rec["status"] == "running"
     # ...and so does its runner: only the job's own process group is left.
-    os.kill(rec["runner_pid"], signal.SIGKILL)
-    assert retry_until(lambda: not Path(f"/proc/{rec['runner_pid']}/cmdline").read_bytes(), seconds=5)
+    runner, started = rec["runner_pid"], process_start(rec["runner_pid"])
+    os.kill(runner, signal.SIGKILL)
+    assert retry_until(lambda: process_gone(runner, started), seconds=30)
     assert group_alive(rec["pgid"])
     assert record(run, project, job["id"])["status"] == "running"  # not lost: it runs
     r = run("run", "--detach", "--gpu", "0", "quiet.sh", cwd=project)  # and it keeps its GPU
@@ -358,7 +376,7 @@ def test_job_outliving_its_tmux_session_is_not_lost(fresh_box, project, tmp_path
     r = run("kill", str(job["id"]), "--grace", "1", "--json", cwd=project)  # kill reaches the group
     assert r.code == 0, r.err
     assert json.loads(r.out)["status"] == "killed"
-    assert retry_until(lambda: not group_alive(rec["pgid"]), seconds=5)
+    assert retry_until(lambda: not group_alive(rec["pgid"]), seconds=30)
 
 
 def test_vanished_job_is_lost(fresh_box, project, tmp_path):
@@ -412,12 +430,7 @@ def test_too_old_tmux_is_refused(fresh_box, project, tmp_path):
 def test_listing_jobs_while_they_start_never_loses_one(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
     assert run("push", cwd=project).code == 0
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": fresh_box.info.ssh_config,
-        "REMOTEDL_HOST": fresh_box.name,
-    }
+    env = laptop_environ(fresh_box, tmp_path / "laptop")
     seen_lost: list[dict] = []
     done = threading.Event()
 
@@ -649,14 +662,8 @@ def test_logs_json_wraps_the_bytes_in_json_lines(cli, proj):
 
 
 def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
-    script(proj, "slow.sh", "echo started; sleep 20; echo finished\n")
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
-        "REMOTEDL_HOST": box.name,
-        "PYTHONUNBUFFERED": "1",
-    }
+    script(proj, "slow.sh", "echo started; sleep 300\n")  # runs on until killed below
+    env = laptop_environ(box, tmp_path / "laptop", PYTHONUNBUFFERED="1")
     p = subprocess.Popen(
         [sys.executable, "-m", "remotedl", "run", "--cpu", "slow.sh"],
         cwd=proj,
@@ -673,16 +680,18 @@ def test_ctrl_c_detaches_and_job_keeps_running(box, proj, tmp_path):
     assert "detached" in err
     assert "remotedl attach" in err
     run = cli_for(box, tmp_path / "laptop2")
-    jl = job_list(run, proj)
-    assert jl[-1]["name"] == "slow.sh"
-    assert jl[-1]["status"] == "running"
-    assert run("kill", str(jl[-1]["id"]), cwd=proj).code == 0
+    rec = latest_of(run, proj, tmp_path)
+    try:
+        assert rec["name"] == "slow.sh"
+        assert rec["status"] == "running"
+    finally:
+        run("kill", str(rec["id"]), cwd=proj)
 
 
 def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
     """Ctrl-C once the box has started the job, before `run` said so (it was keeping the
     job's commit in the local repository): the interrupt names the job that now runs."""
-    script(proj, "slow.sh", "echo started; sleep 20\n")
+    script(proj, "slow.sh", "echo started; sleep 300\n")  # runs on until killed below
     mark = tmp_path / "keeping"
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -693,14 +702,7 @@ def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
         f'exec {shutil.which("git")} "$@"\n'
     )
     (bindir / "git").chmod(0o755)
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "PATH": f"{bindir}:{os.environ['PATH']}",
-        "MARK": str(mark),
-        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
-        "REMOTEDL_HOST": box.name,
-    }
+    env = laptop_environ(box, tmp_path / "laptop", PATH=f"{bindir}:{os.environ['PATH']}", MARK=str(mark))
     p = subprocess.Popen(
         [sys.executable, "-m", "remotedl", "run", "--cpu", "slow.sh"],
         cwd=proj,
@@ -718,13 +720,15 @@ def test_ctrl_c_after_the_start_request_names_the_job(box, proj, tmp_path):
         if p.poll() is None:
             p.kill()
     run = cli_for(box, tmp_path / "laptop2")
-    rec = job_list(run, proj)[-1]
-    assert rec["name"] == "slow.sh" and rec["status"] == "running"
-    assert p.returncode == 130, err
-    said = f"interrupted: job {rec['id']} (slow.sh) was started on {box.name} and keeps running"
-    assert said in err, err
-    assert f"remotedl kill {rec['id']}" in err
-    assert run("kill", str(rec["id"]), cwd=proj).code == 0
+    rec = latest_of(run, proj, tmp_path)
+    try:
+        assert rec["name"] == "slow.sh" and rec["status"] == "running"
+        assert p.returncode == 130, err
+        said = f"interrupted: job {rec['id']} (slow.sh) was started on {box.name} and keeps running"
+        assert said in err, err
+        assert f"remotedl kill {rec['id']}" in err
+    finally:
+        run("kill", str(rec["id"]), cwd=proj)
 
 
 @pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux on the laptop side")
@@ -732,12 +736,7 @@ def test_attach_shows_the_job_in_a_terminal(box, proj, tmp_path):
     script(proj, "chatty.sh", 'i=0; while true; do i=$((i+1)); echo "chat $i"; sleep 0.2; done\n')
     run = cli_for(box, tmp_path / "laptop")
     job_id = run("run", "--detach", "--cpu", "chatty.sh", cwd=proj).out.strip()
-    env = {
-        **os.environ,
-        **make_env(tmp_path / "laptop").environ,
-        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
-        "REMOTEDL_HOST": box.name,
-    }
+    env = laptop_environ(box, tmp_path / "laptop")
     cmd = f"cd {proj} && {sys.executable} -m remotedl attach {job_id}"
     try:
         with terminal(cmd, tmp_path / "local-tmux", env=env) as term:
@@ -777,6 +776,7 @@ def test_sandbox_down_ends_the_jobs_still_running_there(fresh_box, project, tmp_
     """A job outlives its tmux server by design; the throwaway box's teardown ends it (and its
     runner, which would otherwise write its record into the removed box home)."""
     from remotedl import sandbox
+    from remotedl.agent.runtimes.tmux import group_alive
 
     run = cli_for(fresh_box, tmp_path / "laptop")
     script(project, "long.sh", "echo started; sleep 300\n")
@@ -785,11 +785,13 @@ def test_sandbox_down_ends_the_jobs_still_running_there(fresh_box, project, tmp_
     assert retry_until(lambda: json.loads((records / f"{rec['id']}.json").read_text()).get("pgid"))
     saved = json.loads((records / f"{rec['id']}.json").read_text())
     pgid, runner = saved["pgid"], saved["runner_pid"]
+    started = process_start(runner)
     os.killpg(pgid, 0)  # alive
     assert sandbox.down(make_env(tmp_path / "fresh"), name="fresh")
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)
-    assert retry_until(lambda: not Path(f"/proc/{runner}").exists(), seconds=5)
+    # Ended: no process of the group runs (a zombie has ended; where nothing reaps orphans it
+    # stays one, and killpg(pgid, 0) still finds it), and neither does the runner.
+    assert retry_until(lambda: not group_alive(pgid), seconds=30)
+    assert retry_until(lambda: process_gone(runner, started), seconds=30)
     assert not fresh_box.home.exists()  # nothing wrote into the removed home afterwards
 
 
@@ -832,3 +834,36 @@ def test_run_no_push_checks_the_tree_and_starts_in_one_request(cli, box, proj, t
     r = cli("run", "--no-push", "--remote-dir", rdir + "-never", "--cpu", "true", cwd=proj)
     assert r.code == 1 and "does not exist" in r.err
     assert len(box_requests(caplog)) == 1
+
+
+def test_jobs_of_several_projects_say_whose_each_is(cli, project, tmp_path):
+    # The box is shared by projects: `jobs` lists all of them, each with its project's name.
+    ids = {}
+    for name in ("alpha", "beta"):
+        (project / "remotedl.toml").write_text(f'remote_dir = "~/job-projects/{tmp_path.name}/{name}"\n')
+        r = cli("run", "--detach", "--json", "--cpu", "--name", f"in-{name}", "--", "true", cwd=project)
+        assert r.code == 0, r.err
+        ids[name] = json.loads(r.out)["id"]
+    r = cli("jobs", "--all", cwd=project)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].split()[-2:] == ["project", "command"], r.out
+    for name, job in ids.items():
+        (row,) = [line.split() for line in lines if line.split()[:1] == [str(job)]]
+        assert row[1] == f"in-{name}" and row[-2:] == [name, "true"], r.out
+    listed = {j["id"]: j for j in json.loads(cli("jobs", "--all", "--json", cwd=project).out)}
+    assert listed[ids["beta"]]["remote_dir"].endswith(f"/{tmp_path.name}/beta")
+
+
+def test_project_labels_are_the_shortest_names_that_tell_projects_apart():
+    from remotedl.cli.jobs import job_columns, project_labels
+
+    assert project_labels([("", "/h/remotedl/a"), ("", "/h/remotedl/a"), ("", "/h/remotedl/a")]) == {}
+    labels = project_labels([("", "/h/x/proj"), ("", "/h/y/proj"), ("", "/h/z/other"), ("", None)])
+    assert labels == {("", "/h/x/proj"): "x/proj", ("", "/h/y/proj"): "y/proj", ("", "/h/z/other"): "other",
+                      ("", None): "-"}  # fmt: skip
+    # a project of one name on two hosts is the same project there: one name, no column
+    assert project_labels([("a", "/home/u/remotedl/p"), ("b", "/home/v/remotedl/p")]) == {}
+    plain = ["id", "name", "status", "GPUs", "exit", "started", "duration", "command"]
+    assert job_columns(("id",), {}) == plain
+    assert job_columns(("id",), labels)[-2:] == ["project", "command"]

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from remotedl import jobs, multinode, sandbox
-from remotedl.cli import main
+from remotedl import jobs, multinode
 from remotedl.errors import ExitCode, GpusBusy
 from remotedl.fleet import Fleet
-from tests.conftest import Box, CliResult, make_env, retry_until
+from tests.conftest import LaptopBoxes, laptop_boxes, make_env, retry_until
 
 NAMES = ("n1", "n2")
 # n1 is the master: its peers reach it at 127.0.0.2 (node_addr), not at ssh's 127.0.0.1
@@ -72,42 +71,14 @@ time.sleep(300)  # a rank waiting on a collective that never comes
 """
 
 
-@dataclass
-class Nodes:
-    base: Path
-    boxes: dict[str, Box]
-
-    @property
-    def names(self) -> str:
-        return ",".join(self.boxes)
-
-    def run(self, *argv: str, cwd: Path | None = None) -> CliResult:
-        e = make_env(self.base, cwd=cwd or self.base)
-        code = main(list(argv), e)
-        return CliResult(code, e.stdout.getvalue(), e.stderr.getvalue())  # type: ignore[attr-defined]
-
-    def gpu_state(self, name: str) -> None:
-        (self.boxes[name].dir / "gpus.json").write_text(json.dumps(sandbox.fake_gpus(2)))
-
-
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaptopBoxes]:
     base = tmp_path_factory.mktemp("nodes")
-    env = make_env(base)
-    boxes: dict[str, Box] = {}
     config = base / "config" / "remotedl" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(f'[hosts.n1]\nnode_addr = "{MASTER_ADDR}"\n')
-    try:
-        for name in NAMES:
-            boxes[name] = Box(sandbox.up(env, name=name, gpus=2), dict(env.environ))
-        yield Nodes(base, boxes)
-    finally:
-        for name in boxes:
-            try:
-                sandbox.down(make_env(base), name=name)
-            except Exception as e:  # a finalizer never raises
-                print(f"sandbox down failed: {e}")
+    with laptop_boxes(base, dict.fromkeys(NAMES, 2)) as boxes:
+        yield boxes
 
 
 @pytest.fixture
@@ -412,21 +383,10 @@ def fabric() -> Iterator[Fabric]:
 
 
 @pytest.fixture(scope="module")
-def ns_nodes(fabric: Fabric, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
-    base = tmp_path_factory.mktemp("nsnodes")
-    env = make_env(base)
-    boxes: dict[str, Box] = {}
-    try:
-        for i, name in enumerate(NAMES):
-            info = sandbox.up(env, name=name, gpus=2, address=fabric.address(i), netns=fabric.spaces[i])
-            boxes[name] = Box(info, dict(env.environ))
-        yield Nodes(base, boxes)
-    finally:
-        for name in boxes:
-            try:
-                sandbox.down(make_env(base), name=name)
-            except Exception as e:  # a finalizer never raises
-                print(f"sandbox down failed: {e}")
+def ns_nodes(fabric: Fabric, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaptopBoxes]:
+    options = {n: {"address": fabric.address(i), "netns": fabric.spaces[i]} for i, n in enumerate(NAMES)}
+    with laptop_boxes(tmp_path_factory.mktemp("nsnodes"), dict.fromkeys(NAMES, 2), options) as boxes:
+        yield boxes
 
 
 def test_a_run_across_network_namespaces_meets_at_the_masters_own_address(ns_nodes, fabric, proj):

@@ -395,19 +395,24 @@ def test_fetch_without_a_box_fails_with_one_line(tmp_path):
     assert e.value.exit_code == 4 and entry.status == "waiting"
 
 
-def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothing_more(cli, box, proj):
-    script(proj, "train.py", TRAIN)
-    commit(proj)
-    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=proj))
+def wait_ended(box, job: int, ends: tuple[str, ...] = ("succeeded", "failed")) -> None:
+    """Until the job's record on the box says it ended one of these ways."""
     record = box.home / ".remotedl" / "jobs" / f"{job}.json"
 
     def ended() -> bool:
         try:
-            return json.loads(record.read_text())["status"] == "succeeded"
+            return json.loads(record.read_text())["status"] in ends
         except (OSError, ValueError, KeyError):
             return False
 
     assert retry_until(ended, seconds=60)
+
+
+def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothing_more(cli, box, proj):
+    script(proj, "train.py", TRAIN)
+    commit(proj)
+    job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=proj))
+    wait_ended(box, job, ("succeeded",))
     # push talks to the box without asking about jobs: one listing of the project's jobs.
     r = cli("--debug", "push", cwd=proj)
     assert r.code == 0, r.err
@@ -417,8 +422,7 @@ def test_any_command_that_talks_to_the_box_brings_them_and_a_listing_asks_nothin
     assert (dest / "metrics.json").exists()
     # A listing carries the records: the job's end is known without another request.
     job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=proj))
-    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
-    assert retry_until(ended, seconds=60)
+    wait_ended(box, job, ("succeeded",))
     r = cli("--debug", "jobs", cwd=proj)
     assert r.code == 0, r.err
     assert f"outputs of job {job} (train.py)" in r.err
@@ -463,15 +467,7 @@ def test_removing_a_job_brings_its_outputs_home_first(cli, box, proj):
     script(proj, "train.py", TRAIN)
     commit(proj)
     job = job_id_of(cli("run", "--detach", "train.py", "--cpu", cwd=proj))
-    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
-
-    def ended() -> bool:
-        try:
-            return json.loads(record.read_text())["status"] == "succeeded"
-        except (OSError, ValueError, KeyError):
-            return False
-
-    assert retry_until(ended, seconds=60)
+    wait_ended(box, job, ("succeeded",))
     r = cli("jobs", "rm", str(job), "--yes", cwd=proj)
     assert r.code == 0, r.err
     assert f"outputs of job {job} (train.py)" in r.err and f"removed job {job}" in r.out
@@ -481,18 +477,6 @@ def test_removing_a_job_brings_its_outputs_home_first(cli, box, proj):
 
 
 # ------------------------------------------------------------------ jobs from other clones
-
-
-def wait_ended(box, job: int) -> None:
-    record = box.home / ".remotedl" / "jobs" / f"{job}.json"
-
-    def ended() -> bool:
-        try:
-            return json.loads(record.read_text())["status"] in ("succeeded", "failed")
-        except (OSError, ValueError, KeyError):
-            return False
-
-    assert retry_until(ended, seconds=60)
 
 
 def test_a_job_started_from_another_clone_comes_home_at_the_next_command(cli, box, proj, tmp_path):

@@ -11,28 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_for, make_env, retry_until  # noqa: F401  (fixtures' helpers)
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
+from tests.conftest import box_path, cli_for, commit_all, git, make_env, retry_until  # noqa: F401  (fixtures' helpers)
 
 
 @pytest.fixture
 def rdir(tmp_path) -> str:
     return f"~/push-repos/{tmp_path.name}"
-
-
-def box_path(box, rdir: str, rel: str = "") -> Path:
-    return Path(rdir.replace("~", box.info.home, 1)) / rel
-
-
-def commit_all(repo: Path, message: str) -> str:
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", message)
-    return git(repo, "rev-parse", "HEAD")
 
 
 # ------------------------------------------------------------------ big commits

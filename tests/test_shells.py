@@ -30,7 +30,7 @@ from remotedl.cli import main
 from remotedl.env import Environment
 from remotedl.errors import UsageError
 from remotedl.sandbox import NOISE_MARKER
-from tests.conftest import Box, make_env, retry_until, tmux_dir
+from tests.conftest import Box, make_env, process_gone, process_start, retry_until, tmux_dir
 
 # What a start-up error must name, per login shell (tcsh reads ~/.tcshrc, else ~/.cshrc).
 STARTUP_NAMES = {
@@ -255,18 +255,19 @@ def test_sandbox_cli_shell_box_up_and_down_kills_only_its_own_tmux(tmp_path):
 
         pid_a, pid_b = server_pid("a"), server_pid("b")
         assert pid_a and pid_b and pid_a != pid_b
+        start_a, start_b, sshd_a = process_start(pid_a), process_start(pid_b), process_start(a.pid)
         e = make_env(base)
         assert main(["sandbox", "down", "--name", "cli-a"], e) == 0
-        assert retry_until(lambda: not Path(f"/proc/{pid_a}").exists(), seconds=5)
+        assert retry_until(lambda: process_gone(pid_a, start_a), seconds=30)
         assert not Path(a.directory).exists()
         assert not Path(a.home).parent.exists()
-        assert not Path(f"/proc/{a.pid}").exists()
+        assert process_gone(a.pid, sshd_a)
         assert server_pid("b") == pid_b  # the same user's other box keeps its tmux server
-        assert Path(f"/proc/{pid_b}").exists()
+        assert not process_gone(pid_b, start_b)
     finally:
         for name in infos:
             sandbox.down(make_env(base), name=f"cli-{name}")
-    assert retry_until(lambda: not Path(f"/proc/{pid_b}").exists(), seconds=5)
+    assert retry_until(lambda: process_gone(pid_b, start_b), seconds=30)
     assert not Path(b.home).parent.exists()
 
 

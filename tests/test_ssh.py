@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from remotedl import proc, sandbox
 from remotedl.ssh import Box as SshBox
 from remotedl.ssh import resolve_host, ssh_argv
-from tests.conftest import Box, cli_for, make_env
+from tests.conftest import Box, cli_for, make_env, process_gone, process_start, retry_until
 
 
 def write_config(path: Path, box: Box, **over: str) -> Path:
@@ -100,6 +101,27 @@ def test_status_without_nvidia_driver(tmp_path):
         assert "GPUs    none: no NVIDIA driver" in r.out
     finally:
         sandbox.down(make_env(base), name="nogpu")
+
+
+def test_a_sandbox_whose_sshd_pid_now_names_another_process_is_down(tmp_path):
+    """A sandbox box whose sshd died unseen (a reboot) keeps its record; the kernel hands the
+    pid to another program. The box is down, and `sandbox down` never signals that program."""
+    base = tmp_path / "stale"
+    b = sandbox.up(make_env(base), name="stale", gpus=0)
+    started = process_start(b.pid)
+    os.kill(b.pid, signal.SIGKILL)  # the sshd dies without a word
+    assert retry_until(lambda: process_gone(b.pid, started), seconds=30)
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        record = Path(b.directory) / "sandbox.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "pid": other.pid}))
+        assert sandbox.status(make_env(base), "stale") is None
+        assert sandbox.down(make_env(base), name="stale")
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
+        sandbox.down(make_env(base), name="stale")
 
 
 def test_sandbox_extra_env_reaches_every_session(tmp_path):
@@ -352,7 +374,7 @@ def test_unknown_alias_says_so(tmp_path, box):
 
 def test_status_shows_gpus_held_by_remotedl_jobs(fresh_box, project, tmp_path):
     run = cli_for(fresh_box, tmp_path / "laptop")
-    (project / "hold.sh").write_text("#!/bin/sh\nsleep 30\n")
+    (project / "hold.sh").write_text("#!/bin/sh\nsleep 300\n")  # runs until killed below
     (project / "hold.sh").chmod(0o755)
     r = run("run", "--detach", "--gpu", "1", "hold.sh", cwd=project)
     assert r.code == 0, r.err

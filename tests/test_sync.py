@@ -15,13 +15,7 @@ import pytest
 from remotedl import sync
 from remotedl.errors import RemotedlError
 from remotedl.ssh import resolve_host
-from tests.conftest import cli_for, make_env, retry_until
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
+from tests.conftest import box_path, cli_for, git, make_env, retry_until
 
 
 def local_state(repo: Path) -> tuple[str, ...]:
@@ -45,10 +39,6 @@ def rdir(tmp_path) -> str:
 def box_git(box, rdir: str, *args: str) -> str:
     path = rdir.replace("~", box.info.home, 1)
     return box.sh("git -C " + path + " " + " ".join(args)).stdout.strip()
-
-
-def box_path(box, rdir: str, rel: str = "") -> Path:
-    return Path(rdir.replace("~", box.info.home, 1)) / rel
 
 
 def test_push_clean_tree_checks_out_head(cli, box, project, rdir):

@@ -17,22 +17,12 @@ import pytest
 from remotedl import sync
 from remotedl.errors import ConnectError, RemotedlError
 from remotedl.ssh import resolve_host
-from tests.conftest import cli_for, make_env, retry_until
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
+from tests.conftest import box_path, cli_for, git, make_env, retry_until
 
 
 @pytest.fixture
 def rdir(tmp_path) -> str:
     return f"~/safety-tests/{tmp_path.name}"
-
-
-def box_path(box, rdir: str, rel: str = "") -> Path:
-    return Path(rdir.replace("~", box.info.home, 1)) / rel
 
 
 def spec_of(box, tmp_path):

@@ -108,9 +108,7 @@ def test_tunnel_comes_back_after_connection_dies(fresh_box, tmp_path, echo_serve
         for pid in map(int, out.stdout.split()):
             os.kill(pid, signal.SIGKILL)
         assert retry_until(lambda: t.reconnects >= 1, seconds=10), events
-        t0 = time.monotonic()
-        assert retry_until(lambda: echo_through(local, timeout=3) == b"ping", seconds=10), events
-        assert time.monotonic() - t0 < 10
+        assert retry_until(lambda: echo_through(local, timeout=3) == b"ping", seconds=30), events
         assert any(e.kind == "reconnecting" for e in events)
     finally:
         t.stop()
@@ -123,15 +121,14 @@ def test_port_in_use_is_refused_fast_naming_holder(cli, tmp_path):
     holder.listen(1)
     port = holder.getsockname()[1]
     try:
-        t0 = time.monotonic()
-        r = cli("tunnel", f"{port}:{port + 1}")
-        elapsed = time.monotonic() - t0
+        # Fast: refused before anything reaches for the box, here at a port that answers nothing
+        # (a connection error would say so). No clock: a loaded CI machine makes a limit a flake.
+        r = cli("tunnel", f"{port}:{port + 1}", "--port", str(free_port()))
         assert r.code == 1
         assert f"local port {port} is already in use by pid {os.getpid()}" in r.err
         # a free local port to the same box port
         assert re.search(rf"e\.g\. `remotedl tunnel \d+:{port + 1}`", r.err), r.err
         assert "Traceback" not in r.err
-        assert elapsed < 5  # generous for a loaded CI machine; typically ~50 ms
     finally:
         holder.close()
 
@@ -208,6 +205,31 @@ def test_background_list_and_stop(box, tmp_path, echo_server):
     assert json.loads(run("tunnel", "--list", "--json").out) == []
     r = run("tunnel", "--stop", str(local))
     assert r.code == 2
+
+
+def test_a_tunnel_record_whose_pid_now_names_another_process_is_no_tunnel(box, tmp_path):
+    """A background tunnel that died without a word (a reboot, kill -9) leaves its record; the
+    kernel hands its pid to another program. That is no tunnel: not listed, and `--stop` never
+    signals the program that has the pid now."""
+    run = cli_for(box, tmp_path / "laptop")
+    other = subprocess.Popen(["sleep", "300"])
+    records = make_env(tmp_path / "laptop").state_dir / "tunnels"
+    records.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (records / f"{port}.json").write_text(
+        json.dumps({"host": box.name, "forwards": [f"{port}:8888"], "status": "connected", "pid": other.pid,
+                    "started": time.time() - 3600})
+    )  # fmt: skip
+    try:
+        r = run("tunnel", "--list", "--json")
+        assert r.code == 0, r.err
+        assert json.loads(r.out) == []
+        r = run("tunnel", "--stop", "all")
+        assert r.code == 2 and "no background tunnel" in r.err, r.err
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
 
 
 JUPYTER = Path(sys.executable).parent / "jupyter"
@@ -445,3 +467,45 @@ def test_bad_port_spec(cli):
     assert r.code == 2
     assert "is not PORT or LOCAL:REMOTE" in r.err
     assert cli("tunnel", "70000").code == 2
+
+
+def test_a_jupyter_runtime_file_whose_pid_now_names_another_process_is_not_a_server(box, project, tmp_path):
+    """Jupyter killed hard (SIGHUP from its tmux session, OOM, a reboot) leaves its runtime file;
+    `jupyter server list` lists it as long as some process has its pid, and the kernel hands
+    pids out again. That file, for this very project, is no running server: one is started."""
+    run = cli_for(box, tmp_path / "laptop")
+    rdir = f"~/jupyter-tests/{tmp_path.name}"
+    (project / "remotedl.toml").write_text(f'remote_dir = "{rdir}"\n')
+    assert run("push", cwd=project).code == 0
+    jupyter_in_box_venv(box, rdir)
+    other = subprocess.Popen(["sleep", "300"])  # the box user's, as the reused pid would be
+    runtime = box.home / ".local" / "share" / "jupyter" / "runtime"
+    runtime.mkdir(parents=True, exist_ok=True)
+    stale = runtime / f"jpserver-{other.pid}.json"
+    root = str((box.home / rdir.removeprefix("~/")).resolve())
+    port = free_port()
+    stale.write_text(json.dumps({
+        "base_url": "/", "hostname": "127.0.0.1", "password": False, "pid": other.pid, "port": port,
+        "root_dir": root, "secure": False, "sock": "", "token": "stale" * 8, "url": f"http://127.0.0.1:{port}/",
+        "version": "2.14.2",
+    }))  # fmt: skip
+    try:
+        r = run("jupyter", str(free_port()), "--background", cwd=project)
+        assert r.code == 0, r.err
+        assert "found running" not in r.err, r.err
+        url = r.out.strip().splitlines()[-1]
+        assert "stale" not in url
+        token = url.split("token=")[1]
+        local = int(url.split(":")[2].split("/")[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{local}/api/status?token={token}", timeout=10) as resp:
+            assert "started" in json.loads(resp.read())
+    finally:
+        run("tunnel", "--stop", "all")
+        subprocess.run(
+            ["tmux", "kill-session", "-t", "=remotedl-jupyter"],
+            check=False,
+            env={**os.environ, "TMUX_TMPDIR": str(sandbox._tmux_dir(box.dir))},
+        )
+        other.kill()
+        other.wait()
+        stale.unlink(missing_ok=True)

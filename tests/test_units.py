@@ -222,6 +222,21 @@ def test_rsync_missing_is_told_whichever_way_rsync_exits(said):
     assert other.message.startswith("rsync of data failed (12)")
 
 
+def test_free_port_is_never_one_an_outgoing_connection_can_take():
+    # A port from the ephemeral range (what binding port 0 gives) can become the source port of
+    # any connection made before the server binds it: the server then fails to start.
+    import socket
+
+    from remotedl.waiting import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = [free_port() for _ in range(20)]
+    assert all(p < low for p in ports), (low, ports)
+    for p in ports[:3]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # free indeed
+
+
 def test_every_package_is_installed_and_the_shipped_playbooks_with_it():
     """pyproject lists packages by name: one missing installs a remotedl that cannot import it
     (remotedl.ssh and remotedl.init were missing from a non-editable install)."""

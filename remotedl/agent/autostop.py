@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from remotedl.schema import AutostopRequest
+from remotedl.waiting import pid_runs
 
 FILE = "autostop.json"
 TICK_SECONDS = 60.0
@@ -542,8 +543,8 @@ def ensure_watcher(directory: Path) -> None:
     c = state.config
     if (c.idle_seconds is None and not c.spot) or state.stopped_at is not None:
         return
-    pid = state.watcher_pid
-    if pid and Path(f"/proc/{pid}").exists():
+    # Not a zombie (it ended; nothing may reap it), nor a program that got its pid since.
+    if pid_runs(state.watcher_pid, b'"op": "autostop"', b'"action": "watch"'):
         return
     from remotedl.agent import events
 

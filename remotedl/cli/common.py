@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from remotedl.envsync import EnvSyncResult
     from remotedl.fleet import HostResult
     from remotedl.jobs import EnvSpec, JobRecord
+    from remotedl.run import RunProgress
 
 
 def safe(text: str) -> str:
@@ -183,17 +184,19 @@ def installer_status(app: App, text: str) -> Iterator[Callable[[str], None]]:
         yield lambda line: status.update(escape(f"{text}: {safe(line)[:100]}"))
 
 
-def sync_environment(
-    app: App, client: AgentClient, rdir: str, spec: EnvSpec, *, force: bool = False
-) -> EnvSyncResult:
-    """Sync the project's environment on the box, showing progress; on failure the
-    installer's last lines go to stderr before the error."""
+def status_progress(app: App) -> RunProgress:
+    """A run's progress on stderr without a log or bars: notes, warnings, the installer's
+    status line while the environment syncs and its last lines when that fails."""
     from remotedl.run import RunProgress
-    from remotedl.run import sync_environment as sync_env
+
+    warn = warner(app.env)
 
     class Shown(RunProgress):
         def note(self, text: str) -> None:
             app.env.stderr.write(f"remotedl: {safe(text)}\n")
+
+        def warn(self, text: str) -> None:
+            warn(text)
 
         @contextlib.contextmanager
         def env_sync(self, text: str) -> Iterator[Callable[[str], None]]:
@@ -204,7 +207,17 @@ def sync_environment(
             for line in output:
                 app.env.stderr.write(f"  | {safe(line)}\n")
 
-    return sync_env(client, rdir, spec, Shown(), force=force)
+    return Shown()
+
+
+def sync_environment(
+    app: App, client: AgentClient, rdir: str, spec: EnvSpec, *, force: bool = False
+) -> EnvSyncResult:
+    """Sync the project's environment on the box, showing progress; on failure the
+    installer's last lines go to stderr before the error."""
+    from remotedl.run import sync_environment as sync_env
+
+    return sync_env(client, rdir, spec, status_progress(app), force=force)
 
 
 def warn_push_changes_running(app: App, client: AgentClient, rdir: str, data: Sequence[str]) -> None:

@@ -136,18 +136,49 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
         app.out("no jobs on the box yet; start one with `remotedl run COMMAND`")
         return ExitCode.OK
     # Names and commands come from the box as typed: plain text, never rich markup.
+    labels = project_labels([("", r.remote_dir) for r in records])
     table = Table(box=None, pad_edge=False)
-    for col in ("id", "name", "status", "GPUs", "exit", "started", "duration", "command"):
+    for col in job_columns(("id",), labels):
         table.add_column(col, no_wrap=col != "command")
     for r in records:
-        table.add_row(Text(str(r.id)), *job_cells(r))
+        table.add_row(Text(str(r.id)), *job_cells(r, labels.get(("", r.remote_dir))))
     app.console.print(table)
     return ExitCode.OK
 
 
-def job_cells(r: JobRecord) -> list[Text]:
+def project_labels(where: list[tuple[str, str | None]]) -> dict[tuple[str, str | None], str]:
+    """Short names for the projects of a jobs table's rows, each ``(host, remote_dir)``: the
+    work tree's own directory name, with as many parent directories as tell apart two trees of
+    one host with the same name ("-" for a record without one). Empty when the rows are all of
+    one project (the table then has no project column)."""
+    from pathlib import PurePosixPath
+
+    dirs: dict[str, set[str]] = {}
+    for host, d in where:
+        if d:
+            dirs.setdefault(host, set()).add(d)
+    labels: dict[tuple[str, str | None], str] = {(host, None): "-" for host, d in where if not d}
+    for host, same_host in dirs.items():
+        parts = {d: PurePosixPath(d).parts for d in same_host}
+        for d, p in parts.items():
+            n = 1
+            while n < len(p) and any(o != d and q[-n:] == p[-n:] for o, q in parts.items()):
+                n += 1
+            labels[(host, d)] = str(PurePosixPath(*p[-n:]))
+    return labels if len(set(labels.values())) > 1 else {}
+
+
+def job_columns(first: tuple[str, ...], labels: dict[tuple[str, str | None], str]) -> list[str]:
+    """A jobs table's columns: ``first`` (id, or host and job), the job's, and "project" before
+    the command where the jobs are of more than one project."""
+    cols = [*first, "name", "status", "GPUs", "exit", "started", "duration", "command"]
+    return [*cols[:-1], "project", cols[-1]] if labels else cols
+
+
+def job_cells(r: JobRecord, project: str | None = None) -> list[Text]:
     """A job's row in a jobs table after its id: name, status, GPUs, exit, started, duration,
-    command. Names and commands come from the box as typed: plain text, never rich markup."""
+    the ``project`` if given (``project_labels``), command. Names and commands come from the box
+    as typed: plain text, never rich markup."""
     from rich.text import Text
 
     look = "stalled" if r.status == "running" and r.stalled else r.status
@@ -158,6 +189,7 @@ def job_cells(r: JobRecord) -> list[Text]:
         Text("-" if r.exit_code is None else str(r.exit_code)),
         Text(_when(r.started)),
         Text(seconds_text(r.duration) if r.started else "-"),
+        *([Text(safe(project))] if project else []),
         Text(safe(r.command)),
     ]
 
@@ -451,12 +483,13 @@ def cmd_attach(args: argparse.Namespace, env: Environment) -> int:
     return subprocess.call(argv, stdin=sys.stdin, stdout=sys.stdout)
 
 
-def run_cells(run: RunRow) -> list[Text]:
-    """A multi-node run's row: its hosts, its id, and per node its job and GPUs."""
+def run_cells(run: RunRow, project: str | None = None) -> list[Text]:
+    """A multi-node run's row: its hosts, its id, and per node its job and GPUs (``project``:
+    its first node's, as ``job_cells`` takes it)."""
     from rich.text import Text
 
     first = run.nodes[0][2]
-    cells = job_cells(first)
+    cells = job_cells(first, project)
     look = "failed" if run.state.startswith("failed") else run.state
     cells[1] = Text(run.state, style=STATUS_STYLE.get(look, ""))
     cells[2] = Text(" ".join(f"{h}:{','.join(map(str, r.gpus)) or '-'}" for _, h, r in run.nodes))
@@ -498,13 +531,16 @@ def jobs_table(app: App, args: argparse.Namespace) -> int:
     if not rows and not result.failed:
         app.out(f"no jobs on {', '.join(app.hosts)} yet; start one with `remotedl run COMMAND`")
     if rows:
+        labels = project_labels([(host, r.remote_dir) for host, r in rows])
         table = Table(box=None, pad_edge=False)
-        for col in ("host", "job", "name", "status", "GPUs", "exit", "started", "duration", "command"):
+        for col in job_columns(("host", "job"), labels):
             table.add_column(col, no_wrap=col != "command")
         for host, r in singles:
-            table.add_row(cell_text(host), Text(f"{host}:{r.id}"), *job_cells(r))
+            cells = job_cells(r, labels.get((host, r.remote_dir)))
+            table.add_row(cell_text(host), Text(f"{host}:{r.id}"), *cells)
         for run in runs:
-            table.add_row(*run_cells(run))
+            _, host, first = run.nodes[0]
+            table.add_row(*run_cells(run, labels.get((host, first.remote_dir))))
         app.console.print(table)
     report_failures(app, result.failed)
     return result.exit_code

@@ -31,10 +31,10 @@ def run_nodes(
     import dataclasses
 
     from remotedl import jobs, multinode, sync
-    from remotedl.cli.common import sync_environment, warner
+    from remotedl.cli.common import status_progress
     from remotedl.errors import ConnectError
     from remotedl.fleet import fleet_samples, run_on_hosts
-    from remotedl.run import register_outputs
+    from remotedl.run import start_job
 
     env = app.env
     if args.nodes < 2:
@@ -82,7 +82,6 @@ def run_nodes(
     master = plan.master
     for c in picked:
         env.stderr.write(f"remotedl: node {picked.index(c)} on {c.host}: {c.why}\n")
-    warn = warner(env)
     name = first.name
 
     def node_plan(node: Node, hostfile_path: str) -> RunPlan:
@@ -144,42 +143,19 @@ def run_nodes(
     def start_one(node: Node) -> jobs.JobRecord:
         p, commit, snapshot, head = ready[node.host]
         client = fleet.member(node.host).client()
-        for attempt in range(3):
-            try:
-                rec = jobs.start(
-                    client,
-                    command=p.command,
-                    remote_dir=p.remote_dir,
-                    script=p.script,
-                    gpus=p.gpus,
-                    count=p.count,
-                    env={**p.env, **plan.env(node.rank, p.env["REMOTEDL_HOSTFILE"])},
-                    name=p.name,
-                    force=p.force,
-                    git_commit=commit,
-                    snapshot=snapshot,
-                    git_head=head if snapshot else None,
-                    snapshot_files=jobs.snapshot_files(root, head, commit) if snapshot else [],
-                    isolate=p.isolate,
-                    data=list(p.data),
-                    shared=list(p.shared),
-                    environment=p.environment,
-                    env_check=attempt < 2,
-                    notify=list(p.notify) if node.rank == 0 else [],  # one notification per run
-                    host_alias=node.host,
-                    stall_after=p.stall_after,
-                    warn=warn,
-                    outputs=list(p.outputs),
-                    trackers=p.trackers,
-                    project_id=p.project_id,
-                )
-                jobs.keep_commit(root, node.host, rec)
-                register_outputs(p, rec, node.host)  # each node's outputs come home, as any job's
-                return rec
-            except jobs.EnvOutOfDate:
-                if p.environment is not None:
-                    sync_environment(app.for_host(node.host), client, p.remote_dir, p.environment)
-        raise RemotedlError(f"the environment on {node.host} kept changing")  # pragma: no cover
+        # The run's variables, with the port picked just now; one notification per run: the
+        # master's job alone carries the notify URLs.
+        p = dataclasses.replace(
+            p,
+            env={**p.env, **plan.env(node.rank, p.env["REMOTEDL_HOSTFILE"])},
+            notify=p.notify if node.rank == 0 else (),
+        )
+        progress = status_progress(app.for_host(node.host))
+        # Each node's job as any job: its commit kept, its outputs come home.
+        return start_job(
+            p, client, progress, remote_dir=p.remote_dir, commit=commit, snapshot=snapshot, head=head,
+            alias=node.host,
+        ).record  # fmt: skip
 
     def stop(job: NodeJob, grace: float) -> None:
         jobs.kill(fleet.member(job.host).client(), str(job.job_id), grace=grace)
