@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 
 import pytest
@@ -103,10 +104,16 @@ def test_frame_split_drops_noise_and_reads_the_login_shell():
     assert split_frame(b"@@rdl:other\nx", "abc") is None
 
 
-def test_encoded_request_is_what_sh_reads(tmp_path):
-    values = ["a\\b", "", "x\ny\n", "é", "$(touch pwned)"]
+@pytest.mark.parametrize("shell", ["/bin/sh", "bash"])
+def test_encoded_request_is_what_sh_reads(tmp_path, shell):
+    # Values on one line each (read, no process) or by length (dd: those with a newline);
+    # leading/trailing blanks, backslashes, a leading "=" and a trailing CR kept byte for byte.
+    values = ["a\\b", "", "x\ny\n", "é", "$(touch pwned)", "=x", "  two  ", "\t", "-n", "cr\r", "\\", "\n"]
     nonce, payload = encode_request('for a; do printf "[%s]" "$a"; done; cat', values, b"tail")
-    out = subprocess.run(["sh", "-c", BOOTSTRAP.removeprefix("exec ")], input=payload,
+    if shutil.which(shell) is None:
+        pytest.fail(f"{shell} is needed for this test")
+    bootstrap = BOOTSTRAP.removeprefix("exec ").replace("/bin/sh", shell)
+    out = subprocess.run(["sh", "-c", bootstrap], input=payload,
                          capture_output=True, cwd=tmp_path, check=True)  # fmt: skip
     body = split_frame(out.stdout, nonce)
     assert body is not None

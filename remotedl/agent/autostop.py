@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FILE = "autostop.json"
+from remotedl.agent.store import AUTOSTOP_FILE as FILE
+
 TICK_SECONDS = 60.0
 GRACE_SECONDS = 300.0
 PRE_STOP_TIMEOUT = 600.0

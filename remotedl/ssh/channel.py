@@ -32,12 +32,18 @@ log = logging.getLogger("remotedl.ssh")
 # Parsed identically by every login shell: single quotes hold no ', \, ! or newline.
 BOOTSTRAP = "exec /bin/sh -c 'read -r n; eval \"$(dd bs=1 count=$n 2>/dev/null)\"'"
 
-# Reads the values into "$@" (dd reads exactly the bytes announced; `read` stops at the
-# newline), then frames the output. ${SHELL##*/} tells the caller which start-up files ran.
+# Reads the values into "$@", then frames the output. A value without a newline comes as one
+# line "=VALUE" that `read` takes whole (it stops at the newline; no process started); any other
+# as its length in bytes, then the bytes, which dd reads exactly. ${SHELL##*/} tells the caller
+# which start-up files ran.
 _PROLOGUE = """\
 read -r _rdl_c; set --
 while [ "$#" -lt "$_rdl_c" ]; do
-  read -r _rdl_l; _rdl_v=$(dd bs=1 count="$_rdl_l" 2>/dev/null; echo .); set -- "$@" "${{_rdl_v%.}}"
+  IFS= read -r _rdl_l
+  case $_rdl_l in
+  =*) set -- "$@" "${{_rdl_l#=}}" ;;
+  *) _rdl_v=$(dd bs=1 count="$_rdl_l" 2>/dev/null; echo .); set -- "$@" "${{_rdl_v%.}}" ;;
+  esac
 done
 unset _rdl_c _rdl_l _rdl_v
 printf '\\n@@rdl:%s %s\\n' {nonce} "${{SHELL##*/}}"; printf '\\n@@rdl:%s\\n' {nonce} >&2
@@ -86,7 +92,8 @@ def encode_request(script: str, args: Sequence[str], stdin: bytes = b"") -> tupl
         if "\0" in a:
             raise ValueError("a value sent to the box cannot hold a NUL byte")
         raw = a.encode("utf-8", "surrogateescape")
-        parts += [f"{len(raw)}\n".encode(), raw]
+        # A dd per value cost ~5 ms each on the box (a start request has 15 values).
+        parts += [b"=" + raw + b"\n"] if b"\n" not in raw else [f"{len(raw)}\n".encode(), raw]
     return nonce, b"".join(parts) + stdin
 
 
