@@ -14,8 +14,8 @@ import pytest
 
 from remotedl import proc
 from remotedl.errors import ConfigError
-from remotedl.waiting import retry_until
 from remotedl.ssh.openssh import check_private_dir
+from remotedl.waiting import retry_until
 from tests.conftest import cli_for, make_env
 
 

@@ -117,6 +117,12 @@ def split_frame(data: bytes, nonce: str, *, with_shell: bool = False) -> tuple[b
     return noise, data[end + 1 :], shell
 
 
+def box_key(spec: HostSpec) -> tuple[str, str, int, str, str]:
+    """A box as this process reached it (the same alias may name another box under another
+    ssh config)."""
+    return (spec.alias, spec.hostname, spec.port, spec.user, str(spec.ssh_config))
+
+
 def _contacted(spec: HostSpec) -> None:
     """This command talked to the box: jobs of it that ended may have outputs to bring home
     (remotedl.outputs, after the command)."""
@@ -143,10 +149,11 @@ class Box:
         return ssh_argv(self.spec, BOOTSTRAP if payload is None else inline_command(payload))
 
     def _inline(self, wanted: bool, payload: bytes) -> bool:
-        return wanted and len(payload) <= INLINE_MAX and not Box.no_base64.get(self.spec.alias, False)
+        return wanted and len(payload) <= INLINE_MAX and not Box.no_base64.get(box_key(self.spec), False)
 
-    # Boxes (by alias) found without base64: their requests go on stdin.
-    no_base64: dict[str, bool] = {}
+    # Boxes found without base64 (by where they are: an alias may name another box later in
+    # the same process): their requests go on stdin.
+    no_base64: dict[tuple[str, str, int, str, str], bool] = {}
 
     def run(
         self,
@@ -176,7 +183,7 @@ class Box:
             raise RemoteError(f"a command on {self.spec.alias} took longer than {timeout:g} s") from None
         out = split_frame(done.stdout, nonce, with_shell=True)
         if out is None and inline and no_base64(done.stderr.decode(errors="replace")):
-            Box.no_base64[self.spec.alias] = True
+            Box.no_base64[box_key(self.spec)] = True
             return self.run(script, *args, stdin=data, check=check, timeout=timeout, max_output=max_output)
         err = split_frame(done.stderr, nonce)
         stderr_text = (err[1] if err else done.stderr).decode(errors="replace")
