@@ -227,3 +227,15 @@ def test_rsync_missing_is_told_whichever_way_rsync_exits(said):
     missing_dir = 'rsync: change_dir "/x" failed: No such file or directory (2)'
     other = rsync_failure("gpubox", "data", 12, missing_dir)
     assert other.message.startswith("rsync of data failed (12)")
+
+
+def test_only_requests_without_secrets_may_travel_in_the_command_line():
+    from remotedl.agent.client import holds_no_secret
+    from remotedl.schema import KillRequest, ListRequest, StartRequest
+
+    assert holds_no_secret(ListRequest().to_dict())
+    assert holds_no_secret(KillRequest(job=3).to_dict())
+    assert holds_no_secret(StartRequest(command="python train.py").to_dict())
+    assert not holds_no_secret(StartRequest(command="x", env={"TOKEN": "s3cr3t"}).to_dict())
+    assert not holds_no_secret(StartRequest(command="x", notify=["https://hooks.example/T/secret"]).to_dict())
+    assert not holds_no_secret({"op": "envsync", "remote_dir": "~/p"})
