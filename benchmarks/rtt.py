@@ -162,13 +162,17 @@ def compare(
         fn()
     if against:
         as_before(lambda: (setup(True) if setup else None, ours()))
-    for _ in range(rounds):
+    for i in range(rounds):
+        # With --against, the two versions take turns going first: the one after the plain
+        # tool's command of the round before would otherwise always meet the box still busy.
+        if against and i % 2:
+            c.append(as_before(lambda: (setup(True) if setup else None, ours()))[1][0])
         if setup:
             setup(True)
         t, e = ours()
         a.append(t)
         ea.append(e)
-        if against:
+        if against and not i % 2:
             c.append(as_before(lambda: (setup(True) if setup else None, ours()))[1][0])
         if setup:
             setup(False)
