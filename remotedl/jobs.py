@@ -40,7 +40,7 @@ from remotedl.schema import (
     parse_mark,
 )
 from remotedl.snapshot import DEFAULT_MAX_FILE
-from remotedl.ssh.channel import Box, NoFrame, no_base64
+from remotedl.ssh.channel import Box, NoFrame, box_key, no_base64
 from remotedl.ssh.openssh import login_shell_safe, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
 
@@ -671,7 +671,7 @@ def stream_logs(
             raise
         code = p.wait()
         if not framed and p.inline and no_base64(p.stderr_text()):
-            Box.no_base64[spec.alias] = True  # on stdin from now on
+            Box.no_base64[box_key(spec)] = True  # on stdin from now on
             continue
         marks = _marks(p.stderr_lines)
         if not got_start and "start" in marks:
