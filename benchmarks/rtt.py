@@ -14,7 +14,11 @@ on a warm master costs the plain tool ~2 of them too.
 Cold: the first command over a new master (the masters are closed before each), vs plain ssh
 without a master: one handshake each.
 
-Usage: python benchmarks/rtt.py [ROUNDS] [--delays 50,0] [--only status,jobs,...]
+With ``--against DIR`` (a source tree of another remotedl, e.g. ``git archive main | tar -x -C
+DIR``), that version runs too, in the same rounds on the same box and link (PYTHONPATH=DIR):
+before/after figures that share the machine's load, which a shared machine changes by the minute.
+
+Usage: python benchmarks/rtt.py [ROUNDS] [--delays 50,0] [--only status,jobs,...] [--against DIR]
   NAMES: status, jobs, logs, show, kill, detach, noop, edit, run, cold
 """
 
@@ -29,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from _box import BenchBox
 from _delay import DelayProxy
@@ -42,6 +47,7 @@ delays = (
     else [50, 0]
 )
 only = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else None
+against = str(Path(sys.argv[sys.argv.index("--against") + 1]).resolve()) if "--against" in sys.argv else None
 LIMITS = {"status": 1.5, "jobs": 1.5, "logs": 1.5, "show": 1.5, "kill": 1.5, "detach": 2.0,
           "noop": 1.3, "edit": 1.3, "run": 1.3}  # fmt: skip
 
@@ -68,6 +74,19 @@ warm = [
 ]
 rsync_warm = ["rsync", "-a", "-e", " ".join(warm)]
 proxy: DelayProxy | None = None
+
+
+T = TypeVar("T")
+
+
+def as_before(fn: Callable[[], T]) -> T:
+    """``fn`` with the --against version of remotedl."""
+    assert against is not None
+    env["PYTHONPATH"] = against
+    try:
+        return fn()
+    finally:
+        env.pop("PYTHONPATH")
 
 
 def wanted(name: str) -> bool:
@@ -115,7 +134,7 @@ def close_ours() -> None:
     close_master(resolve_host(box.env, box.alias, ssh_config=str(config)))
 
 
-rows: list[tuple[str, str, float, float, float, int, int]] = []
+rows: list[tuple[str, str, float, float, float, int, int, float]] = []
 
 
 Timed = Callable[[], tuple[float, int]]
@@ -131,6 +150,7 @@ def compare(
     """``setup(ours)`` runs before each timed command, untimed."""
     a: list[float] = []
     b: list[float] = []
+    c: list[float] = []  # the --against version
     ea: list[int] = []
     eb: list[int] = []
     for side, fn in (
@@ -140,24 +160,34 @@ def compare(
         if setup:
             setup(side)
         fn()
-    for _ in range(rounds):
+    if against:
+        as_before(lambda: (setup(True) if setup else None, ours()))
+    for i in range(rounds):
+        # With --against, the two versions take turns going first: the one after the plain
+        # tool's command of the round before would otherwise always meet the box still busy.
+        if against and i % 2:
+            c.append(as_before(lambda: (setup(True) if setup else None, ours()))[1][0])
         if setup:
             setup(True)
         t, e = ours()
         a.append(t)
         ea.append(e)
+        if against and not i % 2:
+            c.append(as_before(lambda: (setup(True) if setup else None, ours()))[1][0])
         if setup:
             setup(False)
         t, e = plain()
         b.append(t)
         eb.append(e)
     ma, mb = statistics.median(a), statistics.median(b)
+    mc = statistics.median(c) if c else float("nan")
     r = ma / mb
     limit = LIMITS.get(key)
-    row = (key, what, ma, mb, r, int(statistics.median(ea)), int(statistics.median(eb)))
+    row = (key, what, ma, mb, r, int(statistics.median(ea)), int(statistics.median(eb)), mc)
     rows.append(row)
     verdict = f" [{'OK' if limit is None or r <= limit else 'OVER'} <= {limit}]" if limit else ""
-    print(f"  {key}: remotedl {ma:.3f} s, plain warm {mb:.3f} s, ratio {r:.2f}{verdict}  "
+    before = f" (--against: {mc:.3f} s, ratio {mc / mb:.2f})" if c else ""
+    print(f"  {key}: remotedl {ma:.3f} s{before}, plain warm {mb:.3f} s, ratio {r:.2f}{verdict}  "
           f"exchanges {row[5]} vs {row[6]}  (medians, n={rounds})", flush=True)  # fmt: skip
 
 
@@ -290,7 +320,7 @@ def table(delay_ms: int) -> None:
 
 try:
     make_project()
-    results: dict[int, list[tuple[str, str, float, float, float, int, int]]] = {}
+    results: dict[int, list[tuple[str, str, float, float, float, int, int, float]]] = {}
     for d in delays:
         link(d)
         rows = []
@@ -302,15 +332,17 @@ try:
     base = {row[0]: row for row in results.get(0, [])}
     for d, rs in results.items():
         print(f"## {d} ms each way, medians of {rounds}; exchanges = request/answer turns on the link")
-        print("| command | remotedl | plain, warm | ratio | exchanges | round trips waited |")
-        print("|---|---|---|---|---|---|")
-        for key, what, ma, mb, r, ea, eb in rs:
+        print("| command | remotedl | plain, warm | ratio | exchanges | round trips waited |"
+              + (" --against | its ratio |" if against else ""))  # fmt: skip
+        print("|---|---|---|---|---|---|" + ("---|---|" if against else ""))
+        for key, what, ma, mb, r, ea, eb, mc in rs:
             ex = f"{ea} / {eb}" if d else "-"
             waited = "-"
             if d and key in base:
                 rtt = 2 * d / 1000
                 waited = f"{(ma - base[key][2]) / rtt:.1f} / {(mb - base[key][3]) / rtt:.1f}"
-            print(f"| {what} | {ma:.2f} s | {mb:.2f} s | {r:.2f} | {ex} | {waited} |")
+            extra = f" {mc:.2f} s | {mc / mb:.2f} |" if against else ""
+            print(f"| {what} | {ma:.2f} s | {mb:.2f} s | {r:.2f} | {ex} | {waited} |{extra}")
         print()
 finally:
     subprocess.run([*warm, "-O", "exit", box.alias], check=False, capture_output=True, env=env)

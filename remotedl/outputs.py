@@ -241,12 +241,29 @@ class Seen:
     ended is known without asking again. ``AgentClient.call`` notes every answer here."""
 
     def __init__(self) -> None:
-        self.records: dict[str, dict[int, JobRecord]] = {}
+        self._records: dict[str, dict[int, JobRecord]] = {}
+        # The answers' raw records, typed on the first look at ``records``: only a project
+        # with outputs looks, and checking a listing of 5,000 jobs a second time (the command
+        # checked them once) cost a third of `jobs --all`'s time (issues 23, 24).
+        self._pending: dict[str, list[Any]] = {}
         self.specs: dict[str, HostSpec] = {}
         self.listed: set[str] = set()  # hosts whose jobs an answer listed (``list``)
 
+    @property
+    def records(self) -> dict[str, dict[int, JobRecord]]:
+        """By host, the job records the answers carried (a later answer's record wins)."""
+        for alias, items in self._pending.items():
+            found = self._records.setdefault(alias, {})
+            for item in items:
+                with contextlib.suppress(Exception):  # a bad record is the command's own error to tell
+                    rec = JobRecord.from_dict(item)
+                    found[rec.id] = rec
+        self._pending.clear()
+        return self._records
+
     def clear(self) -> None:
-        self.records.clear()
+        self._records.clear()
+        self._pending.clear()
         self.specs.clear()
         self.listed.clear()
 
@@ -258,15 +275,12 @@ class Seen:
         self.specs.setdefault(spec.alias, spec)
         if op == "list":
             self.listed.add(spec.alias)
-        found = self.records.setdefault(spec.alias, {})
+        self._records.setdefault(spec.alias, {})
         raw = answer.get("jobs")
         items = list(raw) if isinstance(raw, list) else []
         if isinstance(answer.get("job"), dict):
             items.append(answer["job"])
-        for item in items:
-            with contextlib.suppress(Exception):  # a bad record is the command's own error to tell
-                rec = JobRecord.from_dict(item)
-                found[rec.id] = rec
+        self._pending.setdefault(spec.alias, []).extend(items)
 
     def hosts(self) -> list[str]:
         return list(self.specs)

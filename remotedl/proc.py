@@ -44,11 +44,39 @@ def run(
         timeout=timeout,
         text=text,
     )
+    log.debug("exit %d: %s", proc.returncode, args[0])
     if check and proc.returncode != 0:
         err = (proc.stderr or "").strip().splitlines()
         last = err[-1] if err else f"exit status {proc.returncode}"
         raise RemotedlError(f"{Path(args[0]).name} failed: {last}")
     return proc
+
+
+def run_all(
+    argvs: Sequence[Sequence[str | os.PathLike[str]]], *, timeout: float | None = None
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run several short programs at once (text, captured, unchecked) and wait for all: one
+    wait instead of one per program. Their output must be small (each is read in turn)."""
+    started: list[tuple[list[str], subprocess.Popen[str]]] = []
+    try:
+        for argv in argvs:
+            args = [str(a) for a in argv]
+            log.debug("run: %s", shlex.join(args))
+            p = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            started.append((args, p))
+        done = []
+        for args, p in started:
+            out, err = p.communicate(timeout=timeout)
+            log.debug("exit %d: %s", p.returncode, args[0])
+            done.append(subprocess.CompletedProcess(args, p.returncode, out, err))
+        return done
+    finally:
+        for _, p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def popen(
@@ -189,6 +217,7 @@ def communicate(
             t.join()
         p.stdout.close()
         p.stderr.close()
+    log.debug("exit %d: %s", code, args[0])
     if timeout is not None and code < 0 and time.monotonic() - started >= timeout:
         raise subprocess.TimeoutExpired(args, timeout)
     return Completed(code, bytes(out), bytes(err), truncated)

@@ -22,8 +22,14 @@ echo @@os; ( . /etc/os-release 2>/dev/null && echo "$PRETTY_NAME" ) || uname -s;
 echo @@uptime; cat /proc/uptime 2>/dev/null; cat /proc/loadavg 2>/dev/null; nproc 2>/dev/null
 echo @@tools; for t in TOOLS; do printf '%s %s\n' "$t" "$(command -v "$t" 2>/dev/null)"; done
 echo @@disk; d=$(expand_home "$1"); while [ ! -e "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d" | tail -n 1
+# The two nvidia-smi queries at once (each can take a second where persistence mode is off):
+# the processes' into a file of our own, read after the GPUs' (one at a time without mktemp).
+_rdl_t=$(mktemp 2>/dev/null) || _rdl_t=
+[ -z "$_rdl_t" ] || { QUERY_APPS >"$_rdl_t" 2>/dev/null & }
 echo @@gpus; QUERY_GPUS 2>&1; echo "@@gpus_rc $?"
-echo @@apps; QUERY_APPS 2>/dev/null | while IFS= read -r line; do
+[ -z "$_rdl_t" ] || wait  # here: a pipeline's parts are subshells, which cannot wait for it
+apps() { if [ -n "$_rdl_t" ]; then cat "$_rdl_t"; rm -f "$_rdl_t"; else QUERY_APPS 2>/dev/null; fi; }
+echo @@apps; apps | while IFS= read -r line; do
   pid=$(printf '%s' "$line" | cut -d, -f2 | tr -d ' ')
   printf '%s\t%s\n' "$line" "$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')"; done
 # The records of remotedl jobs that hold GPUs now (the agent writes them, one JSON each).

@@ -58,14 +58,14 @@ def test_commits_of_hundreds_of_objects_push(cli, box, project, rdir):
 def test_a_tree_a_failed_pack_left_behind_takes_the_next_push(cli, box, project, rdir, monkeypatch):
     """A pack the box cannot take (the old `index-pack -q`) must not stick: `git push` sends
     the objects, and every later push works, --force or not."""
-    from remotedl import sync
+    from remotedl.sync import code
 
     assert cli("push", "--remote-dir", rdir, cwd=project).code == 0
     for i in range(150):
         (project / f"f{i}.py").write_text(f"{i}\n")
     commit_all(project, "150 new files")
-    broken = sync._CHECKOUT.replace("index-pack --stdin", "index-pack -q --stdin")
-    monkeypatch.setattr(sync, "_CHECKOUT", broken)
+    broken = code._CHECKOUT.replace("index-pack --stdin", "index-pack -q --stdin")
+    monkeypatch.setattr(code, "_CHECKOUT", broken)
     r = cli("push", "--remote-dir", rdir, cwd=project)
     assert r.code == 0, r.err
     assert box_path(box, rdir, "f149.py").read_text() == "149\n"

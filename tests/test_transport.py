@@ -15,6 +15,7 @@ import pytest
 from remotedl import proc
 from remotedl.errors import ConfigError
 from remotedl.ssh.openssh import check_private_dir
+from remotedl.waiting import retry_until
 from tests.conftest import cli_for, make_env
 
 
@@ -345,3 +346,26 @@ def test_requests_without_secrets_travel_in_the_command_line(fresh_box, tmp_path
     out, lines = sent("show", job)
     assert job in out
     assert not any("inline" in line for line in lines)  # known now: stdin from the start
+
+
+def test_a_start_without_secrets_travels_in_the_command_line(fresh_box, tmp_path, project, caplog):
+    """run --no-push without --env values or notification URLs: the start request (with its
+    tree check) goes in ssh's command line, one round trip less (issue 24); the job runs."""
+    import logging
+
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    assert run("push", cwd=project).code == 0
+    assert run("jobs", cwd=project).code == 0  # the agent is on the box
+    caplog.set_level(logging.DEBUG, logger="remotedl.ssh")
+    caplog.clear()
+    r = run("run", "--no-push", "--detach", "--json", "--cpu", "--", "echo", "in line", cwd=project)
+    assert r.code == 0, r.err
+    lines = [m.getMessage() for m in caplog.records if m.getMessage().startswith("remote ")]
+    assert len(lines) == 1 and "inline" in lines[0], lines
+    job = str(json.loads(r.out)["id"])
+
+    def ended() -> bool:
+        return json.loads(run("show", "--json", job, cwd=project).out)["status"] == "succeeded"
+
+    assert retry_until(ended, seconds=20)
+    assert run("logs", job, cwd=project).out == "in line\n"

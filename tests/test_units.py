@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 
 import pytest
@@ -103,10 +104,16 @@ def test_frame_split_drops_noise_and_reads_the_login_shell():
     assert split_frame(b"@@rdl:other\nx", "abc") is None
 
 
-def test_encoded_request_is_what_sh_reads(tmp_path):
-    values = ["a\\b", "", "x\ny\n", "é", "$(touch pwned)"]
+@pytest.mark.parametrize("shell", ["/bin/sh", "bash"])
+def test_encoded_request_is_what_sh_reads(tmp_path, shell):
+    # Values on one line each (read, no process) or by length (dd: those with a newline);
+    # leading/trailing blanks, backslashes, a leading "=" and a trailing CR kept byte for byte.
+    values = ["a\\b", "", "x\ny\n", "é", "$(touch pwned)", "=x", "  two  ", "\t", "-n", "cr\r", "\\", "\n"]
     nonce, payload = encode_request('for a; do printf "[%s]" "$a"; done; cat', values, b"tail")
-    out = subprocess.run(["sh", "-c", BOOTSTRAP.removeprefix("exec ")], input=payload,
+    if shutil.which(shell) is None:
+        pytest.fail(f"{shell} is needed for this test")
+    bootstrap = BOOTSTRAP.removeprefix("exec ").replace("/bin/sh", shell)
+    out = subprocess.run(["sh", "-c", bootstrap], input=payload,
                          capture_output=True, cwd=tmp_path, check=True)  # fmt: skip
     body = split_frame(out.stdout, nonce)
     assert body is not None
@@ -266,3 +273,15 @@ def test_every_package_is_installed_and_the_shipped_playbooks_with_it():
     assert setuptools["package-data"]["remotedl.playbooks.shipped"] == ["*.yaml"]
     assert playbooks.shipped_dir() == root / "playbooks"
     assert (playbooks.shipped_dir() / "base.yaml").is_file()
+
+
+def test_only_requests_without_secrets_may_travel_in_the_command_line():
+    from remotedl.agent.client import holds_no_secret
+    from remotedl.schema import KillRequest, ListRequest, StartRequest
+
+    assert holds_no_secret(ListRequest().to_dict())
+    assert holds_no_secret(KillRequest(job=3).to_dict())
+    assert holds_no_secret(StartRequest(command="python train.py").to_dict())
+    assert not holds_no_secret(StartRequest(command="x", env={"TOKEN": "s3cr3t"}).to_dict())
+    assert not holds_no_secret(StartRequest(command="x", notify=["https://hooks.example/T/secret"]).to_dict())
+    assert not holds_no_secret({"op": "envsync", "remote_dir": "~/p"})

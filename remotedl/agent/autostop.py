@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remotedl.agent.store import AUTOSTOP_FILE as FILE
 from remotedl.schema import AutostopRequest
 from remotedl.waiting import pid_runs
 
-FILE = "autostop.json"
 TICK_SECONDS = 60.0
 GRACE_SECONDS = 300.0
 PRE_STOP_TIMEOUT = 600.0

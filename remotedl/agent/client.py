@@ -158,6 +158,16 @@ class Before:
 INLINE_OPS = frozenset({"list", "get", "kill", "logs", "intree"})
 
 
+def holds_no_secret(request: dict[str, Any]) -> bool:
+    """Whether a request may travel in the command line: an op of ``INLINE_OPS``, or a start
+    without --env values or notification URLs (the command, GPUs, paths and settings it holds
+    are in the box's process list anyway once the job runs)."""
+    op = request.get("op")
+    if op in INLINE_OPS:
+        return True
+    return op == "start" and not request.get("env") and not request.get("notify")
+
+
 class AgentClient:
     """Calls the agent on one box: one exec per request over the shared connection, plus an
     upload the first time a box sees this agent version."""
@@ -217,7 +227,10 @@ class AgentClient:
 
         token = secrets.token_hex(8)
         script = _BEFORE.format(before=before.script, gate=before.gate) + self._script()
-        r = self.box.run(script, self.python, token, *before.args, stdin=self._body(request), check=False)
+        r = self.box.run(
+            script, self.python, token, *before.args, stdin=self._body(request), check=False,
+            inline=holds_no_secret(request),
+        )  # fmt: skip
         marker = f"\n@@then {token}\n".encode()
         head, sep, rest = r.stdout_bytes.partition(marker)
         if not sep:
@@ -251,7 +264,7 @@ class AgentClient:
         if before is not None:
             return self._call_before(before, request)
         body = self._body(request)
-        inline = request.get("op") in INLINE_OPS
+        inline = holds_no_secret(request)
         for attempt in range(2):
             r = self.box.run(self._script(), self.python, stdin=body, check=False, inline=inline)
             if r.exit_code == AGENT_MISSING and attempt == 0:
@@ -271,7 +284,7 @@ class AgentClient:
         """Start a streaming request (logs); the caller reads and waits. An exit status of
         ``AGENT_MISSING`` means: ``upload()`` and start again. ``on_line`` hears each line the
         agent writes to stderr as it comes."""
-        inline = request.get("op") in INLINE_OPS
+        inline = holds_no_secret(request)
         return self.box.start(
             self._script(), self.python, stdin=self._body(request), on_line=on_line, inline=inline
         )

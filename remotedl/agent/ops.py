@@ -515,8 +515,11 @@ def _slurm_watch_op(ctx: Context, req: SlurmWatchRequest) -> dict[str, Any]:
 
 
 def _autostop_watcher() -> None:
+    from remotedl.agent.store import AUTOSTOP_FILE, state_dir
+
+    if not (state_dir() / AUTOSTOP_FILE).exists():
+        return  # autostop never set on this box: no import of it on every request
     from remotedl.agent import autostop
-    from remotedl.agent.store import state_dir
 
     with contextlib.suppress(OSError, ValueError):
         autostop.ensure_watcher(state_dir())

@@ -63,6 +63,11 @@ def state_dir() -> Path:
     return Path(os.environ.get("REMOTEDL_BOX_STATE") or Path.home() / ".remotedl")
 
 
+# Autostop's settings and state (remotedl.agent.autostop): named here so that a request can
+# see that autostop is off without importing it (urllib, ssl: ~20 ms of every request).
+AUTOSTOP_FILE = "autostop.json"
+
+
 def jobs_dir() -> Path:
     return state_dir() / "jobs"
 

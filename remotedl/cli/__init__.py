@@ -567,7 +567,8 @@ def _setup_logging(env: Environment, debug: bool) -> None:
     logger = logging.getLogger("remotedl")
     logger.handlers.clear()
     handler = logging.StreamHandler(env.stderr)
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    # Milliseconds since the process started, so --debug shows where a command's time goes.
+    handler.setFormatter(logging.Formatter("%(relativeCreated)6.0f ms %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     # Never let a library log secrets (URLs with tokens, auth headers), not even with --debug:

@@ -81,16 +81,16 @@ def ssh_config_path(env: Environment, alias: str, explicit: str | None) -> tuple
     return (default if default.is_file() else None), "~/.ssh/config"
 
 
-def ssh_g(config_path: Path | None, alias: str, *, no_config: bool = False) -> dict[str, Any]:
-    """What OpenSSH itself resolves for ``alias`` (``ssh -G``)."""
-    from remotedl import proc
-
+def _ssh_g_argv(config_path: Path | None, alias: str, *, no_config: bool = False) -> list[str]:
     argv = ["ssh", "-G"]
     if no_config:
         argv += ["-F", "/dev/null"]
     elif config_path is not None:
         argv += ["-F", str(config_path)]
-    result = proc.run([*argv, "--", alias], check=False, timeout=30)
+    return [*argv, "--", alias]
+
+
+def _parse_ssh_g(result: Any, config_path: Path | None, alias: str) -> dict[str, Any]:
     if result.returncode != 0:
         lines = [x for x in result.stderr.splitlines() if "Pseudo-terminal" not in x]
         raise ConfigError(
@@ -105,6 +105,25 @@ def ssh_g(config_path: Path | None, alias: str, *, no_config: bool = False) -> d
         else:
             found.setdefault(key, value)
     return found
+
+
+def ssh_g(config_path: Path | None, alias: str, *, no_config: bool = False) -> dict[str, Any]:
+    """What OpenSSH itself resolves for ``alias`` (``ssh -G``)."""
+    from remotedl import proc
+
+    result = proc.run(_ssh_g_argv(config_path, alias, no_config=no_config), check=False, timeout=30)
+    return _parse_ssh_g(result, config_path, alias)
+
+
+def ssh_g_with_defaults(config_path: Path | None, alias: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``ssh -G`` for ``alias`` under its config, and under none (OpenSSH's defaults, to tell
+    which values the config set): both at once, one wait instead of two on every command."""
+    from remotedl import proc
+
+    found, defaults = proc.run_all(
+        [_ssh_g_argv(config_path, alias), _ssh_g_argv(None, alias, no_config=True)], timeout=30
+    )
+    return _parse_ssh_g(found, config_path, alias), _parse_ssh_g(defaults, None, alias)
 
 
 def _as_list(value: Any) -> list[str]:
@@ -133,8 +152,7 @@ def resolve_host(
     if not alias or alias.startswith("-") or any(c.isspace() for c in alias):
         raise ConfigError(f"'{alias}' is not a host alias", hint="give an ssh config Host name")
     config_path, config_why = ssh_config_path(env, alias, ssh_config)
-    found = ssh_g(config_path, alias)
-    defaults = ssh_g(None, alias, no_config=True)
+    found, defaults = ssh_g_with_defaults(config_path, alias)
     configured = {k for k, v in found.items() if defaults.get(k) != v}
     src_file = f"ssh config {config_path}" if config_path else "ssh config"
     sources: dict[str, str] = {"ssh_config": config_why}
