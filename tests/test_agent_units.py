@@ -549,3 +549,46 @@ def test_the_agent_package_has_no_import_circle():
     assert "remotedl.agent.events" not in graph["remotedl.agent.store"] | graph["remotedl.agent.state"]
     for rt in ("remotedl.agent.runtimes.tmux", "remotedl.agent.runtimes.slurm"):
         assert not graph[rt] & {"remotedl.agent.events", "remotedl.agent.state", "remotedl.agent.ops"}
+
+
+def _stand_in_tmux(bindir: Path, fail_times: int, message: str) -> Path:
+    """A `tmux` that fails its first FAIL_TIMES calls as the real one does, then succeeds; each
+    call's argv is a line of the returned file."""
+    calls = bindir / "calls"
+    tmux = bindir / "tmux"
+    tmux.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{calls}"\n'
+        f'n=$(wc -l < "{calls}")\n'
+        f'if [ "$n" -le {fail_times} ]; then echo "{message}" >&2; exit 1; fi\n'
+    )
+    tmux.chmod(0o755)
+    return calls
+
+
+def test_a_tmux_server_that_exits_under_a_start_is_tried_again(tmp_path, monkeypatch):
+    """The box user's last tmux session ends just as a job starts: the server the start reached
+    exits under it ("server exited unexpectedly"). The start tries again (a new server), where
+    it failed the job (seen in a full test run: one job ending as the next started)."""
+    from remotedl.agent.runtimes import tmux as rt
+
+    calls = _stand_in_tmux(tmp_path, 2, "server exited unexpectedly")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    rt._new_session("remotedl-7", "/tmp", ["sh", "-c", "true"])
+    tries = calls.read_text().splitlines()
+    assert len(tries) == 3 and all(t.startswith("new-session -d -s remotedl-7 ") for t in tries)
+
+
+def test_other_tmux_errors_fail_the_start_at_once(tmp_path, monkeypatch):
+    from remotedl.agent.runtimes import tmux as rt
+
+    calls = _stand_in_tmux(tmp_path, 9, "duplicate session: remotedl-7")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(AgentError, match="tmux could not start the job: duplicate session: remotedl-7"):
+        rt._new_session("remotedl-7", "/tmp", ["true"])
+    assert len(calls.read_text().splitlines()) == 1
+    calls.unlink()
+    lasting = _stand_in_tmux(tmp_path, 99, "server exited unexpectedly")
+    with pytest.raises(AgentError, match="server exited unexpectedly"):
+        rt._new_session("remotedl-7", "/tmp", ["true"])
+    assert len(lasting.read_text().splitlines()) == 5  # tried, not forever

@@ -217,11 +217,21 @@ def _login_umask() -> int:
     return mask
 
 
-def _new_session(name: str, cwd: str, argv: list[str]) -> None:
-    r = _tmux("new-session", "-d", "-s", name, "-c", cwd, "-x", "200", "-y", "50", *argv)
-    if r.returncode != 0:
+# What tmux says when the server it reached exits under it: the box user's last tmux session
+# ended (another job, a closed Jupyter) just as this start connected. A new server is started
+# by the next try.
+_SERVER_WENT = ("server exited unexpectedly", "lost server")
+
+
+def _new_session(name: str, cwd: str, argv: list[str], tries: int = 5) -> None:
+    for attempt in range(tries):
+        r = _tmux("new-session", "-d", "-s", name, "-c", cwd, "-x", "200", "-y", "50", *argv)
+        if r.returncode == 0:
+            return
         why = r.stderr.strip() or f"exit {r.returncode}"
-        raise AgentError(f"tmux could not start the job: {why}")
+        if not any(w in why for w in _SERVER_WENT) or attempt == tries - 1:
+            raise AgentError(f"tmux could not start the job: {why}")
+        time.sleep(0.05 * (attempt + 1))
 
 
 def _wait_started(job_id: int) -> dict[str, Any]:
