@@ -292,10 +292,12 @@ def test_stall_when_the_gpu_idles_cleared_by_activity(proj, services, ebox, tmp_
         rec = retry_until(lambda: when(show(run, project, job), lambda x: x["stalled"]), seconds=30)
         assert rec, show(run, project, job)
         assert rec["status"] == "running" and rec["state"] == "stalled"
-        assert rec["stalled"]["reason"] == "no activity on GPU 0 for 2 s"
+        # (the job's log also may have paused 2 s on a loaded machine: then both reasons are said)
+        reasons = rec["stalled"]["reason"].split("; ")
+        assert "no activity on GPU 0 for 2 s" in reasons, reasons
         payload = wait_hook(services, job, "stalled")
         assert payload["title"] == f"remotedl: job {job} (busy_log.sh) stalled on events"
-        assert "stalled: no activity on GPU 0 for 2 s" in payload["message"]
+        assert "stalled: " + rec["stalled"]["reason"] in payload["message"]
         listed = next(j for j in json.loads(run("jobs", "--json", cwd=project).out) if j["id"] == job)
         assert listed["status"] == "running" and listed["stalled"]["reason"]
         table = run("jobs", cwd=project).out
