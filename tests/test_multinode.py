@@ -290,7 +290,12 @@ def test_nodes_needs_enough_hosts_and_no_gpu_indices(nodes, proj):
     r = nodes.run("run", "--nodes", "2", "--gpus", "3", "--host", nodes.names, "rendezvous.py", cwd=proj)
     assert r.code == ExitCode.USAGE and "more than any box of the fleet has" in r.err
     r = nodes.run("run", "--nodes", "2", "--image", "x:1", "--host", nodes.names, "rendezvous.py", cwd=proj)
-    assert r.code == ExitCode.USAGE and "--nodes in a container image (x:1) is not supported yet" in r.err
+    assert r.code == ExitCode.USAGE and "container image (x:1, on n1) is not supported yet" in r.err
+    # an image in the settings of a host other than the first counts too (its node ran in it)
+    settings = proj / "remotedl.toml"
+    settings.write_text(settings.read_text() + '\n[hosts.n2]\nimage = "y:2"\n')
+    r = nodes.run("run", "--nodes", "2", "--host", nodes.names, "rendezvous.py", cwd=proj)
+    assert r.code == ExitCode.USAGE and "(y:2, on n2) is not supported yet" in r.err, r.err
 
 
 def test_plan_env_and_hostfile():
