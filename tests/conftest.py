@@ -128,6 +128,18 @@ def kill_if_same(pid: int, started: int | None, sig: int = signal.SIGTERM) -> No
             os.kill(pid, sig)
 
 
+def end_process(p: subprocess.Popen[Any], grace: float = 10) -> None:
+    """TERM, and KILL if it is still there after ``grace`` seconds (an ssh with a forwarded
+    connection still open can outlast a TERM under load); reaped either way."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=30)
+
+
 def make_env(base: Path, cwd: Path | None = None, **extra: str) -> Environment:
     environ = {
         "PATH": os.environ["PATH"],

@@ -95,6 +95,15 @@ def _rootfs_tar() -> bytes:
     return buf.getvalue()
 
 
+def stand_in_devices(dev_dir: Path, gpus: int) -> None:
+    """The stand-in GPUs' device nodes (``nvidia0``.., ``nvidiactl``) in a new ``dev_dir``."""
+    dev_dir.mkdir()
+    for i in range(gpus):  # /dev/null's and /dev/zero's numbers: harmless to open
+        major, minor = ((1, 3), (1, 5))[i % 2]
+        os.mknod(dev_dir / f"nvidia{i}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    os.mknod(dev_dir / "nvidiactl", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+
+
 def start(gpus: int = 2) -> Engine:
     if os.geteuid() != 0:
         raise DockerUnavailable("needs root: dockerd and mknod (the stand-in GPU devices)")
@@ -136,11 +145,7 @@ def start(gpus: int = 2) -> Engine:
         )
         if r.returncode != 0:
             raise DockerUnavailable(f"docker import: {r.stderr.decode(errors='replace').strip()}")
-        engine.dev_dir.mkdir()
-        for i in range(gpus):  # /dev/null's and /dev/zero's numbers: harmless to open
-            major, minor = ((1, 3), (1, 5))[i % 2]
-            os.mknod(engine.dev_dir / f"nvidia{i}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-        os.mknod(engine.dev_dir / "nvidiactl", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        stand_in_devices(engine.dev_dir, gpus)
     except BaseException:
         stop(engine)
         raise

@@ -18,13 +18,12 @@ import os
 import resource
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.dockerengine import IMAGE, _rootfs_tar
+from tests.dockerengine import IMAGE, _rootfs_tar, stand_in_devices
 
 DEBIAN_PACKAGES = "podman catatonit busybox-static"
 
@@ -105,11 +104,7 @@ def start(gpus: int = 2) -> Podman:
         tried = engine.podman("run", "--rm", "--init", IMAGE, "true", check=False)
         if tried.returncode != 0:
             raise PodmanUnavailable(f"podman run: {tried.stderr.strip()} (apt-get install {DEBIAN_PACKAGES})")
-        engine.dev_dir.mkdir()
-        for i in range(gpus):  # /dev/null's and /dev/zero's numbers: harmless to open
-            major, minor = ((1, 3), (1, 5))[i % 2]
-            os.mknod(engine.dev_dir / f"nvidia{i}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-        os.mknod(engine.dev_dir / "nvidiactl", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        stand_in_devices(engine.dev_dir, gpus)
     except BaseException:
         stop(engine)
         raise

@@ -19,56 +19,11 @@ from remotedl import jobs, multinode
 from remotedl.errors import ExitCode, GpusBusy
 from remotedl.fleet import Fleet
 from tests.conftest import LaptopBoxes, laptop_boxes, make_env, retry_until
+from tests.multinode_programs import FAILING, RENDEZVOUS
 
 NAMES = ("n1", "n2")
 # n1 is the master: its peers reach it at 127.0.0.2 (node_addr), not at ssh's 127.0.0.1
 MASTER_ADDR = "127.0.0.2"
-
-RENDEZVOUS = r"""
-import os, socket, sys, time
-
-rank, n = int(os.environ["NODE_RANK"]), int(os.environ["NNODES"])
-addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-assert os.environ["REMOTEDL_NODE_RANK"] == str(rank) and os.environ["REMOTEDL_NUM_NODES"] == str(n)
-print("env", json.dumps({k: v for k, v in os.environ.items()
-                         if k.startswith(("REMOTEDL_", "MASTER_", "NODE_RANK", "NNODES", "WORLD_SIZE"))}))
-print("hostfile", open(os.environ["REMOTEDL_HOSTFILE"]).read().replace("\n", ";"))
-if rank == 0:
-    s = socket.socket()
-    s.bind((addr, port))  # only the master's own address: a wrong MASTER_ADDR fails here
-    s.listen()
-    s.settimeout(60)
-    peers = []
-    for _ in range(n - 1):
-        c, _ = s.accept()
-        peers.append((int(c.recv(16).decode()), c))
-    ranks = sorted([0] + [r for r, _ in peers])
-    for _, c in peers:
-        c.sendall(",".join(map(str, ranks)).encode())
-        c.close()
-else:
-    deadline = time.time() + 60
-    while True:
-        try:
-            c = socket.create_connection((addr, port), timeout=5)
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.1)
-    c.sendall(str(rank).encode())
-    ranks = [int(x) for x in c.recv(64).decode().split(",")]
-print(f"rank {rank} met ranks {ranks}", flush=True)
-""".replace("import os,", "import json, os,")
-
-FAILING = r"""
-import os, sys, time
-rank = int(os.environ["NODE_RANK"])
-print(f"rank {rank} up", flush=True)
-if rank == 1:
-    sys.exit(3)
-time.sleep(300)  # a rank waiting on a collective that never comes
-"""
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +245,12 @@ def test_nodes_needs_enough_hosts_and_no_gpu_indices(nodes, proj):
     r = nodes.run("run", "--nodes", "2", "--gpus", "3", "--host", nodes.names, "rendezvous.py", cwd=proj)
     assert r.code == ExitCode.USAGE and "more than any box of the fleet has" in r.err
     r = nodes.run("run", "--nodes", "2", "--image", "x:1", "--host", nodes.names, "rendezvous.py", cwd=proj)
-    assert r.code == ExitCode.USAGE and "--nodes in a container image (x:1) is not supported yet" in r.err
+    assert r.code == ExitCode.USAGE and "container image (x:1, on n1) is not supported yet" in r.err
+    # an image in the settings of a host other than the first counts too (its node ran in it)
+    settings = proj / "remotedl.toml"
+    settings.write_text(settings.read_text() + '\n[hosts.n2]\nimage = "y:2"\n')
+    r = nodes.run("run", "--nodes", "2", "--host", nodes.names, "rendezvous.py", cwd=proj)
+    assert r.code == ExitCode.USAGE and "(y:2, on n2) is not supported yet" in r.err, r.err
 
 
 def test_plan_env_and_hostfile():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from remotedl.waiting import free_port, retry_until
-from tests.conftest import SlurmBox
+from tests.conftest import SlurmBox, end_process
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
 
@@ -239,5 +239,4 @@ def test_port_in_a_job_is_reached_through_the_login_node(slurm, slurm_box, tmp_p
 
         assert retry_until(fetch, seconds=30, interval=0.2) == token
     finally:
-        tunnel.terminate()
-        tunnel.wait(timeout=10)
+        end_process(tunnel)

@@ -20,7 +20,7 @@ from remotedl.errors import RemotedlError
 from remotedl.schema import JobRecord
 from remotedl.ssh import resolve_host
 from remotedl.waiting import retry_until
-from tests.conftest import SlurmBox, make_env
+from tests.conftest import SlurmBox, end_process, make_env
 
 
 class Cluster:
@@ -371,8 +371,7 @@ def test_jupyter_as_a_batch_job_reached_through_the_login_node(cluster, slurm_bo
         answer = retry_until(status, seconds=30, interval=0.2)
         assert answer is not None and "started" in answer
     finally:
-        tunnel.terminate()
-        tunnel.wait(timeout=10)
+        end_process(tunnel)
     again = slurmhost.find_or_start_jupyter(cluster.client, remote_dir=cluster.rdir, settings={})
     assert (again.job_id, again.token, again.started) == (server.job_id, server.token, False)
     assert slurmhost.stop_jupyter(cluster.client, server).state == "CANCELLED"

@@ -60,11 +60,13 @@ def run_nodes(
                 hint=f"--host {name} alone runs on N nodes of its cluster (sbatch --nodes N)",
             )
     first = plan_for(app.for_host(app.hosts[0]), args)  # the command and flags checked here, once
-    if first.image:  # the nodes' rendezvous needs the host's network, which job containers lack
-        raise UsageError(
-            f"--nodes in a container image ({first.image}) is not supported yet",
-            hint="give --no-image to run the nodes on the boxes themselves",
-        )
+    for name in app.hosts:  # any of them may be placed; each host's settings may name an image
+        imaged = first if name == app.hosts[0] else plan_for(app.for_host(name), args)
+        if imaged.image:  # the nodes' rendezvous needs the host's network, which job containers lack
+            raise UsageError(
+                f"--nodes in a container image ({imaged.image}, on {name}) is not supported yet",
+                hint="give --no-image to run the nodes on the boxes themselves",
+            )
     root = first.project_root
     sampled = fleet_samples(fleet)
     for r in sampled.failed:
