@@ -79,6 +79,17 @@ done
 """
 )
 
+# With $s the session: its log and its 0600 flag file holding a new secret path prefix, and no
+# older session of that name. Both starts below use it.
+_SESSION_FLAGS = r"""log="$HOME/.remotedl/$s.log"
+flags="$HOME/.remotedl/$s.flags"
+secret=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+[ ${#secret} = 32 ] || { echo "@@nosecret"; exit 0; }
+rm -f -- "$flags"
+printf -- '--path_prefix=/%s\n' "$secret" > "$flags"
+tmux kill-session -t "=$s" 2>/dev/null
+"""
+
 # "$1" remote_dir, "$2" tensorboard, "$3" session, "$4" port or "", then TensorBoard's own
 # arguments (--logdir DIR or --logdir_spec SPEC). The words reach tmux, then sh -c with a
 # constant script, then TensorBoard, each as its own argument. The path prefix is made here,
@@ -91,13 +102,9 @@ umask 077
 mkdir -p "$HOME/.remotedl/tensorboard"
 tb=$2 s=$3 port=$4
 shift 4
-log="$HOME/.remotedl/$s.log"
-flags="$HOME/.remotedl/$s.flags"
-secret=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-[ ${#secret} = 32 ] || { echo "@@nosecret"; exit 0; }
-rm -f -- "$flags"
-printf -- '--path_prefix=/%s\n' "$secret" > "$flags"
-tmux kill-session -t "=$s" 2>/dev/null
+"""
+    + _SESSION_FLAGS
+    + r"""
 tmux new-session -d -s "$s" -c "$(pwd)" /bin/sh -c 'umask 077; log=$1; shift; exec "$@" > "$log" 2>&1' sh \
   "$log" env "TMPDIR=$HOME/.remotedl/tensorboard" "$tb" "--flagfile=$flags" --host 127.0.0.1 \
   ${port:+--port} ${port:+"$port"} "$@"
@@ -124,13 +131,9 @@ umask 077
 mkdir -p "$HOME/.remotedl/tensorboard"
 img=$3 s=$4 port=$5 m=$6
 shift 6
-log="$HOME/.remotedl/$s.log"
-flags="$HOME/.remotedl/$s.flags"
-secret=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-[ ${#secret} = 32 ] || { echo "@@nosecret"; exit 0; }
-rm -f -- "$flags"
-printf -- '--path_prefix=/%s\n' "$secret" > "$flags"
-tmux kill-session -t "=$s" 2>/dev/null
+"""
+    + _SESSION_FLAGS
+    + r"""
 "$E" rm -f "$s" >/dev/null 2>&1
 here=$(pwd -P) records="$HOME/.remotedl/tensorboard"
 total=$# i=0
