@@ -378,6 +378,34 @@ def test_the_record_checker_names_the_bad_field(change, message):
         JobRecord.json_dict(rec)
 
 
+def test_a_shape_seen_before_still_has_its_values_checked():
+    # The checker plans once per shape (keys and value types): a record of a known shape
+    # whose list holds something else, whose status is another word, or whose object has
+    # other keys is refused all the same; an int where a float goes becomes a float.
+    good = record(1)
+    good.update(gpus=[0], want={"gpus": "0"}, stalled=None, created=1.5)
+    for data in (good, dict(good, gpus=[]), dict(good, want={})):
+        assert JobRecord.json_dict(data)["gpus"] == data["gpus"]
+    for change, message in (
+        ({"gpus": ["0"]}, "field 'gpus': expected an integer"),
+        ({"gpus": [True]}, "field 'gpus': expected an integer"),
+        ({"status": "done"}, "'done' is not one of queued"),
+        ({"want": {1: "0"}}, "field 'want': expected an object"),
+        ({"env_keys": [3]}, "field 'env_keys': expected str"),
+    ):
+        for check in (JobRecord.json_dict, JobRecord.check_dict, JobRecord.from_dict):
+            with pytest.raises(SchemaError, match=message):
+                check(dict(good, **change))
+    as_int = dict(good, created=2)
+    assert JobRecord.json_dict(as_int)["created"] == 2.0
+    assert type(JobRecord.json_dict(as_int)["created"]) is float
+    assert type(JobRecord.check_dict(as_int)["created"]) is float
+    assert JobRecord.json_dict(dict(good, stalled={"since": 1}))["stalled"] == {"since": 1}
+    without = {k: v for k, v in good.items() if k != "status"}
+    with pytest.raises(SchemaError, match="job record without 'status'"):
+        JobRecord.json_dict(without)
+
+
 def test_requests_round_trip_and_the_box_checks_them_like_records(tmp_path):
     from remotedl.schema import REQUESTS, LogsRequest, StartRequest, check_request
 
