@@ -5,9 +5,10 @@ test image) behind a sandbox box's sshd.
 
 Both run the container to its end and print its output: remotedl's also makes the job's own
 checkout, its record, the runner in tmux, its log, and follows it. The plain command is
-measured cold (a fresh ssh handshake each time) and warm (a multiplexed master kept up, as
-remotedl keeps its own). A third line compares the same job with and without the image: the
-container's own share of remotedl's start. Needs root (dockerd).
+measured cold (a fresh ssh handshake each time: `ssh box docker run ...` as a user types it, the
+comparison issue 25 names) and warm (a multiplexed master kept up, as remotedl keeps its own:
+what is left of remotedl's own cost). A third line compares the same job with and without the
+image: the container's own share of remotedl's start. Needs root (dockerd).
 Usage: python benchmarks/container.py [ROUNDS]
 """
 
@@ -45,7 +46,8 @@ try:
                 lambda ssh=ssh: time_argv([*ssh, plain]),
                 rounds,
             )
-            report(f"run --image vs {name} ssh docker run", a, b, limit=1.3)
+            what = " (the issue's comparison)" if name == "cold" else " (reference)"
+            report(f"run --image vs {name} ssh docker run{what}", a, b, limit=1.3)
         # The container's own share: the same job on the box itself (tmux, no image).
         a, b = side_by_side(
             lambda: time_argv(ours, cwd=proj, env=run_env),

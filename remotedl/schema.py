@@ -9,9 +9,9 @@ gives one clear error instead of a crash deep inside the CLI.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
@@ -160,21 +160,30 @@ class JobRecord:
         the agent checks records it reads with this alone)."""
         if not isinstance(data, dict):
             raise SchemaError(f"a job record must be an object, not {type(data).__name__}")
-        values: dict[str, Any] = {}
-        for name, required, check, where in _field_checks(cls):
-            if name not in data:
-                if required:
-                    raise SchemaError(f"{_what(cls)} without '{name}'")
-                continue
-            values[name] = check(data[name], where)
+        plan = _shape_plan(cls, data)
+        values = dict(data)
+        for name in plan.unknown:
+            del values[name]
+        _run_checks(plan, data, values)
         return values
 
     @classmethod
     def json_dict(cls, data: Any) -> dict[str, Any]:
-        """``from_dict(data).to_dict()`` without building the record (a third of the time: a
-        ``jobs --all --json`` of thousands prints records it never uses as objects)."""
-        checked = cls.check_dict(data)
-        return {name: checked[name] if name in checked else _plain(d) for name, d in _defaults(cls)}
+        """``from_dict(data).to_dict()`` without building the record: a ``jobs --all --json``
+        of thousands prints records it never uses as objects. Every field in order, the
+        defaults of those missing (new lists and objects: nothing shared between records)."""
+        if not isinstance(data, dict):
+            raise SchemaError(f"a job record must be an object, not {type(data).__name__}")
+        plan = _shape_plan(cls, data)
+        # The defaults in field order, overwritten by the record's values (an existing key
+        # keeps its place): the merge runs in C; what it brought that is not a field goes.
+        out = {**_template(cls), **data}
+        for name in plan.unknown:
+            del out[name]
+        for name, make in plan.fresh:
+            out[name] = make()
+        _run_checks(plan, data, out)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON data (a copy: lists and objects are new; ``asdict`` deep-copies
@@ -516,6 +525,120 @@ def _field_checks(cls: type) -> list[tuple[str, bool, Check, str]]:
     return _FIELDS[cls]
 
 
+@dataclass(frozen=True)
+class _ShapePlan:
+    """What checking a record of one shape (its keys and the types of their values) takes.
+    A listing of thousands of records holds a handful of shapes: most fields are decided by
+    their value's type alone (a ``str | None`` holding a str), which the shape already says;
+    only the others are looked at per record."""
+
+    unknown: tuple[str, ...]  # keys that are no field (a newer agent's): ignored
+    fresh: tuple[tuple[str, Callable[[], Any]], ...]  # fields missing whose default is a list
+    # or an object: what makes a new one
+    checks: tuple[tuple[str, Check, str], ...]  # values whose type alone does not decide
+    nonempty: tuple[tuple[str, Check, str], ...]  # lists and objects: checked when not empty
+
+
+_ANY = None  # ``_as_is``: every type is taken as it is
+_PLANS: dict[tuple[type, tuple[str, ...], tuple[type, ...]], _ShapePlan] = {}
+_AS_IS: dict[type, list[tuple[frozenset[type] | None, frozenset[type]]]] = {}
+_TEMPLATES: dict[type, dict[str, Any]] = {}
+
+
+def _as_is(hint: Any) -> tuple[frozenset[type] | None, frozenset[type]]:
+    """(the types whose values ``checker(hint)`` passes unchanged whatever they hold, or None
+    for every type; the container types it passes unchanged when empty)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return _ANY, frozenset()
+    if origin in (typing.Union, types.UnionType):
+        kept: set[type] = set()
+        empty: set[type] = set()
+        for arg in typing.get_args(hint):
+            as_is, if_empty = _as_is(arg)
+            if as_is is _ANY:
+                return _ANY, frozenset()
+            kept |= as_is
+            empty |= if_empty
+        return frozenset(kept), frozenset(empty)
+    if origin is Literal:
+        return frozenset(), frozenset()
+    if origin is list:
+        args = typing.get_args(hint)
+        if not args or args[0] is Any:
+            return frozenset({list}), frozenset()
+        return frozenset(), frozenset({list})
+    if origin is dict:
+        return frozenset(), frozenset({dict})
+    if hint in (str, int, float, bool, type(None)):
+        return frozenset({hint}), frozenset()
+    return frozenset(), frozenset()
+
+
+def _template(cls: type) -> dict[str, Any]:
+    """Every field of a record class by its default, in order (a required field's None is
+    always overwritten: a record without one is refused)."""
+    if cls not in _TEMPLATES:
+        _TEMPLATES[cls] = dict(_defaults(cls))
+    return _TEMPLATES[cls]
+
+
+def _shape_plan(cls: type, data: dict[str, Any]) -> _ShapePlan:
+    """The plan for ``data``'s shape, made once per shape (raises for a missing field)."""
+    key = (cls, tuple(data), tuple(map(type, data.values())))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if cls not in _AS_IS:
+        _AS_IS[cls] = [_as_is(hint) for hint in _hints(cls)]
+    types_of = dict(zip(key[1], key[2], strict=True))
+    fresh: list[tuple[str, Callable[[], Any]]] = []
+    checks: list[tuple[str, Check, str]] = []
+    nonempty: list[tuple[str, Check, str]] = []
+    for (name, required, check, where), (as_is, if_empty), (_, default) in zip(
+        _field_checks(cls), _AS_IS[cls], _defaults(cls), strict=True
+    ):
+        if name not in types_of:
+            if required:
+                raise SchemaError(f"{_what(cls)} without '{name}'")
+            if isinstance(default, (list, dict)):
+                fresh.append((name, type(default) if not default else functools.partial(_plain, default)))
+        elif as_is is _ANY or types_of[name] in as_is:
+            continue
+        elif types_of[name] in if_empty:
+            nonempty.append((name, check, where))
+        else:  # converted (an int where a float goes) or refused: by the field's checker
+            checks.append((name, check, where))
+    names = {name for name, _, _, _ in _field_checks(cls)}
+    plan = _ShapePlan(
+        tuple(k for k in key[1] if k not in names), tuple(fresh), tuple(checks), tuple(nonempty)
+    )
+    if len(_PLANS) >= 1024:  # a hostile answer of ever new shapes: the memory stays bounded
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _run_checks(plan: _ShapePlan, data: dict[str, Any], out: dict[str, Any]) -> None:
+    """The per-record part of a plan: the checkers of the fields whose type did not decide,
+    their results into ``out``."""
+    for name, check, where in plan.checks:
+        out[name] = check(data[name], where)
+    for name, check, where in plan.nonempty:
+        value = data[name]
+        if value:
+            out[name] = check(value, where)
+
+
+def _hints(cls: type) -> list[Any]:
+    """The type hint of each field of a record class, in order."""
+    hints = get_type_hints(cls)
+    return [hints[f.name] for f in dataclasses.fields(cls)]
+
+
 def check_type(value: Any, hint: Any, where: str) -> Any:
     """``value`` if it matches the type ``hint`` (the few shapes the schema uses), else raise."""
     return checker(hint)(value, where)
@@ -614,35 +737,47 @@ def _make_checker(hint: Any) -> Check:
     return other
 
 
+MAX_DEPTH = 64  # levels of arrays and objects an answer may have
+
+
 def decode_answer(body: bytes) -> dict[str, Any]:
-    """The agent's one JSON answer. Depth and size are bounded before parsing."""
+    """The agent's one JSON answer, refused when nested more than ``MAX_DEPTH`` levels: code
+    that walks what it holds (copies, renders) recurses per level. json's parser recurses too:
+    a hostile nesting deeper than the interpreter's recursion limit stops it with
+    RecursionError, refused the same way."""
     text = body.decode("utf-8", errors="replace").strip()
     if not text:
         raise SchemaError("an empty answer")
-    if nesting(text) > 64:  # json recursion on hostile nesting: refuse before parsing
-        raise SchemaError("an answer nested too deeply")
     try:
         answer = json.loads(text)
+    except RecursionError:
+        raise SchemaError("an answer nested too deeply") from None
     except ValueError:
         raise SchemaError(f"not JSON: {text[:60]!r}") from None
+    if depth(answer, MAX_DEPTH) > MAX_DEPTH:
+        raise SchemaError("an answer nested too deeply")
     if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
         raise SchemaError("not an agent answer (an object with 'ok')")
     return answer
 
 
-# A JSON string (escapes included), and a run of anything but brackets.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
-_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_CONTAINER = frozenset({dict, list}).__contains__
 
 
-def nesting(text: str) -> int:
-    """The deepest nesting of arrays/objects in JSON text (brackets inside strings skipped).
-    The strings and everything but brackets go first, in C: a listing of thousands of records
-    is megabytes, which a loop over every character took a quarter of a second for."""
-    outside = _STRING.sub("", text)
-    open_quote = outside.find('"')
-    if open_quote >= 0:  # an unterminated string: the rest of the text is inside it
-        outside = outside[:open_quote]
-    steps = map(_STEP.__getitem__, _NOT_BRACKETS.sub("", outside))
-    return max(0, max(itertools.accumulate(steps), default=0))
+def depth(value: Any, limit: int) -> int:
+    """How many levels of lists and dicts ``value`` (parsed JSON) has, counted up to
+    ``limit + 1``. Level by level, without recursion; the values of each container are
+    sorted in C (``compress`` by their type) and empty ones go at once (they end their
+    branch), so a listing of thousands of records takes milliseconds."""
+    level = [value] if _CONTAINER(type(value)) else []
+    levels = 0
+    while level and levels <= limit:
+        levels += 1
+        inner: list[Any] = []
+        for x in level:
+            values = x.values() if type(x) is dict else x
+            inner.extend(itertools.compress(values, map(_CONTAINER, map(type, values))))
+        level = list(filter(None, inner))
+        if inner and not level:  # only empty ones below: one level more, and the end
+            levels += 1
+    return min(levels, limit + 1)

@@ -166,6 +166,41 @@ def test_the_active_index_follows_saves_and_is_built_once_from_old_records(box_s
     assert [r["id"] for r in store.active_records()] == [3, 5, 6]
 
 
+def test_a_follower_sees_the_end_as_soon_as_the_record_is_saved(box_state):
+    # A follower looked at its job only when a periodic look was due (after 0.5 s without
+    # output): a short job's end waited for it. It looks as soon as the record is saved too:
+    # here the periodic looks never come, and the end is seen from the saved record alone.
+    holder = subprocess.Popen(["sleep", "600"], start_new_session=True)  # the job's processes
+    try:
+        log = box_state / "1.log"
+        log.write_bytes(b"hi\n")
+        with store.box_lock():
+            store.save(record(1, "running", pid=holder.pid, pgid=holder.pid, log=str(log)))
+        never_due = (
+            "import sys; from remotedl.agent.runtimes import base; base.LogFollow.due = lambda *a: False; "
+            "from remotedl.agent.ops import main; sys.exit(main(sys.argv[1:]))"
+        )
+        request = json.dumps({"op": "logs", "job": 1, "follow": True})
+        follower = subprocess.Popen(
+            [sys.executable, "-c", never_due, request], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert follower.stderr is not None and follower.stdout is not None
+        assert parse_mark(follower.stderr.readline().decode())[0] == "start"
+        assert follower.stdout.readline() == b"hi\n"  # it follows, past the log's end
+        store.update(1, status="succeeded", exit_code=0, ended=time.time())
+        try:
+            rest, err = follower.communicate(timeout=30)
+        finally:
+            follower.kill()
+            follower.wait()
+        assert follower.returncode == 0 and rest == b""
+        mark, value = parse_mark(err.decode().splitlines()[-1]) or ("", {})
+        assert mark == "end" and value["job"]["status"] == "succeeded"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_listing_of_all_splices_the_cached_text_of_ended_records_and_reads_the_rest(box_state):
     from remotedl.agent.listing import CACHE, Spliced, answer_text, listing
 
@@ -376,6 +411,34 @@ def test_the_record_checker_names_the_bad_field(change, message):
         JobRecord.from_dict(rec)
     with pytest.raises(SchemaError, match=message):
         JobRecord.json_dict(rec)
+
+
+def test_a_shape_seen_before_still_has_its_values_checked():
+    # The checker plans once per shape (keys and value types): a record of a known shape
+    # whose list holds something else, whose status is another word, or whose object has
+    # other keys is refused all the same; an int where a float goes becomes a float.
+    good = record(1)
+    good.update(gpus=[0], want={"gpus": "0"}, stalled=None, created=1.5)
+    for data in (good, dict(good, gpus=[]), dict(good, want={})):
+        assert JobRecord.json_dict(data)["gpus"] == data["gpus"]
+    for change, message in (
+        ({"gpus": ["0"]}, "field 'gpus': expected an integer"),
+        ({"gpus": [True]}, "field 'gpus': expected an integer"),
+        ({"status": "done"}, "'done' is not one of queued"),
+        ({"want": {1: "0"}}, "field 'want': expected an object"),
+        ({"env_keys": [3]}, "field 'env_keys': expected str"),
+    ):
+        for check in (JobRecord.json_dict, JobRecord.check_dict, JobRecord.from_dict):
+            with pytest.raises(SchemaError, match=message):
+                check(dict(good, **change))
+    as_int = dict(good, created=2)
+    assert JobRecord.json_dict(as_int)["created"] == 2.0
+    assert type(JobRecord.json_dict(as_int)["created"]) is float
+    assert type(JobRecord.check_dict(as_int)["created"]) is float
+    assert JobRecord.json_dict(dict(good, stalled={"since": 1}))["stalled"] == {"since": 1}
+    without = {k: v for k, v in good.items() if k != "status"}
+    with pytest.raises(SchemaError, match="job record without 'status'"):
+        JobRecord.json_dict(without)
 
 
 def test_requests_round_trip_and_the_box_checks_them_like_records(tmp_path):

@@ -183,3 +183,28 @@ def test_the_agent_refuses_an_image_name_that_would_be_an_option(tmp_path, monke
     plan = StartPlan(req, str(tmp_path), False, None, [], [], {})
     with pytest.raises(AgentError, match="is not an image name"):
         ContainerRuntime().create(None, plan, [])  # type: ignore[arg-type]
+
+
+def test_a_runner_whose_record_has_the_digest_asks_the_engine_nothing(tmp_path, monkeypatch):
+    # The starter looks the image up while the runner starts and records its digest: the
+    # runner takes it from the record. Its engine here is no program at all: a question to it
+    # would fail the job ("could not ..."), as the second lookup on every start did.
+    from remotedl.agent import runner, store
+    from remotedl.agent.store import box_lock, load, save
+
+    monkeypatch.setenv("REMOTEDL_BOX_STATE", str(tmp_path / "state"))
+    store.ensure_dirs()
+    log = tmp_path / "7.log"
+    log.touch()
+    found = rec_of(command="true", status="starting", engine=str(tmp_path / "no-docker"), log=str(log))
+    found["image_digest"] = "sha256:ab"
+    with box_lock():
+        save(found)
+    rec = runner._pull(found)
+    assert (rec["status"], rec["image_digest"], rec.get("error")) == ("starting", "sha256:ab", None)
+    assert load(7)["image_digest"] == "sha256:ab" and log.read_bytes() == b""
+    # Without a digest the runner asks itself: an engine that cannot be run fails the job.
+    with box_lock():
+        save(dict(found, image_digest=None))
+    rec = runner._pull(found)
+    assert rec["status"] == "failed" and "no-docker" in rec["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 
@@ -13,7 +14,7 @@ from remotedl.config import _coerce
 from remotedl.ddns.providers import _hostport, parse_tsig_key_file
 from remotedl.ddns.update import parse_interval
 from remotedl.errors import ConfigError, UsageError
-from remotedl.schema import JobRecord, SchemaError, decode_answer, nesting
+from remotedl.schema import JobRecord, SchemaError, decode_answer, depth
 from remotedl.ssh.channel import BOOTSTRAP, encode_request, mark_sections, parse_marks, split_frame
 from remotedl.ssh.hostkeys import _name_matches
 from remotedl.ssh.openssh import login_shell_safe
@@ -162,9 +163,15 @@ def test_schema_checks_types_and_nesting():
     for bad in ({}, None, [], {"id": True, "name": "n", "command": "c", "cwd": "/", "status": "failed"}):
         with pytest.raises(SchemaError):
             JobRecord.from_dict(bad)
-    assert nesting('{"a": "[[[[", "b": [[1]]}') == 3
-    with pytest.raises(SchemaError):
-        decode_answer(b"[" * 100 + b"]" * 100)
+    assert depth(json.loads('{"a": "[[[[", "b": [[1]]}'), 64) == 3  # brackets in strings are text
+    assert depth([[[[]]], {}], 2) == 3  # counted up to the limit and one more
+    assert depth("x", 64) == 0
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        decode_answer(b'{"ok": true, "x": ' + b"[" * 100 + b"]" * 100 + b"}")
+    # Deeper than json's parser recurses: its RecursionError, refused the same way.
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        decode_answer(b'{"ok": true, "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+    assert decode_answer(b'{"ok": true, "x": ' + b"[" * 63 + b"]" * 63 + b"}")["ok"]
     with pytest.raises(SchemaError):
         decode_answer(b'{"no": "ok"}')
 

@@ -260,6 +260,8 @@ def op_logs(ctx: Context, req: LogsRequest) -> dict[str, Any] | None:
             return None
         follow = runtimes.of(rec).follow(rec)
         _say(follow.note(rec))
+        job_id = int(rec["id"])
+        seen = _stamp(job_id)
         last_check = time.monotonic()
         while True:
             chunk = f.read(1 << 20)
@@ -268,9 +270,13 @@ def op_logs(ctx: Context, req: LogsRequest) -> dict[str, Any] | None:
                 idle = 0.0
                 continue
             out.flush()
-            if follow.due(idle, time.monotonic() - last_check):
+            # The record saved since the last look (the runner recorded the end, a Slurm
+            # watcher a new state): looked at now, not when the next periodic look is due.
+            stamp = _stamp(job_id)
+            if stamp != seen or follow.due(idle, time.monotonic() - last_check):
                 last_check = time.monotonic()
-                rec = look(ctx, int(rec["id"]))
+                seen = stamp  # before the look: a save during it is seen at the next tick
+                rec = look(ctx, job_id)
                 announce(ctx, [rec])
                 _say(follow.note(rec))
                 if rec["status"] not in ACTIVE:
@@ -285,6 +291,15 @@ def op_logs(ctx: Context, req: LogsRequest) -> dict[str, Any] | None:
     sys.stderr.write(encode_mark("end", {"job": rec}))
     sys.stderr.flush()
     return None
+
+
+def _stamp(job_id: int) -> tuple[int, int, int] | None:
+    """The job's record file as it is now (a save replaces it: a new inode)."""
+    try:
+        st = os.stat(record_path(job_id))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _say(note: dict[str, Any] | None) -> None:

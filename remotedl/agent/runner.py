@@ -192,15 +192,18 @@ def _forget_env_file(rec: dict[str, Any], child: subprocess.Popen[bytes]) -> Non
 
 def _pull(rec: dict[str, Any]) -> dict[str, Any]:
     """The job's image on the box (pulled when missing, the engine's output in the log and the
-    pane), and its digest in the record; a failed pull fails the job."""
+    pane), and its digest in the record; a failed pull fails the job. The starter looked the
+    image up while this runner started (``ContainerRuntime.launch``): a digest in the record
+    says it is there, and the engine is asked nothing more."""
     job_id = int(rec["id"])
     engine, image = str(rec["engine"]), str(rec["image"])
-    try:
-        have = container.image_digest(engine, image)
-    except OSError as e:
-        have, error = None, str(e)
-    else:
-        error = ""
+    have = load(job_id).get("image_digest") or None
+    error = ""
+    if have is None:
+        try:
+            have = container.image_digest(engine, image)
+        except OSError as e:
+            error = str(e)
     if have is None and not error:
         rec = update(job_id, phase="pulling")  # the starter answers: the follower sees the pull
         with open(rec["log"], "ab", buffering=0) as log:
@@ -231,11 +234,14 @@ def _pull(rec: dict[str, Any]) -> dict[str, Any]:
                 why = last.decode(errors="replace")[-300:] or f"exit {code}"
                 error = f"could not pull {image}: {why} (a private registry: `docker login` on the box first)"
                 say(f"remotedl: {error}\n".encode())
-    if not error:
-        container.record_digest(job_id, engine, image)
+            else:
+                with contextlib.suppress(OSError):
+                    have = container.image_digest(engine, image)  # what the pull brought
     with box_lock():
         rec = load(job_id)
         rec.pop("phase", None)
+        if have and not error:
+            rec["image_digest"] = have
         if error and rec["status"] in ("starting", "queued"):
             rec.update(status="failed", ended=time.time(), error=error)
         save(rec)

@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,23 @@ class ContainerRuntime(TmuxRuntime):
         save(rec)
         return rec
 
+    def launch(self, ctx: Context, rec: dict[str, Any], plan: StartPlan) -> dict[str, Any]:
+        """As a box job's, and the image looked up meanwhile: its digest goes into the record
+        while the runner starts (a Python of its own: tens of milliseconds), so the runner
+        finds it there instead of asking the engine on the job's way to its start. A queued
+        job's runner looks itself once the job's turn comes (the image may change until then);
+        one that finds no digest (no such image yet: it pulls) too."""
+        lookup = None
+        if rec["status"] == "starting":
+            args = (int(rec["id"]), str(rec["engine"]), str(rec["image"]))
+            lookup = threading.Thread(target=record_digest, args=args, daemon=True)
+            lookup.start()
+        try:
+            return super().launch(ctx, rec, plan)
+        finally:
+            if lookup is not None:
+                lookup.join(10)  # an engine that hangs held up the runner already
+
     def gone(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Gone as a box job is (runner, client), unless its container still runs."""
         maybe = super().gone(records)
@@ -329,8 +347,9 @@ class ContainerRuntime(TmuxRuntime):
         return None, steps
 
 
-def record_digest(job_id: int, engine: str, image: str) -> None:
-    """The image's digest, in the job's record (``show`` prints it next to the commit)."""
+def record_digest(job_id: int, engine: str, image: str) -> str | None:
+    """The image's digest (None: no such image, or the engine did not answer), in the job's
+    record when found (``show`` prints it next to the commit)."""
     digest = None
     with contextlib.suppress(OSError):
         digest = image_digest(engine, image)
@@ -339,3 +358,4 @@ def record_digest(job_id: int, engine: str, image: str) -> None:
             rec = load(job_id)
             rec["image_digest"] = digest
             save(rec)
+    return digest
