@@ -37,7 +37,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +120,12 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
+def kept_identity(root: Path) -> str:
+    """The identity this clone keeps in its config (``project_identity`` made it once), or ""
+    (none kept yet, or not in a git repository: ``--local`` needs one)."""
+    return git(root, "config", "--local", "--get", IDENTITY_KEY, env=_clean_env(), check=False)
+
+
 def project_identity(root: Path) -> str:
     """A stable id of the local project, recorded in the box's repository so that a push from
     another project into the same directory is refused: the first (root) commit of HEAD, or,
@@ -128,10 +133,12 @@ def project_identity(root: Path) -> str:
     (``git config remotedl.project``: the history is walked once, and the id survives the first
     commit); HEAD, the index, refs and the work tree are not touched."""
     env = _clean_env()
-    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False)
+    kept = kept_identity(root)
     if kept:
         return kept
     roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
+    import uuid  # here: it imports platform (~3 ms), and `jobs` imports this module
+
     made = sorted(roots)[0] if roots else uuid.uuid4().hex
     shallow = git(root, "rev-parse", "--is-shallow-repository", env=env, check=False) == "true"
     if roots and shallow:

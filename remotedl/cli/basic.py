@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
 
 def cmd_status(args: argparse.Namespace, env: Environment) -> int:
-    from rich.table import Table
-    from rich.text import Text
-
     from remotedl.ssh import open_box
     from remotedl.status import box_status
     from remotedl.words import printable
@@ -45,6 +42,9 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         cloud.add_status_json(app, data)
         app.print_json(data)
         return ExitCode.OK
+    from rich.table import Table  # the text view only: --json goes without rich
+    from rich.text import Text
+
     c = app.console
     load = " ".join(f"{x:.2f}" for x in st.load)
     c.print(f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): reachable")

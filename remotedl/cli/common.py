@@ -26,6 +26,15 @@ if TYPE_CHECKING:
     from remotedl.run import RunProgress
 
 
+# A multi-node run's name (`remotedl logs run-3`): `show`, `logs` and `kill` tell it from a job's
+# here, without importing the multi-node module (and ``remotedl.run``) for every job.
+RUN_PREFIX = "run-"
+
+
+def is_run_ref(ref: str | None) -> bool:
+    return bool(ref) and str(ref).startswith(RUN_PREFIX)
+
+
 def safe(text: str) -> str:
     """Box text for the terminal: control characters (escape sequences) shown escaped."""
     if text.isprintable():

@@ -13,6 +13,7 @@ from remotedl.cli.app import App
 from remotedl.cli.common import (
     agent_client,
     cell_text,
+    is_run_ref,
     json_lines_writer,
     log_writer,
     remote_dir,
@@ -114,9 +115,6 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
-    from rich.table import Table
-    from rich.text import Text
-
     from remotedl import jobs
 
     if args.action == "show":
@@ -135,6 +133,9 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     if not records:
         app.out("no jobs on the box yet; start one with `remotedl run COMMAND`")
         return ExitCode.OK
+    from rich.table import Table  # the table only: --json and an empty listing go without rich
+    from rich.text import Text
+
     # Names and commands come from the box as typed: plain text, never rich markup.
     labels = project_labels([("", r.remote_dir) for r in records])
     table = Table(box=None, pad_edge=False)
@@ -363,9 +364,9 @@ def _duration_text(rec: JobRecord) -> str:
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
-    from remotedl.cli import multinode
+    if is_run_ref(args.job):  # a multi-node run: the run and each node's job
+        from remotedl.cli import multinode
 
-    if multinode.is_run_ref(args.job):  # a multi-node run: the run and each node's job
         return multinode.show_run(App(args, env), args.job)
     return _show(*route(App(args, env), args.job))
 
@@ -390,9 +391,10 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
-    from remotedl.cli import multinode
 
-    if multinode.is_run_ref(args.job):  # a multi-node run: every node's log, or --node R's
+    if is_run_ref(args.job):  # a multi-node run: every node's log, or --node R's
+        from remotedl.cli import multinode
+
         if args.node is None:
             return multinode.logs_run(App(args, env), args.job, follow=args.follow)
         args.job = multinode.node_ref(App(args, env), args.job, args.node)
@@ -443,9 +445,10 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
-    from remotedl.cli import multinode
 
-    if multinode.is_run_ref(args.job):  # a multi-node run: every node
+    if is_run_ref(args.job):  # a multi-node run: every node
+        from remotedl.cli import multinode
+
         return multinode.kill_run(App(args, env), args.job, grace=args.grace)
     app, args.job = route(App(args, env), args.job, active=True)
     project = None if args.job else remote_dir(app)

@@ -12,11 +12,6 @@ from typing import Any
 
 from remotedl.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 PROJECT_FILE = "remotedl.toml"
 
 
@@ -46,8 +41,13 @@ class Project:
         """The project's identity (its first commit; see ``snapshot.project_identity``), or ""
         outside git."""
         from remotedl import proc
-        from remotedl.snapshot import project_identity
+        from remotedl.snapshot import kept_identity, project_identity
 
+        # Kept in the clone's config after the first time (a --local value exists only inside
+        # a repository): one git call, not two, before every command's first ssh.
+        kept = kept_identity(self.root)
+        if kept:
+            return kept
         inside = proc.run(["git", "-C", str(self.root), "rev-parse", "--git-dir"], check=False)
         return project_identity(self.root) if inside.returncode == 0 else ""
 
@@ -219,6 +219,11 @@ def find_project(start: Path) -> Project:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    # Imported here: a project without a TOML file (and no user config) never parses one.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
