@@ -85,6 +85,29 @@ def test_short_commands_import_only_what_they_use(cli, box, project, tmp_path):
     assert modules >= TABLE  # the probe sees rich where it is used
 
 
+def test_the_text_views_rich_is_imported_while_the_box_answers(cli, box, project, tmp_path):
+    """`jobs` and `status` as text import their rich (~30 ms) in a thread started before the
+    request, not after the answer: ``--debug`` says so, before the request goes out."""
+    r = cli("run", "--detach", "--json", "--cpu", "true", cwd=project)
+    assert r.code == 0, r.err
+    env = {
+        **os.environ,
+        "REMOTEDL_HOST": box.name,
+        "REMOTEDL_SSH_CONFIG": box.info.ssh_config,
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+    for command in ("jobs", "status"):
+        out = subprocess.run([sys.executable, "-m", "remotedl", "--debug", command], env=env, cwd=project,
+                             capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        lines = out.stderr.splitlines()
+        started = [i for i, line in enumerate(lines) if "rich.table" in line and "box answers" in line]
+        assert started, out.stderr
+        asked = [i for i, line in enumerate(lines) if "agent request" in line or "remote " in line]
+        assert asked and started[0] < asked[0], out.stderr
+        assert ("command" if command == "jobs" else "reachable") in out.stdout  # the view came
+
+
 def test_the_parser_for_one_command_reads_argv_as_the_whole_parser():
     """``build_parser(argv)`` gives only the named command its arguments; what it parses is
     what the whole parser parses."""

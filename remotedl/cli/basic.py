@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
-from remotedl.cli.common import seconds_text, size_text
+from remotedl.cli.common import import_meanwhile, seconds_text, size_text
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural
@@ -35,6 +35,8 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     if stopped is not None:
         return stopped
     spec = app.spec()
+    if not app.json:
+        import_meanwhile("rich.table", "rich.text", "rich.console")  # the view's, while the box answers
     with open_box(spec) as box:
         st = box_status(box, app.settings.remote_dir)
     if app.json:

@@ -13,6 +13,7 @@ from remotedl.cli.app import App
 from remotedl.cli.common import (
     agent_client,
     cell_text,
+    import_meanwhile,
     is_run_ref,
     json_lines_writer,
     log_writer,
@@ -129,11 +130,13 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     if app.json:
         app.print_json(jobs.list_job_dicts(agent_client(app), all_jobs=args.all, warn=warner(env)))
         return ExitCode.OK
-    records = jobs.list_jobs(agent_client(app), all_jobs=args.all, warn=warner(env))
+    client = agent_client(app)
+    import_meanwhile("rich.table", "rich.text", "rich.console")  # the table's, while the box answers
+    records = jobs.list_jobs(client, all_jobs=args.all, warn=warner(env))
     if not records:
         app.out("no jobs on the box yet; start one with `remotedl run COMMAND`")
         return ExitCode.OK
-    from rich.table import Table  # the table only: --json and an empty listing go without rich
+    from rich.table import Table  # the table only: --json goes without rich
     from rich.text import Text
 
     # Names and commands come from the box as typed: plain text, never rich markup.
