@@ -120,6 +120,12 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
+def _random_id() -> str:
+    import uuid  # here: it imports platform (~3 ms), and every command imports this module
+
+    return uuid.uuid4().hex
+
+
 def kept_identity(root: Path) -> str:
     """The identity this clone keeps in its config (``project_identity`` made it once), or ""
     (none kept yet, or not in a git repository: ``--local`` needs one)."""
@@ -137,9 +143,7 @@ def project_identity(root: Path) -> str:
     if kept:
         return kept
     roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
-    import uuid  # here: it imports platform (~3 ms), and `jobs` imports this module
-
-    made = sorted(roots)[0] if roots else uuid.uuid4().hex
+    made = sorted(roots)[0] if roots else _random_id()
     shallow = git(root, "rev-parse", "--is-shallow-repository", env=env, check=False) == "true"
     if roots and shallow:
         # A shallow clone's "first" commit is only where its history was cut: not kept, so that

@@ -67,15 +67,19 @@ def test_short_commands_import_only_what_they_use(cli, box, project, tmp_path):
         "XDG_CONFIG_HOME": str(tmp_path / "config"),
     }
     env.pop("PYTHONPATH", None)
+    # The project's settings are looked for up to the file system's root: a pyproject.toml above
+    # the test's directory is parsed, rightly.
+    above = [project, *project.parents]
+    never = NEVER - ({"tomllib"} if any((d / "pyproject.toml").is_file() for d in above) else set())
     # (argv, modules it must not import): --json and one-line answers need no rich console.
     cases = [
-        (["jobs", "--json"], NEVER | RICH),
-        (["show", job, "--json"], NEVER | RICH),
-        (["logs", job], NEVER | RICH),
-        (["show", job], NEVER | {"rich.console", "rich.text", "rich.table"}),
-        (["kill", job], NEVER | {"rich.console", "rich.table"}),
-        (["status", "--json"], NEVER | RICH),
-        (["jobs"], NEVER),  # the table: rich, and nothing else
+        (["jobs", "--json"], never | RICH),
+        (["show", job, "--json"], never | RICH),
+        (["logs", job], never | RICH),
+        (["show", job], never | {"rich.console", "rich.text", "rich.table"}),
+        (["kill", job], never | {"rich.console", "rich.table"}),
+        (["status", "--json"], never | RICH),
+        (["jobs"], never),  # the table: rich, and nothing else
     ]
     for argv, forbidden in cases:
         code, modules = probe(argv, env, project, tmp_path)
@@ -166,3 +170,23 @@ def test_plain_lines_are_what_the_console_prints(tty):
         assert ours.getvalue() == theirs.getvalue(), text
     assert plain_line("tab\there") is None
     assert plain_line("12:30") == "12:30"
+
+
+def test_a_pyproject_without_remotedl_settings_is_parsed_once(tmp_path, monkeypatch):
+    """A Python project's pyproject.toml (no [tool.remotedl]) is read once per command's look
+    for the project file, not twice."""
+    from remotedl.config import model
+
+    (tmp_path / "pyproject.toml").write_text('[tool.black]\nline-length = 100\n[project]\nname = "x"\n')
+    (tmp_path / ".git").mkdir()
+    read: list[Path] = []
+    real = model._read_toml
+
+    def counted(path: Path) -> dict[str, object]:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(model, "_read_toml", counted)
+    found = model.find_project(tmp_path)
+    assert found.root == tmp_path.resolve() and found.config_file is None
+    assert read.count((tmp_path / "pyproject.toml").resolve()) == 1

@@ -207,11 +207,7 @@ def find_project(start: Path) -> Project:
         if (d / PROJECT_FILE).is_file():
             return Project(d, d / PROJECT_FILE)
         pyproject = d / "pyproject.toml"
-        if (
-            pyproject.is_file()
-            and "tool" in _read_toml(pyproject)
-            and "remotedl" in _read_toml(pyproject).get("tool", {})
-        ):
+        if pyproject.is_file() and "remotedl" in _read_toml(pyproject).get("tool", {}):  # parsed once
             return Project(d, pyproject)
         if git_root is None and (d / ".git").exists():
             git_root = d
