@@ -132,6 +132,16 @@ def kept_identity(root: Path) -> str:
     return git(root, "config", "--local", "--get", IDENTITY_KEY, env=_clean_env(), check=False)
 
 
+def identity_in_git(root: Path) -> str:
+    """The project's identity, or "" outside a git repository: the kept one in one git call
+    (every command after the first), else the check that ``root`` is in one, then made."""
+    kept = kept_identity(root)
+    if kept:
+        return kept
+    inside = proc.run(["git", "-C", str(root), "rev-parse", "--git-dir"], check=False)
+    return project_identity(root) if inside.returncode == 0 else ""
+
+
 def project_identity(root: Path) -> str:
     """A stable id of the local project, recorded in the box's repository so that a push from
     another project into the same directory is refused: the first (root) commit of HEAD, or,

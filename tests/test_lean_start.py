@@ -190,3 +190,17 @@ def test_a_pyproject_without_remotedl_settings_is_parsed_once(tmp_path, monkeypa
     found = model.find_project(tmp_path)
     assert found.root == tmp_path.resolve() and found.config_file is None
     assert read.count((tmp_path / "pyproject.toml").resolve()) == 1
+
+
+def test_the_kept_identity_is_one_git_call_before_the_request(cli, project):
+    """Once the clone keeps its identity, a command asks git for it once, with no check first
+    that the project is a git repository (the kept value says so)."""
+    r = cli("run", "--detach", "--json", "--cpu", "true", cwd=project)  # keeps the identity
+    assert r.code == 0, r.err
+    for argv in (["jobs", "--json"], ["run", "--no-push", "--detach", "--cpu", "true"]):
+        r = cli("--debug", *argv, cwd=project)
+        assert r.code == 0, r.err
+        git = [line for line in r.err.splitlines() if "run: git " in line]
+        checks = [line for line in git if "rev-parse --git-dir" in line or "--absolute-git-dir" in line]
+        assert not checks, git
+        assert any("config --local --get remotedl.project" in line for line in git), git

@@ -40,16 +40,9 @@ class Project:
     def identity(self) -> str:
         """The project's identity (its first commit; see ``snapshot.project_identity``), or ""
         outside git."""
-        from remotedl import proc
-        from remotedl.snapshot import kept_identity, project_identity
+        from remotedl.snapshot import identity_in_git
 
-        # Kept in the clone's config after the first time (a --local value exists only inside
-        # a repository): one git call, not two, before every command's first ssh.
-        kept = kept_identity(self.root)
-        if kept:
-            return kept
-        inside = proc.run(["git", "-C", str(self.root), "rev-parse", "--git-dir"], check=False)
-        return project_identity(self.root) if inside.returncode == 0 else ""
+        return identity_in_git(self.root)
 
 
 @dataclass
