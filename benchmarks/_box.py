@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from _install import installed_remotedl
 
 from remotedl import sandbox
 from remotedl.env import Environment
@@ -99,7 +100,7 @@ def project_on_box(
         subprocess.run(["git", "-C", str(proj), "add", "."], check=True)
         who = ["-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
         subprocess.run(["git", "-C", str(proj), *who, "commit", "-qm", "init"], check=True)
-        remotedl = [sys.executable, "-m", "remotedl"]
+        remotedl = installed_remotedl()
         run_env = {**environ, "PYTHONUNBUFFERED": "1"}
         subprocess.run([*remotedl, "push"], cwd=proj, env=run_env, check=True, capture_output=True)
         subprocess.run([*remotedl, *warm_up], cwd=proj, env=run_env, check=True, capture_output=True)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from _box import BenchBox
+from _install import installed_remotedl
 
 from remotedl import jobs
 from remotedl.agent.client import AgentClient
@@ -60,7 +61,7 @@ BIG = 256 << 20  # the file cut mid-way
 CUT_AT = 16 << 20  # cut once this much of it is on the other side
 LINES = 300  # the logs -f job: a line every 20 ms
 STARTS = 10  # run --detach at once while jobs lists
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 
 box = BenchBox()
 env = {

@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from _install import installed_remotedl
 from _timing import report, side_by_side, time_argv
 
 from remotedl import sandbox
@@ -51,7 +52,7 @@ base = Path(tempfile.mkdtemp(prefix="remotedl-bench-fleet-"))
 environ = {**os.environ, "XDG_STATE_HOME": str(base / "state"), "XDG_CONFIG_HOME": str(base / "config")}
 env = Environment(environ=environ, cwd=base)
 names = [f"b{i}" for i in range(1, 9)]
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 
 
 def plain_parallel(argvs: list[list[str]]) -> float:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _box import BenchBox
+from _install import installed_remotedl
 from _timing import report, time_argv, time_call
 
 from remotedl.agent import checkout as agent
@@ -39,7 +40,7 @@ env = {**box.environ, "REMOTEDL_HOST": box.alias, "PYTHONUNBUFFERED": "1"}
 work = Path(tempfile.mkdtemp(prefix="remotedl-bench-jobs-"))
 proj = work / "proj"
 proj.mkdir()
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 cold_ssh = ["ssh", "-F", box.ssh_config, "-o", "ControlPath=none", box.alias]
 warm_ssh = [
     "ssh", "-F", box.ssh_config, "-o", "ControlMaster=auto", "-o", f"ControlPath={work}/cm-%C",

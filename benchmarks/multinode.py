@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _install import installed_remotedl
+
 from remotedl import sandbox
 from remotedl.env import Environment
 
@@ -29,7 +31,7 @@ if os.path.exists("/usr/bin/python3"):
     environ["REMOTEDL_PYTHON"] = "/usr/bin/python3"
 env = Environment(environ=environ, cwd=base)
 names = [f"m{i}" for i in range(1, count + 1)]
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 
 proj = base / "proj"
 proj.mkdir()

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _box import BenchBox
+from _install import installed_remotedl
 from _timing import time_argv
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 7
@@ -42,7 +43,7 @@ only = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys
 box = BenchBox()
 env = {**box.environ, "REMOTEDL_HOST": box.alias}
 work = Path(tempfile.mkdtemp(prefix="remotedl-bench-proj-"))
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 cold_ssh = ["ssh", "-F", box.ssh_config]
 control = Path(tempfile.mkdtemp(prefix="rdl-mux-"))
 warm_ssh = [

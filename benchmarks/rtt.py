@@ -14,9 +14,15 @@ on a warm master costs the plain tool ~2 of them too.
 Cold: the first command over a new master (the masters are closed before each), vs plain ssh
 without a master: one handshake each.
 
+remotedl runs as a user has it installed: the ``remotedl`` script of a virtual environment holding
+a regular (non-editable) install of this tree, made once per run (benchmarks/_install.py). The
+development venv's editable install imports a path finder at every interpreter start (~15 ms)
+that no ``pip``/``pipx``/``uv tool`` install has; timing it would count that against remotedl.
+
 With ``--against DIR`` (a source tree of another remotedl, e.g. ``git archive main | tar -x -C
-DIR``), that version runs too, in the same rounds on the same box and link (PYTHONPATH=DIR):
-before/after figures that share the machine's load, which a shared machine changes by the minute.
+DIR``), that version runs too, in the same rounds on the same box and link (the same installed
+script with PYTHONPATH=DIR: no editable finder either): before/after figures that share the
+machine's load, which a shared machine changes by the minute.
 
 Usage: python benchmarks/rtt.py [ROUNDS] [--delays 50,0] [--only status,jobs,...] [--against DIR]
   NAMES: status, jobs, logs, show, kill, detach, noop, edit, run, cold
@@ -37,6 +43,7 @@ from typing import TypeVar
 
 from _box import BenchBox
 from _delay import DelayProxy
+from _install import installed_remotedl
 
 from remotedl.ssh.openssh import CONTROL_PERSIST
 
@@ -55,7 +62,7 @@ box = BenchBox()
 env = {**box.environ, "REMOTEDL_HOST": box.alias, "PYTHONUNBUFFERED": "1"}
 work = Path(tempfile.mkdtemp(prefix="remotedl-bench-rtt-"))
 proj = work / "proj"
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 config = Path(box.ssh_config)
 direct = config.read_text()
 port = box.info.port

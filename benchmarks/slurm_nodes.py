@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _install import installed_remotedl
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from remotedl import sandbox
@@ -29,7 +31,7 @@ rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 base = Path(tempfile.mkdtemp(prefix="remotedl-bench-slurm-nodes-"))
 environ = {**os.environ, "XDG_STATE_HOME": str(base / "state"), "XDG_CONFIG_HOME": str(base / "config")}
 env = Environment(environ=environ, cwd=base)
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 
 proj = base / "proj"
 proj.mkdir()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from _box import BenchBox
+from _install import installed_remotedl
 from _timing import report, side_by_side, time_argv
 
 from remotedl.ssh.channel import BOOTSTRAP, encode_request
@@ -19,7 +20,7 @@ rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 9
 box = BenchBox()
 try:
     env = {**box.environ, "REMOTEDL_HOST": box.alias}
-    ours = [sys.executable, "-m", "remotedl", "status", "--json"]
+    ours = [*installed_remotedl(), "status", "--json"]
     subprocess.run(ours, env=env, check=True, capture_output=True)  # warm up our master
     _, payload = encode_request(status_script(), ["~"])
     for warm in (False, True):

@@ -23,11 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _box import BenchBox
+from _install import installed_remotedl
 from _timing import report, time_argv
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 9
 many = int(sys.argv[sys.argv.index("--records") + 1]) if "--records" in sys.argv else 5000
-remotedl = [sys.executable, "-m", "remotedl"]
+remotedl = installed_remotedl()
 work = Path(tempfile.mkdtemp(prefix="remotedl-bench-store-"))
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 from _box import BenchBox
+from _install import installed_remotedl
 from _streams import drain as drain_port
 from _streams import start_source
 from _timing import report
@@ -37,7 +38,7 @@ try:
     )
     env = {**box.environ, "REMOTEDL_HOST": box.alias}
     p_ours = subprocess.Popen(
-        [sys.executable, "-m", "remotedl", "tunnel", f"{ours_port}:{remote}"],
+        [*installed_remotedl(), "tunnel", f"{ours_port}:{remote}"],
         env=env,
         stderr=subprocess.DEVNULL,
     )

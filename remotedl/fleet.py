@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -122,6 +121,8 @@ def run_on_hosts(
     if len(hosts) == 1:  # no thread for one host: tracebacks and Ctrl-C stay plain
         results = [one(hosts[0])]
     else:
+        from concurrent.futures import ThreadPoolExecutor  # only with several hosts
+
         pool = ThreadPoolExecutor(max_workers=min(workers or MAX_WORKERS, len(hosts)) or 1)
         try:
             results = list(pool.map(one, hosts))
@@ -211,6 +212,9 @@ def resolve_member(env: Environment, settings: Settings, name: str, reach: Reach
         connect_timeout=float(mine.get("connect_timeout")),
     )
     # A cloud VM is known as one here, once: its state, and the address its cloud gives it now.
+    # A plain box (no `cloud` setting) never imports the cloud modules.
+    if not mine.get("cloud"):
+        return Member(name, mine, spec, None)
     from remotedl.cloud import cloud_host, with_address
 
     cloud = cloud_host(name, mine.get, env.environ)

@@ -37,12 +37,14 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from remotedl.errors import UsageError
-from remotedl.rsync import PARTIAL_DIR, ProgressFn, literal, parse_items, rsync_argv, run_rsync
 from remotedl.schema import JobRecord
-from remotedl.ssh.resolve import HostSpec
+
+if TYPE_CHECKING:
+    from remotedl.rsync import ProgressFn
+    from remotedl.ssh.resolve import HostSpec
 
 __all__ = [
     "SEEN",
@@ -331,6 +333,8 @@ class Arrival:
 
 def _local_files(dest: Path) -> dict[str, list[int]]:
     """Every file under ``dest`` (partial transfers aside): rel -> [size, mtime_ns]."""
+    from remotedl.rsync import PARTIAL_DIR
+
     out: dict[str, list[int]] = {}
     for dirpath, dirnames, filenames in os.walk(dest):
         dirnames[:] = [d for d in dirnames if d not in (PARTIAL_DIR, ".~tmp~")]
@@ -367,6 +371,10 @@ def fetch(
     """Bring ``entry``'s outputs home (one rsync from the box), updating ``entry`` (its file
     list, and ``status`` once ``job_ended``). Raises what rsync meets (a lost connection: run
     again, the transfer resumes). What lands inside ``work_tree`` is recorded as pulled."""
+    # Here, not at the top: every command imports this module (the agent client notes the jobs
+    # it sees in SEEN), and only a fetch needs rsync's (its regular expressions: ~2 ms).
+    from remotedl.rsync import literal, parse_items, rsync_argv, run_rsync
+
     dest = Path(entry.dest)
     dest.mkdir(parents=True, exist_ok=True)
     kept = changed_here(dest, entry.files)

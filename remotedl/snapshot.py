@@ -37,7 +37,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +120,28 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
+def _random_id() -> str:
+    import uuid  # here: it imports platform (~3 ms), and every command imports this module
+
+    return uuid.uuid4().hex
+
+
+def kept_identity(root: Path) -> str:
+    """The identity this clone keeps in its config (``project_identity`` made it once), or ""
+    (none kept yet, or not in a git repository: ``--local`` needs one)."""
+    return git(root, "config", "--local", "--get", IDENTITY_KEY, env=_clean_env(), check=False)
+
+
+def identity_in_git(root: Path) -> str:
+    """The project's identity, or "" outside a git repository: the kept one in one git call
+    (every command after the first), else the check that ``root`` is in one, then made."""
+    kept = kept_identity(root)
+    if kept:
+        return kept
+    inside = proc.run(["git", "-C", str(root), "rev-parse", "--git-dir"], check=False)
+    return project_identity(root) if inside.returncode == 0 else ""
+
+
 def project_identity(root: Path) -> str:
     """A stable id of the local project, recorded in the box's repository so that a push from
     another project into the same directory is refused: the first (root) commit of HEAD, or,
@@ -128,11 +149,11 @@ def project_identity(root: Path) -> str:
     (``git config remotedl.project``: the history is walked once, and the id survives the first
     commit); HEAD, the index, refs and the work tree are not touched."""
     env = _clean_env()
-    kept = git(root, "config", "--local", "--get", IDENTITY_KEY, env=env, check=False)
+    kept = kept_identity(root)
     if kept:
         return kept
     roots = git(root, "rev-list", "--max-parents=0", "HEAD", env=env, check=False).split()
-    made = sorted(roots)[0] if roots else uuid.uuid4().hex
+    made = sorted(roots)[0] if roots else _random_id()
     shallow = git(root, "rev-parse", "--is-shallow-repository", env=env, check=False) == "true"
     if roots and shallow:
         # A shallow clone's "first" commit is only where its history was cut: not kept, so that

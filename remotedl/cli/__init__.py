@@ -7,7 +7,6 @@ Kept free of heavy imports (paramiko, fabric, requests, dnspython, rich) so that
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import re
@@ -264,6 +263,8 @@ class _Parser(argparse.ArgumentParser):
         choices = action.choices
         if choices is None or value in choices:
             return
+        import difflib
+
         names = [str(c) for c in choices]
         close = difflib.get_close_matches(str(value), names, n=1)
         if isinstance(action, argparse._SubParsersAction):
@@ -311,7 +312,12 @@ def _global_options() -> _Parser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``argv``, the parser for it: only the command it names gets its
+    arguments (the others are there by name and help, which is all ``remotedl --help`` and a
+    misspelled command show). Building every command's arguments cost ~15 ms a start, which
+    every short command paid for the one it runs. ``main`` checks that the command argparse
+    found is the one named here and parses again with the whole parser if not."""
     common = _global_options()
     parser = _Parser(
         prog="remotedl",
@@ -321,10 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"remotedl {__version__}")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    named = _command_named(parser, argv)
     for name, command in COMMANDS.items():
-        cmd = sub.add_parser(name, help=command.help, description=command.help, parents=[common])
-        command.arguments(cmd, common)
+        if named is None or name == named:
+            cmd = sub.add_parser(name, help=command.help, description=command.help, parents=[common])
+            command.arguments(cmd, common)
+        else:
+            sub.add_parser(name, help=command.help, add_help=False)
     return parser
+
+
+def _command_named(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> str | None:
+    """The command ``argv`` names (its first word after the global options), if it is one."""
+    if argv is None:
+        return None
+    words = list(argv)
+    at = _subcommand_index(parser, words)
+    return words[at] if at is not None and words[at] in COMMANDS else None
 
 
 def _subcommand_index(parser: argparse.ArgumentParser, argv: list[str]) -> int | None:
@@ -483,6 +502,8 @@ def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, ext
             command = action.choices[args.subcommand]
     message = f"unrecognized arguments: {' '.join(extra)}"
     if extra[0].startswith("-"):
+        import difflib
+
         options = [o for a in command._actions for o in a.option_strings]
         close = difflib.get_close_matches(extra[0].partition("=")[0], options, n=1, cutoff=0.75)
         if close:
@@ -493,12 +514,17 @@ def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, ext
 def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
     env = env or Environment()
     words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(words)
     as_json = _wants_json(words)
     try:
         words, taken = split_run_argv(parser, words)
         as_json = _wants_json(words)
         args, extra = parser.parse_known_args(words)
+        if args.subcommand is not None and args.subcommand != _command_named(parser, words):
+            # An abbreviated global option took the command's name as its value (`--ho jobs
+            # logs 3`): the command argparse found was built by name only; all of them now.
+            parser = build_parser()
+            args, extra = parser.parse_known_args(words)
         if extra:
             _unrecognized(parser, args, extra)
     except ArgvError as e:

@@ -178,7 +178,34 @@ class App:
         self.env.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
 
     def out(self, text: str = "") -> None:
-        self.console.print(text, markup=False)
+        """One line of text on stdout, as ``console.print(text, markup=False)`` prints it. A
+        line rich would print as it is (after its emoji codes) is written here without it:
+        building the console imports ~30 ms of rich that a one-line answer (`show`, `kill`,
+        `run --detach`) does not need. Once the console is made (a table, a live view), every
+        line goes through it, in its order."""
+        line = None if "console" in self.__dict__ else plain_line(text)
+        if line is None:
+            self.console.print(text, markup=False)
+            return
+        self.env.stdout.write(line + "\n")
+        self.env.stdout.flush()
+
+
+def plain_line(text: str) -> str | None:
+    """``text`` as ``Console(highlight=False, soft_wrap=True).print(text, markup=False)`` writes
+    it (less the newline), or None where that takes rich itself: tabs (expanded), newlines and
+    control characters (stripped). rich's emoji codes (``:thumbs_up:``) are replaced by its own
+    function, as rich does, and a rich without it takes the console (tests/test_units.py checks
+    the two agree)."""
+    if not text.isprintable():
+        return None
+    if ":" not in text:
+        return text
+    try:
+        from rich._emoji_replace import _emoji_replace
+    except ImportError:  # a rich without it: the console does it
+        return None
+    return _emoji_replace(text)
 
 
 def _no_host() -> ConfigError:

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from remotedl.cli.app import App
-from remotedl.cli.common import seconds_text, size_text
+from remotedl.cli.common import import_meanwhile, seconds_text, size_text
 from remotedl.env import Environment
 from remotedl.errors import ExitCode, UsageError
 from remotedl.words import plural
@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
 
 def cmd_status(args: argparse.Namespace, env: Environment) -> int:
-    from rich.table import Table
-    from rich.text import Text
-
     from remotedl.ssh import open_box
     from remotedl.status import box_status
     from remotedl.words import printable
@@ -38,6 +35,8 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     if stopped is not None:
         return stopped
     spec = app.spec()
+    if not app.json:
+        import_meanwhile("rich.table", "rich.text", "rich.console")  # the view's, while the box answers
     with open_box(spec) as box:
         st = box_status(box, app.settings.remote_dir)
     if app.json:
@@ -45,6 +44,9 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
         cloud.add_status_json(app, data)
         app.print_json(data)
         return ExitCode.OK
+    from rich.table import Table  # the text view only: --json goes without rich
+    from rich.text import Text
+
     c = app.console
     load = " ".join(f"{x:.2f}" for x in st.load)
     c.print(f"[bold]{spec.alias}[/bold] ({spec.user}@{spec.hostname}:{spec.port}): reachable")

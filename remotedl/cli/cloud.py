@@ -461,11 +461,11 @@ def job_cost_of(app: App, client: AgentClient, rec: JobRecord) -> JobCost | None
     a ``price_per_hour``."""
     import time
 
+    price = app.settings.get("price_per_hour") if app.hosts else None
+    if price is None or rec.started is None:
+        return None  # the cloud package (~8 ms to import) is not needed
     from remotedl.cloud.cost import job_cost
     from remotedl.schema import GpusRequest
 
-    price = app.settings.get("price_per_hour") if app.hosts else None
-    if price is None or rec.started is None:
-        return None
     found = client.call(GpusRequest().to_dict()).get("gpus")
     return job_cost(rec, float(price), len(found) if isinstance(found, list) else 0, now=time.time())

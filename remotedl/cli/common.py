@@ -26,6 +26,40 @@ if TYPE_CHECKING:
     from remotedl.run import RunProgress
 
 
+# A multi-node run's name (`remotedl logs run-3`): `show`, `logs` and `kill` tell it from a job's
+# here, without importing the multi-node module (and ``remotedl.run``) for every job.
+RUN_PREFIX = "run-"
+
+
+def is_run_ref(ref: str | None) -> bool:
+    return bool(ref) and str(ref).startswith(RUN_PREFIX)
+
+
+def import_meanwhile(*modules: str) -> None:
+    """Import ``modules`` in a thread while this one waits for the box (its ssh holds no GIL):
+    a text view's rich (~30 ms of imports) then costs nothing on top of the round trip. Not a
+    daemon thread: an early exit waits for it, never stopping an import half done. A module that
+    fails to import here fails again, with its error, where the command imports it."""
+    import sys
+
+    missing = [m for m in modules if m not in sys.modules]
+    if not missing:
+        return
+    import importlib
+    import logging
+    import threading
+
+    def load() -> None:
+        for name in missing:
+            try:
+                importlib.import_module(name)
+            except Exception:  # said where the command itself imports it
+                return
+
+    logging.getLogger("remotedl").debug("importing %s while the box answers", ", ".join(missing))
+    threading.Thread(target=load, name="remotedl-import", daemon=False).start()
+
+
 def safe(text: str) -> str:
     """Box text for the terminal: control characters (escape sequences) shown escaped."""
     if text.isprintable():

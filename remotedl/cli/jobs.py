@@ -13,6 +13,8 @@ from remotedl.cli.app import App
 from remotedl.cli.common import (
     agent_client,
     cell_text,
+    import_meanwhile,
+    is_run_ref,
     json_lines_writer,
     log_writer,
     remote_dir,
@@ -114,9 +116,6 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
-    from rich.table import Table
-    from rich.text import Text
-
     from remotedl import jobs
 
     if args.action == "show":
@@ -131,10 +130,15 @@ def cmd_jobs(args: argparse.Namespace, env: Environment) -> int:
     if app.json:
         app.print_json(jobs.list_job_dicts(agent_client(app), all_jobs=args.all, warn=warner(env)))
         return ExitCode.OK
-    records = jobs.list_jobs(agent_client(app), all_jobs=args.all, warn=warner(env))
+    client = agent_client(app)
+    import_meanwhile("rich.table", "rich.text", "rich.console")  # the table's, while the box answers
+    records = jobs.list_jobs(client, all_jobs=args.all, warn=warner(env))
     if not records:
         app.out("no jobs on the box yet; start one with `remotedl run COMMAND`")
         return ExitCode.OK
+    from rich.table import Table  # the table only: --json goes without rich
+    from rich.text import Text
+
     # Names and commands come from the box as typed: plain text, never rich markup.
     labels = project_labels([("", r.remote_dir) for r in records])
     table = Table(box=None, pad_edge=False)
@@ -363,9 +367,9 @@ def _duration_text(rec: JobRecord) -> str:
 
 
 def cmd_show(args: argparse.Namespace, env: Environment) -> int:
-    from remotedl.cli import multinode
+    if is_run_ref(args.job):  # a multi-node run: the run and each node's job
+        from remotedl.cli import multinode
 
-    if multinode.is_run_ref(args.job):  # a multi-node run: the run and each node's job
         return multinode.show_run(App(args, env), args.job)
     return _show(*route(App(args, env), args.job))
 
@@ -390,9 +394,10 @@ def cmd_diff(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
-    from remotedl.cli import multinode
 
-    if multinode.is_run_ref(args.job):  # a multi-node run: every node's log, or --node R's
+    if is_run_ref(args.job):  # a multi-node run: every node's log, or --node R's
+        from remotedl.cli import multinode
+
         if args.node is None:
             return multinode.logs_run(App(args, env), args.job, follow=args.follow)
         args.job = multinode.node_ref(App(args, env), args.job, args.node)
@@ -443,9 +448,10 @@ def cmd_logs(args: argparse.Namespace, env: Environment) -> int:
 
 def cmd_kill(args: argparse.Namespace, env: Environment) -> int:
     from remotedl import jobs
-    from remotedl.cli import multinode
 
-    if multinode.is_run_ref(args.job):  # a multi-node run: every node
+    if is_run_ref(args.job):  # a multi-node run: every node
+        from remotedl.cli import multinode
+
         return multinode.kill_run(App(args, env), args.job, grace=args.grace)
     app, args.job = route(App(args, env), args.job, active=True)
     project = None if args.job else remote_dir(app)

@@ -13,12 +13,6 @@ from remotedl.multinode import Node, NodeJob, NodePlan, Run
 from remotedl.run import RunPlan
 from remotedl.words import plural, printable
 
-RUN_PREFIX = "run-"
-
-
-def is_run_ref(ref: str | None) -> bool:
-    return bool(ref) and str(ref).startswith(RUN_PREFIX)
-
 
 def run_nodes(
     app: App, args: argparse.Namespace, plan_for: Callable[[App, argparse.Namespace], RunPlan]

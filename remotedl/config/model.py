@@ -12,11 +12,6 @@ from typing import Any
 
 from remotedl.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 PROJECT_FILE = "remotedl.toml"
 
 
@@ -45,11 +40,9 @@ class Project:
     def identity(self) -> str:
         """The project's identity (its first commit; see ``snapshot.project_identity``), or ""
         outside git."""
-        from remotedl import proc
-        from remotedl.snapshot import project_identity
+        from remotedl.snapshot import identity_in_git
 
-        inside = proc.run(["git", "-C", str(self.root), "rev-parse", "--git-dir"], check=False)
-        return project_identity(self.root) if inside.returncode == 0 else ""
+        return identity_in_git(self.root)
 
 
 @dataclass
@@ -207,11 +200,7 @@ def find_project(start: Path) -> Project:
         if (d / PROJECT_FILE).is_file():
             return Project(d, d / PROJECT_FILE)
         pyproject = d / "pyproject.toml"
-        if (
-            pyproject.is_file()
-            and "tool" in _read_toml(pyproject)
-            and "remotedl" in _read_toml(pyproject).get("tool", {})
-        ):
+        if pyproject.is_file() and "remotedl" in _read_toml(pyproject).get("tool", {}):  # parsed once
             return Project(d, pyproject)
         if git_root is None and (d / ".git").exists():
             git_root = d
@@ -219,6 +208,11 @@ def find_project(start: Path) -> Project:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    # Imported here: a project without a TOML file (and no user config) never parses one.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
     try:
         with path.open("rb") as f:
             return tomllib.load(f)

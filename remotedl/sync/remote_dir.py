@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from remotedl import proc
 from remotedl.errors import ConfigError, RemoteError
-from remotedl.snapshot import project_identity
+from remotedl.snapshot import identity_in_git
 from remotedl.ssh.channel import EXPAND_HOME, Box, parse_marks
 from remotedl.ssh.resolve import HostSpec
 from remotedl.sync.common import _EXCLUDE_HEADER, BOX_EXCLUDES
@@ -200,7 +200,7 @@ def claim_remote_dir(
     ``legacy_name``."""
     tidy = normalize_remote_dir(remote_dir)
     if ident is None:
-        ident = project_identity(project_root) if project_root is not None and _in_git(project_root) else ""
+        ident = identity_in_git(project_root) if project_root is not None else ""
     out = box.run(
         _PREPARE, tidy, ident, mode, commit or "-", dir_mode, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES
     )
@@ -224,7 +224,7 @@ def verify_remote_dir(spec: HostSpec, project_root: Path, remote_dir: str) -> st
     run each other's code). A directory remotedl did not make is the user's own choice of
     code on the box ("run what is there"), and runs."""
     box = Box(spec)
-    ident = project_identity(project_root) if _in_git(project_root) else ""
+    ident = identity_in_git(project_root)
     tidy = normalize_remote_dir(remote_dir)
     legacy = legacy_name(tidy, ident, project_root)
     out = box.run(
@@ -259,7 +259,7 @@ def verify_in_band(spec: HostSpec, project_root: Path, remote_dir: str) -> Befor
     tidy = normalize_remote_dir(remote_dir)
     if not tidy.startswith(("/", "~/")):
         return None
-    ident = project_identity(project_root) if _in_git(project_root) else ""
+    ident = identity_in_git(project_root)
     legacy = legacy_name(tidy, ident, project_root)
     args = (tidy, ident, "check", "-", DEFAULT_DIR_MODE, legacy, _EXCLUDE_HEADER, *BOX_EXCLUDES)
 
