@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from remotedl import gpus as gpumod
-from remotedl.schema import JobRecord, SchemaError, job_holders
+from remotedl.schema import JobRecord, job_holders
 from remotedl.ssh.channel import EXPAND_HOME, Box, mark_sections
+from remotedl.typecheck import SchemaError
 
 TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
 

@@ -14,11 +14,12 @@ from remotedl.config import _coerce
 from remotedl.ddns.providers import _hostport, parse_tsig_key_file
 from remotedl.ddns.update import parse_interval
 from remotedl.errors import ConfigError, UsageError
-from remotedl.schema import JobRecord, SchemaError, decode_answer, depth
+from remotedl.schema import JobRecord, decode_answer, depth
 from remotedl.ssh.channel import BOOTSTRAP, encode_request, mark_sections, parse_marks, split_frame
 from remotedl.ssh.hostkeys import _name_matches
 from remotedl.ssh.openssh import login_shell_safe
 from remotedl.tunnel import Forward, command_words
+from remotedl.typecheck import SchemaError
 from remotedl.words import printable
 
 # What nvidia-smi really prints for the project's queries (an H100 and two consumer cards).

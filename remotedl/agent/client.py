@@ -20,15 +20,10 @@ from typing import Any
 
 from remotedl.errors import GpusBusy, RemotedlError, RemoteError, UsageError
 from remotedl.outputs import SEEN
-from remotedl.schema import (
-    AGENT_CANNOT_INSTALL,
-    AGENT_MISSING,
-    AGENT_NO_PYTHON,
-    SchemaError,
-    decode_answer,
-)
+from remotedl.schema import AGENT_CANNOT_INSTALL, AGENT_MISSING, AGENT_NO_PYTHON, decode_answer
 from remotedl.ssh.channel import Box, FramedProcess
 from remotedl.ssh.resolve import HostSpec
+from remotedl.typecheck import SchemaError
 
 log = logging.getLogger("remotedl.agent")
 
@@ -58,6 +53,7 @@ AGENT_MODULES = (
     "activate.py",
     "waiting.py",
     "schema.py",
+    "typecheck.py",
     "errors.py",
     "notify/__init__.py",
     "notify/urls.py",

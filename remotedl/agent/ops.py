@@ -82,12 +82,12 @@ from remotedl.schema import (
     Request,
     RmRequest,
     RunnerRequest,
-    SchemaError,
     SlurmWatchRequest,
     StartRequest,
     encode_mark,
     request_from_dict,
 )
+from remotedl.typecheck import SchemaError
 
 RECENT = 10  # ended jobs `remotedl jobs` shows besides the active ones
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from remotedl.schema import ACTIVE, JobRecord, SchemaError, StartRequest
+from remotedl.schema import ACTIVE, JobRecord, StartRequest
+from remotedl.typecheck import SchemaError
 
 if TYPE_CHECKING:  # a Slurm login node's code is imported where it is used: box jobs skip it
     from remotedl import slurm as slurmmod

@@ -22,10 +22,9 @@ from remotedl.schema import (
     LocateRequest,
     PruneRequest,
     RmRequest,
-    SchemaError,
-    check_type,
 )
 from remotedl.snapshot import DEFAULT_MAX_FILE
+from remotedl.typecheck import SchemaError, check_type
 
 
 def list_jobs(client: AgentClient, *, all_jobs: bool = False, warn: Warn | None = None) -> list[JobRecord]:

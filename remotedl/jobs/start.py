@@ -12,8 +12,9 @@ from typing import Any
 
 from remotedl.agent.client import AgentClient
 from remotedl.errors import RemotedlError, RemoteError, UsageError
-from remotedl.schema import JobRecord, SchemaError, StartRequest
+from remotedl.schema import JobRecord, StartRequest
 from remotedl.ssh.resolve import HostSpec
+from remotedl.typecheck import SchemaError
 
 SCRIPT_SUFFIXES = (".sh", ".bash", ".py")
 
