@@ -184,6 +184,6 @@ class App:
 def _no_host() -> ConfigError:
     return ConfigError(
         "no host given",
-        hint='pass --host ALIAS (several: --host a,b or @FLEET), set REMOTEDL_HOST, or put '
-        'host = "ALIAS" in remotedl.toml (try `remotedl sandbox up` for a local box called \'sandbox\')',
+        hint="pass --host ALIAS (several: --host a,b or @FLEET), set REMOTEDL_HOST, or put "
+        "host = \"ALIAS\" in remotedl.toml (try `remotedl sandbox up` for a local box called 'sandbox')",
     )

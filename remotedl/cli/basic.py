@@ -19,7 +19,7 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from remotedl.ssh import open_box
+    from remotedl.ssh import Box
     from remotedl.status import box_status
     from remotedl.words import printable
 
@@ -38,7 +38,8 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     if stopped is not None:
         return stopped
     spec = app.spec()
-    with open_box(spec) as box:
+    # A look (no login start-up file's effect wanted): the box's resident agent may answer.
+    with Box(spec, resident=True, python=str(app.settings.get("python"))) as box:
         st = box_status(box, app.settings.remote_dir)
     if app.json:
         data = st.to_dict()
