@@ -62,6 +62,10 @@ _LOGIN_FILES = (
     "/etc/zsh/zprofile",
     "/etc/zsh/zshrc",
     "/etc/security/pam_env.conf",
+    "/etc/security/limits.conf",
+    "/etc/security/limits.d",
+    "/etc/ssh/sshd_config",  # SetEnv, AcceptEnv
+    "/etc/ssh/sshd_config.d",
     "~/.profile",
     "~/.bash_profile",
     "~/.bash_login",
@@ -379,7 +383,12 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
             last = time.monotonic()
             if login_state() != login:
                 # A fresh login would see another environment: no more requests here (the
-                # laptop, greeted by nobody, takes the session path, which starts a new server).
+                # laptop, greeted by nobody, takes the session path, which starts a new server:
+                # the path and the lock are free before it can ask).
+                if _still_ours(path, ino):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                os.close(lock)
                 conn.close()
                 return 0
             pid = os.fork()

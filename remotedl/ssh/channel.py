@@ -190,12 +190,13 @@ class Box:
         done: proc.Completed | None = None
         failed_before = False
         if local is not None and local.exists():
+            log.debug("remote %s (resident): %s ...", self.spec.alias, first[:80])
             try:
                 done = self._run_resident(local, payload, len(data), timeout, max_output)
                 resident.answered(local)
                 inline = False
-                log.debug("remote %s (resident): %s ...", self.spec.alias, first[:80])
             except resident.Unavailable as e:
+                log.debug("no resident agent answered: a session")
                 failed_before = e.greeted_by_nobody
         spawn = done is None and local is not None and not resident.is_off(local)
         if done is None:
