@@ -84,13 +84,16 @@ echo "@@python ${PY:-none}"
 
 # "$1": remote_dir, "$2": the python probe, "$3": conda, "$4": env_setup, "$5": _IN_JOB_ENV.
 # env_setup lines run in bash where there is one, as jobs run them.
-_FRAMEWORKS = EXPAND_HOME + r"""
+_FRAMEWORKS = (
+    EXPAND_HOME
+    + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 echo "@@cuda $(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | head -n 1 | cut -d' ' -f3)"
 sh_=sh
 [ -n "$4" ] && command -v bash >/dev/null 2>&1 && sh_=bash
 "$sh_" -c "$5" remotedl-doctor "$(pwd)" "$3" "$4" "$2"
 """
+)
 
 
 def _laptop(report: DoctorReport, env: Environment, spec: HostSpec, settings: Settings) -> None:

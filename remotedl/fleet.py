@@ -163,7 +163,7 @@ class Member:
         from remotedl.ssh import Box
 
         self.check_running()
-        return Box(self.spec)
+        return Box(self.spec, resident=True, python=self.python)
 
     def check_running(self) -> None:
         """A cloud VM that is not running is said so (with the command that starts it), not

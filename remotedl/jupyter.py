@@ -24,7 +24,9 @@ COLAB_ORIGIN = "https://colab.research.google.com"
 SESSION = "remotedl-jupyter"
 
 # "$1": remote_dir.
-_FIND = EXPAND_HOME + r"""
+_FIND = (
+    EXPAND_HOME
+    + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 J=""
 for c in ./.venv/bin/jupyter ./venv/bin/jupyter "$(command -v jupyter 2>/dev/null)"; do
@@ -46,11 +48,14 @@ tmux has-session -t "=$SESSION" 2>/dev/null && echo "@@session"
   printf '%s\n' "$line"
 done
 """
+)
 
 # "$1" remote_dir, "$2" jupyter, "$3" lab|server, "$4" port, "$5" port retries, "$6" colab
 # origin or "", "$7" the token. The token reaches Jupyter through a 0600 file read inside the
 # session, so it is in no process's arguments: not ssh's, not sh's, not tmux's.
-_START = EXPAND_HOME + r"""
+_START = (
+    EXPAND_HOME
+    + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 umask 077
 mkdir -p "$HOME/.remotedl"
@@ -70,12 +75,15 @@ tmux new-session -d -s "$SESSION" -c "$(pwd)" /bin/sh -c '
   --ServerApp.root_dir=. "$root" "$extra" ${6:+--ServerApp.allow_credentials=True} \
   || { rm -f "$tok"; exit 1; }
 """
+)
 
 
 # Jupyter in a container image (``jupyter --image``): one container per box user, named after
 # the user's uid, on the host's network bound to 127.0.0.1 only, the work tree at the same path.
 # The engine: "$2" or the first of docker, podman. The same prelude for the look and the start.
-_ENGINE = EXPAND_HOME + r"""
+_ENGINE = (
+    EXPAND_HOME
+    + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 E=$2
 if [ -z "$E" ]; then
@@ -85,9 +93,12 @@ if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@noengine ${2:-
 name="remotedl-jupyter-$(id -u)"
 echo "@@pwd $(pwd -P)"
 """
+)
 
 # "$1" remote_dir, "$2" engine. The running container's work tree, then its servers.
-_FIND_IMAGE = _ENGINE + r"""
+_FIND_IMAGE = (
+    _ENGINE
+    + r"""
 # Podman's ps has the labels as a map, docker's has a Label function.
 case $E in *podman*) f='{{index .Labels "remotedl.jupyter"}}';; *) f='{{.Label "remotedl.jupyter"}}';; esac
 here=$("$E" ps --filter "name=^$name\$" --format "$f" 2>/dev/null)
@@ -96,11 +107,14 @@ echo "@@running $here"
 "$E" exec "$name" jupyter lab --version >/dev/null 2>&1 && echo "@@lab"
 "$E" exec "$name" jupyter server list --json 2>/dev/null
 """
+)
 
 # "$1" remote_dir, "$2" engine, "$3" image, "$4" port, "$5" port retries, "$6" colab origin or
 # "", "$7" container_gpus, then container_args. The token comes on stdin into a 0600 env file
 # the engine reads (removed once the container runs): in no process's arguments.
-_START_IMAGE = _ENGINE + r"""
+_START_IMAGE = (
+    _ENGINE
+    + r"""
 img=$3 port=$4 retries=$5 origin=$6 gpus=$7
 shift 7
 umask 077
@@ -141,6 +155,7 @@ else
 fi
 rm -f "$envf"
 """
+)
 
 
 @dataclass

@@ -378,6 +378,7 @@ def fetch(
     dest = Path(entry.dest)
     dest.mkdir(parents=True, exist_ok=True)
     kept = changed_here(dest, entry.files)
+
     # The trackers' runs are in the job's own directory (a job in the work tree has one too).
     def base(p: str) -> str:
         return entry.trackers_dir if p in TRACKER_OUTPUTS and entry.trackers_dir else entry.dir

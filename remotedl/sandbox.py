@@ -483,6 +483,7 @@ def down(env: Environment, *, name: str = "sandbox") -> bool:
     tmux_dir, user_dir = _tmux_dir(directory), _user_dir(directory)
     if info is not None:
         _end_jobs(Path(info.home))
+        _end_residents(Path(info.home))
     if shutil.which("tmux"):
         # This box's tmux server only (its own socket), never anything else of that user's.
         proc.run(["tmux", "kill-server"], env={**os.environ, "TMUX_TMPDIR": str(tmux_dir)}, check=False)
@@ -523,6 +524,33 @@ def _end_jobs(home: Path) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             (os.killpg if group else os.kill)(pid, signal.SIGKILL)
     retry_until(lambda: not any(_alive(pid) for pid, _ in targets), seconds=5)
+
+
+def resident_pids(home: Path) -> list[int]:
+    """The box's resident agents (``remotedl.agent.resident``): processes started from this
+    box's agent directory with ``--serve`` (each request's fork too)."""
+    agents = os.fsencode(str(home / ".remotedl" / "agent")) + b"/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--serve" in argv and any(a.startswith(agents) for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def _end_residents(home: Path) -> None:
+    """Ends the box's resident agents (each would end by itself once its agent directory is
+    gone, seconds later)."""
+    found = resident_pids(home)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    retry_until(lambda: not any(_alive(pid) for pid in found), seconds=5)
 
 
 def _home_of(pid: int) -> str | None:

@@ -17,7 +17,9 @@ TOOLS = ("git", "rsync", "tmux", "python3", "nvidia-smi")
 # "$1": remote_dir. The nvidia-smi queries are remotedl's own constants, not values; the GPU
 # query also asks for the driver version (its last field): each nvidia-smi call costs tens of
 # milliseconds on a real box (more without persistence mode), so two calls, not three.
-_SCRIPT = EXPAND_HOME + r"""
+_SCRIPT = (
+    EXPAND_HOME
+    + r"""
 echo @@hostname; hostname 2>/dev/null || uname -n
 echo @@os; ( . /etc/os-release 2>/dev/null && echo "$PRETTY_NAME" ) || uname -s; uname -rm
 echo @@uptime; cat /proc/uptime 2>/dev/null; cat /proc/loadavg 2>/dev/null; nproc 2>/dev/null
@@ -39,6 +41,7 @@ echo @@jobs; cd "$HOME/.remotedl/jobs" 2>/dev/null &&
     tr -d '\n' < "$f"; echo; done
 echo @@end
 """
+)
 
 
 @dataclass

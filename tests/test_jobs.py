@@ -333,9 +333,11 @@ def test_logs_follow_survives_dropped_connection(fresh_box, project, tmp_path):
 
 
 def test_kill_escalates_when_sigint_is_ignored(cli, proj):
-    script(proj, "stubborn.sh", "trap 'echo got INT' INT\nwhile true; do sleep 0.1; done\n")
+    script(proj, "stubborn.sh", "trap 'echo got INT' INT\necho ready\nwhile true; do sleep 0.1; done\n")
     r = cli("run", "--detach", "--cpu", "stubborn.sh", cwd=proj)
     job_id = r.out.strip()
+    # Its trap is set (a SIGINT before that ends it at once, as it would any shell).
+    assert retry_until(lambda: "ready" in cli("logs", job_id, cwd=proj).out, seconds=20)
     r = cli("kill", job_id, "--grace", "0.5", "--json", cwd=proj)
     assert r.code == 0, r.err
     assert json.loads(r.out)["status"] == "killed"

@@ -308,11 +308,15 @@ def test_ssh_config_files_follows_include_as_openssh_reads_it(tmp_path):
     ]
 
 
-def test_requests_without_secrets_travel_in_the_command_line(fresh_box, tmp_path, project, caplog):
+def test_requests_without_secrets_travel_in_the_command_line(
+    fresh_box, tmp_path, project, caplog, monkeypatch
+):
     """jobs, show, logs and kill go in ssh's command line (no round trip waiting for sshd to open
     stdin, issue 24); a start, which can hold --env values, never does; a box without base64
-    gets them on stdin, and says nothing about it."""
+    gets them on stdin, and says nothing about it. (Sessions, not the resident agent.)"""
     import logging
+
+    monkeypatch.setenv("REMOTEDL_RESIDENT", "0")
 
     from remotedl.ssh import resolve_host
     from remotedl.ssh.openssh import close_master
@@ -348,10 +352,15 @@ def test_requests_without_secrets_travel_in_the_command_line(fresh_box, tmp_path
     assert not any("inline" in line for line in lines)  # known now: stdin from the start
 
 
-def test_a_start_without_secrets_travels_in_the_command_line(fresh_box, tmp_path, project, caplog):
+def test_a_start_without_secrets_travels_in_the_command_line(
+    fresh_box, tmp_path, project, caplog, monkeypatch
+):
     """run --no-push without --env values or notification URLs: the start request (with its
-    tree check) goes in ssh's command line, one round trip less (issue 24); the job runs."""
+    tree check) goes in ssh's command line, one round trip less (issue 24); the job runs.
+    (Sessions, not the resident agent.)"""
     import logging
+
+    monkeypatch.setenv("REMOTEDL_RESIDENT", "0")
 
     run = cli_for(fresh_box, tmp_path / "laptop")
     assert run("push", cwd=project).code == 0

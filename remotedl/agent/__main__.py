@@ -15,6 +15,11 @@ if sys.version_info < (3, 10):  # the agent's code uses 3.10's typing (X | Y at 
     )
     sys.exit(3)
 
+if len(sys.argv) == 4 and sys.argv[1] == "--serve":  # the resident agent (its socket, its python)
+    from remotedl.agent.resident import serve
+
+    sys.exit(serve(sys.argv[2], sys.argv[3]))
+
 from remotedl.agent.ops import main
 
 sys.exit(main(sys.argv[1:]))

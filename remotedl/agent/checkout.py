@@ -1,6 +1,7 @@
 """Per-job checkouts: a git worktree of the job's commit under ``<remote_dir>/.remotedl/jobs/<id>/``,
 with the configured data paths and ``shared`` directories linked to the ones in ``remote_dir``.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remotedl.agent.resident import HERE
 from remotedl.errors import GpusBusy, RemotedlError, RemoteError, UsageError
 from remotedl.outputs import SEEN
 from remotedl.schema import AGENT_CANNOT_INSTALL, AGENT_MISSING, AGENT_NO_PYTHON, decode_answer
@@ -94,9 +95,12 @@ def build_agent() -> Agent:
 
 # "$1" is the box's python. -E -s -S: no PYTHONPATH, user site or site-packages: the agent
 # brings what it needs and starts fast.
+# Under the box's resident agent (``remotedl.agent.resident``: it sets ``_rdl_here`` to its
+# python), the agent answers in a process forked from it: exit {here} says so.
 _CALL = """\
 d="$HOME/.remotedl/agent/{digest}"
 [ -f "$d/__main__.py" ] || exit {missing}
+[ "${{_rdl_here-}}" = "$1" ] && exit {here}
 command -v "$1" >/dev/null 2>&1 || exit {nopython}
 exec "$1" -E -s -S "$d"
 """
@@ -178,6 +182,8 @@ class AgentClient:
         self.spec = spec
         self.python = python
         self.box = box or Box(spec)
+        self.box.resident = True
+        self.box.python = python
         self.agent = build_agent()
         # With the default remote_dir: sent with every request, so the box keeps a tree this
         # project has under the older, folder-named default (remotedl.treeid).
@@ -207,7 +213,9 @@ class AgentClient:
             )
 
     def _script(self) -> str:
-        return _CALL.format(digest=self.agent.digest, missing=AGENT_MISSING, nopython=AGENT_NO_PYTHON)
+        return _CALL.format(
+            digest=self.agent.digest, missing=AGENT_MISSING, nopython=AGENT_NO_PYTHON, here=HERE
+        )
 
     def _body(self, request: dict[str, Any]) -> bytes:
         if self.adopt is not None and request.get("adopt") is None:

@@ -1,6 +1,7 @@
 """The project's environment on the box: what makes it, whether it is in sync, installing it,
 and the job's shell (activation and the environment probe).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,7 @@ print(json.dumps(info))
 # "$4" the conda environment, "$5" env_setup, "$6" a nonce for the environment line, "$7" the
 # probe. The environment line goes to the runner, which takes it out of the log.
 WRAPPER = (
-    '_rdl_c=$1 _rdl_jd=$2 _rdl_rd=$3 _rdl_conda=$4 _rdl_setup=$5 _rdl_nonce=$6 _rdl_probe=$7\nshift 7\n'
+    "_rdl_c=$1 _rdl_jd=$2 _rdl_rd=$3 _rdl_conda=$4 _rdl_setup=$5 _rdl_nonce=$6 _rdl_probe=$7\nshift 7\n"
     + ACTIVATE
     + r"""
 _rdl_activate || exit 125
@@ -203,8 +204,8 @@ if extra:
 # pip install and PRUNE); a conda or env_setup environment, shared and made by other means, only
 # gets what the file adds.
 INSTALL = (
-    '_rdl_kind=$1 _rdl_rd=$2 _rdl_conda=$3 _rdl_setup=$4 _rdl_base=$5 _rdl_cmd=$6 _rdl_req=$7\n'
-    '_rdl_prune=$8 _rdl_jd=\n'
+    "_rdl_kind=$1 _rdl_rd=$2 _rdl_conda=$3 _rdl_setup=$4 _rdl_base=$5 _rdl_cmd=$6 _rdl_req=$7\n"
+    "_rdl_prune=$8 _rdl_jd=\n"
     + ACTIVATE
     + r"""
 cd "$_rdl_rd" || exit 1

@@ -1,4 +1,5 @@
 """The box's GPUs: who holds each, and which a job gets (or waits for, first in first out)."""
+
 from __future__ import annotations
 
 import pwd

@@ -211,6 +211,6 @@ def plain_line(text: str) -> str | None:
 def _no_host() -> ConfigError:
     return ConfigError(
         "no host given",
-        hint='pass --host ALIAS (several: --host a,b or @FLEET), set REMOTEDL_HOST, or put '
-        'host = "ALIAS" in remotedl.toml (try `remotedl sandbox up` for a local box called \'sandbox\')',
+        hint="pass --host ALIAS (several: --host a,b or @FLEET), set REMOTEDL_HOST, or put "
+        "host = \"ALIAS\" in remotedl.toml (try `remotedl sandbox up` for a local box called 'sandbox')",
     )

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def cmd_status(args: argparse.Namespace, env: Environment) -> int:
-    from remotedl.ssh import open_box
+    from remotedl.ssh import Box
     from remotedl.status import box_status
     from remotedl.words import printable
 
@@ -37,7 +37,8 @@ def cmd_status(args: argparse.Namespace, env: Environment) -> int:
     spec = app.spec()
     if not app.json:
         import_meanwhile("rich.table", "rich.text", "rich.console")  # the view's, while the box answers
-    with open_box(spec) as box:
+    # A look (no login start-up file's effect wanted): the box's resident agent may answer.
+    with Box(spec, resident=True, python=str(app.settings.get("python"))) as box:
         st = box_status(box, app.settings.remote_dir)
     if app.json:
         data = st.to_dict()

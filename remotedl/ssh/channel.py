@@ -21,13 +21,23 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from remotedl import proc
 from remotedl.errors import ConnectError, RemoteError
+from remotedl.ssh import resident
 from remotedl.ssh.openssh import connection_dropped, looks_like_ssh_failure, openssh_failure, ssh_argv
 from remotedl.ssh.resolve import HostSpec
 
 log = logging.getLogger("remotedl.ssh")
+
+
+def _digest() -> str:
+    """The agent version this laptop ships (its resident agent's socket is named after it)."""
+    from remotedl.agent.client import build_agent
+
+    return build_agent().digest
+
 
 # Parsed identically by every login shell: single quotes hold no ', \, ! or newline.
 BOOTSTRAP = "exec /bin/sh -c 'read -r n; eval \"$(dd bs=1 count=$n 2>/dev/null)\"'"
@@ -134,8 +144,13 @@ def _contacted(spec: HostSpec) -> None:
 class Box:
     """A box reached through OpenSSH. Every call shares the host's master connection."""
 
-    def __init__(self, spec: HostSpec) -> None:
+    def __init__(self, spec: HostSpec, *, resident: bool = False, python: str = "python3") -> None:
         self.spec = spec
+        # Whether requests may go to the box's resident agent (``remotedl.ssh.resident``), and
+        # the python it runs under. Off for scripts that must see a fresh login (playbooks,
+        # doctor's look at the start-up files).
+        self.resident = resident
+        self.python = python
         # What the login shell's start-up files printed before the last script ran: on stdout
         # (``noise``: it breaks git's and rsync's protocols, which use that stream) and on
         # stderr (``stderr_noise``: harmless to them, as `ssh box git-receive-pack` shows).
@@ -171,22 +186,46 @@ class Box:
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         nonce, payload = encode_request(script, args, data)
         first = script.strip().splitlines()[0] if script.strip() else ""
-        inline = self._inline(inline, payload)
-        log.debug("remote %s: %s ... (%d lines, %d values%s)", self.spec.alias, first[:80],
-                  script.count("\n") + 1, len(args), ", inline" if inline else "")  # fmt: skip
-        try:
-            if inline:
-                done = proc.communicate(self.argv(payload), input=b"", timeout=timeout, max_stdout=max_output)
-            else:
-                done = proc.communicate(self.argv(), input=payload, timeout=timeout, max_stdout=max_output)
-        except subprocess.TimeoutExpired:
-            raise RemoteError(f"a command on {self.spec.alias} took longer than {timeout:g} s") from None
+        local = self._resident_socket()
+        done: proc.Completed | None = None
+        failed_before = False
+        if local is not None and local.exists():
+            log.debug("remote %s (resident): %s ...", self.spec.alias, first[:80])
+            try:
+                done = self._run_resident(local, payload, len(data), timeout, max_output)
+                resident.answered(local)
+                inline = False
+            except resident.Unavailable as e:
+                log.debug("no resident agent answered: a session")
+                failed_before = e.greeted_by_nobody
+        spawn = done is None and local is not None and not resident.is_off(local)
+        if done is None:
+            if spawn:
+                nonce, payload = encode_request(
+                    resident.spawn_script(_digest()) + script, (self.python, *args), data
+                )
+            inline = self._inline(inline, payload)
+            log.debug("remote %s: %s ... (%d lines, %d values%s)", self.spec.alias, first[:80],
+                      script.count("\n") + 1, len(args), ", inline" if inline else "")  # fmt: skip
+            try:
+                if inline:
+                    done = proc.communicate(
+                        self.argv(payload), input=b"", timeout=timeout, max_stdout=max_output
+                    )
+                else:
+                    done = proc.communicate(
+                        self.argv(), input=payload, timeout=timeout, max_stdout=max_output
+                    )
+            except subprocess.TimeoutExpired:
+                raise RemoteError(f"a command on {self.spec.alias} took longer than {timeout:g} s") from None
         out = split_frame(done.stdout, nonce, with_shell=True)
         if out is None and inline and no_base64(done.stderr.decode(errors="replace")):
             Box.no_base64[box_key(self.spec)] = True
             return self.run(script, *args, stdin=data, check=check, timeout=timeout, max_output=max_output)
         err = split_frame(done.stderr, nonce)
         stderr_text = (err[1] if err else done.stderr).decode(errors="replace")
+        if spawn and local is not None and out is not None:
+            stderr_text = resident.after_session(self.spec, local, stderr_text, failed_before=failed_before)
         if out is None:
             raise self._no_frame(done.returncode, done.stderr.decode(errors="replace"))
         noise, body, shell = out
@@ -218,6 +257,44 @@ class Box:
             raise RemoteError(f"command on {self.spec.alias} failed: {last}")
         return result
 
+    def _resident_socket(self) -> Path | None:
+        """The local end of the forward to this box's resident agent, when requests may use it."""
+        if not self.resident or not resident.enabled(self.spec):
+            return None
+        return resident.local_path(self.spec, _digest())
+
+    def _run_resident(
+        self, local: Path, payload: bytes, tail_len: int, timeout: float | None, max_output: int
+    ) -> proc.Completed:
+        """The request over the socket (``resident.Unavailable``: nothing was sent)."""
+        link = resident.Link(local)
+        link.open(payload, tail_len)
+        out = bytearray()
+        err = bytearray()
+        code = 255
+        truncated = False
+        try:
+            for kind, chunk in link.frames(timeout):
+                if kind == b"o":
+                    out += chunk
+                    if len(out) > max_output:
+                        truncated = True
+                        break
+                elif kind == b"e":
+                    err += chunk
+                    if len(err) > 1 << 20:
+                        del err[: len(err) - (1 << 20)]
+                elif kind == b"x":
+                    code = int(chunk or b"255")
+        except TimeoutError:
+            raise RemoteError(f"a command on {self.spec.alias} took longer than {timeout:g} s") from None
+        except (OSError, ConnectionError):
+            err += f"\nConnection to {self.spec.alias} closed by remote host.\n".encode()
+            code = 255
+        finally:
+            link.close()
+        return proc.Completed(code, bytes(out), bytes(err), truncated)
+
     def _no_frame(self, code: int, stderr: str) -> Exception:
         if code == 255 or looks_like_ssh_failure(stderr):
             return with_fingerprint(self.spec, openssh_failure(self.spec, stderr))
@@ -239,6 +316,21 @@ class Box:
         each line the script writes to stderr as it comes (from another thread). ``inline``: as
         for ``run`` (a box without base64 then fails to start it: ``NoFrame``)."""
         nonce, payload = encode_request(script, args, stdin)
+        local = self._resident_socket()
+        if local is not None and local.exists():
+            link = resident.Link(local)
+            try:
+                link.open(payload, len(stdin))
+            except resident.Unavailable:
+                pass
+            else:
+                log.debug(
+                    "remote %s (streaming, resident): %s",
+                    self.spec.alias,
+                    script.strip().splitlines()[0][:80],
+                )
+                sp = resident.SocketProcess(link, self.spec)
+                return FramedProcess(self, sp, nonce, b"", on_line)  # type: ignore[arg-type]
         inline = self._inline(inline, payload)
         log.debug("remote %s (streaming%s): %s", self.spec.alias, ", inline" if inline else "",
                   script.strip().splitlines()[0][:80])  # fmt: skip

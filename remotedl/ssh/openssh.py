@@ -152,6 +152,9 @@ def openssh_options(spec: HostSpec, *, multiplex: bool = True, batch: bool = Tru
             f"ControlPath={control_dir()}/{_flavour(spec)}-%C",
             "-o",
             f"ControlPersist={CONTROL_PERSIST}",
+            # The resident agent's forward (remotedl.ssh.resident) replaces a stale socket.
+            "-o",
+            "StreamLocalBindUnlink=yes",
         ]
     elif not multiplex:
         opts += ["-o", "ControlPath=none", "-o", "ControlMaster=no"]
@@ -293,8 +296,7 @@ def openssh_failure(spec: HostSpec, stderr: str) -> ConnectError:
         tried = ", ".join(p for p in spec.identity_files if os.path.isfile(p)) or "no key file found"
         agent = "" if spec.identities_only else " and the ssh agent's keys"
         return ConnectError(
-            f"authentication failed for {spec.user}@{spec.hostname}:{spec.port} "
-            f"(keys tried: {tried}{agent})",
+            f"authentication failed for {spec.user}@{spec.hostname}:{spec.port} (keys tried: {tried}{agent})",
             hint=f"check User and IdentityFile for {spec.alias}, or install the public key on the "
             "box with `ssh-copy-id`",
         )

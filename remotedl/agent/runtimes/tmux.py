@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -374,9 +375,7 @@ class TmuxRuntime(Runtime):
             if runner_alive(rec):
                 with contextlib.suppress(OSError):
                     os.kill(int(rec["runner_pid"]), signal.SIGTERM)
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and runner_alive(rec):
-                    time.sleep(0.02)
+                _wait_while(lambda: runner_alive(rec), 5)
             ctx.tell(job_id, "killed")  # after the runner: it may have died mid-send
             return load(job_id), []
         if rec["status"] not in ACTIVE:
@@ -386,14 +385,10 @@ class TmuxRuntime(Runtime):
             if not signal_job(rec, sig):
                 break
             steps.append(signal.Signals(sig).name)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and job_alive(rec):
-                time.sleep(0.1)
+            _wait_while(lambda: job_alive(rec), wait)
             if not job_alive(rec):
                 break
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and runner_alive(rec) and load(job_id)["status"] in ACTIVE:
-            time.sleep(0.05)
+        _wait_while(lambda: runner_alive(rec) and load(job_id)["status"] in ACTIVE, 5)
         return None, steps  # no runner left to record the end: the look says killed, by the marker
 
     def follow(self, rec: dict[str, Any]) -> LogFollow:
@@ -404,3 +399,13 @@ class TmuxRuntime(Runtime):
         if not session.replace("-", "").isalnum():
             raise AgentError(f"job {rec['id']} has an odd tmux session name: {session!r}")
         return "exec tmux attach-session -t " + shlex.quote("=" + session)
+
+
+def _wait_while(busy: Callable[[], bool], seconds: float) -> None:
+    """Up to ``seconds`` while ``busy()``: looking again soon (a signalled process ends within
+    milliseconds; a kill waits for nothing longer), then less often."""
+    deadline = time.monotonic() + seconds
+    pause = 0.005
+    while busy() and time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)

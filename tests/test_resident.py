@@ -1,0 +1,228 @@
+"""The resident agent (issue 24): after the first session over a master, requests go through the
+master's stream-local forward to one Python per box user and agent version, already loaded;
+whatever goes wrong with it, the command still runs (over a session) and nothing runs twice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remotedl import sandbox
+from remotedl.agent import resident as box_side
+from remotedl.ssh.channel import encode_request
+from remotedl.waiting import retry_until
+from tests.conftest import cli_for, make_env
+
+
+def _servers(home: Path) -> list[int]:
+    """The box's resident agent servers (not a request's passing fork): their parent is init."""
+    out = []
+    for pid in sandbox.resident_pids(home):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == "1":
+            out.append(pid)
+    return out
+
+
+def _remote_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m.getMessage() for m in caplog.records if m.getMessage().startswith("remote ")]
+
+
+def _resident_up(run, project: Path, home: Path) -> int:  # type: ignore[no-untyped-def]
+    """Push, then commands until the box's resident agent answers; its pid."""
+    assert run("push", cwd=project).code == 0
+    assert run("jobs", cwd=project).code == 0  # installs the agent if needed
+    assert run("jobs", cwd=project).code == 0  # starts the resident agent, sets up the forward
+    pids = retry_until(lambda: _servers(home), seconds=20)
+    assert pids and len(pids) == 1, pids
+    return pids[0]
+
+
+def test_commands_after_the_first_are_answered_by_the_resident_agent(fresh_box, tmp_path, project, caplog):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    server = _resident_up(run, project, fresh_box.home)
+    caplog.set_level(logging.DEBUG, logger="remotedl.ssh")
+
+    def sent(*argv: str) -> tuple[int, str, str, list[str]]:
+        caplog.clear()
+        r = run(*argv, cwd=project)
+        return r.code, r.out, r.err, _remote_lines(caplog)
+
+    code, out, _, lines = sent("jobs", "--json")
+    assert code == 0, out
+    assert json.loads(out) == [], out
+    assert lines and all("(resident)" in x or "resident)" in x for x in lines), lines
+    # A start with a secret: through the socket, and the job sees it; exit status and both
+    # streams come back as from a session.
+    code, out, err, lines = sent(
+        "run", "--no-push", "--cpu", "--env", "TOKEN=s3cr3t-value", "--",
+        "sh", "-c", 'echo "out $TOKEN"; echo to-stderr >&2; exit 3',
+    )  # fmt: skip
+    assert code == 3, err
+    assert "out s3cr3t-value" in out and "to-stderr" in out + err
+    assert lines and all("resident" in x for x in lines), lines
+    # Still the same server: nothing started another.
+    assert _servers(fresh_box.home) == [server]
+
+
+def test_a_resident_agent_that_died_is_replaced_and_no_command_fails(fresh_box, tmp_path, project, caplog):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    first = _resident_up(run, project, fresh_box.home)
+    os.kill(first, signal.SIGKILL)
+    retry_until(lambda: first not in _servers(fresh_box.home), seconds=10)
+    caplog.set_level(logging.DEBUG, logger="remotedl.ssh")
+    r = run("jobs", cwd=project)  # the forward finds no server: a session, which starts one
+    assert r.code == 0, r.err
+    second = retry_until(lambda: _servers(fresh_box.home), seconds=20)
+    assert second and second[0] != first
+    caplog.clear()
+    r = run("run", "--no-push", "--cpu", "--", "echo", "after", cwd=project)
+    assert r.code == 0 and "after" in r.out, r.err
+    assert any("resident" in x for x in _remote_lines(caplog))
+
+
+def test_a_changed_login_file_ends_the_resident_agent(fresh_box, tmp_path, project):
+    """A line added to the start-up files (a PATH, a variable) or a new group is what a fresh
+    login sees: the resident agent (started under the old ones) ends, and the next command's
+    job sees the new environment."""
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    first = _resident_up(run, project, fresh_box.home)
+    rc = fresh_box.home / ".bashrc"
+    old = rc.read_text() if rc.exists() else ""
+    rc.write_text(old + "\nexport RDL_LOGIN_MARK=fresh-login\n")
+    r = run("run", "--no-push", "--cpu", "--", "sh", "-c", 'echo "mark=$RDL_LOGIN_MARK"', cwd=project)
+    assert r.code == 0, r.err
+    assert "mark=fresh-login" in r.out
+    assert retry_until(lambda: first not in sandbox.resident_pids(fresh_box.home), seconds=10)
+    second = retry_until(lambda: _servers(fresh_box.home), seconds=20)
+    assert second and first not in second
+
+
+def test_a_box_that_refuses_stream_forwarding_is_reached_by_sessions(fresh_box, tmp_path, project, caplog):
+    from remotedl.ssh import resolve_host
+    from remotedl.ssh.openssh import close_master, control_dir
+
+    config = Path(fresh_box.info.directory) / "sshd_config"
+    config.write_text("AllowStreamLocalForwarding no\n" + config.read_text())
+    os.kill(fresh_box.info.pid, signal.SIGHUP)  # sshd reads its config again
+    close_master(
+        resolve_host(make_env(tmp_path / "laptop"), fresh_box.name, ssh_config=fresh_box.info.ssh_config)
+    )
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    assert run("push", cwd=project).code == 0
+    caplog.set_level(logging.DEBUG, logger="remotedl.ssh")
+    for _ in range(4):
+        r = run("run", "--no-push", "--cpu", "--", "echo", "via-session", cwd=project)
+        assert r.code == 0 and "via-session" in r.out, r.err
+    # Tried once at most, then sessions only: an .off marker for this box.
+    assert any(p.suffix == ".off" for p in control_dir().iterdir())
+    caplog.clear()
+    assert run("jobs", cwd=project).code == 0
+    lines = _remote_lines(caplog)
+    assert lines and not any("resident" in x for x in lines), lines
+
+
+def test_a_big_log_comes_through_the_resident_agent_byte_for_byte(fresh_box, tmp_path, project):
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    _resident_up(run, project, fresh_box.home)
+    script = (
+        "import sys\nfor i in range(200000):\n    sys.stdout.write(f'line {i} ' + 'x' * (i % 50) + '\\n')\n"
+    )
+    (project / "big.py").write_text(script)
+    subprocess.run(["git", "-C", str(project), "add", "big.py"], check=True)
+    subprocess.run(["git", "-C", str(project), "commit", "-qm", "big"], check=True)
+    r = run("run", "--detach", "--json", "--cpu", "python3", "big.py", cwd=project)
+    assert r.code == 0, r.err
+    job = str(json.loads(r.out)["id"])
+
+    def ended() -> bool:
+        return json.loads(run("show", "--json", job, cwd=project).out)["status"] == "succeeded"
+
+    assert retry_until(ended, seconds=60)
+    expected = "".join(f"line {i} " + "x" * (i % 50) + "\n" for i in range(200000))
+    out = run("logs", job, cwd=project).out
+    assert len(out) == len(expected) and out == expected
+
+
+# ------------------------------------------------------------------ the box side, without a box
+
+
+def _request(conn: socket.socket, payload: bytes, tail: int) -> tuple[bytes, bytes, int]:
+    assert conn.recv(len(box_side.GREETING)) == box_side.GREETING
+    conn.sendall(b"RUN %d %d\n" % (len(payload), tail) + payload)
+    out, err, code, buf = b"", b"", None, b""
+    while code is None:
+        chunk = conn.recv(65536)
+        assert chunk, "the server ended without an exit frame"
+        buf += chunk
+        while len(buf) >= 5:
+            kind, size = buf[:1], int.from_bytes(buf[1:5], "big")
+            if len(buf) < 5 + size:
+                break
+            data, buf = buf[5 : 5 + size], buf[5 + size :]
+            if kind == b"o":
+                out += data
+            elif kind == b"e":
+                err += data
+            elif kind == b"x":
+                code = int(data)
+    return out, err, code
+
+
+def _serve_one(conn: socket.socket) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            box_side.handle(conn, sys.executable)
+        finally:
+            os._exit(0)
+    conn.close()
+    return pid
+
+
+def test_the_box_side_runs_a_framed_script_and_the_agent_in_a_fork(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # A script: values as "$@", stdin after them, both streams and the exit status.
+    ours, theirs = socket.socketpair()
+    pid = _serve_one(theirs)
+    _, payload = encode_request('echo "$1-$2"; cat; echo oops >&2; exit 7', ["a b", "c\nd"], b"rest of stdin")
+    out, err, code = _request(ours, payload, len(b"rest of stdin"))
+    os.waitpid(pid, 0)
+    assert code == 7
+    assert out.endswith(b"a b-c\nd\nrest of stdin") and err.endswith(b"oops\n")
+    # An agent call's script says HERE when the python is the server's: the agent answers from
+    # a fork of this process, with the request that followed the values.
+    ours, theirs = socket.socketpair()
+    pid = _serve_one(theirs)
+    request = json.dumps({"op": "list", "all": True}).encode()
+    script = f'[ "${{_rdl_here-}}" = "$1" ] && exit {box_side.HERE}\necho "not here"; exit 9'
+    _, payload = encode_request(script, [sys.executable], request)
+    out, err, code = _request(ours, payload, len(request))
+    os.waitpid(pid, 0)
+    assert code == 0, err
+    answer = json.loads(out.decode().strip().splitlines()[-1])
+    assert answer["ok"] is True and answer["jobs"] == []
+
+
+def test_the_socket_directory_must_be_the_users_own(tmp_path):
+    ours = tmp_path / "run"
+    assert box_side.private_dir(str(ours)) and (ours.stat().st_mode & 0o777) == 0o700
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    assert not box_side.private_dir(str(link))
+    if os.geteuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 65534, 65534)
+        assert not box_side.private_dir(str(foreign))
