@@ -286,8 +286,11 @@ def op_logs(ctx: Context, req: LogsRequest) -> dict[str, Any] | None:
                         out.flush()
                     break
                 idle = 0.0 if idle >= 0.5 else idle
-            time.sleep(0.05)
-            idle += 0.05
+            # Every 10 ms while the job was heard from in the last seconds (its end is seen at
+            # once: a short job's whole run is the time to say it ended), then every 50 ms.
+            pause = 0.01 if idle < 5.0 else 0.05
+            time.sleep(pause)
+            idle += pause
     sys.stderr.write(encode_mark("end", {"job": rec}))
     sys.stderr.flush()
     return None
