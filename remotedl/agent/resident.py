@@ -365,14 +365,11 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
     agent_dir = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     login = login_state()
     last = time.monotonic()
-    children: set[int] = set()
+    # Each request's relay is reaped as it ends (no zombie waits for the next look).
+    signal.signal(signal.SIGCHLD, _reap)
     try:
         while True:
             r, _, _ = select.select([listener], [], [], 5.0)
-            for pid in list(children):
-                with contextlib.suppress(ChildProcessError):
-                    if os.waitpid(pid, os.WNOHANG)[0]:
-                        children.discard(pid)
             if not _still_ours(path, ino) or (agent_dir and not os.path.isdir(agent_dir)):
                 return 0
             if not r:
@@ -393,6 +390,7 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
                 return 0
             pid = os.fork()
             if pid == 0:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the relay waits for its own
                 listener.close()
                 os.close(lock)
                 code = 0
@@ -405,12 +403,22 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
                         conn.close()
                     os._exit(code)
             conn.close()
-            children.add(pid)
     finally:
         if _still_ours(path, ino):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         listener.close()
+
+
+def _reap(signum: int, frame: object) -> None:
+    """The ended relays' exit statuses (SIGCHLD in the server)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _still_ours(path: str, ino: int) -> bool:
