@@ -232,3 +232,27 @@ def test_the_socket_directory_must_be_the_users_own(tmp_path):
         foreign.mkdir(mode=0o700)
         os.chown(foreign, 65534, 65534)
         assert not box_side.private_dir(str(foreign))
+
+
+def test_a_new_server_sweeps_the_files_of_servers_that_no_longer_run(tmp_path):
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    dead = run / "0000000000000000.sock"
+    dead.write_text("")
+    (run / "0000000000000000.sock.lock").write_text("")
+    live = run / "1111111111111111.sock"
+    live.write_text("")
+    held = os.open(run / "1111111111111111.sock.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)  # its server runs
+    laptop_files = [run / "push-abc.lock", run / "r-1234-5678.sock"]  # never a server's
+    for f in laptop_files:
+        f.write_text("")
+    try:
+        box_side._sweep(str(run / "2222222222222222.sock"))
+        assert not dead.exists() and not (run / "0000000000000000.sock.lock").exists()
+        assert live.exists() and (run / "1111111111111111.sock.lock").exists()
+        assert all(f.exists() for f in laptop_files)
+    finally:
+        os.close(held)

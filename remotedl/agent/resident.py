@@ -347,6 +347,7 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
         return 0  # one runs already
     if detach:
         _daemonize()  # the lock (an open file description) stays held across the forks
+    _sweep(path)
     with contextlib.suppress(OSError):
         os.chdir(os.environ.get("HOME") or "/")
     # The agent's modules, loaded once: what every request's fork gets for nothing.
@@ -408,6 +409,37 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
             with contextlib.suppress(OSError):
                 os.unlink(path)
         listener.close()
+
+
+def _sweep(path: str) -> None:
+    """The lock and socket files of servers that no longer run (other agent versions, other
+    homes' in /tmp), left beside ours: each removed while its lock is held here, so no server
+    of it can be starting meanwhile (one that tries then finds the lock taken and leaves it to
+    the next session)."""
+    import fcntl
+
+    folder, mine = os.path.split(path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not name.endswith(".sock.lock") or name == mine + ".lock":
+            continue
+        lock = os.path.join(folder, name)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # its server runs
+            continue
+        for stale in (lock[: -len(".lock")], lock):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+        os.close(fd)
 
 
 def _reap(signum: int, frame: object) -> None:
