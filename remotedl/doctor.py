@@ -16,6 +16,7 @@ from remotedl.activate import ACTIVATE
 from remotedl.config import Settings
 from remotedl.env import Environment
 from remotedl.errors import RemotedlError
+from remotedl.images import PICK_ENGINE
 from remotedl.ssh import HostSpec
 from remotedl.ssh.channel import EXPAND_HOME, parse_marks
 from remotedl.words import plural
@@ -186,11 +187,9 @@ def _dns(report: DoctorReport, env: Environment, settings: Settings) -> None:
 
 # Jobs in an image: "$1" the engine asked for (or ""), "$2" the image, "$3" how GPUs enter a
 # container (container_gpus), "$4" 1 where the box has GPUs. The engine's own words for each.
-_CONTAINERS = r"""
+_CONTAINERS = PICK_ENGINE + r"""
 E=$1
-if [ -z "$E" ]; then
-  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
-fi
+[ -n "$E" ] || E=$(pick_engine)
 if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then
   echo "@@engine none ${1:-docker or podman}"; exit 0
 fi

@@ -11,12 +11,25 @@ from remotedl.errors import RemoteError, UsageError
 from remotedl.ssh import Box
 from remotedl.ssh.channel import parse_marks
 
+# The engine a job in an image finds when none is asked for (``agent.runtimes.container.find_engine``,
+# the same rule in sh): docker where it reaches its daemon as this user (DOCKER_HOST or a docker
+# context set, or the default socket open to the user), else podman, else docker.
+PICK_ENGINE = r"""
+pick_engine() {
+  command -v docker >/dev/null 2>&1 || { command -v podman >/dev/null 2>&1 && echo podman; return; }
+  if [ -n "${DOCKER_HOST-}" ] || [ -d "$HOME/.docker/contexts" ] || ! command -v podman >/dev/null 2>&1 ||
+     { [ -r /var/run/docker.sock ] && [ -w /var/run/docker.sock ]; }; then
+    echo docker
+  else
+    echo podman
+  fi
+}
+"""
+
 # "$1": the engine asked for (or ""). The engine's own JSON lines, one per image.
-_LIST = r"""
+_LIST = PICK_ENGINE + r"""
 E=$1
-if [ -z "$E" ]; then
-  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
-fi
+[ -n "$E" ] || E=$(pick_engine)
 if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@engine none"; exit 0; fi
 echo "@@engine $E"
 # One JSON object a line from both engines (podman's '{{json .}}' is one array over lines).

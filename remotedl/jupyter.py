@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from remotedl.errors import RemoteError
+from remotedl.images import PICK_ENGINE
 from remotedl.ssh import Box, HostSpec
 from remotedl.ssh.channel import EXPAND_HOME, parse_marks
 
@@ -83,12 +84,11 @@ tmux new-session -d -s "$SESSION" -c "$(pwd)" /bin/sh -c '
 # The engine: "$2" or the first of docker, podman. The same prelude for the look and the start.
 _ENGINE = (
     EXPAND_HOME
+    + PICK_ENGINE
     + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 E=$2
-if [ -z "$E" ]; then
-  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
-fi
+[ -n "$E" ] || E=$(pick_engine)
 if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@noengine ${2:-docker or podman}"; exit 0; fi
 name="remotedl-jupyter-$(id -u)"
 echo "@@pwd $(pwd -P)"

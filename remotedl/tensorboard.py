@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from remotedl.errors import RemoteError, UsageError
+from remotedl.images import PICK_ENGINE
 from remotedl.jupyter import ImageSpec
 from remotedl.ssh import Box, HostSpec
 from remotedl.ssh.channel import EXPAND_HOME
@@ -120,12 +121,11 @@ tmux new-session -d -s "$s" -c "$(pwd)" /bin/sh -c 'umask 077; log=$1; shift; ex
 # (mounts, container_args), then those, then TensorBoard's own arguments.
 _START_IMAGE = (
     EXPAND_HOME
+    + PICK_ENGINE
     + r"""
 cd -- "$(expand_home "$1")" 2>/dev/null || cd "$HOME"
 E=$2
-if [ -z "$E" ]; then
-  for c in docker podman; do command -v "$c" >/dev/null 2>&1 && { E=$c; break; }; done
-fi
+[ -n "$E" ] || E=$(pick_engine)
 if [ -z "$E" ] || ! command -v "$E" >/dev/null 2>&1; then echo "@@noengine ${2:-docker or podman}"; exit 0; fi
 umask 077
 mkdir -p "$HOME/.remotedl/tensorboard"

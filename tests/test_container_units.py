@@ -148,6 +148,38 @@ def test_engine_asked_for_and_not_installed_says_so(monkeypatch):
         container.find_engine(None)
 
 
+def _engine(bindir: Path, name: str) -> Path:
+    prog = bindir / name
+    prog.write_text("#!/bin/sh\nexit 0\n")
+    prog.chmod(0o755)
+    return prog
+
+
+def test_with_both_engines_docker_is_taken_only_when_it_answers(tmp_path, monkeypatch):
+    """A box with Podman for its users and a Docker engine they may not reach (its socket
+    not theirs: not in the docker group): a job with an image goes to Podman, not to an error."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    sock = tmp_path / "docker.sock"
+    monkeypatch.setattr(container, "DOCKER_SOCKET", str(sock))
+    docker = _engine(bindir, "docker")
+    podman = _engine(bindir, "podman")
+    assert container.find_engine(None) == str(podman)  # no socket: docker reaches nothing
+    assert container.find_engine("docker") == str(docker)  # asked for: taken as asked
+    sock.write_text("")
+    assert container.find_engine(None) == str(docker)
+    monkeypatch.setattr(container.os, "access", lambda path, mode: path != str(sock))
+    assert container.find_engine(None) == str(podman)  # there, but not this user's to open
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/user/1000/docker.sock")  # rootless docker
+    assert container.find_engine(None) == str(docker)
+    podman.unlink()
+    monkeypatch.delenv("DOCKER_HOST")
+    assert container.find_engine(None) == str(docker)  # the only one: its own error says why
+
+
 class FakeSettings:
     """The few settings ``image_of`` reads."""
 
@@ -208,3 +240,45 @@ def test_a_runner_whose_record_has_the_digest_asks_the_engine_nothing(tmp_path, 
         save(dict(found, image_digest=None))
     rec = runner._pull(found)
     assert rec["status"] == "failed" and "no-docker" in rec["error"]
+
+
+def test_the_scripts_pick_the_engine_as_a_job_does(tmp_path, monkeypatch):
+    """`images`, `doctor`, `jupyter --image` and `tensorboard --image` choose the engine in sh on
+    the box (``images.PICK_ENGINE``): the same choice as a job's (``find_engine``)."""
+    import subprocess
+
+    from remotedl.images import PICK_ENGINE
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+
+    def in_sh() -> str:
+        env = {"PATH": str(bindir), "HOME": str(tmp_path)}
+        if "DOCKER_HOST" in os.environ:
+            env["DOCKER_HOST"] = os.environ["DOCKER_HOST"]
+        script = PICK_ENGINE + "pick_engine"
+        r = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    def as_job() -> str:
+        try:
+            return Path(container.find_engine(None)).name
+        except AgentError:
+            return ""
+
+    assert in_sh() == as_job() == ""
+    podman = _engine(bindir, "podman")
+    assert in_sh() == as_job() == "podman"
+    _engine(bindir, "docker")
+    assert in_sh() == as_job()  # both: docker only where its default socket is this user's
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/user/1000/docker.sock")
+    assert in_sh() == as_job() == "docker"
+    monkeypatch.delenv("DOCKER_HOST")
+    (tmp_path / ".docker" / "contexts").mkdir(parents=True)
+    assert in_sh() == as_job() == "docker"
+    podman.unlink()
+    (tmp_path / ".docker" / "contexts").rmdir()
+    assert in_sh() == as_job() == "docker"

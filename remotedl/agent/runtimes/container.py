@@ -56,19 +56,34 @@ def container_name(rec: dict[str, Any]) -> str:
 
 
 def find_engine(wanted: str | None) -> str:
-    """The engine's program: the one asked for, else docker, else podman, on the box's PATH."""
+    """The engine's program: the one asked for, else docker, else podman, on the box's PATH.
+    With both installed and none asked for, docker only when it answers this user (a box with
+    Podman for its users and a Docker engine they may not reach is common)."""
     if wanted and wanted not in ENGINES:
         raise AgentError(f"container = {wanted!r}: give one of {', '.join(ENGINES)}", "usage")
-    for name in [wanted] if wanted else list(ENGINES):
-        path = shutil.which(str(name))
-        if path:
-            return path
+    found = [p for p in (shutil.which(str(name)) for name in ([wanted] if wanted else ENGINES)) if p]
+    if len(found) == 2 and not _answers(found[0]):
+        return found[1]
+    if found:
+        return found[0]
     what = wanted or "docker or podman"
     raise AgentError(
         f"{what} is not installed on the box: a job with an image needs a container engine",
         "usage",
         hint="`remotedl setup docker` installs one; `--no-image` runs the job on the box itself",
     )
+
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+def _answers(engine: str) -> bool:
+    """Whether docker can reach its daemon as this user, told without starting it (a job's start
+    waits on this): DOCKER_HOST or a docker context set means the user pointed it somewhere;
+    else the default socket must be there and open to the user (the docker group)."""
+    if os.environ.get("DOCKER_HOST") or os.path.isdir(os.path.expanduser("~/.docker/contexts")):
+        return True
+    return os.path.exists(DOCKER_SOCKET) and os.access(DOCKER_SOCKET, os.R_OK | os.W_OK)
 
 
 def engine_run(engine: str, *args: str, timeout: float = ENGINE_TIMEOUT) -> subprocess.CompletedProcess[str]:
