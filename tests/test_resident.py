@@ -165,8 +165,11 @@ def test_a_big_log_comes_through_the_resident_agent_byte_for_byte(fresh_box, tmp
 
 
 def _request(conn: socket.socket, payload: bytes, tail: int) -> tuple[bytes, bytes, int]:
+    import threading
+
     assert conn.recv(len(box_side.GREETING)) == box_side.GREETING
-    conn.sendall(b"RUN %d %d\n" % (len(payload), tail) + payload)
+    # Sent while the answer is read, as the laptop does (``ssh.resident.Link``).
+    threading.Thread(target=conn.sendall, args=(b"RUN %d %d\n" % (len(payload), tail) + payload,)).start()
     out, err, code, buf = b"", b"", None, b""
     while code is None:
         chunk = conn.recv(65536)
@@ -256,3 +259,17 @@ def test_a_new_server_sweeps_the_files_of_servers_that_no_longer_run(tmp_path):
         assert all(f.exists() for f in laptop_files)
     finally:
         os.close(held)
+
+
+def test_a_script_that_writes_before_it_reads_its_stdin_does_not_stall(tmp_path, monkeypatch):
+    """A script that prints a lot before reading a big stdin: the relay keeps moving its
+    output while the input waits (a blocking write to its stdin would stall both)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ours, theirs = socket.socketpair()
+    pid = _serve_one(theirs)
+    data = b"y" * (4 << 20)
+    _, payload = encode_request("head -c 3000000 /dev/zero | tr '\\0' x; wc -c", [], data)
+    out, err, code = _request(ours, payload, 0)
+    os.waitpid(pid, 0)
+    assert code == 0, err
+    assert out.count(b"x") == 3000000 and out.rstrip().endswith(str(len(data)).encode())

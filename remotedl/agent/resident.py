@@ -148,6 +148,8 @@ class _Pump:
         """Until every source is at its end (or the laptop is gone)."""
         buf = bytearray(pending)
         open_src = dict(sources)
+        if feed is not None:
+            os.set_blocking(feed, False)  # a child writing, not reading, never stalls the relay
         while open_src:
             rlist = list(open_src)
             wlist = []
@@ -182,6 +184,8 @@ class _Pump:
                 try:
                     n = os.write(feed, buf[:_CHUNK])
                     del buf[:n]
+                except BlockingIOError:
+                    pass
                 except OSError:  # the child stopped reading: the rest goes nowhere
                     buf.clear()
                     os.close(feed)
