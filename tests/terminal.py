@@ -20,6 +20,8 @@ class Terminal:
         return "\n".join(self.pane.capture_pane())
 
     def type(self, keys: str, *, enter: bool = False) -> None:
+        if keys.startswith("-"):  # send-keys would read it as an option
+            raise ValueError(f"cannot type {keys!r} through tmux send-keys")
         self.pane.send_keys(keys, enter=enter, literal=not enter)
 
 

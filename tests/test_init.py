@@ -365,7 +365,9 @@ def password_box(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pas
         proc.run(["useradd", "--create-home", "--comment", _PW_COMMENT, PW_USER])
         found = pwd.getpwnam(PW_USER)
     proc.run(["usermod", "--shell", shell, PW_USER])
-    password = secrets.token_urlsafe(12)
+    # Never a leading "-": typed at the terminal through tmux's send-keys, which would take it
+    # for an option (token_urlsafe starts with one 1 time in 64: a second password prompt).
+    password = "pw" + secrets.token_urlsafe(12)
     proc.run(["chpasswd"], input=f"{PW_USER}:{password}\n")
     shutil.rmtree(Path(found.pw_dir) / ".ssh", ignore_errors=True)  # no key installed yet
     d = tmp_path / "pwbox"
