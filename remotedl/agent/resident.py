@@ -117,8 +117,13 @@ def private_dir(path: str) -> bool:
 
 
 def send(conn: socket.socket, kind: bytes, data: bytes) -> None:
-    """One frame (``data`` is at most a chunk: far below the 4-byte length's limit)."""
-    conn.sendall(_FRAME.pack(kind, len(data)) + data)
+    """One frame (``data`` is at most a chunk: far below the 4-byte length's limit); a big one
+    without copying it behind its header."""
+    if len(data) > 65536:
+        conn.sendall(_FRAME.pack(kind, len(data)))
+        conn.sendall(data)
+    else:
+        conn.sendall(_FRAME.pack(kind, len(data)) + data)
 
 
 def _read_line(conn: socket.socket, limit: int = 128) -> bytes:
@@ -222,6 +227,17 @@ class _Pump:
         self.seen = end
 
 
+def wide_pipe() -> tuple[int, int]:
+    """A pipe of 1 MiB where the kernel allows it (64 KiB is the default): a 1 GB log moves
+    in 1 MiB frames, not 64 KiB ones, each a turn through Python on both ends."""
+    r, w = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):
+        import fcntl
+
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), _CHUNK)
+    return r, w
+
+
 def _status(pid: int) -> int:
     _, st = os.waitpid(pid, 0)
     if os.WIFEXITED(st):
@@ -232,7 +248,7 @@ def _status(pid: int) -> int:
 def _spawn_sh(python: str) -> tuple[int, int, int, int]:
     """(pid, stdin, stdout, stderr) of /bin/sh reading a framed script."""
     i_r, i_w = os.pipe()
-    o_r, o_w = os.pipe()
+    o_r, o_w = wide_pipe()
     e_r, e_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -257,7 +273,7 @@ def _spawn_sh(python: str) -> tuple[int, int, int, int]:
 def _spawn_agent() -> tuple[int, int, int, int]:
     """(pid, stdin, stdout, stderr) of the agent's ``main`` in a fork of this process."""
     i_r, i_w = os.pipe()
-    o_r, o_w = os.pipe()
+    o_r, o_w = wide_pipe()
     e_r, e_w = os.pipe()
     pid = os.fork()
     if pid == 0:

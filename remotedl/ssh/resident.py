@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from remotedl.agent.resident import GREETING, HERE
+from remotedl.agent.resident import GREETING, HERE, wide_pipe
 from remotedl.ssh.resolve import HostSpec
 
 log = logging.getLogger("remotedl.ssh")
@@ -201,28 +201,28 @@ class Link:
         self.sock = s
 
     def frames(self, timeout: float | None = None) -> Iterator[tuple[bytes, bytes]]:
-        """(kind, bytes) until the exit frame; ConnectionError if the link ended before it."""
+        """(kind, bytes) until the exit frame; ConnectionError if the link ended before it.
+        Each frame's bytes are read straight into their own buffer (no copy of a 1 MiB frame)."""
         assert self.sock is not None
         s = self.sock
         s.settimeout(timeout)
-        buf = bytearray()
+        head = bytearray(_FRAME.size)
         while True:
-            while len(buf) < _FRAME.size:
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    raise ConnectionError("the connection to the box's agent ended")
-                buf += chunk
-            kind, size = _FRAME.unpack_from(buf)
-            while len(buf) < _FRAME.size + size:
-                chunk = s.recv(max(1 << 20, _FRAME.size + size - len(buf)))
-                if not chunk:
-                    raise ConnectionError("the connection to the box's agent ended")
-                buf += chunk
-            data = bytes(buf[_FRAME.size : _FRAME.size + size])
-            del buf[: _FRAME.size + size]
-            yield kind, data
+            self._fill(memoryview(head))
+            kind, size = _FRAME.unpack(head)
+            body = bytearray(size)
+            self._fill(memoryview(body))
+            yield kind, body  # type: ignore[misc]
             if kind == b"x":
                 return
+
+    def _fill(self, view: memoryview) -> None:
+        assert self.sock is not None
+        while view:
+            n = self.sock.recv_into(view)
+            if not n:
+                raise ConnectionError("the connection to the box's agent ended")
+            view = view[n:]
 
     def close(self) -> None:
         if self.sock is not None:
@@ -244,7 +244,7 @@ class SocketProcess:
     def __init__(self, link: Link, spec: HostSpec) -> None:
         self.link = link
         self.spec = spec
-        o_r, self._o_w = os.pipe()
+        o_r, self._o_w = wide_pipe()
         e_r, self._e_w = os.pipe()
         self.stdout = os.fdopen(o_r, "rb", buffering=0)
         self.stderr = os.fdopen(e_r, "rb")
