@@ -11,14 +11,25 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def retry_until(fn: Callable[[], T | None], *, seconds: float = 8.0, interval: float = 0.05) -> T | None:
-    """Call ``fn`` until it returns something truthy or ``seconds`` pass; return its last value."""
+def retry_until(
+    fn: Callable[[], T | None],
+    *,
+    seconds: float = 8.0,
+    interval: float = 0.05,
+    max_interval: float | None = None,
+) -> T | None:
+    """Call ``fn`` until it returns something truthy or ``seconds`` pass; return its last value.
+    With ``max_interval``, the pause starts at ``interval`` and doubles up to it (soon after an
+    event that usually lands within milliseconds, then less often)."""
     deadline = time.monotonic() + seconds
+    pause = interval
     while True:
         value = fn()
         if value or time.monotonic() >= deadline:
             return value
-        time.sleep(interval)
+        time.sleep(pause)
+        if max_interval is not None:
+            pause = min(pause * 2, max_interval)
 
 
 def port_answers(host: str, port: int, timeout: float = 0.2) -> bool:

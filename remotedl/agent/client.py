@@ -181,9 +181,7 @@ class AgentClient:
     ) -> None:
         self.spec = spec
         self.python = python
-        self.box = box or Box(spec)
-        self.box.resident = True
-        self.box.python = python
+        self.box = box or Box(spec, resident=True, python=python)
         self.agent = build_agent()
         # With the default remote_dir: sent with every request, so the box keeps a tree this
         # project has under the older, folder-named default (remotedl.treeid).

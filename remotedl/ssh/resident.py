@@ -275,9 +275,6 @@ class SocketProcess:
         self._thread.join(timeout)
         return 255 if self.returncode is None else self.returncode
 
-    def poll(self) -> int | None:
-        return self.returncode
-
     def kill(self) -> None:
         sock = self.link.sock
         if sock is not None:

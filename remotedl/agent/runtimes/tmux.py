@@ -44,6 +44,7 @@ from remotedl.agent.store import (
 )
 from remotedl.schema import ACTIVE, ENDED, outlived_words
 from remotedl.waiting import pid_alive as _alive
+from remotedl.waiting import retry_until
 
 TMUX_MIN = (3, 0)  # new-session with the command as separate words: no shell in between
 START_TIMEOUT = 30.0  # the runner records itself within this, or the start failed
@@ -375,7 +376,7 @@ class TmuxRuntime(Runtime):
             if runner_alive(rec):
                 with contextlib.suppress(OSError):
                     os.kill(int(rec["runner_pid"]), signal.SIGTERM)
-                _wait_while(lambda: runner_alive(rec), 5)
+                _until_done(lambda: runner_alive(rec), 5)
             ctx.tell(job_id, "killed")  # after the runner: it may have died mid-send
             return load(job_id), []
         if rec["status"] not in ACTIVE:
@@ -385,10 +386,10 @@ class TmuxRuntime(Runtime):
             if not signal_job(rec, sig):
                 break
             steps.append(signal.Signals(sig).name)
-            _wait_while(lambda: job_alive(rec), wait)
+            _until_done(lambda: job_alive(rec), wait)
             if not job_alive(rec):
                 break
-        _wait_while(lambda: runner_alive(rec) and load(job_id)["status"] in ACTIVE, 5)
+        _until_done(lambda: runner_alive(rec) and load(job_id)["status"] in ACTIVE, 5)
         return None, steps  # no runner left to record the end: the look says killed, by the marker
 
     def follow(self, rec: dict[str, Any]) -> LogFollow:
@@ -401,11 +402,7 @@ class TmuxRuntime(Runtime):
         return "exec tmux attach-session -t " + shlex.quote("=" + session)
 
 
-def _wait_while(busy: Callable[[], bool], seconds: float) -> None:
-    """Up to ``seconds`` while ``busy()``: looking again soon (a signalled process ends within
-    milliseconds; a kill waits for nothing longer), then less often."""
-    deadline = time.monotonic() + seconds
-    pause = 0.005
-    while busy() and time.monotonic() < deadline:
-        time.sleep(pause)
-        pause = min(pause * 2, 0.1)
+def _until_done(busy: Callable[[], bool], seconds: float) -> None:
+    """Up to ``seconds`` while ``busy()``: a signalled process ends within milliseconds, so the
+    look comes again after 5 ms, then less often (a kill waits for nothing longer)."""
+    retry_until(lambda: not busy(), seconds=seconds, interval=0.005, max_interval=0.1)
