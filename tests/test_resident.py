@@ -161,6 +161,90 @@ def test_a_big_log_comes_through_the_resident_agent_byte_for_byte(fresh_box, tmp
     assert len(out) == len(expected) and out == expected
 
 
+def _holders(local: Path) -> list[int]:
+    """The laptop's holders (``remotedl.ssh.spare``) of connections to the forward at ``local``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if os.fsencode(str(local)) in argv and any(a.endswith(b"spare.py") for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def _forward_of(fresh_box, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    from remotedl.agent.client import build_agent
+    from remotedl.ssh import resident, resolve_host
+
+    spec = resolve_host(make_env(tmp_path / "laptop"), fresh_box.name, ssh_config=fresh_box.info.ssh_config)
+    return resident.local_path(spec, build_agent().digest)
+
+
+def test_a_connection_held_ahead_answers_the_next_command_but_never_for_an_old_login(
+    fresh_box, tmp_path, project, caplog
+):
+    """After a command the resident agent answered, a holder beside the master keeps a greeted
+    connection for the next one (one round trip less). What a held connection missed meanwhile
+    (here a line added to .bashrc) is checked when the request comes: the job sees the new
+    login, and the holder goes when the master does."""
+    from remotedl.ssh import resolve_host, spare
+    from remotedl.ssh.channel import Box
+    from remotedl.ssh.openssh import close_master
+
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    _resident_up(run, project, fresh_box.home)
+    local = _forward_of(fresh_box, tmp_path)
+    assert run("jobs", cwd=project).code == 0  # answered through the forward: starts the holder
+    assert retry_until(lambda: spare.holder_path(local).exists() and _holders(local), seconds=10)
+    caplog.set_level(logging.DEBUG, logger="remotedl.ssh")
+    for n in range(3):  # each command takes the one held, and the holder opens the next
+        caplog.clear()
+        r = run("run", "--no-push", "--cpu", "--", "echo", f"held-{n}", cwd=project)
+        assert r.code == 0 and f"held-{n}" in r.out, r.err
+        assert any("held ahead" in m.getMessage() for m in caplog.records), [
+            m.getMessage() for m in caplog.records
+        ]
+    assert len(_holders(local)) == 1
+    # Give the holder time to open its next connection, then change what a login sees.
+    retry_until(lambda: len(sandbox.resident_pids(fresh_box.home)) >= 2, seconds=10)
+    rc = fresh_box.home / ".bashrc"
+    rc.write_text((rc.read_text() if rc.exists() else "") + "\nexport RDL_LOGIN_MARK=after-hold\n")
+    # What the agent itself runs sees it (a job gets a fresh login's environment anyway).
+    caplog.clear()
+    spec = resolve_host(make_env(tmp_path / "laptop"), fresh_box.name, ssh_config=fresh_box.info.ssh_config)
+    out = Box(spec, resident=True).run('printf "mark=%s" "${RDL_LOGIN_MARK-}"').stdout
+    assert any("held ahead" in m.getMessage() for m in caplog.records)
+    assert out.endswith("mark=after-hold"), out
+    # The master's end takes the holder with it (and the relays it kept waiting on the box).
+    close_master(spec)
+    assert retry_until(lambda: not _holders(local), seconds=15), _holders(local)
+    assert not spare.holder_path(local).exists()
+
+
+def test_a_held_connection_ends_with_the_resident_agent(fresh_box, tmp_path, project):
+    """The box's relay kept waiting for a request ends when its server does; the holder, finding
+    no server to open another to, leaves too: nothing is left on either side."""
+    from remotedl.ssh import spare
+
+    run = cli_for(fresh_box, tmp_path / "laptop")
+    server = _resident_up(run, project, fresh_box.home)
+    local = _forward_of(fresh_box, tmp_path)
+    assert run("jobs", cwd=project).code == 0
+    assert retry_until(
+        lambda: _holders(local) and len(sandbox.resident_pids(fresh_box.home)) >= 2, seconds=10
+    )
+    os.kill(server, signal.SIGTERM)
+    assert retry_until(lambda: not sandbox.resident_pids(fresh_box.home), seconds=10), sandbox.resident_pids(
+        fresh_box.home
+    )
+    assert retry_until(lambda: not _holders(local), seconds=15)
+    assert not spare.holder_path(local).exists()
+    r = run("run", "--no-push", "--cpu", "--", "echo", "still-works", cwd=project)
+    assert r.code == 0 and "still-works" in r.out, r.err
+
+
 # ------------------------------------------------------------------ the box side, without a box
 
 
@@ -222,6 +306,50 @@ def test_the_box_side_runs_a_framed_script_and_the_agent_in_a_fork(tmp_path, mon
     assert code == 0, err
     answer = json.loads(out.decode().strip().splitlines()[-1])
     assert answer["ok"] is True and answer["jobs"] == []
+
+
+def test_a_request_that_waited_past_a_login_change_runs_nothing(tmp_path, monkeypatch):
+    """A connection greeted before a login file changed (held ahead by the laptop) gets "n" for
+    its request: nothing ran, the laptop takes a session. One whose server ended while it
+    waited is closed before any request."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    marker = tmp_path / "ran"
+    _, payload = encode_request(f"touch {marker}", [], b"")
+    (tmp_path / ".profile").write_text("# before\n")
+    login = box_side.login_state()
+    (tmp_path / ".profile").write_text("# after: another line\n")
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            box_side.handle(theirs, sys.executable, login=login)
+        finally:
+            os._exit(0)
+    theirs.close()
+    assert ours.recv(len(box_side.GREETING)) == box_side.GREETING
+    ours.sendall(b"RUN %d 0\n" % len(payload) + payload)
+    answer = b""
+    while len(answer) < 5 and (chunk := ours.recv(100)):
+        answer += chunk
+    ours.close()
+    os.waitpid(pid, 0)
+    assert answer == b"n\0\0\0\0" and not marker.exists()
+    # The server's end, while a connection waits for its request.
+    ended, ending = os.pipe()
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ending)
+        try:
+            box_side.handle(theirs, sys.executable, ended=ended, login=box_side.login_state())
+        finally:
+            os._exit(0)
+    theirs.close()
+    os.close(ended)
+    assert ours.recv(len(box_side.GREETING)) == box_side.GREETING
+    os.close(ending)
+    assert ours.recv(100) == b""  # closed: nothing was read, nothing ran
+    os.waitpid(pid, 0)
 
 
 def test_the_socket_directory_must_be_the_users_own(tmp_path):

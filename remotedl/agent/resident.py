@@ -13,9 +13,13 @@ no login shell, no interpreter start. What it runs is exactly what the session w
   last bytes of the payload) then goes to the agent's ``main`` in a process forked from this one,
   whose modules are already imported.
 
-Its output comes back as frames (a type byte, a 4-byte length, the bytes): ``o`` stdout, ``e``
-stderr, ``x`` the exit status, last. The server greets each connection first; a laptop that
-gets no greeting (the server is gone, or sshd refused the forward) knows nothing ran.
+Its output comes back as frames (a type byte, a 4-byte length, the bytes): ``a`` (the request is
+taken) first, then ``o`` stdout, ``e`` stderr, ``x`` the exit status, last. The server greets
+each connection first; a laptop that gets no greeting (the server is gone, or sshd refused the
+forward) knows nothing ran. A greeted connection may wait for its request a while (the laptop
+keeps one open ahead of the next command: ``remotedl.ssh.spare``): when the request comes, a
+login file changed meanwhile or the agent's directory is gone, the answer is ``n`` (nothing
+ran: take a session) instead of ``a``; and one still waiting when the server ends is closed.
 
 Trust: the socket lives in a directory only the user can enter (``~/.remotedl/run``, or a
 ``/tmp/remotedl-UID`` checked to be the user's own, 0700), so reaching it takes being the user on
@@ -38,7 +42,7 @@ import struct
 import sys
 import time
 
-GREETING = b"remotedl-resident 1\n"
+GREETING = b"remotedl-resident 2\n"
 HERE = 219  # exit status of an agent call's script: "run the agent here, with the request"
 IDLE = 900.0  # seconds without a request before the server ends
 MAX_PAYLOAD = 1 << 34
@@ -318,15 +322,39 @@ def _max_fd() -> int:
         return 1024
 
 
-def handle(conn: socket.socket, python: str) -> None:
-    """One connection: the greeting, the request, its answer as frames."""
+def handle(
+    conn: socket.socket,
+    python: str,
+    *,
+    ended: int | None = None,
+    login: tuple[tuple[str, float, int, int], ...] | None = None,
+    agent_dir: str = "",
+) -> None:
+    """One connection: the greeting, the request, its answer as frames. ``ended`` turns
+    readable (at its end) when the server ends: a connection still waiting for its request is
+    closed then. ``login``: the login files as the server started (``login_state``)."""
     conn.sendall(GREETING)
+    if ended is not None:
+        r, _, _ = select.select([conn.fileno(), ended], [], [])
+        if conn.fileno() not in r:
+            raise ConnectionError("the server ended")
     head = _read_line(conn).split()
     if len(head) != 3 or head[0] != b"RUN" or not head[1].isdigit() or not head[2].isdigit():
         raise ConnectionError("not a request")
     size, tail_len = int(head[1]), int(head[2])
     if size > MAX_PAYLOAD or tail_len > size:
         raise ConnectionError("request too large")
+    if (login is not None and login_state() != login) or (agent_dir and not os.path.isdir(agent_dir)):
+        # A fresh login would see another environment, or another agent: nothing runs. The rest
+        # of the request is read (until the laptop closes), so the answer is not lost to a reset.
+        send(conn, b"n", b"")
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(30)
+        with contextlib.suppress(OSError):
+            while conn.recv(_CHUNK):
+                pass
+        return
+    send(conn, b"a", b"")
     pump = _Pump(conn, size, tail_len)
     pid, feed, out, err = _spawn_sh(python)
     pump.run(feed, b"", {out: b"o", err: b"e"})
@@ -386,6 +414,8 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
     agent_dir = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     login = login_state()
     last = time.monotonic()
+    # Its write end closes with this process: the relays still waiting for a request see it.
+    ended, ending = os.pipe()
     # Each request's relay is reaped as it ends (no zombie waits for the next look).
     signal.signal(signal.SIGCHLD, _reap)
     try:
@@ -414,9 +444,10 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the relay waits for its own
                 listener.close()
                 os.close(lock)
+                os.close(ending)
                 code = 0
                 try:
-                    handle(conn, python)
+                    handle(conn, python, ended=ended, login=login, agent_dir=agent_dir)
                 except (OSError, ConnectionError):
                     code = 1
                 finally:
@@ -429,6 +460,8 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
             with contextlib.suppress(OSError):
                 os.unlink(path)
         listener.close()
+        os.close(ending)
+        os.close(ended)
 
 
 def _sweep(path: str) -> None:

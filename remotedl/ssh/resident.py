@@ -8,8 +8,10 @@ it) and says where its socket is. The laptop then asks the master for a stream-l
 from this command or the next one within the master's life, connect to LOCAL: no ssh process
 here, no session, login shell or Python start there.
 
-Nothing is sent before the box's resident greets the connection, so a failure up to then (no
-master, no server, sshd refusing the forward) only means: take the session path. When the
+Nothing is sent before the box's resident greets the connection, and nothing runs before it
+answers the request with ``a``, so a failure up to then (no master, no server, sshd refusing the
+forward, a connection held ahead by ``remotedl.ssh.spare`` gone stale) only means: take the
+session path. When the
 forward keeps leading to no server (sshd refuses stream-local forwarding there), resident
 requests for that box stop for ``OFF_FOR`` seconds after ``STRIKES`` such misses in a row
 (``REMOTEDL_RESIDENT=0`` turns them off).
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from remotedl.agent.resident import GREETING, HERE, wide_pipe
+from remotedl.ssh import spare
 from remotedl.ssh.resolve import HostSpec
 
 log = logging.getLogger("remotedl.ssh")
@@ -173,6 +176,25 @@ class Link:
         self.sock: socket.socket | None = None
 
     def open(self, payload: bytes, tail_len: int) -> None:
+        """Send the request on a greeted connection: the one the holder keeps open ahead
+        (``remotedl.ssh.spare``; one round trip less), else a new one. Returns once the box
+        took it (``Unavailable``: nothing ran)."""
+        s, held = spare.take(self.local)
+        if s is not None:
+            log.debug("resident agent: a connection held ahead")
+            try:
+                self._send(s, payload, tail_len)
+                return
+            except Unavailable:
+                pass  # it went stale while held: a new connection
+        s = self._greeted()
+        self._send(s, payload, tail_len)
+        if not held:  # for the next command
+            from remotedl.ssh.openssh import CONTROL_PERSIST
+
+            spare.start(self.local, GREETING, CONTROL_PERSIST)
+
+    def _greeted(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(GREET_TIMEOUT)
         try:
@@ -192,13 +214,27 @@ class Link:
         if got != GREETING:
             s.close()
             raise Unavailable(True)
-        s.settimeout(None)
+        return s
+
+    def _send(self, s: socket.socket, payload: bytes, tail_len: int) -> None:
+        """The request, then the box's first frame: ``a`` (taken) or ``n`` (nothing ran)."""
+        s.settimeout(GREET_TIMEOUT)
         head = b"RUN %d %d\n" % (len(payload), tail_len)
-        if len(payload) <= 1 << 16:
-            s.sendall(head + payload)
-        else:  # while the box answers (a big answer must not wait for the whole input)
-            threading.Thread(target=_send_quietly, args=(s, head + payload), daemon=True).start()
-        self.sock = s
+        try:
+            if len(payload) <= 1 << 16:
+                s.sendall(head + payload)
+            else:  # while the box answers (a big answer must not wait for the whole input)
+                threading.Thread(target=_send_quietly, args=(s, head + payload), daemon=True).start()
+            self.sock = s
+            first = bytearray(_FRAME.size)
+            self._fill(memoryview(first))
+        except (OSError, ConnectionError):
+            first = bytearray(b"n")
+        if first[:1] != b"a":
+            self.close()
+            s.close()
+            raise Unavailable(False)
+        s.settimeout(None)
 
     def frames(self, timeout: float | None = None) -> Iterator[tuple[bytes, bytes]]:
         """(kind, bytes) until the exit frame; ConnectionError if the link ended before it.

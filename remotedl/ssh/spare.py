@@ -1,0 +1,186 @@
+"""A connection to the box's resident agent opened ahead of the next command: one round trip less.
+
+A request through the master's forward (``remotedl.ssh.resident``) waits for two round trips: the
+master opens a channel to the box's socket (the first), then the request goes and its answer comes
+(the second), as a plain ``ssh box cmd`` on a warm master waits for its session's opening and its
+answer. The first can happen before the command: a small process beside the master (the
+*holder*, this module run on its own) keeps one connection open through the forward, greeted by
+the box's agent, and hands it to the next command over a Unix socket next to the forward's
+(``SCM_RIGHTS``: the command then owns the connection itself, nothing is relayed). It opens
+another at once for the command after.
+
+The holder ends when ``idle`` seconds pass without a command taking a connection (an open
+channel keeps the master up past its ControlPersist, so this bounds it: the master ends at most
+``idle`` + ControlPersist after the last command), when a connection cannot be opened or greeted
+(the master or the box's agent is gone; the next command starts over the usual way), or when its
+socket is replaced. One runs per forward (a lock beside it).
+
+What a held connection may have missed (a login file changed, the agent replaced) the box's
+agent checks when the request comes, and answers "nothing ran" (``remotedl.agent.resident``): the
+command then takes the forward itself or a session. The socket lives in the control directory
+(only this user's), like the master's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TAKE_TIMEOUT = 2.0
+GREET_TIMEOUT = 10.0
+
+
+def holder_path(local: Path) -> Path:
+    """The holder's socket, beside the forward's local end ``local``."""
+    return local.with_suffix(".spare")
+
+
+def take(local: Path) -> tuple[socket.socket | None, bool]:
+    """(a greeted connection to the box's agent, or None; whether a holder answered)."""
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(TAKE_TIMEOUT)
+    try:
+        c.connect(str(holder_path(local)))
+    except OSError:
+        c.close()
+        return None, False
+    try:
+        msg, fds, _, _ = socket.recv_fds(c, 1, 1)
+    except OSError:
+        return None, True
+    finally:
+        c.close()
+    if msg == b"S" and len(fds) == 1:
+        return socket.socket(fileno=fds[0]), True
+    for fd in fds:
+        os.close(fd)
+    return None, True
+
+
+# The holder runs this file alone (no package import: stdlib only, a small process), isolated
+# from the environment's Python settings and the working directory's modules (``-I``).
+_RUN = (
+    "import importlib.util as u, sys; s = u.spec_from_file_location('remotedl_spare', sys.argv[1]); "
+    "m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))"
+)
+
+
+def start(local: Path, greeting: bytes, idle: float) -> None:
+    """A holder for the forward at ``local``, in the background (one that runs already keeps
+    its place: the new one leaves at once)."""
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            [sys.executable, "-I", "-c", _RUN, __file__, str(local), greeting.decode().strip(), str(idle)],
+            cwd=str(local.parent),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _open(local: str, greeting: bytes) -> socket.socket | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(GREET_TIMEOUT)
+    try:
+        s.connect(local)
+        got = b""
+        while len(got) < len(greeting):
+            chunk = s.recv(len(greeting) - len(got))
+            if not chunk:
+                break
+            got += chunk
+    except OSError:
+        got = b""
+    if got != greeting:
+        s.close()
+        return None
+    s.settimeout(None)
+    return s
+
+
+def main(argv: list[str]) -> int:
+    """The holder: ``LOCAL GREETING IDLE``."""
+    import fcntl
+
+    local, greeting, idle = argv[0], argv[1].encode() + b"\n", float(argv[2])
+    path = str(holder_path(Path(local)))
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # one holds already
+    spare = _open(local, greeting)
+    if spare is None:
+        return _leave(path, lock, None, None)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(16)
+    ino = os.stat(path).st_ino
+    last = time.monotonic()
+    quick_ends = 0
+    opened = time.monotonic()
+    try:
+        while True:
+            if spare is None:
+                spare = _open(local, greeting)
+                if spare is None:
+                    return 0
+                opened = time.monotonic()
+            r, _, _ = select.select([listener, spare], [], [], 5.0)
+            if spare in r:
+                # The box ended it (its agent ended or was replaced; the master is gone): open
+                # another, unless they keep ending as soon as they open.
+                spare.close()
+                spare = None
+                quick_ends = quick_ends + 1 if time.monotonic() - opened < 1.0 else 0
+                if quick_ends >= 3:
+                    return 0
+                continue
+            if listener in r:
+                conn, _ = listener.accept()
+                with contextlib.suppress(OSError):
+                    socket.send_fds(conn, [b"S"], [spare.fileno()])
+                conn.close()
+                spare.close()
+                spare = None
+                last = time.monotonic()
+            elif time.monotonic() - last > idle:
+                return 0
+            if not _still(path, ino):
+                return 0
+    finally:
+        _leave(path, lock, listener, ino)
+        if spare is not None:
+            spare.close()
+
+
+def _still(path: str, ino: int) -> bool:
+    try:
+        return os.stat(path).st_ino == ino
+    except OSError:
+        return False
+
+
+def _leave(path: str, lock: int, listener: socket.socket | None, ino: int | None) -> int:
+    if listener is not None:
+        if ino is not None and _still(path, ino):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        listener.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path + ".lock")  # while held: a holder starting now finds it taken or new
+    os.close(lock)
+    return 0
