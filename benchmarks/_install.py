@@ -57,13 +57,13 @@ def installed_remotedl() -> list[str]:
     return [str(exe)]
 
 
-# The console script pip (and uv) write for ``remotedl = "remotedl.cli:main"``.
+# The console script pip (and uv) write for ``remotedl = "remotedl.cli:entry"``.
 SCRIPT = """#!{python}
 # -*- coding: utf-8 -*-
 import re
 import sys
-from remotedl.cli import main
+from remotedl.cli import entry
 if __name__ == '__main__':
     sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
-    sys.exit(main())
+    sys.exit(entry())
 """

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import sys
+from remotedl.cli import entry
 
-from remotedl.cli import main
-
-sys.exit(main())
+entry()

@@ -377,7 +377,7 @@ def up(
     shutil.copy(directory / "id_ed25519.pub", authorized_keys)
     authorized_keys.chmod(0o644)
     if gpus > 0 and not host_gpus:
-        shutil.copy(STAND_IN_BIN / "nvidia-smi", bin_dir / "nvidia-smi")
+        (bin_dir / "nvidia-smi").write_text(_stand_in_nvidia_smi())
         (bin_dir / "nvidia-smi").chmod(0o755)
         (box_root / "gpus.json").write_text(json.dumps(fake_gpus(gpus), indent=2))
         (box_root / "gpus.json").chmod(0o644)
@@ -524,6 +524,16 @@ def _end_jobs(home: Path) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             (os.killpg if group else os.kill)(pid, signal.SIGKILL)
     retry_until(lambda: not any(_alive(pid) for pid, _ in targets), seconds=5)
+
+
+def _stand_in_nvidia_smi() -> str:
+    """The stand-in, run by the system's python3 where there is one: ``env python3`` may find a
+    version manager's shim first (pyenv's costs ~80 ms a call), which no real nvidia-smi does,
+    and ``status`` calls it twice."""
+    text = (STAND_IN_BIN / "nvidia-smi").read_text()
+    if os.access("/usr/bin/python3", os.X_OK) and text.startswith("#!/usr/bin/env python3\n"):
+        text = "#!/usr/bin/python3\n" + text.split("\n", 1)[1]
+    return text
 
 
 def resident_pids(home: Path) -> list[int]:

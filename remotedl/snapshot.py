@@ -36,7 +36,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +392,8 @@ def _copy_objects(sub: Path, root: Path, tree: str, env: dict[str, str]) -> None
     """Copy ``tree`` and all it holds from the repository at ``sub`` into ``root``'s object
     store: only what ``root`` lacks, as one pack (made visible at once: a present tree means
     all its objects are)."""
+    import tempfile  # here: a command that makes no snapshot does not import it
+
     if proc.run(["git", "-C", str(root), "cat-file", "-e", tree], env=env, check=False).returncode == 0:
         return
     listed = git(sub, "rev-list", "--objects", "--no-object-names", tree, env=env)
@@ -455,6 +456,8 @@ def take_snapshot(
 ) -> Snapshot:
     """The commit that holds the work tree's code (see the module's doc); the repository is
     left exactly as it was."""
+    import tempfile
+
     env0 = _clean_env()
     say = stage or (lambda _text: None)
     repo = repo or repo_facts(path)

@@ -165,11 +165,12 @@ def test_plain_lines_are_what_the_console_prints(tty):
         app.out(text)
         assert "console" not in app.__dict__ or plain_line(text) is None
         theirs = Out()
-        Console(file=theirs, highlight=False, soft_wrap=True, width=None if tty else 200,
+        Console(file=theirs, highlight=False, emoji=False, soft_wrap=True, width=None if tty else 200,
                 _environ={}).print(text, markup=False)  # fmt: skip
         assert ours.getvalue() == theirs.getvalue(), text
     assert plain_line("tab\there") is None
     assert plain_line("12:30") == "12:30"
+    assert plain_line("echo :thumbs_up:") == "echo :thumbs_up:"  # no emoji made of a user's text
 
 
 def test_a_pyproject_without_remotedl_settings_is_parsed_once(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ class Agent:
     digest: str
 
     def zip_bytes(self) -> bytes:
+        import zipfile  # only when the box lacks this version
+
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as z:
             for arc, path in self.files:

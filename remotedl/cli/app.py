@@ -160,15 +160,23 @@ class App:
         # Every console reads TERM, COLUMNS, NO_COLOR... from the Environment it was given (rich's
         # _environ), not from this process: in-process runs get what they passed (TERM=dumb here
         # turned the status line of a test's own "terminal" off).
+        # No emoji codes: a job's name or command with ":smile:" in it is shown as it is.
         return Console(
-            file=self.env.stdout, highlight=False, soft_wrap=True, width=width, _environ=self.env.environ
+            file=self.env.stdout,
+            highlight=False,
+            emoji=False,
+            soft_wrap=True,
+            width=width,
+            _environ=self.env.environ,
         )
 
     @cached_property
     def err_console(self) -> Console:
         from rich.console import Console
 
-        return Console(file=self.env.stderr, highlight=False, soft_wrap=True, _environ=self.env.environ)
+        return Console(
+            file=self.env.stderr, highlight=False, emoji=False, soft_wrap=True, _environ=self.env.environ
+        )
 
     def print_json(self, data: Any) -> None:
         """``--json`` output: indented for a person at a terminal; compact when a program reads
@@ -192,20 +200,13 @@ class App:
 
 
 def plain_line(text: str) -> str | None:
-    """``text`` as ``Console(highlight=False, soft_wrap=True).print(text, markup=False)`` writes
-    it (less the newline), or None where that takes rich itself: tabs (expanded), newlines and
-    control characters (stripped). rich's emoji codes (``:thumbs_up:``) are replaced by its own
-    function, as rich does, and a rich without it takes the console (tests/test_units.py checks
-    the two agree)."""
+    """``text`` as ``Console(highlight=False, emoji=False, soft_wrap=True).print(text,
+    markup=False)`` writes it (less the newline), or None where that takes rich itself: tabs
+    (expanded), newlines and control characters (stripped). tests/test_lean_start.py checks the
+    two agree."""
     if not text.isprintable():
         return None
-    if ":" not in text:
-        return text
-    try:
-        from rich._emoji_replace import _emoji_replace
-    except ImportError:  # a rich without it: the console does it
-        return None
-    return _emoji_replace(text)
+    return text
 
 
 def _no_host() -> ConfigError:

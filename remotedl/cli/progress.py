@@ -62,7 +62,7 @@ class LiveProgress:
             TextColumn("{task.fields[size]}"),
             TextColumn("{task.fields[rate]}"),
             _Left(),
-            console=Console(file=env.stderr, highlight=False, _environ=env.environ),
+            console=Console(file=env.stderr, highlight=False, emoji=False, _environ=env.environ),
             transient=True,
         )
         self._status: TaskID | None = None
@@ -157,7 +157,7 @@ def fleet_progress(env: Environment, hosts: Sequence[str], enabled: bool = True)
         DownloadColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=Console(file=env.stderr, _environ=env.environ),
+        console=Console(file=env.stderr, emoji=False, _environ=env.environ),
         transient=True,
     )
     with bars:

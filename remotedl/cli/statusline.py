@@ -37,7 +37,7 @@ class StatusLine:
             SpinnerColumn(),
             TextColumn("{task.description}", markup=False),
             TimeElapsedColumn(),
-            console=Console(file=self.env.stderr, highlight=False, _environ=self.env.environ),
+            console=Console(file=self.env.stderr, highlight=False, emoji=False, _environ=self.env.environ),
             transient=True,
             redirect_stdout=False,
             redirect_stderr=False,
