@@ -401,3 +401,62 @@ def test_a_script_that_writes_before_it_reads_its_stdin_does_not_stall(tmp_path,
     os.waitpid(pid, 0)
     assert code == 0, err
     assert out.count(b"x") == 3000000 and out.rstrip().endswith(str(len(data)).encode())
+
+
+def test_forward_sockets_no_master_listens_on_are_swept(tmp_path):
+    """A master leaves its forward's socket file when it ends; the next forward made removes
+    such files (and markers past their time), not the ones a master still listens on."""
+    from remotedl.ssh import resident
+
+    def bound(name: str) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(tmp_path / name))
+        s.listen(1)
+        return s
+
+    live = bound("r-live-0.sock")
+    bound("r-dead-0.sock").close()  # its file stays: no one listens on it
+    old, recent = tmp_path / "r-old-0.off", tmp_path / "r-recent-0.strikes"
+    old.touch()
+    recent.write_text("1")
+    past = old.stat().st_mtime - resident.OFF_FOR - 60
+    os.utime(old, (past, past))
+    other = tmp_path / "push-x.lock"
+    other.touch()
+    resident.sweep(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["push-x.lock", "r-live-0.sock", "r-recent-0.strikes"]
+    live.close()
+
+
+def test_the_holder_answers_at_once_and_hands_over_the_connection_it_opened(tmp_path):
+    """The holder (``remotedl.ssh.spare``) against a stand-in forward: before the box greets its
+    connection a command is told "none" (it opens its own, it does not wait), after it gets that
+    very connection; the holder opens the next one at once, and leaves when no agent answers."""
+    from remotedl.ssh import spare
+
+    local = tmp_path / "r-h-d.sock"
+    forward = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    forward.bind(str(local))
+    forward.listen(4)
+    forward.settimeout(20)
+    spare.start(local, b"hello 1\n", 60)
+    first, _ = forward.accept()  # the holder's connection, not greeted yet
+    assert retry_until(lambda: spare.holder_path(local).exists(), seconds=10)
+    asked = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    asked.settimeout(10)
+    asked.connect(str(spare.holder_path(local)))
+    assert asked.recv(1) == b"N"  # none ready: said, not waited for
+    asked.close()
+    assert spare.take(local) == (None, True)
+    first.sendall(b"hello 1\n")
+    taken = retry_until(lambda: spare.take(local)[0], seconds=10)
+    assert taken is not None
+    taken.sendall(b"RUN")
+    assert first.recv(3) == b"RUN"  # the same connection, now the command's
+    taken.close()
+    second, _ = forward.accept()  # the next one, opened at once
+    second.close()  # no greeting: no agent there any more
+    assert retry_until(lambda: not spare.holder_path(local).exists(), seconds=10)
+    forward.close()
+    first.close()

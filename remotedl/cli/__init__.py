@@ -554,11 +554,12 @@ def entry() -> NoReturn:
     if any(t.is_alive() and not t.daemon for t in others):
         sys.exit(code)
     atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        sys.exit(code)  # as Python ends it: a closed or broken stdout said so
+    for stream in (sys.stdout, sys.stderr):  # None where the command was started without it
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            sys.exit(code)  # as Python ends it: a closed or broken stdout said so
     os._exit(code)
 
 

@@ -126,6 +126,37 @@ def forward(spec: HostSpec, local: Path, remote: str) -> bool:
     return ok and local.exists()
 
 
+def sweep(folder: Path) -> None:
+    """The forwards' socket files that no master listens on any more (a master leaves its
+    stream-local listener's file behind when it ends), and miss counts and off markers past
+    their time: removed when a new forward is made, once per master, so the control directory
+    does not keep one file per master that ever was."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        if not name.startswith("r-"):
+            continue
+        path = folder / name
+        if name.endswith(".sock"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(path))
+            except ConnectionRefusedError:  # a file no one listens on
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            except OSError:
+                pass
+            finally:
+                s.close()
+        elif name.endswith((".off", ".strikes")):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > OFF_FOR:
+                    path.unlink()
+
+
 def _strikes(local: Path) -> Path:
     return local.with_suffix(".strikes")
 
@@ -163,8 +194,10 @@ def after_session(spec: HostSpec, local: Path, stderr: str, *, failed_before: bo
         )
         turn_off(local)
         answered(local)
-    elif not forward(spec, local, remote):
-        turn_off(local)
+    else:
+        sweep(local.parent)
+        if not forward(spec, local, remote):
+            turn_off(local)
     return "\n".join(x for x in lines if not x.startswith(MARK))
 
 

@@ -7,7 +7,8 @@ answer. The first can happen before the command: a small process beside the mast
 *holder*, this module run on its own) keeps one connection open through the forward, greeted by
 the box's agent, and hands it to the next command over a Unix socket next to the forward's
 (``SCM_RIGHTS``: the command then owns the connection itself, nothing is relayed). It opens
-another at once for the command after.
+another at once for the command after. A command that comes while none is greeted yet is told
+so at once and opens its own: the holder never makes a command wait.
 
 The holder ends when ``idle`` seconds pass without a command taking a connection (an open
 channel keeps the master up past its ControlPersist, so this bounds it: the master ends at most
@@ -85,28 +86,39 @@ def start(local: Path, greeting: bytes, idle: float) -> None:
         )
 
 
-def _open(local: str, greeting: bytes) -> socket.socket | None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(GREET_TIMEOUT)
-    try:
-        s.connect(local)
-        got = b""
-        while len(got) < len(greeting):
-            chunk = s.recv(len(greeting) - len(got))
-            if not chunk:
-                break
-            got += chunk
-    except OSError:
-        got = b""
-    if got != greeting:
-        s.close()
-        return None
-    s.settimeout(None)
-    return s
+class _Opening:
+    """A connection through the forward on its way to being greeted, read as it comes."""
+
+    def __init__(self, local: str, greeting: bytes) -> None:
+        self.greeting = greeting
+        self.got = b""
+        self.deadline = time.monotonic() + GREET_TIMEOUT
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(local)  # local: the master takes it at once, or no master listens
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+
+    def read(self) -> bool | None:
+        """True once greeted, False when it never will be, None while it may still be."""
+        try:
+            chunk = self.sock.recv(len(self.greeting) - len(self.got))
+        except BlockingIOError:
+            return None
+        except OSError:
+            chunk = b""
+        self.got += chunk
+        if not chunk or not self.greeting.startswith(self.got):
+            return False
+        return True if self.got == self.greeting else None
 
 
 def main(argv: list[str]) -> int:
-    """The holder: ``LOCAL GREETING IDLE``."""
+    """The holder: ``LOCAL GREETING IDLE``. It answers each command at once: with the held
+    connection when one is greeted, else with none (the command opens its own), so a box slow
+    to answer never makes a command wait for the holder."""
     import fcntl
 
     local, greeting, idle = argv[0], argv[1].encode() + b"\n", float(argv[2])
@@ -116,9 +128,6 @@ def main(argv: list[str]) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # one holds already
-    spare = _open(local, greeting)
-    if spare is None:
-        return _leave(path, lock, None, None)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,41 +139,68 @@ def main(argv: list[str]) -> int:
     listener.listen(16)
     ino = os.stat(path).st_ino
     last = time.monotonic()
+    held: socket.socket | None = None
+    opening: _Opening | None = None
+    opened = 0.0
     quick_ends = 0
-    opened = time.monotonic()
     try:
         while True:
-            if spare is None:
-                spare = _open(local, greeting)
-                if spare is None:
+            now = time.monotonic()
+            if held is None and opening is None:
+                try:
+                    opening = _Opening(local, greeting)
+                except OSError:
+                    return 0  # no master listens any more
+            watched: list[socket.socket] = [listener]
+            if held is not None:
+                watched.append(held)
+            wait = min(5.0, max(0.0, idle - (now - last)))
+            if opening is not None:
+                watched.append(opening.sock)
+                wait = min(wait, max(0.0, opening.deadline - now))
+            r, _, _ = select.select(watched, [], [], wait)
+            now = time.monotonic()
+            if opening is not None:
+                done = opening.read() if opening.sock in r else None
+                if done is None and now > opening.deadline:
+                    done = False
+                if done is False:  # no agent answers through the forward (or the link is down)
                     return 0
-                opened = time.monotonic()
-            r, _, _ = select.select([listener, spare], [], [], 5.0)
-            if spare in r:
-                # The box ended it (its agent ended or was replaced; the master is gone): open
+                if done:
+                    held, opened, opening = opening.sock, now, None
+                    held.setblocking(True)
+            elif held is not None and held in r:
+                # The box ended it (its agent ended or was replaced, the master is gone): open
                 # another, unless they keep ending as soon as they open.
-                spare.close()
-                spare = None
-                quick_ends = quick_ends + 1 if time.monotonic() - opened < 1.0 else 0
+                held.close()
+                held = None
+                quick_ends = quick_ends + 1 if now - opened < 1.0 else 0
                 if quick_ends >= 3:
                     return 0
-                continue
             if listener in r:
                 conn, _ = listener.accept()
                 with contextlib.suppress(OSError):
-                    socket.send_fds(conn, [b"S"], [spare.fileno()])
+                    if held is not None:
+                        socket.send_fds(conn, [b"S"], [held.fileno()])
+                    else:
+                        conn.sendall(b"N")  # none ready: the command opens its own
                 conn.close()
-                spare.close()
-                spare = None
-                last = time.monotonic()
-            elif time.monotonic() - last > idle:
-                return 0
-            if not _still(path, ino):
+                if held is not None:
+                    held.close()
+                    held = None
+                last = now
+            if now - last > idle or not _still(path, ino):
                 return 0
     finally:
-        _leave(path, lock, listener, ino)
-        if spare is not None:
-            spare.close()
+        for s in (held, opening.sock if opening is not None else None, listener):
+            if s is not None:
+                s.close()
+        if _still(path, ino):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path + ".lock")  # while held: a holder starting now finds it taken or new
+        os.close(lock)
 
 
 def _still(path: str, ino: int) -> bool:
@@ -172,15 +208,3 @@ def _still(path: str, ino: int) -> bool:
         return os.stat(path).st_ino == ino
     except OSError:
         return False
-
-
-def _leave(path: str, lock: int, listener: socket.socket | None, ino: int | None) -> int:
-    if listener is not None:
-        if ino is not None and _still(path, ino):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        listener.close()
-    with contextlib.suppress(OSError):
-        os.unlink(path + ".lock")  # while held: a holder starting now finds it taken or new
-    os.close(lock)
-    return 0
