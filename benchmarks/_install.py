@@ -62,7 +62,10 @@ SCRIPT = """#!{python}
 # -*- coding: utf-8 -*-
 import re
 import sys
-from remotedl.cli import entry
+try:
+    from remotedl.cli import entry
+except ImportError:  # an older tree (rtt.py --against), whose command was remotedl.cli:main
+    from remotedl.cli import main as entry
 if __name__ == '__main__':
     sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
     sys.exit(entry())

@@ -483,9 +483,9 @@ def test_damaged_records_are_skipped_and_ids_never_reused(fresh_box, project, tm
     assert [j["id"] for j in json.loads(r.out)] == [first]
     for job_id in bad:
         assert f"skipped the damaged job record {records}/{job_id}.json" in r.err
-    r = run("logs", str(first), cwd=project)
-    assert r.code == 0, r.err
-    assert r.out == "fine\n"
+    # Detached: the job may not have written its line yet when `logs` (not following) looks.
+    logs = retry_until(lambda: (r := run("logs", str(first), cwd=project)).code == 0 and r.out, seconds=20)
+    assert logs == "fine\n"
     r = run("kill", cwd=project)
     assert r.code == 1
     assert "is running" in r.err and "internal error" not in r.err
