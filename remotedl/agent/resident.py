@@ -401,16 +401,7 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
     # The agent's modules, loaded once: what every request's fork gets for nothing.
     import remotedl.agent.ops  # noqa: F401
 
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(64)
-    ino = os.stat(path).st_ino
+    listener, ino = listen_private(path, 64)
     agent_dir = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     login = login_state()
     last = time.monotonic()
@@ -421,7 +412,7 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
     try:
         while True:
             r, _, _ = select.select([listener], [], [], 5.0)
-            if not _still_ours(path, ino) or (agent_dir and not os.path.isdir(agent_dir)):
+            if not still_ours(path, ino) or (agent_dir and not os.path.isdir(agent_dir)):
                 return 0
             if not r:
                 if time.monotonic() - last > idle:
@@ -433,7 +424,7 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
                 # A fresh login would see another environment: no more requests here (the
                 # laptop, greeted by nobody, takes the session path, which starts a new server:
                 # the path and the lock are free before it can ask).
-                if _still_ours(path, ino):
+                if still_ours(path, ino):
                     with contextlib.suppress(OSError):
                         os.unlink(path)
                 os.close(lock)
@@ -456,7 +447,7 @@ def serve(path: str, python: str, *, idle: float = IDLE, detach: bool = True) ->
                     os._exit(code)
             conn.close()
     finally:
-        if _still_ours(path, ino):
+        if still_ours(path, ino):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         listener.close()
@@ -506,7 +497,24 @@ def _reap(signum: int, frame: object) -> None:
             return
 
 
-def _still_ours(path: str, ino: int) -> bool:
+def listen_private(path: str, backlog: int) -> tuple[socket.socket, int]:
+    """A Unix socket listening at ``path`` (replacing a file left there), made under umask 077
+    (only this user reaches it, whatever the directory allows), and its inode (``still_ours``).
+    The laptop's holder of connections (``remotedl.ssh.spare``) makes its own the same way."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(backlog)
+    return listener, os.stat(path).st_ino
+
+
+def still_ours(path: str, ino: int) -> bool:
+    """Whether ``path`` is still the socket bound with inode ``ino`` (not removed or replaced)."""
     try:
         return os.stat(path).st_ino == ino
     except OSError:

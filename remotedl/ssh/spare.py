@@ -33,7 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+from remotedl.agent.resident import listen_private, still_ours
+
 TAKE_TIMEOUT = 2.0
+_ROOT = str(Path(__file__).resolve().parent.parent.parent)  # where the remotedl package is
 GREET_TIMEOUT = 10.0
 
 
@@ -64,20 +67,23 @@ def take(local: Path) -> tuple[socket.socket | None, bool]:
     return None, True
 
 
-# The holder runs this file alone (no package import: stdlib only, a small process), isolated
-# from the environment's Python settings and the working directory's modules (``-I``).
+# The holder runs this file and the box side's module it uses (both stdlib only: a small
+# process, without remotedl.ssh's imports), isolated from the environment's Python settings and
+# the working directory's modules (``-I``); "$1" is the directory remotedl is installed in.
 _RUN = (
-    "import importlib.util as u, sys; s = u.spec_from_file_location('remotedl_spare', sys.argv[1]); "
-    "m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))"
+    "import importlib.util as u, sys; sys.path.insert(0, sys.argv[1]); "
+    "s = u.spec_from_file_location('remotedl_spare', sys.argv[2]); "
+    "m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main(sys.argv[3:]))"
 )
 
 
 def start(local: Path, greeting: bytes, idle: float) -> None:
     """A holder for the forward at ``local``, in the background (one that runs already keeps
     its place: the new one leaves at once)."""
+    argv = [_ROOT, __file__, str(local), greeting.decode().strip(), str(idle)]
     with contextlib.suppress(OSError):
         subprocess.Popen(
-            [sys.executable, "-I", "-c", _RUN, __file__, str(local), greeting.decode().strip(), str(idle)],
+            [sys.executable, "-I", "-c", _RUN, *argv],
             cwd=str(local.parent),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -128,16 +134,7 @@ def main(argv: list[str]) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # one holds already
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(16)
-    ino = os.stat(path).st_ino
+    listener, ino = listen_private(path, 16)
     last = time.monotonic()
     held: socket.socket | None = None
     opening: _Opening | None = None
@@ -189,22 +186,15 @@ def main(argv: list[str]) -> int:
                     held.close()
                     held = None
                 last = now
-            if now - last > idle or not _still(path, ino):
+            if now - last > idle or not still_ours(path, ino):
                 return 0
     finally:
         for s in (held, opening.sock if opening is not None else None, listener):
             if s is not None:
                 s.close()
-        if _still(path, ino):
+        if still_ours(path, ino):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         with contextlib.suppress(OSError):
             os.unlink(path + ".lock")  # while held: a holder starting now finds it taken or new
         os.close(lock)
-
-
-def _still(path: str, ino: int) -> bool:
-    try:
-        return os.stat(path).st_ino == ino
-    except OSError:
-        return False
