@@ -460,3 +460,40 @@ def test_the_holder_answers_at_once_and_hands_over_the_connection_it_opened(tmp_
     assert retry_until(lambda: not spare.holder_path(local).exists(), seconds=10)
     forward.close()
     first.close()
+
+
+def test_a_request_the_box_never_took_is_an_error_not_a_second_run(tmp_path, monkeypatch):
+    """Against a stand-in forward that greets: a connection that ends before the box took the
+    request (``a``) means nothing ran, so a session may run it; one that goes silent after the
+    request may have run it, so the command stops with an error instead of running it twice."""
+    import threading
+
+    from remotedl.errors import ConnectError
+    from remotedl.ssh import resident
+
+    monkeypatch.setattr(resident, "GREET_TIMEOUT", 0.5)
+    local = tmp_path / "r-s-d.sock"
+    forward = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    forward.bind(str(local))
+    forward.listen(4)
+    forward.settimeout(20)
+    kept: list[socket.socket] = []
+
+    def box(then_close: bool) -> None:
+        conn, _ = forward.accept()
+        conn.sendall(box_side.GREETING)
+        conn.recv(100)
+        if then_close:
+            conn.close()
+        else:
+            kept.append(conn)  # silent
+
+    for then_close, expected in ((True, resident.Unavailable), (False, ConnectError)):
+        t = threading.Thread(target=box, args=(then_close,))
+        t.start()
+        with pytest.raises(expected):
+            resident.Link(local).open(b"payload", 0)
+        t.join()
+    forward.close()
+    for c in kept:
+        c.close()

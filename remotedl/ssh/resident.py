@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from remotedl.agent.resident import GREETING, HERE, wide_pipe
+from remotedl.errors import ConnectError
 from remotedl.ssh import spare
 from remotedl.ssh.resolve import HostSpec
 
@@ -250,24 +252,32 @@ class Link:
         return s
 
     def _send(self, s: socket.socket, payload: bytes, tail_len: int) -> None:
-        """The request, then the box's first frame: ``a`` (taken) or ``n`` (nothing ran)."""
-        s.settimeout(GREET_TIMEOUT)
+        """The request, then the box's first frame: ``a`` (taken) or ``n`` (nothing ran). A
+        connection that ends before either ran nothing either (``a`` comes before anything
+        runs); one that says nothing for ``GREET_TIMEOUT`` seconds may have taken the request,
+        so that is an error, not a session that could run it twice."""
+        s.settimeout(None)  # a big request's sending thread must not be cut short
         head = b"RUN %d %d\n" % (len(payload), tail_len)
         try:
             if len(payload) <= 1 << 16:
                 s.sendall(head + payload)
             else:  # while the box answers (a big answer must not wait for the whole input)
                 threading.Thread(target=_send_quietly, args=(s, head + payload), daemon=True).start()
-            self.sock = s
-            first = bytearray(_FRAME.size)
-            self._fill(memoryview(first))
-        except (OSError, ConnectionError):
-            first = bytearray(b"n")
-        if first[:1] != b"a":
-            self.close()
+            kind = _first_kind(s, GREET_TIMEOUT)
+        except TimeoutError:
+            s.close()
+            raise ConnectError(
+                f"the box's resident agent said nothing for {GREET_TIMEOUT:g} s after a request "
+                "(it may have run)",
+                hint="check the link, and `remotedl jobs` before running it again; "
+                "REMOTEDL_RESIDENT=0 makes every request an ssh session",
+            ) from None
+        except OSError:
+            kind = b""
+        if kind != b"a":
             s.close()
             raise Unavailable(False)
-        s.settimeout(None)
+        self.sock = s
 
     def frames(self, timeout: float | None = None) -> Iterator[tuple[bytes, bytes]]:
         """(kind, bytes) until the exit frame; ConnectionError if the link ended before it.
@@ -298,6 +308,22 @@ class Link:
             with contextlib.suppress(OSError):
                 self.sock.close()
             self.sock = None
+
+
+def _first_kind(s: socket.socket, seconds: float) -> bytes:
+    """The kind of the first frame (b"" when the connection ended first); TimeoutError."""
+    deadline = time.monotonic() + seconds
+    got = b""
+    while len(got) < _FRAME.size:
+        r, _, _ = select.select([s], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            raise TimeoutError
+        chunk = s.recv(_FRAME.size - len(got))
+        if not chunk:
+            return b""
+        got += chunk
+    kind, size = _FRAME.unpack(got)
+    return kind if size == 0 else b""
 
 
 def _send_quietly(s: socket.socket, data: bytes) -> None:
