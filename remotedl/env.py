@@ -12,7 +12,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def passwd_home() -> Path:
@@ -60,3 +63,14 @@ class Environment:
     @property
     def stdout_isatty(self) -> bool:
         return bool(getattr(self.stdout, "isatty", lambda: False)())
+
+    def console(self, file: TextIO, **options: Any) -> Console:
+        """Every rich console remotedl prints with. It reads TERM, COLUMNS, NO_COLOR... from this
+        Environment (rich's _environ), not from the process: in-process runs get what they
+        passed (TERM=dumb here turned the status line of a test's own "terminal" off). No
+        highlighting of what it prints unless asked, and no emoji codes: a job's name or command
+        with ":smile:" in it is shown as it is."""
+        from rich.console import Console
+
+        options.setdefault("highlight", False)
+        return Console(file=file, emoji=False, _environ=self.environ, **options)

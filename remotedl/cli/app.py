@@ -153,30 +153,13 @@ class App:
 
     @cached_property
     def console(self) -> Console:
-        from rich.console import Console
-
         # Piped output is read by programs and pagers: no wrapping at rich's default 80 columns.
         width = None if self.env.stdout_isatty else 200
-        # Every console reads TERM, COLUMNS, NO_COLOR... from the Environment it was given (rich's
-        # _environ), not from this process: in-process runs get what they passed (TERM=dumb here
-        # turned the status line of a test's own "terminal" off).
-        # No emoji codes: a job's name or command with ":smile:" in it is shown as it is.
-        return Console(
-            file=self.env.stdout,
-            highlight=False,
-            emoji=False,
-            soft_wrap=True,
-            width=width,
-            _environ=self.env.environ,
-        )
+        return self.env.console(self.env.stdout, soft_wrap=True, width=width)
 
     @cached_property
     def err_console(self) -> Console:
-        from rich.console import Console
-
-        return Console(
-            file=self.env.stderr, highlight=False, emoji=False, soft_wrap=True, _environ=self.env.environ
-        )
+        return self.env.console(self.env.stderr, soft_wrap=True)
 
     def print_json(self, data: Any) -> None:
         """``--json`` output: indented for a person at a terminal; compact when a program reads

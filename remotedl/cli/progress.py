@@ -37,7 +37,6 @@ class LiveProgress:
     (through its console, so the status line is redrawn below them, not torn)."""
 
     def __init__(self, env: Environment) -> None:
-        from rich.console import Console
         from rich.progress import BarColumn, SpinnerColumn, Task, TaskID, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as Bars
         from rich.progress_bar import ProgressBar
@@ -62,7 +61,7 @@ class LiveProgress:
             TextColumn("{task.fields[size]}"),
             TextColumn("{task.fields[rate]}"),
             _Left(),
-            console=Console(file=env.stderr, highlight=False, emoji=False, _environ=env.environ),
+            console=env.console(env.stderr),
             transient=True,
         )
         self._status: TaskID | None = None
@@ -147,7 +146,6 @@ def fleet_progress(env: Environment, hosts: Sequence[str], enabled: bool = True)
     if not (enabled and isatty):
         yield HostBars()
         return
-    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as Bars
 
@@ -157,7 +155,7 @@ def fleet_progress(env: Environment, hosts: Sequence[str], enabled: bool = True)
         DownloadColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=Console(file=env.stderr, emoji=False, _environ=env.environ),
+        console=env.console(env.stderr, highlight=True),
         transient=True,
     )
     with bars:

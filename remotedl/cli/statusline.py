@@ -30,14 +30,13 @@ class StatusLine:
         self.end()
         if not self.enabled:
             return
-        from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self._line = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}", markup=False),
             TimeElapsedColumn(),
-            console=Console(file=self.env.stderr, highlight=False, emoji=False, _environ=self.env.environ),
+            console=self.env.console(self.env.stderr),
             transient=True,
             redirect_stdout=False,
             redirect_stderr=False,
